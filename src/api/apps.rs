@@ -1,0 +1,192 @@
+//! `/apps`: create, list, show, update (lock, parameters) and delete apps.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use crate::AppState;
+use crate::api::input::{Format, Input, Pretty};
+use crate::error::{ApiError, ApiResult};
+use crate::names::AppName;
+use crate::store::{self, apps::DeleteOutcome};
+
+/// `POST /apps`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApp {
+    name: String,
+    generation: Option<String>,
+    /// Sent by some convox CLIs; apps are created at once here, so it has no use.
+    #[serde(default, rename = "timeout")]
+    _timeout: Option<serde::de::IgnoredAny>,
+}
+
+/// `PUT /apps/{name}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateApp {
+    lock: Option<bool>,
+    parameters: Option<Parameters>,
+}
+
+/// App parameters: an object in JSON, or (as convox sends them) `k=v&k2=v2` packed in one
+/// form field.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Parameters {
+    Packed(String),
+    Map(BTreeMap<String, String>),
+}
+
+impl Parameters {
+    fn into_map(self) -> ApiResult<BTreeMap<String, String>> {
+        let map = match self {
+            Self::Map(map) => map,
+            Self::Packed(text) => serde_urlencoded::from_str(&text)
+                .map_err(|e| ApiError::BadRequest(format!("invalid parameters {text:?}: {e}")))?,
+        };
+        for (key, value) in &map {
+            let valid_key = !key.is_empty()
+                && key.len() <= 128
+                && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+            if !valid_key {
+                return Err(ApiError::BadRequest(format!(
+                    "invalid parameter name {key:?}: use letters, digits, '_', '-' and '.', at most 128"
+                )));
+            }
+            if value.len() > 4096 {
+                return Err(ApiError::BadRequest(format!(
+                    "parameter {key} is longer than 4096 bytes"
+                )));
+            }
+        }
+        Ok(map)
+    }
+}
+
+/// An app as convox shows it.
+#[derive(Debug, Serialize)]
+pub struct AppView {
+    generation: String,
+    locked: bool,
+    name: String,
+    release: String,
+    router: String,
+    status: &'static str,
+    parameters: BTreeMap<String, String>,
+}
+
+impl From<store::apps::App> for AppView {
+    fn from(app: store::apps::App) -> Self {
+        Self {
+            generation: app.generation,
+            locked: app.locked,
+            name: app.name,
+            release: String::new(),
+            router: String::new(),
+            status: "running",
+            parameters: app.parameters.0,
+        }
+    }
+}
+
+/// Parses the `{name}` of a path. A malformed name names no app, so it is a 404 like any
+/// other unknown app (the convox CLI looks for that text).
+pub fn app_name(name: &str) -> ApiResult<AppName> {
+    AppName::parse(name).map_err(|_| ApiError::NotFound("app", name.chars().take(80).collect()))
+}
+
+/// Loads an app or answers `app not found: <name>`.
+pub async fn load_app(state: &AppState, name: &str) -> ApiResult<store::apps::App> {
+    let name = app_name(name)?;
+    store::apps::get(&state.pool, &name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("app", name.to_string()))
+}
+
+#[tracing::instrument(skip_all)]
+pub async fn list_apps(State(state): State<AppState>) -> ApiResult<Pretty<Vec<AppView>>> {
+    let apps = store::apps::list(&state.pool).await?;
+    Ok(Pretty(apps.into_iter().map(AppView::from).collect()))
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %body.name))]
+pub async fn create_app(State(state): State<AppState>, Input(body): Input<CreateApp>) -> ApiResult<Response> {
+    let name = AppName::parse_new(&body.name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let generation = body.generation.unwrap_or_else(|| "3".to_owned());
+    if generation != "3" {
+        return Err(ApiError::BadRequest(format!(
+            "generation {generation:?} is not supported: rack runs generation 3 apps"
+        )));
+    }
+    let app = store::apps::insert(&state.pool, &name, &generation)
+        .await
+        .map_err(|e| {
+            if is_constraint(&e, "apps_pkey") {
+                ApiError::Conflict(format!("app already exists: {name}"))
+            } else {
+                e.into()
+            }
+        })?;
+    tracing::info!(app.name = %name, "created app {name}");
+    let location = format!("/apps/{name}");
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Pretty(AppView::from(app)),
+    )
+        .into_response())
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %name))]
+pub async fn show_app(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult<Pretty<AppView>> {
+    Ok(Pretty(load_app(&state, &name).await?.into()))
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %name))]
+pub async fn update_app(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    format: Format,
+    Input(body): Input<UpdateApp>,
+) -> ApiResult<Response> {
+    let name = app_name(&name)?;
+    let parameters = body
+        .parameters
+        .map(Parameters::into_map)
+        .transpose()?
+        .unwrap_or_default();
+    let app = store::apps::update(&state.pool, &name, body.lock, &parameters)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("app", name.to_string()))?;
+    Ok(format.ok(AppView::from(app)))
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %name))]
+pub async fn delete_app(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    format: Format,
+) -> ApiResult<Response> {
+    let name = app_name(&name)?;
+    match store::apps::delete(&state.pool, &name).await? {
+        DeleteOutcome::Deleted => {
+            tracing::info!(app.name = %name, "deleted app {name}");
+            Ok(format.ok(serde_json::json!({ "deleted": name })))
+        }
+        DeleteOutcome::Locked => Err(ApiError::Conflict(format!("app is locked: {name}"))),
+        DeleteOutcome::NotFound => Err(ApiError::NotFound("app", name.to_string())),
+    }
+}
+
+/// Whether `error` is a violation of the constraint named `name` (constraints are named in the
+/// migrations so this stays exact).
+pub fn is_constraint(error: &sqlx::Error, name: &str) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.constraint())
+        .is_some_and(|c| c == name)
+}

@@ -1,0 +1,174 @@
+//! Request and response encodings. Requests come as forms (what the convox CLI sends) or JSON
+//! (our own clients); responses are pretty JSON as convox writes it, and action endpoints
+//! answer `ok` to text clients and the resource to JSON clients.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+
+/// A request body decoded from `application/x-www-form-urlencoded` or `application/json`.
+/// A request with no body decodes as an empty form, so optional fields may all be left out.
+#[derive(Debug)]
+pub struct Input<T>(pub T);
+
+impl<T, S> FromRequest<S> for Input<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let content_type = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
+            .unwrap_or_default();
+        let body = Bytes::from_request(request, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge("the request body is too large".into())
+            } else {
+                ApiError::BadRequest(format!("could not read the request body: {}", rejection.body_text()))
+            }
+        })?;
+        decode(&content_type, &body).map(Input)
+    }
+}
+
+fn decode<T: DeserializeOwned>(content_type: &str, body: &[u8]) -> Result<T, ApiError> {
+    let is_json = content_type == "application/json" || content_type.ends_with("+json");
+    if is_json {
+        return serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")));
+    }
+    let is_form = content_type == "application/x-www-form-urlencoded"
+        // The convox CLI labels bodiless requests application/octet-stream.
+        || (body.is_empty() && (content_type.is_empty() || content_type == "application/octet-stream"));
+    if is_form {
+        return serde_urlencoded::from_bytes(body).map_err(|e| ApiError::BadRequest(format!("invalid form body: {e}")));
+    }
+    Err(ApiError::UnsupportedMediaType(format!(
+        "unsupported content type {:?}: send application/x-www-form-urlencoded or application/json",
+        if content_type.is_empty() {
+            "(none)"
+        } else {
+            content_type
+        }
+    )))
+}
+
+/// Whether the client asked for JSON (`Accept` names `application/json`), as convox decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Text,
+}
+
+impl Format {
+    /// The format `headers` ask for.
+    pub fn of(headers: &HeaderMap) -> Self {
+        let json = headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.contains("application/json"));
+        if json { Self::Json } else { Self::Text }
+    }
+
+    /// The answer to an action: `ok` for text clients, `value` for JSON clients.
+    pub fn ok(self, value: impl Serialize) -> Response {
+        match self {
+            Self::Json => Pretty(value).into_response(),
+            Self::Text => text("ok\n"),
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Format {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self::of(&parts.headers))
+    }
+}
+
+/// A JSON response written as convox writes it: indented by two spaces, ending with a newline.
+#[derive(Debug)]
+pub struct Pretty<T>(pub T);
+
+impl<T: Serialize> IntoResponse for Pretty<T> {
+    fn into_response(self) -> Response {
+        match serde_json::to_vec_pretty(&self.0) {
+            Ok(mut body) => {
+                body.push(b'\n');
+                (
+                    [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+                    body,
+                )
+                    .into_response()
+            }
+            Err(e) => ApiError::Internal(anyhow::Error::new(e).context("encoding a response")).into_response(),
+        }
+    }
+}
+
+/// A `text/plain` response.
+pub fn text(body: impl Into<String>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        )],
+        body.into(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        name: String,
+        lock: Option<bool>,
+    }
+
+    #[test]
+    fn forms_and_json_decode_alike() {
+        let form: Body = decode("application/x-www-form-urlencoded", b"name=a&lock=true").unwrap();
+        let json: Body = decode("application/json", br#"{"name":"a","lock":true}"#).unwrap();
+        assert_eq!(form, json);
+    }
+
+    #[test]
+    fn bad_bodies_say_what_is_wrong() {
+        let missing = decode::<Body>("application/x-www-form-urlencoded", b"lock=true").unwrap_err();
+        assert_eq!(missing.to_string(), "invalid form body: missing field `name`");
+        let unknown = decode::<Body>("application/json", br#"{"name":"a","x":1}"#).unwrap_err();
+        assert!(
+            unknown.to_string().starts_with("invalid JSON body: unknown field `x`"),
+            "{unknown}"
+        );
+        let media = decode::<Body>("text/plain", b"name=a").unwrap_err();
+        assert_eq!(media.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+
+    #[test]
+    fn an_empty_body_is_an_empty_form() {
+        #[derive(serde::Deserialize)]
+        struct Optional {
+            #[expect(dead_code)]
+            force: Option<bool>,
+        }
+        assert!(decode::<Optional>("application/octet-stream", b"").is_ok());
+        assert!(decode::<Optional>("", b"").is_ok());
+    }
+}

@@ -1,0 +1,80 @@
+//! `rack apps ...`.
+
+use clap::Subcommand;
+use serde::Deserialize;
+
+use super::Client;
+use super::output;
+
+#[derive(Debug, Subcommand)]
+pub enum AppsCommand {
+    /// Create an app.
+    Create { name: String },
+    /// Show an app.
+    Info { name: String },
+    /// Delete an app and everything it holds.
+    Delete { name: String },
+    /// Protect an app from deletion.
+    Lock { name: String },
+    /// Allow an app to be deleted again.
+    Unlock { name: String },
+}
+
+#[derive(Debug, Deserialize)]
+struct App {
+    name: String,
+    status: String,
+    release: String,
+    generation: String,
+    locked: bool,
+    router: String,
+}
+
+pub async fn run(client: &Client, command: Option<AppsCommand>) -> anyhow::Result<()> {
+    match command {
+        None => {
+            let apps: Vec<App> = client.get("/apps").await?;
+            let rows: Vec<Vec<String>> = apps.into_iter().map(|a| vec![a.name, a.status, a.release]).collect();
+            print!("{}", output::table(&["APP", "STATUS", "RELEASE"], &rows));
+        }
+        Some(AppsCommand::Create { name }) => {
+            eprint!("Creating {name}... ");
+            let _: App = client.post("/apps", &[("name", name.as_str())]).await?;
+            eprintln!("OK");
+        }
+        Some(AppsCommand::Info { name }) => {
+            let app: App = client.get(&format!("/apps/{}", client.segment(&name))).await?;
+            print!(
+                "{}",
+                output::info(&[
+                    ("Name", app.name),
+                    ("Status", app.status),
+                    ("Generation", app.generation),
+                    ("Locked", app.locked.to_string()),
+                    ("Release", app.release),
+                    ("Router", app.router),
+                ])
+            );
+        }
+        Some(AppsCommand::Delete { name }) => {
+            eprint!("Deleting {name}... ");
+            client.delete(&format!("/apps/{}", client.segment(&name))).await?;
+            eprintln!("OK");
+        }
+        Some(AppsCommand::Lock { name }) => lock(client, &name, true).await?,
+        Some(AppsCommand::Unlock { name }) => lock(client, &name, false).await?,
+    }
+    Ok(())
+}
+
+async fn lock(client: &Client, name: &str, locked: bool) -> anyhow::Result<()> {
+    eprint!("{} {name}... ", if locked { "Locking" } else { "Unlocking" });
+    let _: App = client
+        .put(
+            &format!("/apps/{}", client.segment(name)),
+            &[("lock", if locked { "true" } else { "false" })],
+        )
+        .await?;
+    eprintln!("OK");
+    Ok(())
+}

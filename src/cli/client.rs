@@ -1,0 +1,186 @@
+//! The HTTP client of the rack API used by the CLI commands: basic auth from the rack URL,
+//! form-encoded requests, JSON answers, `{"error": ...}` turned into the error message.
+
+use anyhow::{Context, bail};
+use reqwest::{Method, RequestBuilder, Url};
+use serde::de::DeserializeOwned;
+
+/// Where the local rack listens unless told otherwise (`RACK_BIND`'s default).
+const DEFAULT_URL: &str = "http://127.0.0.1:5443";
+
+/// A client of one rack.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    password: Option<String>,
+}
+
+impl Client {
+    /// A client for `rack_url` (`http://:PASSWORD@HOST:PORT`). Without one, the local rack at
+    /// its default address, with the password its embedded default saved.
+    ///
+    /// # Errors
+    /// When the URL is malformed.
+    pub fn new(rack_url: Option<&str>) -> anyhow::Result<Self> {
+        let mut base = Url::parse(rack_url.unwrap_or(DEFAULT_URL))
+            .context("RACK_URL must look like http://:PASSWORD@HOST:PORT")?;
+        if !matches!(base.scheme(), "http" | "https") {
+            bail!("RACK_URL must start with http:// or https://, got {}", base.scheme());
+        }
+        let password = match base.password() {
+            Some(p) => Some(percent_decode(p)?),
+            None if rack_url.is_none() => local_password(),
+            None => None,
+        };
+        base.set_username("").ok();
+        base.set_password(None).ok();
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("rack-cli/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self { http, base, password })
+    }
+
+    /// Percent-encodes one path segment (an app name, an id) typed by the user.
+    pub fn segment(&self, value: &str) -> String {
+        url_segment(value)
+    }
+
+    fn request(&self, method: Method, path: &str) -> anyhow::Result<RequestBuilder> {
+        let base = self.base.as_str().trim_end_matches('/');
+        let url = Url::parse(&format!("{base}{path}")).with_context(|| format!("bad request path {path}"))?;
+        let builder = self.http.request(method, url).header("accept", "application/json");
+        Ok(match &self.password {
+            Some(password) => builder.basic_auth("rack", Some(password)),
+            None => builder,
+        })
+    }
+
+    /// `GET path`, decoded from JSON.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.send(self.request(Method::GET, path)?).await
+    }
+
+    /// `POST path` with a form body, decoded from JSON.
+    pub async fn post<T: DeserializeOwned>(&self, path: &str, form: &[(&str, &str)]) -> anyhow::Result<T> {
+        self.send(self.request(Method::POST, path)?.form(form)).await
+    }
+
+    /// `PUT path` with a form body, decoded from JSON.
+    pub async fn put<T: DeserializeOwned>(&self, path: &str, form: &[(&str, &str)]) -> anyhow::Result<T> {
+        self.send(self.request(Method::PUT, path)?.form(form)).await
+    }
+
+    /// `DELETE path`.
+    pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        let _: serde_json::Value = self.send(self.request(Method::DELETE, path)?).await?;
+        Ok(())
+    }
+
+    async fn send<T: DeserializeOwned>(&self, request: RequestBuilder) -> anyhow::Result<T> {
+        let response = request
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("could not reach the rack at {}: {}", self.base, root_cause(&e)))?;
+        let status = response.status();
+        let body = response.bytes().await.context("reading the rack's answer")?;
+        if !status.is_success() {
+            bail!("{}", error_message(status, &body));
+        }
+        serde_json::from_slice(&body).with_context(|| format!("the rack answered {status} with unexpected content"))
+    }
+}
+
+/// The message of an error answer: `{"error": ...}`, else the trimmed text, else the status.
+fn error_message(status: reqwest::StatusCode, body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct ErrorBody {
+        error: String,
+    }
+    if let Ok(ErrorBody { error }) = serde_json::from_slice(body) {
+        return error;
+    }
+    let text = String::from_utf8_lossy(body).trim().to_owned();
+    if text.is_empty() {
+        format!("response status {}", status.as_u16())
+    } else {
+        text
+    }
+}
+
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
+}
+
+/// The password the local embedded rack saved, if this user can read it.
+fn local_password() -> Option<String> {
+    let data_dir = std::env::var_os("RACK_DATA")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(crate::config::default_data_dir);
+    let text = std::fs::read_to_string(data_dir.join("password")).ok()?;
+    Some(text.trim().to_owned())
+}
+
+fn percent_decode(text: &str) -> anyhow::Result<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3])?;
+            out.push(u8::from_str_radix(hex, 16).context("bad percent-encoding in RACK_URL")?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Ok(String::from_utf8(out)?)
+}
+
+fn url_segment(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_comes_from_the_url() {
+        let client = Client::new(Some("http://convox:p%40ss@127.0.0.1:5443")).unwrap();
+        assert_eq!(client.password.as_deref(), Some("p@ss"));
+        assert_eq!(client.base.as_str(), "http://127.0.0.1:5443/");
+        assert!(Client::new(Some("ftp://x")).is_err());
+    }
+
+    #[test]
+    fn errors_read_json_then_text_then_status() {
+        let status = reqwest::StatusCode::NOT_FOUND;
+        assert_eq!(
+            error_message(status, br#"{"error":"app not found: x"}"#),
+            "app not found: x"
+        );
+        assert_eq!(error_message(status, b"app not found: x\n"), "app not found: x");
+        assert_eq!(error_message(status, b""), "response status 404");
+    }
+
+    #[test]
+    fn segments_are_escaped() {
+        assert_eq!(url_segment("my-app"), "my-app");
+        assert_eq!(url_segment("a/b c"), "a%2Fb%20c");
+    }
+}

@@ -1,0 +1,96 @@
+//! The `rack` command line: `rack server` runs the server; every other command is a client
+//! of a rack's HTTP API, found through `RACK_URL` or `--rack-url` as the convox CLI does.
+
+mod apps;
+mod client;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ServerArgs};
+
+pub use client::Client;
+
+/// rack: build, release and deploy apps.
+#[derive(Debug, Parser)]
+#[command(name = "rack", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The rack to talk to, as http://:PASSWORD@HOST:PORT. Without it, the local rack's
+    /// default address and saved password are used.
+    #[arg(long, env = "RACK_URL", global = true, hide_env_values = true)]
+    rack_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the rack API server.
+    Server(ServerArgs),
+    /// List apps, or create, inspect, lock and delete one.
+    Apps {
+        #[command(subcommand)]
+        command: Option<apps::AppsCommand>,
+    },
+    /// Show the rack this client talks to.
+    Rack,
+}
+
+/// Runs a parsed command line; the exit code is 0 on success and 1 after printing
+/// `ERROR: <message>` to stderr.
+pub async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Server(args) => server(args).await,
+        command => match Client::new(cli.rack_url.as_deref()) {
+            Ok(client) => match command {
+                Command::Apps { command } => apps::run(&client, command).await,
+                Command::Rack => show_rack(&client).await,
+                Command::Server(_) => unreachable!("handled above"),
+            },
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ERROR: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn server(args: ServerArgs) -> anyhow::Result<()> {
+    crate::telemetry::init(args.log_format, "info,rack=debug,tower_http=info,sqlx=warn");
+    let config = Config::from_args(args)?;
+    let app = crate::Application::build(config).await?;
+    let stop = CancellationToken::new();
+    let signal = {
+        let stop = stop.clone();
+        async move {
+            crate::shutdown_signal().await;
+            tracing::info!("shutting down");
+            stop.cancel();
+        }
+    };
+    tokio::spawn(signal);
+    app.run_until_stopped(stop).await
+}
+
+async fn show_rack(client: &Client) -> anyhow::Result<()> {
+    let system: serde_json::Value = client.get("/system").await?;
+    let field = |name: &str| system[name].as_str().unwrap_or_default().to_owned();
+    print!(
+        "{}",
+        output::info(&[
+            ("Name", field("name")),
+            ("Provider", field("provider")),
+            ("Router", field("domain")),
+            ("Status", field("status")),
+            ("Version", field("version")),
+        ])
+    );
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! `ApiError`, the one error type at the HTTP edge. Each variant has a status; 4xx messages
+//! say what to fix, 5xx messages say nothing internal and their detail is logged once, here.
+//! The body is shaped (JSON or text, by `Accept`) by `api::render_errors`.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+/// The message of an error response, attached to it so `api::render_errors` can render it in
+/// the format the client asked for.
+#[derive(Debug, Clone)]
+pub struct ErrorMessage(pub String);
+
+/// An error answered to an HTTP client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 404: `<kind> not found: <name>` (the text the convox CLI matches).
+    #[error("{0} not found: {1}")]
+    NotFound(&'static str, String),
+    /// 400: the request is malformed or invalid.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 401: no or wrong credentials.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// 403: the credentials do not allow this, or the resource is in a state that forbids it.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 409: conflicts with the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// 413: the body is larger than allowed.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// 415: the body is in a format this route does not take.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// 422: well-formed but not acceptable.
+    #[error("{0}")]
+    Unprocessable(String),
+    /// 503: Postgres cannot be reached right now.
+    #[error("the database is unavailable, try again shortly")]
+    Unavailable(#[source] sqlx::Error),
+    /// 500: a database error that is not the client's fault.
+    #[error("internal server error")]
+    Db(#[source] sqlx::Error),
+    /// 500: anything else that is not the client's fault.
+    #[error("internal server error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NotFound(..) => StatusCode::NOT_FOUND,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Db(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> Self {
+        match error {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => Self::Unavailable(error),
+            error => Self::Db(error),
+        }
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(error: anyhow::Error) -> Self {
+        Self::Internal(error)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        match &self {
+            Self::Db(source) | Self::Unavailable(source) => {
+                tracing::error!(error = %source, "request failed: {}", self);
+            }
+            Self::Internal(source) => tracing::error!(error = format!("{source:#}"), "request failed"),
+            _ => {}
+        }
+        let message = self.to_string();
+        let mut response = (status, Json(serde_json::json!({ "error": message }))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"rack\""),
+            );
+        }
+        response.extensions_mut().insert(ErrorMessage(message));
+        response
+    }
+}
+
+/// A `Result` whose error is an [`ApiError`].
+pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_the_variant() {
+        assert_eq!(ApiError::NotFound("app", "x".into()).status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            ApiError::from(sqlx::Error::PoolTimedOut).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            ApiError::from(sqlx::Error::RowNotFound).status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+
+    #[test]
+    fn internal_errors_say_nothing_internal() {
+        let error = ApiError::from(anyhow::anyhow!("secret detail"));
+        assert_eq!(error.to_string(), "internal server error");
+        assert_eq!(
+            ApiError::NotFound("app", "web".into()).to_string(),
+            "app not found: web"
+        );
+    }
+}

@@ -1,0 +1,189 @@
+//! rack: the API server and CLI of a small PaaS. This crate builds the whole server
+//! ([`Application::build`]: database, migrations, router, listener) so that `rack server` and
+//! the integration tests run the same thing.
+
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod ids;
+pub mod names;
+pub mod postgres;
+pub mod store;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::sync::Arc;
+
+use anyhow::Context;
+use sqlx::PgPool;
+use sqlx::postgres::PgConnectOptions;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{Password, PasswordSource};
+use crate::config::{Config, Database};
+
+/// What every handler and worker shares.
+#[derive(Debug)]
+pub struct Rack {
+    pub pool: PgPool,
+    pub config: Config,
+    pub password: Password,
+    /// Cancelled when the server starts shutting down: streams and workers watch it.
+    pub shutdown: CancellationToken,
+}
+
+/// The state handed to handlers: a cheap handle on the one [`Rack`].
+#[derive(Debug, Clone)]
+pub struct AppState(pub Arc<Rack>);
+
+impl Deref for AppState {
+    type Target = Rack;
+
+    fn deref(&self) -> &Rack {
+        &self.0
+    }
+}
+
+/// A built server: bound to its address, not serving yet.
+#[derive(Debug)]
+pub struct Application {
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    password_source: PasswordSource,
+    /// The embedded cluster, stopped after the server has stopped.
+    postgres: Option<postgres::Cluster>,
+}
+
+impl Application {
+    /// Prepares the data directory, starts the embedded Postgres (or connects to
+    /// `DATABASE_URL`), runs the migrations and binds the listener.
+    ///
+    /// # Errors
+    /// Anything that keeps the server from starting, with a message that says what to fix.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        create_data_dir(&config.data_dir)?;
+        let (password, password_source) = auth::resolve_password(config.password.as_deref(), &config.data_dir)?;
+
+        let (options, postgres) = match &config.database {
+            Database::Url(url) => {
+                let options: PgConnectOptions = url.parse().context("DATABASE_URL is not a valid postgres:// URL")?;
+                (options, None)
+            }
+            Database::Embedded => {
+                let root = config.data_dir.join("postgres");
+                let cluster =
+                    tokio::task::spawn_blocking(move || postgres::Cluster::start(&root, postgres::Durability::Durable))
+                        .await??;
+                let mut conn =
+                    <sqlx::PgConnection as sqlx::Connection>::connect_with(&cluster.connect_options("postgres"))
+                        .await?;
+                store::ensure_database(&mut conn, "rack").await?;
+                sqlx::Connection::close(conn).await?;
+                (cluster.connect_options("rack"), Some(cluster))
+            }
+        };
+        let pool = store::connect(options, config.db_connections)
+            .await
+            .context("connecting to Postgres")?;
+        store::migrate(&pool).await.context("running database migrations")?;
+
+        let listener = tokio::net::TcpListener::bind(config.bind)
+            .await
+            .with_context(|| format!("binding {} (RACK_BIND)", config.bind))?;
+        let state = AppState(Arc::new(Rack {
+            pool,
+            config,
+            password: Password::new(&password),
+            shutdown: CancellationToken::new(),
+        }));
+        if password_source == PasswordSource::Generated {
+            // Printed once, on the start that generated it, for the operator at the terminal;
+            // never logged.
+            let addr = listener.local_addr()?;
+            eprintln!(
+                "rack: generated a password and saved it in {}\nrack: connect with RACK_URL=http://:{password}@{addr}",
+                state.config.data_dir.join("password").display()
+            );
+        }
+        Ok(Self {
+            listener,
+            state,
+            password_source,
+            postgres,
+        })
+    }
+
+    /// The address the server listens on (the real port when the configured one was 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// The shared state (for tests and workers).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Where the password came from on this start.
+    pub fn password_source(&self) -> PasswordSource {
+        self.password_source
+    }
+
+    /// Serves until `stop` is cancelled, then drains: in-flight requests finish, streams and
+    /// workers see `shutdown`, and the embedded Postgres stops last.
+    ///
+    /// # Errors
+    /// When serving fails or Postgres does not stop cleanly.
+    pub async fn run_until_stopped(self, stop: CancellationToken) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            state,
+            postgres,
+            ..
+        } = self;
+        let shutdown = state.shutdown.clone();
+        let router = api::router(state.clone());
+        tracing::info!(addr = %listener.local_addr()?, "rack listening on {}", listener.local_addr()?);
+        let graceful = {
+            let shutdown = shutdown.clone();
+            async move {
+                stop.cancelled().await;
+                shutdown.cancel();
+            }
+        };
+        axum::serve(listener, router).with_graceful_shutdown(graceful).await?;
+        state.pool.close().await;
+        drop(state);
+        if let Some(cluster) = postgres {
+            tokio::task::spawn_blocking(move || cluster.stop()).await??;
+        }
+        tracing::info!("rack stopped");
+        Ok(())
+    }
+}
+
+/// The data directory holds the password, so only its owner may list it; others may pass
+/// through it (mode 0711) because the embedded cluster's user has to reach its own directory.
+fn create_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(dir)
+        .with_context(|| format!("creating the data directory {} (RACK_DATA)", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("setting the mode of the data directory {}", dir.display()))
+}
+
+/// Resolves when the process receives SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler cannot fail at startup");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}

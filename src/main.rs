@@ -1,0 +1,11 @@
+//! The `rack` binary: the server (`rack server`) and the client commands.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = rack::cli::Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("the tokio runtime starts at startup");
+    runtime.block_on(rack::cli::run(cli))
+}

@@ -1,0 +1,81 @@
+//! The store: every SQL statement of rack lives in this module and nowhere else. Functions
+//! take a pool or a connection, return rows as plain structs and errors as `sqlx::Error`.
+
+pub mod apps;
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+/// The migrations in `migrations/`, run at startup and by the test harness.
+pub static MIGRATOR: Migrator = sqlx::migrate!();
+
+/// Opens a pool of at most `max_connections` to the database. Acquiring a connection gives up
+/// after 5 s, so a request made while Postgres is down fails fast with 503 instead of hanging.
+///
+/// # Errors
+/// When the first connection cannot be made.
+pub async fn connect(options: PgConnectOptions, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+}
+
+/// Runs the migrations that have not run yet. Several replicas may call this at once: sqlx
+/// serialises them with an advisory lock.
+///
+/// # Errors
+/// When a migration fails or the database holds a migration this binary does not know.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// Creates `database` if it does not exist yet (used for the embedded cluster's `rack` database).
+///
+/// # Errors
+/// When the statements fail.
+pub async fn ensure_database(conn: &mut sqlx::PgConnection, database: &str) -> Result<(), sqlx::Error> {
+    let exists: bool = sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+        .bind(database)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !exists {
+        // Identifiers cannot be bound as parameters; quote_ident makes them safe to splice.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "create database {}",
+            quote_ident(database)
+        )))
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Creates `database` as a copy of `template` (the test harness's fast fresh database).
+///
+/// # Errors
+/// When the statement fails.
+pub async fn create_database_from(
+    conn: &mut sqlx::PgConnection,
+    database: &str,
+    template: &str,
+) -> Result<(), sqlx::Error> {
+    // Identifiers cannot be bound as parameters; quote_ident makes them safe to splice.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "create database {} template {}",
+        quote_ident(database),
+        quote_ident(template)
+    )))
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// Quotes an SQL identifier (database names cannot be bound as parameters).
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
