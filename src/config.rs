@@ -3,8 +3,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::bail;
+
+use crate::archive::Limits;
+use crate::objects::ObjectsLocation;
 
 /// Where the database comes from.
 #[derive(Debug, Clone)]
@@ -69,6 +73,25 @@ pub struct ServerArgs {
     /// Log format.
     #[arg(long, env = "RUST_LOG_FORMAT", value_enum, default_value = "compact")]
     pub log_format: LogFormat,
+    /// Where uploaded objects are kept: a directory, or s3://bucket/prefix (needs the `s3`
+    /// build feature and the usual AWS_* variables). Defaults to <data>/objects.
+    #[arg(long, env = "RACK_OBJECTS")]
+    pub objects: Option<String>,
+    /// Largest upload, in bytes.
+    #[arg(long, env = "RACK_MAX_UPLOAD_BYTES", default_value_t = 1 << 30)]
+    pub max_upload_bytes: u64,
+    /// Longest a build may run, in seconds.
+    #[arg(long, env = "RACK_BUILD_TIMEOUT", default_value_t = 1800)]
+    pub build_timeout: u64,
+    /// Builds this server runs at once.
+    #[arg(long, env = "RACK_BUILD_WORKERS", default_value_t = 2)]
+    pub build_workers: usize,
+    /// Largest unpacked size of a source archive, in bytes.
+    #[arg(long, env = "RACK_MAX_SOURCE_BYTES", default_value_t = 4 << 30)]
+    pub max_source_bytes: u64,
+    /// Largest number of entries in a source archive.
+    #[arg(long, env = "RACK_MAX_SOURCE_ENTRIES", default_value_t = 100_000)]
+    pub max_source_entries: u64,
     /// Largest number of Postgres connections this server opens.
     #[arg(long, env = "RACK_DB_CONNECTIONS", default_value_t = 20)]
     pub db_connections: u32,
@@ -84,6 +107,13 @@ pub struct Config {
     pub runtime: RuntimeKind,
     pub rack_name: String,
     pub db_connections: u32,
+    pub objects: ObjectsLocation,
+    pub max_upload_bytes: u64,
+    pub build_timeout: Duration,
+    pub build_workers: usize,
+    pub source_limits: Limits,
+    /// How long a job's claim lasts without renewal (the holder renews it every third of it).
+    pub job_lease: Duration,
 }
 
 impl Config {
@@ -112,14 +142,31 @@ impl Config {
         if args.db_connections < 2 {
             bail!("RACK_DB_CONNECTIONS must be at least 2");
         }
+        if args.build_timeout == 0 {
+            bail!("RACK_BUILD_TIMEOUT must be at least 1 second");
+        }
+        let data_dir = args.data.unwrap_or_else(default_data_dir);
+        let objects = match args.objects {
+            Some(text) => ObjectsLocation::parse(&text).map_err(anyhow::Error::msg)?,
+            None => ObjectsLocation::Dir(data_dir.join("objects")),
+        };
         Ok(Self {
             bind: args.bind,
-            data_dir: args.data.unwrap_or_else(default_data_dir),
+            data_dir,
             database,
             password,
             runtime: args.runtime,
             rack_name: args.name,
             db_connections: args.db_connections,
+            objects,
+            max_upload_bytes: args.max_upload_bytes,
+            build_timeout: Duration::from_secs(args.build_timeout),
+            build_workers: args.build_workers,
+            source_limits: Limits {
+                max_bytes: args.max_source_bytes,
+                max_entries: args.max_source_entries,
+            },
+            job_lease: Duration::from_secs(30),
         })
     }
 
@@ -127,6 +174,12 @@ impl Config {
     pub fn for_tests(data_dir: PathBuf, database: Database, password: &str) -> Self {
         Self {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            objects: ObjectsLocation::Dir(data_dir.join("objects")),
+            max_upload_bytes: 1 << 30,
+            build_timeout: Duration::from_secs(60),
+            build_workers: 2,
+            source_limits: Limits::default(),
+            job_lease: Duration::from_secs(30),
             data_dir,
             database,
             password: Some(password.to_owned()),

@@ -3,13 +3,19 @@
 //! the integration tests run the same thing.
 
 pub mod api;
+pub mod archive;
 pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod ids;
+pub mod jobs;
+pub mod manifest;
 pub mod names;
+pub mod objects;
 pub mod postgres;
+pub mod runtime;
 pub mod store;
 pub mod telemetry;
 
@@ -31,6 +37,11 @@ pub struct Rack {
     pub pool: PgPool,
     pub config: Config,
     pub password: Password,
+    pub objects: objects::Objects,
+    pub runtime: Arc<dyn runtime::Runtime>,
+    pub bus: events::EventBus,
+    /// This server's identity as a job holder.
+    pub replica: uuid::Uuid,
     /// Cancelled when the server starts shutting down: streams and workers watch it.
     pub shutdown: CancellationToken,
 }
@@ -93,11 +104,25 @@ impl Application {
         let listener = tokio::net::TcpListener::bind(config.bind)
             .await
             .with_context(|| format!("binding {} (RACK_BIND)", config.bind))?;
+        let shutdown = CancellationToken::new();
+        let bus = events::EventBus::start(&pool, shutdown.clone())
+            .await
+            .context("listening for events")?;
+        let objects = objects::Objects::open(&config.objects).context("opening the object store (RACK_OBJECTS)")?;
+        let runtime: Arc<dyn runtime::Runtime> = Arc::new(runtime::local::LocalRuntime::new(
+            objects.clone(),
+            config.data_dir.join("builds"),
+            config.source_limits,
+        ));
         let state = AppState(Arc::new(Rack {
             pool,
             config,
             password: Password::new(&password),
-            shutdown: CancellationToken::new(),
+            objects,
+            runtime,
+            bus,
+            replica: uuid::Uuid::now_v7(),
+            shutdown,
         }));
         if password_source == PasswordSource::Generated {
             // Printed once, on the start that generated it, for the operator at the terminal;
@@ -145,6 +170,7 @@ impl Application {
         } = self;
         let shutdown = state.shutdown.clone();
         let router = api::router(state.clone());
+        let workers = jobs::builds::spawn_workers(&state, state.config.build_workers);
         tracing::info!(addr = %listener.local_addr()?, "rack listening on {}", listener.local_addr()?);
         let graceful = {
             let shutdown = shutdown.clone();
@@ -154,6 +180,10 @@ impl Application {
             }
         };
         axum::serve(listener, router).with_graceful_shutdown(graceful).await?;
+        shutdown.cancel();
+        for worker in workers {
+            let _ = worker.await;
+        }
         state.pool.close().await;
         drop(state);
         if let Some(cluster) = postgres {

@@ -63,6 +63,25 @@ fn decode<T: DeserializeOwned>(content_type: &str, body: &[u8]) -> Result<T, Api
     )))
 }
 
+/// A query string decoded into `T`; errors say what is wrong in our error shape.
+#[derive(Debug)]
+pub struct QueryParams<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for QueryParams<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or_default();
+        serde_urlencoded::from_str(query)
+            .map(QueryParams)
+            .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))
+    }
+}
+
 /// Whether the client asked for JSON (`Accept` names `application/json`), as convox decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {

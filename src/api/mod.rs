@@ -3,7 +3,10 @@
 //! test can hold `openapi.yaml` to it.
 
 pub mod apps;
+pub mod builds;
 pub mod input;
+pub mod objects;
+pub mod streams;
 pub mod system;
 
 use std::convert::Infallible;
@@ -41,9 +44,21 @@ fn routes() -> Routes {
         .json(M::GET, "/auth", system::check_auth)
         .json(M::GET, "/apps", apps::list_apps)
         .json(M::POST, "/apps", apps::create_app)
-        .json(M::GET, "/apps/{name}", apps::show_app)
-        .json(M::PUT, "/apps/{name}", apps::update_app)
-        .json(M::DELETE, "/apps/{name}", apps::delete_app)
+        .json(M::GET, "/apps/{app}", apps::show_app)
+        .json(M::PUT, "/apps/{app}", apps::update_app)
+        .json(M::DELETE, "/apps/{app}", apps::delete_app)
+        .json(M::GET, "/apps/{app}/objects", objects::list_objects)
+        .stream(M::POST, "/apps/{app}/objects", objects::upload_object_anonymous)
+        .stream(M::POST, "/apps/{app}/objects/{*key}", objects::upload_object)
+        .stream(M::GET, "/apps/{app}/objects/{*key}", objects::download_object)
+        .json(M::HEAD, "/apps/{app}/objects/{*key}", objects::head_object)
+        .json(M::DELETE, "/apps/{app}/objects/{*key}", objects::delete_object)
+        .json(M::GET, "/apps/{app}/builds", builds::list_builds)
+        .json(M::POST, "/apps/{app}/builds", builds::create_build)
+        .json(M::GET, "/apps/{app}/builds/{id}", builds::show_build)
+        .json(M::PUT, "/apps/{app}/builds/{id}", builds::update_build)
+        .json(M::POST, "/apps/{app}/builds/{id}/cancel", builds::cancel_build)
+        .stream(M::GET, "/apps/{app}/builds/{id}/logs", builds::stream_build_logs)
 }
 
 /// The API with its layers, ready to serve.
@@ -91,6 +106,22 @@ impl Routes {
             ))
             .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY));
         let route = on(filter, handler).layer::<_, Infallible>(layers);
+        self.router = self.router.route(path, route);
+        self.table.push((method, path));
+        self
+    }
+}
+
+impl Routes {
+    /// A streaming route (uploads, downloads, log streams): no time limit, and no body limit
+    /// beyond the one its handler enforces while streaming.
+    fn stream<H, T>(mut self, method: Method, path: &'static str, handler: H) -> Self
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        let filter = MethodFilter::try_from(method.clone()).expect("routes use standard methods");
+        let route = on(filter, handler).layer::<_, Infallible>(axum::extract::DefaultBodyLimit::disable());
         self.router = self.router.route(path, route);
         self.table.push((method, path));
         self

@@ -77,6 +77,38 @@ impl Client {
         Ok(())
     }
 
+    /// `POST path` with a raw body, decoded from JSON.
+    pub async fn post_body<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: reqwest::Body,
+        headers: &[(&str, String)],
+    ) -> anyhow::Result<T> {
+        let mut request = self
+            .request(Method::POST, path)?
+            .header("content-type", "application/octet-stream");
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        self.send(request.body(body)).await
+    }
+
+    /// `GET path` as a stream of text (a log); fails on an error status.
+    pub async fn stream(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        let response = self
+            .request(Method::GET, path)?
+            .header("accept", "text/plain")
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("could not reach the rack at {}: {}", self.base, root_cause(&e)))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.bytes().await.unwrap_or_default();
+            bail!("{}", error_message(status, &body));
+        }
+        Ok(response)
+    }
+
     async fn send<T: DeserializeOwned>(&self, request: RequestBuilder) -> anyhow::Result<T> {
         let response = request
             .send()

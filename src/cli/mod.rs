@@ -2,12 +2,14 @@
 //! of a rack's HTTP API, found through `RACK_URL` or `--rack-url` as the convox CLI does.
 
 mod apps;
+mod builds;
 mod client;
 mod output;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ServerArgs};
@@ -37,6 +39,46 @@ enum Command {
     },
     /// Show the rack this client talks to.
     Rack,
+    /// Package a directory, upload it and build it.
+    Build(builds::BuildArgs),
+    /// List an app's builds, or show one or its log.
+    Builds {
+        #[command(flatten)]
+        app: AppArg,
+        #[command(subcommand)]
+        command: Option<builds::BuildsCommand>,
+    },
+}
+
+/// The app a command works on: `--app`, else the name in `.convox/app`, else the name of the
+/// current directory (as the convox CLI decides).
+#[derive(Debug, Clone, Args)]
+pub struct AppArg {
+    /// The app (default: .convox/app, else the current directory's name).
+    #[arg(short = 'a', long = "app", env = "RACK_APP")]
+    app: Option<String>,
+}
+
+impl AppArg {
+    /// The app's name.
+    ///
+    /// # Errors
+    /// When no name can be found.
+    pub fn resolve(&self) -> anyhow::Result<String> {
+        if let Some(app) = &self.app {
+            return Ok(app.clone());
+        }
+        if let Ok(text) = std::fs::read_to_string(".convox/app")
+            && !text.trim().is_empty()
+        {
+            return Ok(text.trim().to_owned());
+        }
+        let cwd = std::env::current_dir().context("finding the current directory")?;
+        cwd.file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_owned)
+            .context("no app given: use --app NAME")
+    }
 }
 
 /// Runs a parsed command line; the exit code is 0 on success and 1 after printing
@@ -48,6 +90,8 @@ pub async fn run(cli: Cli) -> ExitCode {
             Ok(client) => match command {
                 Command::Apps { command } => apps::run(&client, command).await,
                 Command::Rack => show_rack(&client).await,
+                Command::Build(args) => builds::run_build(&client, args).await,
+                Command::Builds { app, command } => builds::run(&client, app, command).await,
                 Command::Server(_) => unreachable!("handled above"),
             },
             Err(e) => Err(e),

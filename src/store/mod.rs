@@ -2,6 +2,10 @@
 //! take a pool or a connection, return rows as plain structs and errors as `sqlx::Error`.
 
 pub mod apps;
+pub mod builds;
+pub mod events;
+pub mod objects;
+pub mod releases;
 
 use std::time::Duration;
 

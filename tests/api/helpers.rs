@@ -72,8 +72,8 @@ pub async fn fresh_database() -> String {
 /// A running server.
 pub struct TestApp {
     pub addr: std::net::SocketAddr,
+    pub state: rack::AppState,
     pub client: reqwest::Client,
-
     stop: CancellationToken,
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
     _data: Option<tempfile::TempDir>,
@@ -82,15 +82,31 @@ pub struct TestApp {
 impl TestApp {
     /// A server on a fresh database.
     pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// A server on a fresh database, with the test's changes to the configuration.
+    pub async fn spawn_with(change: impl FnOnce(&mut Config)) -> Self {
+        let url = fresh_database().await;
+        Self::spawn_on(&url, change).await
+    }
+
+    /// Another server (a replica) on the database at `url`, with a data directory of its own.
+    pub async fn spawn_on(url: &str, change: impl FnOnce(&mut Config)) -> Self {
         let data = tempfile::tempdir().expect("a temp dir");
-        let config = Config::for_tests(
-            data.path().to_path_buf(),
-            Database::Url(fresh_database().await),
-            PASSWORD,
-        );
+        let mut config = Config::for_tests(data.path().to_path_buf(), Database::Url(url.to_owned()), PASSWORD);
+        change(&mut config);
         let mut app = Self::start(config).await;
         app._data = Some(data);
         app
+    }
+
+    /// The URL of this server's database (to start replicas on it).
+    pub fn database_url(&self) -> String {
+        match &self.state.config.database {
+            Database::Url(url) => url.clone(),
+            Database::Embedded => panic!("an embedded database is private to its server"),
+        }
     }
 
     /// A server with the given configuration (its data directory is the caller's).
@@ -103,6 +119,7 @@ impl TestApp {
     pub async fn start_built(app: rack::Application) -> Self {
         LazyLock::force(&TRACING);
         let addr = app.local_addr();
+        let state = app.state().clone();
         let stop = CancellationToken::new();
         let server = tokio::spawn(app.run_until_stopped(stop.clone()));
         let client = reqwest::Client::builder()
@@ -111,6 +128,7 @@ impl TestApp {
             .expect("a client");
         Self {
             addr,
+            state,
             client,
             stop,
             server,
@@ -192,4 +210,108 @@ impl TestApp {
 pub async fn status_text(response: Response) -> (u16, String) {
     let status = response.status().as_u16();
     (status, response.text().await.expect("a text body"))
+}
+
+/// Waits until `check` returns `Some`, polling every 20 ms, for at most `secs` seconds.
+pub async fn wait_for<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl TestApp {
+    /// Uploads `body` as `key` of `app`.
+    pub async fn upload(&self, app: &str, key: &str, body: Vec<u8>) -> Response {
+        self.convox(Method::POST, &format!("/apps/{app}/objects/{key}"))
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .send()
+            .await
+            .expect("POST object")
+    }
+
+    /// Queues a build of the uploaded `key`; returns the build JSON.
+    pub async fn create_build(&self, app: &str, key: &str) -> serde_json::Value {
+        let response = self
+            .convox(Method::POST, &format!("/apps/{app}/builds"))
+            .form(&[
+                ("url", format!("object://{app}/{key}")),
+                ("description", "test build".to_owned()),
+            ])
+            .send()
+            .await
+            .expect("POST build");
+        assert_eq!(response.status(), 201, "{:?}", response.text().await);
+        response.json().await.expect("build JSON")
+    }
+
+    pub async fn get_build(&self, app: &str, id: &str) -> serde_json::Value {
+        let response = self
+            .json(Method::GET, &format!("/apps/{app}/builds/{id}"))
+            .send()
+            .await
+            .expect("GET build");
+        assert_eq!(response.status(), 200);
+        response.json().await.expect("build JSON")
+    }
+
+    /// Waits (up to 60 s) until the build has ended; returns it.
+    pub async fn wait_build(&self, app: &str, id: &str) -> serde_json::Value {
+        wait_for(60, "the build to end", || async {
+            let build = self.get_build(app, id).await;
+            matches!(build["status"].as_str(), Some("complete" | "failed")).then_some(build)
+        })
+        .await
+    }
+
+    /// Packs `files` (path, content, executable) with a convox.yml into a source tarball,
+    /// uploads it and queues a build of it; returns the build id.
+    pub async fn build_source(&self, app: &str, files: &[(&str, &str)]) -> String {
+        let tarball = source_tarball(files);
+        let key = format!("src/{}.tgz", uuid::Uuid::new_v4().simple());
+        assert_eq!(self.upload(app, &key, tarball).await.status(), 200);
+        self.create_build(app, &key).await["id"]
+            .as_str()
+            .expect("an id")
+            .to_owned()
+    }
+
+    /// The whole build log as chunked text.
+    pub async fn build_log(&self, app: &str, id: &str) -> String {
+        let response = self
+            .request(Method::GET, &format!("/apps/{app}/builds/{id}/logs"))
+            .send()
+            .await
+            .expect("GET logs");
+        assert_eq!(response.status(), 200);
+        tokio::time::timeout(Duration::from_secs(60), response.text())
+            .await
+            .expect("the log ends")
+            .expect("text")
+    }
+}
+
+/// A gzip tarball of `files` (path, content).
+pub fn source_tarball(files: &[(&str, &str)]) -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    for (path, content) in files {
+        let path = dir.path().join(path);
+        std::fs::create_dir_all(path.parent().expect("a parent")).expect("mkdir");
+        std::fs::write(path, content).expect("write");
+    }
+    let mut out = Vec::new();
+    rack::archive::pack_tgz(dir.path(), &mut out).expect("packing");
+    out
 }

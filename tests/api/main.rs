@@ -1,10 +1,14 @@
 //! Integration tests: the real server on a real socket, on a real Postgres (one private
 //! cluster per test process, a fresh database per test), driven over HTTP and through the CLI.
 
+#![expect(clippy::unwrap_used, reason = "a failed unwrap is a failed test")]
+
 mod apps;
 mod auth;
+mod builds;
 mod cli;
 mod encodings;
 mod helpers;
+mod objects;
 mod openapi;
 mod server;

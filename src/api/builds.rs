@@ -1,0 +1,342 @@
+//! `/apps/{app}/builds`: queue a build of an uploaded source, list and show builds, update
+//! them (convox's build pod protocol), cancel them, and stream their logs.
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, NaiveDateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::AppState;
+use crate::api::apps::load_app;
+use crate::api::input::{Format, Input, Pretty, QueryParams};
+use crate::api::streams::{self, StreamQuery, StreamRequest, Style};
+use crate::error::{ApiError, ApiResult};
+use crate::events::Follow;
+use crate::store::builds::{self, Build, BuildStatus, BuildUpdate, NewBuild};
+use crate::store::events::Topic;
+
+/// `POST /apps/{app}/builds`, with convox's field names.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CreateBuild {
+    url: Option<String>,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    git_sha: String,
+    manifest: Option<String>,
+    #[serde(default)]
+    no_cache: bool,
+    #[serde(default)]
+    development: bool,
+    #[serde(default)]
+    external: bool,
+    build_args: Option<String>,
+    wildcard_domain: Option<String>,
+}
+
+/// `PUT /apps/{app}/builds/{id}`: what convox's build pod and `build --external` set.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateBuild {
+    ended: Option<String>,
+    started: Option<String>,
+    entrypoint: Option<String>,
+    logs: Option<String>,
+    manifest: Option<String>,
+    release: Option<String>,
+    status: Option<String>,
+    reason: Option<String>,
+}
+
+/// `GET /apps/{app}/builds`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListBuilds {
+    limit: Option<i64>,
+}
+
+/// A build as convox shows it.
+#[derive(Debug, Serialize)]
+pub struct BuildView {
+    id: String,
+    app: String,
+    description: String,
+    entrypoint: String,
+    #[serde(rename = "git-sha")]
+    git_sha: String,
+    logs: String,
+    manifest: String,
+    process: String,
+    release: String,
+    reason: String,
+    repository: String,
+    status: BuildStatus,
+    started: DateTime<Utc>,
+    ended: DateTime<Utc>,
+}
+
+impl From<Build> for BuildView {
+    fn from(build: Build) -> Self {
+        Self {
+            logs: format!("/apps/{}/builds/{}/logs", build.app, build.id),
+            id: build.id,
+            app: build.app,
+            description: build.description,
+            entrypoint: build.entrypoint,
+            git_sha: build.git_sha,
+            manifest: build.manifest,
+            process: build.process,
+            release: build.release_id.unwrap_or_default(),
+            reason: build.reason,
+            repository: String::new(),
+            status: build.status,
+            started: build.started_at.unwrap_or_else(go_zero_time),
+            ended: build.ended_at.unwrap_or_else(go_zero_time),
+        }
+    }
+}
+
+/// `0001-01-01T00:00:00Z`, Go's zero time: Go clients cannot parse "" as a time.
+pub fn go_zero_time() -> DateTime<Utc> {
+    chrono::NaiveDate::from_ymd_opt(1, 1, 1)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc())
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+async fn load_build(state: &AppState, app: &str, id: &str) -> ApiResult<Build> {
+    let app = load_app(state, app).await?;
+    builds::get(&state.pool, &app.name, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("build", id.chars().take(40).collect()))
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn create_build(
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+    Input(body): Input<CreateBuild>,
+) -> ApiResult<Response> {
+    let app = load_app(&state, &app).await?;
+    if body.external {
+        return Err(ApiError::BadRequest(
+            "external builds are not supported by this rack".into(),
+        ));
+    }
+    if body.development || body.build_args.is_some() || body.wildcard_domain.is_some() {
+        tracing::debug!(app.name = %app.name, "ignoring development, build-args and wildcard-domain");
+    }
+    let url = body
+        .url
+        .ok_or_else(|| ApiError::BadRequest("url is required: upload the source first".into()))?;
+    let key = url.strip_prefix(&format!("object://{}/", app.name)).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "url must be an object of this app: object://{}/<key>",
+            app.name
+        ))
+    })?;
+    crate::objects::validate_key(key).map_err(ApiError::BadRequest)?;
+    if crate::store::objects::get(&state.pool, &app.name, key).await?.is_none() {
+        return Err(ApiError::BadRequest(format!("source object not found: {key}")));
+    }
+    let manifest_path = body
+        .manifest
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| "convox.yml".to_owned());
+    let id = crate::ids::public_id('B');
+    let build = builds::insert(
+        &state.pool,
+        &NewBuild {
+            id: &id,
+            app: &app.name,
+            description: &body.description,
+            git_sha: &body.git_sha,
+            source_url: &url,
+            manifest_path: &manifest_path,
+            no_cache: body.no_cache,
+        },
+    )
+    .await?;
+    state.bus.poke(crate::events::Wake::Jobs);
+    tracing::info!(build.id = %id, app.name = %app.name, "queued build {id}");
+    let location = format!("/apps/{}/builds/{id}", app.name);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Pretty(BuildView::from(build)),
+    )
+        .into_response())
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn list_builds(
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+    QueryParams(query): QueryParams<ListBuilds>,
+) -> ApiResult<Pretty<Vec<BuildView>>> {
+    let app = load_app(&state, &app).await?;
+    let limit = list_limit(query.limit)?;
+    let builds = builds::list_for_app(&state.pool, &app.name, limit).await?;
+    Ok(Pretty(builds.into_iter().map(BuildView::from).collect()))
+}
+
+/// A list's `limit`: 10 unless given, between 1 and 1000.
+pub fn list_limit(limit: Option<i64>) -> ApiResult<i64> {
+    match limit {
+        None => Ok(10),
+        Some(n) if (1..=1000).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and 1000, got {n}"
+        ))),
+    }
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app, build.id = %id))]
+pub async fn show_build(
+    State(state): State<AppState>,
+    Path((app, id)): Path<(String, String)>,
+) -> ApiResult<Pretty<BuildView>> {
+    Ok(Pretty(load_build(&state, &app, &id).await?.into()))
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app, build.id = %id))]
+pub async fn update_build(
+    State(state): State<AppState>,
+    Path((app, id)): Path<(String, String)>,
+    Input(body): Input<UpdateBuild>,
+) -> ApiResult<Pretty<BuildView>> {
+    let build = load_build(&state, &app, &id).await?;
+    let status = body
+        .status
+        .map(|s| match s.as_str() {
+            "created" => Ok(BuildStatus::Created),
+            "running" => Ok(BuildStatus::Running),
+            "complete" => Ok(BuildStatus::Complete),
+            "failed" => Ok(BuildStatus::Failed),
+            other => Err(ApiError::BadRequest(format!(
+                "invalid status {other:?}: use created, running, complete or failed"
+            ))),
+        })
+        .transpose()?;
+    if let Some(release) = &body.release
+        && crate::store::releases::get(&state.pool, &build.app, release)
+            .await?
+            .is_none()
+    {
+        return Err(ApiError::BadRequest(format!("release not found: {release}")));
+    }
+    let update = BuildUpdate {
+        entrypoint: body.entrypoint,
+        logs: body.logs,
+        manifest: body.manifest,
+        release_id: body.release,
+        status,
+        reason: body.reason,
+        started_at: body.started.as_deref().map(|t| parse_time("started", t)).transpose()?,
+        ended_at: body.ended.as_deref().map(|t| parse_time("ended", t)).transpose()?,
+    };
+    let build = builds::update(&state.pool, &build.app, &build.id, &update)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("build", id.clone()))?;
+    Ok(Pretty(build.into()))
+}
+
+/// A time as convox sends it (`20060102.150405.000000000`, UTC) or RFC 3339.
+fn parse_time(field: &str, text: &str) -> ApiResult<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    NaiveDateTime::parse_from_str(text, "%Y%m%d.%H%M%S.%f")
+        .map(|t| t.and_utc())
+        .map_err(|_| {
+            ApiError::BadRequest(format!(
+                "{field}: invalid time {text:?}: use RFC 3339 or 20060102.150405.000000000"
+            ))
+        })
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app, build.id = %id))]
+pub async fn cancel_build(
+    State(state): State<AppState>,
+    Path((app, id)): Path<(String, String)>,
+    format: Format,
+) -> ApiResult<Response> {
+    let app = load_app(&state, &app).await?;
+    let mut tx = state.pool.begin().await?;
+    let build = builds::request_cancel(&mut tx, &app.name, &id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("build", id.clone()))?;
+    match build.status {
+        BuildStatus::Created => crate::jobs::builds::cancel_queued(&mut tx, &build).await?,
+        BuildStatus::Running => {}
+        status => {
+            return Err(ApiError::Conflict(format!(
+                "build {id} has already ended ({})",
+                serde_json::to_value(status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            )));
+        }
+    }
+    tx.commit().await?;
+    state.bus.poke(crate::events::Wake::Events(app.name.clone()));
+    tracing::info!(build.id = %id, app.name = %app.name, "cancel requested for build {id}");
+    let build = load_build(&state, &app.name, &id).await?;
+    Ok(format.ok(BuildView::from(build)))
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app, build.id = %id))]
+pub async fn stream_build_logs(
+    State(state): State<AppState>,
+    Path((app, id)): Path<(String, String)>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    headers: HeaderMap,
+    QueryParams(query): QueryParams<StreamQuery>,
+) -> ApiResult<Response> {
+    let ws = ws.ok();
+    let build = load_build(&state, &app, &id).await?;
+    let topic = Topic::Build {
+        app: build.app,
+        build: build.id,
+    };
+    streams::respond(
+        &state,
+        topic,
+        StreamRequest { ws, headers, query },
+        Style::Raw,
+        Follow::UntilEnd,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_parse_in_both_forms() {
+        let convox = parse_time("ended", "20240102.030405.123456789").unwrap();
+        assert_eq!(convox.to_rfc3339(), "2024-01-02T03:04:05.123456789+00:00");
+        assert!(parse_time("ended", "2024-01-02T03:04:05Z").is_ok());
+        assert_eq!(
+            parse_time("ended", "yesterday").unwrap_err().status(),
+            StatusCode::BAD_REQUEST
+        );
+    }
+
+    #[test]
+    fn zero_times_are_go_zero_times() {
+        assert_eq!(serde_json::to_value(go_zero_time()).unwrap(), "0001-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn limits_are_bounded() {
+        assert_eq!(list_limit(None).unwrap(), 10);
+        assert!(list_limit(Some(0)).is_err());
+        assert!(list_limit(Some(1001)).is_err());
+    }
+}

@@ -1,0 +1,223 @@
+//! `/apps/{app}/objects`: streamed uploads (size-capped, SHA-256 checked), downloads, listing
+//! and deletion of an app's objects.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use crate::AppState;
+use crate::api::apps::load_app;
+use crate::api::input::{Format, Pretty, QueryParams};
+use crate::error::{ApiError, ApiResult};
+use crate::objects::{PutObjectError, hex, validate_key};
+use crate::store;
+
+/// The answer to an upload, as convox writes it (the field really is `Url`).
+#[derive(Debug, Serialize)]
+pub struct ObjectUrl {
+    #[serde(rename = "Url")]
+    url: String,
+}
+
+/// `GET /apps/{app}/objects`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListObjects {
+    #[serde(default)]
+    prefix: String,
+}
+
+/// The URL of an object, as builds refer to it.
+pub fn object_url(app: &str, key: &str) -> String {
+    format!("object://{app}/{key}")
+}
+
+fn checked_key(key: &str) -> ApiResult<String> {
+    validate_key(key).map_err(ApiError::BadRequest)?;
+    Ok(key.to_owned())
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn upload_object(
+    State(state): State<AppState>,
+    Path((app, key)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let key = checked_key(&key)?;
+    store_upload(&state, &app, &key, &headers, body).await
+}
+
+/// `POST /apps/{app}/objects`: an upload with no key gets `tmp/<random>`, as in convox.
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn upload_object_anonymous(
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let key = format!("tmp/{}", crate::ids::random_token(30).to_lowercase());
+    store_upload(&state, &app, &key, &headers, body).await
+}
+
+async fn store_upload(state: &AppState, app: &str, key: &str, headers: &HeaderMap, body: Body) -> ApiResult<Response> {
+    let app = load_app(state, app).await?;
+    let limit = state.config.max_upload_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(too_large(limit));
+    }
+    let expected = expected_digest(headers)?;
+    let stored = state
+        .objects
+        .put_stream(&app.name, key, body.into_data_stream(), limit, expected.as_deref())
+        .await
+        .map_err(|e| match e {
+            PutObjectError::TooLarge { limit } => too_large(limit),
+            PutObjectError::DigestMismatch { .. } | PutObjectError::Interrupted(_) => {
+                ApiError::BadRequest(e.to_string())
+            }
+            PutObjectError::Store(e) => ApiError::Internal(anyhow::Error::new(e).context("storing an upload")),
+        })?;
+    let size = i64::try_from(stored.size).unwrap_or(i64::MAX);
+    if let Err(e) = store::objects::upsert(&state.pool, &app.name, key, size, &stored.sha256).await {
+        // No metadata, no object: do not leave bytes nobody can see.
+        let _ = state.objects.delete(&app.name, key).await;
+        return Err(e.into());
+    }
+    tracing::info!(app.name = %app.name, size = stored.size, "stored object {key} of {} ({} bytes)", app.name, stored.size);
+    let mut response = Pretty(ObjectUrl {
+        url: object_url(&app.name, key),
+    })
+    .into_response();
+    insert_digest_headers(response.headers_mut(), &stored.sha256);
+    Ok(response)
+}
+
+fn too_large(limit: u64) -> ApiError {
+    ApiError::PayloadTooLarge(format!(
+        "the upload is larger than the limit of {limit} bytes (RACK_MAX_UPLOAD_BYTES)"
+    ))
+}
+
+/// The SHA-256 the client announced, as lowercase hex: `Content-Digest: sha-256=:<base64>:`
+/// (RFC 9530) or `X-Checksum-Sha256: <hex>`.
+fn expected_digest(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    if let Some(value) = headers.get("content-digest") {
+        let value = value.to_str().map_err(|_| bad_digest())?;
+        let encoded = value
+            .split(',')
+            .filter_map(|item| item.trim().split_once('='))
+            .find(|(algorithm, _)| algorithm.trim().eq_ignore_ascii_case("sha-256"))
+            .map(|(_, v)| v.trim().trim_matches(':'))
+            .ok_or_else(|| ApiError::BadRequest("Content-Digest has no sha-256 digest".into()))?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .map_err(|_| bad_digest())?;
+        if bytes.len() != 32 {
+            return Err(bad_digest());
+        }
+        return Ok(Some(hex(&bytes)));
+    }
+    if let Some(value) = headers.get("x-checksum-sha256") {
+        let value = value.to_str().map_err(|_| bad_digest())?.trim().to_ascii_lowercase();
+        if value.len() != 64 || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad_digest());
+        }
+        return Ok(Some(value));
+    }
+    Ok(None)
+}
+
+fn bad_digest() -> ApiError {
+    ApiError::BadRequest(
+        "malformed digest: send Content-Digest: sha-256=:<base64>: or X-Checksum-Sha256: <64 hex digits>".into(),
+    )
+}
+
+fn insert_digest_headers(headers: &mut HeaderMap, sha256: &str) {
+    if let Ok(value) = HeaderValue::from_str(sha256) {
+        headers.insert("x-checksum-sha256", value);
+    }
+}
+
+async fn load_object(state: &AppState, app: &str, key: &str) -> ApiResult<store::objects::Object> {
+    let app = load_app(state, app).await?;
+    let key = checked_key(key)?;
+    store::objects::get(&state.pool, &app.name, &key)
+        .await?
+        .ok_or(ApiError::NotFound("object", key))
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn download_object(
+    State(state): State<AppState>,
+    Path((app, key)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let object = load_object(&state, &app, &key).await?;
+    let stream = state
+        .objects
+        .get_stream(&object.app, &object.key)
+        .await
+        .map_err(|e| match e {
+            object_store::Error::NotFound { .. } => ApiError::NotFound("object", object.key.clone()),
+            e => ApiError::Internal(anyhow::Error::new(e).context("reading an object")),
+        })?;
+    let mut response = Body::from_stream(stream).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(object.size));
+    insert_digest_headers(headers, &object.sha256);
+    Ok(response)
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn head_object(
+    State(state): State<AppState>,
+    Path((app, key)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let object = load_object(&state, &app, &key).await?;
+    let mut response = StatusCode::OK.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(object.size));
+    insert_digest_headers(headers, &object.sha256);
+    Ok(response)
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn delete_object(
+    State(state): State<AppState>,
+    Path((app, key)): Path<(String, String)>,
+    format: Format,
+) -> ApiResult<Response> {
+    let object = load_object(&state, &app, &key).await?;
+    // Metadata first: once it is gone the object is invisible, whatever happens next.
+    store::objects::delete(&state.pool, &object.app, &object.key).await?;
+    state
+        .objects
+        .delete(&object.app, &object.key)
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("deleting an object")))?;
+    Ok(format.ok(serde_json::json!({ "deleted": object_url(&object.app, &object.key) })))
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn list_objects(
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+    QueryParams(query): QueryParams<ListObjects>,
+) -> ApiResult<Pretty<Vec<String>>> {
+    let app = load_app(&state, &app).await?;
+    Ok(Pretty(
+        store::objects::list_keys(&state.pool, &app.name, &query.prefix).await?,
+    ))
+}

@@ -1,0 +1,212 @@
+//! Event streams over HTTP, one subscription rendered three ways: a websocket (convox framing:
+//! text frames, one empty binary frame at the end), `text/event-stream` (ids, resumable with
+//! `Last-Event-ID`, a final `end` event) or chunked `text/plain` lines ending `OK` or
+//! `ERROR: <reason>`. A client that goes away cancels nothing but its own subscription.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, Stream, StreamExt};
+use serde::Deserialize;
+
+use crate::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::events::{Follow, Item, format_line, outcome_line, subscribe};
+use crate::store::events::{Event, Topic};
+
+/// The line that ends a stream when the server stops, so clients know to reconnect.
+const SHUTTING_DOWN: &str = "rack: this server is shutting down; reconnect to resume";
+
+/// The query of a stream request.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamQuery {
+    /// Resume after this event id (as `Last-Event-ID` does).
+    pub after: Option<i64>,
+}
+
+/// How lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    /// The message alone (build output, as convox prints it).
+    Raw,
+    /// `<RFC3339> <stream> <message>`.
+    Prefixed,
+}
+
+/// What a client asked for.
+#[derive(Debug)]
+pub struct StreamRequest {
+    pub ws: Option<WebSocketUpgrade>,
+    pub headers: HeaderMap,
+    pub query: StreamQuery,
+}
+
+/// Answers `request` with the events of `topic`.
+///
+/// # Errors
+/// 400 when the cursor is malformed.
+pub fn respond(
+    state: &AppState,
+    topic: Topic,
+    request: StreamRequest,
+    style: Style,
+    follow: Follow,
+) -> ApiResult<Response> {
+    let after = cursor(&request.headers, &request.query)?;
+    let items = subscribe(
+        state.pool.clone(),
+        &state.bus,
+        state.shutdown.clone(),
+        topic,
+        after,
+        follow,
+    );
+    if let Some(ws) = request.ws {
+        return Ok(ws.on_upgrade(move |socket| websocket(socket, items, style)));
+    }
+    let wants_sse = request
+        .headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if wants_sse {
+        Ok(sse(items, style).into_response())
+    } else {
+        Ok(text(items, style))
+    }
+}
+
+fn cursor(headers: &HeaderMap, query: &StreamQuery) -> ApiResult<i64> {
+    if let Some(after) = query.after {
+        return Ok(after.max(0));
+    }
+    match headers.get("last-event-id") {
+        None => Ok(0),
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .map(|v| v.max(0))
+            .ok_or_else(|| ApiError::BadRequest("Last-Event-ID must be an event id (a number)".into())),
+    }
+}
+
+fn line(event: &Event, style: Style) -> String {
+    format_line(event, style == Style::Prefixed)
+}
+
+/// The lines of a text or websocket rendering of one item; `None` ends the stream. The
+/// websocket (convox's framing) ends a successful topic with no line of its own: the empty
+/// binary frame says it all.
+fn text_of(item: Result<Item, sqlx::Error>, style: Style, say_ok: bool) -> Option<String> {
+    match item {
+        Ok(Item::Event(event)) => match outcome_line(&event) {
+            Some(line) if line == "OK\n" && !say_ok => Some(String::new()),
+            Some(line) => Some(line),
+            None => Some(line(&event, style)),
+        },
+        Ok(Item::Idle) => Some(String::new()),
+        Ok(Item::ShuttingDown) => Some(format!("{SHUTTING_DOWN}\n")),
+        Err(error) => {
+            tracing::warn!(error = %error, "reading events for a stream");
+            Some("ERROR: the event log is unavailable; reconnect to resume\n".to_owned())
+        }
+    }
+}
+
+fn text<S>(items: S, style: Style) -> Response
+where
+    S: Stream<Item = Result<Item, sqlx::Error>> + Send + 'static,
+{
+    let body = items.filter_map(move |item| async move {
+        let text = text_of(item, style, true)?;
+        (!text.is_empty()).then(|| Ok::<_, Infallible>(Bytes::from(text)))
+    });
+    let mut response = Body::from_stream(body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    // Proxies must pass lines on as they come.
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+fn sse<S>(items: S, style: Style) -> impl IntoResponse
+where
+    S: Stream<Item = Result<Item, sqlx::Error>> + Send + 'static,
+{
+    let events = items.filter_map(move |item| async move {
+        let event = match item {
+            Ok(Item::Event(event)) => match event.outcome.as_deref() {
+                Some(outcome) => SseEvent::default()
+                    .id(event.seq.to_string())
+                    .event("end")
+                    .json_data(serde_json::json!({ "outcome": outcome, "message": event.message }))
+                    .unwrap_or_default(),
+                None => SseEvent::default()
+                    .id(event.seq.to_string())
+                    .data(line(&event, style).trim_end_matches('\n')),
+            },
+            // KeepAlive sends comments while idle.
+            Ok(Item::Idle) => return None,
+            Ok(Item::ShuttingDown) => SseEvent::default().event("shutdown").data(SHUTTING_DOWN),
+            Err(error) => {
+                tracing::warn!(error = %error, "reading events for a stream");
+                SseEvent::default()
+                    .event("error")
+                    .data("the event log is unavailable; reconnect to resume")
+            }
+        };
+        Some(Ok::<_, Infallible>(event))
+    });
+    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// Writes the stream as convox does: text frames, then one empty binary frame. Pings keep idle
+/// connections open through proxies; the reader half notices a client that left.
+async fn websocket<S>(socket: WebSocket, items: S, style: Style)
+where
+    S: Stream<Item = Result<Item, sqlx::Error>> + Send + 'static,
+{
+    let (mut sink, mut source) = socket.split();
+    // Reading also answers the client's pings (the library does it while we read).
+    let mut reader = tokio::spawn(async move {
+        while let Some(Ok(message)) = source.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    });
+    let mut items = std::pin::pin!(items);
+    loop {
+        let item = tokio::select! {
+            _ = &mut reader => return,
+            item = items.next() => item,
+        };
+        let Some(item) = item else { break };
+        let Some(text) = text_of(item, style, false) else { break };
+        let sent = if text.is_empty() {
+            // Idle (or the silent end of a successful topic): a ping keeps proxies from
+            // cutting the connection.
+            sink.send(Message::Ping(Bytes::new())).await
+        } else {
+            sink.send(Message::Text(text.into())).await
+        };
+        if sent.is_err() {
+            reader.abort();
+            return;
+        }
+    }
+    let _ = sink.send(Message::Binary(Bytes::new())).await;
+    let _ = sink.close().await;
+    reader.abort();
+}

@@ -1,0 +1,249 @@
+//! `rack build [DIR]` and `rack builds ...`: package a directory, upload it, build it and
+//! follow its log, as `convox build` does.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use sha2::Digest;
+
+use super::output;
+use super::{AppArg, Client};
+
+/// `rack build`.
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The directory to build.
+    #[arg(default_value = ".")]
+    dir: PathBuf,
+    #[command(flatten)]
+    app: AppArg,
+    /// A description of the build.
+    #[arg(short, long, default_value = "")]
+    description: String,
+    /// Path of the manifest inside the directory.
+    #[arg(short, long, default_value = "convox.yml")]
+    manifest: String,
+    /// Print only the release id on stdout.
+    #[arg(long)]
+    id: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BuildsCommand {
+    /// Show a build.
+    Info {
+        id: String,
+        #[command(flatten)]
+        app: AppArg,
+    },
+    /// Print a build's log (following it while the build runs).
+    Logs {
+        id: String,
+        #[command(flatten)]
+        app: AppArg,
+    },
+}
+
+/// A build as the API returns it.
+#[derive(Debug, Deserialize)]
+pub struct Build {
+    pub id: String,
+    pub status: String,
+    pub release: String,
+    pub description: String,
+    pub reason: String,
+    pub started: String,
+    pub ended: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Uploaded {
+    #[serde(rename = "Url")]
+    url: String,
+}
+
+/// Builds a directory; returns the build (complete) or fails with `build failed`.
+pub async fn build(client: &Client, args: &BuildArgs) -> anyhow::Result<Build> {
+    let app = args.app.resolve()?;
+    let dir = args.dir.clone();
+    if !dir.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
+    eprint!("Packaging source... ");
+    let tarball = tokio::task::spawn_blocking(move || package(&dir)).await??;
+    eprintln!("OK");
+
+    eprint!("Uploading source... ");
+    let url = upload(client, &app, tarball).await?;
+    eprintln!("OK");
+
+    eprint!("Starting build... ");
+    let build: Build = client
+        .post(
+            &format!("/apps/{}/builds", client.segment(&app)),
+            &[
+                ("url", url.as_str()),
+                ("description", args.description.as_str()),
+                ("manifest", args.manifest.as_str()),
+            ],
+        )
+        .await?;
+    eprintln!("OK");
+    follow_log(client, &app, &build.id).await?;
+    let build = wait(client, &app, &build.id).await?;
+    if build.status != "complete" {
+        bail!("build failed");
+    }
+    Ok(build)
+}
+
+/// Runs `rack build` and prints the ids.
+pub async fn run_build(client: &Client, args: BuildArgs) -> anyhow::Result<()> {
+    let build = build(client, &args).await?;
+    if args.id {
+        println!("{}", build.release);
+    } else {
+        println!("Build: {}", build.id);
+        println!("Release: {}", build.release);
+    }
+    Ok(())
+}
+
+pub async fn run(client: &Client, list_app: AppArg, command: Option<BuildsCommand>) -> anyhow::Result<()> {
+    match command {
+        None => {
+            let app = list_app.resolve()?;
+            let builds: Vec<Build> = client.get(&format!("/apps/{}/builds", client.segment(&app))).await?;
+            let rows: Vec<Vec<String>> = builds
+                .into_iter()
+                .map(|b| vec![b.id, b.status, b.release, b.started, b.description])
+                .collect();
+            print!(
+                "{}",
+                output::table(&["ID", "STATUS", "RELEASE", "STARTED", "DESCRIPTION"], &rows)
+            );
+        }
+        Some(BuildsCommand::Info { id, app }) => {
+            let app = app.resolve()?;
+            let b: Build = client
+                .get(&format!(
+                    "/apps/{}/builds/{}",
+                    client.segment(&app),
+                    client.segment(&id)
+                ))
+                .await?;
+            print!(
+                "{}",
+                output::info(&[
+                    ("Id", b.id),
+                    ("Status", b.status),
+                    ("Release", b.release),
+                    ("Description", b.description),
+                    ("Started", b.started),
+                    ("Ended", b.ended),
+                    ("Reason", b.reason),
+                ])
+            );
+        }
+        Some(BuildsCommand::Logs { id, app }) => follow_log(client, &app.resolve()?, &id).await?,
+    }
+    Ok(())
+}
+
+/// A gzip tarball of `dir` (honouring `.dockerignore`) in a temporary file.
+fn package(dir: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
+    let mut file = tempfile::NamedTempFile::new().context("creating a temporary file")?;
+    crate::archive::pack_tgz(dir, std::io::BufWriter::new(file.as_file_mut()))
+        .with_context(|| format!("packaging {}", dir.display()))?;
+    Ok(file)
+}
+
+async fn upload(client: &Client, app: &str, tarball: tempfile::NamedTempFile) -> anyhow::Result<String> {
+    let path = tarball.path().to_path_buf();
+    let (size, digest) = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, String)> {
+        use std::io::Read;
+        let mut hasher = sha2::Sha256::new();
+        let mut file = std::fs::File::open(&path)?;
+        let mut buffer = vec![0u8; 64 * 1024];
+        let mut size = 0u64;
+        loop {
+            let n = file.read(&mut buffer)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buffer[..n]);
+            size += n as u64;
+        }
+        Ok((size, crate::objects::hex(&hasher.finalize())))
+    })
+    .await??;
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(size);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bytes}/{total_bytes} {bar:30} {bytes_per_sec}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let file = tokio::fs::File::open(tarball.path()).await?;
+    let progress = bar.clone();
+    let stream = tokio_util::io::ReaderStream::new(file).inspect(move |chunk| {
+        if let Ok(chunk) = chunk {
+            progress.inc(chunk.len() as u64);
+        }
+    });
+    let key = format!("tmp/{}.tgz", crate::ids::random_token(30).to_lowercase());
+    let uploaded: Uploaded = client
+        .post_body(
+            &format!("/apps/{}/objects/{key}", client.segment(app)),
+            reqwest::Body::wrap_stream(stream),
+            &[("x-checksum-sha256", digest), ("content-length", size.to_string())],
+        )
+        .await?;
+    bar.finish_and_clear();
+    Ok(uploaded.url)
+}
+
+/// Prints a build's log until it ends (the server's final `OK` is not printed).
+async fn follow_log(client: &Client, app: &str, id: &str) -> anyhow::Result<()> {
+    let response = client
+        .stream(&format!(
+            "/apps/{}/builds/{}/logs",
+            client.segment(app),
+            client.segment(id)
+        ))
+        .await?;
+    let mut body = response.bytes_stream();
+    let mut pending = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let Ok(chunk) = chunk else { break };
+        pending.extend_from_slice(&chunk);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line);
+            if line != "OK\n" {
+                print!("{line}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Polls the build until it has ended (the log can end early if the server restarts).
+async fn wait(client: &Client, app: &str, id: &str) -> anyhow::Result<Build> {
+    let path = format!("/apps/{}/builds/{}", client.segment(app), client.segment(id));
+    loop {
+        let build: Build = client.get(&path).await?;
+        if build.status == "complete" || build.status == "failed" {
+            return Ok(build);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

@@ -1,0 +1,285 @@
+//! The build worker: claims queued builds, runs them through the runtime with a deadline, a
+//! cancel switch and a renewed lease, and ends each one `complete` (with a new release) or
+//! `failed` with its reason.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{OwnedOwner, persist_lines};
+use crate::AppState;
+use crate::events::Wake;
+use crate::runtime::local::BUILD_STREAM;
+use crate::runtime::{BuildFailure, BuildJob, LogSink};
+use crate::store::builds::{self, Build, BuildStatus, Finish};
+use crate::store::events::{self, Owner};
+use crate::store::releases::{self, NewRelease};
+
+/// Workers that found nothing look again this often (a NOTIFY wakes them sooner).
+const IDLE_POLL: Duration = Duration::from_secs(2);
+
+/// Starts `count` build workers; they stop when the server shuts down.
+pub fn spawn_workers(state: &AppState, count: usize) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..count).map(|n| tokio::spawn(worker(state.clone(), n))).collect()
+}
+
+async fn worker(state: AppState, n: usize) {
+    let mut wake = state.bus.subscribe();
+    loop {
+        if state.shutdown.is_cancelled() {
+            return;
+        }
+        match builds::claim_next(&state.pool, state.replica, state.config.job_lease).await {
+            Ok(Some(build)) => {
+                tracing::info!(build.id = %build.id, app.name = %build.app, worker = n, "running build {}", build.id);
+                run(&state, build).await;
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "claiming a build"),
+        }
+        // Wait for new work, a poll interval, or shutdown.
+        let deadline = tokio::time::sleep(IDLE_POLL);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                () = state.shutdown.cancelled() => return,
+                () = &mut deadline => break,
+                received = wake.recv() => match received {
+                    Ok(Wake::Events(_)) => {}
+                    _ => break,
+                },
+            }
+        }
+    }
+}
+
+/// Runs one claimed build to its end.
+async fn run(state: &AppState, build: Build) {
+    let owner = OwnedOwner {
+        app: build.app.clone(),
+        build: Some(build.id.clone()),
+        deployment: None,
+    };
+    if build.attempts > 1 {
+        // Its previous holder died mid-build; a half-done build directory is not trustworthy.
+        end(state, &build, &owner, Err(BuildFailure::Interrupted), None).await;
+        return;
+    }
+    let Some(key) = build
+        .source_url
+        .strip_prefix(&format!("object://{}/", build.app))
+        .map(str::to_owned)
+    else {
+        let reason = format!(
+            "the source url {:?} is not an object of app {}",
+            build.source_url, build.app
+        );
+        end(state, &build, &owner, Err(BuildFailure::Failed(reason)), None).await;
+        return;
+    };
+    let job = BuildJob {
+        app: build.app.clone(),
+        id: build.id.clone(),
+        source_key: key,
+        manifest_path: build.manifest_path.clone(),
+        git_sha: build.git_sha.clone(),
+    };
+
+    let (log, rx) = LogSink::new();
+    let writer = tokio::spawn(persist_lines(state.clone(), owner.clone(), rx));
+    let cancel = CancellationToken::new();
+    let lease = tokio::spawn(keep_lease(state.clone(), build.id.clone(), cancel.clone()));
+    let timeout = state.config.build_timeout;
+    let result = tokio::select! {
+        result = state.runtime.build(&job, &log) => Some(result),
+        () = cancel.cancelled() => Some(Err(BuildFailure::Cancelled)),
+        () = tokio::time::sleep(timeout) => Some(Err(BuildFailure::TimedOut(timeout))),
+        () = state.shutdown.cancelled() => None,
+    };
+    lease.abort();
+    let Some(result) = result else {
+        // This server is stopping: hand the build back so another replica (or this one, once
+        // restarted) runs it from the start, instead of failing it.
+        log.line(
+            BUILD_STREAM,
+            "rack is shutting down; the build will restart on another server",
+        )
+        .await;
+        drop(log);
+        let _ = writer.await;
+        if let Err(e) = builds::hand_back(&state.pool, &build.id, state.replica).await {
+            tracing::warn!(error = %e, build.id = %build.id, "handing back build {}; its lease will expire", build.id);
+        }
+        return;
+    };
+    let lost = matches!(lease.await, Ok(LeaseEnd::Lost));
+    drop(log);
+    let _ = writer.await;
+    if lost {
+        tracing::warn!(build.id = %build.id, "lost the lease of build {}; leaving it to its new holder", build.id);
+        return;
+    }
+    let (result, manifest) = match result {
+        Ok(output) => (Ok(()), Some(output.manifest)),
+        Err(failure) => (Err(failure), None),
+    };
+    end(state, &build, &owner, result, manifest).await;
+}
+
+#[derive(Debug)]
+enum LeaseEnd {
+    Lost,
+}
+
+/// Renews the build's lease until aborted; cancels the build when a cancel is requested, or
+/// when the lease is lost (the build was deleted, or another replica took it over).
+async fn keep_lease(state: AppState, id: String, cancel: CancellationToken) -> LeaseEnd {
+    let every = state.config.job_lease / 3;
+    loop {
+        tokio::time::sleep(every).await;
+        match builds::renew_lease(&state.pool, &id, state.replica, state.config.job_lease).await {
+            Ok(Some(false)) => {}
+            Ok(Some(true)) => cancel.cancel(),
+            Ok(None) => {
+                cancel.cancel();
+                return LeaseEnd::Lost;
+            }
+            // Postgres is briefly away: keep building, the lease has slack for two misses.
+            Err(e) => tracing::warn!(error = %e, build.id = %id, "renewing the lease of build {id}"),
+        }
+    }
+}
+
+/// Records the end of a build: on success a new release (the build, the env of the app's
+/// latest release, the manifest) and `complete`; otherwise `failed` with the reason. The
+/// terminal event goes in the same transaction, so streams end exactly when the status does.
+async fn end(
+    state: &AppState,
+    build: &Build,
+    owner: &OwnedOwner,
+    result: Result<(), BuildFailure>,
+    manifest: Option<String>,
+) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match try_end(state, build, owner, &result, manifest.as_deref()).await {
+            Ok(()) => break,
+            Err(e) if delay < Duration::from_secs(60) && !state.shutdown.is_cancelled() => {
+                tracing::warn!(error = %e, build.id = %build.id, "recording the end of build {}; retrying", build.id);
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => {
+                // The lease will expire and another worker will fail the build as interrupted.
+                tracing::error!(error = %e, build.id = %build.id, "could not record the end of build {}", build.id);
+                return;
+            }
+        }
+    }
+    state.bus.poke(Wake::Events(build.app.clone()));
+    match &result {
+        Ok(()) => tracing::info!(build.id = %build.id, app.name = %build.app, "build {} complete", build.id),
+        Err(reason) => {
+            tracing::info!(build.id = %build.id, app.name = %build.app, "build {} failed: {reason}", build.id)
+        }
+    }
+}
+
+async fn try_end(
+    state: &AppState,
+    build: &Build,
+    owner: &OwnedOwner,
+    result: &Result<(), BuildFailure>,
+    manifest: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    let mut tx = state.pool.begin().await?;
+    let holder = Some(state.replica);
+    let (ended, line) = match result {
+        Ok(()) => {
+            let parent = releases::latest(&mut tx, &build.app).await?;
+            let release_id = crate::ids::public_id('R');
+            releases::insert(
+                &mut tx,
+                &NewRelease {
+                    id: &release_id,
+                    app: &build.app,
+                    build_id: Some(&build.id),
+                    env: parent.as_ref().map_or("", |p| p.env.as_str()),
+                    manifest: manifest.unwrap_or_default(),
+                    description: &build.description,
+                },
+            )
+            .await?;
+            let finish = Finish {
+                status: BuildStatus::Complete,
+                reason: "",
+                manifest,
+                release_id: Some(&release_id),
+            };
+            let ended = builds::finish(&mut tx, &build.id, holder, &finish).await?;
+            (
+                ended,
+                (format!("Build {} complete: release {release_id}", build.id), "ok"),
+            )
+        }
+        Err(failure) => {
+            let reason = failure.to_string();
+            let finish = Finish {
+                status: BuildStatus::Failed,
+                reason: &reason,
+                manifest: None,
+                release_id: None,
+            };
+            let ended = builds::finish(&mut tx, &build.id, holder, &finish).await?;
+            (ended, (reason, "error"))
+        }
+    };
+    if !ended {
+        // Deleted with its app, or taken over: nothing to record.
+        return Ok(());
+    }
+    let lines = [(BUILD_STREAM.to_owned(), line.0)];
+    events::append(
+        &mut tx,
+        Owner {
+            app: &owner.app,
+            build: owner.build.as_deref(),
+            deployment: None,
+        },
+        &lines,
+        Some(line.1),
+    )
+    .await?;
+    tx.commit().await
+}
+
+/// Ends a build that never started (cancelled while queued): `failed`, reason `cancelled`.
+///
+/// # Errors
+/// When Postgres fails.
+pub async fn cancel_queued(conn: &mut sqlx::PgConnection, build: &Build) -> Result<(), sqlx::Error> {
+    let reason = BuildFailure::Cancelled.to_string();
+    let finish = Finish {
+        status: BuildStatus::Failed,
+        reason: &reason,
+        manifest: None,
+        release_id: None,
+    };
+    if builds::finish(conn, &build.id, None::<Uuid>, &finish).await? {
+        let lines = [(BUILD_STREAM.to_owned(), reason.clone())];
+        events::append(
+            conn,
+            Owner {
+                app: &build.app,
+                build: Some(&build.id),
+                deployment: None,
+            },
+            &lines,
+            Some("error"),
+        )
+        .await?;
+    }
+    Ok(())
+}

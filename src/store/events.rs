@@ -1,0 +1,121 @@
+//! The event log in Postgres: append (numbered per app, announced with NOTIFY) and read after
+//! a cursor.
+
+use chrono::{DateTime, Utc};
+use sqlx::{FromRow, PgConnection, PgPool};
+use uuid::Uuid;
+
+/// The NOTIFY channel that announces new events; the payload is the app name.
+pub const EVENTS_CHANNEL: &str = "rack_events";
+
+/// An event row.
+#[derive(Debug, Clone, FromRow)]
+pub struct Event {
+    pub app: String,
+    pub seq: i64,
+    pub build_id: Option<String>,
+    pub deployment_id: Option<Uuid>,
+    pub at: DateTime<Utc>,
+    pub stream: String,
+    pub message: String,
+    pub outcome: Option<String>,
+}
+
+/// Which events a reader wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topic {
+    /// One build's log.
+    Build { app: String, build: String },
+    /// One deployment's rollout log.
+    Deployment { app: String, deployment: Uuid },
+    /// Everything of an app.
+    App { app: String },
+}
+
+impl Topic {
+    /// The app the topic belongs to.
+    pub fn app(&self) -> &str {
+        match self {
+            Self::Build { app, .. } | Self::Deployment { app, .. } | Self::App { app } => app,
+        }
+    }
+}
+
+/// Who an appended batch belongs to.
+#[derive(Debug, Clone, Copy)]
+pub struct Owner<'a> {
+    pub app: &'a str,
+    pub build: Option<&'a str>,
+    pub deployment: Option<Uuid>,
+}
+
+/// Appends `lines` (stream, message) in order; `outcome`, when given, marks the last line as
+/// the end of its build or deployment. Returns the seq of the last line (or of the app's last
+/// event when `lines` is empty). Run it inside the transaction that makes the change the lines
+/// describe, so both become visible together.
+pub async fn append(
+    conn: &mut PgConnection,
+    owner: Owner<'_>,
+    lines: &[(String, String)],
+    outcome: Option<&str>,
+) -> Result<i64, sqlx::Error> {
+    let count = i64::try_from(lines.len()).unwrap_or(i64::MAX);
+    // Taking the numbers from the app's row locks it until commit: writers of one app commit
+    // in seq order, so a reader that saw seq N never later finds a new event below N.
+    let last: i64 =
+        sqlx::query_scalar("update apps set event_seq = event_seq + $2 where name = $1 returning event_seq")
+            .bind(owner.app)
+            .bind(count)
+            .fetch_one(&mut *conn)
+            .await?;
+    if lines.is_empty() {
+        return Ok(last);
+    }
+    let (streams, messages): (Vec<&str>, Vec<&str>) = lines.iter().map(|(s, m)| (s.as_str(), m.as_str())).unzip();
+    sqlx::query(
+        "insert into events (app, seq, build_id, deployment_id, stream, message, outcome)
+         select $1, $2 - $3 + t.ord, $4, $5, t.stream, t.message,
+                case when t.ord = $3 then $8 end
+           from unnest($6::text[], $7::text[]) with ordinality as t(stream, message, ord)",
+    )
+    .bind(owner.app)
+    .bind(last)
+    .bind(count)
+    .bind(owner.build)
+    .bind(owner.deployment)
+    .bind(&streams)
+    .bind(&messages)
+    .bind(outcome)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("select pg_notify($1, $2)")
+        .bind(EVENTS_CHANNEL)
+        .bind(owner.app)
+        .execute(&mut *conn)
+        .await?;
+    Ok(last)
+}
+
+/// Up to `limit` events of `topic` after seq `after`, in order.
+pub async fn list_after(pool: &PgPool, topic: &Topic, after: i64, limit: i64) -> Result<Vec<Event>, sqlx::Error> {
+    let (build, deployment) = match topic {
+        Topic::Build { build, .. } => (Some(build.as_str()), None),
+        Topic::Deployment { deployment, .. } => (None, Some(*deployment)),
+        Topic::App { .. } => (None, None),
+    };
+    sqlx::query_as(
+        "select * from events
+          where app = $1 and seq > $2
+            and ($3::text is null or build_id = $3)
+            and ($4::uuid is null or deployment_id = $4)
+          order by seq
+          limit $5",
+    )
+    .bind(topic.app())
+    .bind(after)
+    .bind(build)
+    .bind(deployment)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
