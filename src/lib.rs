@@ -7,6 +7,7 @@ pub mod archive;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod env;
 pub mod error;
 pub mod events;
 pub mod ids;
@@ -113,6 +114,9 @@ impl Application {
             objects.clone(),
             config.data_dir.join("builds"),
             config.source_limits,
+            pool.clone(),
+            bus.clone(),
+            shutdown.clone(),
         ));
         let state = AppState(Arc::new(Rack {
             pool,
@@ -170,7 +174,9 @@ impl Application {
         } = self;
         let shutdown = state.shutdown.clone();
         let router = api::router(state.clone());
-        let workers = jobs::builds::spawn_workers(&state, state.config.build_workers);
+        let mut workers = jobs::builds::spawn_workers(&state, state.config.build_workers);
+        workers.extend(jobs::deploys::spawn_workers(&state, 2));
+        workers.push(tokio::spawn(jobs::deploys::reconcile_all(state.clone())));
         tracing::info!(addr = %listener.local_addr()?, "rack listening on {}", listener.local_addr()?);
         let graceful = {
             let shutdown = shutdown.clone();

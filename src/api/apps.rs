@@ -79,15 +79,20 @@ pub struct AppView {
     parameters: BTreeMap<String, String>,
 }
 
-impl From<store::apps::App> for AppView {
-    fn from(app: store::apps::App) -> Self {
+impl AppView {
+    /// The view of `app`, with its router's address from the runtime.
+    pub fn new(state: &AppState, app: store::apps::App) -> Self {
         Self {
+            status: app.status(),
+            router: state
+                .runtime
+                .router_addr(&app.name)
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
             generation: app.generation,
             locked: app.locked,
+            release: app.release_id.unwrap_or_default(),
             name: app.name,
-            release: String::new(),
-            router: String::new(),
-            status: "running",
             parameters: app.parameters.0,
         }
     }
@@ -110,7 +115,7 @@ pub async fn load_app(state: &AppState, name: &str) -> ApiResult<store::apps::Ap
 #[tracing::instrument(skip_all)]
 pub async fn list_apps(State(state): State<AppState>) -> ApiResult<Pretty<Vec<AppView>>> {
     let apps = store::apps::list(&state.pool).await?;
-    Ok(Pretty(apps.into_iter().map(AppView::from).collect()))
+    Ok(Pretty(apps.into_iter().map(|app| AppView::new(&state, app)).collect()))
 }
 
 #[tracing::instrument(skip_all, fields(app.name = %body.name))]
@@ -136,14 +141,14 @@ pub async fn create_app(State(state): State<AppState>, Input(body): Input<Create
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, location)],
-        Pretty(AppView::from(app)),
+        Pretty(AppView::new(&state, app)),
     )
         .into_response())
 }
 
 #[tracing::instrument(skip_all, fields(app.name = %name))]
 pub async fn show_app(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult<Pretty<AppView>> {
-    Ok(Pretty(load_app(&state, &name).await?.into()))
+    Ok(Pretty(AppView::new(&state, load_app(&state, &name).await?)))
 }
 
 #[tracing::instrument(skip_all, fields(app.name = %name))]
@@ -159,10 +164,11 @@ pub async fn update_app(
         .map(Parameters::into_map)
         .transpose()?
         .unwrap_or_default();
-    let app = store::apps::update(&state.pool, &name, body.lock, &parameters)
+    store::apps::update(&state.pool, &name, body.lock, &parameters)
         .await?
         .ok_or_else(|| ApiError::NotFound("app", name.to_string()))?;
-    Ok(format.ok(AppView::from(app)))
+    let app = load_app(&state, name.as_str()).await?;
+    Ok(format.ok(AppView::new(&state, app)))
 }
 
 #[tracing::instrument(skip_all, fields(app.name = %name))]
@@ -174,6 +180,11 @@ pub async fn delete_app(
     let name = app_name(&name)?;
     match store::apps::delete(&state.pool, &name).await? {
         DeleteOutcome::Deleted => {
+            // The rows are gone (and with them any deployment); now its processes and files.
+            state.runtime.delete_app(name.as_str()).await;
+            if let Err(e) = state.objects.delete_app(name.as_str()).await {
+                tracing::warn!(error = %e, app.name = %name, "deleting the objects of {name}");
+            }
             tracing::info!(app.name = %name, "deleted app {name}");
             Ok(format.ok(serde_json::json!({ "deleted": name })))
         }

@@ -4,8 +4,11 @@
 
 pub mod apps;
 pub mod builds;
+pub mod deployments;
 pub mod input;
 pub mod objects;
+pub mod processes;
+pub mod releases;
 pub mod streams;
 pub mod system;
 
@@ -49,6 +52,7 @@ fn routes() -> Routes {
         .json(M::DELETE, "/apps/{app}", apps::delete_app)
         .json(M::GET, "/apps/{app}/objects", objects::list_objects)
         .stream(M::POST, "/apps/{app}/objects", objects::upload_object_anonymous)
+        .stream(M::POST, "/apps/{app}/objects/", objects::upload_object_anonymous)
         .stream(M::POST, "/apps/{app}/objects/{*key}", objects::upload_object)
         .stream(M::GET, "/apps/{app}/objects/{*key}", objects::download_object)
         .json(M::HEAD, "/apps/{app}/objects/{*key}", objects::head_object)
@@ -59,6 +63,28 @@ fn routes() -> Routes {
         .json(M::PUT, "/apps/{app}/builds/{id}", builds::update_build)
         .json(M::POST, "/apps/{app}/builds/{id}/cancel", builds::cancel_build)
         .stream(M::GET, "/apps/{app}/builds/{id}/logs", builds::stream_build_logs)
+        .json(M::GET, "/apps/{app}/releases", releases::list_releases)
+        .json(M::POST, "/apps/{app}/releases", releases::create_release)
+        .json(M::GET, "/apps/{app}/releases/{id}", releases::show_release)
+        .stream(M::POST, "/apps/{app}/releases/{id}/promote", releases::promote_release)
+        .json(M::GET, "/apps/{app}/deployments", deployments::list_deployments)
+        .json(M::GET, "/apps/{app}/deployments/{id}", deployments::show_deployment)
+        .stream(
+            M::GET,
+            "/apps/{app}/deployments/{id}/events",
+            deployments::stream_deployment_events,
+        )
+        .json(M::POST, "/apps/{app}/cancel", deployments::cancel_deployment)
+        .json(M::GET, "/apps/{app}/processes", processes::list_processes)
+        .json(M::GET, "/apps/{app}/processes/{id}", processes::show_process)
+        .json(M::DELETE, "/apps/{app}/processes/{id}", processes::restart_process)
+        .stream(M::GET, "/apps/{app}/logs", processes::stream_app_logs)
+        .stream(
+            M::GET,
+            "/apps/{app}/services/{service}/logs",
+            processes::stream_service_logs,
+        )
+        .json(M::GET, "/apps/{app}/budget", processes::show_budget)
 }
 
 /// The API with its layers, ready to serve.

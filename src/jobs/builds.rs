@@ -88,7 +88,7 @@ async fn run(state: &AppState, build: Build) {
     };
 
     let (log, rx) = LogSink::new();
-    let writer = tokio::spawn(persist_lines(state.clone(), owner.clone(), rx));
+    let writer = tokio::spawn(persist_lines(state.pool.clone(), state.bus.clone(), owner.clone(), rx));
     let cancel = CancellationToken::new();
     let lease = tokio::spawn(keep_lease(state.clone(), build.id.clone(), cancel.clone()));
     let timeout = state.config.build_timeout;

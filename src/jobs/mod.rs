@@ -2,54 +2,81 @@
 //! LOCKED`), hold it with a lease they renew, and always bring it to a terminal state.
 
 pub mod builds;
+pub mod deploys;
 
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::AppState;
+use sqlx::PgPool;
+
+use crate::events::EventBus;
+use crate::runtime::LogItem;
 use crate::store::events::{self, Owner};
 
 /// Persists a job's output lines as events, in batches (one transaction per batch, not per
-/// line), until every sender is gone. Returns the number of lines written.
-pub async fn persist_lines(state: AppState, owner: OwnedOwner, mut rx: mpsc::Receiver<(String, String)>) -> u64 {
+/// line), until every sender is gone; answers flushes once what came before is stored.
+/// Returns the number of lines written.
+pub async fn persist_lines(pool: PgPool, bus: EventBus, owner: OwnedOwner, mut rx: mpsc::Receiver<LogItem>) -> u64 {
     let mut written = 0;
     let mut batch = Vec::with_capacity(256);
     while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < 500 {
-            match rx.try_recv() {
-                Ok(line) => batch.push(line),
-                Err(_) => break,
-            }
-        }
-        let lines = std::mem::take(&mut batch);
-        let mut delay = Duration::from_millis(100);
-        // Postgres may be briefly unavailable: keep the lines and retry rather than drop them.
-        loop {
-            match append(&state, &owner, &lines).await {
-                Ok(()) => break,
-                Err(e) if delay < Duration::from_secs(30) => {
-                    tracing::warn!(error = %e, app.name = %owner.app, "writing job output; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, app.name = %owner.app, "dropping {} lines of job output", lines.len());
+        let mut acks = Vec::new();
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            match item {
+                LogItem::Line(stream, message) => batch.push((stream, message)),
+                // Stop the batch here: the flush is answered once it is stored.
+                LogItem::Flush(ack) => {
+                    acks.push(ack);
                     break;
                 }
             }
+            if batch.len() < 500 {
+                next = rx.try_recv().ok();
+            }
         }
-        written += lines.len() as u64;
+        let lines = std::mem::take(&mut batch);
+        if !lines.is_empty() {
+            store_with_retry(&pool, &bus, &owner, &lines).await;
+            written += lines.len() as u64;
+        }
+        for ack in acks {
+            let _ = ack.send(());
+        }
     }
     written
 }
 
-async fn append(state: &AppState, owner: &OwnedOwner, lines: &[(String, String)]) -> Result<(), sqlx::Error> {
-    let mut tx = state.pool.begin().await?;
+async fn store_with_retry(pool: &PgPool, bus: &EventBus, owner: &OwnedOwner, lines: &[(String, String)]) {
+    let mut delay = Duration::from_millis(100);
+    // Postgres may be briefly unavailable: keep the lines and retry rather than drop them.
+    loop {
+        match append(pool, bus, owner, lines).await {
+            Ok(()) => return,
+            Err(e) if delay < Duration::from_secs(30) => {
+                tracing::warn!(error = %e, app.name = %owner.app, "writing job output; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, app.name = %owner.app, "dropping {} lines of job output", lines.len());
+                return;
+            }
+        }
+    }
+}
+
+async fn append(
+    pool: &PgPool,
+    bus: &EventBus,
+    owner: &OwnedOwner,
+    lines: &[(String, String)],
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
     events::append(&mut tx, owner.borrow(), lines, None).await?;
     tx.commit().await?;
-    state.bus.poke(crate::events::Wake::Events(owner.app.clone()));
+    bus.poke(crate::events::Wake::Events(owner.app.clone()));
     Ok(())
 }
 

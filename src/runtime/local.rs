@@ -7,7 +7,8 @@ use std::path::{Component, Path, PathBuf};
 use tokio::process::Command;
 
 use super::process::{pipe_output, spawn_group};
-use super::{BuildFailure, BuildJob, BuildOutput, LogSink, Runtime};
+use super::supervisor::{AppLogFactory, Supervisor};
+use super::{ApplyError, BuildFailure, BuildJob, BuildOutput, LogSink, ProcessInfo, ReleaseSpec, Runtime};
 use crate::archive::{Limits, unpack_tgz};
 use crate::objects::Objects;
 
@@ -21,15 +22,37 @@ pub struct LocalRuntime {
     /// Builds live in `<root>/<app>/<build id>/src`.
     builds_dir: PathBuf,
     limits: Limits,
+    supervisor: Supervisor,
 }
 
 impl LocalRuntime {
-    /// A runtime keeping its builds under `builds_dir`.
-    pub fn new(objects: Objects, builds_dir: PathBuf, limits: Limits) -> Self {
+    /// A runtime keeping its builds under `builds_dir`; process output and supervisor events
+    /// go to the event log through `pool` and `bus`.
+    pub fn new(
+        objects: Objects,
+        builds_dir: PathBuf,
+        limits: Limits,
+        pool: sqlx::PgPool,
+        bus: crate::events::EventBus,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        let writer_pool = pool.clone();
+        let app_log = AppLogFactory(Box::new(move |app: &str| {
+            let (sink, rx) = LogSink::new();
+            let owner = crate::jobs::OwnedOwner {
+                app: app.to_owned(),
+                build: None,
+                deployment: None,
+            };
+            tokio::spawn(crate::jobs::persist_lines(writer_pool.clone(), bus.clone(), owner, rx));
+            sink
+        }));
+        let supervisor = Supervisor::new(builds_dir.clone(), pool, app_log, shutdown);
         Self {
             objects,
             builds_dir,
             limits,
+            supervisor,
         }
     }
 
@@ -41,6 +64,31 @@ impl LocalRuntime {
 
 #[async_trait::async_trait]
 impl Runtime for LocalRuntime {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    async fn apply(&self, app: &str, release: Option<&ReleaseSpec>, log: &LogSink) -> Result<(), ApplyError> {
+        self.supervisor.apply(app, release, log).await
+    }
+
+    async fn processes(&self, app: &str) -> Vec<ProcessInfo> {
+        self.supervisor.processes(app)
+    }
+
+    async fn restart_process(&self, app: &str, id: &str) -> bool {
+        self.supervisor.restart_process(app, id)
+    }
+
+    async fn delete_app(&self, app: &str) {
+        self.supervisor.delete_app(app).await;
+        let _ = tokio::fs::remove_dir_all(self.builds_dir.join(app)).await;
+    }
+
+    fn router_addr(&self, app: &str) -> Option<std::net::SocketAddr> {
+        self.supervisor.router_addr(app)
+    }
+
     async fn build(&self, job: &BuildJob, log: &LogSink) -> Result<BuildOutput, BuildFailure> {
         let failed = |message: String| BuildFailure::Failed(message);
         let build_dir = self.builds_dir.join(&job.app).join(&job.id);
@@ -112,7 +160,11 @@ async fn run_build_command(
     log: &LogSink,
 ) -> Result<(), String> {
     let mut cmd = Command::new("/bin/sh");
-    cmd.arg("-c").arg(command).current_dir(dir).env_clear();
+    cmd.arg("-c")
+        .arg(command)
+        .current_dir(dir)
+        .env_clear()
+        .stdin(std::process::Stdio::null());
     // A clean environment: the build must not see DATABASE_URL or the rack password.
     cmd.env(
         "PATH",

@@ -3,8 +3,14 @@
 
 pub mod local;
 mod process;
+pub mod router;
+mod supervisor;
 
+use std::net::SocketAddr;
 use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
 
 use tokio::sync::mpsc;
 
@@ -49,30 +55,105 @@ fn humanize(duration: Duration) -> String {
     }
 }
 
-/// Where a build writes its output: one `(stream, line)` at a time.
+/// Where a job writes its output: one `(stream, line)` at a time.
 #[derive(Debug, Clone)]
 pub struct LogSink {
-    tx: mpsc::Sender<(String, String)>,
+    tx: mpsc::Sender<LogItem>,
+}
+
+/// What goes through a [`LogSink`].
+#[derive(Debug)]
+pub enum LogItem {
+    Line(String, String),
+    /// Write everything sent before, then answer.
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 impl LogSink {
     /// A sink and the receiving end that persists the lines.
-    pub fn new() -> (Self, mpsc::Receiver<(String, String)>) {
+    pub fn new() -> (Self, mpsc::Receiver<LogItem>) {
         let (tx, rx) = mpsc::channel(1024);
         (Self { tx }, rx)
     }
 
     /// Writes one line (waits when the writer is behind, so output cannot pile up in memory).
     pub async fn line(&self, stream: &str, message: impl Into<String>) {
-        // A closed receiver means the build is being torn down; its output has nowhere to go.
-        let _ = self.tx.send((stream.to_owned(), message.into())).await;
+        // A closed receiver means the job is being torn down; its output has nowhere to go.
+        let _ = self.tx.send(LogItem::Line(stream.to_owned(), message.into())).await;
     }
+
+    /// Waits until every line sent before is stored, so that a state change recorded next
+    /// comes after them in the log.
+    pub async fn flush(&self) {
+        let (ack, done) = tokio::sync::oneshot::channel();
+        if self.tx.send(LogItem::Flush(ack)).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+}
+
+/// A release to run.
+#[derive(Debug, Clone)]
+pub struct ReleaseSpec {
+    pub app: String,
+    pub id: String,
+    pub build_id: String,
+    pub env: crate::env::Env,
+    pub manifest: crate::manifest::Manifest,
+}
+
+/// Why a rollout could not complete.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ApplyError(pub String);
+
+/// A running process, as convox shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessInfo {
+    pub id: String,
+    pub app: String,
+    pub command: String,
+    pub cpu: f64,
+    pub memory: f64,
+    pub host: String,
+    pub image: String,
+    pub instance: String,
+    /// The service.
+    pub name: String,
+    pub ports: Vec<String>,
+    pub release: String,
+    pub started: DateTime<Utc>,
+    /// `starting`, `running`, `unhealthy`, `crashed` or `stopping`.
+    pub status: &'static str,
+    /// The operating system's process id (0 while restarting).
+    pub pid: u32,
 }
 
 /// A runtime.
 #[async_trait::async_trait]
 pub trait Runtime: Send + Sync + std::fmt::Debug {
+    /// The name in event streams: `system/<name>/...`.
+    fn name(&self) -> &'static str;
+
     /// Builds `job`'s source, writing its output to `log`. Dropping the future stops the build
     /// (and every process it started).
     async fn build(&self, job: &BuildJob, log: &LogSink) -> Result<BuildOutput, BuildFailure>;
+
+    /// Rolls `release` out for its app (replacing whatever runs), writing progress to `log`;
+    /// returns once every service is healthy. `None` for the release stops the app's
+    /// processes. Dropping the future leaves what was started registered, so that a later
+    /// `apply` (the rollback) can replace it.
+    async fn apply(&self, app: &str, release: Option<&ReleaseSpec>, log: &LogSink) -> Result<(), ApplyError>;
+
+    /// The app's processes.
+    async fn processes(&self, app: &str) -> Vec<ProcessInfo>;
+
+    /// Kills one process; the supervisor starts it again. Returns false if there is no such process.
+    async fn restart_process(&self, app: &str, id: &str) -> bool;
+
+    /// Stops everything of an app (it is being deleted).
+    async fn delete_app(&self, app: &str);
+
+    /// The address of the app's router (its first service with a port), if it has one.
+    fn router_addr(&self, app: &str) -> Option<SocketAddr>;
 }

@@ -27,10 +27,10 @@ impl Drop for GroupGuard {
     }
 }
 
-/// Starts `command` in a process group of its own with stdout and stderr piped.
+/// Starts `command` in a process group of its own with stdout and stderr piped (stdin is the
+/// caller's choice).
 pub fn spawn_group(mut command: Command) -> std::io::Result<(Child, GroupGuard)> {
     command
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -45,8 +45,18 @@ pub fn spawn_group(mut command: Command) -> std::io::Result<(Child, GroupGuard)>
 
 /// Copies the child's stdout and stderr to `log` as `stream` lines until both close.
 pub async fn pipe_output(child: &mut Child, stream: &str, log: &LogSink) {
-    let stdout = child.stdout.take().map(lines);
-    let stderr = child.stderr.take().map(lines);
+    pipe_streams(child.stdout.take(), child.stderr.take(), stream, log).await;
+}
+
+/// Copies `stdout` and `stderr` to `log` as `stream` lines until both close.
+pub async fn pipe_streams(
+    stdout: Option<tokio::process::ChildStdout>,
+    stderr: Option<tokio::process::ChildStderr>,
+    stream: &str,
+    log: &LogSink,
+) {
+    let stdout = stdout.map(lines);
+    let stderr = stderr.map(lines);
     let mut merged = futures_util::stream::select(
         futures_util::stream::iter(stdout).flatten(),
         futures_util::stream::iter(stderr).flatten(),

@@ -15,8 +15,34 @@ pub struct App {
     pub generation: String,
     pub locked: bool,
     pub parameters: Json<BTreeMap<String, String>>,
+    /// The release the app runs (switched when a deployment reaches Running).
+    pub release_id: Option<String>,
+    /// The state of the app's newest deployment, which its status derives from.
+    #[sqlx(default)]
+    pub deployment_state: Option<crate::store::deployments::DeployState>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// Joins an app (`a`) with the state of its newest deployment (`d.state`).
+macro_rules! latest_deployment {
+    () => {
+        "left join lateral (select state from deployments where app = a.name order by created_at desc limit 1) d on true"
+    };
+}
+
+impl App {
+    /// Convox's app status, derived from the newest deployment.
+    pub fn status(&self) -> &'static str {
+        self.deployment_state.map_or("running", |s| s.app_status())
+    }
+}
+
+/// Names of apps that have a release, with it (to bring their processes back at startup).
+pub async fn list_released(pool: &PgPool) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as("select name, release_id from apps where release_id is not null order by name")
+        .fetch_all(pool)
+        .await
 }
 
 /// What [`delete`] did.
@@ -38,15 +64,25 @@ pub async fn insert(pool: &PgPool, name: &AppName, generation: &str) -> Result<A
 
 /// All apps, sorted by name.
 pub async fn list(pool: &PgPool) -> Result<Vec<App>, sqlx::Error> {
-    sqlx::query_as("select * from apps order by name").fetch_all(pool).await
+    sqlx::query_as(concat!(
+        "select a.*, d.state as deployment_state from apps a ",
+        latest_deployment!(),
+        " order by a.name"
+    ))
+    .fetch_all(pool)
+    .await
 }
 
 /// One app by name.
 pub async fn get(pool: &PgPool, name: &AppName) -> Result<Option<App>, sqlx::Error> {
-    sqlx::query_as("select * from apps where name = $1")
-        .bind(name.as_str())
-        .fetch_optional(pool)
-        .await
+    sqlx::query_as(concat!(
+        "select a.*, d.state as deployment_state from apps a ",
+        latest_deployment!(),
+        " where a.name = $1"
+    ))
+    .bind(name.as_str())
+    .fetch_optional(pool)
+    .await
 }
 
 /// Sets `locked` when given, and merges `parameters` into the app's: a key with an empty value

@@ -28,15 +28,19 @@ pub enum Topic {
     Build { app: String, build: String },
     /// One deployment's rollout log.
     Deployment { app: String, deployment: Uuid },
-    /// Everything of an app.
-    App { app: String },
+    /// Everything of an app, or only one service's output, or only lines containing `filter`.
+    App {
+        app: String,
+        service: Option<String>,
+        filter: Option<String>,
+    },
 }
 
 impl Topic {
     /// The app the topic belongs to.
     pub fn app(&self) -> &str {
         match self {
-            Self::Build { app, .. } | Self::Deployment { app, .. } | Self::App { app } => app,
+            Self::Build { app, .. } | Self::Deployment { app, .. } | Self::App { app, .. } => app,
         }
     }
 }
@@ -98,24 +102,42 @@ pub async fn append(
 
 /// Up to `limit` events of `topic` after seq `after`, in order.
 pub async fn list_after(pool: &PgPool, topic: &Topic, after: i64, limit: i64) -> Result<Vec<Event>, sqlx::Error> {
-    let (build, deployment) = match topic {
-        Topic::Build { build, .. } => (Some(build.as_str()), None),
-        Topic::Deployment { deployment, .. } => (None, Some(*deployment)),
-        Topic::App { .. } => (None, None),
+    let (build, deployment, stream_prefix, filter) = match topic {
+        Topic::Build { build, .. } => (Some(build.as_str()), None, None, None),
+        Topic::Deployment { deployment, .. } => (None, Some(*deployment), None, None),
+        Topic::App { service, filter, .. } => (
+            None,
+            None,
+            service.as_ref().map(|s| format!("service/{s}/")),
+            filter.as_deref(),
+        ),
     };
     sqlx::query_as(
         "select * from events
           where app = $1 and seq > $2
             and ($3::text is null or build_id = $3)
             and ($4::uuid is null or deployment_id = $4)
+            and ($5::text is null or starts_with(stream, $5))
+            and ($6::text is null or strpos(message, $6) > 0)
           order by seq
-          limit $5",
+          limit $7",
     )
     .bind(topic.app())
     .bind(after)
     .bind(build)
     .bind(deployment)
+    .bind(stream_prefix)
+    .bind(filter)
     .bind(limit)
     .fetch_all(pool)
     .await
+}
+
+/// The seq of the app's last event older than `age` (a cursor that starts a stream `age` ago).
+pub async fn seq_before(pool: &PgPool, app: &str, age: std::time::Duration) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("select coalesce(max(seq), 0) from events where app = $1 and at < now() - $2")
+        .bind(app)
+        .bind(age)
+        .fetch_one(pool)
+        .await
 }

@@ -3,9 +3,11 @@
 
 pub mod apps;
 pub mod builds;
+pub mod deployments;
 pub mod events;
 pub mod objects;
 pub mod releases;
+pub mod routers;
 
 use std::time::Duration;
 

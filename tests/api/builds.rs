@@ -449,3 +449,60 @@ async fn read_sse(app: &TestApp, path: &str, last_event_id: Option<&str>) -> Vec
         })
         .collect()
 }
+
+/// The exact sequence `convox build` runs (convox-api.md §5), with its headers.
+#[tokio::test]
+async fn convox_build_flow_works_unchanged() {
+    let app = TestApp::spawn().await;
+    app.create_app("myapp").await;
+    let system: serde_json::Value = app
+        .convox(Method::GET, "/system?")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(system["version"].as_str().unwrap() > "20190111211123");
+
+    let tarball = source_tarball(&[("convox.yml", OK_MANIFEST)]);
+    let upload = app
+        .convox(Method::POST, "/apps/myapp/objects/tmp/64e5a1b2c3.tgz?")
+        .header("content-type", "application/octet-stream")
+        .body(tarball)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(upload.status(), 200);
+    let build: serde_json::Value = app
+        .convox(Method::POST, "/apps/myapp/builds?")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("description=build+78f44e93d7+initial+commit&git-sha=78f44e93d7&url=object%3A%2F%2Fmyapp%2Ftmp%2F64e5a1b2c3.tgz")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = build["id"].as_str().unwrap().to_owned();
+    assert!(
+        matches!(build["status"].as_str(), Some("created" | "running")),
+        "{build}"
+    );
+    assert_eq!(build["git-sha"], "78f44e93d7");
+
+    // The SDK's throw-away request before every websocket.
+    assert_eq!(
+        app.convox(Method::GET, "/machines?").send().await.unwrap().status(),
+        404
+    );
+    let path = format!("/apps/myapp/builds/{id}/logs");
+    let origin = format!("http://{}", app.addr);
+    let first = read_websocket(&app, &path, &[("origin", &origin), ("version", "dev")]).await;
+    let build = app.wait_build("myapp", &id).await;
+    assert_eq!(build["status"], "complete");
+    // The deferred step: reopen the logs of the finished build and read them fully.
+    let again = read_websocket(&app, &path, &[("origin", &origin)]).await;
+    assert!(again.starts_with(&first), "{first:?} vs {again:?}");
+    assert!(again.contains("compiling\n"));
+}

@@ -11,8 +11,13 @@ struct Run {
 }
 
 async fn rack(app: &TestApp, password: &str, args: &[&str]) -> Run {
+    rack_in(app, password, args, std::path::Path::new(".")).await
+}
+
+async fn rack_in(app: &TestApp, password: &str, args: &[&str], dir: &std::path::Path) -> Run {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rack"))
         .args(args)
+        .current_dir(dir)
         .env("RACK_URL", format!("http://convox:{password}@{}", app.addr))
         .env_remove("RACK_DATA")
         .kill_on_drop(true)
@@ -72,4 +77,70 @@ async fn rack_shows_the_system() {
     assert!(run.stdout.contains("Name      rack\n"), "{}", run.stdout);
     assert!(run.stdout.contains("Provider  local\n"), "{}", run.stdout);
     assert!(run.stdout.contains("Version   3."), "{}", run.stdout);
+}
+
+#[tokio::test]
+async fn build_packages_uploads_builds_and_prints_the_ids() {
+    let app = TestApp::spawn().await;
+    app.create_app("myapp").await;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = "services:\n  web:\n    build:\n      command: ls; test ! -e secret.txt\n";
+    std::fs::write(dir.path().join("convox.yml"), manifest).unwrap();
+    std::fs::write(dir.path().join("main.sh"), "echo hi").unwrap();
+    std::fs::write(dir.path().join("secret.txt"), "not for the build").unwrap();
+    std::fs::write(dir.path().join(".dockerignore"), "secret.txt\n").unwrap();
+    // The app comes from .convox/app, as with convox.
+    std::fs::create_dir(dir.path().join(".convox")).unwrap();
+    std::fs::write(dir.path().join(".convox/app"), "myapp\n").unwrap();
+
+    let run = rack_in(&app, PASSWORD, &["build", "."], dir.path()).await;
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr
+            .starts_with("Packaging source... OK\nUploading source... OK\nStarting build... OK\n"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stdout.contains("main.sh\n"), "{}", run.stdout);
+    assert!(
+        !run.stdout.contains("OK\n"),
+        "the stream's OK is not printed: {}",
+        run.stdout
+    );
+    let ids: Vec<&str> = run.stdout.lines().rev().take(2).collect();
+    assert!(
+        ids[0].starts_with("Release: R") && ids[1].starts_with("Build: B"),
+        "{}",
+        run.stdout
+    );
+    let build_id = ids[1].trim_start_matches("Build: ").to_owned();
+
+    let run = rack(&app, PASSWORD, &["builds", "-a", "myapp"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.starts_with("ID "), "{}", run.stdout);
+    assert!(run.stdout.contains(&build_id), "{}", run.stdout);
+    let run = rack(&app, PASSWORD, &["builds", "info", &build_id, "-a", "myapp"]).await;
+    assert!(run.stdout.contains("Status       complete\n"), "{}", run.stdout);
+    let run = rack(&app, PASSWORD, &["builds", "logs", &build_id, "-a", "myapp"]).await;
+    assert!(run.stdout.contains("main.sh\n"), "{}", run.stdout);
+}
+
+#[tokio::test]
+async fn a_failed_build_exits_1() {
+    let app = TestApp::spawn().await;
+    app.create_app("myapp").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("convox.yml"),
+        "services:\n  web:\n    build:\n      command: exit 1\n",
+    )
+    .unwrap();
+    let run = rack_in(&app, PASSWORD, &["build", ".", "--app", "myapp"], dir.path()).await;
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stdout.contains("ERROR: service web: the build command failed"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stderr.ends_with("ERROR: build failed\n"), "{}", run.stderr);
 }

@@ -136,6 +136,16 @@ impl TestApp {
         }
     }
 
+    /// Stops the server and starts it again with the same configuration and data directory.
+    pub async fn restart(mut self) -> Self {
+        let data = self._data.take();
+        let config = self.state.config.clone();
+        self.stop().await;
+        let mut app = Self::start(config).await;
+        app._data = data;
+        app
+    }
+
     /// Stops the server and waits until it has stopped (and its embedded cluster with it).
     pub async fn stop(self) {
         self.stop.cancel();

@@ -102,6 +102,14 @@ async fn an_upload_without_a_key_gets_a_tmp_key() {
     let url = body["Url"].as_str().unwrap();
     let key = url.strip_prefix("object://myapp/tmp/").expect("a tmp key");
     assert_eq!(key.len(), 30);
+    // The convox SDK sends an empty key as a trailing slash.
+    let response = app
+        .convox(Method::POST, "/apps/myapp/objects/")
+        .body("data")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
 }
 
 #[tokio::test]

@@ -1,0 +1,134 @@
+//! `/apps/{app}/deployments` and `/apps/{app}/cancel`: the rollouts started by promotes, their
+//! state and their live log.
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::api::apps::load_app;
+use crate::api::builds::list_limit;
+use crate::api::input::{Format, Pretty, QueryParams};
+use crate::api::streams::{self, StreamQuery, StreamRequest, Style};
+use crate::error::{ApiError, ApiResult};
+use crate::events::Follow;
+use crate::store::deployments::{self, DeployState, Deployment};
+use crate::store::events::Topic;
+
+/// A deployment.
+#[derive(Debug, Serialize)]
+pub struct DeploymentView {
+    id: Uuid,
+    app: String,
+    release: String,
+    previous: Option<String>,
+    state: DeployState,
+    /// `ok` once Running, `error` once Reverted, Failure or Superseded, null before.
+    outcome: Option<&'static str>,
+    reason: String,
+    timeout: i32,
+    created: DateTime<Utc>,
+    started: Option<DateTime<Utc>>,
+    ended: Option<DateTime<Utc>>,
+}
+
+impl From<Deployment> for DeploymentView {
+    fn from(d: Deployment) -> Self {
+        let outcome = d
+            .state
+            .is_terminal()
+            .then_some(if d.state == DeployState::Running { "ok" } else { "error" });
+        Self {
+            id: d.id,
+            app: d.app,
+            release: d.release_id,
+            previous: d.previous_release_id,
+            state: d.state,
+            outcome,
+            reason: d.reason,
+            timeout: d.timeout_secs,
+            created: d.created_at,
+            started: d.started_at,
+            ended: d.ended_at,
+        }
+    }
+}
+
+/// `GET /apps/{app}/deployments`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListDeployments {
+    limit: Option<i64>,
+}
+
+fn deployment_id(id: &str) -> ApiResult<Uuid> {
+    id.parse()
+        .map_err(|_| ApiError::NotFound("deployment", id.chars().take(40).collect()))
+}
+
+async fn load_deployment(state: &AppState, app: &str, id: &str) -> ApiResult<Deployment> {
+    let app = load_app(state, app).await?;
+    deployments::get(&state.pool, &app.name, deployment_id(id)?)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("deployment", id.to_owned()))
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn list_deployments(
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+    QueryParams(query): QueryParams<ListDeployments>,
+) -> ApiResult<Pretty<Vec<DeploymentView>>> {
+    let app = load_app(&state, &app).await?;
+    let list = deployments::list_for_app(&state.pool, &app.name, list_limit(query.limit)?).await?;
+    Ok(Pretty(list.into_iter().map(DeploymentView::from).collect()))
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app, deployment.id = %id))]
+pub async fn show_deployment(
+    State(state): State<AppState>,
+    Path((app, id)): Path<(String, String)>,
+) -> ApiResult<Pretty<DeploymentView>> {
+    Ok(Pretty(load_deployment(&state, &app, &id).await?.into()))
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app, deployment.id = %id))]
+pub async fn stream_deployment_events(
+    State(state): State<AppState>,
+    Path((app, id)): Path<(String, String)>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    headers: HeaderMap,
+    QueryParams(query): QueryParams<StreamQuery>,
+) -> ApiResult<Response> {
+    let deployment = load_deployment(&state, &app, &id).await?;
+    let topic = Topic::Deployment {
+        app: deployment.app,
+        deployment: deployment.id,
+    };
+    let request = StreamRequest {
+        ws: ws.ok(),
+        headers,
+        query,
+    };
+    streams::respond(&state, topic, request, Style::Prefixed, Follow::UntilEnd)
+}
+
+/// `POST /apps/{app}/cancel`: the running deployment stops and rolls back.
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn cancel_deployment(
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+    format: Format,
+) -> ApiResult<Response> {
+    let app = load_app(&state, &app).await?;
+    let deployment = deployments::request_cancel(&state.pool, &app.name)
+        .await?
+        .ok_or_else(|| ApiError::Forbidden("app is not updating".into()))?;
+    tracing::info!(deployment.id = %deployment.id, app.name = %app.name, "cancel requested for deployment {}", deployment.id);
+    Ok(format.ok(DeploymentView::from(deployment)))
+}

@@ -1,0 +1,219 @@
+//! `/apps/{app}/processes`, `/apps/{app}/logs` and `/apps/{app}/budget`: what runs, what it
+//! says, and the stub the convox CLI asks for after `ps`.
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use serde::Deserialize;
+
+use crate::AppState;
+use crate::api::apps::load_app;
+use crate::api::input::{Format, Pretty, QueryParams};
+use crate::api::streams::{self, StreamQuery, StreamRequest, Style};
+use crate::error::{ApiError, ApiResult};
+use crate::events::Follow;
+use crate::runtime::ProcessInfo;
+use crate::store::events::Topic;
+
+/// `GET /apps/{app}/processes`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListProcesses {
+    release: Option<String>,
+    service: Option<String>,
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn list_processes(
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+    QueryParams(query): QueryParams<ListProcesses>,
+) -> ApiResult<Pretty<Vec<ProcessInfo>>> {
+    let app = load_app(&state, &app).await?;
+    let mut processes = state.runtime.processes(&app.name).await;
+    processes.retain(|p| {
+        query.release.as_ref().is_none_or(|r| &p.release == r) && query.service.as_ref().is_none_or(|s| &p.name == s)
+    });
+    processes.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
+    Ok(Pretty(processes))
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn show_process(
+    State(state): State<AppState>,
+    Path((app, id)): Path<(String, String)>,
+) -> ApiResult<Pretty<ProcessInfo>> {
+    let app = load_app(&state, &app).await?;
+    let process = state
+        .runtime
+        .processes(&app.name)
+        .await
+        .into_iter()
+        .find(|p| p.id == id);
+    process.map(Pretty).ok_or_else(|| ApiError::NotFound("process", id))
+}
+
+/// `DELETE /apps/{app}/processes/{id}`: the process is killed and its supervisor starts it again.
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn restart_process(
+    State(state): State<AppState>,
+    Path((app, id)): Path<(String, String)>,
+    format: Format,
+) -> ApiResult<Response> {
+    let app = load_app(&state, &app).await?;
+    if !state.runtime.restart_process(&app.name, &id).await {
+        return Err(ApiError::NotFound("process", id));
+    }
+    Ok(format.ok(serde_json::json!({ "restarted": id })))
+}
+
+/// convox's log options, sent as headers (its websocket client cannot send a query string).
+#[derive(Debug)]
+struct LogOptions {
+    follow: bool,
+    prefix: bool,
+    since: Option<std::time::Duration>,
+    filter: Option<String>,
+}
+
+fn log_options(headers: &HeaderMap) -> ApiResult<LogOptions> {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    let flag = |name: &str, default: bool| -> ApiResult<bool> {
+        match text(name) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| ApiError::BadRequest(format!("{name} must be true or false, got {v:?}"))),
+        }
+    };
+    let since = match text("since") {
+        None => Some(std::time::Duration::from_secs(120)),
+        Some("0") | Some("0s") => None,
+        Some(v) => Some(parse_duration(v).ok_or_else(|| {
+            ApiError::BadRequest(format!("Since must be a duration such as 30s, 5m or 1h0m0s, got {v:?}"))
+        })?),
+    };
+    Ok(LogOptions {
+        follow: flag("follow", true)?,
+        prefix: flag("prefix", false)?,
+        since,
+        filter: text("filter").map(str::to_owned),
+    })
+}
+
+/// A Go duration: `1h2m3s`, `5m`, `30s`, `250ms`.
+fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let mut total = 0f64;
+    let mut number = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() || c == '.' {
+            number.push(c);
+            continue;
+        }
+        let mut unit = c.to_string();
+        if c == 'm' && chars.peek() == Some(&'s') {
+            unit.push('s');
+            chars.next();
+        }
+        let value: f64 = number.parse().ok()?;
+        number.clear();
+        total += value
+            * match unit.as_str() {
+                "h" => 3600.0,
+                "m" => 60.0,
+                "s" => 1.0,
+                "ms" => 0.001,
+                _ => return None,
+            };
+    }
+    if !number.is_empty() {
+        return None;
+    }
+    Some(std::time::Duration::from_secs_f64(total))
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn stream_app_logs(
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    headers: HeaderMap,
+    QueryParams(query): QueryParams<StreamQuery>,
+) -> ApiResult<Response> {
+    logs(state, app, None, ws.ok(), headers, query).await
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn stream_service_logs(
+    State(state): State<AppState>,
+    Path((app, service)): Path<(String, String)>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    headers: HeaderMap,
+    QueryParams(query): QueryParams<StreamQuery>,
+) -> ApiResult<Response> {
+    logs(state, app, Some(service), ws.ok(), headers, query).await
+}
+
+async fn logs(
+    state: AppState,
+    app: String,
+    service: Option<String>,
+    ws: Option<WebSocketUpgrade>,
+    headers: HeaderMap,
+    mut query: StreamQuery,
+) -> ApiResult<Response> {
+    let app = load_app(&state, &app).await?;
+    let options = log_options(&headers)?;
+    // Without an explicit cursor, start `Since` ago.
+    if query.after.is_none() && headers.get("last-event-id").is_none() {
+        query.after = Some(match options.since {
+            Some(since) => crate::store::events::seq_before(&state.pool, &app.name, since).await?,
+            None => 0,
+        });
+    }
+    let topic = Topic::App {
+        app: app.name,
+        service,
+        filter: options.filter,
+    };
+    let style = if options.prefix { Style::Prefixed } else { Style::Raw };
+    let follow = if options.follow {
+        Follow::UntilEnd
+    } else {
+        Follow::Backlog
+    };
+    streams::respond(&state, topic, StreamRequest { ws, headers, query }, style, follow)
+}
+
+/// `GET /apps/{app}/budget`: rack keeps no budgets; `convox ps` asks anyway.
+pub async fn show_budget(
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+) -> ApiResult<Pretty<serde_json::Value>> {
+    load_app(&state, &app).await?;
+    Ok(Pretty(serde_json::json!({ "config": null, "state": null })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations_parse() {
+        assert_eq!(parse_duration("5s"), Some(std::time::Duration::from_secs(5)));
+        assert_eq!(parse_duration("1h0m0s"), Some(std::time::Duration::from_secs(3600)));
+        assert_eq!(parse_duration("2m30s"), Some(std::time::Duration::from_secs(150)));
+        assert_eq!(parse_duration("250ms"), Some(std::time::Duration::from_millis(250)));
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("5x"), None);
+    }
+}

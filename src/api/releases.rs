@@ -1,0 +1,270 @@
+//! `/apps/{app}/releases`: list, show and create releases (build + env + manifest), and
+//! promote one, which starts a deployment.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::AppState;
+use crate::api::apps::{is_constraint, load_app};
+use crate::api::builds::list_limit;
+use crate::api::deployments::DeploymentView;
+use crate::api::input::{Format, Input, Pretty, QueryParams};
+use crate::api::streams::{self, StreamQuery, StreamRequest, Style};
+use crate::error::{ApiError, ApiResult};
+use crate::events::Follow;
+use crate::store::builds::BuildStatus;
+use crate::store::deployments::{self, ONE_ACTIVE_PER_APP};
+use crate::store::events::Topic;
+use crate::store::releases::{self, NewRelease, Release};
+
+/// Longest a deployment may take unless the promote says otherwise (convox's k8s default is
+/// 3000 s; the issue asks for 30 minutes).
+const DEFAULT_TIMEOUT_SECS: u64 = 1800;
+
+/// A release as convox shows it.
+#[derive(Debug, Serialize)]
+pub struct ReleaseView {
+    id: String,
+    app: String,
+    build: String,
+    env: String,
+    manifest: String,
+    description: String,
+    created: DateTime<Utc>,
+}
+
+impl From<Release> for ReleaseView {
+    fn from(r: Release) -> Self {
+        Self {
+            id: r.id,
+            app: r.app,
+            build: r.build_id.unwrap_or_default(),
+            env: r.env,
+            manifest: r.manifest,
+            description: r.description,
+            created: r.created_at,
+        }
+    }
+}
+
+/// `POST /apps/{app}/releases`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CreateRelease {
+    build: Option<String>,
+    env: Option<String>,
+    description: Option<String>,
+    parent_release: Option<String>,
+}
+
+/// `POST /apps/{app}/releases/{id}/promote`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteRelease {
+    #[serde(default)]
+    force: bool,
+    /// Seconds the rollout may take before it is rolled back.
+    timeout: Option<u64>,
+    /// Answer with the rollout log itself, until the deployment ends.
+    #[serde(default)]
+    follow: bool,
+    /// Sent by the convox CLI; they have no meaning on this rack.
+    development: Option<bool>,
+    idle: Option<bool>,
+    min: Option<i64>,
+    max: Option<i64>,
+}
+
+/// `GET /apps/{app}/releases`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListReleases {
+    limit: Option<i64>,
+}
+
+async fn load_release(state: &AppState, app: &str, id: &str) -> ApiResult<Release> {
+    releases::get(&state.pool, app, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("release", id.chars().take(40).collect()))
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn list_releases(
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+    QueryParams(query): QueryParams<ListReleases>,
+) -> ApiResult<Pretty<Vec<ReleaseView>>> {
+    let app = load_app(&state, &app).await?;
+    let list = releases::list_for_app(&state.pool, &app.name, list_limit(query.limit)?).await?;
+    Ok(Pretty(list.into_iter().map(ReleaseView::from).collect()))
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app, release.id = %id))]
+pub async fn show_release(
+    State(state): State<AppState>,
+    Path((app, id)): Path<(String, String)>,
+) -> ApiResult<Pretty<ReleaseView>> {
+    let app = load_app(&state, &app).await?;
+    Ok(Pretty(load_release(&state, &app.name, &id).await?.into()))
+}
+
+/// Creates a release as convox's k8s provider does: what is not given comes from the parent
+/// (`parent-release`, else the latest release); a given build also brings its manifest and
+/// description; a changed env describes itself (`env add:K change:K remove:K`).
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn create_release(
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+    Input(body): Input<CreateRelease>,
+) -> ApiResult<Response> {
+    let app = load_app(&state, &app).await?;
+    let mut tx = state.pool.begin().await?;
+    let parent = match &body.parent_release {
+        Some(id) => Some(
+            releases::get(&state.pool, &app.name, id)
+                .await?
+                .ok_or_else(|| ApiError::BadRequest(format!("parent release not found: {id}")))?,
+        ),
+        None => releases::latest(&mut tx, &app.name).await?,
+    };
+    let build = match &body.build {
+        Some(id) => {
+            let build = crate::store::builds::get(&state.pool, &app.name, id)
+                .await?
+                .ok_or_else(|| ApiError::BadRequest(format!("build not found: {id}")))?;
+            if build.status != BuildStatus::Complete {
+                return Err(ApiError::BadRequest(format!("build {id} is not complete")));
+            }
+            Some(build)
+        }
+        None => None,
+    };
+    let old_env = crate::env::parse(parent.as_ref().map_or("", |p| p.env.as_str())).unwrap_or_default();
+    let env = match &body.env {
+        Some(text) => crate::env::parse(text).map_err(|e| ApiError::BadRequest(e.to_string()))?,
+        None => old_env.clone(),
+    };
+    let build_id = build
+        .as_ref()
+        .map(|b| b.id.clone())
+        .or_else(|| parent.as_ref().and_then(|p| p.build_id.clone()));
+    let manifest = match (&build, &parent) {
+        (Some(b), _) => b.manifest.clone(),
+        (None, Some(p)) => p.manifest.clone(),
+        (None, None) => String::new(),
+    };
+    let description = body.description.clone().unwrap_or_else(|| {
+        let change = crate::env::describe_change(&old_env, &env);
+        if !change.is_empty() {
+            change
+        } else {
+            build.as_ref().map(|b| b.description.clone()).unwrap_or_default()
+        }
+    });
+    let id = crate::ids::public_id('R');
+    let release = releases::insert(
+        &mut tx,
+        &NewRelease {
+            id: &id,
+            app: &app.name,
+            build_id: build_id.as_deref(),
+            env: &crate::env::format(&env),
+            manifest: &manifest,
+            description: &description,
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(release.id = %id, app.name = %app.name, "created release {id}");
+    let location = format!("/apps/{}/releases/{id}", app.name);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Pretty(ReleaseView::from(release)),
+    )
+        .into_response())
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app, release.id = %id))]
+pub async fn promote_release(
+    State(state): State<AppState>,
+    Path((app, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    format: Format,
+    Input(body): Input<PromoteRelease>,
+) -> ApiResult<Response> {
+    let app = load_app(&state, &app).await?;
+    let release = load_release(&state, &app.name, &id).await?;
+    let _ = (body.development, body.idle, body.min, body.max);
+    if release.manifest.trim().is_empty() || release.build_id.is_none() {
+        return Err(ApiError::BadRequest(
+            "can not promote a release with an empty manifest".into(),
+        ));
+    }
+    if let Some(active) = &app.release_id
+        && let Some(active) = releases::get(&state.pool, &app.name, active).await?
+        && release.position < active.position
+    {
+        return Err(ApiError::BadRequest(
+            "can not promote an older release, try rollback".into(),
+        ));
+    }
+    let timeout = body.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS);
+    if !(1..=86_400).contains(&timeout) {
+        return Err(ApiError::BadRequest(format!(
+            "timeout must be between 1 and 86400 seconds, got {timeout}"
+        )));
+    }
+    let runtime = state.runtime.name();
+    let id = uuid::Uuid::now_v7();
+    let mut tx = state.pool.begin().await?;
+    if body.force {
+        deployments::supersede_active(&mut tx, &app.name, id, runtime).await?;
+    }
+    let deployment = deployments::insert(
+        &mut tx,
+        id,
+        &app.name,
+        &release.id,
+        std::time::Duration::from_secs(timeout),
+        runtime,
+    )
+    .await
+    .map_err(|e| {
+        if is_constraint(&e, ONE_ACTIVE_PER_APP) {
+            ApiError::Conflict("app is currently updating".into())
+        } else {
+            e.into()
+        }
+    })?;
+    tx.commit().await?;
+    state.bus.poke(crate::events::Wake::Jobs);
+    state.bus.poke(crate::events::Wake::Events(app.name.clone()));
+    tracing::info!(deployment.id = %id, app.name = %app.name, "promoting release {} of {}", release.id, app.name);
+
+    let location = format!("/apps/{}/deployments/{id}", app.name);
+    let mut response = if body.follow {
+        let topic = Topic::Deployment {
+            app: app.name.clone(),
+            deployment: id,
+        };
+        let request = StreamRequest {
+            ws: None,
+            headers,
+            query: StreamQuery::default(),
+        };
+        streams::respond(&state, topic, request, Style::Prefixed, Follow::UntilEnd)?
+    } else {
+        match format {
+            Format::Json => (StatusCode::CREATED, Pretty(DeploymentView::from(deployment))).into_response(),
+            Format::Text => format.ok(()),
+        }
+    };
+    if let Ok(value) = location.parse() {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    Ok(response)
+}

@@ -1,0 +1,540 @@
+//! Releases, promotes and rolling deployments on the local runtime: a real Python web app as
+//! child processes, reached through the app's router.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use reqwest::Method;
+use serde_json::Value;
+
+use crate::helpers::{TestApp, status_text, wait_for};
+
+const SERVER: &str = include_str!("../fixtures/server.py");
+const MANIFEST: &str = "services:\n  web:\n    command: python3 -u server.py\n    port: 3000\n    health:\n      path: /health\n      grace: 0\n      interval: 1\n";
+
+/// An app with one complete build of the fixture server; returns its release id.
+async fn built_app(app: &TestApp, name: &str) -> String {
+    assert_eq!(app.create_app(name).await.status(), 201);
+    let id = app
+        .build_source(name, &[("convox.yml", MANIFEST), ("server.py", SERVER)])
+        .await;
+    let build = app.wait_build(name, &id).await;
+    assert_eq!(build["status"], "complete", "{build}");
+    build["release"].as_str().unwrap().to_owned()
+}
+
+/// Promotes with `follow=true` and returns the whole rollout log.
+async fn promote_follow(app: &TestApp, name: &str, release: &str) -> String {
+    let response = app
+        .request(Method::POST, &format!("/apps/{name}/releases/{release}/promote"))
+        .form(&[("follow", "true")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{:?}", response.text().await);
+    tokio::time::timeout(Duration::from_secs(90), response.text())
+        .await
+        .expect("the rollout ends")
+        .unwrap()
+}
+
+async fn create_release(app: &TestApp, name: &str, form: &[(&str, &str)]) -> Value {
+    let response = app
+        .json(Method::POST, &format!("/apps/{name}/releases"))
+        .form(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201, "{:?}", response.text().await);
+    response.json().await.unwrap()
+}
+
+async fn get_app(app: &TestApp, name: &str) -> Value {
+    app.get_app(name).await.json().await.unwrap()
+}
+
+async fn through_router(app: &TestApp, name: &str) -> String {
+    let router = get_app(app, name).await["router"].as_str().unwrap().to_owned();
+    assert!(!router.is_empty());
+    reqwest::get(format!("http://{router}/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+fn lines_in_order(log: &str, wanted: &[&str]) {
+    let mut rest = log;
+    for line in wanted {
+        let at = rest
+            .find(line)
+            .unwrap_or_else(|| panic!("{line:?} missing (or out of order) in:\n{log}"));
+        rest = &rest[at + line.len()..];
+    }
+}
+
+#[tokio::test]
+async fn deploy_then_the_app_answers_through_its_router() {
+    let app = TestApp::spawn().await;
+    let release = built_app(&app, "myapp").await;
+    let log = promote_follow(&app, "myapp", &release).await;
+    lines_in_order(
+        &log,
+        &[
+            " system/local/atom/app Status: None => Pending\n",
+            " system/local/atom/app Status: Pending => Updating\n",
+            " system/local/web Scaled up web release ",
+            "Started process web-",
+            "Health check passed: GET /health\n",
+            " system/local/atom/app Status: Updating => Running\n",
+        ],
+    );
+    assert!(log.ends_with("\nOK\n"), "{log}");
+    // Lines are `<RFC3339> <stream> <message>`.
+    let first = log.lines().next().unwrap();
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(first.split(' ').next().unwrap()).is_ok(),
+        "{first}"
+    );
+
+    let info = get_app(&app, "myapp").await;
+    assert_eq!(
+        (info["status"].as_str(), info["release"].as_str()),
+        (Some("running"), Some(release.as_str()))
+    );
+    assert_eq!(through_router(&app, "myapp").await, format!("{release} \n"));
+
+    let processes: Vec<Value> = app
+        .json(Method::GET, "/apps/myapp/processes")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(processes.len(), 1, "{processes:?}");
+    assert_eq!(
+        (processes[0]["name"].as_str(), processes[0]["status"].as_str()),
+        (Some("web"), Some("running"))
+    );
+    assert_eq!(processes[0]["release"], release.as_str());
+}
+
+#[tokio::test]
+async fn env_changes_make_releases_and_a_failing_health_check_rolls_back() {
+    let app = TestApp::spawn().await;
+    let first = built_app(&app, "myapp").await;
+    promote_follow(&app, "myapp", &first).await;
+
+    let good = create_release(&app, "myapp", &[("env", "GREETING=hello")]).await;
+    assert_eq!(good["description"], "env add:GREETING");
+    assert_eq!(good["env"], "GREETING=hello");
+    assert_eq!(good["manifest"], MANIFEST);
+    let good = good["id"].as_str().unwrap().to_owned();
+    assert!(promote_follow(&app, "myapp", &good).await.ends_with("\nOK\n"));
+    assert_eq!(through_router(&app, "myapp").await, format!("{good} hello\n"));
+
+    let bad = create_release(&app, "myapp", &[("env", "GREETING=hello\nFAIL_HEALTH=1")]).await;
+    assert_eq!(bad["description"], "env add:FAIL_HEALTH");
+    let bad = bad["id"].as_str().unwrap().to_owned();
+    let log = promote_follow(&app, "myapp", &bad).await;
+    lines_in_order(
+        &log,
+        &[
+            "Status: Running => Pending",
+            "Status: Updating => Error",
+            "Status: Error => Rollback",
+            "Status: Rollback => Reverted",
+        ],
+    );
+    assert!(log.trim_end().lines().last().unwrap().starts_with("ERROR: "), "{log}");
+    // The previous release keeps serving.
+    let info = get_app(&app, "myapp").await;
+    assert_eq!(info["release"], good.as_str());
+    assert_eq!(info["status"], "running");
+    assert_eq!(through_router(&app, "myapp").await, format!("{good} hello\n"));
+}
+
+#[tokio::test]
+async fn continuous_requests_through_the_router_never_fail_during_a_rollout() {
+    let app = TestApp::spawn().await;
+    let first = built_app(&app, "myapp").await;
+    promote_follow(&app, "myapp", &first).await;
+    let router = get_app(&app, "myapp").await["router"].as_str().unwrap().to_owned();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let answers = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<String, usize>::new()));
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let (stop, failures, answers, router) = (stop.clone(), failures.clone(), answers.clone(), router.clone());
+        clients.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while !stop.load(Ordering::SeqCst) {
+                match client.get(format!("http://{router}/")).send().await {
+                    Ok(r) if r.status().is_success() => {
+                        let text = r.text().await.unwrap_or_default();
+                        *answers.lock().unwrap().entry(text.trim().to_owned()).or_default() += 1;
+                    }
+                    _ => {
+                        failures.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        }));
+    }
+    let second = create_release(&app, "myapp", &[("env", "GREETING=two")]).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(promote_follow(&app, "myapp", &second).await.ends_with("\nOK\n"));
+    // Keep going until the new release has answered a few times.
+    wait_for(30, "the new release to answer", || async {
+        let seen = answers
+            .lock()
+            .unwrap()
+            .get(&format!("{second} two"))
+            .copied()
+            .unwrap_or(0);
+        (seen >= 20).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for client in clients {
+        client.await.unwrap();
+    }
+    let answers = answers.lock().unwrap().clone();
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "failed requests; answers: {answers:?}"
+    );
+    assert!(answers.get(&first).copied().unwrap_or(0) > 0, "{answers:?}");
+    assert_eq!(answers.len(), 2, "{answers:?}");
+}
+
+#[tokio::test]
+async fn a_second_promote_is_409_and_force_supersedes() {
+    let app = TestApp::spawn().await;
+    let first = built_app(&app, "myapp").await;
+    // A release whose process never becomes healthy keeps its deployment busy.
+    let slow = create_release(&app, "myapp", &[("env", "FAIL_HEALTH=1")]).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let response = app
+        .convox(Method::POST, &format!("/apps/myapp/releases/{slow}/promote"))
+        .form(&[("force", "false"), ("timeout", "600")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status_text(response).await, (200, "ok\n".to_owned()));
+    let again = app
+        .convox(Method::POST, &format!("/apps/myapp/releases/{slow}/promote"))
+        .form(&[("force", "false")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        status_text(again).await,
+        (409, "app is currently updating\n".to_owned())
+    );
+    assert_eq!(get_app(&app, "myapp").await["status"], "updating");
+
+    // Newer than `slow`: promote it with force.
+    let newest = create_release(&app, "myapp", &[("env", "GREETING=forced")]).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let forced = app
+        .json(Method::POST, &format!("/apps/myapp/releases/{newest}/promote"))
+        .form(&[("force", "true")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forced.status(), 201);
+    let location = forced.headers()["location"].to_str().unwrap().to_owned();
+    let deployment: Value = forced.json().await.unwrap();
+    assert_eq!(
+        location,
+        format!("/apps/myapp/deployments/{}", deployment["id"].as_str().unwrap())
+    );
+    let events = app
+        .request(Method::GET, &format!("{location}/events"))
+        .send()
+        .await
+        .unwrap();
+    let log = tokio::time::timeout(Duration::from_secs(90), events.text())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(log.ends_with("\nOK\n"), "{log}");
+    let info = get_app(&app, "myapp").await;
+    assert_eq!(info["release"], newest.as_str());
+    assert_eq!(through_router(&app, "myapp").await, format!("{newest} forced\n"));
+    let list: Vec<Value> = app
+        .json(Method::GET, "/apps/myapp/deployments")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let states: Vec<&str> = list.iter().map(|d| d["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["running", "superseded"]);
+    let _ = first;
+}
+
+#[tokio::test]
+async fn promoting_an_older_release_is_400_and_rollback_works() {
+    let app = TestApp::spawn().await;
+    let first = built_app(&app, "myapp").await;
+    promote_follow(&app, "myapp", &first).await;
+    let second = create_release(&app, "myapp", &[("env", "GREETING=two")]).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    promote_follow(&app, "myapp", &second).await;
+    let older = app
+        .convox(Method::POST, &format!("/apps/myapp/releases/{first}/promote"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        status_text(older).await,
+        (400, "can not promote an older release, try rollback\n".to_owned())
+    );
+
+    // Rollback as convox does it: a new release with the old build and env, promoted.
+    let old: Value = app
+        .json(Method::GET, &format!("/apps/myapp/releases/{first}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rollback = create_release(
+        &app,
+        "myapp",
+        &[
+            ("build", old["build"].as_str().unwrap()),
+            ("env", old["env"].as_str().unwrap()),
+        ],
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(promote_follow(&app, "myapp", &rollback).await.ends_with("\nOK\n"));
+    assert_eq!(through_router(&app, "myapp").await, format!("{rollback} \n"));
+    let releases: Vec<Value> = app
+        .json(Method::GET, "/apps/myapp/releases?limit=2")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(releases[0]["id"], rollback.as_str());
+    assert_eq!(releases[1]["id"], second.as_str());
+}
+
+#[tokio::test]
+async fn a_crashed_process_is_restarted() {
+    let app = TestApp::spawn().await;
+    let release = built_app(&app, "myapp").await;
+    promote_follow(&app, "myapp", &release).await;
+    let processes: Vec<Value> = app
+        .json(Method::GET, "/apps/myapp/processes")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (id, pid) = (
+        processes[0]["id"].as_str().unwrap().to_owned(),
+        processes[0]["pid"].as_u64().unwrap(),
+    );
+    // Kill it behind rack's back.
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_for(30, "the process to run again with a new pid", || async {
+        let list: Vec<Value> = app
+            .json(Method::GET, "/apps/myapp/processes")
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let p = list.into_iter().find(|p| p["id"] == id.as_str())?;
+        (p["status"] == "running" && p["pid"].as_u64() != Some(pid)).then_some(())
+    })
+    .await;
+    assert_eq!(through_router(&app, "myapp").await, format!("{release} \n"));
+    // The crash is in the app's log.
+    let logs = app
+        .request(Method::GET, "/apps/myapp/logs")
+        .header("follow", "false")
+        .header("prefix", "true")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(logs.contains(&format!("Process {id} crashed")), "{logs}");
+    // And DELETE restarts it on purpose.
+    let response = app
+        .convox(Method::DELETE, &format!("/apps/myapp/processes/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status_text(response).await, (200, "ok\n".to_owned()));
+}
+
+#[tokio::test]
+async fn after_a_server_restart_the_app_runs_again_at_the_same_address() {
+    let app = TestApp::spawn().await;
+    let release = built_app(&app, "myapp").await;
+    promote_follow(&app, "myapp", &release).await;
+    let router = get_app(&app, "myapp").await["router"].as_str().unwrap().to_owned();
+    let app = app.restart().await;
+    wait_for(30, "the app to answer again", || async {
+        let text = reqwest::get(format!("http://{router}/"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (text == format!("{release} \n")).then_some(())
+    })
+    .await;
+    assert_eq!(get_app(&app, "myapp").await["router"], router.as_str());
+}
+
+#[tokio::test]
+async fn deployment_events_resume_without_loss_and_late_joiners_see_everything() {
+    let app = TestApp::spawn().await;
+    let release = built_app(&app, "myapp").await;
+    let response = app
+        .json(Method::POST, &format!("/apps/myapp/releases/{release}/promote"))
+        .send()
+        .await
+        .unwrap();
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    // SSE while it runs, cut after three events, then resumed with Last-Event-ID.
+    let response = app
+        .request(Method::GET, &format!("{location}/events"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    let mut body = response.bytes_stream();
+    let mut text = String::new();
+    while text.matches("\nid: ").count() + usize::from(text.starts_with("id: ")) < 3 {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), body.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    drop(body);
+    let blocks: Vec<&str> = text.split("\n\n").filter(|b| b.contains("id: ")).collect();
+    let last_id = blocks
+        .last()
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("id: "))
+        .unwrap()
+        .to_owned();
+    let rest = app
+        .request(Method::GET, &format!("{location}/events"))
+        .header("accept", "text/event-stream")
+        .header("last-event-id", &last_id)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut ids: Vec<i64> = blocks
+        .iter()
+        .filter_map(|b| b.lines().find_map(|l| l.strip_prefix("id: "))?.parse().ok())
+        .collect();
+    ids.extend(
+        rest.split("\n\n")
+            .filter_map(|b| b.lines().find_map(|l| l.strip_prefix("id: "))?.parse::<i64>().ok()),
+    );
+    let full = app
+        .request(Method::GET, &format!("{location}/events"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let all: Vec<i64> = full
+        .split("\n\n")
+        .filter_map(|b| b.lines().find_map(|l| l.strip_prefix("id: "))?.parse().ok())
+        .collect();
+    assert_eq!(ids, all, "resumed ids differ from a late joiner's");
+    assert!(full.contains("event: end"), "{full}");
+}
+
+/// `convox deploy`'s promote half: promote answers `ok` at once; the app reads `updating`, then
+/// `running` with the new release; app logs over the websocket carry the system lines.
+#[tokio::test]
+async fn convox_promote_flow_works_unchanged() {
+    let app = TestApp::spawn().await;
+    let release = built_app(&app, "myapp").await;
+    let response = app
+        .convox(Method::POST, &format!("/apps/myapp/releases/{release}/promote?"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("force=false")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status_text(response).await, (200, "ok\n".to_owned()));
+    wait_for(60, "two `running` reads with the new release", || async {
+        let info = get_app(&app, "myapp").await;
+        (info["status"] == "running" && info["release"] == release.as_str()).then_some(())
+    })
+    .await;
+    let budget = app.convox(Method::GET, "/apps/myapp/budget").send().await.unwrap();
+    assert_eq!(budget.status(), 200);
+    let logs = app
+        .request(Method::GET, "/apps/myapp/logs")
+        .header("follow", "false")
+        .header("prefix", "true")
+        .header("since", "5m")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let system: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.split(' ').nth(1).is_some_and(|s| s.starts_with("system/")))
+        .collect();
+    assert!(
+        system.iter().any(|l| l.ends_with("Status: Updating => Running")),
+        "{logs}"
+    );
+    assert!(
+        logs.lines()
+            .any(|l| l.split(' ').nth(1).is_some_and(|s| s.starts_with("service/web/"))),
+        "{logs}"
+    );
+}
