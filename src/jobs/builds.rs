@@ -16,9 +16,6 @@ use crate::store::builds::{self, Build, BuildStatus, Finish};
 use crate::store::events::{self, Owner};
 use crate::store::releases::{self, NewRelease};
 
-/// Workers that found nothing look again this often (a NOTIFY wakes them sooner).
-const IDLE_POLL: Duration = Duration::from_secs(2);
-
 /// Starts `count` build workers; they stop when the server shuts down.
 pub fn spawn_workers(state: &AppState, count: usize) -> Vec<tokio::task::JoinHandle<()>> {
     (0..count).map(|n| tokio::spawn(worker(state.clone(), n))).collect()
@@ -39,18 +36,8 @@ async fn worker(state: AppState, n: usize) {
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "claiming a build"),
         }
-        // Wait for new work, a poll interval, or shutdown.
-        let deadline = tokio::time::sleep(IDLE_POLL);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                () = state.shutdown.cancelled() => return,
-                () = &mut deadline => break,
-                received = wake.recv() => match received {
-                    Ok(Wake::Events(_)) => {}
-                    _ => break,
-                },
-            }
+        if !super::wait_for_work(&state, &mut wake).await {
+            return;
         }
     }
 }

@@ -21,9 +21,6 @@ use crate::runtime::{LogSink, ReleaseSpec};
 use crate::store::deployments::{self, DeployState, Deployment};
 use crate::store::releases;
 
-/// Workers that found nothing look again this often (a NOTIFY wakes them sooner).
-const IDLE_POLL: Duration = Duration::from_secs(2);
-
 /// Starts `count` deploy workers; they stop when the server shuts down.
 pub fn spawn_workers(state: &AppState, count: usize) -> Vec<tokio::task::JoinHandle<()>> {
     (0..count).map(|_| tokio::spawn(worker(state.clone()))).collect()
@@ -44,17 +41,8 @@ async fn worker(state: AppState) {
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "claiming a deployment"),
         }
-        let deadline = tokio::time::sleep(IDLE_POLL);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                () = state.shutdown.cancelled() => return,
-                () = &mut deadline => break,
-                received = wake.recv() => match received {
-                    Ok(Wake::Events(_)) => {}
-                    _ => break,
-                },
-            }
+        if !super::wait_for_work(&state, &mut wake).await {
+            return;
         }
     }
 }

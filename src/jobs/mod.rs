@@ -10,9 +10,29 @@ use tokio::sync::mpsc;
 
 use sqlx::PgPool;
 
-use crate::events::EventBus;
+use crate::events::{EventBus, Wake};
 use crate::runtime::LogItem;
 use crate::store::events::{self, Owner};
+
+/// Workers that found nothing look again this often (a NOTIFY wakes them sooner).
+const IDLE_POLL: Duration = Duration::from_secs(2);
+
+/// Waits until there may be new work (a NOTIFY on the jobs channel, or the idle poll
+/// interval). Returns false when the server is shutting down.
+pub async fn wait_for_work(state: &crate::AppState, wake: &mut tokio::sync::broadcast::Receiver<Wake>) -> bool {
+    let deadline = tokio::time::sleep(IDLE_POLL);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            () = state.shutdown.cancelled() => return false,
+            () = &mut deadline => return true,
+            received = wake.recv() => match received {
+                Ok(Wake::Events(_)) => {}
+                _ => return true,
+            },
+        }
+    }
+}
 
 /// Persists a job's output lines as events, in batches (one transaction per batch, not per
 /// line), until every sender is gone; answers flushes once what came before is stored.

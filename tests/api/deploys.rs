@@ -538,3 +538,34 @@ async fn convox_promote_flow_works_unchanged() {
         "{logs}"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_a_followed_promote_cancels_nothing() {
+    let app = TestApp::spawn().await;
+    let release = built_app(&app, "myapp").await;
+    let response = app
+        .request(Method::POST, &format!("/apps/myapp/releases/{release}/promote"))
+        .form(&[("follow", "true")])
+        .send()
+        .await
+        .unwrap();
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let mut body = response.bytes_stream();
+    let first = tokio::time::timeout(Duration::from_secs(30), body.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(std::str::from_utf8(&first).unwrap().contains("Status: None => Pending"));
+    drop(body);
+    let deployment = wait_for(60, "the deployment to end", || async {
+        let d: Value = app.json(Method::GET, &location).send().await.ok()?.json().await.ok()?;
+        d["ended"].is_string().then_some(d)
+    })
+    .await;
+    assert_eq!(
+        (deployment["state"].as_str(), deployment["outcome"].as_str()),
+        (Some("running"), Some("ok"))
+    );
+    assert_eq!(get_app(&app, "myapp").await["release"], release.as_str());
+}
