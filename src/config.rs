@@ -92,6 +92,10 @@ pub struct ServerArgs {
     /// Largest number of entries in a source archive.
     #[arg(long, env = "RACK_MAX_SOURCE_ENTRIES", default_value_t = 100_000)]
     pub max_source_entries: u64,
+    /// Seconds a job (build, deployment) stays claimed by a server that stopped renewing its
+    /// claim; then another server takes it over.
+    #[arg(long, env = "RACK_JOB_LEASE", default_value_t = 30)]
+    pub job_lease: u64,
     /// Largest number of Postgres connections this server opens.
     #[arg(long, env = "RACK_DB_CONNECTIONS", default_value_t = 20)]
     pub db_connections: u32,
@@ -142,6 +146,9 @@ impl Config {
         if args.db_connections < 2 {
             bail!("RACK_DB_CONNECTIONS must be at least 2");
         }
+        if args.job_lease < 3 {
+            bail!("RACK_JOB_LEASE must be at least 3 seconds");
+        }
         if args.build_timeout == 0 {
             bail!("RACK_BUILD_TIMEOUT must be at least 1 second");
         }
@@ -166,7 +173,7 @@ impl Config {
                 max_bytes: args.max_source_bytes,
                 max_entries: args.max_source_entries,
             },
-            job_lease: Duration::from_secs(30),
+            job_lease: Duration::from_secs(args.job_lease),
         })
     }
 

@@ -59,6 +59,11 @@ pub fn respond(
     follow: Follow,
 ) -> ApiResult<Response> {
     let after = cursor(&request.headers, &request.query)?;
+    // An app's log never ends: the outcome of a build or deployment in it is an ordinary line.
+    let style = Render {
+        style,
+        outcomes: !matches!(topic, Topic::App { .. }),
+    };
     let items = subscribe(
         state.pool.clone(),
         &state.bus,
@@ -97,15 +102,24 @@ fn cursor(headers: &HeaderMap, query: &StreamQuery) -> ApiResult<i64> {
     }
 }
 
-fn line(event: &Event, style: Style) -> String {
-    format_line(event, style == Style::Prefixed)
+/// How one stream renders its events.
+#[derive(Debug, Clone, Copy)]
+struct Render {
+    style: Style,
+    /// Whether an event with an outcome ends the stream with `OK` / `ERROR: <reason>`.
+    outcomes: bool,
+}
+
+fn line(event: &Event, render: Render) -> String {
+    format_line(event, render.style == Style::Prefixed)
 }
 
 /// The lines of a text or websocket rendering of one item; `None` ends the stream. The
 /// websocket (convox's framing) ends a successful topic with no line of its own: the empty
 /// binary frame says it all.
-fn text_of(item: Result<Item, sqlx::Error>, style: Style, say_ok: bool) -> Option<String> {
+fn text_of(item: Result<Item, sqlx::Error>, style: Render, say_ok: bool) -> Option<String> {
     match item {
+        Ok(Item::Event(event)) if !style.outcomes => Some(line(&event, style)),
         Ok(Item::Event(event)) => match outcome_line(&event) {
             Some(line) if line == "OK\n" && !say_ok => Some(String::new()),
             Some(line) => Some(line),
@@ -120,7 +134,7 @@ fn text_of(item: Result<Item, sqlx::Error>, style: Style, say_ok: bool) -> Optio
     }
 }
 
-fn text<S>(items: S, style: Style) -> Response
+fn text<S>(items: S, style: Render) -> Response
 where
     S: Stream<Item = Result<Item, sqlx::Error>> + Send + 'static,
 {
@@ -140,13 +154,13 @@ where
     response
 }
 
-fn sse<S>(items: S, style: Style) -> impl IntoResponse
+fn sse<S>(items: S, style: Render) -> impl IntoResponse
 where
     S: Stream<Item = Result<Item, sqlx::Error>> + Send + 'static,
 {
     let events = items.filter_map(move |item| async move {
         let event = match item {
-            Ok(Item::Event(event)) => match event.outcome.as_deref() {
+            Ok(Item::Event(event)) => match event.outcome.as_deref().filter(|_| style.outcomes) {
                 Some(outcome) => SseEvent::default()
                     .id(event.seq.to_string())
                     .event("end")
@@ -173,7 +187,7 @@ where
 
 /// Writes the stream as convox does: text frames, then one empty binary frame. Pings keep idle
 /// connections open through proxies; the reader half notices a client that left.
-async fn websocket<S>(socket: WebSocket, items: S, style: Style)
+async fn websocket<S>(socket: WebSocket, items: S, style: Render)
 where
     S: Stream<Item = Result<Item, sqlx::Error>> + Send + 'static,
 {

@@ -3,8 +3,8 @@
 use clap::Subcommand;
 use serde::Deserialize;
 
-use super::Client;
 use super::output;
+use super::{AppArg, Client};
 
 #[derive(Debug, Subcommand)]
 pub enum AppsCommand {
@@ -18,6 +18,13 @@ pub enum AppsCommand {
     Lock { name: String },
     /// Allow an app to be deleted again.
     Unlock { name: String },
+    /// Stop an app's rollout in progress; it rolls back to the release that was active.
+    Cancel {
+        /// The app (default: --app, .convox/app, else the current directory's name).
+        name: Option<String>,
+        #[command(flatten)]
+        app: AppArg,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -63,6 +70,17 @@ pub async fn run(client: &Client, command: Option<AppsCommand>) -> anyhow::Resul
         }
         Some(AppsCommand::Lock { name }) => lock(client, &name, true).await?,
         Some(AppsCommand::Unlock { name }) => lock(client, &name, false).await?,
+        Some(AppsCommand::Cancel { name, app }) => {
+            let name = match name {
+                Some(name) => name,
+                None => app.resolve()?,
+            };
+            eprint!("Cancelling deployment of {name}... ");
+            let _: serde_json::Value = client
+                .post(&format!("/apps/{}/cancel", client.segment(&name)), &[])
+                .await?;
+            eprintln!("OK");
+        }
     }
     Ok(())
 }

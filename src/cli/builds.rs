@@ -11,6 +11,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use sha2::Digest;
 
+use super::client::Lines;
 use super::output;
 use super::{AppArg, Client};
 
@@ -21,16 +22,16 @@ pub struct BuildArgs {
     #[arg(default_value = ".")]
     dir: PathBuf,
     #[command(flatten)]
-    app: AppArg,
+    pub app: AppArg,
     /// A description of the build.
     #[arg(short, long, default_value = "")]
     description: String,
     /// Path of the manifest inside the directory.
     #[arg(short, long, default_value = "convox.yml")]
     manifest: String,
-    /// Print only the release id on stdout.
+    /// Print only the release id on stdout (the build log goes to stderr).
     #[arg(long)]
-    id: bool,
+    pub id: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -94,7 +95,7 @@ pub async fn build(client: &Client, args: &BuildArgs) -> anyhow::Result<Build> {
         )
         .await?;
     eprintln!("OK");
-    follow_log(client, &app, &build.id).await?;
+    follow_log(client, &app, &build.id, args.id).await?;
     let build = wait(client, &app, &build.id).await?;
     if build.status != "complete" {
         bail!("build failed");
@@ -114,6 +115,7 @@ pub async fn run_build(client: &Client, args: BuildArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `rack builds ...`.
 pub async fn run(client: &Client, list_app: AppArg, command: Option<BuildsCommand>) -> anyhow::Result<()> {
     match command {
         None => {
@@ -129,7 +131,7 @@ pub async fn run(client: &Client, list_app: AppArg, command: Option<BuildsComman
             );
         }
         Some(BuildsCommand::Info { id, app }) => {
-            let app = app.resolve()?;
+            let app = app.or(&list_app).resolve()?;
             let b: Build = client
                 .get(&format!(
                     "/apps/{}/builds/{}",
@@ -150,7 +152,7 @@ pub async fn run(client: &Client, list_app: AppArg, command: Option<BuildsComman
                 ])
             );
         }
-        Some(BuildsCommand::Logs { id, app }) => follow_log(client, &app.resolve()?, &id).await?,
+        Some(BuildsCommand::Logs { id, app }) => follow_log(client, &app.or(&list_app).resolve()?, &id, false).await?,
     }
     Ok(())
 }
@@ -211,8 +213,9 @@ async fn upload(client: &Client, app: &str, tarball: tempfile::NamedTempFile) ->
     Ok(uploaded.url)
 }
 
-/// Prints a build's log until it ends (the server's final `OK` is not printed).
-async fn follow_log(client: &Client, app: &str, id: &str) -> anyhow::Result<()> {
+/// Prints a build's log until it ends (the server's final `OK` is not printed), on stdout or,
+/// when stdout is kept for the release id (`--id`), on stderr.
+async fn follow_log(client: &Client, app: &str, id: &str, to_stderr: bool) -> anyhow::Result<()> {
     let response = client
         .stream(&format!(
             "/apps/{}/builds/{}/logs",
@@ -220,17 +223,15 @@ async fn follow_log(client: &Client, app: &str, id: &str) -> anyhow::Result<()> 
             client.segment(id)
         ))
         .await?;
-    let mut body = response.bytes_stream();
-    let mut pending = Vec::new();
-    while let Some(chunk) = body.next().await {
-        let Ok(chunk) = chunk else { break };
-        pending.extend_from_slice(&chunk);
-        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=end).collect();
-            let line = String::from_utf8_lossy(&line);
-            if line != "OK\n" {
-                print!("{line}");
-            }
+    let mut lines = Lines::new(response);
+    while let Some(line) = lines.next().await {
+        if line == "OK\n" {
+            continue;
+        }
+        if to_stderr {
+            eprint!("{line}");
+        } else {
+            print!("{line}");
         }
     }
     Ok(())

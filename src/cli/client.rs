@@ -2,6 +2,8 @@
 //! form-encoded requests, JSON answers, `{"error": ...}` turned into the error message.
 
 use anyhow::{Context, bail};
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
 use reqwest::{Method, RequestBuilder, Url};
 use serde::de::DeserializeOwned;
 
@@ -37,6 +39,8 @@ impl Client {
         base.set_password(None).ok();
         let http = reqwest::Client::builder()
             .user_agent(concat!("rack-cli/", env!("CARGO_PKG_VERSION")))
+            // Rollout and log streams can be quiet for minutes: keepalives notice a dead peer.
+            .tcp_keepalive(std::time::Duration::from_secs(30))
             .build()?;
         Ok(Self { http, base, password })
     }
@@ -95,9 +99,31 @@ impl Client {
 
     /// `GET path` as a stream of text (a log); fails on an error status.
     pub async fn stream(&self, path: &str) -> anyhow::Result<reqwest::Response> {
-        let response = self
-            .request(Method::GET, path)?
+        self.stream_with(path, &[]).await
+    }
+
+    /// `GET path` with extra headers (convox's log options travel as headers) as a stream of
+    /// text; fails on an error status.
+    pub async fn stream_with(&self, path: &str, headers: &[(&str, String)]) -> anyhow::Result<reqwest::Response> {
+        let mut request = self.request(Method::GET, path)?.header("accept", "text/plain");
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        self.send_stream(request).await
+    }
+
+    /// `POST path` with a form body, answered by a stream of text (a promote with
+    /// `follow=true`); fails on an error status, with the rack's message.
+    pub async fn post_stream(&self, path: &str, form: &[(&str, &str)]) -> anyhow::Result<reqwest::Response> {
+        let request = self
+            .request(Method::POST, path)?
             .header("accept", "text/plain")
+            .form(form);
+        self.send_stream(request).await
+    }
+
+    async fn send_stream(&self, request: RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        let response = request
             .send()
             .await
             .map_err(|e| anyhow::anyhow!("could not reach the rack at {}: {}", self.base, root_cause(&e)))?;
@@ -120,6 +146,47 @@ impl Client {
             bail!("{}", error_message(status, &body));
         }
         serde_json::from_slice(&body).with_context(|| format!("the rack answered {status} with unexpected content"))
+    }
+}
+
+/// A streamed text body read line by line, as its chunks arrive.
+pub struct Lines {
+    body: std::pin::Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    pending: Vec<u8>,
+    ended: bool,
+}
+
+impl Lines {
+    /// The lines of `response`'s body.
+    pub fn new(response: reqwest::Response) -> Self {
+        Self {
+            body: Box::pin(response.bytes_stream()),
+            pending: Vec::new(),
+            ended: false,
+        }
+    }
+
+    /// The next line with its `\n` (the last one may lack it), or `None` once the body has
+    /// ended. A broken connection ends the body too: callers that must tell the two apart
+    /// look for the stream's own last line (`OK`, `ERROR: ...`).
+    pub async fn next(&mut self) -> Option<String> {
+        loop {
+            if let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=end).collect();
+                return Some(String::from_utf8_lossy(&line).into_owned());
+            }
+            if self.ended {
+                if self.pending.is_empty() {
+                    return None;
+                }
+                let rest = std::mem::take(&mut self.pending);
+                return Some(String::from_utf8_lossy(&rest).into_owned());
+            }
+            match self.body.next().await {
+                Some(Ok(chunk)) => self.pending.extend_from_slice(&chunk),
+                Some(Err(_)) | None => self.ended = true,
+            }
+        }
     }
 }
 

@@ -4,7 +4,13 @@
 mod apps;
 mod builds;
 mod client;
+mod deploy;
+mod env;
+mod logs;
 mod output;
+mod promote;
+mod ps;
+mod releases;
 
 use std::process::ExitCode;
 
@@ -48,6 +54,34 @@ enum Command {
         #[command(subcommand)]
         command: Option<builds::BuildsCommand>,
     },
+    /// Build a directory and promote the release it makes.
+    Deploy(deploy::DeployArgs),
+    /// List an app's releases, or show, promote or roll back to one.
+    Releases {
+        #[command(flatten)]
+        app: AppArg,
+        /// How many releases to list (the rack's default is 10).
+        #[arg(long)]
+        limit: Option<u32>,
+        #[command(subcommand)]
+        command: Option<releases::ReleasesCommand>,
+    },
+    /// Print an app's environment, or get, set or unset one variable.
+    Env {
+        #[command(flatten)]
+        app: AppArg,
+        #[command(subcommand)]
+        command: Option<env::EnvCommand>,
+    },
+    /// Print an app's logs (following them unless told not to).
+    Logs(logs::LogsArgs),
+    /// List an app's processes, or stop (restart) one.
+    Ps {
+        #[command(flatten)]
+        app: AppArg,
+        #[command(subcommand)]
+        command: Option<ps::PsCommand>,
+    },
 }
 
 /// The app a command works on: `--app`, else the name in `.convox/app`, else the name of the
@@ -79,6 +113,14 @@ impl AppArg {
             .map(str::to_owned)
             .context("no app given: use --app NAME")
     }
+
+    /// This `-a`, else `outer`'s: `rack builds -a APP info ID` names the app before the
+    /// subcommand, `rack builds info ID -a APP` after it.
+    pub fn or(self, outer: &AppArg) -> AppArg {
+        AppArg {
+            app: self.app.or_else(|| outer.app.clone()),
+        }
+    }
 }
 
 /// Runs a parsed command line; the exit code is 0 on success and 1 after printing
@@ -92,6 +134,11 @@ pub async fn run(cli: Cli) -> ExitCode {
                 Command::Rack => show_rack(&client).await,
                 Command::Build(args) => builds::run_build(&client, args).await,
                 Command::Builds { app, command } => builds::run(&client, app, command).await,
+                Command::Deploy(args) => deploy::run(&client, args).await,
+                Command::Releases { app, limit, command } => releases::run(&client, app, limit, command).await,
+                Command::Env { app, command } => env::run(&client, app, command).await,
+                Command::Logs(args) => logs::run(&client, args).await,
+                Command::Ps { app, command } => ps::run(&client, app, command).await,
                 Command::Server(_) => unreachable!("handled above"),
             },
             Err(e) => Err(e),

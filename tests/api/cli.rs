@@ -4,6 +4,9 @@ use std::time::Duration;
 
 use crate::helpers::{PASSWORD, TestApp};
 
+const SERVER: &str = include_str!("../fixtures/server.py");
+const MANIFEST: &str = "services:\n  web:\n    command: python3 -u server.py\n    port: 3000\n    health:\n      path: /health\n      grace: 0\n      interval: 1\n";
+
 struct Run {
     code: i32,
     stdout: String,
@@ -15,6 +18,11 @@ async fn rack(app: &TestApp, password: &str, args: &[&str]) -> Run {
 }
 
 async fn rack_in(app: &TestApp, password: &str, args: &[&str], dir: &std::path::Path) -> Run {
+    rack_within(app, password, args, dir, 30).await
+}
+
+/// Runs the CLI, which must finish within `secs` (rollouts take longer than plain requests).
+async fn rack_within(app: &TestApp, password: &str, args: &[&str], dir: &std::path::Path, secs: u64) -> Run {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rack"))
         .args(args)
         .current_dir(dir)
@@ -22,9 +30,9 @@ async fn rack_in(app: &TestApp, password: &str, args: &[&str], dir: &std::path::
         .env_remove("RACK_DATA")
         .kill_on_drop(true)
         .output();
-    let output = tokio::time::timeout(Duration::from_secs(30), output)
+    let output = tokio::time::timeout(Duration::from_secs(secs), output)
         .await
-        .expect("the CLI finishes within 30 s")
+        .unwrap_or_else(|_| panic!("rack {args:?} finishes within {secs} s"))
         .expect("running the CLI");
     Run {
         code: output.status.code().unwrap_or(-1),
@@ -143,4 +151,248 @@ async fn a_failed_build_exits_1() {
         run.stdout
     );
     assert!(run.stderr.ends_with("ERROR: build failed\n"), "{}", run.stderr);
+}
+
+/// A directory holding the fixture web app, whose `.convox/app` names `name`.
+fn app_dir(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("convox.yml"), MANIFEST).unwrap();
+    std::fs::write(dir.path().join("server.py"), SERVER).unwrap();
+    std::fs::create_dir(dir.path().join(".convox")).unwrap();
+    std::fs::write(dir.path().join(".convox/app"), name).unwrap();
+    dir
+}
+
+/// A rollout command (deploy, promote...), run in `dir`.
+async fn rollout(app: &TestApp, args: &[&str], dir: &std::path::Path) -> Run {
+    rack_within(app, PASSWORD, args, dir, 120).await
+}
+
+/// What the app answers through its router.
+async fn through_router(app: &TestApp, name: &str) -> String {
+    let info: serde_json::Value = app.get_app(name).await.json().await.unwrap();
+    let router = info["router"].as_str().unwrap();
+    assert!(!router.is_empty(), "{info}");
+    reqwest::get(format!("http://{router}/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The id after `prefix` on a line of `text` (`Release: R...`).
+fn id_after(text: &str, prefix: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{text}"))
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn deploy_env_ps_and_logs() {
+    let app = TestApp::spawn().await;
+    app.create_app("myapp").await;
+    let dir = app_dir("myapp");
+    let dir = dir.path();
+
+    let run = rollout(&app, &["deploy"], dir).await;
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr
+            .starts_with("Packaging source... OK\nUploading source... OK\nStarting build... OK\n"),
+        "{}",
+        run.stderr
+    );
+    let build = id_after(&run.stdout, "Build: ");
+    let first = id_after(&run.stdout, "Release: ");
+    assert!(build.starts_with('B') && first.starts_with('R'), "{}", run.stdout);
+    assert!(
+        run.stderr.contains(&format!("Promoting {first}...\n")),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.ends_with("\nOK\n"), "{}", run.stderr);
+    assert!(run.stdout.contains(" Status: Updating => Running\n"), "{}", run.stdout);
+    assert!(
+        !run.stdout.lines().any(|l| l == "OK"),
+        "the stream's OK is not printed: {}",
+        run.stdout
+    );
+    assert_eq!(through_router(&app, "myapp").await, format!("{first} \n"));
+
+    let run = rollout(&app, &["env", "set", "GREETING=hi", "--promote"], dir).await;
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.starts_with("Setting GREETING... OK\n"), "{}", run.stderr);
+    let second = id_after(&run.stdout, "Release: ");
+    assert_ne!(second, first);
+    assert!(run.stderr.ends_with("\nOK\n"), "{}", run.stderr);
+    assert_eq!(through_router(&app, "myapp").await, format!("{second} hi\n"));
+
+    let run = rack_in(&app, PASSWORD, &["env"], dir).await;
+    assert_eq!((run.code, run.stdout.as_str()), (0, "GREETING=hi\n"), "{}", run.stderr);
+    let run = rack_in(&app, PASSWORD, &["env", "get", "GREETING"], dir).await;
+    assert_eq!((run.code, run.stdout.as_str()), (0, "hi\n"), "{}", run.stderr);
+    let run = rack_in(&app, PASSWORD, &["env", "get", "MISSING", "-a", "myapp"], dir).await;
+    assert_eq!((run.code, run.stderr.as_str()), (1, "ERROR: env not found: MISSING\n"));
+    let run = rack_in(&app, PASSWORD, &["env", "unset", "MISSING"], dir).await;
+    assert_eq!((run.code, run.stderr.as_str()), (1, "ERROR: env not found: MISSING\n"));
+
+    // A release whose health check fails is rolled back; the previous one keeps serving.
+    let run = rollout(&app, &["env", "set", "FAIL_HEALTH=1", "--promote"], dir).await;
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    let third = id_after(&run.stdout, "Release: ");
+    assert!(run.stdout.contains("Status: Rollback => Reverted"), "{}", run.stdout);
+    let last = run.stderr.lines().last().unwrap();
+    assert!(last.starts_with("ERROR: "), "{}", run.stderr);
+    assert!(
+        !run.stdout.contains("ERROR: "),
+        "the reason is printed once: {}",
+        run.stdout
+    );
+    let info: serde_json::Value = app.get_app("myapp").await.json().await.unwrap();
+    assert_eq!(info["release"], second.as_str());
+    assert_eq!(through_router(&app, "myapp").await, format!("{second} hi\n"));
+    // The environment is the latest release's, promoted or not.
+    let run = rack_in(&app, PASSWORD, &["env"], dir).await;
+    assert_eq!(run.stdout, "FAIL_HEALTH=1\nGREETING=hi\n");
+    let run = rack_in(&app, PASSWORD, &["env", "unset", "FAIL_HEALTH"], dir).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.stderr, "Unsetting FAIL_HEALTH... OK\n");
+    assert_ne!(id_after(&run.stdout, "Release: "), third);
+
+    let run = rack_in(&app, PASSWORD, &["ps"], dir).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", run.stdout);
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(header, ["ID", "SERVICE", "STATUS", "RELEASE", "STARTED", "COMMAND"]);
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(&row[1..4], ["web", "running", second.as_str()], "{}", run.stdout);
+    assert!(lines[1].ends_with("python3 -u server.py"), "{}", run.stdout);
+
+    let run = rack_in(&app, PASSWORD, &["logs", "--no-follow"], dir).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l.split(' ').nth(1).is_some_and(|s| s.starts_with("system/"))),
+        "{}",
+        run.stdout
+    );
+    let run = rack_in(
+        &app,
+        PASSWORD,
+        &[
+            "logs",
+            "--no-follow",
+            "-s",
+            "web",
+            "--since",
+            "10m",
+            "--filter",
+            "listening",
+        ],
+        dir,
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(!run.stdout.is_empty());
+    assert!(run.stdout.lines().all(|l| l.contains("listening on")), "{}", run.stdout);
+}
+
+#[tokio::test]
+async fn releases_promote_rollback_and_cancel() {
+    let app = TestApp::spawn().await;
+    app.create_app("myapp").await;
+    let dir = app_dir("myapp");
+    let dir = dir.path();
+
+    let run = rack_in(&app, PASSWORD, &["build", "--id"], dir).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let first = run.stdout.trim().to_owned();
+    assert!(first.starts_with('R') && !first.contains('\n'), "{}", run.stdout);
+    // Without an id, the latest release is promoted.
+    let run = rollout(&app, &["releases", "promote"], dir).await;
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.starts_with(&format!("Promoting {first}...\n")),
+        "{}",
+        run.stderr
+    );
+
+    let run = rack_in(&app, PASSWORD, &["env", "set", "GREETING=two", "A=1"], dir).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.stderr, "Setting GREETING, A... OK\n");
+    let second = id_after(&run.stdout, "Release: ");
+    let run = rollout(&app, &["releases", "promote", &second], dir).await;
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(through_router(&app, "myapp").await, format!("{second} two\n"));
+
+    let run = rack_in(&app, PASSWORD, &["releases", "-a", "myapp"], dir).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["ID", "STATUS", "BUILD", "CREATED", "DESCRIPTION"]
+    );
+    assert!(lines[1].starts_with(&format!("{second}  active  B")), "{}", run.stdout);
+    assert!(lines[1].ends_with("env add:A add:GREETING"), "{}", run.stdout);
+    assert!(lines[2].starts_with(&format!("{first} ")), "{}", run.stdout);
+    assert!(!lines[2].contains("active"), "{}", run.stdout);
+
+    let run = rack_in(&app, PASSWORD, &["releases", "-a", "myapp", "info", &second], dir).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout.contains(&format!("Id           {second}\n")),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.ends_with("Env          A=1\n             GREETING=two\n"),
+        "{}",
+        run.stdout
+    );
+
+    // Promoting an older release is refused; rollback makes a new one from it.
+    let run = rollout(&app, &["releases", "promote", &first], dir).await;
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr
+            .ends_with("ERROR: can not promote an older release, try rollback\n"),
+        "{}",
+        run.stderr
+    );
+    let run = rollout(&app, &["releases", "rollback", &first], dir).await;
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let prefix = format!("Rolling back to {first}... OK, ");
+    let rollback = id_after(&run.stderr, &prefix);
+    assert!(rollback.starts_with('R') && rollback != first, "{}", run.stderr);
+    assert!(
+        run.stderr.contains(&format!("Promoting {rollback}...\n")),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.ends_with("\nOK\n"), "{}", run.stderr);
+    assert_eq!(through_router(&app, "myapp").await, format!("{rollback} \n"));
+
+    // Cancel: only while a rollout runs; a detached promote leaves one running.
+    let run = rack_in(&app, PASSWORD, &["apps", "cancel", "myapp"], dir).await;
+    assert_eq!(
+        (run.code, run.stderr.as_str()),
+        (1, "Cancelling deployment of myapp... ERROR: app is not updating\n")
+    );
+    let run = rack_in(&app, PASSWORD, &["env", "set", "FAIL_HEALTH=1"], dir).await;
+    let stuck = id_after(&run.stdout, "Release: ");
+    let run = rack_in(&app, PASSWORD, &["releases", "promote", &stuck, "--detach"], dir).await;
+    assert_eq!(
+        (run.code, run.stderr.clone()),
+        (0, format!("Promoting {stuck}... OK\n"))
+    );
+    let run = rack_in(&app, PASSWORD, &["apps", "cancel"], dir).await;
+    assert_eq!(
+        (run.code, run.stderr.as_str()),
+        (0, "Cancelling deployment of myapp... OK\n")
+    );
 }

@@ -12,4 +12,5 @@ mod encodings;
 mod helpers;
 mod objects;
 mod openapi;
+mod replicas;
 mod server;
