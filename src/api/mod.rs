@@ -5,6 +5,7 @@
 pub mod apps;
 pub mod builds;
 pub mod deployments;
+pub mod idempotency;
 pub mod input;
 pub mod objects;
 pub mod processes;
@@ -90,8 +91,11 @@ fn routes() -> Routes {
 /// The API with its layers, ready to serve.
 pub fn router(state: AppState) -> Router {
     let auth = middleware::from_fn_with_state(state.clone(), crate::auth::require_auth);
+    let idempotency = middleware::from_fn_with_state(state.clone(), idempotency::idempotency);
     routes()
         .router
+        // After routing (it needs the matched path) and after auth.
+        .route_layer(idempotency)
         .fallback(unknown_route)
         // Layers run outside-in from the last one added: request id, trace, error rendering, auth.
         .layer(auth)

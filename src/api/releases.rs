@@ -256,7 +256,11 @@ pub async fn promote_release(
             headers,
             query: StreamQuery::default(),
         };
-        streams::respond(&state, topic, request, Style::Prefixed, Follow::UntilEnd)?
+        let mut response = streams::respond(&state, topic, request, Style::Prefixed, Follow::UntilEnd)?;
+        response
+            .extensions_mut()
+            .insert(crate::api::idempotency::StreamedDeployment(id));
+        response
     } else {
         match format {
             Format::Json => (StatusCode::CREATED, Pretty(DeploymentView::from(deployment))).into_response(),

@@ -5,6 +5,7 @@ pub mod apps;
 pub mod builds;
 pub mod deployments;
 pub mod events;
+pub mod idempotency;
 pub mod objects;
 pub mod releases;
 pub mod routers;

@@ -2,10 +2,8 @@
 
 use std::time::Duration;
 
+use crate::deploys::{MANIFEST, SERVER, through_router};
 use crate::helpers::{PASSWORD, TestApp};
-
-const SERVER: &str = include_str!("../fixtures/server.py");
-const MANIFEST: &str = "services:\n  web:\n    command: python3 -u server.py\n    port: 3000\n    health:\n      path: /health\n      grace: 0\n      interval: 1\n";
 
 struct Run {
     code: i32,
@@ -169,18 +167,6 @@ async fn rollout(app: &TestApp, args: &[&str], dir: &std::path::Path) -> Run {
 }
 
 /// What the app answers through its router.
-async fn through_router(app: &TestApp, name: &str) -> String {
-    let info: serde_json::Value = app.get_app(name).await.json().await.unwrap();
-    let router = info["router"].as_str().unwrap();
-    assert!(!router.is_empty(), "{info}");
-    reqwest::get(format!("http://{router}/"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// The id after `prefix` on a line of `text` (`Release: R...`).
 fn id_after(text: &str, prefix: &str) -> String {
     text.lines()

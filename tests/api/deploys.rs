@@ -11,8 +11,9 @@ use serde_json::Value;
 
 use crate::helpers::{TestApp, status_text, wait_for};
 
-const SERVER: &str = include_str!("../fixtures/server.py");
-const MANIFEST: &str = "services:\n  web:\n    command: python3 -u server.py\n    port: 3000\n    health:\n      path: /health\n      grace: 0\n      interval: 1\n";
+/// The fixture web app and a manifest that runs it.
+pub const SERVER: &str = include_str!("../fixtures/server.py");
+pub const MANIFEST: &str = "services:\n  web:\n    command: python3 -u server.py\n    port: 3000\n    health:\n      path: /health\n      grace: 1\n      interval: 2\n";
 
 /// An app with one complete build of the fixture server; returns its release id.
 async fn built_app(app: &TestApp, name: &str) -> String {
@@ -55,7 +56,8 @@ async fn get_app(app: &TestApp, name: &str) -> Value {
     app.get_app(name).await.json().await.unwrap()
 }
 
-async fn through_router(app: &TestApp, name: &str) -> String {
+/// What the app's router answers on `/`.
+pub async fn through_router(app: &TestApp, name: &str) -> String {
     let router = get_app(app, name).await["router"].as_str().unwrap().to_owned();
     assert!(!router.is_empty());
     reqwest::get(format!("http://{router}/"))
@@ -543,12 +545,13 @@ async fn convox_promote_flow_works_unchanged() {
 async fn a_client_that_leaves_a_followed_promote_cancels_nothing() {
     let app = TestApp::spawn().await;
     let release = built_app(&app, "myapp").await;
-    let response = app
-        .request(Method::POST, &format!("/apps/myapp/releases/{release}/promote"))
-        .form(&[("follow", "true")])
-        .send()
-        .await
-        .unwrap();
+    let promote = || {
+        app.request(Method::POST, &format!("/apps/myapp/releases/{release}/promote"))
+            .header("idempotency-key", "promote-1")
+            .form(&[("follow", "true")])
+            .send()
+    };
+    let response = promote().await.unwrap();
     let location = response.headers()["location"].to_str().unwrap().to_owned();
     let mut body = response.bytes_stream();
     let first = tokio::time::timeout(Duration::from_secs(30), body.next())
@@ -568,4 +571,22 @@ async fn a_client_that_leaves_a_followed_promote_cancels_nothing() {
         (Some("running"), Some("ok"))
     );
     assert_eq!(get_app(&app, "myapp").await["release"], release.as_str());
+    // The client retries its request: it gets the same deployment's log, and nothing new starts.
+    let retry = promote().await.unwrap();
+    assert_eq!(retry.headers()["location"], location.as_str());
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    let log = retry.text().await.unwrap();
+    assert!(
+        log.contains("Status: None => Pending") && log.ends_with("\nOK\n"),
+        "{log}"
+    );
+    let list: Vec<Value> = app
+        .json(Method::GET, "/apps/myapp/deployments")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.len(), 1);
 }

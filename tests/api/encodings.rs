@@ -151,3 +151,71 @@ async fn system_reports_a_version_3_rack() {
     assert_eq!(system["name"], "rack");
     assert_eq!(system["status"], "running");
 }
+
+#[tokio::test]
+async fn idempotent_retries_replay_the_first_response_and_refuse_other_requests() {
+    let app = TestApp::spawn().await;
+    let create = |name: &'static str, key: &'static str| {
+        app.json(Method::POST, "/apps")
+            .header("idempotency-key", key)
+            .form(&[("name", name)])
+            .send()
+    };
+    let first = create("myapp", "key-1").await.unwrap();
+    assert_eq!(first.status(), 201);
+    let first_body = first.text().await.unwrap();
+    let again = create("myapp", "key-1").await.unwrap();
+    assert_eq!(again.status(), 201, "the retry gets the first answer, not 409");
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.headers()["location"], "/apps/myapp");
+    assert_eq!(again.text().await.unwrap(), first_body);
+    let (status, text) = status_text(create("other", "key-1").await.unwrap()).await;
+    assert_eq!(status, 422);
+    assert!(text.contains("was used for a different request"), "{text}");
+    assert_eq!(app.list_apps().await.len(), 1);
+
+    // A first answer that was an error is replayed as that error.
+    let conflict = create("myapp", "key-2").await.unwrap();
+    assert_eq!(conflict.status(), 409);
+    let (status, text) = status_text(create("myapp", "key-2").await.unwrap()).await;
+    assert_eq!(
+        (status, text.as_str()),
+        (409, "{\"error\":\"app already exists: myapp\"}\n")
+    );
+
+    let build_source = crate::helpers::source_tarball(&[("convox.yml", "services: {}\n")]);
+    for _ in 0..2 {
+        let upload = app
+            .convox(Method::POST, "/apps/myapp/objects/src.tgz")
+            .header("idempotency-key", "upload-1")
+            .body(build_source.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(upload.status(), 200);
+    }
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let build: Value = app
+            .json(Method::POST, "/apps/myapp/builds")
+            .header("idempotency-key", "build-1")
+            .form(&[("url", "object://myapp/src.tgz")])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ids.push(build["id"].as_str().unwrap().to_owned());
+    }
+    assert!(ids.windows(2).all(|w| w[0] == w[1]), "{ids:?}");
+    let builds: Vec<Value> = app
+        .json(Method::GET, "/apps/myapp/builds")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(builds.len(), 1, "a retried build starts nothing new");
+}
