@@ -66,7 +66,7 @@ pub struct Application {
     state: AppState,
     password_source: PasswordSource,
     /// The embedded cluster, stopped after the server has stopped.
-    postgres: Option<postgres::Cluster>,
+    postgres: Option<Arc<std::sync::Mutex<postgres::Cluster>>>,
 }
 
 impl Application {
@@ -141,7 +141,7 @@ impl Application {
             listener,
             state,
             password_source,
-            postgres,
+            postgres: postgres.map(|c| Arc::new(std::sync::Mutex::new(c))),
         })
     }
 
@@ -177,6 +177,9 @@ impl Application {
         let mut workers = jobs::builds::spawn_workers(&state, state.config.build_workers);
         workers.extend(jobs::deploys::spawn_workers(&state, 2));
         workers.push(tokio::spawn(jobs::deploys::reconcile_all(state.clone())));
+        if let Some(cluster) = &postgres {
+            workers.push(tokio::spawn(keep_postgres_running(cluster.clone(), shutdown.clone())));
+        }
         tracing::info!(addr = %listener.local_addr()?, "rack listening on {}", listener.local_addr()?);
         let graceful = {
             let shutdown = shutdown.clone();
@@ -193,10 +196,53 @@ impl Application {
         state.pool.close().await;
         drop(state);
         if let Some(cluster) = postgres {
-            tokio::task::spawn_blocking(move || cluster.stop()).await??;
+            tokio::task::spawn_blocking(move || match Arc::try_unwrap(cluster) {
+                Ok(cluster) => cluster
+                    .into_inner()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .stop(),
+                // A task still holds it: dropping the last handle stops the server too.
+                Err(_) => Ok(()),
+            })
+            .await??;
         }
         tracing::info!("rack stopped");
         Ok(())
+    }
+}
+
+/// Restarts the embedded Postgres when it dies under the server (requests get 503 meanwhile,
+/// and the pool reconnects once it is back).
+async fn keep_postgres_running(cluster: Arc<std::sync::Mutex<postgres::Cluster>>, shutdown: CancellationToken) {
+    let lock = |c: &std::sync::Mutex<postgres::Cluster>| {
+        // A poisoned lock only means a panic elsewhere; the cluster handle itself is fine.
+        c.lock().unwrap_or_else(std::sync::PoisonError::into_inner).has_exited()
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+        }
+        if !lock(&cluster) || shutdown.is_cancelled() {
+            continue;
+        }
+        tracing::error!("the embedded Postgres stopped unexpectedly; restarting it");
+        let restarting = cluster.clone();
+        let restarted = tokio::task::spawn_blocking(move || {
+            restarting
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .restart()
+        })
+        .await;
+        match restarted {
+            Ok(Ok(())) => tracing::info!("the embedded Postgres is running again"),
+            Ok(Err(e)) => tracing::error!(
+                error = format!("{e:#}"),
+                "restarting the embedded Postgres; trying again"
+            ),
+            Err(e) => tracing::error!(error = %e, "restarting the embedded Postgres"),
+        }
     }
 }
 

@@ -55,6 +55,7 @@ struct RunAs {
 #[derive(Debug)]
 pub struct Cluster {
     root: PathBuf,
+    durability: Durability,
     socket_dir: PathBuf,
     child: Child,
     stdin: Option<ChildStdin>,
@@ -121,6 +122,7 @@ impl Cluster {
         let stdin = child.stdin.take();
         let mut cluster = Self {
             root: root.to_path_buf(),
+            durability,
             socket_dir,
             child,
             stdin,
@@ -155,6 +157,26 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether the server has exited (crashed, or was stopped behind rack's back).
+    pub fn has_exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Starts the server again on the same directory (after it died).
+    ///
+    /// # Errors
+    /// As [`Cluster::start`].
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        *self = Self::start(&self.root, self.durability)?;
+        Ok(())
+    }
+
+    /// The server's process id, as its `postmaster.pid` says.
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.root.join("data/postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
     }
 
     /// Connection options for `database` on this cluster, as the `postgres` superuser.

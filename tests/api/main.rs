@@ -12,5 +12,6 @@ mod encodings;
 mod helpers;
 mod objects;
 mod openapi;
+mod outage;
 mod replicas;
 mod server;
