@@ -28,6 +28,10 @@ const SHUTTING_DOWN: &str = "rack: this server is shutting down; reconnect to re
 pub struct StreamQuery {
     /// Resume after this event id (as `Last-Event-ID` does).
     pub after: Option<i64>,
+    /// Start each text line with its event id (`<id> <line>`), so a chunked-text client knows
+    /// where to resume.
+    #[serde(default)]
+    pub ids: bool,
 }
 
 /// How lines look.
@@ -63,6 +67,7 @@ pub fn respond(
     let style = Render {
         style,
         outcomes: !matches!(topic, Topic::App { .. }),
+        ids: request.query.ids,
     };
     let items = subscribe(
         state.pool.clone(),
@@ -108,10 +113,20 @@ struct Render {
     style: Style,
     /// Whether an event with an outcome ends the stream with `OK` / `ERROR: <reason>`.
     outcomes: bool,
+    /// Whether text lines start with their event id.
+    ids: bool,
 }
 
 fn line(event: &Event, render: Render) -> String {
-    format_line(event, render.style == Style::Prefixed)
+    with_id(event, render, format_line(event, render.style == Style::Prefixed))
+}
+
+fn with_id(event: &Event, render: Render, text: String) -> String {
+    if render.ids {
+        format!("{} {text}", event.seq)
+    } else {
+        text
+    }
 }
 
 /// The lines of a text or websocket rendering of one item; `None` ends the stream. The
@@ -122,7 +137,7 @@ fn text_of(item: Result<Item, sqlx::Error>, style: Render, say_ok: bool) -> Opti
         Ok(Item::Event(event)) if !style.outcomes => Some(line(&event, style)),
         Ok(Item::Event(event)) => match outcome_line(&event) {
             Some(line) if line == "OK\n" && !say_ok => Some(String::new()),
-            Some(line) => Some(line),
+            Some(line) => Some(with_id(&event, style, line)),
             None => Some(line(&event, style)),
         },
         Ok(Item::Idle) => Some(String::new()),

@@ -506,3 +506,54 @@ async fn convox_build_flow_works_unchanged() {
     assert!(again.starts_with(&first), "{first:?} vs {again:?}");
     assert!(again.contains("compiling\n"));
 }
+
+#[tokio::test]
+async fn every_transport_resumes_after_an_event_id() {
+    let app = TestApp::spawn().await;
+    app.create_app("myapp").await;
+    let manifest = "services:\n  web:\n    build:\n      command: for i in $(seq 1 20); do echo line $i; done\n";
+    let id = app.build_source("myapp", &[("convox.yml", manifest)]).await;
+    app.wait_build("myapp", &id).await;
+    let path = format!("/apps/myapp/builds/{id}/logs");
+    // Chunked text with ids: `<id> <line>`.
+    let full = app
+        .request(Method::GET, &format!("{path}?ids=true"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<(&str, &str)> = full.lines().map(|l| l.split_once(' ').unwrap()).collect();
+    assert_eq!(lines.last().unwrap().1, "OK");
+    let cut = 7;
+    let after = lines[cut - 1].0;
+    let expected_text: String = lines[cut..].iter().map(|(_, l)| format!("{l}\n")).collect();
+    let chunked = app
+        .request(Method::GET, &format!("{path}?after={after}"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(chunked, expected_text);
+    // The websocket takes the cursor as a header (the convox client sends no query string).
+    let websocket = read_websocket(&app, &path, &[("last-event-id", after)]).await;
+    assert_eq!(websocket, expected_text.strip_suffix("OK\n").unwrap());
+}
+
+#[tokio::test]
+async fn a_stopping_server_ends_open_streams_with_a_line_saying_so() {
+    let app = TestApp::spawn().await;
+    app.create_app("myapp").await;
+    let response = app.request(Method::GET, "/apps/myapp/logs").send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let reading = tokio::spawn(async move { response.text().await.unwrap() });
+    app.stop().await;
+    let text = tokio::time::timeout(Duration::from_secs(30), reading)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(text, "rack: this server is shutting down; reconnect to resume\n");
+}
