@@ -47,14 +47,7 @@ async fn a_build_that_succeeds_creates_a_release() {
         .join(format!("builds/myapp/{id}/src/artifact.txt"));
     assert_eq!(std::fs::read_to_string(artifact).unwrap(), "made\n");
 
-    let list: Vec<serde_json::Value> = app
-        .json(Method::GET, "/apps/myapp/builds")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Vec<serde_json::Value> = app.get_json("/apps/myapp/builds").await;
     assert_eq!(list.len(), 1);
     assert_eq!(list[0]["id"], id.as_str());
 }

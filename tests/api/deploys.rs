@@ -109,14 +109,7 @@ async fn deploy_then_the_app_answers_through_its_router() {
     );
     assert_eq!(through_router(&app, "myapp").await, format!("{release} \n"));
 
-    let processes: Vec<Value> = app
-        .json(Method::GET, "/apps/myapp/processes")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let processes: Vec<Value> = app.get_json("/apps/myapp/processes").await;
     assert_eq!(processes.len(), 1, "{processes:?}");
     assert_eq!(
         (processes[0]["name"].as_str(), processes[0]["status"].as_str()),
@@ -221,7 +214,7 @@ async fn continuous_requests_through_the_router_never_fail_during_a_rollout() {
 #[tokio::test]
 async fn a_second_promote_is_409_and_force_supersedes() {
     let app = TestApp::spawn().await;
-    let first = built_app(&app, "myapp").await;
+    built_app(&app, "myapp").await;
     // A release whose process never becomes healthy keeps its deployment busy.
     let slow = create_release(&app, "myapp", &[("env", "FAIL_HEALTH=1")]).await["id"]
         .as_str()
@@ -277,17 +270,9 @@ async fn a_second_promote_is_409_and_force_supersedes() {
     let info = get_app(&app, "myapp").await;
     assert_eq!(info["release"], newest.as_str());
     assert_eq!(through_router(&app, "myapp").await, format!("{newest} forced\n"));
-    let list: Vec<Value> = app
-        .json(Method::GET, "/apps/myapp/deployments")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Vec<Value> = app.get_json("/apps/myapp/deployments").await;
     let states: Vec<&str> = list.iter().map(|d| d["state"].as_str().unwrap()).collect();
     assert_eq!(states, ["running", "superseded"]);
-    let _ = first;
 }
 
 #[tokio::test]
@@ -333,14 +318,7 @@ async fn promoting_an_older_release_is_400_and_rollback_works() {
         .to_owned();
     assert!(promote_follow(&app, "myapp", &rollback).await.ends_with("\nOK\n"));
     assert_eq!(through_router(&app, "myapp").await, format!("{rollback} \n"));
-    let releases: Vec<Value> = app
-        .json(Method::GET, "/apps/myapp/releases?limit=2")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let releases: Vec<Value> = app.get_json("/apps/myapp/releases?limit=2").await;
     assert_eq!(releases[0]["id"], rollback.as_str());
     assert_eq!(releases[1]["id"], second.as_str());
 }
@@ -350,14 +328,7 @@ async fn a_crashed_process_is_restarted() {
     let app = TestApp::spawn().await;
     let release = built_app(&app, "myapp").await;
     promote_follow(&app, "myapp", &release).await;
-    let processes: Vec<Value> = app
-        .json(Method::GET, "/apps/myapp/processes")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let processes: Vec<Value> = app.get_json("/apps/myapp/processes").await;
     let (id, pid) = (
         processes[0]["id"].as_str().unwrap().to_owned(),
         processes[0]["pid"].as_u64().unwrap(),
@@ -580,13 +551,6 @@ async fn a_client_that_leaves_a_followed_promote_cancels_nothing() {
         log.contains("Status: None => Pending") && log.ends_with("\nOK\n"),
         "{log}"
     );
-    let list: Vec<Value> = app
-        .json(Method::GET, "/apps/myapp/deployments")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Vec<Value> = app.get_json("/apps/myapp/deployments").await;
     assert_eq!(list.len(), 1);
 }

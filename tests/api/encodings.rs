@@ -209,13 +209,6 @@ async fn idempotent_retries_replay_the_first_response_and_refuse_other_requests(
         ids.push(build["id"].as_str().unwrap().to_owned());
     }
     assert!(ids.windows(2).all(|w| w[0] == w[1]), "{ids:?}");
-    let builds: Vec<Value> = app
-        .json(Method::GET, "/apps/myapp/builds")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let builds: Vec<Value> = app.get_json("/apps/myapp/builds").await;
     assert_eq!(builds.len(), 1, "a retried build starts nothing new");
 }

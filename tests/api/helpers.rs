@@ -179,6 +179,22 @@ impl TestApp {
         self.request(method, path).header("accept", "application/json")
     }
 
+    /// `GET path` as a JSON client, decoded.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+        let response = self.json(Method::GET, path).send().await.expect("GET");
+        response.json().await.expect("a JSON body")
+    }
+
+    /// The status of `HEAD path`.
+    pub async fn head_status(&self, path: &str) -> u16 {
+        self.convox(Method::HEAD, path)
+            .send()
+            .await
+            .expect("HEAD")
+            .status()
+            .as_u16()
+    }
+
     pub async fn create_app(&self, name: &str) -> Response {
         self.convox(Method::POST, "/apps")
             .form(&[("name", name)])

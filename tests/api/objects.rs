@@ -52,14 +52,7 @@ async fn upload_and_download_round_trip_with_digest() {
     assert_eq!(download.status(), 200);
     assert_eq!(download.bytes().await.unwrap().as_ref(), data.as_slice());
 
-    let list: Vec<String> = app
-        .json(Method::GET, "/apps/myapp/objects?prefix=src/")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Vec<String> = app.get_json("/apps/myapp/objects?prefix=src/").await;
     assert_eq!(list, ["src/app.tgz"]);
 
     let deleted = app
@@ -77,14 +70,7 @@ async fn upload_and_download_round_trip_with_digest() {
         status_text(gone).await,
         (404, "object not found: src/app.tgz\n".to_owned())
     );
-    assert_eq!(
-        app.convox(Method::HEAD, "/apps/myapp/objects/src/app.tgz")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    assert_eq!(app.head_status("/apps/myapp/objects/src/app.tgz").await, 404);
 }
 
 #[tokio::test]
@@ -126,14 +112,7 @@ async fn digest_mismatch_is_400_and_keeps_nothing() {
     let (status, text) = status_text(response).await;
     assert_eq!(status, 400);
     assert!(text.starts_with("the upload's SHA-256 is"), "{text}");
-    assert_eq!(
-        app.convox(Method::HEAD, "/apps/myapp/objects/a.tgz")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    assert_eq!(app.head_status("/apps/myapp/objects/a.tgz").await, 404);
     assert_no_files(&app, "myapp").await;
 
     let malformed = app
@@ -163,14 +142,7 @@ async fn uploads_over_the_cap_are_413_and_keep_nothing() {
         .await
         .unwrap();
     assert_eq!(response.status(), 413);
-    assert_eq!(
-        app.convox(Method::HEAD, "/apps/myapp/objects/big")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    assert_eq!(app.head_status("/apps/myapp/objects/big").await, 404);
     assert_no_files(&app, "myapp").await;
     assert_eq!(app.upload("myapp", "small", vec![1; 1000]).await.status(), 200);
 }
@@ -228,14 +200,7 @@ async fn an_interrupted_upload_leaves_no_object() {
         files.is_empty().then_some(())
     })
     .await;
-    assert_eq!(
-        app.convox(Method::HEAD, "/apps/myapp/objects/partial")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    assert_eq!(app.head_status("/apps/myapp/objects/partial").await, 404);
 }
 
 #[tokio::test]
