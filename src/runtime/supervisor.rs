@@ -252,10 +252,12 @@ impl Supervisor {
             if new_ready >= desired {
                 break;
             }
-            let start_allowed = old.len() + new.len() < desired + surge;
-            let stop_allowed =
-                !old.is_empty() && (old.len() + new_ready).saturating_sub(1) >= desired.saturating_sub(unavailable);
-            if start_allowed || old.is_empty() {
+            // Start a new instance while the surge allows it, or when there is nothing old left
+            // to stop; stop an old one while availability stays above the minimum; otherwise
+            // exceed the surge rather than drop below the minimum.
+            let within_surge = old.len() + new.len() < desired + surge;
+            let can_lose_one = old.len() + new_ready > desired.saturating_sub(unavailable);
+            if within_surge || old.is_empty() || !can_lose_one {
                 log.line(
                     &stream,
                     format!("Scaled up {name} release {} to {}", release.id, new.len() + 1),
@@ -267,24 +269,11 @@ impl Supervisor {
                 // Keep capacity at `desired`: one new ready instance lets one old go.
                 let (new, old) = self.split(app, name, &release.id);
                 let ready = new.iter().filter(|i| i.is_ready()).count();
-                if ready + old.len() > desired
-                    && let Some(oldest) = old.first()
-                {
-                    self.stop_instance(app, oldest, log).await;
-                    log.line(
-                        &stream,
-                        format!("Scaled down {name} release {} to {}", oldest.release, old.len() - 1),
-                    )
-                    .await;
+                if ready + old.len() > desired {
+                    self.scale_down_oldest(app, name, &old, log).await;
                 }
-            } else if stop_allowed || !old.is_empty() {
-                let oldest = &old[0];
-                self.stop_instance(app, oldest, log).await;
-                log.line(
-                    &stream,
-                    format!("Scaled down {name} release {} to {}", oldest.release, old.len() - 1),
-                )
-                .await;
+            } else {
+                self.scale_down_oldest(app, name, &old, log).await;
             }
         }
         let (new, old) = self.split(app, name, &release.id);
@@ -301,6 +290,14 @@ impl Supervisor {
         }
         self.refresh_routes(app, name);
         Ok(())
+    }
+
+    /// Stops the oldest of `old` (instances of earlier releases of `service`).
+    async fn scale_down_oldest(&self, app: &str, service: &str, old: &[Arc<Instance>], log: &LogSink) {
+        let Some(oldest) = old.first() else { return };
+        self.stop_instance(app, oldest, log).await;
+        let message = format!("Scaled down {service} release {} to {}", oldest.release, old.len() - 1);
+        log.line(&format!("system/local/{service}"), message).await;
     }
 
     /// The service's instances of `release` and of other releases, oldest first, skipping

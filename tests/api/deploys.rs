@@ -554,3 +554,35 @@ async fn a_client_that_leaves_a_followed_promote_cancels_nothing() {
     let list: Vec<Value> = app.get_json("/apps/myapp/deployments").await;
     assert_eq!(list.len(), 1);
 }
+
+#[tokio::test]
+async fn a_scaled_service_rolls_every_instance_within_its_budget() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.create_app("myapp").await.status(), 201);
+    let manifest =
+        format!("{MANIFEST}    scale:\n      count: 3\n    deployment:\n      minimum: 50\n      maximum: 150\n");
+    let id = app
+        .build_source("myapp", &[("convox.yml", &manifest), ("server.py", SERVER)])
+        .await;
+    let first = app.wait_build("myapp", &id).await["release"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(promote_follow(&app, "myapp", &first).await.ends_with("\nOK\n"));
+    let second = create_release(&app, "myapp", &[("env", "GREETING=two")]).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let log = promote_follow(&app, "myapp", &second).await;
+    assert!(log.ends_with("\nOK\n"), "{log}");
+    assert_eq!(log.matches("Scaled up web release").count(), 3, "{log}");
+    assert_eq!(log.matches("Stopped process").count(), 3, "{log}");
+    let processes: Vec<Value> = app.get_json("/apps/myapp/processes").await;
+    assert_eq!(processes.len(), 3, "{processes:?}");
+    assert!(
+        processes
+            .iter()
+            .all(|p| p["release"] == second.as_str() && p["status"] == "running"),
+        "{processes:?}"
+    );
+}
