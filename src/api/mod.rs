@@ -52,9 +52,9 @@ fn routes() -> Routes {
         .json(M::PUT, "/apps/{app}", apps::update_app)
         .json(M::DELETE, "/apps/{app}", apps::delete_app)
         .json(M::GET, "/apps/{app}/objects", objects::list_objects)
-        .stream(M::POST, "/apps/{app}/objects", objects::upload_object_anonymous)
-        .stream(M::POST, "/apps/{app}/objects/", objects::upload_object_anonymous)
-        .stream(M::POST, "/apps/{app}/objects/{*key}", objects::upload_object)
+        .upload(M::POST, "/apps/{app}/objects", objects::upload_object_anonymous)
+        .upload(M::POST, "/apps/{app}/objects/", objects::upload_object_anonymous)
+        .upload(M::POST, "/apps/{app}/objects/{*key}", objects::upload_object)
         .stream(M::GET, "/apps/{app}/objects/{*key}", objects::download_object)
         .json(M::HEAD, "/apps/{app}/objects/{*key}", objects::head_object)
         .json(M::DELETE, "/apps/{app}/objects/{*key}", objects::delete_object)
@@ -120,12 +120,11 @@ struct Routes {
 
 impl Routes {
     /// A request/response route: bounded in time and body size, panics turned into 500s.
-    fn json<H, T>(mut self, method: Method, path: &'static str, handler: H) -> Self
+    fn json<H, T>(self, method: Method, path: &'static str, handler: H) -> Self
     where
         H: Handler<T, AppState>,
         T: 'static,
     {
-        let filter = MethodFilter::try_from(method.clone()).expect("routes use standard methods");
         let layers = tower::ServiceBuilder::new()
             .layer(CatchPanicLayer::custom(|_| {
                 ApiError::Internal(anyhow::anyhow!("a request handler panicked")).into_response()
@@ -135,27 +134,59 @@ impl Routes {
                 REQUEST_TIMEOUT,
             ))
             .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY));
-        let route = on(filter, handler).layer::<_, Infallible>(layers);
+        let route = on(filter_of(&method), handler).layer::<_, Infallible>(layers);
+        self.add(method, path, route)
+    }
+
+    fn add(mut self, method: Method, path: &'static str, route: axum::routing::MethodRouter<AppState>) -> Self {
         self.router = self.router.route(path, route);
         self.table.push((method, path));
         self
     }
-}
 
-impl Routes {
-    /// A streaming route (uploads, downloads, log streams): no time limit, and no body limit
-    /// beyond the one its handler enforces while streaming.
-    fn stream<H, T>(mut self, method: Method, path: &'static str, handler: H) -> Self
+    /// A streaming response (downloads, log streams, a followed promote): no time limit; a
+    /// request body, if any, is bounded like a JSON one.
+    fn stream<H, T>(self, method: Method, path: &'static str, handler: H) -> Self
     where
         H: Handler<T, AppState>,
         T: 'static,
     {
-        let filter = MethodFilter::try_from(method.clone()).expect("routes use standard methods");
-        let route = on(filter, handler).layer::<_, Infallible>(axum::extract::DefaultBodyLimit::disable());
-        self.router = self.router.route(path, route);
-        self.table.push((method, path));
-        self
+        self.streaming(
+            method,
+            path,
+            handler,
+            axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY),
+        )
     }
+
+    /// A streamed upload: no time limit and no body limit here; the handler enforces
+    /// RACK_MAX_UPLOAD_BYTES while it streams (and answers 413 itself).
+    fn upload<H, T>(self, method: Method, path: &'static str, handler: H) -> Self
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        self.streaming(method, path, handler, axum::extract::DefaultBodyLimit::disable())
+    }
+
+    fn streaming<H, T>(
+        self,
+        method: Method,
+        path: &'static str,
+        handler: H,
+        limit: axum::extract::DefaultBodyLimit,
+    ) -> Self
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        let route = on(filter_of(&method), handler).layer::<_, Infallible>(limit);
+        self.add(method, path, route)
+    }
+}
+
+fn filter_of(method: &Method) -> MethodFilter {
+    MethodFilter::try_from(method.clone()).expect("routes use standard methods")
 }
 
 fn request_span(request: &Request<Body>) -> tracing::Span {
