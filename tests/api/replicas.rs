@@ -178,7 +178,8 @@ async fn a_hundred_concurrent_promotes_across_replicas_start_exactly_one_deploym
     let a = Replica::start(&database, data.path(), &[]).await;
     let b = Replica::start(&database, data.path(), &[]).await;
     create_app(&a, "myapp").await;
-    let manifest = "services:\n  worker:\n    command: sleep 600\n    health:\n      grace: 0\n";
+    // Ready only after 5 s: the deployment is still in progress while the promotes arrive.
+    let manifest = "services:\n  worker:\n    command: sleep 600\n    health:\n      grace: 5\n";
     let id = a.build("myapp", &[("convox.yml", manifest)]).await;
     let build = a.wait_build("myapp", &id).await;
     let release = build["release"].as_str().unwrap().to_owned();
