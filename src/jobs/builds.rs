@@ -166,6 +166,7 @@ async fn end(
         }
     }
     state.bus.poke(Wake::Events(build.app.clone()));
+    prune(state, &build.app).await;
     match &result {
         Ok(()) => tracing::info!(build.id = %build.id, app.name = %build.app, "build {} complete", build.id),
         Err(reason) => {
@@ -240,6 +241,17 @@ async fn try_end(
     )
     .await?;
     tx.commit().await
+}
+
+/// How many of an app's newest builds keep their sources on the host (beyond those that the
+/// app's release and deployments in progress need), so old ones cannot fill the disk.
+const KEEP_BUILDS: i64 = 10;
+
+async fn prune(state: &AppState, app: &str) {
+    match builds::retained_ids(&state.pool, app, KEEP_BUILDS).await {
+        Ok(keep) => state.runtime.prune_builds(app, &keep).await,
+        Err(e) => tracing::warn!(error = %e, app.name = app, "listing the builds of {app} to keep"),
+    }
 }
 
 /// Ends a build that never started (cancelled while queued): `failed`, reason `cancelled`.

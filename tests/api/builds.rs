@@ -550,3 +550,42 @@ async fn a_stopping_server_ends_open_streams_with_a_line_saying_so() {
         .unwrap();
     assert_eq!(text, "rack: this server is shutting down; reconnect to resume\n");
 }
+
+#[tokio::test]
+async fn old_build_sources_are_pruned_but_the_running_release_keeps_its_own() {
+    let app = TestApp::spawn().await;
+    app.create_app("myapp").await;
+    let manifest = "services:\n  worker:\n    command: sleep 600\n    health:\n      grace: 0\n";
+    let tarball = source_tarball(&[("convox.yml", manifest)]);
+    assert_eq!(app.upload("myapp", "src.tgz", tarball).await.status(), 200);
+    let mut ids = Vec::new();
+    for n in 0..12 {
+        let id = app.create_build("myapp", "src.tgz").await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let build = app.wait_build("myapp", &id).await;
+        if n == 0 {
+            // The first build's release runs: its sources must stay whatever comes after.
+            let release = build["release"].as_str().unwrap();
+            let promote = app
+                .json(Method::POST, &format!("/apps/myapp/releases/{release}/promote"))
+                .send()
+                .await
+                .unwrap();
+            let location = promote.headers()["location"].to_str().unwrap().to_owned();
+            wait_for(60, "the first release to run", || async {
+                let d: serde_json::Value = app.get_json(&location).await;
+                (d["state"] == "running").then_some(())
+            })
+            .await;
+        }
+        ids.push(id);
+    }
+    let dir = app.state.config.data_dir.join("builds/myapp");
+    let kept = |ids: &[String]| ids.iter().filter(|id| dir.join(id.as_str()).exists()).count();
+    assert_eq!(kept(&ids[..1]), 1, "the running release's build stays");
+    assert_eq!(kept(&ids[1..2]), 0, "an old build nobody runs is pruned");
+    assert_eq!(kept(&ids[2..]), 10, "the ten newest stay");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 11);
+}
