@@ -123,9 +123,9 @@ enum LeaseEnd {
 /// Renews the build's lease until aborted; cancels the build when a cancel is requested, or
 /// when the lease is lost (the build was deleted, or another replica took it over).
 async fn keep_lease(state: AppState, id: String, cancel: CancellationToken) -> LeaseEnd {
-    let every = state.config.job_lease / 3;
+    let mut wake = state.bus.subscribe();
     loop {
-        tokio::time::sleep(every).await;
+        super::until_renewal(&state, &mut wake).await;
         match builds::renew_lease(&state.pool, &id, state.replica, state.config.job_lease).await {
             Ok(Some(false)) => {}
             Ok(Some(true)) => cancel.cancel(),

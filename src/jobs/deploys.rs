@@ -213,9 +213,9 @@ async fn hand_back(state: &AppState, deployment: &Deployment) -> anyhow::Result<
 
 /// Renews the lease; raises `cancel` when a cancel is requested and `lost` when the lease is gone.
 async fn keep_lease(state: AppState, id: uuid::Uuid, cancel: CancellationToken, lost: CancellationToken) {
-    let every = state.config.job_lease / 3;
+    let mut wake = state.bus.subscribe();
     loop {
-        tokio::time::sleep(every).await;
+        super::until_renewal(&state, &mut wake).await;
         match deployments::renew_lease(&state.pool, id, state.replica, state.config.job_lease).await {
             Ok(Some(false)) => {}
             Ok(Some(true)) => cancel.cancel(),

@@ -34,6 +34,22 @@ pub async fn wait_for_work(state: &crate::AppState, wake: &mut tokio::sync::broa
     }
 }
 
+/// Waits until a job holder should renew its lease: a third of the lease, or sooner when
+/// something happened to jobs (a cancel request is announced that way, so it acts at once).
+pub async fn until_renewal(state: &crate::AppState, wake: &mut tokio::sync::broadcast::Receiver<Wake>) {
+    let deadline = tokio::time::sleep(state.config.job_lease / 3);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            () = &mut deadline => return,
+            received = wake.recv() => match received {
+                Ok(Wake::Events(_)) => {}
+                _ => return,
+            },
+        }
+    }
+}
+
 /// Persists a job's output lines as events, in batches (one transaction per batch, not per
 /// line), until every sender is gone; answers flushes once what came before is stored.
 /// Returns the number of lines written.

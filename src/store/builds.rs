@@ -218,6 +218,7 @@ pub async fn request_cancel(conn: &mut PgConnection, app: &str, id: &str) -> Res
             .bind(id)
             .execute(&mut *conn)
             .await?;
+        notify_jobs(&mut *conn).await?;
     }
     Ok(build)
 }

@@ -179,18 +179,24 @@ pub async fn list_for_app(pool: &PgPool, app: &str, limit: i64) -> Result<Vec<De
         .await
 }
 
-/// Marks the app's deployment in progress for cancellation; returns it (None: nothing runs).
+/// Marks the app's deployment in progress for cancellation and wakes the workers (its holder
+/// acts at once); returns it (None: nothing runs).
 pub async fn request_cancel(pool: &PgPool, app: &str) -> Result<Option<Deployment>, sqlx::Error> {
-    sqlx::query_as(concat!(
-        "update deployments set cancel_requested = true, updated_at = now()
-          where app = $1 and state in ",
+    let mut tx = pool.begin().await?;
+    let deployment = sqlx::query_as(concat!(
+        "update deployments set cancel_requested = true, updated_at = now() where app = $1 and state in ",
         active!(),
-        "
-         returning *"
+        " returning *"
     ))
     .bind(app)
-    .fetch_optional(pool)
-    .await
+    .fetch_optional(&mut *tx)
+    .await?;
+    sqlx::query("select pg_notify($1, 'cancel')")
+        .bind(crate::store::builds::JOBS_CHANNEL)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(deployment)
 }
 
 /// Claims the oldest deployment waiting for a worker: never claimed, or whose holder's lease

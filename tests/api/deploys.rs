@@ -586,3 +586,104 @@ async fn a_scaled_service_rolls_every_instance_within_its_budget() {
         "{processes:?}"
     );
 }
+
+/// A release that would only become healthy after a minute.
+async fn slow_release(app: &TestApp) -> String {
+    let manifest = MANIFEST.replace("grace: 1", "grace: 60");
+    let id = app
+        .build_source("myapp", &[("convox.yml", &manifest), ("server.py", SERVER)])
+        .await;
+    app.wait_build("myapp", &id).await["release"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_rollout_past_its_deadline_rolls_back() {
+    let app = TestApp::spawn().await;
+    let first = built_app(&app, "myapp").await;
+    promote_follow(&app, "myapp", &first).await;
+    let slow = slow_release(&app).await;
+    let response = app
+        .request(Method::POST, &format!("/apps/myapp/releases/{slow}/promote"))
+        .form(&[("follow", "true"), ("timeout", "2")])
+        .send()
+        .await
+        .unwrap();
+    let log = tokio::time::timeout(Duration::from_secs(60), response.text())
+        .await
+        .unwrap()
+        .unwrap();
+    lines_in_order(
+        &log,
+        &[
+            "Status: Updating => Deadline",
+            "Status: Deadline => Rollback",
+            "Status: Rollback => Reverted",
+        ],
+    );
+    assert!(
+        log.ends_with("ERROR: the deployment did not become healthy within 2s\n"),
+        "{log}"
+    );
+    assert_eq!(get_app(&app, "myapp").await["release"], first.as_str());
+    assert_eq!(through_router(&app, "myapp").await, format!("{first} \n"));
+    let bad = app
+        .convox(Method::POST, &format!("/apps/myapp/releases/{slow}/promote"))
+        .form(&[("timeout", "0")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+}
+
+#[tokio::test]
+async fn cancel_rolls_a_running_deployment_back() {
+    let app = TestApp::spawn().await;
+    let first = built_app(&app, "myapp").await;
+    promote_follow(&app, "myapp", &first).await;
+    let not_updating = app.convox(Method::POST, "/apps/myapp/cancel").send().await.unwrap();
+    assert_eq!(
+        status_text(not_updating).await,
+        (403, "app is not updating\n".to_owned())
+    );
+
+    let slow = slow_release(&app).await;
+    let promote = app
+        .json(Method::POST, &format!("/apps/myapp/releases/{slow}/promote"))
+        .send()
+        .await
+        .unwrap();
+    let location = promote.headers()["location"].to_str().unwrap().to_owned();
+    wait_for(30, "the deployment to be updating", || async {
+        let d: Value = app.get_json(&location).await;
+        (d["state"] == "updating").then_some(())
+    })
+    .await;
+    let cancel = app.convox(Method::POST, "/apps/myapp/cancel").send().await.unwrap();
+    assert_eq!(status_text(cancel).await, (200, "ok\n".to_owned()));
+    let log = app
+        .request(Method::GET, &format!("{location}/events"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    lines_in_order(
+        &log,
+        &[
+            "Status: Updating => Cancelled",
+            "Status: Cancelled => Rollback",
+            "Status: Rollback => Reverted",
+        ],
+    );
+    assert!(log.ends_with("ERROR: cancelled\n"), "{log}");
+    let deployment: Value = app.get_json(&location).await;
+    assert_eq!(
+        (deployment["state"].as_str(), deployment["reason"].as_str()),
+        (Some("reverted"), Some("cancelled"))
+    );
+    assert_eq!(get_app(&app, "myapp").await["release"], first.as_str());
+}
