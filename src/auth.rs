@@ -1,5 +1,6 @@
-//! Authentication: HTTP basic auth with the rack password (any user name, as convox does),
-//! checked on every route by [`require_auth`]. The password is configured, or generated on
+//! Authentication and authorisation: the rack password through HTTP basic auth (any user
+//! name, as convox does) or scoped API tokens (read, deploy, admin), checked on every route by
+//! [`require_auth`] and [`require_role`]. The password is configured, or generated on
 //! first start and kept in the data directory (mode 0600).
 
 use std::io::Write;
@@ -92,11 +93,36 @@ pub fn resolve_password(configured: Option<&str>, data_dir: &Path) -> anyhow::Re
 pub enum Role {
     /// Read anything.
     Read,
-    /// Read, build, release and deploy.
+    /// Read, upload, build, release, promote, cancel, restart processes.
     Deploy,
-    /// Everything.
+    /// Everything, including apps and tokens.
     Admin,
 }
+
+impl Role {
+    /// The role's name in tokens and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Deploy => "deploy",
+            Self::Admin => "admin",
+        }
+    }
+
+    /// Parses a role name.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "read" => Some(Self::Read),
+            "deploy" => Some(Self::Deploy),
+            "admin" => Some(Self::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// The prefix of API tokens (so they are recognisable in a leaked config, and never mistaken
+/// for the rack password).
+pub const TOKEN_PREFIX: &str = "rack_";
 
 /// The authenticated caller, put in the request's extensions by [`require_auth`].
 #[derive(Debug, Clone, Copy)]
@@ -104,36 +130,92 @@ pub struct Principal {
     pub role: Role,
 }
 
-/// Rejects requests without valid credentials (401) and, as convox does, requests that change
-/// something from callers that may only read (403).
+/// The routes a `deploy` token may change; every other change needs `admin`.
+const DEPLOY_ROUTES: &[(&str, &str)] = &[
+    ("POST", "/apps/{app}/objects"),
+    ("POST", "/apps/{app}/objects/"),
+    ("POST", "/apps/{app}/objects/{*key}"),
+    ("DELETE", "/apps/{app}/objects/{*key}"),
+    ("POST", "/apps/{app}/builds"),
+    ("PUT", "/apps/{app}/builds/{id}"),
+    ("POST", "/apps/{app}/builds/{id}/cancel"),
+    ("POST", "/apps/{app}/releases"),
+    ("POST", "/apps/{app}/releases/{id}/promote"),
+    ("POST", "/apps/{app}/cancel"),
+    ("DELETE", "/apps/{app}/processes/{id}"),
+];
+
+/// The role a request to `route` with `method` needs.
+pub fn required_role(method: &axum::http::Method, route: &str) -> Role {
+    if route.starts_with("/tokens") {
+        Role::Admin
+    } else if method.is_safe() {
+        Role::Read
+    } else if DEPLOY_ROUTES.contains(&(method.as_str(), route)) {
+        Role::Deploy
+    } else {
+        Role::Admin
+    }
+}
+
+/// Rejects requests without valid credentials (401): the rack password (basic auth, any user
+/// name, as convox sends it) or an API token (bearer, or as the basic auth password).
 pub async fn require_auth(
     State(state): State<AppState>,
     mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let principal = authenticate(&state, request.headers())?;
-    let needed = if request.method().is_safe() {
-        Role::Read
-    } else {
-        Role::Deploy
-    };
-    if principal.role < needed {
-        return Err(ApiError::Forbidden("this credential may only read".into()));
-    }
+    let principal = authenticate(&state, request.headers()).await?;
     request.extensions_mut().insert(principal);
     Ok(next.run(request).await)
 }
 
-fn authenticate(state: &AppState, headers: &axum::http::HeaderMap) -> Result<Principal, ApiError> {
-    let value = headers.get(header::AUTHORIZATION).ok_or(ApiError::Unauthorized(
-        "authentication required: use HTTP basic auth with the rack password",
-    ))?;
-    let password = basic_password(value.as_bytes()).ok_or(ApiError::Unauthorized("invalid authentication"))?;
-    if state.password.matches(&password) {
-        Ok(Principal { role: Role::Admin })
-    } else {
-        Err(ApiError::Unauthorized("invalid authentication"))
+/// Rejects requests the caller's role does not allow (403). A route layer: it needs the
+/// matched route.
+pub async fn require_role(request: Request, next: Next) -> Result<Response, ApiError> {
+    let role = request.extensions().get::<Principal>().map_or(Role::Read, |p| p.role);
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let needed = required_role(request.method(), route.as_deref().unwrap_or_default());
+    if role < needed {
+        return Err(ApiError::Forbidden(format!(
+            "this credential has the {} role; {} {} needs {}",
+            role.as_str(),
+            request.method(),
+            route.unwrap_or_default(),
+            needed.as_str()
+        )));
     }
+    Ok(next.run(request).await)
+}
+
+async fn authenticate(state: &AppState, headers: &axum::http::HeaderMap) -> Result<Principal, ApiError> {
+    let value = headers.get(header::AUTHORIZATION).ok_or(ApiError::Unauthorized(
+        "authentication required: use HTTP basic auth with the rack password, or a token",
+    ))?;
+    let secret = basic_password(value.as_bytes())
+        .or_else(|| bearer(value.as_bytes()))
+        .ok_or(ApiError::Unauthorized("invalid authentication"))?;
+    if state.password.matches(&secret) {
+        return Ok(Principal { role: Role::Admin });
+    }
+    if secret.starts_with(TOKEN_PREFIX) {
+        let hash = crate::objects::hex(&Sha256::digest(secret.as_bytes()));
+        if let Some(token) = crate::store::tokens::use_by_hash(&state.pool, &hash).await? {
+            let role = Role::parse(&token.role).unwrap_or(Role::Read);
+            return Ok(Principal { role });
+        }
+    }
+    Err(ApiError::Unauthorized("invalid authentication"))
+}
+
+/// The token of a `Bearer` authorization header.
+fn bearer(value: &[u8]) -> Option<String> {
+    let value = std::str::from_utf8(value).ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
 }
 
 /// The password of a `Basic` authorization header (the user name is ignored).
@@ -153,6 +235,19 @@ fn basic_password(value: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn roles_follow_the_route() {
+        use axum::http::Method;
+        assert_eq!(required_role(&Method::GET, "/apps"), Role::Read);
+        assert_eq!(required_role(&Method::GET, "/tokens"), Role::Admin);
+        assert_eq!(
+            required_role(&Method::POST, "/apps/{app}/releases/{id}/promote"),
+            Role::Deploy
+        );
+        assert_eq!(required_role(&Method::POST, "/apps"), Role::Admin);
+        assert_eq!(required_role(&Method::DELETE, "/apps/{app}"), Role::Admin);
+    }
+
     fn basic(userinfo: &str) -> String {
         format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(userinfo))
     }
@@ -165,6 +260,8 @@ mod tests {
         );
         assert_eq!(basic_password(basic(":a:b").as_bytes()).as_deref(), Some("a:b"));
         assert_eq!(basic_password(b"Bearer abc"), None);
+        assert_eq!(bearer(b"Bearer rack_abc").as_deref(), Some("rack_abc"));
+        assert_eq!(bearer(b"Basic abc"), None);
         assert_eq!(basic_password(b"Basic !!!"), None);
     }
 

@@ -12,6 +12,7 @@ pub mod processes;
 pub mod releases;
 pub mod streams;
 pub mod system;
+pub mod tokens;
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -86,6 +87,9 @@ fn routes() -> Routes {
             processes::stream_service_logs,
         )
         .json(M::GET, "/apps/{app}/budget", processes::show_budget)
+        .json(M::GET, "/tokens", tokens::list_tokens)
+        .json(M::POST, "/tokens", tokens::create_token)
+        .json(M::DELETE, "/tokens/{id}", tokens::delete_token)
 }
 
 /// The API with its layers, ready to serve.
@@ -94,8 +98,10 @@ pub fn router(state: AppState) -> Router {
     let idempotency = middleware::from_fn_with_state(state.clone(), idempotency::idempotency);
     routes()
         .router
-        // After routing (it needs the matched path) and after auth.
+        // After routing (they need the matched path) and after authentication: the role
+        // check first, then idempotency.
         .route_layer(idempotency)
+        .route_layer(middleware::from_fn(crate::auth::require_role))
         .fallback(unknown_route)
         // Layers run outside-in from the last one added: request id, trace, error rendering, auth.
         .layer(auth)

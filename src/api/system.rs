@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::AppState;
 use crate::api::input::{Format, Pretty};
-use crate::auth::{Principal, Role};
+use crate::auth::Principal;
 
 /// The version reported to clients. The convox CLI compares it as a string with v2 date
 /// versions and takes legacy code paths for anything that sorts below them, so it starts
@@ -60,10 +60,5 @@ pub async fn show_system(State(state): State<AppState>) -> Pretty<System> {
 /// `GET /auth`: answers `ok` when the credentials are valid (the auth layer has checked them).
 #[tracing::instrument(skip_all)]
 pub async fn check_auth(Extension(principal): Extension<Principal>, format: Format) -> Response {
-    let role = match principal.role {
-        Role::Read => "read",
-        Role::Deploy => "deploy",
-        Role::Admin => "admin",
-    };
-    format.ok(serde_json::json!({ "role": role }))
+    format.ok(serde_json::json!({ "role": principal.role.as_str() }))
 }

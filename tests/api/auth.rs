@@ -46,11 +46,20 @@ async fn wrong_password_is_401_and_changes_nothing() {
     let bearer = app
         .client
         .get(app.url("/apps"))
-        .bearer_auth(PASSWORD)
+        .bearer_auth("wrong")
         .send()
         .await
         .unwrap();
     assert_eq!(bearer.status(), 401);
+    // The password also works as a bearer token.
+    let bearer = app
+        .client
+        .get(app.url("/apps"))
+        .bearer_auth(PASSWORD)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bearer.status(), 200);
     assert!(app.list_apps().await.is_empty());
 }
 
@@ -67,4 +76,148 @@ async fn any_user_name_is_accepted_with_the_password() {
             .unwrap();
         assert_eq!(status_text(response).await, (200, "ok\n".to_owned()), "user {user:?}");
     }
+}
+
+async fn create_token(app: &TestApp, name: &str, role: &str) -> (String, String) {
+    let response = app
+        .json(Method::POST, "/tokens")
+        .form(&[("name", name), ("role", role)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let body: serde_json::Value = response.json().await.unwrap();
+    let secret = body["token"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("rack_") && secret.len() > 40, "{secret}");
+    (body["id"].as_str().unwrap().to_owned(), secret)
+}
+
+#[tokio::test]
+async fn tokens_are_scoped_to_read_deploy_or_admin() {
+    let app = TestApp::spawn().await;
+    app.create_app("myapp").await;
+    let (_, read) = create_token(&app, "dashboard", "read").await;
+    let (deploy_id, deploy) = create_token(&app, "ci", "deploy").await;
+    let (_, admin) = create_token(&app, "ops", "admin").await;
+    let with = |token: &str, method: Method, path: &str| app.client.request(method, app.url(path)).bearer_auth(token);
+
+    // Read: GETs only (also as the basic auth password, as the convox CLI would send it).
+    assert_eq!(with(&read, Method::GET, "/apps").send().await.unwrap().status(), 200);
+    let basic = app
+        .client
+        .get(app.url("/apps/myapp"))
+        .basic_auth("convox", Some(&read))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(basic.status(), 200);
+    let (status, text) = status_text(with(&read, Method::POST, "/apps/myapp/releases").send().await.unwrap()).await;
+    assert_eq!(status, 403);
+    assert_eq!(
+        text,
+        "this credential has the read role; POST /apps/{app}/releases needs deploy\n"
+    );
+
+    // Deploy: uploads, builds, releases, promotes; not apps or tokens.
+    let upload = with(&deploy, Method::POST, "/apps/myapp/objects/src.tgz")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(upload.status(), 200);
+    let release = with(&deploy, Method::POST, "/apps/myapp/releases")
+        .form(&[("env", "A=1")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(release.status(), 201);
+    let create = with(&deploy, Method::POST, "/apps")
+        .form(&[("name", "other")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(create.status(), 403);
+    assert_eq!(
+        with(&deploy, Method::DELETE, "/apps/myapp")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    assert_eq!(
+        with(&deploy, Method::GET, "/tokens").send().await.unwrap().status(),
+        403
+    );
+
+    // Admin: everything.
+    assert_eq!(
+        with(&admin, Method::POST, "/apps")
+            .form(&[("name", "other")])
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    let listed: Vec<serde_json::Value> = with(&admin, Method::GET, "/tokens")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 3);
+    assert!(
+        listed.iter().all(|t| t.get("token").is_none()),
+        "secrets are never listed: {listed:?}"
+    );
+    assert!(listed.iter().any(|t| t["last_used"].is_string()));
+
+    // Revoked: 401.
+    assert_eq!(
+        with(&admin, Method::DELETE, &format!("/tokens/{deploy_id}"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(with(&deploy, Method::GET, "/apps").send().await.unwrap().status(), 401);
+    assert_eq!(
+        with("rack_made-up", Method::GET, "/apps")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let bad = app
+        .json(Method::POST, "/tokens")
+        .form(&[("name", "x"), ("role", "root")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+}
+
+#[tokio::test]
+async fn websocket_handshakes_need_credentials_too() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let app = TestApp::spawn().await;
+    app.create_app("myapp").await;
+    let request = format!("ws://{}/apps/myapp/logs", app.addr)
+        .into_client_request()
+        .unwrap();
+    let refused = tokio_tungstenite::connect_async(request).await.unwrap_err();
+    assert!(refused.to_string().contains("401"), "{refused}");
+    let (_, read) = create_token(&app, "dashboard", "read").await;
+    let mut request = format!("ws://{}/apps/myapp/logs", app.addr)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {read}").parse().unwrap());
+    request.headers_mut().insert("follow", "false".parse().unwrap());
+    assert!(tokio_tungstenite::connect_async(request).await.is_ok());
 }
