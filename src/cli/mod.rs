@@ -11,6 +11,7 @@ mod output;
 mod promote;
 mod ps;
 mod releases;
+mod tokens;
 
 use std::process::ExitCode;
 
@@ -75,6 +76,11 @@ enum Command {
     },
     /// Print an app's logs (following them unless told not to).
     Logs(logs::LogsArgs),
+    /// List API tokens, or create or revoke one (admin).
+    Tokens {
+        #[command(subcommand)]
+        command: Option<tokens::TokensCommand>,
+    },
     /// List an app's processes, or stop (restart) one.
     Ps {
         #[command(flatten)]
@@ -139,6 +145,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                 Command::Env { app, command } => env::run(&client, app, command).await,
                 Command::Logs(args) => logs::run(&client, args).await,
                 Command::Ps { app, command } => ps::run(&client, app, command).await,
+                Command::Tokens { command } => tokens::run(&client, command).await,
                 Command::Server(_) => unreachable!("handled above"),
             },
             Err(e) => Err(e),

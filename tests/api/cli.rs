@@ -382,3 +382,42 @@ async fn releases_promote_rollback_and_cancel() {
         (0, "Cancelling deployment of myapp... OK\n")
     );
 }
+
+#[tokio::test]
+async fn tokens_can_be_created_used_and_revoked() {
+    let app = TestApp::spawn().await;
+    app.create_app("myapp").await;
+    let run = rack(&app, PASSWORD, &["tokens", "create", "ci", "--role", "read"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let secret = run.stdout.trim().to_owned();
+    assert!(secret.starts_with("rack_"), "{}", run.stdout);
+    // The token works as the password in RACK_URL, with its role's limits.
+    let run = rack(&app, &secret, &["apps"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let run = rack(&app, &secret, &["apps", "create", "other"]).await;
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr
+            .contains("ERROR: this credential has the read role; POST /apps needs admin"),
+        "{}",
+        run.stderr
+    );
+    let run = rack(&app, PASSWORD, &["tokens"]).await;
+    let id = run
+        .stdout
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(run.stdout.contains(" ci "), "{}", run.stdout);
+    assert!(!run.stdout.contains(&secret));
+    let run = rack(&app, PASSWORD, &["tokens", "delete", &id]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        rack(&app, &secret, &["apps"]).await.stderr,
+        "ERROR: invalid authentication\n"
+    );
+}
