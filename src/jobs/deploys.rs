@@ -122,7 +122,7 @@ async fn drive(
                     return Ok(());
                 }
                 Phase::Failed(state_, reason) => failure = Some((state_, reason)),
-                Phase::Lost => return Ok(()),
+                Phase::Lost => return clean_up_if_deleted(state, &deployment.app).await,
                 Phase::Stopping => return hand_back(state, deployment).await,
             }
         }
@@ -171,7 +171,7 @@ async fn drive(
         Phase::Failed(_, why) => {
             step(DeployState::Failure, format!("{reason}; rollback failed: {why}")).await?;
         }
-        Phase::Lost => {}
+        Phase::Lost => return clean_up_if_deleted(state, &deployment.app).await,
         Phase::Stopping => return hand_back(state, deployment).await,
     }
     Ok(())
@@ -204,6 +204,16 @@ async fn phase(
         () = lost.cancelled() => Phase::Lost,
         () = state.shutdown.cancelled() => Phase::Stopping,
     }
+}
+
+/// A lost lease can mean the app was deleted mid-rollout: then what the rollout started
+/// must not outlive it.
+async fn clean_up_if_deleted(state: &AppState, app: &str) -> anyhow::Result<()> {
+    let name = crate::names::AppName::parse(app)?;
+    if crate::store::apps::get(&state.pool, &name).await?.is_none() {
+        state.runtime.delete_app(app).await;
+    }
+    Ok(())
 }
 
 async fn hand_back(state: &AppState, deployment: &Deployment) -> anyhow::Result<()> {

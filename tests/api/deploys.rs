@@ -687,3 +687,35 @@ async fn cancel_rolls_a_running_deployment_back() {
     );
     assert_eq!(get_app(&app, "myapp").await["release"], first.as_str());
 }
+
+#[tokio::test]
+async fn deleting_an_app_mid_rollout_leaves_no_process_behind() {
+    let app = TestApp::spawn().await;
+    built_app(&app, "myapp").await;
+    let slow = slow_release(&app).await;
+    let promote = app
+        .json(Method::POST, &format!("/apps/myapp/releases/{slow}/promote"))
+        .send()
+        .await
+        .unwrap();
+    let location = promote.headers()["location"].to_str().unwrap().to_owned();
+    let pid = wait_for(30, "a process of the rollout", || async {
+        let d: Value = app.get_json(&location).await;
+        if d["state"] != "updating" {
+            return None;
+        }
+        let list: Vec<Value> = app.get_json("/apps/myapp/processes").await;
+        list.first()?["pid"].as_u64().filter(|pid| *pid > 0)
+    })
+    .await;
+    assert_eq!(
+        status_text(app.delete_app("myapp").await).await,
+        (200, "ok\n".to_owned())
+    );
+    wait_for(30, "the rollout's process to be gone", || async {
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok();
+        (!alive).then_some(())
+    })
+    .await;
+    assert_eq!(app.get_app("myapp").await.status(), 404);
+}
