@@ -143,6 +143,8 @@ const DEPLOY_ROUTES: &[(&str, &str)] = &[
     ("POST", "/apps/{app}/releases/{id}/promote"),
     ("POST", "/apps/{app}/cancel"),
     ("DELETE", "/apps/{app}/processes/{id}"),
+    ("PUT", "/apps/{app}/services/{service}"),
+    ("POST", "/apps/{app}/services/{service}/restart"),
 ];
 
 /// The role a request to `route` with `method` needs.

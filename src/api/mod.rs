@@ -10,6 +10,7 @@ pub mod input;
 pub mod objects;
 pub mod processes;
 pub mod releases;
+pub mod services;
 pub mod streams;
 pub mod system;
 pub mod tokens;
@@ -87,6 +88,13 @@ fn routes() -> Routes {
             processes::stream_service_logs,
         )
         .json(M::GET, "/apps/{app}/budget", processes::show_budget)
+        .json(M::GET, "/apps/{app}/services", services::list_services)
+        .json(M::PUT, "/apps/{app}/services/{service}", services::scale_service)
+        .json(
+            M::POST,
+            "/apps/{app}/services/{service}/restart",
+            services::restart_service,
+        )
         .json(M::GET, "/tokens", tokens::list_tokens)
         .json(M::POST, "/tokens", tokens::create_token)
         .json(M::DELETE, "/tokens/{id}", tokens::delete_token)

@@ -22,7 +22,7 @@ use crate::store::releases::{self, NewRelease, Release};
 
 /// Longest a deployment may take unless the promote says otherwise (convox's k8s default is
 /// 3000 s; the issue asks for 30 minutes).
-const DEFAULT_TIMEOUT_SECS: u64 = 1800;
+pub const DEFAULT_TIMEOUT_SECS: u64 = 1800;
 
 /// A release as convox shows it.
 #[derive(Debug, Serialize)]
@@ -188,6 +188,37 @@ pub async fn create_release(
         .into_response())
 }
 
+/// Starts a deployment of `release` (one per app: 409 while another runs, unless `force`
+/// supersedes it) and wakes the workers.
+pub async fn start_deployment(
+    state: &AppState,
+    app: &str,
+    release: &str,
+    force: bool,
+    timeout_secs: u64,
+) -> ApiResult<deployments::Deployment> {
+    let runtime = state.runtime.name();
+    let id = uuid::Uuid::now_v7();
+    let mut tx = state.pool.begin().await?;
+    if force {
+        deployments::supersede_active(&mut tx, app, id, runtime).await?;
+    }
+    let timeout = std::time::Duration::from_secs(timeout_secs);
+    let deployment = deployments::insert(&mut tx, id, app, release, timeout, runtime)
+        .await
+        .map_err(|e| {
+            if is_constraint(&e, ONE_ACTIVE_PER_APP) {
+                ApiError::Conflict("app is currently updating".into())
+            } else {
+                e.into()
+            }
+        })?;
+    tx.commit().await?;
+    state.bus.poke(crate::events::Wake::Jobs);
+    state.bus.poke(crate::events::Wake::Events(app.to_owned()));
+    Ok(deployment)
+}
+
 #[tracing::instrument(skip_all, fields(app.name = %app, release.id = %id))]
 pub async fn promote_release(
     State(state): State<AppState>,
@@ -218,31 +249,8 @@ pub async fn promote_release(
             "timeout must be between 1 and 86400 seconds, got {timeout}"
         )));
     }
-    let runtime = state.runtime.name();
-    let id = uuid::Uuid::now_v7();
-    let mut tx = state.pool.begin().await?;
-    if body.force {
-        deployments::supersede_active(&mut tx, &app.name, id, runtime).await?;
-    }
-    let deployment = deployments::insert(
-        &mut tx,
-        id,
-        &app.name,
-        &release.id,
-        std::time::Duration::from_secs(timeout),
-        runtime,
-    )
-    .await
-    .map_err(|e| {
-        if is_constraint(&e, ONE_ACTIVE_PER_APP) {
-            ApiError::Conflict("app is currently updating".into())
-        } else {
-            e.into()
-        }
-    })?;
-    tx.commit().await?;
-    state.bus.poke(crate::events::Wake::Jobs);
-    state.bus.poke(crate::events::Wake::Events(app.name.clone()));
+    let deployment = start_deployment(&state, &app.name, &release.id, body.force, timeout).await?;
+    let id = deployment.id;
     tracing::info!(deployment.id = %id, app.name = %app.name, "promoting release {} of {}", release.id, app.name);
 
     let location = format!("/apps/{}/deployments/{id}", app.name);

@@ -11,6 +11,7 @@ mod output;
 mod promote;
 mod ps;
 mod releases;
+mod services;
 mod tokens;
 
 use std::process::ExitCode;
@@ -76,6 +77,13 @@ enum Command {
     },
     /// Print an app's logs (following them unless told not to).
     Logs(logs::LogsArgs),
+    /// List an app's services and their counts.
+    Services {
+        #[command(flatten)]
+        app: AppArg,
+    },
+    /// Set how many processes a service runs (for later deployments too).
+    Scale(services::ScaleArgs),
     /// List API tokens, or create or revoke one (admin).
     Tokens {
         #[command(subcommand)]
@@ -146,6 +154,8 @@ pub async fn run(cli: Cli) -> ExitCode {
                 Command::Logs(args) => logs::run(&client, args).await,
                 Command::Ps { app, command } => ps::run(&client, app, command).await,
                 Command::Tokens { command } => tokens::run(&client, command).await,
+                Command::Services { app } => services::list(&client, app).await,
+                Command::Scale(args) => services::scale(&client, args).await,
                 Command::Server(_) => unreachable!("handled above"),
             },
             Err(e) => Err(e),

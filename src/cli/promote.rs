@@ -110,6 +110,23 @@ pub async fn promote(
     Ok(())
 }
 
+/// Follows a deployment started some other way (a `scale`), printing its log on stdout.
+///
+/// # Errors
+/// When the rollout fails (with its reason) or the rack cannot be reached.
+pub async fn follow_deployment(client: &Client, app: &str, deployment: &str) -> anyhow::Result<()> {
+    let path = format!(
+        "/apps/{}/deployments/{}/events",
+        client.segment(app),
+        client.segment(deployment)
+    );
+    match follow(client.stream(&path).await?, LogTo::Stdout).await {
+        Outcome::Ok => Ok(()),
+        Outcome::Error(reason) => bail!("{reason}"),
+        Outcome::Lost => wait_running(client, app).await,
+    }
+}
+
 /// Prints the rollout log until its last line, which is kept back: `OK` means nothing to the
 /// reader, and an `ERROR: ...` becomes the command's own error.
 async fn follow(response: reqwest::Response, log: LogTo) -> Outcome {

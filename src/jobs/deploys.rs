@@ -238,7 +238,7 @@ async fn keep_lease(state: AppState, id: uuid::Uuid, cancel: CancellationToken, 
     }
 }
 
-/// A release as the runtime needs it.
+/// A release as the runtime needs it, with the counts set by `scale`.
 ///
 /// # Errors
 /// A reason, when the release or its manifest or env is unusable.
@@ -251,8 +251,19 @@ pub async fn load_spec(state: &AppState, app: &str, id: &str) -> Result<ReleaseS
         .build_id
         .clone()
         .ok_or_else(|| format!("release {id} has no build"))?;
-    let manifest = crate::manifest::parse(&release.manifest).map_err(|e| e.to_string())?;
+    let mut manifest = crate::manifest::parse(&release.manifest).map_err(|e| e.to_string())?;
     let env = crate::env::parse(&release.env).map_err(|e| e.to_string())?;
+    // Counts set with `scale` win over the manifest's, for this release and every later one.
+    let scales = crate::store::scales::for_app(&state.pool, app)
+        .await
+        .map_err(|e| format!("reading the scale of {app}: {e}"))?;
+    for (service, count) in scales {
+        if let Some(s) = manifest.services.get_mut(&service) {
+            let count = u32::try_from(count).unwrap_or(0);
+            s.scale.count_min = count;
+            s.scale.count_max = s.scale.count_max.max(count);
+        }
+    }
     Ok(ReleaseSpec {
         app: app.to_owned(),
         id: release.id,

@@ -9,6 +9,7 @@ pub mod idempotency;
 pub mod objects;
 pub mod releases;
 pub mod routers;
+pub mod scales;
 pub mod tokens;
 
 use std::time::Duration;

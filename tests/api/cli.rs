@@ -166,7 +166,6 @@ async fn rollout(app: &TestApp, args: &[&str], dir: &std::path::Path) -> Run {
     rack_within(app, PASSWORD, args, dir, 120).await
 }
 
-/// What the app answers through its router.
 /// The id after `prefix` on a line of `text` (`Release: R...`).
 fn id_after(text: &str, prefix: &str) -> String {
     text.lines()
@@ -419,5 +418,35 @@ async fn tokens_can_be_created_used_and_revoked() {
     assert_eq!(
         rack(&app, &secret, &["apps"]).await.stderr,
         "ERROR: invalid authentication\n"
+    );
+}
+
+#[tokio::test]
+async fn scale_and_services() {
+    let app = TestApp::spawn().await;
+    app.create_app("myapp").await;
+    let dir = app_dir("myapp");
+    assert_eq!(rollout(&app, &["deploy"], dir.path()).await.code, 0);
+    let run = rollout(&app, &["scale", "web", "--count", "2"], dir.path()).await;
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("Status: Updating => Running"), "{}", run.stdout);
+    assert_eq!(run.stderr, "Scaling web to 2...\nOK\n");
+    let run = rack_in(&app, PASSWORD, &["services"], dir.path()).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let row = run
+        .stdout
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>();
+    assert_eq!(row, ["web", "2"], "{}", run.stdout);
+    let run = rack_in(&app, PASSWORD, &["ps"], dir.path()).await;
+    assert_eq!(
+        run.stdout.lines().filter(|l| l.contains(" running ")).count(),
+        2,
+        "{}",
+        run.stdout
     );
 }

@@ -719,3 +719,102 @@ async fn deleting_an_app_mid_rollout_leaves_no_process_behind() {
     .await;
     assert_eq!(app.get_app("myapp").await.status(), 404);
 }
+
+#[tokio::test]
+async fn scale_changes_the_count_now_and_for_later_deployments() {
+    let app = TestApp::spawn().await;
+    let first = built_app(&app, "myapp").await;
+    let early = app
+        .convox(Method::PUT, "/apps/myapp/services/web")
+        .form(&[("count", "2")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        status_text(early).await,
+        (400, "app myapp has no release yet: deploy one first\n".to_owned())
+    );
+    promote_follow(&app, "myapp", &first).await;
+
+    let scale = app
+        .json(Method::PUT, "/apps/myapp/services/web")
+        .form(&[("count", "2")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scale.status(), 202);
+    let location = scale.headers()["location"].to_str().unwrap().to_owned();
+    let log = app
+        .request(Method::GET, &format!("{location}/events"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(log.ends_with("\nOK\n"), "{log}");
+    let running = |n: usize| {
+        let app = &app;
+        async move {
+            let list: Vec<Value> = app.get_json("/apps/myapp/processes").await;
+            list.iter().filter(|p| p["status"] == "running").count() == n && list.len() == n
+        }
+    };
+    assert!(running(2).await);
+    let services: Vec<Value> = app.get_json("/apps/myapp/services").await;
+    assert_eq!(
+        (services[0]["name"].as_str(), services[0]["count"].as_u64()),
+        (Some("web"), Some(2))
+    );
+
+    // The count holds for the next release.
+    let second = create_release(&app, "myapp", &[("env", "GREETING=two")]).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(promote_follow(&app, "myapp", &second).await.ends_with("\nOK\n"));
+    assert!(running(2).await);
+
+    // Restart replaces every process of the service.
+    let before: Vec<Value> = app.get_json("/apps/myapp/processes").await;
+    let restart = app
+        .convox(Method::POST, "/apps/myapp/services/web/restart")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(restart.status(), 200);
+    wait_for(30, "both processes to run again with new pids", || async {
+        let now: Vec<Value> = app.get_json("/apps/myapp/processes").await;
+        let renewed = now
+            .iter()
+            .all(|p| p["status"] == "running" && before.iter().all(|b| b["pid"] != p["pid"]));
+        (now.len() == 2 && renewed).then_some(())
+    })
+    .await;
+
+    let unknown = app
+        .convox(Method::PUT, "/apps/myapp/services/nope")
+        .form(&[("count", "1")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        status_text(unknown).await,
+        (404, "service not found: nope\n".to_owned())
+    );
+    let zero = app
+        .json(Method::PUT, "/apps/myapp/services/web")
+        .form(&[("count", "0")])
+        .send()
+        .await
+        .unwrap();
+    let location = zero.headers()["location"].to_str().unwrap().to_owned();
+    app.request(Method::GET, &format!("{location}/events"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(running(0).await);
+}

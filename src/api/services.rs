@@ -1,0 +1,159 @@
+//! `/apps/{app}/services`: the services of the app's release, `scale` (a count that holds for
+//! every later deployment too, applied by a deployment of the current release, so it takes the
+//! app's deploy lock and rolls back if it fails) and `restart`.
+
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use crate::AppState;
+use crate::api::apps::load_app;
+use crate::api::deployments::DeploymentView;
+use crate::api::input::{Format, Input, Pretty};
+use crate::api::releases::{DEFAULT_TIMEOUT_SECS, start_deployment};
+use crate::error::{ApiError, ApiResult};
+
+/// A service port, as convox shows it.
+#[derive(Debug, Serialize)]
+pub struct ServicePort {
+    /// The router's port.
+    balancer: u16,
+    certificate: String,
+    /// The port the process listens on (its `PORT` is chosen per process by the local runtime).
+    container: u16,
+}
+
+/// A service, as convox shows it.
+#[derive(Debug, Serialize)]
+pub struct ServiceView {
+    name: String,
+    count: u32,
+    cpu: u32,
+    memory: u32,
+    /// The router's address.
+    domain: String,
+    ports: Vec<ServicePort>,
+}
+
+/// `PUT /apps/{app}/services/{name}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateService {
+    count: Option<u32>,
+    /// Accepted from convox; the local runtime does not limit resources.
+    cpu: Option<u32>,
+    memory: Option<u32>,
+}
+
+/// The app's release as the runtime runs it (with `scale` counts), or 400 when it has none.
+async fn current_spec(state: &AppState, app: &crate::store::apps::App) -> ApiResult<crate::runtime::ReleaseSpec> {
+    let release = app
+        .release_id
+        .as_deref()
+        .ok_or_else(|| ApiError::BadRequest(format!("app {} has no release yet: deploy one first", app.name)))?;
+    crate::jobs::deploys::load_spec(state, &app.name, release)
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("loading the release of {}: {e}", app.name)))
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn list_services(
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+) -> ApiResult<Pretty<Vec<ServiceView>>> {
+    let app = load_app(&state, &app).await?;
+    if app.release_id.is_none() {
+        return Ok(Pretty(Vec::new()));
+    }
+    let spec = current_spec(&state, &app).await?;
+    let router = state.runtime.router_addr(&app.name);
+    let services = spec
+        .manifest
+        .services
+        .iter()
+        .map(|(name, s)| ServiceView {
+            name: name.clone(),
+            count: s.scale.count_min,
+            cpu: s.scale.cpu.unwrap_or(0),
+            memory: s.scale.memory.unwrap_or(0),
+            domain: s.port.and(router).map(|r| r.to_string()).unwrap_or_default(),
+            ports: s
+                .port
+                .map(|p| {
+                    vec![ServicePort {
+                        balancer: router.map_or(0, |r| r.port()),
+                        certificate: String::new(),
+                        container: p,
+                    }]
+                })
+                .unwrap_or_default(),
+        })
+        .collect();
+    Ok(Pretty(services))
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app, service = %service))]
+pub async fn scale_service(
+    State(state): State<AppState>,
+    Path((app, service)): Path<(String, String)>,
+    format: Format,
+    Input(body): Input<UpdateService>,
+) -> ApiResult<Response> {
+    let app = load_app(&state, &app).await?;
+    let spec = current_spec(&state, &app).await?;
+    if !spec.manifest.services.contains_key(&service) {
+        return Err(ApiError::NotFound("service", service));
+    }
+    let _ = (body.cpu, body.memory);
+    let Some(count) = body.count else {
+        return Ok(format.ok(serde_json::json!({})));
+    };
+    if count > 1000 {
+        return Err(ApiError::BadRequest(format!(
+            "count must be between 0 and 1000, got {count}"
+        )));
+    }
+    let release = spec.id;
+    // Refuse before recording the count: a scale must not sneak into a rollout in progress.
+    if crate::store::deployments::latest_state(&state.pool, &app.name)
+        .await?
+        .is_some_and(|s| !s.is_terminal())
+    {
+        return Err(ApiError::Conflict("app is currently updating".into()));
+    }
+    crate::store::scales::set(&state.pool, &app.name, &service, i32::try_from(count).unwrap_or(1000)).await?;
+    let deployment = start_deployment(&state, &app.name, &release, false, DEFAULT_TIMEOUT_SECS).await?;
+    tracing::info!(app.name = %app.name, service = %service, count, "scaling {service} of {} to {count}", app.name);
+    let location = format!("/apps/{}/deployments/{}", app.name, deployment.id);
+    let mut response = match format {
+        Format::Json => (StatusCode::ACCEPTED, Pretty(DeploymentView::from(deployment))).into_response(),
+        Format::Text => format.ok(()),
+    };
+    if let Ok(value) = location.parse() {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    Ok(response)
+}
+
+#[tracing::instrument(skip_all, fields(app.name = %app, service = %service))]
+pub async fn restart_service(
+    State(state): State<AppState>,
+    Path((app, service)): Path<(String, String)>,
+    format: Format,
+) -> ApiResult<Response> {
+    let app = load_app(&state, &app).await?;
+    let processes = state.runtime.processes(&app.name).await;
+    let ids: Vec<String> = processes
+        .into_iter()
+        .filter(|p| p.name == service)
+        .map(|p| p.id)
+        .collect();
+    if ids.is_empty() {
+        return Err(ApiError::NotFound("service", service));
+    }
+    for id in &ids {
+        state.runtime.restart_process(&app.name, id).await;
+    }
+    Ok(format.ok(serde_json::json!({ "restarted": ids })))
+}

@@ -1,0 +1,58 @@
+//! `rack services` and `rack scale`: what an app runs, and how many of each.
+
+use clap::Args;
+use serde::Deserialize;
+
+use super::output;
+use super::{AppArg, Client};
+
+/// `rack scale`.
+#[derive(Debug, Args)]
+pub struct ScaleArgs {
+    /// The service.
+    service: String,
+    #[command(flatten)]
+    app: AppArg,
+    /// How many processes to run (it holds for later deployments too).
+    #[arg(long)]
+    count: u32,
+}
+
+#[derive(Debug, Deserialize)]
+struct Service {
+    name: String,
+    count: u32,
+    domain: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Deployment {
+    id: String,
+}
+
+/// `rack services`.
+pub async fn list(client: &Client, app: AppArg) -> anyhow::Result<()> {
+    let app = app.resolve()?;
+    let services: Vec<Service> = client.get(&format!("/apps/{}/services", client.segment(&app))).await?;
+    let rows: Vec<Vec<String>> = services
+        .into_iter()
+        .map(|s| vec![s.name, s.count.to_string(), s.domain])
+        .collect();
+    print!("{}", output::table(&["SERVICE", "COUNT", "ROUTER"], &rows));
+    Ok(())
+}
+
+/// `rack scale SERVICE --count N`: sets the count and follows the deployment that applies it.
+pub async fn scale(client: &Client, args: ScaleArgs) -> anyhow::Result<()> {
+    let app = args.app.resolve()?;
+    eprintln!("Scaling {} to {}...", args.service, args.count);
+    let path = format!(
+        "/apps/{}/services/{}",
+        client.segment(&app),
+        client.segment(&args.service)
+    );
+    let deployment: Deployment = client.put(&path, &[("count", args.count.to_string().as_str())]).await?;
+    super::promote::follow_deployment(client, &app, &deployment.id).await?;
+    eprintln!("OK");
+    Ok(())
+}
