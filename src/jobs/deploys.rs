@@ -21,6 +21,9 @@ use crate::runtime::{LogSink, ReleaseSpec};
 use crate::store::deployments::{self, DeployState, Deployment};
 use crate::store::releases;
 
+/// The shortest time a rollback gets.
+const ROLLBACK_MIN_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Starts `count` deploy workers; they stop when the server shuts down.
 pub fn spawn_workers(state: &AppState, count: usize) -> Vec<tokio::task::JoinHandle<()>> {
     (0..count).map(|_| tokio::spawn(worker(state.clone()))).collect()
@@ -150,8 +153,10 @@ async fn drive(
         },
         None => None,
     };
-    // The rollback gets a deadline of its own: the original one may be what ran out.
-    let rollback_deadline = tokio::time::Instant::now() + timeout;
+    // The rollback gets a deadline of its own (the original one may be what ran out), and at
+    // least five minutes: a short deadline given for the new release must not doom the old one.
+    let rollback_timeout = timeout.max(ROLLBACK_MIN_TIMEOUT);
+    let rollback_deadline = tokio::time::Instant::now() + rollback_timeout;
     let never = CancellationToken::new();
     match phase(
         state,
@@ -161,7 +166,7 @@ async fn drive(
         &never,
         lost,
         rollback_deadline,
-        timeout,
+        rollback_timeout,
     )
     .await
     {
