@@ -248,9 +248,9 @@ async fn try_end(
 const KEEP_BUILDS: i64 = 10;
 
 async fn prune(state: &AppState, app: &str) {
-    match builds::retained_ids(&state.pool, app, KEEP_BUILDS).await {
-        Ok(keep) => state.runtime.prune_builds(app, &keep).await,
-        Err(e) => tracing::warn!(error = %e, app.name = app, "listing the builds of {app} to keep"),
+    match builds::prunable_ids(&state.pool, app, KEEP_BUILDS).await {
+        Ok(ids) => state.runtime.prune_builds(app, &ids).await,
+        Err(e) => tracing::warn!(error = %e, app.name = app, "listing the builds of {app} to prune"),
     }
 }
 

@@ -80,18 +80,13 @@ impl Runtime for LocalRuntime {
         self.supervisor.restart_process(app, id)
     }
 
-    async fn prune_builds(&self, app: &str, keep: &[String]) {
-        let Ok(mut entries) = tokio::fs::read_dir(self.builds_dir.join(app)).await else {
-            return;
-        };
-        while let Ok(Some(entry)) = entries.next_entry().await {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if keep.contains(&name) {
-                continue;
-            }
-            match tokio::fs::remove_dir_all(entry.path()).await {
-                Ok(()) => tracing::info!(app.name = app, build.id = %name, "pruned the sources of build {name}"),
-                Err(e) => tracing::warn!(error = %e, app.name = app, "pruning the sources of build {name}"),
+    async fn prune_builds(&self, app: &str, ids: &[String]) {
+        for id in ids {
+            let dir = self.builds_dir.join(app).join(id);
+            match tokio::fs::remove_dir_all(&dir).await {
+                Ok(()) => tracing::info!(app.name = app, build.id = %id, "pruned the sources of build {id}"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(error = %e, app.name = app, "pruning the sources of build {id}"),
             }
         }
     }

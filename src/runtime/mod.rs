@@ -151,8 +151,8 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     /// Kills one process; the supervisor starts it again. Returns false if there is no such process.
     async fn restart_process(&self, app: &str, id: &str) -> bool;
 
-    /// Frees what builds of `app` not in `keep` hold on this host (their unpacked sources).
-    async fn prune_builds(&self, app: &str, keep: &[String]);
+    /// Frees what the (ended) builds `ids` of `app` hold on this host (their unpacked sources).
+    async fn prune_builds(&self, app: &str, ids: &[String]);
 
     /// Stops everything of an app (it is being deleted).
     async fn delete_app(&self, app: &str);

@@ -263,20 +263,21 @@ pub async fn update(pool: &PgPool, app: &str, id: &str, update: &BuildUpdate) ->
     .await
 }
 
-/// The builds of an app whose sources must stay: the newest `keep_last`, those not finished,
-/// and those of the app's release and of any deployment in progress (what a rollback runs).
-pub async fn retained_ids(pool: &PgPool, app: &str, keep_last: i64) -> Result<Vec<String>, sqlx::Error> {
+/// The ended builds of an app whose sources may go: all but the newest `keep_last`, and but
+/// those of the app's release and of any deployment in progress (what a rollback runs). Only
+/// ended builds are listed, so a build that starts meanwhile is never among them.
+pub async fn prunable_ids(pool: &PgPool, app: &str, keep_last: i64) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
-        "(select id from builds where app = $1 order by position desc limit $2)
-         union
-         select id from builds where app = $1 and status in ('created', 'running')
-         union
-         select r.build_id from releases r
-          where r.app = $1 and r.build_id is not null and r.id in (
-                select release_id from apps where name = $1 and release_id is not null
-                union select release_id from deployments where app = $1 and ended_at is null
-                union select previous_release_id from deployments
-                       where app = $1 and ended_at is null and previous_release_id is not null)",
+        "select id from builds
+          where app = $1 and status in ('complete', 'failed')
+            and id not in (select id from builds where app = $1 order by position desc limit $2)
+            and id not in (
+                select r.build_id from releases r
+                 where r.app = $1 and r.build_id is not null and r.id in (
+                       select release_id from apps where name = $1 and release_id is not null
+                       union select release_id from deployments where app = $1 and ended_at is null
+                       union select previous_release_id from deployments
+                              where app = $1 and ended_at is null and previous_release_id is not null))",
     )
     .bind(app)
     .bind(keep_last)
