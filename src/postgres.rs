@@ -173,12 +173,6 @@ impl Cluster {
         Ok(())
     }
 
-    /// The server's process id, as its `postmaster.pid` says.
-    pub fn postmaster_pid(&self) -> Option<i32> {
-        let text = std::fs::read_to_string(self.root.join("data/postmaster.pid")).ok()?;
-        text.lines().next()?.trim().parse().ok()
-    }
-
     /// Connection options for `database` on this cluster, as the `postgres` superuser.
     pub fn connect_options(&self, database: &str) -> PgConnectOptions {
         PgConnectOptions::new()

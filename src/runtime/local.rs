@@ -55,11 +55,6 @@ impl LocalRuntime {
             supervisor,
         }
     }
-
-    /// The directory a build's source is unpacked into.
-    pub fn source_dir(&self, app: &str, build: &str) -> PathBuf {
-        self.builds_dir.join(app).join(build).join("src")
-    }
 }
 
 #[async_trait::async_trait]
