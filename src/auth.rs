@@ -125,9 +125,11 @@ impl Role {
 pub const TOKEN_PREFIX: &str = "rack_";
 
 /// The authenticated caller, put in the request's extensions by [`require_auth`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Principal {
     pub role: Role,
+    /// A scoped token's one allowed request path (GET or HEAD only).
+    pub scope: Option<std::sync::Arc<str>>,
 }
 
 /// The routes a `deploy` token may change; every other change needs `admin`.
@@ -175,7 +177,14 @@ pub async fn require_auth(
 /// Rejects requests the caller's role does not allow (403). A route layer: it needs the
 /// matched route.
 pub async fn require_role(request: Request, next: Next) -> Result<Response, ApiError> {
-    let role = request.extensions().get::<Principal>().map_or(Role::Read, |p| p.role);
+    let principal = request.extensions().get::<Principal>();
+    if let Some(scope) = principal.and_then(|p| p.scope.as_deref())
+        && !(matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD)
+            && request.uri().path() == scope)
+    {
+        return Err(ApiError::Forbidden(format!("this credential only allows GET {scope}")));
+    }
+    let role = principal.map_or(Role::Read, |p| p.role);
     let route = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
@@ -201,16 +210,48 @@ async fn authenticate(state: &AppState, headers: &axum::http::HeaderMap) -> Resu
         .or_else(|| bearer(value.as_bytes()))
         .ok_or(ApiError::Unauthorized("invalid authentication"))?;
     if state.password.matches(&secret) {
-        return Ok(Principal { role: Role::Admin });
+        return Ok(Principal {
+            role: Role::Admin,
+            scope: None,
+        });
     }
     if secret.starts_with(TOKEN_PREFIX) {
         let hash = crate::objects::hex(&Sha256::digest(secret.as_bytes()));
         if let Some(token) = crate::store::tokens::use_by_hash(&state.pool, &hash).await? {
             let role = Role::parse(&token.role).unwrap_or(Role::Read);
-            return Ok(Principal { role });
+            return Ok(Principal {
+                role,
+                scope: token.scope.map(Into::into),
+            });
         }
     }
     Err(ApiError::Unauthorized("invalid authentication"))
+}
+
+/// Makes a token that allows only `GET path` (and HEAD) until `ttl` has passed, e.g. for a build
+/// pod to fetch its source; `name` identifies it for [`revoke_scoped`].
+///
+/// # Errors
+/// When Postgres fails.
+pub async fn issue_scoped(
+    pool: &sqlx::PgPool,
+    name: &str,
+    path: &str,
+    ttl: std::time::Duration,
+) -> Result<String, sqlx::Error> {
+    let secret = format!("{TOKEN_PREFIX}{}", crate::ids::random_token(40));
+    let hash = crate::objects::hex(&Sha256::digest(secret.as_bytes()));
+    let expires = chrono::Utc::now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::hours(1));
+    crate::store::tokens::insert_scoped(pool, uuid::Uuid::now_v7(), name, path, &hash, expires).await?;
+    Ok(secret)
+}
+
+/// Revokes the scoped tokens named `name`.
+///
+/// # Errors
+/// When Postgres fails.
+pub async fn revoke_scoped(pool: &sqlx::PgPool, name: &str) -> Result<(), sqlx::Error> {
+    crate::store::tokens::delete_scoped(pool, name).await
 }
 
 /// The token of a `Bearer` authorization header.

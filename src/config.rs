@@ -99,6 +99,41 @@ pub struct ServerArgs {
     /// Largest number of Postgres connections this server opens.
     #[arg(long, env = "RACK_DB_CONNECTIONS", default_value_t = 20)]
     pub db_connections: u32,
+    #[command(flatten)]
+    pub kube: KubeArgs,
+}
+
+/// Settings of the Kubernetes runtime (`RACK_RUNTIME=kube`). The cluster itself comes from the
+/// usual places: `KUBECONFIG` or ~/.kube/config, else the in-cluster service account.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KubeArgs {
+    /// Registry (and path prefix) that builds push to: images are
+    /// `<registry>/<app>:<service>.<build id>`. Required with RACK_RUNTIME=kube.
+    #[arg(long, env = "RACK_REGISTRY")]
+    pub registry: Option<String>,
+    /// The rack API as build pods reach it (they fetch their source from it), e.g.
+    /// http://rack.rack.svc.cluster.local:5443. Required with RACK_RUNTIME=kube.
+    #[arg(long = "api-url", env = "RACK_API_URL")]
+    pub url: Option<String>,
+    /// Image that builds one service: run with kaniko's executor flags (--context, --dockerfile,
+    /// --destination).
+    #[arg(
+        long,
+        env = "RACK_BUILDER_IMAGE",
+        default_value = "gcr.io/kaniko-project/executor:v1.23.2-debug"
+    )]
+    pub builder_image: String,
+    /// Image with `sh`, `wget` and `tar` that downloads a build's source.
+    #[arg(long, env = "RACK_FETCH_IMAGE", default_value = "busybox:1.36")]
+    pub fetch_image: String,
+    /// `<namespace>/<name>` of the service account rack runs as in the cluster: rack then binds
+    /// the ClusterRole `rack-app` to it in each app namespace it creates (see docker/k8s).
+    #[arg(long, env = "RACK_KUBE_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+    /// Kubeconfig file of the cluster; without it, ~/.kube/config, else the in-cluster
+    /// service account.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// The validated server configuration.
@@ -118,6 +153,61 @@ pub struct Config {
     pub source_limits: Limits,
     /// How long a job's claim lasts without renewal (the holder renews it every third of it).
     pub job_lease: Duration,
+    /// Settings of the Kubernetes runtime, when it is the one in use.
+    pub kube: Option<KubeConfig>,
+}
+
+/// The validated settings of the Kubernetes runtime.
+#[derive(Debug, Clone)]
+pub struct KubeConfig {
+    pub registry: String,
+    /// The rack API as build pods reach it, without a trailing slash.
+    pub url: String,
+    pub builder_image: String,
+    pub fetch_image: String,
+    /// `(namespace, name)` of rack's own service account.
+    pub service_account: Option<(String, String)>,
+    pub kubeconfig: Option<PathBuf>,
+}
+
+impl KubeConfig {
+    fn from_args(args: KubeArgs) -> anyhow::Result<Self> {
+        let Some(registry) = args.registry.filter(|r| !r.trim().is_empty()) else {
+            bail!(
+                "RACK_REGISTRY is required with RACK_RUNTIME=kube: the registry builds push images to, e.g. registry.example.com/rack"
+            );
+        };
+        let registry = registry.trim().trim_end_matches('/').to_owned();
+        if registry.contains("://") || registry.chars().any(char::is_whitespace) {
+            bail!("RACK_REGISTRY must be a registry host and path like registry.example.com/rack, got {registry:?}");
+        }
+        let Some(url) = args.url.filter(|u| !u.trim().is_empty()) else {
+            bail!(
+                "RACK_API_URL is required with RACK_RUNTIME=kube: the rack API as build pods reach it, e.g. http://rack.rack.svc.cluster.local:5443"
+            );
+        };
+        let url = url.trim().trim_end_matches('/').to_owned();
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            bail!("RACK_API_URL must start with http:// or https://, got {url:?}");
+        }
+        let service_account = match args.service_account {
+            None => None,
+            Some(text) => match text.split_once('/') {
+                Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                    Some((ns.to_owned(), name.to_owned()))
+                }
+                _ => bail!("RACK_KUBE_SERVICE_ACCOUNT must be <namespace>/<name>, got {text:?}"),
+            },
+        };
+        Ok(Self {
+            registry,
+            url,
+            builder_image: args.builder_image,
+            fetch_image: args.fetch_image,
+            service_account,
+            kubeconfig: args.kubeconfig.filter(|p| !p.as_os_str().is_empty()),
+        })
+    }
 }
 
 impl Config {
@@ -139,9 +229,10 @@ impl Config {
             // Replicas sharing one database must share one password, so none is generated.
             bail!("RACK_PASSWORD is required when DATABASE_URL is set");
         }
-        if args.runtime == RuntimeKind::Kube {
-            bail!("RACK_RUNTIME=kube is not available in this version of rack; use RACK_RUNTIME=local");
-        }
+        let kube = match args.runtime {
+            RuntimeKind::Kube => Some(KubeConfig::from_args(args.kube)?),
+            RuntimeKind::Local => None,
+        };
         validate_rack_name(&args.name)?;
         if args.db_connections < 2 {
             bail!("RACK_DB_CONNECTIONS must be at least 2");
@@ -174,6 +265,7 @@ impl Config {
                 max_entries: args.max_source_entries,
             },
             job_lease: Duration::from_secs(args.job_lease),
+            kube,
         })
     }
 
@@ -193,6 +285,7 @@ impl Config {
             runtime: RuntimeKind::Local,
             rack_name: "rack".to_owned(),
             db_connections: 5,
+            kube: None,
         }
     }
 }

@@ -38,6 +38,9 @@ pub enum ApiError {
     /// 422: well-formed but not acceptable.
     #[error("{0}")]
     Unprocessable(String),
+    /// 502: the runtime (the Kubernetes API) refused or failed what was asked of it.
+    #[error("{0}")]
+    Runtime(String),
     /// 503: Postgres cannot be reached right now.
     #[error("the database is unavailable, try again shortly")]
     Unavailable(#[source] sqlx::Error),
@@ -61,6 +64,7 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Runtime(_) => StatusCode::BAD_GATEWAY,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Db(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -90,6 +94,7 @@ impl IntoResponse for ApiError {
                 tracing::error!(error = %source, "request failed: {}", self);
             }
             Self::Internal(source) => tracing::error!(error = format!("{source:#}"), "request failed"),
+            Self::Runtime(message) => tracing::warn!("request failed in the runtime: {message}"),
             _ => {}
         }
         let message = self.to_string();

@@ -110,14 +110,29 @@ impl Application {
             .await
             .context("listening for events")?;
         let objects = objects::Objects::open(&config.objects).context("opening the object store (RACK_OBJECTS)")?;
-        let runtime: Arc<dyn runtime::Runtime> = Arc::new(runtime::local::LocalRuntime::new(
-            objects.clone(),
-            config.data_dir.join("builds"),
-            config.source_limits,
-            pool.clone(),
-            bus.clone(),
-            shutdown.clone(),
-        ));
+        let runtime: Arc<dyn runtime::Runtime> = match &config.kube {
+            Some(kube) => Arc::new(
+                runtime::kube::KubeRuntime::connect(runtime::kube::KubeSettings {
+                    rack: config.rack_name.clone(),
+                    config: kube.clone(),
+                    objects: objects.clone(),
+                    pool: pool.clone(),
+                    scratch: config.data_dir.join("builds"),
+                    limits: config.source_limits,
+                    build_timeout: config.build_timeout,
+                })
+                .await
+                .context("starting the Kubernetes runtime (RACK_RUNTIME=kube)")?,
+            ),
+            None => Arc::new(runtime::local::LocalRuntime::new(
+                objects.clone(),
+                config.data_dir.join("builds"),
+                config.source_limits,
+                pool.clone(),
+                bus.clone(),
+                shutdown.clone(),
+            )),
+        };
         let state = AppState(Arc::new(Rack {
             pool,
             config,

@@ -74,6 +74,8 @@ pub struct BuildView {
     release: String,
     reason: String,
     repository: String,
+    /// Images the build pushed, by service (Kubernetes runtime).
+    images: std::collections::BTreeMap<String, String>,
     status: BuildStatus,
     started: DateTime<Utc>,
     ended: DateTime<Utc>,
@@ -92,11 +94,28 @@ impl From<Build> for BuildView {
             process: build.process,
             release: build.release_id.unwrap_or_default(),
             reason: build.reason,
-            repository: String::new(),
+            repository: repository(&build.images),
+            images: build.images.0,
             status: build.status,
             started: build.started_at.unwrap_or_else(go_zero_time),
             ended: build.ended_at.unwrap_or_else(go_zero_time),
         }
+    }
+}
+
+/// convox's `repository`: where the build's images went (the part before the tag), when they
+/// all went to one place.
+fn repository(images: &std::collections::BTreeMap<String, String>) -> String {
+    let mut repos = images
+        .values()
+        .filter_map(|image| image.rsplit_once(':').map(|(repo, _)| repo));
+    let Some(first) = repos.next() else {
+        return String::new();
+    };
+    if repos.all(|repo| repo == first) {
+        first.to_owned()
+    } else {
+        String::new()
     }
 }
 

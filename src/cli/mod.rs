@@ -39,7 +39,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the rack API server.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// List apps, or create, inspect, lock and delete one.
     Apps {
         #[command(subcommand)]
@@ -141,7 +141,7 @@ impl AppArg {
 /// `ERROR: <message>` to stderr.
 pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
-        Command::Server(args) => server(args).await,
+        Command::Server(args) => server(*args).await,
         command => match Client::new(cli.rack_url.as_deref()) {
             Ok(client) => match command {
                 Command::Apps { command } => apps::run(&client, command).await,

@@ -11,7 +11,7 @@ use super::{OwnedOwner, persist_lines};
 use crate::AppState;
 use crate::events::Wake;
 use crate::runtime::local::BUILD_STREAM;
-use crate::runtime::{BuildFailure, BuildJob, LogSink};
+use crate::runtime::{BuildFailure, BuildJob, BuildOutput, LogSink};
 use crate::store::builds::{self, Build, BuildStatus, Finish};
 use crate::store::events::{self, Owner};
 use crate::store::releases::{self, NewRelease};
@@ -49,9 +49,9 @@ async fn run(state: &AppState, build: Build) {
         build: Some(build.id.clone()),
         deployment: None,
     };
-    if build.attempts > 1 {
+    if build.attempts > 1 && !state.runtime.resumes_builds() {
         // Its previous holder died mid-build; a half-done build directory is not trustworthy.
-        end(state, &build, &owner, Err(BuildFailure::Interrupted), None).await;
+        end(state, &build, &owner, Err(BuildFailure::Interrupted)).await;
         return;
     }
     let Some(key) = build
@@ -63,7 +63,7 @@ async fn run(state: &AppState, build: Build) {
             "the source url {:?} is not an object of app {}",
             build.source_url, build.app
         );
-        end(state, &build, &owner, Err(BuildFailure::Failed(reason)), None).await;
+        end(state, &build, &owner, Err(BuildFailure::Failed(reason))).await;
         return;
     };
     let job = BuildJob {
@@ -108,11 +108,7 @@ async fn run(state: &AppState, build: Build) {
         tracing::warn!(build.id = %build.id, "lost the lease of build {}; leaving it to its new holder", build.id);
         return;
     }
-    let (result, manifest) = match result {
-        Ok(output) => (Ok(()), Some(output.manifest)),
-        Err(failure) => (Err(failure), None),
-    };
-    end(state, &build, &owner, result, manifest).await;
+    end(state, &build, &owner, result).await;
 }
 
 #[derive(Debug)]
@@ -142,16 +138,10 @@ async fn keep_lease(state: AppState, id: String, cancel: CancellationToken) -> L
 /// Records the end of a build: on success a new release (the build, the env of the app's
 /// latest release, the manifest) and `complete`; otherwise `failed` with the reason. The
 /// terminal event goes in the same transaction, so streams end exactly when the status does.
-async fn end(
-    state: &AppState,
-    build: &Build,
-    owner: &OwnedOwner,
-    result: Result<(), BuildFailure>,
-    manifest: Option<String>,
-) {
+async fn end(state: &AppState, build: &Build, owner: &OwnedOwner, result: Result<BuildOutput, BuildFailure>) {
     let mut delay = Duration::from_millis(200);
     loop {
-        match try_end(state, build, owner, &result, manifest.as_deref()).await {
+        match try_end(state, build, owner, &result).await {
             Ok(()) => break,
             Err(e) if delay < Duration::from_secs(60) && !state.shutdown.is_cancelled() => {
                 tracing::warn!(error = %e, build.id = %build.id, "recording the end of build {}; retrying", build.id);
@@ -168,7 +158,7 @@ async fn end(
     state.bus.poke(Wake::Events(build.app.clone()));
     prune(state, &build.app).await;
     match &result {
-        Ok(()) => tracing::info!(build.id = %build.id, app.name = %build.app, "build {} complete", build.id),
+        Ok(_) => tracing::info!(build.id = %build.id, app.name = %build.app, "build {} complete", build.id),
         Err(reason) => {
             tracing::info!(build.id = %build.id, app.name = %build.app, "build {} failed: {reason}", build.id)
         }
@@ -179,13 +169,12 @@ async fn try_end(
     state: &AppState,
     build: &Build,
     owner: &OwnedOwner,
-    result: &Result<(), BuildFailure>,
-    manifest: Option<&str>,
+    result: &Result<BuildOutput, BuildFailure>,
 ) -> Result<(), sqlx::Error> {
     let mut tx = state.pool.begin().await?;
     let holder = Some(state.replica);
     let (ended, line) = match result {
-        Ok(()) => {
+        Ok(output) => {
             let parent = releases::latest(&mut tx, &build.app).await?;
             let release_id = crate::ids::public_id('R');
             releases::insert(
@@ -195,7 +184,7 @@ async fn try_end(
                     app: &build.app,
                     build_id: Some(&build.id),
                     env: parent.as_ref().map_or("", |p| p.env.as_str()),
-                    manifest: manifest.unwrap_or_default(),
+                    manifest: &output.manifest,
                     description: &build.description,
                 },
             )
@@ -203,8 +192,9 @@ async fn try_end(
             let finish = Finish {
                 status: BuildStatus::Complete,
                 reason: "",
-                manifest,
+                manifest: Some(&output.manifest),
                 release_id: Some(&release_id),
+                images: Some(&output.images),
             };
             let ended = builds::finish(&mut tx, &build.id, holder, &finish).await?;
             (
@@ -219,6 +209,7 @@ async fn try_end(
                 reason: &reason,
                 manifest: None,
                 release_id: None,
+                images: None,
             };
             let ended = builds::finish(&mut tx, &build.id, holder, &finish).await?;
             (ended, (reason, "error"))
@@ -265,6 +256,7 @@ pub async fn cancel_queued(conn: &mut sqlx::PgConnection, build: &Build) -> Resu
         reason: &reason,
         manifest: None,
         release_id: None,
+        images: None,
     };
     if builds::finish(conn, &build.id, None::<Uuid>, &finish).await? {
         let lines = [(BUILD_STREAM.to_owned(), reason.clone())];

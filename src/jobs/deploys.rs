@@ -282,6 +282,9 @@ pub async fn load_spec(state: &AppState, app: &str, id: &str) -> Result<ReleaseS
 /// processes do not outlive the server). Apps with a deployment in progress are left to the
 /// deploy workers.
 pub async fn reconcile_all(state: AppState) {
+    if !state.runtime.restores_on_start() {
+        return;
+    }
     let apps = match crate::store::apps::list_released(&state.pool).await {
         Ok(apps) => apps,
         Err(e) => {

@@ -2,14 +2,15 @@
 //! its own and runs each service's build command there (the `build.command` extension of
 //! convox.yml), with a clean environment that holds none of rack's secrets.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use tokio::process::Command;
 
 use super::process::{pipe_output, spawn_group};
+use super::source::inside;
 use super::supervisor::{AppLogFactory, Supervisor};
 use super::{ApplyError, BuildFailure, BuildJob, BuildOutput, LogSink, ProcessInfo, ReleaseSpec, Runtime};
-use crate::archive::{Limits, unpack_tgz};
+use crate::archive::Limits;
 use crate::objects::Objects;
 
 /// The stream name of build output.
@@ -63,6 +64,10 @@ impl Runtime for LocalRuntime {
         "local"
     }
 
+    fn restores_on_start(&self) -> bool {
+        true
+    }
+
     async fn apply(&self, app: &str, release: Option<&ReleaseSpec>, log: &LogSink) -> Result<(), ApplyError> {
         self.supervisor.apply(app, release, log).await
     }
@@ -98,46 +103,11 @@ impl Runtime for LocalRuntime {
     async fn build(&self, job: &BuildJob, log: &LogSink) -> Result<BuildOutput, BuildFailure> {
         let failed = |message: String| BuildFailure::Failed(message);
         let build_dir = self.builds_dir.join(&job.app).join(&job.id);
-        let src = build_dir.join("src");
-        // A retried build starts from scratch.
-        if build_dir.exists() {
-            tokio::fs::remove_dir_all(&build_dir)
-                .await
-                .map_err(|e| failed(format!("could not clear the build directory: {e}")))?;
-        }
-        tokio::fs::create_dir_all(&src)
-            .await
-            .map_err(|e| failed(format!("could not create the build directory: {e}")))?;
-
-        log.line(BUILD_STREAM, format!("Fetching source {}", job.source_key))
-            .await;
-        let tarball = build_dir.join("source.tgz");
-        self.objects
-            .download(&job.app, &job.source_key, &tarball)
-            .await
-            .map_err(|e| failed(format!("could not fetch the source object {}: {e:#}", job.source_key)))?;
-        let limits = self.limits;
-        let (from, into) = (tarball.clone(), src.clone());
-        let stats = tokio::task::spawn_blocking(move || {
-            let file = std::fs::File::open(&from)?;
-            unpack_tgz(std::io::BufReader::new(file), &into, limits).map_err(std::io::Error::other)
-        })
-        .await
-        .map_err(|e| failed(format!("unpacking the source failed: {e}")))?
-        .map_err(|e| failed(format!("invalid source archive: {e}")))?;
-        let _ = tokio::fs::remove_file(&tarball).await;
-        log.line(
-            BUILD_STREAM,
-            format!("Unpacked {} files ({} bytes)", stats.files, stats.bytes),
-        )
-        .await;
-
-        let manifest_file = inside(&src, &job.manifest_path)
-            .ok_or_else(|| failed(format!("invalid manifest path {:?}", job.manifest_path)))?;
-        let text = tokio::fs::read_to_string(&manifest_file)
-            .await
-            .map_err(|_| failed(format!("no {} found in the source", job.manifest_path)))?;
-        let manifest = crate::manifest::parse(&text).map_err(|e| failed(e.to_string()))?;
+        let super::source::Source {
+            dir: src,
+            text,
+            manifest,
+        } = super::source::fetch(&self.objects, job, &build_dir, self.limits, log).await?;
 
         for (name, service) in &manifest.services {
             let Some(build) = &service.build else { continue };
@@ -154,7 +124,10 @@ impl Runtime for LocalRuntime {
                 .await
                 .map_err(|e| failed(format!("service {name}: {e}")))?;
         }
-        Ok(BuildOutput { manifest: text })
+        Ok(BuildOutput {
+            manifest: text,
+            images: std::collections::BTreeMap::new(),
+        })
     }
 }
 
@@ -191,35 +164,5 @@ async fn run_build_command(
         Ok(())
     } else {
         Err(format!("the build command failed ({status})"))
-    }
-}
-
-/// `relative` joined to `root`, or `None` if it is absolute or climbs out with `..`.
-/// (Symlinks in the tree cannot point outside: the unpacker refuses such archives.)
-fn inside(root: &Path, relative: &str) -> Option<PathBuf> {
-    let path = Path::new(relative);
-    let mut joined = root.to_path_buf();
-    for component in path.components() {
-        match component {
-            Component::Normal(part) => joined.push(part),
-            Component::CurDir => {}
-            Component::ParentDir | Component::RootDir | Component::Prefix(_) => return None,
-        }
-    }
-    Some(joined)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn paths_stay_inside_the_source() {
-        let root = Path::new("/b/src");
-        assert_eq!(inside(root, "convox.yml"), Some(root.join("convox.yml")));
-        assert_eq!(inside(root, "./a/b"), Some(root.join("a/b")));
-        assert_eq!(inside(root, "."), Some(root.to_path_buf()));
-        assert_eq!(inside(root, "../x"), None);
-        assert_eq!(inside(root, "/etc/passwd"), None);
     }
 }

@@ -1,9 +1,11 @@
-//! The runtime: what builds sources and (later) runs releases. One object-safe trait, with
-//! `local` (processes on this host) as the embedded default.
+//! The runtime: what builds sources and runs releases. One object-safe trait, with `local`
+//! (processes on this host) as the embedded default and `kube` (a Kubernetes cluster).
 
+pub mod kube;
 pub mod local;
 mod process;
 pub mod router;
+pub mod source;
 mod supervisor;
 
 use std::net::SocketAddr;
@@ -31,6 +33,8 @@ pub struct BuildJob {
 pub struct BuildOutput {
     /// The manifest text, as found in the source.
     pub manifest: String,
+    /// Images pushed, by service (runtimes that build images).
+    pub images: std::collections::BTreeMap<String, String>,
 }
 
 /// Why a build failed; the message becomes the build's `reason`.
@@ -102,6 +106,32 @@ pub struct ReleaseSpec {
     pub manifest: crate::manifest::Manifest,
 }
 
+impl ReleaseSpec {
+    /// The environment of one service's processes: the manifest's defaults (app-wide, then the
+    /// service's), overridden by the release's variables.
+    ///
+    /// # Errors
+    /// When the manifest requires a variable the release does not set.
+    pub fn service_env(&self, name: &str, service: &crate::manifest::Service) -> Result<crate::env::Env, ApplyError> {
+        let mut env = crate::env::Env::new();
+        for entry in self.manifest.environment.iter().chain(&service.environment) {
+            match entry.split_once('=') {
+                Some((key, default)) => {
+                    env.insert(key.to_owned(), default.to_owned());
+                }
+                None if !self.env.contains_key(entry) => {
+                    return Err(ApplyError(format!(
+                        "service {name} needs the environment variable {entry}: set it with `env set {entry}=...`"
+                    )));
+                }
+                None => {}
+            }
+        }
+        env.extend(self.env.clone());
+        Ok(env)
+    }
+}
+
 /// Why a rollout could not complete.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -134,6 +164,25 @@ pub struct ProcessInfo {
 pub trait Runtime: Send + Sync + std::fmt::Debug {
     /// The name in event streams: `system/<name>/...`.
     fn name(&self) -> &'static str;
+
+    /// Prepares a new app (the Kubernetes runtime makes its namespace).
+    ///
+    /// # Errors
+    /// A message for the client when the app cannot be hosted.
+    async fn create_app(&self, _app: &str) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Whether a build whose server died can be picked up again by another one (its work goes
+    /// on outside rack); if not, such a build fails as interrupted.
+    fn resumes_builds(&self) -> bool {
+        false
+    }
+
+    /// Whether apps' processes must be started again when rack starts (they die with it).
+    fn restores_on_start(&self) -> bool {
+        false
+    }
 
     /// Builds `job`'s source, writing its output to `log`. Dropping the future stops the build
     /// (and every process it started).

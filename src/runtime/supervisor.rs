@@ -529,21 +529,7 @@ impl Launch {
             Some(ServiceCommand::Exec(argv)) => argv.join(" "),
             None => String::new(),
         };
-        let mut env = crate::env::Env::new();
-        for entry in release.manifest.environment.iter().chain(&service.environment) {
-            match entry.split_once('=') {
-                Some((key, default)) => {
-                    env.insert(key.to_owned(), default.to_owned());
-                }
-                None if !release.env.contains_key(entry) => {
-                    return Err(ApplyError(format!(
-                        "service {name} needs the environment variable {entry}: set it with `env set {entry}=...`"
-                    )));
-                }
-                None => {}
-            }
-        }
-        env.extend(release.env.clone());
+        let env = release.service_env(name, service)?;
         let dir = builds_dir.join(&release.app).join(&release.build_id).join("src");
         if !dir.is_dir() {
             return Err(ApplyError(format!(

@@ -45,6 +45,8 @@ pub struct Build {
     pub process: String,
     pub release_id: Option<String>,
     pub reason: String,
+    /// Images the build pushed, by service (Kubernetes runtime).
+    pub images: sqlx::types::Json<std::collections::BTreeMap<String, String>>,
     pub logs: String,
     pub cancel_requested: bool,
     pub attempts: i32,
@@ -176,6 +178,7 @@ pub struct Finish<'a> {
     pub reason: &'a str,
     pub manifest: Option<&'a str>,
     pub release_id: Option<&'a str>,
+    pub images: Option<&'a std::collections::BTreeMap<String, String>>,
 }
 
 /// Ends a build held by `owner` (or by nobody, when `owner` is `None`). Returns false when the
@@ -189,6 +192,7 @@ pub async fn finish(
     let done = sqlx::query(
         "update builds
             set status = $3, reason = $4, manifest = coalesce($5, manifest), release_id = coalesce($6, release_id),
+                images = coalesce($7, images),
                 ended_at = now(), lease_owner = null, lease_expires_at = null, updated_at = now()
           where id = $1 and status in ('created', 'running') and lease_owner is not distinct from $2",
     )
@@ -198,6 +202,7 @@ pub async fn finish(
     .bind(finish.reason)
     .bind(finish.manifest)
     .bind(finish.release_id)
+    .bind(finish.images.map(sqlx::types::Json))
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -243,6 +248,7 @@ pub async fn update(pool: &PgPool, app: &str, id: &str, update: &BuildUpdate) ->
         "update builds
             set entrypoint = coalesce($3, entrypoint), logs = coalesce($4, logs),
                 manifest = coalesce($5, manifest), release_id = coalesce($6, release_id),
+                images = coalesce($7, images),
                 status = coalesce($7, status), reason = coalesce($8, reason),
                 started_at = coalesce($9, started_at), ended_at = coalesce($10, ended_at),
                 updated_at = now()

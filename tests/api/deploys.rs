@@ -27,7 +27,7 @@ async fn built_app(app: &TestApp, name: &str) -> String {
 }
 
 /// Promotes with `follow=true` and returns the whole rollout log.
-async fn promote_follow(app: &TestApp, name: &str, release: &str) -> String {
+pub async fn promote_follow(app: &TestApp, name: &str, release: &str) -> String {
     let response = app
         .request(Method::POST, &format!("/apps/{name}/releases/{release}/promote"))
         .form(&[("follow", "true")])
@@ -41,7 +41,7 @@ async fn promote_follow(app: &TestApp, name: &str, release: &str) -> String {
         .unwrap()
 }
 
-async fn create_release(app: &TestApp, name: &str, form: &[(&str, &str)]) -> Value {
+pub async fn create_release(app: &TestApp, name: &str, form: &[(&str, &str)]) -> Value {
     let response = app
         .json(Method::POST, &format!("/apps/{name}/releases"))
         .form(form)

@@ -10,6 +10,8 @@ mod cli;
 mod deploys;
 mod encodings;
 mod helpers;
+mod kube;
+mod kubeenv;
 mod objects;
 mod openapi;
 mod outage;

@@ -1,0 +1,356 @@
+//! Builds as Kubernetes Jobs. rack checks the source first (unpacks it under its limits, reads
+//! the manifest, finds each Dockerfile), then the Job's fetch container downloads the same
+//! object from the rack API with a token that allows only that one request and expires with
+//! the build, and one builder container per service pushes its image. The pod's logs become
+//! the build log; the Job's end becomes the build's.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures_util::{AsyncBufReadExt, StreamExt};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod, Secret};
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
+
+use super::resources::{self, BuildSpec, MANAGER};
+use super::{KubeRuntime, describe, is_not_found};
+use crate::runtime::local::BUILD_STREAM;
+use crate::runtime::source::{self, inside};
+use crate::runtime::{BuildFailure, BuildJob, BuildOutput, LogSink};
+
+/// How often the Job and its pod are looked at.
+const POLL: Duration = Duration::from_secs(1);
+
+pub async fn run(runtime: &KubeRuntime, job: &BuildJob, log: &LogSink) -> Result<BuildOutput, BuildFailure> {
+    let rt = &runtime.0;
+    let failed = BuildFailure::Failed;
+    let scratch = rt.scratch.join(&job.app).join(&job.id);
+    let checked = check_source(runtime, job, &scratch, log).await;
+    let _ = tokio::fs::remove_dir_all(&scratch).await;
+    let (text, services) = checked?;
+    let images = services
+        .iter()
+        .map(|(name, _, _, image)| (name.clone(), image.clone()))
+        .collect::<BTreeMap<_, _>>();
+    let output = BuildOutput { manifest: text, images };
+    if services.is_empty() {
+        log.line(BUILD_STREAM, "Nothing to build: every service names its image")
+            .await;
+        return Ok(output);
+    }
+
+    let jobs: Api<Job> = runtime.api(&job.app);
+    let name = resources::build_job_name(&job.id);
+    let token_name = format!("build:{}:{}", job.app, job.id);
+    let spec = BuildSpec {
+        rack: &rt.rack,
+        app: &job.app,
+        build_id: &job.id,
+        services,
+        source_url: format!("{}{}", rt.config.url, object_path(&job.app, &job.source_key)),
+        secret: name.clone(),
+        fetch_image: &rt.config.fetch_image,
+        builder_image: &rt.config.builder_image,
+        deadline_secs: rt.build_timeout.as_secs().max(1),
+    };
+    let existing = jobs
+        .get_opt(&name)
+        .await
+        .map_err(|e| failed(format!("reading job {name}: {}", describe(&e))))?;
+    if existing.is_some() {
+        // A replica that stopped or died started it; it went on in the cluster.
+        log.line(BUILD_STREAM, format!("Resuming: job {name} is already running"))
+            .await;
+    } else {
+        runtime.ensure_namespace(&job.app).await.map_err(failed)?;
+        let token = crate::auth::issue_scoped(
+            &rt.pool,
+            &token_name,
+            &object_path(&job.app, &job.source_key),
+            rt.build_timeout,
+        )
+        .await
+        .map_err(|e| failed(format!("could not make the source token: {e}")))?;
+        let secrets: Api<Secret> = runtime.api(&job.app);
+        secrets
+            .patch(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(resources::build_secret(&spec, &token)),
+            )
+            .await
+            .map_err(|e| failed(format!("creating secret {name}: {}", describe(&e))))?;
+        let object: Job = serde_json::from_value(resources::build_job(&spec))
+            .map_err(|e| failed(format!("job {name} is malformed: {e}")))?;
+        match jobs.create(&PostParams::default(), &object).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(e) => return Err(failed(format!("creating job {name}: {}", describe(&e)))),
+        }
+        log.line(BUILD_STREAM, format!("Created job {name}")).await;
+    }
+
+    // A build that is dropped (cancelled, timed out) takes its Job with it.
+    let mut guard = DeleteJob(Some((jobs.clone(), name.clone())));
+    let pods: Api<Pod> = runtime.api(&job.app);
+    let result = watch(&jobs, &pods, &name, log).await;
+    guard.0 = None;
+    let _ = crate::auth::revoke_scoped(&rt.pool, &token_name).await;
+    let secrets: Api<Secret> = runtime.api(&job.app);
+    if let Err(e) = secrets.delete(&name, &DeleteParams::default()).await
+        && !is_not_found(&e)
+    {
+        tracing::warn!(build.id = %job.id, "deleting secret {name}: {}", describe(&e));
+    }
+    result.map(|()| output)
+}
+
+/// Checks the source in `scratch` (see `source::fetch`) and that every service built from it
+/// has its Dockerfile; returns the manifest text and, per service to build, `(name, context
+/// path, Dockerfile, image)`.
+async fn check_source(
+    runtime: &KubeRuntime,
+    job: &BuildJob,
+    scratch: &std::path::Path,
+    log: &LogSink,
+) -> Result<(String, Vec<(String, String, String, String)>), BuildFailure> {
+    let rt = &runtime.0;
+    let failed = BuildFailure::Failed;
+    let checked = source::fetch(&rt.objects, job, scratch, rt.limits, log).await?;
+    let mut services = Vec::new();
+    for (name, service) in &checked.manifest.services {
+        let Some(build) = &service.build else { continue };
+        let dockerfile = inside(&checked.dir, &build.path)
+            .and_then(|dir| inside(&dir, &build.manifest))
+            .ok_or_else(|| failed(format!("services.{name}.build: {:?} is outside the source", build.path)))?;
+        if !tokio::fs::try_exists(&dockerfile).await.unwrap_or(false) {
+            return Err(failed(format!(
+                "services.{name}.build: no {} in {} of the source",
+                build.manifest, build.path
+            )));
+        }
+        let image = resources::image_ref(&rt.config.registry, &job.app, name, &job.id);
+        services.push((name.clone(), build.path.clone(), build.manifest.clone(), image));
+    }
+    Ok((checked.text, services))
+}
+
+/// `/apps/<app>/objects/<key>` with the key percent-encoded as a URL path.
+fn object_path(app: &str, key: &str) -> String {
+    let mut path = format!("/apps/{app}/objects/");
+    for byte in key.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
+            path.push(char::from(byte));
+        } else {
+            path.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    path
+}
+
+/// Deletes the Job (and so its pod) when dropped armed.
+struct DeleteJob(Option<(Api<Job>, String)>);
+
+impl Drop for DeleteJob {
+    fn drop(&mut self) {
+        if let Some((jobs, name)) = self.0.take() {
+            tokio::spawn(async move {
+                if let Err(e) = jobs.delete(&name, &DeleteParams::background()).await
+                    && !is_not_found(&e)
+                {
+                    tracing::warn!("deleting job {name}: {}", describe(&e));
+                }
+            });
+        }
+    }
+}
+
+/// Follows the Job's pod logs and waits for the Job to end.
+async fn watch(jobs: &Api<Job>, pods: &Api<Pod>, name: &str, log: &LogSink) -> Result<(), BuildFailure> {
+    let selector = ListParams::default().labels(&format!("job-name={name}"));
+    let mut logs: Option<tokio::task::JoinHandle<()>> = None;
+    let result = loop {
+        let job = jobs
+            .get_opt(name)
+            .await
+            .map_err(|e| BuildFailure::Failed(format!("reading job {name}: {}", describe(&e))))?
+            .ok_or_else(|| BuildFailure::Failed(format!("job {name} was deleted")))?;
+        if logs.is_none()
+            && let Ok(list) = pods.list(&selector).await
+            && let Some(pod) = list.items.into_iter().next()
+            && let Some(pod_name) = pod.metadata.name.clone()
+        {
+            logs = Some(tokio::spawn(follow_logs(pods.clone(), pod_name, log.clone())));
+        }
+        if let Some(end) = job_end(&job) {
+            break match end {
+                Ok(()) => Ok(()),
+                Err(reason) => Err(BuildFailure::Failed(failure_reason(pods, &selector, reason).await)),
+            };
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    if let Some(task) = logs {
+        // The last lines of a finished container are there to be read; a log that cannot be
+        // read (a node that is gone) must not hold the build.
+        let abort = task.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(10), task).await.is_err() {
+            abort.abort();
+        }
+    }
+    result
+}
+
+/// Whether the Job has ended, and how: `Err` holds the Job's own reason.
+fn job_end(job: &Job) -> Option<Result<(), String>> {
+    let conditions = job.status.as_ref()?.conditions.as_ref()?;
+    for condition in conditions {
+        if condition.status != "True" {
+            continue;
+        }
+        match condition.type_.as_str() {
+            "Complete" => return Some(Ok(())),
+            "Failed" => {
+                let reason = match condition.reason.as_deref() {
+                    Some("DeadlineExceeded") => "the build job ran past its deadline".to_owned(),
+                    _ => condition
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| "the build job failed".to_owned()),
+                };
+                return Some(Err(reason));
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The most precise reason for a failed Job: the container that failed and how.
+async fn failure_reason(pods: &Api<Pod>, selector: &ListParams, fallback: String) -> String {
+    let Ok(list) = pods.list(selector).await else {
+        return fallback;
+    };
+    for pod in list.items {
+        let status = pod.status.unwrap_or_default();
+        let containers = status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .chain(status.container_statuses.iter().flatten());
+        for container in containers {
+            if let Some(reason) = container_failure(container) {
+                return reason;
+            }
+        }
+    }
+    fallback
+}
+
+fn container_failure(status: &ContainerStatus) -> Option<String> {
+    let terminated = status.state.as_ref()?.terminated.as_ref()?;
+    if terminated.exit_code == 0 {
+        return None;
+    }
+    let what = match status.name.as_str() {
+        "fetch" => "fetching the source".to_owned(),
+        name => match name.strip_prefix("build-") {
+            Some(service) => format!("building service {service}"),
+            None => format!("container {name}"),
+        },
+    };
+    let detail = terminated
+        .message
+        .as_deref()
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .map(|m| format!(": {m}"))
+        .unwrap_or_default();
+    Some(format!("{what} failed (exit code {}){detail}", terminated.exit_code))
+}
+
+/// Streams each container's log in the pod's order (init containers run one after another) as
+/// the container starts.
+async fn follow_logs(pods: Api<Pod>, pod: String, log: LogSink) {
+    let mut order: Vec<String> = Vec::new();
+    let mut next = 0;
+    loop {
+        let Ok(current) = pods.get(&pod).await else { return };
+        if order.is_empty()
+            && let Some(spec) = &current.spec
+        {
+            order = spec
+                .init_containers
+                .iter()
+                .flatten()
+                .chain(&spec.containers)
+                .map(|c| c.name.clone())
+                .collect();
+        }
+        let Some(container) = order.get(next) else { return };
+        let status = current.status.unwrap_or_default();
+        let started = status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .chain(status.container_statuses.iter().flatten())
+            .find(|s| &s.name == container)
+            .and_then(|s| s.state.as_ref())
+            .is_some_and(|s| s.running.is_some() || s.terminated.is_some());
+        let pod_over = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
+        if started {
+            let params = LogParams {
+                container: Some(container.clone()),
+                follow: true,
+                ..LogParams::default()
+            };
+            match pods.log_stream(&pod, &params).await {
+                Ok(reader) => {
+                    let mut lines = reader.lines();
+                    while let Some(Ok(line)) = lines.next().await {
+                        log.line(BUILD_STREAM, line).await;
+                    }
+                }
+                Err(e) => {
+                    log.line(
+                        BUILD_STREAM,
+                        format!("(the log of {container} could not be read: {})", describe(&e)),
+                    )
+                    .await;
+                }
+            }
+            next += 1;
+            continue;
+        }
+        if pod_over {
+            // It never ran (an earlier container failed).
+            return;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_paths_are_encoded() {
+        assert_eq!(object_path("app", "tmp/a.tgz"), "/apps/app/objects/tmp/a.tgz");
+        assert_eq!(object_path("app", "a b?#%.tgz"), "/apps/app/objects/a%20b%3F%23%25.tgz");
+    }
+
+    #[test]
+    fn a_failed_container_names_the_step() {
+        let status: ContainerStatus = serde_json::from_value(serde_json::json!({
+            "name": "build-web", "image": "kaniko", "imageID": "", "ready": false, "restartCount": 0,
+            "state": { "terminated": { "exitCode": 1, "message": "error building image\n" } }
+        }))
+        .unwrap();
+        assert_eq!(
+            container_failure(&status).unwrap(),
+            "building service web failed (exit code 1): error building image"
+        );
+    }
+}

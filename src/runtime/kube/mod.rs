@@ -1,0 +1,312 @@
+//! The Kubernetes runtime (`RACK_RUNTIME=kube`): each app is a namespace `<rack>-<app>`, each
+//! build a Job that pushes images to `RACK_REGISTRY`, each service of a release a Deployment
+//! (and a Service when it has a port) applied with server-side apply and watched until it has
+//! rolled out. Everything lives in the cluster, so any rack replica can pick up any job.
+
+mod build;
+pub mod events;
+pub mod resources;
+mod rollout;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::rbac::v1::RoleBinding;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, Client};
+
+use super::{ApplyError, BuildFailure, BuildJob, BuildOutput, LogSink, ProcessInfo, ReleaseSpec, Runtime};
+use crate::archive::Limits;
+use crate::config::KubeConfig;
+use crate::objects::Objects;
+use resources::{MANAGER, namespace_name};
+
+/// A Kubernetes cluster.
+#[derive(Clone)]
+pub struct KubeRuntime(Arc<Inner>);
+
+struct Inner {
+    client: Client,
+    rack: String,
+    config: KubeConfig,
+    objects: Objects,
+    pool: sqlx::PgPool,
+    /// Scratch space where a build's source is checked before the cluster builds it.
+    scratch: PathBuf,
+    limits: Limits,
+    build_timeout: std::time::Duration,
+}
+
+impl std::fmt::Debug for KubeRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeRuntime")
+            .field("rack", &self.0.rack)
+            .field("registry", &self.0.config.registry)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the runtime needs from the rest of rack.
+#[derive(Debug)]
+pub struct KubeSettings {
+    pub rack: String,
+    pub config: KubeConfig,
+    pub objects: Objects,
+    pub pool: sqlx::PgPool,
+    pub scratch: PathBuf,
+    pub limits: Limits,
+    pub build_timeout: std::time::Duration,
+}
+
+impl KubeRuntime {
+    /// Connects to the cluster of the environment (KUBECONFIG, ~/.kube/config or in-cluster)
+    /// and checks that it answers.
+    ///
+    /// # Errors
+    /// When no cluster is configured or it cannot be reached.
+    pub async fn connect(settings: KubeSettings) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let client = match &settings.config.kubeconfig {
+            Some(path) => {
+                let file = kube::config::Kubeconfig::read_from(path)
+                    .with_context(|| format!("reading the kubeconfig {} (KUBECONFIG)", path.display()))?;
+                let config = kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                    .await
+                    .with_context(|| format!("loading the kubeconfig {} (KUBECONFIG)", path.display()))?;
+                Client::try_from(config)?
+            }
+            None => Client::try_default().await.context(
+                "finding the Kubernetes cluster (KUBECONFIG, ~/.kube/config or the in-cluster service account)",
+            )?,
+        };
+        let version = client
+            .apiserver_version()
+            .await
+            .context("reaching the Kubernetes API server")?;
+        tracing::info!(
+            "Kubernetes runtime: API server {}.{} ({})",
+            version.major,
+            version.minor,
+            version.git_version
+        );
+        Ok(Self(Arc::new(Inner {
+            client,
+            rack: settings.rack,
+            config: settings.config,
+            objects: settings.objects,
+            pool: settings.pool,
+            scratch: settings.scratch,
+            limits: settings.limits,
+            build_timeout: settings.build_timeout,
+        })))
+    }
+
+    fn namespace(&self, app: &str) -> String {
+        namespace_name(&self.0.rack, app)
+    }
+
+    fn api<K>(&self, app: &str) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.0.client.clone(), &self.namespace(app))
+    }
+
+    /// Creates (or updates) the app's namespace and, when rack runs as a service account, the
+    /// RoleBinding that gives it its rights there.
+    async fn ensure_namespace(&self, app: &str) -> Result<(), String> {
+        let params = PatchParams::apply(MANAGER).force();
+        let namespaces: Api<Namespace> = Api::all(self.0.client.clone());
+        let name = self.namespace(app);
+        namespaces
+            .patch(&name, &params, &Patch::Apply(resources::namespace(&self.0.rack, app)))
+            .await
+            .map_err(|e| format!("creating namespace {name}: {}", describe(&e)))?;
+        if let Some(account) = &self.0.config.service_account {
+            let bindings: Api<RoleBinding> = self.api(app);
+            bindings
+                .patch(
+                    "rack",
+                    &params,
+                    &Patch::Apply(resources::role_binding(&self.0.rack, app, account)),
+                )
+                .await
+                .map_err(|e| format!("binding rack's rights in namespace {name}: {}", describe(&e)))?;
+        }
+        Ok(())
+    }
+}
+
+/// A Kubernetes error as a short message (the API's own text when it gave one).
+pub fn describe(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) if !status.message.is_empty() => status.message.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Whether `error` is the API's 404.
+fn is_not_found(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.code == 404)
+}
+
+#[async_trait::async_trait]
+impl Runtime for KubeRuntime {
+    fn name(&self) -> &'static str {
+        "k8s"
+    }
+
+    async fn create_app(&self, app: &str) -> Result<(), String> {
+        self.ensure_namespace(app).await
+    }
+
+    fn resumes_builds(&self) -> bool {
+        true
+    }
+
+    async fn build(&self, job: &BuildJob, log: &LogSink) -> Result<BuildOutput, BuildFailure> {
+        build::run(self, job, log).await
+    }
+
+    async fn apply(&self, app: &str, release: Option<&ReleaseSpec>, log: &LogSink) -> Result<(), ApplyError> {
+        rollout::apply(self, app, release, log).await
+    }
+
+    async fn processes(&self, app: &str) -> Vec<ProcessInfo> {
+        let pods: Api<Pod> = self.api(app);
+        match pods
+            .list(&ListParams::default().labels(&resources::selector(app, "service")))
+            .await
+        {
+            Ok(list) => {
+                let mut processes: Vec<_> = list.items.iter().filter_map(|pod| process_info(app, pod)).collect();
+                processes.sort_by(|a, b| (&a.name, a.started, &a.id).cmp(&(&b.name, b.started, &b.id)));
+                processes
+            }
+            Err(e) => {
+                tracing::warn!(app.name = app, "listing the pods of {app}: {}", describe(&e));
+                Vec::new()
+            }
+        }
+    }
+
+    async fn restart_process(&self, app: &str, id: &str) -> bool {
+        let pods: Api<Pod> = self.api(app);
+        // Only the app's service pods are processes (not its build pods).
+        match pods.get_opt(id).await {
+            Ok(Some(pod)) if process_info(app, &pod).is_some() => {}
+            _ => return false,
+        }
+        match pods.delete(id, &DeleteParams::default()).await {
+            Ok(_) => true,
+            Err(e) if is_not_found(&e) => false,
+            Err(e) => {
+                tracing::warn!(app.name = app, "deleting pod {id}: {}", describe(&e));
+                false
+            }
+        }
+    }
+
+    async fn prune_builds(&self, app: &str, ids: &[String]) {
+        let jobs: Api<Job> = self.api(app);
+        for id in ids {
+            let name = resources::build_job_name(id);
+            match jobs.delete(&name, &DeleteParams::background()).await {
+                Ok(_) => tracing::info!(app.name = app, build.id = %id, "pruned the job of build {id}"),
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => tracing::warn!(app.name = app, "pruning job {name}: {}", describe(&e)),
+            }
+        }
+    }
+
+    async fn delete_app(&self, app: &str) {
+        let namespaces: Api<Namespace> = Api::all(self.0.client.clone());
+        let name = self.namespace(app);
+        match namespaces.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => tracing::info!(app.name = app, "deleting namespace {name}"),
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => tracing::warn!(app.name = app, "deleting namespace {name}: {}", describe(&e)),
+        }
+    }
+
+    fn router_addr(&self, _app: &str) -> Option<std::net::SocketAddr> {
+        // Traffic reaches services through the cluster's own Services and ingress.
+        None
+    }
+}
+
+/// A pod of a service as a convox process.
+fn process_info(app: &str, pod: &Pod) -> Option<ProcessInfo> {
+    let labels = pod.metadata.labels.as_ref()?;
+    if labels.get("type").map(String::as_str) != Some("service") {
+        return None;
+    }
+    let spec = pod.spec.as_ref()?;
+    let status = pod.status.clone().unwrap_or_default();
+    let container = spec.containers.first()?;
+    let state = status
+        .container_statuses
+        .as_ref()
+        .and_then(|s| s.first())
+        .and_then(|s| s.state.clone())
+        .unwrap_or_default();
+    let ready = status
+        .conditions
+        .as_ref()
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let waiting = state
+        .waiting
+        .as_ref()
+        .and_then(|w| w.reason.clone())
+        .unwrap_or_default();
+    let status_text = if pod.metadata.deletion_timestamp.is_some() {
+        "stopping"
+    } else if waiting == "CrashLoopBackOff" || state.terminated.is_some() {
+        "crashed"
+    } else if status.phase.as_deref() == Some("Running") && ready {
+        "running"
+    } else if status.phase.as_deref() == Some("Running") {
+        "unhealthy"
+    } else {
+        "starting"
+    };
+    let command = container.command.clone().unwrap_or_default();
+    let command = match command.as_slice() {
+        [sh, c, text] if sh == "/bin/sh" && c == "-c" => text.clone(),
+        argv => argv.join(" "),
+    };
+    Some(ProcessInfo {
+        id: pod.metadata.name.clone()?,
+        app: app.to_owned(),
+        command,
+        cpu: 0.0,
+        memory: 0.0,
+        host: status.pod_ip.clone().unwrap_or_default(),
+        image: container.image.clone().unwrap_or_default(),
+        instance: spec.node_name.clone().unwrap_or_default(),
+        name: labels.get("service").cloned().unwrap_or_default(),
+        ports: container
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| p.container_port.to_string())
+            .collect(),
+        release: labels.get("release").cloned().unwrap_or_default(),
+        started: status
+            .start_time
+            .as_ref()
+            .or(pod.metadata.creation_timestamp.as_ref())
+            .and_then(time)
+            .unwrap_or_else(chrono::Utc::now),
+        status: status_text,
+        pid: 0,
+    })
+}
+
+/// A Kubernetes time as a chrono one.
+fn time(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::from_timestamp(t.0.as_second(), u32::try_from(t.0.subsec_nanosecond()).unwrap_or(0))
+}

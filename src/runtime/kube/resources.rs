@@ -1,0 +1,450 @@
+//! The Kubernetes objects rack writes, as plain functions of a release or build: namespaces,
+//! Deployments, Services and build Jobs. Kept free of I/O so their shape is unit-tested.
+
+use serde_json::{Value, json};
+
+use crate::manifest::{Command, Service};
+use crate::runtime::{ApplyError, ReleaseSpec};
+
+/// The field manager of every server-side apply rack makes.
+pub const MANAGER: &str = "rack";
+/// The container name of every service (what `Started container main` refers to).
+pub const CONTAINER: &str = "main";
+
+/// The namespace of `app` in rack `rack`.
+pub fn namespace_name(rack: &str, app: &str) -> String {
+    format!("{rack}-{app}")
+}
+
+/// A Kubernetes object name for a build id (ids are upper case; names may not be).
+pub fn build_job_name(build_id: &str) -> String {
+    format!("build-{}", build_id.to_ascii_lowercase())
+}
+
+/// The image a build pushes for `service`: `<registry>/<app>:<service>.<build id>`.
+pub fn image_ref(registry: &str, app: &str, service: &str, build_id: &str) -> String {
+    format!("{registry}/{app}:{service}.{build_id}")
+}
+
+/// Labels every object of `app` carries (convox's), so rack finds them again.
+fn app_labels(rack: &str, app: &str) -> serde_json::Map<String, Value> {
+    let mut labels = serde_json::Map::new();
+    labels.insert("system".into(), "convox".into());
+    labels.insert("rack".into(), rack.into());
+    labels.insert("app".into(), app.into());
+    labels
+}
+
+/// The label selector of everything of one kind (`service`, `build`) of an app.
+pub fn selector(app: &str, kind: &str) -> String {
+    format!("app={app},type={kind}")
+}
+
+/// The namespace of an app.
+pub fn namespace(rack: &str, app: &str) -> Value {
+    let mut labels = app_labels(rack, app);
+    labels.insert("type".into(), "app".into());
+    json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": { "name": namespace_name(rack, app), "labels": labels },
+    })
+}
+
+/// The RoleBinding that gives rack's own service account the `rack-app` rights in an app's
+/// namespace (see docker/k8s/rbac.yaml).
+pub fn role_binding(rack: &str, app: &str, account: &(String, String)) -> Value {
+    json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {
+            "name": "rack",
+            "namespace": namespace_name(rack, app),
+            "labels": app_labels(rack, app),
+        },
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "rack-app" },
+        "subjects": [{ "kind": "ServiceAccount", "namespace": account.0, "name": account.1 }],
+    })
+}
+
+/// Everything the Deployment of one service needs besides the release.
+#[derive(Debug, Clone)]
+pub struct ServiceTarget<'a> {
+    pub rack: &'a str,
+    pub registry: &'a str,
+    pub name: &'a str,
+    pub service: &'a Service,
+}
+
+/// The image a release runs for a service: the manifest's `image`, else what its build pushed.
+pub fn service_image(target: &ServiceTarget<'_>, release: &ReleaseSpec) -> String {
+    match &target.service.image {
+        Some(image) => image.clone(),
+        None => image_ref(target.registry, &release.app, target.name, &release.build_id),
+    }
+}
+
+/// The rolling-update bounds from the manifest's `deployment` percentages (the manifest
+/// parser refuses bounds that leave no room to move, as Kubernetes would).
+fn rolling_update(service: &Service) -> Value {
+    let surge = service.deployment.maximum.saturating_sub(100);
+    let unavailable = 100u32.saturating_sub(service.deployment.minimum);
+    json!({ "maxSurge": format!("{surge}%"), "maxUnavailable": format!("{unavailable}%") })
+}
+
+/// The Deployment of one service of a release.
+///
+/// # Errors
+/// When the manifest needs an environment variable the release lacks.
+pub fn deployment(target: &ServiceTarget<'_>, release: &ReleaseSpec, replicas: u32) -> Result<Value, ApplyError> {
+    let (rack, app, name, service) = (target.rack, release.app.as_str(), target.name, target.service);
+    let mut labels = app_labels(rack, app);
+    labels.insert("type".into(), "service".into());
+    labels.insert("service".into(), name.into());
+    let mut pod_labels = labels.clone();
+    pod_labels.insert("release".into(), release.id.clone().into());
+    labels.insert("release".into(), release.id.clone().into());
+
+    let mut env: Vec<Value> = release
+        .service_env(name, service)?
+        .into_iter()
+        .map(|(k, v)| json!({ "name": k, "value": v }))
+        .collect();
+    for (key, value) in [
+        ("APP", app),
+        ("SERVICE", name),
+        ("RELEASE", release.id.as_str()),
+        ("BUILD", release.build_id.as_str()),
+        ("RACK", rack),
+    ] {
+        env.push(json!({ "name": key, "value": value }));
+    }
+    env.push(json!({ "name": "PROCESS", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }));
+
+    let mut container = json!({
+        "name": CONTAINER,
+        "image": service_image(target, release),
+        "env": env,
+    });
+    match &service.command {
+        Some(Command::Shell(text)) => container["command"] = json!(["/bin/sh", "-c", text]),
+        Some(Command::Exec(argv)) if !argv.is_empty() => container["command"] = json!(argv),
+        _ => {}
+    }
+    if let Some(port) = service.port {
+        container["env"]
+            .as_array_mut()
+            .expect("env is an array")
+            .push(json!({ "name": "PORT", "value": port.to_string() }));
+        container["ports"] = json!([{ "name": "main", "containerPort": port, "protocol": "TCP" }]);
+        if !service.health.disabled {
+            container["readinessProbe"] = json!({
+                "httpGet": {
+                    "path": service.health.path,
+                    "port": port,
+                    "scheme": service.port_scheme.to_ascii_uppercase(),
+                },
+                "initialDelaySeconds": service.health.grace,
+                "periodSeconds": service.health.interval.max(1),
+                "timeoutSeconds": service.health.timeout.max(1),
+                "failureThreshold": 3,
+                "successThreshold": 1,
+            });
+        }
+    }
+    let mut requests = serde_json::Map::new();
+    if let Some(cpu) = service.scale.cpu {
+        requests.insert("cpu".into(), format!("{cpu}m").into());
+    }
+    if let Some(memory) = service.scale.memory {
+        requests.insert("memory".into(), format!("{memory}Mi").into());
+    }
+    if !requests.is_empty() {
+        container["resources"] = json!({ "requests": requests });
+    }
+
+    Ok(json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": name,
+            "namespace": namespace_name(rack, app),
+            "labels": labels,
+        },
+        "spec": {
+            "replicas": replicas,
+            "revisionHistoryLimit": 5,
+            "selector": { "matchLabels": { "app": app, "service": name } },
+            "strategy": { "type": "RollingUpdate", "rollingUpdate": rolling_update(service) },
+            "template": {
+                "metadata": { "labels": pod_labels },
+                "spec": {
+                    "containers": [container],
+                    "automountServiceAccountToken": false,
+                    "enableServiceLinks": false,
+                    "terminationGracePeriodSeconds": 30,
+                },
+            },
+        },
+    }))
+}
+
+/// The Service in front of a service that has a port.
+pub fn service(rack: &str, app: &str, name: &str, port: u16) -> Value {
+    let mut labels = app_labels(rack, app);
+    labels.insert("type".into(), "service".into());
+    labels.insert("service".into(), name.into());
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": { "name": name, "namespace": namespace_name(rack, app), "labels": labels },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": { "app": app, "service": name },
+            "ports": [{ "name": "main", "port": port, "targetPort": port, "protocol": "TCP" }],
+        },
+    })
+}
+
+/// What a build Job is made of.
+#[derive(Debug, Clone)]
+pub struct BuildSpec<'a> {
+    pub rack: &'a str,
+    pub app: &'a str,
+    pub build_id: &'a str,
+    /// `(service, build context path, Dockerfile path relative to the context, image)`.
+    pub services: Vec<(String, String, String, String)>,
+    pub source_url: String,
+    /// Name of the Secret holding the source token (key `token`).
+    pub secret: String,
+    pub fetch_image: &'a str,
+    pub builder_image: &'a str,
+    pub deadline_secs: u64,
+}
+
+/// The shell script that downloads and unpacks the source (run by the fetch container). The
+/// URL and token come from the environment, never from the command line.
+const FETCH_SCRIPT: &str = r#"set -eu
+wget -q -O /tmp/source.tgz --header "Authorization: Bearer $RACK_SOURCE_TOKEN" "$RACK_SOURCE_URL"
+tar -xzf /tmp/source.tgz -C /workspace
+rm -f /tmp/source.tgz
+echo "Fetched source"
+"#;
+
+/// The Job that builds every service of a build: a fetch container, then one builder
+/// container per service, in order (init containers run one after another), then a last
+/// container that reports success.
+pub fn build_job(spec: &BuildSpec<'_>) -> Value {
+    let mut labels = app_labels(spec.rack, spec.app);
+    labels.insert("type".into(), "build".into());
+    labels.insert("build".into(), spec.build_id.into());
+    let workspace = json!([{ "name": "workspace", "mountPath": "/workspace" }]);
+    let mut init = vec![json!({
+        "name": "fetch",
+        "image": spec.fetch_image,
+        "command": ["/bin/sh", "-c", FETCH_SCRIPT],
+        "env": [
+            { "name": "RACK_SOURCE_URL", "value": spec.source_url },
+            { "name": "RACK_SOURCE_TOKEN", "valueFrom": { "secretKeyRef": { "name": spec.secret, "key": "token" } } },
+        ],
+        "volumeMounts": workspace,
+    })];
+    for (service, path, dockerfile, image) in &spec.services {
+        let context = format!("/workspace/{}", path.trim_start_matches("./").trim_end_matches('/'));
+        let context = context.trim_end_matches("/.").to_owned();
+        init.push(json!({
+            "name": format!("build-{service}"),
+            "image": spec.builder_image,
+            "args": [
+                format!("--context=dir://{context}"),
+                format!("--dockerfile={context}/{dockerfile}"),
+                format!("--destination={image}"),
+                format!("--label=convox.app={}", spec.app),
+                format!("--label=convox.build={}", spec.build_id),
+            ],
+            "volumeMounts": workspace,
+        }));
+    }
+    let summary = format!("Built {} image(s)", spec.services.len());
+    json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": build_job_name(spec.build_id),
+            "namespace": namespace_name(spec.rack, spec.app),
+            "labels": labels,
+        },
+        "spec": {
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": spec.deadline_secs,
+            "template": {
+                "metadata": { "labels": labels },
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": false,
+                    "enableServiceLinks": false,
+                    "initContainers": init,
+                    "containers": [{
+                        "name": "done",
+                        "image": spec.fetch_image,
+                        "command": ["/bin/sh", "-c", format!("echo '{summary}'")],
+                    }],
+                    "volumes": [{ "name": "workspace", "emptyDir": {} }],
+                },
+            },
+        },
+    })
+}
+
+/// The Secret holding a build's source token.
+pub fn build_secret(spec: &BuildSpec<'_>, token: &str) -> Value {
+    let mut labels = app_labels(spec.rack, spec.app);
+    labels.insert("type".into(), "build".into());
+    labels.insert("build".into(), spec.build_id.into());
+    json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": { "name": spec.secret, "namespace": namespace_name(spec.rack, spec.app), "labels": labels },
+        "type": "Opaque",
+        "stringData": { "token": token },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn release(manifest: &str) -> ReleaseSpec {
+        ReleaseSpec {
+            app: "myapp".into(),
+            id: "RABCDEFGHI".into(),
+            build_id: "BABCDEFGHI".into(),
+            env: [("FOO".to_owned(), "bar".to_owned())].into(),
+            manifest: crate::manifest::parse(manifest).unwrap(),
+        }
+    }
+
+    fn web_deployment(manifest: &str) -> Value {
+        let release = release(manifest);
+        let service = &release.manifest.services["web"];
+        let target = ServiceTarget {
+            rack: "rack",
+            registry: "registry.host/convox",
+            name: "web",
+            service,
+        };
+        deployment(&target, &release, 2).unwrap()
+    }
+
+    #[test]
+    fn a_deployment_follows_the_manifest() {
+        let d = web_deployment(
+            "services:\n  web:\n    port: 3000\n    command: bin/web\n    health:\n      path: /check\n      grace: 7\n      interval: 3\n    deployment:\n      minimum: 25\n      maximum: 150\n    scale:\n      cpu: 250\n      memory: 512\n",
+        );
+        assert_eq!(d["metadata"]["namespace"], "rack-myapp");
+        assert_eq!(d["spec"]["replicas"], 2);
+        assert_eq!(
+            d["spec"]["selector"]["matchLabels"],
+            json!({"app": "myapp", "service": "web"})
+        );
+        assert_eq!(
+            d["spec"]["strategy"]["rollingUpdate"],
+            json!({"maxSurge": "50%", "maxUnavailable": "75%"})
+        );
+        let pod = &d["spec"]["template"];
+        assert_eq!(pod["metadata"]["labels"]["release"], "RABCDEFGHI");
+        let c = &pod["spec"]["containers"][0];
+        assert_eq!(c["name"], "main");
+        assert_eq!(c["image"], "registry.host/convox/myapp:web.BABCDEFGHI");
+        assert_eq!(c["command"], json!(["/bin/sh", "-c", "bin/web"]));
+        assert_eq!(
+            c["readinessProbe"]["httpGet"],
+            json!({"path": "/check", "port": 3000, "scheme": "HTTP"})
+        );
+        assert_eq!(c["readinessProbe"]["initialDelaySeconds"], 7);
+        assert_eq!(c["readinessProbe"]["periodSeconds"], 3);
+        assert_eq!(c["resources"]["requests"], json!({"cpu": "250m", "memory": "512Mi"}));
+        let env = c["env"].as_array().unwrap();
+        assert!(env.contains(&json!({"name": "FOO", "value": "bar"})));
+        assert!(env.contains(&json!({"name": "PORT", "value": "3000"})));
+        assert!(env.contains(&json!({"name": "RELEASE", "value": "RABCDEFGHI"})));
+        // The selector must not hold the release: it is immutable, and each release rolls.
+        assert!(d["spec"]["selector"]["matchLabels"].get("release").is_none());
+    }
+
+    #[test]
+    fn full_capacity_rolls_by_surging_only() {
+        let d = web_deployment("services:\n  web:\n    deployment:\n      minimum: 100\n      maximum: 150\n");
+        assert_eq!(
+            d["spec"]["strategy"]["rollingUpdate"],
+            json!({"maxSurge": "50%", "maxUnavailable": "0%"})
+        );
+        let c = &d["spec"]["template"]["spec"]["containers"][0];
+        assert!(c.get("readinessProbe").is_none(), "no port, no probe");
+        assert!(c.get("command").is_none());
+    }
+
+    #[test]
+    fn a_missing_required_variable_is_refused() {
+        let release = release("environment:\n  - SECRET\nservices:\n  web: {}\n");
+        let target = ServiceTarget {
+            rack: "rack",
+            registry: "r",
+            name: "web",
+            service: &release.manifest.services["web"],
+        };
+        let err = deployment(&target, &release, 1).unwrap_err();
+        assert!(err.0.contains("SECRET"), "{err}");
+    }
+
+    #[test]
+    fn a_build_job_fetches_then_builds_each_service() {
+        let spec = BuildSpec {
+            rack: "rack",
+            app: "myapp",
+            build_id: "BABC",
+            services: vec![
+                (
+                    "api".into(),
+                    "./api".into(),
+                    "Dockerfile".into(),
+                    "r/myapp:api.BABC".into(),
+                ),
+                (
+                    "web".into(),
+                    ".".into(),
+                    "web.Dockerfile".into(),
+                    "r/myapp:web.BABC".into(),
+                ),
+            ],
+            source_url: "http://rack:5443/apps/myapp/objects/tmp/x.tgz".into(),
+            secret: "build-babc".into(),
+            fetch_image: "busybox",
+            builder_image: "kaniko",
+            deadline_secs: 600,
+        };
+        let job = build_job(&spec);
+        assert_eq!(job["metadata"]["name"], "build-babc");
+        assert_eq!(job["spec"]["backoffLimit"], 0);
+        assert_eq!(job["spec"]["activeDeadlineSeconds"], 600);
+        let init = job["spec"]["template"]["spec"]["initContainers"].as_array().unwrap();
+        let names: Vec<_> = init.iter().map(|c| c["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["fetch", "build-api", "build-web"]);
+        assert_eq!(
+            init[1]["args"].as_array().unwrap()[0..3],
+            [
+                json!("--context=dir:///workspace/api"),
+                json!("--dockerfile=/workspace/api/Dockerfile"),
+                json!("--destination=r/myapp:api.BABC")
+            ]
+        );
+        assert_eq!(init[2]["args"][0], "--context=dir:///workspace");
+        // The token is only ever in the Secret.
+        let text = job.to_string();
+        assert!(!text.contains("rack_"), "{text}");
+        assert_eq!(
+            init[0]["env"][1]["valueFrom"]["secretKeyRef"],
+            json!({"name": "build-babc", "key": "token"})
+        );
+    }
+}

@@ -1,0 +1,253 @@
+//! Rolling a release out on Kubernetes: server-side apply of each service's Deployment (and
+//! Service), removal of services the release no longer has, then a watch until every
+//! Deployment has rolled out, with the namespace's Events written to the deploy log as they
+//! come. A crash-looping or unpullable new pod, or a Deployment past its progress deadline,
+//! fails the rollout at once (the deploy job then re-applies the previous release).
+//!
+//! Applying is idempotent: a replica that takes a deployment over applies the same objects
+//! again (nothing changes, no new ReplicaSet) and goes on watching from where the cluster is.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Event, Pod, Service};
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+
+use super::resources::{self, MANAGER, ServiceTarget};
+use super::{KubeRuntime, describe, events, is_not_found};
+use crate::runtime::{ApplyError, LogSink, ReleaseSpec};
+
+/// How often the Deployments are looked at.
+const POLL: Duration = Duration::from_secs(1);
+/// How long the log keeps taking events once the rollout is done (they are recorded
+/// asynchronously by the controllers and kubelets, so the last ones trail the status).
+const EVENT_TAIL: Duration = Duration::from_secs(2);
+
+/// Waiting reasons of a new pod that will not fix themselves.
+const FATAL_WAITING: &[&str] = &[
+    "CrashLoopBackOff",
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+];
+
+pub async fn apply(
+    runtime: &KubeRuntime,
+    app: &str,
+    release: Option<&ReleaseSpec>,
+    log: &LogSink,
+) -> Result<(), ApplyError> {
+    let rt = &runtime.0;
+    runtime.ensure_namespace(app).await.map_err(ApplyError)?;
+    let forwarder = tokio::spawn(events::forward(runtime.api::<Event>(app), log.clone()));
+    let _forwarder = AbortOnDrop(forwarder.abort_handle());
+
+    let deployments: Api<Deployment> = runtime.api(app);
+    let services: Api<Service> = runtime.api(app);
+    let params = PatchParams::apply(MANAGER).force();
+    let mut wanted = BTreeSet::new();
+    if let Some(release) = release {
+        for (name, service) in &release.manifest.services {
+            let target = ServiceTarget {
+                rack: &rt.rack,
+                registry: &rt.config.registry,
+                name,
+                service,
+            };
+            let body = resources::deployment(&target, release, service.scale.count_min)?;
+            deployments
+                .patch(name, &params, &Patch::Apply(body))
+                .await
+                .map_err(|e| ApplyError(format!("applying deployment {name}: {}", describe(&e))))?;
+            match service.port {
+                Some(port) => {
+                    services
+                        .patch(
+                            name,
+                            &params,
+                            &Patch::Apply(resources::service(&rt.rack, app, name, port)),
+                        )
+                        .await
+                        .map_err(|e| ApplyError(format!("applying service {name}: {}", describe(&e))))?;
+                }
+                None => delete(&services, name).await?,
+            }
+            wanted.insert(name.clone());
+        }
+    }
+    let by_app = ListParams::default().labels(&resources::selector(app, "service"));
+    let existing = deployments
+        .list(&by_app)
+        .await
+        .map_err(|e| ApplyError(format!("listing deployments: {}", describe(&e))))?;
+    for deployment in existing.items {
+        let Some(name) = deployment.metadata.name else { continue };
+        if !wanted.contains(&name) {
+            log.line("system/k8s/atom/app", format!("Removing service {name}"))
+                .await;
+            delete(&deployments, &name).await?;
+            delete(&services, &name).await?;
+        }
+    }
+
+    let pods: Api<Pod> = runtime.api(app);
+    loop {
+        let list = deployments
+            .list(&by_app)
+            .await
+            .map_err(|e| ApplyError(format!("reading deployments: {}", describe(&e))))?;
+        let relevant: Vec<&Deployment> = list
+            .items
+            .iter()
+            .filter(|d| d.metadata.name.as_ref().is_some_and(|n| wanted.contains(n)))
+            .collect();
+        if relevant.len() == wanted.len() && relevant.iter().all(|d| rolled_out(d)) {
+            break;
+        }
+        for deployment in &relevant {
+            if let Some(reason) = stalled(deployment) {
+                return Err(ApplyError(reason));
+            }
+        }
+        if let Some(release) = release {
+            let new_pods = ListParams::default().labels(&format!("app={app},type=service,release={}", release.id));
+            if let Ok(list) = pods.list(&new_pods).await
+                && let Some(reason) = list.items.iter().find_map(failing_pod)
+            {
+                return Err(ApplyError(reason));
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    tokio::time::sleep(EVENT_TAIL).await;
+    Ok(())
+}
+
+async fn delete<K>(api: &Api<K>, name: &str) -> Result<(), ApplyError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(ApplyError(format!("deleting {name}: {}", describe(&e)))),
+    }
+}
+
+/// Whether a Deployment has finished rolling out: the controller has seen its latest spec, and
+/// every replica runs that spec and is available, with no old ones left.
+pub fn rolled_out(deployment: &Deployment) -> bool {
+    let (Some(spec), Some(status)) = (&deployment.spec, &deployment.status) else {
+        return false;
+    };
+    let desired = spec.replicas.unwrap_or(1);
+    let generation = deployment.metadata.generation.unwrap_or(0);
+    status.observed_generation.unwrap_or(0) >= generation
+        && status.updated_replicas.unwrap_or(0) == desired
+        && status.replicas.unwrap_or(0) == desired
+        && status.available_replicas.unwrap_or(0) == desired
+}
+
+/// Why a Deployment will not finish on its own: it is past its progress deadline.
+pub fn stalled(deployment: &Deployment) -> Option<String> {
+    let name = deployment.metadata.name.as_deref().unwrap_or_default();
+    let conditions = deployment.status.as_ref()?.conditions.as_ref()?;
+    conditions
+        .iter()
+        .find(|c| {
+            c.type_ == "Progressing" && c.status == "False" && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+        })
+        .map(|c| {
+            format!(
+                "deployment {name} exceeded its progress deadline: {}",
+                c.message.as_deref().unwrap_or_default()
+            )
+        })
+}
+
+/// Why a pod of the new release cannot become ready.
+pub fn failing_pod(pod: &Pod) -> Option<String> {
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    statuses.iter().find_map(|status| {
+        let waiting = status.state.as_ref()?.waiting.as_ref()?;
+        let reason = waiting.reason.as_deref()?;
+        FATAL_WAITING.contains(&reason).then(|| {
+            let message = waiting.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
+            format!("pod {name} is failing ({reason}){message}")
+        })
+    })
+}
+
+/// Aborts a task when dropped (the event forwarder stops with the rollout).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn deployment(status: serde_json::Value) -> Deployment {
+        serde_json::from_value(json!({
+            "metadata": { "name": "web", "generation": 2 },
+            "spec": { "replicas": 2, "selector": {}, "template": {} },
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn rolled_out_needs_every_replica_new_and_available() {
+        let done = json!({"observedGeneration": 2, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2});
+        assert!(rolled_out(&deployment(done)));
+        let old_left = json!({"observedGeneration": 2, "replicas": 3, "updatedReplicas": 2, "availableReplicas": 2});
+        assert!(!rolled_out(&deployment(old_left)));
+        let unseen = json!({"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2});
+        assert!(!rolled_out(&deployment(unseen)));
+        let unready = json!({"observedGeneration": 2, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 1});
+        assert!(!rolled_out(&deployment(unready)));
+    }
+
+    #[test]
+    fn a_progress_deadline_stalls_the_rollout() {
+        let d = deployment(json!({"conditions": [{
+            "type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+            "message": "ReplicaSet \"web-5d9\" has timed out progressing."
+        }]}));
+        assert_eq!(
+            stalled(&d).unwrap(),
+            "deployment web exceeded its progress deadline: ReplicaSet \"web-5d9\" has timed out progressing."
+        );
+        assert_eq!(stalled(&deployment(json!({}))), None);
+    }
+
+    #[test]
+    fn crash_looping_pods_fail_the_rollout() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": { "name": "web-5d9-abc" },
+            "status": { "containerStatuses": [{
+                "name": "main", "image": "x", "imageID": "", "ready": false, "restartCount": 4,
+                "state": { "waiting": { "reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container" } }
+            }]}
+        }))
+        .unwrap();
+        assert_eq!(
+            failing_pod(&pod).unwrap(),
+            "pod web-5d9-abc is failing (CrashLoopBackOff): back-off 40s restarting failed container"
+        );
+        let mut starting = pod.clone();
+        starting.status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0].state =
+            serde_json::from_value(json!({ "waiting": { "reason": "ContainerCreating" } })).unwrap();
+        assert_eq!(failing_pod(&starting), None);
+    }
+}

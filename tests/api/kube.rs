@@ -1,0 +1,359 @@
+//! The Kubernetes runtime against a real control plane (see `kubeenv`): rack runs with
+//! `RACK_RUNTIME=kube` as the service account of docker/k8s and is driven through its HTTP API.
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::rbac::v1::RoleBinding;
+use kube::api::ListParams;
+use kube::{Api, Client};
+use reqwest::Method;
+use serde_json::Value;
+
+use crate::deploys::{create_release, promote_follow};
+use crate::helpers::{TestApp, wait_for};
+use crate::kubeenv::{ProbeServer, act_as_kubelet, admin_client, apply_file, closed_port, finish_pod, kube_env};
+
+const REGISTRY: &str = "registry.host/convox";
+const API_URL: &str = "http://rack.rack.svc.cluster.local:5443";
+
+async fn spawn_kube() -> TestApp {
+    let env = kube_env();
+    TestApp::spawn_with(|config| {
+        config.runtime = rack::config::RuntimeKind::Kube;
+        config.kube = Some(rack::config::KubeConfig {
+            registry: REGISTRY.to_owned(),
+            url: API_URL.to_owned(),
+            builder_image: "gcr.io/kaniko-project/executor:v1.23.2-debug".to_owned(),
+            fetch_image: "busybox:1.36".to_owned(),
+            service_account: Some(("rack".to_owned(), "rack".to_owned())),
+            kubeconfig: Some(env.rack.clone()),
+        });
+    })
+    .await
+}
+
+fn manifest(port: u16) -> String {
+    format!("services:\n  web:\n    build: .\n    port: {port}\n    health:\n      grace: 1\n      interval: 1\n")
+}
+
+/// The pod of a build's Job, once it exists.
+async fn build_pod(client: &Client, namespace: &str, build: &str) -> Pod {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let selector = ListParams::default().labels(&format!("job-name=build-{}", build.to_ascii_lowercase()));
+    wait_for(60, "the build pod", || async {
+        pods.list(&selector).await.ok()?.items.into_iter().next()
+    })
+    .await
+}
+
+/// Uploads a source with `manifest` and a Dockerfile, builds it and ends its pod as a
+/// successful kubelet would; returns the build.
+async fn complete_build(app: &TestApp, client: &Client, name: &str, manifest: &str) -> Value {
+    let id = app
+        .build_source(name, &[("convox.yml", manifest), ("Dockerfile", "FROM scratch\n")])
+        .await;
+    let pod = build_pod(client, &format!("rack-{name}"), &id).await;
+    finish_pod(client, &format!("rack-{name}"), &pod, None).await;
+    let build = app.wait_build(name, &id).await;
+    assert_eq!(build["status"], "complete", "{build}");
+    build
+}
+
+/// The index of the first line at or after `from` that contains every part of `parts`.
+fn find_line(lines: &[&str], from: usize, parts: &[&str]) -> usize {
+    lines[from..]
+        .iter()
+        .position(|line| parts.iter().all(|p| line.contains(p)))
+        .map(|i| i + from)
+        .unwrap_or_else(|| panic!("no line with {parts:?} after line {from} in:\n{}", lines.join("\n")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_is_a_namespace_its_build_a_job_and_its_release_a_rolling_deployment() {
+    let app = spawn_kube().await;
+    let client = admin_client().await;
+    let name = "kubeflow";
+    let ns = format!("rack-{name}");
+
+    // App → namespace, labelled, with rack's rights bound in it.
+    assert_eq!(app.create_app(name).await.status(), 201);
+    let namespace = Api::<Namespace>::all(client.clone()).get(&ns).await.unwrap();
+    let labels = namespace.metadata.labels.unwrap();
+    assert_eq!(labels["app"], name);
+    assert_eq!(labels["rack"], "rack");
+    let binding = Api::<RoleBinding>::namespaced(client.clone(), &ns)
+        .get("rack")
+        .await
+        .unwrap();
+    assert_eq!(binding.role_ref.name, "rack-app");
+
+    // Build → a Job with the right spec, fetching with a token scoped to its one object.
+    let probe = ProbeServer::start().await;
+    let source =
+        crate::helpers::source_tarball(&[("convox.yml", &manifest(probe.port)), ("Dockerfile", "FROM scratch\n")]);
+    let key = "src/first.tgz";
+    assert_eq!(app.upload(name, key, source.clone()).await.status(), 200);
+    let build_id = app.create_build(name, key).await["id"].as_str().unwrap().to_owned();
+    let pod = build_pod(&client, &ns, &build_id).await;
+    let job = Api::<Job>::namespaced(client.clone(), &ns)
+        .get(&format!("build-{}", build_id.to_ascii_lowercase()))
+        .await
+        .unwrap();
+    let spec = job.spec.unwrap();
+    assert_eq!(spec.backoff_limit, Some(0));
+    let template = spec.template.spec.unwrap();
+    let init = template.init_containers.unwrap();
+    assert_eq!(init[0].name, "fetch");
+    assert_eq!(init[1].name, "build-web");
+    let image = format!("{REGISTRY}/{name}:web.{build_id}");
+    assert!(
+        init[1]
+            .args
+            .as_ref()
+            .unwrap()
+            .contains(&format!("--destination={image}"))
+    );
+    let fetch_env = init[0].env.as_ref().unwrap();
+    let url = fetch_env[0].value.clone().unwrap();
+    assert_eq!(url, format!("{API_URL}/apps/{name}/objects/{key}"));
+    let secret = Api::<Secret>::namespaced(client.clone(), &ns)
+        .get(&format!("build-{}", build_id.to_ascii_lowercase()))
+        .await
+        .unwrap();
+    let token = String::from_utf8(secret.data.unwrap()["token"].0.clone()).unwrap();
+    let path = url.strip_prefix(API_URL).unwrap();
+    let fetched = app.client.get(app.url(path)).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(fetched.status(), 200);
+    assert_eq!(fetched.bytes().await.unwrap(), source, "the token fetches the source");
+    for other in [
+        format!("/apps/{name}"),
+        format!("/apps/{name}/objects/src/other.tgz"),
+        "/apps".to_owned(),
+    ] {
+        let response = app
+            .client
+            .get(app.url(&other))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 403, "{other}");
+    }
+    let response = app
+        .client
+        .delete(app.url(path))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403, "the token only reads");
+
+    // The pod ends (as a kubelet would) → the build completes with its image recorded.
+    finish_pod(&client, &ns, &pod, None).await;
+    let build = app.wait_build(name, &build_id).await;
+    assert_eq!(build["status"], "complete", "{build}");
+    assert_eq!(build["images"]["web"], image);
+    assert_eq!(build["repository"], format!("{REGISTRY}/{name}"));
+    let response = app.client.get(app.url(path)).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(response.status(), 401, "the token is revoked once the build ended");
+    let first = build["release"].as_str().unwrap().to_owned();
+
+    // Promote → the Deployment rolls out on hollow nodes; the log reads like convox's.
+    let kubelet = tokio::spawn(act_as_kubelet(client.clone(), ns.clone()));
+    let log = promote_follow(&app, name, &first).await;
+    let lines: Vec<&str> = log.lines().collect();
+    let mut at = find_line(&lines, 0, &["system/k8s/atom/app Status: None => Pending"]);
+    at = find_line(&lines, at, &["system/k8s/atom/app Status: Pending => Updating"]);
+    at = find_line(&lines, at, &["system/k8s/web Scaled up replica set web-", " to 1"]);
+    at = find_line(&lines, at, &["system/k8s/web-", " Created pod: web-"]);
+    at = find_line(
+        &lines,
+        at,
+        &["system/k8s/web-", &format!(" Successfully assigned {ns}/web-")],
+    );
+    at = find_line(&lines, at, &[&format!(" Pulling image \"{image}\"")]);
+    at = find_line(&lines, at, &[" Started container main"]);
+    find_line(&lines, at, &["system/k8s/atom/app Status: Updating => Running"]);
+    assert!(log.ends_with("\nOK\n"), "{log}");
+    for line in &lines[..lines.len() - 1] {
+        let (time, _) = line.split_once(' ').unwrap();
+        assert!(chrono::DateTime::parse_from_rfc3339(time).is_ok(), "{line}");
+    }
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let web = deployments.get("web").await.unwrap();
+    let web_spec = web.spec.unwrap();
+    let strategy = web_spec.strategy.unwrap().rolling_update.unwrap();
+    assert_eq!(
+        serde_json::to_value(strategy).unwrap(),
+        serde_json::json!({"maxSurge": "100%", "maxUnavailable": "50%"})
+    );
+    let container = &web_spec.template.spec.unwrap().containers[0];
+    assert_eq!(container.image.as_deref(), Some(image.as_str()));
+    assert!(container.readiness_probe.is_some());
+
+    // Processes are the pods.
+    let processes: Vec<Value> = app.get_json(&format!("/apps/{name}/processes")).await;
+    assert_eq!(processes.len(), 1, "{processes:?}");
+    assert_eq!(processes[0]["name"], "web");
+    assert_eq!(processes[0]["release"], first.as_str());
+    assert_eq!(processes[0]["status"], "running");
+    let pod_name = processes[0]["id"].as_str().unwrap().to_owned();
+
+    // Restarting a process replaces its pod.
+    let response = app
+        .request(Method::DELETE, &format!("/apps/{name}/processes/{pod_name}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    wait_for(60, "a new pod in place of the restarted one", || async {
+        let processes: Vec<Value> = app.get_json(&format!("/apps/{name}/processes")).await;
+        processes
+            .iter()
+            .any(|p| p["id"] != pod_name.as_str() && p["status"] == "running")
+            .then_some(())
+    })
+    .await;
+
+    // A second release rolls from the first.
+    let second = create_release(&app, name, &[("env", "GREETING=hello")]).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let log = promote_follow(&app, name, &second).await;
+    let lines: Vec<&str> = log.lines().collect();
+    let at = find_line(&lines, 0, &["system/k8s/web Scaled up replica set web-"]);
+    find_line(&lines, at, &["system/k8s/web Scaled down replica set web-", " to 0"]);
+    assert!(log.ends_with("\nOK\n"), "{log}");
+    let web = deployments.get("web").await.unwrap();
+    let pod_labels = web.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+    assert_eq!(pod_labels["release"], second);
+    let app_json: Value = app.get_app(name).await.json().await.unwrap();
+    assert_eq!(app_json["release"], second.as_str());
+    kubelet.abort();
+    drop(probe);
+
+    // Deleting the app deletes its namespace.
+    assert_eq!(app.delete_app(name).await.status(), 200);
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    wait_for(90, "the namespace to go", || async {
+        match namespaces.get_opt(&ns).await.unwrap() {
+            None => Some(()),
+            Some(n) if n.metadata.deletion_timestamp.is_some() => Some(()),
+            Some(_) => None,
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_build_pod_fails_the_build_with_the_step_that_failed() {
+    let app = spawn_kube().await;
+    let client = admin_client().await;
+    let name = "kubefail";
+    assert_eq!(app.create_app(name).await.status(), 201);
+    let id = app
+        .build_source(
+            name,
+            &[("convox.yml", &manifest(3000)), ("Dockerfile", "FROM scratch\n")],
+        )
+        .await;
+    let ns = format!("rack-{name}");
+    let pod = build_pod(&client, &ns, &id).await;
+    finish_pod(&client, &ns, &pod, Some(("build-web", 1))).await;
+    let build = app.wait_build(name, &id).await;
+    assert_eq!(build["status"], "failed");
+    assert_eq!(build["reason"], "building service web failed (exit code 1)", "{build}");
+
+    // A source without the Dockerfile never reaches the cluster.
+    let id = app.build_source(name, &[("convox.yml", &manifest(3000))]).await;
+    let build = app.wait_build(name, &id).await;
+    assert_eq!(build["status"], "failed");
+    assert_eq!(
+        build["reason"], "services.web.build: no Dockerfile in . of the source",
+        "{build}"
+    );
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        jobs.get_opt(&format!("build-{}", id.to_ascii_lowercase()))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_that_never_becomes_ready_rolls_back() {
+    let app = spawn_kube().await;
+    let client = admin_client().await;
+    let name = "kubedeadline";
+    let ns = format!("rack-{name}");
+    assert_eq!(app.create_app(name).await.status(), 201);
+    let probe = ProbeServer::start().await;
+    let good = complete_build(&app, &client, name, &manifest(probe.port)).await;
+    let good = good["release"].as_str().unwrap().to_owned();
+    assert!(promote_follow(&app, name, &good).await.ends_with("\nOK\n"));
+
+    // Nothing answers the new release's health checks.
+    let bad = complete_build(&app, &client, name, &manifest(closed_port())).await;
+    let bad = bad["release"].as_str().unwrap().to_owned();
+    let response = app
+        .request(Method::POST, &format!("/apps/{name}/releases/{bad}/promote"))
+        .form(&[("follow", "true"), ("timeout", "10")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let log = tokio::time::timeout(Duration::from_secs(120), response.text())
+        .await
+        .expect("the rollout ends")
+        .unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    let mut at = find_line(&lines, 0, &["system/k8s/web Scaled up replica set web-"]);
+    for state in [
+        "Status: Updating => Deadline",
+        "Status: Deadline => Rollback",
+        "Status: Rollback => Reverted",
+    ] {
+        at = find_line(&lines, at, &[state]);
+    }
+    assert!(
+        log.ends_with("ERROR: the deployment did not become healthy within 10s\n"),
+        "{log}"
+    );
+    let web = Api::<Deployment>::namespaced(client.clone(), &ns)
+        .get("web")
+        .await
+        .unwrap();
+    let labels = web.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+    assert_eq!(labels["release"], good, "the previous release is applied again");
+    let app_json: Value = app.get_app(name).await.json().await.unwrap();
+    assert_eq!(app_json["release"], good.as_str());
+    drop(probe);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_install_manifests_apply_to_a_cluster() {
+    let env = kube_env();
+    let client = admin_client().await;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/k8s");
+    let mut applied = Vec::new();
+    for file in ["namespace.yaml", "rbac.yaml", "rack.yaml"] {
+        applied.extend(apply_file(&client, &root.join(file), true).await.unwrap());
+    }
+    for object in [
+        "Namespace/rack",
+        "ServiceAccount/rack",
+        "ClusterRole/rack",
+        "ClusterRole/rack-app",
+        "ClusterRoleBinding/rack",
+        "Deployment/rack",
+        "Service/rack",
+    ] {
+        assert!(applied.iter().any(|a| a == object), "{object} missing from {applied:?}");
+    }
+    let _ = env;
+}

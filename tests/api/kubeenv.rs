@@ -1,0 +1,308 @@
+//! A real Kubernetes control plane for the Kubernetes runtime's tests: etcd, kube-apiserver,
+//! controller-manager, scheduler and kubemark hollow nodes on loopback, started once per test
+//! process by `scripts/kube-testenv` (whose binaries `scripts/kube-testenv build` made) and
+//! stopped when the process exits. rack runs in it as the service account of docker/k8s, so
+//! every test also proves those RBAC rules are enough.
+//!
+//! Hollow nodes fake their containers: pods are scheduled and run, and their HTTP readiness
+//! probes really go out, to the fake pod IP 192.168.192.168, which the harness puts on the
+//! loopback interface so tests can answer them. What a fake runtime never does is left to the
+//! test, acting as the kubelet would: ending a build pod (`finish_pod`), and recording the
+//! kubelet's Events (`act_as_kubelet`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Event, Pod, Secret, ServiceAccount};
+use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
+use kube::discovery::Discovery;
+use kube::{Api, Client};
+
+/// The fake IP every hollow-node pod gets.
+pub const POD_IP: &str = "192.168.192.168";
+
+pub struct KubeEnv {
+    /// The admin's kubeconfig.
+    pub admin: PathBuf,
+    /// rack's own kubeconfig: the `rack/rack` service account's token.
+    pub rack: PathBuf,
+    _dir: tempfile::TempDir,
+    /// `scripts/kube-testenv stop` waiting for this process to exit (its stdin closes).
+    _stopper: Mutex<Child>,
+}
+
+static ENV: OnceLock<KubeEnv> = OnceLock::new();
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The process's control plane, started on first use.
+pub fn kube_env() -> &'static KubeEnv {
+    ENV.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("rack-kube-test-")
+            .tempdir()
+            .expect("a temp dir");
+        let script = repo().join("scripts/kube-testenv");
+        let output = Command::new(&script)
+            .arg("start")
+            .arg(dir.path())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running scripts/kube-testenv");
+        assert!(
+            output.status.success(),
+            "scripts/kube-testenv start failed (run `scripts/kube-testenv build` once, as root)"
+        );
+        let admin = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+        let stopper = Command::new("/bin/sh")
+            .arg("-c")
+            .arg("read _; exec \"$0\" stop \"$1\" >/dev/null 2>&1")
+            .arg(&script)
+            .arg(dir.path())
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("the stopper");
+        // The fake pod IP on loopback, so readiness probes reach the tests' servers.
+        let _ = Command::new("ip")
+            .args(["addr", "add", &format!("{POD_IP}/32"), "dev", "lo"])
+            .stderr(Stdio::null())
+            .status();
+        let rack = dir.path().join("rack.kubeconfig");
+        let admin_for_setup = admin.clone();
+        let rack_for_setup = rack.clone();
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime")
+                .block_on(install_rbac(&admin_for_setup, &rack_for_setup))
+        })
+        .join()
+        .expect("the setup thread");
+        KubeEnv {
+            admin,
+            rack,
+            _dir: dir,
+            _stopper: Mutex::new(stopper),
+        }
+    })
+}
+
+/// A client with the admin's rights (for the tests' own checks).
+pub async fn admin_client() -> Client {
+    client_for(&kube_env().admin).await
+}
+
+async fn client_for(path: &Path) -> Client {
+    let file = kube::config::Kubeconfig::read_from(path).expect("a kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+        .await
+        .expect("a client config");
+    Client::try_from(config).expect("a client")
+}
+
+/// Applies every object of a YAML file (several documents) with server-side apply, or with a
+/// server-side dry run.
+pub async fn apply_file(client: &Client, path: &Path, dry_run: bool) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let discovery = Discovery::new(client.clone()).run().await.map_err(|e| e.to_string())?;
+    let mut applied = Vec::new();
+    for document in serde_yaml_ng::Deserializer::from_str(&text) {
+        let value = <serde_json::Value as serde::Deserialize>::deserialize(document)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if value.is_null() {
+            continue;
+        }
+        let object: DynamicObject = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
+        let types = object.types.clone().ok_or("an object without apiVersion/kind")?;
+        let gvk = kube::api::GroupVersionKind::try_from(&types).map_err(|e| e.to_string())?;
+        let (resource, caps) = discovery
+            .resolve_gvk(&gvk)
+            .ok_or_else(|| format!("{}: unknown kind {}", path.display(), types.kind))?;
+        let name = object.metadata.name.clone().ok_or("an object without a name")?;
+        let api: Api<DynamicObject> = match (&caps.scope, &object.metadata.namespace) {
+            (kube::discovery::Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), ns, &resource),
+            (kube::discovery::Scope::Namespaced, None) => Api::default_namespaced_with(client.clone(), &resource),
+            (kube::discovery::Scope::Cluster, _) => Api::all_with(client.clone(), &resource),
+        };
+        let mut params = PatchParams::apply("rack-tests").force();
+        params.dry_run = dry_run;
+        api.patch(&name, &params, &Patch::Apply(&value))
+            .await
+            .map_err(|e| format!("{} {name}: {e}", types.kind))?;
+        applied.push(format!("{}/{name}", types.kind));
+    }
+    Ok(applied)
+}
+
+/// Installs docker/k8s's namespace and RBAC for real and writes a kubeconfig with the token of
+/// the `rack/rack` service account.
+async fn install_rbac(admin: &Path, rack: &Path) {
+    let client = client_for(admin).await;
+    for file in ["namespace.yaml", "rbac.yaml"] {
+        apply_file(&client, &repo().join("docker/k8s").join(file), false)
+            .await
+            .unwrap_or_else(|e| panic!("applying docker/k8s/{file}: {e}"));
+    }
+    // 1.20's token controller fills in a Secret for the account.
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "rack");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "rack");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let token = loop {
+        let account = accounts.get("rack").await.expect("the rack service account");
+        if let Some(name) = account.secrets.iter().flatten().find_map(|s| s.name.clone())
+            && let Some(secret) = secrets.get_opt(&name).await.expect("reading the token secret")
+            && let Some(token) = secret.data.as_ref().and_then(|d| d.get("token"))
+        {
+            break String::from_utf8(token.0.clone()).expect("a text token");
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no token for the rack service account"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // The admin kubeconfig with the account's token instead of the admin's.
+    let text = std::fs::read_to_string(admin).expect("the admin kubeconfig");
+    let rewritten: Vec<String> = text
+        .lines()
+        .map(|line| match line.split_once("token:") {
+            Some((indent, _)) if indent.trim().is_empty() => format!("{indent}token: {token}"),
+            _ => line.to_owned(),
+        })
+        .collect();
+    std::fs::write(rack, rewritten.join("\n") + "\n").expect("writing rack's kubeconfig");
+}
+
+/// Ends the pod of a build Job as a kubelet would: every container terminated with
+/// `exit_code` for the container named `failing` (0 for the others), the phase Succeeded or
+/// Failed.
+pub async fn finish_pod(client: &Client, namespace: &str, pod: &Pod, failing: Option<(&str, i32)>) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let spec = pod.spec.as_ref().expect("a pod spec");
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let status = |name: &str| {
+        let code = failing.filter(|(n, _)| *n == name).map_or(0, |(_, c)| c);
+        serde_json::json!({
+            "name": name, "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+            "state": { "terminated": {
+                "exitCode": code,
+                "reason": if code == 0 { "Completed" } else { "Error" },
+                "startedAt": now, "finishedAt": now,
+            }},
+        })
+    };
+    let init: Vec<_> = spec.init_containers.iter().flatten().map(|c| status(&c.name)).collect();
+    let main: Vec<_> = spec.containers.iter().map(|c| status(&c.name)).collect();
+    let phase = if failing.is_some() { "Failed" } else { "Succeeded" };
+    let patch = serde_json::json!({ "status": {
+        "phase": phase, "initContainerStatuses": init, "containerStatuses": main,
+    }});
+    pods.patch_status(
+        pod.metadata.name.as_deref().expect("a name"),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .expect("patching the pod status");
+}
+
+/// Records, for every pod of `namespace` once it is scheduled, the Events a real kubelet
+/// records as it starts the container (hollow kubelets send none). Runs until dropped.
+pub async fn act_as_kubelet(client: Client, namespace: String) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let events: Api<Event> = Api::namespaced(client, &namespace);
+    let mut done = std::collections::HashSet::new();
+    loop {
+        let scheduled: std::collections::HashSet<String> = match events.list(&Default::default()).await {
+            Ok(list) => list
+                .items
+                .into_iter()
+                .filter(|e| e.reason.as_deref() == Some("Scheduled"))
+                .filter_map(|e| e.involved_object.uid)
+                .collect(),
+            Err(_) => Default::default(),
+        };
+        if let Ok(list) = pods.list(&Default::default()).await {
+            for pod in list.items {
+                let (Some(name), Some(uid)) = (pod.metadata.name.clone(), pod.metadata.uid.clone()) else {
+                    continue;
+                };
+                let Some(spec) = &pod.spec else { continue };
+                let Some(node) = spec.node_name.clone() else { continue };
+                // As on a real node, the kubelet's events come after the scheduler's.
+                if !scheduled.contains(&uid) || !done.insert(uid.clone()) {
+                    continue;
+                }
+                let container = &spec.containers[0];
+                let image = container.image.clone().unwrap_or_default();
+                let messages = [
+                    ("Pulling", format!("Pulling image \"{image}\"")),
+                    ("Pulled", format!("Successfully pulled image \"{image}\"")),
+                    ("Created", format!("Created container {}", container.name)),
+                    ("Started", format!("Started container {}", container.name)),
+                ];
+                for (n, (reason, message)) in messages.into_iter().enumerate() {
+                    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+                    let event: Event = serde_json::from_value(serde_json::json!({
+                        "metadata": { "name": format!("{name}.{n}"), "namespace": namespace },
+                        "involvedObject": {
+                            "kind": "Pod", "name": name, "namespace": namespace, "uid": uid,
+                            "apiVersion": "v1", "fieldPath": format!("spec.containers{{{}}}", container.name),
+                        },
+                        "reason": reason, "message": message, "type": "Normal",
+                        "source": { "component": "kubelet", "host": node },
+                        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+                    }))
+                    .expect("an event");
+                    let _ = events.create(&PostParams::default(), &event).await;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Answers HTTP readiness probes on the fake pod IP: 200 to everything, until dropped.
+pub struct ProbeServer {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ProbeServer {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind((POD_IP, 0))
+            .await
+            .expect("binding the fake pod IP (is it on lo?)");
+        let port = listener.local_addr().expect("an address").port();
+        let task = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = stream.read(&mut buf).await;
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                        .await;
+                });
+            }
+        });
+        Self { port, task }
+    }
+}
+
+impl Drop for ProbeServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A port on the fake pod IP where nothing listens (probes to it fail).
+pub fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind((POD_IP, 0)).expect("binding the fake pod IP");
+    listener.local_addr().expect("an address").port()
+}
