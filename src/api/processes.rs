@@ -6,6 +6,7 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
+use futures_util::StreamExt;
 use serde::Deserialize;
 
 use crate::AppState;
@@ -180,6 +181,32 @@ async fn logs(
             None => 0,
         });
     }
+    let extra = state
+        .runtime
+        .process_logs(crate::runtime::ProcessLogs {
+            app: app.name.clone(),
+            service: service.clone(),
+            since: options.since,
+            follow: options.follow,
+        })
+        .map(|lines| {
+            let (app, filter) = (app.name.clone(), options.filter.clone());
+            lines
+                .filter(move |line| {
+                    std::future::ready(filter.as_ref().is_none_or(|f| line.message.contains(f.as_str())))
+                })
+                .map(move |line| crate::store::events::Event {
+                    app: app.clone(),
+                    seq: 0,
+                    build_id: None,
+                    deployment_id: None,
+                    at: line.at,
+                    stream: line.stream,
+                    message: line.message,
+                    outcome: None,
+                })
+                .boxed()
+        });
     let topic = Topic::App {
         app: app.name,
         service,
@@ -191,7 +218,14 @@ async fn logs(
     } else {
         Follow::Backlog
     };
-    streams::respond(&state, topic, StreamRequest { ws, headers, query }, style, follow)
+    streams::respond_merged(
+        &state,
+        topic,
+        StreamRequest { ws, headers, query },
+        style,
+        follow,
+        extra,
+    )
 }
 
 /// `GET /apps/{app}/budget`: rack keeps no budgets; `convox ps` asks anyway.

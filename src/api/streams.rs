@@ -62,6 +62,25 @@ pub fn respond(
     style: Style,
     follow: Follow,
 ) -> ApiResult<Response> {
+    respond_merged(state, topic, request, style, follow, None)
+}
+
+/// Lines from outside the event log (pod logs), merged into a stream as they come. They have
+/// no event id (seq 0): resuming a stream resumes its events, not these.
+pub type Extra = futures_util::stream::BoxStream<'static, Event>;
+
+/// [`respond`], with `extra` lines merged in; they stop with the events (or at shutdown).
+///
+/// # Errors
+/// 400 when the cursor is malformed.
+pub fn respond_merged(
+    state: &AppState,
+    topic: Topic,
+    request: StreamRequest,
+    style: Style,
+    follow: Follow,
+    extra: Option<Extra>,
+) -> ApiResult<Response> {
     let after = cursor(&request.headers, &request.query)?;
     // An app's log never ends: the outcome of a build or deployment in it is an ordinary line.
     let style = Render {
@@ -69,7 +88,7 @@ pub fn respond(
         outcomes: !matches!(topic, Topic::App { .. }),
         ids: request.query.ids,
     };
-    let items = subscribe(
+    let events = subscribe(
         state.pool.clone(),
         &state.bus,
         state.shutdown.clone(),
@@ -77,6 +96,15 @@ pub fn respond(
         after,
         follow,
     );
+    let items = match extra {
+        None => events.boxed(),
+        Some(extra) => {
+            let extra = extra
+                .map(|event| Ok(Item::Event(event)))
+                .take_until(state.shutdown.clone().cancelled_owned());
+            futures_util::stream::select(events, extra).boxed()
+        }
+    };
     if let Some(ws) = request.ws {
         return Ok(ws.on_upgrade(move |socket| websocket(socket, items, style)));
     }
@@ -122,7 +150,7 @@ fn line(event: &Event, render: Render) -> String {
 }
 
 fn with_id(event: &Event, render: Render, text: String) -> String {
-    if render.ids {
+    if render.ids && event.seq > 0 {
         format!("{} {text}", event.seq)
     } else {
         text
@@ -181,6 +209,7 @@ where
                     .event("end")
                     .json_data(serde_json::json!({ "outcome": outcome, "message": event.message }))
                     .unwrap_or_default(),
+                None if event.seq == 0 => SseEvent::default().data(line(&event, style).trim_end_matches('\n')),
                 None => SseEvent::default()
                     .id(event.seq.to_string())
                     .data(line(&event, style).trim_end_matches('\n')),

@@ -132,6 +132,30 @@ impl ReleaseSpec {
     }
 }
 
+/// Which process output to read.
+#[derive(Debug, Clone)]
+pub struct ProcessLogs {
+    pub app: String,
+    /// One service's, or all.
+    pub service: Option<String>,
+    /// Only output younger than this.
+    pub since: Option<Duration>,
+    /// Go on with new output (and new processes) until the reader leaves.
+    pub follow: bool,
+}
+
+/// One line of process output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub at: DateTime<Utc>,
+    /// `service/<service>/<process>`.
+    pub stream: String,
+    pub message: String,
+}
+
+/// Process output, as it comes.
+pub type LineStream = futures_util::stream::BoxStream<'static, LogLine>;
+
 /// Why a rollout could not complete.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -177,6 +201,12 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     /// on outside rack); if not, such a build fails as interrupted.
     fn resumes_builds(&self) -> bool {
         false
+    }
+
+    /// Process output that the runtime keeps outside rack's event log (the Kubernetes
+    /// runtime: pod logs); `None` when processes write to the event log.
+    fn process_logs(&self, _request: ProcessLogs) -> Option<LineStream> {
+        None
     }
 
     /// Whether apps' processes must be started again when rack starts (they die with it).

@@ -336,6 +336,60 @@ async fn a_rollout_that_never_becomes_ready_rolls_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_goes_on_across_a_rack_restart() {
+    let app = spawn_kube().await;
+    let client = admin_client().await;
+    let name = "kuberestart";
+    let ns = format!("rack-{name}");
+    assert_eq!(app.create_app(name).await.status(), 201);
+    // Nothing answers the health checks yet: the rollout is held mid-way.
+    let port = closed_port();
+    let build = complete_build(&app, &client, name, &manifest(port)).await;
+    let release = build["release"].as_str().unwrap().to_owned();
+    let response = app
+        .convox(Method::POST, &format!("/apps/{name}/releases/{release}/promote"))
+        .form(&[("timeout", "600")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    wait_for(60, "the Deployment to be applied", || async {
+        deployments.get_opt("web").await.unwrap().map(|_| ())
+    })
+    .await;
+
+    // rack stops mid-rollout (handing the deployment back) and starts again.
+    let app = app.restart().await;
+    let _probe = ProbeServer::start_on(port).await;
+    let deployment: Value = wait_for(120, "the rollout to end", || async {
+        let list: Vec<Value> = app.get_json(&format!("/apps/{name}/deployments")).await;
+        list.into_iter().next().filter(|d| d["ended"].is_string())
+    })
+    .await;
+    assert_eq!(deployment["state"], "running", "{deployment}");
+    let app_json: Value = app.get_app(name).await.json().await.unwrap();
+    assert_eq!(app_json["release"], release.as_str());
+    // The app's log (no follow) reads the pods' logs and ends. Hollow nodes serve no
+    // container logs, so only the stored lines show.
+    let response = app
+        .request(Method::GET, &format!("/apps/{name}/logs"))
+        .header("Follow", "false")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let log = tokio::time::timeout(Duration::from_secs(30), response.text())
+        .await
+        .expect("a log without follow ends")
+        .unwrap();
+    assert!(log.contains("Status: Updating => Running"), "{log}");
+    // Applying again after the takeover made no second ReplicaSet.
+    let sets: Api<k8s_openapi::api::apps::v1::ReplicaSet> = Api::namespaced(client.clone(), &ns);
+    assert_eq!(sets.list(&ListParams::default()).await.unwrap().items.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_install_manifests_apply_to_a_cluster() {
     let env = kube_env();
     let client = admin_client().await;

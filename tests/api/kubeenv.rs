@@ -275,7 +275,12 @@ pub struct ProbeServer {
 
 impl ProbeServer {
     pub async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind((POD_IP, 0))
+        Self::start_on(0).await
+    }
+
+    /// Answers on `port` (0: any free one).
+    pub async fn start_on(port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind((POD_IP, port))
             .await
             .expect("binding the fake pod IP (is it on lo?)");
         let port = listener.local_addr().expect("an address").port();

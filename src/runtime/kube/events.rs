@@ -31,8 +31,10 @@ fn occurrence(event: &Event) -> Option<(String, String)> {
 
 /// Writes the namespace's events to `log` as they happen, until dropped. Events that exist
 /// when it starts are history (an earlier rollout, or one a previous holder already logged)
-/// and are skipped; so are occurrences seen before, when the watch is restarted.
-pub async fn forward(api: Api<Event>, log: LogSink) {
+/// and are skipped; so are occurrences seen before, when the watch is restarted. `ready` is
+/// told once that history is known: what happens after comes into the log.
+pub async fn forward(api: Api<Event>, log: LogSink, ready: tokio::sync::oneshot::Sender<()>) {
+    let mut ready = Some(ready);
     let mut seen: HashSet<(String, String)> = HashSet::new();
     // While listing (at the start and after a watch restart) events are only recorded.
     let mut listing = true;
@@ -51,6 +53,9 @@ pub async fn forward(api: Api<Event>, log: LogSink) {
             Ok(watcher::Event::InitDone) => {
                 listing = false;
                 first_list = false;
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(());
+                }
             }
             Ok(watcher::Event::Apply(event)) => {
                 let Some(key) = occurrence(&event) else { continue };

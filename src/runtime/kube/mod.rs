@@ -5,6 +5,7 @@
 
 mod build;
 pub mod events;
+mod logs;
 pub mod resources;
 mod rollout;
 
@@ -165,6 +166,10 @@ impl Runtime for KubeRuntime {
 
     fn resumes_builds(&self) -> bool {
         true
+    }
+
+    fn process_logs(&self, request: super::ProcessLogs) -> Option<super::LineStream> {
+        Some(logs::stream(self, request))
     }
 
     async fn build(&self, job: &BuildJob, log: &LogSink) -> Result<BuildOutput, BuildFailure> {

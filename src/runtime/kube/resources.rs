@@ -8,6 +8,9 @@ use crate::runtime::{ApplyError, ReleaseSpec};
 
 /// The field manager of every server-side apply rack makes.
 pub const MANAGER: &str = "rack";
+/// The Secret (type kubernetes.io/dockerconfigjson) an app namespace may hold with the
+/// registry's credentials: builders push with it, pods pull with it.
+pub const REGISTRY_SECRET: &str = "rack-registry";
 /// The container name of every service (what `Started container main` refers to).
 pub const CONTAINER: &str = "main";
 
@@ -180,6 +183,7 @@ pub fn deployment(target: &ServiceTarget<'_>, release: &ReleaseSpec, replicas: u
                 "metadata": { "labels": pod_labels },
                 "spec": {
                     "containers": [container],
+                    "imagePullSecrets": [{ "name": REGISTRY_SECRET }],
                     "automountServiceAccountToken": false,
                     "enableServiceLinks": false,
                     "terminationGracePeriodSeconds": 30,
@@ -262,7 +266,10 @@ pub fn build_job(spec: &BuildSpec<'_>) -> Value {
                 format!("--label=convox.app={}", spec.app),
                 format!("--label=convox.build={}", spec.build_id),
             ],
-            "volumeMounts": workspace,
+            "volumeMounts": [
+                { "name": "workspace", "mountPath": "/workspace" },
+                { "name": "registry", "mountPath": "/kaniko/.docker", "readOnly": true },
+            ],
         }));
     }
     let summary = format!("Built {} image(s)", spec.services.len());
@@ -289,7 +296,15 @@ pub fn build_job(spec: &BuildSpec<'_>) -> Value {
                         "image": spec.fetch_image,
                         "command": ["/bin/sh", "-c", format!("echo '{summary}'")],
                     }],
-                    "volumes": [{ "name": "workspace", "emptyDir": {} }],
+                    "volumes": [
+                        { "name": "workspace", "emptyDir": {} },
+                        // Push credentials, when the app namespace has them.
+                        { "name": "registry", "secret": {
+                            "secretName": REGISTRY_SECRET,
+                            "optional": true,
+                            "items": [{ "key": ".dockerconfigjson", "path": "config.json" }],
+                        } },
+                    ],
                 },
             },
         },

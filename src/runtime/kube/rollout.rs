@@ -25,6 +25,9 @@ const POLL: Duration = Duration::from_secs(1);
 /// asynchronously by the controllers and kubelets, so the last ones trail the status).
 const EVENT_TAIL: Duration = Duration::from_secs(2);
 
+/// How long a rollout waits for the event watch to start.
+const WATCH_START: Duration = Duration::from_secs(10);
+
 /// Waiting reasons of a new pod that will not fix themselves.
 const FATAL_WAITING: &[&str] = &[
     "CrashLoopBackOff",
@@ -43,8 +46,13 @@ pub async fn apply(
 ) -> Result<(), ApplyError> {
     let rt = &runtime.0;
     runtime.ensure_namespace(app).await.map_err(ApplyError)?;
-    let forwarder = tokio::spawn(events::forward(runtime.api::<Event>(app), log.clone()));
+    let (ready, watching) = tokio::sync::oneshot::channel();
+    let forwarder = tokio::spawn(events::forward(runtime.api::<Event>(app), log.clone(), ready));
     let _forwarder = AbortOnDrop(forwarder.abort_handle());
+    // The events this rollout causes must not be mistaken for history: apply only once the
+    // watch knows what was there before. (An API server too slow to list them in time only
+    // costs the first lines.)
+    let _ = tokio::time::timeout(WATCH_START, watching).await;
 
     let deployments: Api<Deployment> = runtime.api(app);
     let services: Api<Service> = runtime.api(app);
