@@ -37,7 +37,9 @@ async fn pump(pods: Api<Pod>, request: ProcessLogs, tx: mpsc::Sender<LogLine>) {
         match pods.list(&ListParams::default().labels(&selector)).await {
             Ok(list) => {
                 for pod in list.items {
-                    let Some(name) = pod.metadata.name.clone() else { continue };
+                    let Some(name) = pod.metadata.name.clone() else {
+                        continue;
+                    };
                     let service = pod
                         .metadata
                         .labels
@@ -53,7 +55,9 @@ async fn pump(pods: Api<Pod>, request: ProcessLogs, tx: mpsc::Sender<LogLine>) {
                         let params = LogParams {
                             container: Some(CONTAINER.to_owned()),
                             follow: request.follow,
-                            since_seconds: request.since.map(|d| i64::try_from(d.as_secs().max(1)).unwrap_or(i64::MAX)),
+                            since_seconds: request
+                                .since
+                                .map(|d| i64::try_from(d.as_secs().max(1)).unwrap_or(i64::MAX)),
                             timestamps: true,
                             ..LogParams::default()
                         };
