@@ -101,6 +101,9 @@ async fn run(state: &AppState, build: Build) {
         }
         return;
     };
+    if matches!(result, Err(BuildFailure::Cancelled | BuildFailure::TimedOut(_))) {
+        state.runtime.cancel_build(&build.app, &build.id).await;
+    }
     let lost = matches!(lease.await, Ok(LeaseEnd::Lost));
     drop(log);
     let _ = writer.await;

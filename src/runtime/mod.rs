@@ -209,6 +209,10 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// Stops what a cancelled or timed-out build left running outside rack (dropping the build
+    /// future stops what runs inside it).
+    async fn cancel_build(&self, _app: &str, _id: &str) {}
+
     /// Whether apps' processes must be started again when rack starts (they die with it).
     fn restores_on_start(&self) -> bool {
         false

@@ -248,7 +248,6 @@ pub async fn update(pool: &PgPool, app: &str, id: &str, update: &BuildUpdate) ->
         "update builds
             set entrypoint = coalesce($3, entrypoint), logs = coalesce($4, logs),
                 manifest = coalesce($5, manifest), release_id = coalesce($6, release_id),
-                images = coalesce($7, images),
                 status = coalesce($7, status), reason = coalesce($8, reason),
                 started_at = coalesce($9, started_at), ended_at = coalesce($10, ended_at),
                 updated_at = now()

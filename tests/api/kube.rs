@@ -268,6 +268,34 @@ async fn a_failed_build_pod_fails_the_build_with_the_step_that_failed() {
     assert_eq!(build["status"], "failed");
     assert_eq!(build["reason"], "building service web failed (exit code 1)", "{build}");
 
+    // A cancelled build takes its Job and its token's Secret with it.
+    let id = app
+        .build_source(
+            name,
+            &[("convox.yml", &manifest(3000)), ("Dockerfile", "FROM scratch\n")],
+        )
+        .await;
+    build_pod(&client, &ns, &id).await;
+    let response = app
+        .request(Method::POST, &format!("/apps/{name}/builds/{id}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{:?}", response.text().await);
+    let build = app.wait_build(name, &id).await;
+    assert_eq!(build["reason"], "cancelled", "{build}");
+    let job_name = format!("build-{}", id.to_ascii_lowercase());
+    let (jobs, secrets): (Api<Job>, Api<Secret>) = (
+        Api::namespaced(client.clone(), &ns),
+        Api::namespaced(client.clone(), &ns),
+    );
+    wait_for(30, "the Job and Secret to go", || async {
+        let job = jobs.get_opt(&job_name).await.unwrap();
+        let gone = job.is_none_or(|j| j.metadata.deletion_timestamp.is_some());
+        (gone && secrets.get_opt(&job_name).await.unwrap().is_none()).then_some(())
+    })
+    .await;
+
     // A source without the Dockerfile never reaches the cluster.
     let id = app.build_source(name, &[("convox.yml", &manifest(3000))]).await;
     let build = app.wait_build(name, &id).await;

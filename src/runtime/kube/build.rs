@@ -42,7 +42,7 @@ pub async fn run(runtime: &KubeRuntime, job: &BuildJob, log: &LogSink) -> Result
 
     let jobs: Api<Job> = runtime.api(&job.app);
     let name = resources::build_job_name(&job.id);
-    let token_name = format!("build:{}:{}", job.app, job.id);
+    let token_name = token_name(&job.app, &job.id);
     let spec = BuildSpec {
         rack: &rt.rack,
         app: &job.app,
@@ -91,19 +91,48 @@ pub async fn run(runtime: &KubeRuntime, job: &BuildJob, log: &LogSink) -> Result
         log.line(BUILD_STREAM, format!("Created job {name}")).await;
     }
 
-    // A build that is dropped (cancelled, timed out) takes its Job with it.
-    let mut guard = DeleteJob(Some((jobs.clone(), name.clone())));
+    // Dropped here (this server stops, or lost its lease), the Job goes on for whoever resumes
+    // the build; a cancel or timeout stops it through `cancel`.
     let pods: Api<Pod> = runtime.api(&job.app);
     let result = watch(&jobs, &pods, &name, log).await;
-    guard.0 = None;
-    let _ = crate::auth::revoke_scoped(&rt.pool, &token_name).await;
-    let secrets: Api<Secret> = runtime.api(&job.app);
+    if result.is_err() {
+        // A failed Job has nothing more to do; one we could not follow must not push on.
+        delete_job(runtime, &job.app, &job.id).await;
+    }
+    clean_up(runtime, &job.app, &job.id).await;
+    result.map(|()| output)
+}
+
+/// Stops a cancelled or timed-out build: its Job (and pod), its Secret, its token.
+pub async fn cancel(runtime: &KubeRuntime, app: &str, id: &str) {
+    delete_job(runtime, app, id).await;
+    clean_up(runtime, app, id).await;
+}
+
+async fn delete_job(runtime: &KubeRuntime, app: &str, id: &str) {
+    let jobs: Api<Job> = runtime.api(app);
+    let name = resources::build_job_name(id);
+    if let Err(e) = jobs.delete(&name, &DeleteParams::background()).await
+        && !is_not_found(&e)
+    {
+        tracing::warn!(build.id = %id, "deleting job {name}: {}", describe(&e));
+    }
+}
+
+/// Revokes the build's source token and deletes the Secret that held it.
+async fn clean_up(runtime: &KubeRuntime, app: &str, id: &str) {
+    let _ = crate::auth::revoke_scoped(&runtime.0.pool, &token_name(app, id)).await;
+    let secrets: Api<Secret> = runtime.api(app);
+    let name = resources::build_job_name(id);
     if let Err(e) = secrets.delete(&name, &DeleteParams::default()).await
         && !is_not_found(&e)
     {
-        tracing::warn!(build.id = %job.id, "deleting secret {name}: {}", describe(&e));
+        tracing::warn!(build.id = %id, "deleting secret {name}: {}", describe(&e));
     }
-    result.map(|()| output)
+}
+
+fn token_name(app: &str, id: &str) -> String {
+    format!("build:{app}:{id}")
 }
 
 /// Checks the source in `scratch` (see `source::fetch`) and that every service built from it
@@ -149,33 +178,25 @@ fn object_path(app: &str, key: &str) -> String {
     path
 }
 
-/// Deletes the Job (and so its pod) when dropped armed.
-struct DeleteJob(Option<(Api<Job>, String)>);
-
-impl Drop for DeleteJob {
-    fn drop(&mut self) {
-        if let Some((jobs, name)) = self.0.take() {
-            tokio::spawn(async move {
-                if let Err(e) = jobs.delete(&name, &DeleteParams::background()).await
-                    && !is_not_found(&e)
-                {
-                    tracing::warn!("deleting job {name}: {}", describe(&e));
-                }
-            });
-        }
-    }
-}
-
 /// Follows the Job's pod logs and waits for the Job to end.
 async fn watch(jobs: &Api<Job>, pods: &Api<Pod>, name: &str, log: &LogSink) -> Result<(), BuildFailure> {
     let selector = ListParams::default().labels(&format!("job-name={name}"));
     let mut logs: Option<tokio::task::JoinHandle<()>> = None;
+    let mut errors = 0;
     let result = loop {
-        let job = jobs
-            .get_opt(name)
-            .await
-            .map_err(|e| BuildFailure::Failed(format!("reading job {name}: {}", describe(&e))))?
-            .ok_or_else(|| BuildFailure::Failed(format!("job {name} was deleted")))?;
+        let job = match jobs.get_opt(name).await {
+            Ok(Some(job)) => job,
+            Ok(None) => break Err(BuildFailure::Failed(format!("job {name} was deleted"))),
+            // The API server may be restarting: only a lasting failure ends the build.
+            Err(e) if errors < super::API_RETRIES => {
+                errors += 1;
+                tracing::warn!("reading job {name} (retrying): {}", describe(&e));
+                tokio::time::sleep(POLL).await;
+                continue;
+            }
+            Err(e) => break Err(BuildFailure::Failed(format!("reading job {name}: {}", describe(&e)))),
+        };
+        errors = 0;
         if logs.is_none()
             && let Ok(list) = pods.list(&selector).await
             && let Some(pod) = list.items.into_iter().next()

@@ -1,6 +1,7 @@
 //! App logs from pod logs: every service pod's `main` container, read with timestamps and
 //! merged as they come, as `service/<service>/<pod>` lines. Following also attaches to pods
-//! that start later (a rollout, a restart), until the reader leaves.
+//! that start later (a rollout, a restart) and to a crashed container's successor, until the
+//! reader leaves.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -51,7 +52,14 @@ async fn pump(pods: Api<Pod>, request: ProcessLogs, tx: mpsc::Sender<LogLine>) {
                         pod.status.as_ref().and_then(|s| s.phase.as_deref()),
                         Some("Running" | "Succeeded" | "Failed")
                     );
-                    if started && attached.insert(name.clone()) {
+                    // Each container (a restart makes a new one) is read once.
+                    let restarts = pod
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.container_statuses.as_ref())
+                        .and_then(|c| c.first())
+                        .map_or(0, |c| c.restart_count);
+                    if started && attached.insert((name.clone(), restarts)) {
                         let params = LogParams {
                             container: Some(CONTAINER.to_owned()),
                             follow: request.follow,
@@ -76,6 +84,7 @@ async fn pump(pods: Api<Pod>, request: ProcessLogs, tx: mpsc::Sender<LogLine>) {
             () = tx.closed() => return,
             () = tokio::time::sleep(NEW_PODS) => {}
         }
+        while readers.try_join_next().is_some() {}
     }
 }
 

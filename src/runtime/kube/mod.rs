@@ -24,6 +24,10 @@ use crate::config::KubeConfig;
 use crate::objects::Objects;
 use resources::{MANAGER, namespace_name};
 
+/// Consecutive failed reads of the cluster a build or rollout rides out (one a second) before
+/// it gives up: an API server restart must not fail them.
+const API_RETRIES: u32 = 30;
+
 /// A Kubernetes cluster.
 #[derive(Clone)]
 pub struct KubeRuntime(Arc<Inner>);
@@ -122,6 +126,7 @@ impl KubeRuntime {
         let params = PatchParams::apply(MANAGER).force();
         let namespaces: Api<Namespace> = Api::all(self.0.client.clone());
         let name = self.namespace(app);
+        self.owned_namespace(app).await?;
         namespaces
             .patch(&name, &params, &Patch::Apply(resources::namespace(&self.0.rack, app)))
             .await
@@ -138,6 +143,28 @@ impl KubeRuntime {
                 .map_err(|e| format!("binding rack's rights in namespace {name}: {}", describe(&e)))?;
         }
         Ok(())
+    }
+}
+
+impl KubeRuntime {
+    /// Checks that the app's namespace, if it exists, is this app's (labels `rack` and `app`):
+    /// a namespace of someone else's with the same name must never be adopted or deleted.
+    async fn owned_namespace(&self, app: &str) -> Result<bool, String> {
+        let namespaces: Api<Namespace> = Api::all(self.0.client.clone());
+        let name = self.namespace(app);
+        let existing = namespaces
+            .get_opt(&name)
+            .await
+            .map_err(|e| format!("reading namespace {name}: {}", describe(&e)))?;
+        let Some(existing) = existing else { return Ok(false) };
+        let labels = existing.metadata.labels.unwrap_or_default();
+        if labels.get("rack") == Some(&self.0.rack) && labels.get("app").map(String::as_str) == Some(app) {
+            Ok(true)
+        } else {
+            Err(format!(
+                "namespace {name} already exists and is not rack's namespace of app {app}; rename the app"
+            ))
+        }
     }
 }
 
@@ -174,6 +201,10 @@ impl Runtime for KubeRuntime {
 
     async fn build(&self, job: &BuildJob, log: &LogSink) -> Result<BuildOutput, BuildFailure> {
         build::run(self, job, log).await
+    }
+
+    async fn cancel_build(&self, app: &str, id: &str) {
+        build::cancel(self, app, id).await;
     }
 
     async fn apply(&self, app: &str, release: Option<&ReleaseSpec>, log: &LogSink) -> Result<(), ApplyError> {
@@ -230,6 +261,14 @@ impl Runtime for KubeRuntime {
     async fn delete_app(&self, app: &str) {
         let namespaces: Api<Namespace> = Api::all(self.0.client.clone());
         let name = self.namespace(app);
+        match self.owned_namespace(app).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::warn!(app.name = app, "not deleting namespace {name}: {e}");
+                return;
+            }
+        }
         match namespaces.delete(&name, &DeleteParams::background()).await {
             Ok(_) => tracing::info!(app.name = app, "deleting namespace {name}"),
             Err(e) if is_not_found(&e) => {}

@@ -103,11 +103,20 @@ pub async fn apply(
     }
 
     let pods: Api<Pod> = runtime.api(app);
+    let mut errors = 0;
     loop {
-        let list = deployments
-            .list(&by_app)
-            .await
-            .map_err(|e| ApplyError(format!("reading deployments: {}", describe(&e))))?;
+        let list = match deployments.list(&by_app).await {
+            Ok(list) => list,
+            // The API server may be restarting: only a lasting failure fails the rollout.
+            Err(e) if errors < super::API_RETRIES => {
+                errors += 1;
+                tracing::warn!(app.name = app, "reading deployments (retrying): {}", describe(&e));
+                tokio::time::sleep(POLL).await;
+                continue;
+            }
+            Err(e) => return Err(ApplyError(format!("reading deployments: {}", describe(&e)))),
+        };
+        errors = 0;
         let relevant: Vec<&Deployment> = list
             .items
             .iter()
@@ -160,10 +169,15 @@ pub fn rolled_out(deployment: &Deployment) -> bool {
         && status.available_replicas.unwrap_or(0) == desired
 }
 
-/// Why a Deployment will not finish on its own: it is past its progress deadline.
+/// Why a Deployment will not finish on its own: it is past its progress deadline. A condition
+/// the controller set before it saw the latest spec (a previous rollout's) does not count.
 pub fn stalled(deployment: &Deployment) -> Option<String> {
     let name = deployment.metadata.name.as_deref().unwrap_or_default();
-    let conditions = deployment.status.as_ref()?.conditions.as_ref()?;
+    let status = deployment.status.as_ref()?;
+    if status.observed_generation.unwrap_or(0) < deployment.metadata.generation.unwrap_or(0) {
+        return None;
+    }
+    let conditions = status.conditions.as_ref()?;
     conditions
         .iter()
         .find(|c| {
@@ -179,6 +193,9 @@ pub fn stalled(deployment: &Deployment) -> Option<String> {
 
 /// Why a pod of the new release cannot become ready.
 pub fn failing_pod(pod: &Pod) -> Option<String> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
     let name = pod.metadata.name.as_deref().unwrap_or_default();
     let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
     statuses.iter().find_map(|status| {
@@ -228,7 +245,7 @@ mod tests {
 
     #[test]
     fn a_progress_deadline_stalls_the_rollout() {
-        let d = deployment(json!({"conditions": [{
+        let d = deployment(json!({"observedGeneration": 2, "conditions": [{
             "type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
             "message": "ReplicaSet \"web-5d9\" has timed out progressing."
         }]}));
@@ -237,6 +254,9 @@ mod tests {
             "deployment web exceeded its progress deadline: ReplicaSet \"web-5d9\" has timed out progressing."
         );
         assert_eq!(stalled(&deployment(json!({}))), None);
+        let mut old = d.clone();
+        old.status.as_mut().unwrap().observed_generation = Some(1);
+        assert_eq!(stalled(&old), None, "a previous rollout's condition");
     }
 
     #[test]
