@@ -216,8 +216,7 @@ async fn authenticate(state: &AppState, headers: &axum::http::HeaderMap) -> Resu
         });
     }
     if secret.starts_with(TOKEN_PREFIX) {
-        let hash = crate::objects::hex(&Sha256::digest(secret.as_bytes()));
-        if let Some(token) = crate::store::tokens::use_by_hash(&state.pool, &hash).await? {
+        if let Some(token) = crate::store::tokens::use_by_hash(&state.pool, &token_hash(&secret)).await? {
             let role = Role::parse(&token.role).unwrap_or(Role::Read);
             return Ok(Principal {
                 role,
@@ -229,7 +228,7 @@ async fn authenticate(state: &AppState, headers: &axum::http::HeaderMap) -> Resu
 }
 
 /// Makes a token that allows only `GET path` (and HEAD) until `ttl` has passed, e.g. for a build
-/// pod to fetch its source; `name` identifies it for [`revoke_scoped`].
+/// pod to fetch its source; `name` identifies it for `store::tokens::delete_scoped`.
 ///
 /// # Errors
 /// When Postgres fails.
@@ -239,19 +238,22 @@ pub async fn issue_scoped(
     path: &str,
     ttl: std::time::Duration,
 ) -> Result<String, sqlx::Error> {
-    let secret = format!("{TOKEN_PREFIX}{}", crate::ids::random_token(40));
-    let hash = crate::objects::hex(&Sha256::digest(secret.as_bytes()));
+    let (secret, hash) = new_token();
     let expires = chrono::Utc::now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::hours(1));
     crate::store::tokens::insert_scoped(pool, uuid::Uuid::now_v7(), name, path, &hash, expires).await?;
     Ok(secret)
 }
 
-/// Revokes the scoped tokens named `name`.
-///
-/// # Errors
-/// When Postgres fails.
-pub async fn revoke_scoped(pool: &sqlx::PgPool, name: &str) -> Result<(), sqlx::Error> {
-    crate::store::tokens::delete_scoped(pool, name).await
+/// A new token secret and the hash it is stored as.
+pub fn new_token() -> (String, String) {
+    let secret = format!("{TOKEN_PREFIX}{}", crate::ids::random_token(40));
+    let hash = token_hash(&secret);
+    (secret, hash)
+}
+
+/// What a token is stored as: its SHA-256, in hex (the secret itself is never kept).
+fn token_hash(secret: &str) -> String {
+    crate::objects::hex(&Sha256::digest(secret.as_bytes()))
 }
 
 /// The token of a `Bearer` authorization header.

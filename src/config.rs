@@ -313,3 +313,49 @@ pub fn default_data_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."));
     home.join(".local/share/rack")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kube_args() -> KubeArgs {
+        KubeArgs {
+            registry: Some("registry.example.com/rack/".into()),
+            url: Some("http://rack.rack.svc.cluster.local:5443/".into()),
+            builder_image: "kaniko".into(),
+            fetch_image: "busybox".into(),
+            service_account: Some("rack/rack".into()),
+            kubeconfig: None,
+        }
+    }
+
+    fn refusal(change: impl FnOnce(&mut KubeArgs)) -> String {
+        let mut args = kube_args();
+        change(&mut args);
+        KubeConfig::from_args(args).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn kube_settings_are_trimmed_and_split() {
+        let config = KubeConfig::from_args(kube_args()).unwrap();
+        assert_eq!(config.registry, "registry.example.com/rack");
+        assert_eq!(config.url, "http://rack.rack.svc.cluster.local:5443");
+        assert_eq!(config.service_account, Some(("rack".into(), "rack".into())));
+    }
+
+    #[test]
+    fn kube_settings_name_what_to_fix() {
+        assert!(refusal(|a| a.registry = None).starts_with("RACK_REGISTRY is required with RACK_RUNTIME=kube"));
+        assert!(refusal(|a| a.registry = Some(" ".into())).starts_with("RACK_REGISTRY is required"));
+        assert!(refusal(|a| a.registry = Some("https://r.example.com".into())).starts_with("RACK_REGISTRY must be"));
+        assert!(refusal(|a| a.url = None).starts_with("RACK_API_URL is required with RACK_RUNTIME=kube"));
+        assert!(refusal(|a| a.url = Some("rack:5443".into())).starts_with("RACK_API_URL must start with http://"));
+        for account in ["rack", "/rack", "rack/", "a/b/c"] {
+            let message = refusal(|a| a.service_account = Some(account.into()));
+            assert!(
+                message.starts_with("RACK_KUBE_SERVICE_ACCOUNT must be <namespace>/<name>"),
+                "{account}: {message}"
+            );
+        }
+    }
+}

@@ -69,7 +69,8 @@ pub fn respond(
 /// no event id (seq 0): resuming a stream resumes its events, not these.
 pub type Extra = futures_util::stream::BoxStream<'static, Event>;
 
-/// [`respond`], with `extra` lines merged in; they stop with the events (or at shutdown).
+/// [`respond`], with `extra` lines merged in as they come: the stream ends once both have
+/// ended; `extra` stops at shutdown too.
 ///
 /// # Errors
 /// 400 when the cursor is malformed.
@@ -209,10 +210,15 @@ where
                     .event("end")
                     .json_data(serde_json::json!({ "outcome": outcome, "message": event.message }))
                     .unwrap_or_default(),
-                None if event.seq == 0 => SseEvent::default().data(line(&event, style).trim_end_matches('\n')),
-                None => SseEvent::default()
-                    .id(event.seq.to_string())
-                    .data(line(&event, style).trim_end_matches('\n')),
+                None => {
+                    let sse = SseEvent::default().data(line(&event, style).trim_end_matches('\n'));
+                    // Lines from outside the event log have no id to resume from.
+                    if event.seq > 0 {
+                        sse.id(event.seq.to_string())
+                    } else {
+                        sse
+                    }
+                }
             },
             // KeepAlive sends comments while idle.
             Ok(Item::Idle) => return None,

@@ -6,12 +6,11 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::AppState;
 use crate::api::input::{Format, Input, Pretty};
-use crate::auth::{Role, TOKEN_PREFIX};
+use crate::auth::Role;
 use crate::error::{ApiError, ApiResult};
 use crate::store;
 
@@ -56,8 +55,7 @@ pub async fn create_token(State(state): State<AppState>, Input(body): Input<Crea
     if name.is_empty() || name.len() > 100 {
         return Err(ApiError::BadRequest("name must be 1 to 100 characters".into()));
     }
-    let secret = format!("{TOKEN_PREFIX}{}", crate::ids::random_token(40));
-    let hash = crate::objects::hex(&Sha256::digest(secret.as_bytes()));
+    let (secret, hash) = crate::auth::new_token();
     let token = store::tokens::insert(&state.pool, Uuid::now_v7(), name, role.as_str(), &hash).await?;
     tracing::info!(token.id = %token.id, role = role.as_str(), "created token {} ({})", token.id, token.name);
     let location = format!("/tokens/{}", token.id);

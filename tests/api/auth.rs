@@ -1,5 +1,7 @@
 //! Every route needs the rack password through HTTP basic auth, with any user name.
 
+use std::time::Duration;
+
 use reqwest::Method;
 
 use crate::helpers::{PASSWORD, TestApp, status_text};
@@ -220,4 +222,41 @@ async fn websocket_handshakes_need_credentials_too() {
         .insert("authorization", format!("Bearer {read}").parse().unwrap());
     request.headers_mut().insert("follow", "false".parse().unwrap());
     assert!(tokio_tungstenite::connect_async(request).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_scoped_token_reads_its_one_object_until_it_expires() {
+    let app = TestApp::spawn().await;
+    app.create_app("myapp").await;
+    assert_eq!(app.upload("myapp", "src/a.tgz", b"source".to_vec()).await.status(), 200);
+    assert_eq!(app.upload("myapp", "src/b.tgz", b"other".to_vec()).await.status(), 200);
+    let path = "/apps/myapp/objects/src/a.tgz";
+    let token = rack::auth::issue_scoped(&app.state.pool, "build:myapp:B1", path, Duration::from_secs(2))
+        .await
+        .unwrap();
+    let send = |method: Method, path: &str| app.client.request(method, app.url(path)).bearer_auth(&token).send();
+
+    let response = send(Method::GET, path).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.bytes().await.unwrap().as_ref(), b"source");
+    assert_eq!(send(Method::HEAD, path).await.unwrap().status(), 200);
+    for (method, other) in [
+        (Method::GET, "/apps/myapp/objects/src/b.tgz"),
+        (Method::GET, "/apps/myapp"),
+        (Method::GET, "/tokens"),
+        (Method::POST, path),
+        (Method::DELETE, path),
+    ] {
+        let (status, text) = status_text(send(method.clone(), other).await.unwrap()).await;
+        assert_eq!(status, 403, "{method} {other}");
+        assert_eq!(text, format!("this credential only allows GET {path}\n"));
+    }
+    // rack's own tokens are not the API's to list.
+    let tokens: Vec<serde_json::Value> = app.get_json("/tokens").await;
+    assert!(tokens.is_empty(), "{tokens:?}");
+
+    crate::helpers::wait_for(10, "the token to expire", || async {
+        (send(Method::GET, path).await.unwrap().status() == 401).then_some(())
+    })
+    .await;
 }

@@ -418,6 +418,28 @@ async fn a_rollout_goes_on_across_a_rack_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_that_is_not_rack_s_is_never_adopted() {
+    let app = spawn_kube().await;
+    let client = admin_client().await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let foreign: Namespace = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "rack-taken", "labels": { "team": "billing" } }
+    }))
+    .unwrap();
+    namespaces.create(&Default::default(), &foreign).await.unwrap();
+
+    let (status, text) = crate::helpers::status_text(app.create_app("taken").await).await;
+    assert_eq!(status, 502);
+    assert_eq!(
+        text,
+        "could not create app taken: namespace rack-taken already exists and is not rack's namespace of app taken; rename the app\n"
+    );
+    assert_eq!(app.get_app("taken").await.status(), 404, "no app is left behind");
+    let namespace = namespaces.get("rack-taken").await.unwrap();
+    assert_eq!(namespace.metadata.labels.unwrap()["team"], "billing", "left as it was");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_install_manifests_apply_to_a_cluster() {
     let env = kube_env();
     let client = admin_client().await;

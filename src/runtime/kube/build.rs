@@ -11,10 +11,10 @@ use futures_util::{AsyncBufReadExt, StreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod, Secret};
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, LogParams, Patch, PatchParams, PostParams};
 
-use super::resources::{self, BuildSpec, MANAGER};
-use super::{KubeRuntime, describe, is_not_found};
+use super::resources::{self, BuildSpec, MANAGER, ServiceBuild};
+use super::{KubeRuntime, Retries, delete, describe};
 use crate::runtime::local::BUILD_STREAM;
 use crate::runtime::source::{self, inside};
 use crate::runtime::{BuildFailure, BuildJob, BuildOutput, LogSink};
@@ -31,7 +31,7 @@ pub async fn run(runtime: &KubeRuntime, job: &BuildJob, log: &LogSink) -> Result
     let (text, services) = checked?;
     let images = services
         .iter()
-        .map(|(name, _, _, image)| (name.clone(), image.clone()))
+        .map(|s| (s.service.clone(), s.image.clone()))
         .collect::<BTreeMap<_, _>>();
     let output = BuildOutput { manifest: text, images };
     if services.is_empty() {
@@ -111,23 +111,20 @@ pub async fn cancel(runtime: &KubeRuntime, app: &str, id: &str) {
 
 async fn delete_job(runtime: &KubeRuntime, app: &str, id: &str) {
     let jobs: Api<Job> = runtime.api(app);
-    let name = resources::build_job_name(id);
-    if let Err(e) = jobs.delete(&name, &DeleteParams::background()).await
-        && !is_not_found(&e)
-    {
-        tracing::warn!(build.id = %id, "deleting job {name}: {}", describe(&e));
+    if let Err(e) = delete(&jobs, &resources::build_job_name(id)).await {
+        tracing::warn!(build.id = %id, "{e}");
     }
 }
 
 /// Revokes the build's source token and deletes the Secret that held it.
 async fn clean_up(runtime: &KubeRuntime, app: &str, id: &str) {
-    let _ = crate::auth::revoke_scoped(&runtime.0.pool, &token_name(app, id)).await;
+    if let Err(e) = crate::store::tokens::delete_scoped(&runtime.0.pool, &token_name(app, id)).await {
+        // It expires with the build anyway.
+        tracing::warn!(build.id = %id, error = %e, "revoking the source token of build {id}");
+    }
     let secrets: Api<Secret> = runtime.api(app);
-    let name = resources::build_job_name(id);
-    if let Err(e) = secrets.delete(&name, &DeleteParams::default()).await
-        && !is_not_found(&e)
-    {
-        tracing::warn!(build.id = %id, "deleting secret {name}: {}", describe(&e));
+    if let Err(e) = delete(&secrets, &resources::build_job_name(id)).await {
+        tracing::warn!(build.id = %id, "{e}");
     }
 }
 
@@ -136,14 +133,13 @@ fn token_name(app: &str, id: &str) -> String {
 }
 
 /// Checks the source in `scratch` (see `source::fetch`) and that every service built from it
-/// has its Dockerfile; returns the manifest text and, per service to build, `(name, context
-/// path, Dockerfile, image)`.
+/// has its Dockerfile; returns the manifest text and the services to build.
 async fn check_source(
     runtime: &KubeRuntime,
     job: &BuildJob,
     scratch: &std::path::Path,
     log: &LogSink,
-) -> Result<(String, Vec<(String, String, String, String)>), BuildFailure> {
+) -> Result<(String, Vec<ServiceBuild>), BuildFailure> {
     let rt = &runtime.0;
     let failed = BuildFailure::Failed;
     let checked = source::fetch(&rt.objects, job, scratch, rt.limits, log).await?;
@@ -160,7 +156,12 @@ async fn check_source(
             )));
         }
         let image = resources::image_ref(&rt.config.registry, &job.app, name, &job.id);
-        services.push((name.clone(), build.path.clone(), build.manifest.clone(), image));
+        services.push(ServiceBuild {
+            service: name.clone(),
+            context: build.path.clone(),
+            dockerfile: build.manifest.clone(),
+            image,
+        });
     }
     Ok((checked.text, services))
 }
@@ -182,21 +183,20 @@ fn object_path(app: &str, key: &str) -> String {
 async fn watch(jobs: &Api<Job>, pods: &Api<Pod>, name: &str, log: &LogSink) -> Result<(), BuildFailure> {
     let selector = ListParams::default().labels(&format!("job-name={name}"));
     let mut logs: Option<tokio::task::JoinHandle<()>> = None;
-    let mut errors = 0;
+    let mut retries = Retries::default();
     let result = loop {
         let job = match jobs.get_opt(name).await {
             Ok(Some(job)) => job,
             Ok(None) => break Err(BuildFailure::Failed(format!("job {name} was deleted"))),
-            // The API server may be restarting: only a lasting failure ends the build.
-            Err(e) if errors < super::API_RETRIES => {
-                errors += 1;
-                tracing::warn!("reading job {name} (retrying): {}", describe(&e));
-                tokio::time::sleep(POLL).await;
-                continue;
-            }
-            Err(e) => break Err(BuildFailure::Failed(format!("reading job {name}: {}", describe(&e)))),
+            Err(e) => match retries.failed(&format!("reading job {name}"), &e) {
+                Ok(()) => {
+                    tokio::time::sleep(POLL).await;
+                    continue;
+                }
+                Err(reason) => break Err(BuildFailure::Failed(reason)),
+            },
         };
-        errors = 0;
+        retries.succeeded();
         if logs.is_none()
             && let Ok(list) = pods.list(&selector).await
             && let Some(pod) = list.items.into_iter().next()

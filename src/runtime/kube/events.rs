@@ -3,11 +3,13 @@
 //! `system/k8s/web Scaled up replica set web-745f845dc to 1`.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Event;
 use kube::Api;
 use kube::runtime::watcher;
+use tokio::sync::oneshot;
 
 use crate::runtime::LogSink;
 
@@ -29,18 +31,60 @@ fn occurrence(event: &Event) -> Option<(String, String)> {
     Some((event.metadata.uid.clone()?, event.metadata.resource_version.clone()?))
 }
 
-/// Writes the namespace's events to `log` as they happen, until dropped. Events that exist
-/// when it starts are history (an earlier rollout, or one a previous holder already logged)
-/// and are skipped; so are occurrences seen before, when the watch is restarted. `ready` is
-/// told once that history is known: what happens after comes into the log.
-pub async fn forward(api: Api<Event>, log: LogSink, ready: tokio::sync::oneshot::Sender<()>) {
+/// The namespace's events, written to a rollout's log as they happen. Events that exist when
+/// it starts are history (an earlier rollout, or one a previous holder already logged) and
+/// are skipped; so are occurrences seen before, when the watch is restarted.
+pub struct Forwarder {
+    finish: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Forwarder {
+    /// Starts forwarding; returns once the history is known (so that nothing the caller does
+    /// next is mistaken for it), or after `patience` if the API server is too slow to list it
+    /// (that only costs the first lines).
+    pub async fn start(api: Api<Event>, log: LogSink, patience: Duration) -> Self {
+        let (ready, known) = oneshot::channel();
+        let (finish, finishing) = oneshot::channel();
+        let task = tokio::spawn(forward(api, log, ready, finishing));
+        let _ = tokio::time::timeout(patience, known).await;
+        Self {
+            finish: Some(finish),
+            task,
+        }
+    }
+
+    /// Writes the events the watch has not delivered yet (they trail the status the rollout
+    /// watched), then stops.
+    pub async fn finish(mut self, patience: Duration) {
+        if let Some(finish) = self.finish.take() {
+            let _ = finish.send(());
+        }
+        if tokio::time::timeout(patience, &mut self.task).await.is_err() {
+            self.task.abort();
+        }
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn forward(api: Api<Event>, log: LogSink, ready: oneshot::Sender<()>, mut finishing: oneshot::Receiver<()>) {
     let mut ready = Some(ready);
     let mut seen: HashSet<(String, String)> = HashSet::new();
     // While listing (at the start and after a watch restart) events are only recorded.
     let mut listing = true;
     let mut first_list = true;
-    let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()));
-    while let Some(item) = stream.next().await {
+    let mut stream = std::pin::pin!(watcher(api.clone(), watcher::Config::default()));
+    loop {
+        let item = tokio::select! {
+            item = stream.next() => item,
+            _ = &mut finishing => break,
+        };
+        let Some(item) = item else { return };
         match item {
             Ok(watcher::Event::Init) => listing = true,
             Ok(watcher::Event::InitApply(event)) => {
@@ -67,10 +111,39 @@ pub async fn forward(api: Api<Event>, log: LogSink, ready: tokio::sync::oneshot:
             Err(e) => {
                 // The watcher backs off and retries by itself.
                 tracing::debug!(error = %e, "watching events");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         }
     }
+    // Finishing: what is in the namespace now and was neither history nor delivered.
+    if first_list {
+        return;
+    }
+    match api.list(&Default::default()).await {
+        Ok(list) => {
+            for event in undelivered(list.items, &seen) {
+                emit(&event, &log).await;
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "listing the last events"),
+    }
+}
+
+/// The events of `current` not in `seen`, oldest first.
+fn undelivered(current: Vec<Event>, seen: &HashSet<(String, String)>) -> Vec<Event> {
+    let mut new: Vec<Event> = current
+        .into_iter()
+        .filter(|event| occurrence(event).is_some_and(|key| !seen.contains(&key)))
+        .collect();
+    new.sort_by_key(|event| {
+        let at = event
+            .event_time
+            .as_ref()
+            .map(|t| t.0)
+            .or_else(|| event.last_timestamp.as_ref().map(|t| t.0))
+            .or_else(|| event.metadata.creation_timestamp.as_ref().map(|t| t.0));
+        (at, event.metadata.name.clone())
+    });
+    new
 }
 
 async fn emit(event: &Event, log: &LogSink) {
@@ -127,6 +200,38 @@ mod tests {
             .filter_map(|e| e.metadata.uid.clone())
             .collect();
         assert!(unsched.len() <= 2);
+    }
+
+    #[test]
+    fn finishing_writes_only_what_was_not_seen_oldest_first() {
+        let events = recorded();
+        let seen: HashSet<_> = events[..4].iter().filter_map(occurrence).collect();
+        let mut shuffled = events.clone();
+        shuffled.reverse();
+        let names: Vec<_> = undelivered(shuffled, &seen)
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} {}",
+                    e.involved_object.name.clone().unwrap(),
+                    e.reason.clone().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(names.len(), events.len() - 4);
+        assert!(
+            !names.iter().any(|n| n == "web-7ddf4db874 SuccessfulCreate"),
+            "{names:?}"
+        );
+        let created = names
+            .iter()
+            .position(|n| n == "web-687bf4b9f5 SuccessfulCreate")
+            .unwrap();
+        let deleted = names
+            .iter()
+            .position(|n| n == "web-7ddf4db874 SuccessfulDelete")
+            .unwrap();
+        assert!(created < deleted, "{names:?}");
     }
 
     #[test]

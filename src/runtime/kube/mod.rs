@@ -181,6 +181,40 @@ fn is_not_found(error: &kube::Error) -> bool {
     matches!(error, kube::Error::Api(status) if status.code == 404)
 }
 
+/// Deletes `name` (and, in the background, what it owns); one that is already gone is not an
+/// error.
+async fn delete<K>(api: &Api<K>, name: &str) -> Result<(), String>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(format!("deleting {name}: {}", describe(&e))),
+    }
+}
+
+/// Consecutive failed reads of the cluster while a build or rollout is followed: a few (an
+/// API server restarting) are ridden out, one a poll, a lasting failure is not.
+#[derive(Debug, Default)]
+struct Retries(u32);
+
+impl Retries {
+    /// Records a failure; `Err` with the message once there were too many in a row.
+    fn failed(&mut self, what: &str, error: &kube::Error) -> Result<(), String> {
+        self.0 += 1;
+        if self.0 > API_RETRIES {
+            return Err(format!("{what}: {}", describe(error)));
+        }
+        tracing::warn!("{what} (retrying): {}", describe(error));
+        Ok(())
+    }
+
+    fn succeeded(&mut self) {
+        self.0 = 0;
+    }
+}
+
 #[async_trait::async_trait]
 impl Runtime for KubeRuntime {
     fn name(&self) -> &'static str {
@@ -249,11 +283,8 @@ impl Runtime for KubeRuntime {
     async fn prune_builds(&self, app: &str, ids: &[String]) {
         let jobs: Api<Job> = self.api(app);
         for id in ids {
-            let name = resources::build_job_name(id);
-            match jobs.delete(&name, &DeleteParams::background()).await {
-                Ok(_) => tracing::info!(app.name = app, build.id = %id, "pruned the job of build {id}"),
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => tracing::warn!(app.name = app, "pruning job {name}: {}", describe(&e)),
+            if let Err(e) = delete(&jobs, &resources::build_job_name(id)).await {
+                tracing::warn!(app.name = app, build.id = %id, "pruning build {id}: {e}");
             }
         }
     }
@@ -269,10 +300,9 @@ impl Runtime for KubeRuntime {
                 return;
             }
         }
-        match namespaces.delete(&name, &DeleteParams::background()).await {
-            Ok(_) => tracing::info!(app.name = app, "deleting namespace {name}"),
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => tracing::warn!(app.name = app, "deleting namespace {name}: {}", describe(&e)),
+        match delete(&namespaces, &name).await {
+            Ok(()) => tracing::info!(app.name = app, "deleting namespace {name}"),
+            Err(e) => tracing::warn!(app.name = app, "{e}"),
         }
     }
 

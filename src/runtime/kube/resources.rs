@@ -210,14 +210,25 @@ pub fn service(rack: &str, app: &str, name: &str, port: u16) -> Value {
     })
 }
 
+/// One service's image, as a build makes it.
+#[derive(Debug, Clone)]
+pub struct ServiceBuild {
+    pub service: String,
+    /// Build context, relative to the source root.
+    pub context: String,
+    /// Dockerfile, relative to the context.
+    pub dockerfile: String,
+    /// Where it is pushed.
+    pub image: String,
+}
+
 /// What a build Job is made of.
 #[derive(Debug, Clone)]
 pub struct BuildSpec<'a> {
     pub rack: &'a str,
     pub app: &'a str,
     pub build_id: &'a str,
-    /// `(service, build context path, Dockerfile path relative to the context, image)`.
-    pub services: Vec<(String, String, String, String)>,
+    pub services: Vec<ServiceBuild>,
     pub source_url: String,
     /// Name of the Secret holding the source token (key `token`).
     pub secret: String,
@@ -253,8 +264,14 @@ pub fn build_job(spec: &BuildSpec<'_>) -> Value {
         ],
         "volumeMounts": workspace,
     })];
-    for (service, path, dockerfile, image) in &spec.services {
-        let context = format!("/workspace/{}", path.trim_start_matches("./").trim_end_matches('/'));
+    for ServiceBuild {
+        service,
+        context,
+        dockerfile,
+        image,
+    } in &spec.services
+    {
+        let context = format!("/workspace/{}", context.trim_start_matches("./").trim_end_matches('/'));
         let context = context.trim_end_matches("/.").to_owned();
         init.push(json!({
             "name": format!("build-{service}"),
@@ -419,18 +436,18 @@ mod tests {
             app: "myapp",
             build_id: "BABC",
             services: vec![
-                (
-                    "api".into(),
-                    "./api".into(),
-                    "Dockerfile".into(),
-                    "r/myapp:api.BABC".into(),
-                ),
-                (
-                    "web".into(),
-                    ".".into(),
-                    "web.Dockerfile".into(),
-                    "r/myapp:web.BABC".into(),
-                ),
+                ServiceBuild {
+                    service: "api".into(),
+                    context: "./api".into(),
+                    dockerfile: "Dockerfile".into(),
+                    image: "r/myapp:api.BABC".into(),
+                },
+                ServiceBuild {
+                    service: "web".into(),
+                    context: ".".into(),
+                    dockerfile: "web.Dockerfile".into(),
+                    image: "r/myapp:web.BABC".into(),
+                },
             ],
             source_url: "http://rack:5443/apps/myapp/objects/tmp/x.tgz".into(),
             secret: "build-babc".into(),

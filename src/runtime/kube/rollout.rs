@@ -13,20 +13,18 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Event, Pod, Service};
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
 
+use super::events::Forwarder;
 use super::resources::{self, MANAGER, ServiceTarget};
-use super::{KubeRuntime, describe, events, is_not_found};
+use super::{KubeRuntime, Retries, delete, describe};
 use crate::runtime::{ApplyError, LogSink, ReleaseSpec};
 
 /// How often the Deployments are looked at.
 const POLL: Duration = Duration::from_secs(1);
-/// How long the log keeps taking events once the rollout is done (they are recorded
-/// asynchronously by the controllers and kubelets, so the last ones trail the status).
-const EVENT_TAIL: Duration = Duration::from_secs(2);
 
-/// How long a rollout waits for the event watch to start.
-const WATCH_START: Duration = Duration::from_secs(10);
+/// How long a rollout waits for the event watch to start, and for the last events at its end.
+const WATCH_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Waiting reasons of a new pod that will not fix themselves.
 const FATAL_WAITING: &[&str] = &[
@@ -46,13 +44,8 @@ pub async fn apply(
 ) -> Result<(), ApplyError> {
     let rt = &runtime.0;
     runtime.ensure_namespace(app).await.map_err(ApplyError)?;
-    let (ready, watching) = tokio::sync::oneshot::channel();
-    let forwarder = tokio::spawn(events::forward(runtime.api::<Event>(app), log.clone(), ready));
-    let _forwarder = AbortOnDrop(forwarder.abort_handle());
-    // The events this rollout causes must not be mistaken for history: apply only once the
-    // watch knows what was there before. (An API server too slow to list them in time only
-    // costs the first lines.)
-    let _ = tokio::time::timeout(WATCH_START, watching).await;
+    // Watching starts before anything is applied, so every event the rollout causes is logged.
+    let forwarder = Forwarder::start(runtime.api::<Event>(app), log.clone(), WATCH_PATIENCE).await;
 
     let deployments: Api<Deployment> = runtime.api(app);
     let services: Api<Service> = runtime.api(app);
@@ -82,7 +75,7 @@ pub async fn apply(
                         .await
                         .map_err(|e| ApplyError(format!("applying service {name}: {}", describe(&e))))?;
                 }
-                None => delete(&services, name).await?,
+                None => delete(&services, name).await.map_err(ApplyError)?,
             }
             wanted.insert(name.clone());
         }
@@ -97,33 +90,45 @@ pub async fn apply(
         if !wanted.contains(&name) {
             log.line("system/k8s/atom/app", format!("Removing service {name}"))
                 .await;
-            delete(&deployments, &name).await?;
-            delete(&services, &name).await?;
+            delete(&deployments, &name).await.map_err(ApplyError)?;
+            delete(&services, &name).await.map_err(ApplyError)?;
         }
     }
 
+    let result = wait(runtime, app, release, &wanted).await;
+    // The last events trail the status that ended the wait.
+    forwarder.finish(WATCH_PATIENCE).await;
+    result
+}
+
+/// Waits until every Deployment in `wanted` has rolled out, or one of them cannot.
+async fn wait(
+    runtime: &KubeRuntime,
+    app: &str,
+    release: Option<&ReleaseSpec>,
+    wanted: &BTreeSet<String>,
+) -> Result<(), ApplyError> {
+    let deployments: Api<Deployment> = runtime.api(app);
     let pods: Api<Pod> = runtime.api(app);
-    let mut errors = 0;
+    let by_app = ListParams::default().labels(&resources::selector(app, "service"));
+    let mut retries = Retries::default();
     loop {
         let list = match deployments.list(&by_app).await {
             Ok(list) => list,
-            // The API server may be restarting: only a lasting failure fails the rollout.
-            Err(e) if errors < super::API_RETRIES => {
-                errors += 1;
-                tracing::warn!(app.name = app, "reading deployments (retrying): {}", describe(&e));
+            Err(e) => {
+                retries.failed("reading deployments", &e).map_err(ApplyError)?;
                 tokio::time::sleep(POLL).await;
                 continue;
             }
-            Err(e) => return Err(ApplyError(format!("reading deployments: {}", describe(&e)))),
         };
-        errors = 0;
+        retries.succeeded();
         let relevant: Vec<&Deployment> = list
             .items
             .iter()
             .filter(|d| d.metadata.name.as_ref().is_some_and(|n| wanted.contains(n)))
             .collect();
         if relevant.len() == wanted.len() && relevant.iter().all(|d| rolled_out(d)) {
-            break;
+            return Ok(());
         }
         for deployment in &relevant {
             if let Some(reason) = stalled(deployment) {
@@ -139,19 +144,6 @@ pub async fn apply(
             }
         }
         tokio::time::sleep(POLL).await;
-    }
-    tokio::time::sleep(EVENT_TAIL).await;
-    Ok(())
-}
-
-async fn delete<K>(api: &Api<K>, name: &str) -> Result<(), ApplyError>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    match api.delete(name, &DeleteParams::background()).await {
-        Ok(_) => Ok(()),
-        Err(e) if is_not_found(&e) => Ok(()),
-        Err(e) => Err(ApplyError(format!("deleting {name}: {}", describe(&e)))),
     }
 }
 
@@ -206,15 +198,6 @@ pub fn failing_pod(pod: &Pod) -> Option<String> {
             format!("pod {name} is failing ({reason}){message}")
         })
     })
-}
-
-/// Aborts a task when dropped (the event forwarder stops with the rollout).
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 #[cfg(test)]
