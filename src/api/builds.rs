@@ -1,10 +1,8 @@
 //! `/apps/{app}/builds`: queue a build of an uploaded source, list and show builds, update
 //! them (convox's build pod protocol), cancel them, and stream their logs.
 
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -12,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::AppState;
 use crate::api::apps::load_app;
 use crate::api::input::{Format, Input, Pretty, QueryParams};
-use crate::api::streams::{self, StreamQuery, StreamRequest, Style};
+use crate::api::streams::{self, StreamRequest, Style};
 use crate::error::{ApiError, ApiResult};
 use crate::events::Follow;
 use crate::store::builds::{self, Build, BuildStatus, BuildUpdate, NewBuild};
@@ -313,23 +311,14 @@ pub async fn cancel_build(
 pub async fn stream_build_logs(
     State(state): State<AppState>,
     Path((app, id)): Path<(String, String)>,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-    headers: HeaderMap,
-    QueryParams(query): QueryParams<StreamQuery>,
+    request: StreamRequest,
 ) -> ApiResult<Response> {
-    let ws = ws.ok();
     let build = load_build(&state, &app, &id).await?;
     let topic = Topic::Build {
         app: build.app,
         build: build.id,
     };
-    streams::respond(
-        &state,
-        topic,
-        StreamRequest { ws, headers, query },
-        Style::Raw,
-        Follow::UntilEnd,
-    )
+    streams::respond(&state, topic, request, Style::Raw, Follow::UntilEnd)
 }
 
 #[cfg(test)]

@@ -1,10 +1,7 @@
 //! `/apps/{app}/deployments` and `/apps/{app}/cancel`: the rollouts started by promotes, their
 //! state and their live log.
 
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -14,7 +11,7 @@ use crate::AppState;
 use crate::api::apps::load_app;
 use crate::api::builds::list_limit;
 use crate::api::input::{Format, Pretty, QueryParams};
-use crate::api::streams::{self, StreamQuery, StreamRequest, Style};
+use crate::api::streams::{self, StreamRequest, Style};
 use crate::error::{ApiError, ApiResult};
 use crate::events::Follow;
 use crate::store::deployments::{self, DeployState, Deployment};
@@ -101,19 +98,12 @@ pub async fn show_deployment(
 pub async fn stream_deployment_events(
     State(state): State<AppState>,
     Path((app, id)): Path<(String, String)>,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-    headers: HeaderMap,
-    QueryParams(query): QueryParams<StreamQuery>,
+    request: StreamRequest,
 ) -> ApiResult<Response> {
     let deployment = load_deployment(&state, &app, &id).await?;
     let topic = Topic::Deployment {
         app: deployment.app,
         deployment: deployment.id,
-    };
-    let request = StreamRequest {
-        ws: ws.ok(),
-        headers,
-        query,
     };
     streams::respond(&state, topic, request, Style::Prefixed, Follow::UntilEnd)
 }

@@ -1,8 +1,6 @@
 //! `/apps/{app}/processes`, `/apps/{app}/logs` and `/apps/{app}/budget`: what runs, what it
 //! says, and the stub the convox CLI asks for after `ps`.
 
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
@@ -12,7 +10,7 @@ use serde::Deserialize;
 use crate::AppState;
 use crate::api::apps::load_app;
 use crate::api::input::{Format, Pretty, QueryParams};
-use crate::api::streams::{self, StreamQuery, StreamRequest, Style};
+use crate::api::streams::{self, StreamRequest, Style};
 use crate::error::{ApiError, ApiResult};
 use crate::events::Follow;
 use crate::runtime::ProcessInfo;
@@ -146,37 +144,31 @@ fn parse_duration(text: &str) -> Option<std::time::Duration> {
 pub async fn stream_app_logs(
     State(state): State<AppState>,
     Path(app): Path<String>,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-    headers: HeaderMap,
-    QueryParams(query): QueryParams<StreamQuery>,
+    request: StreamRequest,
 ) -> ApiResult<Response> {
-    logs(state, app, None, ws.ok(), headers, query).await
+    logs(state, app, None, request).await
 }
 
 #[tracing::instrument(skip_all, fields(app.name = %app))]
 pub async fn stream_service_logs(
     State(state): State<AppState>,
     Path((app, service)): Path<(String, String)>,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-    headers: HeaderMap,
-    QueryParams(query): QueryParams<StreamQuery>,
+    request: StreamRequest,
 ) -> ApiResult<Response> {
-    logs(state, app, Some(service), ws.ok(), headers, query).await
+    logs(state, app, Some(service), request).await
 }
 
 async fn logs(
     state: AppState,
     app: String,
     service: Option<String>,
-    ws: Option<WebSocketUpgrade>,
-    headers: HeaderMap,
-    mut query: StreamQuery,
+    mut request: StreamRequest,
 ) -> ApiResult<Response> {
     let app = load_app(&state, &app).await?;
-    let options = log_options(&headers)?;
+    let options = log_options(&request.headers)?;
     // Without an explicit cursor, start `Since` ago.
-    if query.after.is_none() && headers.get("last-event-id").is_none() {
-        query.after = Some(match options.since {
+    if request.query.after.is_none() && request.headers.get("last-event-id").is_none() {
+        request.query.after = Some(match options.since {
             Some(since) => crate::store::events::seq_before(&state.pool, &app.name, since).await?,
             None => 0,
         });
@@ -218,14 +210,7 @@ async fn logs(
     } else {
         Follow::Backlog
     };
-    streams::respond_merged(
-        &state,
-        topic,
-        StreamRequest { ws, headers, query },
-        style,
-        follow,
-        extra,
-    )
+    streams::respond_merged(&state, topic, request, style, follow, extra)
 }
 
 /// `GET /apps/{app}/budget`: rack keeps no budgets; `convox ps` asks anyway.

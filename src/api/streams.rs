@@ -7,7 +7,9 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
+use axum::extract::FromRequestParts;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -15,6 +17,7 @@ use futures_util::{SinkExt, Stream, StreamExt};
 use serde::Deserialize;
 
 use crate::AppState;
+use crate::api::input::QueryParams;
 use crate::error::{ApiError, ApiResult};
 use crate::events::{Follow, Item, format_line, outcome_line, subscribe};
 use crate::store::events::{Event, Topic};
@@ -43,12 +46,30 @@ pub enum Style {
     Prefixed,
 }
 
-/// What a client asked for.
+/// What a client asked for. Extracted from a `GET` (a websocket upgrade, if it is one, the
+/// headers and the cursor in the query), or made by a handler that streams its answer.
 #[derive(Debug)]
 pub struct StreamRequest {
     pub ws: Option<WebSocketUpgrade>,
     pub headers: HeaderMap,
     pub query: StreamQuery,
+}
+
+impl<S> FromRequestParts<S> for StreamRequest
+where
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let ws = WebSocketUpgrade::from_request_parts(parts, state).await.ok();
+        let QueryParams(query) = QueryParams::from_request_parts(parts, state).await?;
+        Ok(Self {
+            ws,
+            headers: parts.headers.clone(),
+            query,
+        })
+    }
 }
 
 /// Answers `request` with the events of `topic`.

@@ -4,10 +4,9 @@
 
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{OwnedOwner, persist_lines};
+use super::{Lease, OwnedOwner, persist_lines};
 use crate::AppState;
 use crate::events::Wake;
 use crate::runtime::local::BUILD_STREAM;
@@ -76,66 +75,60 @@ async fn run(state: &AppState, build: Build) {
 
     let (log, rx) = LogSink::new();
     let writer = tokio::spawn(persist_lines(state.pool.clone(), state.bus.clone(), owner.clone(), rx));
-    let cancel = CancellationToken::new();
-    let lease = tokio::spawn(keep_lease(state.clone(), build.id.clone(), cancel.clone()));
+    let id = build.id.clone();
+    let lease = Lease::keep(state, format!("build {id}"), move |state| {
+        let id = id.clone();
+        Box::pin(async move { builds::renew_lease(&state.pool, &id, state.replica, state.config.job_lease).await })
+    });
     let timeout = state.config.build_timeout;
     let result = tokio::select! {
-        result = state.runtime.build(&job, &log) => Some(result),
-        () = cancel.cancelled() => Some(Err(BuildFailure::Cancelled)),
-        () = tokio::time::sleep(timeout) => Some(Err(BuildFailure::TimedOut(timeout))),
-        () = state.shutdown.cancelled() => None,
+        result = state.runtime.build(&job, &log) => Ended::Built(result),
+        () = lease.cancel.cancelled() => Ended::Built(Err(BuildFailure::Cancelled)),
+        () = tokio::time::sleep(timeout) => Ended::Built(Err(BuildFailure::TimedOut(timeout))),
+        () = lease.lost.cancelled() => Ended::Lost,
+        () = state.shutdown.cancelled() => Ended::Stopping,
     };
-    lease.abort();
-    let Some(result) = result else {
-        // This server is stopping: hand the build back so another replica (or this one, once
-        // restarted) runs it from the start, instead of failing it.
-        log.line(
-            BUILD_STREAM,
-            "rack is shutting down; the build will restart on another server",
-        )
-        .await;
-        drop(log);
-        let _ = writer.await;
-        if let Err(e) = builds::hand_back(&state.pool, &build.id, state.replica).await {
-            tracing::warn!(error = %e, build.id = %build.id, "handing back build {}; its lease will expire", build.id);
+    drop(lease);
+    let result = match result {
+        Ended::Built(result) => result,
+        Ended::Lost => {
+            // Deleted with its app, or taken over: what runs for it is its new holder's.
+            tracing::warn!(build.id = %build.id, "lost the lease of build {}; leaving it to its new holder", build.id);
+            drop(log);
+            let _ = writer.await;
+            return;
         }
-        return;
+        Ended::Stopping => {
+            // This server is stopping: hand the build back so another replica (or this one,
+            // once restarted) runs or resumes it, instead of failing it.
+            log.line(
+                BUILD_STREAM,
+                "rack is shutting down; the build will restart on another server",
+            )
+            .await;
+            drop(log);
+            let _ = writer.await;
+            if let Err(e) = builds::hand_back(&state.pool, &build.id, state.replica).await {
+                tracing::warn!(error = %e, build.id = %build.id, "handing back build {}; its lease will expire", build.id);
+            }
+            return;
+        }
     };
     if matches!(result, Err(BuildFailure::Cancelled | BuildFailure::TimedOut(_))) {
         state.runtime.cancel_build(&build.app, &build.id).await;
     }
-    let lost = matches!(lease.await, Ok(LeaseEnd::Lost));
     drop(log);
     let _ = writer.await;
-    if lost {
-        tracing::warn!(build.id = %build.id, "lost the lease of build {}; leaving it to its new holder", build.id);
-        return;
-    }
     end(state, &build, &owner, result).await;
 }
 
-#[derive(Debug)]
-enum LeaseEnd {
+/// How running a build ended.
+enum Ended {
+    Built(Result<BuildOutput, BuildFailure>),
+    /// The lease is gone: touch nothing more.
     Lost,
-}
-
-/// Renews the build's lease until aborted; cancels the build when a cancel is requested, or
-/// when the lease is lost (the build was deleted, or another replica took it over).
-async fn keep_lease(state: AppState, id: String, cancel: CancellationToken) -> LeaseEnd {
-    let mut wake = state.bus.subscribe();
-    loop {
-        super::until_renewal(&state, &mut wake).await;
-        match builds::renew_lease(&state.pool, &id, state.replica, state.config.job_lease).await {
-            Ok(Some(false)) => {}
-            Ok(Some(true)) => cancel.cancel(),
-            Ok(None) => {
-                cancel.cancel();
-                return LeaseEnd::Lost;
-            }
-            // Postgres is briefly away: keep building, the lease has slack for two misses.
-            Err(e) => tracing::warn!(error = %e, build.id = %id, "renewing the lease of build {id}"),
-        }
-    }
+    /// This server is stopping.
+    Stopping,
 }
 
 /// Records the end of a build: on success a new release (the build, the env of the app's

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{OwnedOwner, persist_lines};
+use super::{Lease, OwnedOwner, persist_lines};
 use crate::AppState;
 use crate::events::Wake;
 use crate::runtime::{LogSink, ReleaseSpec};
@@ -68,16 +68,17 @@ async fn run(state: &AppState, deployment: Deployment) {
     };
     let (log, rx) = LogSink::new();
     let writer = tokio::spawn(persist_lines(state.pool.clone(), state.bus.clone(), owner, rx));
-    let cancel = CancellationToken::new();
-    let lost = CancellationToken::new();
-    let lease = tokio::spawn(keep_lease(state.clone(), deployment.id, cancel.clone(), lost.clone()));
+    let id = deployment.id;
+    let lease = Lease::keep(state, format!("deployment {id}"), move |state| {
+        Box::pin(async move { deployments::renew_lease(&state.pool, id, state.replica, state.config.job_lease).await })
+    });
     let timeout = Duration::from_secs(u64::try_from(deployment.timeout_secs).unwrap_or(1800));
     let started = deployment.started_at.unwrap_or_else(chrono::Utc::now);
     let elapsed = (chrono::Utc::now() - started).to_std().unwrap_or_default();
     let deadline = tokio::time::Instant::now() + timeout.saturating_sub(elapsed);
 
-    let outcome = drive(state, &deployment, &log, &cancel, &lost, deadline, timeout).await;
-    lease.abort();
+    let outcome = drive(state, &deployment, &log, &lease.cancel, &lease.lost, deadline, timeout).await;
+    drop(lease);
     drop(log);
     let _ = writer.await;
     if let Err(e) = outcome {
@@ -224,23 +225,6 @@ async fn clean_up_if_deleted(state: &AppState, app: &str) -> anyhow::Result<()> 
 async fn hand_back(state: &AppState, deployment: &Deployment) -> anyhow::Result<()> {
     deployments::hand_back(&state.pool, deployment.id, state.replica).await?;
     Ok(())
-}
-
-/// Renews the lease; raises `cancel` when a cancel is requested and `lost` when the lease is gone.
-async fn keep_lease(state: AppState, id: uuid::Uuid, cancel: CancellationToken, lost: CancellationToken) {
-    let mut wake = state.bus.subscribe();
-    loop {
-        super::until_renewal(&state, &mut wake).await;
-        match deployments::renew_lease(&state.pool, id, state.replica, state.config.job_lease).await {
-            Ok(Some(false)) => {}
-            Ok(Some(true)) => cancel.cancel(),
-            Ok(None) => {
-                lost.cancel();
-                return;
-            }
-            Err(e) => tracing::warn!(error = %e, deployment.id = %id, "renewing the lease of deployment {id}"),
-        }
-    }
 }
 
 /// A release as the runtime needs it, with the counts set by `scale`.

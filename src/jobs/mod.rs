@@ -7,6 +7,7 @@ pub mod deploys;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use sqlx::PgPool;
 
@@ -34,9 +35,73 @@ pub async fn wait_for_work(state: &crate::AppState, wake: &mut tokio::sync::broa
     }
 }
 
+/// A job's claim, renewed in the background until dropped. `cancel` is raised when a cancel
+/// of the job was requested, `lost` when the claim is gone (the job was deleted, or another
+/// replica took it over after this one missed its renewals).
+pub struct Lease {
+    pub cancel: CancellationToken,
+    pub lost: CancellationToken,
+    task: tokio::task::AbortHandle,
+}
+
+/// One renewal of a claim: `Some(cancel requested)`, or `None` when the claim is gone.
+pub type Renewal = futures_util::future::BoxFuture<'static, Result<Option<bool>, sqlx::Error>>;
+
+impl Lease {
+    /// Keeps the claim on `job` (named in logs) with `renew`.
+    pub fn keep(
+        state: &crate::AppState,
+        job: String,
+        renew: impl Fn(crate::AppState) -> Renewal + Send + 'static,
+    ) -> Self {
+        let (cancel, lost) = (CancellationToken::new(), CancellationToken::new());
+        let task = tokio::spawn(renew_until_lost(
+            state.clone(),
+            job,
+            renew,
+            cancel.clone(),
+            lost.clone(),
+        ));
+        Self {
+            cancel,
+            lost,
+            task: task.abort_handle(),
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn renew_until_lost(
+    state: crate::AppState,
+    job: String,
+    renew: impl Fn(crate::AppState) -> Renewal,
+    cancel: CancellationToken,
+    lost: CancellationToken,
+) {
+    let mut wake = state.bus.subscribe();
+    loop {
+        until_renewal(&state, &mut wake).await;
+        match renew(state.clone()).await {
+            Ok(Some(false)) => {}
+            Ok(Some(true)) => cancel.cancel(),
+            Ok(None) => {
+                lost.cancel();
+                return;
+            }
+            // Postgres is briefly away: keep working, the lease has slack for two misses.
+            Err(e) => tracing::warn!(error = %e, "renewing the lease of {job}"),
+        }
+    }
+}
+
 /// Waits until a job holder should renew its lease: a third of the lease, or sooner when
 /// something happened to jobs (a cancel request is announced that way, so it acts at once).
-pub async fn until_renewal(state: &crate::AppState, wake: &mut tokio::sync::broadcast::Receiver<Wake>) {
+async fn until_renewal(state: &crate::AppState, wake: &mut tokio::sync::broadcast::Receiver<Wake>) {
     let deadline = tokio::time::sleep(state.config.job_lease / 3);
     tokio::pin!(deadline);
     loop {

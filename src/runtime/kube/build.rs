@@ -23,7 +23,7 @@ use crate::runtime::{BuildFailure, BuildJob, BuildOutput, LogSink};
 const POLL: Duration = Duration::from_secs(1);
 
 pub async fn run(runtime: &KubeRuntime, job: &BuildJob, log: &LogSink) -> Result<BuildOutput, BuildFailure> {
-    let rt = &runtime.0;
+    let rt = &runtime.0.settings;
     let failed = BuildFailure::Failed;
     let scratch = rt.scratch.join(&job.app).join(&job.id);
     let checked = check_source(runtime, job, &scratch, log).await;
@@ -118,7 +118,7 @@ async fn delete_job(runtime: &KubeRuntime, app: &str, id: &str) {
 
 /// Revokes the build's source token and deletes the Secret that held it.
 async fn clean_up(runtime: &KubeRuntime, app: &str, id: &str) {
-    if let Err(e) = crate::store::tokens::delete_scoped(&runtime.0.pool, &token_name(app, id)).await {
+    if let Err(e) = crate::store::tokens::delete_scoped(&runtime.0.settings.pool, &token_name(app, id)).await {
         // It expires with the build anyway.
         tracing::warn!(build.id = %id, error = %e, "revoking the source token of build {id}");
     }
@@ -140,7 +140,7 @@ async fn check_source(
     scratch: &std::path::Path,
     log: &LogSink,
 ) -> Result<(String, Vec<ServiceBuild>), BuildFailure> {
-    let rt = &runtime.0;
+    let rt = &runtime.0.settings;
     let failed = BuildFailure::Failed;
     let checked = source::fetch(&rt.objects, job, scratch, rt.limits, log).await?;
     let mut services = Vec::new();

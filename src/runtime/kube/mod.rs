@@ -34,21 +34,14 @@ pub struct KubeRuntime(Arc<Inner>);
 
 struct Inner {
     client: Client,
-    rack: String,
-    config: KubeConfig,
-    objects: Objects,
-    pool: sqlx::PgPool,
-    /// Scratch space where a build's source is checked before the cluster builds it.
-    scratch: PathBuf,
-    limits: Limits,
-    build_timeout: std::time::Duration,
+    settings: KubeSettings,
 }
 
 impl std::fmt::Debug for KubeRuntime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KubeRuntime")
-            .field("rack", &self.0.rack)
-            .field("registry", &self.0.config.registry)
+            .field("rack", &self.0.settings.rack)
+            .field("registry", &self.0.settings.config.registry)
             .finish_non_exhaustive()
     }
 }
@@ -60,6 +53,7 @@ pub struct KubeSettings {
     pub config: KubeConfig,
     pub objects: Objects,
     pub pool: sqlx::PgPool,
+    /// Scratch space where a build's source is checked before the cluster builds it.
     pub scratch: PathBuf,
     pub limits: Limits,
     pub build_timeout: std::time::Duration,
@@ -96,20 +90,11 @@ impl KubeRuntime {
             version.minor,
             version.git_version
         );
-        Ok(Self(Arc::new(Inner {
-            client,
-            rack: settings.rack,
-            config: settings.config,
-            objects: settings.objects,
-            pool: settings.pool,
-            scratch: settings.scratch,
-            limits: settings.limits,
-            build_timeout: settings.build_timeout,
-        })))
+        Ok(Self(Arc::new(Inner { client, settings })))
     }
 
     fn namespace(&self, app: &str) -> String {
-        namespace_name(&self.0.rack, app)
+        namespace_name(&self.0.settings.rack, app)
     }
 
     fn api<K>(&self, app: &str) -> Api<K>
@@ -128,25 +113,27 @@ impl KubeRuntime {
         let name = self.namespace(app);
         self.owned_namespace(app).await?;
         namespaces
-            .patch(&name, &params, &Patch::Apply(resources::namespace(&self.0.rack, app)))
+            .patch(
+                &name,
+                &params,
+                &Patch::Apply(resources::namespace(&self.0.settings.rack, app)),
+            )
             .await
             .map_err(|e| format!("creating namespace {name}: {}", describe(&e)))?;
-        if let Some(account) = &self.0.config.service_account {
+        if let Some(account) = &self.0.settings.config.service_account {
             let bindings: Api<RoleBinding> = self.api(app);
             bindings
                 .patch(
                     "rack",
                     &params,
-                    &Patch::Apply(resources::role_binding(&self.0.rack, app, account)),
+                    &Patch::Apply(resources::role_binding(&self.0.settings.rack, app, account)),
                 )
                 .await
                 .map_err(|e| format!("binding rack's rights in namespace {name}: {}", describe(&e)))?;
         }
         Ok(())
     }
-}
 
-impl KubeRuntime {
     /// Checks that the app's namespace, if it exists, is this app's (labels `rack` and `app`):
     /// a namespace of someone else's with the same name must never be adopted or deleted.
     async fn owned_namespace(&self, app: &str) -> Result<bool, String> {
@@ -158,7 +145,7 @@ impl KubeRuntime {
             .map_err(|e| format!("reading namespace {name}: {}", describe(&e)))?;
         let Some(existing) = existing else { return Ok(false) };
         let labels = existing.metadata.labels.unwrap_or_default();
-        if labels.get("rack") == Some(&self.0.rack) && labels.get("app").map(String::as_str) == Some(app) {
+        if labels.get("rack") == Some(&self.0.settings.rack) && labels.get("app").map(String::as_str) == Some(app) {
             Ok(true)
         } else {
             Err(format!(
@@ -383,4 +370,27 @@ fn process_info(app: &str, pod: &Pod) -> Option<ProcessInfo> {
 /// A Kubernetes time as a chrono one.
 fn time(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> Option<chrono::DateTime<chrono::Utc>> {
     chrono::DateTime::from_timestamp(t.0.as_second(), u32::try_from(t.0.subsec_nanosecond()).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lasting_api_failure_ends_the_retries() {
+        let error = kube::Error::Api(Box::new(
+            kube::core::Status::failure("etcdserver: leader changed", "InternalError").with_code(500),
+        ));
+        let mut retries = Retries::default();
+        for _ in 0..API_RETRIES {
+            assert!(retries.failed("reading job build-x", &error).is_ok());
+        }
+        assert_eq!(
+            retries.failed("reading job build-x", &error).unwrap_err(),
+            "reading job build-x: etcdserver: leader changed"
+        );
+        // A success in between starts the count again.
+        retries.succeeded();
+        assert!(retries.failed("reading job build-x", &error).is_ok());
+    }
 }

@@ -42,7 +42,7 @@ pub async fn apply(
     release: Option<&ReleaseSpec>,
     log: &LogSink,
 ) -> Result<(), ApplyError> {
-    let rt = &runtime.0;
+    let rt = &runtime.0.settings;
     runtime.ensure_namespace(app).await.map_err(ApplyError)?;
     // Watching starts before anything is applied, so every event the rollout causes is logged.
     let forwarder = Forwarder::start(runtime.api::<Event>(app), log.clone(), WATCH_PATIENCE).await;
