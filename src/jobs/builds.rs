@@ -200,14 +200,7 @@ async fn try_end(
         }
         Err(failure) => {
             let reason = failure.to_string();
-            let finish = Finish {
-                status: BuildStatus::Failed,
-                reason: &reason,
-                manifest: None,
-                release_id: None,
-                images: None,
-            };
-            let ended = builds::finish(&mut tx, &build.id, holder, &finish).await?;
+            let ended = builds::finish(&mut tx, &build.id, holder, &Finish::failed(&reason)).await?;
             (ended, (reason, "error"))
         }
     };
@@ -247,14 +240,7 @@ async fn prune(state: &AppState, app: &str) {
 /// When Postgres fails.
 pub async fn cancel_queued(conn: &mut sqlx::PgConnection, build: &Build) -> Result<(), sqlx::Error> {
     let reason = BuildFailure::Cancelled.to_string();
-    let finish = Finish {
-        status: BuildStatus::Failed,
-        reason: &reason,
-        manifest: None,
-        release_id: None,
-        images: None,
-    };
-    if builds::finish(conn, &build.id, None::<Uuid>, &finish).await? {
+    if builds::finish(conn, &build.id, None::<Uuid>, &Finish::failed(&reason)).await? {
         let lines = [(BUILD_STREAM.to_owned(), reason.clone())];
         events::append(
             conn,

@@ -181,6 +181,19 @@ pub struct Finish<'a> {
     pub images: Option<&'a std::collections::BTreeMap<String, String>>,
 }
 
+impl<'a> Finish<'a> {
+    /// A build's failure with its reason.
+    pub fn failed(reason: &'a str) -> Self {
+        Self {
+            status: BuildStatus::Failed,
+            reason,
+            manifest: None,
+            release_id: None,
+            images: None,
+        }
+    }
+}
+
 /// Ends a build held by `owner` (or by nobody, when `owner` is `None`). Returns false when the
 /// build is not running under that owner any more.
 pub async fn finish(
