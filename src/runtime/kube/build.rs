@@ -362,6 +362,35 @@ mod tests {
         assert_eq!(object_path("app", "a b?#%.tgz"), "/apps/app/objects/a%20b%3F%23%25.tgz");
     }
 
+    fn job(conditions: serde_json::Value) -> Job {
+        serde_json::from_value(serde_json::json!({ "status": { "conditions": conditions } })).unwrap()
+    }
+
+    #[test]
+    fn the_job_conditions_end_the_build() {
+        assert_eq!(job_end(&job(serde_json::json!([]))), None);
+        let complete = job(serde_json::json!([{ "type": "Complete", "status": "True" }]));
+        assert_eq!(job_end(&complete), Some(Ok(())));
+        let deadline = job(serde_json::json!([{
+            "type": "Failed", "status": "True", "reason": "DeadlineExceeded",
+            "message": "Job was active longer than specified deadline"
+        }]));
+        assert_eq!(
+            job_end(&deadline),
+            Some(Err("the build job ran past its deadline".to_owned()))
+        );
+        let backoff = job(serde_json::json!([{
+            "type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+            "message": "Job has reached the specified backoff limit"
+        }]));
+        assert_eq!(
+            job_end(&backoff),
+            Some(Err("Job has reached the specified backoff limit".to_owned()))
+        );
+        let not_yet = job(serde_json::json!([{ "type": "Failed", "status": "False" }]));
+        assert_eq!(job_end(&not_yet), None);
+    }
+
     #[test]
     fn a_failed_container_names_the_step() {
         let status: ContainerStatus = serde_json::from_value(serde_json::json!({
