@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
@@ -15,6 +16,7 @@ use serde_json::Value;
 use crate::deploys::{create_release, promote_follow};
 use crate::helpers::{TestApp, wait_for};
 use crate::kubeenv::{ProbeServer, act_as_kubelet, admin_client, apply_file, closed_port, finish_pod, kube_env};
+use crate::replicas::Replica;
 
 const REGISTRY: &str = "registry.host/convox";
 const API_URL: &str = "http://rack.rack.svc.cluster.local:5443";
@@ -415,6 +417,112 @@ async fn a_rollout_goes_on_across_a_rack_restart() {
     // Applying again after the takeover made no second ReplicaSet.
     let sets: Api<k8s_openapi::api::apps::v1::ReplicaSet> = Api::namespaced(client.clone(), &ns);
     assert_eq!(sets.list(&ListParams::default()).await.unwrap().items.len(), 1);
+}
+
+/// The environment of a `rack server` process on the test cluster.
+fn replica_settings(kubeconfig: &str) -> [(&'static str, &str); 5] {
+    [
+        ("RACK_RUNTIME", "kube"),
+        ("RACK_REGISTRY", REGISTRY),
+        ("RACK_API_URL", API_URL),
+        ("RACK_KUBE_SERVICE_ACCOUNT", "rack/rack"),
+        ("KUBECONFIG", kubeconfig),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_on_a_killed_replica_is_resumed_by_another() {
+    let client = admin_client().await;
+    let database = crate::helpers::fresh_database().await;
+    let data = tempfile::tempdir().unwrap();
+    let kubeconfig = kube_env().rack.display().to_string();
+    let settings = replica_settings(&kubeconfig);
+    let (name, ns) = ("kubebuildkill", "rack-kubebuildkill");
+    let mut doomed = Replica::start(&database, data.path(), &settings).await;
+    crate::replicas::create_app(&doomed, name).await;
+    let id = doomed
+        .build(
+            name,
+            &[("convox.yml", &manifest(3000)), ("Dockerfile", "FROM scratch\n")],
+        )
+        .await;
+    let pod = build_pod(&client, ns, &id).await;
+    doomed.kill_9().await;
+
+    // The Job goes on in the cluster; another replica picks the build up and follows it.
+    let survivor = Replica::start(&database, data.path(), &settings).await;
+    wait_for(60, "the survivor to resume the build", || async {
+        let log = survivor
+            .request(Method::GET, &format!("/apps/{name}/builds/{id}/logs"))
+            .header("accept", "text/plain")
+            .send()
+            .await
+            .ok()?;
+        // The log streams until the build ends: read what is there so far.
+        let mut body = log.bytes_stream();
+        let mut seen = String::new();
+        while let Ok(Some(Ok(chunk))) = tokio::time::timeout(Duration::from_millis(500), body.next()).await {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        seen.contains("Resuming: job build-").then_some(())
+    })
+    .await;
+    finish_pod(&client, ns, &pod, None).await;
+    let build = survivor.wait_build(name, &id).await;
+    assert_eq!(build["status"], "complete", "{build}");
+    assert_eq!(build["images"]["web"], format!("{REGISTRY}/{name}:web.{id}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_on_a_killed_replica_is_finished_by_another() {
+    let client = admin_client().await;
+    let database = crate::helpers::fresh_database().await;
+    let data = tempfile::tempdir().unwrap();
+    let kubeconfig = kube_env().rack.display().to_string();
+    let settings = replica_settings(&kubeconfig);
+    let (name, ns) = ("kubekill", "rack-kubekill");
+    let mut doomed = Replica::start(&database, data.path(), &settings).await;
+    crate::replicas::create_app(&doomed, name).await;
+    // Nothing answers the health checks yet: the rollout is held mid-way.
+    let port = closed_port();
+    let id = doomed
+        .build(
+            name,
+            &[("convox.yml", &manifest(port)), ("Dockerfile", "FROM scratch\n")],
+        )
+        .await;
+    finish_pod(&client, ns, &build_pod(&client, ns, &id).await, None).await;
+    let release = doomed.wait_build(name, &id).await["release"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let response = doomed
+        .request(Method::POST, &format!("/apps/{name}/releases/{release}/promote"))
+        .send()
+        .await
+        .unwrap();
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    wait_for(60, "the Deployment to be applied", || async {
+        deployments.get_opt("web").await.unwrap().map(|_| ())
+    })
+    .await;
+
+    doomed.kill_9().await;
+    let survivor = Replica::start(&database, data.path(), &settings).await;
+    let _probe = ProbeServer::start_on(port).await;
+    let deployment = wait_for(90, "the deployment to end", || async {
+        let d = survivor.json(&location).await;
+        d["ended"].is_string().then_some(d)
+    })
+    .await;
+    assert_eq!(deployment["state"], "running", "{deployment}");
+    let app = survivor.json(&format!("/apps/{name}")).await;
+    assert_eq!(app["release"], release.as_str());
+    let sets: Api<k8s_openapi::api::apps::v1::ReplicaSet> = Api::namespaced(client.clone(), ns);
+    assert_eq!(sets.list(&ListParams::default()).await.unwrap().items.len(), 1);
+    let processes = survivor.json(&format!("/apps/{name}/processes")).await;
+    assert_eq!(processes[0]["status"], "running", "{processes}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

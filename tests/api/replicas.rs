@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::helpers::{PASSWORD, fresh_database, source_tarball, wait_for};
 
 /// A `rack server` child process.
-struct Replica {
+pub struct Replica {
     child: tokio::process::Child,
     base: String,
     client: reqwest::Client,
@@ -20,7 +20,7 @@ struct Replica {
 impl Replica {
     /// Starts a server on `database` with the shared `data` directory (objects and builds are
     /// shared, as S3 and a shared volume would be in production).
-    async fn start(database: &str, data: &Path, env: &[(&str, &str)]) -> Self {
+    pub async fn start(database: &str, data: &Path, env: &[(&str, &str)]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -55,14 +55,14 @@ impl Replica {
         replica
     }
 
-    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+    pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
         self.client
             .request(method, format!("{}{path}", self.base))
             .basic_auth("convox", Some(PASSWORD))
             .header("accept", "application/json")
     }
 
-    async fn json(&self, path: &str) -> Value {
+    pub async fn json(&self, path: &str) -> Value {
         self.request(Method::GET, path)
             .send()
             .await
@@ -72,7 +72,7 @@ impl Replica {
             .unwrap()
     }
 
-    async fn kill_9(&mut self) {
+    pub async fn kill_9(&mut self) {
         self.child.kill().await.unwrap();
     }
 
@@ -87,7 +87,7 @@ impl Replica {
     }
 
     /// Uploads a source and queues a build of it; returns the build id.
-    async fn build(&self, app: &str, files: &[(&str, &str)]) -> String {
+    pub async fn build(&self, app: &str, files: &[(&str, &str)]) -> String {
         let key = format!("src/{}.tgz", uuid::Uuid::new_v4().simple());
         let upload = self
             .request(Method::POST, &format!("/apps/{app}/objects/{key}"))
@@ -108,7 +108,7 @@ impl Replica {
         build["id"].as_str().unwrap().to_owned()
     }
 
-    async fn wait_build(&self, app: &str, id: &str) -> Value {
+    pub async fn wait_build(&self, app: &str, id: &str) -> Value {
         wait_for(90, "the build to end", || async {
             let b = self
                 .request(Method::GET, &format!("/apps/{app}/builds/{id}"))
@@ -124,7 +124,7 @@ impl Replica {
     }
 }
 
-async fn create_app(replica: &Replica, name: &str) {
+pub async fn create_app(replica: &Replica, name: &str) {
     let response = replica
         .request(Method::POST, "/apps")
         .form(&[("name", name)])
