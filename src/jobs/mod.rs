@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use sqlx::PgPool;
 
@@ -41,7 +42,7 @@ pub async fn wait_for_work(state: &crate::AppState, wake: &mut tokio::sync::broa
 pub struct Lease {
     pub cancel: CancellationToken,
     pub lost: CancellationToken,
-    task: tokio::task::AbortHandle,
+    _renewing: AbortOnDropHandle<()>,
 }
 
 /// One renewal of a claim: `Some(cancel requested)`, or `None` when the claim is gone.
@@ -55,7 +56,7 @@ impl Lease {
         renew: impl Fn(crate::AppState) -> Renewal + Send + 'static,
     ) -> Self {
         let (cancel, lost) = (CancellationToken::new(), CancellationToken::new());
-        let task = tokio::spawn(renew_until_lost(
+        let renewing = tokio::spawn(renew_until_lost(
             state.clone(),
             job,
             renew,
@@ -65,14 +66,8 @@ impl Lease {
         Self {
             cancel,
             lost,
-            task: task.abort_handle(),
+            _renewing: AbortOnDropHandle::new(renewing),
         }
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 

@@ -41,14 +41,41 @@ fn manifest(port: u16) -> String {
     format!("services:\n  web:\n    build: .\n    port: {port}\n    health:\n      grace: 1\n      interval: 1\n")
 }
 
-/// The pod of a build's Job, once it exists.
-async fn build_pod(client: &Client, namespace: &str, build: &str) -> Pod {
+/// The pod of a build's Job, once it exists. `build` reads the build through the API: a build
+/// that ends before it has a pod, or no pod within a minute, fails the test with what the build
+/// and the cluster say.
+async fn build_pod(client: &Client, namespace: &str, id: &str, build: impl AsyncFn() -> Value) -> Pod {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let selector = ListParams::default().labels(&format!("job-name=build-{}", build.to_ascii_lowercase()));
-    wait_for(60, "the build pod", || async {
-        pods.list(&selector).await.ok()?.items.into_iter().next()
-    })
-    .await
+    let job = format!("build-{}", id.to_ascii_lowercase());
+    let selector = ListParams::default().labels(&format!("job-name={job}"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(list) = pods.list(&selector).await
+            && let Some(pod) = list.items.into_iter().next()
+        {
+            return pod;
+        }
+        let state = build().await;
+        assert_ne!(
+            state["status"], "failed",
+            "the build failed before its pod existed: {state}"
+        );
+        if tokio::time::Instant::now() > deadline {
+            let job = Api::<Job>::namespaced(client.clone(), namespace).get_opt(&job).await;
+            panic!("no pod for build {id} after 60 s; build: {state}; job: {job:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What a build log that is still streaming holds so far (read until it pauses).
+async fn log_so_far(response: reqwest::Response) -> String {
+    let mut body = response.bytes_stream();
+    let mut seen = String::new();
+    while let Ok(Some(Ok(chunk))) = tokio::time::timeout(Duration::from_millis(500), body.next()).await {
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    seen
 }
 
 /// Uploads a source with `manifest` and a Dockerfile, builds it and ends its pod as a
@@ -57,7 +84,10 @@ async fn complete_build(app: &TestApp, client: &Client, name: &str, manifest: &s
     let id = app
         .build_source(name, &[("convox.yml", manifest), ("Dockerfile", "FROM scratch\n")])
         .await;
-    let pod = build_pod(client, &format!("rack-{name}"), &id).await;
+    let pod = build_pod(client, &format!("rack-{name}"), &id, async || {
+        app.get_build(name, &id).await
+    })
+    .await;
     finish_pod(client, &format!("rack-{name}"), &pod, None).await;
     let build = app.wait_build(name, &id).await;
     assert_eq!(build["status"], "complete", "{build}");
@@ -99,7 +129,7 @@ async fn an_app_is_a_namespace_its_build_a_job_and_its_release_a_rolling_deploym
     let key = "src/first.tgz";
     assert_eq!(app.upload(name, key, source.clone()).await.status(), 200);
     let build_id = app.create_build(name, key).await["id"].as_str().unwrap().to_owned();
-    let pod = build_pod(&client, &ns, &build_id).await;
+    let pod = build_pod(&client, &ns, &build_id, async || app.get_build(name, &build_id).await).await;
     let job = Api::<Job>::namespaced(client.clone(), &ns)
         .get(&format!("build-{}", build_id.to_ascii_lowercase()))
         .await
@@ -264,7 +294,7 @@ async fn a_failed_build_pod_fails_the_build_with_the_step_that_failed() {
         )
         .await;
     let ns = format!("rack-{name}");
-    let pod = build_pod(&client, &ns, &id).await;
+    let pod = build_pod(&client, &ns, &id, async || app.get_build(name, &id).await).await;
     finish_pod(&client, &ns, &pod, Some(("build-web", 1))).await;
     let build = app.wait_build(name, &id).await;
     assert_eq!(build["status"], "failed");
@@ -277,15 +307,49 @@ async fn a_failed_build_pod_fails_the_build_with_the_step_that_failed() {
             &[("convox.yml", &manifest(3000)), ("Dockerfile", "FROM scratch\n")],
         )
         .await;
-    build_pod(&client, &ns, &id).await;
+    let pod = build_pod(&client, &ns, &id, async || app.get_build(name, &id).await).await;
+    // The pod outlives its Job (a finalizer holds it, as a slow node would), and rack is
+    // following its containers' logs: neither may hold the cancel up.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod_name = pod.metadata.name.clone().unwrap();
+    let hold = |finalizers: Value| serde_json::json!({ "metadata": { "finalizers": finalizers } });
+    pods.patch(
+        &pod_name,
+        &Default::default(),
+        &kube::api::Patch::Merge(hold(serde_json::json!(["rack-tests/hold"]))),
+    )
+    .await
+    .unwrap();
+    wait_for(60, "rack to follow the build pod's logs", || async {
+        let log = app
+            .request(Method::GET, &format!("/apps/{name}/builds/{id}/logs"))
+            .send()
+            .await
+            .ok()?;
+        // Hollow nodes serve no logs: rack says so for the first container, then waits for the next.
+        log_so_far(log).await.contains("the log of fetch").then_some(())
+    })
+    .await;
     let response = app
         .request(Method::POST, &format!("/apps/{name}/builds/{id}/cancel"))
         .send()
         .await
         .unwrap();
     assert!(response.status().is_success(), "{:?}", response.text().await);
-    let build = app.wait_build(name, &id).await;
+    // A cancel acts at once (not when a lease runs out and another worker looks).
+    let build = wait_for(15, "the cancelled build to end", || async {
+        let build = app.get_build(name, &id).await;
+        (build["status"] == "failed").then_some(build)
+    })
+    .await;
     assert_eq!(build["reason"], "cancelled", "{build}");
+    pods.patch(
+        &pod_name,
+        &Default::default(),
+        &kube::api::Patch::Merge(hold(Value::Null)),
+    )
+    .await
+    .unwrap();
     let job_name = format!("build-{}", id.to_ascii_lowercase());
     let (jobs, secrets): (Api<Job>, Api<Secret>) = (
         Api::namespaced(client.clone(), &ns),
@@ -419,26 +483,40 @@ async fn a_rollout_goes_on_across_a_rack_restart() {
     assert_eq!(sets.list(&ListParams::default()).await.unwrap().items.len(), 1);
 }
 
-/// The environment of a `rack server` process on the test cluster.
-fn replica_settings(kubeconfig: &str) -> [(&'static str, &str); 5] {
-    [
-        ("RACK_RUNTIME", "kube"),
-        ("RACK_REGISTRY", REGISTRY),
-        ("RACK_API_URL", API_URL),
-        ("RACK_KUBE_SERVICE_ACCOUNT", "rack/rack"),
-        ("KUBECONFIG", kubeconfig),
-    ]
+/// Real `rack server` processes sharing one database and data directory, on the test cluster.
+struct Replicas {
+    database: String,
+    data: tempfile::TempDir,
+    kubeconfig: String,
+}
+
+impl Replicas {
+    async fn new() -> Self {
+        Self {
+            database: crate::helpers::fresh_database().await,
+            data: tempfile::tempdir().unwrap(),
+            kubeconfig: kube_env().rack.display().to_string(),
+        }
+    }
+
+    async fn start(&self) -> Replica {
+        let settings = [
+            ("RACK_RUNTIME", "kube"),
+            ("RACK_REGISTRY", REGISTRY),
+            ("RACK_API_URL", API_URL),
+            ("RACK_KUBE_SERVICE_ACCOUNT", "rack/rack"),
+            ("KUBECONFIG", self.kubeconfig.as_str()),
+        ];
+        Replica::start(&self.database, self.data.path(), &settings).await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_on_a_killed_replica_is_resumed_by_another() {
     let client = admin_client().await;
-    let database = crate::helpers::fresh_database().await;
-    let data = tempfile::tempdir().unwrap();
-    let kubeconfig = kube_env().rack.display().to_string();
-    let settings = replica_settings(&kubeconfig);
+    let replicas = Replicas::new().await;
     let (name, ns) = ("kubebuildkill", "rack-kubebuildkill");
-    let mut doomed = Replica::start(&database, data.path(), &settings).await;
+    let mut doomed = replicas.start().await;
     crate::replicas::create_app(&doomed, name).await;
     let id = doomed
         .build(
@@ -446,25 +524,19 @@ async fn a_build_on_a_killed_replica_is_resumed_by_another() {
             &[("convox.yml", &manifest(3000)), ("Dockerfile", "FROM scratch\n")],
         )
         .await;
-    let pod = build_pod(&client, ns, &id).await;
+    let build = format!("/apps/{name}/builds/{id}");
+    let pod = build_pod(&client, ns, &id, async || doomed.json(&build).await).await;
     doomed.kill_9().await;
 
     // The Job goes on in the cluster; another replica picks the build up and follows it.
-    let survivor = Replica::start(&database, data.path(), &settings).await;
+    let survivor = replicas.start().await;
     wait_for(60, "the survivor to resume the build", || async {
         let log = survivor
             .request(Method::GET, &format!("/apps/{name}/builds/{id}/logs"))
-            .header("accept", "text/plain")
             .send()
             .await
             .ok()?;
-        // The log streams until the build ends: read what is there so far.
-        let mut body = log.bytes_stream();
-        let mut seen = String::new();
-        while let Ok(Some(Ok(chunk))) = tokio::time::timeout(Duration::from_millis(500), body.next()).await {
-            seen.push_str(&String::from_utf8_lossy(&chunk));
-        }
-        seen.contains("Resuming: job build-").then_some(())
+        log_so_far(log).await.contains("Resuming: job build-").then_some(())
     })
     .await;
     finish_pod(&client, ns, &pod, None).await;
@@ -476,12 +548,9 @@ async fn a_build_on_a_killed_replica_is_resumed_by_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_on_a_killed_replica_is_finished_by_another() {
     let client = admin_client().await;
-    let database = crate::helpers::fresh_database().await;
-    let data = tempfile::tempdir().unwrap();
-    let kubeconfig = kube_env().rack.display().to_string();
-    let settings = replica_settings(&kubeconfig);
+    let replicas = Replicas::new().await;
     let (name, ns) = ("kubekill", "rack-kubekill");
-    let mut doomed = Replica::start(&database, data.path(), &settings).await;
+    let mut doomed = replicas.start().await;
     crate::replicas::create_app(&doomed, name).await;
     // Nothing answers the health checks yet: the rollout is held mid-way.
     let port = closed_port();
@@ -491,7 +560,9 @@ async fn a_rollout_on_a_killed_replica_is_finished_by_another() {
             &[("convox.yml", &manifest(port)), ("Dockerfile", "FROM scratch\n")],
         )
         .await;
-    finish_pod(&client, ns, &build_pod(&client, ns, &id).await, None).await;
+    let build = format!("/apps/{name}/builds/{id}");
+    let pod = build_pod(&client, ns, &id, async || doomed.json(&build).await).await;
+    finish_pod(&client, ns, &pod, None).await;
     let release = doomed.wait_build(name, &id).await["release"]
         .as_str()
         .unwrap()
@@ -509,7 +580,7 @@ async fn a_rollout_on_a_killed_replica_is_finished_by_another() {
     .await;
 
     doomed.kill_9().await;
-    let survivor = Replica::start(&database, data.path(), &settings).await;
+    let survivor = replicas.start().await;
     let _probe = ProbeServer::start_on(port).await;
     let deployment = wait_for(90, "the deployment to end", || async {
         let d = survivor.json(&location).await;

@@ -12,6 +12,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod, Secret};
 use kube::Api;
 use kube::api::{ListParams, LogParams, Patch, PatchParams, PostParams};
+use tokio_util::task::AbortOnDropHandle;
 
 use super::resources::{self, BuildSpec, MANAGER, ServiceBuild};
 use super::{KubeRuntime, Retries, delete, describe};
@@ -182,7 +183,9 @@ fn object_path(app: &str, key: &str) -> String {
 /// Follows the Job's pod logs and waits for the Job to end.
 async fn watch(jobs: &Api<Job>, pods: &Api<Pod>, name: &str, log: &LogSink) -> Result<(), BuildFailure> {
     let selector = ListParams::default().labels(&format!("job-name={name}"));
-    let mut logs: Option<tokio::task::JoinHandle<()>> = None;
+    // Aborted with the build (a cancel or timeout drops this future): a follower left behind
+    // would keep the log open, and the build worker waits for the log to close.
+    let mut logs: Option<AbortOnDropHandle<()>> = None;
     let mut retries = Retries::default();
     let result = loop {
         let job = match jobs.get_opt(name).await {
@@ -202,7 +205,11 @@ async fn watch(jobs: &Api<Job>, pods: &Api<Pod>, name: &str, log: &LogSink) -> R
             && let Some(pod) = list.items.into_iter().next()
             && let Some(pod_name) = pod.metadata.name.clone()
         {
-            logs = Some(tokio::spawn(follow_logs(pods.clone(), pod_name, log.clone())));
+            logs = Some(AbortOnDropHandle::new(tokio::spawn(follow_logs(
+                pods.clone(),
+                pod_name,
+                log.clone(),
+            ))));
         }
         if let Some(end) = job_end(&job) {
             break match end {
@@ -214,11 +221,8 @@ async fn watch(jobs: &Api<Job>, pods: &Api<Pod>, name: &str, log: &LogSink) -> R
     };
     if let Some(task) = logs {
         // The last lines of a finished container are there to be read; a log that cannot be
-        // read (a node that is gone) must not hold the build.
-        let abort = task.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(10), task).await.is_err() {
-            abort.abort();
-        }
+        // read (a node that is gone) must not hold the build: dropped on timeout, it is aborted.
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
     }
     result
 }

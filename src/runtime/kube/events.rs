@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::Event;
 use kube::Api;
 use kube::runtime::watcher;
 use tokio::sync::oneshot;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::runtime::LogSink;
 
@@ -36,7 +37,8 @@ fn occurrence(event: &Event) -> Option<(String, String)> {
 /// are skipped; so are occurrences seen before, when the watch is restarted.
 pub struct Forwarder {
     finish: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
+    /// Stops with the rollout: dropped (a deadline, a cancel), the forwarder is aborted.
+    task: AbortOnDropHandle<()>,
 }
 
 impl Forwarder {
@@ -46,7 +48,7 @@ impl Forwarder {
     pub async fn start(api: Api<Event>, log: LogSink, patience: Duration) -> Self {
         let (ready, known) = oneshot::channel();
         let (finish, finishing) = oneshot::channel();
-        let task = tokio::spawn(forward(api, log, ready, finishing));
+        let task = AbortOnDropHandle::new(tokio::spawn(forward(api, log, ready, finishing)));
         let _ = tokio::time::timeout(patience, known).await;
         Self {
             finish: Some(finish),
@@ -60,15 +62,7 @@ impl Forwarder {
         if let Some(finish) = self.finish.take() {
             let _ = finish.send(());
         }
-        if tokio::time::timeout(patience, &mut self.task).await.is_err() {
-            self.task.abort();
-        }
-    }
-}
-
-impl Drop for Forwarder {
-    fn drop(&mut self) {
-        self.task.abort();
+        let _ = tokio::time::timeout(patience, &mut self.task).await;
     }
 }
 
