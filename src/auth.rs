@@ -170,6 +170,9 @@ pub async fn require_auth(
     next: Next,
 ) -> Result<Response, ApiError> {
     let principal = authenticate(&state, request.headers()).await?;
+    if let Some(connection) = request.extensions().get::<crate::serve::Connection>() {
+        connection.authenticated();
+    }
     request.extensions_mut().insert(principal);
     Ok(next.run(request).await)
 }

@@ -99,6 +99,21 @@ pub struct ServerArgs {
     /// Largest number of Postgres connections this server opens.
     #[arg(long, env = "RACK_DB_CONNECTIONS", default_value_t = 20)]
     pub db_connections: u32,
+    /// The unprivileged user that build commands and app processes of the local runtime run
+    /// as, when rack runs as root (they always run in a sandbox of their own).
+    #[arg(long, env = "RACK_SANDBOX_USER", default_value = crate::runtime::sandbox::DEFAULT_USER)]
+    pub sandbox_user: String,
+    /// Seconds a client has to send a request's headers; an idle keep-alive connection is
+    /// closed after as long.
+    #[arg(long, env = "RACK_HEADER_TIMEOUT", default_value_t = 15)]
+    pub header_timeout: u64,
+    /// Largest request head (request line and headers), in bytes; larger ones get 431.
+    #[arg(long, env = "RACK_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
+    pub max_header_bytes: usize,
+    /// Most connections one client address may hold before it authenticates (0: no limit);
+    /// more get 429.
+    #[arg(long, env = "RACK_MAX_UNAUTHENTICATED_CONNECTIONS", default_value_t = 256)]
+    pub max_unauthenticated_connections: usize,
     #[command(flatten)]
     pub kube: KubeArgs,
 }
@@ -153,6 +168,10 @@ pub struct Config {
     pub source_limits: Limits,
     /// How long a job's claim lasts without renewal (the holder renews it every third of it).
     pub job_lease: Duration,
+    /// The user sandboxed commands run as when rack is root.
+    pub sandbox_user: String,
+    /// Limits of the HTTP listener.
+    pub listener: crate::serve::Limits,
     /// Settings of the Kubernetes runtime, when it is the one in use.
     pub kube: Option<KubeConfig>,
 }
@@ -240,6 +259,12 @@ impl Config {
         if args.job_lease < 3 {
             bail!("RACK_JOB_LEASE must be at least 3 seconds");
         }
+        if args.header_timeout == 0 {
+            bail!("RACK_HEADER_TIMEOUT must be at least 1 second");
+        }
+        if args.max_header_bytes < 1024 {
+            bail!("RACK_MAX_HEADER_BYTES must be at least 1024");
+        }
         if args.build_timeout == 0 {
             bail!("RACK_BUILD_TIMEOUT must be at least 1 second");
         }
@@ -265,6 +290,12 @@ impl Config {
                 max_entries: args.max_source_entries,
             },
             job_lease: Duration::from_secs(args.job_lease),
+            sandbox_user: args.sandbox_user,
+            listener: crate::serve::Limits {
+                header_timeout: Duration::from_secs(args.header_timeout),
+                max_header_bytes: args.max_header_bytes,
+                max_unauthenticated: args.max_unauthenticated_connections,
+            },
             kube,
         })
     }
@@ -285,6 +316,8 @@ impl Config {
             runtime: RuntimeKind::Local,
             rack_name: "rack".to_owned(),
             db_connections: 5,
+            sandbox_user: crate::runtime::sandbox::DEFAULT_USER.to_owned(),
+            listener: crate::serve::Limits::default(),
             kube: None,
         }
     }

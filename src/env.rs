@@ -9,15 +9,18 @@ pub type Env = BTreeMap<String, String>;
 
 /// Why an environment text was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid environment variable name {name:?}: use letters, digits and '_', not starting with a digit")]
-pub struct ParseEnvError {
-    name: String,
+pub enum ParseEnvError {
+    #[error("invalid environment variable name {0:?}: use letters, digits and '_', not starting with a digit")]
+    InvalidName(String),
+    /// No process environment (and no database row) can hold a NUL character.
+    #[error("the value of environment variable {0} contains a NUL character")]
+    Nul(String),
 }
 
 /// Parses `KEY=VALUE` lines.
 ///
 /// # Errors
-/// When a key is not a valid variable name.
+/// When a key is not a valid variable name, or a value holds a NUL character.
 pub fn parse(text: &str) -> Result<Env, ParseEnvError> {
     let mut env = Env::new();
     for line in text.lines() {
@@ -28,9 +31,10 @@ pub fn parse(text: &str) -> Result<Env, ParseEnvError> {
         let valid = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
-            return Err(ParseEnvError {
-                name: key.chars().take(80).collect(),
-            });
+            return Err(ParseEnvError::InvalidName(key.chars().take(80).collect()));
+        }
+        if value.contains('\0') {
+            return Err(ParseEnvError::Nul(key.to_owned()));
         }
         env.insert(key.to_owned(), value.to_owned());
     }
@@ -74,6 +78,7 @@ mod tests {
         assert_eq!(format(&env), "A=1=x\nB=2\nC=");
         assert!(parse("1A=x").is_err());
         assert!(parse("A B=x").is_err());
+        assert_eq!(parse("A=x\0y"), Err(ParseEnvError::Nul("A".into())));
     }
 
     #[test]

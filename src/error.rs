@@ -73,6 +73,10 @@ impl ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> Self {
+        if crate::store::is_unstorable_text(&error) {
+            // Text Postgres cannot hold (a NUL character) that a field check did not catch.
+            return Self::BadRequest("the request contains a NUL character, which rack cannot store: remove it".into());
+        }
         match error {
             sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => Self::Unavailable(error),
             error => Self::Db(error),

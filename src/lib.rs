@@ -17,6 +17,7 @@ pub mod names;
 pub mod objects;
 pub mod postgres;
 pub mod runtime;
+pub mod serve;
 pub mod store;
 pub mod telemetry;
 
@@ -124,14 +125,26 @@ impl Application {
                 .await
                 .context("starting the Kubernetes runtime (RACK_RUNTIME=kube)")?,
             ),
-            None => Arc::new(runtime::local::LocalRuntime::new(
-                objects.clone(),
-                config.data_dir.join("builds"),
-                config.source_limits,
-                pool.clone(),
-                bus.clone(),
-                shutdown.clone(),
-            )),
+            None => {
+                let user = config.sandbox_user.clone();
+                let sandbox = tokio::task::spawn_blocking(move || runtime::sandbox::Sandbox::open(&user))
+                    .await?
+                    .context("preparing the sandbox of the local runtime (RACK_SANDBOX_USER)")?;
+                tracing::info!(
+                    sandbox.user = %sandbox.user(),
+                    "builds and app processes run sandboxed as {}",
+                    sandbox.user()
+                );
+                Arc::new(runtime::local::LocalRuntime::new(
+                    objects.clone(),
+                    config.data_dir.join("builds"),
+                    config.source_limits,
+                    sandbox,
+                    pool.clone(),
+                    bus.clone(),
+                    shutdown.clone(),
+                ))
+            }
         };
         let state = AppState(Arc::new(Rack {
             pool,
@@ -196,14 +209,15 @@ impl Application {
             workers.push(tokio::spawn(keep_postgres_running(cluster.clone(), shutdown.clone())));
         }
         tracing::info!(addr = %listener.local_addr()?, "rack listening on {}", listener.local_addr()?);
-        let graceful = {
+        let stopping = {
             let shutdown = shutdown.clone();
-            async move {
+            tokio::spawn(async move {
                 stop.cancelled().await;
                 shutdown.cancel();
-            }
+            })
         };
-        axum::serve(listener, router).with_graceful_shutdown(graceful).await?;
+        serve::serve(listener, router, state.config.listener, shutdown.clone()).await?;
+        stopping.abort();
         shutdown.cancel();
         for worker in workers {
             let _ = worker.await;

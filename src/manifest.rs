@@ -207,11 +207,13 @@ impl fmt::Display for ParseManifestError {
 /// On YAML syntax errors, and on values Convox's grammar or rack's checks refuse; the error
 /// names the key and, when it can be found, the line.
 pub fn parse(text: &str) -> Result<Manifest, ParseManifestError> {
+    check_shape(text)?;
     // Parsing into an untyped tree first lets every later error carry its key path.
     let mut root: Value = serde_yaml_ng::from_str(text).map_err(syntax_error)?;
     // `<<: *anchor` merge keys are a common way to share settings between services.
     root.apply_merge().map_err(syntax_error)?;
     let doc = Doc { text };
+    doc.no_nul(&mut Vec::new(), &root)?;
     let mut manifest = Manifest::default();
     for (key, value) in doc.map(&[], &root)? {
         match key {
@@ -233,6 +235,52 @@ pub fn parse(text: &str) -> Result<Manifest, ParseManifestError> {
         }
     }
     Ok(manifest)
+}
+
+/// Largest convox.yml, in bytes (real ones are a few KiB).
+pub const MAX_MANIFEST_BYTES: usize = 256 * 1024;
+
+/// Deepest bracket nesting a convox.yml may have. The YAML parser's time grows with the
+/// square of the flow nesting depth (`[[[[...`), so a tiny file could keep a core busy for
+/// minutes: the depth is checked on the text, before parsing.
+pub const MAX_NESTING: usize = 100;
+
+/// Most processes of one service (the same cap as `scale` through the API).
+pub const MAX_SCALE_COUNT: u32 = 1000;
+
+/// Refuses texts that are too large, too deeply nested or hold NUL characters, cheaply and
+/// before the YAML parser sees them. Brackets count wherever they are (quoted or not): an
+/// over-count can only refuse a pathological manifest, never let a deep one through.
+fn check_shape(text: &str) -> Result<(), ParseManifestError> {
+    let refuse = |message: String, line: Option<usize>| {
+        Err(ParseManifestError {
+            key: String::new(),
+            message,
+            line,
+        })
+    };
+    if text.len() > MAX_MANIFEST_BYTES {
+        return refuse(
+            format!("the file is {} bytes; the most is {MAX_MANIFEST_BYTES}", text.len()),
+            None,
+        );
+    }
+    let (mut depth, mut line) = (0usize, 1usize);
+    for c in text.chars() {
+        match c {
+            '\n' => line += 1,
+            '\0' => return refuse("NUL characters are not allowed".to_owned(), Some(line)),
+            '[' | '{' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return refuse(format!("nested more than {MAX_NESTING} levels deep"), Some(line));
+                }
+            }
+            ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn syntax_error(err: serde_yaml_ng::Error) -> ParseManifestError {
@@ -278,6 +326,32 @@ impl Doc<'_> {
                 })
                 .collect(),
             other => self.expected(path, "a map", other),
+        }
+    }
+
+    /// Refuses NUL in any key or string (an escaped `"\\0"`): no process environment, argument
+    /// or database row can hold one.
+    fn no_nul<'v>(&self, path: &mut Vec<&'v str>, value: &'v Value) -> Parsed<()> {
+        let nul = |s: &str| s.contains('\0');
+        match value {
+            Value::String(s) if nul(s) => self.fail(path, "NUL characters are not allowed"),
+            Value::Sequence(items) => items.iter().try_for_each(|item| self.no_nul(path, item)),
+            Value::Mapping(map) => {
+                for (key, item) in map {
+                    let key = match key {
+                        Value::String(k) if nul(k) => return self.fail(path, "NUL characters are not allowed in keys"),
+                        Value::String(k) => k.as_str(),
+                        _ => "?",
+                    };
+                    path.push(key);
+                    let checked = self.no_nul(path, item);
+                    path.pop();
+                    checked?;
+                }
+                Ok(())
+            }
+            Value::Tagged(tagged) => self.no_nul(path, &tagged.value),
+            _ => Ok(()),
         }
     }
 
@@ -464,6 +538,10 @@ impl Doc<'_> {
         match range {
             None => self.expected(path, "a count such as 2 or a range \"min-max\"", value),
             Some((min, max)) if min > max => self.fail(path, format!("minimum {min} is above maximum {max}")),
+            Some((_, max)) if max > MAX_SCALE_COUNT => self.fail(
+                path,
+                format!("{max} is more than the {MAX_SCALE_COUNT} processes a service may have"),
+            ),
             Some(range) => Ok(range),
         }
     }
@@ -780,5 +858,56 @@ services:
         let merged = parse("x-base: &base\n  port: 80\nservices:\n  web:\n    <<: *base\n").unwrap();
         assert_eq!(merged.services["web"].port, Some(80));
         assert!(merged.extra.contains_key("x-base"));
+    }
+
+    #[test]
+    fn hostile_shapes_are_refused_before_parsing() {
+        // 100 000 levels in 200 KB: the parser alone would take minutes.
+        let deep = format!("x: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        let started = std::time::Instant::now();
+        let err = parse(&deep).unwrap_err();
+        assert!(err.to_string().contains("nested more than 100 levels"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        // Legitimate brackets are fine.
+        assert!(parse("services:\n  web:\n    command: [sh, -c, \"echo [ok] {1}\"]\n").is_ok());
+
+        let big = format!("# {}\n", "x".repeat(MAX_MANIFEST_BYTES));
+        assert!(parse(&big).unwrap_err().to_string().contains("bytes; the most is"));
+
+        let raw = parse("services:\n  web\0:\n    port: 80\n").unwrap_err();
+        assert_eq!(raw.line(), Some(2));
+        assert!(raw.to_string().contains("NUL"), "{raw}");
+        let escaped = parse("environment:\n  - \"A=x\\0y\"\n").unwrap_err();
+        assert_eq!(escaped.key(), "environment");
+        let in_key = parse("services:\n  \"w\\0\":\n    port: 80\n").unwrap_err();
+        assert!(in_key.to_string().contains("NUL"), "{in_key}");
+    }
+
+    #[test]
+    fn alias_bombs_stay_small() {
+        // Nine levels of nine aliases: 387 million strings if expanded.
+        let mut yaml = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x]\n");
+        for level in 1..10 {
+            let prev = level - 1;
+            let refs = vec![format!("*a{prev}"); 9].join(", ");
+            yaml.push_str(&format!("a{level}: &a{level} [{refs}]\n"));
+        }
+        let started = std::time::Instant::now();
+        assert!(parse(&yaml).is_err());
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn scale_counts_are_capped() {
+        let err = web("scale:\n      count: 4294967295").unwrap_err();
+        assert_eq!(err.key(), "services.web.scale.count");
+        assert!(
+            web("scale: 1001")
+                .unwrap_err()
+                .to_string()
+                .contains("more than the 1000")
+        );
+        assert!(web("scale: 2-1001").is_err());
+        assert_eq!(web("scale: 1000").unwrap().scale.count_min, 1000);
     }
 }

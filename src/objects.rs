@@ -98,26 +98,30 @@ impl Objects {
         }
     }
 
-    fn path(&self, app: &str, key: &str) -> StorePath {
-        let base = self.prefix.as_ref();
-        let full = if base.is_empty() {
-            format!("{app}/{key}")
-        } else {
-            format!("{base}/{app}/{key}")
-        };
-        StorePath::from(full)
+    /// A new, unique location for a blob of `app`. Blobs live under `_blobs/` (app names cannot
+    /// start with `_`, so this never meets the `<app>/<key>` locations of older objects).
+    pub fn new_location(app: &str) -> String {
+        format!("_blobs/{app}/{}", uuid::Uuid::now_v7().simple())
     }
 
-    /// Streams `body` into `app`/`key`. The object appears only once the whole body has arrived,
-    /// fits in `limit` bytes and matches `expected_sha256` (when the client sent one); otherwise
-    /// the partial upload is discarded and an earlier object with that key is left untouched.
+    fn path(&self, location: &str) -> StorePath {
+        let base = self.prefix.as_ref();
+        if base.is_empty() {
+            StorePath::from(location)
+        } else {
+            StorePath::from(format!("{base}/{location}"))
+        }
+    }
+
+    /// Streams `body` into the blob at `location` (from [`Objects::new_location`]). The blob
+    /// appears only once the whole body has arrived, fits in `limit` bytes and matches
+    /// `expected_sha256` (when the client sent one); otherwise the partial upload is discarded.
     ///
     /// # Errors
     /// See [`PutObjectError`].
     pub async fn put_stream<S, E>(
         &self,
-        app: &str,
-        key: &str,
+        location: &str,
         body: S,
         limit: u64,
         expected_sha256: Option<&str>,
@@ -126,7 +130,7 @@ impl Objects {
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: std::fmt::Display,
     {
-        let upload = self.store.put_multipart(&self.path(app, key)).await?;
+        let upload = self.store.put_multipart(&self.path(location)).await?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, self.chunk_size);
         let mut hasher = Sha256::new();
         let mut size: u64 = 0;
@@ -159,7 +163,7 @@ impl Objects {
         });
         if let Some(failure) = failure {
             if let Err(e) = writer.abort().await {
-                tracing::warn!(error = %e, app.name = app, "discarding a failed upload of {app}/{key}");
+                tracing::warn!(error = %e, "discarding a failed upload to {location}");
             }
             return Err(failure);
         }
@@ -167,24 +171,23 @@ impl Objects {
         Ok(Stored { size, sha256: actual })
     }
 
-    /// The bytes of `app`/`key` as a stream.
+    /// The bytes of the blob at `location` as a stream.
     ///
     /// # Errors
-    /// `object_store::Error::NotFound` when there is no such object.
+    /// `object_store::Error::NotFound` when there is no such blob.
     pub async fn get_stream(
         &self,
-        app: &str,
-        key: &str,
+        location: &str,
     ) -> Result<impl Stream<Item = Result<Bytes, object_store::Error>> + Send + 'static, object_store::Error> {
-        Ok(self.store.get(&self.path(app, key)).await?.into_stream())
+        Ok(self.store.get(&self.path(location)).await?.into_stream())
     }
 
-    /// Copies `app`/`key` into the file at `dest`.
+    /// Copies the blob at `location` into the file at `dest`.
     ///
     /// # Errors
-    /// When the object cannot be read or the file written.
-    pub async fn download(&self, app: &str, key: &str, dest: &Path) -> anyhow::Result<u64> {
-        let stream = self.get_stream(app, key).await?.map_err(std::io::Error::other);
+    /// When the blob cannot be read or the file written.
+    pub async fn download(&self, location: &str, dest: &Path) -> anyhow::Result<u64> {
+        let stream = self.get_stream(location).await?.map_err(std::io::Error::other);
         let mut reader = tokio_util::io::StreamReader::new(stream);
         let mut file = tokio::fs::File::create(dest).await?;
         let copied = tokio::io::copy(&mut reader, &mut file).await?;
@@ -192,30 +195,27 @@ impl Objects {
         Ok(copied)
     }
 
-    /// Deletes `app`/`key` (a missing object is not an error).
+    /// Deletes the blob at `location` (a missing one is not an error).
     ///
     /// # Errors
     /// When the store fails.
-    pub async fn delete(&self, app: &str, key: &str) -> Result<(), object_store::Error> {
-        match self.store.delete(&self.path(app, key)).await {
+    pub async fn delete(&self, location: &str) -> Result<(), object_store::Error> {
+        match self.store.delete(&self.path(location)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e),
         }
     }
 
-    /// Deletes every object of `app` (when the app is deleted).
+    /// Deletes every blob of `app` (when the app is deleted), older objects' too.
     ///
     /// # Errors
     /// When the store fails.
     pub async fn delete_app(&self, app: &str) -> Result<(), object_store::Error> {
-        let base = self.prefix.as_ref();
-        let prefix = StorePath::from(if base.is_empty() {
-            app.to_owned()
-        } else {
-            format!("{base}/{app}")
-        });
-        let locations = self.store.list(Some(&prefix)).map_ok(|meta| meta.location).boxed();
-        self.store.delete_stream(locations).try_collect::<Vec<_>>().await?;
+        for dir in [app.to_owned(), format!("_blobs/{app}")] {
+            let prefix = self.path(&dir);
+            let locations = self.store.list(Some(&prefix)).map_ok(|meta| meta.location).boxed();
+            self.store.delete_stream(locations).try_collect::<Vec<_>>().await?;
+        }
         Ok(())
     }
 }
@@ -316,26 +316,34 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn failed_uploads_leave_the_earlier_object() {
+    async fn failed_uploads_leave_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let objects = Objects::open(&ObjectsLocation::Dir(dir.path().to_path_buf())).unwrap();
         let body =
             |data: &'static [u8]| futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(data))]);
-        let stored = objects.put_stream("app", "k", body(b"first"), 100, None).await.unwrap();
+        let first = Objects::new_location("app");
+        assert!(first.starts_with("_blobs/app/"));
+        let stored = objects.put_stream(&first, body(b"first"), 100, None).await.unwrap();
         assert_eq!(stored.size, 5);
-        let too_large = objects.put_stream("app", "k", body(b"second!"), 6, None).await;
+        let too_large = objects
+            .put_stream(&Objects::new_location("app"), body(b"second!"), 6, None)
+            .await;
         assert!(matches!(too_large, Err(PutObjectError::TooLarge { limit: 6 })));
         let mismatch = objects
-            .put_stream("app", "k", body(b"third"), 100, Some(&"0".repeat(64)))
+            .put_stream(
+                &Objects::new_location("app"),
+                body(b"third"),
+                100,
+                Some(&"0".repeat(64)),
+            )
             .await;
         assert!(matches!(mismatch, Err(PutObjectError::DigestMismatch { .. })));
-        let bytes: Vec<Bytes> = objects
-            .get_stream("app", "k")
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
+        let bytes: Vec<Bytes> = objects.get_stream(&first).await.unwrap().try_collect().await.unwrap();
         assert_eq!(bytes.concat(), b"first");
+        // Only the one complete blob is on disk: no temp file of the failed ones.
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("_blobs/app")).unwrap().collect();
+        assert_eq!(files.len(), 1);
+        objects.delete_app("app").await.unwrap();
+        assert!(objects.get_stream(&first).await.is_err());
     }
 }

@@ -82,6 +82,8 @@ impl Cluster {
                 .with_context(|| format!("initialising the Postgres cluster in {}", pgdata.display()))?;
         }
 
+        wait_for_previous_postmaster(&pgdata)?;
+
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
         let log_start = log.metadata()?.len();
         let mut cmd = Command::new("/bin/sh");
@@ -224,6 +226,56 @@ impl Drop for Cluster {
             tracing::warn!(error = %error, "stopping the embedded postgres");
         }
     }
+}
+
+/// How long a postmaster left by a previous rack (killed with -9, its watchdog now stopping
+/// it) gets to finish its shutdown before it is told to quit at once.
+const PREVIOUS_POSTMASTER_GRACE: Duration = Duration::from_secs(30);
+
+/// Waits until no postmaster of an earlier rack runs on `pgdata`. When rack is killed, the
+/// watchdog stops its postmaster, which takes a moment: a supervisor restarting rack at once
+/// would otherwise find the cluster locked ("Is another postmaster running?"). One that does
+/// not stop within the grace period gets SIGQUIT (immediate shutdown; crash recovery follows).
+///
+/// # Errors
+/// When a postmaster is still there after SIGQUIT.
+fn wait_for_previous_postmaster(pgdata: &Path) -> anyhow::Result<()> {
+    let Some(pid) = previous_postmaster(pgdata) else {
+        return Ok(());
+    };
+    tracing::info!(pid, "waiting for the postmaster of a previous rack (pid {pid}) to stop");
+    let alive = || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+    let wait = |limit: Duration| {
+        let deadline = Instant::now() + limit;
+        while alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        !alive()
+    };
+    if wait(PREVIOUS_POSTMASTER_GRACE) {
+        return Ok(());
+    }
+    tracing::warn!(pid, "the previous postmaster (pid {pid}) did not stop; sending SIGQUIT");
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGQUIT);
+    if wait(Duration::from_secs(10)) {
+        return Ok(());
+    }
+    bail!(
+        "a postmaster (pid {pid}) still runs on {} and does not stop: stop it, then start rack again",
+        pgdata.display()
+    )
+}
+
+/// The pid in `pgdata`'s `postmaster.pid`, if that process is alive and is a postgres.
+fn previous_postmaster(pgdata: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    if pid <= 0 || pid == i32::try_from(std::process::id()).unwrap_or(0) {
+        return None;
+    }
+    // A stale file whose pid now belongs to something else is postgres's own business.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    String::from_utf8_lossy(&cmdline).contains("postgres").then_some(pid)
 }
 
 /// The directory of `postgres`, `initdb` and friends: `pg_config --bindir` when it exists,

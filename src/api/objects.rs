@@ -74,9 +74,10 @@ async fn store_upload(state: &AppState, app: &str, key: &str, headers: &HeaderMa
         return Err(too_large(limit));
     }
     let expected = expected_digest(headers)?;
+    let location = crate::objects::Objects::new_location(&app.name);
     let stored = state
         .objects
-        .put_stream(&app.name, key, body.into_data_stream(), limit, expected.as_deref())
+        .put_stream(&location, idle_limited(body), limit, expected.as_deref())
         .await
         .map_err(|e| match e {
             PutObjectError::TooLarge { limit } => too_large(limit),
@@ -86,10 +87,17 @@ async fn store_upload(state: &AppState, app: &str, key: &str, headers: &HeaderMa
             PutObjectError::Store(e) => ApiError::Internal(anyhow::Error::new(e).context("storing an upload")),
         })?;
     let size = i64::try_from(stored.size).unwrap_or(i64::MAX);
-    if let Err(e) = store::objects::upsert(&state.pool, &app.name, key, size, &stored.sha256).await {
-        // No metadata, no object: do not leave bytes nobody can see.
-        let _ = state.objects.delete(&app.name, key).await;
-        return Err(e.into());
+    match store::objects::replace(&state.pool, &app.name, key, &location, size, &stored.sha256).await {
+        Ok(previous) => {
+            if let Some(previous) = previous {
+                discard(state, &previous).await;
+            }
+        }
+        Err(e) => {
+            // No metadata, no object: do not leave bytes nobody can see.
+            discard(state, &location).await;
+            return Err(e.into());
+        }
     }
     tracing::info!(app.name = %app.name, size = stored.size, "stored object {key} of {} ({} bytes)", app.name, stored.size);
     let mut response = Pretty(ObjectUrl {
@@ -98,6 +106,31 @@ async fn store_upload(state: &AppState, app: &str, key: &str, headers: &HeaderMa
     .into_response();
     insert_digest_headers(response.headers_mut(), &stored.sha256);
     Ok(response)
+}
+
+/// Longest an upload may go without sending anything before it is given up as interrupted
+/// (uploads have no overall time limit: a large one on a slow link takes long).
+const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The body's chunks, ending with an error when none comes for [`UPLOAD_IDLE`].
+fn idle_limited(body: Body) -> impl futures_util::Stream<Item = Result<axum::body::Bytes, String>> + Send {
+    use futures_util::StreamExt;
+    futures_util::stream::unfold(Some(body.into_data_stream()), |stream| async move {
+        let mut stream = stream?;
+        match tokio::time::timeout(UPLOAD_IDLE, stream.next()).await {
+            Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(stream))),
+            Ok(Some(Err(e))) => Some((Err(e.to_string()), None)),
+            Ok(None) => None,
+            Err(_) => Some((Err(format!("no data for {}s", UPLOAD_IDLE.as_secs())), None)),
+        }
+    })
+}
+
+/// Deletes a blob no row points at any more (a failure only leaves an unreachable file).
+async fn discard(state: &AppState, location: &str) {
+    if let Err(e) = state.objects.delete(location).await {
+        tracing::warn!(error = %e, "deleting the unreferenced blob {location}");
+    }
 }
 
 fn too_large(limit: u64) -> ApiError {
@@ -160,15 +193,18 @@ pub async fn download_object(
     State(state): State<AppState>,
     Path((app, key)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    let object = load_object(&state, &app, &key).await?;
-    let stream = state
-        .objects
-        .get_stream(&object.app, &object.key)
-        .await
-        .map_err(|e| match e {
-            object_store::Error::NotFound { .. } => ApiError::NotFound("object", object.key.clone()),
-            e => ApiError::Internal(anyhow::Error::new(e).context("reading an object")),
-        })?;
+    let mut object = load_object(&state, &app, &key).await?;
+    let mut opened = state.objects.get_stream(&object.location).await;
+    if matches!(opened, Err(object_store::Error::NotFound { .. })) {
+        // Replaced (and its old blob deleted) between reading the row and opening the blob:
+        // the new one is the answer.
+        object = load_object(&state, &app, &key).await?;
+        opened = state.objects.get_stream(&object.location).await;
+    }
+    let stream = opened.map_err(|e| match e {
+        object_store::Error::NotFound { .. } => ApiError::NotFound("object", object.key.clone()),
+        e => ApiError::Internal(anyhow::Error::new(e).context("reading an object")),
+    })?;
     let mut response = Body::from_stream(stream).into_response();
     let headers = response.headers_mut();
     headers.insert(
@@ -201,12 +237,9 @@ pub async fn delete_object(
 ) -> ApiResult<Response> {
     let object = load_object(&state, &app, &key).await?;
     // Metadata first: once it is gone the object is invisible, whatever happens next.
-    store::objects::delete(&state.pool, &object.app, &object.key).await?;
-    state
-        .objects
-        .delete(&object.app, &object.key)
-        .await
-        .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("deleting an object")))?;
+    if let Some(location) = store::objects::delete(&state.pool, &object.app, &object.key).await? {
+        discard(&state, &location).await;
+    }
     Ok(format.ok(serde_json::json!({ "deleted": object_url(&object.app, &object.key) })))
 }
 

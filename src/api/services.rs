@@ -109,9 +109,10 @@ pub async fn scale_service(
     let Some(count) = body.count else {
         return Ok(format.ok(serde_json::json!({})));
     };
-    if count > 1000 {
+    if count > crate::manifest::MAX_SCALE_COUNT {
         return Err(ApiError::BadRequest(format!(
-            "count must be between 0 and 1000, got {count}"
+            "count must be between 0 and {}, got {count}",
+            crate::manifest::MAX_SCALE_COUNT
         )));
     }
     let release = spec.id;
@@ -122,7 +123,13 @@ pub async fn scale_service(
     {
         return Err(ApiError::Conflict("app is currently updating".into()));
     }
-    crate::store::scales::set(&state.pool, &app.name, &service, i32::try_from(count).unwrap_or(1000)).await?;
+    crate::store::scales::set(
+        &state.pool,
+        &app.name,
+        &service,
+        i32::try_from(count).unwrap_or(i32::MAX),
+    )
+    .await?;
     let deployment = start_deployment(&state, &app.name, &release, false, DEFAULT_TIMEOUT_SECS).await?;
     tracing::info!(app.name = %app.name, service = %service, count, "scaling {service} of {} to {count}", app.name);
     let location = format!("/apps/{}/deployments/{}", app.name, deployment.id);

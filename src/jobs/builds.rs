@@ -65,10 +65,25 @@ async fn run(state: &AppState, build: Build) {
         end(state, &build, &owner, Err(BuildFailure::Failed(reason))).await;
         return;
     };
+    let source_location = match crate::store::objects::get(&state.pool, &build.app, &key).await {
+        Ok(Some(object)) => object.location,
+        Ok(None) => {
+            let reason = format!("the source object {key} no longer exists: upload it again");
+            end(state, &build, &owner, Err(BuildFailure::Failed(reason))).await;
+            return;
+        }
+        Err(e) => {
+            // Postgres is away: leave the build to a later claim rather than fail it.
+            tracing::warn!(error = %e, build.id = %build.id, "reading the source of build {}", build.id);
+            let _ = builds::hand_back(&state.pool, &build.id, state.replica).await;
+            return;
+        }
+    };
     let job = BuildJob {
         app: build.app.clone(),
         id: build.id.clone(),
         source_key: key,
+        source_location,
         manifest_path: build.manifest_path.clone(),
         git_sha: build.git_sha.clone(),
     };
@@ -134,12 +149,24 @@ enum Ended {
 /// Records the end of a build: on success a new release (the build, the env of the app's
 /// latest release, the manifest) and `complete`; otherwise `failed` with the reason. The
 /// terminal event goes in the same transaction, so streams end exactly when the status does.
-async fn end(state: &AppState, build: &Build, owner: &OwnedOwner, result: Result<BuildOutput, BuildFailure>) {
+async fn end(state: &AppState, build: &Build, owner: &OwnedOwner, mut result: Result<BuildOutput, BuildFailure>) {
     let mut delay = Duration::from_millis(200);
     loop {
         match try_end(state, build, owner, &result).await {
             Ok(()) => break,
-            Err(e) if delay < Duration::from_secs(60) && !state.shutdown.is_cancelled() => {
+            // A write that can never succeed (its text cannot be stored) is not retried as if
+            // Postgres were down: the build fails with what went wrong.
+            Err(e) if !crate::store::is_transient(&e) && result.is_ok() => {
+                tracing::warn!(error = %e, build.id = %build.id, "the result of build {} cannot be stored", build.id);
+                result = Err(BuildFailure::Failed(format!(
+                    "the build's result could not be stored: {e}"
+                )));
+            }
+            Err(e)
+                if crate::store::is_transient(&e)
+                    && delay < Duration::from_secs(60)
+                    && !state.shutdown.is_cancelled() =>
+            {
                 tracing::warn!(error = %e, build.id = %build.id, "recording the end of build {}; retrying", build.id);
                 tokio::time::sleep(delay).await;
                 delay *= 2;
@@ -152,7 +179,19 @@ async fn end(state: &AppState, build: &Build, owner: &OwnedOwner, result: Result
         }
     }
     state.bus.poke(Wake::Events(build.app.clone()));
-    prune(state, &build.app).await;
+    // Deleting a large tree takes a while: never on the worker's path. A failed build's
+    // partial source goes at once (it can be gigabytes: a refused archive bomb).
+    let (pruner, app, failed) = (
+        state.clone(),
+        build.app.clone(),
+        result.is_err().then(|| build.id.clone()),
+    );
+    tokio::spawn(async move {
+        if let Some(id) = failed {
+            pruner.runtime.prune_builds(&app, &[id]).await;
+        }
+        prune(&pruner, &app).await;
+    });
     match &result {
         Ok(_) => tracing::info!(build.id = %build.id, app.name = %build.app, "build {} complete", build.id),
         Err(reason) => {

@@ -121,7 +121,7 @@ pub async fn persist_lines(pool: PgPool, bus: EventBus, owner: OwnedOwner, mut r
         let mut next = Some(first);
         while let Some(item) = next.take() {
             match item {
-                LogItem::Line(stream, message) => batch.push((stream, message)),
+                LogItem::Line(stream, message) => batch.push((storable(stream), storable(message))),
                 // Stop the batch here: the flush is answered once it is stored.
                 LogItem::Flush(ack) => {
                     acks.push(ack);
@@ -150,7 +150,7 @@ async fn store_with_retry(pool: &PgPool, bus: &EventBus, owner: &OwnedOwner, lin
     loop {
         match append(pool, bus, owner, lines).await {
             Ok(()) => return,
-            Err(e) if delay < Duration::from_secs(30) => {
+            Err(e) if crate::store::is_transient(&e) && delay < Duration::from_secs(30) => {
                 tracing::warn!(error = %e, app.name = %owner.app, "writing job output; retrying");
                 tokio::time::sleep(delay).await;
                 delay *= 2;
@@ -160,6 +160,15 @@ async fn store_with_retry(pool: &PgPool, bus: &EventBus, owner: &OwnedOwner, lin
                 return;
             }
         }
+    }
+}
+
+/// Output as Postgres can store it: a NUL character (binary output) becomes U+FFFD.
+fn storable(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{fffd}")
+    } else {
+        text
     }
 }
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use tokio::process::Command;
 
 use super::process::{pipe_output, spawn_group};
+use super::sandbox::{Sandbox, Tie};
 use super::source::inside;
 use super::supervisor::{AppLogFactory, Supervisor};
 use super::{ApplyError, BuildFailure, BuildJob, BuildOutput, LogSink, ProcessInfo, ReleaseSpec, Runtime};
@@ -23,6 +24,7 @@ pub struct LocalRuntime {
     /// Builds live in `<root>/<app>/<build id>/src`.
     builds_dir: PathBuf,
     limits: Limits,
+    sandbox: Sandbox,
     supervisor: Supervisor,
 }
 
@@ -33,6 +35,7 @@ impl LocalRuntime {
         objects: Objects,
         builds_dir: PathBuf,
         limits: Limits,
+        sandbox: Sandbox,
         pool: sqlx::PgPool,
         bus: crate::events::EventBus,
         shutdown: tokio_util::sync::CancellationToken,
@@ -48,11 +51,12 @@ impl LocalRuntime {
             tokio::spawn(crate::jobs::persist_lines(writer_pool.clone(), bus.clone(), owner, rx));
             sink
         }));
-        let supervisor = Supervisor::new(builds_dir.clone(), pool, app_log, shutdown);
+        let supervisor = Supervisor::new(builds_dir.clone(), sandbox.clone(), pool, app_log, shutdown);
         Self {
             objects,
             builds_dir,
             limits,
+            sandbox,
             supervisor,
         }
     }
@@ -108,6 +112,10 @@ impl Runtime for LocalRuntime {
             text,
             manifest,
         } = super::source::fetch(&self.objects, job, &build_dir, self.limits, log).await?;
+        self.sandbox
+            .hand_over(&build_dir)
+            .await
+            .map_err(|e| failed(format!("could not prepare the build directory for the sandbox: {e}")))?;
 
         for (name, service) in &manifest.services {
             let Some(build) = &service.build else { continue };
@@ -120,7 +128,7 @@ impl Runtime for LocalRuntime {
                 ))
             })?;
             log.line(BUILD_STREAM, format!("Running: {command}")).await;
-            run_build_command(command, &dir, &build_dir, job, log)
+            run_build_command(&self.sandbox, command, &dir, &build_dir, job, log)
                 .await
                 .map_err(|e| failed(format!("service {name}: {e}")))?;
         }
@@ -131,20 +139,20 @@ impl Runtime for LocalRuntime {
     }
 }
 
+/// Runs one service's build command in the sandbox, with the build directory (`home`) as its
+/// only writable place and a clean environment: nothing of rack's own (no `DATABASE_URL`, no
+/// password) is in its reach.
 async fn run_build_command(
+    sandbox: &Sandbox,
     command: &str,
     dir: &Path,
     home: &Path,
     job: &BuildJob,
     log: &LogSink,
 ) -> Result<(), String> {
-    let mut cmd = Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg(command)
-        .current_dir(dir)
-        .env_clear()
-        .stdin(std::process::Stdio::null());
-    // A clean environment: the build must not see DATABASE_URL or the rack password.
+    let argv = ["/bin/sh".to_owned(), "-c".to_owned(), command.to_owned()];
+    let mut cmd: Command = sandbox.command(home, dir, &argv, Tie::DiesWithRack);
+    cmd.stdin(std::process::Stdio::null());
     cmd.env(
         "PATH",
         std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),

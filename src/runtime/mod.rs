@@ -5,6 +5,7 @@ pub mod kube;
 pub mod local;
 mod process;
 pub mod router;
+pub mod sandbox;
 pub mod source;
 mod supervisor;
 
@@ -23,6 +24,8 @@ pub struct BuildJob {
     pub id: String,
     /// Key of the source tarball in the app's objects.
     pub source_key: String,
+    /// Where its bytes are in the object store.
+    pub source_location: String,
     /// Path of the manifest inside the source.
     pub manifest_path: String,
     pub git_sha: String,

@@ -48,7 +48,7 @@ pub async fn fetch(
         .await;
     let tarball = build_dir.join("source.tgz");
     objects
-        .download(&job.app, &job.source_key, &tarball)
+        .download(&job.source_location, &tarball)
         .await
         .map_err(|e| failed(format!("could not fetch the source object {}: {e:#}", job.source_key)))?;
     let (from, into) = (tarball.clone(), src.clone());
@@ -68,10 +68,24 @@ pub async fn fetch(
 
     let manifest_file = inside(&src, &job.manifest_path)
         .ok_or_else(|| failed(format!("invalid manifest path {:?}", job.manifest_path)))?;
-    let text = tokio::fs::read_to_string(&manifest_file)
-        .await
-        .map_err(|_| failed(format!("no {} found in the source", job.manifest_path)))?;
-    let manifest = crate::manifest::parse(&text).map_err(|e| failed(e.to_string()))?;
+    let missing = || failed(format!("no {} found in the source", job.manifest_path));
+    let size = tokio::fs::metadata(&manifest_file).await.map_err(|_| missing())?.len();
+    if size > crate::manifest::MAX_MANIFEST_BYTES as u64 {
+        return Err(failed(format!(
+            "{}: the file is {size} bytes; the most is {}",
+            job.manifest_path,
+            crate::manifest::MAX_MANIFEST_BYTES
+        )));
+    }
+    let text = tokio::fs::read_to_string(&manifest_file).await.map_err(|_| missing())?;
+    // Parsing is CPU work on untrusted input: off the async workers, so it never stalls requests.
+    let (text, parsed) = tokio::task::spawn_blocking(move || {
+        let parsed = crate::manifest::parse(&text);
+        (text, parsed)
+    })
+    .await
+    .map_err(|e| failed(format!("reading the manifest failed: {e}")))?;
+    let manifest = parsed.map_err(|e| failed(e.to_string()))?;
     Ok(Source {
         dir: src,
         text,

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::process::{pipe_streams, spawn_group};
 use super::router::Router;
+use super::sandbox::{Sandbox, Tie};
 use super::{ApplyError, LogSink, ProcessInfo, ReleaseSpec};
 use crate::manifest::{Command as ServiceCommand, Service};
 
@@ -32,13 +33,20 @@ const FAILURE_THRESHOLD: u32 = 3;
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs an app's command so that it dies with rack: when rack's end of the stdin pipe closes
-/// (rack stopped or was killed), the watcher signals the whole process group.
+/// (rack stopped or was killed), the watcher stops the command. The script stays until the
+/// command has exited, forwarding SIGTERM: it is the first process of the sandbox's pid
+/// namespace, whose end would kill the app before its graceful shutdown finished.
 const WATCHDOG: &str = r#"
 exec 3<&0
 "$@" 3<&- </dev/null &
 pid=$!
-(cat >/dev/null; kill -TERM 0) <&3 &
-wait "$pid"
+trap 'kill -TERM "$pid" 2>/dev/null' TERM INT HUP
+(cat >/dev/null; kill -TERM $$ 2>/dev/null) <&3 &
+while :; do
+  wait "$pid"
+  status=$?
+  kill -0 "$pid" 2>/dev/null || exit "$status"
+done
 "#;
 
 /// Where an instance is in its life.
@@ -87,6 +95,7 @@ struct AppProcesses {
 pub struct Inner {
     apps: Mutex<HashMap<String, AppProcesses>>,
     builds_dir: PathBuf,
+    sandbox: Sandbox,
     pool: sqlx::PgPool,
     app_log: AppLogFactory,
     health_client: reqwest::Client,
@@ -108,11 +117,18 @@ impl std::fmt::Debug for AppLogFactory {
 
 impl Supervisor {
     /// A supervisor running builds' sources from `builds_dir`.
-    pub fn new(builds_dir: PathBuf, pool: sqlx::PgPool, app_log: AppLogFactory, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        builds_dir: PathBuf,
+        sandbox: Sandbox,
+        pool: sqlx::PgPool,
+        app_log: AppLogFactory,
+        shutdown: CancellationToken,
+    ) -> Self {
         let health_client = reqwest::Client::builder().build().unwrap_or_default();
         Self(Arc::new(Inner {
             apps: Mutex::default(),
             builds_dir,
+            sandbox,
             pool,
             app_log,
             health_client,
@@ -496,6 +512,8 @@ struct Launch {
     service: String,
     release: String,
     build: String,
+    /// The build's directory: the only place of the host the process may write.
+    workspace: PathBuf,
     dir: PathBuf,
     argv: Vec<String>,
     display: String,
@@ -530,7 +548,8 @@ impl Launch {
             None => String::new(),
         };
         let env = release.service_env(name, service)?;
-        let dir = builds_dir.join(&release.app).join(&release.build_id).join("src");
+        let workspace = builds_dir.join(&release.app).join(&release.build_id);
+        let dir = workspace.join("src");
         if !dir.is_dir() {
             return Err(ApplyError(format!(
                 "the build directory of {} is missing on this host",
@@ -541,6 +560,7 @@ impl Launch {
             service: name.to_owned(),
             release: release.id.clone(),
             build: release.build_id.clone(),
+            workspace,
             dir,
             argv,
             display,
@@ -554,10 +574,15 @@ impl Launch {
         })
     }
 
-    fn command(&self, app: &str, instance: &Instance) -> Command {
-        let mut cmd = Command::new("/bin/sh");
-        cmd.arg("-c").arg(WATCHDOG).arg("rack-process").args(&self.argv);
-        cmd.current_dir(&self.dir).env_clear();
+    fn command(&self, sandbox: &Sandbox, app: &str, instance: &Instance) -> Command {
+        let mut argv = vec![
+            "/bin/sh".to_owned(),
+            "-c".to_owned(),
+            WATCHDOG.to_owned(),
+            "rack-process".to_owned(),
+        ];
+        argv.extend(self.argv.iter().cloned());
+        let mut cmd = sandbox.command(&self.workspace, &self.dir, &argv, Tie::Watchdog);
         // Like a build, a process sees its release's env and nothing of rack's own.
         cmd.env(
             "PATH",
@@ -585,7 +610,7 @@ async fn supervise(supervisor: Supervisor, app: String, instance: Arc<Instance>,
     let output = format!("service/{}/{}", instance.service, instance.id);
     let mut backoff = Duration::from_secs(1);
     loop {
-        let mut command = launch.command(&app, &instance);
+        let mut command = launch.command(&supervisor.0.sandbox, &app, &instance);
         command.stdin(std::process::Stdio::piped());
         let spawned = spawn_group(command);
         let (mut child, group) = match spawned {

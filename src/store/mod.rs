@@ -34,6 +34,35 @@ pub async fn connect(options: PgConnectOptions, max_connections: u32) -> Result<
         .await
 }
 
+/// Whether `error` may go away by itself (Postgres restarting, the pool exhausted, a lost
+/// connection, a serialization conflict), so that trying again later makes sense. Anything
+/// else (a constraint, text Postgres cannot hold) fails the same way every time.
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception; 53: insufficient resources; 57P0x: shutting down or
+            // starting; 40001/40P01: serialization failure, deadlock.
+            code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P0")
+                || code == "40001"
+                || code == "40P01"
+        }),
+        _ => false,
+    }
+}
+
+/// Whether `error` is Postgres refusing text it cannot store (a NUL character, invalid
+/// encoding): the same write would fail forever.
+pub fn is_unstorable_text(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("22021" | "22P05")),
+        sqlx::Error::Encode(e) => e.to_string().contains("nul"),
+        _ => false,
+    }
+}
+
 /// Runs the migrations that have not run yet. Several replicas may call this at once: sqlx
 /// serialises them with an advisory lock.
 ///

@@ -1,4 +1,6 @@
-//! Object metadata in Postgres (the bytes are in the object store).
+//! Object metadata in Postgres: each key points at the blob that holds its bytes (see
+//! `objects`); the row switches blobs in one transaction, so size, digest and bytes always
+//! change together.
 
 use chrono::{DateTime, Utc};
 use sqlx::{FromRow, PgPool};
@@ -10,24 +12,50 @@ pub struct Object {
     pub key: String,
     pub size: i64,
     pub sha256: String,
+    /// Where its bytes are in the object store.
+    pub location: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
-/// Records an object (replacing the metadata of an earlier one with the same key).
-pub async fn upsert(pool: &PgPool, app: &str, key: &str, size: i64, sha256: &str) -> Result<Object, sqlx::Error> {
-    sqlx::query_as(
-        "insert into objects (app, key, size, sha256) values ($1, $2, $3, $4)
+/// Points `key` at the blob at `location`; returns the location of the blob it pointed at
+/// before (now unreferenced: the caller deletes it), if any. Writers of one key take turns,
+/// so the last to commit wins and every replaced blob is returned to exactly one of them.
+pub async fn replace(
+    pool: &PgPool,
+    app: &str,
+    key: &str,
+    location: &str,
+    size: i64,
+    sha256: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    // A row lock cannot cover a key that has no row yet; a lock on the key itself can.
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 0))")
+        .bind(app)
+        .bind(key)
+        .execute(&mut *tx)
+        .await?;
+    let previous: Option<String> = sqlx::query_scalar("select location from objects where app = $1 and key = $2")
+        .bind(app)
+        .bind(key)
+        .fetch_optional(&mut *tx)
+        .await?;
+    sqlx::query(
+        "insert into objects (app, key, size, sha256, location) values ($1, $2, $3, $4, $5)
          on conflict (app, key) do update
-            set size = excluded.size, sha256 = excluded.sha256, updated_at = now()
-         returning *",
+            set size = excluded.size, sha256 = excluded.sha256, location = excluded.location,
+                updated_at = now()",
     )
     .bind(app)
     .bind(key)
     .bind(size)
     .bind(sha256)
-    .fetch_one(pool)
-    .await
+    .bind(location)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(previous)
 }
 
 /// One object.
@@ -48,12 +76,11 @@ pub async fn list_keys(pool: &PgPool, app: &str, prefix: &str) -> Result<Vec<Str
         .await
 }
 
-/// Forgets an object; returns whether it existed.
-pub async fn delete(pool: &PgPool, app: &str, key: &str) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query("delete from objects where app = $1 and key = $2")
+/// Forgets an object; returns the location of its blob (None: there was no such object).
+pub async fn delete(pool: &PgPool, app: &str, key: &str) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("delete from objects where app = $1 and key = $2 returning location")
         .bind(app)
         .bind(key)
-        .execute(pool)
-        .await?;
-    Ok(done.rows_affected() > 0)
+        .fetch_optional(pool)
+        .await
 }

@@ -8,7 +8,7 @@ use reqwest::Method;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::helpers::{PASSWORD, TestApp, source_tarball, status_text, wait_for};
+use crate::helpers::{PASSWORD, TestApp, processes_with_arg, source_tarball, status_text, wait_for};
 
 const OK_MANIFEST: &str = "services:\n  web:\n    build:\n      path: .\n      command: echo compiling; echo made > artifact.txt; echo warning >&2\n    port: 3000\n";
 
@@ -104,13 +104,12 @@ async fn a_build_that_runs_too_long_times_out() {
 async fn cancel_stops_a_running_build_and_its_processes() {
     let app = TestApp::spawn().await;
     app.create_app("myapp").await;
-    let pid_file = tempfile::NamedTempFile::new().unwrap();
-    let pid_path = pid_file.path().display().to_string();
-    let manifest =
-        format!("services:\n  web:\n    build:\n      command: sleep 120 & echo $! > {pid_path}; echo started; wait\n");
+    // A background child with a unique argument, to find it among the host's processes.
+    let marker = format!("120.{}", std::process::id());
+    let manifest = format!("services:\n  web:\n    build:\n      command: sleep {marker} & echo started; wait\n");
     let id = app.build_source("myapp", &[("convox.yml", &manifest)]).await;
-    let pid: i32 = wait_for(30, "the build command to start", || async {
-        std::fs::read_to_string(&pid_path).ok()?.trim().parse().ok()
+    wait_for(30, "the build command to start", || async {
+        (!processes_with_arg(&marker).is_empty()).then_some(())
     })
     .await;
     let response = app
@@ -126,9 +125,7 @@ async fn cancel_stops_a_running_build_and_its_processes() {
     );
     // The background child of the build command is gone too (its whole process group).
     wait_for(10, "the build's processes to exit", || async {
-        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
-        let alive = state.is_some_and(|s| s.split(' ').nth(2).is_none_or(|st| st != "Z"));
-        (!alive).then_some(())
+        processes_with_arg(&marker).is_empty().then_some(())
     })
     .await;
     let again = app
@@ -159,8 +156,69 @@ async fn hostile_tarballs_fail_the_build_cleanly() {
         assert_eq!(build["status"], "failed", "{name}");
         let reason = build["reason"].as_str().unwrap();
         assert!(reason.starts_with("invalid source archive"), "{name}: {reason}");
+        // What it unpacked before it was refused goes at once, not after ten more builds.
+        let dir = app.build_dir("myapp", &id);
+        wait_for(10, "the failed build's directory to go", || async {
+            (!dir.exists()).then_some(())
+        })
+        .await;
     }
     assert!(!app.state.config.data_dir.parent().unwrap().join("evil").exists());
+}
+
+#[tokio::test]
+async fn hostile_manifests_fail_fast_and_never_stall_the_api() {
+    let app = TestApp::spawn().await;
+    app.create_app("myapp").await;
+    // 100 000 levels of nesting in 300 bytes of gzip, built twice at once.
+    let deep = format!("x: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+    let first = app.build_source("myapp", &[("convox.yml", &deep)]).await;
+    let second = app.build_source("myapp", &[("convox.yml", &deep)]).await;
+    for _ in 0..20 {
+        let asked = std::time::Instant::now();
+        assert_eq!(app.convox(Method::GET, "/system").send().await.unwrap().status(), 200);
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "GET /system took {:?}",
+            asked.elapsed()
+        );
+    }
+    for id in [first, second] {
+        let build = app.wait_build("myapp", &id).await;
+        let reason = build["reason"].as_str().unwrap();
+        assert!(reason.contains("nested more than 100 levels"), "{reason}");
+    }
+    let cases = [
+        (
+            "services:\n  we\0b:\n    build:\n      command: true\n",
+            "NUL characters are not allowed",
+        ),
+        (
+            "services:\n  web:\n    scale:\n      count: 4294967295\n",
+            "more than the 1000 processes",
+        ),
+    ];
+    for (manifest, expected) in cases {
+        let id = app.build_source("myapp", &[("convox.yml", manifest)]).await;
+        let started = std::time::Instant::now();
+        let build = app.wait_build("myapp", &id).await;
+        let reason = build["reason"].as_str().unwrap();
+        assert!(reason.contains(expected), "{reason}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+    let nul_env = app
+        .json(Method::POST, "/apps/myapp/releases")
+        .json(&serde_json::json!({ "env": "A=x\u{0}y" }))
+        .send()
+        .await
+        .unwrap();
+    let (status, text) = status_text(nul_env).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("NUL"), "{text}");
 }
 
 fn raw_tarball(add: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
@@ -226,13 +284,10 @@ async fn finished_build_logs_replay_over_websocket_chunked_and_sse() {
 async fn a_live_build_log_streams_to_late_and_early_joiners_alike() {
     let app = TestApp::spawn().await;
     app.create_app("myapp").await;
-    let gate = tempfile::tempdir().unwrap();
-    let gate_file = gate.path().join("go");
-    let manifest = format!(
-        "services:\n  web:\n    build:\n      command: echo first; while [ ! -e {} ]; do sleep 0.05; done; echo second\n",
-        gate_file.display()
-    );
-    let id = app.build_source("myapp", &[("convox.yml", &manifest)]).await;
+    // The build waits for a file in its build directory, the only host directory it sees.
+    let manifest = "services:\n  web:\n    build:\n      command: echo first; while [ ! -e $HOME/go ]; do sleep 0.05; done; echo second\n";
+    let id = app.build_source("myapp", &[("convox.yml", manifest)]).await;
+    let gate_file = app.build_dir("myapp", &id).join("go");
     let path = format!("/apps/myapp/builds/{id}/logs");
     // An early joiner sees `first` while the build is still running.
     let response = app.request(Method::GET, &path).send().await.unwrap();
@@ -295,12 +350,8 @@ async fn two_replicas_never_run_the_same_build() {
     })
     .await;
     first.create_app("myapp").await;
-    let runs = tempfile::NamedTempFile::new().unwrap();
-    let manifest = format!(
-        "services:\n  web:\n    build:\n      command: echo $BUILD_ID >> {}\n",
-        runs.path().display()
-    );
-    let tarball = source_tarball(&[("convox.yml", &manifest)]);
+    let manifest = "services:\n  web:\n    build:\n      command: echo ran $BUILD_ID\n";
+    let tarball = source_tarball(&[("convox.yml", manifest)]);
     assert_eq!(first.upload("myapp", "src.tgz", tarball).await.status(), 200);
     let mut ids = Vec::new();
     for n in 0..12 {
@@ -316,11 +367,12 @@ async fn two_replicas_never_run_the_same_build() {
         let build = second.wait_build("myapp", id).await;
         assert_eq!(build["status"], "complete", "{build}");
     }
+    // A build run twice would say so twice in its log.
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for line in std::fs::read_to_string(runs.path()).unwrap().lines() {
-        *counts.entry(line.to_owned()).or_default() += 1;
+    for id in &ids {
+        let log = first.build_log("myapp", id).await;
+        counts.insert(id.clone(), log.lines().filter(|l| *l == format!("ran {id}")).count());
     }
-    assert_eq!(counts.len(), ids.len(), "{counts:?}");
     assert!(counts.values().all(|n| *n == 1), "{counts:?}");
 }
 

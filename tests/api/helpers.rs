@@ -55,6 +55,15 @@ fn cluster() -> &'static Cluster {
     })
 }
 
+/// A temp directory that other users may pass through (mode 0711), as the embedded cluster's
+/// `postgres` user and the sandbox user must when the tests run as root.
+pub fn reachable_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    dir
+}
+
 /// A fresh, migrated database; returns its URL.
 pub async fn fresh_database() -> String {
     let cluster = cluster();
@@ -314,6 +323,11 @@ impl TestApp {
             .to_owned()
     }
 
+    /// The build directory of build `id` of `app`: its sandbox's only view of the host.
+    pub fn build_dir(&self, app: &str, id: &str) -> std::path::PathBuf {
+        self.state.config.data_dir.join("builds").join(app).join(id)
+    }
+
     /// The whole build log as chunked text.
     pub async fn build_log(&self, app: &str, id: &str) -> String {
         let response = self
@@ -340,4 +354,22 @@ pub fn source_tarball(files: &[(&str, &str)]) -> Vec<u8> {
     let mut out = Vec::new();
     rack::archive::pack_tgz(dir.path(), &mut out).expect("packing");
     out
+}
+
+/// The host pids of processes that have `arg` as one of their arguments.
+pub fn processes_with_arg(arg: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // A zombie has exited; only its parent has not collected it yet.
+            let zombie = stat.rsplit(')').next()?.split_whitespace().next() == Some("Z");
+            (!zombie && cmdline.split(|b| *b == 0).any(|a| a == arg.as_bytes())).then_some(pid)
+        })
+        .collect()
 }

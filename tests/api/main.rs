@@ -16,4 +16,5 @@ mod objects;
 mod openapi;
 mod outage;
 mod replicas;
+mod sandbox;
 mod server;

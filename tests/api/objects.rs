@@ -225,7 +225,98 @@ fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     found
 }
 
+/// The files holding `name`'s objects (blobs, and objects stored before blobs existed).
+fn object_files(app: &TestApp, name: &str) -> Vec<std::path::PathBuf> {
+    let root = app.state.config.data_dir.join("objects");
+    let mut files = files_under(&root.join(name));
+    files.extend(files_under(&root.join("_blobs").join(name)));
+    files
+}
+
 async fn assert_no_files(app: &TestApp, name: &str) {
-    let files = files_under(&app.state.config.data_dir.join("objects").join(name));
+    let files = object_files(app, name);
     assert!(files.is_empty(), "left behind: {files:?}");
+}
+
+/// GETs `key` and checks that the bytes match the length and digest sent with them; returns
+/// the length.
+async fn consistent_download(app: &TestApp, key: &str) -> usize {
+    let response = app
+        .convox(Method::GET, &format!("/apps/myapp/objects/{key}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{key}");
+    let length: usize = response.headers()["content-length"].to_str().unwrap().parse().unwrap();
+    let digest = response.headers()["x-checksum-sha256"].to_str().unwrap().to_owned();
+    let bytes = response.bytes().await.unwrap();
+    assert_eq!(bytes.len(), length, "{key}: Content-Length does not match the bytes");
+    assert_eq!(
+        hex(&sha256(&bytes)),
+        digest,
+        "{key}: the digest does not match the bytes"
+    );
+    length
+}
+
+#[tokio::test]
+async fn concurrent_uploads_to_one_key_never_mix_metadata_and_bytes() {
+    let app = TestApp::spawn().await;
+    app.create_app("myapp").await;
+    let small = vec![1u8; 2 * 1024 * 1024];
+    let large = vec![2u8; 2 * 1024 * 1024 + 1];
+    for round in 0..15 {
+        let key = format!("race/{round}");
+        let (a, b) = tokio::join!(
+            app.upload("myapp", &key, small.clone()),
+            app.upload("myapp", &key, large.clone())
+        );
+        assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
+        let length = consistent_download(&app, &key).await;
+        assert!(length == small.len() || length == large.len());
+    }
+    // One blob per key: every replaced one was deleted, and no temp file is left.
+    assert_eq!(object_files(&app, "myapp").len(), 15);
+}
+
+#[tokio::test]
+async fn any_valid_key_can_be_stored_and_nothing_is_left_over() {
+    let app = TestApp::spawn().await;
+    app.create_app("myapp").await;
+    let long = "s".repeat(300);
+    // A file and a directory of the same name, long segments, odd characters: all just keys.
+    let keys = ["cx", "cx/y", "cd/z", "cd", "k:", long.as_str(), "a b/ü?x"];
+    for key in keys {
+        let path = format!("/apps/myapp/objects/{}", key.replace(' ', "%20").replace('?', "%3F"));
+        let response = app
+            .convox(Method::POST, &path)
+            .body(key.as_bytes().to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{key}: {:?}", response.text().await);
+    }
+    for key in keys {
+        let path = format!("/apps/myapp/objects/{}", key.replace(' ', "%20").replace('?', "%3F"));
+        let body = app
+            .convox(Method::GET, &path)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(body.as_ref(), key.as_bytes(), "{key}");
+    }
+    let files = object_files(&app, "myapp");
+    assert_eq!(files.len(), keys.len(), "{files:?}");
+    assert!(
+        files.iter().all(|f| !f.to_string_lossy().contains('#')),
+        "a temp file is left: {files:?}"
+    );
+    for key in keys {
+        let path = format!("/apps/myapp/objects/{}", key.replace(' ', "%20").replace('?', "%3F"));
+        assert_eq!(app.convox(Method::DELETE, &path).send().await.unwrap().status(), 200);
+    }
+    assert_no_files(&app, "myapp").await;
 }

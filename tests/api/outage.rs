@@ -1,21 +1,13 @@
 //! Postgres going away under a running rack: requests get 503 at once, streams end with a
 //! line that says why, and everything works again when Postgres is back, with no restart.
 
-use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
 
-use crate::helpers::{TestApp, status_text, wait_for};
+use crate::helpers::{TestApp, reachable_tempdir, status_text, wait_for};
 use rack::config::{Config, Database};
 use rack::postgres::{Cluster, Durability};
-
-/// A temp dir the cluster's user (postgres, when the tests run as root) can enter.
-fn reachable_tempdir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    dir
-}
 
 async fn start_cluster(root: std::path::PathBuf) -> Cluster {
     tokio::task::spawn_blocking(move || Cluster::start(&root, Durability::Durable))

@@ -21,6 +21,17 @@ impl Replica {
     /// Starts a server on `database` with the shared `data` directory (objects and builds are
     /// shared, as S3 and a shared volume would be in production).
     pub async fn start(database: &str, data: &Path, env: &[(&str, &str)]) -> Self {
+        let mut all = vec![("DATABASE_URL", database)];
+        all.extend_from_slice(env);
+        Self::launch(data, &all).await
+    }
+
+    /// Starts a server on the embedded default: its own Postgres cluster in `data`.
+    pub async fn start_embedded(data: &Path) -> Self {
+        Self::launch(data, &[]).await
+    }
+
+    async fn launch(data: &Path, env: &[(&str, &str)]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -30,7 +41,6 @@ impl Replica {
         command
             .arg("server")
             .env("RACK_BIND", format!("127.0.0.1:{port}"))
-            .env("DATABASE_URL", database)
             .env("RACK_PASSWORD", PASSWORD)
             .env("RACK_DATA", data)
             .env("RACK_JOB_LEASE", "3")
@@ -42,17 +52,27 @@ impl Replica {
             command.env(key, value);
         }
         let child = command.spawn().expect("starting rack server");
-        let replica = Self {
+        let mut replica = Self {
             child,
             base: format!("http://127.0.0.1:{port}"),
             client: reqwest::Client::new(),
         };
-        wait_for(60, "the replica to answer", || async {
-            let r = replica.request(Method::GET, "/system").send().await.ok()?;
-            r.status().is_success().then_some(())
-        })
-        .await;
-        replica
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            // A server that exited will never answer: fail now, with its status.
+            if let Some(status) = replica.child.try_wait().unwrap() {
+                panic!("rack server exited while starting: {status} (its errors are above)");
+            }
+            let answer = replica.request(Method::GET, "/system").send().await;
+            if answer.is_ok_and(|r| r.status().is_success()) {
+                return replica;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the replica did not answer within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
@@ -134,11 +154,24 @@ pub async fn create_app(replica: &Replica, name: &str) {
     assert_eq!(response.status(), 201);
 }
 
-fn gated_build(gate: &Path) -> String {
-    format!(
-        "services:\n  web:\n    build:\n      command: echo started; while [ ! -e {} ]; do sleep 0.05; done; echo finished\n",
-        gate.display()
-    )
+/// A build that waits for a file `gate` in its build directory (its `HOME`: the only host
+/// directory its sandbox sees).
+const GATED_BUILD: &str = "services:\n  web:\n    build:\n      command: echo started; while [ ! -e $HOME/gate ]; do sleep 0.05; done; echo finished\n";
+
+/// Opens the gate of build `id` of `app` in `data` (again and again until `done` says the build
+/// is over: a build that starts over clears its directory, and the gate with it).
+async fn open_gate_until<T, F, Fut>(data: &Path, app: &str, id: &str, done: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let gate = data.join("builds").join(app).join(id).join("gate");
+    wait_for(60, "the gated build to finish", || {
+        // The directory may not exist yet, or be in the middle of being cleared.
+        let _ = std::fs::write(&gate, "");
+        done()
+    })
+    .await
 }
 
 #[tokio::test]
@@ -148,8 +181,7 @@ async fn a_stream_on_one_replica_shows_a_build_running_on_another() {
     let worker = Replica::start(&database, data.path(), &[]).await;
     let watcher = Replica::start(&database, data.path(), &[("RACK_BUILD_WORKERS", "0")]).await;
     create_app(&worker, "myapp").await;
-    let gate = data.path().join("gate");
-    let id = watcher.build("myapp", &[("convox.yml", &gated_build(&gate))]).await;
+    let id = watcher.build("myapp", &[("convox.yml", GATED_BUILD)]).await;
     let log = watcher
         .request(Method::GET, &format!("/apps/myapp/builds/{id}/logs"))
         .header("accept", "text/plain");
@@ -159,11 +191,11 @@ async fn a_stream_on_one_replica_shows_a_build_running_on_another() {
         (b["status"] == "running").then_some(())
     })
     .await;
-    std::fs::write(&gate, "").unwrap();
-    let text = tokio::time::timeout(Duration::from_secs(60), reading)
-        .await
-        .unwrap()
-        .unwrap();
+    open_gate_until(data.path(), "myapp", &id, || async {
+        reading.is_finished().then_some(())
+    })
+    .await;
+    let text = reading.await.unwrap();
     let lines: Vec<&str> = text.lines().collect();
     let started = lines.iter().position(|l| *l == "started").expect("started");
     let finished = lines.iter().position(|l| *l == "finished").expect("finished");
@@ -212,8 +244,7 @@ async fn a_build_on_a_killed_replica_fails_as_interrupted_on_another() {
     let data = tempfile::tempdir().unwrap();
     let mut doomed = Replica::start(&database, data.path(), &[]).await;
     create_app(&doomed, "myapp").await;
-    let gate = data.path().join("never");
-    let id = doomed.build("myapp", &[("convox.yml", &gated_build(&gate))]).await;
+    let id = doomed.build("myapp", &[("convox.yml", GATED_BUILD)]).await;
     wait_for(30, "the build to run", || async {
         let b = doomed.json(&format!("/apps/myapp/builds/{id}")).await;
         (b["status"] == "running").then_some(())
@@ -232,8 +263,7 @@ async fn sigterm_hands_a_running_build_back_to_another_replica() {
     let data = tempfile::tempdir().unwrap();
     let mut leaving = Replica::start(&database, data.path(), &[]).await;
     create_app(&leaving, "myapp").await;
-    let gate = data.path().join("gate");
-    let id = leaving.build("myapp", &[("convox.yml", &gated_build(&gate))]).await;
+    let id = leaving.build("myapp", &[("convox.yml", GATED_BUILD)]).await;
     wait_for(30, "the build to run", || async {
         let b = leaving.json(&format!("/apps/myapp/builds/{id}")).await;
         (b["status"] == "running").then_some(())
@@ -241,8 +271,11 @@ async fn sigterm_hands_a_running_build_back_to_another_replica() {
     .await;
     leaving.sigterm().await;
     let staying = Replica::start(&database, data.path(), &[]).await;
-    std::fs::write(&gate, "").unwrap();
-    let build = staying.wait_build("myapp", &id).await;
+    let build = open_gate_until(data.path(), "myapp", &id, || async {
+        let b = staying.json(&format!("/apps/myapp/builds/{id}")).await;
+        matches!(b["status"].as_str(), Some("complete" | "failed")).then_some(b)
+    })
+    .await;
     assert_eq!(build["status"], "complete", "{build}");
 }
 

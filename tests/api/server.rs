@@ -64,3 +64,120 @@ async fn in_flight_requests_finish_during_shutdown() {
         assert_eq!(status_text(answer.unwrap()).await.0, 200);
     }
 }
+
+/// A supervisor restarting rack at once after `kill -9` finds the old embedded postmaster still
+/// shutting down; rack waits for it instead of failing on its lock file.
+#[tokio::test]
+async fn a_restart_right_after_kill_9_reuses_the_embedded_cluster() {
+    let data = crate::helpers::reachable_tempdir();
+    let mut rack = crate::replicas::Replica::start_embedded(data.path()).await;
+    let created = rack
+        .request(Method::POST, "/apps")
+        .form(&[("name", "survivor")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    for _ in 0..3 {
+        rack.kill_9().await;
+        rack = crate::replicas::Replica::start_embedded(data.path()).await;
+        let app = rack.request(Method::GET, "/apps/survivor").send().await.unwrap();
+        assert_eq!(app.status(), 200);
+    }
+}
+
+/// Reads what the server sends until it closes the connection (at most 10 s).
+async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("the server closes the connection")
+        .ok();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn slow_idle_and_oversized_clients_are_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::spawn_with(|config| {
+        config.listener.header_timeout = std::time::Duration::from_secs(1);
+        config.listener.max_header_bytes = 4096;
+    })
+    .await;
+    // A slow-loris client: one byte of its request head at a time.
+    let mut slow = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let sender = async {
+        for byte in b"GET /system HTTP/1.1\r\nHost: rack\r\n" {
+            if slow.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), sender).await;
+    let answer = read_until_closed(&mut slow).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(answer.contains("did not arrive within 1s"), "{answer:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+
+    // A connection that never says anything is closed, silently.
+    let mut idle = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    assert_eq!(read_until_closed(&mut idle).await, "");
+
+    // A keep-alive connection is closed once idle, after answering in full.
+    let mut kept = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    kept.write_all(b"GET /system HTTP/1.1\r\nHost: rack\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut kept).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer:?}");
+
+    let huge = format!(
+        "GET /system HTTP/1.1\r\nHost: rack\r\nX-Big: {}\r\n\r\n",
+        "x".repeat(8192)
+    );
+    let mut big = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    big.write_all(huge.as_bytes()).await.unwrap();
+    let answer = read_until_closed(&mut big).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+
+    // The server still serves.
+    assert_eq!(app.convox(Method::GET, "/system").send().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn an_address_may_hold_only_so_many_unauthenticated_connections() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::spawn_with(|config| config.listener.max_unauthenticated = 20).await;
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(tokio::net::TcpStream::connect(app.addr).await.unwrap());
+    }
+    let mut over = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    over.write_all(b"GET /system HTTP/1.1\r\nHost: rack\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut over).await;
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer:?}");
+    assert!(answer.contains("retry-after: 1"), "{answer:?}");
+    assert!(answer.contains("not authenticated yet"), "{answer:?}");
+    // Authenticating frees a slot: one of the held connections makes a real request.
+    let auth = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("convox:{}", crate::helpers::PASSWORD),
+    );
+    let request = format!("GET /system HTTP/1.1\r\nHost: rack\r\nAuthorization: Basic {auth}\r\n\r\n");
+    held[0].write_all(request.as_bytes()).await.unwrap();
+    let mut first_line = [0u8; 12];
+    tokio::io::AsyncReadExt::read_exact(&mut held[0], &mut first_line)
+        .await
+        .unwrap();
+    assert_eq!(&first_line, b"HTTP/1.1 200");
+    crate::helpers::wait_for(10, "a slot for a new client", || async {
+        let response = app.convox(Method::GET, "/system").send().await.ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+}

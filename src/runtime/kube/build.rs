@@ -28,7 +28,8 @@ pub async fn run(runtime: &KubeRuntime, job: &BuildJob, log: &LogSink) -> Result
     let failed = BuildFailure::Failed;
     let scratch = rt.scratch.join(&job.app).join(&job.id);
     let checked = check_source(runtime, job, &scratch, log).await;
-    let _ = tokio::fs::remove_dir_all(&scratch).await;
+    // Off the build's path: a refused archive can leave a large tree.
+    tokio::spawn(async move { tokio::fs::remove_dir_all(&scratch).await });
     let (text, services) = checked?;
     let images = services
         .iter()

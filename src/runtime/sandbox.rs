@@ -1,0 +1,238 @@
+//! The local runtime's sandbox. Build commands and app processes run untrusted code, so they
+//! run through bubblewrap: as an unprivileged user (when rack is root), in pid, mount, ipc and
+//! uts namespaces of their own, seeing the system's programs read-only and, of rack's data,
+//! only their own build directory. rack's environment, password file, objects and Postgres
+//! data are never in their reach.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use tokio::process::Command;
+
+/// The user sandboxed commands run as when rack runs as root (`scripts/install-deps` makes it).
+pub const DEFAULT_USER: &str = "rack-sandbox";
+
+/// Top-level directories that hold the system's programs and libraries; each is bound
+/// read-only, or re-created as the same symlink (merged-/usr systems link most of them).
+const SYSTEM_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc"];
+
+/// An unprivileged account.
+#[derive(Debug, Clone)]
+struct Account {
+    name: String,
+    uid: u32,
+    gid: u32,
+}
+
+/// How sandboxed commands are started.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    bwrap: PathBuf,
+    /// Who they run as; `None` when rack is not root (they run as rack's own user).
+    account: Option<Account>,
+    /// `--ro-bind` / `--symlink` arguments that show the system's directories.
+    system: Vec<String>,
+}
+
+/// Whether a sandboxed command dies with rack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tie {
+    /// Killed at once when rack goes (a build: nothing of it is worth keeping).
+    DiesWithRack,
+    /// Left to its own watchdog, which stops it gracefully (an app process).
+    Watchdog,
+}
+
+impl Sandbox {
+    /// Finds bubblewrap and, when rack is root, the unprivileged `user`; then checks that a
+    /// sandbox can really be made here.
+    ///
+    /// # Errors
+    /// When bubblewrap is missing, the user does not exist or is root, or the kernel refuses
+    /// the namespaces; each message says what to install or change.
+    pub fn open(user: &str) -> anyhow::Result<Self> {
+        let bwrap = find_on_path("bwrap").context(
+            "bubblewrap (bwrap) is needed to isolate builds and app processes of the local runtime: \
+             install it with `apt-get install -y bubblewrap` (scripts/install-deps does)",
+        )?;
+        let account = if nix::unistd::geteuid().is_root() {
+            let found = nix::unistd::User::from_name(user)
+                .with_context(|| format!("looking up the sandbox user {user}"))?
+                .with_context(|| {
+                    format!(
+                        "the sandbox user {user} does not exist: builds and app processes run as it. \
+                         Create it with `useradd --system --user-group --no-create-home --shell /usr/sbin/nologin {user}` \
+                         (scripts/install-deps does), or name another unprivileged user with RACK_SANDBOX_USER"
+                    )
+                })?;
+            if found.uid.is_root() {
+                bail!("RACK_SANDBOX_USER {user} is root: name an unprivileged user");
+            }
+            Some(Account {
+                name: user.to_owned(),
+                uid: found.uid.as_raw(),
+                gid: found.gid.as_raw(),
+            })
+        } else {
+            None
+        };
+        let sandbox = Self {
+            bwrap,
+            account,
+            system: system_binds(Path::new("/")),
+        };
+        sandbox.probe()?;
+        Ok(sandbox)
+    }
+
+    /// Who sandboxed commands run as, for logs and messages.
+    pub fn user(&self) -> String {
+        match &self.account {
+            Some(account) => account.name.clone(),
+            None => nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map_or_else(|| nix::unistd::getuid().to_string(), |u| u.name),
+        }
+    }
+
+    /// A command that runs `argv` in a sandbox whose only writable view of the host is
+    /// `workspace` (bound at the same path), starting in `cwd`, with an empty environment
+    /// (the caller adds what the command may see).
+    pub fn command(&self, workspace: &Path, cwd: &Path, argv: &[String], tie: Tie) -> Command {
+        let mut cmd = Command::new(&self.bwrap);
+        cmd.args(self.arguments(workspace, cwd, argv, tie))
+            .env_clear()
+            .current_dir("/");
+        if let Some(account) = &self.account {
+            // Also drops rack's supplementary groups (std does when root changes uid).
+            cmd.uid(account.uid).gid(account.gid);
+        }
+        cmd
+    }
+
+    fn arguments(&self, workspace: &Path, cwd: &Path, argv: &[String], tie: Tie) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = [
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--hostname",
+            "rack",
+        ]
+        .iter()
+        .map(Into::into)
+        .collect();
+        args.extend(self.system.iter().map(Into::into));
+        args.extend(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind"].map(Into::into));
+        args.extend([workspace.into(), workspace.into(), "--chdir".into(), cwd.into()]);
+        if tie == Tie::DiesWithRack {
+            args.push("--die-with-parent".into());
+        }
+        args.push("--".into());
+        args.extend(argv.iter().map(Into::into));
+        args
+    }
+
+    /// Gives `dir` and everything under it to the sandbox user, so that sandboxed commands
+    /// can write there (nothing to do when rack is not root: they run as rack's user).
+    ///
+    /// # Errors
+    /// When a file cannot be given away.
+    pub async fn hand_over(&self, dir: &Path) -> std::io::Result<()> {
+        let Some(account) = self.account.clone() else {
+            return Ok(());
+        };
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || chown_tree(&dir, account.uid, account.gid))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    /// Runs `true` in a sandbox, so a machine that cannot make one fails at startup with the
+    /// reason rather than at the first build.
+    fn probe(&self) -> anyhow::Result<()> {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().context("making a directory for the sandbox check")?;
+        let mut cmd = std::process::Command::new(&self.bwrap);
+        cmd.args(self.arguments(dir.path(), dir.path(), &["/bin/true".to_owned()], Tie::DiesWithRack))
+            .env_clear()
+            .current_dir("/")
+            .stdin(std::process::Stdio::null());
+        if let Some(account) = &self.account {
+            std::os::unix::fs::chown(dir.path(), Some(account.uid), Some(account.gid))?;
+            cmd.uid(account.uid).gid(account.gid);
+        }
+        let out = cmd.output().context("running bubblewrap")?;
+        if !out.status.success() {
+            bail!(
+                "bubblewrap cannot make a sandbox on this machine ({}): {}. It needs user namespaces \
+                 (sysctl kernel.unprivileged_userns_clone=1 where that setting exists), and a data \
+                 directory the sandbox user may enter",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The binds that show `root`'s system directories inside a sandbox.
+fn system_binds(root: &Path) -> Vec<String> {
+    let mut args = Vec::new();
+    for name in SYSTEM_DIRS {
+        let path = root.join(name);
+        let target = format!("/{name}");
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                if let Ok(link) = std::fs::read_link(&path) {
+                    args.extend(["--symlink".to_owned(), link.to_string_lossy().into_owned(), target]);
+                }
+            }
+            Ok(meta) if meta.is_dir() => {
+                args.extend(["--ro-bind".to_owned(), path.to_string_lossy().into_owned(), target]);
+            }
+            _ => {}
+        }
+    }
+    args
+}
+
+/// `chown -R` without following symlinks.
+fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(dir)? {
+            chown_tree(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
+fn find_on_path(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .chain(["/usr/bin".into(), "/bin".into()])
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn system_dirs_are_bound_read_only_or_linked() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("usr")).unwrap();
+        std::os::unix::fs::symlink("usr/bin", root.path().join("bin")).unwrap();
+        let args = system_binds(root.path());
+        let usr = root.path().join("usr").to_string_lossy().into_owned();
+        assert_eq!(
+            args,
+            ["--ro-bind", usr.as_str(), "/usr", "--symlink", "usr/bin", "/bin"]
+        );
+    }
+}

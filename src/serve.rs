@@ -1,0 +1,320 @@
+//! The HTTP listener: accepts connections and serves the API on each with hyper, under the
+//! limits a server facing the internet needs. A client gets [`Limits::header_timeout`] to send
+//! each request's headers (a slow-loris client is cut off, with a 408 when it had started a
+//! request), an idle keep-alive connection is closed after the same time (responses still
+//! being written, streams included, are never cut), headers over [`Limits::max_header_bytes`]
+//! get 431, and an address may hold at most [`Limits::max_unauthenticated`] connections that
+//! have not yet made an authenticated request (more get 429). On shutdown, accepting stops,
+//! idle connections close and requests in flight finish.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+/// How long requests in flight get to finish once the server is stopping (streams end by
+/// themselves: they watch the shutdown token).
+const DRAIN: Duration = Duration::from_secs(30);
+
+/// The listener's limits (settings of `rack server`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Time to send a request's headers; also how long an idle keep-alive connection stays.
+    pub header_timeout: Duration,
+    /// Largest request head (request line and headers).
+    pub max_header_bytes: usize,
+    /// Most connections one address may hold before authenticating (0: no limit).
+    pub max_unauthenticated: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(15),
+            max_header_bytes: 64 * 1024,
+            max_unauthenticated: 256,
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` is cancelled, then drains.
+///
+/// # Errors
+/// Never today; accept errors (too many open files) are logged and retried.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192) + 4096)
+        .max_header_size(limits.max_header_bytes);
+    let book = Arc::new(Unauthenticated::default());
+    let tracker = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // EMFILE and friends: wait for connections to close rather than spin.
+                    tracing::warn!(error = %e, "accepting a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let stream = Arc::new(stream);
+        let Some(connection) = Connection::open(&book, peer, limits.max_unauthenticated) else {
+            tracker.spawn(refuse(stream, peer));
+            continue;
+        };
+        let service = {
+            let connection = connection.clone();
+            router.clone().map_request(move |mut request: Request<Incoming>| {
+                // A new request head has arrived: what follows (its body) is not idle chatter.
+                connection.0.idle_bytes.store(0, Ordering::Relaxed);
+                let extensions = request.extensions_mut();
+                extensions.insert(ConnectInfo(peer));
+                extensions.insert(connection.clone());
+                request.map(Body::new)
+            })
+        };
+        let service = TowerToHyperService::new(service.map_response({
+            let connection = connection.clone();
+            move |response: axum::response::Response| {
+                let connection = connection.clone();
+                response.map(move |body| Body::new(EndsIdle { body, connection }))
+            }
+        }));
+        let io = Io {
+            stream: stream.clone(),
+            connection: connection.clone(),
+        };
+        let conn = http.serve_connection(TokioIo::new(io), service).with_upgrades();
+        let shutdown = shutdown.clone();
+        let timeout = limits.header_timeout;
+        tracker.spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            let ended = tokio::select! {
+                ended = conn.as_mut() => ended,
+                () = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    tokio::time::timeout(DRAIN, conn.as_mut()).await.unwrap_or(Ok(()))
+                }
+            };
+            if let Err(e) = ended
+                && e.is_timeout()
+                && connection.0.idle_bytes.load(Ordering::Relaxed) > 0
+            {
+                // It had started a request and did not finish its headers in time. (An idle
+                // keep-alive connection is closed silently: a 408 there could race with a
+                // request the client is sending at that moment.)
+                let message = format!("the request headers did not arrive within {}s\n", timeout.as_secs());
+                write_raw(&stream, "408 Request Timeout", &[], &message);
+            }
+        });
+    }
+    tracker.close();
+    let _ = tokio::time::timeout(DRAIN + Duration::from_secs(5), tracker.wait()).await;
+    Ok(())
+}
+
+/// Answers a connection over the per-address limit with 429 and closes it.
+async fn refuse(stream: Arc<TcpStream>, peer: SocketAddr) {
+    let message = format!(
+        "too many connections from {} that have not authenticated yet: authenticate on the ones you have, or close some\n",
+        peer.ip()
+    );
+    tracing::warn!(client.address = %peer.ip(), "refused a connection over the unauthenticated limit");
+    // Let the request arrive first, so the client reads the answer instead of a reset.
+    let _ = tokio::time::timeout(Duration::from_millis(200), stream.readable()).await;
+    write_raw(&stream, "429 Too Many Requests", &[("retry-after", "1")], &message);
+}
+
+/// Writes a whole response on a connection hyper no longer serves (best effort: a full socket
+/// buffer just loses it).
+fn write_raw(stream: &TcpStream, status: &str, headers: &[(&str, &str)], message: &str) {
+    let mut text = format!(
+        "HTTP/1.1 {status}\r\nconnection: close\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n",
+        message.len()
+    );
+    for (name, value) in headers {
+        text.push_str(&format!("{name}: {value}\r\n"));
+    }
+    text.push_str("\r\n");
+    text.push_str(message);
+    let _ = stream.try_write(text.as_bytes());
+}
+
+/// Connections per address that have not authenticated yet.
+#[derive(Debug, Default)]
+struct Unauthenticated(Mutex<HashMap<IpAddr, usize>>);
+
+impl Unauthenticated {
+    fn take(&self, ip: IpAddr, limit: usize) -> bool {
+        let mut counts = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = counts.entry(ip).or_default();
+        if limit > 0 && *count >= limit {
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    fn release(&self, ip: IpAddr) {
+        let mut counts = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&ip);
+            }
+        }
+    }
+}
+
+/// One client connection, in every request's extensions: who is on the other end, and
+/// whether it has authenticated yet.
+#[derive(Debug, Clone)]
+pub struct Connection(Arc<ConnectionState>);
+
+#[derive(Debug)]
+struct ConnectionState {
+    peer: SocketAddr,
+    authenticated: AtomicBool,
+    book: Arc<Unauthenticated>,
+    /// Bytes read since the last response ended (a request head in progress).
+    idle_bytes: AtomicU64,
+}
+
+impl Connection {
+    fn open(book: &Arc<Unauthenticated>, peer: SocketAddr, limit: usize) -> Option<Self> {
+        book.take(peer.ip(), limit).then(|| {
+            Self(Arc::new(ConnectionState {
+                peer,
+                authenticated: AtomicBool::new(false),
+                book: book.clone(),
+                idle_bytes: AtomicU64::new(0),
+            }))
+        })
+    }
+
+    /// The client's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.0.peer
+    }
+
+    /// Records that a request on this connection authenticated: it no longer counts against
+    /// its address's limit.
+    pub fn authenticated(&self) {
+        if !self.0.authenticated.swap(true, Ordering::SeqCst) {
+            self.0.book.release(self.0.peer.ip());
+        }
+    }
+}
+
+impl Drop for ConnectionState {
+    fn drop(&mut self) {
+        if !*self.authenticated.get_mut() {
+            self.book.release(self.peer.ip());
+        }
+    }
+}
+
+/// A response body that marks the connection idle once it has been sent (or dropped).
+struct EndsIdle {
+    body: Body,
+    connection: Connection,
+}
+
+impl Drop for EndsIdle {
+    fn drop(&mut self) {
+        self.connection.0.idle_bytes.store(0, Ordering::Relaxed);
+    }
+}
+
+impl http_body::Body for EndsIdle {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        http_body::Body::is_end_stream(&self.body)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::Body::size_hint(&self.body)
+    }
+}
+
+/// The socket as hyper reads and writes it, shared with the connection's task (which may
+/// answer 408 once hyper has given up on it), counting what arrives while idle.
+struct Io {
+    stream: Arc<TcpStream>,
+    connection: Connection,
+}
+
+impl AsyncRead for Io {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match self.stream.try_read(unfilled) {
+                Ok(n) => {
+                    buf.advance(n);
+                    self.connection.0.idle_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.stream.poll_write_ready(cx))?;
+            match self.stream.try_write(data) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The socket closes when the last handle on it goes, right after the connection ends.
+        Poll::Ready(Ok(()))
+    }
+}
