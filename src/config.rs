@@ -101,7 +101,7 @@ pub struct ServerArgs {
     pub db_connections: u32,
     /// The unprivileged user that build commands and app processes of the local runtime run
     /// as, when rack runs as root (they always run in a sandbox of their own).
-    #[arg(long, env = "RACK_SANDBOX_USER", default_value = crate::runtime::sandbox::DEFAULT_USER)]
+    #[arg(long, env = "RACK_SANDBOX_USER", default_value = crate::runtime::local::sandbox::DEFAULT_USER)]
     pub sandbox_user: String,
     /// Seconds a client has to send a request's headers; an idle keep-alive connection is
     /// closed after as long.
@@ -316,7 +316,7 @@ impl Config {
             runtime: RuntimeKind::Local,
             rack_name: "rack".to_owned(),
             db_connections: 5,
-            sandbox_user: crate::runtime::sandbox::DEFAULT_USER.to_owned(),
+            sandbox_user: crate::runtime::local::sandbox::DEFAULT_USER.to_owned(),
             listener: crate::serve::Limits::default(),
             kube: None,
         }

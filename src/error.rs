@@ -39,8 +39,12 @@ pub enum ApiError {
     #[error("{0}")]
     Unprocessable(String),
     /// 502: the runtime (the Kubernetes API) refused or failed what was asked of it.
-    #[error("{0}")]
-    Runtime(String),
+    #[error("{context}: {source}")]
+    Runtime {
+        context: String,
+        #[source]
+        source: crate::runtime::RuntimeError,
+    },
     /// 503: Postgres cannot be reached right now.
     #[error("the database is unavailable, try again shortly")]
     Unavailable(#[source] sqlx::Error),
@@ -64,7 +68,7 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Runtime(_) => StatusCode::BAD_GATEWAY,
+            Self::Runtime { .. } => StatusCode::BAD_GATEWAY,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Db(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -98,7 +102,9 @@ impl IntoResponse for ApiError {
                 tracing::error!(error = %source, "request failed: {}", self);
             }
             Self::Internal(source) => tracing::error!(error = format!("{source:#}"), "request failed"),
-            Self::Runtime(message) => tracing::warn!("request failed in the runtime: {message}"),
+            Self::Runtime { source, .. } => {
+                tracing::warn!(error = %source, "request failed in the runtime: {}", self);
+            }
             _ => {}
         }
         let message = self.to_string();

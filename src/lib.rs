@@ -7,6 +7,7 @@ pub mod archive;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod deploy;
 pub mod env;
 pub mod error;
 pub mod events;
@@ -117,7 +118,7 @@ impl Application {
                     rack: config.rack_name.clone(),
                     config: kube.clone(),
                     objects: objects.clone(),
-                    pool: pool.clone(),
+                    tokens: Arc::new(jobs::capabilities::StoredTokens(pool.clone())),
                     scratch: config.data_dir.join("builds"),
                     limits: config.source_limits,
                     build_timeout: config.build_timeout,
@@ -127,7 +128,7 @@ impl Application {
             ),
             None => {
                 let user = config.sandbox_user.clone();
-                let sandbox = tokio::task::spawn_blocking(move || runtime::sandbox::Sandbox::open(&user))
+                let sandbox = tokio::task::spawn_blocking(move || runtime::local::sandbox::Sandbox::open(&user))
                     .await?
                     .context("preparing the sandbox of the local runtime (RACK_SANDBOX_USER)")?;
                 tracing::info!(
@@ -135,15 +136,18 @@ impl Application {
                     "builds and app processes run sandboxed as {}",
                     sandbox.user()
                 );
-                Arc::new(runtime::local::LocalRuntime::new(
-                    objects.clone(),
-                    config.data_dir.join("builds"),
-                    config.source_limits,
+                Arc::new(runtime::local::LocalRuntime::new(runtime::local::LocalSettings {
+                    objects: objects.clone(),
+                    builds_dir: config.data_dir.join("builds"),
+                    limits: config.source_limits,
                     sandbox,
-                    pool.clone(),
-                    bus.clone(),
-                    shutdown.clone(),
-                ))
+                    logs: Arc::new(jobs::capabilities::PersistedLogs {
+                        pool: pool.clone(),
+                        bus: bus.clone(),
+                    }),
+                    ports: Arc::new(jobs::capabilities::StoredPorts(pool.clone())),
+                    shutdown: shutdown.clone(),
+                }))
             }
         };
         let state = AppState(Arc::new(Rack {

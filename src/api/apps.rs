@@ -136,10 +136,13 @@ pub async fn create_app(State(state): State<AppState>, Input(body): Input<Create
                 e.into()
             }
         })?;
-    if let Err(message) = state.runtime.create_app(name.as_str()).await {
+    if let Err(source) = state.runtime.create_app(name.as_str()).await {
         // An app the runtime cannot host is not created at all.
         store::apps::delete(&state.pool, &name).await?;
-        return Err(ApiError::Runtime(format!("could not create app {name}: {message}")));
+        return Err(ApiError::Runtime {
+            context: format!("could not create app {name}"),
+            source,
+        });
     }
     tracing::info!(app.name = %name, "created app {name}");
     let location = format!("/apps/{name}");

@@ -12,9 +12,10 @@ use crate::api::apps::load_app;
 use crate::api::builds::list_limit;
 use crate::api::input::{Format, Pretty, QueryParams};
 use crate::api::streams::{self, StreamRequest, Style};
+use crate::deploy::{DeployState, Outcome};
 use crate::error::{ApiError, ApiResult};
 use crate::events::Follow;
-use crate::store::deployments::{self, DeployState, Deployment};
+use crate::store::deployments::{self, Deployment};
 use crate::store::events::Topic;
 
 /// A deployment.
@@ -26,7 +27,7 @@ pub struct DeploymentView {
     previous: Option<String>,
     state: DeployState,
     /// `ok` once Running, `error` once Reverted, Failure or Superseded, null before.
-    outcome: Option<&'static str>,
+    outcome: Option<Outcome>,
     reason: String,
     timeout: i32,
     created: DateTime<Utc>,
@@ -36,10 +37,11 @@ pub struct DeploymentView {
 
 impl From<Deployment> for DeploymentView {
     fn from(d: Deployment) -> Self {
-        let outcome = d
-            .state
-            .is_terminal()
-            .then_some(if d.state == DeployState::Running { "ok" } else { "error" });
+        let outcome = d.state.is_terminal().then_some(if d.state == DeployState::Running {
+            Outcome::Ok
+        } else {
+            Outcome::Error
+        });
         Self {
             id: d.id,
             app: d.app,

@@ -20,7 +20,7 @@ use crate::AppState;
 use crate::api::input::QueryParams;
 use crate::error::{ApiError, ApiResult};
 use crate::events::{Follow, Item, format_line, outcome_line, subscribe};
-use crate::store::events::{Event, Topic};
+use crate::store::events::{Event, Outcome, Topic};
 
 /// The line that ends a stream when the server stops, so clients know to reconnect.
 const SHUTTING_DOWN: &str = "rack: this server is shutting down; reconnect to resume";
@@ -185,8 +185,9 @@ fn with_id(event: &Event, render: Render, text: String) -> String {
 fn text_of(item: Result<Item, sqlx::Error>, style: Render, say_ok: bool) -> Option<String> {
     match item {
         Ok(Item::Event(event)) if !style.outcomes => Some(line(&event, style)),
+        // The websocket ends a successful topic silently: its empty binary frame says it all.
+        Ok(Item::Event(event)) if event.outcome == Some(Outcome::Ok) && !say_ok => Some(String::new()),
         Ok(Item::Event(event)) => match outcome_line(&event) {
-            Some(line) if line == "OK\n" && !say_ok => Some(String::new()),
             Some(line) => Some(with_id(&event, style, line)),
             None => Some(line(&event, style)),
         },
@@ -225,7 +226,7 @@ where
 {
     let events = items.filter_map(move |item| async move {
         let event = match item {
-            Ok(Item::Event(event)) => match event.outcome.as_deref().filter(|_| style.outcomes) {
+            Ok(Item::Event(event)) => match event.outcome.filter(|_| style.outcomes) {
                 Some(outcome) => SseEvent::default()
                     .id(event.seq.to_string())
                     .event("end")

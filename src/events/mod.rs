@@ -220,8 +220,8 @@ pub fn format_line(event: &Event, prefix: bool) -> String {
 
 /// The last line of a finished topic in our own text format: `OK`, or `ERROR: <reason>`.
 pub fn outcome_line(event: &Event) -> Option<String> {
-    match event.outcome.as_deref()? {
-        "ok" => Some("OK\n".to_owned()),
-        _ => Some(format!("ERROR: {}\n", event.message)),
+    match event.outcome? {
+        crate::deploy::Outcome::Ok => Some("OK\n".to_owned()),
+        crate::deploy::Outcome::Error => Some(format!("ERROR: {}\n", event.message)),
     }
 }

@@ -9,10 +9,10 @@ use uuid::Uuid;
 use super::{Lease, OwnedOwner, persist_lines};
 use crate::AppState;
 use crate::events::Wake;
-use crate::runtime::local::BUILD_STREAM;
+use crate::runtime::BUILD_STREAM;
 use crate::runtime::{BuildFailure, BuildJob, BuildOutput, LogSink};
 use crate::store::builds::{self, Build, BuildStatus, Finish};
-use crate::store::events::{self, Owner};
+use crate::store::events::{self, Outcome, Owner};
 use crate::store::releases::{self, NewRelease};
 
 /// Starts `count` build workers; they stop when the server shuts down.
@@ -234,13 +234,16 @@ async fn try_end(
             let ended = builds::finish(&mut tx, &build.id, holder, &finish).await?;
             (
                 ended,
-                (format!("Build {} complete: release {release_id}", build.id), "ok"),
+                (
+                    format!("Build {} complete: release {release_id}", build.id),
+                    Outcome::Ok,
+                ),
             )
         }
         Err(failure) => {
             let reason = failure.to_string();
             let ended = builds::finish(&mut tx, &build.id, holder, &Finish::failed(&reason)).await?;
-            (ended, (reason, "error"))
+            (ended, (reason, Outcome::Error))
         }
     };
     if !ended {
@@ -289,7 +292,7 @@ pub async fn cancel_queued(conn: &mut sqlx::PgConnection, build: &Build) -> Resu
                 deployment: None,
             },
             &lines,
-            Some("error"),
+            Some(Outcome::Error),
         )
         .await?;
     }

@@ -1,14 +1,8 @@
-//! The deploy worker: claims pending deployments, rolls the release out through the runtime
-//! under the deployment's deadline, and always ends in Running, Reverted or Failure.
-//!
-//! ```text
-//! Pending ─► Updating ─┬─► Running                        (the app's release switches here)
-//!                      └─► Deadline | Error | Cancelled ─► Rollback ─┬─► Reverted
-//!                                                                    └─► Failure
-//! ```
-//! A deployment whose holder died is taken over when the lease expires and resumed from its
-//! state: an update is applied again (the runtime converges on the release), a rollback is
-//! finished.
+//! The deploy worker: claims deployments and drives each through `deploy::machine`, turning
+//! what happens (the runtime's result, the deadline, a cancel, a lost lease, shutdown) into
+//! signals and performing what each transition says. It always ends in Running, Reverted or
+//! Failure, or hands the deployment back; a deployment whose holder died is taken over when the
+//! lease expires and resumed from its state (`Signal::Proceed`).
 
 use std::time::Duration;
 
@@ -16,9 +10,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Lease, OwnedOwner, persist_lines};
 use crate::AppState;
+use crate::deploy::{Action, Signal, Transition};
 use crate::events::Wake;
 use crate::runtime::{LogSink, ReleaseSpec};
-use crate::store::deployments::{self, DeployState, Deployment};
+use crate::store::deployments::{self, Deployment};
 use crate::store::releases;
 
 /// The shortest time a rollback gets.
@@ -50,16 +45,7 @@ async fn worker(state: AppState) {
     }
 }
 
-/// How a phase of the rollout ended.
-enum Phase {
-    Done,
-    Failed(DeployState, String),
-    /// The lease is gone (superseded, deleted, taken over): touch nothing more.
-    Lost,
-    /// This server is stopping: hand the deployment back.
-    Stopping,
-}
-
+#[tracing::instrument(skip_all, fields(deployment.id = %deployment.id, app.name = %deployment.app))]
 async fn run(state: &AppState, deployment: Deployment) {
     let owner = OwnedOwner {
         app: deployment.app.clone(),
@@ -72,143 +58,136 @@ async fn run(state: &AppState, deployment: Deployment) {
     let lease = Lease::keep(state, format!("deployment {id}"), move |state| {
         Box::pin(async move { deployments::renew_lease(&state.pool, id, state.replica, state.config.job_lease).await })
     });
-    let timeout = Duration::from_secs(u64::try_from(deployment.timeout_secs).unwrap_or(1800));
-    let started = deployment.started_at.unwrap_or_else(chrono::Utc::now);
-    let elapsed = (chrono::Utc::now() - started).to_std().unwrap_or_default();
-    let deadline = tokio::time::Instant::now() + timeout.saturating_sub(elapsed);
-
-    let outcome = drive(state, &deployment, &log, &lease.cancel, &lease.lost, deadline, timeout).await;
+    let app = deployment.app.clone();
+    let driver = Driver {
+        state,
+        log: &log,
+        lease: &lease,
+    };
+    if let Err(e) = driver.drive(deployment).await {
+        // The lease will expire and another worker will resume the deployment.
+        tracing::error!(error = format!("{e:#}"), deployment.id = %id, "deployment {id} stalled");
+    }
     drop(lease);
     drop(log);
     let _ = writer.await;
-    if let Err(e) = outcome {
-        // The lease will expire and another worker will resume the deployment.
-        tracing::error!(error = format!("{e:#}"), deployment.id = %deployment.id, "deployment {} stalled", deployment.id);
-    }
-    state.bus.poke(Wake::Events(deployment.app.clone()));
+    state.bus.poke(Wake::Events(app));
 }
 
-async fn drive(
-    state: &AppState,
-    deployment: &Deployment,
-    log: &LogSink,
-    cancel: &CancellationToken,
-    lost: &CancellationToken,
-    deadline: tokio::time::Instant,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    let runtime = state.runtime.name();
-    let step = |to: DeployState, reason: String| async move {
-        // What the runtime wrote so far belongs before the state line.
-        log.flush().await;
-        deployments::transition(&state.pool, deployment.id, state.replica, to, &reason, runtime).await
-    };
-    let mut failure = match deployment.state {
-        DeployState::Pending | DeployState::Updating => None,
-        other => Some((other, deployment.reason.clone())),
-    };
-    if failure.is_none() {
-        if !step(DeployState::Updating, String::new()).await? {
-            return Ok(());
-        }
-        let target = match load_spec(state, &deployment.app, &deployment.release_id).await {
-            Ok(spec) => Some(spec),
-            Err(reason) => {
-                failure = Some((DeployState::Error, reason));
-                None
+/// One deployment being driven by this worker.
+struct Driver<'a> {
+    state: &'a AppState,
+    log: &'a LogSink,
+    lease: &'a Lease,
+}
+
+impl Driver<'_> {
+    /// Feeds signals to the machine until it says to stop, recording each transition.
+    async fn drive(&self, mut deployment: Deployment) -> anyhow::Result<()> {
+        let timeout = Duration::from_secs(u64::try_from(deployment.timeout_secs).unwrap_or(1800));
+        let started = deployment.started_at.unwrap_or_else(chrono::Utc::now);
+        let elapsed = (chrono::Utc::now() - started).to_std().unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + timeout.saturating_sub(elapsed);
+        let mut signal = Signal::Proceed;
+        loop {
+            let transition = match crate::deploy::next(&deployment.snapshot(), &signal) {
+                Ok(transition) => transition,
+                Err(e) => {
+                    // A bug, not a state of the world: leave the deployment to its lease.
+                    anyhow::bail!("{e}");
+                }
+            };
+            if transition.moves() && !self.record(&mut deployment, &transition).await? {
+                // Moved by someone else (superseded, taken over): it is theirs now.
+                return self.clean_up_if_deleted(&deployment.app).await;
             }
-        };
-        if let Some(target) = target {
-            match phase(state, deployment, Some(&target), log, cancel, lost, deadline, timeout).await {
-                Phase::Done => {
-                    step(DeployState::Running, String::new()).await?;
-                    tracing::info!(deployment.id = %deployment.id, app.name = %deployment.app, "release {} is running", deployment.release_id);
+            signal = match transition.then {
+                Action::Proceed => Signal::Proceed,
+                Action::ApplyRelease => {
+                    let target = self.load(&deployment.app, Some(&deployment.release_id)).await;
+                    self.apply(&deployment, target, deadline, timeout, true).await
+                }
+                Action::ApplyPrevious => {
+                    // The rollback gets a deadline of its own (the first one may be what ran
+                    // out), and at least five minutes: a short deadline given for the new
+                    // release must not doom the old one.
+                    let limit = timeout.max(ROLLBACK_MIN_TIMEOUT);
+                    let previous = self
+                        .load(&deployment.app, deployment.previous_release_id.as_deref())
+                        .await;
+                    self.apply(&deployment, previous, tokio::time::Instant::now() + limit, limit, false)
+                        .await
+                }
+                Action::Stop if signal == Signal::LeaseLost => return self.clean_up_if_deleted(&deployment.app).await,
+                Action::Stop => {
+                    if transition.to == crate::deploy::DeployState::Running {
+                        tracing::info!(deployment.id = %deployment.id, app.name = %deployment.app, "release {} is running", deployment.release_id);
+                    }
                     return Ok(());
                 }
-                Phase::Failed(state_, reason) => failure = Some((state_, reason)),
-                Phase::Lost => return clean_up_if_deleted(state, &deployment.app).await,
-                Phase::Stopping => return hand_back(state, deployment).await,
-            }
+                Action::HandBack => {
+                    deployments::hand_back(&self.state.pool, deployment.id, self.state.replica).await?;
+                    return Ok(());
+                }
+            };
         }
     }
-    let Some((failed_state, reason)) = failure else {
-        return Ok(());
-    };
-    if matches!(
-        failed_state,
-        DeployState::Deadline | DeployState::Error | DeployState::Cancelled
-    ) && !step(failed_state, reason.clone()).await?
-    {
-        return Ok(());
-    }
-    if !step(DeployState::Rollback, reason.clone()).await? {
-        return Ok(());
-    }
-    let previous = match &deployment.previous_release_id {
-        Some(id) => match load_spec(state, &deployment.app, id).await {
-            Ok(spec) => Some(spec),
-            Err(e) => {
-                step(DeployState::Failure, format!("{reason}; rollback failed: {e}")).await?;
-                return Ok(());
-            }
-        },
-        None => None,
-    };
-    // The rollback gets a deadline of its own (the original one may be what ran out), and at
-    // least five minutes: a short deadline given for the new release must not doom the old one.
-    let rollback_timeout = timeout.max(ROLLBACK_MIN_TIMEOUT);
-    let rollback_deadline = tokio::time::Instant::now() + rollback_timeout;
-    let never = CancellationToken::new();
-    match phase(
-        state,
-        deployment,
-        previous.as_ref(),
-        log,
-        &never,
-        lost,
-        rollback_deadline,
-        rollback_timeout,
-    )
-    .await
-    {
-        Phase::Done => {
-            step(DeployState::Reverted, reason).await?;
-        }
-        Phase::Failed(_, why) => {
-            step(DeployState::Failure, format!("{reason}; rollback failed: {why}")).await?;
-        }
-        Phase::Lost => return clean_up_if_deleted(state, &deployment.app).await,
-        Phase::Stopping => return hand_back(state, deployment).await,
-    }
-    Ok(())
-}
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site each for the update and the rollback"
-)]
-async fn phase(
-    state: &AppState,
-    deployment: &Deployment,
-    release: Option<&ReleaseSpec>,
-    log: &LogSink,
-    cancel: &CancellationToken,
-    lost: &CancellationToken,
-    deadline: tokio::time::Instant,
-    timeout: Duration,
-) -> Phase {
-    tokio::select! {
-        result = state.runtime.apply(&deployment.app, release, log) => match result {
-            Ok(()) => Phase::Done,
-            Err(e) => Phase::Failed(DeployState::Error, e.0),
-        },
-        () = tokio::time::sleep_until(deadline) => Phase::Failed(
-            DeployState::Deadline,
-            format!("the deployment did not become healthy within {}s", timeout.as_secs()),
-        ),
-        () = cancel.cancelled() => Phase::Failed(DeployState::Cancelled, "cancelled".to_owned()),
-        () = lost.cancelled() => Phase::Lost,
-        () = state.shutdown.cancelled() => Phase::Stopping,
+    /// Records `transition` (after what the runtime wrote so far, which belongs before its
+    /// lines); false when the deployment moved under us.
+    async fn record(&self, deployment: &mut Deployment, transition: &Transition) -> anyhow::Result<bool> {
+        self.log.flush().await;
+        let runtime = self.state.runtime.name();
+        let recorded =
+            deployments::record(&self.state.pool, deployment, self.state.replica, transition, runtime).await?;
+        if recorded {
+            deployment.state = transition.to;
+            if let Some(reason) = &transition.reason {
+                deployment.reason.clone_from(reason);
+            }
+        }
+        Ok(recorded)
+    }
+
+    /// The release `id` as the runtime runs it (`None`: the app had none, so nothing runs).
+    async fn load(&self, app: &str, id: Option<&str>) -> Result<Option<ReleaseSpec>, String> {
+        match id {
+            Some(id) => load_spec(self.state, app, id).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Has the runtime converge on `release` until `deadline`, watching for a cancel (unless
+    /// `cancellable` is false: a rollback is not), a lost lease and shutdown; returns what
+    /// happened as a signal.
+    async fn apply(
+        &self,
+        deployment: &Deployment,
+        release: Result<Option<ReleaseSpec>, String>,
+        deadline: tokio::time::Instant,
+        limit: Duration,
+        cancellable: bool,
+    ) -> Signal {
+        let release = match release {
+            Ok(release) => release,
+            Err(reason) => return Signal::ApplyFailed(reason),
+        };
+        let never = CancellationToken::new();
+        let cancel = if cancellable { &self.lease.cancel } else { &never };
+        tokio::select! {
+            result = self.state.runtime.apply(&deployment.app, release.as_ref(), self.log) => match result {
+                Ok(()) => Signal::Applied,
+                Err(e) => Signal::ApplyFailed(e.to_string()),
+            },
+            () = tokio::time::sleep_until(deadline) => Signal::DeadlinePassed(limit),
+            () = cancel.cancelled() => Signal::CancelRequested,
+            () = self.lease.lost.cancelled() => Signal::LeaseLost,
+            () = self.state.shutdown.cancelled() => Signal::ShuttingDown,
+        }
+    }
+
+    async fn clean_up_if_deleted(&self, app: &str) -> anyhow::Result<()> {
+        clean_up_if_deleted(self.state, app).await
     }
 }
 
@@ -219,11 +198,6 @@ async fn clean_up_if_deleted(state: &AppState, app: &str) -> anyhow::Result<()> 
     if crate::store::apps::get(&state.pool, &name).await?.is_none() {
         state.runtime.delete_app(app).await;
     }
-    Ok(())
-}
-
-async fn hand_back(state: &AppState, deployment: &Deployment) -> anyhow::Result<()> {
-    deployments::hand_back(&state.pool, deployment.id, state.replica).await?;
     Ok(())
 }
 

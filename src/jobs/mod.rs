@@ -2,18 +2,20 @@
 //! LOCKED`), hold it with a lease they renew, and always bring it to a terminal state.
 
 pub mod builds;
+pub mod capabilities;
 pub mod deploys;
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use sqlx::PgPool;
 
 use crate::events::{EventBus, Wake};
-use crate::runtime::LogItem;
+use std::sync::atomic::Ordering;
+
+use crate::runtime::{LogItem, LogReceiver};
 use crate::store::events::{self, Owner};
 
 /// Workers that found nothing look again this often (a NOTIFY wakes them sooner).
@@ -110,10 +112,15 @@ async fn until_renewal(state: &crate::AppState, wake: &mut tokio::sync::broadcas
     }
 }
 
+/// The stream of rack's own notes in an app's log.
+pub const LOG_NOTES_STREAM: &str = "system/rack/log";
+
 /// Persists a job's output lines as events, in batches (one transaction per batch, not per
-/// line), until every sender is gone; answers flushes once what came before is stored.
-/// Returns the number of lines written.
-pub async fn persist_lines(pool: PgPool, bus: EventBus, owner: OwnedOwner, mut rx: mpsc::Receiver<LogItem>) -> u64 {
+/// line), until every sender is gone; answers flushes once what came before is stored. For a
+/// lossy sink, says how many lines were dropped as soon as a write succeeds again. Returns the
+/// number of lines written.
+pub async fn persist_lines(pool: PgPool, bus: EventBus, owner: OwnedOwner, receiver: LogReceiver) -> u64 {
+    let LogReceiver { mut rx, dropped } = receiver;
     let mut written = 0;
     let mut batch = Vec::with_capacity(256);
     while let Some(first) = rx.recv().await {
@@ -132,10 +139,21 @@ pub async fn persist_lines(pool: PgPool, bus: EventBus, owner: OwnedOwner, mut r
                 next = rx.try_recv().ok();
             }
         }
-        let lines = std::mem::take(&mut batch);
+        let mut lines = std::mem::take(&mut batch);
+        if let Some(dropped) = &dropped {
+            let missed = dropped.swap(0, Ordering::Relaxed);
+            if missed > 0 {
+                let note = format!("rack: {missed} lines of output were dropped while the log could not keep up");
+                lines.insert(0, (LOG_NOTES_STREAM.to_owned(), note));
+            }
+        }
         if !lines.is_empty() {
-            store_with_retry(&pool, &bus, &owner, &lines).await;
-            written += lines.len() as u64;
+            let stored = store_with_retry(&pool, &bus, &owner, &lines, dropped.is_some()).await;
+            if stored {
+                written += lines.len() as u64;
+            } else if let Some(dropped) = &dropped {
+                dropped.fetch_add(lines.len() as u64, Ordering::Relaxed);
+            }
         }
         for ack in acks {
             let _ = ack.send(());
@@ -144,20 +162,30 @@ pub async fn persist_lines(pool: PgPool, bus: EventBus, owner: OwnedOwner, mut r
     written
 }
 
-async fn store_with_retry(pool: &PgPool, bus: &EventBus, owner: &OwnedOwner, lines: &[(String, String)]) {
+/// Stores `lines`, retrying while Postgres is briefly away (about 30 s; for a lossy log, until
+/// it is back: its writer never waits on this, and what it sends meanwhile is counted).
+/// Returns whether they were stored.
+async fn store_with_retry(
+    pool: &PgPool,
+    bus: &EventBus,
+    owner: &OwnedOwner,
+    lines: &[(String, String)],
+    patient: bool,
+) -> bool {
     let mut delay = Duration::from_millis(100);
-    // Postgres may be briefly unavailable: keep the lines and retry rather than drop them.
+    let mut waited = Duration::ZERO;
     loop {
         match append(pool, bus, owner, lines).await {
-            Ok(()) => return,
-            Err(e) if crate::store::is_transient(&e) && delay < Duration::from_secs(30) => {
+            Ok(()) => return true,
+            Err(e) if crate::store::is_transient(&e) && (patient || waited < Duration::from_secs(30)) => {
                 tracing::warn!(error = %e, app.name = %owner.app, "writing job output; retrying");
                 tokio::time::sleep(delay).await;
-                delay *= 2;
+                waited += delay;
+                delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(e) => {
                 tracing::error!(error = %e, app.name = %owner.app, "dropping {} lines of job output", lines.len());
-                return;
+                return false;
             }
         }
     }

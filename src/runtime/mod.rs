@@ -3,17 +3,16 @@
 
 pub mod kube;
 pub mod local;
-mod process;
-pub mod router;
-pub mod sandbox;
 pub mod source;
-mod supervisor;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::mpsc;
 
@@ -66,6 +65,16 @@ fn humanize(duration: Duration) -> String {
 #[derive(Debug, Clone)]
 pub struct LogSink {
     tx: mpsc::Sender<LogItem>,
+    /// Set for a sink that never blocks: lines it could not queue, counted.
+    dropped: Option<Arc<AtomicU64>>,
+}
+
+/// The receiving end of a [`LogSink`].
+#[derive(Debug)]
+pub struct LogReceiver {
+    pub rx: mpsc::Receiver<LogItem>,
+    /// Lines the sink dropped (a lossy sink), for the writer to report once it can.
+    pub dropped: Option<Arc<AtomicU64>>,
 }
 
 /// What goes through a [`LogSink`].
@@ -76,24 +85,59 @@ pub enum LogItem {
     Flush(tokio::sync::oneshot::Sender<()>),
 }
 
+/// Lines a sink queues before its writer must catch up.
+const LOG_QUEUE: usize = 1024;
+
 impl LogSink {
-    /// A sink and the receiving end that persists the lines.
-    pub fn new() -> (Self, mpsc::Receiver<LogItem>) {
-        let (tx, rx) = mpsc::channel(1024);
-        (Self { tx }, rx)
+    /// A sink that makes its writer wait when the log is behind (a build's or deployment's
+    /// log: no line may be lost, and output cannot pile up in memory).
+    pub fn new() -> (Self, LogReceiver) {
+        let (tx, rx) = mpsc::channel(LOG_QUEUE);
+        (Self { tx, dropped: None }, LogReceiver { rx, dropped: None })
     }
 
-    /// Writes one line (waits when the writer is behind, so output cannot pile up in memory).
+    /// A sink that never makes its writer wait (an app's output: an app must never block on
+    /// its log): when the log is behind, lines are dropped and counted.
+    pub fn lossy() -> (Self, LogReceiver) {
+        let (tx, rx) = mpsc::channel(LOG_QUEUE);
+        let dropped = Arc::new(AtomicU64::new(0));
+        (
+            Self {
+                tx,
+                dropped: Some(dropped.clone()),
+            },
+            LogReceiver {
+                rx,
+                dropped: Some(dropped),
+            },
+        )
+    }
+
+    /// Writes one line.
     pub async fn line(&self, stream: &str, message: impl Into<String>) {
-        // A closed receiver means the job is being torn down; its output has nowhere to go.
-        let _ = self.tx.send(LogItem::Line(stream.to_owned(), message.into())).await;
+        let item = LogItem::Line(stream.to_owned(), message.into());
+        match &self.dropped {
+            // A closed receiver means the job is being torn down; its output has nowhere to go.
+            None => {
+                let _ = self.tx.send(item).await;
+            }
+            Some(dropped) => {
+                if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(item) {
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
     }
 
     /// Waits until every line sent before is stored, so that a state change recorded next
-    /// comes after them in the log.
+    /// comes after them in the log (a lossy sink that is full does not wait).
     pub async fn flush(&self) {
         let (ack, done) = tokio::sync::oneshot::channel();
-        if self.tx.send(LogItem::Flush(ack)).await.is_ok() {
+        let sent = match &self.dropped {
+            None => self.tx.send(LogItem::Flush(ack)).await.is_ok(),
+            Some(_) => self.tx.try_send(LogItem::Flush(ack)).is_ok(),
+        };
+        if sent {
             let _ = done.await;
         }
     }
@@ -115,7 +159,7 @@ impl ReleaseSpec {
     ///
     /// # Errors
     /// When the manifest requires a variable the release does not set.
-    pub fn service_env(&self, name: &str, service: &crate::manifest::Service) -> Result<crate::env::Env, ApplyError> {
+    pub fn service_env(&self, name: &str, service: &crate::manifest::Service) -> Result<crate::env::Env, RuntimeError> {
         let mut env = crate::env::Env::new();
         for entry in self.manifest.environment.iter().chain(&service.environment) {
             match entry.split_once('=') {
@@ -123,7 +167,7 @@ impl ReleaseSpec {
                     env.insert(key.to_owned(), default.to_owned());
                 }
                 None if !self.env.contains_key(entry) => {
-                    return Err(ApplyError(format!(
+                    return Err(RuntimeError::Failed(format!(
                         "service {name} needs the environment variable {entry}: set it with `env set {entry}=...`"
                     )));
                 }
@@ -159,10 +203,105 @@ pub struct LogLine {
 /// Process output, as it comes.
 pub type LineStream = futures_util::stream::BoxStream<'static, LogLine>;
 
-/// Why a rollout could not complete.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ApplyError(pub String);
+/// A failure of the runtime, with its cause kept.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// What was asked did not run; the message says why (and what to change, when it can).
+    #[error("{0}")]
+    Failed(String),
+    /// The Kubernetes API refused or failed.
+    #[error("{what}: {}", kube::describe(.source))]
+    Kube {
+        what: String,
+        #[source]
+        source: ::kube::Error,
+    },
+    /// An operation on this host failed.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Something rack handed the runtime (its log, its port book, its token issuer) failed.
+    #[error("{what}: {source}")]
+    Capability {
+        what: String,
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl RuntimeError {
+    /// A Kubernetes failure while doing `what`.
+    pub fn kube(what: impl Into<String>) -> impl FnOnce(::kube::Error) -> Self {
+        let what = what.into();
+        move |source| Self::Kube { what, source }
+    }
+
+    /// A local failure while doing `what`.
+    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |source| Self::Io { what, source }
+    }
+
+    /// A failure of a capability while doing `what`.
+    pub fn capability(what: impl Into<String>) -> impl FnOnce(BoxError) -> Self {
+        let what = what.into();
+        move |source| Self::Capability { what, source }
+    }
+}
+
+/// Any error, boxed (what capabilities return).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The stream name of build output.
+pub const BUILD_STREAM: &str = "build";
+
+/// Where an app's own output and the runtime's events about its processes go (the app's log).
+pub trait AppLogs: Send + Sync + std::fmt::Debug {
+    /// A sink for `app`'s log. It never blocks its writer: when the log cannot keep up (the
+    /// database is away), lines are dropped and counted, and the count is written once it can.
+    fn sink(&self, app: &str) -> LogSink;
+}
+
+/// Router ports, kept across restarts so an app keeps its address.
+#[async_trait::async_trait]
+pub trait PortBook: Send + Sync + std::fmt::Debug {
+    /// The port recorded for `app`'s `service`.
+    async fn get(&self, app: &str, service: &str) -> Result<Option<u16>, BoxError>;
+    /// Records the port of `app`'s `service`.
+    async fn set(&self, app: &str, service: &str, port: u16) -> Result<(), BoxError>;
+}
+
+/// Short-lived credentials that allow exactly one request (a build pod fetching its source).
+#[async_trait::async_trait]
+pub trait SourceTokens: Send + Sync + std::fmt::Debug {
+    /// A secret that allows `GET path` (and HEAD) until `ttl` has passed; `name` identifies it.
+    async fn issue(&self, name: &str, path: &str, ttl: Duration) -> Result<String, BoxError>;
+    /// Revokes the token `name`.
+    async fn revoke(&self, name: &str) -> Result<(), BoxError>;
+}
+
+/// Where a process is, as `ps` shows it (and convox's CLI waits for `running`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessStatus {
+    /// Started, not yet past its health check.
+    Starting,
+    Running,
+    /// It was running and fails its health check (it is about to be restarted).
+    Unhealthy,
+    /// It exited and is waiting to be restarted.
+    Crashed,
+    /// rack is stopping it.
+    Stopping,
+    /// Not started yet (a pod being scheduled).
+    Pending,
+    /// A one-off process that ended, and how.
+    Complete,
+    Failed,
+}
 
 /// A running process, as convox shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -180,8 +319,7 @@ pub struct ProcessInfo {
     pub ports: Vec<String>,
     pub release: String,
     pub started: DateTime<Utc>,
-    /// `starting`, `running`, `unhealthy`, `crashed` or `stopping`.
-    pub status: &'static str,
+    pub status: ProcessStatus,
     /// The operating system's process id (0 while restarting).
     pub pid: u32,
 }
@@ -196,7 +334,7 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     ///
     /// # Errors
     /// A message for the client when the app cannot be hosted.
-    async fn create_app(&self, _app: &str) -> Result<(), String> {
+    async fn create_app(&self, _app: &str) -> Result<(), RuntimeError> {
         Ok(())
     }
 
@@ -229,7 +367,7 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     /// returns once every service is healthy. `None` for the release stops the app's
     /// processes. Dropping the future leaves what was started registered, so that a later
     /// `apply` (the rollback) can replace it.
-    async fn apply(&self, app: &str, release: Option<&ReleaseSpec>, log: &LogSink) -> Result<(), ApplyError>;
+    async fn apply(&self, app: &str, release: Option<&ReleaseSpec>, log: &LogSink) -> Result<(), RuntimeError>;
 
     /// The app's processes.
     async fn processes(&self, app: &str) -> Vec<ProcessInfo>;

@@ -4,7 +4,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use super::local::BUILD_STREAM;
+use super::BUILD_STREAM;
 use super::{BuildFailure, BuildJob, LogSink};
 use crate::archive::{Limits, unpack_tgz};
 use crate::manifest::Manifest;

@@ -19,7 +19,7 @@ pub struct App {
     pub release_id: Option<String>,
     /// The state of the app's newest deployment, which its status derives from.
     #[sqlx(default)]
-    pub deployment_state: Option<crate::store::deployments::DeployState>,
+    pub deployment_state: Option<crate::deploy::DeployState>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

@@ -1,67 +1,18 @@
 //! Deployments in Postgres: one in progress per app (a unique partial index), claimed by a
-//! worker with a lease, moved through the rollout states with one event per transition.
+//! worker with a lease, moved through the states of `deploy::machine` with its log lines in the
+//! same transaction. A transition is recorded only if the deployment is still where it starts.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use sqlx::{FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
+use crate::deploy::{DeployState, Signal, Snapshot, Transition};
 use crate::store::events::{self, Owner};
 
 /// The constraint a second concurrent deployment of an app violates.
 pub const ONE_ACTIVE_PER_APP: &str = "deployments_one_active_per_app";
-
-/// Where a deployment is (Convox's atom states, plus `superseded` for a deployment replaced by
-/// a forced promote before it finished).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type, Serialize)]
-#[sqlx(type_name = "text", rename_all = "snake_case")]
-#[serde(rename_all = "snake_case")]
-pub enum DeployState {
-    Pending,
-    Updating,
-    Running,
-    Deadline,
-    Error,
-    Cancelled,
-    Rollback,
-    Reverted,
-    Failure,
-    Superseded,
-}
-
-impl DeployState {
-    /// Whether the deployment has ended.
-    pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Running | Self::Reverted | Self::Failure | Self::Superseded)
-    }
-
-    /// The name in `Status: A => B` lines.
-    pub fn title(self) -> &'static str {
-        match self {
-            Self::Pending => "Pending",
-            Self::Updating => "Updating",
-            Self::Running => "Running",
-            Self::Deadline => "Deadline",
-            Self::Error => "Error",
-            Self::Cancelled => "Cancelled",
-            Self::Rollback => "Rollback",
-            Self::Reverted => "Reverted",
-            Self::Failure => "Failure",
-            Self::Superseded => "Superseded",
-        }
-    }
-
-    /// The app status convox derives from it.
-    pub fn app_status(self) -> &'static str {
-        match self {
-            Self::Pending | Self::Updating => "updating",
-            Self::Running | Self::Reverted | Self::Failure | Self::Superseded => "running",
-            Self::Deadline | Self::Error | Self::Cancelled | Self::Rollback => "rollback",
-        }
-    }
-}
 
 /// A deployment row.
 #[derive(Debug, Clone, FromRow)]
@@ -83,11 +34,21 @@ pub struct Deployment {
     pub updated_at: DateTime<Utc>,
 }
 
-/// The states of a deployment in progress, as SQL (kept in step with the unique index).
-macro_rules! active {
-    () => {
-        "('pending', 'updating', 'deadline', 'error', 'cancelled', 'rollback')"
-    };
+impl Deployment {
+    /// What the state machine needs of it.
+    pub fn snapshot(&self) -> Snapshot<'_> {
+        Snapshot {
+            state: self.state,
+            reason: &self.reason,
+            release: &self.release_id,
+        }
+    }
+}
+
+/// The states of a deployment in progress, to bind as `any($n)` (the one list, in
+/// `DeployState::ACTIVE`).
+fn active() -> Vec<&'static str> {
+    DeployState::ACTIVE.iter().map(|s| s.as_str()).collect()
 }
 
 /// The stream name of deployment state lines for `runtime` (`system/<runtime>/atom/app`).
@@ -97,6 +58,7 @@ pub fn atom_stream(runtime: &str) -> String {
 
 /// Inserts a pending deployment with its first line (`Status: <before> => Pending`) and wakes
 /// the workers. A deployment already in progress violates [`ONE_ACTIVE_PER_APP`].
+#[tracing::instrument(skip_all, fields(app.name = %app, release.id = %release))]
 pub async fn insert(
     conn: &mut PgConnection,
     id: Uuid,
@@ -121,8 +83,7 @@ pub async fn insert(
     .bind(i32::try_from(timeout.as_secs()).unwrap_or(i32::MAX))
     .fetch_one(&mut *conn)
     .await?;
-    let before = before.map_or("None", DeployState::title);
-    let line = (atom_stream(runtime), format!("Status: {before} => Pending"));
+    let line = (atom_stream(runtime), crate::deploy::machine::created_line(before));
     events::append(&mut *conn, owner(&deployment), &[line], None).await?;
     sqlx::query("select pg_notify($1, 'deploy')")
         .bind(crate::store::builds::JOBS_CHANNEL)
@@ -147,17 +108,20 @@ pub async fn supersede_active(
     by: Uuid,
     runtime: &str,
 ) -> Result<Option<Deployment>, sqlx::Error> {
-    let old: Option<Deployment> = sqlx::query_as(concat!(
-        "select * from deployments where app = $1 and state in ",
-        active!(),
-        " for update"
-    ))
-    .bind(app)
-    .fetch_optional(&mut *conn)
-    .await?;
+    let old: Option<Deployment> =
+        sqlx::query_as("select * from deployments where app = $1 and state = any($2) for update")
+            .bind(app)
+            .bind(active())
+            .fetch_optional(&mut *conn)
+            .await?;
     let Some(old) = old else { return Ok(None) };
-    let reason = format!("superseded by deployment {by}");
-    transition_locked(conn, &old, DeployState::Superseded, &reason, runtime).await?;
+    match crate::deploy::next(&old.snapshot(), &Signal::Superseded(by)) {
+        Ok(transition) => {
+            record_on(conn, &old, None, &transition, runtime).await?;
+        }
+        // Every deployment in progress can be superseded; this is a bug, not the client's.
+        Err(e) => tracing::error!(deployment.id = %old.id, "superseding: {e}"),
+    }
     Ok(Some(old))
 }
 
@@ -183,12 +147,12 @@ pub async fn list_for_app(pool: &PgPool, app: &str, limit: i64) -> Result<Vec<De
 /// acts at once); returns it (None: nothing runs).
 pub async fn request_cancel(pool: &PgPool, app: &str) -> Result<Option<Deployment>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let deployment = sqlx::query_as(concat!(
-        "update deployments set cancel_requested = true, updated_at = now() where app = $1 and state in ",
-        active!(),
-        " returning *"
-    ))
+    let deployment = sqlx::query_as(
+        "update deployments set cancel_requested = true, updated_at = now()
+          where app = $1 and state = any($2) returning *",
+    )
     .bind(app)
+    .bind(active())
     .fetch_optional(&mut *tx)
     .await?;
     sqlx::query("select pg_notify($1, 'cancel')")
@@ -201,23 +165,23 @@ pub async fn request_cancel(pool: &PgPool, app: &str) -> Result<Option<Deploymen
 
 /// Claims the oldest deployment waiting for a worker: never claimed, or whose holder's lease
 /// expired (it died); the claimer resumes it from its state.
+#[tracing::instrument(skip_all)]
 pub async fn claim_next(pool: &PgPool, owner: Uuid, lease: Duration) -> Result<Option<Deployment>, sqlx::Error> {
-    sqlx::query_as(concat!(
+    sqlx::query_as(
         "update deployments
             set lease_owner = $1, lease_expires_at = now() + $2, attempts = attempts + 1,
                 started_at = coalesce(started_at, now()), updated_at = now()
           where id = (
                 select id from deployments
-                 where state in ",
-        active!(),
-        " and (lease_owner is null or lease_expires_at < now())
+                 where state = any($3) and (lease_owner is null or lease_expires_at < now())
                  order by created_at
                  for update skip locked
                  limit 1)
-         returning *"
-    ))
+         returning *",
+    )
     .bind(owner)
     .bind(lease)
+    .bind(active())
     .fetch_optional(pool)
     .await
 }
@@ -225,16 +189,15 @@ pub async fn claim_next(pool: &PgPool, owner: Uuid, lease: Duration) -> Result<O
 /// Extends `owner`'s lease. `None` when the lease is lost (ended, superseded, taken over),
 /// else whether a cancel was requested.
 pub async fn renew_lease(pool: &PgPool, id: Uuid, owner: Uuid, lease: Duration) -> Result<Option<bool>, sqlx::Error> {
-    sqlx::query_scalar(concat!(
+    sqlx::query_scalar(
         "update deployments set lease_expires_at = now() + $3
-          where id = $1 and lease_owner = $2 and state in ",
-        active!(),
-        "
-         returning cancel_requested"
-    ))
+          where id = $1 and lease_owner = $2 and state = any($4)
+         returning cancel_requested",
+    )
     .bind(id)
     .bind(owner)
     .bind(lease)
+    .bind(active())
     .fetch_optional(pool)
     .await
 }
@@ -252,89 +215,66 @@ pub async fn hand_back(pool: &PgPool, id: Uuid, owner: Uuid) -> Result<bool, sql
     Ok(done.rows_affected() == 1)
 }
 
-/// Moves a deployment held by `owner` to `to`, with its `Status: A => B` line. Reaching
-/// `running` makes its release the app's release, in the same transaction. Returns false when
-/// the deployment is no longer held by `owner` in an active state.
-pub async fn transition(
+/// Records `transition` of `deployment`, held by `owner`: its new state and reason, its log
+/// lines (and outcome), and, when it says so, the app's new release, in one transaction.
+/// Returns false (recording nothing) when the deployment is no longer held by `owner` in the
+/// state the transition starts from: another worker or a forced promote moved it meanwhile.
+#[tracing::instrument(skip_all, fields(deployment.id = %deployment.id, app.name = %deployment.app, to = transition.to.as_str()))]
+pub async fn record(
     pool: &PgPool,
-    id: Uuid,
+    deployment: &Deployment,
     owner: Uuid,
-    to: DeployState,
-    reason: &str,
+    transition: &Transition,
     runtime: &str,
 ) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let current: Option<Deployment> = sqlx::query_as(concat!(
-        "select * from deployments where id = $1 and lease_owner = $2 and state in ",
-        active!(),
-        " for update"
-    ))
-    .bind(id)
-    .bind(owner)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(current) = current else { return Ok(false) };
-    if current.state != to {
-        transition_locked(&mut tx, &current, to, reason, runtime).await?;
-    }
+    let recorded = record_on(&mut tx, deployment, Some(owner), transition, runtime).await?;
     tx.commit().await?;
-    Ok(true)
+    Ok(recorded)
 }
 
-async fn transition_locked(
+async fn record_on(
     conn: &mut PgConnection,
-    current: &Deployment,
-    to: DeployState,
-    reason: &str,
+    deployment: &Deployment,
+    holder: Option<Uuid>,
+    transition: &Transition,
     runtime: &str,
-) -> Result<(), sqlx::Error> {
-    let terminal = to.is_terminal();
-    sqlx::query(
+) -> Result<bool, sqlx::Error> {
+    let terminal = transition.to.is_terminal();
+    let moved = sqlx::query(
         "update deployments
-            set state = $2, reason = case when $3 = '' then reason else $3 end, updated_at = now(),
-                ended_at = case when $4 then now() end,
-                lease_owner = case when $4 then null else lease_owner end,
-                lease_expires_at = case when $4 then null else lease_expires_at end
-          where id = $1",
+            set state = $3, reason = coalesce($4, reason), updated_at = now(),
+                ended_at = case when $5 then now() end,
+                lease_owner = case when $5 then null else lease_owner end,
+                lease_expires_at = case when $5 then null else lease_expires_at end
+          where id = $1 and state = $2 and ($6::uuid is null or lease_owner = $6)",
     )
-    .bind(current.id)
-    .bind(to)
-    .bind(reason)
+    .bind(deployment.id)
+    .bind(transition.from)
+    .bind(transition.to)
+    .bind(transition.reason.as_deref())
     .bind(terminal)
+    .bind(holder)
     .execute(&mut *conn)
     .await?;
-    if to == DeployState::Running {
+    if moved.rows_affected() == 0 {
+        return Ok(false);
+    }
+    if transition.activates_release {
         sqlx::query("update apps set release_id = $2, updated_at = now() where name = $1")
-            .bind(&current.app)
-            .bind(&current.release_id)
+            .bind(&deployment.app)
+            .bind(&deployment.release_id)
             .execute(&mut *conn)
             .await?;
     }
-    let mut lines = vec![(
-        atom_stream(runtime),
-        format!("Status: {} => {}", current.state.title(), to.title()),
-    )];
-    let outcome = match to {
-        DeployState::Running => Some("ok"),
-        DeployState::Reverted | DeployState::Failure | DeployState::Superseded => {
-            let why = if reason.is_empty() {
-                current.reason.as_str()
-            } else {
-                reason
-            };
-            lines.push((atom_stream(runtime), why.to_owned()));
-            Some("error")
-        }
-        _ => None,
-    };
-    if outcome == Some("ok") {
-        lines.push((
-            atom_stream(runtime),
-            format!("Release {} is now active", current.release_id),
-        ));
-    }
-    events::append(&mut *conn, owner(current), &lines, outcome).await?;
-    Ok(())
+    let stream = atom_stream(runtime);
+    let lines: Vec<(String, String)> = transition
+        .lines
+        .iter()
+        .map(|line| (stream.clone(), line.clone()))
+        .collect();
+    events::append(&mut *conn, owner(deployment), &lines, transition.outcome).await?;
+    Ok(true)
 }
 
 /// The state of the app's newest deployment (what its status derives from).
@@ -343,4 +283,16 @@ pub async fn latest_state(pool: &PgPool, app: &str) -> Result<Option<DeployState
         .bind(app)
         .fetch_optional(pool)
         .await
+}
+
+/// The predicate of the one-per-app index, as Postgres prints it (a test holds it to
+/// `DeployState::ACTIVE`: a migration cannot change, the enum can).
+pub async fn active_index_predicate(pool: &PgPool) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar(
+        "select pg_get_expr(i.indpred, i.indrelid) from pg_index i
+           join pg_class c on c.oid = i.indexrelid where c.relname = $1",
+    )
+    .bind(ONE_ACTIVE_PER_APP)
+    .fetch_one(pool)
+    .await
 }

@@ -5,6 +5,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
+pub use crate::deploy::Outcome;
+
 /// The NOTIFY channel that announces new events; the payload is the app name.
 pub const EVENTS_CHANNEL: &str = "rack_events";
 
@@ -18,7 +20,8 @@ pub struct Event {
     pub at: DateTime<Utc>,
     pub stream: String,
     pub message: String,
-    pub outcome: Option<String>,
+    /// Set on the last event of a build or deployment.
+    pub outcome: Option<Outcome>,
 }
 
 /// Which events a reader wants.
@@ -61,7 +64,7 @@ pub async fn append(
     conn: &mut PgConnection,
     owner: Owner<'_>,
     lines: &[(String, String)],
-    outcome: Option<&str>,
+    outcome: Option<Outcome>,
 ) -> Result<i64, sqlx::Error> {
     let count = i64::try_from(lines.len()).unwrap_or(i64::MAX);
     // Taking the numbers from the app's row locks it until commit: writers of one app commit

@@ -16,9 +16,9 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::resources::{self, BuildSpec, MANAGER, ServiceBuild};
 use super::{KubeRuntime, Retries, delete, describe};
-use crate::runtime::local::BUILD_STREAM;
+use crate::runtime::BUILD_STREAM;
 use crate::runtime::source::{self, inside};
-use crate::runtime::{BuildFailure, BuildJob, BuildOutput, LogSink};
+use crate::runtime::{BuildFailure, BuildJob, BuildOutput, LogSink, RuntimeError};
 
 /// How often the Job and its pod are looked at.
 const POLL: Duration = Duration::from_secs(1);
@@ -59,21 +59,21 @@ pub async fn run(runtime: &KubeRuntime, job: &BuildJob, log: &LogSink) -> Result
     let existing = jobs
         .get_opt(&name)
         .await
-        .map_err(|e| failed(format!("reading job {name}: {}", describe(&e))))?;
+        .map_err(|e| failed(RuntimeError::kube(format!("reading job {name}"))(e).to_string()))?;
     if existing.is_some() {
         // A replica that stopped or died started it; it went on in the cluster.
         log.line(BUILD_STREAM, format!("Resuming: job {name} is already running"))
             .await;
     } else {
-        runtime.ensure_namespace(&job.app).await.map_err(failed)?;
-        let token = crate::auth::issue_scoped(
-            &rt.pool,
-            &token_name,
-            &object_path(&job.app, &job.source_key),
-            rt.build_timeout,
-        )
-        .await
-        .map_err(|e| failed(format!("could not make the source token: {e}")))?;
+        runtime
+            .ensure_namespace(&job.app)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let token = rt
+            .tokens
+            .issue(&token_name, &object_path(&job.app, &job.source_key), rt.build_timeout)
+            .await
+            .map_err(|e| failed(format!("could not make the source token: {e}")))?;
         let secrets: Api<Secret> = runtime.api(&job.app);
         secrets
             .patch(
@@ -82,13 +82,17 @@ pub async fn run(runtime: &KubeRuntime, job: &BuildJob, log: &LogSink) -> Result
                 &Patch::Apply(resources::build_secret(&spec, &token)),
             )
             .await
-            .map_err(|e| failed(format!("creating secret {name}: {}", describe(&e))))?;
+            .map_err(|e| failed(RuntimeError::kube(format!("creating secret {name}"))(e).to_string()))?;
         let object: Job = serde_json::from_value(resources::build_job(&spec))
             .map_err(|e| failed(format!("job {name} is malformed: {e}")))?;
         match jobs.create(&PostParams::default(), &object).await {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 409 => {}
-            Err(e) => return Err(failed(format!("creating job {name}: {}", describe(&e)))),
+            Err(e) => {
+                return Err(failed(
+                    RuntimeError::kube(format!("creating job {name}"))(e).to_string(),
+                ));
+            }
         }
         log.line(BUILD_STREAM, format!("Created job {name}")).await;
     }
@@ -120,7 +124,7 @@ async fn delete_job(runtime: &KubeRuntime, app: &str, id: &str) {
 
 /// Revokes the build's source token and deletes the Secret that held it.
 async fn clean_up(runtime: &KubeRuntime, app: &str, id: &str) {
-    if let Err(e) = crate::store::tokens::delete_scoped(&runtime.0.settings.pool, &token_name(app, id)).await {
+    if let Err(e) = runtime.0.settings.tokens.revoke(&token_name(app, id)).await {
         // It expires with the build anyway.
         tracing::warn!(build.id = %id, error = %e, "revoking the source token of build {id}");
     }
@@ -192,12 +196,12 @@ async fn watch(jobs: &Api<Job>, pods: &Api<Pod>, name: &str, log: &LogSink) -> R
         let job = match jobs.get_opt(name).await {
             Ok(Some(job)) => job,
             Ok(None) => break Err(BuildFailure::Failed(format!("job {name} was deleted"))),
-            Err(e) => match retries.failed(&format!("reading job {name}"), &e) {
+            Err(e) => match retries.failed(&format!("reading job {name}"), e) {
                 Ok(()) => {
                     tokio::time::sleep(POLL).await;
                     continue;
                 }
-                Err(reason) => break Err(BuildFailure::Failed(reason)),
+                Err(reason) => break Err(BuildFailure::Failed(reason.to_string())),
             },
         };
         retries.succeeded();

@@ -18,7 +18,9 @@ use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 
-use super::{ApplyError, BuildFailure, BuildJob, BuildOutput, LogSink, ProcessInfo, ReleaseSpec, Runtime};
+use super::{
+    BuildFailure, BuildJob, BuildOutput, LogSink, ProcessInfo, ProcessStatus, ReleaseSpec, Runtime, RuntimeError,
+};
 use crate::archive::Limits;
 use crate::config::KubeConfig;
 use crate::objects::Objects;
@@ -52,7 +54,8 @@ pub struct KubeSettings {
     pub rack: String,
     pub config: KubeConfig,
     pub objects: Objects,
-    pub pool: sqlx::PgPool,
+    /// Issues and revokes the tokens build pods fetch their source with.
+    pub tokens: Arc<dyn super::SourceTokens>,
     /// Scratch space where a build's source is checked before the cluster builds it.
     pub scratch: PathBuf,
     pub limits: Limits,
@@ -107,7 +110,7 @@ impl KubeRuntime {
 
     /// Creates (or updates) the app's namespace and, when rack runs as a service account, the
     /// RoleBinding that gives it its rights there.
-    async fn ensure_namespace(&self, app: &str) -> Result<(), String> {
+    async fn ensure_namespace(&self, app: &str) -> Result<(), RuntimeError> {
         let params = PatchParams::apply(MANAGER).force();
         let namespaces: Api<Namespace> = Api::all(self.0.client.clone());
         let name = self.namespace(app);
@@ -119,7 +122,7 @@ impl KubeRuntime {
                 &Patch::Apply(resources::namespace(&self.0.settings.rack, app)),
             )
             .await
-            .map_err(|e| format!("creating namespace {name}: {}", describe(&e)))?;
+            .map_err(RuntimeError::kube(format!("creating namespace {name}")))?;
         if let Some(account) = &self.0.settings.config.service_account {
             let bindings: Api<RoleBinding> = self.api(app);
             bindings
@@ -129,28 +132,28 @@ impl KubeRuntime {
                     &Patch::Apply(resources::role_binding(&self.0.settings.rack, app, account)),
                 )
                 .await
-                .map_err(|e| format!("binding rack's rights in namespace {name}: {}", describe(&e)))?;
+                .map_err(RuntimeError::kube(format!("binding rack's rights in namespace {name}")))?;
         }
         Ok(())
     }
 
     /// Checks that the app's namespace, if it exists, is this app's (labels `rack` and `app`):
     /// a namespace of someone else's with the same name must never be adopted or deleted.
-    async fn owned_namespace(&self, app: &str) -> Result<bool, String> {
+    async fn owned_namespace(&self, app: &str) -> Result<bool, RuntimeError> {
         let namespaces: Api<Namespace> = Api::all(self.0.client.clone());
         let name = self.namespace(app);
         let existing = namespaces
             .get_opt(&name)
             .await
-            .map_err(|e| format!("reading namespace {name}: {}", describe(&e)))?;
+            .map_err(RuntimeError::kube(format!("reading namespace {name}")))?;
         let Some(existing) = existing else { return Ok(false) };
         let labels = existing.metadata.labels.unwrap_or_default();
         if labels.get("rack") == Some(&self.0.settings.rack) && labels.get("app").map(String::as_str) == Some(app) {
             Ok(true)
         } else {
-            Err(format!(
+            Err(RuntimeError::Failed(format!(
                 "namespace {name} already exists and is not rack's namespace of app {app}; rename the app"
-            ))
+            )))
         }
     }
 }
@@ -170,14 +173,14 @@ fn is_not_found(error: &kube::Error) -> bool {
 
 /// Deletes `name` (and, in the background, what it owns); one that is already gone is not an
 /// error.
-async fn delete<K>(api: &Api<K>, name: &str) -> Result<(), String>
+async fn delete<K>(api: &Api<K>, name: &str) -> Result<(), RuntimeError>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     match api.delete(name, &DeleteParams::background()).await {
         Ok(_) => Ok(()),
         Err(e) if is_not_found(&e) => Ok(()),
-        Err(e) => Err(format!("deleting {name}: {}", describe(&e))),
+        Err(e) => Err(RuntimeError::kube(format!("deleting {name}"))(e)),
     }
 }
 
@@ -187,13 +190,13 @@ where
 struct Retries(u32);
 
 impl Retries {
-    /// Records a failure; `Err` with the message once there were too many in a row.
-    fn failed(&mut self, what: &str, error: &kube::Error) -> Result<(), String> {
+    /// Records a failure; `Err` with it once there were too many in a row.
+    fn failed(&mut self, what: &str, error: kube::Error) -> Result<(), RuntimeError> {
         self.0 += 1;
         if self.0 > API_RETRIES {
-            return Err(format!("{what}: {}", describe(error)));
+            return Err(RuntimeError::kube(what)(error));
         }
-        tracing::warn!("{what} (retrying): {}", describe(error));
+        tracing::warn!("{what} (retrying): {}", describe(&error));
         Ok(())
     }
 
@@ -208,7 +211,7 @@ impl Runtime for KubeRuntime {
         "k8s"
     }
 
-    async fn create_app(&self, app: &str) -> Result<(), String> {
+    async fn create_app(&self, app: &str) -> Result<(), RuntimeError> {
         self.ensure_namespace(app).await
     }
 
@@ -228,7 +231,7 @@ impl Runtime for KubeRuntime {
         build::cancel(self, app, id).await;
     }
 
-    async fn apply(&self, app: &str, release: Option<&ReleaseSpec>, log: &LogSink) -> Result<(), ApplyError> {
+    async fn apply(&self, app: &str, release: Option<&ReleaseSpec>, log: &LogSink) -> Result<(), RuntimeError> {
         rollout::apply(self, app, release, log).await
     }
 
@@ -323,16 +326,16 @@ fn process_info(app: &str, pod: &Pod) -> Option<ProcessInfo> {
         .as_ref()
         .and_then(|w| w.reason.clone())
         .unwrap_or_default();
-    let status_text = if pod.metadata.deletion_timestamp.is_some() {
-        "stopping"
+    let status_now = if pod.metadata.deletion_timestamp.is_some() {
+        ProcessStatus::Stopping
     } else if waiting == "CrashLoopBackOff" || state.terminated.is_some() {
-        "crashed"
+        ProcessStatus::Crashed
     } else if status.phase.as_deref() == Some("Running") && ready {
-        "running"
+        ProcessStatus::Running
     } else if status.phase.as_deref() == Some("Running") {
-        "unhealthy"
+        ProcessStatus::Unhealthy
     } else {
-        "starting"
+        ProcessStatus::Starting
     };
     let command = container.command.clone().unwrap_or_default();
     let command = match command.as_slice() {
@@ -362,7 +365,7 @@ fn process_info(app: &str, pod: &Pod) -> Option<ProcessInfo> {
             .or(pod.metadata.creation_timestamp.as_ref())
             .and_then(time)
             .unwrap_or_else(chrono::Utc::now),
-        status: status_text,
+        status: status_now,
         pid: 0,
     })
 }
@@ -413,7 +416,7 @@ mod tests {
                 process.release.as_str(),
                 process.status
             ),
-            ("web-5d9-abc", "web", "R1", "running")
+            ("web-5d9-abc", "web", "R1", ProcessStatus::Running)
         );
         assert_eq!(
             (process.host.as_str(), process.instance.as_str()),
@@ -424,16 +427,22 @@ mod tests {
         assert_eq!(process.started.to_rfc3339(), "2026-11-27T12:00:05+00:00");
 
         let status = |status: serde_json::Value| process_info("app", &pod(web(), status)).unwrap().status;
-        assert_eq!(status(serde_json::json!({ "phase": "Pending" })), "starting");
-        assert_eq!(status(serde_json::json!({ "phase": "Running" })), "unhealthy");
+        assert_eq!(
+            status(serde_json::json!({ "phase": "Pending" })),
+            ProcessStatus::Starting
+        );
+        assert_eq!(
+            status(serde_json::json!({ "phase": "Running" })),
+            ProcessStatus::Unhealthy
+        );
         let crashing = serde_json::json!({ "phase": "Running", "containerStatuses": [{
             "name": "main", "image": "x", "imageID": "", "ready": false, "restartCount": 3,
             "state": { "waiting": { "reason": "CrashLoopBackOff" } },
         }]});
-        assert_eq!(status(crashing), "crashed");
+        assert_eq!(status(crashing), ProcessStatus::Crashed);
         let mut stopping = running.clone();
         stopping.metadata.deletion_timestamp = stopping.metadata.creation_timestamp.clone();
-        assert_eq!(process_info("app", &stopping).unwrap().status, "stopping");
+        assert_eq!(process_info("app", &stopping).unwrap().status, ProcessStatus::Stopping);
 
         let build = pod(
             serde_json::json!({ "type": "build" }),
@@ -444,19 +453,21 @@ mod tests {
 
     #[test]
     fn a_lasting_api_failure_ends_the_retries() {
-        let error = kube::Error::Api(Box::new(
-            kube::core::Status::failure("etcdserver: leader changed", "InternalError").with_code(500),
-        ));
+        let error = || {
+            kube::Error::Api(Box::new(
+                kube::core::Status::failure("etcdserver: leader changed", "InternalError").with_code(500),
+            ))
+        };
         let mut retries = Retries::default();
         for _ in 0..API_RETRIES {
-            assert!(retries.failed("reading job build-x", &error).is_ok());
+            assert!(retries.failed("reading job build-x", error()).is_ok());
         }
         assert_eq!(
-            retries.failed("reading job build-x", &error).unwrap_err(),
+            retries.failed("reading job build-x", error()).unwrap_err().to_string(),
             "reading job build-x: etcdserver: leader changed"
         );
         // A success in between starts the count again.
         retries.succeeded();
-        assert!(retries.failed("reading job build-x", &error).is_ok());
+        assert!(retries.failed("reading job build-x", error()).is_ok());
     }
 }

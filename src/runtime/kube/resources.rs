@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 
 use crate::manifest::{Command, Service};
-use crate::runtime::{ApplyError, ReleaseSpec};
+use crate::runtime::{ReleaseSpec, RuntimeError};
 
 /// The field manager of every server-side apply rack makes.
 pub const MANAGER: &str = "rack";
@@ -99,7 +99,7 @@ fn rolling_update(service: &Service) -> Value {
 ///
 /// # Errors
 /// When the manifest needs an environment variable the release lacks.
-pub fn deployment(target: &ServiceTarget<'_>, release: &ReleaseSpec, replicas: u32) -> Result<Value, ApplyError> {
+pub fn deployment(target: &ServiceTarget<'_>, release: &ReleaseSpec, replicas: u32) -> Result<Value, RuntimeError> {
     let (rack, app, name, service) = (target.rack, release.app.as_str(), target.name, target.service);
     let mut labels = app_labels(rack, app);
     labels.insert("type".into(), "service".into());
@@ -426,7 +426,7 @@ mod tests {
             service: &release.manifest.services["web"],
         };
         let err = deployment(&target, &release, 1).unwrap_err();
-        assert!(err.0.contains("SECRET"), "{err}");
+        assert!(err.to_string().contains("SECRET"), "{err}");
     }
 
     #[test]

@@ -17,8 +17,8 @@ use kube::api::{ListParams, Patch, PatchParams};
 
 use super::events::Forwarder;
 use super::resources::{self, MANAGER, ServiceTarget};
-use super::{KubeRuntime, Retries, delete, describe};
-use crate::runtime::{ApplyError, LogSink, ReleaseSpec};
+use super::{KubeRuntime, Retries, delete};
+use crate::runtime::{LogSink, ReleaseSpec, RuntimeError};
 
 /// How often the Deployments are looked at.
 const POLL: Duration = Duration::from_secs(1);
@@ -41,9 +41,9 @@ pub async fn apply(
     app: &str,
     release: Option<&ReleaseSpec>,
     log: &LogSink,
-) -> Result<(), ApplyError> {
+) -> Result<(), RuntimeError> {
     let rt = &runtime.0.settings;
-    runtime.ensure_namespace(app).await.map_err(ApplyError)?;
+    runtime.ensure_namespace(app).await?;
     // Watching starts before anything is applied, so every event the rollout causes is logged.
     let forwarder = Forwarder::start(runtime.api::<Event>(app), log.clone(), WATCH_PATIENCE).await;
 
@@ -63,7 +63,7 @@ pub async fn apply(
             deployments
                 .patch(name, &params, &Patch::Apply(body))
                 .await
-                .map_err(|e| ApplyError(format!("applying deployment {name}: {}", describe(&e))))?;
+                .map_err(RuntimeError::kube(format!("applying deployment {name}")))?;
             match service.port {
                 Some(port) => {
                     services
@@ -73,9 +73,9 @@ pub async fn apply(
                             &Patch::Apply(resources::service(&rt.rack, app, name, port)),
                         )
                         .await
-                        .map_err(|e| ApplyError(format!("applying service {name}: {}", describe(&e))))?;
+                        .map_err(RuntimeError::kube(format!("applying service {name}")))?;
                 }
-                None => delete(&services, name).await.map_err(ApplyError)?,
+                None => delete(&services, name).await?,
             }
             wanted.insert(name.clone());
         }
@@ -84,14 +84,14 @@ pub async fn apply(
     let existing = deployments
         .list(&by_app)
         .await
-        .map_err(|e| ApplyError(format!("listing deployments: {}", describe(&e))))?;
+        .map_err(RuntimeError::kube("listing deployments"))?;
     for deployment in existing.items {
         let Some(name) = deployment.metadata.name else { continue };
         if !wanted.contains(&name) {
             log.line("system/k8s/atom/app", format!("Removing service {name}"))
                 .await;
-            delete(&deployments, &name).await.map_err(ApplyError)?;
-            delete(&services, &name).await.map_err(ApplyError)?;
+            delete(&deployments, &name).await?;
+            delete(&services, &name).await?;
         }
     }
 
@@ -107,7 +107,7 @@ async fn wait(
     app: &str,
     release: Option<&ReleaseSpec>,
     wanted: &BTreeSet<String>,
-) -> Result<(), ApplyError> {
+) -> Result<(), RuntimeError> {
     let deployments: Api<Deployment> = runtime.api(app);
     let pods: Api<Pod> = runtime.api(app);
     let by_app = ListParams::default().labels(&resources::selector(app, "service"));
@@ -116,7 +116,7 @@ async fn wait(
         let list = match deployments.list(&by_app).await {
             Ok(list) => list,
             Err(e) => {
-                retries.failed("reading deployments", &e).map_err(ApplyError)?;
+                retries.failed("reading deployments", e)?;
                 tokio::time::sleep(POLL).await;
                 continue;
             }
@@ -132,7 +132,7 @@ async fn wait(
         }
         for deployment in &relevant {
             if let Some(reason) = stalled(deployment) {
-                return Err(ApplyError(reason));
+                return Err(RuntimeError::Failed(reason));
             }
         }
         if let Some(release) = release {
@@ -140,7 +140,7 @@ async fn wait(
             if let Ok(list) = pods.list(&new_pods).await
                 && let Some(reason) = list.items.iter().find_map(failing_pod)
             {
-                return Err(ApplyError(reason));
+                return Err(RuntimeError::Failed(reason));
             }
         }
         tokio::time::sleep(POLL).await;

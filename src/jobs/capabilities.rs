@@ -1,0 +1,64 @@
+//! What runtimes may use of the rest of rack, handed to them as small capabilities (see the
+//! traits in `runtime`): an app's log, the book of router ports, and source tokens. They are
+//! built here, over the store and the event bus, so no runtime touches SQL.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use super::{OwnedOwner, persist_lines};
+use crate::events::EventBus;
+use crate::runtime::{AppLogs, BoxError, LogSink, PortBook, SourceTokens};
+
+/// App logs persisted as events (each sink has a writer of its own; it never blocks).
+#[derive(Debug, Clone)]
+pub struct PersistedLogs {
+    pub pool: PgPool,
+    pub bus: EventBus,
+}
+
+impl AppLogs for PersistedLogs {
+    fn sink(&self, app: &str) -> LogSink {
+        let (sink, receiver) = LogSink::lossy();
+        let owner = OwnedOwner {
+            app: app.to_owned(),
+            build: None,
+            deployment: None,
+        };
+        tokio::spawn(persist_lines(self.pool.clone(), self.bus.clone(), owner, receiver));
+        sink
+    }
+}
+
+/// Router ports in the `routers` table.
+#[derive(Debug, Clone)]
+pub struct StoredPorts(pub PgPool);
+
+#[async_trait::async_trait]
+impl PortBook for StoredPorts {
+    async fn get(&self, app: &str, service: &str) -> Result<Option<u16>, BoxError> {
+        let port = crate::store::routers::get(&self.0, app, service).await?;
+        Ok(port.and_then(|p| u16::try_from(p).ok()))
+    }
+
+    async fn set(&self, app: &str, service: &str, port: u16) -> Result<(), BoxError> {
+        crate::store::routers::set(&self.0, app, service, i32::from(port)).await?;
+        Ok(())
+    }
+}
+
+/// Scoped tokens in the `tokens` table (see `auth::issue_scoped`).
+#[derive(Debug, Clone)]
+pub struct StoredTokens(pub PgPool);
+
+#[async_trait::async_trait]
+impl SourceTokens for StoredTokens {
+    async fn issue(&self, name: &str, path: &str, ttl: Duration) -> Result<String, BoxError> {
+        Ok(crate::auth::issue_scoped(&self.0, name, path, ttl).await?)
+    }
+
+    async fn revoke(&self, name: &str) -> Result<(), BoxError> {
+        crate::store::tokens::delete_scoped(&self.0, name).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,191 @@
+//! How an instance runs: a [`Driver`] starts it and hands back a [`Running`] handle that waits
+//! for it, stops it and forwards its output to the app's log. Processes are one driver
+//! ([`ProcessDriver`]: a child in the sandbox, tied to rack's life by a watchdog); the rollout,
+//! health checks, router and process API are the same whatever the driver.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::process::{pipe_streams, spawn_group};
+use super::sandbox::{Sandbox, Tie};
+use crate::runtime::LogSink;
+
+/// What an instance runs and with what (the driver decides how).
+#[derive(Debug, Clone)]
+pub struct Start {
+    /// The process id rack gives it (`web-abcdef-xyz12`).
+    pub id: String,
+    pub app: String,
+    pub service: String,
+    pub release: String,
+    pub build: String,
+    /// The build's directory: the only place of the host the instance may write.
+    pub workspace: PathBuf,
+    /// Where the command starts.
+    pub dir: PathBuf,
+    pub argv: Vec<String>,
+    /// The environment (the release's and rack's variables, `PORT` included).
+    pub env: crate::env::Env,
+    /// Where its output goes: `service/<service>/<id>` lines in the app's log.
+    pub log: LogSink,
+}
+
+/// A running instance.
+#[async_trait::async_trait]
+pub trait Running: Send {
+    /// The host's process id, when it has one (0 otherwise).
+    fn pid(&self) -> u32;
+
+    /// Waits until it has exited and its output is written; says how it ended.
+    async fn wait(&mut self) -> String;
+
+    /// Asks it to stop (SIGTERM), without waiting: it then exits and [`Running::wait`] returns.
+    fn terminate(&self);
+
+    /// Stops it now (SIGKILL).
+    fn kill(&self);
+
+    /// Asks it to stop, gives it `grace` to finish, then kills what is left; returns once it is
+    /// gone.
+    async fn stop(&mut self, grace: Duration);
+}
+
+/// Starts instances.
+#[async_trait::async_trait]
+pub trait Driver: Send + Sync + std::fmt::Debug {
+    /// Starts `start`.
+    ///
+    /// # Errors
+    /// When it cannot be started at all.
+    async fn start(&self, start: Start) -> std::io::Result<Box<dyn Running>>;
+}
+
+/// Runs an app's command so that it dies with rack: when rack's end of the stdin pipe closes
+/// (rack stopped or was killed), the watcher stops the command. The script stays until the
+/// command has exited, forwarding SIGTERM: it is the first process of the sandbox's pid
+/// namespace, whose end would kill the app before its graceful shutdown finished.
+const WATCHDOG: &str = r#"
+exec 3<&0
+"$@" 3<&- </dev/null &
+pid=$!
+trap 'kill -TERM "$pid" 2>/dev/null' TERM INT HUP
+(cat >/dev/null; kill -TERM $$ 2>/dev/null) <&3 &
+while :; do
+  wait "$pid"
+  status=$?
+  kill -0 "$pid" 2>/dev/null || exit "$status"
+done
+"#;
+
+/// Instances as child processes of rack, in the sandbox.
+#[derive(Debug)]
+pub struct ProcessDriver {
+    pub sandbox: Sandbox,
+}
+
+#[async_trait::async_trait]
+impl Driver for ProcessDriver {
+    async fn start(&self, start: Start) -> std::io::Result<Box<dyn Running>> {
+        let mut argv = vec![
+            "/bin/sh".to_owned(),
+            "-c".to_owned(),
+            WATCHDOG.to_owned(),
+            "rack-process".to_owned(),
+        ];
+        argv.extend(start.argv.iter().cloned());
+        let mut command = self.sandbox.command(&start.workspace, &start.dir, &argv, Tie::Watchdog);
+        command
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+            )
+            .env("HOME", &start.dir)
+            .env("LANG", "C.UTF-8")
+            .envs(&start.env)
+            .stdin(std::process::Stdio::piped());
+        let (mut child, group) = spawn_group(command)?;
+        let pid = child.id().unwrap_or(0);
+        let output = {
+            let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+            let stream = format!("service/{}/{}", start.service, start.id);
+            let log = start.log.clone();
+            tokio::spawn(async move { pipe_streams(stdout, stderr, &stream, &log).await })
+        };
+        // Kept open for as long as the process should live (see WATCHDOG).
+        let watchdog = child.stdin.take();
+        Ok(Box::new(Process {
+            child,
+            pid,
+            group: Some(group),
+            watchdog,
+            output: Some(output),
+        }))
+    }
+}
+
+/// A child process (and its process group).
+struct Process {
+    child: tokio::process::Child,
+    pid: u32,
+    group: Option<super::process::GroupGuard>,
+    watchdog: Option<tokio::process::ChildStdin>,
+    output: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Process {
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        if let Ok(pid) = i32::try_from(self.pid)
+            && pid > 0
+        {
+            // ESRCH (already gone) is fine.
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), signal);
+        }
+    }
+
+    fn group_alive(&self) -> bool {
+        i32::try_from(self.pid)
+            .is_ok_and(|pid| pid > 0 && nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), None).is_ok())
+    }
+
+    /// Lets go of the group (killing what is left of it) and waits for the output to be written.
+    async fn release(&mut self) {
+        drop(self.group.take());
+        drop(self.watchdog.take());
+        if let Some(output) = self.output.take() {
+            let _ = output.await;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Running for Process {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    async fn wait(&mut self) -> String {
+        let status = self.child.wait().await;
+        self.release().await;
+        status.map_or_else(|e| e.to_string(), |s| s.to_string())
+    }
+
+    fn terminate(&self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+    }
+
+    fn kill(&self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+    }
+
+    async fn stop(&mut self, grace: Duration) {
+        self.terminate();
+        let _ = self.child.wait().await;
+        let deadline = tokio::time::Instant::now() + grace;
+        // The group outlives its leader while the app finishes its own shutdown.
+        while self.group_alive() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.kill();
+        self.release().await;
+    }
+}

@@ -1,0 +1,124 @@
+//! The local runtime: builds and app instances on this host. Builds run their services' build
+//! commands in a sandbox (see `build`); releases roll out as instances supervised here (see
+//! `supervisor`, `rollout`, `instance`, `health`), started by a driver (see `driver`), each
+//! service with a port behind a router (see `router`).
+
+mod build;
+pub mod driver;
+mod health;
+mod instance;
+pub mod process;
+mod rollout;
+pub mod router;
+pub mod sandbox;
+mod supervisor;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use build::Builder;
+use supervisor::Supervisor;
+
+use super::{
+    AppLogs, BuildFailure, BuildJob, BuildOutput, LogSink, PortBook, ProcessInfo, ReleaseSpec, Runtime, RuntimeError,
+};
+use crate::archive::Limits;
+use crate::objects::Objects;
+
+/// What the local runtime is given.
+#[derive(Debug)]
+pub struct LocalSettings {
+    pub objects: Objects,
+    /// Builds live in `<builds_dir>/<app>/<build id>`.
+    pub builds_dir: PathBuf,
+    pub limits: Limits,
+    pub sandbox: sandbox::Sandbox,
+    /// Where app output and process events go.
+    pub logs: Arc<dyn AppLogs>,
+    /// Where router ports are kept.
+    pub ports: Arc<dyn PortBook>,
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+/// Builds and instances on this host.
+#[derive(Debug)]
+pub struct LocalRuntime {
+    builder: Builder,
+    supervisor: Supervisor,
+}
+
+impl LocalRuntime {
+    /// A runtime with `settings`.
+    pub fn new(settings: LocalSettings) -> Self {
+        let driver = Arc::new(driver::ProcessDriver {
+            sandbox: settings.sandbox.clone(),
+        });
+        let supervisor = Supervisor::new(
+            settings.builds_dir.clone(),
+            driver,
+            settings.logs,
+            settings.ports,
+            settings.shutdown,
+        );
+        Self {
+            builder: Builder {
+                objects: settings.objects,
+                builds_dir: settings.builds_dir,
+                limits: settings.limits,
+                sandbox: settings.sandbox,
+            },
+            supervisor,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Runtime for LocalRuntime {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn restores_on_start(&self) -> bool {
+        true
+    }
+
+    #[tracing::instrument(skip_all, fields(app.name = %app, release.id = release.map_or("", |r| r.id.as_str())))]
+    async fn apply(&self, app: &str, release: Option<&ReleaseSpec>, log: &LogSink) -> Result<(), RuntimeError> {
+        self.supervisor.apply(app, release, log).await
+    }
+
+    async fn processes(&self, app: &str) -> Vec<ProcessInfo> {
+        self.supervisor.processes(app)
+    }
+
+    async fn restart_process(&self, app: &str, id: &str) -> bool {
+        self.supervisor.restart_process(app, id)
+    }
+
+    #[tracing::instrument(skip_all, fields(app.name = %app))]
+    async fn prune_builds(&self, app: &str, ids: &[String]) {
+        for id in ids {
+            let dir = self.builder.builds_dir.join(app).join(id);
+            match tokio::fs::remove_dir_all(&dir).await {
+                Ok(()) => tracing::info!(app.name = app, build.id = %id, "pruned the sources of build {id}"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(error = %e, app.name = app, "pruning the sources of build {id}"),
+            }
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(app.name = %app))]
+    async fn delete_app(&self, app: &str) {
+        self.supervisor.delete_app(app).await;
+        let _ = tokio::fs::remove_dir_all(self.builder.builds_dir.join(app)).await;
+    }
+
+    fn router_addr(&self, app: &str) -> Option<std::net::SocketAddr> {
+        self.supervisor.router_addr(app)
+    }
+
+    #[tracing::instrument(skip_all, fields(app.name = %job.app, build.id = %job.id))]
+    async fn build(&self, job: &BuildJob, log: &LogSink) -> Result<BuildOutput, BuildFailure> {
+        self.builder.build(job, log).await
+    }
+}

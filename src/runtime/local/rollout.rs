@@ -1,0 +1,113 @@
+//! Rolling one service of a release out on this host, step by step as `deploy::plan` says:
+//! start an instance of the new release and wait until it is ready (then it gets traffic), or
+//! stop the oldest instance of an earlier one (taken out of the router first), until enough new
+//! instances are ready; then what is left of the old ones goes.
+
+use std::sync::Arc;
+
+use super::instance::{Health, Instance, Launch};
+use super::supervisor::Supervisor;
+use crate::deploy::plan::{self, Counts, Percentages, Step};
+use crate::manifest::Service;
+use crate::runtime::{LogSink, ReleaseSpec, RuntimeError};
+
+impl Supervisor {
+    /// Rolls `name` of `release` out within the budget of its manifest.
+    pub(super) async fn roll_service(
+        &self,
+        release: &ReleaseSpec,
+        name: &str,
+        service: &Service,
+        log: &LogSink,
+    ) -> Result<(), RuntimeError> {
+        let app = release.app.as_str();
+        let stream = format!("system/local/{name}");
+        let budget = Percentages::of(&service.deployment).budget(service.scale.count_min as usize);
+        if service.port.is_some() {
+            self.ensure_router(app, name).await?;
+        }
+        let launch = Launch::new(&self.0.builds_dir, release, name, service)?;
+        loop {
+            let (new, old) = self.split(app, name, &release.id);
+            match plan::next_step(budget, counts(&new, &old)) {
+                Step::Finish => break,
+                Step::StopOld => self.scale_down_oldest(app, name, &old, log).await,
+                Step::StartNew => {
+                    log.line(
+                        &stream,
+                        format!("Scaled up {name} release {} to {}", release.id, new.len() + 1),
+                    )
+                    .await;
+                    let instance = self.start_instance(app, &launch, log).await;
+                    wait_ready(&instance, service, log).await?;
+                    self.refresh_routes(app, name);
+                    let (new, old) = self.split(app, name, &release.id);
+                    if plan::retire_after_ready(budget, counts(&new, &old)) {
+                        self.scale_down_oldest(app, name, &old, log).await;
+                    }
+                }
+            }
+        }
+        let (new, old) = self.split(app, name, &release.id);
+        for instance in &old {
+            self.stop_instance(app, instance, log).await;
+        }
+        // More new instances than wanted (a resumed rollout, a lower scale): the newest go.
+        for extra in new.iter().skip(budget.desired) {
+            self.stop_instance(app, extra, log).await;
+        }
+        if !old.is_empty() {
+            log.line(&stream, format!("Scaled down {name} to 0 of the previous release"))
+                .await;
+        }
+        self.refresh_routes(app, name);
+        Ok(())
+    }
+
+    /// Stops the oldest of `old` (instances of earlier releases of `service`).
+    async fn scale_down_oldest(&self, app: &str, service: &str, old: &[Arc<Instance>], log: &LogSink) {
+        let Some(oldest) = old.first() else { return };
+        self.stop_instance(app, oldest, log).await;
+        let message = format!("Scaled down {service} release {} to {}", oldest.release, old.len() - 1);
+        log.line(&format!("system/local/{service}"), message).await;
+    }
+}
+
+fn counts(new: &[Arc<Instance>], old: &[Arc<Instance>]) -> Counts {
+    Counts {
+        new: new.len(),
+        new_ready: new.iter().filter(|i| i.is_ready()).count(),
+        old: old.len(),
+    }
+}
+
+/// Waits until `instance` is ready, or has failed before ever being ready.
+async fn wait_ready(instance: &Instance, service: &Service, log: &LogSink) -> Result<(), RuntimeError> {
+    let stream = format!("system/local/{}", instance.id);
+    let mut rx = instance.health.subscribe();
+    loop {
+        let health = rx.borrow_and_update().clone();
+        match health {
+            Health::Ready => {
+                let what = if service.port.is_some() {
+                    format!("Health check passed: GET {}", service.health.path)
+                } else {
+                    "Process is up".to_owned()
+                };
+                log.line(&stream, what).await;
+                return Ok(());
+            }
+            Health::Failed(reason) => {
+                log.line(&stream, format!("Health check failed: {reason}")).await;
+                return Err(RuntimeError::Failed(format!(
+                    "process {} of {} failed: {reason}",
+                    instance.id, instance.service
+                )));
+            }
+            Health::Starting | Health::Unhealthy => {}
+        }
+        if rx.changed().await.is_err() {
+            return Err(RuntimeError::Failed(format!("process {} stopped", instance.id)));
+        }
+    }
+}
