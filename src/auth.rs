@@ -1,7 +1,7 @@
 //! Authentication and authorisation: the rack password through HTTP basic auth (any user
 //! name, as convox does) or scoped API tokens (read, deploy, admin), checked on every route by
-//! [`require_auth`] and [`require_role`]. The password is configured, or generated on
-//! first start and kept in the data directory (mode 0600).
+//! [`require_auth`] and [`check_role`] (against each route's policy in `api::routes`). The
+//! password is configured, or generated on first start and kept in the data directory (0600).
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -89,7 +89,11 @@ pub fn resolve_password(configured: Option<&str>, data_dir: &Path) -> anyhow::Re
 }
 
 /// What an authenticated caller may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, sqlx::Type, serde::Serialize, serde::Deserialize,
+)]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Read anything.
     Read,
@@ -109,14 +113,18 @@ impl Role {
         }
     }
 
-    /// Parses a role name.
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "read" => Some(Self::Read),
-            "deploy" => Some(Self::Deploy),
-            "admin" => Some(Self::Admin),
-            _ => None,
-        }
+    /// Every role, weakest first.
+    pub const ALL: [Self; 3] = [Self::Read, Self::Deploy, Self::Admin];
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|role| role.as_str() == name)
+            .ok_or_else(|| format!("invalid role {name:?}: use read, deploy or admin"))
     }
 }
 
@@ -130,36 +138,6 @@ pub struct Principal {
     pub role: Role,
     /// A scoped token's one allowed request path (GET or HEAD only).
     pub scope: Option<std::sync::Arc<str>>,
-}
-
-/// The routes a `deploy` token may change; every other change needs `admin`.
-const DEPLOY_ROUTES: &[(&str, &str)] = &[
-    ("POST", "/apps/{app}/objects"),
-    ("POST", "/apps/{app}/objects/"),
-    ("POST", "/apps/{app}/objects/{*key}"),
-    ("DELETE", "/apps/{app}/objects/{*key}"),
-    ("POST", "/apps/{app}/builds"),
-    ("PUT", "/apps/{app}/builds/{id}"),
-    ("POST", "/apps/{app}/builds/{id}/cancel"),
-    ("POST", "/apps/{app}/releases"),
-    ("POST", "/apps/{app}/releases/{id}/promote"),
-    ("POST", "/apps/{app}/cancel"),
-    ("DELETE", "/apps/{app}/processes/{id}"),
-    ("PUT", "/apps/{app}/services/{service}"),
-    ("POST", "/apps/{app}/services/{service}/restart"),
-];
-
-/// The role a request to `route` with `method` needs.
-pub fn required_role(method: &axum::http::Method, route: &str) -> Role {
-    if route.starts_with("/tokens") {
-        Role::Admin
-    } else if method.is_safe() {
-        Role::Read
-    } else if DEPLOY_ROUTES.contains(&(method.as_str(), route)) {
-        Role::Deploy
-    } else {
-        Role::Admin
-    }
 }
 
 /// Rejects requests without valid credentials (401): the rack password (basic auth, any user
@@ -177,9 +155,13 @@ pub async fn require_auth(
     Ok(next.run(request).await)
 }
 
-/// Rejects requests the caller's role does not allow (403). A route layer: it needs the
-/// matched route.
-pub async fn require_role(request: Request, next: Next) -> Result<Response, ApiError> {
+/// Refuses (403) a request that the caller's credential does not allow: a scoped credential
+/// anything but its one request, a role below `needed` (the route's policy, see
+/// `api::routes`) anything at all.
+///
+/// # Errors
+/// 403 with what the credential allows and what the route needs.
+pub fn check_role(request: &Request, route: &str, needed: Role) -> Result<(), ApiError> {
     let principal = request.extensions().get::<Principal>();
     if let Some(scope) = principal.and_then(|p| p.scope.as_deref())
         && !(matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD)
@@ -188,21 +170,15 @@ pub async fn require_role(request: Request, next: Next) -> Result<Response, ApiE
         return Err(ApiError::Forbidden(format!("this credential only allows GET {scope}")));
     }
     let role = principal.map_or(Role::Read, |p| p.role);
-    let route = request
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .map(|p| p.as_str().to_owned());
-    let needed = required_role(request.method(), route.as_deref().unwrap_or_default());
     if role < needed {
         return Err(ApiError::Forbidden(format!(
-            "this credential has the {} role; {} {} needs {}",
+            "this credential has the {} role; {} {route} needs {}",
             role.as_str(),
             request.method(),
-            route.unwrap_or_default(),
             needed.as_str()
         )));
     }
-    Ok(next.run(request).await)
+    Ok(())
 }
 
 async fn authenticate(state: &AppState, headers: &axum::http::HeaderMap) -> Result<Principal, ApiError> {
@@ -220,9 +196,8 @@ async fn authenticate(state: &AppState, headers: &axum::http::HeaderMap) -> Resu
     }
     if secret.starts_with(TOKEN_PREFIX) {
         if let Some(token) = crate::store::tokens::use_by_hash(&state.pool, &token_hash(&secret)).await? {
-            let role = Role::parse(&token.role).unwrap_or(Role::Read);
             return Ok(Principal {
-                role,
+                role: token.role,
                 scope: token.scope.map(Into::into),
             });
         }
@@ -282,19 +257,6 @@ fn basic_password(value: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn roles_follow_the_route() {
-        use axum::http::Method;
-        assert_eq!(required_role(&Method::GET, "/apps"), Role::Read);
-        assert_eq!(required_role(&Method::GET, "/tokens"), Role::Admin);
-        assert_eq!(
-            required_role(&Method::POST, "/apps/{app}/releases/{id}/promote"),
-            Role::Deploy
-        );
-        assert_eq!(required_role(&Method::POST, "/apps"), Role::Admin);
-        assert_eq!(required_role(&Method::DELETE, "/apps/{app}"), Role::Admin);
-    }
 
     fn basic(userinfo: &str) -> String {
         format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(userinfo))

@@ -73,7 +73,7 @@ pub struct AppView {
     generation: String,
     locked: bool,
     name: String,
-    release: String,
+    release: crate::ids::ReleaseId,
     router: String,
     status: &'static str,
     parameters: BTreeMap<String, String>,

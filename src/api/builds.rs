@@ -46,7 +46,7 @@ pub struct UpdateBuild {
     logs: Option<String>,
     manifest: Option<String>,
     release: Option<String>,
-    status: Option<String>,
+    status: Option<BuildStatus>,
     reason: Option<String>,
 }
 
@@ -60,7 +60,7 @@ pub struct ListBuilds {
 /// A build as convox shows it.
 #[derive(Debug, Serialize)]
 pub struct BuildView {
-    id: String,
+    id: crate::ids::BuildId,
     app: String,
     description: String,
     entrypoint: String,
@@ -69,7 +69,7 @@ pub struct BuildView {
     logs: String,
     manifest: String,
     process: String,
-    release: String,
+    release: crate::ids::ReleaseId,
     reason: String,
     repository: String,
     /// Images the build pushed, by service (Kubernetes runtime).
@@ -164,7 +164,7 @@ pub async fn create_build(
         .manifest
         .filter(|m| !m.is_empty())
         .unwrap_or_else(|| "convox.yml".to_owned());
-    let id = crate::ids::public_id('B');
+    let id = crate::ids::BuildId::generate();
     let build = builds::insert(
         &state.pool,
         &NewBuild {
@@ -227,18 +227,7 @@ pub async fn update_build(
     Input(body): Input<UpdateBuild>,
 ) -> ApiResult<Pretty<BuildView>> {
     let build = load_build(&state, &app, &id).await?;
-    let status = body
-        .status
-        .map(|s| match s.as_str() {
-            "created" => Ok(BuildStatus::Created),
-            "running" => Ok(BuildStatus::Running),
-            "complete" => Ok(BuildStatus::Complete),
-            "failed" => Ok(BuildStatus::Failed),
-            other => Err(ApiError::BadRequest(format!(
-                "invalid status {other:?}: use created, running, complete or failed"
-            ))),
-        })
-        .transpose()?;
+    let status = body.status;
     if let Some(release) = &body.release
         && crate::store::releases::get(&state.pool, &build.app, release)
             .await?
@@ -316,7 +305,7 @@ pub async fn stream_build_logs(
     let build = load_build(&state, &app, &id).await?;
     let topic = Topic::Build {
         app: build.app,
-        build: build.id,
+        build: build.id.to_string(),
     };
     streams::respond(&state, topic, request, Style::Raw, Follow::UntilEnd)
 }

@@ -23,8 +23,8 @@ use crate::store::events::Topic;
 pub struct DeploymentView {
     id: Uuid,
     app: String,
-    release: String,
-    previous: Option<String>,
+    release: crate::ids::ReleaseId,
+    previous: Option<crate::ids::ReleaseId>,
     state: DeployState,
     /// `ok` once Running, `error` once Reverted, Failure or Superseded, null before.
     outcome: Option<Outcome>,

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -14,18 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::AppState;
 use crate::error::{ApiError, ErrorMessage};
-use crate::store::idempotency::{self, Record};
-
-/// The routes that honour the header.
-const ROUTES: &[&str] = &[
-    "/apps",
-    "/apps/{app}/objects",
-    "/apps/{app}/objects/",
-    "/apps/{app}/objects/{*key}",
-    "/apps/{app}/builds",
-    "/apps/{app}/releases",
-    "/apps/{app}/releases/{id}/promote",
-];
+use crate::store::idempotency::{self, KeyState, Record};
 
 /// Largest request body hashed (uploads are identified by their headers instead) and largest
 /// response body stored.
@@ -42,14 +31,14 @@ const ERROR_KEY: &str = "rack-error-message";
 #[derive(Debug, Clone, Copy)]
 pub struct StreamedDeployment(pub uuid::Uuid);
 
-/// The middleware (a route layer, so the matched path is known).
-pub async fn idempotency(State(state): State<AppState>, request: Request, next: Next) -> Result<Response, ApiError> {
+/// Runs `request` (to a route whose policy says it is idempotent) at most once per key.
+pub async fn idempotency(state: &AppState, request: Request, next: Next) -> Result<Response, ApiError> {
     let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
     let key = request.headers().get("idempotency-key").cloned();
     let (Some(route), Some(key)) = (route, key) else {
         return Ok(next.run(request).await);
     };
-    if request.method() != Method::POST || !ROUTES.contains(&route.as_str()) {
+    if request.method() != Method::POST {
         return Ok(next.run(request).await);
     }
     let key = key
@@ -90,13 +79,13 @@ pub async fn idempotency(State(state): State<AppState>, request: Request, next: 
         Some(record) if record.request_hash != hash => Err(ApiError::Unprocessable(format!(
             "Idempotency-Key {key} was used for a different request in the last 24 hours: use a new key"
         ))),
-        Some(record) if record.state != "done" => Err(ApiError::Conflict(format!(
+        Some(record) if record.state != KeyState::Done => Err(ApiError::Conflict(format!(
             "a request with Idempotency-Key {key} is still in progress"
         ))),
-        Some(record) => replay(&state, record, &parts.headers),
+        Some(record) => replay(state, record, &parts.headers),
         None => {
             let response = next.run(Request::from_parts(parts, body)).await;
-            Ok(remember(&state, &key, response).await)
+            Ok(remember(state, &key, response).await)
         }
     }
 }

@@ -15,12 +15,14 @@ pub mod streams;
 pub mod system;
 pub mod tokens;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request};
+use axum::extract::{MatchedPath, Request, State};
 use axum::handler::Handler;
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -32,6 +34,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::AppState;
+use crate::auth::Role;
 use crate::error::{ApiError, ErrorMessage};
 
 /// Longest time a JSON request may take. Streams and uploads have no such limit.
@@ -42,74 +45,158 @@ const MAX_JSON_BODY: usize = 4 * 1024 * 1024;
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
 
-/// Every route, its handler and its kind. The only place paths are wired.
+/// Every route: its method, path, who may call it (and whether it honours `Idempotency-Key`),
+/// its kind and its handler. The only place paths are wired, and the only place their policy
+/// is written.
 fn routes() -> Routes {
     use Method as M;
     Routes::default()
-        .json(M::GET, "/system", system::show_system)
-        .json(M::GET, "/auth", system::check_auth)
-        .json(M::GET, "/apps", apps::list_apps)
-        .json(M::POST, "/apps", apps::create_app)
-        .json(M::GET, "/apps/{app}", apps::show_app)
-        .json(M::PUT, "/apps/{app}", apps::update_app)
-        .json(M::DELETE, "/apps/{app}", apps::delete_app)
-        .json(M::GET, "/apps/{app}/objects", objects::list_objects)
-        .upload(M::POST, "/apps/{app}/objects", objects::upload_object_anonymous)
-        .upload(M::POST, "/apps/{app}/objects/", objects::upload_object_anonymous)
-        .upload(M::POST, "/apps/{app}/objects/{*key}", objects::upload_object)
-        .stream(M::GET, "/apps/{app}/objects/{*key}", objects::download_object)
-        .json(M::HEAD, "/apps/{app}/objects/{*key}", objects::head_object)
-        .json(M::DELETE, "/apps/{app}/objects/{*key}", objects::delete_object)
-        .json(M::GET, "/apps/{app}/builds", builds::list_builds)
-        .json(M::POST, "/apps/{app}/builds", builds::create_build)
-        .json(M::GET, "/apps/{app}/builds/{id}", builds::show_build)
-        .json(M::PUT, "/apps/{app}/builds/{id}", builds::update_build)
-        .json(M::POST, "/apps/{app}/builds/{id}/cancel", builds::cancel_build)
-        .stream(M::GET, "/apps/{app}/builds/{id}/logs", builds::stream_build_logs)
-        .json(M::GET, "/apps/{app}/releases", releases::list_releases)
-        .json(M::POST, "/apps/{app}/releases", releases::create_release)
-        .json(M::GET, "/apps/{app}/releases/{id}", releases::show_release)
-        .stream(M::POST, "/apps/{app}/releases/{id}/promote", releases::promote_release)
-        .json(M::GET, "/apps/{app}/deployments", deployments::list_deployments)
-        .json(M::GET, "/apps/{app}/deployments/{id}", deployments::show_deployment)
+        .json(M::GET, "/system", READ, system::show_system)
+        .json(M::GET, "/auth", READ, system::check_auth)
+        .json(M::GET, "/apps", READ, apps::list_apps)
+        .json(M::POST, "/apps", ADMIN.idempotent(), apps::create_app)
+        .json(M::GET, "/apps/{app}", READ, apps::show_app)
+        .json(M::PUT, "/apps/{app}", ADMIN, apps::update_app)
+        .json(M::DELETE, "/apps/{app}", ADMIN, apps::delete_app)
+        .json(M::GET, "/apps/{app}/objects", READ, objects::list_objects)
+        .upload(
+            M::POST,
+            "/apps/{app}/objects",
+            DEPLOY.idempotent(),
+            objects::upload_object_anonymous,
+        )
+        .upload(
+            M::POST,
+            "/apps/{app}/objects/",
+            DEPLOY.idempotent(),
+            objects::upload_object_anonymous,
+        )
+        .upload(
+            M::POST,
+            "/apps/{app}/objects/{*key}",
+            DEPLOY.idempotent(),
+            objects::upload_object,
+        )
+        .stream(M::GET, "/apps/{app}/objects/{*key}", READ, objects::download_object)
+        .json(M::HEAD, "/apps/{app}/objects/{*key}", READ, objects::head_object)
+        .json(M::DELETE, "/apps/{app}/objects/{*key}", DEPLOY, objects::delete_object)
+        .json(M::GET, "/apps/{app}/builds", READ, builds::list_builds)
+        .json(M::POST, "/apps/{app}/builds", DEPLOY.idempotent(), builds::create_build)
+        .json(M::GET, "/apps/{app}/builds/{id}", READ, builds::show_build)
+        .json(M::PUT, "/apps/{app}/builds/{id}", DEPLOY, builds::update_build)
+        .json(M::POST, "/apps/{app}/builds/{id}/cancel", DEPLOY, builds::cancel_build)
+        .stream(M::GET, "/apps/{app}/builds/{id}/logs", READ, builds::stream_build_logs)
+        .json(M::GET, "/apps/{app}/releases", READ, releases::list_releases)
+        .json(
+            M::POST,
+            "/apps/{app}/releases",
+            DEPLOY.idempotent(),
+            releases::create_release,
+        )
+        .json(M::GET, "/apps/{app}/releases/{id}", READ, releases::show_release)
+        .stream(
+            M::POST,
+            "/apps/{app}/releases/{id}/promote",
+            DEPLOY.idempotent(),
+            releases::promote_release,
+        )
+        .json(M::GET, "/apps/{app}/deployments", READ, deployments::list_deployments)
+        .json(
+            M::GET,
+            "/apps/{app}/deployments/{id}",
+            READ,
+            deployments::show_deployment,
+        )
         .stream(
             M::GET,
             "/apps/{app}/deployments/{id}/events",
+            READ,
             deployments::stream_deployment_events,
         )
-        .json(M::POST, "/apps/{app}/cancel", deployments::cancel_deployment)
-        .json(M::GET, "/apps/{app}/processes", processes::list_processes)
-        .json(M::GET, "/apps/{app}/processes/{id}", processes::show_process)
-        .json(M::DELETE, "/apps/{app}/processes/{id}", processes::restart_process)
-        .stream(M::GET, "/apps/{app}/logs", processes::stream_app_logs)
+        .json(M::POST, "/apps/{app}/cancel", DEPLOY, deployments::cancel_deployment)
+        .json(M::GET, "/apps/{app}/processes", READ, processes::list_processes)
+        .json(M::GET, "/apps/{app}/processes/{id}", READ, processes::show_process)
+        .json(
+            M::DELETE,
+            "/apps/{app}/processes/{id}",
+            DEPLOY,
+            processes::restart_process,
+        )
+        .stream(M::GET, "/apps/{app}/logs", READ, processes::stream_app_logs)
         .stream(
             M::GET,
             "/apps/{app}/services/{service}/logs",
+            READ,
             processes::stream_service_logs,
         )
-        .json(M::GET, "/apps/{app}/budget", processes::show_budget)
-        .json(M::GET, "/apps/{app}/services", services::list_services)
-        .json(M::PUT, "/apps/{app}/services/{service}", services::scale_service)
+        .json(M::GET, "/apps/{app}/budget", READ, processes::show_budget)
+        .json(M::GET, "/apps/{app}/services", READ, services::list_services)
+        .json(
+            M::PUT,
+            "/apps/{app}/services/{service}",
+            DEPLOY,
+            services::scale_service,
+        )
         .json(
             M::POST,
             "/apps/{app}/services/{service}/restart",
+            DEPLOY,
             services::restart_service,
         )
-        .json(M::GET, "/tokens", tokens::list_tokens)
-        .json(M::POST, "/tokens", tokens::create_token)
-        .json(M::DELETE, "/tokens/{id}", tokens::delete_token)
+        .json(M::GET, "/tokens", ADMIN, tokens::list_tokens)
+        .json(M::POST, "/tokens", ADMIN, tokens::create_token)
+        .json(M::DELETE, "/tokens/{id}", ADMIN, tokens::delete_token)
+}
+
+/// Who may call a route, and whether it honours `Idempotency-Key` (POSTs that create things:
+/// a retry with the same key gets the first answer and starts nothing new).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub role: Role,
+    pub idempotent: bool,
+}
+
+impl Policy {
+    const fn idempotent(self) -> Self {
+        Self {
+            idempotent: true,
+            ..self
+        }
+    }
+}
+
+/// Reading: any credential.
+const READ: Policy = Policy {
+    role: Role::Read,
+    idempotent: false,
+};
+/// Shipping code: upload, build, release, promote, cancel, restart.
+const DEPLOY: Policy = Policy {
+    role: Role::Deploy,
+    idempotent: false,
+};
+/// Managing the rack: apps, tokens.
+const ADMIN: Policy = Policy {
+    role: Role::Admin,
+    idempotent: false,
+};
+
+/// One line of the route table.
+#[derive(Debug, Clone)]
+pub struct RouteInfo {
+    pub method: Method,
+    pub path: &'static str,
+    pub policy: Policy,
 }
 
 /// The API with its layers, ready to serve.
 pub fn router(state: AppState) -> Router {
     let auth = middleware::from_fn_with_state(state.clone(), crate::auth::require_auth);
-    let idempotency = middleware::from_fn_with_state(state.clone(), idempotency::idempotency);
-    routes()
-        .router
-        // After routing (they need the matched path) and after authentication: the role
-        // check first, then idempotency.
-        .route_layer(idempotency)
-        .route_layer(middleware::from_fn(crate::auth::require_role))
+    let Routes { router, table } = routes();
+    let policies: Policies = Arc::new(table.into_iter().map(|r| ((r.method, r.path), r.policy)).collect());
+    router
+        // After routing (it needs the matched path) and after authentication.
+        .route_layer(middleware::from_fn_with_state((state.clone(), policies), guard))
         .fallback(unknown_route)
         // Layers run outside-in from the last one added: request id, trace, error rendering, auth.
         .layer(auth)
@@ -120,21 +207,59 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Method and path of every route, for the OpenAPI coverage test.
-pub fn route_table() -> Vec<(Method, &'static str)> {
+/// The route table (method, path, policy of every route), for the tests that hold the
+/// OpenAPI document and the role checks to it.
+pub fn route_table() -> Vec<RouteInfo> {
     routes().table
 }
 
-/// The router under construction and the list of what it holds.
+/// Each route's policy, by method and path.
+type Policies = Arc<HashMap<(Method, &'static str), Policy>>;
+
+/// Applies a route's policy: a scoped credential's one allowed request, the caller's role, then
+/// `Idempotency-Key` where the route honours it.
+async fn guard(
+    State((state, policies)): State<(AppState, Policies)>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    let route = route.as_deref().unwrap_or_default();
+    let lookup = |method: &Method| {
+        policies
+            .get(&(method.clone(), route))
+            .or_else(|| policies.get(&(method.clone(), route.trim_end_matches('/'))))
+            .copied()
+    };
+    // HEAD is answered by the GET route (unless it has its own).
+    let policy = lookup(request.method())
+        .or_else(|| {
+            (request.method() == Method::HEAD)
+                .then(|| lookup(&Method::GET))
+                .flatten()
+        })
+        .unwrap_or(Policy {
+            role: Role::Admin,
+            idempotent: false,
+        });
+    crate::auth::check_role(&request, route, policy.role)?;
+    if policy.idempotent {
+        idempotency::idempotency(&state, request, next).await
+    } else {
+        Ok(next.run(request).await)
+    }
+}
+
+/// The router under construction and the table of what it holds.
 #[derive(Default)]
 struct Routes {
     router: Router<AppState>,
-    table: Vec<(Method, &'static str)>,
+    table: Vec<RouteInfo>,
 }
 
 impl Routes {
     /// A request/response route: bounded in time and body size, panics turned into 500s.
-    fn json<H, T>(self, method: Method, path: &'static str, handler: H) -> Self
+    fn json<H, T>(self, method: Method, path: &'static str, policy: Policy, handler: H) -> Self
     where
         H: Handler<T, AppState>,
         T: 'static,
@@ -149,25 +274,30 @@ impl Routes {
             ))
             .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY));
         let route = on(filter_of(&method), handler).layer::<_, Infallible>(layers);
-        self.add(method, path, route)
+        self.add(method, path, policy, route)
     }
 
-    fn add(mut self, method: Method, path: &'static str, route: axum::routing::MethodRouter<AppState>) -> Self {
+    fn add(
+        mut self,
+        method: Method,
+        path: &'static str,
+        policy: Policy,
+        route: axum::routing::MethodRouter<AppState>,
+    ) -> Self {
         self.router = self.router.route(path, route);
-        self.table.push((method, path));
+        self.table.push(RouteInfo { method, path, policy });
         self
     }
 
     /// A streaming response (downloads, log streams, a followed promote): no time limit; a
     /// request body, if any, is bounded like a JSON one.
-    fn stream<H, T>(self, method: Method, path: &'static str, handler: H) -> Self
+    fn stream<H, T>(self, method: Method, path: &'static str, policy: Policy, handler: H) -> Self
     where
         H: Handler<T, AppState>,
         T: 'static,
     {
         self.streaming(
-            method,
-            path,
+            (method, path, policy),
             handler,
             axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY),
         )
@@ -175,18 +305,21 @@ impl Routes {
 
     /// A streamed upload: no time limit and no body limit here; the handler enforces
     /// RACK_MAX_UPLOAD_BYTES while it streams (and answers 413 itself).
-    fn upload<H, T>(self, method: Method, path: &'static str, handler: H) -> Self
+    fn upload<H, T>(self, method: Method, path: &'static str, policy: Policy, handler: H) -> Self
     where
         H: Handler<T, AppState>,
         T: 'static,
     {
-        self.streaming(method, path, handler, axum::extract::DefaultBodyLimit::disable())
+        self.streaming(
+            (method, path, policy),
+            handler,
+            axum::extract::DefaultBodyLimit::disable(),
+        )
     }
 
     fn streaming<H, T>(
         self,
-        method: Method,
-        path: &'static str,
+        (method, path, policy): (Method, &'static str, Policy),
         handler: H,
         limit: axum::extract::DefaultBodyLimit,
     ) -> Self
@@ -195,7 +328,7 @@ impl Routes {
         T: 'static,
     {
         let route = on(filter_of(&method), handler).layer::<_, Infallible>(limit);
-        self.add(method, path, route)
+        self.add(method, path, policy, route)
     }
 }
 

@@ -27,9 +27,9 @@ pub const DEFAULT_TIMEOUT_SECS: u64 = 1800;
 /// A release as convox shows it.
 #[derive(Debug, Serialize)]
 pub struct ReleaseView {
-    id: String,
+    id: crate::ids::ReleaseId,
     app: String,
-    build: String,
+    build: crate::ids::BuildId,
     env: String,
     manifest: String,
     description: String,
@@ -121,10 +121,11 @@ pub async fn create_release(
     Input(body): Input<CreateRelease>,
 ) -> ApiResult<Response> {
     let app = load_app(&state, &app).await?;
+    // One transaction, one snapshot: the parent, the build and the new release agree.
     let mut tx = state.pool.begin().await?;
     let parent = match &body.parent_release {
         Some(id) => Some(
-            releases::get(&state.pool, &app.name, id)
+            releases::get(&mut *tx, &app.name, id)
                 .await?
                 .ok_or_else(|| ApiError::BadRequest(format!("parent release not found: {id}")))?,
         ),
@@ -132,7 +133,7 @@ pub async fn create_release(
     };
     let build = match &body.build {
         Some(id) => {
-            let build = crate::store::builds::get(&state.pool, &app.name, id)
+            let build = crate::store::builds::get(&mut *tx, &app.name, id)
                 .await?
                 .ok_or_else(|| ApiError::BadRequest(format!("build not found: {id}")))?;
             if build.status != BuildStatus::Complete {
@@ -164,7 +165,7 @@ pub async fn create_release(
             build.as_ref().map(|b| b.description.clone()).unwrap_or_default()
         }
     });
-    let id = crate::ids::public_id('R');
+    let id = crate::ids::ReleaseId::generate();
     let release = releases::insert(
         &mut tx,
         &NewRelease {
@@ -197,14 +198,31 @@ pub async fn start_deployment(
     force: bool,
     timeout_secs: u64,
 ) -> ApiResult<deployments::Deployment> {
+    let mut tx = state.pool.begin().await?;
+    let deployment = start_deployment_in(state, &mut tx, app, release, force, timeout_secs).await?;
+    tx.commit().await?;
+    woke(state, app);
+    Ok(deployment)
+}
+
+/// [`start_deployment`] inside the caller's transaction (which must then commit and call
+/// [`woke`]); a deployment in progress makes it 409, and the caller's whole transaction
+/// with it.
+pub async fn start_deployment_in(
+    state: &AppState,
+    conn: &mut sqlx::PgConnection,
+    app: &str,
+    release: &str,
+    force: bool,
+    timeout_secs: u64,
+) -> ApiResult<deployments::Deployment> {
     let runtime = state.runtime.name();
     let id = uuid::Uuid::now_v7();
-    let mut tx = state.pool.begin().await?;
     if force {
-        deployments::supersede_active(&mut tx, app, id, runtime).await?;
+        deployments::supersede_active(&mut *conn, app, id, runtime).await?;
     }
     let timeout = std::time::Duration::from_secs(timeout_secs);
-    let deployment = deployments::insert(&mut tx, id, app, release, timeout, runtime)
+    deployments::insert(&mut *conn, id, app, release, timeout, runtime)
         .await
         .map_err(|e| {
             if is_constraint(&e, ONE_ACTIVE_PER_APP) {
@@ -212,11 +230,13 @@ pub async fn start_deployment(
             } else {
                 e.into()
             }
-        })?;
-    tx.commit().await?;
+        })
+}
+
+/// Wakes the deploy workers and the app's streams after a deployment was committed.
+pub fn woke(state: &AppState, app: &str) {
     state.bus.poke(crate::events::Wake::Jobs);
     state.bus.poke(crate::events::Wake::Events(app.to_owned()));
-    Ok(deployment)
 }
 
 #[tracing::instrument(skip_all, fields(app.name = %app, release.id = %id))]

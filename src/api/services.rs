@@ -11,7 +11,7 @@ use crate::AppState;
 use crate::api::apps::load_app;
 use crate::api::deployments::DeploymentView;
 use crate::api::input::{Format, Input, Pretty};
-use crate::api::releases::{DEFAULT_TIMEOUT_SECS, start_deployment};
+use crate::api::releases::{DEFAULT_TIMEOUT_SECS, start_deployment_in, woke};
 use crate::error::{ApiError, ApiResult};
 
 /// A service port, as convox shows it.
@@ -116,21 +116,14 @@ pub async fn scale_service(
         )));
     }
     let release = spec.id;
-    // Refuse before recording the count: a scale must not sneak into a rollout in progress.
-    if crate::store::deployments::latest_state(&state.pool, &app.name)
-        .await?
-        .is_some_and(|s| !s.is_terminal())
-    {
-        return Err(ApiError::Conflict("app is currently updating".into()));
-    }
-    crate::store::scales::set(
-        &state.pool,
-        &app.name,
-        &service,
-        i32::try_from(count).unwrap_or(i32::MAX),
-    )
-    .await?;
-    let deployment = start_deployment(&state, &app.name, &release, false, DEFAULT_TIMEOUT_SECS).await?;
+    // The count and the deployment that applies it go together: when another deployment is in
+    // progress, the 409 leaves the count as it was.
+    let mut tx = state.pool.begin().await?;
+    let count_value = i32::try_from(count).unwrap_or(i32::MAX);
+    crate::store::scales::set(&mut tx, &app.name, &service, count_value).await?;
+    let deployment = start_deployment_in(&state, &mut tx, &app.name, &release, false, DEFAULT_TIMEOUT_SECS).await?;
+    tx.commit().await?;
+    woke(&state, &app.name);
     tracing::info!(app.name = %app.name, service = %service, count, "scaling {service} of {} to {count}", app.name);
     let location = format!("/apps/{}/deployments/{}", app.name, deployment.id);
     let mut response = match format {

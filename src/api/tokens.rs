@@ -27,7 +27,7 @@ pub struct CreateToken {
 pub struct TokenView {
     id: Uuid,
     name: String,
-    role: String,
+    role: Role,
     #[serde(skip_serializing_if = "Option::is_none")]
     token: Option<String>,
     created: DateTime<Utc>,
@@ -49,14 +49,13 @@ impl From<store::tokens::Token> for TokenView {
 
 #[tracing::instrument(skip_all)]
 pub async fn create_token(State(state): State<AppState>, Input(body): Input<CreateToken>) -> ApiResult<Response> {
-    let role = Role::parse(&body.role)
-        .ok_or_else(|| ApiError::BadRequest(format!("invalid role {:?}: use read, deploy or admin", body.role)))?;
+    let role: Role = body.role.parse().map_err(ApiError::BadRequest)?;
     let name = body.name.trim();
     if name.is_empty() || name.len() > 100 {
         return Err(ApiError::BadRequest("name must be 1 to 100 characters".into()));
     }
     let (secret, hash) = crate::auth::new_token();
-    let token = store::tokens::insert(&state.pool, Uuid::now_v7(), name, role.as_str(), &hash).await?;
+    let token = store::tokens::insert(&state.pool, Uuid::now_v7(), name, role, &hash).await?;
     tracing::info!(token.id = %token.id, role = role.as_str(), "created token {} ({})", token.id, token.name);
     let location = format!("/tokens/{}", token.id);
     let mut view = TokenView::from(token);

@@ -325,14 +325,17 @@ mod tests {
         next(&at(state), &signal).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// Every legal move: (from, signal, to, then, outcome, activates, lines).
+    /// One row of the table: (from, signal, to, then, outcome, activates, lines).
+    type Row = (S, Signal, S, Action, Option<Outcome>, bool, Vec<&'static str>);
+
+    /// Every legal move.
     #[test]
     fn the_table() {
         let by = Uuid::nil();
         let minute = Duration::from_secs(60);
         let failed = || Signal::ApplyFailed("boom".into());
         #[rustfmt::skip]
-        let table: Vec<(S, Signal, S, Action, Option<Outcome>, bool, Vec<&str>)> = vec![
+        let table: Vec<Row> = vec![
             (S::Pending, Signal::Proceed, S::Updating, Action::ApplyRelease, None, false, vec!["Status: Pending => Updating"]),
             (S::Updating, Signal::Proceed, S::Updating, Action::ApplyRelease, None, false, vec![]),
             (S::Updating, Signal::Applied, S::Running, Action::Stop, Some(Outcome::Ok), true,

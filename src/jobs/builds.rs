@@ -42,6 +42,7 @@ async fn worker(state: AppState, n: usize) {
 }
 
 /// Runs one claimed build to its end.
+#[tracing::instrument(skip_all, fields(build.id = %build.id, app.name = %build.app))]
 async fn run(state: &AppState, build: Build) {
     let owner = OwnedOwner {
         app: build.app.clone(),
@@ -211,7 +212,7 @@ async fn try_end(
     let (ended, line) = match result {
         Ok(output) => {
             let parent = releases::latest(&mut tx, &build.app).await?;
-            let release_id = crate::ids::public_id('R');
+            let release_id = crate::ids::ReleaseId::generate();
             releases::insert(
                 &mut tx,
                 &NewRelease {

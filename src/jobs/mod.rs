@@ -217,7 +217,7 @@ async fn append(
 #[derive(Debug, Clone)]
 pub struct OwnedOwner {
     pub app: String,
-    pub build: Option<String>,
+    pub build: Option<crate::ids::BuildId>,
     pub deployment: Option<uuid::Uuid>,
 }
 

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 #[derive(Debug, Clone)]
 pub struct BuildJob {
     pub app: String,
-    pub id: String,
+    pub id: crate::ids::BuildId,
     /// Key of the source tarball in the app's objects.
     pub source_key: String,
     /// Where its bytes are in the object store.
@@ -147,8 +147,8 @@ impl LogSink {
 #[derive(Debug, Clone)]
 pub struct ReleaseSpec {
     pub app: String,
-    pub id: String,
-    pub build_id: String,
+    pub id: crate::ids::ReleaseId,
+    pub build_id: crate::ids::BuildId,
     pub env: crate::env::Env,
     pub manifest: crate::manifest::Manifest,
 }
@@ -376,7 +376,7 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     async fn restart_process(&self, app: &str, id: &str) -> bool;
 
     /// Frees what the (ended) builds `ids` of `app` hold on this host (their unpacked sources).
-    async fn prune_builds(&self, app: &str, ids: &[String]);
+    async fn prune_builds(&self, app: &str, ids: &[crate::ids::BuildId]);
 
     /// Stops everything of an app (it is being deleted).
     async fn delete_app(&self, app: &str);

@@ -16,7 +16,7 @@ pub struct App {
     pub locked: bool,
     pub parameters: Json<BTreeMap<String, String>>,
     /// The release the app runs (switched when a deployment reaches Running).
-    pub release_id: Option<String>,
+    pub release_id: Option<crate::ids::ReleaseId>,
     /// The state of the app's newest deployment, which its status derives from.
     #[sqlx(default)]
     pub deployment_state: Option<crate::deploy::DeployState>,
@@ -54,6 +54,7 @@ pub enum DeleteOutcome {
 }
 
 /// Inserts a new app. A taken name violates `apps_pkey`.
+#[tracing::instrument(skip_all, fields(app.name = %name))]
 pub async fn insert(pool: &PgPool, name: &AppName, generation: &str) -> Result<App, sqlx::Error> {
     sqlx::query_as("insert into apps (name, generation) values ($1, $2) returning *")
         .bind(name.as_str())

@@ -7,11 +7,13 @@ use serde::Serialize;
 use sqlx::{FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
+use crate::ids::{BuildId, ReleaseId};
+
 /// The NOTIFY channel that wakes job workers.
 pub const JOBS_CHANNEL: &str = "rack_jobs";
 
 /// Where a build is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, Serialize, serde::Deserialize)]
 #[sqlx(type_name = "text", rename_all = "snake_case")]
 #[serde(rename_all = "snake_case")]
 pub enum BuildStatus {
@@ -31,7 +33,7 @@ impl BuildStatus {
 /// A build row.
 #[derive(Debug, Clone, FromRow)]
 pub struct Build {
-    pub id: String,
+    pub id: BuildId,
     pub app: String,
     pub position: i64,
     pub status: BuildStatus,
@@ -43,7 +45,7 @@ pub struct Build {
     pub no_cache: bool,
     pub entrypoint: String,
     pub process: String,
-    pub release_id: Option<String>,
+    pub release_id: Option<ReleaseId>,
     pub reason: String,
     /// Images the build pushed, by service (Kubernetes runtime).
     pub images: sqlx::types::Json<std::collections::BTreeMap<String, String>>,
@@ -71,6 +73,7 @@ pub struct NewBuild<'a> {
 }
 
 /// Queues a build and wakes the workers.
+#[tracing::instrument(skip_all, fields(app.name = %new.app, build.id = %new.id))]
 pub async fn insert(pool: &PgPool, new: &NewBuild<'_>) -> Result<Build, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let build = sqlx::query_as(
@@ -100,11 +103,11 @@ async fn notify_jobs(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
 }
 
 /// One build of an app.
-pub async fn get(pool: &PgPool, app: &str, id: &str) -> Result<Option<Build>, sqlx::Error> {
+pub async fn get<'e>(db: impl sqlx::PgExecutor<'e>, app: &str, id: &str) -> Result<Option<Build>, sqlx::Error> {
     sqlx::query_as("select * from builds where app = $1 and id = $2")
         .bind(app)
         .bind(id)
-        .fetch_optional(pool)
+        .fetch_optional(db)
         .await
 }
 
@@ -119,6 +122,7 @@ pub async fn list_for_app(pool: &PgPool, app: &str, limit: i64) -> Result<Vec<Bu
 
 /// Claims the oldest waiting build, or a running one whose holder's lease has expired, for
 /// `owner` until `lease` from now. Concurrent claimers never get the same build.
+#[tracing::instrument(skip_all)]
 pub async fn claim_next(pool: &PgPool, owner: Uuid, lease: Duration) -> Result<Option<Build>, sqlx::Error> {
     sqlx::query_as(
         "update builds
@@ -154,6 +158,7 @@ pub async fn renew_lease(pool: &PgPool, id: &str, owner: Uuid, lease: Duration) 
 }
 
 /// Returns a running build to the queue (its holder is shutting down), as if never claimed.
+#[tracing::instrument(skip_all, fields(build.id = %id))]
 pub async fn hand_back(pool: &PgPool, id: &str, owner: Uuid) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let done = sqlx::query(
@@ -196,6 +201,7 @@ impl<'a> Finish<'a> {
 
 /// Ends a build held by `owner` (or by nobody, when `owner` is `None`). Returns false when the
 /// build is not running under that owner any more.
+#[tracing::instrument(skip_all, fields(build.id = %id))]
 pub async fn finish(
     conn: &mut PgConnection,
     id: &str,
@@ -284,7 +290,7 @@ pub async fn update(pool: &PgPool, app: &str, id: &str, update: &BuildUpdate) ->
 /// The ended builds of an app whose sources may go: all but the newest `keep_last`, and but
 /// those of the app's release and of any deployment in progress (what a rollback runs). Only
 /// ended builds are listed, so a build that starts meanwhile is never among them.
-pub async fn prunable_ids(pool: &PgPool, app: &str, keep_last: i64) -> Result<Vec<String>, sqlx::Error> {
+pub async fn prunable_ids(pool: &PgPool, app: &str, keep_last: i64) -> Result<Vec<BuildId>, sqlx::Error> {
     sqlx::query_scalar(
         "select id from builds
           where app = $1 and status in ('complete', 'failed')

@@ -9,6 +9,7 @@ use sqlx::{FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::deploy::{DeployState, Signal, Snapshot, Transition};
+use crate::ids::ReleaseId;
 use crate::store::events::{self, Owner};
 
 /// The constraint a second concurrent deployment of an app violates.
@@ -19,8 +20,8 @@ pub const ONE_ACTIVE_PER_APP: &str = "deployments_one_active_per_app";
 pub struct Deployment {
     pub id: Uuid,
     pub app: String,
-    pub release_id: String,
-    pub previous_release_id: Option<String>,
+    pub release_id: ReleaseId,
+    pub previous_release_id: Option<ReleaseId>,
     pub state: DeployState,
     pub reason: String,
     pub timeout_secs: i32,

@@ -15,7 +15,7 @@ pub const EVENTS_CHANNEL: &str = "rack_events";
 pub struct Event {
     pub app: String,
     pub seq: i64,
-    pub build_id: Option<String>,
+    pub build_id: Option<crate::ids::BuildId>,
     pub deployment_id: Option<Uuid>,
     pub at: DateTime<Utc>,
     pub stream: String,

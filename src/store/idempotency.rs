@@ -10,12 +10,22 @@ use uuid::Uuid;
 /// How long a key is remembered.
 pub const RETENTION_HOURS: i32 = 24;
 
+/// Where the request of a key is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum KeyState {
+    /// Running now (its first response is not known yet).
+    Pending,
+    /// Answered: its response is stored.
+    Done,
+}
+
 /// A stored key.
 #[derive(Debug, Clone, FromRow)]
 pub struct Record {
     pub key: String,
     pub request_hash: String,
-    pub state: String,
+    pub state: KeyState,
     pub status: Option<i32>,
     pub headers: Json<BTreeMap<String, String>>,
     pub body: Option<Vec<u8>>,
@@ -60,7 +70,7 @@ pub async fn complete(
     deployment: Option<Uuid>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "update idempotency_keys set state = 'done', status = $2, headers = $3, body = $4, deployment_id = $5
+        "update idempotency_keys set state = $6, status = $2, headers = $3, body = $4, deployment_id = $5
           where key = $1",
     )
     .bind(key)
@@ -68,6 +78,7 @@ pub async fn complete(
     .bind(Json(headers))
     .bind(body)
     .bind(deployment)
+    .bind(KeyState::Done)
     .execute(pool)
     .await
     .map(drop)
@@ -75,8 +86,9 @@ pub async fn complete(
 
 /// Forgets `key` (its request failed in a way a retry should redo).
 pub async fn release(pool: &PgPool, key: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("delete from idempotency_keys where key = $1 and state = 'pending'")
+    sqlx::query("delete from idempotency_keys where key = $1 and state = $2")
         .bind(key)
+        .bind(KeyState::Pending)
         .execute(pool)
         .await
         .map(drop)

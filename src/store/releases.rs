@@ -3,13 +3,15 @@
 use chrono::{DateTime, Utc};
 use sqlx::{FromRow, PgConnection, PgPool};
 
+use crate::ids::{BuildId, ReleaseId};
+
 /// A release row.
 #[derive(Debug, Clone, FromRow)]
 pub struct Release {
-    pub id: String,
+    pub id: ReleaseId,
     pub app: String,
     pub position: i64,
-    pub build_id: Option<String>,
+    pub build_id: Option<BuildId>,
     pub env: String,
     pub manifest: String,
     pub description: String,
@@ -28,6 +30,7 @@ pub struct NewRelease<'a> {
 }
 
 /// Inserts a release.
+#[tracing::instrument(skip_all, fields(app.name = %new.app, release.id = %new.id))]
 pub async fn insert(conn: &mut PgConnection, new: &NewRelease<'_>) -> Result<Release, sqlx::Error> {
     sqlx::query_as(
         "insert into releases (id, app, build_id, env, manifest, description)
@@ -52,11 +55,11 @@ pub async fn latest(conn: &mut PgConnection, app: &str) -> Result<Option<Release
 }
 
 /// One release of an app.
-pub async fn get(pool: &PgPool, app: &str, id: &str) -> Result<Option<Release>, sqlx::Error> {
+pub async fn get<'e>(db: impl sqlx::PgExecutor<'e>, app: &str, id: &str) -> Result<Option<Release>, sqlx::Error> {
     sqlx::query_as("select * from releases where app = $1 and id = $2")
         .bind(app)
         .bind(id)
-        .fetch_optional(pool)
+        .fetch_optional(db)
         .await
 }
 

@@ -2,10 +2,11 @@
 
 use std::collections::BTreeMap;
 
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
-/// Sets the count of `app`'s `service`.
-pub async fn set(pool: &PgPool, app: &str, service: &str, count: i32) -> Result<(), sqlx::Error> {
+/// Sets the count of `app`'s `service` (in the caller's transaction: it holds only if the
+/// deployment that applies it starts).
+pub async fn set(conn: &mut PgConnection, app: &str, service: &str, count: i32) -> Result<(), sqlx::Error> {
     sqlx::query(
         "insert into service_scales (app, service, count) values ($1, $2, $3)
          on conflict (app, service) do update set count = excluded.count, updated_at = now()",
@@ -13,7 +14,7 @@ pub async fn set(pool: &PgPool, app: &str, service: &str, count: i32) -> Result<
     .bind(app)
     .bind(service)
     .bind(count)
-    .execute(pool)
+    .execute(conn)
     .await
     .map(drop)
 }

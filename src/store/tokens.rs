@@ -9,7 +9,7 @@ use uuid::Uuid;
 pub struct Token {
     pub id: Uuid,
     pub name: String,
-    pub role: String,
+    pub role: crate::auth::Role,
     pub hash: String,
     pub created_at: DateTime<Utc>,
     pub last_used_at: Option<DateTime<Utc>>,
@@ -19,7 +19,13 @@ pub struct Token {
 }
 
 /// Stores a new token.
-pub async fn insert(pool: &PgPool, id: Uuid, name: &str, role: &str, hash: &str) -> Result<Token, sqlx::Error> {
+pub async fn insert(
+    pool: &PgPool,
+    id: Uuid,
+    name: &str,
+    role: crate::auth::Role,
+    hash: &str,
+) -> Result<Token, sqlx::Error> {
     sqlx::query_as("insert into tokens (id, name, role, hash) values ($1, $2, $3, $4) returning *")
         .bind(id)
         .bind(name)

@@ -260,3 +260,53 @@ async fn a_scoped_token_reads_its_one_object_until_it_expires() {
     })
     .await;
 }
+
+/// Generated from the route table: every route needs a credential (401 without one), and each
+/// role gets exactly what the route's policy allows (403 below it). A route added without a
+/// policy cannot be written, and one whose policy changes shows up here.
+#[tokio::test]
+async fn every_route_checks_credentials_and_roles_as_its_policy_says() {
+    let app = TestApp::spawn().await;
+    let mut tokens = Vec::new();
+    for role in rack::auth::Role::ALL {
+        let (_, secret) = create_token(&app, role.as_str(), role.as_str()).await;
+        tokens.push((role, secret));
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let routes = rack::api::route_table();
+    assert!(routes.len() > 30, "{} routes", routes.len());
+    for route in routes {
+        // Placeholders for the path's parameters; the answer past the checks does not matter.
+        let path = route
+            .path
+            .replace("{app}", "nosuchapp")
+            .replace("{id}", "RNOSUCHRELE")
+            .replace("{service}", "web")
+            .replace("{*key}", "some/key");
+        let url = app.url(&path);
+        let what = format!("{} {}", route.method, route.path);
+        let anonymous = client.request(route.method.clone(), &url).send().await.unwrap();
+        assert_eq!(anonymous.status(), 401, "{what} without a credential");
+        for (role, secret) in &tokens {
+            let response = client
+                .request(route.method.clone(), &url)
+                .bearer_auth(secret)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            if *role < route.policy.role {
+                assert_eq!(status, 403, "{what} with a {} token", role.as_str());
+            } else {
+                assert!(
+                    status != 401 && status != 403,
+                    "{what} with a {} token: {status}",
+                    role.as_str()
+                );
+            }
+        }
+    }
+}

@@ -818,3 +818,61 @@ async fn scale_changes_the_count_now_and_for_later_deployments() {
         .unwrap();
     assert!(running(0).await);
 }
+
+/// A scale records its count only with the deployment that applies it: of ten concurrent scales
+/// one deploys, the others get 409 and leave nothing behind.
+#[tokio::test]
+async fn concurrent_scales_record_only_the_count_that_deploys() {
+    let app = TestApp::spawn().await;
+    let first = built_app(&app, "myapp").await;
+    promote_follow(&app, "myapp", &first).await;
+    let scales = (1..=10).map(|count| {
+        let request = app
+            .json(Method::PUT, "/apps/myapp/services/web")
+            .form(&[("count", count.to_string())])
+            .send();
+        async move { (count, request.await.unwrap().status().as_u16()) }
+    });
+    let answers = futures_util::future::join_all(scales).await;
+    let accepted: Vec<u32> = answers.iter().filter(|(_, s)| *s == 202).map(|(c, _)| *c).collect();
+    assert_eq!(accepted.len(), 1, "{answers:?}");
+    assert!(answers.iter().all(|(_, s)| *s == 202 || *s == 409), "{answers:?}");
+    let services: Vec<Value> = app.get_json("/apps/myapp/services").await;
+    assert_eq!(services[0]["count"], accepted[0], "{answers:?}");
+}
+
+/// A release is made from one snapshot: a refused one (its build is not complete) leaves no
+/// release behind.
+#[tokio::test]
+async fn a_refused_release_leaves_nothing_behind() {
+    let app = TestApp::spawn().await;
+    built_app(&app, "myapp").await;
+    let before: Vec<Value> = app.get_json("/apps/myapp/releases").await;
+    let manifest = "services:\n  web:\n    build:\n      command: sleep 30\n";
+    let running = app.build_source("myapp", &[("convox.yml", manifest)]).await;
+    let refused = app
+        .json(Method::POST, "/apps/myapp/releases")
+        .form(&[("build", running.as_str())])
+        .send()
+        .await
+        .unwrap();
+    let (status, text) = status_text(refused).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("is not complete"), "{text}");
+    let after: Vec<Value> = app.get_json("/apps/myapp/releases").await;
+    assert_eq!(after.len(), before.len());
+}
+
+/// The one-deployment-per-app index (a migration, which never changes) covers exactly the
+/// states the code calls active.
+#[tokio::test]
+async fn the_one_per_app_index_covers_exactly_the_active_states() {
+    let app = TestApp::spawn().await;
+    let predicate = rack::store::deployments::active_index_predicate(&app.state.pool)
+        .await
+        .unwrap();
+    for state in rack::deploy::DeployState::ALL {
+        let listed = predicate.contains(&format!("'{}'", state.as_str()));
+        assert_eq!(listed, !state.is_terminal(), "{state:?} in {predicate}");
+    }
+}

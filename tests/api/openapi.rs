@@ -25,7 +25,7 @@ fn openapi_covers_all_routes() {
         .collect();
     let served: BTreeSet<(String, String)> = rack::api::route_table()
         .into_iter()
-        .map(|(method, path)| (method.to_string(), path.replace("{*", "{")))
+        .map(|route| (route.method.to_string(), route.path.replace("{*", "{")))
         .collect();
     let missing: Vec<_> = served.difference(&documented).collect();
     let extra: Vec<_> = documented.difference(&served).collect();

@@ -108,3 +108,73 @@ async fn the_embedded_postgres_is_restarted_when_it_dies() {
     .await;
     app.stop().await;
 }
+
+/// An app that writes its log while Postgres is away keeps running: its output is dropped (and
+/// counted) rather than blocking it, and the count is in its log once Postgres is back.
+#[tokio::test]
+async fn an_app_writing_logs_during_an_outage_is_neither_blocked_nor_restarted() {
+    let dir = reachable_tempdir();
+    let root = dir.path().join("pg");
+    let cluster = start_cluster(root.clone()).await;
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect_with(&cluster.connect_options("postgres"))
+        .await
+        .unwrap();
+    rack::store::ensure_database(&mut conn, "rack").await.unwrap();
+    drop(conn);
+    let app = TestApp::spawn_on(&cluster.url("rack"), |_| {}).await;
+    assert_eq!(app.create_app("chatty").await.status(), 201);
+    // Ten lines every 10 ms, and a counter the test reads from the build directory.
+    let manifest = "services:\n  talker:\n    command: i=0; while :; do for j in 0 1 2 3 4 5 6 7 8 9; do echo line $i.$j; done; i=$((i+1)); echo $i > $HOME/count.tmp; mv $HOME/count.tmp $HOME/count; sleep 0.01; done\n    health:\n      grace: 0\n";
+    let id = app.build_source("chatty", &[("convox.yml", manifest)]).await;
+    let build = app.wait_build("chatty", &id).await;
+    let release = build["release"].as_str().unwrap().to_owned();
+    let log = crate::deploys::promote_follow(&app, "chatty", &release).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    let counter = app.build_dir("chatty", &id).join("src/count");
+    let count = || -> u64 {
+        std::fs::read_to_string(&counter)
+            .ok()
+            .and_then(|c| c.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let processes = app.state.runtime.processes("chatty").await;
+    assert_eq!(processes.len(), 1);
+    let pid = processes[0].pid;
+
+    tokio::task::spawn_blocking(move || cluster.stop())
+        .await
+        .unwrap()
+        .unwrap();
+    // Well past what the log's queue and the pipe could hold, the app still makes progress.
+    for _ in 0..3 {
+        let before = count();
+        wait_for(10, "the app to make progress during the outage", || async {
+            (count() > before + 50).then_some(())
+        })
+        .await;
+    }
+    let processes = app.state.runtime.processes("chatty").await;
+    assert_eq!(processes[0].pid, pid, "the app was restarted");
+    assert_eq!(processes[0].status, rack::runtime::ProcessStatus::Running);
+
+    let _cluster = start_cluster(root).await;
+    let note = wait_for(60, "the dropped lines to be reported", || async {
+        let text = app
+            .request(Method::GET, "/apps/chatty/logs")
+            .header("follow", "false")
+            .header("since", "0")
+            .header("filter", "lines of output were dropped")
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find(|l| l.contains("lines of output were dropped"))
+            .map(str::to_owned)
+    })
+    .await;
+    assert!(note.starts_with("rack: "), "{note}");
+    assert_eq!(app.state.runtime.processes("chatty").await[0].pid, pid);
+}

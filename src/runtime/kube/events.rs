@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Event;
 use kube::Api;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::oneshot;
 use tokio_util::task::AbortOnDropHandle;
 
@@ -72,7 +72,9 @@ async fn forward(api: Api<Event>, log: LogSink, ready: oneshot::Sender<()>, mut 
     // While listing (at the start and after a watch restart) events are only recorded.
     let mut listing = true;
     let mut first_list = true;
-    let mut stream = std::pin::pin!(watcher(api.clone(), watcher::Config::default()));
+    // Backed off (exponentially, with jitter) while the API server is away: a watcher retries
+    // at once otherwise, hammering a server that is trying to come back.
+    let mut stream = std::pin::pin!(watcher(api.clone(), watcher::Config::default()).default_backoff());
     loop {
         let item = tokio::select! {
             item = stream.next() => item,
@@ -103,7 +105,7 @@ async fn forward(api: Api<Event>, log: LogSink, ready: oneshot::Sender<()>, mut 
             }
             Ok(watcher::Event::Delete(_)) => {}
             Err(e) => {
-                // The watcher backs off and retries by itself.
+                // The stream goes on after its backoff.
                 tracing::debug!(error = %e, "watching events");
             }
         }

@@ -211,6 +211,7 @@ impl Runtime for KubeRuntime {
         "k8s"
     }
 
+    #[tracing::instrument(skip_all, fields(app.name = %app))]
     async fn create_app(&self, app: &str) -> Result<(), RuntimeError> {
         self.ensure_namespace(app).await
     }
@@ -223,6 +224,7 @@ impl Runtime for KubeRuntime {
         Some(logs::stream(self, request))
     }
 
+    #[tracing::instrument(skip_all, fields(app.name = %job.app, build.id = %job.id))]
     async fn build(&self, job: &BuildJob, log: &LogSink) -> Result<BuildOutput, BuildFailure> {
         build::run(self, job, log).await
     }
@@ -231,6 +233,7 @@ impl Runtime for KubeRuntime {
         build::cancel(self, app, id).await;
     }
 
+    #[tracing::instrument(skip_all, fields(app.name = %app, release.id = release.map_or("", |r| r.id.as_str())))]
     async fn apply(&self, app: &str, release: Option<&ReleaseSpec>, log: &LogSink) -> Result<(), RuntimeError> {
         rollout::apply(self, app, release, log).await
     }
@@ -270,7 +273,7 @@ impl Runtime for KubeRuntime {
         }
     }
 
-    async fn prune_builds(&self, app: &str, ids: &[String]) {
+    async fn prune_builds(&self, app: &str, ids: &[crate::ids::BuildId]) {
         let jobs: Api<Job> = self.api(app);
         for id in ids {
             if let Err(e) = delete(&jobs, &resources::build_job_name(id)).await {
@@ -279,6 +282,7 @@ impl Runtime for KubeRuntime {
         }
     }
 
+    #[tracing::instrument(skip_all, fields(app.name = %app))]
     async fn delete_app(&self, app: &str) {
         let namespaces: Api<Namespace> = Api::all(self.0.client.clone());
         let name = self.namespace(app);

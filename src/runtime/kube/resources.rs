@@ -87,12 +87,12 @@ pub fn service_image(target: &ServiceTarget<'_>, release: &ReleaseSpec) -> Strin
     }
 }
 
-/// The rolling-update bounds from the manifest's `deployment` percentages (the manifest
-/// parser refuses bounds that leave no room to move, as Kubernetes would).
+/// The rolling-update bounds from the manifest's `deployment` percentages, as the local
+/// runtime follows them too (the manifest parser refuses bounds that leave no room to move, as
+/// Kubernetes would).
 fn rolling_update(service: &Service) -> Value {
-    let surge = service.deployment.maximum.saturating_sub(100);
-    let unavailable = 100u32.saturating_sub(service.deployment.minimum);
-    json!({ "maxSurge": format!("{surge}%"), "maxUnavailable": format!("{unavailable}%") })
+    let (surge, unavailable) = crate::deploy::plan::Percentages::of(&service.deployment).rolling_update();
+    json!({ "maxSurge": surge, "maxUnavailable": unavailable })
 }
 
 /// The Deployment of one service of a release.
@@ -105,8 +105,8 @@ pub fn deployment(target: &ServiceTarget<'_>, release: &ReleaseSpec, replicas: u
     labels.insert("type".into(), "service".into());
     labels.insert("service".into(), name.into());
     let mut pod_labels = labels.clone();
-    pod_labels.insert("release".into(), release.id.clone().into());
-    labels.insert("release".into(), release.id.clone().into());
+    pod_labels.insert("release".into(), release.id.as_str().into());
+    labels.insert("release".into(), release.id.as_str().into());
 
     let mut env: Vec<Value> = release
         .service_env(name, service)?

@@ -128,8 +128,8 @@ impl Launch {
         }
         Ok(Self {
             service: name.to_owned(),
-            release: release.id.clone(),
-            build: release.build_id.clone(),
+            release: release.id.to_string(),
+            build: release.build_id.to_string(),
             workspace,
             dir,
             argv,

@@ -96,7 +96,7 @@ impl Runtime for LocalRuntime {
     }
 
     #[tracing::instrument(skip_all, fields(app.name = %app))]
-    async fn prune_builds(&self, app: &str, ids: &[String]) {
+    async fn prune_builds(&self, app: &str, ids: &[crate::ids::BuildId]) {
         for id in ids {
             let dir = self.builder.builds_dir.join(app).join(id);
             match tokio::fs::remove_dir_all(&dir).await {
