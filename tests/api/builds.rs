@@ -495,7 +495,7 @@ async fn read_sse(app: &TestApp, path: &str, last_event_id: Option<&str>) -> Vec
         .collect()
 }
 
-/// The exact sequence `convox build` runs (convox-api.md §5), with its headers.
+/// The exact sequence `convox build` runs (docs/convox.md), with its headers.
 #[tokio::test]
 async fn convox_build_flow_works_unchanged() {
     let app = TestApp::spawn().await;

@@ -5,10 +5,11 @@
 //! every test also proves those RBAC rules are enough.
 //!
 //! Hollow nodes fake their containers: pods are scheduled and run, and their HTTP readiness
-//! probes really go out, to the fake pod IP 192.168.192.168, which the harness puts on the
-//! loopback interface so tests can answer them. What a fake runtime never does is left to the
-//! test, acting as the kubelet would: ending a build pod (`finish_pod`), and recording the
-//! kubelet's Events (`act_as_kubelet`).
+//! probes really go out, to the one fake pod IP every hollow pod reports. These tests run in a
+//! network namespace of their own (`scripts/test` makes it, as root), whose loopback holds that
+//! address, so the tests answer the probes there; it is never added to the host's interfaces.
+//! What a fake runtime never does is left to the test, acting as the kubelet would: ending a
+//! build pod (`finish_pod`), and recording the kubelet's Events (`act_as_kubelet`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -42,6 +43,13 @@ fn repo() -> &'static Path {
 /// The process's control plane, started on first use.
 pub fn kube_env() -> &'static KubeEnv {
     ENV.get_or_init(|| {
+        // The fake pod IP must be on this namespace's loopback (scripts/test puts it there), so
+        // that readiness probes reach the tests' servers. It is never added here: this process
+        // may be in the host's namespace.
+        assert!(
+            std::env::var_os("RACK_TEST_NETNS").is_some() && std::net::TcpListener::bind((POD_IP, 0)).is_ok(),
+            "the Kubernetes tests run in a network namespace of their own: run them through scripts/test, as root"
+        );
         let dir = tempfile::Builder::new()
             .prefix("rack-kube-test-")
             .tempdir()
@@ -66,11 +74,6 @@ pub fn kube_env() -> &'static KubeEnv {
             .stdin(Stdio::piped())
             .spawn()
             .expect("the stopper");
-        // The fake pod IP on loopback, so readiness probes reach the tests' servers.
-        let _ = Command::new("ip")
-            .args(["addr", "add", &format!("{POD_IP}/32"), "dev", "lo"])
-            .stderr(Stdio::null())
-            .status();
         let rack = dir.path().join("rack.kubeconfig");
         let admin_for_setup = admin.clone();
         let rack_for_setup = rack.clone();

@@ -1,0 +1,338 @@
+//! podman, as the local runtime uses it: image builds and containers on this host, without a
+//! daemon. Every call goes through [`Podman::command`], which points podman at rack's own
+//! containers.conf (written at startup, nothing system-wide is changed): the `runc` runtime when
+//! it is installed (crun fails on hybrid cgroups), cgroupfs and file events (no systemd needed),
+//! and rlimits within this host's hard limits (podman's defaults can exceed them).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::process::Command;
+
+/// The label every object rack makes carries, with the rack's name.
+pub const LABEL_RACK: &str = "rack";
+/// This host's rack (a data directory): containers of another rack on the same host are not
+/// this one's to adopt or remove.
+pub const LABEL_HOST: &str = "rack.host";
+pub const LABEL_APP: &str = "rack.app";
+pub const LABEL_SERVICE: &str = "rack.service";
+pub const LABEL_RELEASE: &str = "rack.release";
+pub const LABEL_BUILD: &str = "rack.build";
+pub const LABEL_PROCESS: &str = "rack.process";
+/// The port the container listens on (the manifest's).
+pub const LABEL_PORT: &str = "rack.port";
+
+/// How podman is run.
+#[derive(Debug, Clone)]
+pub struct Podman {
+    program: PathBuf,
+    conf: PathBuf,
+    /// The rack's name (image names, labels).
+    pub rack: String,
+    /// This rack's identity on the host (labels, container names).
+    pub host: String,
+    /// Whether app containers get a user namespace of their own (root only; needs the
+    /// `containers` ranges in /etc/subuid and /etc/subgid).
+    userns: bool,
+}
+
+/// What a container runs.
+#[derive(Debug, Clone, Default)]
+pub struct RunSpec {
+    pub name: String,
+    pub image: String,
+    pub labels: BTreeMap<String, String>,
+    pub env: BTreeMap<String, String>,
+    /// The command (replacing the image's entrypoint and command), as convox's `command`.
+    pub command: Option<Vec<String>>,
+    /// `(host port on 127.0.0.1, container port)`.
+    pub publish: Option<(u16, u16)>,
+    /// CPU, in convox units (1024 = one core).
+    pub cpu: Option<u32>,
+    /// Memory limit, in MB.
+    pub memory: Option<u32>,
+}
+
+/// A container as `podman ps` shows it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Listed {
+    #[serde(rename = "Id")]
+    pub id: String,
+    #[serde(rename = "Labels", default)]
+    pub labels: Option<BTreeMap<String, String>>,
+    #[serde(rename = "State", default)]
+    pub state: String,
+    #[serde(rename = "Created", default)]
+    pub created: i64,
+}
+
+impl Podman {
+    /// Finds podman and writes rack's containers.conf into `data_dir`. `None` when podman is not
+    /// installed (services that need it then fail with a message that says so).
+    ///
+    /// # Errors
+    /// When the configuration cannot be written.
+    pub fn detect(data_dir: &Path, rack: &str) -> std::io::Result<Option<Self>> {
+        let Some(program) = find("podman") else {
+            return Ok(None);
+        };
+        let conf = data_dir.join("containers.conf");
+        std::fs::write(&conf, containers_conf())?;
+        let root = nix::unistd::geteuid().is_root();
+        let userns = root && has_subordinate_ids("containers");
+        let host = host_id(data_dir);
+        Ok(Some(Self {
+            program,
+            conf,
+            rack: rack.to_owned(),
+            host,
+            userns,
+        }))
+    }
+
+    /// A podman command with rack's configuration.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.program);
+        cmd.env("CONTAINERS_CONF", &self.conf)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs podman with `args`; its standard output on success.
+    ///
+    /// # Errors
+    /// podman's own message (its standard error) when it fails.
+    pub async fn output(&self, args: &[&str]) -> Result<String, String> {
+        let out = self
+            .command()
+            .args(args)
+            .output()
+            .await
+            .map_err(|e| format!("running podman: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        } else {
+            let message = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+            Err(if message.is_empty() {
+                format!("podman {} failed ({})", args.first().unwrap_or(&""), out.status)
+            } else {
+                message
+            })
+        }
+    }
+
+    /// The image name a build gives `service` of `app`: `<rack>/<app>:<service>.<build>`.
+    pub fn image_name(&self, app: &str, service: &str, build: &str) -> String {
+        format!("{}/{app}:{service}.{build}", self.rack)
+    }
+
+    /// The container name of process `id` of `app` (unique on the host).
+    pub fn container_name(&self, app: &str, id: &str) -> String {
+        format!("{}-{}-{app}-{id}", self.rack, self.host)
+    }
+
+    /// Whether `image` is in local storage.
+    pub async fn image_exists(&self, image: &str) -> bool {
+        self.output(&["image", "exists", image]).await.is_ok()
+    }
+
+    /// Makes sure `image` is here, pulling it when it is not.
+    ///
+    /// # Errors
+    /// The registry's message when the pull fails.
+    pub async fn ensure_image(&self, image: &str) -> Result<(), String> {
+        if self.image_exists(image).await {
+            return Ok(());
+        }
+        self.output(&["pull", "--quiet", image])
+            .await
+            .map(drop)
+            .map_err(|e| format!("pulling image {image}: {e}"))
+    }
+
+    /// Starts a container, detached (it outlives rack); returns its id.
+    ///
+    /// # Errors
+    /// podman's message.
+    pub async fn run(&self, spec: &RunSpec) -> Result<String, String> {
+        let mut args: Vec<String> = ["run", "--detach", "--init", "--name", &spec.name]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        if self.userns {
+            // Container root is an unprivileged host user, as sandboxed processes are.
+            args.push("--userns=auto".to_owned());
+        }
+        for (key, value) in &spec.labels {
+            args.extend(["--label".to_owned(), format!("{key}={value}")]);
+        }
+        for (key, value) in &spec.env {
+            args.extend(["--env".to_owned(), format!("{key}={value}")]);
+        }
+        if let Some((host, container)) = spec.publish {
+            args.extend(["--publish".to_owned(), format!("127.0.0.1:{host}:{container}")]);
+        }
+        if let Some(cpu) = spec.cpu {
+            args.push(format!("--cpus={:.3}", f64::from(cpu) / 1024.0));
+        }
+        if let Some(memory) = spec.memory {
+            args.push(format!("--memory={memory}m"));
+        }
+        if let Some(command) = &spec.command {
+            let entrypoint = serde_json::to_string(command).map_err(|e| e.to_string())?;
+            args.extend(["--entrypoint".to_owned(), entrypoint]);
+        }
+        args.push(spec.image.clone());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.output(&args).await
+    }
+
+    /// This rack's containers of `app` (running or not).
+    pub async fn list(&self, app: &str) -> Result<Vec<Listed>, String> {
+        let host = format!("label={LABEL_HOST}={}", self.host);
+        let app = format!("label={LABEL_APP}={app}");
+        let text = self
+            .output(&["ps", "--all", "--format", "json", "--filter", &host, "--filter", &app])
+            .await?;
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        serde_json::from_str(&text).map_err(|e| format!("reading podman ps: {e}"))
+    }
+
+    /// The host pid of a container's first process (0 when it is not running).
+    pub async fn pid(&self, id: &str) -> u32 {
+        self.output(&["inspect", "--format", "{{.State.Pid}}", id])
+            .await
+            .ok()
+            .and_then(|pid| pid.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The host port a container's `container_port` is published on.
+    pub async fn host_port(&self, id: &str, container_port: u16) -> Option<u16> {
+        let text = self.output(&["port", id, &format!("{container_port}/tcp")]).await.ok()?;
+        text.lines().next()?.rsplit(':').next()?.trim().parse().ok()
+    }
+
+    /// Waits until the container exits; its exit code.
+    pub async fn wait(&self, id: &str) -> Result<i32, String> {
+        let code = self.output(&["wait", id]).await?;
+        code.parse().map_err(|_| format!("podman wait said {code:?}"))
+    }
+
+    /// Sends `signal` to the container's first process.
+    pub async fn signal(&self, id: &str, signal: &str) {
+        let _ = self.output(&["kill", "--signal", signal, id]).await;
+    }
+
+    /// Stops a container (SIGTERM, then SIGKILL after `grace`) and removes it.
+    pub async fn remove(&self, id: &str, grace: Duration) {
+        let grace = grace.as_secs().to_string();
+        let _ = self.output(&["stop", "--time", &grace, id]).await;
+        let _ = self.output(&["rm", "--force", "--volumes", id]).await;
+    }
+
+    /// Removes the images this rack built for `app`'s build `build` (images a running
+    /// container uses stay).
+    pub async fn remove_build_images(&self, app: &str, build: &str) {
+        let filters = [
+            format!("label={LABEL_HOST}={}", self.host),
+            format!("label={LABEL_APP}={app}"),
+            format!("label={LABEL_BUILD}={build}"),
+        ];
+        let Ok(ids) = self
+            .output(&[
+                "images",
+                "--quiet",
+                "--filter",
+                &filters[0],
+                "--filter",
+                &filters[1],
+                "--filter",
+                &filters[2],
+            ])
+            .await
+        else {
+            return;
+        };
+        for id in ids.lines().filter(|l| !l.is_empty()) {
+            if let Err(e) = self.output(&["rmi", id]).await {
+                tracing::debug!(app.name = app, build.id = build, "keeping image {id}: {e}");
+            }
+        }
+    }
+}
+
+/// rack's containers.conf: what this kind of host needs, within its limits.
+fn containers_conf() -> String {
+    let hard = |resource| {
+        nix::sys::resource::getrlimit(resource)
+            .map(|(_, hard)| hard)
+            .unwrap_or(1024)
+    };
+    // Containers may not ask for more than rack itself may have; 4096 processes are plenty for
+    // one container, and some hosts refuse much more even below the hard limit.
+    let nofile = hard(nix::sys::resource::Resource::RLIMIT_NOFILE).min(1 << 20);
+    let nproc = hard(nix::sys::resource::Resource::RLIMIT_NPROC).min(4096);
+    let runtime = if find("runc").is_some() {
+        "runtime = \"runc\"\n"
+    } else {
+        ""
+    };
+    format!(
+        "# Written by rack at startup: the configuration of rack's podman commands.\n\
+         [containers]\n\
+         default_ulimits = [\"nofile={nofile}:{nofile}\", \"nproc={nproc}:{nproc}\"]\n\
+         [engine]\n\
+         {runtime}cgroup_manager = \"cgroupfs\"\n\
+         events_logger = \"file\"\n"
+    )
+}
+
+/// A short, stable identity for the rack whose data directory is `data_dir`.
+fn host_id(data_dir: &Path) -> String {
+    use sha2::Digest;
+    let path = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let digest = sha2::Sha256::digest(path.as_os_str().as_encoded_bytes());
+    digest.iter().take(4).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `user` has subordinate uid and gid ranges (what `--userns=auto` takes from).
+fn has_subordinate_ids(user: &str) -> bool {
+    ["/etc/subuid", "/etc/subgid"].iter().all(|file| {
+        std::fs::read_to_string(file).is_ok_and(|text| text.lines().any(|l| l.split(':').next() == Some(user)))
+    })
+}
+
+fn find(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .chain(["/usr/bin".into(), "/usr/sbin".into()])
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_configuration_stays_within_this_hosts_limits() {
+        let conf = containers_conf();
+        let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+        assert!(conf.contains(&format!("nofile={0}:{0}", hard.min(1 << 20))), "{conf}");
+        assert!(conf.contains("cgroup_manager = \"cgroupfs\""), "{conf}");
+    }
+
+    #[test]
+    fn a_data_directory_has_one_identity() {
+        let a = host_id(Path::new("/var/lib/rack"));
+        assert_eq!(a, host_id(Path::new("/var/lib/rack")));
+        assert_ne!(a, host_id(Path::new("/srv/rack")));
+        assert_eq!(a.len(), 8);
+    }
+}
