@@ -136,11 +136,20 @@ impl Application {
                     "builds and app processes run sandboxed as {}",
                     sandbox.user()
                 );
+                let podman = runtime::local::podman::Podman::detect(&config.data_dir, &config.rack_name)
+                    .context("writing the podman configuration")?;
+                match &podman {
+                    Some(_) => tracing::info!("Dockerfile builds and containers run with podman"),
+                    None => tracing::warn!(
+                        "podman is not installed: services built from a Dockerfile or naming an image cannot run here"
+                    ),
+                }
                 Arc::new(runtime::local::LocalRuntime::new(runtime::local::LocalSettings {
                     objects: objects.clone(),
                     builds_dir: config.data_dir.join("builds"),
                     limits: config.source_limits,
                     sandbox,
+                    podman,
                     logs: Arc::new(jobs::capabilities::PersistedLogs {
                         pool: pool.clone(),
                         bus: bus.clone(),

@@ -78,6 +78,9 @@ pub enum Step {
     StartNew,
     /// Stop the oldest instance of an earlier release.
     StopOld,
+    /// Wait until a new instance that is still starting is ready (or has failed): one
+    /// found running after a restart, or left by a rollout that was taken over.
+    AwaitNew,
     /// Enough new instances are ready: stop what is left of the old ones, and any extra new.
     Finish,
 }
@@ -88,6 +91,9 @@ pub enum Step {
 pub fn next_step(budget: Budget, counts: Counts) -> Step {
     if counts.new_ready >= budget.desired {
         return Step::Finish;
+    }
+    if counts.new > counts.new_ready {
+        return Step::AwaitNew;
     }
     let within_surge = counts.old + counts.new < budget.desired + budget.surge;
     let can_lose_one = counts.old + counts.new_ready > budget.desired.saturating_sub(budget.unavailable);
@@ -151,6 +157,7 @@ mod tests {
                     }
                 }
                 Step::StopOld => counts.old -= 1,
+                Step::AwaitNew => counts.new_ready = counts.new,
             }
             fewest_ready = fewest_ready.min(counts.new_ready + counts.old);
             assert!(steps.len() < 100, "the rollout never ends: {steps:?}");
@@ -173,6 +180,46 @@ mod tests {
         // A first deployment just starts what it needs.
         let (most, _, steps) = simulate(2, 0, pct(50, 200));
         assert_eq!((most, steps.len()), (2, 3));
+    }
+
+    #[test]
+    fn starting_instances_are_awaited_before_more_are_started() {
+        // Adopted after a restart: one instance of the release, not checked yet.
+        let budget = pct(50, 200).budget(1);
+        assert_eq!(
+            next_step(
+                budget,
+                Counts {
+                    new: 1,
+                    new_ready: 0,
+                    old: 0
+                }
+            ),
+            Step::AwaitNew
+        );
+        assert_eq!(
+            next_step(
+                budget,
+                Counts {
+                    new: 1,
+                    new_ready: 1,
+                    old: 0
+                }
+            ),
+            Step::Finish
+        );
+        let three = pct(50, 200).budget(3);
+        assert_eq!(
+            next_step(
+                three,
+                Counts {
+                    new: 2,
+                    new_ready: 1,
+                    old: 3
+                }
+            ),
+            Step::AwaitNew
+        );
     }
 
     #[test]

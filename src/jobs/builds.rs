@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::{Lease, OwnedOwner, persist_lines};
 use crate::AppState;
 use crate::events::Wake;
+use crate::ids::ReleaseId;
 use crate::runtime::BUILD_STREAM;
 use crate::runtime::{BuildFailure, BuildJob, BuildOutput, LogSink};
 use crate::store::builds::{self, Build, BuildStatus, Finish};
@@ -49,9 +50,11 @@ async fn run(state: &AppState, build: Build) {
         build: Some(build.id.clone()),
         deployment: None,
     };
+    // The release it will make, named now: image builds get it as their RELEASE argument.
+    let release = ReleaseId::generate();
     if build.attempts > 1 && !state.runtime.resumes_builds() {
         // Its previous holder died mid-build; a half-done build directory is not trustworthy.
-        end(state, &build, &owner, Err(BuildFailure::Interrupted)).await;
+        end(state, &build, &owner, &release, Err(BuildFailure::Interrupted)).await;
         return;
     }
     let Some(key) = build
@@ -63,14 +66,14 @@ async fn run(state: &AppState, build: Build) {
             "the source url {:?} is not an object of app {}",
             build.source_url, build.app
         );
-        end(state, &build, &owner, Err(BuildFailure::Failed(reason))).await;
+        end(state, &build, &owner, &release, Err(BuildFailure::Failed(reason))).await;
         return;
     };
     let source_location = match crate::store::objects::get(&state.pool, &build.app, &key).await {
         Ok(Some(object)) => object.location,
         Ok(None) => {
             let reason = format!("the source object {key} no longer exists: upload it again");
-            end(state, &build, &owner, Err(BuildFailure::Failed(reason))).await;
+            end(state, &build, &owner, &release, Err(BuildFailure::Failed(reason))).await;
             return;
         }
         Err(e) => {
@@ -80,9 +83,21 @@ async fn run(state: &AppState, build: Build) {
             return;
         }
     };
+    let env = match latest_env(state, &build.app).await {
+        Ok(env) => env,
+        Err(e) => {
+            // Postgres is away: leave the build to a later claim rather than fail it.
+            tracing::warn!(error = %e, build.id = %build.id, "reading the environment of {}", build.app);
+            let _ = builds::hand_back(&state.pool, &build.id, state.replica).await;
+            return;
+        }
+    };
     let job = BuildJob {
         app: build.app.clone(),
         id: build.id.clone(),
+        release: release.clone(),
+        description: build.description.clone(),
+        env,
         source_key: key,
         source_location,
         manifest_path: build.manifest_path.clone(),
@@ -135,7 +150,15 @@ async fn run(state: &AppState, build: Build) {
     }
     drop(log);
     let _ = writer.await;
-    end(state, &build, &owner, result).await;
+    end(state, &build, &owner, &release, result).await;
+}
+
+/// The environment of the app's latest release (what a new release from this build starts
+/// with).
+async fn latest_env(state: &AppState, app: &str) -> Result<crate::env::Env, sqlx::Error> {
+    let mut conn = state.pool.acquire().await?;
+    let latest = releases::latest(&mut conn, app).await?;
+    Ok(latest.and_then(|r| crate::env::parse(&r.env).ok()).unwrap_or_default())
 }
 
 /// How running a build ended.
@@ -150,10 +173,16 @@ enum Ended {
 /// Records the end of a build: on success a new release (the build, the env of the app's
 /// latest release, the manifest) and `complete`; otherwise `failed` with the reason. The
 /// terminal event goes in the same transaction, so streams end exactly when the status does.
-async fn end(state: &AppState, build: &Build, owner: &OwnedOwner, mut result: Result<BuildOutput, BuildFailure>) {
+async fn end(
+    state: &AppState,
+    build: &Build,
+    owner: &OwnedOwner,
+    release: &ReleaseId,
+    mut result: Result<BuildOutput, BuildFailure>,
+) {
     let mut delay = Duration::from_millis(200);
     loop {
-        match try_end(state, build, owner, &result).await {
+        match try_end(state, build, owner, release, &result).await {
             Ok(()) => break,
             // A write that can never succeed (its text cannot be stored) is not retried as if
             // Postgres were down: the build fails with what went wrong.
@@ -205,6 +234,7 @@ async fn try_end(
     state: &AppState,
     build: &Build,
     owner: &OwnedOwner,
+    release_id: &ReleaseId,
     result: &Result<BuildOutput, BuildFailure>,
 ) -> Result<(), sqlx::Error> {
     let mut tx = state.pool.begin().await?;
@@ -212,11 +242,10 @@ async fn try_end(
     let (ended, line) = match result {
         Ok(output) => {
             let parent = releases::latest(&mut tx, &build.app).await?;
-            let release_id = crate::ids::ReleaseId::generate();
             releases::insert(
                 &mut tx,
                 &NewRelease {
-                    id: &release_id,
+                    id: release_id,
                     app: &build.app,
                     build_id: Some(&build.id),
                     env: parent.as_ref().map_or("", |p| p.env.as_str()),
@@ -229,7 +258,7 @@ async fn try_end(
                 status: BuildStatus::Complete,
                 reason: "",
                 manifest: Some(&output.manifest),
-                release_id: Some(&release_id),
+                release_id: Some(release_id),
                 images: Some(&output.images),
             };
             let ended = builds::finish(&mut tx, &build.id, holder, &finish).await?;

@@ -227,10 +227,17 @@ pub async fn load_spec(state: &AppState, app: &str, id: &str) -> Result<ReleaseS
             s.scale.count_max = s.scale.count_max.max(count);
         }
     }
+    // The images its build made (services built from a Dockerfile run them).
+    let images = crate::store::builds::get(&state.pool, app, &build_id)
+        .await
+        .map_err(|e| format!("reading build {build_id}: {e}"))?
+        .map(|build| build.images.0)
+        .unwrap_or_default();
     Ok(ReleaseSpec {
         app: app.to_owned(),
         id: release.id,
         build_id,
+        images,
         env,
         manifest,
     })

@@ -21,6 +21,13 @@ use tokio::sync::mpsc;
 pub struct BuildJob {
     pub app: String,
     pub id: crate::ids::BuildId,
+    /// The release the build makes when it succeeds (known up front: image builds get it as
+    /// their `RELEASE` argument).
+    pub release: crate::ids::ReleaseId,
+    pub description: String,
+    /// The environment of the app's latest release (image builds get the variables their
+    /// Dockerfile declares as `ARG`s).
+    pub env: crate::env::Env,
     /// Key of the source tarball in the app's objects.
     pub source_key: String,
     /// Where its bytes are in the object store.
@@ -149,6 +156,8 @@ pub struct ReleaseSpec {
     pub app: String,
     pub id: crate::ids::ReleaseId,
     pub build_id: crate::ids::BuildId,
+    /// The images its build made, by service (for the services that run them).
+    pub images: std::collections::BTreeMap<String, String>,
     pub env: crate::env::Env,
     pub manifest: crate::manifest::Manifest,
 }

@@ -28,8 +28,10 @@ async fn built_app(app: &TestApp, name: &str) -> String {
 
 /// Promotes with `follow=true` and returns the whole rollout log.
 pub async fn promote_follow(app: &TestApp, name: &str, release: &str) -> String {
-    let response = app
-        .request(Method::POST, &format!("/apps/{name}/releases/{release}/promote"))
+    // A rollout outlasts the harness client's 30 s budget for whole requests under load.
+    let response = reqwest::Client::new()
+        .post(app.url(&format!("/apps/{name}/releases/{release}/promote")))
+        .basic_auth("convox", Some(crate::helpers::PASSWORD))
         .form(&[("follow", "true")])
         .send()
         .await
@@ -824,11 +826,17 @@ async fn scale_changes_the_count_now_and_for_later_deployments() {
 #[tokio::test]
 async fn concurrent_scales_record_only_the_count_that_deploys() {
     let app = TestApp::spawn().await;
-    let first = built_app(&app, "myapp").await;
+    assert_eq!(app.create_app("myapp").await.status(), 201);
+    // Ready only after 5 s: the first scale's deployment is still going when the others come.
+    let manifest = "services:\n  worker:\n    command: sleep 600\n    health:\n      grace: 5\n";
+    let id = app.build_source("myapp", &[("convox.yml", manifest)]).await;
+    let build = app.wait_build("myapp", &id).await;
+    let first = build["release"].as_str().unwrap().to_owned();
     promote_follow(&app, "myapp", &first).await;
-    let scales = (1..=10).map(|count| {
+    // Every count needs new instances (the release runs one already).
+    let scales = (2..=11).map(|count| {
         let request = app
-            .json(Method::PUT, "/apps/myapp/services/web")
+            .json(Method::PUT, "/apps/myapp/services/worker")
             .form(&[("count", count.to_string())])
             .send();
         async move { (count, request.await.unwrap().status().as_u16()) }

@@ -7,6 +7,7 @@ mod apps;
 mod auth;
 mod builds;
 mod cli;
+mod containers;
 mod deploys;
 mod encodings;
 mod helpers;

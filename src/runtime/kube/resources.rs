@@ -351,6 +351,7 @@ mod tests {
             app: "myapp".into(),
             id: "RABCDEFGHI".into(),
             build_id: "BABCDEFGHI".into(),
+            images: Default::default(),
             env: [("FOO".to_owned(), "bar".to_owned())].into(),
             manifest: crate::manifest::parse(manifest).unwrap(),
         }

@@ -1,7 +1,8 @@
 //! How an instance runs: a [`Driver`] starts it and hands back a [`Running`] handle that waits
 //! for it, stops it and forwards its output to the app's log. Processes are one driver
-//! ([`ProcessDriver`]: a child in the sandbox, tied to rack's life by a watchdog); the rollout,
-//! health checks, router and process API are the same whatever the driver.
+//! ([`ProcessDriver`]: a child in the sandbox, tied to rack's life by a watchdog), containers
+//! another (`container::ContainerDriver`: podman); the rollout, health checks, router and
+//! process API are the same whatever the driver.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,15 +20,35 @@ pub struct Start {
     pub service: String,
     pub release: String,
     pub build: String,
-    /// The build's directory: the only place of the host the instance may write.
-    pub workspace: PathBuf,
-    /// Where the command starts.
-    pub dir: PathBuf,
-    pub argv: Vec<String>,
-    /// The environment (the release's and rack's variables, `PORT` included).
+    /// The environment (the release's and rack's variables; the driver adds `PORT`).
     pub env: crate::env::Env,
+    /// The port on 127.0.0.1 where rack reaches it (a process listens there; a container's
+    /// port is published there).
+    pub port: Option<u16>,
     /// Where its output goes: `service/<service>/<id>` lines in the app's log.
     pub log: LogSink,
+    pub what: Runnable,
+}
+
+/// What runs: a process on the host, or a container.
+#[derive(Debug, Clone)]
+pub enum Runnable {
+    Process {
+        /// The build's directory: the only place of the host the process may write.
+        workspace: PathBuf,
+        /// Where the command starts.
+        dir: PathBuf,
+        argv: Vec<String>,
+    },
+    Container {
+        image: String,
+        /// Replaces the image's entrypoint and command when given.
+        command: Option<Vec<String>>,
+        /// The port the container listens on (the manifest's; its `PORT`).
+        port: Option<u16>,
+        cpu: Option<u32>,
+        memory: Option<u32>,
+    },
 }
 
 /// A running instance.
@@ -48,6 +69,12 @@ pub trait Running: Send {
     /// Asks it to stop, gives it `grace` to finish, then kills what is left; returns once it is
     /// gone.
     async fn stop(&mut self, grace: Duration);
+
+    /// Lets go of it because rack is stopping: a process goes with rack (its watchdog stops
+    /// it), a container stays to be adopted by the next start.
+    async fn detach(&mut self) {
+        self.stop(Duration::from_secs(10)).await;
+    }
 }
 
 /// Starts instances.
@@ -86,23 +113,34 @@ pub struct ProcessDriver {
 #[async_trait::async_trait]
 impl Driver for ProcessDriver {
     async fn start(&self, start: Start) -> std::io::Result<Box<dyn Running>> {
+        let Runnable::Process {
+            workspace,
+            dir,
+            argv: command,
+        } = &start.what
+        else {
+            return Err(std::io::Error::other("the process driver runs processes only"));
+        };
         let mut argv = vec![
             "/bin/sh".to_owned(),
             "-c".to_owned(),
             WATCHDOG.to_owned(),
             "rack-process".to_owned(),
         ];
-        argv.extend(start.argv.iter().cloned());
-        let mut command = self.sandbox.command(&start.workspace, &start.dir, &argv, Tie::Watchdog);
+        argv.extend(command.iter().cloned());
+        let mut command = self.sandbox.command(workspace, dir, &argv, Tie::Watchdog);
         command
             .env(
                 "PATH",
                 std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
             )
-            .env("HOME", &start.dir)
+            .env("HOME", dir)
             .env("LANG", "C.UTF-8")
             .envs(&start.env)
             .stdin(std::process::Stdio::piped());
+        if let Some(port) = start.port {
+            command.env("PORT", port.to_string());
+        }
         let (mut child, group) = spawn_group(command)?;
         let pid = child.id().unwrap_or(0);
         let output = {

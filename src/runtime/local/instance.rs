@@ -9,7 +9,6 @@
 //!                                                └─ stop asked ───► stop (TERM, grace, KILL)
 //! ```
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,7 +17,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::driver::{Driver, Start};
+use super::driver::{Driver, Runnable, Running, Start};
 use super::health::{HealthCheck, health_loop};
 use crate::manifest::{Command as ServiceCommand, Service};
 use crate::runtime::{LogSink, ProcessStatus, ReleaseSpec, RuntimeError};
@@ -44,6 +43,8 @@ pub struct Instance {
     pub release: String,
     pub port: Option<u16>,
     pub command: String,
+    /// The image it runs (containers).
+    pub image: String,
     pub started: DateTime<Utc>,
     pub pid: AtomicU32,
     pub health: watch::Sender<Health>,
@@ -81,36 +82,35 @@ pub struct Launch {
     pub service: String,
     pub release: String,
     pub build: String,
-    pub workspace: PathBuf,
-    pub dir: PathBuf,
-    pub argv: Vec<String>,
+    pub what: Runnable,
     /// The command as `ps` shows it.
     pub display: String,
+    /// The image, for `ps` (containers).
+    pub image: String,
     pub env: crate::env::Env,
     pub has_port: bool,
     pub check: HealthCheck,
 }
 
 impl Launch {
-    /// The launch of `name` of `release`, whose build lives under `builds_dir`.
+    /// The launch of `name` of `release`: a container when the service names an `image` or its
+    /// build made one (from its Dockerfile), else a process running `command` in the build's
+    /// directory under `builds_dir`.
     ///
     /// # Errors
-    /// When the service has no command, its environment lacks a required variable, or the
-    /// build's directory is gone from this host.
+    /// When the service has nothing to run, needs podman where there is none, its environment
+    /// lacks a required variable, or the build's directory is gone from this host.
     pub fn new(
         builds_dir: &std::path::Path,
+        containers: bool,
         release: &ReleaseSpec,
         name: &str,
         service: &Service,
     ) -> Result<Self, RuntimeError> {
         let argv = match &service.command {
-            Some(ServiceCommand::Shell(text)) => vec!["/bin/sh".to_owned(), "-c".to_owned(), text.clone()],
-            Some(ServiceCommand::Exec(argv)) if !argv.is_empty() => argv.clone(),
-            _ => {
-                return Err(RuntimeError::Failed(format!(
-                    "service {name} has no command: the local runtime runs `command` in the build directory"
-                )));
-            }
+            Some(ServiceCommand::Shell(text)) => Some(vec!["/bin/sh".to_owned(), "-c".to_owned(), text.clone()]),
+            Some(ServiceCommand::Exec(argv)) if !argv.is_empty() => Some(argv.clone()),
+            _ => None,
         };
         let display = match &service.command {
             Some(ServiceCommand::Shell(text)) => text.clone(),
@@ -118,26 +118,55 @@ impl Launch {
             None => String::new(),
         };
         let env = release.service_env(name, service)?;
-        let workspace = builds_dir.join(&release.app).join(&release.build_id);
-        let dir = workspace.join("src");
-        if !dir.is_dir() {
-            return Err(RuntimeError::Failed(format!(
-                "the build directory of {} is missing on this host",
-                release.build_id
-            )));
-        }
+        let image = service.image.clone().or_else(|| release.images.get(name).cloned());
+        let what = match image.clone() {
+            Some(image) if !containers => {
+                return Err(RuntimeError::Failed(format!(
+                    "service {name} runs as a container ({image}), which needs podman: install it with \
+                     `apt-get install -y podman buildah runc catatonit` (scripts/install-deps does)"
+                )));
+            }
+            Some(image) => Runnable::Container {
+                image,
+                command: argv,
+                port: service.port,
+                cpu: service.scale.cpu,
+                memory: service.scale.memory,
+            },
+            None => {
+                let Some(argv) = argv else {
+                    return Err(RuntimeError::Failed(format!(
+                        "service {name} has nothing to run: give it a `command` (run in the build directory), \
+                         a Dockerfile (built into an image), or an `image`"
+                    )));
+                };
+                let workspace = builds_dir.join(&release.app).join(&release.build_id);
+                let dir = workspace.join("src");
+                if !dir.is_dir() {
+                    return Err(RuntimeError::Failed(format!(
+                        "the build directory of {} is missing on this host",
+                        release.build_id
+                    )));
+                }
+                Runnable::Process { workspace, dir, argv }
+            }
+        };
         Ok(Self {
             service: name.to_owned(),
             release: release.id.to_string(),
             build: release.build_id.to_string(),
-            workspace,
-            dir,
-            argv,
+            what,
             display,
+            image: image.unwrap_or_default(),
             env,
             has_port: service.port.is_some(),
             check: HealthCheck::of(service),
         })
+    }
+
+    /// Whether its instances are containers.
+    pub fn is_container(&self) -> bool {
+        matches!(self.what, Runnable::Container { .. })
     }
 
     /// What the driver starts for `instance` of `app`: the release's environment plus rack's
@@ -153,20 +182,16 @@ impl Launch {
         ] {
             env.insert(key.to_owned(), value.to_owned());
         }
-        if let Some(port) = instance.port {
-            env.insert("PORT".to_owned(), port.to_string());
-        }
         Start {
             id: instance.id.clone(),
             app: app.to_owned(),
             service: self.service.clone(),
             release: self.release.clone(),
             build: self.build.clone(),
-            workspace: self.workspace.clone(),
-            dir: self.dir.clone(),
-            argv: self.argv.clone(),
             env,
+            port: instance.port,
             log,
+            what: self.what.clone(),
         }
     }
 }
@@ -174,20 +199,47 @@ impl Launch {
 /// What an instance's task is told when its routes must change.
 pub type RouteRefresh = Arc<dyn Fn() + Send + Sync>;
 
+/// What an instance's task works with.
+pub struct Supervised {
+    pub driver: Arc<dyn Driver>,
+    pub app: String,
+    pub instance: Arc<Instance>,
+    pub launch: Launch,
+    pub log: LogSink,
+    pub refresh_routes: RouteRefresh,
+    pub health_client: reqwest::Client,
+    /// An instance that already runs (a container adopted after a restart): watched first,
+    /// started anew only if it exits.
+    pub adopted: Option<Box<dyn Running>>,
+    /// Whether it is started again when it exits (an adopted instance of a release that is no
+    /// longer wanted is not: it only serves until the rollout retires it).
+    pub restarts: bool,
+    /// rack is stopping: instances are let go, not stopped.
+    pub shutdown: CancellationToken,
+}
+
 /// Runs one instance until it is stopped: start, watch health, restart after a crash.
-pub async fn supervise(
-    driver: Arc<dyn Driver>,
-    app: String,
-    instance: Arc<Instance>,
-    launch: Launch,
-    log: LogSink,
-    refresh_routes: RouteRefresh,
-    health_client: reqwest::Client,
-) {
+pub async fn supervise(job: Supervised) {
+    let Supervised {
+        driver,
+        app,
+        instance,
+        launch,
+        log,
+        refresh_routes,
+        health_client,
+        mut adopted,
+        restarts,
+        shutdown,
+    } = job;
     let system = format!("system/local/{}", instance.id);
     let mut backoff = Duration::from_secs(1);
     loop {
-        let mut running = match driver.start(launch.start(&app, &instance, log.clone())).await {
+        let started = match adopted.take() {
+            Some(running) => Ok(running),
+            None => driver.start(launch.start(&app, &instance, log.clone())).await,
+        };
+        let mut running = match started {
             Ok(running) => running,
             Err(e) => {
                 instance
@@ -213,6 +265,10 @@ pub async fn supervise(
             () = instance.stop.cancelled() => Ended::Stop,
         };
         let (status, wait) = match ended {
+            Ended::Stop if shutdown.is_cancelled() && !instance.stopping.load(Ordering::SeqCst) => {
+                running.detach().await;
+                return;
+            }
             Ended::Stop => {
                 running.stop(STOP_GRACE).await;
                 return;
@@ -229,6 +285,13 @@ pub async fn supervise(
             Ended::Exited(status) => (status, backoff),
         };
         if instance.stop.is_cancelled() || instance.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        if !restarts {
+            instance
+                .health
+                .send_replace(Health::Failed(format!("the process exited ({status})")));
+            refresh_routes();
             return;
         }
         let was_ready = *instance.health.borrow() == Health::Ready;

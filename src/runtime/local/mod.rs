@@ -4,9 +4,11 @@
 //! service with a port behind a router (see `router`).
 
 mod build;
+mod container;
 pub mod driver;
 mod health;
 mod instance;
+pub mod podman;
 pub mod process;
 mod rollout;
 pub mod router;
@@ -33,6 +35,8 @@ pub struct LocalSettings {
     pub builds_dir: PathBuf,
     pub limits: Limits,
     pub sandbox: sandbox::Sandbox,
+    /// podman, when it is installed: Dockerfile builds and containers.
+    pub podman: Option<podman::Podman>,
     /// Where app output and process events go.
     pub logs: Arc<dyn AppLogs>,
     /// Where router ports are kept.
@@ -50,12 +54,17 @@ pub struct LocalRuntime {
 impl LocalRuntime {
     /// A runtime with `settings`.
     pub fn new(settings: LocalSettings) -> Self {
-        let driver = Arc::new(driver::ProcessDriver {
+        let processes = Arc::new(driver::ProcessDriver {
             sandbox: settings.sandbox.clone(),
         });
+        let containers = settings
+            .podman
+            .clone()
+            .map(|podman| Arc::new(container::ContainerDriver { podman }));
         let supervisor = Supervisor::new(
             settings.builds_dir.clone(),
-            driver,
+            processes,
+            containers,
             settings.logs,
             settings.ports,
             settings.shutdown,
@@ -66,6 +75,7 @@ impl LocalRuntime {
                 builds_dir: settings.builds_dir,
                 limits: settings.limits,
                 sandbox: settings.sandbox,
+                podman: settings.podman,
             },
             supervisor,
         }
@@ -98,6 +108,9 @@ impl Runtime for LocalRuntime {
     #[tracing::instrument(skip_all, fields(app.name = %app))]
     async fn prune_builds(&self, app: &str, ids: &[crate::ids::BuildId]) {
         for id in ids {
+            if let Some(podman) = &self.builder.podman {
+                podman.remove_build_images(app, id).await;
+            }
             let dir = self.builder.builds_dir.join(app).join(id);
             match tokio::fs::remove_dir_all(&dir).await {
                 Ok(()) => tracing::info!(app.name = app, build.id = %id, "pruned the sources of build {id}"),

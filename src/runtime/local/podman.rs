@@ -32,10 +32,20 @@ pub struct Podman {
     pub rack: String,
     /// This rack's identity on the host (labels, container names).
     pub host: String,
-    /// Whether app containers get a user namespace of their own (root only; needs the
-    /// `containers` ranges in /etc/subuid and /etc/subgid).
-    userns: bool,
+    /// The host uid and gid that container root maps to, when containers get a user namespace
+    /// (rack is root, and /etc/subuid and /etc/subgid give the `containers` user ranges).
+    userns: Option<(u32, u32)>,
 }
+
+/// How long a podman command that should answer at once may take (a podman stuck on its
+/// storage lock must not stall a rollout forever).
+const ANSWER_WITHIN: Duration = Duration::from_secs(60);
+
+/// How long pulling an image may take.
+const PULL_WITHIN: Duration = Duration::from_secs(600);
+
+/// Ids a container's user namespace maps (root and the usual system and user ids).
+const USERNS_SIZE: u32 = 65536;
 
 /// What a container runs.
 #[derive(Debug, Clone, Default)]
@@ -80,7 +90,11 @@ impl Podman {
         let conf = data_dir.join("containers.conf");
         std::fs::write(&conf, containers_conf())?;
         let root = nix::unistd::geteuid().is_root();
-        let userns = root && has_subordinate_ids("containers");
+        let userns = if root {
+            subordinate_start("/etc/subuid", "containers").zip(subordinate_start("/etc/subgid", "containers"))
+        } else {
+            None
+        };
         let host = host_id(data_dir);
         Ok(Some(Self {
             program,
@@ -100,23 +114,79 @@ impl Podman {
         cmd
     }
 
-    /// Runs podman with `args`; its standard output on success.
+    /// A long-running podman command (following logs) that dies with rack, even when rack is
+    /// killed (`setpriv --pdeathsig`): it is no use to anyone else.
+    pub fn tied_command(&self) -> Command {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--pdeathsig", "KILL", "--"])
+            .arg(&self.program)
+            .env("CONTAINERS_CONF", &self.conf)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// A podman command run as the first process of a pid namespace of its own, dying with
+    /// rack: killing it kills everything it started, the processes of a build's `RUN` step
+    /// included (they are not podman's children, and would outlive a cancelled build otherwise).
+    pub fn contained_command(&self) -> Command {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--pdeathsig",
+            "KILL",
+            "--",
+            "unshare",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount-proc",
+        ])
+        .arg(&self.program)
+        .env("CONTAINERS_CONF", &self.conf)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+        cmd
+    }
+
+    /// A blocking podman command with rack's configuration, killed after a minute (for
+    /// cleanups that cannot be async).
+    pub fn std_command(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new("timeout");
+        cmd.arg(ANSWER_WITHIN.as_secs().to_string())
+            .arg(&self.program)
+            .env("CONTAINERS_CONF", &self.conf)
+            .stdin(std::process::Stdio::null());
+        cmd
+    }
+
+    /// Runs podman with `args` (for at most a minute); its standard output on success.
     ///
     /// # Errors
-    /// podman's own message (its standard error) when it fails.
+    /// podman's own message (its standard error) when it fails, or that it did not answer.
     pub async fn output(&self, args: &[&str]) -> Result<String, String> {
-        let out = self
-            .command()
-            .args(args)
-            .output()
-            .await
-            .map_err(|e| format!("running podman: {e}"))?;
+        self.output_within(args, Some(ANSWER_WITHIN)).await
+    }
+
+    /// [`Podman::output`] with a time limit of `within` (`None`: none).
+    ///
+    /// # Errors
+    /// As [`Podman::output`].
+    pub async fn output_within(&self, args: &[&str], within: Option<Duration>) -> Result<String, String> {
+        let what = args.first().copied().unwrap_or_default();
+        let running = self.command().args(args).output();
+        let out = match within {
+            Some(limit) => tokio::time::timeout(limit, running)
+                .await
+                .map_err(|_| format!("podman {what} did not answer within {}s", limit.as_secs()))?,
+            None => running.await,
+        }
+        .map_err(|e| format!("running podman: {e}"))?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
         } else {
             let message = String::from_utf8_lossy(&out.stderr).trim().to_owned();
             Err(if message.is_empty() {
-                format!("podman {} failed ({})", args.first().unwrap_or(&""), out.status)
+                format!("podman {what} failed ({})", out.status)
             } else {
                 message
             })
@@ -146,7 +216,7 @@ impl Podman {
         if self.image_exists(image).await {
             return Ok(());
         }
-        self.output(&["pull", "--quiet", image])
+        self.output_within(&["pull", "--quiet", image], Some(PULL_WITHIN))
             .await
             .map(drop)
             .map_err(|e| format!("pulling image {image}: {e}"))
@@ -161,9 +231,11 @@ impl Podman {
             .iter()
             .map(|s| (*s).to_owned())
             .collect();
-        if self.userns {
-            // Container root is an unprivileged host user, as sandboxed processes are.
-            args.push("--userns=auto".to_owned());
+        if let Some((uid, gid)) = self.userns {
+            // Container root is an unprivileged host user, as sandboxed processes are. A fixed
+            // map: podman 4.3's --userns=auto deadlocks against a build running at the same time.
+            args.push(format!("--uidmap=0:{uid}:{USERNS_SIZE}"));
+            args.push(format!("--gidmap=0:{gid}:{USERNS_SIZE}"));
         }
         for (key, value) in &spec.labels {
             args.extend(["--label".to_owned(), format!("{key}={value}")]);
@@ -213,13 +285,16 @@ impl Podman {
 
     /// The host port a container's `container_port` is published on.
     pub async fn host_port(&self, id: &str, container_port: u16) -> Option<u16> {
-        let text = self.output(&["port", id, &format!("{container_port}/tcp")]).await.ok()?;
+        let text = self
+            .output(&["port", id, &format!("{container_port}/tcp")])
+            .await
+            .ok()?;
         text.lines().next()?.rsplit(':').next()?.trim().parse().ok()
     }
 
     /// Waits until the container exits; its exit code.
     pub async fn wait(&self, id: &str) -> Result<i32, String> {
-        let code = self.output(&["wait", id]).await?;
+        let code = self.output_within(&["wait", id], None).await?;
         code.parse().map_err(|_| format!("podman wait said {code:?}"))
     }
 
@@ -300,10 +375,18 @@ fn host_id(data_dir: &Path) -> String {
     digest.iter().take(4).map(|b| format!("{b:02x}")).collect()
 }
 
-/// Whether `user` has subordinate uid and gid ranges (what `--userns=auto` takes from).
-fn has_subordinate_ids(user: &str) -> bool {
-    ["/etc/subuid", "/etc/subgid"].iter().all(|file| {
-        std::fs::read_to_string(file).is_ok_and(|text| text.lines().any(|l| l.split(':').next() == Some(user)))
+/// The start of `user`'s subordinate id range in `file` (`user:start:count`), when it is large
+/// enough for a container's map.
+fn subordinate_start(file: &str, user: &str) -> Option<u32> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        if fields.next()? != user {
+            return None;
+        }
+        let start: u32 = fields.next()?.trim().parse().ok()?;
+        let count: u64 = fields.next()?.trim().parse().ok()?;
+        (count >= u64::from(USERNS_SIZE)).then_some(start)
     })
 }
 

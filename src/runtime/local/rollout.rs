@@ -26,12 +26,18 @@ impl Supervisor {
         if service.port.is_some() {
             self.ensure_router(app, name).await?;
         }
-        let launch = Launch::new(&self.0.builds_dir, release, name, service)?;
+        let launch = Launch::new(&self.0.builds_dir, self.has_containers(), release, name, service)?;
         loop {
             let (new, old) = self.split(app, name, &release.id);
             match plan::next_step(budget, counts(&new, &old)) {
                 Step::Finish => break,
                 Step::StopOld => self.scale_down_oldest(app, name, &old, log).await,
+                Step::AwaitNew => {
+                    if let Some(starting) = new.iter().find(|i| !i.is_ready()) {
+                        wait_ready(starting, service, log).await?;
+                        self.refresh_routes(app, name);
+                    }
+                }
                 Step::StartNew => {
                     log.line(
                         &stream,

@@ -13,8 +13,9 @@ use chrono::Utc;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::container::{ContainerDriver, Found};
 use super::driver::Driver;
-use super::instance::{Health, Instance, Launch, RouteRefresh, STOP_GRACE, supervise};
+use super::instance::{Health, Instance, Launch, RouteRefresh, STOP_GRACE, Supervised, supervise};
 use super::router::Router;
 use crate::runtime::{AppLogs, LogSink, PortBook, ProcessInfo, ReleaseSpec, RuntimeError};
 
@@ -23,6 +24,8 @@ use crate::runtime::{AppLogs, LogSink, PortBook, ProcessInfo, ReleaseSpec, Runti
 pub(super) struct AppProcesses {
     pub instances: Vec<Arc<Instance>>,
     pub routers: HashMap<String, Router>,
+    /// Whether the containers it had before this server started were looked for.
+    pub adopted: bool,
 }
 
 /// What the supervisor works with.
@@ -30,7 +33,8 @@ pub(super) struct AppProcesses {
 pub struct Inner {
     apps: Mutex<HashMap<String, AppProcesses>>,
     pub(super) builds_dir: PathBuf,
-    driver: Arc<dyn Driver>,
+    processes: Arc<dyn Driver>,
+    containers: Option<Arc<ContainerDriver>>,
     logs: Arc<dyn AppLogs>,
     ports: Arc<dyn PortBook>,
     health_client: reqwest::Client,
@@ -42,11 +46,13 @@ pub struct Inner {
 pub struct Supervisor(pub(super) Arc<Inner>);
 
 impl Supervisor {
-    /// A supervisor running builds' sources from `builds_dir` through `driver`, writing to
-    /// `logs` and keeping router ports in `ports`.
+    /// A supervisor running processes from builds in `builds_dir` (through `processes`) and
+    /// containers (through `containers`, when podman is here), writing to `logs` and keeping
+    /// router ports in `ports`.
     pub fn new(
         builds_dir: PathBuf,
-        driver: Arc<dyn Driver>,
+        processes: Arc<dyn Driver>,
+        containers: Option<Arc<ContainerDriver>>,
         logs: Arc<dyn AppLogs>,
         ports: Arc<dyn PortBook>,
         shutdown: CancellationToken,
@@ -55,7 +61,8 @@ impl Supervisor {
         Self(Arc::new(Inner {
             apps: Mutex::default(),
             builds_dir,
-            driver,
+            processes,
+            containers,
             logs,
             ports,
             health_client,
@@ -81,7 +88,7 @@ impl Supervisor {
                     cpu: 0.0,
                     memory: 0.0,
                     host: "127.0.0.1".to_owned(),
-                    image: String::new(),
+                    image: i.image.clone(),
                     instance: "local".to_owned(),
                     name: i.service.clone(),
                     ports: i.port.map(|p| vec![p.to_string()]).unwrap_or_default(),
@@ -113,6 +120,7 @@ impl Supervisor {
 
     /// Rolls `release` out (or stops everything for `None`).
     pub async fn apply(&self, app: &str, release: Option<&ReleaseSpec>, log: &LogSink) -> Result<(), RuntimeError> {
+        self.adopt(app, release, log).await;
         let Some(release) = release else {
             let all = self.with_app(app, |procs| procs.instances.clone());
             for instance in all {
@@ -162,6 +170,120 @@ impl Supervisor {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(app);
+    }
+
+    /// Whether containers can run here.
+    pub(super) fn has_containers(&self) -> bool {
+        self.0.containers.is_some()
+    }
+
+    /// On the first apply of `app` since this server started, takes over the containers it left
+    /// running: those of `release`'s services become its instances (the rollout then counts
+    /// them, health-checks them and routes to them, instead of starting new ones), those of
+    /// other releases serve until the rollout retires them, and stopped ones are removed.
+    async fn adopt(&self, app: &str, release: Option<&ReleaseSpec>, log: &LogSink) {
+        let Some(containers) = self.0.containers.clone() else {
+            return;
+        };
+        if self.with_app(app, |procs| std::mem::replace(&mut procs.adopted, true)) {
+            return;
+        }
+        let found = match containers.adopt(app).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(app.name = app, "looking for the containers of {app}: {e}");
+                return;
+            }
+        };
+        for found in found {
+            let service = release.and_then(|r| r.manifest.services.get(&found.service).map(|s| (r, s)));
+            let launch = service.and_then(|(release, service)| {
+                Launch::new(&self.0.builds_dir, true, release, &found.service, service).ok()
+            });
+            let (Some(launch), true) = (launch, found.running) else {
+                // Stopped, or of a service that no longer exists: nothing to take over.
+                containers.podman.remove(&found.container, STOP_GRACE).await;
+                continue;
+            };
+            let running = containers.attach(&found, self.0.logs.sink(app)).await;
+            let restarts = found.release == release.map(|r| r.id.as_str()).unwrap_or_default();
+            self.register(app, &launch, &found, running, restarts);
+            log.line(
+                &format!("system/local/{}", found.process),
+                format!("Adopted container {} of release {}", found.process, found.release),
+            )
+            .await;
+        }
+    }
+
+    /// Registers an adopted container as an instance and starts watching it.
+    fn register(
+        &self,
+        app: &str,
+        launch: &Launch,
+        found: &Found,
+        running: Box<dyn super::driver::Running>,
+        restarts: bool,
+    ) {
+        let (health, _) = watch::channel(Health::Starting);
+        let instance = Arc::new(Instance {
+            id: found.process.clone(),
+            service: found.service.clone(),
+            release: found.release.clone(),
+            port: found.port,
+            command: launch.display.clone(),
+            image: launch.image.clone(),
+            started: found.started,
+            pid: AtomicU32::new(running.pid()),
+            health,
+            stopping: AtomicBool::new(false),
+            restart: Notify::new(),
+            stop: self.0.shutdown.child_token(),
+            done: Mutex::new(None),
+        });
+        let mut launch = launch.clone();
+        launch.release.clone_from(&found.release);
+        launch.build.clone_from(&found.build);
+        self.with_app(app, |procs| procs.instances.push(instance.clone()));
+        let task = tokio::spawn(supervise(self.supervised(
+            app,
+            &instance,
+            launch,
+            Some(running),
+            restarts,
+        )));
+        *instance.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
+    }
+
+    /// What the task of `instance` works with.
+    fn supervised(
+        &self,
+        app: &str,
+        instance: &Arc<Instance>,
+        launch: Launch,
+        adopted: Option<Box<dyn super::driver::Running>>,
+        restarts: bool,
+    ) -> Supervised {
+        let refresh: RouteRefresh = {
+            let (supervisor, app, service) = (self.clone(), app.to_owned(), launch.service.clone());
+            Arc::new(move || supervisor.refresh_routes(&app, &service))
+        };
+        let driver: Arc<dyn Driver> = match (launch.is_container(), &self.0.containers) {
+            (true, Some(containers)) => containers.clone(),
+            _ => self.0.processes.clone(),
+        };
+        Supervised {
+            driver,
+            app: app.to_owned(),
+            instance: instance.clone(),
+            launch,
+            log: self.0.logs.sink(app),
+            refresh_routes: refresh,
+            health_client: self.0.health_client.clone(),
+            adopted,
+            restarts,
+            shutdown: self.0.shutdown.clone(),
+        }
     }
 
     /// The service's instances of `release` and of other releases, oldest first, skipping
@@ -257,6 +379,7 @@ impl Supervisor {
             release: launch.release.clone(),
             port,
             command: launch.display.clone(),
+            image: launch.image.clone(),
             started: Utc::now(),
             pid: AtomicU32::new(0),
             health,
@@ -266,19 +389,7 @@ impl Supervisor {
             done: Mutex::new(None),
         });
         self.with_app(app, |procs| procs.instances.push(instance.clone()));
-        let refresh: RouteRefresh = {
-            let (supervisor, app, service) = (self.clone(), app.to_owned(), launch.service.clone());
-            Arc::new(move || supervisor.refresh_routes(&app, &service))
-        };
-        let task = tokio::spawn(supervise(
-            self.0.driver.clone(),
-            app.to_owned(),
-            instance.clone(),
-            launch.clone(),
-            self.0.logs.sink(app),
-            refresh,
-            self.0.health_client.clone(),
-        ));
+        let task = tokio::spawn(supervise(self.supervised(app, &instance, launch.clone(), None, true)));
         *instance.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             let mut rx = instance.health.subscribe();

@@ -1,0 +1,215 @@
+//! Instances as podman containers: each labelled with rack, app, service, release, build and
+//! process id, its port published on a port of 127.0.0.1 that rack's router and health checks
+//! use, its output followed into the app's log. Containers outlive rack: when rack stops they are
+//! left running, and the next start adopts them by label (see [`ContainerDriver::adopt`]).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::driver::{Driver, Runnable, Running, Start};
+use super::podman::{
+    LABEL_APP, LABEL_BUILD, LABEL_HOST, LABEL_PORT, LABEL_PROCESS, LABEL_RACK, LABEL_RELEASE, LABEL_SERVICE, Podman,
+    RunSpec,
+};
+use super::process::pipe_streams;
+use crate::runtime::LogSink;
+
+/// Starts containers.
+#[derive(Debug)]
+pub struct ContainerDriver {
+    pub podman: Podman,
+}
+
+/// A container of an app found running when rack started.
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub container: String,
+    pub process: String,
+    pub service: String,
+    pub release: String,
+    pub build: String,
+    /// Where rack reaches it (its published port).
+    pub port: Option<u16>,
+    pub started: DateTime<Utc>,
+    pub running: bool,
+}
+
+impl ContainerDriver {
+    /// This rack's containers of `app` on this host.
+    ///
+    /// # Errors
+    /// podman's message.
+    pub async fn adopt(&self, app: &str) -> Result<Vec<Found>, String> {
+        let mut found = Vec::new();
+        for listed in self.podman.list(app).await? {
+            let labels = listed.labels.clone().unwrap_or_default();
+            let label = |key: &str| labels.get(key).cloned().unwrap_or_default();
+            let container_port = labels.get(LABEL_PORT).and_then(|p| p.parse::<u16>().ok());
+            let port = match container_port {
+                Some(p) => self.podman.host_port(&listed.id, p).await,
+                None => None,
+            };
+            found.push(Found {
+                container: listed.id.clone(),
+                process: label(LABEL_PROCESS),
+                service: label(LABEL_SERVICE),
+                release: label(LABEL_RELEASE),
+                build: label(LABEL_BUILD),
+                port,
+                started: DateTime::from_timestamp(listed.created, 0).unwrap_or_else(Utc::now),
+                running: listed.state == "running",
+            });
+        }
+        Ok(found)
+    }
+
+    /// Takes over a running container found by [`ContainerDriver::adopt`]: follows its output
+    /// from now on and waits for it as if rack had started it.
+    pub async fn attach(&self, found: &Found, log: LogSink) -> Box<dyn Running> {
+        let pid = self.podman.pid(&found.container).await;
+        let stream = format!("service/{}/{}", found.service, found.process);
+        let since = Utc::now().to_rfc3339();
+        Box::new(Container {
+            podman: self.podman.clone(),
+            id: found.container.clone(),
+            pid,
+            output: Some(follow(&self.podman, &found.container, Some(&since), stream, log)),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Driver for ContainerDriver {
+    async fn start(&self, start: Start) -> std::io::Result<Box<dyn Running>> {
+        let Runnable::Container {
+            image,
+            command,
+            port,
+            cpu,
+            memory,
+        } = &start.what
+        else {
+            return Err(std::io::Error::other("the container driver runs containers only"));
+        };
+        let podman = &self.podman;
+        podman.ensure_image(image).await.map_err(std::io::Error::other)?;
+        let name = podman.container_name(&start.app, &start.id);
+        // A container of the same name left behind (its rack died while restarting it).
+        let _ = podman.output(&["rm", "--force", &name]).await;
+        let mut labels = BTreeMap::from([
+            (LABEL_RACK.to_owned(), podman.rack.clone()),
+            (LABEL_HOST.to_owned(), podman.host.clone()),
+            (LABEL_APP.to_owned(), start.app.clone()),
+            (LABEL_SERVICE.to_owned(), start.service.clone()),
+            (LABEL_RELEASE.to_owned(), start.release.clone()),
+            (LABEL_BUILD.to_owned(), start.build.clone()),
+            (LABEL_PROCESS.to_owned(), start.id.clone()),
+        ]);
+        let mut env = start.env.clone();
+        env.insert("RACK".to_owned(), podman.rack.clone());
+        if let Some(port) = port {
+            labels.insert(LABEL_PORT.to_owned(), port.to_string());
+            // As convox sets it: the port the container listens on.
+            env.insert("PORT".to_owned(), port.to_string());
+        }
+        let spec = RunSpec {
+            name,
+            image: image.clone(),
+            labels,
+            env,
+            command: command.clone(),
+            publish: start.port.zip(*port),
+            cpu: *cpu,
+            memory: *memory,
+        };
+        let id = podman.run(&spec).await.map_err(std::io::Error::other)?;
+        let pid = podman.pid(&id).await;
+        let stream = format!("service/{}/{}", start.service, start.id);
+        Ok(Box::new(Container {
+            podman: podman.clone(),
+            id: id.clone(),
+            pid,
+            output: Some(follow(podman, &id, None, stream, start.log)),
+        }))
+    }
+}
+
+/// Follows a container's output into `log` as `stream` lines (from `since`, or from its start).
+fn follow(podman: &Podman, id: &str, since: Option<&str>, stream: String, log: LogSink) -> tokio::task::JoinHandle<()> {
+    let mut command = podman.tied_command();
+    command.args(["logs", "--follow"]);
+    if let Some(since) = since {
+        command.args(["--since", since]);
+    }
+    command
+        .arg(id)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    tokio::spawn(async move {
+        let Ok(mut child) = command.spawn() else { return };
+        pipe_streams(child.stdout.take(), child.stderr.take(), &stream, &log).await;
+        let _ = child.wait().await;
+    })
+}
+
+/// A running container.
+struct Container {
+    podman: Podman,
+    id: String,
+    pid: u32,
+    output: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Container {
+    /// Waits (a little) for the last of its output, then stops following it.
+    async fn drain_output(&mut self) {
+        if let Some(mut output) = self.output.take()
+            && tokio::time::timeout(Duration::from_secs(5), &mut output).await.is_err()
+        {
+            output.abort();
+        }
+    }
+
+    fn signal_later(&self, signal: &'static str) {
+        let (podman, id) = (self.podman.clone(), self.id.clone());
+        tokio::spawn(async move { podman.signal(&id, signal).await });
+    }
+}
+
+#[async_trait::async_trait]
+impl Running for Container {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    async fn wait(&mut self) -> String {
+        let status = match self.podman.wait(&self.id).await {
+            Ok(code) => format!("exit status: {code}"),
+            Err(e) => format!("lost: {e}"),
+        };
+        self.drain_output().await;
+        self.podman.remove(&self.id, Duration::ZERO).await;
+        status
+    }
+
+    fn terminate(&self) {
+        self.signal_later("TERM");
+    }
+
+    fn kill(&self) {
+        self.signal_later("KILL");
+    }
+
+    async fn stop(&mut self, grace: Duration) {
+        self.podman.remove(&self.id, grace).await;
+        self.drain_output().await;
+    }
+
+    async fn detach(&mut self) {
+        if let Some(output) = self.output.take() {
+            output.abort();
+        }
+    }
+}
