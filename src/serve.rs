@@ -84,6 +84,9 @@ pub async fn serve(
                 }
             },
         };
+        // Responses go out in several writes (head, chunks): Nagle plus a delayed ACK would
+        // hold each one back for 40 ms.
+        let _ = stream.set_nodelay(true);
         let stream = Arc::new(stream);
         let Some(connection) = Connection::open(&book, peer, limits.max_unauthenticated) else {
             tracker.spawn(refuse(stream, peer));

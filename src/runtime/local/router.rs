@@ -118,6 +118,11 @@ impl Router {
             .into_make_service_with_connect_info::<SocketAddr>();
         // Graceful shutdown stops accepting and lets each open connection finish the request it
         // is serving, which is what a stopping router owes its clients.
+        // No Nagle on the client side either: a response's head and body go out as separate
+        // writes, and a delayed ACK would hold the body back for 40 ms.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let serve = axum::serve(listener, service).with_graceful_shutdown(inner.stop.clone().cancelled_owned());
         let span = tracing::info_span!("router", app.name = %inner.app);
         let app = inner.app.clone();
