@@ -138,6 +138,10 @@ pub struct Principal {
     pub role: Role,
     /// A scoped token's one allowed request path (GET or HEAD only).
     pub scope: Option<std::sync::Arc<str>>,
+    /// Who it is, for logs: `password`, or `token <name>` (never a secret).
+    pub name: String,
+    /// The token's id (`None`: the rack password).
+    pub token: Option<uuid::Uuid>,
 }
 
 /// Rejects requests without valid credentials (401): the rack password (basic auth, any user
@@ -192,6 +196,8 @@ async fn authenticate(state: &AppState, headers: &axum::http::HeaderMap) -> Resu
         return Ok(Principal {
             role: Role::Admin,
             scope: None,
+            name: "password".to_owned(),
+            token: None,
         });
     }
     if secret.starts_with(TOKEN_PREFIX) {
@@ -199,6 +205,8 @@ async fn authenticate(state: &AppState, headers: &axum::http::HeaderMap) -> Resu
             return Ok(Principal {
                 role: token.role,
                 scope: token.scope.map(Into::into),
+                name: format!("token {}", token.name),
+                token: Some(token.id),
             });
         }
     }

@@ -114,6 +114,9 @@ pub struct ServerArgs {
     /// more get 429.
     #[arg(long, env = "RACK_MAX_UNAUTHENTICATED_CONNECTIONS", default_value_t = 256)]
     pub max_unauthenticated_connections: usize,
+    /// Longest a one-off process (`run`) may run, in seconds; then it is stopped.
+    #[arg(long, env = "RACK_RUN_TIMEOUT", default_value_t = 3600)]
+    pub run_timeout: u64,
     #[command(flatten)]
     pub kube: KubeArgs,
 }
@@ -172,6 +175,8 @@ pub struct Config {
     pub sandbox_user: String,
     /// Limits of the HTTP listener.
     pub listener: crate::serve::Limits,
+    /// Longest a one-off process may run.
+    pub run_timeout: Duration,
     /// Settings of the Kubernetes runtime, when it is the one in use.
     pub kube: Option<KubeConfig>,
 }
@@ -291,6 +296,7 @@ impl Config {
             },
             job_lease: Duration::from_secs(args.job_lease),
             sandbox_user: args.sandbox_user,
+            run_timeout: Duration::from_secs(args.run_timeout.max(1)),
             listener: crate::serve::Limits {
                 header_timeout: Duration::from_secs(args.header_timeout),
                 max_header_bytes: args.max_header_bytes,
@@ -318,6 +324,7 @@ impl Config {
             db_connections: 5,
             sandbox_user: crate::runtime::local::sandbox::DEFAULT_USER.to_owned(),
             listener: crate::serve::Limits::default(),
+            run_timeout: Duration::from_secs(600),
             kube: None,
         }
     }

@@ -39,6 +39,9 @@ pub struct Service {
     pub environment: Vec<String>,
     /// Rolling-deploy bounds.
     pub deployment: Deployment,
+    /// rack's release phase: a command run once, as a one-off process of this service's new
+    /// release, before a deployment changes what runs; a non-zero exit stops the deployment.
+    pub release: Option<Command>,
     /// Service keys rack does not interpret (`domain`, `internal`, `volumes`...).
     pub extra: BTreeMap<String, Value>,
 }
@@ -56,6 +59,7 @@ impl Default for Service {
             scale: Scale::default(),
             environment: Vec::new(),
             deployment: Deployment::default(),
+            release: None,
             extra: BTreeMap::new(),
         }
     }
@@ -89,6 +93,24 @@ pub enum Command {
     Shell(String),
     /// Run directly, without a shell.
     Exec(Vec<String>),
+}
+
+impl Command {
+    /// What is run: `["/bin/sh", "-c", text]` or the list itself.
+    pub fn argv(&self) -> Vec<String> {
+        match self {
+            Self::Shell(text) => vec!["/bin/sh".to_owned(), "-c".to_owned(), text.clone()],
+            Self::Exec(argv) => argv.clone(),
+        }
+    }
+
+    /// The command as people write it.
+    pub fn display(&self) -> String {
+        match self {
+            Self::Shell(text) => text.clone(),
+            Self::Exec(argv) => argv.join(" "),
+        }
+    }
 }
 
 /// A service's HTTP health check.
@@ -397,6 +419,7 @@ impl Doc<'_> {
                 "scale" => service.scale = self.scale(path, value)?,
                 "environment" => service.environment = self.environment(path, value)?,
                 "deployment" => service.deployment = self.deployment(path, value)?,
+                "release" => service.release = Some(self.command(path, value)?),
                 _ => {
                     service.extra.insert(key.to_owned(), value.clone());
                 }
@@ -895,6 +918,20 @@ services:
         let started = std::time::Instant::now();
         assert!(parse(&yaml).is_err());
         assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_service_may_have_a_release_command() {
+        assert_eq!(
+            web("release: bin/migrate --all").unwrap().release,
+            Some(Command::Shell("bin/migrate --all".into()))
+        );
+        assert_eq!(
+            web("release: [bin/migrate]").unwrap().release,
+            Some(Command::Exec(vec!["bin/migrate".into()]))
+        );
+        assert_eq!(web("port: 80").unwrap().release, None);
+        assert_eq!(web("release: 3").unwrap_err().key(), "services.web.release");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod input;
 pub mod objects;
 pub mod processes;
 pub mod releases;
+pub mod run;
 pub mod services;
 pub mod streams;
 pub mod system;
@@ -121,6 +122,13 @@ fn routes() -> Routes {
             "/apps/{app}/processes/{id}",
             DEPLOY,
             processes::restart_process,
+        )
+        .stream(M::GET, "/apps/{app}/processes/{id}/exec", DEPLOY, run::exec_process)
+        .json(
+            M::POST,
+            "/apps/{app}/services/{service}/processes",
+            DEPLOY,
+            run::run_process,
         )
         .stream(M::GET, "/apps/{app}/logs", READ, processes::stream_app_logs)
         .stream(

@@ -81,6 +81,58 @@ impl Client {
         Ok(())
     }
 
+    /// `POST path` with options as headers (as convox sends them) and no body, decoded from
+    /// JSON.
+    pub async fn post_headers<T: DeserializeOwned>(&self, path: &str, headers: &[(&str, String)]) -> anyhow::Result<T> {
+        let mut request = self.request(Method::POST, path)?;
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        self.send(request).await
+    }
+
+    /// Opens the websocket at `path`, with `headers`.
+    ///
+    /// # Errors
+    /// When the rack cannot be reached or refuses the upgrade (with its message).
+    pub async fn websocket(
+        &self,
+        path: &str,
+        headers: &[(&str, String)],
+    ) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>>
+    {
+        use base64::Engine;
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let base = self.base.as_str().trim_end_matches('/');
+        let url = format!("{base}{path}").replacen("http", "ws", 1);
+        let mut request = url.into_client_request().context("making the websocket request")?;
+        let add =
+            |request: &mut tokio_tungstenite::tungstenite::handshake::client::Request, name: &str, value: &str| {
+                if let (Ok(name), Ok(value)) = (
+                    name.parse::<tokio_tungstenite::tungstenite::http::HeaderName>(),
+                    value.parse::<tokio_tungstenite::tungstenite::http::HeaderValue>(),
+                ) {
+                    request.headers_mut().insert(name, value);
+                }
+            };
+        if let Some(password) = &self.password {
+            let token = base64::engine::general_purpose::STANDARD.encode(format!("rack:{password}"));
+            add(&mut request, "authorization", &format!("Basic {token}"));
+        }
+        for (name, value) in headers {
+            add(&mut request, name, value);
+        }
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((socket, _)) => Ok(socket),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                let status = reqwest::StatusCode::from_u16(response.status().as_u16()).unwrap_or_default();
+                let body = response.body().clone().unwrap_or_default();
+                bail!("{}", error_message(status, &body))
+            }
+            Err(e) => bail!("could not reach the rack at {}: {e}", self.base),
+        }
+    }
+
     /// `POST path` with a raw body, decoded from JSON.
     pub async fn post_body<T: DeserializeOwned>(
         &self,

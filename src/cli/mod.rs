@@ -11,6 +11,7 @@ mod output;
 mod promote;
 mod ps;
 mod releases;
+mod run;
 mod services;
 mod tokens;
 
@@ -89,6 +90,10 @@ enum Command {
         #[command(subcommand)]
         command: Option<tokens::TokensCommand>,
     },
+    /// Run a one-off process of a service (attached; --detach to start it and return).
+    Run(run::RunArgs),
+    /// Run a command inside a running process.
+    Exec(run::ExecArgs),
     /// List an app's processes, or stop (restart) one.
     Ps {
         #[command(flatten)]
@@ -137,6 +142,11 @@ impl AppArg {
     }
 }
 
+/// A command's exit code to pass through (a remote command's), with nothing to print.
+#[derive(Debug, thiserror::Error)]
+#[error("exit {0}")]
+pub struct ExitWith(pub i32);
+
 /// Runs a parsed command line; the exit code is 0 on success and 1 after printing
 /// `ERROR: <message>` to stderr.
 pub async fn run(cli: Cli) -> ExitCode {
@@ -153,6 +163,8 @@ pub async fn run(cli: Cli) -> ExitCode {
                 Command::Env { app, command } => env::run(&client, app, command).await,
                 Command::Logs(args) => logs::run(&client, args).await,
                 Command::Ps { app, command } => ps::run(&client, app, command).await,
+                Command::Run(args) => run::run(&client, args).await,
+                Command::Exec(args) => run::run_exec(&client, args).await,
                 Command::Tokens { command } => tokens::run(&client, command).await,
                 Command::Services { app } => services::list(&client, app).await,
                 Command::Scale(args) => services::scale(&client, args).await,
@@ -163,6 +175,11 @@ pub async fn run(cli: Cli) -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A remote command's own exit code, passed through.
+        Err(e) if e.downcast_ref::<ExitWith>().is_some() => {
+            let code = e.downcast_ref::<ExitWith>().map_or(1, |c| c.0);
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
         Err(e) => {
             eprintln!("ERROR: {e:#}");
             ExitCode::FAILURE

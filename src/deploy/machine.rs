@@ -13,6 +13,8 @@ use uuid::Uuid;
 #[serde(rename_all = "snake_case")]
 pub enum DeployState {
     Pending,
+    /// Running the release's `release:` commands, before anything that runs changes.
+    Releasing,
     Updating,
     Running,
     Deadline,
@@ -26,8 +28,9 @@ pub enum DeployState {
 
 impl DeployState {
     /// Every state.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::Pending,
+        Self::Releasing,
         Self::Updating,
         Self::Running,
         Self::Deadline,
@@ -40,8 +43,9 @@ impl DeployState {
     ];
 
     /// The states of a deployment in progress (the one-per-app index covers exactly these).
-    pub const ACTIVE: [Self; 6] = [
+    pub const ACTIVE: [Self; 7] = [
         Self::Pending,
+        Self::Releasing,
         Self::Updating,
         Self::Deadline,
         Self::Error,
@@ -58,6 +62,7 @@ impl DeployState {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
+            Self::Releasing => "releasing",
             Self::Updating => "updating",
             Self::Running => "running",
             Self::Deadline => "deadline",
@@ -74,6 +79,7 @@ impl DeployState {
     pub fn title(self) -> &'static str {
         match self {
             Self::Pending => "Pending",
+            Self::Releasing => "Releasing",
             Self::Updating => "Updating",
             Self::Running => "Running",
             Self::Deadline => "Deadline",
@@ -89,7 +95,7 @@ impl DeployState {
     /// The app status convox derives from it.
     pub fn app_status(self) -> &'static str {
         match self {
-            Self::Pending | Self::Updating => "updating",
+            Self::Pending | Self::Releasing | Self::Updating => "updating",
             Self::Running | Self::Reverted | Self::Failure | Self::Superseded => "running",
             Self::Deadline | Self::Error | Self::Cancelled | Self::Rollback => "rollback",
         }
@@ -115,6 +121,8 @@ pub struct Snapshot<'a> {
     pub reason: &'a str,
     /// The release it deploys.
     pub release: &'a str,
+    /// Whether that release has a release phase (`release:` commands to run first).
+    pub release_phase: bool,
 }
 
 /// What happened.
@@ -123,7 +131,7 @@ pub enum Signal {
     /// A worker holds the deployment (it claimed it, or took it over after its holder died)
     /// and does what its state calls for.
     Proceed,
-    /// The runtime has converged on what it was asked to run.
+    /// The runtime has converged on what it was asked to run (or the release phase passed).
     Applied,
     /// The runtime could not (or the release could not be loaded): why.
     ApplyFailed(String),
@@ -142,6 +150,8 @@ pub enum Signal {
 /// What the driver does after a transition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
+    /// Run the release's `release:` commands (as one-off processes of the new release).
+    RunReleasePhase,
     /// Roll the deployment's release out.
     ApplyRelease,
     /// Roll the app's previous release out again (or stop everything when it had none).
@@ -255,7 +265,14 @@ pub fn next(deployment: &Snapshot<'_>, signal: &Signal) -> Result<Transition, Il
             Transition::to(from, S::Superseded, A::Stop).failed(format!("superseded by deployment {by}"))
         }
 
+        (S::Pending, Signal::Proceed) if deployment.release_phase => {
+            Transition::to(from, S::Releasing, A::RunReleasePhase)
+        }
         (S::Pending, Signal::Proceed) => Transition::to(from, S::Updating, A::ApplyRelease),
+        // Taken over during the release phase: it runs again (release commands must be safe
+        // to repeat, as migrations are).
+        (S::Releasing, Signal::Proceed) => Transition::stay(from, A::RunReleasePhase),
+        (S::Releasing, Signal::Applied) => Transition::to(from, S::Updating, A::ApplyRelease),
         // Taken over mid-rollout: applying again converges on the same release.
         (S::Updating, Signal::Proceed) => Transition::stay(from, A::ApplyRelease),
         (S::Deadline | S::Error | S::Cancelled, Signal::Proceed) => Transition::to(from, S::Rollback, A::ApplyPrevious),
@@ -277,15 +294,16 @@ pub fn next(deployment: &Snapshot<'_>, signal: &Signal) -> Result<Transition, Il
             Transition::to(from, S::Reverted, A::Stop).failed(why)
         }
 
-        (S::Pending | S::Updating, Signal::ApplyFailed(why)) => {
+        (S::Pending | S::Releasing | S::Updating, Signal::ApplyFailed(why)) => {
             Transition::to(from, S::Error, A::Proceed).because(why.clone())
         }
-        (S::Pending | S::Updating, Signal::DeadlinePassed(limit)) => Transition::to(from, S::Deadline, A::Proceed)
-            .because(format!(
+        (S::Pending | S::Releasing | S::Updating, Signal::DeadlinePassed(limit)) => {
+            Transition::to(from, S::Deadline, A::Proceed).because(format!(
                 "the deployment did not become healthy within {}s",
                 limit.as_secs()
-            )),
-        (S::Pending | S::Updating, Signal::CancelRequested) => {
+            ))
+        }
+        (S::Pending | S::Releasing | S::Updating, Signal::CancelRequested) => {
             Transition::to(from, S::Cancelled, A::Proceed).because("cancelled".to_owned())
         }
 
@@ -318,6 +336,7 @@ mod tests {
             state,
             reason: "",
             release: "RNEWRELEASE",
+            release_phase: false,
         }
     }
 
@@ -426,6 +445,7 @@ mod tests {
             state: S::Rollback,
             reason: &reason,
             release: "R",
+            release_phase: false,
         };
         let reverted = next(&rolling, &Signal::Applied).unwrap();
         assert_eq!(reverted.lines.last().unwrap(), &reason);
@@ -454,6 +474,7 @@ mod tests {
                     state,
                     reason: &reason,
                     release: "R1",
+                    release_phase: false,
                 },
                 &signal,
             )
@@ -480,6 +501,34 @@ mod tests {
             ]
         );
         assert_eq!(state, S::Reverted);
+    }
+
+    #[test]
+    fn a_release_phase_runs_first_and_a_failed_one_changes_nothing_that_runs() {
+        let pending = Snapshot {
+            state: S::Pending,
+            reason: "",
+            release: "R2",
+            release_phase: true,
+        };
+        let t = next(&pending, &Signal::Proceed).unwrap();
+        assert_eq!((t.to, t.then), (S::Releasing, Action::RunReleasePhase));
+        assert_eq!(t.lines, ["Status: Pending => Releasing"]);
+        let releasing = Snapshot {
+            state: S::Releasing,
+            ..pending.clone()
+        };
+        let passed = next(&releasing, &Signal::Applied).unwrap();
+        assert_eq!((passed.to, passed.then), (S::Updating, Action::ApplyRelease));
+        let again = next(&releasing, &Signal::Proceed).unwrap();
+        assert_eq!((again.to, again.then), (S::Releasing, Action::RunReleasePhase));
+        let failed = next(&releasing, &Signal::ApplyFailed("bin/migrate exited 3".into())).unwrap();
+        assert_eq!((failed.to, failed.then), (S::Error, Action::Proceed));
+        assert_eq!(failed.lines, ["Status: Releasing => Error"]);
+        // Nothing changed yet: the rollback converges on what already runs.
+        let cancelled = next(&releasing, &Signal::CancelRequested).unwrap();
+        assert_eq!(cancelled.to, S::Cancelled);
+        assert_eq!(S::Releasing.app_status(), "updating");
     }
 
     #[test]

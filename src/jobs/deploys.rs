@@ -88,9 +88,16 @@ impl Driver<'_> {
         let started = deployment.started_at.unwrap_or_else(chrono::Utc::now);
         let elapsed = (chrono::Utc::now() - started).to_std().unwrap_or_default();
         let deadline = tokio::time::Instant::now() + timeout.saturating_sub(elapsed);
+        let target = self.load(&deployment.app, Some(&deployment.release_id)).await;
+        let release_phase = target.as_ref().is_ok_and(|t| {
+            t.as_ref()
+                .is_some_and(|spec| spec.manifest.services.values().any(|s| s.release.is_some()))
+        });
         let mut signal = Signal::Proceed;
         loop {
-            let transition = match crate::deploy::next(&deployment.snapshot(), &signal) {
+            let mut snapshot = deployment.snapshot();
+            snapshot.release_phase = release_phase;
+            let transition = match crate::deploy::next(&snapshot, &signal) {
                 Ok(transition) => transition,
                 Err(e) => {
                     // A bug, not a state of the world: leave the deployment to its lease.
@@ -103,10 +110,8 @@ impl Driver<'_> {
             }
             signal = match transition.then {
                 Action::Proceed => Signal::Proceed,
-                Action::ApplyRelease => {
-                    let target = self.load(&deployment.app, Some(&deployment.release_id)).await;
-                    self.apply(&deployment, target, deadline, timeout, true).await
-                }
+                Action::RunReleasePhase => self.release_phase(&deployment, target.clone(), deadline, timeout).await,
+                Action::ApplyRelease => self.apply(&deployment, target.clone(), deadline, timeout, true).await,
                 Action::ApplyPrevious => {
                     // The rollback gets a deadline of its own (the first one may be what ran
                     // out), and at least five minutes: a short deadline given for the new
@@ -184,6 +189,76 @@ impl Driver<'_> {
             () = self.lease.lost.cancelled() => Signal::LeaseLost,
             () = self.state.shutdown.cancelled() => Signal::ShuttingDown,
         }
+    }
+
+    /// Runs the release's `release:` commands, service by service, each as a one-off process
+    /// of the new release with its output in the deployment's log; a non-zero exit fails the
+    /// phase (nothing that runs has changed yet).
+    async fn release_phase(
+        &self,
+        deployment: &Deployment,
+        release: Result<Option<ReleaseSpec>, String>,
+        deadline: tokio::time::Instant,
+        limit: Duration,
+    ) -> Signal {
+        let spec = match release {
+            Ok(Some(spec)) => spec,
+            Ok(None) => return Signal::ApplyFailed("the release no longer exists".to_owned()),
+            Err(reason) => return Signal::ApplyFailed(reason),
+        };
+        let runtime = self.state.runtime.name();
+        for (service, command) in spec
+            .manifest
+            .services
+            .iter()
+            .filter_map(|(name, s)| Some((name, s.release.as_ref()?)))
+        {
+            let stream = format!("system/{runtime}/{service}");
+            self.log
+                .line(
+                    &stream,
+                    format!("Running release command of {service}: {}", command.display()),
+                )
+                .await;
+            let one_off = crate::runtime::OneOff {
+                service: service.clone(),
+                command: command.argv(),
+                env: crate::env::Env::new(),
+                log: Some(self.log.clone()),
+                timeout: deadline.saturating_duration_since(tokio::time::Instant::now()),
+            };
+            let process = match self.state.runtime.run(&spec, one_off).await {
+                Ok(process) => process,
+                Err(e) => return Signal::ApplyFailed(format!("the release command of {service} could not start: {e}")),
+            };
+            let waited = tokio::select! {
+                code = self.state.runtime.wait_process(&deployment.app, &process.id) => Ok(code),
+                () = tokio::time::sleep_until(deadline) => Err(Signal::DeadlinePassed(limit)),
+                () = self.lease.cancel.cancelled() => Err(Signal::CancelRequested),
+                () = self.lease.lost.cancelled() => Err(Signal::LeaseLost),
+                () = self.state.shutdown.cancelled() => Err(Signal::ShuttingDown),
+            };
+            match waited {
+                Ok(Ok(0)) => {
+                    self.log
+                        .line(&stream, format!("Release command of {service} succeeded"))
+                        .await;
+                }
+                Ok(Ok(code)) => {
+                    return Signal::ApplyFailed(format!(
+                        "the release command of {service} ({}) exited with code {code}",
+                        command.display()
+                    ));
+                }
+                Ok(Err(e)) => return Signal::ApplyFailed(format!("the release command of {service}: {e}")),
+                Err(signal) => {
+                    // Whatever ended the wait, the command goes with it.
+                    self.state.runtime.restart_process(&deployment.app, &process.id).await;
+                    return signal;
+                }
+            }
+        }
+        Signal::Applied
     }
 
     async fn clean_up_if_deleted(&self, app: &str) -> anyhow::Result<()> {

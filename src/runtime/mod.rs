@@ -312,6 +312,55 @@ pub enum ProcessStatus {
     Failed,
 }
 
+/// What kind of process it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessKind {
+    /// An instance of a service, counted in its scale and routed to.
+    Service,
+    /// A one-off process (`run`, a release phase): neither counted nor routed to.
+    Run,
+}
+
+/// A one-off process to start next to an app's services.
+#[derive(Debug, Clone)]
+pub struct OneOff {
+    /// The service whose release, image and environment it runs with.
+    pub service: String,
+    /// What it runs.
+    pub command: Vec<String>,
+    /// Variables added to the release's environment.
+    pub env: crate::env::Env,
+    /// Where its output goes (`None`: the app's log).
+    pub log: Option<LogSink>,
+    /// It is stopped once it has run this long.
+    pub timeout: Duration,
+}
+
+/// A command to run inside a running process (`exec`).
+#[derive(Debug, Clone)]
+pub struct ExecRequest {
+    pub command: Vec<String>,
+    /// A terminal of `(rows, columns)`, or plain pipes.
+    pub tty: Option<(u16, u16)>,
+    /// Whether the command gets a standard input.
+    pub stdin: bool,
+}
+
+/// A command running inside a process: its output (standard output and error as they come,
+/// or the terminal's), its input, and its exit code once it ends. Dropping it kills it.
+pub struct ExecSession {
+    pub output: futures_util::stream::BoxStream<'static, bytes::Bytes>,
+    pub stdin: Option<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>,
+    pub exit: futures_util::future::BoxFuture<'static, i32>,
+}
+
+impl std::fmt::Debug for ExecSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExecSession")
+    }
+}
+
 /// A running process, as convox shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ProcessInfo {
@@ -331,6 +380,8 @@ pub struct ProcessInfo {
     pub status: ProcessStatus,
     /// The operating system's process id (0 while restarting).
     pub pid: u32,
+    #[serde(rename = "type")]
+    pub kind: ProcessKind,
 }
 
 /// A runtime.
@@ -381,8 +432,27 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     /// The app's processes.
     async fn processes(&self, app: &str) -> Vec<ProcessInfo>;
 
-    /// Kills one process; the supervisor starts it again. Returns false if there is no such process.
+    /// Restarts one instance of a service (it is stopped and started again), or stops a
+    /// one-off process for good. Returns false if there is no such process.
     async fn restart_process(&self, app: &str, id: &str) -> bool;
+
+    /// Starts a one-off process of `release`'s service.
+    ///
+    /// # Errors
+    /// When the service cannot run here or the process cannot be started.
+    async fn run(&self, release: &ReleaseSpec, one_off: OneOff) -> Result<ProcessInfo, RuntimeError>;
+
+    /// Waits until the one-off process `id` of `app` ends; its exit code.
+    ///
+    /// # Errors
+    /// When there is no such process, or it cannot be followed.
+    async fn wait_process(&self, app: &str, id: &str) -> Result<i32, RuntimeError>;
+
+    /// Runs a command inside the running process `id` of `app`.
+    ///
+    /// # Errors
+    /// When there is no such process, or the command cannot be started.
+    async fn exec(&self, app: &str, id: &str, request: ExecRequest) -> Result<ExecSession, RuntimeError>;
 
     /// Frees what the (ended) builds `ids` of `app` hold on this host (their unpacked sources).
     async fn prune_builds(&self, app: &str, ids: &[crate::ids::BuildId]);

@@ -42,6 +42,7 @@ impl Deployment {
             state: self.state,
             reason: &self.reason,
             release: &self.release_id,
+            release_phase: false,
         }
     }
 }

@@ -575,3 +575,61 @@ async fn a_convox_app_deploys_on_the_embedded_default_through_convox_and_rack_cl
     assert_eq!(through_router(&app, "example").await, "rack deploy\n");
     app.stop().await;
 }
+
+/// One-off processes and exec work on containers too: a run is a container of the service's
+/// image, an exec runs inside a running container (`podman exec`).
+#[tokio::test]
+async fn runs_and_execs_work_on_containers() {
+    base_image().await;
+    let app = TestApp::spawn().await;
+    let _leftovers = Leftovers::of(&app);
+    app.create_app("box").await;
+    let built = build(&app, "box", &convox_app("v1")).await;
+    promote_follow(&app, "box", built["release"].as_str().unwrap()).await;
+    let run: Value = app
+        .json(Method::POST, "/apps/box/services/web/processes")
+        .header("command", "sleep 3600")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = run["id"].as_str().unwrap().to_owned();
+    wait_for(60, "the one-off container to run", || async {
+        let p: Value = app.get_json(&format!("/apps/box/processes/{id}")).await;
+        (p["status"] == "running").then_some(())
+    })
+    .await;
+    assert_eq!(containers(&app, "box").await.len(), 2);
+    let output = crate::run::exec_output(
+        &app,
+        &format!("/apps/box/processes/{id}/exec"),
+        &[("command", "sh -c 'cat /app/www/index.html; exit 5'"), ("tty", "false")],
+    )
+    .await;
+    assert_eq!(output, ("v1\n".to_owned(), Some(5)));
+    let processes: Vec<Value> = app.get_json("/apps/box/processes").await;
+    let web = processes.iter().find(|p| p["type"] == "service").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let tty = crate::run::exec_output(
+        &app,
+        &format!("/apps/box/processes/{web}/exec"),
+        &[("command", "sh -c 'test -t 0 && echo tty; echo $SERVICE'")],
+    )
+    .await;
+    assert!(tty.0.contains("tty") && tty.0.contains("web"), "{tty:?}");
+    assert_eq!(tty.1, Some(0));
+    let stop = app
+        .convox(Method::DELETE, &format!("/apps/box/processes/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stop.status(), 200);
+    wait_for(30, "the one-off container to go", || async {
+        (containers(&app, "box").await.len() == 1).then_some(())
+    })
+    .await;
+}

@@ -638,3 +638,74 @@ async fn the_install_manifests_apply_to_a_cluster() {
         assert!(applied.iter().any(|a| a == object), "{object} missing from {applied:?}");
     }
 }
+
+/// A one-off process is a Pod of the service's image (labels like the service's, `type:
+/// process`, never restarted) that the control plane schedules; `DELETE` removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_off_process_is_a_pod_and_delete_removes_it() {
+    let app = spawn_kube().await;
+    let client = admin_client().await;
+    assert_eq!(app.create_app("oneoff").await.status(), 201);
+    // A service that names its image needs no build Job.
+    let id = app
+        .build_source(
+            "oneoff",
+            &[("convox.yml", "services:\n  web:\n    image: busybox:1.36\n")],
+        )
+        .await;
+    let build = app.wait_build("oneoff", &id).await;
+    assert_eq!(build["status"], "complete", "{build}");
+    let release = build["release"].as_str().unwrap().to_owned();
+    let created: Value = app
+        .json(Method::POST, "/apps/oneoff/services/web/processes")
+        .header("command", "sh -c 'echo migrating'")
+        .header("release", release.as_str())
+        .header("environment", "EXTRA=1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let name = created["id"].as_str().expect("an id").to_owned();
+    assert_eq!(created["type"], "run", "{created}");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "rack-oneoff");
+    let pod = wait_for(60, "the pod to be scheduled", || async {
+        let pod = pods.get(&name).await.ok()?;
+        pod.spec.as_ref()?.node_name.as_ref()?;
+        Some(pod)
+    })
+    .await;
+    let labels = pod.metadata.labels.clone().unwrap();
+    assert_eq!(labels["type"], "process");
+    assert_eq!(labels["service"], "web");
+    assert_eq!(labels["release"], release.as_str());
+    let spec = pod.spec.unwrap();
+    assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+    let container = &spec.containers[0];
+    assert_eq!(container.image.as_deref(), Some("busybox:1.36"));
+    assert_eq!(container.command.clone().unwrap(), ["sh", "-c", "echo migrating"]);
+    assert!(
+        container
+            .env
+            .iter()
+            .flatten()
+            .any(|e| e.name == "EXTRA" && e.value.as_deref() == Some("1"))
+    );
+    let listed: Vec<Value> = app.get_json("/apps/oneoff/processes").await;
+    assert!(
+        listed.iter().any(|p| p["id"] == name.as_str() && p["type"] == "run"),
+        "{listed:?}"
+    );
+
+    let deleted = app
+        .convox(Method::DELETE, &format!("/apps/oneoff/processes/{name}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    wait_for(60, "the pod to go", || async {
+        matches!(pods.get_opt(&name).await, Ok(None)).then_some(())
+    })
+    .await;
+}

@@ -214,6 +214,7 @@ async fn watch(jobs: &Api<Job>, pods: &Api<Pod>, name: &str, log: &LogSink) -> R
                 pods.clone(),
                 pod_name,
                 log.clone(),
+                BUILD_STREAM.to_owned(),
             ))));
         }
         if let Some(end) = job_end(&job) {
@@ -302,7 +303,7 @@ fn container_failure(status: &ContainerStatus) -> Option<String> {
 
 /// Streams each container's log in the pod's order (init containers run one after another) as
 /// the container starts.
-async fn follow_logs(pods: Api<Pod>, pod: String, log: LogSink) {
+pub(super) async fn follow_logs(pods: Api<Pod>, pod: String, log: LogSink, stream: String) {
     let mut order: Vec<String> = Vec::new();
     let mut next = 0;
     loop {
@@ -339,12 +340,12 @@ async fn follow_logs(pods: Api<Pod>, pod: String, log: LogSink) {
                 Ok(reader) => {
                     let mut lines = reader.lines();
                     while let Some(Ok(line)) = lines.next().await {
-                        log.line(BUILD_STREAM, line).await;
+                        log.line(&stream, line).await;
                     }
                 }
                 Err(e) => {
                     log.line(
-                        BUILD_STREAM,
+                        &stream,
                         format!("(the log of {container} could not be read: {})", describe(&e)),
                     )
                     .await;

@@ -6,6 +6,7 @@
 mod build;
 pub mod events;
 mod logs;
+pub mod process;
 pub mod resources;
 mod rollout;
 
@@ -19,7 +20,8 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 
 use super::{
-    BuildFailure, BuildJob, BuildOutput, LogSink, ProcessInfo, ProcessStatus, ReleaseSpec, Runtime, RuntimeError,
+    BuildFailure, BuildJob, BuildOutput, ExecRequest, ExecSession, LogSink, OneOff, ProcessInfo, ProcessKind,
+    ProcessStatus, ReleaseSpec, Runtime, RuntimeError,
 };
 use crate::archive::Limits;
 use crate::config::KubeConfig;
@@ -241,7 +243,7 @@ impl Runtime for KubeRuntime {
     async fn processes(&self, app: &str) -> Vec<ProcessInfo> {
         let pods: Api<Pod> = self.api(app);
         match pods
-            .list(&ListParams::default().labels(&resources::selector(app, "service")))
+            .list(&ListParams::default().labels(&format!("app={app},type in (service,process)")))
             .await
         {
             Ok(list) => {
@@ -258,7 +260,8 @@ impl Runtime for KubeRuntime {
 
     async fn restart_process(&self, app: &str, id: &str) -> bool {
         let pods: Api<Pod> = self.api(app);
-        // Only the app's service pods are processes (not its build pods).
+        // Only the app's service and one-off pods are processes (not its build pods). Deleting
+        // a service pod restarts it (its Deployment makes another); a one-off's is gone.
         match pods.get_opt(id).await {
             Ok(Some(pod)) if process_info(app, &pod).is_some() => {}
             _ => return false,
@@ -271,6 +274,24 @@ impl Runtime for KubeRuntime {
                 false
             }
         }
+    }
+
+    async fn run(&self, release: &ReleaseSpec, one_off: OneOff) -> Result<ProcessInfo, RuntimeError> {
+        let name = process::run(self, release, &one_off).await?;
+        let pods: Api<Pod> = self.api(&release.app);
+        let pod = pods
+            .get(&name)
+            .await
+            .map_err(RuntimeError::kube(format!("reading pod {name}")))?;
+        process_info(&release.app, &pod).ok_or_else(|| RuntimeError::Failed(format!("pod {name} is not a process")))
+    }
+
+    async fn wait_process(&self, app: &str, id: &str) -> Result<i32, RuntimeError> {
+        process::wait(&self.api(app), id).await
+    }
+
+    async fn exec(&self, app: &str, id: &str, request: ExecRequest) -> Result<ExecSession, RuntimeError> {
+        process::exec(&self.api(app), id, request).await
     }
 
     async fn prune_builds(&self, app: &str, ids: &[crate::ids::BuildId]) {
@@ -309,9 +330,11 @@ impl Runtime for KubeRuntime {
 /// A pod of a service as a convox process.
 fn process_info(app: &str, pod: &Pod) -> Option<ProcessInfo> {
     let labels = pod.metadata.labels.as_ref()?;
-    if labels.get("type").map(String::as_str) != Some("service") {
-        return None;
-    }
+    let kind = match labels.get("type").map(String::as_str) {
+        Some("service") => ProcessKind::Service,
+        Some("process") => ProcessKind::Run,
+        _ => return None,
+    };
     let spec = pod.spec.as_ref()?;
     let status = pod.status.clone().unwrap_or_default();
     let container = spec.containers.first()?;
@@ -332,6 +355,14 @@ fn process_info(app: &str, pod: &Pod) -> Option<ProcessInfo> {
         .unwrap_or_default();
     let status_now = if pod.metadata.deletion_timestamp.is_some() {
         ProcessStatus::Stopping
+    } else if kind == ProcessKind::Run && status.phase.as_deref() == Some("Succeeded") {
+        ProcessStatus::Complete
+    } else if kind == ProcessKind::Run && status.phase.as_deref() == Some("Failed") {
+        ProcessStatus::Failed
+    } else if kind == ProcessKind::Run && status.phase.as_deref() == Some("Running") {
+        ProcessStatus::Running
+    } else if kind == ProcessKind::Run {
+        ProcessStatus::Pending
     } else if waiting == "CrashLoopBackOff" || state.terminated.is_some() {
         ProcessStatus::Crashed
     } else if status.phase.as_deref() == Some("Running") && ready {
@@ -371,6 +402,7 @@ fn process_info(app: &str, pod: &Pod) -> Option<ProcessInfo> {
             .unwrap_or_else(chrono::Utc::now),
         status: status_now,
         pid: 0,
+        kind,
     })
 }
 

@@ -108,32 +108,7 @@ pub fn deployment(target: &ServiceTarget<'_>, release: &ReleaseSpec, replicas: u
     pod_labels.insert("release".into(), release.id.as_str().into());
     labels.insert("release".into(), release.id.as_str().into());
 
-    let mut env: Vec<Value> = release
-        .service_env(name, service)?
-        .into_iter()
-        .map(|(k, v)| json!({ "name": k, "value": v }))
-        .collect();
-    for (key, value) in [
-        ("APP", app),
-        ("SERVICE", name),
-        ("RELEASE", release.id.as_str()),
-        ("BUILD", release.build_id.as_str()),
-        ("RACK", rack),
-    ] {
-        env.push(json!({ "name": key, "value": value }));
-    }
-    env.push(json!({ "name": "PROCESS", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }));
-
-    let mut container = json!({
-        "name": CONTAINER,
-        "image": service_image(target, release),
-        "env": env,
-    });
-    match &service.command {
-        Some(Command::Shell(text)) => container["command"] = json!(["/bin/sh", "-c", text]),
-        Some(Command::Exec(argv)) if !argv.is_empty() => container["command"] = json!(argv),
-        _ => {}
-    }
+    let mut container = main_container(target, release, None, &Default::default())?;
     if let Some(port) = service.port {
         container["env"]
             .as_array_mut()
@@ -189,6 +164,83 @@ pub fn deployment(target: &ServiceTarget<'_>, release: &ReleaseSpec, replicas: u
                     "terminationGracePeriodSeconds": 30,
                 },
             },
+        },
+    }))
+}
+
+/// The main container of a service's pods: its image, its command (or `command` instead),
+/// the release's environment plus rack's variables and `extra`.
+///
+/// # Errors
+/// When the manifest needs an environment variable the release lacks.
+fn main_container(
+    target: &ServiceTarget<'_>,
+    release: &ReleaseSpec,
+    command: Option<&[String]>,
+    extra: &crate::env::Env,
+) -> Result<Value, RuntimeError> {
+    let (rack, app, name, service) = (target.rack, release.app.as_str(), target.name, target.service);
+    let mut variables = release.service_env(name, service)?;
+    variables.extend(extra.clone());
+    let mut env: Vec<Value> = variables
+        .into_iter()
+        .map(|(k, v)| json!({ "name": k, "value": v }))
+        .collect();
+    for (key, value) in [
+        ("APP", app),
+        ("SERVICE", name),
+        ("RELEASE", release.id.as_str()),
+        ("BUILD", release.build_id.as_str()),
+        ("RACK", rack),
+    ] {
+        env.push(json!({ "name": key, "value": value }));
+    }
+    env.push(json!({ "name": "PROCESS", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }));
+    let mut container = json!({
+        "name": CONTAINER,
+        "image": service_image(target, release),
+        "env": env,
+    });
+    match (command, &service.command) {
+        (Some(argv), _) => container["command"] = json!(argv),
+        (None, Some(Command::Shell(text))) => container["command"] = json!(["/bin/sh", "-c", text]),
+        (None, Some(Command::Exec(argv))) if !argv.is_empty() => container["command"] = json!(argv),
+        _ => {}
+    }
+    Ok(container)
+}
+
+/// A one-off process of a service (`run`, a release phase): a Pod named `pod` with the
+/// service's image and environment running `command`, never restarted, gone after `deadline`
+/// seconds at most.
+///
+/// # Errors
+/// When the manifest needs an environment variable the release lacks.
+pub fn one_off_pod(
+    target: &ServiceTarget<'_>,
+    release: &ReleaseSpec,
+    pod: &str,
+    command: &[String],
+    extra: &crate::env::Env,
+    deadline: u64,
+) -> Result<Value, RuntimeError> {
+    let app = release.app.as_str();
+    let mut labels = app_labels(target.rack, app);
+    labels.insert("type".into(), "process".into());
+    labels.insert("service".into(), target.name.into());
+    labels.insert("release".into(), release.id.as_str().into());
+    let container = main_container(target, release, Some(command), extra)?;
+    Ok(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": pod, "namespace": namespace_name(target.rack, app), "labels": labels },
+        "spec": {
+            "containers": [container],
+            "restartPolicy": "Never",
+            "activeDeadlineSeconds": deadline.max(1),
+            "imagePullSecrets": [{ "name": REGISTRY_SECRET }],
+            "automountServiceAccountToken": false,
+            "enableServiceLinks": false,
         },
     }))
 }

@@ -14,7 +14,7 @@ use super::podman::{
     RunSpec,
 };
 use super::process::pipe_streams;
-use crate::runtime::LogSink;
+use crate::runtime::{ExecRequest, ExecSession, LogSink};
 
 /// Starts containers.
 #[derive(Debug)]
@@ -133,6 +133,34 @@ impl Driver for ContainerDriver {
             pid,
             output: Some(follow(podman, &id, None, stream, start.log)),
         }))
+    }
+
+    async fn exec(&self, start: &Start, request: &ExecRequest) -> std::io::Result<ExecSession> {
+        let name = self.podman.container_name(&start.app, &start.id);
+        let mut command = if request.tty.is_some() {
+            let mut command = self.podman.tied_command();
+            // A terminal of its own for podman, which hands it on into the container.
+            let program = command.as_std().get_program().to_owned();
+            let args: Vec<std::ffi::OsString> = command.as_std().get_args().map(ToOwned::to_owned).collect();
+            command = tokio::process::Command::new("setsid");
+            command
+                .arg("--ctty")
+                .arg(program)
+                .args(args)
+                .env("CONTAINERS_CONF", self.podman.conf());
+            command
+        } else {
+            self.podman.tied_command()
+        };
+        command.arg("exec");
+        if request.stdin {
+            command.arg("--interactive");
+        }
+        if request.tty.is_some() {
+            command.args(["--tty", "--env", "TERM=xterm"]);
+        }
+        command.arg(&name).args(&request.command);
+        super::exec::spawn(command, request)
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::process::{pipe_streams, spawn_group};
 use super::sandbox::{Sandbox, Tie};
-use crate::runtime::LogSink;
+use crate::runtime::{ExecRequest, ExecSession, LogSink};
 
 /// What an instance runs and with what (the driver decides how).
 #[derive(Debug, Clone)]
@@ -85,6 +85,13 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// When it cannot be started at all.
     async fn start(&self, start: Start) -> std::io::Result<Box<dyn Running>>;
+
+    /// Runs `request` in the context of the running instance `start` (its environment, its
+    /// directory or container).
+    ///
+    /// # Errors
+    /// When the command cannot be started.
+    async fn exec(&self, start: &Start, request: &ExecRequest) -> std::io::Result<ExecSession>;
 }
 
 /// Runs an app's command so that it dies with rack: when rack's end of the stdin pipe closes
@@ -158,6 +165,35 @@ impl Driver for ProcessDriver {
             watchdog,
             output: Some(output),
         }))
+    }
+
+    async fn exec(&self, start: &Start, request: &ExecRequest) -> std::io::Result<ExecSession> {
+        let Runnable::Process { workspace, dir, .. } = &start.what else {
+            return Err(std::io::Error::other("the process driver runs processes only"));
+        };
+        // A sandbox of its own with the process's files, directory and environment.
+        let mut command = if request.tty.is_some() {
+            self.sandbox
+                .terminal_command(workspace, dir, &request.command, Tie::DiesWithRack)
+        } else {
+            self.sandbox
+                .command(workspace, dir, &request.command, Tie::DiesWithRack)
+        };
+        command
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+            )
+            .env("HOME", dir)
+            .env("LANG", "C.UTF-8")
+            .envs(&start.env);
+        if request.tty.is_some() {
+            command.env("TERM", "xterm");
+        }
+        if let Some(port) = start.port {
+            command.env("PORT", port.to_string());
+        }
+        super::exec::spawn(command, request)
     }
 }
 

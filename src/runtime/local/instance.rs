@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::driver::{Driver, Runnable, Running, Start};
 use super::health::{HealthCheck, health_loop};
 use crate::manifest::{Command as ServiceCommand, Service};
-use crate::runtime::{LogSink, ProcessStatus, ReleaseSpec, RuntimeError};
+use crate::runtime::{LogSink, ProcessKind, ProcessStatus, ReleaseSpec, RuntimeError};
 
 /// How long an instance gets to exit after SIGTERM before SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -54,6 +54,12 @@ pub struct Instance {
     pub restart: Notify,
     pub stop: CancellationToken,
     pub done: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// A service's instance, or a one-off process.
+    pub kind: ProcessKind,
+    /// A one-off process's exit code, once it has ended.
+    pub exit: watch::Sender<Option<i32>>,
+    /// How it runs (for `exec`).
+    pub launch: Launch,
 }
 
 impl Instance {
@@ -64,6 +70,11 @@ impl Instance {
 
     /// What `ps` shows.
     pub fn status(&self) -> ProcessStatus {
+        match *self.exit.borrow() {
+            Some(0) => return ProcessStatus::Complete,
+            Some(_) => return ProcessStatus::Failed,
+            None => {}
+        }
         if self.stopping.load(Ordering::SeqCst) {
             return ProcessStatus::Stopping;
         }
@@ -107,16 +118,29 @@ impl Launch {
         name: &str,
         service: &Service,
     ) -> Result<Self, RuntimeError> {
-        let argv = match &service.command {
-            Some(ServiceCommand::Shell(text)) => Some(vec!["/bin/sh".to_owned(), "-c".to_owned(), text.clone()]),
-            Some(ServiceCommand::Exec(argv)) if !argv.is_empty() => Some(argv.clone()),
-            _ => None,
+        Self::with_command(builds_dir, containers, release, name, service, None)
+    }
+
+    /// [`Launch::new`] running `command` instead of the service's own (a one-off process).
+    ///
+    /// # Errors
+    /// As [`Launch::new`].
+    pub fn with_command(
+        builds_dir: &std::path::Path,
+        containers: bool,
+        release: &ReleaseSpec,
+        name: &str,
+        service: &Service,
+        command: Option<Vec<String>>,
+    ) -> Result<Self, RuntimeError> {
+        let display = match (&command, &service.command) {
+            (Some(argv), _) => shell_words::join(argv),
+            (None, Some(own)) => own.display(),
+            (None, None) => String::new(),
         };
-        let display = match &service.command {
-            Some(ServiceCommand::Shell(text)) => text.clone(),
-            Some(ServiceCommand::Exec(argv)) => argv.join(" "),
-            None => String::new(),
-        };
+        let argv = command
+            .or_else(|| service.command.as_ref().map(ServiceCommand::argv))
+            .filter(|argv| !argv.is_empty());
         let env = release.service_env(name, service)?;
         let image = service.image.clone().or_else(|| release.images.get(name).cloned());
         let what = match image.clone() {
@@ -171,7 +195,7 @@ impl Launch {
 
     /// What the driver starts for `instance` of `app`: the release's environment plus rack's
     /// variables, and nothing of rack's own.
-    fn start(&self, app: &str, instance: &Instance, log: LogSink) -> Start {
+    pub fn start(&self, app: &str, instance: &Instance, log: LogSink) -> Start {
         let mut env = self.env.clone();
         for (key, value) in [
             ("APP", app),
@@ -321,5 +345,72 @@ pub async fn supervise(job: Supervised) {
         if !wait.is_zero() {
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
+    }
+}
+
+/// Runs a one-off process once: it is never restarted, and is stopped once it has run for
+/// `timeout` or when asked; its exit code is recorded for `ps` and whoever waits for it.
+pub async fn run_once(job: Supervised, timeout: Duration) {
+    let Supervised {
+        driver,
+        app,
+        instance,
+        launch,
+        log,
+        ..
+    } = job;
+    let system = format!("system/local/{}", instance.id);
+    let mut running = match driver.start(launch.start(&app, &instance, log.clone())).await {
+        Ok(running) => running,
+        Err(e) => {
+            log.line(&system, format!("Process {} could not start: {e}", instance.id))
+                .await;
+            instance.exit.send_replace(Some(127));
+            return;
+        }
+    };
+    instance.pid.store(running.pid(), Ordering::SeqCst);
+    instance.health.send_replace(Health::Ready);
+    let code = tokio::select! {
+        status = running.wait() => exit_code(&status),
+        () = tokio::time::sleep(timeout) => {
+            log.line(&system, format!("Process {} ran past its {}s timeout; stopping it", instance.id, timeout.as_secs())).await;
+            running.stop(STOP_GRACE).await;
+            124
+        }
+        () = instance.stop.cancelled() => {
+            running.stop(STOP_GRACE).await;
+            143
+        }
+    };
+    instance.pid.store(0, Ordering::SeqCst);
+    instance.exit.send_replace(Some(code));
+}
+
+/// The exit code in a driver's description of how a process ended (`exit status: 3`,
+/// `signal: 9 (SIGKILL)`), as a shell reports it.
+fn exit_code(status: &str) -> i32 {
+    let number = |prefix: &str| {
+        status
+            .strip_prefix(prefix)?
+            .split_whitespace()
+            .next()?
+            .trim_end_matches(|c: char| !c.is_ascii_digit())
+            .parse::<i32>()
+            .ok()
+    };
+    number("exit status: ")
+        .or_else(|| number("signal: ").map(|s| 128 + s))
+        .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn exit_codes_read_as_a_shell_reports_them() {
+        assert_eq!(super::exit_code("exit status: 3"), 3);
+        assert_eq!(super::exit_code("exit status: 0"), 0);
+        assert_eq!(super::exit_code("signal: 9 (SIGKILL)"), 137);
+        assert_eq!(super::exit_code("lost: podman died"), 1);
     }
 }

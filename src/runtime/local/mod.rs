@@ -6,10 +6,12 @@
 mod build;
 mod container;
 pub mod driver;
+mod exec;
 mod health;
 mod instance;
 pub mod podman;
 pub mod process;
+pub mod pty;
 mod rollout;
 pub mod router;
 pub mod sandbox;
@@ -22,7 +24,8 @@ use build::Builder;
 use supervisor::Supervisor;
 
 use super::{
-    AppLogs, BuildFailure, BuildJob, BuildOutput, LogSink, PortBook, ProcessInfo, ReleaseSpec, Runtime, RuntimeError,
+    AppLogs, BuildFailure, BuildJob, BuildOutput, ExecRequest, ExecSession, LogSink, OneOff, PortBook, ProcessInfo,
+    ReleaseSpec, Runtime, RuntimeError,
 };
 use crate::archive::Limits;
 use crate::objects::Objects;
@@ -49,6 +52,7 @@ pub struct LocalSettings {
 pub struct LocalRuntime {
     builder: Builder,
     supervisor: Supervisor,
+    logs: Arc<dyn AppLogs>,
 }
 
 impl LocalRuntime {
@@ -61,6 +65,7 @@ impl LocalRuntime {
             .podman
             .clone()
             .map(|podman| Arc::new(container::ContainerDriver { podman }));
+        let logs = settings.logs.clone();
         let supervisor = Supervisor::new(
             settings.builds_dir.clone(),
             processes,
@@ -78,6 +83,7 @@ impl LocalRuntime {
                 podman: settings.podman,
             },
             supervisor,
+            logs,
         }
     }
 }
@@ -102,7 +108,54 @@ impl Runtime for LocalRuntime {
     }
 
     async fn restart_process(&self, app: &str, id: &str) -> bool {
-        self.supervisor.restart_process(app, id)
+        self.supervisor.restart_process(app, id).await
+    }
+
+    #[tracing::instrument(skip_all, fields(app.name = %release.app, service = %one_off.service))]
+    async fn run(&self, release: &ReleaseSpec, one_off: OneOff) -> Result<ProcessInfo, RuntimeError> {
+        let service = release.manifest.services.get(&one_off.service).ok_or_else(|| {
+            RuntimeError::Failed(format!("release {} has no service {}", release.id, one_off.service))
+        })?;
+        let mut launch = instance::Launch::with_command(
+            &self.builder.builds_dir,
+            self.supervisor.has_containers(),
+            release,
+            &one_off.service,
+            service,
+            Some(one_off.command.clone()),
+        )?;
+        launch.env.extend(one_off.env.clone());
+        // Not routed to: a one-off gets no PORT of its own.
+        launch.has_port = false;
+        let log = one_off.log.clone().unwrap_or_else(|| self.logs.sink(&release.app));
+        let instance = self.supervisor.run(&release.app, launch, log, one_off.timeout);
+        // It has a pid (or has failed) within moments; `ps` shows the rest.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            let mut health = instance.health.subscribe();
+            while matches!(*health.borrow_and_update(), instance::Health::Starting) && instance.exit.borrow().is_none()
+            {
+                if health.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        self.supervisor
+            .processes(&release.app)
+            .into_iter()
+            .find(|p| p.id == instance.id)
+            .ok_or_else(|| RuntimeError::Failed(format!("process {} ended at once", instance.id)))
+    }
+
+    async fn wait_process(&self, app: &str, id: &str) -> Result<i32, RuntimeError> {
+        self.supervisor
+            .wait_process(app, id)
+            .await
+            .ok_or_else(|| RuntimeError::Failed(format!("no process {id}")))
+    }
+
+    async fn exec(&self, app: &str, id: &str, request: ExecRequest) -> Result<ExecSession, RuntimeError> {
+        self.supervisor.exec(app, id, &request).await
     }
 
     #[tracing::instrument(skip_all, fields(app.name = %app))]

@@ -193,6 +193,11 @@ impl Podman {
         }
     }
 
+    /// rack's podman configuration file.
+    pub fn conf(&self) -> &Path {
+        &self.conf
+    }
+
     /// The image name a build gives `service` of `app`: `<rack>/<app>:<service>.<build>`.
     pub fn image_name(&self, app: &str, service: &str, build: &str) -> String {
         format!("{}/{app}:{service}.{build}", self.rack)

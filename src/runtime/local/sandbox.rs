@@ -111,6 +111,21 @@ impl Sandbox {
         cmd
     }
 
+    /// [`Sandbox::command`] on a terminal: the sandbox's first process gets a session of its
+    /// own whose controlling terminal is its standard input (`setsid --ctty`).
+    pub fn terminal_command(&self, workspace: &Path, cwd: &Path, argv: &[String], tie: Tie) -> Command {
+        let mut cmd = Command::new("setsid");
+        cmd.arg("--ctty")
+            .arg(&self.bwrap)
+            .args(self.arguments(workspace, cwd, argv, tie))
+            .env_clear()
+            .current_dir("/");
+        if let Some(account) = &self.account {
+            cmd.uid(account.uid).gid(account.gid);
+        }
+        cmd
+    }
+
     fn arguments(&self, workspace: &Path, cwd: &Path, argv: &[String], tie: Tie) -> Vec<std::ffi::OsString> {
         let mut args: Vec<std::ffi::OsString> = [
             "--unshare-pid",

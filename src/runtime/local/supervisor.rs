@@ -15,9 +15,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::container::{ContainerDriver, Found};
 use super::driver::Driver;
-use super::instance::{Health, Instance, Launch, RouteRefresh, STOP_GRACE, Supervised, supervise};
+use super::instance::{Health, Instance, Launch, RouteRefresh, STOP_GRACE, Supervised, run_once, supervise};
 use super::router::Router;
-use crate::runtime::{AppLogs, LogSink, PortBook, ProcessInfo, ReleaseSpec, RuntimeError};
+use crate::runtime::{AppLogs, LogSink, PortBook, ProcessInfo, ProcessKind, ReleaseSpec, RuntimeError};
+
+/// How long an ended one-off process stays in `ps`.
+const ONE_OFF_RETENTION: Duration = Duration::from_secs(600);
 
 /// An app's instances and routers on this host.
 #[derive(Debug, Default)]
@@ -96,6 +99,7 @@ impl Supervisor {
                     started: i.started,
                     status: i.status(),
                     pid: i.pid.load(Ordering::SeqCst),
+                    kind: i.kind,
                 })
                 .collect()
         })
@@ -110,12 +114,105 @@ impl Supervisor {
         })
     }
 
-    /// Restarts one process. False if there is no such process.
-    pub fn restart_process(&self, app: &str, id: &str) -> bool {
-        let instance = self.with_app(app, |procs| procs.instances.iter().find(|i| i.id == id).cloned());
-        let Some(instance) = instance else { return false };
-        instance.restart.notify_one();
+    /// Restarts one instance, or stops and forgets a one-off process. False if there is no
+    /// such process.
+    pub async fn restart_process(&self, app: &str, id: &str) -> bool {
+        let Some(instance) = self.instance(app, id) else {
+            return false;
+        };
+        match instance.kind {
+            ProcessKind::Service => instance.restart.notify_one(),
+            ProcessKind::Run => {
+                let (quiet, _) = LogSink::new();
+                self.stop_instance(app, &instance, &quiet).await;
+            }
+        }
         true
+    }
+
+    fn instance(&self, app: &str, id: &str) -> Option<Arc<Instance>> {
+        self.with_app(app, |procs| procs.instances.iter().find(|i| i.id == id).cloned())
+    }
+
+    /// Starts a one-off process of `launch`, writing its output to `log`.
+    pub fn run(&self, app: &str, launch: Launch, log: LogSink, timeout: Duration) -> Arc<Instance> {
+        let (health, _) = watch::channel(Health::Starting);
+        let id = format!("{}-run-{}", launch.service, crate::ids::random_token(8).to_lowercase());
+        let instance = Arc::new(Instance {
+            id,
+            service: launch.service.clone(),
+            release: launch.release.clone(),
+            port: None,
+            command: launch.display.clone(),
+            image: launch.image.clone(),
+            started: Utc::now(),
+            pid: AtomicU32::new(0),
+            health,
+            stopping: AtomicBool::new(false),
+            restart: Notify::new(),
+            stop: self.0.shutdown.child_token(),
+            done: Mutex::new(None),
+            kind: ProcessKind::Run,
+            exit: watch::channel(None).0,
+            launch: launch.clone(),
+        });
+        self.with_app(app, |procs| procs.instances.push(instance.clone()));
+        let mut job = self.supervised(app, &instance, launch, None, false);
+        job.log = log;
+        let (supervisor, app, ended) = (self.clone(), app.to_owned(), instance.clone());
+        let task = tokio::spawn(async move {
+            run_once(job, timeout).await;
+            // An ended one-off stays in `ps` for a while, then goes (DELETE removes it sooner).
+            tokio::select! {
+                () = tokio::time::sleep(ONE_OFF_RETENTION) => {}
+                () = ended.stop.cancelled() => {}
+            }
+            supervisor.with_app(&app, |procs| procs.instances.retain(|i| !Arc::ptr_eq(i, &ended)));
+        });
+        *instance.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
+        instance
+    }
+
+    /// Waits until the one-off process `id` of `app` has ended; its exit code (`None`: there
+    /// is no such process).
+    pub async fn wait_process(&self, app: &str, id: &str) -> Option<i32> {
+        let instance = self.instance(app, id)?;
+        let mut exit = instance.exit.subscribe();
+        loop {
+            if let Some(code) = *exit.borrow_and_update() {
+                return Some(code);
+            }
+            if exit.changed().await.is_err() {
+                return Some(1);
+            }
+        }
+    }
+
+    /// Runs `request` inside the running process `id` of `app`.
+    pub async fn exec(
+        &self,
+        app: &str,
+        id: &str,
+        request: &crate::runtime::ExecRequest,
+    ) -> Result<crate::runtime::ExecSession, RuntimeError> {
+        let instance = self
+            .instance(app, id)
+            .filter(|i| i.exit.borrow().is_none() && !i.stopping.load(Ordering::SeqCst))
+            .ok_or_else(|| RuntimeError::Failed(format!("process {id} is not running")))?;
+        let driver = self.driver_for(&instance.launch);
+        let (quiet, _) = LogSink::new();
+        let start = instance.launch.start(app, &instance, quiet);
+        driver
+            .exec(&start, request)
+            .await
+            .map_err(RuntimeError::io(format!("running a command in process {id}")))
+    }
+
+    fn driver_for(&self, launch: &Launch) -> Arc<dyn Driver> {
+        match (launch.is_container(), &self.0.containers) {
+            (true, Some(containers)) => containers.clone(),
+            _ => self.0.processes.clone(),
+        }
     }
 
     /// Rolls `release` out (or stops everything for `None`).
@@ -240,6 +337,9 @@ impl Supervisor {
             restart: Notify::new(),
             stop: self.0.shutdown.child_token(),
             done: Mutex::new(None),
+            kind: ProcessKind::Service,
+            exit: watch::channel(None).0,
+            launch: launch.clone(),
         });
         let mut launch = launch.clone();
         launch.release.clone_from(&found.release);
@@ -268,12 +368,8 @@ impl Supervisor {
             let (supervisor, app, service) = (self.clone(), app.to_owned(), launch.service.clone());
             Arc::new(move || supervisor.refresh_routes(&app, &service))
         };
-        let driver: Arc<dyn Driver> = match (launch.is_container(), &self.0.containers) {
-            (true, Some(containers)) => containers.clone(),
-            _ => self.0.processes.clone(),
-        };
         Supervised {
-            driver,
+            driver: self.driver_for(&launch),
             app: app.to_owned(),
             instance: instance.clone(),
             launch,
@@ -293,7 +389,9 @@ impl Supervisor {
             procs
                 .instances
                 .iter()
-                .filter(|i| i.service == service && !i.stopping.load(Ordering::SeqCst))
+                .filter(|i| {
+                    i.service == service && i.kind == ProcessKind::Service && !i.stopping.load(Ordering::SeqCst)
+                })
                 .cloned()
                 .partition(|i| i.release == release)
         })
@@ -387,6 +485,9 @@ impl Supervisor {
             restart: Notify::new(),
             stop: self.0.shutdown.child_token(),
             done: Mutex::new(None),
+            kind: ProcessKind::Service,
+            exit: watch::channel(None).0,
+            launch: launch.clone(),
         });
         self.with_app(app, |procs| procs.instances.push(instance.clone()));
         let task = tokio::spawn(supervise(self.supervised(app, &instance, launch.clone(), None, true)));
