@@ -142,6 +142,26 @@ pub struct Principal {
     pub name: String,
     /// The token's id (`None`: the rack password).
     pub token: Option<uuid::Uuid>,
+    /// The apps it may act on (`None`: every app).
+    pub apps: Option<std::sync::Arc<[String]>>,
+    /// When it expires.
+    pub expires: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Principal {
+    /// Whether it may act on `app`.
+    pub fn may_use(&self, app: &str) -> bool {
+        self.apps.as_ref().is_none_or(|apps| apps.iter().any(|a| a == app))
+    }
+}
+
+/// The address of the client of `request` (empty when unknown).
+pub fn client_address(request: &Request) -> String {
+    request
+        .extensions()
+        .get::<crate::serve::Connection>()
+        .map(|c| c.peer().ip().to_string())
+        .unwrap_or_default()
 }
 
 /// Rejects requests without valid credentials (401): the rack password (basic auth, any user
@@ -151,7 +171,28 @@ pub async fn require_auth(
     mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let principal = authenticate(&state, request.headers()).await?;
+    let client = client_address(&request);
+    // Too many failures from this address (or with this user name): not even checked.
+    let keys = throttle_keys(&client, request.headers());
+    if let Err(wait) = state.throttle.check(&keys) {
+        return Err(ApiError::TooManyRequests {
+            message: format!(
+                "too many failed authentications from {client}: try again in {}s",
+                wait.as_secs()
+            ),
+            retry_after: wait.as_secs(),
+        });
+    }
+    let principal = match authenticate(&state, request.headers(), &client).await {
+        Ok(principal) => principal,
+        Err(e) => {
+            // A wrong credential counts; a missing one is not a guess (a browser's first try).
+            if matches!(e, ApiError::Unauthorized(_)) && request.headers().contains_key(header::AUTHORIZATION) {
+                state.throttle.failed(&keys);
+            }
+            return Err(e);
+        }
+    };
     if let Some(connection) = request.extensions().get::<crate::serve::Connection>() {
         connection.authenticated();
     }
@@ -167,6 +208,9 @@ pub async fn require_auth(
 /// 403 with what the credential allows and what the route needs.
 pub fn check_role(request: &Request, route: &str, needed: Role) -> Result<(), ApiError> {
     let principal = request.extensions().get::<Principal>();
+    if let Some(apps) = principal.and_then(|p| p.apps.as_ref()) {
+        check_apps(request, route, apps)?;
+    }
     if let Some(scope) = principal.and_then(|p| p.scope.as_deref())
         && !(matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD)
             && request.uri().path() == scope)
@@ -185,7 +229,44 @@ pub fn check_role(request: &Request, route: &str, needed: Role) -> Result<(), Ap
     Ok(())
 }
 
-async fn authenticate(state: &AppState, headers: &axum::http::HeaderMap) -> Result<Principal, ApiError> {
+/// What failed authentications count against: the client's address, and the user name it
+/// gave (a CI system's, in its RACK_URL).
+fn throttle_keys(client: &str, headers: &axum::http::HeaderMap) -> Vec<String> {
+    let mut keys = vec![format!("addr:{client}")];
+    if let Some(user) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| basic_user(v.as_bytes()))
+        .filter(|u| !u.is_empty() && u != "convox" && u != "rack")
+    {
+        keys.push(format!("user:{user}"));
+    }
+    keys
+}
+
+/// Refuses (403) a request of a token limited to `apps` that is not about one of them. Reading
+/// the rack itself is allowed (`GET /system`, `/auth`, and `/apps`, which lists only those).
+fn check_apps(request: &Request, route: &str, apps: &[String]) -> Result<(), ApiError> {
+    let scope = apps.join(", ");
+    if route.starts_with("/apps/{app}") {
+        let app = request.uri().path().split('/').nth(2).unwrap_or_default();
+        if apps.iter().any(|a| a == app) {
+            return Ok(());
+        }
+        return Err(ApiError::Forbidden(format!(
+            "this token is limited to the apps {scope}, not {app}"
+        )));
+    }
+    let read = matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+    if read && matches!(route, "/system" | "/auth" | "/apps") {
+        return Ok(());
+    }
+    Err(ApiError::Forbidden(format!(
+        "this token is limited to the apps {scope}: {} {route} is not about one of them",
+        request.method()
+    )))
+}
+
+async fn authenticate(state: &AppState, headers: &axum::http::HeaderMap, client: &str) -> Result<Principal, ApiError> {
     let value = headers.get(header::AUTHORIZATION).ok_or(ApiError::Unauthorized(
         "authentication required: use HTTP basic auth with the rack password, or a token",
     ))?;
@@ -198,15 +279,19 @@ async fn authenticate(state: &AppState, headers: &axum::http::HeaderMap) -> Resu
             scope: None,
             name: "password".to_owned(),
             token: None,
+            apps: None,
+            expires: None,
         });
     }
     if secret.starts_with(TOKEN_PREFIX) {
-        if let Some(token) = crate::store::tokens::use_by_hash(&state.pool, &token_hash(&secret)).await? {
+        if let Some(token) = crate::store::tokens::use_by_hash(&state.pool, &token_hash(&secret), client).await? {
             return Ok(Principal {
                 role: token.role,
                 scope: token.scope.map(Into::into),
                 name: format!("token {}", token.name),
                 token: Some(token.id),
+                apps: token.apps.map(Into::into),
+                expires: token.expires_at,
             });
         }
     }
@@ -247,6 +332,18 @@ fn bearer(value: &[u8]) -> Option<String> {
     let value = std::str::from_utf8(value).ok()?;
     let (scheme, token) = value.trim().split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+}
+
+/// The user name of a `Basic` authorization header.
+fn basic_user(value: &[u8]) -> Option<String> {
+    let value = std::str::from_utf8(value).ok()?;
+    let (scheme, encoded) = value.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    Some(decoded.split_once(':')?.0.to_owned())
 }
 
 /// The password of a `Basic` authorization header (the user name is ignored).

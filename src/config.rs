@@ -114,6 +114,17 @@ pub struct ServerArgs {
     /// more get 429.
     #[arg(long, env = "RACK_MAX_UNAUTHENTICATED_CONNECTIONS", default_value_t = 256)]
     pub max_unauthenticated_connections: usize,
+    /// Failed authentications one client address (or user name) may make per minute; more get
+    /// 429 until the minute is over (0: no limit).
+    #[arg(long, env = "RACK_AUTH_FAILURES", default_value_t = 20)]
+    pub auth_failures: u32,
+    /// Streams (logs, rollouts, exec) one credential may hold open on a server at once
+    /// (0: no limit); more get 429.
+    #[arg(long, env = "RACK_MAX_STREAMS_PER_CREDENTIAL", default_value_t = 100)]
+    pub max_streams_per_credential: usize,
+    /// Days the audit log keeps its entries.
+    #[arg(long, env = "RACK_AUDIT_RETENTION_DAYS", default_value_t = 90)]
+    pub audit_retention_days: u32,
     /// Longest a one-off process (`run`) may run, in seconds; then it is stopped.
     #[arg(long, env = "RACK_RUN_TIMEOUT", default_value_t = 3600)]
     pub run_timeout: u64,
@@ -177,6 +188,10 @@ pub struct Config {
     pub listener: crate::serve::Limits,
     /// Longest a one-off process may run.
     pub run_timeout: Duration,
+    pub auth_failures: u32,
+    pub max_streams_per_credential: usize,
+    /// How long the audit log keeps its entries.
+    pub audit_retention: Duration,
     /// Settings of the Kubernetes runtime, when it is the one in use.
     pub kube: Option<KubeConfig>,
 }
@@ -297,6 +312,9 @@ impl Config {
             job_lease: Duration::from_secs(args.job_lease),
             sandbox_user: args.sandbox_user,
             run_timeout: Duration::from_secs(args.run_timeout.max(1)),
+            auth_failures: args.auth_failures,
+            max_streams_per_credential: args.max_streams_per_credential,
+            audit_retention: Duration::from_secs(u64::from(args.audit_retention_days.max(1)) * 86_400),
             listener: crate::serve::Limits {
                 header_timeout: Duration::from_secs(args.header_timeout),
                 max_header_bytes: args.max_header_bytes,
@@ -325,6 +343,9 @@ impl Config {
             sandbox_user: crate::runtime::local::sandbox::DEFAULT_USER.to_owned(),
             listener: crate::serve::Limits::default(),
             run_timeout: Duration::from_secs(600),
+            auth_failures: 20,
+            max_streams_per_credential: 100,
+            audit_retention: Duration::from_secs(90 * 86_400),
             kube: None,
         }
     }

@@ -28,17 +28,36 @@ pub fn parse(text: &str) -> Result<Env, ParseEnvError> {
             continue;
         };
         let key = key.trim();
-        let valid = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid {
-            return Err(ParseEnvError::InvalidName(key.chars().take(80).collect()));
-        }
-        if value.contains('\0') {
-            return Err(ParseEnvError::Nul(key.to_owned()));
-        }
+        check(key, value)?;
         env.insert(key.to_owned(), value.to_owned());
     }
     Ok(env)
+}
+
+/// An environment from separate names and values (a one-off's `Environment` header), where a
+/// value may hold a newline but a name may not.
+///
+/// # Errors
+/// As [`parse`].
+pub fn from_pairs(pairs: impl IntoIterator<Item = (String, String)>) -> Result<Env, ParseEnvError> {
+    let mut env = Env::new();
+    for (key, value) in pairs {
+        check(&key, &value)?;
+        env.insert(key, value);
+    }
+    Ok(env)
+}
+
+fn check(key: &str, value: &str) -> Result<(), ParseEnvError> {
+    let valid = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(ParseEnvError::InvalidName(key.chars().take(80).collect()));
+    }
+    if value.contains('\0') {
+        return Err(ParseEnvError::Nul(key.to_owned()));
+    }
+    Ok(())
 }
 
 /// The text form of `env`.
@@ -79,6 +98,15 @@ mod tests {
         assert!(parse("1A=x").is_err());
         assert!(parse("A B=x").is_err());
         assert_eq!(parse("A=x\0y"), Err(ParseEnvError::Nul("A".into())));
+    }
+
+    #[test]
+    fn pairs_keep_newlines_in_values_but_not_in_names() {
+        let env = from_pairs([("A".to_owned(), "1\nB=2".to_owned())]).unwrap();
+        assert_eq!(env.len(), 1);
+        assert_eq!(env["A"], "1\nB=2");
+        assert!(from_pairs([("A\nB".to_owned(), "1".to_owned())]).is_err());
+        assert!(from_pairs([("A".to_owned(), "\0".to_owned())]).is_err());
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub enum ApiError {
     /// 415: the body is in a format this route does not take.
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// 429: too many of something (failed logins, open streams); try again after
+    /// `retry_after` seconds.
+    #[error("{message}")]
+    TooManyRequests { message: String, retry_after: u64 },
     /// 422: well-formed but not acceptable.
     #[error("{0}")]
     Unprocessable(String),
@@ -68,6 +72,7 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Runtime { .. } => StatusCode::BAD_GATEWAY,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Db(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -109,6 +114,11 @@ impl IntoResponse for ApiError {
         }
         let message = self.to_string();
         let mut response = (status, Json(serde_json::json!({ "error": message }))).into_response();
+        if let Self::TooManyRequests { retry_after, .. } = &self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+        }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

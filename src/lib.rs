@@ -21,6 +21,7 @@ pub mod runtime;
 pub mod serve;
 pub mod store;
 pub mod telemetry;
+pub mod throttle;
 
 use std::net::SocketAddr;
 use std::ops::Deref;
@@ -47,6 +48,10 @@ pub struct Rack {
     pub replica: uuid::Uuid,
     /// Cancelled when the server starts shutting down: streams and workers watch it.
     pub shutdown: CancellationToken,
+    /// Failed authentications, per client address and user name.
+    pub throttle: throttle::Throttle,
+    /// Open streams per credential.
+    pub streams: api::limits::StreamSlots,
 }
 
 /// The state handed to handlers: a cheap handle on the one [`Rack`].
@@ -159,6 +164,8 @@ impl Application {
                 }))
             }
         };
+        let throttle = throttle::Throttle::new(config.auth_failures, std::time::Duration::from_secs(60));
+        let streams = api::limits::StreamSlots::new(config.max_streams_per_credential);
         let state = AppState(Arc::new(Rack {
             pool,
             config,
@@ -168,6 +175,8 @@ impl Application {
             bus,
             replica: uuid::Uuid::now_v7(),
             shutdown,
+            throttle,
+            streams,
         }));
         if password_source == PasswordSource::Generated {
             // Printed once, on the start that generated it, for the operator at the terminal;
@@ -218,6 +227,7 @@ impl Application {
         let mut workers = jobs::builds::spawn_workers(&state, state.config.build_workers);
         workers.extend(jobs::deploys::spawn_workers(&state, 2));
         workers.push(tokio::spawn(jobs::deploys::reconcile_all(state.clone())));
+        workers.push(tokio::spawn(jobs::prune_audit(state.clone())));
         if let Some(cluster) = &postgres {
             workers.push(tokio::spawn(keep_postgres_running(cluster.clone(), shutdown.clone())));
         }

@@ -21,7 +21,16 @@ pub struct CreateApp {
     generation: Option<String>,
     /// Sent by some convox CLIs; apps are created at once here, so it has no use.
     #[serde(default, rename = "timeout")]
-    _timeout: Option<serde::de::IgnoredAny>,
+    _timeout: Option<Scalar>,
+}
+
+/// Any one value (a form field, or a JSON string, number or boolean), read and ignored.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Scalar {
+    Bool(#[expect(dead_code, reason = "ignored")] bool),
+    Number(#[expect(dead_code, reason = "ignored")] f64),
+    Text(#[expect(dead_code, reason = "ignored")] String),
 }
 
 /// `PUT /apps/{name}`.
@@ -113,9 +122,19 @@ pub async fn load_app(state: &AppState, name: &str) -> ApiResult<store::apps::Ap
 }
 
 #[tracing::instrument(skip_all)]
-pub async fn list_apps(State(state): State<AppState>) -> ApiResult<Pretty<Vec<AppView>>> {
+pub async fn list_apps(
+    State(state): State<AppState>,
+    principal: Option<axum::Extension<crate::auth::Principal>>,
+) -> ApiResult<Pretty<Vec<AppView>>> {
     let apps = store::apps::list(&state.pool).await?;
-    Ok(Pretty(apps.into_iter().map(|app| AppView::new(&state, app)).collect()))
+    // A token limited to some apps sees only those.
+    let visible = |app: &store::apps::App| principal.as_ref().is_none_or(|p| p.may_use(&app.name));
+    Ok(Pretty(
+        apps.into_iter()
+            .filter(visible)
+            .map(|app| AppView::new(&state, app))
+            .collect(),
+    ))
 }
 
 #[tracing::instrument(skip_all, fields(app.name = %body.name))]

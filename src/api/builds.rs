@@ -151,14 +151,14 @@ pub async fn create_build(
         .url
         .ok_or_else(|| ApiError::BadRequest("url is required: upload the source first".into()))?;
     let key = url.strip_prefix(&format!("object://{}/", app.name)).ok_or_else(|| {
-        ApiError::BadRequest(format!(
+        ApiError::Unprocessable(format!(
             "url must be an object of this app: object://{}/<key>",
             app.name
         ))
     })?;
     crate::objects::validate_key(key).map_err(ApiError::BadRequest)?;
     if crate::store::objects::get(&state.pool, &app.name, key).await?.is_none() {
-        return Err(ApiError::BadRequest(format!("source object not found: {key}")));
+        return Err(ApiError::NotFound("source object", key.to_owned()));
     }
     let manifest_path = body
         .manifest

@@ -82,7 +82,7 @@ pub async fn idempotency(state: &AppState, request: Request, next: Next) -> Resu
         Some(record) if record.state != KeyState::Done => Err(ApiError::Conflict(format!(
             "a request with Idempotency-Key {key} is still in progress"
         ))),
-        Some(record) => replay(state, record, &parts.headers),
+        Some(record) => replay(state, record, &parts.headers, parts.extensions.get().cloned()),
         None => {
             let response = next.run(Request::from_parts(parts, body)).await;
             Ok(remember(state, &key, response).await)
@@ -133,7 +133,12 @@ async fn remember(state: &AppState, key: &str, response: Response) -> Response {
     Response::from_parts(parts, Body::from(bytes))
 }
 
-fn replay(state: &AppState, record: Record, request_headers: &HeaderMap) -> Result<Response, ApiError> {
+fn replay(
+    state: &AppState,
+    record: Record,
+    request_headers: &HeaderMap,
+    principal: Option<crate::auth::Principal>,
+) -> Result<Response, ApiError> {
     let status = record
         .status
         .and_then(|s| u16::try_from(s).ok())
@@ -147,6 +152,7 @@ fn replay(state: &AppState, record: Record, request_headers: &HeaderMap) -> Resu
                 ws: None,
                 headers: request_headers.clone(),
                 query: super::streams::StreamQuery::default(),
+                principal,
             };
             super::streams::respond(
                 state,

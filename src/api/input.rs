@@ -45,7 +45,30 @@ where
 fn decode<T: DeserializeOwned>(content_type: &str, body: &[u8]) -> Result<T, ApiError> {
     let is_json = content_type == "application/json" || content_type.ends_with("+json");
     if is_json {
-        return serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")));
+        let invalid = |e: serde_json::Error| ApiError::BadRequest(format!("invalid JSON body: {e}"));
+        let mut value: serde_json::Value = serde_json::from_slice(body).map_err(invalid)?;
+        let serde_json::Value::Object(fields) = &mut value else {
+            // serde would read an array into a struct, field by field: not what anyone means.
+            return Err(ApiError::BadRequest("invalid JSON body: it must be an object".into()));
+        };
+        {
+            // A form cannot say null, so JSON may not either: a field is given or left out
+            // (and openapi.yaml says so).
+            if let Some((name, _)) = fields.iter().find(|(_, v)| v.is_null()) {
+                return Err(ApiError::BadRequest(format!(
+                    "invalid JSON body: field `{name}` is null: leave it out instead"
+                )));
+            }
+            // JSON Schema counts 5.0 as an integer; so do we.
+            for field in fields.values_mut() {
+                if let Some(integer) = field.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15) {
+                    #[expect(clippy::cast_possible_truncation, reason = "integral and within i64")]
+                    let integer = integer as i64;
+                    *field = integer.into();
+                }
+            }
+        }
+        return serde_json::from_value(value).map_err(invalid);
     }
     let is_form = content_type == "application/x-www-form-urlencoded"
         // The convox CLI labels bodiless requests application/octet-stream.
@@ -80,6 +103,22 @@ where
             .map(QueryParams)
             .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))
     }
+}
+
+/// The text of header `name`, trimmed; `None` when it is absent or empty. A value that is not
+/// ASCII is refused rather than ignored: a client that sent it meant something.
+///
+/// # Errors
+/// 400 naming the header.
+pub fn header_text<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, ApiError> {
+    let Some(value) = headers.get(name) else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::BadRequest(format!("the {name} header must be ASCII text")))?
+        .trim();
+    Ok((!text.is_empty()).then_some(text))
 }
 
 /// Whether the client asked for JSON (`Accept` names `application/json`), as convox decides.
@@ -176,8 +215,26 @@ mod tests {
             unknown.to_string().starts_with("invalid JSON body: unknown field `x`"),
             "{unknown}"
         );
+        let null = decode::<Body>("application/json", br#"{"name":"a","lock":null}"#).unwrap_err();
+        assert_eq!(
+            null.to_string(),
+            "invalid JSON body: field `lock` is null: leave it out instead"
+        );
+        let array = decode::<Body>("application/json", br#"["a", true]"#).unwrap_err();
+        assert_eq!(array.to_string(), "invalid JSON body: it must be an object");
         let media = decode::<Body>("text/plain", b"name=a").unwrap_err();
         assert_eq!(media.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+
+    #[test]
+    fn integral_numbers_are_integers() {
+        #[derive(serde::Deserialize)]
+        struct Timeout {
+            timeout: u64,
+        }
+        let body: Timeout = decode("application/json", br#"{"timeout": 214.0}"#).unwrap();
+        assert_eq!(body.timeout, 214);
+        assert!(decode::<Timeout>("application/json", br#"{"timeout": 2.5}"#).is_err());
     }
 
     #[test]

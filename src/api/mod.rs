@@ -3,10 +3,12 @@
 //! test can hold `openapi.yaml` to it.
 
 pub mod apps;
+pub mod audit;
 pub mod builds;
 pub mod deployments;
 pub mod idempotency;
 pub mod input;
+pub mod limits;
 pub mod objects;
 pub mod processes;
 pub mod releases;
@@ -86,7 +88,12 @@ fn routes() -> Routes {
         .json(M::GET, "/apps/{app}/builds/{id}", READ, builds::show_build)
         .json(M::PUT, "/apps/{app}/builds/{id}", DEPLOY, builds::update_build)
         .json(M::POST, "/apps/{app}/builds/{id}/cancel", DEPLOY, builds::cancel_build)
-        .stream(M::GET, "/apps/{app}/builds/{id}/logs", READ, builds::stream_build_logs)
+        .stream(
+            M::GET,
+            "/apps/{app}/builds/{id}/logs",
+            READ.audited(),
+            builds::stream_build_logs,
+        )
         .json(M::GET, "/apps/{app}/releases", READ, releases::list_releases)
         .json(
             M::POST,
@@ -111,7 +118,7 @@ fn routes() -> Routes {
         .stream(
             M::GET,
             "/apps/{app}/deployments/{id}/events",
-            READ,
+            READ.audited(),
             deployments::stream_deployment_events,
         )
         .json(M::POST, "/apps/{app}/cancel", DEPLOY, deployments::cancel_deployment)
@@ -123,18 +130,23 @@ fn routes() -> Routes {
             DEPLOY,
             processes::restart_process,
         )
-        .stream(M::GET, "/apps/{app}/processes/{id}/exec", DEPLOY, run::exec_process)
+        .stream(
+            M::GET,
+            "/apps/{app}/processes/{id}/exec",
+            DEPLOY.audited(),
+            run::exec_process,
+        )
         .json(
             M::POST,
             "/apps/{app}/services/{service}/processes",
             DEPLOY,
             run::run_process,
         )
-        .stream(M::GET, "/apps/{app}/logs", READ, processes::stream_app_logs)
+        .stream(M::GET, "/apps/{app}/logs", READ.audited(), processes::stream_app_logs)
         .stream(
             M::GET,
             "/apps/{app}/services/{service}/logs",
-            READ,
+            READ.audited(),
             processes::stream_service_logs,
         )
         .json(M::GET, "/apps/{app}/budget", READ, processes::show_budget)
@@ -151,6 +163,7 @@ fn routes() -> Routes {
             DEPLOY,
             services::restart_service,
         )
+        .json(M::GET, "/audit", ADMIN, audit::list_audit)
         .json(M::GET, "/tokens", ADMIN, tokens::list_tokens)
         .json(M::POST, "/tokens", ADMIN, tokens::create_token)
         .json(M::DELETE, "/tokens/{id}", ADMIN, tokens::delete_token)
@@ -162,6 +175,9 @@ fn routes() -> Routes {
 pub struct Policy {
     pub role: Role,
     pub idempotent: bool,
+    /// Whether each request is written to the audit log (every request that changes
+    /// something is; streams say so with `audited()`).
+    pub audited: bool,
 }
 
 impl Policy {
@@ -171,22 +187,29 @@ impl Policy {
             ..self
         }
     }
+
+    const fn audited(self) -> Self {
+        Self { audited: true, ..self }
+    }
 }
 
 /// Reading: any credential.
 const READ: Policy = Policy {
     role: Role::Read,
     idempotent: false,
+    audited: false,
 };
 /// Shipping code: upload, build, release, promote, cancel, restart.
 const DEPLOY: Policy = Policy {
     role: Role::Deploy,
     idempotent: false,
+    audited: false,
 };
 /// Managing the rack: apps, tokens.
 const ADMIN: Policy = Policy {
     role: Role::Admin,
     idempotent: false,
+    audited: false,
 };
 
 /// One line of the route table.
@@ -246,16 +269,25 @@ async fn guard(
                 .then(|| lookup(&Method::GET))
                 .flatten()
         })
-        .unwrap_or(Policy {
-            role: Role::Admin,
-            idempotent: false,
-        });
-    crate::auth::check_role(&request, route, policy.role)?;
-    if policy.idempotent {
-        idempotency::idempotency(&state, request, next).await
-    } else {
-        Ok(next.run(request).await)
+        .unwrap_or(ADMIN);
+    let audit = (policy.audited || !request.method().is_safe()).then(|| audit::Pending::of(&request, route));
+    if let Err(refused) = crate::auth::check_role(&request, route, policy.role) {
+        // What a credential tried and was refused is worth keeping too.
+        let response = refused.into_response();
+        if let Some(audit) = audit {
+            audit.record(&state, &response);
+        }
+        return Ok(response);
     }
+    let response = if policy.idempotent {
+        idempotency::idempotency(&state, request, next).await?
+    } else {
+        next.run(request).await
+    };
+    if let Some(audit) = audit {
+        audit.record(&state, &response);
+    }
+    Ok(response)
 }
 
 /// The router under construction and the table of what it holds.

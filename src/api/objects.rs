@@ -81,9 +81,9 @@ async fn store_upload(state: &AppState, app: &str, key: &str, headers: &HeaderMa
         .await
         .map_err(|e| match e {
             PutObjectError::TooLarge { limit } => too_large(limit),
-            PutObjectError::DigestMismatch { .. } | PutObjectError::Interrupted(_) => {
-                ApiError::BadRequest(e.to_string())
-            }
+            // Well-formed, but not the body its digest announced.
+            PutObjectError::DigestMismatch { .. } => ApiError::Unprocessable(e.to_string()),
+            PutObjectError::Interrupted(_) => ApiError::BadRequest(e.to_string()),
             PutObjectError::Store(e) => ApiError::Internal(anyhow::Error::new(e).context("storing an upload")),
         })?;
     let size = i64::try_from(stored.size).unwrap_or(i64::MAX);

@@ -78,35 +78,34 @@ struct LogOptions {
 }
 
 fn log_options(headers: &HeaderMap) -> ApiResult<LogOptions> {
-    let text = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-    };
+    let text = |name: &str| crate::api::input::header_text(headers, name);
     let flag = |name: &str, default: bool| -> ApiResult<bool> {
-        match text(name) {
+        match text(name)? {
             None => Ok(default),
             Some(v) => v
                 .parse()
                 .map_err(|_| ApiError::BadRequest(format!("{name} must be true or false, got {v:?}"))),
         }
     };
-    let since = match text("since") {
+    let since = match text("since")? {
         None => Some(std::time::Duration::from_secs(120)),
         Some("0") | Some("0s") => None,
         Some(v) => Some(parse_duration(v).ok_or_else(|| {
             ApiError::BadRequest(format!("Since must be a duration such as 30s, 5m or 1h0m0s, got {v:?}"))
-        })?),
+        })?)
+        // Longer ago than any event: the whole log (and no interval Postgres cannot hold).
+        .filter(|since| *since < MAX_SINCE),
     };
     Ok(LogOptions {
         follow: flag("follow", true)?,
         prefix: flag("prefix", false)?,
         since,
-        filter: text("filter").map(str::to_owned),
+        filter: text("filter")?.map(str::to_owned),
     })
 }
+
+/// The longest `Since` honoured as given (100 years); a longer one means the whole log.
+const MAX_SINCE: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
 
 /// A Go duration: `1h2m3s`, `5m`, `30s`, `250ms`.
 fn parse_duration(text: &str) -> Option<std::time::Duration> {
@@ -137,7 +136,8 @@ fn parse_duration(text: &str) -> Option<std::time::Duration> {
     if !number.is_empty() {
         return None;
     }
-    Some(std::time::Duration::from_secs_f64(total))
+    // Saturates: 10^400 hours is "everything", not a panic.
+    Some(std::time::Duration::try_from_secs_f64(total).unwrap_or(std::time::Duration::MAX))
 }
 
 #[tracing::instrument(skip_all, fields(app.name = %app))]
@@ -234,5 +234,8 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Some(std::time::Duration::from_millis(250)));
         assert_eq!(parse_duration("5"), None);
         assert_eq!(parse_duration("5x"), None);
+        assert_eq!(parse_duration("."), None);
+        let huge = format!("{}h", "9".repeat(400));
+        assert_eq!(parse_duration(&huge), Some(std::time::Duration::MAX));
     }
 }

@@ -127,7 +127,7 @@ pub async fn create_release(
         Some(id) => Some(
             releases::get(&mut *tx, &app.name, id)
                 .await?
-                .ok_or_else(|| ApiError::BadRequest(format!("parent release not found: {id}")))?,
+                .ok_or_else(|| ApiError::NotFound("parent release", id.chars().take(40).collect()))?,
         ),
         None => releases::latest(&mut tx, &app.name).await?,
     };
@@ -135,9 +135,9 @@ pub async fn create_release(
         Some(id) => {
             let build = crate::store::builds::get(&mut *tx, &app.name, id)
                 .await?
-                .ok_or_else(|| ApiError::BadRequest(format!("build not found: {id}")))?;
+                .ok_or_else(|| ApiError::NotFound("build", id.chars().take(40).collect()))?;
             if build.status != BuildStatus::Complete {
-                return Err(ApiError::BadRequest(format!("build {id} is not complete")));
+                return Err(ApiError::Conflict(format!("build {id} is not complete")));
             }
             Some(build)
         }
@@ -245,13 +245,14 @@ pub async fn promote_release(
     Path((app, id)): Path<(String, String)>,
     headers: HeaderMap,
     format: Format,
+    principal: Option<axum::Extension<crate::auth::Principal>>,
     Input(body): Input<PromoteRelease>,
 ) -> ApiResult<Response> {
     let app = load_app(&state, &app).await?;
     let release = load_release(&state, &app.name, &id).await?;
     let _ = (body.development, body.idle, body.min, body.max);
     if release.manifest.trim().is_empty() || release.build_id.is_none() {
-        return Err(ApiError::BadRequest(
+        return Err(ApiError::Conflict(
             "can not promote a release with an empty manifest".into(),
         ));
     }
@@ -259,7 +260,7 @@ pub async fn promote_release(
         && let Some(active) = releases::get(&state.pool, &app.name, active).await?
         && release.position < active.position
     {
-        return Err(ApiError::BadRequest(
+        return Err(ApiError::Conflict(
             "can not promote an older release, try rollback".into(),
         ));
     }
@@ -283,6 +284,7 @@ pub async fn promote_release(
             ws: None,
             headers,
             query: StreamQuery::default(),
+            principal: principal.map(|p| p.0),
         };
         let mut response = streams::respond(&state, topic, request, Style::Prefixed, Follow::UntilEnd)?;
         response

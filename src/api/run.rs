@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::AppState;
 use crate::api::apps::load_app;
-use crate::api::input::Pretty;
+use crate::api::input::{Pretty, header_text};
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::runtime::{ExecRequest, ExecSession, OneOff, ProcessInfo};
@@ -26,17 +26,8 @@ pub const EXIT_MARKER: &str = "F1E49A85-0AD7-4AEF-A618-C249C6E6568D";
 /// The stream of rack's notes about runs and execs in an app's log.
 const NOTES: &str = "system/rack/run";
 
-/// A header's text, trimmed; `None` when absent or empty.
-fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-}
-
 fn flag(headers: &HeaderMap, name: &str, default: bool) -> ApiResult<bool> {
-    match header(headers, name) {
+    match header_text(headers, name)? {
         None => Ok(default),
         Some(v) => v
             .parse()
@@ -46,7 +37,7 @@ fn flag(headers: &HeaderMap, name: &str, default: bool) -> ApiResult<bool> {
 
 /// The `Command` header as an argument list (split as a shell would).
 fn command(headers: &HeaderMap) -> ApiResult<Vec<String>> {
-    let text = header(headers, "command")
+    let text = header_text(headers, "command")?
         .ok_or_else(|| ApiError::BadRequest("the Command header is required: what to run".into()))?;
     if text.contains('\0') {
         return Err(ApiError::BadRequest("the command contains a NUL character".into()));
@@ -85,23 +76,27 @@ pub async fn run_process(
 ) -> ApiResult<Pretty<ProcessInfo>> {
     let app = load_app(&state, &app).await?;
     let argv = command(&headers)?;
-    let release =
-        match header(&headers, "release") {
-            Some(release) => release.to_owned(),
-            None => app.release_id.as_ref().map(ToString::to_string).ok_or_else(|| {
-                ApiError::BadRequest(format!("app {} has no release yet: deploy one first", app.name))
-            })?,
-        };
     let mut env = crate::env::Env::new();
-    if let Some(text) = header(&headers, "environment") {
+    if let Some(text) = header_text(&headers, "environment")? {
         let pairs: Vec<(String, String)> = serde_urlencoded::from_str(text)
             .map_err(|e| ApiError::BadRequest(format!("Environment must be K=V pairs joined with &: {e}")))?;
-        let lines: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        env = crate::env::parse(&lines.join("\n")).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        env = crate::env::from_pairs(pairs).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     }
+    let release = match header_text(&headers, "release")? {
+        Some(release) => crate::store::releases::get(&state.pool, &app.name, release)
+            .await?
+            .ok_or_else(|| ApiError::NotFound("release", release.chars().take(40).collect()))?
+            .id
+            .to_string(),
+        None => app
+            .release_id
+            .as_ref()
+            .map(ToString::to_string)
+            .ok_or_else(|| ApiError::Conflict(format!("app {} has no release yet: deploy one first", app.name)))?,
+    };
     let spec = crate::jobs::deploys::load_spec(&state, &app.name, &release)
         .await
-        .map_err(|e| ApiError::BadRequest(format!("release {release} cannot run: {e}")))?;
+        .map_err(|e| ApiError::Conflict(format!("release {release} cannot run: {e}")))?;
     if !spec.manifest.services.contains_key(&service) {
         return Err(ApiError::NotFound("service", service));
     }
@@ -154,21 +149,32 @@ pub async fn exec_process(
     let argv = command(&headers)?;
     let tty = flag(&headers, "tty", true)?;
     let stdin = !flag(&headers, "disable-stdin", false)?;
-    let size = |name: &str, default: u16| {
-        header(&headers, name)
-            .and_then(|v| v.parse::<u16>().ok())
-            .filter(|n| *n > 0)
-            .unwrap_or(default)
+    let size = |name: &str, default: u16| -> ApiResult<u16> {
+        match header_text(&headers, name)? {
+            None => Ok(default),
+            Some(v) => v.parse::<u16>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "{name} must be a number of characters from 1 to 65535, got {v:?}"
+                ))
+            }),
+        }
+    };
+    let tty = if tty {
+        Some((size("height", 24)?, size("width", 80)?))
+    } else {
+        None
     };
     let request = ExecRequest {
         command: argv.clone(),
-        tty: tty.then(|| (size("height", 24), size("width", 80))),
+        tty,
         stdin,
     };
     let running = state.runtime.processes(&app.name).await.into_iter().any(|p| p.id == id);
     if !running {
         return Err(ApiError::NotFound("process", id));
     }
+    let slot = state.streams.take(Some(&principal))?;
+    let end = crate::api::streams::credential_end(&state, Some(&principal));
     let session = state.runtime.exec(&app.name, &id, request).await;
     let display = shell_words::join(&argv);
     note(
@@ -177,10 +183,14 @@ pub async fn exec_process(
         format!("{} ran a command in process {id}: {display}", principal.name),
     )
     .await?;
+    // Input is typed or piped: a frame above 1 MiB is not that, and closes the connection.
     Ok(ws
+        .max_message_size(MAX_INPUT_FRAME)
+        .max_frame_size(MAX_INPUT_FRAME)
         .on_upgrade(move |socket| async move {
+            let _slot = slot;
             match session {
-                Ok(session) => bridge(socket, session).await,
+                Ok(session) => bridge(socket, session, end).await,
                 Err(e) => refuse(socket, &e.to_string()).await,
             }
         })
@@ -195,9 +205,12 @@ async fn refuse(mut socket: WebSocket, why: &str) {
     let _ = socket.close().await;
 }
 
-/// Connects a websocket to a running command until it ends (or the client leaves, which
-/// kills it).
-async fn bridge(socket: WebSocket, session: ExecSession) {
+/// Largest websocket frame (and message) a client may send to an exec.
+const MAX_INPUT_FRAME: usize = 1 << 20;
+
+/// Connects a websocket to a running command until it ends (or the client leaves, or its
+/// credential ends with `end`: either kills it).
+async fn bridge(socket: WebSocket, session: ExecSession, mut end: futures_util::future::BoxFuture<'static, String>) {
     let (mut sink, mut source) = socket.split();
     let ExecSession {
         mut output,
@@ -233,6 +246,13 @@ async fn bridge(socket: WebSocket, session: ExecSession) {
             chunk = output.next() => chunk,
             // The client left: dropping the session kills the command.
             _ = &mut input => return,
+            reason = &mut end => {
+                let _ = sink.send(Message::Text(format!("{reason}\n").into())).await;
+                let _ = sink.send(Message::Text(format!("{EXIT_MARKER}:1\n").into())).await;
+                let _ = sink.send(Message::Binary(axum::body::Bytes::new())).await;
+                input.abort();
+                return;
+            }
         };
         let Some(chunk) = chunk else { break };
         let piece = text.push(&chunk);

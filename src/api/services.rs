@@ -46,12 +46,12 @@ pub struct UpdateService {
     memory: Option<u32>,
 }
 
-/// The app's release as the runtime runs it (with `scale` counts), or 400 when it has none.
+/// The app's release as the runtime runs it (with `scale` counts), or 409 when it has none.
 async fn current_spec(state: &AppState, app: &crate::store::apps::App) -> ApiResult<crate::runtime::ReleaseSpec> {
     let release = app
         .release_id
         .as_deref()
-        .ok_or_else(|| ApiError::BadRequest(format!("app {} has no release yet: deploy one first", app.name)))?;
+        .ok_or_else(|| ApiError::Conflict(format!("app {} has no release yet: deploy one first", app.name)))?;
     crate::jobs::deploys::load_spec(state, &app.name, release)
         .await
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("loading the release of {}: {e}", app.name)))

@@ -18,9 +18,14 @@ use serde::Deserialize;
 
 use crate::AppState;
 use crate::api::input::QueryParams;
+use crate::api::limits::StreamSlot;
+use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
+use crate::events::Wake;
 use crate::events::{Follow, Item, format_line, outcome_line, subscribe};
 use crate::store::events::{Event, Outcome, Topic};
+use futures_util::FutureExt;
+use tokio::sync::broadcast;
 
 /// The line that ends a stream when the server stops, so clients know to reconnect.
 const SHUTTING_DOWN: &str = "rack: this server is shutting down; reconnect to resume";
@@ -53,6 +58,8 @@ pub struct StreamRequest {
     pub ws: Option<WebSocketUpgrade>,
     pub headers: HeaderMap,
     pub query: StreamQuery,
+    /// Who opened it: the stream counts against their limit, and ends with their credential.
+    pub principal: Option<Principal>,
 }
 
 impl<S> FromRequestParts<S> for StreamRequest
@@ -68,6 +75,7 @@ where
             ws,
             headers: parts.headers.clone(),
             query,
+            principal: parts.extensions.get::<Principal>().cloned(),
         })
     }
 }
@@ -104,6 +112,7 @@ pub fn respond_merged(
     extra: Option<Extra>,
 ) -> ApiResult<Response> {
     let after = cursor(&request.headers, &request.query)?;
+    let slot = state.streams.take(request.principal.as_ref())?;
     // An app's log never ends: the outcome of a build or deployment in it is an ordinary line.
     let style = Render {
         style,
@@ -127,8 +136,13 @@ pub fn respond_merged(
             futures_util::stream::select(events, extra).boxed()
         }
     };
+    let items = guarded(items, credential_end(state, request.principal.as_ref()), slot);
     if let Some(ws) = request.ws {
-        return Ok(ws.on_upgrade(move |socket| websocket(socket, items, style)));
+        // A log stream's client sends nothing but control frames.
+        return Ok(ws
+            .max_message_size(64 * 1024)
+            .max_frame_size(64 * 1024)
+            .on_upgrade(move |socket| websocket(socket, items, style)));
     }
     let wants_sse = request
         .headers
@@ -142,11 +156,69 @@ pub fn respond_merged(
     }
 }
 
-fn cursor(headers: &HeaderMap, query: &StreamQuery) -> ApiResult<i64> {
-    if let Some(after) = query.after {
-        return Ok(after.max(0));
+/// `items`, ended by `end` (the stream's credential was revoked or expired) with a last item
+/// saying why; `slot` is held until the stream is over.
+fn guarded(
+    items: futures_util::stream::BoxStream<'static, Result<Item, sqlx::Error>>,
+    end: futures_util::future::BoxFuture<'static, String>,
+    slot: StreamSlot,
+) -> futures_util::stream::BoxStream<'static, Result<Item, sqlx::Error>> {
+    futures_util::stream::unfold(Some((items, end, slot)), |state| async move {
+        let (mut items, mut end, slot) = state?;
+        tokio::select! {
+            item = items.next() => item.map(|item| (item, Some((items, end, slot)))),
+            reason = &mut end => Some((Ok(Item::Closed(reason)), None)),
+        }
+    })
+    .boxed()
+}
+
+/// Resolves (with the reason) when the token of `principal` is revoked, on any replica, or
+/// expires; never for the rack password.
+pub fn credential_end(
+    state: &AppState,
+    principal: Option<&Principal>,
+) -> futures_util::future::BoxFuture<'static, String> {
+    let Some(id) = principal.and_then(|p| p.token) else {
+        return std::future::pending().boxed();
+    };
+    let expires = principal.and_then(|p| p.expires);
+    let mut wake = state.bus.subscribe();
+    let pool = state.pool.clone();
+    async move {
+        let expiry = async {
+            match expires.and_then(|at| (at - chrono::Utc::now()).to_std().ok()) {
+                Some(left) => tokio::time::sleep(left).await,
+                None if expires.is_some() => {}
+                None => std::future::pending().await,
+            }
+        };
+        let revoked = async {
+            loop {
+                match wake.recv().await {
+                    Ok(Wake::Revoked(revoked)) if revoked == id => return,
+                    // Notices may have been missed: ask the database.
+                    Ok(Wake::All) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if matches!(crate::store::tokens::is_valid(&pool, id).await, Ok(false)) {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+                    Ok(_) => {}
+                }
+            }
+        };
+        tokio::select! {
+            () = expiry => "rack: the token of this stream expired".to_owned(),
+            () = revoked => "rack: the token of this stream was revoked".to_owned(),
+        }
     }
-    match headers.get("last-event-id") {
+    .boxed()
+}
+
+fn cursor(headers: &HeaderMap, query: &StreamQuery) -> ApiResult<i64> {
+    // `after` wins, but a malformed header is refused all the same.
+    let header = match headers.get("last-event-id") {
         None => Ok(0),
         Some(value) => value
             .to_str()
@@ -154,7 +226,8 @@ fn cursor(headers: &HeaderMap, query: &StreamQuery) -> ApiResult<i64> {
             .and_then(|v| v.trim().parse::<i64>().ok())
             .map(|v| v.max(0))
             .ok_or_else(|| ApiError::BadRequest("Last-Event-ID must be an event id (a number)".into())),
-    }
+    }?;
+    Ok(query.after.map_or(header, |after| after.max(0)))
 }
 
 /// How one stream renders its events.
@@ -193,6 +266,7 @@ fn text_of(item: Result<Item, sqlx::Error>, style: Render, say_ok: bool) -> Opti
         },
         Ok(Item::Idle) => Some(String::new()),
         Ok(Item::ShuttingDown) => Some(format!("{SHUTTING_DOWN}\n")),
+        Ok(Item::Closed(reason)) => Some(format!("{reason}\n")),
         Err(error) => {
             tracing::warn!(error = %error, "reading events for a stream");
             Some("ERROR: the event log is unavailable; reconnect to resume\n".to_owned())
@@ -245,6 +319,7 @@ where
             // KeepAlive sends comments while idle.
             Ok(Item::Idle) => return None,
             Ok(Item::ShuttingDown) => SseEvent::default().event("shutdown").data(SHUTTING_DOWN),
+            Ok(Item::Closed(reason)) => SseEvent::default().event("closed").data(reason),
             Err(error) => {
                 tracing::warn!(error = %error, "reading events for a stream");
                 SseEvent::default()

@@ -2,6 +2,7 @@
 //! of a rack's HTTP API, found through `RACK_URL` or `--rack-url` as the convox CLI does.
 
 mod apps;
+mod audit;
 mod builds;
 mod client;
 mod deploy;
@@ -85,6 +86,8 @@ enum Command {
     },
     /// Set how many processes a service runs (for later deployments too).
     Scale(services::ScaleArgs),
+    /// Who changed what: the audit log (admin).
+    Audit(audit::AuditArgs),
     /// List API tokens, or create or revoke one (admin).
     Tokens {
         #[command(subcommand)]
@@ -166,6 +169,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                 Command::Run(args) => run::run(&client, args).await,
                 Command::Exec(args) => run::run_exec(&client, args).await,
                 Command::Tokens { command } => tokens::run(&client, command).await,
+                Command::Audit(args) => audit::run(&client, args).await,
                 Command::Services { app } => services::list(&client, app).await,
                 Command::Scale(args) => services::scale(&client, args).await,
                 Command::Server(_) => unreachable!("handled above"),

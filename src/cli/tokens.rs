@@ -15,6 +15,12 @@ pub enum TokensCommand {
         /// read (GETs), deploy (also builds, releases, promotes) or admin (everything).
         #[arg(long, default_value = "deploy")]
         role: String,
+        /// Limit it to this app (repeat for more; default: every app).
+        #[arg(long = "app", short = 'a')]
+        apps: Vec<String>,
+        /// Let it expire after this long: seconds, or 90m, 12h, 30d (default: until revoked).
+        #[arg(long)]
+        expires: Option<String>,
     },
     /// Revoke a token.
     Delete { id: String },
@@ -29,6 +35,12 @@ struct Token {
     token: Option<String>,
     created: String,
     last_used: Option<String>,
+    #[serde(default)]
+    last_used_from: Option<String>,
+    #[serde(default)]
+    apps: Option<Vec<String>>,
+    #[serde(default)]
+    expires: Option<String>,
 }
 
 pub async fn run(client: &Client, command: Option<TokensCommand>) -> anyhow::Result<()> {
@@ -37,17 +49,42 @@ pub async fn run(client: &Client, command: Option<TokensCommand>) -> anyhow::Res
             let tokens: Vec<Token> = client.get("/tokens").await?;
             let rows: Vec<Vec<String>> = tokens
                 .into_iter()
-                .map(|t| vec![t.id, t.name, t.role, t.created, t.last_used.unwrap_or_default()])
+                .map(|t| {
+                    vec![
+                        t.id,
+                        t.name,
+                        t.role,
+                        t.apps.map_or_else(|| "*".to_owned(), |a| a.join(",")),
+                        t.expires.unwrap_or_default(),
+                        t.created,
+                        t.last_used.unwrap_or_default(),
+                        t.last_used_from.unwrap_or_default(),
+                    ]
+                })
                 .collect();
             print!(
                 "{}",
-                output::table(&["ID", "NAME", "ROLE", "CREATED", "LAST USED"], &rows)
+                output::table(
+                    &["ID", "NAME", "ROLE", "APPS", "EXPIRES", "CREATED", "LAST USED", "FROM"],
+                    &rows
+                )
             );
         }
-        Some(TokensCommand::Create { name, role }) => {
-            let token: Token = client
-                .post("/tokens", &[("name", name.as_str()), ("role", role.as_str())])
-                .await?;
+        Some(TokensCommand::Create {
+            name,
+            role,
+            apps,
+            expires,
+        }) => {
+            let apps = apps.join(",");
+            let mut form = vec![("name", name.as_str()), ("role", role.as_str())];
+            if !apps.is_empty() {
+                form.push(("apps", apps.as_str()));
+            }
+            if let Some(expires) = &expires {
+                form.push(("expires_in", expires.as_str()));
+            }
+            let token: Token = client.post("/tokens", &form).await?;
             eprintln!(
                 "Created token {} ({}, {}); its secret is shown only now:",
                 token.id, token.name, token.role

@@ -36,6 +36,8 @@ pub enum Wake {
     Jobs,
     /// Anything may have changed (the LISTEN connection was re-established).
     All,
+    /// This token was revoked: the streams it opened end.
+    Revoked(uuid::Uuid),
 }
 
 /// The replica's end of the bus.
@@ -52,7 +54,9 @@ impl EventBus {
     pub async fn start(pool: &PgPool, shutdown: CancellationToken) -> Result<Self, sqlx::Error> {
         let (wake, _) = broadcast::channel(1024);
         let mut listener = PgListener::connect_with(pool).await?;
-        listener.listen_all([EVENTS_CHANNEL, JOBS_CHANNEL]).await?;
+        listener
+            .listen_all([EVENTS_CHANNEL, JOBS_CHANNEL, crate::store::tokens::REVOKED_CHANNEL])
+            .await?;
         let sender = wake.clone();
         tokio::spawn(async move {
             loop {
@@ -62,6 +66,10 @@ impl EventBus {
                 };
                 let message = match received {
                     Ok(Some(n)) if n.channel() == EVENTS_CHANNEL => Wake::Events(n.payload().to_owned()),
+                    Ok(Some(n)) if n.channel() == crate::store::tokens::REVOKED_CHANNEL => match n.payload().parse() {
+                        Ok(id) => Wake::Revoked(id),
+                        Err(_) => continue,
+                    },
                     Ok(Some(_)) => Wake::Jobs,
                     // The connection was lost and is re-established on the next call; whatever
                     // was announced meanwhile is unknown, so everybody looks.
@@ -113,6 +121,8 @@ pub enum Item {
     Idle,
     /// The server is shutting down: clients should reconnect (to another replica).
     ShuttingDown,
+    /// The stream's credential ended (revoked, expired): why.
+    Closed(String),
 }
 
 /// The events of `topic` after seq `after`, in order, then live ones as they come, ending

@@ -231,3 +231,19 @@ impl OwnedOwner {
         }
     }
 }
+
+/// Forgets audit entries past the retention (RACK_AUDIT_RETENTION_DAYS), once an hour, until
+/// the server stops (every replica does it; deleting twice is harmless).
+pub async fn prune_audit(state: crate::AppState) {
+    loop {
+        match crate::store::audit::prune(&state.pool, state.config.audit_retention).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("pruned {n} audit entries past their retention"),
+            Err(e) => tracing::warn!(error = %e, "pruning the audit log"),
+        }
+        tokio::select! {
+            () = state.shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
+    }
+}

@@ -2,6 +2,7 @@
 //! take a pool or a connection, return rows as plain structs and errors as `sqlx::Error`.
 
 pub mod apps;
+pub mod audit;
 pub mod builds;
 pub mod deployments;
 pub mod events;

@@ -137,118 +137,6 @@ async fn cancel_stops_a_running_build_and_its_processes() {
 }
 
 #[tokio::test]
-async fn hostile_tarballs_fail_the_build_cleanly() {
-    let app = TestApp::spawn_with(|config| config.source_limits.max_bytes = 1024 * 1024).await;
-    app.create_app("myapp").await;
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("traversal", raw_tarball(|b| add_named(b, "../evil", b"x"))),
-        ("symlink escape", raw_tarball(|b| add_symlink(b, "link", "/etc"))),
-        (
-            "bomb",
-            raw_tarball(|b| add_named(b, "zeros", &vec![0u8; 8 * 1024 * 1024])),
-        ),
-    ];
-    for (name, tarball) in cases {
-        let key = format!("hostile/{}", name.replace(' ', "-"));
-        assert_eq!(app.upload("myapp", &key, tarball).await.status(), 200);
-        let id = app.create_build("myapp", &key).await["id"].as_str().unwrap().to_owned();
-        let build = app.wait_build("myapp", &id).await;
-        assert_eq!(build["status"], "failed", "{name}");
-        let reason = build["reason"].as_str().unwrap();
-        assert!(reason.starts_with("invalid source archive"), "{name}: {reason}");
-        // What it unpacked before it was refused goes at once, not after ten more builds.
-        let dir = app.build_dir("myapp", &id);
-        wait_for(10, "the failed build's directory to go", || async {
-            (!dir.exists()).then_some(())
-        })
-        .await;
-    }
-    assert!(!app.state.config.data_dir.parent().unwrap().join("evil").exists());
-}
-
-#[tokio::test]
-async fn hostile_manifests_fail_fast_and_never_stall_the_api() {
-    let app = TestApp::spawn().await;
-    app.create_app("myapp").await;
-    // 100 000 levels of nesting in 300 bytes of gzip, built twice at once.
-    let deep = format!("x: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
-    let first = app.build_source("myapp", &[("convox.yml", &deep)]).await;
-    let second = app.build_source("myapp", &[("convox.yml", &deep)]).await;
-    for _ in 0..20 {
-        let asked = std::time::Instant::now();
-        assert_eq!(app.convox(Method::GET, "/system").send().await.unwrap().status(), 200);
-        assert!(
-            asked.elapsed() < Duration::from_secs(1),
-            "GET /system took {:?}",
-            asked.elapsed()
-        );
-    }
-    for id in [first, second] {
-        let build = app.wait_build("myapp", &id).await;
-        let reason = build["reason"].as_str().unwrap();
-        assert!(reason.contains("nested more than 100 levels"), "{reason}");
-    }
-    let cases = [
-        (
-            "services:\n  we\0b:\n    build:\n      command: true\n",
-            "NUL characters are not allowed",
-        ),
-        (
-            "services:\n  web:\n    scale:\n      count: 4294967295\n",
-            "more than the 1000 processes",
-        ),
-    ];
-    for (manifest, expected) in cases {
-        let id = app.build_source("myapp", &[("convox.yml", manifest)]).await;
-        let started = std::time::Instant::now();
-        let build = app.wait_build("myapp", &id).await;
-        let reason = build["reason"].as_str().unwrap();
-        assert!(reason.contains(expected), "{reason}");
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "took {:?}",
-            started.elapsed()
-        );
-    }
-    let nul_env = app
-        .json(Method::POST, "/apps/myapp/releases")
-        .json(&serde_json::json!({ "env": "A=x\u{0}y" }))
-        .send()
-        .await
-        .unwrap();
-    let (status, text) = status_text(nul_env).await;
-    assert_eq!(status, 400, "{text}");
-    assert!(text.contains("NUL"), "{text}");
-}
-
-fn raw_tarball(add: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
-    let mut builder = tar::Builder::new(Vec::new());
-    add(&mut builder);
-    let tar = builder.into_inner().unwrap();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    std::io::Write::write_all(&mut gz, &tar).unwrap();
-    gz.finish().unwrap()
-}
-
-fn add_named(builder: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) {
-    let mut header = tar::Header::new_gnu();
-    header.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
-    header.set_size(data.len() as u64);
-    header.set_mode(0o644);
-    header.set_entry_type(tar::EntryType::Regular);
-    header.set_cksum();
-    builder.append(&header, data).unwrap();
-}
-
-fn add_symlink(builder: &mut tar::Builder<Vec<u8>>, name: &str, target: &str) {
-    let mut header = tar::Header::new_gnu();
-    header.set_entry_type(tar::EntryType::Symlink);
-    header.set_size(0);
-    header.set_mode(0o777);
-    builder.append_link(&mut header, name, target).unwrap();
-}
-
-#[tokio::test]
 async fn finished_build_logs_replay_over_websocket_chunked_and_sse() {
     let app = TestApp::spawn().await;
     app.create_app("myapp").await;
@@ -383,14 +271,6 @@ async fn build_bad_input_is_400() {
     let cases = [
         (vec![], "url is required: upload the source first"),
         (
-            vec![("url", "object://other/x.tgz")],
-            "url must be an object of this app: object://myapp/<key>",
-        ),
-        (
-            vec![("url", "object://myapp/missing.tgz")],
-            "source object not found: missing.tgz",
-        ),
-        (
             vec![("url", "object://myapp/../x")],
             "invalid object key \"../x\": empty, '.' and '..' segments are not allowed",
         ),
@@ -404,6 +284,34 @@ async fn build_bad_input_is_400() {
             .unwrap();
         assert_eq!(status_text(response).await, (400, format!("{message}\n")), "{form:?}");
     }
+    let other = app
+        .convox(Method::POST, "/apps/myapp/builds")
+        .form(&[("url", "object://other/x.tgz")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        status_text(other).await,
+        (
+            422,
+            "url must be an object of this app: object://myapp/<key>\n".to_owned()
+        )
+    );
+    let missing = app
+        .convox(Method::POST, "/apps/myapp/builds")
+        .form(&[("url", "object://myapp/missing.tgz")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        status_text(missing).await,
+        (
+            404,
+            "source object not found: missing.tgz
+"
+            .to_owned()
+        )
+    );
     let response = app
         .convox(Method::GET, "/apps/myapp/builds?limit=0")
         .send()

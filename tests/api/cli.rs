@@ -422,6 +422,57 @@ async fn tokens_can_be_created_used_and_revoked() {
 }
 
 #[tokio::test]
+async fn scoped_tokens_and_the_audit_log_from_the_cli() {
+    let app = TestApp::spawn().await;
+    app.create_app("myapp").await;
+    app.create_app("other").await;
+    let run = rack(
+        &app,
+        PASSWORD,
+        &[
+            "tokens",
+            "create",
+            "ci-myapp",
+            "--role",
+            "deploy",
+            "--app",
+            "myapp",
+            "--expires",
+            "30d",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let secret = run.stdout.trim().to_owned();
+    let run = rack(&app, &secret, &["apps"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout.contains("myapp") && !run.stdout.contains("other"),
+        "{}",
+        run.stdout
+    );
+    let run = rack(&app, &secret, &["apps", "info", "other"]).await;
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("limited to the apps myapp, not other"),
+        "{}",
+        run.stderr
+    );
+    let run = rack(&app, PASSWORD, &["tokens"]).await;
+    assert!(run.stdout.contains("myapp"), "{}", run.stdout);
+    let run = rack(&app, PASSWORD, &["audit", "--app", "myapp", "--since", "1h"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.starts_with("WHEN"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("password") && run.stdout.contains("POST"),
+        "{}",
+        run.stdout
+    );
+    let run = rack(&app, &secret, &["audit"]).await;
+    assert_eq!(run.code, 1, "a deploy token reads no audit log");
+}
+
+#[tokio::test]
 async fn scale_and_services() {
     let app = TestApp::spawn().await;
     app.create_app("myapp").await;

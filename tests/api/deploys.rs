@@ -294,7 +294,7 @@ async fn promoting_an_older_release_is_400_and_rollback_works() {
         .unwrap();
     assert_eq!(
         status_text(older).await,
-        (400, "can not promote an older release, try rollback\n".to_owned())
+        (409, "can not promote an older release, try rollback\n".to_owned())
     );
 
     // Rollback as convox does it: a new release with the old build and env, promoted.
@@ -734,7 +734,7 @@ async fn scale_changes_the_count_now_and_for_later_deployments() {
         .unwrap();
     assert_eq!(
         status_text(early).await,
-        (400, "app myapp has no release yet: deploy one first\n".to_owned())
+        (409, "app myapp has no release yet: deploy one first\n".to_owned())
     );
     promote_follow(&app, "myapp", &first).await;
 
@@ -865,7 +865,7 @@ async fn a_refused_release_leaves_nothing_behind() {
         .await
         .unwrap();
     let (status, text) = status_text(refused).await;
-    assert_eq!(status, 400, "{text}");
+    assert_eq!(status, 409, "{text}");
     assert!(text.contains("is not complete"), "{text}");
     let after: Vec<Value> = app.get_json("/apps/myapp/releases").await;
     assert_eq!(after.len(), before.len());

@@ -373,3 +373,27 @@ pub fn processes_with_arg(arg: &str) -> Vec<u32> {
         })
         .collect()
 }
+
+/// Every file under `dir` (none when it does not exist).
+pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+            } else {
+                found.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
+/// The files holding `name`'s objects (blobs, and objects stored before blobs existed).
+pub fn object_files(app: &TestApp, name: &str) -> Vec<std::path::PathBuf> {
+    let root = app.state.config.data_dir.join("objects");
+    let mut files = files_under(&root.join(name));
+    files.extend(files_under(&root.join("_blobs").join(name)));
+    files
+}

@@ -200,13 +200,14 @@ async fn an_app_is_a_namespace_its_build_a_job_and_its_release_a_rolling_deploym
     let mut at = find_line(&lines, 0, &["system/k8s/atom/app Status: None => Pending"]);
     at = find_line(&lines, at, &["system/k8s/atom/app Status: Pending => Updating"]);
     at = find_line(&lines, at, &["system/k8s/web Scaled up replica set web-", " to 1"]);
-    at = find_line(&lines, at, &["system/k8s/web-", " Created pod: web-"]);
-    at = find_line(
+    // The replica set's and the scheduler's events race: either may come first.
+    let created = find_line(&lines, at, &["system/k8s/web-", " Created pod: web-"]);
+    let assigned = find_line(
         &lines,
         at,
         &["system/k8s/web-", &format!(" Successfully assigned {ns}/web-")],
     );
-    at = find_line(&lines, at, &[&format!(" Pulling image \"{image}\"")]);
+    at = find_line(&lines, created.max(assigned), &[&format!(" Pulling image \"{image}\"")]);
     at = find_line(&lines, at, &[" Started container main"]);
     find_line(&lines, at, &["system/k8s/atom/app Status: Updating => Running"]);
     assert!(log.ends_with("\nOK\n"), "{log}");

@@ -7,7 +7,7 @@ use reqwest::Method;
 use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{PASSWORD, TestApp, status_text, wait_for};
+use crate::helpers::{PASSWORD, TestApp, files_under, object_files, status_text, wait_for};
 
 fn sha256(data: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(data).into()
@@ -99,7 +99,7 @@ async fn an_upload_without_a_key_gets_a_tmp_key() {
 }
 
 #[tokio::test]
-async fn digest_mismatch_is_400_and_keeps_nothing() {
+async fn digest_mismatch_is_422_and_keeps_nothing() {
     let app = TestApp::spawn().await;
     app.create_app("myapp").await;
     let response = app
@@ -110,7 +110,7 @@ async fn digest_mismatch_is_400_and_keeps_nothing() {
         .await
         .unwrap();
     let (status, text) = status_text(response).await;
-    assert_eq!(status, 400);
+    assert_eq!(status, 422);
     assert!(text.starts_with("the upload's SHA-256 is"), "{text}");
     assert_eq!(app.head_status("/apps/myapp/objects/a.tgz").await, 404);
     assert_no_files(&app, "myapp").await;
@@ -208,29 +208,6 @@ async fn objects_of_unknown_apps_are_404() {
     let app = TestApp::spawn().await;
     let (status, text) = status_text(app.upload("nope", "a", b"x".to_vec()).await).await;
     assert_eq!((status, text.as_str()), (404, "app not found: nope\n"));
-}
-
-fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            if entry.file_type().unwrap().is_dir() {
-                stack.push(entry.path());
-            } else {
-                found.push(entry.path());
-            }
-        }
-    }
-    found
-}
-
-/// The files holding `name`'s objects (blobs, and objects stored before blobs existed).
-fn object_files(app: &TestApp, name: &str) -> Vec<std::path::PathBuf> {
-    let root = app.state.config.data_dir.join("objects");
-    let mut files = files_under(&root.join(name));
-    files.extend(files_under(&root.join("_blobs").join(name)));
-    files
 }
 
 async fn assert_no_files(app: &TestApp, name: &str) {

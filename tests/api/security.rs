@@ -1,0 +1,351 @@
+//! Least privilege: app-scoped and expiring tokens, streams that end with their credential, the
+//! audit log, throttled authentication failures and per-credential stream limits.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use reqwest::Method;
+use serde_json::Value;
+
+use crate::helpers::{PASSWORD, TestApp, status_text, wait_for};
+
+/// Creates a token with `form` fields; returns (id, secret).
+async fn token(app: &TestApp, form: &[(&str, &str)]) -> (String, String) {
+    let response = app.json(Method::POST, "/tokens").form(form).send().await.unwrap();
+    let (status, text) = status_text(response).await;
+    assert_eq!(status, 201, "{text}");
+    let body: Value = serde_json::from_str(&text).unwrap();
+    (
+        body["id"].as_str().unwrap().to_owned(),
+        body["token"].as_str().unwrap().to_owned(),
+    )
+}
+
+fn with(app: &TestApp, secret: &str, method: Method, path: &str) -> reqwest::RequestBuilder {
+    app.client
+        .request(method, app.url(path))
+        .bearer_auth(secret)
+        .header("accept", "application/json")
+}
+
+#[tokio::test]
+async fn an_app_scoped_token_acts_on_its_apps_only() {
+    let app = TestApp::spawn().await;
+    for name in ["mine", "theirs"] {
+        assert_eq!(app.create_app(name).await.status(), 201);
+    }
+    let (id, secret) = token(&app, &[("name", "ci"), ("role", "deploy"), ("apps", "mine")]).await;
+    let listed: Vec<Value> = with(&app, &secret, Method::GET, "/apps")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["name"], "mine");
+    assert_eq!(
+        with(&app, &secret, Method::GET, "/apps/mine")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let (status, text) = status_text(
+        with(&app, &secret, Method::GET, "/apps/theirs/builds")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert!(text.contains("limited to the apps mine, not theirs"), "{text}");
+    let upload = with(&app, &secret, Method::POST, "/apps/theirs/objects/a.tgz")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(upload.status(), 403);
+    assert_eq!(
+        with(&app, &secret, Method::GET, "/system")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // Its use is recorded: when, and from where.
+    let tokens: Vec<Value> = app.get_json("/tokens").await;
+    let listed = tokens.iter().find(|t| t["id"] == id.as_str()).unwrap();
+    assert_eq!(listed["apps"], serde_json::json!(["mine"]));
+    assert_eq!(listed["last_used_from"], "127.0.0.1");
+    assert!(listed["last_used"].is_string());
+
+    let bad = app
+        .json(Method::POST, "/tokens")
+        .form(&[("name", "x"), ("role", "read"), ("apps", "Not An App")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+}
+
+/// Generated from the route table: a token limited to one app gets 403 on every route of
+/// another app, and is allowed past the check on its own.
+#[tokio::test]
+async fn every_app_route_refuses_an_app_scoped_token_for_another_app() {
+    let app = TestApp::spawn().await;
+    let (_, secret) = token(&app, &[("name", "scoped"), ("role", "admin"), ("apps", "mine")]).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    for route in rack::api::route_table() {
+        if !route.path.starts_with("/apps/{app}") {
+            continue;
+        }
+        let path = |app: &str| {
+            route
+                .path
+                .replace("{app}", app)
+                .replace("{id}", "RNOSUCHRELE")
+                .replace("{service}", "web")
+                .replace("{*key}", "some/key")
+        };
+        let other = client
+            .request(route.method.clone(), app.url(&path("theirs")))
+            .bearer_auth(&secret)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(other.status(), 403, "{} {} on another app", route.method, route.path);
+        let own = client
+            .request(route.method.clone(), app.url(&path("mine")))
+            .bearer_auth(&secret)
+            .send()
+            .await
+            .unwrap();
+        assert_ne!(own.status(), 403, "{} {} on its own app", route.method, route.path);
+    }
+}
+
+/// Reads a stream until it ends (at most `secs`); returns its text.
+async fn read_to_end(response: reqwest::Response, secs: u64) -> String {
+    let mut body = response.bytes_stream();
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        match tokio::time::timeout_at(deadline, body.next()).await {
+            Ok(Some(Ok(chunk))) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            Ok(_) => return text,
+            Err(_) => panic!("the stream did not end within {secs} s: {text:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn revoking_or_expiring_a_token_ends_its_streams() {
+    let app = TestApp::spawn().await;
+    app.create_app("watched").await;
+    let (id, secret) = token(&app, &[("name", "dashboard"), ("role", "read")]).await;
+    let stream = with(&app, &secret, Method::GET, "/apps/watched/logs")
+        .header("accept", "text/plain")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let revoked = std::time::Instant::now();
+    assert_eq!(
+        app.convox(Method::DELETE, &format!("/tokens/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let text = read_to_end(stream, 5).await;
+    assert!(
+        text.ends_with("rack: the token of this stream was revoked\n"),
+        "{text:?}"
+    );
+    assert!(revoked.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        with(&app, &secret, Method::GET, "/apps").send().await.unwrap().status(),
+        401
+    );
+
+    let (_, short) = token(&app, &[("name", "short"), ("role", "read"), ("expires_in", "2")]).await;
+    let stream = with(&app, &short, Method::GET, "/apps/watched/logs")
+        .header("accept", "text/plain")
+        .send()
+        .await
+        .unwrap();
+    let text = read_to_end(stream, 10).await;
+    assert!(text.ends_with("rack: the token of this stream expired\n"), "{text:?}");
+    assert_eq!(
+        with(&app, &short, Method::GET, "/apps").send().await.unwrap().status(),
+        401
+    );
+}
+
+#[tokio::test]
+async fn a_credential_may_hold_only_so_many_streams() {
+    let app = TestApp::spawn_with(|config| config.max_streams_per_credential = 2).await;
+    app.create_app("busy").await;
+    let open = || {
+        app.request(Method::GET, "/apps/busy/logs")
+            .header("accept", "text/plain")
+            .send()
+    };
+    let first = open().await.unwrap();
+    let second = open().await.unwrap();
+    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+    let third = open().await.unwrap();
+    assert_eq!(third.status(), 429);
+    assert_eq!(third.headers()["retry-after"], "1");
+    drop(first);
+    wait_for(10, "a slot to come back", || async {
+        (open().await.ok()?.status() == 200).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn failed_authentications_are_throttled_per_address() {
+    let app = TestApp::spawn().await;
+    let mut statuses = Vec::new();
+    for _ in 0..50 {
+        let response = app
+            .client
+            .get(app.url("/apps"))
+            .basic_auth("", Some("wrong"))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+        if response.status() == 429 {
+            let wait: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+            assert!((1..=60).contains(&wait), "{wait}");
+        }
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 401).count(), 20, "{statuses:?}");
+    assert_eq!(statuses.last(), Some(&429));
+    // Even the right password is not checked from that address for now...
+    let blocked = app.request(Method::GET, "/apps").send().await.unwrap();
+    assert_eq!(blocked.status(), 429);
+    // ...while another address is unaffected.
+    let elsewhere = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    let response = elsewhere
+        .get(app.url("/apps"))
+        .basic_auth("convox", Some(PASSWORD))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn the_audit_log_says_who_did_what_and_holds_no_secret() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.create_app("audited").await.status(), 201);
+    let (_, secret) = token(&app, &[("name", "deployer"), ("role", "deploy"), ("apps", "audited")]).await;
+    let manifest = "services:\n  worker:\n    command: sleep 600\n    health:\n      grace: 0\n";
+    let id = app.build_source("audited", &[("convox.yml", manifest)]).await;
+    let release = app.wait_build("audited", &id).await["release"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let env = with(&app, &secret, Method::POST, "/apps/audited/releases")
+        .form(&[("env", "SECRET_VALUE=hunter2")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(env.status(), 201);
+    let promote = with(
+        &app,
+        &secret,
+        Method::POST,
+        &format!("/apps/audited/releases/{release}/promote"),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(promote.status(), 201);
+    wait_for(30, "the app to run", || async {
+        let info: Value = app.get_json("/apps/audited").await;
+        (info["status"] == "running" && info["release"] == release.as_str()).then_some(())
+    })
+    .await;
+    let run = with(&app, &secret, Method::POST, "/apps/audited/services/worker/processes")
+        .header("command", "echo hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(run.status(), 200);
+    let refused = with(&app, &secret, Method::DELETE, "/apps/audited")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+
+    let entries: Vec<Value> = wait_for(10, "the audit entries", || async {
+        let entries: Vec<Value> = app.get_json("/audit?app=audited").await;
+        // Entries are written after each answer, in the background: wait for all of them.
+        let has = |method: &str, route: &str| entries.iter().any(|e| e["method"] == method && e["route"] == route);
+        (has("POST", "/apps")
+            && has("POST", "/apps/{app}/releases/{id}/promote")
+            && has("POST", "/apps/{app}/services/{service}/processes")
+            && has("DELETE", "/apps/{app}"))
+        .then_some(entries)
+    })
+    .await;
+    let find = |actor: &str, method: &str, route: &str| {
+        entries
+            .iter()
+            .find(|e| e["actor"] == actor && e["method"] == method && e["route"] == route)
+            .unwrap_or_else(|| panic!("no {actor} {method} {route} in {entries:#?}"))
+    };
+    let promoted = find("token deployer", "POST", "/apps/{app}/releases/{id}/promote");
+    assert_eq!(promoted["status"], 201);
+    assert!(
+        promoted["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i == release.as_str())
+    );
+    assert_eq!(promoted["client"], "127.0.0.1");
+    assert!(!promoted["request_id"].as_str().unwrap().is_empty());
+    find("token deployer", "POST", "/apps/{app}/services/{service}/processes");
+    assert_eq!(find("token deployer", "DELETE", "/apps/{app}")["status"], 403);
+    // Who created the app, under the app's name.
+    assert_eq!(find("password", "POST", "/apps")["status"], 201);
+    let all: Vec<Value> = app.get_json("/audit?limit=1000").await;
+    // Filters and paging.
+    let by_token: Vec<Value> = app.get_json("/audit?actor=token%20deployer&limit=2").await;
+    assert_eq!(by_token.len(), 2);
+    let next: Vec<Value> = app
+        .get_json(&format!(
+            "/audit?actor=token%20deployer&limit=2&before={}",
+            by_token[1]["id"].as_str().unwrap()
+        ))
+        .await;
+    assert!(next.iter().all(|e| e["id"].as_str() < by_token[1]["id"].as_str()));
+    let text = serde_json::to_string(&all).unwrap();
+    for secret in [PASSWORD, secret.as_str(), "hunter2"] {
+        assert!(!text.contains(secret), "the audit log holds a secret");
+    }
+    // Only admins read it.
+    assert_eq!(
+        with(&app, &secret, Method::GET, "/audit")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+}
