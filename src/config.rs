@@ -125,6 +125,9 @@ pub struct ServerArgs {
     /// Days the audit log keeps its entries.
     #[arg(long, env = "RACK_AUDIT_RETENTION_DAYS", default_value_t = 90)]
     pub audit_retention_days: u32,
+    /// Days the event feed (`GET /events`) keeps its events.
+    #[arg(long, env = "RACK_FEED_RETENTION_DAYS", default_value_t = 14)]
+    pub feed_retention_days: u32,
     /// Longest a one-off process (`run`) may run, in seconds; then it is stopped.
     #[arg(long, env = "RACK_RUN_TIMEOUT", default_value_t = 3600)]
     pub run_timeout: u64,
@@ -192,6 +195,8 @@ pub struct Config {
     pub max_streams_per_credential: usize,
     /// How long the audit log keeps its entries.
     pub audit_retention: Duration,
+    /// How long the event feed keeps its events.
+    pub feed_retention: Duration,
     /// Settings of the Kubernetes runtime, when it is the one in use.
     pub kube: Option<KubeConfig>,
 }
@@ -315,6 +320,7 @@ impl Config {
             auth_failures: args.auth_failures,
             max_streams_per_credential: args.max_streams_per_credential,
             audit_retention: Duration::from_secs(u64::from(args.audit_retention_days.max(1)) * 86_400),
+            feed_retention: Duration::from_secs(u64::from(args.feed_retention_days.max(1)) * 86_400),
             listener: crate::serve::Limits {
                 header_timeout: Duration::from_secs(args.header_timeout),
                 max_header_bytes: args.max_header_bytes,
@@ -346,6 +352,7 @@ impl Config {
             auth_failures: 20,
             max_streams_per_credential: 100,
             audit_retention: Duration::from_secs(90 * 86_400),
+            feed_retention: Duration::from_secs(14 * 86_400),
             kube: None,
         }
     }

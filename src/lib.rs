@@ -14,6 +14,7 @@ pub mod events;
 pub mod ids;
 pub mod jobs;
 pub mod manifest;
+pub mod metrics;
 pub mod names;
 pub mod objects;
 pub mod postgres;
@@ -52,6 +53,8 @@ pub struct Rack {
     pub throttle: throttle::Throttle,
     /// Open streams per credential.
     pub streams: api::limits::StreamSlots,
+    /// What `GET /metrics` shows.
+    pub metrics: metrics::Metrics,
 }
 
 /// The state handed to handlers: a cheap handle on the one [`Rack`].
@@ -177,6 +180,7 @@ impl Application {
             shutdown,
             throttle,
             streams,
+            metrics: metrics::Metrics::new(),
         }));
         if password_source == PasswordSource::Generated {
             // Printed once, on the start that generated it, for the operator at the terminal;

@@ -5,7 +5,9 @@
 pub mod apps;
 pub mod audit;
 pub mod builds;
+pub mod dashboard;
 pub mod deployments;
+pub mod feed;
 pub mod idempotency;
 pub mod input;
 pub mod limits;
@@ -54,6 +56,7 @@ static REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
 fn routes() -> Routes {
     use Method as M;
     Routes::default()
+        .json(M::GET, "/", READ, dashboard::root)
         .json(M::GET, "/system", READ, system::show_system)
         .json(M::GET, "/auth", READ, system::check_auth)
         .json(M::GET, "/apps", READ, apps::list_apps)
@@ -163,6 +166,9 @@ fn routes() -> Routes {
             DEPLOY,
             services::restart_service,
         )
+        .stream(M::GET, "/events", READ, feed::stream_feed)
+        .stream(M::GET, "/apps/{app}/events", READ, feed::stream_app_feed)
+        .json(M::GET, "/metrics", READ, system::show_metrics)
         .json(M::GET, "/audit", ADMIN, audit::list_audit)
         .json(M::GET, "/tokens", ADMIN, tokens::list_tokens)
         .json(M::POST, "/tokens", ADMIN, tokens::create_token)
@@ -232,6 +238,7 @@ pub fn router(state: AppState) -> Router {
         // Layers run outside-in from the last one added: request id, trace, error rendering, auth.
         .layer(auth)
         .layer(middleware::from_fn(render_errors))
+        .layer(middleware::from_fn_with_state(state.clone(), count_request))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
@@ -389,6 +396,26 @@ fn request_span(request: &Request<Body>) -> tracing::Span {
     tracing::info_span!("request", http.method = %request.method(), http.route = %path, request.id = %id)
 }
 
+/// Counts each request in the metrics, by its route's template (never its path: ids would make
+/// a series per request).
+async fn count_request(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    // `{app}` is written `:app`: braces inside a label value trip up simple text-format parsers.
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+        .replace("{*", "*")
+        .replace('{', ":")
+        .replace('}', "");
+    let response = next.run(request).await;
+    state
+        .metrics
+        .request(method.as_str(), &route, response.status().as_u16(), started.elapsed());
+    response
+}
+
 async fn unknown_route(method: Method, uri: axum::http::Uri) -> ApiError {
     ApiError::NotFound("route", format!("{method} {}", uri.path()))
 }
@@ -398,6 +425,12 @@ async fn unknown_route(method: Method, uri: axum::http::Uri) -> ApiError {
 /// from an `ApiError` (405 from the router, 503 from the timeout) get a message here.
 async fn render_errors(request: Request, next: Next) -> Response {
     let format = input::Format::of(request.headers());
+    // A script's request (the dashboard's fetch) must not make the browser ask for a password
+    // in a dialog of its own: the page has its sign-in form.
+    let scripted = request
+        .headers()
+        .get("sec-fetch-mode")
+        .is_some_and(|mode| mode.as_bytes() != b"navigate");
     let response = next.run(request).await;
     let status = response.status();
     if !status.is_client_error() && !status.is_server_error() {
@@ -414,6 +447,9 @@ async fn render_errors(request: Request, next: Next) -> Response {
     };
     let (mut parts, _) = response.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
+    if scripted {
+        parts.headers.remove(header::WWW_AUTHENTICATE);
+    }
     let body = match format {
         input::Format::Json => {
             parts

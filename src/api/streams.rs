@@ -22,13 +22,13 @@ use crate::api::limits::StreamSlot;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::events::Wake;
-use crate::events::{Follow, Item, format_line, outcome_line, subscribe};
+use crate::events::{Follow, Item, format_line, outcome_line};
 use crate::store::events::{Event, Outcome, Topic};
 use futures_util::FutureExt;
 use tokio::sync::broadcast;
 
 /// The line that ends a stream when the server stops, so clients know to reconnect.
-const SHUTTING_DOWN: &str = "rack: this server is shutting down; reconnect to resume";
+pub const SHUTTING_DOWN: &str = "rack: this server is shutting down; reconnect to resume";
 
 /// The query of a stream request.
 #[derive(Debug, Default, Deserialize)]
@@ -119,14 +119,7 @@ pub fn respond_merged(
         outcomes: !matches!(topic, Topic::App { .. }),
         ids: request.query.ids,
     };
-    let events = subscribe(
-        state.pool.clone(),
-        &state.bus,
-        state.shutdown.clone(),
-        topic,
-        after,
-        follow,
-    );
+    let events = state.bus.events(topic, after, follow);
     let items = match extra {
         None => events.boxed(),
         Some(extra) => {
@@ -136,7 +129,11 @@ pub fn respond_merged(
             futures_util::stream::select(events, extra).boxed()
         }
     };
-    let items = guarded(items, credential_end(state, request.principal.as_ref()), slot);
+    let items = guarded(
+        items,
+        credential_end(state, request.principal.as_ref()),
+        (slot, state.metrics.stream("logs")),
+    );
     if let Some(ws) = request.ws {
         // A log stream's client sends nothing but control frames.
         return Ok(ws
@@ -158,11 +155,11 @@ pub fn respond_merged(
 
 /// `items`, ended by `end` (the stream's credential was revoked or expired) with a last item
 /// saying why; `slot` is held until the stream is over.
-fn guarded(
-    items: futures_util::stream::BoxStream<'static, Result<Item, sqlx::Error>>,
+pub fn guarded<E: Send + 'static>(
+    items: futures_util::stream::BoxStream<'static, Result<Item<E>, sqlx::Error>>,
     end: futures_util::future::BoxFuture<'static, String>,
-    slot: StreamSlot,
-) -> futures_util::stream::BoxStream<'static, Result<Item, sqlx::Error>> {
+    slot: (StreamSlot, crate::metrics::StreamGauge),
+) -> futures_util::stream::BoxStream<'static, Result<Item<E>, sqlx::Error>> {
     futures_util::stream::unfold(Some((items, end, slot)), |state| async move {
         let (mut items, mut end, slot) = state?;
         tokio::select! {
@@ -217,17 +214,27 @@ pub fn credential_end(
 }
 
 fn cursor(headers: &HeaderMap, query: &StreamQuery) -> ApiResult<i64> {
-    // `after` wins, but a malformed header is refused all the same.
+    Ok(resume_point(headers, query.after)?.unwrap_or(0))
+}
+
+/// Where a client resumes: `after` (from the query) wins over `Last-Event-ID`, but a malformed
+/// header is refused all the same; `None` when it gave neither.
+///
+/// # Errors
+/// 400 when `Last-Event-ID` is not an event id.
+pub fn resume_point(headers: &HeaderMap, after: Option<i64>) -> ApiResult<Option<i64>> {
     let header = match headers.get("last-event-id") {
-        None => Ok(0),
-        Some(value) => value
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse::<i64>().ok())
-            .map(|v| v.max(0))
-            .ok_or_else(|| ApiError::BadRequest("Last-Event-ID must be an event id (a number)".into())),
-    }?;
-    Ok(query.after.map_or(header, |after| after.max(0)))
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<i64>().ok())
+                .map(|v| v.max(0))
+                .ok_or_else(|| ApiError::BadRequest("Last-Event-ID must be an event id (a number)".into()))?,
+        ),
+    };
+    Ok(after.map(|a| a.max(0)).or(header))
 }
 
 /// How one stream renders its events.

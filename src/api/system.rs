@@ -4,12 +4,13 @@ use std::collections::BTreeMap;
 
 use axum::Extension;
 use axum::extract::State;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::AppState;
 use crate::api::input::{Format, Pretty};
 use crate::auth::Principal;
+use crate::error::{ApiError, ApiResult};
 
 /// The version reported to clients. The convox CLI compares it as a string with v2 date
 /// versions and takes legacy code paths for anything that sorts below them, so it starts
@@ -61,4 +62,52 @@ pub async fn show_system(State(state): State<AppState>) -> Pretty<System> {
 #[tracing::instrument(skip_all)]
 pub async fn check_auth(Extension(principal): Extension<Principal>, format: Format) -> Response {
     format.ok(serde_json::json!({ "role": principal.role.as_str() }))
+}
+
+/// `GET /metrics`: Prometheus text format. Any credential that sees the whole rack (a `read`
+/// token at least; not one limited to some apps: the figures are the rack's).
+#[tracing::instrument(skip_all)]
+pub async fn show_metrics(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> ApiResult<Response> {
+    if principal.apps.is_some() {
+        return Err(ApiError::Forbidden(
+            "this credential is limited to some apps; /metrics shows the whole rack's figures".into(),
+        ));
+    }
+    let metrics = &state.metrics;
+    for queue in crate::store::stats::queues(&state.pool).await? {
+        metrics
+            .queue_depth
+            .with_label_values(&[queue.kind.as_str()])
+            .set(queue.depth);
+        metrics
+            .queue_oldest
+            .with_label_values(&[queue.kind.as_str()])
+            .set(queue.oldest);
+    }
+    let size = i64::from(state.pool.size());
+    let idle = i64::try_from(state.pool.num_idle()).unwrap_or(i64::MAX);
+    metrics.pool_connections.with_label_values(&["idle"]).set(idle);
+    metrics.pool_connections.with_label_values(&["in_use"]).set(size - idle);
+    metrics
+        .pool_connections
+        .with_label_values(&["max"])
+        .set(i64::from(state.pool.options().get_max_connections()));
+    metrics
+        .bus_reads
+        .set(i64::try_from(state.bus.reads()).unwrap_or(i64::MAX));
+    metrics
+        .bus_tails
+        .set(i64::try_from(state.bus.tails()).unwrap_or(i64::MAX));
+    metrics.bus_lag.set(state.bus.lag().as_secs_f64());
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics.render(),
+    )
+        .into_response())
 }

@@ -194,6 +194,15 @@ async fn upload(client: &Client, app: &str, tarball: tempfile::NamedTempFile) ->
     } else {
         indicatif::ProgressBar::hidden()
     };
+    // Content-addressed: a package the rack already holds (the same source deployed again) is
+    // not sent twice. The rack's own digest of what it stores decides, not the key's name.
+    let key = format!("sources/{digest}.tgz");
+    let path = format!("/apps/{}/objects/{key}", client.segment(app));
+    if client.object_digest(&path).await?.as_deref() == Some(digest.as_str()) {
+        bar.finish_and_clear();
+        eprint!("(unchanged, not sent) ");
+        return Ok(format!("object://{app}/{key}"));
+    }
     let file = tokio::fs::File::open(tarball.path()).await?;
     let progress = bar.clone();
     let stream = tokio_util::io::ReaderStream::new(file).inspect(move |chunk| {
@@ -201,10 +210,9 @@ async fn upload(client: &Client, app: &str, tarball: tempfile::NamedTempFile) ->
             progress.inc(chunk.len() as u64);
         }
     });
-    let key = format!("tmp/{}.tgz", crate::ids::random_token(30).to_lowercase());
     let uploaded: Uploaded = client
         .post_body(
-            &format!("/apps/{}/objects/{key}", client.segment(app)),
+            &path,
             reqwest::Body::wrap_stream(stream),
             &[("x-checksum-sha256", digest), ("content-length", size.to_string())],
         )

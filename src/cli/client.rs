@@ -65,6 +65,27 @@ impl Client {
         self.send(self.request(Method::GET, path)?).await
     }
 
+    /// The SHA-256 the rack holds for the object at `path` (`HEAD`), `None` when it has none.
+    ///
+    /// # Errors
+    /// When the rack cannot be reached or answers anything but 200 or 404.
+    pub async fn object_digest(&self, path: &str) -> anyhow::Result<Option<String>> {
+        let response = self
+            .request(Method::HEAD, path)?
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("could not reach the rack at {}: {}", self.base, root_cause(&e)))?;
+        match response.status() {
+            reqwest::StatusCode::NOT_FOUND => Ok(None),
+            status if status.is_success() => Ok(response
+                .headers()
+                .get("x-checksum-sha256")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)),
+            status => bail!("{}", error_message(status, &[])),
+        }
+    }
+
     /// `POST path` with a form body, decoded from JSON.
     pub async fn post<T: DeserializeOwned>(&self, path: &str, form: &[(&str, &str)]) -> anyhow::Result<T> {
         self.send(self.request(Method::POST, path)?.form(form)).await

@@ -1,37 +1,44 @@
 //! The event bus: events are appended to Postgres (the source of truth) and announced with
-//! NOTIFY; each replica keeps one LISTEN connection and wakes its local subscribers, which then
-//! read what is new from Postgres after their cursor. So a subscriber on any replica sees every
-//! event of its topic once, in order, whoever wrote it, and a slow subscriber loses nothing.
+//! NOTIFY; each replica keeps one LISTEN connection, and one tail per log that has local
+//! subscribers (`tail`): the tail reads each new batch once and hands it to every local
+//! subscriber (`subscription`). So a subscriber on any replica sees every event of its topic
+//! once, in order, whoever wrote it; a line costs one query per replica whatever the number of
+//! subscribers; and a slow subscriber loses nothing: it falls behind and catches up from
+//! Postgres by itself, without delaying anyone.
 //!
 //! ```text
-//! writer ── insert + pg_notify ──► Postgres ──► LISTEN (one per replica) ──► broadcast wake
-//!                                     ▲                                         │
-//!                                     └──── select … where seq > cursor ◄── subscriber
+//! writer ── insert + pg_notify ──► Postgres ──► LISTEN (one per replica) ──► wake
+//!                                     ▲                                        │
+//!                                     ├──── tail: select … where seq > last ◄──┘ (one per log)
+//!                                     │          │ broadcast batches
+//!                                     └── catch-up (resume, lag) ◄── subscribers
 //! ```
 
+mod subscription;
+pub mod tail;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures_util::Stream;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+pub use subscription::{Follow, Item, Subscription};
+
 use crate::store::builds::JOBS_CHANNEL;
 use crate::store::events::{EVENTS_CHANNEL, Event, Topic};
-
-/// How many events a subscriber reads from Postgres at a time.
-const PAGE: i64 = 500;
-
-/// A subscriber that heard nothing for this long reads Postgres anyway: a safety net for a
-/// notification lost while the LISTEN connection was being re-established.
-const POLL_EVERY: Duration = Duration::from_secs(2);
+use crate::store::feed::{FEED_CHANNEL, FeedEvent, FeedFilter};
 
 /// Something changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Wake {
     /// New events for this app.
     Events(String),
+    /// New events in the rack-wide feed.
+    Feed,
     /// New work for the job workers.
     Jobs,
     /// Anything may have changed (the LISTEN connection was re-established).
@@ -43,7 +50,17 @@ pub enum Wake {
 /// The replica's end of the bus.
 #[derive(Debug, Clone)]
 pub struct EventBus {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     wake: broadcast::Sender<Wake>,
+    shutdown: CancellationToken,
+    apps: tail::Tails<AppLog>,
+    feed: tail::Tails<FeedLog>,
+    /// Reads the event logs, counting (see [`EventBus::reads`]).
+    reader: tail::Reader,
 }
 
 impl EventBus {
@@ -55,17 +72,24 @@ impl EventBus {
         let (wake, _) = broadcast::channel(1024);
         let mut listener = PgListener::connect_with(pool).await?;
         listener
-            .listen_all([EVENTS_CHANNEL, JOBS_CHANNEL, crate::store::tokens::REVOKED_CHANNEL])
+            .listen_all([
+                EVENTS_CHANNEL,
+                FEED_CHANNEL,
+                JOBS_CHANNEL,
+                crate::store::tokens::REVOKED_CHANNEL,
+            ])
             .await?;
         let sender = wake.clone();
+        let stop = shutdown.clone();
         tokio::spawn(async move {
             loop {
                 let received = tokio::select! {
-                    () = shutdown.cancelled() => return,
+                    () = stop.cancelled() => return,
                     received = listener.try_recv() => received,
                 };
                 let message = match received {
                     Ok(Some(n)) if n.channel() == EVENTS_CHANNEL => Wake::Events(n.payload().to_owned()),
+                    Ok(Some(n)) if n.channel() == FEED_CHANNEL => Wake::Feed,
                     Ok(Some(n)) if n.channel() == crate::store::tokens::REVOKED_CHANNEL => match n.payload().parse() {
                         Ok(id) => Wake::Revoked(id),
                         Err(_) => continue,
@@ -78,7 +102,7 @@ impl EventBus {
                         tracing::warn!(error = %error, "the LISTEN connection failed; retrying");
                         let _ = sender.send(Wake::All);
                         tokio::select! {
-                            () = shutdown.cancelled() => return,
+                            () = stop.cancelled() => return,
                             () = tokio::time::sleep(Duration::from_secs(1)) => {}
                         }
                         continue;
@@ -88,129 +112,204 @@ impl EventBus {
                 let _ = sender.send(message);
             }
         });
-        Ok(Self { wake })
+        let reader = tail::Reader {
+            pool: pool.clone(),
+            reads: Arc::new(AtomicU64::new(0)),
+            lag_micros: Arc::new(AtomicU64::new(0)),
+        };
+        let apps = tail::Tails::new(reader.clone(), wake.clone(), shutdown.clone());
+        let feed = tail::Tails::new(reader.clone(), wake.clone(), shutdown.clone());
+        Ok(Self {
+            inner: Arc::new(Inner {
+                wake,
+                shutdown,
+                apps,
+                feed,
+                reader,
+            }),
+        })
     }
 
     /// A receiver of wake-ups. Subscribe *before* reading from Postgres, or an event committed
     /// between the read and the subscription would wait for the next poll.
     pub fn subscribe(&self) -> broadcast::Receiver<Wake> {
-        self.wake.subscribe()
+        self.inner.wake.subscribe()
     }
 
     /// Wakes local subscribers of `app` (used by writers in this replica for lower latency;
     /// the NOTIFY reaches the other replicas).
     pub fn poke(&self, wake: Wake) {
-        let _ = self.wake.send(wake);
+        let _ = self.inner.wake.send(wake);
+    }
+
+    /// How many times this replica has read the event log for its subscribers (tails'
+    /// batches and subscribers' catch-ups): what a line costs, for tests and metrics.
+    pub fn reads(&self) -> u64 {
+        self.inner.reader.reads.load(Ordering::Relaxed)
+    }
+
+    /// How late the newest batch reached this replica's subscribers: from the commit of its
+    /// last event to its read.
+    pub fn lag(&self) -> Duration {
+        Duration::from_micros(self.inner.reader.lag_micros.load(Ordering::Relaxed))
+    }
+
+    /// How many logs this replica tails now (each has at least one local subscriber).
+    pub fn tails(&self) -> usize {
+        self.inner.apps.len() + self.inner.feed.len()
+    }
+
+    /// The events of `topic` after seq `after`, in order, then live ones as they come, ending
+    /// after the terminal event (an event with an outcome; never for an app's log) or at
+    /// shutdown.
+    pub fn events(&self, topic: Topic, after: i64, follow: Follow) -> Subscription<AppLog, Topic> {
+        let log = AppLog {
+            app: topic.app().to_owned(),
+        };
+        Subscription::new(
+            self.inner.reader.clone(),
+            &self.inner.apps,
+            self.inner.shutdown.clone(),
+            log,
+            topic,
+            after,
+            follow,
+        )
     }
 }
 
-/// How a subscription ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Follow {
-    /// Until the topic's terminal event (builds, deployments), or forever (app logs).
-    UntilEnd,
-    /// Only what exists now.
-    Backlog,
-}
-
-/// An item of a subscription.
-#[derive(Debug, Clone)]
-pub enum Item {
-    Event(Event),
-    /// Nothing happened for a while: transports send a heartbeat.
-    Idle,
-    /// The server is shutting down: clients should reconnect (to another replica).
-    ShuttingDown,
-    /// The stream's credential ended (revoked, expired): why.
-    Closed(String),
-}
-
-/// The events of `topic` after seq `after`, in order, then live ones as they come, ending
-/// after the terminal event (an event with an outcome) or at shutdown.
-pub fn subscribe(
-    pool: PgPool,
-    bus: &EventBus,
-    shutdown: CancellationToken,
-    topic: Topic,
-    after: i64,
-    follow: Follow,
-) -> impl Stream<Item = Result<Item, sqlx::Error>> + Send + 'static {
-    let wake = bus.subscribe();
-    futures_util::stream::unfold(
-        Some(State {
-            pool,
-            wake,
-            shutdown,
-            topic,
-            cursor: after,
-            buffered: Default::default(),
+impl EventBus {
+    /// The feed events `filter` wants after id `after`, in order, then live ones as they come,
+    /// until shutdown (or, with [`Follow::Backlog`], until what exists now has been read).
+    pub fn feed(&self, filter: FeedFilter, after: i64, follow: Follow) -> Subscription<FeedLog, FeedFilter> {
+        Subscription::new(
+            self.inner.reader.clone(),
+            &self.inner.feed,
+            self.inner.shutdown.clone(),
+            FeedLog,
+            filter,
+            after,
             follow,
-        }),
-        |state| async move {
-            let mut state = state?;
-            loop {
-                if let Some(event) = state.buffered.pop_front() {
-                    state.cursor = event.seq;
-                    let terminal = event.outcome.is_some() && !matches!(state.topic, Topic::App { .. });
-                    let next = if terminal { None } else { Some(state) };
-                    return Some((Ok(Item::Event(event)), next));
-                }
-                match crate::store::events::list_after(&state.pool, &state.topic, state.cursor, PAGE).await {
-                    Ok(events) if !events.is_empty() => {
-                        state.buffered.extend(events);
-                        continue;
-                    }
-                    Ok(_) => {}
-                    Err(e) => return Some((Err(e), None)),
-                }
-                if state.follow == Follow::Backlog {
-                    return None;
-                }
-                match state.wait().await {
-                    Waited::Woken => continue,
-                    Waited::Idle => return Some((Ok(Item::Idle), Some(state))),
-                    Waited::ShuttingDown => return Some((Ok(Item::ShuttingDown), None)),
-                }
-            }
-        },
-    )
+        )
+    }
 }
 
-struct State {
-    pool: PgPool,
-    wake: broadcast::Receiver<Wake>,
-    shutdown: CancellationToken,
-    topic: Topic,
-    cursor: i64,
-    buffered: std::collections::VecDeque<Event>,
-    follow: Follow,
+/// The rack-wide feed, as a tail follows it.
+#[derive(Debug, Clone, Copy)]
+pub struct FeedLog;
+
+#[async_trait::async_trait]
+impl tail::Log for FeedLog {
+    type Entry = FeedEvent;
+
+    fn key(&self) -> String {
+        "feed".to_owned()
+    }
+
+    fn concerns(&self, wake: &Wake) -> bool {
+        matches!(wake, Wake::Feed | Wake::All)
+    }
+
+    async fn horizon(&self, pool: &PgPool) -> Result<i64, sqlx::Error> {
+        crate::store::feed::horizon(pool).await
+    }
+
+    async fn read(&self, pool: &PgPool, after: i64, limit: i64) -> Result<Vec<FeedEvent>, sqlx::Error> {
+        crate::store::feed::list_after(pool, &FeedFilter::default(), after, limit).await
+    }
+
+    fn seq(entry: &FeedEvent) -> i64 {
+        entry.id
+    }
+
+    fn at(entry: &FeedEvent) -> chrono::DateTime<chrono::Utc> {
+        entry.at
+    }
 }
 
-enum Waited {
-    Woken,
-    Idle,
-    ShuttingDown,
+#[async_trait::async_trait]
+impl Filter<FeedLog> for FeedFilter {
+    fn matches(&self, event: &FeedEvent) -> bool {
+        self.contains(event)
+    }
+
+    fn ends(&self, _: &FeedEvent) -> bool {
+        false
+    }
+
+    async fn read(&self, pool: &PgPool, after: i64, limit: i64) -> Result<Vec<FeedEvent>, sqlx::Error> {
+        crate::store::feed::list_after(pool, self, after, limit).await
+    }
 }
 
-impl State {
-    /// Waits for a wake-up that concerns this topic's app, a poll interval, or shutdown.
-    async fn wait(&mut self) -> Waited {
-        let deadline = tokio::time::sleep(POLL_EVERY);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                () = self.shutdown.cancelled() => return Waited::ShuttingDown,
-                () = &mut deadline => return Waited::Idle,
-                received = self.wake.recv() => match received {
-                    Ok(Wake::Events(app)) if app == self.topic.app() => return Waited::Woken,
-                    Ok(Wake::All) => return Waited::Woken,
-                    Ok(_) => {}
-                    // Missed wake-ups only mean "look again": the events are in Postgres.
-                    Err(broadcast::error::RecvError::Lagged(_)) => return Waited::Woken,
-                    Err(broadcast::error::RecvError::Closed) => return Waited::ShuttingDown,
-                },
-            }
+/// An app's events, as a tail follows them.
+#[derive(Debug, Clone)]
+pub struct AppLog {
+    app: String,
+}
+
+#[async_trait::async_trait]
+impl tail::Log for AppLog {
+    type Entry = Event;
+
+    fn key(&self) -> String {
+        self.app.clone()
+    }
+
+    fn concerns(&self, wake: &Wake) -> bool {
+        match wake {
+            Wake::Events(app) => *app == self.app,
+            Wake::All => true,
+            Wake::Jobs | Wake::Feed | Wake::Revoked(_) => false,
         }
+    }
+
+    async fn horizon(&self, pool: &PgPool) -> Result<i64, sqlx::Error> {
+        crate::store::events::horizon(pool, &self.app).await
+    }
+
+    async fn read(&self, pool: &PgPool, after: i64, limit: i64) -> Result<Vec<Event>, sqlx::Error> {
+        let all = Topic::App {
+            app: self.app.clone(),
+            service: None,
+            filter: None,
+        };
+        crate::store::events::list_after(pool, &all, after, limit).await
+    }
+
+    fn seq(entry: &Event) -> i64 {
+        entry.seq
+    }
+
+    fn at(entry: &Event) -> chrono::DateTime<chrono::Utc> {
+        entry.at
+    }
+}
+
+/// What a subscriber of a log wants of it: its entries that match, read from Postgres when it
+/// catches up, and which one ends it.
+#[async_trait::async_trait]
+pub trait Filter<L: tail::Log>: Send + Sync + 'static {
+    /// Whether `entry` is one of the subscriber's.
+    fn matches(&self, entry: &L::Entry) -> bool;
+    /// Whether `entry` (a match) is the last the subscriber gets.
+    fn ends(&self, entry: &L::Entry) -> bool;
+    /// Up to `limit` matching entries after seq `after`, from Postgres.
+    async fn read(&self, pool: &PgPool, after: i64, limit: i64) -> Result<Vec<L::Entry>, sqlx::Error>;
+}
+
+#[async_trait::async_trait]
+impl Filter<AppLog> for Topic {
+    fn matches(&self, event: &Event) -> bool {
+        self.contains(event)
+    }
+
+    fn ends(&self, event: &Event) -> bool {
+        event.outcome.is_some() && !matches!(self, Topic::App { .. })
+    }
+
+    async fn read(&self, pool: &PgPool, after: i64, limit: i64) -> Result<Vec<Event>, sqlx::Error> {
+        crate::store::events::list_after(pool, self, after, limit).await
     }
 }
 

@@ -292,7 +292,14 @@ async fn try_end(
         Some(line.1),
     )
     .await?;
-    tx.commit().await
+    tx.commit().await?;
+    let outcome = match result {
+        Ok(_) => "ok",
+        Err(BuildFailure::Cancelled) => "cancelled",
+        Err(_) => "failed",
+    };
+    state.metrics.build(outcome, crate::metrics::since(build.started_at));
+    Ok(())
 }
 
 /// How many of an app's newest builds keep their sources on the host (beyond those that the

@@ -146,6 +146,16 @@ impl Driver<'_> {
         let recorded =
             deployments::record(&self.state.pool, deployment, self.state.replica, transition, runtime).await?;
         if recorded {
+            if transition.to.is_terminal() {
+                let outcome = match transition.to {
+                    crate::deploy::DeployState::Running => "ok",
+                    crate::deploy::DeployState::Reverted => "reverted",
+                    crate::deploy::DeployState::Superseded => "superseded",
+                    _ => "failed",
+                };
+                let started = deployment.started_at.or(Some(deployment.created_at));
+                self.state.metrics.deployment(outcome, crate::metrics::since(started));
+            }
             deployment.state = transition.to;
             if let Some(reason) = &transition.reason {
                 deployment.reason.clone_from(reason);

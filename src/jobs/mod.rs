@@ -31,7 +31,7 @@ pub async fn wait_for_work(state: &crate::AppState, wake: &mut tokio::sync::broa
             () = state.shutdown.cancelled() => return false,
             () = &mut deadline => return true,
             received = wake.recv() => match received {
-                Ok(Wake::Events(_)) => {}
+                Ok(Wake::Events(_) | Wake::Feed) => {}
                 _ => return true,
             },
         }
@@ -105,7 +105,7 @@ async fn until_renewal(state: &crate::AppState, wake: &mut tokio::sync::broadcas
         tokio::select! {
             () = &mut deadline => return,
             received = wake.recv() => match received {
-                Ok(Wake::Events(_)) => {}
+                Ok(Wake::Events(_) | Wake::Feed) => {}
                 _ => return,
             },
         }
@@ -125,10 +125,17 @@ pub async fn persist_lines(pool: PgPool, bus: EventBus, owner: OwnedOwner, recei
     let mut batch = Vec::with_capacity(256);
     while let Some(first) = rx.recv().await {
         let mut acks = Vec::new();
+        let mut note = None;
         let mut next = Some(first);
         while let Some(item) = next.take() {
             match item {
                 LogItem::Line(stream, message) => batch.push((storable(stream), storable(message))),
+                // Stop the batch here: the feed event follows the lines before it.
+                LogItem::Process(stream, message, process) => {
+                    batch.push((storable(stream), storable(message)));
+                    note = Some(process);
+                    break;
+                }
                 // Stop the batch here: the flush is answered once it is stored.
                 LogItem::Flush(ack) => {
                     acks.push(ack);
@@ -154,6 +161,11 @@ pub async fn persist_lines(pool: PgPool, bus: EventBus, owner: OwnedOwner, recei
             } else if let Some(dropped) = &dropped {
                 dropped.fetch_add(lines.len() as u64, Ordering::Relaxed);
             }
+        }
+        if let Some(note) = note
+            && let Err(e) = crate::store::feed::append(&pool, &note).await
+        {
+            tracing::warn!(error = %e, app = %note.app, "recording a process event in the feed");
         }
         for ack in acks {
             let _ = ack.send(());
@@ -232,14 +244,20 @@ impl OwnedOwner {
     }
 }
 
-/// Forgets audit entries past the retention (RACK_AUDIT_RETENTION_DAYS), once an hour, until
-/// the server stops (every replica does it; deleting twice is harmless).
+/// Forgets audit entries and feed events past their retention (RACK_AUDIT_RETENTION_DAYS,
+/// RACK_FEED_RETENTION_DAYS), once an hour, until the server stops (every replica does it;
+/// deleting twice is harmless).
 pub async fn prune_audit(state: crate::AppState) {
     loop {
         match crate::store::audit::prune(&state.pool, state.config.audit_retention).await {
             Ok(0) => {}
             Ok(n) => tracing::info!("pruned {n} audit entries past their retention"),
             Err(e) => tracing::warn!(error = %e, "pruning the audit log"),
+        }
+        match crate::store::feed::prune(&state.pool, state.config.feed_retention).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("pruned {n} feed events past their retention"),
+            Err(e) => tracing::warn!(error = %e, "pruning the event feed"),
         }
         tokio::select! {
             () = state.shutdown.cancelled() => return,

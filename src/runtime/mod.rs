@@ -88,6 +88,8 @@ pub struct LogReceiver {
 #[derive(Debug)]
 pub enum LogItem {
     Line(String, String),
+    /// A process started or exited: a line, and an event of the rack's feed.
+    Process(String, String, crate::store::feed::ProcessNote),
     /// Write everything sent before, then answer.
     Flush(tokio::sync::oneshot::Sender<()>),
 }
@@ -122,7 +124,33 @@ impl LogSink {
 
     /// Writes one line.
     pub async fn line(&self, stream: &str, message: impl Into<String>) {
-        let item = LogItem::Line(stream.to_owned(), message.into());
+        self.send(LogItem::Line(stream.to_owned(), message.into())).await;
+    }
+
+    /// Writes the line that says process `process` of `app` started (`exit: None`) or exited,
+    /// which is also a `process.started` / `process.exited` event of the feed.
+    pub async fn process(&self, stream: &str, message: String, note: ProcessEvent<'_>) {
+        let (kind, data) = match note.exit {
+            None => (
+                "process.started",
+                serde_json::json!({ "service": note.service, "pid": note.pid }),
+            ),
+            Some(code) => (
+                "process.exited",
+                serde_json::json!({ "service": note.service, "exit_code": code }),
+            ),
+        };
+        let note = crate::store::feed::ProcessNote {
+            app: note.app.to_owned(),
+            process: note.process.to_owned(),
+            kind,
+            message: message.clone(),
+            data,
+        };
+        self.send(LogItem::Process(stream.to_owned(), message, note)).await;
+    }
+
+    async fn send(&self, item: LogItem) {
         match &self.dropped {
             // A closed receiver means the job is being torn down; its output has nowhere to go.
             None => {
@@ -148,6 +176,17 @@ impl LogSink {
             let _ = done.await;
         }
     }
+}
+
+/// What [`LogSink::process`] says of a process.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessEvent<'a> {
+    pub app: &'a str,
+    pub service: &'a str,
+    pub process: &'a str,
+    pub pid: u32,
+    /// `None`: it started; else its exit code (`-1`: killed by a signal or stopped by rack).
+    pub exit: Option<i32>,
 }
 
 /// A release to run.

@@ -46,6 +46,27 @@ impl Topic {
             Self::Build { app, .. } | Self::Deployment { app, .. } | Self::App { app, .. } => app,
         }
     }
+
+    /// Whether `event` belongs to the topic: what [`list_after`] selects, for events already
+    /// read.
+    pub fn contains(&self, event: &Event) -> bool {
+        if event.app != self.app() {
+            return false;
+        }
+        match self {
+            Self::Build { build, .. } => event.build_id.as_deref() == Some(build.as_str()),
+            Self::Deployment { deployment, .. } => event.deployment_id == Some(*deployment),
+            Self::App { service, filter, .. } => {
+                service.as_ref().is_none_or(|s| {
+                    event
+                        .stream
+                        .strip_prefix("service/")
+                        .and_then(|r| r.strip_prefix(s.as_str()))
+                        .is_some_and(|r| r.starts_with('/'))
+                }) && filter.as_ref().is_none_or(|f| event.message.contains(f.as_str()))
+            }
+        }
+    }
 }
 
 /// Who an appended batch belongs to.
@@ -134,6 +155,15 @@ pub async fn list_after(pool: &PgPool, topic: &Topic, after: i64, limit: i64) ->
     .bind(limit)
     .fetch_all(pool)
     .await
+}
+
+/// The seq of the app's last committed event (0 for an app without events, or none).
+pub async fn horizon(pool: &PgPool, app: &str) -> Result<i64, sqlx::Error> {
+    let seq: Option<i64> = sqlx::query_scalar("select event_seq from apps where name = $1")
+        .bind(app)
+        .fetch_optional(pool)
+        .await?;
+    Ok(seq.unwrap_or_default())
 }
 
 /// The seq of the app's last event older than `age` (a cursor that starts a stream `age` ago).

@@ -6,11 +6,13 @@ pub mod audit;
 pub mod builds;
 pub mod deployments;
 pub mod events;
+pub mod feed;
 pub mod idempotency;
 pub mod objects;
 pub mod releases;
 pub mod routers;
 pub mod scales;
+pub mod stats;
 pub mod tokens;
 
 use std::time::Duration;

@@ -129,6 +129,32 @@ async fn build_packages_uploads_builds_and_prints_the_ids() {
     assert!(run.stdout.contains("Status       complete\n"), "{}", run.stdout);
     let run = rack(&app, PASSWORD, &["builds", "logs", &build_id, "-a", "myapp"]).await;
     assert!(run.stdout.contains("main.sh\n"), "{}", run.stdout);
+
+    // The same source again: the rack already holds that package, so it is not sent twice.
+    let objects = |app: &TestApp| {
+        let pool = app.state.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("select count(*) from objects where app = 'myapp'")
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let before = objects(&app).await;
+    let run = rack_in(&app, PASSWORD, &["build", "."], dir.path()).await;
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.contains("Uploading source... (unchanged, not sent) OK\n"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(objects(&app).await, before, "no new object");
+    // A changed source is sent.
+    std::fs::write(dir.path().join("main.sh"), "echo changed").unwrap();
+    let run = rack_in(&app, PASSWORD, &["build", "."], dir.path()).await;
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("Uploading source... OK\n"), "{}", run.stderr);
+    assert_eq!(objects(&app).await, before + 1);
 }
 
 #[tokio::test]

@@ -6,10 +6,13 @@
 mod apps;
 mod auth;
 mod builds;
+mod bus;
 mod cli;
 mod containers;
+mod dashboard;
 mod deploys;
 mod encodings;
+mod feed;
 mod helpers;
 mod hostile;
 mod kube_exec;

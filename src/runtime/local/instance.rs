@@ -337,7 +337,14 @@ pub async fn supervise(job: Supervised) {
                 wait.as_secs()
             )
         };
-        log.line(&system, message).await;
+        let event = crate::runtime::ProcessEvent {
+            app: &app,
+            service: &instance.service,
+            process: &instance.id,
+            pid: 0,
+            exit: Some(exit_code(&status)),
+        };
+        log.process(&system, message, event).await;
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = instance.stop.cancelled() => return,
@@ -371,6 +378,19 @@ pub async fn run_once(job: Supervised, timeout: Duration) {
     };
     instance.pid.store(running.pid(), Ordering::SeqCst);
     instance.health.send_replace(Health::Ready);
+    let event = crate::runtime::ProcessEvent {
+        app: &app,
+        service: &instance.service,
+        process: &instance.id,
+        pid: running.pid(),
+        exit: None,
+    };
+    log.process(
+        &system,
+        format!("Started process {} (pid {})", instance.id, running.pid()),
+        event,
+    )
+    .await;
     let code = tokio::select! {
         status = running.wait() => exit_code(&status),
         () = tokio::time::sleep(timeout) => {
@@ -384,6 +404,19 @@ pub async fn run_once(job: Supervised, timeout: Duration) {
         }
     };
     instance.pid.store(0, Ordering::SeqCst);
+    let event = crate::runtime::ProcessEvent {
+        app: &app,
+        service: &instance.service,
+        process: &instance.id,
+        pid: 0,
+        exit: Some(code),
+    };
+    log.process(
+        &system,
+        format!("Process {} exited with code {code}", instance.id),
+        event,
+    )
+    .await;
     instance.exit.send_replace(Some(code));
 }
 

@@ -503,9 +503,17 @@ impl Supervisor {
         .await;
         let pid = instance.pid.load(Ordering::SeqCst);
         let port_text = port.map_or(String::new(), |p| format!(", port {p}"));
-        log.line(
+        let event = crate::runtime::ProcessEvent {
+            app,
+            service: &instance.service,
+            process: &id,
+            pid,
+            exit: None,
+        };
+        log.process(
             &format!("system/local/{id}"),
             format!("Started process {id} (pid {pid}{port_text})"),
+            event,
         )
         .await;
         instance
@@ -525,9 +533,17 @@ impl Supervisor {
             let _ = tokio::time::timeout(STOP_GRACE + Duration::from_secs(5), task).await;
         }
         self.with_app(app, |procs| procs.instances.retain(|i| !Arc::ptr_eq(i, instance)));
-        log.line(
+        let event = crate::runtime::ProcessEvent {
+            app,
+            service: &instance.service,
+            process: &instance.id,
+            pid: 0,
+            exit: Some(-1),
+        };
+        log.process(
             &format!("system/local/{}", instance.id),
             format!("Stopped process {}", instance.id),
+            event,
         )
         .await;
     }

@@ -1,0 +1,191 @@
+"use strict";
+// rack's dashboard: a snapshot from the REST API, then every change from the event feed
+// (GET /events as NDJSON, resumed from the last id after a disconnect). No polling.
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const KEY = "rack.credential";
+  const apps = new Map();      // name -> {status, release, history: []}
+  const builds = new Map();    // id -> {app, status, at}
+  const deployments = new Map(); // id -> {app, release, state, at}
+  let live = null;             // the deployment whose rollout log is shown
+  let lastId = null;           // the feed's cursor
+  let stopped = false;
+
+  const auth = () => sessionStorage.getItem(KEY);
+  const headers = (accept) => ({ Authorization: auth(), Accept: accept || "application/json" });
+
+  async function api(path) {
+    const response = await fetch(path, { headers: headers(), cache: "no-store" });
+    if (response.status === 401) { signOut("Your credential was refused; sign in again."); throw new Error("unauthorized"); }
+    if (!response.ok) throw new Error(`${path}: ${response.status}`);
+    return response.json();
+  }
+
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+    for (const child of children) node.append(child);
+    return node;
+  }
+  const when = (at) => (at ? new Date(at).toLocaleTimeString() : "");
+  const statusCell = (text) => el("td", { class: `status ${String(text).toLowerCase()}` }, String(text).toLowerCase());
+
+  function renderApps() {
+    const body = $("apps");
+    body.replaceChildren(...[...apps.keys()].sort().map((name) => {
+      const app = apps.get(name);
+      const row = el("tr", { "data-app": name, "data-status": app.status, "data-history": app.history.join(" ") },
+        el("td", {}, name), statusCell(app.status), el("td", { class: "release" }, app.release || "—"));
+      return row;
+    }));
+  }
+
+  function renderRecent(map, bodyId, cells) {
+    const rows = [...map.entries()].sort((a, b) => (b[1].at || "").localeCompare(a[1].at || "")).slice(0, 10);
+    $(bodyId).replaceChildren(...rows.map(([id, item]) => el("tr", { "data-id": id }, ...cells(id, item))));
+  }
+  const renderBuilds = () => renderRecent(builds, "builds", (id, b) => [el("td", {}, id), el("td", {}, b.app), statusCell(b.status), el("td", {}, when(b.at))]);
+  const renderDeployments = () => renderRecent(deployments, "deployments", (id, d) => [el("td", {}, d.release), el("td", {}, d.app), statusCell(d.state), el("td", {}, when(d.at))]);
+
+  function setStatus(name, status) {
+    const app = apps.get(name) || { status: "", release: "", history: [] };
+    if (app.status !== status) app.history.push(status);
+    app.status = status;
+    apps.set(name, app);
+  }
+
+  function activity(event) {
+    if (event.kind === "deployment.line") return;
+    const list = $("activity");
+    list.prepend(el("li", { "data-kind": event.kind }, el("time", {}, when(event.at)), `${event.app}: ${event.message}`));
+    while (list.children.length > 50) list.lastChild.remove();
+  }
+
+  function showRollout(id, app, release) {
+    live = id;
+    $("rollout-title").textContent = `Deployment of ${release || "?"} to ${app}`;
+    $("rollout").replaceChildren();
+  }
+
+  // One feed event: the page's state follows it.
+  function apply(event) {
+    const data = event.data || {};
+    switch (event.kind) {
+      case "app.created": setStatus(event.app, "running"); break;
+      case "app.updated": { const app = apps.get(event.app); if (app) app.release = data.release || app.release; break; }
+      case "app.deleted": apps.delete(event.app); break;
+      case "build.created": case "build.started": case "build.succeeded": case "build.failed": case "build.cancelled": {
+        const status = { "build.created": "created", "build.started": "running", "build.succeeded": "complete", "build.failed": "failed", "build.cancelled": "cancelled" }[event.kind];
+        const build = builds.get(event.build_id) || { app: event.app, at: event.at };
+        builds.set(event.build_id, { ...build, status });
+        renderBuilds();
+        break;
+      }
+      case "deployment.started":
+        deployments.set(event.deployment_id, { app: event.app, release: event.release_id, state: data.state || "pending", at: event.at });
+        setStatus(event.app, data.status || "updating");
+        showRollout(event.deployment_id, event.app, event.release_id);
+        renderDeployments();
+        break;
+      case "deployment.state": {
+        const d = deployments.get(event.deployment_id) || { app: event.app, release: event.release_id, at: event.at };
+        deployments.set(event.deployment_id, { ...d, state: data.to });
+        setStatus(event.app, data.status);
+        renderDeployments();
+        break;
+      }
+      case "deployment.line":
+        if (event.deployment_id !== live) showRollout(event.deployment_id, event.app, deployments.get(event.deployment_id)?.release);
+        $("rollout").append(el("div", { class: "line", "data-id": String(event.id) }, `${event.at.slice(11, 19)} ${data.stream || ""} ${event.message}`));
+        $("rollout").scrollTop = $("rollout").scrollHeight;
+        break;
+      default: break;
+    }
+    renderApps();
+    activity(event);
+  }
+
+  // Follows the feed; on a disconnect, resumes after the last event it applied.
+  async function follow() {
+    while (!stopped && auth()) {
+      try {
+        const query = lastId === null ? "" : `?after=${lastId}`;
+        const response = await fetch(`/events${query}`, { headers: headers("application/x-ndjson"), cache: "no-store" });
+        if (response.status === 401) { signOut("Your credential was refused; sign in again."); return; }
+        if (!response.ok || !response.body) throw new Error(`feed: ${response.status}`);
+        $("feed-state").textContent = "live";
+        $("feed-state").classList.add("live");
+        const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+        let buffer = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buffer += value;
+          let newline;
+          while ((newline = buffer.indexOf("\n")) >= 0) {
+            const line = buffer.slice(0, newline);
+            buffer = buffer.slice(newline + 1);
+            if (!line) continue;
+            const event = JSON.parse(line);
+            if (typeof event.id === "number") { lastId = event.id; apply(event); }
+          }
+        }
+      } catch (error) {
+        console.warn(error);
+      }
+      $("feed-state").textContent = "reconnecting";
+      $("feed-state").classList.remove("live");
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+    }
+  }
+
+  async function start() {
+    $("login").hidden = true;
+    $("board").hidden = false;
+    $("logout").hidden = false;
+    stopped = false;
+    try {
+      const system = await api("/system");
+      $("rack-name").textContent = system.name || "";
+      // The feed first, so nothing that happens while the snapshot loads is missed: its
+      // events are applied on top of the snapshot as they come.
+      const feed = follow();
+      for (const app of await api("/apps")) {
+        const known = apps.get(app.name);
+        apps.set(app.name, { status: known ? known.status : app.status, release: app.release, history: known ? known.history : [app.status] });
+        const [appBuilds, appDeployments] = await Promise.all([
+          api(`/apps/${app.name}/builds?limit=5`).catch(() => []),
+          api(`/apps/${app.name}/deployments?limit=5`).catch(() => []),
+        ]);
+        for (const b of appBuilds) if (!builds.has(b.id)) builds.set(b.id, { app: b.app, status: b.status, at: b.started });
+        for (const d of appDeployments) if (!deployments.has(d.id)) deployments.set(d.id, { app: d.app, release: d.release, state: d.state, at: d.created });
+      }
+      renderApps(); renderBuilds(); renderDeployments();
+      await feed;
+    } catch (error) {
+      console.warn(error);
+    }
+  }
+
+  function signOut(message) {
+    stopped = true;
+    sessionStorage.removeItem(KEY);
+    $("board").hidden = true;
+    $("logout").hidden = true;
+    $("login").hidden = false;
+    $("login-error").textContent = message || "";
+  }
+
+  $("login").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const credential = "Basic " + btoa("rack:" + $("secret").value);
+    const response = await fetch("/auth", { headers: { Authorization: credential, Accept: "application/json" } });
+    if (!response.ok) { $("login-error").textContent = response.status === 401 ? "That password or token is not valid." : `Sign-in failed (${response.status}).`; return; }
+    sessionStorage.setItem(KEY, credential);
+    $("secret").value = "";
+    start();
+  });
+  $("logout").addEventListener("click", () => signOut(""));
+
+  if (auth()) start(); else signOut("");
+})();

@@ -1,0 +1,182 @@
+//! One subscriber of a log: what it missed from Postgres first (a resume, or everything since
+//! its cursor), then the batches its replica's tail broadcasts, filtered to what it wants. It
+//! tracks `seen`, the seq up to which it has considered every entry of the log; a batch that
+//! starts past `seen`, or a broadcast it fell behind on, sends it back to Postgres to catch up,
+//! so nothing is lost or repeated whatever the timing.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::Stream;
+use futures_util::future::BoxFuture;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::Filter;
+use super::tail::{Batch, Log, PAGE, POLL_EVERY, Reader, Tails};
+use crate::store::events::Event;
+
+/// How a subscription ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Follow {
+    /// Until the topic's terminal event (builds, deployments), or forever (logs, feeds).
+    UntilEnd,
+    /// Only what exists now.
+    Backlog,
+}
+
+/// An item of a subscription.
+#[derive(Debug, Clone)]
+pub enum Item<E = Event> {
+    Event(E),
+    /// Nothing happened for a while: transports send a heartbeat.
+    Idle,
+    /// The server is shutting down: clients should reconnect (to another replica).
+    ShuttingDown,
+    /// The stream ended for a reason of its own (its credential was revoked or expired, it
+    /// fell too far behind): why.
+    Closed(String),
+}
+
+/// What a subscription yields.
+type Items<E> = Pin<Box<dyn Stream<Item = Result<Item<E>, sqlx::Error>> + Send>>;
+
+/// A live subscription: a stream of `Result<Item<entry>, sqlx::Error>`.
+pub struct Subscription<L: Log, F: Filter<L>> {
+    inner: Items<L::Entry>,
+    _types: std::marker::PhantomData<fn() -> F>,
+}
+
+impl<L: Log, F: Filter<L>> Stream for Subscription<L, F> {
+    type Item = Result<Item<L::Entry>, sqlx::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+struct State<L: Log, F: Filter<L>> {
+    reader: Reader,
+    log: L,
+    filter: F,
+    rx: broadcast::Receiver<Arc<Batch<L::Entry>>>,
+    shutdown: CancellationToken,
+    /// Every entry of the log up to here has been considered.
+    seen: i64,
+    /// Matching entries to hand out, in order.
+    buffered: VecDeque<L::Entry>,
+    /// Postgres has more for us than the last catch-up page held.
+    behind: bool,
+    follow: Follow,
+}
+
+impl<L: Log, F: Filter<L>> Subscription<L, F> {
+    /// Subscribes to `log` through this replica's `tails`, for what `filter` wants after seq
+    /// `after`.
+    pub fn new(
+        reader: Reader,
+        tails: &Tails<L>,
+        shutdown: CancellationToken,
+        log: L,
+        filter: F,
+        after: i64,
+        follow: Follow,
+    ) -> Self {
+        // Subscribed before the first read: no batch between the two is lost.
+        let rx = tails.subscribe(log.clone());
+        let state = State {
+            reader,
+            log,
+            filter,
+            rx,
+            shutdown,
+            seen: after,
+            buffered: VecDeque::new(),
+            behind: true,
+            follow,
+        };
+        let inner = futures_util::stream::unfold(Some(state), |state| next(state));
+        Self {
+            inner: Box::pin(inner),
+            _types: std::marker::PhantomData,
+        }
+    }
+}
+
+type Next<L, F> = Option<(Result<Item<<L as Log>::Entry>, sqlx::Error>, Option<State<L, F>>)>;
+
+fn next<L: Log, F: Filter<L>>(state: Option<State<L, F>>) -> BoxFuture<'static, Next<L, F>> {
+    Box::pin(async move {
+        let mut state = state?;
+        loop {
+            if let Some(entry) = state.buffered.pop_front() {
+                let ends = state.filter.ends(&entry);
+                let rest = if ends { None } else { Some(state) };
+                return Some((Ok(Item::Event(entry)), rest));
+            }
+            if state.behind {
+                if let Err(e) = state.catch_up().await {
+                    return Some((Err(e), None));
+                }
+                continue;
+            }
+            if state.follow == Follow::Backlog {
+                return None;
+            }
+            let received = tokio::select! {
+                () = state.shutdown.cancelled() => return Some((Ok(Item::ShuttingDown), None)),
+                () = tokio::time::sleep(POLL_EVERY) => return Some((Ok(Item::Idle), Some(state))),
+                received = state.rx.recv() => received,
+            };
+            match received {
+                Ok(batch) => {
+                    if let Some(failure) = &batch.failed {
+                        return Some((Err(sqlx::Error::Protocol(failure.clone())), None));
+                    }
+                    state.take(&batch);
+                }
+                // Fell behind the broadcast: what it missed is in Postgres.
+                Err(broadcast::error::RecvError::Lagged(_)) => state.behind = true,
+                // The tail stopped (the server is stopping).
+                Err(broadcast::error::RecvError::Closed) => return Some((Ok(Item::ShuttingDown), None)),
+            }
+        }
+    })
+}
+
+impl<L: Log, F: Filter<L>> State<L, F> {
+    /// Reads what it wants after `seen` from Postgres: one page, and the log's horizon first
+    /// (everything up to it is committed, so a short page means it has seen up to there).
+    async fn catch_up(&mut self) -> Result<(), sqlx::Error> {
+        let horizon = self.reader.horizon(&self.log).await?;
+        let entries = self.reader.read_filtered(&self.filter, self.seen, PAGE).await?;
+        let full = i64::try_from(entries.len()).unwrap_or(i64::MAX) >= PAGE;
+        let last = entries.last().map(L::seq);
+        self.buffered.extend(entries);
+        match last {
+            Some(last) if full => self.seen = last,
+            last => {
+                self.seen = self.seen.max(horizon).max(last.unwrap_or_default());
+                self.behind = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a broadcast batch: what it wants of it, or a catch-up when it starts past `seen`.
+    fn take(&mut self, batch: &Batch<L::Entry>) {
+        if batch.after > self.seen {
+            // Entries between `seen` and the batch went by before this subscriber caught up.
+            self.behind = true;
+            return;
+        }
+        for entry in &batch.entries {
+            if L::seq(entry) > self.seen && self.filter.matches(entry) {
+                self.buffered.push_back(entry.clone());
+            }
+        }
+        self.seen = self.seen.max(batch.last);
+    }
+}

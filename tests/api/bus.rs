@@ -1,0 +1,172 @@
+//! The event bus carries the events: a thousand subscribers of one app's log cost one read of
+//! Postgres per batch on their replica, not one each; a subscriber that never reads delays
+//! nobody; and one that falls behind catches up without losing a line.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use reqwest::Method;
+
+use crate::helpers::{TestApp, wait_for};
+
+/// Appends `lines` to `app`'s log as one batch (as a deployment or a process writes them).
+async fn append(app: &TestApp, name: &str, lines: &[String]) {
+    let mut tx = app.state.pool.begin().await.unwrap();
+    let owner = rack::store::events::Owner {
+        app: name,
+        build: None,
+        deployment: None,
+    };
+    let lines: Vec<(String, String)> = lines.iter().map(|l| ("system/test".to_owned(), l.clone())).collect();
+    rack::store::events::append(&mut tx, owner, &lines, None).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
+/// Follows `app`'s log over SSE; sends each line's text as it comes.
+fn follow(app: &TestApp, name: &str, lines: tokio::sync::mpsc::UnboundedSender<String>) -> tokio::task::JoinHandle<()> {
+    let request = app
+        .request(Method::GET, &format!("/apps/{name}/logs"))
+        .header("accept", "text/event-stream")
+        .header("since", "0");
+    tokio::spawn(async move {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let mut body = response.bytes_stream();
+        let mut pending = String::new();
+        while let Some(Ok(chunk)) = body.next().await {
+            pending.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = pending.find('\n') {
+                let line: String = pending.drain(..=end).collect();
+                if let Some(data) = line.trim_end().strip_prefix("data: ")
+                    && lines.send(data.to_owned()).is_err()
+                {
+                    return;
+                }
+            }
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_subscribers_cost_one_read_per_batch() {
+    const SUBSCRIBERS: usize = 1000;
+    const BATCHES: usize = 20;
+    let app = TestApp::spawn_with(|config| {
+        config.max_streams_per_credential = 2 * SUBSCRIBERS;
+        config.listener.max_unauthenticated = 0;
+    })
+    .await;
+    app.create_app("fan").await;
+    append(&app, "fan", &["before".to_owned()]).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let tasks: Vec<_> = (0..SUBSCRIBERS).map(|_| follow(&app, "fan", tx.clone())).collect();
+    // Everybody has caught up once a line written now reached everybody.
+    append(&app, "fan", &["ready".to_owned()]).await;
+    let mut ready = 0;
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while ready < SUBSCRIBERS {
+            if rx.recv().await.unwrap() == "ready" {
+                ready += 1;
+            }
+        }
+    })
+    .await
+    .expect("every subscriber caught up");
+    assert_eq!(app.state.bus.tails(), 1, "one tail for the app on this replica");
+
+    let reads = app.state.bus.reads();
+    let started = std::time::Instant::now();
+    for batch in 0..BATCHES {
+        append(&app, "fan", &[format!("line {batch}a"), format!("line {batch}b")]).await;
+    }
+    let mut got = 0;
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while got < SUBSCRIBERS * BATCHES * 2 {
+            let line = rx.recv().await.unwrap();
+            if line.starts_with("line ") {
+                got += 1;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("only {got} of {} lines arrived", SUBSCRIBERS * BATCHES * 2));
+    let used = app.state.bus.reads() - reads;
+    // One read per announced batch (bursts coalesce into fewer), plus the tail's safety poll
+    // every two seconds.
+    let polls = started.elapsed().as_secs() / 2 + 1;
+    assert!(
+        used <= BATCHES as u64 + polls,
+        "{used} reads of Postgres for {BATCHES} batches to {SUBSCRIBERS} subscribers"
+    );
+    for task in tasks {
+        task.abort();
+    }
+    // The tail stops once nobody follows the log.
+    wait_for(10, "the tail to stop", || async {
+        (app.state.bus.tails() == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_subscriber_that_never_reads_delays_nobody_and_one_that_lags_loses_nothing() {
+    let app = TestApp::spawn().await;
+    app.create_app("slow").await;
+    // A stream nobody reads: its socket buffers fill, then its subscription stops being polled.
+    let stuck = app
+        .request(Method::GET, "/apps/slow/logs")
+        .header("accept", "text/plain")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stuck.status(), 200);
+    // A reader that keeps up, and one that reads only at the end.
+    let (fast_tx, mut fast_rx) = tokio::sync::mpsc::unbounded_channel();
+    let fast = follow(&app, "slow", fast_tx);
+    let late = app
+        .request(Method::GET, "/apps/slow/logs")
+        .header("accept", "text/plain")
+        .header("since", "0")
+        .send()
+        .await
+        .unwrap();
+    let big = "x".repeat(1000);
+    let total = 3000;
+    let started = std::time::Instant::now();
+    for chunk in 0..total / 100 {
+        let lines: Vec<String> = (0..100).map(|i| format!("{} {big}", chunk * 100 + i)).collect();
+        append(&app, "slow", &lines).await;
+    }
+    let mut next = 0;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while next < total {
+            let line = fast_rx.recv().await.unwrap();
+            let n: usize = line.split(' ').next().unwrap().parse().unwrap();
+            assert_eq!(n, next, "lines out of order or lost");
+            next += 1;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the reader that keeps up got {next} of {total} lines"));
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(30), "{elapsed:?}");
+    // The late reader gets every line, in order, though it fell far behind the broadcast.
+    let mut body = late.bytes_stream();
+    let mut text = String::new();
+    let mut seen = 0;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while seen < total {
+            text.push_str(&String::from_utf8_lossy(&body.next().await.unwrap().unwrap()));
+            while let Some(end) = text.find('\n') {
+                let line: String = text.drain(..=end).collect();
+                let n: usize = line.split(' ').next().unwrap().parse().unwrap();
+                assert_eq!(n, seen, "the late reader lost or repeated a line");
+                seen += 1;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the late reader got {seen} of {total} lines"));
+    drop(stuck);
+    fast.abort();
+}

@@ -1,0 +1,181 @@
+//! The dashboard in a real browser: headless Chromium (Debian's `chromium`), driven through
+//! WebDriver (`chromedriver`) by fantoccini, signs in, watches a deployment that the test starts
+//! through the API, and sees the app go `updating` then `running` and the rollout lines appear
+//! as they happen. The page's screenshot is saved as an artifact of the run
+//! (`target/artifacts/dashboard.png`).
+
+use std::time::{Duration, Instant};
+
+use fantoccini::{ClientBuilder, Locator};
+use reqwest::Method;
+
+use crate::feed::built;
+use crate::helpers::{PASSWORD, TestApp};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+/// A chromedriver on a free loopback port, killed with the guard.
+struct Driver {
+    child: tokio::process::Child,
+    url: String,
+}
+
+async fn chromedriver() -> Driver {
+    assert!(
+        std::path::Path::new(CHROMEDRIVER).exists() && std::path::Path::new(CHROMIUM).exists(),
+        "the browser test needs Debian's chromium and chromium-driver (scripts/install-deps installs them)"
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = tokio::process::Command::new(CHROMEDRIVER)
+        .arg(format!("--port={port}"))
+        .arg("--allowed-ips=127.0.0.1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting chromedriver");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < deadline, "chromedriver did not listen within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Driver {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+/// Polls `check` (a script returning a value, `null` while not yet) until it returns one.
+async fn wait_script(browser: &fantoccini::Client, what: &str, script: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let value = browser.execute(script, vec![]).await.expect("the script runs");
+        if !value.is_null() && value != serde_json::Value::Bool(false) {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_dashboard_shows_a_deployment_live_in_a_real_browser() {
+    let app = TestApp::spawn().await;
+    let release = built(&app, "web").await;
+    let mut driver = chromedriver().await;
+    let profile = tempfile::tempdir().unwrap();
+    let mut capabilities = serde_json::Map::new();
+    capabilities.insert(
+        "goog:chromeOptions".to_owned(),
+        serde_json::json!({
+            "binary": CHROMIUM,
+            "args": [
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--window-size=1280,860",
+                format!("--user-data-dir={}", profile.path().display()),
+            ],
+        }),
+    );
+    let browser = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(capabilities)
+        .connect(&driver.url)
+        .await
+        .expect("a WebDriver session");
+
+    browser.goto(&app.url("/")).await.unwrap();
+    let secret = browser.wait().for_element(Locator::Id("secret")).await.unwrap();
+    // A wrong password is refused on the form.
+    secret.send_keys("not-the-password").await.unwrap();
+    browser
+        .find(Locator::Id("sign-in"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_script(
+        &browser,
+        "the sign-in error",
+        "return document.getElementById('login-error').textContent.includes('not valid') || null",
+    )
+    .await;
+    secret.clear().await.unwrap();
+    secret.send_keys(PASSWORD).await.unwrap();
+    browser
+        .find(Locator::Id("sign-in"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_script(
+        &browser,
+        "the app in the table",
+        "return document.querySelector('tr[data-app=web]') && document.getElementById('feed-state').textContent === 'live' || null",
+    )
+    .await;
+
+    // A deploy started through the API, as CI would.
+    let response = app
+        .json(Method::POST, &format!("/apps/web/releases/{release}/promote"))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{:?}", response.text().await);
+    let updating = wait_script(
+        &browser,
+        "the app updating, with rollout lines",
+        "const row = document.querySelector('tr[data-app=web]'); \
+         const lines = document.querySelectorAll('#rollout .line').length; \
+         return row.dataset.history.split(' ').includes('updating') && lines > 0 ? {status: row.dataset.status, lines} : null",
+    )
+    .await;
+    let finished = wait_script(
+        &browser,
+        "the app running again",
+        "const row = document.querySelector('tr[data-app=web]'); \
+         return row.dataset.status === 'running' && row.dataset.history.includes('updating') ? \
+           {history: row.dataset.history, lines: document.querySelectorAll('#rollout .line').length, \
+            release: row.querySelector('.release').textContent} : null",
+    )
+    .await;
+    let history: Vec<&str> = finished["history"].as_str().unwrap().split(' ').collect();
+    let at = history.iter().rposition(|s| *s == "updating").unwrap();
+    assert_eq!(history[at + 1..].first(), Some(&"running"), "{history:?}");
+    assert_eq!(finished["release"], release.as_str());
+    let lines = finished["lines"].as_u64().unwrap();
+    assert!(
+        lines > updating["lines"].as_u64().unwrap(),
+        "lines kept coming: {updating} then {finished}"
+    );
+    let rollout = browser
+        .find(Locator::Id("rollout"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(rollout.contains("Started process"), "{rollout}");
+    let deployments = browser
+        .find(Locator::Id("deployments"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(deployments.contains(&release), "{deployments}");
+
+    let png = browser.screenshot().await.unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("dashboard.png"), &png).unwrap();
+    browser.close().await.unwrap();
+    let _ = driver.child.kill().await;
+}
