@@ -158,10 +158,7 @@ impl Application {
                     limits: config.source_limits,
                     sandbox,
                     podman,
-                    logs: Arc::new(jobs::capabilities::PersistedLogs {
-                        pool: pool.clone(),
-                        bus: bus.clone(),
-                    }),
+                    logs: Arc::new(jobs::capabilities::PersistedLogs { pool: pool.clone() }),
                     ports: Arc::new(jobs::capabilities::StoredPorts(pool.clone())),
                     shutdown: shutdown.clone(),
                 }))

@@ -290,7 +290,6 @@ pub async fn cancel_build(
         }
     }
     tx.commit().await?;
-    state.bus.poke(crate::events::Wake::Events(app.name.clone()));
     tracing::info!(build.id = %id, app.name = %app.name, "cancel requested for build {id}");
     let build = load_build(&state, &app.name, &id).await?;
     Ok(format.ok(BuildView::from(build)))

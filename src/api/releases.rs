@@ -201,7 +201,7 @@ pub async fn start_deployment(
     let mut tx = state.pool.begin().await?;
     let deployment = start_deployment_in(state, &mut tx, app, release, force, timeout_secs).await?;
     tx.commit().await?;
-    woke(state, app);
+    woke(state);
     Ok(deployment)
 }
 
@@ -233,10 +233,10 @@ pub async fn start_deployment_in(
         })
 }
 
-/// Wakes the deploy workers and the app's streams after a deployment was committed.
-pub fn woke(state: &AppState, app: &str) {
+/// Wakes the deploy workers after a deployment was committed (its streams hear of it through
+/// NOTIFY).
+pub fn woke(state: &AppState) {
     state.bus.poke(crate::events::Wake::Jobs);
-    state.bus.poke(crate::events::Wake::Events(app.to_owned()));
 }
 
 #[tracing::instrument(skip_all, fields(app.name = %app, release.id = %id))]

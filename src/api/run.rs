@@ -59,7 +59,6 @@ async fn note(state: &AppState, app: &str, message: String) -> ApiResult<()> {
         deployment: None,
     };
     crate::store::events::append(&mut conn, owner, &[(NOTES.to_owned(), message)], None).await?;
-    state.bus.poke(crate::events::Wake::Events(app.to_owned()));
     Ok(())
 }
 

@@ -123,7 +123,7 @@ pub async fn scale_service(
     crate::store::scales::set(&mut tx, &app.name, &service, count_value).await?;
     let deployment = start_deployment_in(&state, &mut tx, &app.name, &release, false, DEFAULT_TIMEOUT_SECS).await?;
     tx.commit().await?;
-    woke(&state, &app.name);
+    woke(&state);
     tracing::info!(app.name = %app.name, service = %service, count, "scaling {service} of {} to {count}", app.name);
     let location = format!("/apps/{}/deployments/{}", app.name, deployment.id);
     let mut response = match format {

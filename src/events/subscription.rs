@@ -15,7 +15,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::Filter;
-use super::tail::{Batch, Log, PAGE, POLL_EVERY, Reader, Tails};
+use super::tail::{Batch, IDLE_EVERY, Log, PAGE, Reader, Tails};
 use crate::store::events::Event;
 
 /// How a subscription ends.
@@ -127,7 +127,7 @@ fn next<L: Log, F: Filter<L>>(state: Option<State<L, F>>) -> BoxFuture<'static, 
             }
             let received = tokio::select! {
                 () = state.shutdown.cancelled() => return Some((Ok(Item::ShuttingDown), None)),
-                () = tokio::time::sleep(POLL_EVERY) => return Some((Ok(Item::Idle), Some(state))),
+                () = tokio::time::sleep(IDLE_EVERY) => return Some((Ok(Item::Idle), Some(state))),
                 received = state.rx.recv() => received,
             };
             match received {

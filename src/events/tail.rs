@@ -26,9 +26,13 @@ const CAPACITY: usize = 256;
 /// How many entries a tail (or a catching-up subscriber) reads at a time.
 pub const PAGE: i64 = 500;
 
-/// A tail that heard nothing for this long reads Postgres anyway: a safety net for a
-/// notification lost while the LISTEN connection was being re-established.
-pub const POLL_EVERY: Duration = Duration::from_secs(2);
+/// A tail that heard nothing for this long reads Postgres anyway: a safety net only (a lost
+/// LISTEN connection already wakes every tail when it is re-established), so it is rare.
+pub const POLL_EVERY: Duration = Duration::from_secs(30);
+
+/// A subscriber that got nothing for this long yields [`super::Item::Idle`] (transports send
+/// their heartbeats from it; it costs no read).
+pub const IDLE_EVERY: Duration = Duration::from_secs(2);
 
 /// A sequence in Postgres that a tail can follow.
 #[async_trait::async_trait]

@@ -8,7 +8,6 @@ use uuid::Uuid;
 
 use super::{Lease, OwnedOwner, persist_lines};
 use crate::AppState;
-use crate::events::Wake;
 use crate::ids::ReleaseId;
 use crate::runtime::BUILD_STREAM;
 use crate::runtime::{BuildFailure, BuildJob, BuildOutput, LogSink};
@@ -105,7 +104,7 @@ async fn run(state: &AppState, build: Build) {
     };
 
     let (log, rx) = LogSink::new();
-    let writer = tokio::spawn(persist_lines(state.pool.clone(), state.bus.clone(), owner.clone(), rx));
+    let writer = tokio::spawn(persist_lines(state.pool.clone(), owner.clone(), rx));
     let id = build.id.clone();
     let lease = Lease::keep(state, format!("build {id}"), move |state| {
         let id = id.clone();
@@ -208,7 +207,6 @@ async fn end(
             }
         }
     }
-    state.bus.poke(Wake::Events(build.app.clone()));
     // Deleting a large tree takes a while: never on the worker's path. A failed build's
     // partial source goes at once (it can be gigabytes: a refused archive bomb).
     let (pruner, app, failed) = (

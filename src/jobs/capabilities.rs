@@ -7,14 +7,12 @@ use std::time::Duration;
 use sqlx::PgPool;
 
 use super::{OwnedOwner, persist_lines};
-use crate::events::EventBus;
 use crate::runtime::{AppLogs, BoxError, LogSink, PortBook, SourceTokens};
 
 /// App logs persisted as events (each sink has a writer of its own; it never blocks).
 #[derive(Debug, Clone)]
 pub struct PersistedLogs {
     pub pool: PgPool,
-    pub bus: EventBus,
 }
 
 impl AppLogs for PersistedLogs {
@@ -25,7 +23,7 @@ impl AppLogs for PersistedLogs {
             build: None,
             deployment: None,
         };
-        tokio::spawn(persist_lines(self.pool.clone(), self.bus.clone(), owner, receiver));
+        tokio::spawn(persist_lines(self.pool.clone(), owner, receiver));
         sink
     }
 }

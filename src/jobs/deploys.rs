@@ -11,7 +11,6 @@ use tokio_util::sync::CancellationToken;
 use super::{Lease, OwnedOwner, persist_lines};
 use crate::AppState;
 use crate::deploy::{Action, Signal, Transition};
-use crate::events::Wake;
 use crate::runtime::{LogSink, ReleaseSpec};
 use crate::store::deployments::{self, Deployment};
 use crate::store::releases;
@@ -53,12 +52,11 @@ async fn run(state: &AppState, deployment: Deployment) {
         deployment: Some(deployment.id),
     };
     let (log, rx) = LogSink::new();
-    let writer = tokio::spawn(persist_lines(state.pool.clone(), state.bus.clone(), owner, rx));
+    let writer = tokio::spawn(persist_lines(state.pool.clone(), owner, rx));
     let id = deployment.id;
     let lease = Lease::keep(state, format!("deployment {id}"), move |state| {
         Box::pin(async move { deployments::renew_lease(&state.pool, id, state.replica, state.config.job_lease).await })
     });
-    let app = deployment.app.clone();
     let driver = Driver {
         state,
         log: &log,
@@ -71,7 +69,6 @@ async fn run(state: &AppState, deployment: Deployment) {
     drop(lease);
     drop(log);
     let _ = writer.await;
-    state.bus.poke(Wake::Events(app));
 }
 
 /// One deployment being driven by this worker.
@@ -364,7 +361,7 @@ pub async fn reconcile_all(state: AppState) {
             build: None,
             deployment: None,
         };
-        let writer = tokio::spawn(persist_lines(state.pool.clone(), state.bus.clone(), owner, rx));
+        let writer = tokio::spawn(persist_lines(state.pool.clone(), owner, rx));
         log.line(
             "system/local/atom/app",
             format!("Restoring release {release} after a server restart"),

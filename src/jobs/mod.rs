@@ -12,7 +12,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use sqlx::PgPool;
 
-use crate::events::{EventBus, Wake};
+use crate::events::Wake;
 use std::sync::atomic::Ordering;
 
 use crate::runtime::{LogItem, LogReceiver};
@@ -119,7 +119,7 @@ pub const LOG_NOTES_STREAM: &str = "system/rack/log";
 /// line), until every sender is gone; answers flushes once what came before is stored. For a
 /// lossy sink, says how many lines were dropped as soon as a write succeeds again. Returns the
 /// number of lines written.
-pub async fn persist_lines(pool: PgPool, bus: EventBus, owner: OwnedOwner, receiver: LogReceiver) -> u64 {
+pub async fn persist_lines(pool: PgPool, owner: OwnedOwner, receiver: LogReceiver) -> u64 {
     let LogReceiver { mut rx, dropped } = receiver;
     let mut written = 0;
     let mut batch = Vec::with_capacity(256);
@@ -155,7 +155,7 @@ pub async fn persist_lines(pool: PgPool, bus: EventBus, owner: OwnedOwner, recei
             }
         }
         if !lines.is_empty() {
-            let stored = store_with_retry(&pool, &bus, &owner, &lines, dropped.is_some()).await;
+            let stored = store_with_retry(&pool, &owner, &lines, dropped.is_some()).await;
             if stored {
                 written += lines.len() as u64;
             } else if let Some(dropped) = &dropped {
@@ -177,17 +177,11 @@ pub async fn persist_lines(pool: PgPool, bus: EventBus, owner: OwnedOwner, recei
 /// Stores `lines`, retrying while Postgres is briefly away (about 30 s; for a lossy log, until
 /// it is back: its writer never waits on this, and what it sends meanwhile is counted).
 /// Returns whether they were stored.
-async fn store_with_retry(
-    pool: &PgPool,
-    bus: &EventBus,
-    owner: &OwnedOwner,
-    lines: &[(String, String)],
-    patient: bool,
-) -> bool {
+async fn store_with_retry(pool: &PgPool, owner: &OwnedOwner, lines: &[(String, String)], patient: bool) -> bool {
     let mut delay = Duration::from_millis(100);
     let mut waited = Duration::ZERO;
     loop {
-        match append(pool, bus, owner, lines).await {
+        match append(pool, owner, lines).await {
             Ok(()) => return true,
             Err(e) if crate::store::is_transient(&e) && (patient || waited < Duration::from_secs(30)) => {
                 tracing::warn!(error = %e, app.name = %owner.app, "writing job output; retrying");
@@ -212,16 +206,10 @@ fn storable(text: String) -> String {
     }
 }
 
-async fn append(
-    pool: &PgPool,
-    bus: &EventBus,
-    owner: &OwnedOwner,
-    lines: &[(String, String)],
-) -> Result<(), sqlx::Error> {
+async fn append(pool: &PgPool, owner: &OwnedOwner, lines: &[(String, String)]) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     events::append(&mut tx, owner.borrow(), lines, None).await?;
     tx.commit().await?;
-    bus.poke(crate::events::Wake::Events(owner.app.clone()));
     Ok(())
 }
 

@@ -216,9 +216,27 @@ impl Process {
         }
     }
 
+    /// Whether a process of the group still runs. Zombies do not count: the sandbox's first
+    /// process, orphaned when bubblewrap exits, waits as a zombie of the group until the host's
+    /// init reaps it, which some inits do lazily (it made every stop take 1.5 s more here).
     fn group_alive(&self) -> bool {
-        i32::try_from(self.pid)
-            .is_ok_and(|pid| pid > 0 && nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), None).is_ok())
+        let Ok(pid) = i32::try_from(self.pid) else {
+            return false;
+        };
+        if pid <= 0 || nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), None).is_err() {
+            return false;
+        }
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return true;
+        };
+        entries.filter_map(Result::ok).any(|entry| {
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // `pid (comm) state ppid pgrp ...`: comm may hold spaces, so read after the `)`.
+            let mut fields = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace();
+            let state = fields.next().unwrap_or("Z");
+            let pgrp = fields.nth(1).and_then(|g| g.parse::<i32>().ok());
+            pgrp == Some(pid) && state != "Z" && state != "X"
+        })
     }
 
     /// Lets go of the group (killing what is left of it) and waits for the output to be written.
