@@ -707,22 +707,12 @@ async fn sse(
         .await?
         .error_for_status()?;
     ready.send(()).await?;
-    let mut body = response.bytes_stream();
-    let mut pending = Vec::new();
-    while let Some(chunk) = body.next().await {
-        pending.extend_from_slice(&chunk?);
-        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=end).collect();
-            if std::env::var_os("RACK_BENCH_DEBUG").is_some() {
-                eprintln!("sse: {}", String::from_utf8_lossy(&line).trim_end());
-            }
-            if let Some(data) = line.strip_prefix(b"data: ") {
-                let text = String::from_utf8_lossy(data);
-                delivered(deliveries, false, text.contains(wanted));
-            }
+    each_line(response, |line| {
+        if let Some(data) = line.strip_prefix(b"data: ") {
+            delivered(deliveries, false, String::from_utf8_lossy(data).contains(wanted));
         }
-    }
-    Ok(())
+    })
+    .await
 }
 
 /// The app log over a websocket, from now on.
@@ -769,23 +759,29 @@ async fn feed(
         .await?
         .error_for_status()?;
     ready.send(()).await?;
+    each_line(response, |line| {
+        // Events have an id; the stream's own notices (heartbeats) do not.
+        if line.windows(5).any(|w| w == b"\"id\":") {
+            let last = line.windows(27).any(|w| w == b"\"kind\":\"deployment.finished");
+            delivered(deliveries, true, last);
+        }
+    })
+    .await
+}
+
+/// Calls `each` with every line of `response`'s body as it arrives.
+async fn each_line(response: reqwest::Response, mut each: impl FnMut(&[u8])) -> anyhow::Result<()> {
+    let debug = std::env::var_os("RACK_BENCH_DEBUG").is_some();
     let mut body = response.bytes_stream();
     let mut pending = Vec::new();
     while let Some(chunk) = body.next().await {
         pending.extend_from_slice(&chunk?);
         while let Some(end) = pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
-            if std::env::var_os("RACK_BENCH_DEBUG").is_some() {
-                eprintln!("feed: {}", String::from_utf8_lossy(&line).trim_end());
+            if debug {
+                eprintln!("{}", String::from_utf8_lossy(&line).trim_end());
             }
-            // Events have an id; the stream's own notices (heartbeats) do not.
-            if line.windows(5).any(|w| w == b"\"id\":") {
-                delivered(
-                    deliveries,
-                    true,
-                    line.windows(27).any(|w| w == b"\"kind\":\"deployment.finished"),
-                );
-            }
+            each(&line);
         }
     }
     Ok(())

@@ -20,7 +20,7 @@ use serde::Deserialize;
 
 use crate::AppState;
 use crate::api::input::QueryParams;
-use crate::api::streams::{SHUTTING_DOWN, credential_end, guarded, resume_point};
+use crate::api::streams::{SHUTTING_DOWN, credential_end, guarded, resume_point, stream_socket};
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::events::{Follow, Item};
@@ -148,14 +148,7 @@ async fn respond(state: &AppState, apps: Option<Vec<String>>, request: FeedReque
         (slot, state.metrics.stream("feed")),
     );
     if let Some(ws) = request.ws {
-        return Ok(ws
-            .max_message_size(64 * 1024)
-            .max_frame_size(64 * 1024)
-            // Small buffers: a rack may hold thousands of these (the library's default of
-            // 128 KiB each way cost 850 MiB for 10 000 subscribers in benches/suite.rs).
-            .read_buffer_size(4 * 1024)
-            .write_buffer_size(0)
-            .on_upgrade(move |socket| websocket(socket, items)));
+        return Ok(stream_socket(ws).on_upgrade(move |socket| websocket(socket, items)));
     }
     let accept = request
         .headers

@@ -135,15 +135,7 @@ pub fn respond_merged(
         (slot, state.metrics.stream("logs")),
     );
     if let Some(ws) = request.ws {
-        // A log stream's client sends nothing but control frames.
-        return Ok(ws
-            .max_message_size(64 * 1024)
-            .max_frame_size(64 * 1024)
-            // Small buffers: a rack may hold thousands of these (the library's default of
-            // 128 KiB each way cost 850 MiB for 10 000 subscribers in benches/suite.rs).
-            .read_buffer_size(4 * 1024)
-            .write_buffer_size(0)
-            .on_upgrade(move |socket| websocket(socket, items, style)));
+        return Ok(stream_socket(ws).on_upgrade(move |socket| websocket(socket, items, style)));
     }
     let wants_sse = request
         .headers
@@ -155,6 +147,16 @@ pub fn respond_merged(
     } else {
         Ok(text(items, style))
     }
+}
+
+/// The settings of a websocket that streams events: its client sends nothing but control
+/// frames, and a rack may hold thousands of them, so its buffers are small (the library's
+/// default of 128 KiB each way cost 850 MiB for 10 000 subscribers in benches/suite.rs).
+pub fn stream_socket(ws: WebSocketUpgrade) -> WebSocketUpgrade {
+    ws.max_message_size(64 * 1024)
+        .max_frame_size(64 * 1024)
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
 }
 
 /// `items`, ended by `end` (the stream's credential was revoked or expired) with a last item

@@ -168,6 +168,9 @@ async fn tail<L: Log>(
         }
         let deadline = tokio::time::sleep(POLL_EVERY);
         tokio::pin!(deadline);
+        // Subscribers that left are noticed within IDLE_EVERY, without reading anything.
+        let mut idle = tokio::time::interval(IDLE_EVERY);
+        idle.reset();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => {
@@ -175,6 +178,13 @@ async fn tail<L: Log>(
                     return;
                 }
                 () = &mut deadline => break,
+                _ = idle.tick() => {
+                    let mut running = running.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if sender.receiver_count() == 0 {
+                        running.remove(&key);
+                        return;
+                    }
+                }
                 received = wake.recv() => match received {
                     Ok(w) if log.concerns(&w) => break,
                     Ok(_) => {}

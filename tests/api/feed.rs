@@ -19,17 +19,20 @@ fn streaming() -> reqwest::Client {
     reqwest::Client::new()
 }
 
-/// Follows `path` as NDJSON; sends each event (and notice) as it comes.
-fn follow(app: &TestApp, path: &str) -> tokio::sync::mpsc::UnboundedReceiver<Value> {
+/// Follows `path` as NDJSON (subscribed once this returns); sends each event (and notice) as
+/// it comes.
+async fn follow(app: &TestApp, path: &str) -> tokio::sync::mpsc::UnboundedReceiver<Value> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let request = streaming()
+    let response = streaming()
         .get(app.url(path))
         .basic_auth("rack", Some(PASSWORD))
-        .header("accept", "application/x-ndjson");
+        .header("accept", "application/x-ndjson")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/x-ndjson");
     tokio::spawn(async move {
-        let response = request.send().await.unwrap();
-        assert_eq!(response.status(), 200);
-        assert_eq!(response.headers()["content-type"], "application/x-ndjson");
         let mut body = response.bytes_stream();
         let mut pending = Vec::new();
         while let Some(Ok(chunk)) = body.next().await {
@@ -103,8 +106,8 @@ fn finished(event: &Value) -> bool {
 async fn a_build_and_deploy_arrive_typed_in_order_without_a_gap() {
     let app = TestApp::spawn().await;
     // Live from now: opened before anything happens.
-    let mut live = follow(&app, "/events?app=shop");
-    let mut app_path = follow(&app, "/apps/shop/events");
+    let mut live = follow(&app, "/events?app=shop").await;
+    let mut app_path = follow(&app, "/apps/shop/events").await;
     let release = built(&app, "shop").await;
     promote_follow(&app, "shop", &release).await;
     let seen = until(&mut live, finished).await;
@@ -397,8 +400,19 @@ async fn subscribers_that_never_read_do_not_delay_a_deployment() {
     let second = env("ROUND=2").await;
     let without = timed(second).await;
     let stuck = stuck_subscribers(&app, 20).await;
+    // They read until their sockets are full, then stop: measure once the bus is quiet again.
+    wait_for(60, "the stuck subscribers to fill their sockets", || {
+        let bus = app.state.bus.clone();
+        let before = bus.reads();
+        async move {
+            // A window with no read at all.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            (bus.reads() == before).then_some(())
+        }
+    })
+    .await;
     // A subscriber that reads sees the deployment end while the others stay stuck.
-    let mut reading = follow(&app, "/events?app=slow&kind=deployment.finished");
+    let mut reading = follow(&app, "/events?app=slow&kind=deployment.finished").await;
     let third = env("ROUND=3").await;
     let with = timed(third).await;
     until(&mut reading, finished).await;
@@ -450,7 +464,7 @@ async fn metrics_parse_and_move_after_a_deploy() {
     let before = scrape(&app).await;
     assert!(value(&before, "rack_deployments_total", &[("outcome", "ok")]) == 0.0);
     let release = built(&app, "counted").await;
-    let _stream = follow(&app, "/events");
+    let _stream = follow(&app, "/events").await;
     promote_follow(&app, "counted", &release).await;
     // The worker counts right after it commits the end that the stream has just shown.
     let after = wait_for(10, "the deployment counted", || async {
