@@ -9,19 +9,16 @@ use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{FromRequestParts, Path, State};
-use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::extract::ws::{Message, WebSocket};
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, Stream, StreamExt};
 use serde::Deserialize;
 
 use crate::AppState;
-use crate::api::input::QueryParams;
-use crate::api::streams::{SHUTTING_DOWN, credential_end, guarded, resume_point, stream_socket};
-use crate::auth::Principal;
+use crate::api::streams::{SHUTTING_DOWN, StreamRequest, credential_end, guarded, resume_point, stream_socket};
 use crate::error::{ApiError, ApiResult};
 use crate::events::{Follow, Item};
 use crate::store::feed::{FeedEvent, FeedFilter, KINDS};
@@ -44,28 +41,7 @@ pub struct FeedQuery {
 }
 
 /// A feed request: the query, the headers (cursor, `Accept`) and a websocket upgrade, if any.
-#[derive(Debug)]
-pub struct FeedRequest {
-    ws: Option<WebSocketUpgrade>,
-    headers: HeaderMap,
-    query: FeedQuery,
-    principal: Option<Principal>,
-}
-
-impl<S: Send + Sync> FromRequestParts<S> for FeedRequest {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let ws = WebSocketUpgrade::from_request_parts(parts, state).await.ok();
-        let QueryParams(query) = QueryParams::from_request_parts(parts, state).await?;
-        Ok(Self {
-            ws,
-            headers: parts.headers.clone(),
-            query,
-            principal: parts.extensions.get::<Principal>().cloned(),
-        })
-    }
-}
+pub type FeedRequest = StreamRequest<FeedQuery>;
 
 #[tracing::instrument(skip_all)]
 pub async fn stream_feed(State(state): State<AppState>, request: FeedRequest) -> ApiResult<Response> {

@@ -52,19 +52,21 @@ pub enum Style {
 }
 
 /// What a client asked for. Extracted from a `GET` (a websocket upgrade, if it is one, the
-/// headers and the cursor in the query), or made by a handler that streams its answer.
+/// headers and the query: a log's cursor, or a feed's filters), or made by a handler that
+/// streams its answer.
 #[derive(Debug)]
-pub struct StreamRequest {
+pub struct StreamRequest<Q = StreamQuery> {
     pub ws: Option<WebSocketUpgrade>,
     pub headers: HeaderMap,
-    pub query: StreamQuery,
+    pub query: Q,
     /// Who opened it: the stream counts against their limit, and ends with their credential.
     pub principal: Option<Principal>,
 }
 
-impl<S> FromRequestParts<S> for StreamRequest
+impl<S, Q> FromRequestParts<S> for StreamRequest<Q>
 where
     S: Send + Sync,
+    Q: serde::de::DeserializeOwned,
 {
     type Rejection = ApiError;
 
