@@ -166,6 +166,16 @@ pub struct KubeArgs {
     /// service account.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// The rack's wildcard domain: each service with a port (and not `internal`) is reached at
+    /// `<service>.<app>.<domain>` through an Ingress. Without it, only `domain:` names are.
+    #[arg(long = "domain", env = "RACK_DOMAIN")]
+    pub domain: Option<String>,
+    /// The ingress class of the apps' Ingresses (none: the cluster's default class).
+    #[arg(long, env = "RACK_INGRESS_CLASS")]
+    pub ingress_class: Option<String>,
+    /// A cert-manager ClusterIssuer: the apps' Ingresses get TLS certificates from it.
+    #[arg(long, env = "RACK_CERT_ISSUER")]
+    pub cert_issuer: Option<String>,
 }
 
 /// The validated server configuration.
@@ -212,6 +222,24 @@ pub struct KubeConfig {
     /// `(namespace, name)` of rack's own service account.
     pub service_account: Option<(String, String)>,
     pub kubeconfig: Option<PathBuf>,
+    /// How traffic reaches the apps' services.
+    pub ingress: IngressConfig,
+}
+
+/// How traffic from outside the cluster reaches the apps (Ingresses).
+#[derive(Debug, Clone, Default)]
+pub struct IngressConfig {
+    /// The rack's wildcard domain (`<service>.<app>.<domain>`).
+    pub domain: Option<String>,
+    /// The ingress class (none: the cluster's default).
+    pub class: Option<String>,
+    /// The cert-manager ClusterIssuer that gives the Ingresses their TLS certificates.
+    pub cert_issuer: Option<String>,
+}
+
+/// A setting's value, trimmed; `None` when unset or blank.
+fn nonempty(value: Option<String>) -> Option<String> {
+    value.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
 }
 
 impl KubeConfig {
@@ -250,6 +278,11 @@ impl KubeConfig {
             fetch_image: args.fetch_image,
             service_account,
             kubeconfig: args.kubeconfig.filter(|p| !p.as_os_str().is_empty()),
+            ingress: IngressConfig {
+                domain: nonempty(args.domain).map(|d| d.trim_start_matches("*.").to_lowercase()),
+                class: nonempty(args.ingress_class),
+                cert_issuer: nonempty(args.cert_issuer),
+            },
         })
     }
 }
@@ -394,6 +427,9 @@ mod tests {
             fetch_image: "busybox".into(),
             service_account: Some("rack/rack".into()),
             kubeconfig: None,
+            domain: Some(" *.Rack.Example.org ".into()),
+            ingress_class: Some(" ".into()),
+            cert_issuer: None,
         }
     }
 
@@ -409,6 +445,8 @@ mod tests {
         assert_eq!(config.registry, "registry.example.com/rack");
         assert_eq!(config.url, "http://rack.rack.svc.cluster.local:5443");
         assert_eq!(config.service_account, Some(("rack".into(), "rack".into())));
+        assert_eq!(config.ingress.domain.as_deref(), Some("rack.example.org"));
+        assert_eq!(config.ingress.class, None, "a blank setting is no setting");
     }
 
     #[test]

@@ -32,6 +32,11 @@ async fn spawn_kube() -> TestApp {
             fetch_image: "busybox:1.36".to_owned(),
             service_account: Some(("rack".to_owned(), "rack".to_owned())),
             kubeconfig: Some(env.rack.clone()),
+            ingress: rack::config::IngressConfig {
+                domain: Some("rack.example.org".to_owned()),
+                class: Some("nginx".to_owned()),
+                cert_issuer: Some("letsencrypt".to_owned()),
+            },
         });
     })
     .await
@@ -707,6 +712,123 @@ async fn a_one_off_process_is_a_pod_and_delete_removes_it() {
     assert_eq!(deleted.status(), 200);
     wait_for(60, "the pod to go", || async {
         matches!(pods.get_opt(&name).await, Ok(None)).then_some(())
+    })
+    .await;
+}
+
+/// The hosts of an Ingress's rules.
+fn ingress_hosts(ingress: &k8s_openapi::api::networking::v1::Ingress) -> Vec<String> {
+    ingress
+        .spec
+        .as_ref()
+        .and_then(|s| s.rules.as_ref())
+        .map(|rules| rules.iter().filter_map(|r| r.host.clone()).collect())
+        .unwrap_or_default()
+}
+
+/// Traffic from outside: a service with a port gets an Ingress for `<service>.<app>.<RACK_DOMAIN>`
+/// and its `domain:` names (from the release's env), in the configured class with cert-manager's
+/// annotation; an `internal` one gets none. The Ingress follows promotes and rollbacks, and goes
+/// with its service's port and with the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_with_a_port_get_ingresses_that_follow_the_release() {
+    use k8s_openapi::api::networking::v1::Ingress;
+    let app = spawn_kube().await;
+    let client = admin_client().await;
+    let name = "routed";
+    let ns = format!("rack-{name}");
+    let probe = ProbeServer::start().await;
+    assert_eq!(app.create_app(name).await.status(), 201);
+    let health = "    health:\n      grace: 1\n      interval: 1\n";
+    let manifest = format!(
+        "services:\n  web:\n    build: .\n    port: {p}\n    domain: ${{HOST}}\n{health}  api:\n    build: .\n    port: {p}\n    internal: true\n{health}",
+        p = probe.port
+    );
+    complete_build(&app, &client, name, &manifest).await;
+    let kubelet = tokio::spawn(act_as_kubelet(client.clone(), ns.clone()));
+    let release = |env: &'static str| {
+        let app = &app;
+        async move {
+            create_release(app, name, &[("env", env)]).await["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let first = release("HOST=shop.example.com").await;
+    let log = promote_follow(&app, name, &first).await;
+    assert!(log.ends_with("\nOK\n"), "{log}");
+
+    let ingresses: Api<Ingress> = Api::namespaced(client.clone(), &ns);
+    let web = ingresses.get("web").await.unwrap();
+    assert_eq!(ingress_hosts(&web), ["web.routed.rack.example.org", "shop.example.com"]);
+    let spec = web.spec.clone().unwrap();
+    assert_eq!(spec.ingress_class_name.as_deref(), Some("nginx"));
+    let annotations = web.metadata.annotations.clone().unwrap();
+    assert_eq!(annotations["cert-manager.io/cluster-issuer"], "letsencrypt");
+    let tls = &spec.tls.unwrap()[0];
+    assert_eq!(tls.secret_name.as_deref(), Some("web-tls"));
+    let backend = spec.rules.unwrap()[0].http.clone().unwrap().paths[0]
+        .backend
+        .service
+        .clone()
+        .unwrap();
+    assert_eq!(backend.name, "web");
+    assert_eq!(backend.port.unwrap().number, Some(i32::from(probe.port)));
+    assert!(
+        ingresses.get_opt("api").await.unwrap().is_none(),
+        "an internal service has no Ingress"
+    );
+
+    // A promote moves it; a rollback (a new release with the first one's build and env, as
+    // `rack releases rollback` makes it) moves it back.
+    let second = release("HOST=www.example.com").await;
+    assert!(promote_follow(&app, name, &second).await.ends_with("\nOK\n"));
+    assert_eq!(
+        ingress_hosts(&ingresses.get("web").await.unwrap()),
+        ["web.routed.rack.example.org", "www.example.com"]
+    );
+    let old: Value = app.get_json(&format!("/apps/{name}/releases/{first}")).await;
+    let rollback = create_release(
+        &app,
+        name,
+        &[
+            ("build", old["build"].as_str().unwrap()),
+            ("env", old["env"].as_str().unwrap()),
+        ],
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(promote_follow(&app, name, &rollback).await.ends_with("\nOK\n"));
+    assert_eq!(
+        ingress_hosts(&ingresses.get("web").await.unwrap()),
+        ["web.routed.rack.example.org", "shop.example.com"]
+    );
+
+    // A release whose web has no port takes the Ingress away.
+    let portless = format!(
+        "services:\n  web:\n    build: .\n{health}  api:\n    build: .\n    port: {p}\n    internal: true\n{health}",
+        p = probe.port
+    );
+    let build = complete_build(&app, &client, name, &portless).await;
+    let third = build["release"].as_str().unwrap().to_owned();
+    let log = promote_follow(&app, name, &third).await;
+    assert!(log.ends_with("\nOK\n"), "{log}");
+    assert!(ingresses.get_opt("web").await.unwrap().is_none(), "no port, no Ingress");
+    kubelet.abort();
+    drop(probe);
+
+    // And the app's deletion takes everything (its namespace) with it.
+    assert_eq!(app.delete_app(name).await.status(), 200);
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    wait_for(90, "the namespace to go", || async {
+        match namespaces.get_opt(&ns).await.unwrap() {
+            None => Some(()),
+            Some(n) if n.metadata.deletion_timestamp.is_some() => Some(()),
+            Some(_) => None,
+        }
     })
     .await;
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Event, Pod, Service};
+use k8s_openapi::api::networking::v1::Ingress;
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
 
@@ -49,6 +50,7 @@ pub async fn apply(
 
     let deployments: Api<Deployment> = runtime.api(app);
     let services: Api<Service> = runtime.api(app);
+    let ingresses: Api<Ingress> = runtime.api(app);
     let params = PatchParams::apply(MANAGER).force();
     let mut wanted = BTreeSet::new();
     if let Some(release) = release {
@@ -60,6 +62,7 @@ pub async fn apply(
                 service,
             };
             let body = resources::deployment(&target, release, service.scale.count_min)?;
+            drop_stale_probe(&deployments, name, &body).await?;
             deployments
                 .patch(name, &params, &Patch::Apply(body))
                 .await
@@ -77,6 +80,19 @@ pub async fn apply(
                 }
                 None => delete(&services, name).await?,
             }
+            // The Ingress points at the Service, whose selector follows the pods that are
+            // ready, so it switches with the rollout and never ahead of it.
+            let hosts = resources::ingress_hosts(&rt.config.ingress, app, name, service, &release.env)?;
+            match service.port.filter(|_| !hosts.is_empty()) {
+                Some(port) => {
+                    let body = resources::ingress(&rt.rack, app, name, port, &hosts, &rt.config.ingress);
+                    ingresses
+                        .patch(name, &params, &Patch::Apply(body))
+                        .await
+                        .map_err(RuntimeError::kube(format!("applying ingress {name}")))?;
+                }
+                None => delete(&ingresses, name).await?,
+            }
             wanted.insert(name.clone());
         }
     }
@@ -92,6 +108,7 @@ pub async fn apply(
                 .await;
             delete(&deployments, &name).await?;
             delete(&services, &name).await?;
+            delete(&ingresses, &name).await?;
         }
     }
 
@@ -99,6 +116,46 @@ pub async fn apply(
     // The last events trail the status that ended the wait.
     forwarder.finish(WATCH_PATIENCE).await;
     result
+}
+
+/// Removes the live Deployment's readiness probe when the release's has none (its service lost
+/// its port or its health check). A server-side apply that leaves the probe out does not remove
+/// all of it on Kubernetes 1.20: defaulted parts stay, and the merged Deployment is refused
+/// (`readinessProbe: must specify a handler type`).
+async fn drop_stale_probe(
+    deployments: &Api<Deployment>,
+    name: &str,
+    body: &serde_json::Value,
+) -> Result<(), RuntimeError> {
+    if body["spec"]["template"]["spec"]["containers"][0]
+        .get("readinessProbe")
+        .is_some()
+    {
+        return Ok(());
+    }
+    let live = deployments
+        .get_opt(name)
+        .await
+        .map_err(RuntimeError::kube(format!("reading deployment {name}")))?;
+    let has_probe = live
+        .and_then(|d| d.spec)
+        .and_then(|s| s.template.spec)
+        .is_some_and(|s| s.containers.first().is_some_and(|c| c.readiness_probe.is_some()));
+    if has_probe {
+        // A strategic merge patch: `null` removes the field; containers merge by name.
+        let patch = serde_json::json!({
+            "spec": { "template": { "spec": { "containers": [
+                { "name": resources::CONTAINER, "readinessProbe": null }
+            ] } } }
+        });
+        deployments
+            .patch(name, &PatchParams::default(), &Patch::Strategic(patch))
+            .await
+            .map_err(RuntimeError::kube(format!(
+                "removing the readiness probe of deployment {name}"
+            )))?;
+    }
+    Ok(())
 }
 
 /// Waits until every Deployment in `wanted` has rolled out, or one of them cannot.
