@@ -15,10 +15,19 @@ use crate::helpers::{PASSWORD, TestApp};
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
-/// A chromedriver on a free loopback port, killed with the guard.
+/// A chromedriver on a free loopback port, in a process group of its own: the guard kills the
+/// group, so the browsers it started go too, even when the test fails half-way.
 struct Driver {
     child: tokio::process::Child,
     url: String,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(pid) = self.child.id().and_then(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
 }
 
 async fn chromedriver() -> Driver {
@@ -36,6 +45,7 @@ async fn chromedriver() -> Driver {
         .arg("--allowed-ips=127.0.0.1")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .expect("starting chromedriver");
@@ -67,7 +77,7 @@ async fn wait_script(browser: &fantoccini::Client, what: &str, script: &str) -> 
 async fn the_dashboard_shows_a_deployment_live_in_a_real_browser() {
     let app = TestApp::spawn().await;
     let release = built(&app, "web").await;
-    let mut driver = chromedriver().await;
+    let driver = chromedriver().await;
     let profile = tempfile::tempdir().unwrap();
     let mut capabilities = serde_json::Map::new();
     capabilities.insert(
@@ -177,5 +187,5 @@ async fn the_dashboard_shows_a_deployment_live_in_a_real_browser() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("dashboard.png"), &png).unwrap();
     browser.close().await.unwrap();
-    let _ = driver.child.kill().await;
+    drop(driver);
 }
