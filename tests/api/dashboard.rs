@@ -60,6 +60,19 @@ async fn chromedriver() -> Driver {
     }
 }
 
+/// Types `password` into the sign-in form (replacing what is there) and submits it.
+async fn sign_in(browser: &fantoccini::Client, field: &fantoccini::elements::Element, password: &str) {
+    field.clear().await.unwrap();
+    field.send_keys(password).await.unwrap();
+    browser
+        .find(Locator::Id("sign-in"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
 /// Polls `check` (a script returning a value, `null` while not yet) until it returns one.
 async fn wait_script(browser: &fantoccini::Client, what: &str, script: &str) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -101,29 +114,14 @@ async fn the_dashboard_shows_a_deployment_live_in_a_real_browser() {
     browser.goto(&app.url("/")).await.unwrap();
     let secret = browser.wait().for_element(Locator::Id("secret")).await.unwrap();
     // A wrong password is refused on the form.
-    secret.send_keys("not-the-password").await.unwrap();
-    browser
-        .find(Locator::Id("sign-in"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    sign_in(&browser, &secret, "not-the-password").await;
     wait_script(
         &browser,
         "the sign-in error",
         "return document.getElementById('login-error').textContent.includes('not valid') || null",
     )
     .await;
-    secret.clear().await.unwrap();
-    secret.send_keys(PASSWORD).await.unwrap();
-    browser
-        .find(Locator::Id("sign-in"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    sign_in(&browser, &secret, PASSWORD).await;
     wait_script(
         &browser,
         "the app in the table",

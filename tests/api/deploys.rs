@@ -54,6 +54,20 @@ pub async fn create_release(app: &TestApp, name: &str, form: &[(&str, &str)]) ->
     response.json().await.unwrap()
 }
 
+/// A rollback to `release` as convox (and `rack releases rollback`) makes it: a new release with
+/// its build and env; returns the new release's id (not promoted yet).
+pub async fn rollback_release(app: &TestApp, name: &str, release: &str) -> String {
+    let old: Value = app.get_json(&format!("/apps/{name}/releases/{release}")).await;
+    let form = [
+        ("build", old["build"].as_str().unwrap()),
+        ("env", old["env"].as_str().unwrap()),
+    ];
+    create_release(app, name, &form).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 async fn get_app(app: &TestApp, name: &str) -> Value {
     app.get_app(name).await.json().await.unwrap()
 }
@@ -298,26 +312,7 @@ async fn promoting_an_older_release_is_400_and_rollback_works() {
     );
 
     // Rollback as convox does it: a new release with the old build and env, promoted.
-    let old: Value = app
-        .json(Method::GET, &format!("/apps/myapp/releases/{first}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let rollback = create_release(
-        &app,
-        "myapp",
-        &[
-            ("build", old["build"].as_str().unwrap()),
-            ("env", old["env"].as_str().unwrap()),
-        ],
-    )
-    .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let rollback = rollback_release(&app, "myapp", &first).await;
     assert!(promote_follow(&app, "myapp", &rollback).await.ends_with("\nOK\n"));
     assert_eq!(through_router(&app, "myapp").await, format!("{rollback} \n"));
     let releases: Vec<Value> = app.get_json("/apps/myapp/releases?limit=2").await;

@@ -13,7 +13,7 @@ use kube::{Api, Client};
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::deploys::{create_release, promote_follow};
+use crate::deploys::{create_release, promote_follow, rollback_release};
 use crate::helpers::{TestApp, wait_for};
 use crate::kubeenv::{ProbeServer, act_as_kubelet, admin_client, apply_file, closed_port, finish_pod, kube_env};
 use crate::replicas::Replica;
@@ -97,6 +97,19 @@ async fn complete_build(app: &TestApp, client: &Client, name: &str, manifest: &s
     let build = app.wait_build(name, &id).await;
     assert_eq!(build["status"], "complete", "{build}");
     build
+}
+
+/// Waits until namespace `ns` is gone or going (deleted; its contents go with it).
+async fn namespace_gone(client: &Client, ns: &str) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    wait_for(90, "the namespace to go", || async {
+        match namespaces.get_opt(ns).await.unwrap() {
+            None => Some(()),
+            Some(n) if n.metadata.deletion_timestamp.is_some() => Some(()),
+            Some(_) => None,
+        }
+    })
+    .await;
 }
 
 /// The index of the first line at or after `from` that contains every part of `parts`.
@@ -276,15 +289,7 @@ async fn an_app_is_a_namespace_its_build_a_job_and_its_release_a_rolling_deploym
 
     // Deleting the app deletes its namespace.
     assert_eq!(app.delete_app(name).await.status(), 200);
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    wait_for(90, "the namespace to go", || async {
-        match namespaces.get_opt(&ns).await.unwrap() {
-            None => Some(()),
-            Some(n) if n.metadata.deletion_timestamp.is_some() => Some(()),
-            Some(_) => None,
-        }
-    })
-    .await;
+    namespace_gone(&client, &ns).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -788,19 +793,7 @@ async fn services_with_a_port_get_ingresses_that_follow_the_release() {
         ingress_hosts(&ingresses.get("web").await.unwrap()),
         ["web.routed.rack.example.org", "www.example.com"]
     );
-    let old: Value = app.get_json(&format!("/apps/{name}/releases/{first}")).await;
-    let rollback = create_release(
-        &app,
-        name,
-        &[
-            ("build", old["build"].as_str().unwrap()),
-            ("env", old["env"].as_str().unwrap()),
-        ],
-    )
-    .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let rollback = rollback_release(&app, name, &first).await;
     assert!(promote_follow(&app, name, &rollback).await.ends_with("\nOK\n"));
     assert_eq!(
         ingress_hosts(&ingresses.get("web").await.unwrap()),
@@ -822,13 +815,5 @@ async fn services_with_a_port_get_ingresses_that_follow_the_release() {
 
     // And the app's deletion takes everything (its namespace) with it.
     assert_eq!(app.delete_app(name).await.status(), 200);
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    wait_for(90, "the namespace to go", || async {
-        match namespaces.get_opt(&ns).await.unwrap() {
-            None => Some(()),
-            Some(n) if n.metadata.deletion_timestamp.is_some() => Some(()),
-            Some(_) => None,
-        }
-    })
-    .await;
+    namespace_gone(&client, &ns).await;
 }
