@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::IpAddr;
 
 use serde_yaml_ng::Value;
 
@@ -14,7 +15,11 @@ pub struct Manifest {
     pub services: BTreeMap<String, Service>,
     /// App-wide variables, `KEY` (required) or `KEY=default`.
     pub environment: Vec<String>,
-    /// Top-level keys rack does not interpret (`resources`, `timers`, `balancers`...).
+    /// Scheduled commands by name (convox `timers:`).
+    pub timers: BTreeMap<String, Timer>,
+    /// Extra load balancers by name (convox `balancers:`).
+    pub balancers: BTreeMap<String, Balancer>,
+    /// Top-level keys rack does not interpret (`resources`...).
     pub extra: BTreeMap<String, Value>,
 }
 
@@ -182,6 +187,72 @@ impl Default for Deployment {
     }
 }
 
+/// A command run on a schedule as a one-off process of a service (convox `timers:`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timer {
+    /// When to run: a 5-field cron expression (minute, hour, day of month, month, day of week)
+    /// or a macro such as `@daily`, trimmed and with its fields separated by single spaces.
+    pub schedule: String,
+    /// What to run.
+    pub command: Command,
+    /// The service whose image and environment the command runs with.
+    pub service: String,
+    /// What to do when a run is due while the previous one is still going.
+    pub concurrency: Concurrency,
+    /// Timer keys rack does not interpret (`annotations`, `parallelCount`...).
+    pub extra: BTreeMap<String, Value>,
+}
+
+/// What a timer does when a run is due while the previous one is still going (the Kubernetes
+/// CronJob's `concurrencyPolicy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Concurrency {
+    /// Start the new run alongside the old one (the default).
+    #[default]
+    Allow,
+    /// Skip the new run.
+    Forbid,
+    /// Stop the old run and start the new one.
+    Replace,
+}
+
+impl Concurrency {
+    /// The Kubernetes `concurrencyPolicy` spelling: `Allow`, `Forbid` or `Replace`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Allow => "Allow",
+            Self::Forbid => "Forbid",
+            Self::Replace => "Replace",
+        }
+    }
+}
+
+/// A load balancer of its own in front of some ports of a service (convox `balancers:`), for
+/// traffic the HTTP router does not carry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Balancer {
+    /// The service the traffic goes to.
+    pub service: String,
+    /// The ports, sorted by source port; never empty.
+    pub ports: Vec<BalancerPort>,
+    /// Client networks allowed in, as written: CIDRs, or bare addresses meaning /32 or /128.
+    /// Empty lets everyone in.
+    pub whitelist: Vec<String>,
+    /// Balancer keys rack does not interpret.
+    pub extra: BTreeMap<String, Value>,
+}
+
+/// One port of a balancer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BalancerPort {
+    /// The port the balancer listens on.
+    pub source: u16,
+    /// The service's port the traffic is sent to.
+    pub target: u16,
+    /// `TCP` (the default) or `UDP`.
+    pub protocol: String,
+}
+
 impl Manifest {
     /// Service names, in order.
     pub fn service_names(&self) -> impl Iterator<Item = &str> {
@@ -251,9 +322,48 @@ pub fn parse(text: &str) -> Result<Manifest, ParseManifestError> {
                 }
             }
             "environment" => manifest.environment = doc.environment(&["environment"], value)?,
+            "timers" => {
+                for (name, timer) in doc.map(&["timers"], value)? {
+                    if !is_dns_label(name) || name.len() > MAX_TIMER_NAME {
+                        let why = "invalid timer name: use lowercase letters, digits and '-', starting with a letter";
+                        return doc.fail(&["timers", name], format!("{why} (at most {MAX_TIMER_NAME})"));
+                    }
+                    manifest
+                        .timers
+                        .insert(name.to_owned(), doc.timer(&["timers", name], timer)?);
+                }
+            }
+            "balancers" => {
+                for (name, balancer) in doc.map(&["balancers"], value)? {
+                    if !is_dns_label(name) || name.len() > MAX_BALANCER_NAME {
+                        let why =
+                            "invalid balancer name: use lowercase letters, digits and '-', starting with a letter";
+                        return doc.fail(&["balancers", name], format!("{why} (at most {MAX_BALANCER_NAME})"));
+                    }
+                    manifest
+                        .balancers
+                        .insert(name.to_owned(), doc.balancer(&["balancers", name], balancer)?);
+                }
+            }
             _ => {
                 manifest.extra.insert(key.to_owned(), value.clone());
             }
+        }
+    }
+    // `timers:` and `balancers:` may come before `services:`: what they name is checked once all
+    // services are known.
+    let timers = manifest.timers.iter().map(|(name, t)| ("timers", name, &t.service));
+    let balancers = manifest
+        .balancers
+        .iter()
+        .map(|(name, b)| ("balancers", name, &b.service));
+    for (kind, name, service) in timers.chain(balancers) {
+        if !manifest.services.contains_key(service) {
+            let known = match manifest.service_names().collect::<Vec<_>>().join(", ") {
+                names if names.is_empty() => "this manifest has no services".to_owned(),
+                names => format!("this manifest's services are {names}"),
+            };
+            return doc.fail(&[kind, name, "service"], format!("no service {service:?}: {known}"));
         }
     }
     Ok(manifest)
@@ -269,6 +379,13 @@ pub const MAX_NESTING: usize = 100;
 
 /// Most processes of one service (the same cap as `scale` through the API).
 pub const MAX_SCALE_COUNT: u32 = 1000;
+
+/// Longest timer name. Its CronJob is `timer-<name>`, and Kubernetes keeps CronJob names to 52
+/// characters so that the names of the Jobs it starts (11 characters more) stay DNS labels.
+const MAX_TIMER_NAME: usize = 52 - "timer-".len();
+
+/// Longest balancer name: its Kubernetes Service, `balancer-<name>`, must be a DNS label.
+const MAX_BALANCER_NAME: usize = 63 - "balancer-".len();
 
 /// Refuses texts that are too large, too deeply nested or hold NUL characters, cheaply and
 /// before the YAML parser sees them. Brackets count wherever they are (quoted or not): an
@@ -593,6 +710,198 @@ impl Doc<'_> {
         Ok(deployment)
     }
 
+    fn timer(&self, path: &[&str], value: &Value) -> Parsed<Timer> {
+        if !value.is_mapping() {
+            return self.expected(path, "a map of schedule, command and service", value);
+        }
+        let (mut schedule, mut command, mut service) = (None, None, None);
+        let (mut concurrency, mut extra) = (Concurrency::default(), BTreeMap::new());
+        for (key, value) in self.map(path, value)? {
+            let path = &[path, &[key]].concat();
+            match key {
+                // `key: ~` reads as "not given", as it does for services.
+                _ if value.is_null() => {}
+                "schedule" => schedule = Some(self.schedule(path, value)?),
+                "command" => command = Some(self.command(path, value)?),
+                "service" => service = Some(self.string(path, value)?),
+                "concurrency" => concurrency = self.concurrency(path, value)?,
+                _ => {
+                    extra.insert(key.to_owned(), value.clone());
+                }
+            }
+        }
+        let Some(schedule) = schedule else {
+            return self.fail(
+                path,
+                "missing schedule: add a cron expression such as \"0 3 * * *\" or \"@daily\"",
+            );
+        };
+        let Some(command) = command else {
+            return self.fail(path, "missing command: add the command to run");
+        };
+        let Some(service) = service else {
+            return self.fail(path, "missing service: name the service the command runs in");
+        };
+        Ok(Timer {
+            schedule,
+            command,
+            service,
+            concurrency,
+            extra,
+        })
+    }
+
+    /// A cron schedule as Kubernetes CronJobs take it, checked here so that a mistake is found
+    /// when the manifest is read rather than when the CronJob is refused at deploy time.
+    fn schedule(&self, path: &[&str], value: &Value) -> Parsed<String> {
+        let Value::String(text) = value else {
+            return self.expected(path, "a cron expression such as \"0 3 * * *\" or \"@daily\"", value);
+        };
+        let schedule = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        match check_schedule(&schedule) {
+            Ok(()) => Ok(schedule),
+            Err(why) => self.fail(path, format!("{:?}: {why}", text.trim())),
+        }
+    }
+
+    fn concurrency(&self, path: &[&str], value: &Value) -> Parsed<Concurrency> {
+        let policy = match value {
+            Value::String(s) => s.trim().to_ascii_lowercase(),
+            _ => String::new(),
+        };
+        match policy.as_str() {
+            "allow" => Ok(Concurrency::Allow),
+            "forbid" => Ok(Concurrency::Forbid),
+            "replace" => Ok(Concurrency::Replace),
+            _ => self.expected(path, "Allow, Forbid or Replace", value),
+        }
+    }
+
+    fn balancer(&self, path: &[&str], value: &Value) -> Parsed<Balancer> {
+        if !value.is_mapping() {
+            return self.expected(path, "a map of service, ports and whitelist", value);
+        }
+        let (mut service, mut ports, mut whitelist, mut extra) = (None, None, Vec::new(), BTreeMap::new());
+        for (key, value) in self.map(path, value)? {
+            let path = &[path, &[key]].concat();
+            match key {
+                _ if value.is_null() => {}
+                "service" => service = Some(self.string(path, value)?),
+                "ports" => ports = Some(self.balancer_ports(path, value)?),
+                "whitelist" => whitelist = self.whitelist(path, value)?,
+                _ => {
+                    extra.insert(key.to_owned(), value.clone());
+                }
+            }
+        }
+        let Some(service) = service else {
+            return self.fail(path, "missing service: name the service the balancer sends traffic to");
+        };
+        let Some(ports) = ports else {
+            return self.fail(
+                path,
+                "missing ports: map each balancer port to a service port, such as 5000: 3000",
+            );
+        };
+        Ok(Balancer {
+            service,
+            ports,
+            whitelist,
+            extra,
+        })
+    }
+
+    fn balancer_ports(&self, path: &[&str], value: &Value) -> Parsed<Vec<BalancerPort>> {
+        let Value::Mapping(map) = value else {
+            return self.expected(
+                path,
+                "a map of balancer port to service port, such as 5000: 3000",
+                value,
+            );
+        };
+        let mut ports: Vec<BalancerPort> = Vec::with_capacity(map.len());
+        for (key, value) in map {
+            // Port keys are usually YAML numbers, which `map` would refuse as keys.
+            let text = match key {
+                Value::Number(n) => n.to_string(),
+                Value::String(s) => s.clone(),
+                other => return self.expected(path, "port numbers as keys", other),
+            };
+            let path = &[path, &[text.as_str()]].concat();
+            let Some(source) = port_number(key) else {
+                return self.fail(path, format!("invalid port {text:?}: use 1-65535"));
+            };
+            if ports.iter().any(|port| port.source == source) {
+                return self.fail(path, format!("port {source} is given twice"));
+            }
+            let (target, protocol) = match value {
+                Value::Mapping(_) => self.balancer_target(path, value)?,
+                _ => (self.target_port(path, value)?, "TCP".to_owned()),
+            };
+            ports.push(BalancerPort {
+                source,
+                target,
+                protocol,
+            });
+        }
+        if ports.is_empty() {
+            return self.fail(path, "add at least one port, such as 5000: 3000");
+        }
+        ports.sort_by_key(|port| port.source);
+        Ok(ports)
+    }
+
+    /// The long form of a balancer port's value: `{ port: 3000, protocol: udp }`.
+    fn balancer_target(&self, path: &[&str], value: &Value) -> Parsed<(u16, String)> {
+        let (mut target, mut protocol) = (None, "TCP".to_owned());
+        for (key, value) in self.map(path, value)? {
+            let path = &[path, &[key]].concat();
+            match (key, value) {
+                ("port", _) => target = Some(self.target_port(path, value)?),
+                ("protocol", Value::String(s)) if s.trim().eq_ignore_ascii_case("tcp") => protocol = "TCP".to_owned(),
+                ("protocol", Value::String(s)) if s.trim().eq_ignore_ascii_case("udp") => protocol = "UDP".to_owned(),
+                ("protocol", other) => return self.expected(path, "tcp or udp", other),
+                // Refused rather than kept: a misspelt `protocol` would quietly mean TCP.
+                _ => return self.fail(path, "unknown key: a port takes port and protocol"),
+            }
+        }
+        match target {
+            Some(target) => Ok((target, protocol)),
+            None => self.fail(path, "missing port: add the service port to send traffic to"),
+        }
+    }
+
+    fn target_port(&self, path: &[&str], value: &Value) -> Parsed<u16> {
+        port_number(value).map_or_else(|| self.expected(path, "a port from 1 to 65535", value), Ok)
+    }
+
+    fn whitelist(&self, path: &[&str], value: &Value) -> Parsed<Vec<String>> {
+        let what = "a list of networks such as 10.0.0.0/16";
+        let entries: Vec<&str> = match value {
+            // Older Convox manifests give the whitelist as one comma-separated string.
+            Value::String(s) => s.split(',').collect(),
+            Value::Sequence(items) => items
+                .iter()
+                .map(|item| match item {
+                    Value::String(s) => Ok(s.as_str()),
+                    other => self.expected(path, what, other),
+                })
+                .collect::<Parsed<_>>()?,
+            other => return self.expected(path, what, other),
+        };
+        let check = |entry: &str| {
+            let entry = entry.trim();
+            if is_cidr(entry) {
+                return Ok(entry.to_owned());
+            }
+            self.fail(
+                path,
+                format!("invalid network {entry:?}: use an address with an optional prefix length, such as 10.0.0.0/16 or 2001:db8::/32"),
+            )
+        };
+        entries.into_iter().map(check).collect()
+    }
+
     fn environment(&self, path: &[&str], value: &Value) -> Parsed<Vec<String>> {
         let items = match value {
             Value::Null => return Ok(Vec::new()),
@@ -627,6 +936,165 @@ fn is_dns_label(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// A port from 1 to 65535, written as a YAML number or a string of digits.
+fn port_number(value: &Value) -> Option<u16> {
+    let n = match value {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => Some(s.trim()).filter(|s| is_digits(s)).and_then(|s| s.parse().ok()),
+        _ => None,
+    };
+    n.and_then(|n| u16::try_from(n).ok()).filter(|&port| port > 0)
+}
+
+fn is_digits(text: &str) -> bool {
+    !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// An IPv4 or IPv6 address with an optional prefix length (a bare address is one host).
+fn is_cidr(text: &str) -> bool {
+    let (address, prefix) = match text.split_once('/') {
+        Some((address, prefix)) => (address, Some(prefix)),
+        None => (text, None),
+    };
+    let Ok(address) = address.parse::<IpAddr>() else {
+        return false;
+    };
+    let most = if address.is_ipv4() { 32 } else { 128 };
+    prefix.is_none_or(|prefix| is_digits(prefix) && prefix.parse::<u8>().is_ok_and(|n| n <= most))
+}
+
+/// One field of a cron expression.
+struct CronField {
+    name: &'static str,
+    min: u32,
+    max: u32,
+    /// Names of the values from `min` on, matched without regard to case.
+    names: &'static [&'static str],
+    /// Whether `?` (any) may stand for `*`, as robfig/cron (which Kubernetes uses) allows.
+    question: bool,
+}
+
+const CRON_FIELDS: [CronField; 5] = [
+    CronField {
+        name: "minute",
+        min: 0,
+        max: 59,
+        names: &[],
+        question: false,
+    },
+    CronField {
+        name: "hour",
+        min: 0,
+        max: 23,
+        names: &[],
+        question: false,
+    },
+    CronField {
+        name: "day of month",
+        min: 1,
+        max: 31,
+        names: &[],
+        question: true,
+    },
+    CronField {
+        name: "month",
+        min: 1,
+        max: 12,
+        names: &[
+            "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
+        ],
+        question: false,
+    },
+    // robfig/cron, which Kubernetes uses, numbers the days 0-6 and refuses 7 for Sunday.
+    CronField {
+        name: "day of week",
+        min: 0,
+        max: 6,
+        names: &["sun", "mon", "tue", "wed", "thu", "fri", "sat"],
+        question: true,
+    },
+];
+
+const CRON_MACROS: [&str; 7] = [
+    "@yearly",
+    "@annually",
+    "@monthly",
+    "@weekly",
+    "@daily",
+    "@midnight",
+    "@hourly",
+];
+
+/// Checks a cron expression whose fields are separated by single spaces; the error says why
+/// it is refused.
+fn check_schedule(schedule: &str) -> Result<(), String> {
+    if schedule.starts_with('@') {
+        if CRON_MACROS.contains(&schedule) {
+            return Ok(());
+        }
+        return Err(format!("unknown macro: use {} or 5 fields", CRON_MACROS.join(", ")));
+    }
+    let fields: Vec<&str> = schedule.split(' ').collect();
+    if fields.len() != 5 {
+        let count = if schedule.is_empty() { 0 } else { fields.len() };
+        return Err(format!(
+            "expected 5 fields (minute, hour, day of month, month, day of week) or a macro such as @daily, got {count}"
+        ));
+    }
+    for (text, field) in fields.into_iter().zip(&CRON_FIELDS) {
+        text.split(',').try_for_each(|item| check_cron_item(item, field))?;
+    }
+    Ok(())
+}
+
+/// One item of a cron field's list: `*`, `n`, `a-b`, each optionally followed by `/step`.
+fn check_cron_item(item: &str, field: &CronField) -> Result<(), String> {
+    let CronField { name, min, max, .. } = *field;
+    let invalid =
+        || format!("invalid {name} {item:?}: use *, a number, a range a-b, a step */n or a-b/n, or a list of these");
+    let (range, step) = match item.split_once('/') {
+        Some((range, step)) => (range, Some(step)),
+        None => (item, None),
+    };
+    if let Some(step) = step {
+        if !is_digits(step) {
+            return Err(invalid());
+        }
+        if step.bytes().all(|b| b == b'0') {
+            return Err(format!("invalid {name} {item:?}: a step must be at least 1"));
+        }
+    }
+    match range {
+        "*" => return Ok(()),
+        "?" if field.question => return Ok(()),
+        "?" => return Err(format!("{name} cannot be ?: only day of month and day of week can")),
+        _ => {}
+    }
+    let value = |text: &str| {
+        let named = (min..).zip(field.names).find(|(_, n)| n.eq_ignore_ascii_case(text));
+        let n = match named {
+            Some((n, _)) => n,
+            // Too many digits for a u32 is out of range too.
+            None if is_digits(text) => text.parse().unwrap_or(u32::MAX),
+            None => return Err(invalid()),
+        };
+        if !(min..=max).contains(&n) {
+            let hint = if name == "day of week" && n == 7 {
+                " (0 or SUN is Sunday)"
+            } else {
+                ""
+            };
+            return Err(format!("{name} {text} is out of range {min}-{max}{hint}"));
+        }
+        Ok(n)
+    };
+    let (low, high) = range.split_once('-').unwrap_or((range, range));
+    if value(low)? > value(high)? {
+        return Err(format!("{name} range {range} starts after it ends"));
+    }
+    Ok(())
 }
 
 /// A short description of a value for error messages.
@@ -682,6 +1150,32 @@ environment:
 resources:
   db:
     type: postgres
+timers:
+  cleanup:
+    schedule: " 0  3 * * * "
+    command: bin/cleanup --all
+    service: worker
+  report:
+    schedule: "*/15 9-17 ? JAN-jun,dec MON-FRI"
+    command: [bin/report, 7]
+    service: web
+    concurrency: forbid
+    annotations:
+      team: ops
+    parallelCount: 2
+balancers:
+  custom:
+    service: web
+    ports:
+      6000:
+        port: 3001
+        protocol: udp
+      "5000": 3000
+    whitelist:
+      - 10.0.0.0/16
+      - 2001:db8::/32
+      - 192.168.1.7
+    x-note: kept
 services:
   web:
     build:
@@ -881,6 +1375,395 @@ services:
         let merged = parse("x-base: &base\n  port: 80\nservices:\n  web:\n    <<: *base\n").unwrap();
         assert_eq!(merged.services["web"].port, Some(80));
         assert!(merged.extra.contains_key("x-base"));
+    }
+
+    #[test]
+    fn timers_and_balancers_parse_with_defaults() {
+        let m = parse(FULL).unwrap();
+        assert!(!m.extra.contains_key("timers") && !m.extra.contains_key("balancers"));
+        assert_eq!(
+            m.timers["cleanup"],
+            Timer {
+                schedule: "0 3 * * *".into(),
+                command: Command::Shell("bin/cleanup --all".into()),
+                service: "worker".into(),
+                concurrency: Concurrency::Allow,
+                extra: BTreeMap::new(),
+            }
+        );
+        let report = &m.timers["report"];
+        assert_eq!(report.schedule, "*/15 9-17 ? JAN-jun,dec MON-FRI");
+        assert_eq!(report.command, Command::Exec(vec!["bin/report".into(), "7".into()]));
+        assert_eq!((&*report.service, report.concurrency), ("web", Concurrency::Forbid));
+        assert_eq!(m.timers.keys().collect::<Vec<_>>(), ["cleanup", "report"]);
+        let port = |source, target, protocol: &str| BalancerPort {
+            source,
+            target,
+            protocol: protocol.into(),
+        };
+        assert_eq!(
+            m.balancers["custom"],
+            Balancer {
+                service: "web".into(),
+                ports: vec![port(5000, 3000, "TCP"), port(6000, 3001, "UDP")],
+                whitelist: ["10.0.0.0/16", "2001:db8::/32", "192.168.1.7"]
+                    .map(String::from)
+                    .to_vec(),
+                extra: BTreeMap::from([("x-note".to_owned(), Value::from("kept"))]),
+            }
+        );
+        assert_eq!(
+            [Concurrency::default(), Concurrency::Forbid, Concurrency::Replace].map(|c| c.as_str()),
+            ["Allow", "Forbid", "Replace"]
+        );
+        // Absent or empty, both are empty maps.
+        let bare = parse(
+            "timers:
+balancers: ~
+services:
+  web:
+    image: x
+",
+        )
+        .unwrap();
+        assert!(bare.timers.is_empty() && bare.balancers.is_empty() && bare.extra.is_empty());
+    }
+
+    #[test]
+    fn unknown_timer_keys_are_kept() {
+        let m = parse(FULL).unwrap();
+        let extra = &m.timers["report"].extra;
+        assert_eq!(extra.keys().collect::<Vec<_>>(), ["annotations", "parallelCount"]);
+        assert_eq!(extra["parallelCount"], Value::from(2));
+        assert!(m.timers["cleanup"].extra.is_empty());
+    }
+
+    /// A manifest with services `web` and `worker` and timer `cleanup`, whose schedule is on line 7.
+    fn timer(schedule: &str, rest: &str) -> Result<Manifest, ParseManifestError> {
+        parse(&format!(
+            "services:\n  web:\n    image: x\n  worker:\n    image: y\ntimers:\n  cleanup:\n    schedule: \
+             {schedule}\n    command: bin/cleanup\n    service: web\n{rest}"
+        ))
+    }
+
+    #[test]
+    fn timer_schedules_are_checked() {
+        let err = timer("\"61 * * * *\"", "").unwrap_err();
+        let expected = "convox.yml: timers.cleanup.schedule: \"61 * * * *\": minute 61 is out of range 0-59 (line 8)";
+        assert_eq!(err.to_string(), expected);
+        let cases = [
+            ("\"* * * *\"", "expected 5 fields"),
+            ("\"* * * * * *\"", "got 6"),
+            ("\"\"", "got 0"),
+            ("garbage", "got 1"),
+            ("\"x * * * *\"", "invalid minute \"x\""),
+            ("\"0 24 * * *\"", "hour 24 is out of range 0-23"),
+            ("\"0 0 0 * *\"", "day of month 0 is out of range 1-31"),
+            ("\"0 0 32 * *\"", "day of month 32"),
+            ("\"0 0 * 13 *\"", "month 13 is out of range 1-12"),
+            ("\"0 0 * FOO *\"", "invalid month \"FOO\""),
+            (
+                "\"0 0 * * 7\"",
+                "day of week 7 is out of range 0-6 (0 or SUN is Sunday)",
+            ),
+            ("\"0 0 * * MON-FUN\"", "invalid day of week"),
+            ("\"99999999999 * * * *\"", "minute 99999999999 is out of range"),
+            ("\"*/0 * * * *\"", "a step must be at least 1"),
+            ("\"*/x * * * *\"", "invalid minute"),
+            ("\"*/5/2 * * * *\"", "invalid minute"),
+            ("\"1-2-3 * * * *\"", "invalid minute"),
+            ("\"5-1 * * * *\"", "minute range 5-1 starts after it ends"),
+            ("\"1,,2 * * * *\"", "invalid minute \"\""),
+            ("\"-1 * * * *\"", "invalid minute"),
+            ("\"+1 * * * *\"", "invalid minute"),
+            ("\"? * * * *\"", "minute cannot be ?"),
+            ("\"@often\"", "unknown macro"),
+            ("\"@DAILY\"", "unknown macro"),
+            ("\"@daily 3\"", "unknown macro"),
+            ("3", "expected a cron expression"),
+            ("[0, 3]", "expected a cron expression"),
+        ];
+        for (schedule, message) in cases {
+            let err = timer(schedule, "").unwrap_err();
+            assert_eq!(
+                (err.key(), err.line()),
+                ("timers.cleanup.schedule", Some(8)),
+                "{schedule}"
+            );
+            assert!(err.to_string().contains(message), "{schedule}: {err}");
+        }
+        for schedule in [
+            "\"@daily\"",
+            "\"@annually\"",
+            "\"@hourly\"",
+            "\"0 0 * * 0\"",
+            "\"0 0 * * SUN-sat\"",
+            "\"5/15 * * * *\"",
+            "\"0-59/7 0,12 1-31/2 * ?\"",
+            "\"0 0 ? * 1,3,5\"",
+            "\"\t0\t3 * *  *\"",
+        ] {
+            let m = timer(schedule, "").unwrap_or_else(|e| panic!("{schedule}: {e}"));
+            let expected = schedule.trim_matches('"').replace("\\t", " ");
+            assert_eq!(
+                m.timers["cleanup"].schedule,
+                expected.split_whitespace().collect::<Vec<_>>().join(" ")
+            );
+        }
+    }
+
+    #[test]
+    fn timers_need_a_command_a_known_service_and_a_good_name() {
+        let unknown = "services:\n  web:\n    image: x\n  worker:\n    image: y\ntimers:\n  cleanup:\n    \
+                       schedule: \"@daily\"\n    command: bin/cleanup\n    service: wbe\n";
+        let err = parse(unknown).unwrap_err();
+        let expected = "convox.yml: timers.cleanup.service: no service \"wbe\": this manifest's services are web, \
+                        worker (line 10)";
+        assert_eq!(err.to_string(), expected);
+        let lonely = "timers:\n  cleanup:\n    schedule: \"@daily\"\n    command: x\n    service: web\n";
+        assert!(
+            parse(lonely)
+                .unwrap_err()
+                .to_string()
+                .contains("this manifest has no services")
+        );
+
+        let timer_body = |body: &str| {
+            parse(&format!(
+                "services:\n  web:\n    image: x\ntimers:\n  cleanup:\n    {body}\n"
+            ))
+            .map(|mut m| m.timers.remove("cleanup").unwrap())
+        };
+        let cases = [
+            ("command: x\n    service: web", "timers.cleanup", "missing schedule"),
+            (
+                "schedule: \"@daily\"\n    service: web",
+                "timers.cleanup",
+                "missing command",
+            ),
+            (
+                "schedule: \"@daily\"\n    command: x",
+                "timers.cleanup",
+                "missing service",
+            ),
+            (
+                "schedule: \"@daily\"\n    command: \"\"\n    service: web",
+                "timers.cleanup.command",
+                "got \"\"",
+            ),
+            (
+                "schedule: \"@daily\"\n    command: []\n    service: web",
+                "timers.cleanup.command",
+                "non-empty list",
+            ),
+            (
+                "schedule: \"@daily\"\n    command: x\n    service: []",
+                "timers.cleanup.service",
+                "non-empty string",
+            ),
+            (
+                "schedule: \"@daily\"\n    command: x\n    service: web\n    concurrency: sometimes",
+                "timers.cleanup.concurrency",
+                "expected Allow, Forbid or Replace, got \"sometimes\"",
+            ),
+        ];
+        for (body, key, message) in cases {
+            let err = timer_body(body).unwrap_err();
+            assert_eq!(err.key(), key, "{body}");
+            assert!(err.to_string().contains(message), "{body}: {err}");
+            assert!(err.line().is_some(), "{body}");
+        }
+        let replace = timer_body("schedule: \"@daily\"\n    command: x\n    service: web\n    concurrency: REPLACE");
+        assert_eq!(replace.unwrap().concurrency, Concurrency::Replace);
+        let null = timer_body("schedule: \"@daily\"\n    command: x\n    service: web\n    concurrency: ~");
+        assert_eq!(null.unwrap().concurrency, Concurrency::Allow);
+
+        let named = |name: &str| {
+            parse(&format!(
+                "services:\n  web:\n    image: x\ntimers:\n  {name}:\n    schedule: \"@daily\"\n    command: x\n    \
+                 service: web\n"
+            ))
+        };
+        assert!(named(&"a".repeat(46)).is_ok());
+        for name in ["Cleanup", "1cleanup", "clean_up", "cleanup-", &"a".repeat(47)] {
+            let err = named(name).unwrap_err();
+            assert!(err.to_string().contains("invalid timer name"), "{name}: {err}");
+            assert!(err.to_string().contains("at most 46"), "{name}: {err}");
+            assert_eq!((err.key(), err.line()), (&*format!("timers.{name}"), Some(5)));
+        }
+        let err = parse("timers: [cleanup]\n").unwrap_err();
+        assert_eq!((err.key(), err.line()), ("timers", Some(1)));
+        assert!(err.to_string().contains("expected a map, got a list"), "{err}");
+        let err = parse("timers:\n  cleanup: ~\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("expected a map of schedule, command and service, got nothing")
+        );
+    }
+
+    /// Parses `yaml` (indented by four spaces, from line 7) into balancer `custom` of service `web`.
+    fn balancer(yaml: &str) -> Result<Balancer, ParseManifestError> {
+        parse(&format!(
+            "services:\n  web:\n    image: x\nbalancers:\n  custom:\n    service: web\n    {yaml}\n"
+        ))
+        .map(|mut m| m.balancers.remove("custom").unwrap())
+    }
+
+    #[test]
+    fn bad_balancers_are_refused() {
+        let cases = [
+            ("x: 1", "balancers.custom", "missing ports", 5),
+            ("ports: {}", "balancers.custom.ports", "add at least one port", 7),
+            (
+                "ports: 5000",
+                "balancers.custom.ports",
+                "expected a map of balancer port",
+                7,
+            ),
+            (
+                "ports:\n      0: 3000",
+                "balancers.custom.ports.0",
+                "invalid port \"0\": use 1-65535",
+                8,
+            ),
+            (
+                "ports:\n      70000: 3000",
+                "balancers.custom.ports.70000",
+                "invalid port",
+                8,
+            ),
+            (
+                "ports:\n      abc: 3000",
+                "balancers.custom.ports.abc",
+                "invalid port \"abc\"",
+                8,
+            ),
+            (
+                "ports:\n      [1]: 3000",
+                "balancers.custom.ports",
+                "expected port numbers as keys",
+                7,
+            ),
+            (
+                "ports:\n      5000: 0",
+                "balancers.custom.ports.5000",
+                "expected a port from 1 to 65535, got 0",
+                8,
+            ),
+            (
+                "ports:\n      5000: http",
+                "balancers.custom.ports.5000",
+                "got \"http\"",
+                8,
+            ),
+            ("ports:\n      5000: ~", "balancers.custom.ports.5000", "got nothing", 8),
+            (
+                "ports:\n      5000: 3000\n      \"5000\": 3001",
+                "balancers.custom.ports.5000",
+                "port 5000 is given twice",
+                8,
+            ),
+            (
+                "ports:\n      5000:\n        port: 3000\n        protocol: sctp",
+                "balancers.custom.ports.5000.protocol",
+                "expected tcp or udp, got \"sctp\"",
+                10,
+            ),
+            (
+                "ports:\n      5000:\n        protocol: udp",
+                "balancers.custom.ports.5000",
+                "missing port",
+                8,
+            ),
+            (
+                "ports:\n      5000:\n        port: 3000\n        protcol: udp",
+                "balancers.custom.ports.5000.protcol",
+                "unknown key",
+                10,
+            ),
+            (
+                "ports:\n      5000: 3000\n    whitelist:\n      - 10.0.0.0/33",
+                "balancers.custom.whitelist",
+                "invalid network \"10.0.0.0/33\"",
+                9,
+            ),
+            (
+                "ports:\n      5000: 3000\n    whitelist: 10.0.0.0/8, nope",
+                "balancers.custom.whitelist",
+                "invalid network \"nope\"",
+                9,
+            ),
+            (
+                "ports:\n      5000: 3000\n    whitelist: [\"2001:db8::/129\"]",
+                "balancers.custom.whitelist",
+                "invalid network",
+                9,
+            ),
+            (
+                "ports:\n      5000: 3000\n    whitelist: [10.0.0.0/, 10.0.0.0/+8]",
+                "balancers.custom.whitelist",
+                "invalid network \"10.0.0.0/\"",
+                9,
+            ),
+            (
+                "ports:\n      5000: 3000\n    whitelist: [\"fe80::1%eth0\"]",
+                "balancers.custom.whitelist",
+                "invalid network",
+                9,
+            ),
+            (
+                "ports:\n      5000: 3000\n    whitelist: [1]",
+                "balancers.custom.whitelist",
+                "expected a list of networks",
+                9,
+            ),
+            (
+                "ports:\n      5000: 3000\n    whitelist: {a: 1}",
+                "balancers.custom.whitelist",
+                "expected a list of networks",
+                9,
+            ),
+        ];
+        for (yaml, key, message, line) in cases {
+            let err = balancer(yaml).unwrap_err();
+            assert_eq!((err.key(), err.line()), (key, Some(line)), "{yaml}: {err}");
+            assert!(err.to_string().contains(message), "{yaml}: {err}");
+        }
+
+        let err = parse("balancers:\n  custom:\n    ports:\n      80: 80\n").unwrap_err();
+        assert!(err.to_string().contains("missing service"), "{err}");
+        let err = parse(
+            "services:\n  web:\n    image: x\nbalancers:\n  custom:\n    service: api\n    ports:\n      80: 80\n",
+        )
+        .unwrap_err();
+        let expected =
+            "convox.yml: balancers.custom.service: no service \"api\": this manifest's services are web (line 6)";
+        assert_eq!(err.to_string(), expected);
+        let err = parse("balancers: 3\n").unwrap_err();
+        assert_eq!((err.key(), err.line()), ("balancers", Some(1)));
+
+        let named = |name: &str| {
+            parse(&format!(
+                "services:\n  web:\n    image: x\nbalancers:\n  {name}:\n    service: web\n    ports:\n      80: 80\n"
+            ))
+        };
+        assert!(named(&"b".repeat(54)).is_ok());
+        for name in ["Custom", "custom_1", &"b".repeat(55)] {
+            let err = named(name).unwrap_err();
+            assert!(err.to_string().contains("invalid balancer name"), "{name}: {err}");
+            assert_eq!(err.line(), Some(5), "{name}");
+        }
+    }
+
+    #[test]
+    fn balancer_short_forms_are_accepted() {
+        let b = balancer("ports:\n      \"53\": \"5353\"\n      22:\n        port: 2222\n        protocol: TCP\n    whitelist: \"10.0.0.0/8, ::1 ,0.0.0.0/0\"").unwrap();
+        let ports: Vec<_> = b.ports.iter().map(|p| (p.source, p.target, &*p.protocol)).collect();
+        assert_eq!(ports, [(22, 2222, "TCP"), (53, 5353, "TCP")]);
+        assert_eq!(b.whitelist, ["10.0.0.0/8", "::1", "0.0.0.0/0"]);
+        let b = balancer("ports:\n      65535: 1\n    whitelist: ~\n    annotations: ~").unwrap();
+        assert!(b.whitelist.is_empty() && b.extra.is_empty());
+        assert_eq!(b.ports[0].source, 65535);
     }
 
     #[test]

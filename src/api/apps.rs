@@ -89,15 +89,11 @@ pub struct AppView {
 }
 
 impl AppView {
-    /// The view of `app`, with its router's address from the runtime.
+    /// The view of `app`, with its router (where its traffic arrives) from the runtime.
     pub fn new(state: &AppState, app: store::apps::App) -> Self {
         Self {
             status: app.status(),
-            router: state
-                .runtime
-                .router_addr(&app.name)
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
+            router: state.runtime.app_router(&app.name),
             generation: app.generation,
             locked: app.locked,
             release: app.release_id.unwrap_or_default(),

@@ -154,6 +154,7 @@ fn routes() -> Routes {
         )
         .json(M::GET, "/apps/{app}/budget", READ, processes::show_budget)
         .json(M::GET, "/apps/{app}/services", READ, services::list_services)
+        .json(M::GET, "/apps/{app}/balancers", READ, services::list_balancers)
         .json(
             M::PUT,
             "/apps/{app}/services/{service}",

@@ -1,6 +1,7 @@
-//! `/apps/{app}/services`: the services of the app's release, `scale` (a count that holds for
-//! every later deployment too, applied by a deployment of the current release, so it takes the
-//! app's deploy lock and rolls back if it fails) and `restart`.
+//! `/apps/{app}/services`: the services of the app's release and where each is reached,
+//! `scale` (a count that holds for every later deployment too, applied by a deployment of the
+//! current release, so it takes the app's deploy lock and rolls back if it fails), `restart`;
+//! and `/apps/{app}/balancers`.
 
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
@@ -17,7 +18,7 @@ use crate::error::{ApiError, ApiResult};
 /// A service port, as convox shows it.
 #[derive(Debug, Serialize)]
 pub struct ServicePort {
-    /// The router's port.
+    /// The port clients connect to (the router's, or the ingress's 80 or 443).
     balancer: u16,
     certificate: String,
     /// The port the process listens on (its `PORT` is chosen per process by the local runtime).
@@ -31,8 +32,10 @@ pub struct ServiceView {
     count: u32,
     cpu: u32,
     memory: u32,
-    /// The router's address.
+    /// Where clients reach it: the router's address, or its main host name.
     domain: String,
+    /// Every host name that reaches it (its `domain:` names too); rack's addition.
+    domains: Vec<String>,
     ports: Vec<ServicePort>,
 }
 
@@ -67,27 +70,31 @@ pub async fn list_services(
         return Ok(Pretty(Vec::new()));
     }
     let spec = current_spec(&state, &app).await?;
-    let router = state.runtime.router_addr(&app.name);
     let services = spec
         .manifest
         .services
         .iter()
-        .map(|(name, s)| ServiceView {
-            name: name.clone(),
-            count: s.scale.count_min,
-            cpu: s.scale.cpu.unwrap_or(0),
-            memory: s.scale.memory.unwrap_or(0),
-            domain: s.port.and(router).map(|r| r.to_string()).unwrap_or_default(),
-            ports: s
-                .port
-                .map(|p| {
-                    vec![ServicePort {
-                        balancer: router.map_or(0, |r| r.port()),
+        .map(|(name, s)| {
+            let route = state.runtime.service_route(&app.name, name, s, &spec.env);
+            ServiceView {
+                name: name.clone(),
+                count: s.scale.count_min,
+                cpu: s.scale.cpu.unwrap_or(0),
+                memory: s.scale.memory.unwrap_or(0),
+                domain: route
+                    .as_ref()
+                    .and_then(|r| r.hosts.first().cloned())
+                    .unwrap_or_default(),
+                ports: match (&route, s.port) {
+                    (Some(route), Some(port)) => vec![ServicePort {
+                        balancer: route.port,
                         certificate: String::new(),
-                        container: p,
-                    }]
-                })
-                .unwrap_or_default(),
+                        container: port,
+                    }],
+                    _ => Vec::new(),
+                },
+                domains: route.map(|r| r.hosts).unwrap_or_default(),
+            }
         })
         .collect();
     Ok(Pretty(services))
@@ -156,4 +163,20 @@ pub async fn restart_service(
         state.runtime.restart_process(&app.name, id).await;
     }
     Ok(format.ok(serde_json::json!({ "restarted": ids })))
+}
+
+/// `GET /apps/{app}/balancers`: the app's balancers (convox.yml `balancers:`) as they run, with
+/// the address the cluster gave each.
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn list_balancers(
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+) -> ApiResult<Pretty<Vec<crate::runtime::BalancerInfo>>> {
+    let app = load_app(&state, &app).await?;
+    let balancers = state
+        .runtime
+        .balancers(&app.name)
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("listing the balancers of {}: {e}", app.name)))?;
+    Ok(Pretty(balancers))
 }

@@ -361,6 +361,36 @@ pub enum ProcessKind {
     Run,
 }
 
+/// Where clients from outside reach a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRoute {
+    /// Every host name (or address) that reaches it, the main one first.
+    pub hosts: Vec<String>,
+    /// The port clients connect to.
+    pub port: u16,
+}
+
+/// An extra load balancer of an app (convox.yml `balancers:`), as convox shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BalancerInfo {
+    pub name: String,
+    /// The service it sends traffic to.
+    pub service: String,
+    /// Its address once the cluster has given it one (empty until then).
+    pub endpoint: String,
+    pub ports: Vec<BalancerPortInfo>,
+}
+
+/// One port of a balancer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BalancerPortInfo {
+    pub protocol: String,
+    /// The port the balancer listens on.
+    pub source: u16,
+    /// The service's port.
+    pub target: u16,
+}
+
 /// A one-off process to start next to an app's services.
 #[derive(Debug, Clone)]
 pub struct OneOff {
@@ -501,4 +531,34 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
 
     /// The address of the app's router (its first service with a port), if it has one.
     fn router_addr(&self, app: &str) -> Option<SocketAddr>;
+
+    /// Where the app's traffic arrives (convox's app `router`): empty when nowhere.
+    fn app_router(&self, app: &str) -> String {
+        self.router_addr(app).map(|a| a.to_string()).unwrap_or_default()
+    }
+
+    /// Where service `name` of `app`'s release (with environment `env`) is reached, if it
+    /// takes traffic.
+    fn service_route(
+        &self,
+        app: &str,
+        name: &str,
+        service: &crate::manifest::Service,
+        env: &crate::env::Env,
+    ) -> Option<ServiceRoute> {
+        let _ = (name, env);
+        service.port.and(self.router_addr(app)).map(|router| ServiceRoute {
+            hosts: vec![router.to_string()],
+            port: router.port(),
+        })
+    }
+
+    /// The app's balancers as they run (none where the runtime has no load balancers).
+    ///
+    /// # Errors
+    /// When they cannot be read.
+    async fn balancers(&self, app: &str) -> Result<Vec<BalancerInfo>, RuntimeError> {
+        let _ = app;
+        Ok(Vec::new())
+    }
 }

@@ -13,7 +13,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Event, Pod, Secret, ServiceAccount};
@@ -270,9 +271,12 @@ pub async fn act_as_kubelet(client: Client, namespace: String) {
     }
 }
 
-/// Answers HTTP readiness probes on the fake pod IP: 200 to everything, until dropped.
+/// Answers HTTP readiness probes on the fake pod IP, until dropped: 200 while `ready` is set
+/// (from the start with `start`), 503 before; `probes` counts the probes that came.
 pub struct ProbeServer {
     pub port: u16,
+    pub ready: Arc<AtomicBool>,
+    pub probes: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -283,27 +287,174 @@ impl ProbeServer {
 
     /// Answers on `port` (0: any free one).
     pub async fn start_on(port: u16) -> Self {
+        let server = Self::listen(port).await;
+        server.ready.store(true, Ordering::SeqCst);
+        server
+    }
+
+    /// Answers 503 until `ready` is set.
+    pub async fn unready() -> Self {
+        Self::listen(0).await
+    }
+
+    async fn listen(port: u16) -> Self {
         let listener = tokio::net::TcpListener::bind((POD_IP, port))
             .await
             .expect("binding the fake pod IP (is it on lo?)");
         let port = listener.local_addr().expect("an address").port();
+        let ready = Arc::new(AtomicBool::new(false));
+        let probes = Arc::new(AtomicUsize::new(0));
+        let (answer, count) = (ready.clone(), probes.clone());
         let task = tokio::spawn(async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             while let Ok((mut stream, _)) = listener.accept().await {
+                let ready = answer.load(Ordering::SeqCst);
+                count.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let mut buf = [0u8; 1024];
                     let _ = stream.read(&mut buf).await;
-                    let _ = stream
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
-                        .await;
+                    let response: &[u8] = if ready {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+                    } else {
+                        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    };
+                    let _ = stream.write_all(response).await;
                 });
             }
         });
-        Self { port, task }
+        Self {
+            port,
+            ready,
+            probes,
+            task,
+        }
     }
 }
 
 impl Drop for ProbeServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One request rack's service account made, from the API server's audit log.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct AuditedRequest {
+    #[serde(rename = "auditID")]
+    pub id: String,
+    pub verb: String,
+    #[serde(rename = "requestURI")]
+    pub uri: String,
+    #[serde(rename = "objectRef", default)]
+    pub object: Option<AuditedObject>,
+}
+
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct AuditedObject {
+    #[serde(default)]
+    pub resource: String,
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub name: String,
+}
+
+/// The requests rack made about namespace `ns` (in it, or the namespace itself), in the order
+/// the API server logged them, each once (a watch is logged as it starts and as it ends).
+pub fn rack_requests(ns: &str) -> Vec<AuditedRequest> {
+    let path = kube_env().admin.parent().expect("the testenv dir").join("audit.log");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut seen = std::collections::HashSet::new();
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<AuditedRequest>(line).ok())
+        .filter(|r| {
+            r.object
+                .as_ref()
+                .is_some_and(|o| o.namespace == ns || (o.resource == "namespaces" && o.name == ns))
+        })
+        .filter(|r| seen.insert(r.id.clone()))
+        .collect()
+}
+
+/// A TCP proxy to the API server on 127.0.0.1 that a test can cut: every connection through
+/// it is broken and new ones are refused until it is restored, as when the API server drops
+/// its watches and goes away for a while. rack is pointed at it by `kubeconfig`.
+pub struct ApiProxy {
+    pub kubeconfig: PathBuf,
+    open: Arc<AtomicBool>,
+    cut: Arc<tokio::sync::watch::Sender<u64>>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl ApiProxy {
+    pub async fn start() -> Self {
+        let env = kube_env();
+        let text = std::fs::read_to_string(&env.rack).expect("rack's kubeconfig");
+        let upstream = text
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("server: https://"))
+            .expect("the API server's address")
+            .to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a proxy port");
+        let port = listener.local_addr().expect("an address").port();
+        let dir = tempfile::tempdir().expect("a temp dir");
+        // The server's certificate names 127.0.0.1, so TLS goes through unchanged.
+        let kubeconfig = dir.path().join("proxied.kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            text.replace(
+                &format!("server: https://{upstream}"),
+                &format!("server: https://127.0.0.1:{port}"),
+            ),
+        )
+        .expect("writing the proxied kubeconfig");
+        let open = Arc::new(AtomicBool::new(true));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let cut = Arc::new(cut);
+        let (is_open, cuts) = (open.clone(), cut.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !is_open.load(Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let upstream = upstream.clone();
+                let mut cut = cuts.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream.as_str()).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            kubeconfig,
+            open,
+            cut,
+            task,
+            _dir: dir,
+        }
+    }
+
+    /// Breaks every connection and refuses new ones.
+    pub fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for ApiProxy {
     fn drop(&mut self) {
         self.task.abort();
     }

@@ -1,6 +1,7 @@
 //! The Kubernetes runtime against a real control plane (see `kubeenv`): rack runs with
 //! `RACK_RUNTIME=kube` as the service account of docker/k8s and is driven through its HTTP API.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -15,14 +16,20 @@ use serde_json::Value;
 
 use crate::deploys::{create_release, promote_follow, rollback_release};
 use crate::helpers::{TestApp, wait_for};
-use crate::kubeenv::{ProbeServer, act_as_kubelet, admin_client, apply_file, closed_port, finish_pod, kube_env};
+use crate::kubeenv::{
+    ApiProxy, ProbeServer, act_as_kubelet, admin_client, apply_file, closed_port, finish_pod, kube_env, rack_requests,
+};
 use crate::replicas::Replica;
 
 const REGISTRY: &str = "registry.host/convox";
 const API_URL: &str = "http://rack.rack.svc.cluster.local:5443";
 
 async fn spawn_kube() -> TestApp {
-    let env = kube_env();
+    spawn_kube_with(kube_env().rack.clone()).await
+}
+
+/// A rack on the test cluster that reaches the API server through `kubeconfig`.
+async fn spawn_kube_with(kubeconfig: std::path::PathBuf) -> TestApp {
     TestApp::spawn_with(|config| {
         config.runtime = rack::config::RuntimeKind::Kube;
         config.kube = Some(rack::config::KubeConfig {
@@ -31,7 +38,7 @@ async fn spawn_kube() -> TestApp {
             builder_image: "gcr.io/kaniko-project/executor:v1.23.2-debug".to_owned(),
             fetch_image: "busybox:1.36".to_owned(),
             service_account: Some(("rack".to_owned(), "rack".to_owned())),
-            kubeconfig: Some(env.rack.clone()),
+            kubeconfig: Some(kubeconfig),
             ingress: rack::config::IngressConfig {
                 domain: Some("rack.example.org".to_owned()),
                 class: Some("nginx".to_owned()),
@@ -764,6 +771,23 @@ async fn services_with_a_port_get_ingresses_that_follow_the_release() {
     let log = promote_follow(&app, name, &first).await;
     assert!(log.ends_with("\nOK\n"), "{log}");
 
+    // The app's router is the ingress controller's name under the rack's domain; each service
+    // shows its hosts (the port clients use is the Ingress's 443, with TLS), or its in-cluster
+    // name when it is internal.
+    let app_json: Value = app.get_app(name).await.json().await.unwrap();
+    assert_eq!(app_json["router"], "router.rack.example.org");
+    let services: Vec<Value> = app.get_json(&format!("/apps/{name}/services")).await;
+    let (api, web) = (&services[0], &services[1]);
+    assert_eq!(web["domain"], "web.routed.rack.example.org", "{web}");
+    assert_eq!(
+        web["domains"],
+        serde_json::json!(["web.routed.rack.example.org", "shop.example.com"])
+    );
+    assert_eq!(web["ports"][0]["balancer"], 443);
+    assert_eq!(web["ports"][0]["container"], probe.port);
+    assert_eq!(api["domain"], "api.rack-routed.svc.cluster.local", "{api}");
+    assert_eq!(api["ports"][0]["balancer"], probe.port);
+
     let ingresses: Api<Ingress> = Api::namespaced(client.clone(), &ns);
     let web = ingresses.get("web").await.unwrap();
     assert_eq!(ingress_hosts(&web), ["web.routed.rack.example.org", "shop.example.com"]);
@@ -793,6 +817,11 @@ async fn services_with_a_port_get_ingresses_that_follow_the_release() {
         ingress_hosts(&ingresses.get("web").await.unwrap()),
         ["web.routed.rack.example.org", "www.example.com"]
     );
+    let services: Vec<Value> = app.get_json(&format!("/apps/{name}/services")).await;
+    assert_eq!(
+        services[1]["domains"],
+        serde_json::json!(["web.routed.rack.example.org", "www.example.com"])
+    );
     let rollback = rollback_release(&app, name, &first).await;
     assert!(promote_follow(&app, name, &rollback).await.ends_with("\nOK\n"));
     assert_eq!(
@@ -814,6 +843,302 @@ async fn services_with_a_port_get_ingresses_that_follow_the_release() {
     drop(probe);
 
     // And the app's deletion takes everything (its namespace) with it.
+    assert_eq!(app.delete_app(name).await.status(), 200);
+    namespace_gone(&client, &ns).await;
+}
+
+/// The app's last deployment once it has ended.
+async fn deployment_end(app: &TestApp, name: &str) -> Value {
+    wait_for(120, "the rollout to end", || async {
+        let list: Vec<Value> = app.get_json(&format!("/apps/{name}/deployments")).await;
+        list.into_iter().next().filter(|d| d["ended"].is_string())
+    })
+    .await
+}
+
+/// Promotes `release` without following it; its rollout goes on in the background.
+async fn promote(app: &TestApp, name: &str, release: &str) {
+    let response = app
+        .convox(Method::POST, &format!("/apps/{name}/releases/{release}/promote"))
+        .form(&[("timeout", "600")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_waits_on_watches_not_on_requests_per_second() {
+    let app = spawn_kube().await;
+    let client = admin_client().await;
+    let name = "kubewatch";
+    let ns = format!("rack-{name}");
+    assert_eq!(app.create_app(name).await.status(), 201);
+    let probe = ProbeServer::unready().await;
+    let build = complete_build(&app, &client, name, &manifest(probe.port)).await;
+    let release = build["release"].as_str().unwrap().to_owned();
+    let before = rack_requests(&ns).len();
+    promote(&app, name, &release).await;
+    // Once the kubelet probes the new pod, the rollout is waiting for it to become ready.
+    wait_for(60, "the new pod to be probed", || async {
+        (probe.probes.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    let waiting = rack_requests(&ns).len();
+    let probed = probe.probes.load(Ordering::SeqCst);
+    // The probe period is 1 s: ten more probes are ten seconds of waiting, in which polling
+    // once a second would have listed the Deployments and pods twenty times.
+    wait_for(60, "ten more probes", || async {
+        (probe.probes.load(Ordering::SeqCst) >= probed + 10).then_some(())
+    })
+    .await;
+    let during = rack_requests(&ns).split_off(waiting);
+    assert!(during.is_empty(), "rack made requests while it waited: {during:#?}");
+
+    probe.ready.store(true, Ordering::SeqCst);
+    let deployment = deployment_end(&app, name).await;
+    assert_eq!(deployment["state"], "running", "{deployment}");
+    let rollout = rack_requests(&ns).split_off(before);
+    let watches = rollout.iter().filter(|r| r.verb == "watch").count();
+    eprintln!(
+        "the rollout cost {} requests to the API server, {watches} of them watches",
+        rollout.len()
+    );
+    assert!(rollout.len() < 40, "{rollout:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_the_api_server_drops_resumes_and_sees_the_rollout_end() {
+    let proxy = ApiProxy::start().await;
+    let app = spawn_kube_with(proxy.kubeconfig.clone()).await;
+    let client = admin_client().await;
+    let name = "kubedrop";
+    let ns = format!("rack-{name}");
+    assert_eq!(app.create_app(name).await.status(), 201);
+    let probe = ProbeServer::unready().await;
+    let build = complete_build(&app, &client, name, &manifest(probe.port)).await;
+    let release = build["release"].as_str().unwrap().to_owned();
+    promote(&app, name, &release).await;
+    wait_for(60, "the new pod to be probed", || async {
+        (probe.probes.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+
+    // The API server goes away, breaking rack's watches, and the rollout finishes meanwhile.
+    proxy.cut();
+    let cut_at = rack_requests(&ns).len();
+    probe.ready.store(true, Ordering::SeqCst);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    wait_for(60, "the Deployment to roll out unseen", || async {
+        let web = deployments.get("web").await.unwrap();
+        web.status
+            .filter(|s| s.available_replicas == Some(1) && s.updated_replicas == Some(1) && s.replicas == Some(1))
+            .map(|_| ())
+    })
+    .await;
+    let list: Vec<Value> = app.get_json(&format!("/apps/{name}/deployments")).await;
+    assert!(list[0]["ended"].is_null(), "rack cannot have seen the end: {}", list[0]);
+
+    proxy.restore();
+    let deployment = deployment_end(&app, name).await;
+    assert_eq!(deployment["state"], "running", "{deployment}");
+    // It resumed the watch from the resource version it had seen, without listing again.
+    let after = rack_requests(&ns).split_off(cut_at);
+    let on_deployments: Vec<&crate::kubeenv::AuditedRequest> = after
+        .iter()
+        .filter(|r| r.object.as_ref().is_some_and(|o| o.resource == "deployments"))
+        .collect();
+    assert!(
+        on_deployments
+            .iter()
+            .any(|r| r.verb == "watch" && r.uri.contains("resourceVersion=")),
+        "{on_deployments:#?}"
+    );
+    assert!(!on_deployments.iter().any(|r| r.verb == "list"), "{on_deployments:#?}");
+}
+
+/// The app's CronJobs as the test cluster (1.20) serves them: batch/v1beta1.
+fn cronjobs(client: &Client, ns: &str) -> Api<kube::api::DynamicObject> {
+    let gvk = kube::api::GroupVersionKind::gvk("batch", "v1beta1", "CronJob");
+    let resource = kube::api::ApiResource::from_gvk_with_plural(&gvk, "cronjobs");
+    Api::namespaced_with(client.clone(), ns, &resource)
+}
+
+/// Timers become CronJobs (in the batch version the server has) with their service's image and
+/// env, and their runs are processes; they move to a release once it runs, and go with it.
+/// Balancers become Services of type LoadBalancer, listed with the address the cloud gives
+/// (one protocol each: 1.20 refuses TCP and UDP on one load balancer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timers_become_cronjobs_and_balancers_load_balancer_services() {
+    use k8s_openapi::api::core::v1::Service;
+    let app = spawn_kube().await;
+    let client = admin_client().await;
+    let name = "timed";
+    let ns = format!("rack-{name}");
+    let probe = ProbeServer::start().await;
+    assert_eq!(app.create_app(name).await.status(), 201);
+    let services = format!(
+        "services:\n  web:\n    build: .\n    port: {p}\n    health:\n      grace: 1\n      interval: 1\n  worker:\n    build: .\n    command: bin/worker\n",
+        p = probe.port
+    );
+    let manifest = format!(
+        "{services}timers:\n  cleanup:\n    schedule: \"* * * * *\"\n    command: bin/cleanup --all\n    service: worker\n    concurrency: forbid\n  report:\n    schedule: \"@daily\"\n    command: bin/report\n    service: web\nbalancers:\n  custom:\n    service: web\n    ports:\n      5000: {p}\n      6000:\n        port: {p}\n    whitelist:\n      - 10.0.0.0/16\n      - 192.0.2.7\n  dns:\n    service: worker\n    ports:\n      53:\n        port: 5353\n        protocol: udp\n",
+        p = probe.port
+    );
+    let build = complete_build(&app, &client, name, &manifest).await;
+    let build_id = build["id"].as_str().unwrap().to_owned();
+    let first = create_release(&app, name, &[("env", "REGION=eu")]).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let log = promote_follow(&app, name, &first).await;
+    assert!(log.ends_with("\nOK\n"), "{log}");
+
+    let timers = cronjobs(&client, &ns);
+    let cleanup = timers.get("timer-cleanup").await.unwrap();
+    let spec = &cleanup.data["spec"];
+    assert_eq!(spec["schedule"], "* * * * *");
+    assert_eq!(spec["concurrencyPolicy"], "Forbid");
+    let pod = &spec["jobTemplate"]["spec"]["template"];
+    assert_eq!(pod["metadata"]["labels"]["release"], first.as_str());
+    assert_eq!(pod["metadata"]["labels"]["type"], "timer");
+    let container = &pod["spec"]["containers"][0];
+    assert_eq!(
+        container["command"],
+        serde_json::json!(["/bin/sh", "-c", "bin/cleanup --all"])
+    );
+    assert_eq!(
+        container["image"],
+        format!("{REGISTRY}/{name}:worker.{build_id}").as_str()
+    );
+    let env: Vec<(String, String)> = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| Some((v["name"].as_str()?.to_owned(), v["value"].as_str()?.to_owned())))
+        .collect();
+    assert!(env.contains(&("REGION".to_owned(), "eu".to_owned())), "{env:?}");
+    assert!(env.contains(&("TIMER".to_owned(), "cleanup".to_owned())), "{env:?}");
+    assert_eq!(pod["spec"]["restartPolicy"], "Never");
+    let report = timers.get("timer-report").await.unwrap();
+    assert_eq!(report.data["spec"]["schedule"], "@daily");
+    assert_eq!(report.data["spec"]["concurrencyPolicy"], "Allow");
+
+    // The CronJob controller starts a run within the minute; it is a process of the app (the
+    // worker's), until it ends.
+    let run: Value = wait_for(90, "the timer's first run in ps", || async {
+        let processes: Vec<Value> = app.get_json(&format!("/apps/{name}/processes")).await;
+        processes.into_iter().find(|p| p["command"] == "bin/cleanup --all")
+    })
+    .await;
+    assert_eq!(run["name"], "worker", "{run}");
+    assert_eq!(run["release"], first.as_str());
+    assert_eq!(run["type"], "run");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let run_pod = wait_for(60, "the run's pod to be scheduled", || async {
+        let pod = pods.get(run["id"].as_str().unwrap()).await.unwrap();
+        pod.spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_ref())
+            .map(|_| pod.clone())
+    })
+    .await;
+    finish_pod(&client, &ns, &run_pod, None).await;
+    wait_for(60, "the run to show as complete", || async {
+        let processes: Vec<Value> = app.get_json(&format!("/apps/{name}/processes")).await;
+        processes
+            .into_iter()
+            .find(|p| p["id"] == run["id"] && p["status"] == "complete")
+    })
+    .await;
+
+    // The balancer: a LoadBalancer Service to web's ready pods, with its whitelist.
+    let services_api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let balancer = services_api.get("balancer-custom").await.unwrap();
+    let spec = balancer.spec.clone().unwrap();
+    assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(
+        spec.load_balancer_source_ranges.clone().unwrap(),
+        ["10.0.0.0/16", "192.0.2.7/32"]
+    );
+    let selector = spec.selector.clone().unwrap();
+    assert_eq!(
+        (
+            selector["app"].as_str(),
+            selector["service"].as_str(),
+            selector["type"].as_str()
+        ),
+        (name, "web", "service")
+    );
+    let listed: Vec<Value> = app.get_json(&format!("/apps/{name}/balancers")).await;
+    let expected_ports = serde_json::json!([
+        { "protocol": "TCP", "source": 5000, "target": probe.port },
+        { "protocol": "TCP", "source": 6000, "target": probe.port },
+    ]);
+    assert_eq!(
+        listed,
+        [
+            serde_json::json!({ "name": "custom", "service": "web", "endpoint": "", "ports": expected_ports }),
+            serde_json::json!({ "name": "dns", "service": "worker", "endpoint": "",
+                "ports": [{ "protocol": "UDP", "source": 53, "target": 5353 }] }),
+        ]
+    );
+    // A cloud's controller gives it an address, which the list shows.
+    services_api
+        .patch_status(
+            "balancer-custom",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({
+                "status": { "loadBalancer": { "ingress": [{ "ip": "203.0.113.10" }] } }
+            })),
+        )
+        .await
+        .unwrap();
+    let listed: Vec<Value> = app.get_json(&format!("/apps/{name}/balancers")).await;
+    assert_eq!(listed[0]["endpoint"], "203.0.113.10");
+
+    // The next release changes one timer and drops the other and the balancer.
+    let next_manifest = format!(
+        "{services}timers:\n  cleanup:\n    schedule: \"*/5 * * * *\"\n    command: bin/cleanup\n    service: worker\n"
+    );
+    let build = complete_build(&app, &client, name, &next_manifest).await;
+    let second = build["release"].as_str().unwrap().to_owned();
+    let log = promote_follow(&app, name, &second).await;
+    assert!(log.ends_with("\nOK\n"), "{log}");
+    assert!(log.contains("Removing timer-report"), "{log}");
+    assert!(log.contains("Removing balancer-custom"), "{log}");
+    assert!(log.contains("Removing balancer-dns"), "{log}");
+    let cleanup = timers.get("timer-cleanup").await.unwrap();
+    assert_eq!(cleanup.data["spec"]["schedule"], "*/5 * * * *");
+    let labels = &cleanup.data["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(labels["release"], second.as_str());
+    assert!(timers.get_opt("timer-report").await.unwrap().is_none());
+    assert!(services_api.get_opt("balancer-custom").await.unwrap().is_none());
+    let listed: Vec<Value> = app.get_json(&format!("/apps/{name}/balancers")).await;
+    assert!(listed.is_empty());
+
+    // A release that never becomes healthy is rolled back without ever moving the timers.
+    let broken = format!(
+        "services:\n  web:\n    build: .\n    port: {p}\n    health:\n      grace: 1\n      interval: 1\n  worker:\n    build: .\ntimers:\n  cleanup:\n    schedule: \"@hourly\"\n    command: bin/cleanup\n    service: worker\n",
+        p = closed_port()
+    );
+    let build = complete_build(&app, &client, name, &broken).await;
+    let third = build["release"].as_str().unwrap().to_owned();
+    let response = app
+        .request(Method::POST, &format!("/apps/{name}/releases/{third}/promote"))
+        .form(&[("follow", "true"), ("timeout", "10")])
+        .send()
+        .await
+        .unwrap();
+    let log = tokio::time::timeout(Duration::from_secs(120), response.text())
+        .await
+        .expect("the rollout ends")
+        .unwrap();
+    assert!(log.contains("Status: Rollback => Reverted"), "{log}");
+    let cleanup = timers.get("timer-cleanup").await.unwrap();
+    assert_eq!(cleanup.data["spec"]["schedule"], "*/5 * * * *");
+    drop(probe);
+
     assert_eq!(app.delete_app(name).await.status(), 200);
     namespace_gone(&client, &ns).await;
 }

@@ -12,16 +12,15 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod, Secret};
 use kube::Api;
 use kube::api::{ListParams, LogParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::resources::{self, BuildSpec, MANAGER, ServiceBuild};
-use super::{KubeRuntime, Retries, delete, describe};
+use super::watch::{Watch, by_name};
+use super::{KubeRuntime, delete, describe};
 use crate::runtime::BUILD_STREAM;
 use crate::runtime::source::{self, inside};
 use crate::runtime::{BuildFailure, BuildJob, BuildOutput, LogSink, RuntimeError};
-
-/// How often the Job and its pod are looked at.
-const POLL: Duration = Duration::from_secs(1);
 
 pub async fn run(runtime: &KubeRuntime, job: &BuildJob, log: &LogSink) -> Result<BuildOutput, BuildFailure> {
     let rt = &runtime.0.settings;
@@ -185,45 +184,51 @@ fn object_path(app: &str, key: &str) -> String {
     path
 }
 
-/// Follows the Job's pod logs and waits for the Job to end.
+/// Follows the Job's pod logs and waits for the Job to end. The Job and its pod are watched
+/// (one list and one watch request each, however long the build takes).
 async fn watch(jobs: &Api<Job>, pods: &Api<Pod>, name: &str, log: &LogSink) -> Result<(), BuildFailure> {
-    let selector = ListParams::default().labels(&format!("job-name={name}"));
+    let selector = format!("job-name={name}");
+    let mut job = Watch::start(jobs.clone(), by_name(name), format!("job {name}"));
+    let mut pod = Watch::start(
+        pods.clone(),
+        watcher::Config::default().labels(&selector),
+        format!("the pod of job {name}"),
+    );
     // Aborted with the build (a cancel or timeout drops this future): a follower left behind
     // would keep the log open, and the build worker waits for the log to close.
     let mut logs: Option<AbortOnDropHandle<()>> = None;
-    let mut retries = Retries::default();
     let result = loop {
-        let job = match jobs.get_opt(name).await {
-            Ok(Some(job)) => job,
-            Ok(None) => break Err(BuildFailure::Failed(format!("job {name} was deleted"))),
-            Err(e) => match retries.failed(&format!("reading job {name}"), e) {
-                Ok(()) => {
-                    tokio::time::sleep(POLL).await;
-                    continue;
-                }
-                Err(reason) => break Err(BuildFailure::Failed(reason.to_string())),
-            },
-        };
-        retries.succeeded();
+        let (jobs_now, pods_now) = (job.current(), pod.current());
         if logs.is_none()
-            && let Ok(list) = pods.list(&selector).await
-            && let Some(pod) = list.items.into_iter().next()
-            && let Some(pod_name) = pod.metadata.name.clone()
+            && let Some(pod_name) = pods_now.objects.keys().next()
         {
             logs = Some(AbortOnDropHandle::new(tokio::spawn(follow_logs(
                 pods.clone(),
-                pod_name,
+                pod_name.clone(),
                 log.clone(),
                 BUILD_STREAM.to_owned(),
             ))));
         }
-        if let Some(end) = job_end(&job) {
-            break match end {
-                Ok(()) => Ok(()),
-                Err(reason) => Err(BuildFailure::Failed(failure_reason(pods, &selector, reason).await)),
+        if jobs_now.listed {
+            let Some(current) = jobs_now.objects.get(name) else {
+                break Err(BuildFailure::Failed(format!("job {name} was deleted")));
             };
+            if let Some(end) = job_end(current) {
+                break match end {
+                    Ok(()) => Ok(()),
+                    Err(reason) => Err(BuildFailure::Failed(
+                        failure_reason(pods, &ListParams::default().labels(&selector), reason).await,
+                    )),
+                };
+            }
         }
-        tokio::time::sleep(POLL).await;
+        let changed = tokio::select! {
+            changed = job.changed() => changed,
+            changed = pod.changed() => changed,
+        };
+        if let Err(e) = changed {
+            break Err(BuildFailure::Failed(e.to_string()));
+        }
     };
     if let Some(task) = logs {
         // The last lines of a finished container are there to be read; a log that cannot be
@@ -302,63 +307,71 @@ fn container_failure(status: &ContainerStatus) -> Option<String> {
 }
 
 /// Streams each container's log in the pod's order (init containers run one after another) as
-/// the container starts.
+/// the container starts (the pod is watched for that).
 pub(super) async fn follow_logs(pods: Api<Pod>, pod: String, log: LogSink, stream: String) {
+    let mut watched = Watch::start(pods.clone(), by_name(&pod), format!("pod {pod}"));
     let mut order: Vec<String> = Vec::new();
     let mut next = 0;
     loop {
-        let Ok(current) = pods.get(&pod).await else { return };
-        if order.is_empty()
-            && let Some(spec) = &current.spec
-        {
-            order = spec
-                .init_containers
+        let snapshot = watched.current();
+        if snapshot.listed {
+            let Some(current) = snapshot.objects.get(&pod) else {
+                return;
+            };
+            if order.is_empty()
+                && let Some(spec) = &current.spec
+            {
+                order = spec
+                    .init_containers
+                    .iter()
+                    .flatten()
+                    .chain(&spec.containers)
+                    .map(|c| c.name.clone())
+                    .collect();
+            }
+            let Some(container) = order.get(next) else { return };
+            let status = current.status.clone().unwrap_or_default();
+            let started = status
+                .init_container_statuses
                 .iter()
                 .flatten()
-                .chain(&spec.containers)
-                .map(|c| c.name.clone())
-                .collect();
-        }
-        let Some(container) = order.get(next) else { return };
-        let status = current.status.unwrap_or_default();
-        let started = status
-            .init_container_statuses
-            .iter()
-            .flatten()
-            .chain(status.container_statuses.iter().flatten())
-            .find(|s| &s.name == container)
-            .and_then(|s| s.state.as_ref())
-            .is_some_and(|s| s.running.is_some() || s.terminated.is_some());
-        let pod_over = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
-        if started {
-            let params = LogParams {
-                container: Some(container.clone()),
-                follow: true,
-                ..LogParams::default()
-            };
-            match pods.log_stream(&pod, &params).await {
-                Ok(reader) => {
-                    let mut lines = reader.lines();
-                    while let Some(Ok(line)) = lines.next().await {
-                        log.line(&stream, line).await;
+                .chain(status.container_statuses.iter().flatten())
+                .find(|s| &s.name == container)
+                .and_then(|s| s.state.as_ref())
+                .is_some_and(|s| s.running.is_some() || s.terminated.is_some());
+            let pod_over = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
+            if started {
+                let params = LogParams {
+                    container: Some(container.clone()),
+                    follow: true,
+                    ..LogParams::default()
+                };
+                match pods.log_stream(&pod, &params).await {
+                    Ok(reader) => {
+                        let mut lines = reader.lines();
+                        while let Some(Ok(line)) = lines.next().await {
+                            log.line(&stream, line).await;
+                        }
+                    }
+                    Err(e) => {
+                        log.line(
+                            &stream,
+                            format!("(the log of {container} could not be read: {})", describe(&e)),
+                        )
+                        .await;
                     }
                 }
-                Err(e) => {
-                    log.line(
-                        &stream,
-                        format!("(the log of {container} could not be read: {})", describe(&e)),
-                    )
-                    .await;
-                }
+                next += 1;
+                continue;
             }
-            next += 1;
-            continue;
+            if pod_over {
+                // It never ran (an earlier container failed).
+                return;
+            }
         }
-        if pod_over {
-            // It never ran (an earlier container failed).
+        if watched.changed().await.is_err() {
             return;
         }
-        tokio::time::sleep(POLL).await;
     }
 }
 

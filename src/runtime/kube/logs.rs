@@ -1,24 +1,22 @@
-//! App logs from pod logs: every service pod's `main` container, read with timestamps and
-//! merged as they come, as `service/<service>/<pod>` lines. Following also attaches to pods
-//! that start later (a rollout, a restart) and to a crashed container's successor, until the
-//! reader leaves.
+//! App logs from pod logs: every service pod's and timer run's `main` container, read with
+//! timestamps and merged as they come, as `service/<service>/<pod>` and `timer/<timer>/<pod>`
+//! lines. Following watches the pods and attaches to those that start later (a rollout, a
+//! restart, a timer's next run) and to a crashed container's successor, until the reader leaves.
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_util::{AsyncBufReadExt, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{ListParams, LogParams};
+use kube::runtime::watcher;
 use tokio::sync::mpsc;
 
 use super::resources::CONTAINER;
+use super::watch::Watch;
 use super::{KubeRuntime, describe};
 use crate::runtime::{LineStream, LogLine, ProcessLogs};
-
-/// How often a follower looks for new pods.
-const NEW_PODS: Duration = Duration::from_secs(2);
 
 /// The output of the app's pods as one stream.
 pub fn stream(runtime: &KubeRuntime, request: ProcessLogs) -> LineStream {
@@ -28,63 +26,95 @@ pub fn stream(runtime: &KubeRuntime, request: ProcessLogs) -> LineStream {
 }
 
 async fn pump(pods: Api<Pod>, request: ProcessLogs, tx: mpsc::Sender<LogLine>) {
-    let mut selector = format!("app={},type=service", request.app);
+    let mut selector = format!("app={},type in (service,timer)", request.app);
     if let Some(service) = &request.service {
         selector.push_str(&format!(",service={service}"));
     }
-    let mut attached = HashSet::new();
-    let mut readers = tokio::task::JoinSet::new();
-    loop {
+    let mut readers = Readers {
+        pods: pods.clone(),
+        request: &request,
+        tx: &tx,
+        attached: HashSet::new(),
+        tasks: tokio::task::JoinSet::new(),
+    };
+    if !request.follow {
         match pods.list(&ListParams::default().labels(&selector)).await {
-            Ok(list) => {
-                for pod in list.items {
-                    let Some(name) = pod.metadata.name.clone() else {
-                        continue;
-                    };
-                    let service = pod
-                        .metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get("service").cloned())
-                        .unwrap_or_default();
-                    // A pod has output once its container started.
-                    let started = matches!(
-                        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-                        Some("Running" | "Succeeded" | "Failed")
-                    );
-                    // Each container (a restart makes a new one) is read once.
-                    let restarts = pod
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.container_statuses.as_ref())
-                        .and_then(|c| c.first())
-                        .map_or(0, |c| c.restart_count);
-                    if started && attached.insert((name.clone(), restarts)) {
-                        let params = LogParams {
-                            container: Some(CONTAINER.to_owned()),
-                            follow: request.follow,
-                            since_seconds: request
-                                .since
-                                .map(|d| i64::try_from(d.as_secs().max(1)).unwrap_or(i64::MAX)),
-                            timestamps: true,
-                            ..LogParams::default()
-                        };
-                        let stream = format!("service/{service}/{name}");
-                        readers.spawn(read_pod(pods.clone(), name, stream, params, tx.clone()));
-                    }
-                }
-            }
+            Ok(list) => list.items.iter().for_each(|pod| readers.attach(pod)),
             Err(e) => tracing::debug!("listing pods for their logs: {}", describe(&e)),
         }
-        if !request.follow {
-            while readers.join_next().await.is_some() {}
-            return;
-        }
+        while readers.tasks.join_next().await.is_some() {}
+        return;
+    }
+    // Following: the pods are watched, so new ones (a rollout, a restart, a timer's run) are
+    // attached as they start, at the cost of one watch per reader rather than a list every
+    // few seconds.
+    let mut watched = Watch::start(
+        pods,
+        watcher::Config::default().labels(&selector),
+        format!("the pods of {}", request.app),
+    );
+    loop {
+        watched.current().objects.values().for_each(|pod| readers.attach(pod));
         tokio::select! {
             () = tx.closed() => return,
-            () = tokio::time::sleep(NEW_PODS) => {}
+            changed = watched.changed() => if changed.is_err() { return },
         }
-        while readers.try_join_next().is_some() {}
+        while readers.tasks.try_join_next().is_some() {}
+    }
+}
+
+/// The pods' log readers of one request.
+struct Readers<'a> {
+    pods: Api<Pod>,
+    request: &'a ProcessLogs,
+    tx: &'a mpsc::Sender<LogLine>,
+    /// Containers read so far: (pod, restart count).
+    attached: HashSet<(String, i32)>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Readers<'_> {
+    /// Starts reading `pod`'s container once it has started, once per container (a restart
+    /// makes a new one). Service pods write as `service/<service>/<pod>`, timer runs as
+    /// `timer/<timer>/<pod>`.
+    fn attach(&mut self, pod: &Pod) {
+        let Some(name) = pod.metadata.name.clone() else { return };
+        let label = |key: &str| {
+            pod.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(key).cloned())
+                .unwrap_or_default()
+        };
+        let stream = match label("type").as_str() {
+            "timer" => format!("timer/{}/{name}", label("timer")),
+            _ => format!("service/{}/{name}", label("service")),
+        };
+        // A pod has output once its container started.
+        let started = matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Running" | "Succeeded" | "Failed")
+        );
+        let restarts = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|c| c.first())
+            .map_or(0, |c| c.restart_count);
+        if started && self.attached.insert((name.clone(), restarts)) {
+            let params = LogParams {
+                container: Some(CONTAINER.to_owned()),
+                follow: self.request.follow,
+                since_seconds: self
+                    .request
+                    .since
+                    .map(|d| i64::try_from(d.as_secs().max(1)).unwrap_or(i64::MAX)),
+                timestamps: true,
+                ..LogParams::default()
+            };
+            self.tasks
+                .spawn(read_pod(self.pods.clone(), name, stream, params, self.tx.clone()));
+        }
     }
 }
 

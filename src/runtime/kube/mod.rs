@@ -9,6 +9,7 @@ mod logs;
 pub mod process;
 pub mod resources;
 mod rollout;
+mod watch;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::rbac::v1::RoleBinding;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 
 use super::{
@@ -28,10 +29,6 @@ use crate::config::KubeConfig;
 use crate::objects::Objects;
 use resources::{MANAGER, namespace_name};
 
-/// Consecutive failed reads of the cluster a build or rollout rides out (one a second) before
-/// it gives up: an API server restart must not fail them.
-const API_RETRIES: u32 = 30;
-
 /// A Kubernetes cluster.
 #[derive(Clone)]
 pub struct KubeRuntime(Arc<Inner>);
@@ -39,6 +36,15 @@ pub struct KubeRuntime(Arc<Inner>);
 struct Inner {
     client: Client,
     settings: KubeSettings,
+    /// The CronJob API the server has, found on first use.
+    cronjobs: tokio::sync::OnceCell<(String, ApiResource)>,
+}
+
+/// The CronJobs of an app's namespace, as the server serves them.
+pub struct CronJobs {
+    /// `batch/v1` (Kubernetes 1.21 and later) or `batch/v1beta1`.
+    pub version: String,
+    pub api: Api<DynamicObject>,
 }
 
 impl std::fmt::Debug for KubeRuntime {
@@ -95,7 +101,11 @@ impl KubeRuntime {
             version.minor,
             version.git_version
         );
-        Ok(Self(Arc::new(Inner { client, settings })))
+        Ok(Self(Arc::new(Inner {
+            client,
+            settings,
+            cronjobs: tokio::sync::OnceCell::new(),
+        })))
     }
 
     fn namespace(&self, app: &str) -> String {
@@ -108,6 +118,37 @@ impl KubeRuntime {
         <K as kube::Resource>::DynamicType: Default,
     {
         Api::namespaced(self.0.client.clone(), &self.namespace(app))
+    }
+
+    /// The CronJobs of `app`'s namespace, in the newest version the server has: `batch/v1`
+    /// from Kubernetes 1.21, `batch/v1beta1` before (found once, by discovery).
+    async fn cronjobs(&self, app: &str) -> Result<CronJobs, RuntimeError> {
+        let (version, resource) = self
+            .0
+            .cronjobs
+            .get_or_try_init(|| async {
+                let v1 = self
+                    .0
+                    .client
+                    .list_api_group_resources("batch/v1")
+                    .await
+                    .map_err(RuntimeError::kube("discovering the batch API"))?;
+                let version = if v1.resources.iter().any(|r| r.name == "cronjobs") {
+                    "v1"
+                } else {
+                    "v1beta1"
+                };
+                let gvk = GroupVersionKind::gvk("batch", version, "CronJob");
+                Ok::<_, RuntimeError>((
+                    format!("batch/{version}"),
+                    ApiResource::from_gvk_with_plural(&gvk, "cronjobs"),
+                ))
+            })
+            .await?;
+        Ok(CronJobs {
+            version: version.clone(),
+            api: Api::namespaced_with(self.0.client.clone(), &self.namespace(app), resource),
+        })
     }
 
     /// Creates (or updates) the app's namespace and, when rack runs as a service account, the
@@ -186,27 +227,6 @@ where
     }
 }
 
-/// Consecutive failed reads of the cluster while a build or rollout is followed: a few (an
-/// API server restarting) are ridden out, one a poll, a lasting failure is not.
-#[derive(Debug, Default)]
-struct Retries(u32);
-
-impl Retries {
-    /// Records a failure; `Err` with it once there were too many in a row.
-    fn failed(&mut self, what: &str, error: kube::Error) -> Result<(), RuntimeError> {
-        self.0 += 1;
-        if self.0 > API_RETRIES {
-            return Err(RuntimeError::kube(what)(error));
-        }
-        tracing::warn!("{what} (retrying): {}", describe(&error));
-        Ok(())
-    }
-
-    fn succeeded(&mut self) {
-        self.0 = 0;
-    }
-}
-
 #[async_trait::async_trait]
 impl Runtime for KubeRuntime {
     fn name(&self) -> &'static str {
@@ -243,7 +263,7 @@ impl Runtime for KubeRuntime {
     async fn processes(&self, app: &str) -> Vec<ProcessInfo> {
         let pods: Api<Pod> = self.api(app);
         match pods
-            .list(&ListParams::default().labels(&format!("app={app},type in (service,process)")))
+            .list(&ListParams::default().labels(&format!("app={app},type in (service,process,timer)")))
             .await
         {
             Ok(list) => {
@@ -325,6 +345,85 @@ impl Runtime for KubeRuntime {
         // Traffic reaches services through the cluster's own Services and ingress.
         None
     }
+
+    fn app_router(&self, _app: &str) -> String {
+        // The ingress controller, which the rack's wildcard domain points at (as convox's
+        // `router.<domain>`): what custom domains are CNAMEs of.
+        self.0
+            .settings
+            .config
+            .ingress
+            .domain
+            .as_ref()
+            .map(|domain| format!("router.{domain}"))
+            .unwrap_or_default()
+    }
+
+    fn service_route(
+        &self,
+        app: &str,
+        name: &str,
+        service: &crate::manifest::Service,
+        env: &crate::env::Env,
+    ) -> Option<super::ServiceRoute> {
+        let port = service.port?;
+        let ingress = &self.0.settings.config.ingress;
+        let hosts = resources::ingress_hosts(ingress, app, name, service, env).unwrap_or_default();
+        if hosts.is_empty() {
+            // Internal (or no host configured): reached inside the cluster only, by its Service.
+            return Some(super::ServiceRoute {
+                hosts: vec![format!("{name}.{}.svc.cluster.local", self.namespace(app))],
+                port,
+            });
+        }
+        let port = if ingress.cert_issuer.is_some() { 443 } else { 80 };
+        Some(super::ServiceRoute { hosts, port })
+    }
+
+    async fn balancers(&self, app: &str) -> Result<Vec<super::BalancerInfo>, RuntimeError> {
+        let services: Api<k8s_openapi::api::core::v1::Service> = self.api(app);
+        let list = services
+            .list(&ListParams::default().labels(&resources::selector(app, "balancer")))
+            .await
+            .map_err(RuntimeError::kube("listing balancers"))?;
+        let mut balancers: Vec<super::BalancerInfo> = list.items.iter().map(balancer_info).collect();
+        balancers.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(balancers)
+    }
+}
+
+/// A balancer's Service as convox shows it: its address from the cloud's load balancer.
+fn balancer_info(service: &k8s_openapi::api::core::v1::Service) -> super::BalancerInfo {
+    let labels = service.metadata.labels.clone().unwrap_or_default();
+    let endpoint = service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .and_then(|ingress| ingress.first())
+        .and_then(|first| first.hostname.clone().or_else(|| first.ip.clone()))
+        .unwrap_or_default();
+    let ports = service
+        .spec
+        .iter()
+        .flat_map(|spec| spec.ports.iter().flatten())
+        .map(|port| super::BalancerPortInfo {
+            protocol: port.protocol.clone().unwrap_or_else(|| "TCP".to_owned()),
+            source: u16::try_from(port.port).unwrap_or_default(),
+            target: match &port.target_port {
+                Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => {
+                    u16::try_from(*n).unwrap_or_default()
+                }
+                _ => 0,
+            },
+        })
+        .collect();
+    super::BalancerInfo {
+        name: labels.get("balancer").cloned().unwrap_or_default(),
+        service: labels.get("service").cloned().unwrap_or_default(),
+        endpoint,
+        ports,
+    }
 }
 
 /// A pod of a service as a convox process.
@@ -332,7 +431,8 @@ fn process_info(app: &str, pod: &Pod) -> Option<ProcessInfo> {
     let labels = pod.metadata.labels.as_ref()?;
     let kind = match labels.get("type").map(String::as_str) {
         Some("service") => ProcessKind::Service,
-        Some("process") => ProcessKind::Run,
+        // A timer's run is a one-off process of its service.
+        Some("process" | "timer") => ProcessKind::Run,
         _ => return None,
     };
     let spec = pod.spec.as_ref()?;
@@ -485,25 +585,5 @@ mod tests {
             serde_json::json!({ "phase": "Running" }),
         );
         assert!(process_info("app", &build).is_none(), "build pods are not processes");
-    }
-
-    #[test]
-    fn a_lasting_api_failure_ends_the_retries() {
-        let error = || {
-            kube::Error::Api(Box::new(
-                kube::core::Status::failure("etcdserver: leader changed", "InternalError").with_code(500),
-            ))
-        };
-        let mut retries = Retries::default();
-        for _ in 0..API_RETRIES {
-            assert!(retries.failed("reading job build-x", error()).is_ok());
-        }
-        assert_eq!(
-            retries.failed("reading job build-x", error()).unwrap_err().to_string(),
-            "reading job build-x: etcdserver: leader changed"
-        );
-        // A success in between starts the count again.
-        retries.succeeded();
-        assert!(retries.failed("reading job build-x", error()).is_ok());
     }
 }

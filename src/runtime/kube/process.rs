@@ -2,8 +2,6 @@
 //! `restartPolicy: Never`, labelled `type=process`), and `exec` through the Pod's `exec`
 //! subresource (the websocket channel protocol, through kube-rs).
 
-use std::time::Duration;
-
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Status;
@@ -11,13 +9,11 @@ use kube::Api;
 use kube::api::{AttachParams, PostParams, TerminalSize};
 use tokio_util::io::ReaderStream;
 
+use super::KubeRuntime;
 use super::build::follow_logs;
 use super::resources::{self, CONTAINER, ServiceTarget};
-use super::{KubeRuntime, Retries};
+use super::watch::{Watch, by_name};
 use crate::runtime::{ExecRequest, ExecSession, OneOff, ReleaseSpec, RuntimeError};
-
-/// How often a one-off's Pod is looked at while it is waited for.
-const POLL: Duration = Duration::from_secs(1);
 
 /// Starts `one_off` as a Pod; returns its name.
 pub async fn run(runtime: &KubeRuntime, release: &ReleaseSpec, one_off: &OneOff) -> Result<String, RuntimeError> {
@@ -54,21 +50,23 @@ pub async fn run(runtime: &KubeRuntime, release: &ReleaseSpec, one_off: &OneOff)
     Ok(name)
 }
 
-/// Waits until the one-off Pod `name` has ended; its container's exit code.
+/// Waits until the one-off Pod `name` has ended (watched, not polled); its container's exit
+/// code.
 pub async fn wait(pods: &Api<Pod>, name: &str) -> Result<i32, RuntimeError> {
-    let mut retries = Retries::default();
+    let mut pod = Watch::start(pods.clone(), by_name(name), format!("pod {name}"));
     loop {
-        match pods.get_opt(name).await {
-            Ok(None) => return Err(RuntimeError::Failed(format!("pod {name} is gone"))),
-            Ok(Some(pod)) => {
-                retries.succeeded();
-                if let Some(code) = exit_code(&pod) {
-                    return Ok(code);
+        let snapshot = pod.current();
+        if snapshot.listed {
+            match snapshot.objects.get(name) {
+                None => return Err(RuntimeError::Failed(format!("pod {name} is gone"))),
+                Some(current) => {
+                    if let Some(code) = exit_code(current) {
+                        return Ok(code);
+                    }
                 }
             }
-            Err(e) => retries.failed(&format!("reading pod {name}"), e)?,
         }
-        tokio::time::sleep(POLL).await;
+        pod.changed().await?;
     }
 }
 

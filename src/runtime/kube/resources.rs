@@ -256,7 +256,7 @@ pub fn service(rack: &str, app: &str, name: &str, port: u16) -> Value {
         "metadata": { "name": name, "namespace": namespace_name(rack, app), "labels": labels },
         "spec": {
             "type": "ClusterIP",
-            "selector": { "app": app, "service": name },
+            "selector": service_selector(app, name),
             "ports": [{ "name": "main", "port": port, "targetPort": port, "protocol": "TCP" }],
         },
     })
@@ -397,6 +397,128 @@ pub fn ingress(
         },
         "spec": spec,
     })
+}
+
+/// The CronJob of timer `name` (`timer-<name>`): the timer's command in its service's image
+/// and environment on the timer's schedule, as `api_version` (`batch/v1`, or `batch/v1beta1`
+/// before Kubernetes 1.21). Each run is a Job whose pod is never restarted; the last runs are
+/// kept so `ps` and the logs show them.
+///
+/// # Errors
+/// When the manifest needs an environment variable the release lacks.
+pub fn timer_cronjob(
+    target: &ServiceTarget<'_>,
+    release: &ReleaseSpec,
+    name: &str,
+    timer: &crate::manifest::Timer,
+    api_version: &str,
+) -> Result<Value, RuntimeError> {
+    let app = release.app.as_str();
+    let mut labels = app_labels(target.rack, app);
+    labels.insert("type".into(), "timer".into());
+    labels.insert("timer".into(), name.into());
+    labels.insert("service".into(), target.name.into());
+    let mut pod_labels = labels.clone();
+    pod_labels.insert("release".into(), release.id.as_str().into());
+    let mut extra = crate::env::Env::new();
+    extra.insert("TIMER".to_owned(), name.to_owned());
+    let container = main_container(target, release, Some(&timer.command.argv()), &extra)?;
+    Ok(json!({
+        "apiVersion": api_version,
+        "kind": "CronJob",
+        "metadata": {
+            "name": timer_name(name),
+            "namespace": namespace_name(target.rack, app),
+            "labels": labels,
+        },
+        "spec": {
+            "schedule": timer.schedule,
+            "concurrencyPolicy": timer.concurrency.as_str(),
+            // A run missed by more than this (the controller was down) is skipped, not run late.
+            "startingDeadlineSeconds": 300,
+            "successfulJobsHistoryLimit": 3,
+            "failedJobsHistoryLimit": 3,
+            "jobTemplate": {
+                "metadata": { "labels": pod_labels },
+                "spec": {
+                    "backoffLimit": 0,
+                    "template": {
+                        "metadata": { "labels": pod_labels },
+                        "spec": {
+                            "containers": [container],
+                            "restartPolicy": "Never",
+                            "imagePullSecrets": [{ "name": REGISTRY_SECRET }],
+                            "automountServiceAccountToken": false,
+                            "enableServiceLinks": false,
+                        },
+                    },
+                },
+            },
+        },
+    }))
+}
+
+/// The object name of timer `name`.
+pub fn timer_name(name: &str) -> String {
+    format!("timer-{name}")
+}
+
+/// The object name of balancer `name`.
+pub fn balancer_name(name: &str) -> String {
+    format!("balancer-{name}")
+}
+
+/// The Service of type LoadBalancer of balancer `name` (`balancer-<name>`): each of its ports
+/// to its service's ready pods, open to its whitelist only when it has one. Client addresses
+/// are kept (`externalTrafficPolicy: Local`) so the whitelist and the app see them.
+pub fn balancer_service(rack: &str, app: &str, name: &str, balancer: &crate::manifest::Balancer) -> Value {
+    let mut labels = app_labels(rack, app);
+    labels.insert("type".into(), "balancer".into());
+    labels.insert("balancer".into(), name.into());
+    labels.insert("service".into(), balancer.service.as_str().into());
+    let ports: Vec<Value> = balancer
+        .ports
+        .iter()
+        .map(|p| {
+            json!({
+                "name": format!("{}-{}", p.protocol.to_ascii_lowercase(), p.source),
+                "port": p.source,
+                "targetPort": p.target,
+                "protocol": p.protocol,
+            })
+        })
+        .collect();
+    let mut spec = json!({
+        "type": "LoadBalancer",
+        "externalTrafficPolicy": "Local",
+        "selector": service_selector(app, &balancer.service),
+        "ports": ports,
+    });
+    if !balancer.whitelist.is_empty() {
+        // Kubernetes wants CIDRs: a bare address is its own /32 (or /128).
+        let ranges: Vec<String> = balancer
+            .whitelist
+            .iter()
+            .map(|entry| match entry.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(_)) => format!("{entry}/32"),
+                Ok(std::net::IpAddr::V6(_)) => format!("{entry}/128"),
+                Err(_) => entry.clone(),
+            })
+            .collect();
+        spec["loadBalancerSourceRanges"] = json!(ranges);
+    }
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": { "name": balancer_name(name), "namespace": namespace_name(rack, app), "labels": labels },
+        "spec": spec,
+    })
+}
+
+/// The pods a Service of `service` sends traffic to: that service's own, never a one-off or
+/// timer pod of it (they carry its labels too, and no readiness probe).
+fn service_selector(app: &str, service: &str) -> Value {
+    json!({ "app": app, "service": service, "type": "service" })
 }
 
 /// One service's image, as a build makes it.
@@ -703,6 +825,83 @@ mod tests {
         assert_eq!(
             body["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"],
             serde_json::json!({ "name": "web", "port": { "number": 3000 } })
+        );
+    }
+
+    #[test]
+    fn a_timer_is_a_cronjob_of_its_service() {
+        let release = release(
+            "services:\n  worker:\n    build: .\ntimers:\n  nightly:\n    schedule: \"0 3 * * *\"\n    command: bin/nightly --all\n    service: worker\n    concurrency: replace\n",
+        );
+        let target = ServiceTarget {
+            rack: "rack",
+            registry: "registry.host/convox",
+            name: "worker",
+            service: &release.manifest.services["worker"],
+        };
+        let timer = &release.manifest.timers["nightly"];
+        let cronjob = timer_cronjob(&target, &release, "nightly", timer, "batch/v1beta1").unwrap();
+        assert_eq!(cronjob["apiVersion"], "batch/v1beta1");
+        assert_eq!(cronjob["metadata"]["name"], "timer-nightly");
+        assert_eq!(cronjob["metadata"]["namespace"], "rack-myapp");
+        assert_eq!(cronjob["metadata"]["labels"]["type"], "timer");
+        assert_eq!(cronjob["spec"]["schedule"], "0 3 * * *");
+        assert_eq!(cronjob["spec"]["concurrencyPolicy"], "Replace");
+        let template = &cronjob["spec"]["jobTemplate"]["spec"]["template"];
+        let labels = &template["metadata"]["labels"];
+        assert_eq!(
+            (&labels["app"], &labels["service"], &labels["timer"], &labels["release"]),
+            (
+                &json!("myapp"),
+                &json!("worker"),
+                &json!("nightly"),
+                &json!("RABCDEFGHI")
+            )
+        );
+        assert_eq!(cronjob["spec"]["jobTemplate"]["spec"]["backoffLimit"], 0);
+        assert_eq!(template["spec"]["restartPolicy"], "Never");
+        let container = &template["spec"]["containers"][0];
+        assert_eq!(container["image"], "registry.host/convox/myapp:worker.BABCDEFGHI");
+        assert_eq!(container["command"], json!(["/bin/sh", "-c", "bin/nightly --all"]));
+        let env = container["env"].as_array().unwrap();
+        assert!(env.contains(&json!({ "name": "FOO", "value": "bar" })));
+        assert!(env.contains(&json!({ "name": "TIMER", "value": "nightly" })));
+    }
+
+    #[test]
+    fn a_balancer_is_a_load_balancer_service_to_its_service_pods_only() {
+        let whitelisted = release(
+            "services:\n  web:\n    port: 3000\nbalancers:\n  edge:\n    service: web\n    ports:\n      443: 3000\n      8443:\n        port: 3001\n    whitelist: [10.1.0.0/16, 192.0.2.7, \"2001:db8::1\"]\n",
+        );
+        let service = balancer_service("rack", "myapp", "edge", &whitelisted.manifest.balancers["edge"]);
+        assert_eq!(service["metadata"]["name"], "balancer-edge");
+        assert_eq!(service["metadata"]["labels"]["type"], "balancer");
+        assert_eq!(service["spec"]["type"], "LoadBalancer");
+        assert_eq!(service["spec"]["externalTrafficPolicy"], "Local");
+        assert_eq!(
+            service["spec"]["selector"],
+            json!({ "app": "myapp", "service": "web", "type": "service" })
+        );
+        assert_eq!(
+            service["spec"]["ports"],
+            json!([
+                { "name": "tcp-443", "port": 443, "targetPort": 3000, "protocol": "TCP" },
+                { "name": "tcp-8443", "port": 8443, "targetPort": 3001, "protocol": "TCP" },
+            ])
+        );
+        assert_eq!(
+            service["spec"]["loadBalancerSourceRanges"],
+            json!(["10.1.0.0/16", "192.0.2.7/32", "2001:db8::1/128"])
+        );
+        let open = release(
+            "services:\n  web:\n    port: 3000\nbalancers:\n  edge:\n    service: web\n    ports:\n      443: 3000\n",
+        );
+        let service = balancer_service("rack", "myapp", "edge", &open.manifest.balancers["edge"]);
+        assert!(service["spec"].get("loadBalancerSourceRanges").is_none(), "open to all");
+        // The Service of a service with a port selects its own pods only, not its one-offs'.
+        assert_eq!(
+            super::service("rack", "myapp", "web", 3000)["spec"]["selector"],
+            json!({ "app": "myapp", "service": "web", "type": "service" })
         );
     }
 }

@@ -1,6 +1,6 @@
 //! Rolling a release out on Kubernetes: server-side apply of each service's Deployment (and
 //! Service), removal of services the release no longer has, then a watch until every
-//! Deployment has rolled out, with the namespace's Events written to the deploy log as they
+//! Deployment has rolled out (see `watch`), with the namespace's Events written to the deploy log as they
 //! come. A crash-looping or unpullable new pod, or a Deployment past its progress deadline,
 //! fails the rollout at once (the deploy job then re-applies the previous release).
 //!
@@ -15,14 +15,13 @@ use k8s_openapi::api::core::v1::{Event, Pod, Service};
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::watcher;
 
 use super::events::Forwarder;
 use super::resources::{self, MANAGER, ServiceTarget};
-use super::{KubeRuntime, Retries, delete};
+use super::watch::Watch;
+use super::{KubeRuntime, delete};
 use crate::runtime::{LogSink, ReleaseSpec, RuntimeError};
-
-/// How often the Deployments are looked at.
-const POLL: Duration = Duration::from_secs(1);
 
 /// How long a rollout waits for the event watch to start, and for the last events at its end.
 const WATCH_PATIENCE: Duration = Duration::from_secs(10);
@@ -96,6 +95,10 @@ pub async fn apply(
             wanted.insert(name.clone());
         }
     }
+    apply_balancers(runtime, app, release, log).await?;
+    if release.is_none() {
+        apply_timers(runtime, app, None, log).await?;
+    }
     let by_app = ListParams::default().labels(&resources::selector(app, "service"));
     let existing = deployments
         .list(&by_app)
@@ -112,10 +115,100 @@ pub async fn apply(
         }
     }
 
-    let result = wait(runtime, app, release, &wanted).await;
+    let mut result = wait(runtime, app, release, &wanted).await;
+    // Timers switch to a release once it runs: a rollout that fails (and is rolled back) never
+    // moved them.
+    if result.is_ok()
+        && let Some(release) = release
+    {
+        result = apply_timers(runtime, app, Some(release), log).await;
+    }
     // The last events trail the status that ended the wait.
     forwarder.finish(WATCH_PATIENCE).await;
     result
+}
+
+/// Applies the release's balancers (Services of type LoadBalancer) and removes the app's others.
+async fn apply_balancers(
+    runtime: &KubeRuntime,
+    app: &str,
+    release: Option<&ReleaseSpec>,
+    log: &LogSink,
+) -> Result<(), RuntimeError> {
+    let services: Api<Service> = runtime.api(app);
+    let params = PatchParams::apply(MANAGER).force();
+    let mut wanted = BTreeSet::new();
+    for (name, balancer) in release.iter().flat_map(|r| &r.manifest.balancers) {
+        let object = resources::balancer_name(name);
+        let body = resources::balancer_service(&runtime.0.settings.rack, app, name, balancer);
+        services
+            .patch(&object, &params, &Patch::Apply(body))
+            .await
+            .map_err(RuntimeError::kube(format!("applying balancer {name}")))?;
+        wanted.insert(object);
+    }
+    let existing = services
+        .list(&ListParams::default().labels(&resources::selector(app, "balancer")))
+        .await
+        .map_err(RuntimeError::kube("listing balancers"))?;
+    for service in existing.items {
+        let Some(object) = service.metadata.name else { continue };
+        if !wanted.contains(&object) {
+            log.line("system/k8s/atom/app", format!("Removing {object}")).await;
+            delete(&services, &object).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies the release's timers (CronJobs) and removes the app's others (with their runs).
+async fn apply_timers(
+    runtime: &KubeRuntime,
+    app: &str,
+    release: Option<&ReleaseSpec>,
+    log: &LogSink,
+) -> Result<(), RuntimeError> {
+    let rt = &runtime.0.settings;
+    let cronjobs = runtime.cronjobs(app).await?;
+    let params = PatchParams::apply(MANAGER).force();
+    let mut wanted = BTreeSet::new();
+    if let Some(release) = release {
+        for (name, timer) in &release.manifest.timers {
+            let service = release.manifest.services.get(&timer.service).ok_or_else(|| {
+                RuntimeError::Failed(format!(
+                    "timers.{name}: release {} has no service {}",
+                    release.id, timer.service
+                ))
+            })?;
+            let target = ServiceTarget {
+                rack: &rt.rack,
+                registry: &rt.config.registry,
+                name: &timer.service,
+                service,
+            };
+            let object = resources::timer_name(name);
+            let body = resources::timer_cronjob(&target, release, name, timer, &cronjobs.version)?;
+            cronjobs
+                .api
+                .patch(&object, &params, &Patch::Apply(body))
+                .await
+                .map_err(RuntimeError::kube(format!("applying timer {name}")))?;
+            wanted.insert(object);
+        }
+    }
+    let existing = cronjobs
+        .api
+        .list(&ListParams::default().labels(&resources::selector(app, "timer")))
+        .await
+        .map_err(RuntimeError::kube("listing timers"))?;
+    for cronjob in existing.items {
+        let Some(object) = cronjob.metadata.name else { continue };
+        if !wanted.contains(&object) {
+            log.line("system/k8s/atom/app", format!("Removing {object}")).await;
+            delete(&cronjobs.api, &object).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes the live Deployment's readiness probe when the release's has none (its service lost
@@ -158,49 +251,45 @@ async fn drop_stale_probe(
     Ok(())
 }
 
-/// Waits until every Deployment in `wanted` has rolled out, or one of them cannot.
+/// Waits until every Deployment in `wanted` has rolled out, or one of them cannot. The
+/// Deployments and the new release's pods are watched (one list and one watch request each,
+/// however long the rollout takes), and looked at again on every change.
 async fn wait(
     runtime: &KubeRuntime,
     app: &str,
     release: Option<&ReleaseSpec>,
     wanted: &BTreeSet<String>,
 ) -> Result<(), RuntimeError> {
-    let deployments: Api<Deployment> = runtime.api(app);
-    let pods: Api<Pod> = runtime.api(app);
-    let by_app = ListParams::default().labels(&resources::selector(app, "service"));
-    let mut retries = Retries::default();
+    let mut deployments = Watch::start(
+        runtime.api::<Deployment>(app),
+        watcher::Config::default().labels(&resources::selector(app, "service")),
+        format!("the deployments of {app}"),
+    );
+    // Without a release there are no new pods to look at: the selector matches none.
+    let release_id = release.map_or("none", |r| r.id.as_str());
+    let mut pods = Watch::start(
+        runtime.api::<Pod>(app),
+        watcher::Config::default().labels(&format!("app={app},type=service,release={release_id}")),
+        format!("the pods of {app}"),
+    );
     loop {
-        let list = match deployments.list(&by_app).await {
-            Ok(list) => list,
-            Err(e) => {
-                retries.failed("reading deployments", e)?;
-                tokio::time::sleep(POLL).await;
-                continue;
+        let (listed, new_pods) = (deployments.current(), pods.current());
+        if listed.listed && new_pods.listed {
+            let relevant: Vec<&Deployment> = wanted.iter().filter_map(|name| listed.objects.get(name)).collect();
+            if relevant.len() == wanted.len() && relevant.iter().all(|d| rolled_out(d)) {
+                return Ok(());
             }
-        };
-        retries.succeeded();
-        let relevant: Vec<&Deployment> = list
-            .items
-            .iter()
-            .filter(|d| d.metadata.name.as_ref().is_some_and(|n| wanted.contains(n)))
-            .collect();
-        if relevant.len() == wanted.len() && relevant.iter().all(|d| rolled_out(d)) {
-            return Ok(());
-        }
-        for deployment in &relevant {
-            if let Some(reason) = stalled(deployment) {
+            if let Some(reason) = relevant.iter().find_map(|d| stalled(d)) {
+                return Err(RuntimeError::Failed(reason));
+            }
+            if let Some(reason) = new_pods.objects.values().find_map(failing_pod) {
                 return Err(RuntimeError::Failed(reason));
             }
         }
-        if let Some(release) = release {
-            let new_pods = ListParams::default().labels(&format!("app={app},type=service,release={}", release.id));
-            if let Ok(list) = pods.list(&new_pods).await
-                && let Some(reason) = list.items.iter().find_map(failing_pod)
-            {
-                return Err(RuntimeError::Failed(reason));
-            }
+        tokio::select! {
+            changed = deployments.changed() => changed?,
+            changed = pods.changed() => changed?,
         }
-        tokio::time::sleep(POLL).await;
     }
 }
 
