@@ -23,6 +23,17 @@ struct Service {
     name: String,
     count: u32,
     domain: String,
+    /// Every host (absent from a convox rack, which shows `domain` only).
+    #[serde(default)]
+    domains: Vec<String>,
+    #[serde(default)]
+    ports: Vec<Port>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Port {
+    balancer: u16,
+    container: u16,
 }
 
 #[derive(Debug, Deserialize)]
@@ -36,9 +47,21 @@ pub async fn list(client: &Client, app: AppArg) -> anyhow::Result<()> {
     let services: Vec<Service> = client.get(&format!("/apps/{}/services", client.segment(&app))).await?;
     let rows: Vec<Vec<String>> = services
         .into_iter()
-        .map(|s| vec![s.name, s.count.to_string(), s.domain])
+        .map(|s| {
+            let domains = if s.domains.is_empty() {
+                s.domain
+            } else {
+                s.domains.join(" ")
+            };
+            let ports: Vec<String> = s
+                .ports
+                .iter()
+                .map(|p| format!("{}:{}", p.balancer, p.container))
+                .collect();
+            vec![s.name, s.count.to_string(), domains, ports.join(" ")]
+        })
         .collect();
-    print!("{}", output::table(&["SERVICE", "COUNT", "ROUTER"], &rows));
+    print!("{}", output::table(&["SERVICE", "COUNT", "DOMAIN", "PORTS"], &rows));
     Ok(())
 }
 
