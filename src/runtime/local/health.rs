@@ -56,7 +56,7 @@ pub async fn health_loop(
     let mut last_counted: Option<tokio::time::Instant> = None;
     loop {
         let result = if check.http {
-            probe(client, instance.port, &check.path, check.timeout).await
+            probe(client, instance.port(), &check.path, check.timeout).await
         } else {
             Ok(())
         };

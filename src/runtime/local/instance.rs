@@ -9,7 +9,7 @@
 //!                                                └─ stop asked ───► stop (TERM, grace, KILL)
 //! ```
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,7 +41,8 @@ pub struct Instance {
     pub id: String,
     pub service: String,
     pub release: String,
-    pub port: Option<u16>,
+    /// The host port it listens on (0: none); see `port`.
+    pub port: AtomicU16,
     pub command: String,
     /// The image it runs (containers).
     pub image: String,
@@ -63,6 +64,11 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// The host port it listens on, if it takes traffic.
+    pub fn port(&self) -> Option<u16> {
+        Some(self.port.load(Ordering::SeqCst)).filter(|p| *p != 0)
+    }
+
     /// Whether the router may send it traffic.
     pub fn is_ready(&self) -> bool {
         *self.health.borrow() == Health::Ready && !self.stopping.load(Ordering::SeqCst)
@@ -213,7 +219,7 @@ impl Launch {
             release: self.release.clone(),
             build: self.build.clone(),
             env,
-            port: instance.port,
+            port: instance.port(),
             log,
             what: self.what.clone(),
         }
@@ -258,7 +264,18 @@ pub async fn supervise(job: Supervised) {
     } = job;
     let system = format!("system/local/{}", instance.id);
     let mut backoff = Duration::from_secs(1);
+    let mut first = true;
     loop {
+        // Each start after the first gets a fresh host port: podman can leave the port
+        // forwarding of a removed container behind for a while, which would send the new
+        // container's traffic to the old one's address. The router and the health checks
+        // follow the instance's port.
+        if !std::mem::take(&mut first)
+            && instance.port().is_some()
+            && let Some(port) = super::supervisor::free_port()
+        {
+            instance.port.store(port, Ordering::SeqCst);
+        }
         let started = match adopted.take() {
             Some(running) => Ok(running),
             None => driver.start(launch.start(&app, &instance, log.clone())).await,
@@ -266,10 +283,31 @@ pub async fn supervise(job: Supervised) {
         let mut running = match started {
             Ok(running) => running,
             Err(e) => {
+                tracing::warn!(app.name = %app, process = %instance.id, "could not start {}: {e}", instance.id);
                 instance
                     .health
                     .send_replace(Health::Failed(format!("could not start: {e}")));
-                return;
+                if !restarts || instance.stop.is_cancelled() {
+                    return;
+                }
+                // A service's instance keeps trying, backing off, as after a crash: a rollout
+                // watching it sees the failure (and stops it); one that served before comes back
+                // once the cause (a busy engine, a port) is gone.
+                log.line(
+                    &system,
+                    format!(
+                        "Process {} could not start ({e}); trying again in {}s",
+                        instance.id,
+                        backoff.as_secs()
+                    ),
+                )
+                .await;
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = instance.stop.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
             }
         };
         instance.pid.store(running.pid(), Ordering::SeqCst);

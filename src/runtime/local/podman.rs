@@ -362,10 +362,16 @@ fn containers_conf() -> String {
     } else {
         ""
     };
+    // User-mode networking (slirp4netns) for containers and build steps alike: published ports
+    // are served by a userland proxy on 127.0.0.1 that goes with its container. The default
+    // bridge would put a private address on a host interface and publish through iptables NAT
+    // rules, which podman 4.3 sometimes leaves behind when it removes a container: traffic to
+    // that port on 127.0.0.1 then goes nowhere, for whatever listens there next.
     format!(
         "# Written by rack at startup: the configuration of rack's podman commands.\n\
          [containers]\n\
          default_ulimits = [\"nofile={nofile}:{nofile}\", \"nproc={nproc}:{nproc}\"]\n\
+         netns = \"slirp4netns\"\n\
          [engine]\n\
          {runtime}cgroup_manager = \"cgroupfs\"\n\
          events_logger = \"file\"\n"

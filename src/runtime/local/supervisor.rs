@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -94,7 +94,7 @@ impl Supervisor {
                     image: i.image.clone(),
                     instance: "local".to_owned(),
                     name: i.service.clone(),
-                    ports: i.port.map(|p| vec![p.to_string()]).unwrap_or_default(),
+                    ports: i.port().map(|p| vec![p.to_string()]).unwrap_or_default(),
                     release: i.release.clone(),
                     started: i.started,
                     status: i.status(),
@@ -142,7 +142,7 @@ impl Supervisor {
             id,
             service: launch.service.clone(),
             release: launch.release.clone(),
-            port: None,
+            port: AtomicU16::new(0),
             command: launch.display.clone(),
             image: launch.image.clone(),
             started: Utc::now(),
@@ -327,7 +327,7 @@ impl Supervisor {
             id: found.process.clone(),
             service: found.service.clone(),
             release: found.release.clone(),
-            port: found.port,
+            port: AtomicU16::new(found.port.unwrap_or(0)),
             command: launch.display.clone(),
             image: launch.image.clone(),
             started: found.started,
@@ -448,7 +448,7 @@ impl Supervisor {
                     .instances
                     .iter()
                     .filter(|i| i.service == service && i.is_ready())
-                    .filter_map(|i| i.port.map(|p| SocketAddr::from(([127, 0, 0, 1], p))))
+                    .filter_map(|i| i.port().map(|p| SocketAddr::from(([127, 0, 0, 1], p))))
                     .collect();
                 router.set_backends(backends);
             }
@@ -475,7 +475,7 @@ impl Supervisor {
             id: id.clone(),
             service: launch.service.clone(),
             release: launch.release.clone(),
-            port,
+            port: AtomicU16::new(port.unwrap_or(0)),
             command: launch.display.clone(),
             image: launch.image.clone(),
             started: Utc::now(),
@@ -550,7 +550,7 @@ impl Supervisor {
 }
 
 /// A port that was free a moment ago.
-fn free_port() -> Option<u16> {
+pub(super) fn free_port() -> Option<u16> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .ok()?
         .local_addr()
