@@ -229,6 +229,9 @@ impl Application {
         workers.extend(jobs::deploys::spawn_workers(&state, 2));
         workers.push(tokio::spawn(jobs::deploys::reconcile_all(state.clone())));
         workers.push(tokio::spawn(jobs::prune_audit(state.clone())));
+        if !state.runtime.runs_timers() {
+            workers.push(tokio::spawn(jobs::timers::schedule(state.clone())));
+        }
         if let Some(cluster) = &postgres {
             workers.push(tokio::spawn(keep_postgres_running(cluster.clone(), shutdown.clone())));
         }

@@ -483,6 +483,12 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     /// future stops what runs inside it).
     async fn cancel_build(&self, _app: &str, _id: &str) {}
 
+    /// Whether the runtime runs convox.yml `timers` itself (Kubernetes: as CronJobs); if not,
+    /// rack's scheduler (`jobs::timers`) starts them as one-off processes.
+    fn runs_timers(&self) -> bool {
+        false
+    }
+
     /// Whether apps' processes must be started again when rack starts (they die with it).
     fn restores_on_start(&self) -> bool {
         false

@@ -13,6 +13,7 @@ pub mod releases;
 pub mod routers;
 pub mod scales;
 pub mod stats;
+pub mod timers;
 pub mod tokens;
 
 use std::time::Duration;

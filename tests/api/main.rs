@@ -26,3 +26,4 @@ mod run;
 mod sandbox;
 mod security;
 mod server;
+mod timers;

@@ -242,6 +242,10 @@ impl Runtime for KubeRuntime {
         true
     }
 
+    fn runs_timers(&self) -> bool {
+        true
+    }
+
     fn process_logs(&self, request: super::ProcessLogs) -> Option<super::LineStream> {
         Some(logs::stream(self, request))
     }

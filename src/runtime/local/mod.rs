@@ -100,6 +100,20 @@ impl Runtime for LocalRuntime {
 
     #[tracing::instrument(skip_all, fields(app.name = %app, release.id = release.map_or("", |r| r.id.as_str())))]
     async fn apply(&self, app: &str, release: Option<&ReleaseSpec>, log: &LogSink) -> Result<(), RuntimeError> {
+        if let Some(release) = release
+            && !release.manifest.balancers.is_empty()
+        {
+            // Said, not refused: the same convox.yml deploys to a Kubernetes rack, where they run.
+            let names: Vec<&str> = release.manifest.balancers.keys().map(String::as_str).collect();
+            log.line(
+                "system/local/app",
+                format!(
+                    "Balancers are not run by the local runtime (its router serves the services' ports): {}",
+                    names.join(", ")
+                ),
+            )
+            .await;
+        }
         self.supervisor.apply(app, release, log).await
     }
 
