@@ -28,16 +28,24 @@ async fn built_app(app: &TestApp, name: &str) -> String {
 
 /// Promotes with `follow=true` and returns the whole rollout log.
 pub async fn promote_follow(app: &TestApp, name: &str, release: &str) -> String {
+    promote_follow_within(app, name, release, None).await
+}
+
+/// Promotes with `follow=true` and the deployment deadline `timeout` (seconds; the default
+/// without), and returns the whole rollout log.
+pub async fn promote_follow_within(app: &TestApp, name: &str, release: &str, timeout: Option<u32>) -> String {
+    let mut form = vec![("follow", "true".to_owned())];
+    form.extend(timeout.map(|t| ("timeout", t.to_string())));
     // A rollout outlasts the harness client's 30 s budget for whole requests under load.
     let response = reqwest::Client::new()
         .post(app.url(&format!("/apps/{name}/releases/{release}/promote")))
         .basic_auth("convox", Some(crate::helpers::PASSWORD))
-        .form(&[("follow", "true")])
+        .form(&form)
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 200, "{:?}", response.text().await);
-    tokio::time::timeout(Duration::from_secs(90), response.text())
+    tokio::time::timeout(Duration::from_secs(120), response.text())
         .await
         .expect("the rollout ends")
         .unwrap()
@@ -602,16 +610,7 @@ async fn a_rollout_past_its_deadline_rolls_back() {
     let first = built_app(&app, "myapp").await;
     promote_follow(&app, "myapp", &first).await;
     let slow = slow_release(&app).await;
-    let response = app
-        .request(Method::POST, &format!("/apps/myapp/releases/{slow}/promote"))
-        .form(&[("follow", "true"), ("timeout", "2")])
-        .send()
-        .await
-        .unwrap();
-    let log = tokio::time::timeout(Duration::from_secs(60), response.text())
-        .await
-        .unwrap()
-        .unwrap();
+    let log = promote_follow_within(&app, "myapp", &slow, Some(2)).await;
     lines_in_order(
         &log,
         &[

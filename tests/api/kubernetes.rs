@@ -14,7 +14,7 @@ use kube::{Api, Client};
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::deploys::{create_release, promote_follow, rollback_release};
+use crate::deploys::{create_release, promote_follow, promote_follow_within, rollback_release};
 use crate::helpers::{TestApp, wait_for};
 use crate::kubeenv::{
     ApiProxy, ProbeServer, act_as_kubelet, admin_client, apply_file, closed_port, finish_pod, kube_env, rack_requests,
@@ -412,17 +412,7 @@ async fn a_rollout_that_never_becomes_ready_rolls_back() {
     // Nothing answers the new release's health checks.
     let bad = complete_build(&app, &client, name, &manifest(closed_port())).await;
     let bad = bad["release"].as_str().unwrap().to_owned();
-    let response = app
-        .request(Method::POST, &format!("/apps/{name}/releases/{bad}/promote"))
-        .form(&[("follow", "true"), ("timeout", "10")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let log = tokio::time::timeout(Duration::from_secs(120), response.text())
-        .await
-        .expect("the rollout ends")
-        .unwrap();
+    let log = promote_follow_within(&app, name, &bad, Some(10)).await;
     let lines: Vec<&str> = log.lines().collect();
     let mut at = find_line(&lines, 0, &["system/k8s/web Scaled up replica set web-"]);
     for state in [
@@ -856,8 +846,17 @@ async fn deployment_end(app: &TestApp, name: &str) -> Value {
     .await
 }
 
-/// Promotes `release` without following it; its rollout goes on in the background.
-async fn promote(app: &TestApp, name: &str, release: &str) {
+/// Creates app `name`, builds it and promotes its release without following it, the new pod's
+/// readiness probe answered 503 (until the returned server's `ready` is set): the rollout is
+/// waiting when this returns. Also how many requests rack had made about the app's namespace
+/// before the promote.
+async fn held_rollout(app: &TestApp, name: &str) -> (ProbeServer, usize) {
+    let client = admin_client().await;
+    assert_eq!(app.create_app(name).await.status(), 201);
+    let probe = ProbeServer::unready().await;
+    let build = complete_build(app, &client, name, &manifest(probe.port)).await;
+    let release = build["release"].as_str().unwrap().to_owned();
+    let before = rack_requests(&format!("rack-{name}")).len();
     let response = app
         .convox(Method::POST, &format!("/apps/{name}/releases/{release}/promote"))
         .form(&[("timeout", "600")])
@@ -865,25 +864,20 @@ async fn promote(app: &TestApp, name: &str, release: &str) {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rollout_waits_on_watches_not_on_requests_per_second() {
-    let app = spawn_kube().await;
-    let client = admin_client().await;
-    let name = "kubewatch";
-    let ns = format!("rack-{name}");
-    assert_eq!(app.create_app(name).await.status(), 201);
-    let probe = ProbeServer::unready().await;
-    let build = complete_build(&app, &client, name, &manifest(probe.port)).await;
-    let release = build["release"].as_str().unwrap().to_owned();
-    let before = rack_requests(&ns).len();
-    promote(&app, name, &release).await;
     // Once the kubelet probes the new pod, the rollout is waiting for it to become ready.
     wait_for(60, "the new pod to be probed", || async {
         (probe.probes.load(Ordering::SeqCst) > 0).then_some(())
     })
     .await;
+    (probe, before)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_waits_on_watches_not_on_requests_per_second() {
+    let app = spawn_kube().await;
+    let name = "kubewatch";
+    let ns = format!("rack-{name}");
+    let (probe, before) = held_rollout(&app, name).await;
     let waiting = rack_requests(&ns).len();
     let probed = probe.probes.load(Ordering::SeqCst);
     // The probe period is 1 s: ten more probes are ten seconds of waiting, in which polling
@@ -914,15 +908,7 @@ async fn a_watch_the_api_server_drops_resumes_and_sees_the_rollout_end() {
     let client = admin_client().await;
     let name = "kubedrop";
     let ns = format!("rack-{name}");
-    assert_eq!(app.create_app(name).await.status(), 201);
-    let probe = ProbeServer::unready().await;
-    let build = complete_build(&app, &client, name, &manifest(probe.port)).await;
-    let release = build["release"].as_str().unwrap().to_owned();
-    promote(&app, name, &release).await;
-    wait_for(60, "the new pod to be probed", || async {
-        (probe.probes.load(Ordering::SeqCst) > 0).then_some(())
-    })
-    .await;
+    let (probe, _) = held_rollout(&app, name).await;
 
     // The API server goes away, breaking rack's watches, and the rollout finishes meanwhile.
     proxy.cut();
@@ -1124,16 +1110,7 @@ async fn timers_become_cronjobs_and_balancers_load_balancer_services() {
     );
     let build = complete_build(&app, &client, name, &broken).await;
     let third = build["release"].as_str().unwrap().to_owned();
-    let response = app
-        .request(Method::POST, &format!("/apps/{name}/releases/{third}/promote"))
-        .form(&[("follow", "true"), ("timeout", "10")])
-        .send()
-        .await
-        .unwrap();
-    let log = tokio::time::timeout(Duration::from_secs(120), response.text())
-        .await
-        .expect("the rollout ends")
-        .unwrap();
+    let log = promote_follow_within(&app, name, &third, Some(10)).await;
     assert!(log.contains("Status: Rollback => Reverted"), "{log}");
     let cleanup = timers.get("timer-cleanup").await.unwrap();
     assert_eq!(cleanup.data["spec"]["schedule"], "*/5 * * * *");

@@ -147,18 +147,7 @@ async fn apply_balancers(
             .map_err(RuntimeError::kube(format!("applying balancer {name}")))?;
         wanted.insert(object);
     }
-    let existing = services
-        .list(&ListParams::default().labels(&resources::selector(app, "balancer")))
-        .await
-        .map_err(RuntimeError::kube("listing balancers"))?;
-    for service in existing.items {
-        let Some(object) = service.metadata.name else { continue };
-        if !wanted.contains(&object) {
-            log.line("system/k8s/atom/app", format!("Removing {object}")).await;
-            delete(&services, &object).await?;
-        }
-    }
-    Ok(())
+    remove_others(&services, &resources::selector(app, "balancer"), &wanted, log).await
 }
 
 /// Applies the release's timers (CronJobs) and removes the app's others (with their runs).
@@ -196,16 +185,31 @@ async fn apply_timers(
             wanted.insert(object);
         }
     }
-    let existing = cronjobs
-        .api
-        .list(&ListParams::default().labels(&resources::selector(app, "timer")))
+    remove_others(&cronjobs.api, &resources::selector(app, "timer"), &wanted, log).await
+}
+
+/// Deletes the objects `selector` finds that are not `wanted` (what a release no longer has),
+/// saying so in the log.
+async fn remove_others<K>(
+    api: &Api<K>,
+    selector: &str,
+    wanted: &BTreeSet<String>,
+    log: &LogSink,
+) -> Result<(), RuntimeError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let existing = api
+        .list(&ListParams::default().labels(selector))
         .await
-        .map_err(RuntimeError::kube("listing timers"))?;
-    for cronjob in existing.items {
-        let Some(object) = cronjob.metadata.name else { continue };
-        if !wanted.contains(&object) {
-            log.line("system/k8s/atom/app", format!("Removing {object}")).await;
-            delete(&cronjobs.api, &object).await?;
+        .map_err(RuntimeError::kube(format!("listing {selector}")))?;
+    for object in existing.items {
+        let Some(name) = object.meta().name.clone() else {
+            continue;
+        };
+        if !wanted.contains(&name) {
+            log.line("system/k8s/atom/app", format!("Removing {name}")).await;
+            delete(api, &name).await?;
         }
     }
     Ok(())
