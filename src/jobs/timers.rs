@@ -131,13 +131,11 @@ impl Scheduler {
                 .any(|p| &p.id == id && still_running(p.status)),
             None => false,
         };
-        let outcome = match (timer.concurrency, previous.filter(|_| running)) {
-            (Concurrency::Forbid, Some(id)) => {
-                Err(format!("skipped: the previous run, process {id}, is still running"))
-            }
-            (concurrency, previous) => {
-                if let (Concurrency::Replace, Some(id)) = (concurrency, &previous) {
-                    state.runtime.restart_process(app, id).await;
+        let outcome = match decide(timer.concurrency, previous.filter(|_| running)) {
+            Decision::Skip(id) => Err(format!("skipped: the previous run, process {id}, is still running")),
+            decision => {
+                if let Decision::Replace(id) = decision {
+                    state.runtime.restart_process(app, &id).await;
                     note(
                         state,
                         app,
@@ -198,6 +196,24 @@ fn due_time(schedule: &str, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>,
     Ok(cron.find_previous_occurrence(&minute, true).ok())
 }
 
+/// What to do with a time that came due, given the previous run's process if it still runs.
+#[derive(Debug, PartialEq, Eq)]
+enum Decision {
+    Run,
+    /// `Forbid`: not this time.
+    Skip(String),
+    /// `Replace`: stop that process, then run.
+    Replace(String),
+}
+
+fn decide(concurrency: Concurrency, running: Option<String>) -> Decision {
+    match (concurrency, running) {
+        (Concurrency::Forbid, Some(id)) => Decision::Skip(id),
+        (Concurrency::Replace, Some(id)) => Decision::Replace(id),
+        _ => Decision::Run,
+    }
+}
+
 /// Whether a process of a previous run still counts as running.
 fn still_running(status: ProcessStatus) -> bool {
     matches!(
@@ -230,6 +246,25 @@ mod tests {
 
     fn at(text: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(text).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn concurrency_decides_what_happens_to_a_run_still_going() {
+        let going = || Some("web-run-abc".to_owned());
+        assert_eq!(decide(Concurrency::Allow, going()), Decision::Run);
+        assert_eq!(
+            decide(Concurrency::Forbid, going()),
+            Decision::Skip("web-run-abc".to_owned())
+        );
+        assert_eq!(
+            decide(Concurrency::Replace, going()),
+            Decision::Replace("web-run-abc".to_owned())
+        );
+        for concurrency in [Concurrency::Allow, Concurrency::Forbid, Concurrency::Replace] {
+            assert_eq!(decide(concurrency, None), Decision::Run, "{concurrency:?}");
+        }
+        assert!(still_running(ProcessStatus::Running) && still_running(ProcessStatus::Pending));
+        assert!(!still_running(ProcessStatus::Complete) && !still_running(ProcessStatus::Failed));
     }
 
     #[test]

@@ -79,17 +79,7 @@ impl Readers<'_> {
     /// `timer/<timer>/<pod>`.
     fn attach(&mut self, pod: &Pod) {
         let Some(name) = pod.metadata.name.clone() else { return };
-        let label = |key: &str| {
-            pod.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(key).cloned())
-                .unwrap_or_default()
-        };
-        let stream = match label("type").as_str() {
-            "timer" => format!("timer/{}/{name}", label("timer")),
-            _ => format!("service/{}/{name}", label("service")),
-        };
+        let stream = stream_of(pod, &name);
         // A pod has output once its container started.
         let started = matches!(
             pod.status.as_ref().and_then(|s| s.phase.as_deref()),
@@ -140,6 +130,22 @@ async fn read_pod(pods: Api<Pod>, pod: String, stream: String, params: LogParams
     }
 }
 
+/// The log stream of pod `name`'s lines: `service/<service>/<pod>`, or `timer/<timer>/<pod>`
+/// for a timer's run.
+fn stream_of(pod: &Pod, name: &str) -> String {
+    let label = |key: &str| {
+        pod.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(key).cloned())
+            .unwrap_or_default()
+    };
+    match label("type").as_str() {
+        "timer" => format!("timer/{}/{name}", label("timer")),
+        _ => format!("service/{}/{name}", label("service")),
+    }
+}
+
 /// Splits the RFC 3339 timestamp Kubernetes puts before each line (`timestamps=true`); a line
 /// without one is dated now.
 fn split_timestamp(line: &str) -> (DateTime<Utc>, String) {
@@ -154,6 +160,20 @@ fn split_timestamp(line: &str) -> (DateTime<Utc>, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_pods_and_timer_runs_have_streams_of_their_own() {
+        let pod = |labels: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({ "metadata": { "labels": labels } })).unwrap()
+        };
+        let web = pod(serde_json::json!({ "type": "service", "service": "web" }));
+        assert_eq!(stream_of(&web, "web-5d9-abc"), "service/web/web-5d9-abc");
+        let run = pod(serde_json::json!({ "type": "timer", "service": "worker", "timer": "cleanup" }));
+        assert_eq!(
+            stream_of(&run, "timer-cleanup-2900-x7k"),
+            "timer/cleanup/timer-cleanup-2900-x7k"
+        );
+    }
 
     #[test]
     fn kubernetes_timestamps_are_split_off() {
