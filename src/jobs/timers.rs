@@ -1,7 +1,8 @@
 //! convox.yml `timers` on runtimes that do not schedule them (the local runtime; Kubernetes has
-//! CronJobs): every replica looks just after each minute, in UTC, at the apps' current
-//! releases, and starts each timer that came due as a one-off process of its service. Postgres
-//! decides who runs it (`store::timers::claim`), so two replicas never run the same time twice.
+//! CronJobs): the replica that holds the scheduler's lock in Postgres looks just after each
+//! minute, in UTC, at the apps' current releases, and starts each timer that came due as a
+//! one-off process of its service. Each time is claimed in Postgres too
+//! (`store::timers::claim`), so no time runs twice, even while the lock changes hands.
 //!
 //! As a CronJob would: a time missed while no replica was up is run late only within
 //! `STARTING_DEADLINE` (and then once, however many were missed); a timer new to a release
@@ -28,10 +29,18 @@ const STREAM: &str = "system/rack/timer";
 /// Runs until the server stops.
 pub async fn schedule(state: AppState) {
     let mut scheduler = Scheduler::default();
+    // The connection whose session holds the scheduler's lock, while this replica leads.
+    let mut leading: Option<sqlx::PgConnection> = None;
     loop {
         let now = Utc::now();
-        if let Err(e) = scheduler.tick(&state, now).await {
-            tracing::warn!("running timers: {e}");
+        leading = lead(&state, leading).await;
+        if leading.is_some() {
+            if let Err(e) = scheduler.tick(&state, now).await {
+                tracing::warn!("running timers: {e}");
+            }
+        } else {
+            // Another replica schedules; if this one leads again later, it starts afresh.
+            scheduler.previous = None;
         }
         // Just after the next minute: a schedule's times are on the minute.
         let next = DateTime::from_timestamp((now.timestamp() / 60 + 1) * 60 + 1, 0).unwrap_or(now);
@@ -40,6 +49,28 @@ pub async fn schedule(state: AppState) {
             () = state.shutdown.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+/// The connection of the session that holds the scheduler's lock, if this replica holds it
+/// (still, or now). One replica schedules at a time, so `forbid` and `replace` see the previous
+/// run among its own processes; the claim of each time stays as the guard against two.
+async fn lead(state: &AppState, held: Option<sqlx::PgConnection>) -> Option<sqlx::PgConnection> {
+    if let Some(mut conn) = held {
+        match crate::store::timers::still_leading(&mut conn).await {
+            Ok(true) => return Some(conn),
+            Ok(false) => tracing::warn!("the timer scheduler's lock is gone"),
+            Err(e) => tracing::warn!("the timer scheduler's connection failed: {e}"),
+        }
+    }
+    // A connection of its own, out of the pool: the lock lives as long as its session.
+    let mut conn = state.pool.acquire().await.ok()?.detach();
+    match crate::store::timers::try_lead(&mut conn).await {
+        Ok(true) => {
+            tracing::info!("this replica runs the timers");
+            Some(conn)
+        }
+        _ => None,
     }
 }
 

@@ -2,7 +2,31 @@
 //! replica to get there (see `jobs::timers`).
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
+
+/// The session lock the scheduling replica holds ("racktimr").
+const SCHEDULER_LOCK: i64 = 0x7261_636b_7469_6d72;
+
+/// Takes the scheduler's lock for the session of `conn` (a connection kept for it): true when
+/// this session has it now. Postgres lets it go when the session ends (the replica died, or
+/// Postgres restarted), and another replica's next try gets it.
+pub async fn try_lead(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("select pg_try_advisory_lock($1)")
+        .bind(SCHEDULER_LOCK)
+        .fetch_one(conn)
+        .await
+}
+
+/// Whether the session of `conn` still holds the scheduler's lock.
+pub async fn still_leading(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "select exists (select 1 from pg_locks where locktype = 'advisory' and pid = pg_backend_pid()
+                        and granted and ((classid::bigint << 32) | objid::bigint) = $1)",
+    )
+    .bind(SCHEDULER_LOCK)
+    .fetch_one(conn)
+    .await
+}
 
 /// How long runs are remembered.
 const KEPT_DAYS: i32 = 7;

@@ -1,5 +1,6 @@
 //! Timers on the local runtime: rack's scheduler starts each as a one-off process of its
-//! service when it comes due, once per scheduled minute however many replicas look.
+//! service when it comes due, once per scheduled minute however many replicas there are, and
+//! follows its `concurrency`.
 
 use reqwest::Method;
 
@@ -33,7 +34,7 @@ async fn a_timer_runs_each_minute_once_across_two_replicas() {
     let name = "ticker";
     assert_eq!(app.create_app(name).await.status(), 201);
     let manifest = format!(
-        "{MANIFEST}timers:\n  tick:\n    schedule: \"* * * * *\"\n    command: echo tick $TIMER $RELEASE\n    service: web\n"
+        "{MANIFEST}timers:\n  tick:\n    schedule: \"* * * * *\"\n    command: echo tick $TIMER $RELEASE\n    service: web\n  slow:\n    schedule: \"* * * * *\"\n    command: sleep 600\n    service: web\n    concurrency: forbid\n"
     );
     let id = app
         .build_source(name, &[("convox.yml", manifest.as_str()), ("server.py", SERVER)])
@@ -66,4 +67,19 @@ async fn a_timer_runs_each_minute_once_across_two_replicas() {
     assert_eq!(notes.len(), 2, "{log}");
     assert_eq!(runs(&log), 2, "{log}");
     assert_ne!(notes[0].split("due ").nth(1), notes[1].split("due ").nth(1), "{log}");
+    // `forbid`: the slow timer's first run still goes on, so its second time is skipped.
+    let slow: Vec<&str> = log.lines().filter(|l| l.contains("timer slow (")).collect();
+    assert!(slow.len() >= 2, "{log}");
+    assert!(slow[0].contains("started process web-run-"), "{log}");
+    let first = slow[0]
+        .split("started process ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap();
+    assert!(
+        slow[1].ends_with(&format!("skipped: the previous run, process {first}, is still running")),
+        "{log}"
+    );
 }
