@@ -97,6 +97,13 @@ fn split(list: Option<&str>) -> Vec<String> {
 
 async fn respond(state: &AppState, apps: Option<Vec<String>>, request: FeedRequest) -> ApiResult<Response> {
     let kinds = split(request.query.kind.as_deref());
+    // `kind=` names nothing: a filter that was meant and got lost, not "every kind".
+    if request.query.kind.is_some() && kinds.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "kind names no event kind; leave it out for every kind, or give some of {}",
+            KINDS.join(", ")
+        )));
+    }
     if let Some(unknown) = kinds
         .iter()
         .find(|k| !KINDS.iter().any(|known| known.starts_with(k.as_str())))

@@ -80,12 +80,14 @@ struct LogOptions {
 fn log_options(headers: &HeaderMap) -> ApiResult<LogOptions> {
     let text = |name: &str| crate::api::input::header_text(headers, name);
     let flag = |name: &str, default: bool| -> ApiResult<bool> {
-        match text(name)? {
-            None => Ok(default),
-            Some(v) => v
-                .parse()
-                .map_err(|_| ApiError::BadRequest(format!("{name} must be true or false, got {v:?}"))),
-        }
+        // Present but empty is neither: say so rather than guess.
+        let v = match text(name)? {
+            None if headers.contains_key(name) => "",
+            None => return Ok(default),
+            Some(v) => v,
+        };
+        v.parse()
+            .map_err(|_| ApiError::BadRequest(format!("{name} must be true or false, got {v:?}")))
     };
     let since = match text("since")? {
         None => Some(std::time::Duration::from_secs(120)),

@@ -302,6 +302,8 @@ async fn filters_and_credentials_decide_what_a_reader_sees() {
     // Bad filters say what is wrong.
     for (query, wanted) in [
         ("kind=deploy.", "no event kind starts with"),
+        ("kind=", "kind names no event kind"),
+        ("kind=,", "kind names no event kind"),
         ("app=Not_An_App", "invalid app name"),
         ("after=x", "invalid query string"),
         ("colour=red", "invalid query string"),

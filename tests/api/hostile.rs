@@ -205,6 +205,9 @@ async fn hostile_requests_get_a_clear_4xx_and_store_nothing() {
         case("header: huge duration", Method::GET, "/apps/target/logs", 200)
             .header("since", format!("{}h", "9".repeat(400)))
             .header("follow", "false"),
+        case("header: an empty flag", Method::GET, "/apps/target/logs", 400)
+            .header("prefix", "")
+            .header("follow", "false"),
         case("header: bad Last-Event-ID", Method::GET, "/apps/target/logs", 400)
             .header("last-event-id", "1; drop table events")
             .header("follow", "false"),
