@@ -114,10 +114,17 @@ impl IntoResponse for ApiError {
         }
         let message = self.to_string();
         let mut response = (status, Json(serde_json::json!({ "error": message }))).into_response();
-        if let Self::TooManyRequests { retry_after, .. } = &self {
+        let retry_after = match &self {
+            Self::TooManyRequests { retry_after, .. } => Some(*retry_after),
+            // Postgres away or every connection busy: either passes, so say when to come back
+            // (a client that honours it spreads a herd of reconnects instead of failing).
+            Self::Unavailable(_) => Some(1),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(

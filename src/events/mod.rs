@@ -18,7 +18,7 @@ mod subscription;
 pub mod tail;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -112,11 +112,7 @@ impl EventBus {
                 let _ = sender.send(message);
             }
         });
-        let reader = tail::Reader {
-            pool: pool.clone(),
-            reads: Arc::new(AtomicU64::new(0)),
-            lag_micros: Arc::new(AtomicU64::new(0)),
-        };
+        let reader = tail::Reader::new(pool.clone());
         let apps = tail::Tails::new(reader.clone(), wake.clone(), shutdown.clone());
         let feed = tail::Tails::new(reader.clone(), wake.clone(), shutdown.clone());
         Ok(Self {

@@ -150,8 +150,7 @@ impl<L: Log, F: Filter<L>> State<L, F> {
     /// Reads what it wants after `seen` from Postgres: one page, and the log's horizon first
     /// (everything up to it is committed, so a short page means it has seen up to there).
     async fn catch_up(&mut self) -> Result<(), sqlx::Error> {
-        let horizon = self.reader.horizon(&self.log).await?;
-        let entries = self.reader.read_filtered(&self.filter, self.seen, PAGE).await?;
+        let (horizon, entries) = self.reader.catch_up(&self.log, &self.filter, self.seen, PAGE).await?;
         let full = i64::try_from(entries.len()).unwrap_or(i64::MAX) >= PAGE;
         let last = entries.last().map(L::seq);
         self.buffered.extend(entries);

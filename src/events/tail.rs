@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::PgPool;
-use tokio::sync::broadcast;
+use tokio::sync::{Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
 
 use super::Wake;
@@ -29,6 +29,14 @@ pub const PAGE: i64 = 500;
 /// A tail that heard nothing for this long reads Postgres anyway: a safety net only (a lost
 /// LISTEN connection already wakes every tail when it is re-established), so it is rare.
 pub const POLL_EVERY: Duration = Duration::from_secs(30);
+
+/// A read of a tail or a catch-up that failed for a reason that may pass is tried again after
+/// this long.
+const RETRY_AFTER: Duration = Duration::from_millis(250);
+
+/// How long a subscriber waits for its turn to catch up before it gives up (and its stream
+/// ends with an error the client resumes from).
+const CATCH_UP_WAIT: Duration = Duration::from_secs(30);
 
 /// A subscriber that got nothing for this long yields [`super::Item::Idle`] (transports send
 /// their heartbeats from it; it costs no read).
@@ -150,21 +158,19 @@ async fn tail<L: Log>(
                 return;
             }
         }
-        let read = match last {
-            None => reader.horizon(&log).await.map(|h| {
-                last = Some(h);
-            }),
-            Some(after) => read_new(&log, &reader, after, &sender).await.map(|l| last = Some(l)),
-        };
-        if let Err(e) = read {
-            tracing::warn!(error = %e, log = %key, "reading new events for local subscribers");
-            let at = last.unwrap_or_default();
-            let _ = sender.send(Arc::new(Batch {
-                after: at,
-                last: at,
-                entries: Vec::new(),
-                failed: Some(e.to_string()),
-            }));
+        // A failure ends every stream of the log, so it gets a second try.
+        match twice(|| read_once(&log, &reader, last, &sender)).await {
+            Ok(l) => last = Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, log = %key, "reading new events for local subscribers");
+                let at = last.unwrap_or_default();
+                let _ = sender.send(Arc::new(Batch {
+                    after: at,
+                    last: at,
+                    entries: Vec::new(),
+                    failed: Some(e.to_string()),
+                }));
+            }
         }
         let deadline = tokio::time::sleep(POLL_EVERY);
         tokio::pin!(deadline);
@@ -197,6 +203,34 @@ async fn tail<L: Log>(
         while let Ok(w) = wake.try_recv() {
             let _ = w;
         }
+    }
+}
+
+/// Runs `read`, and once more after [`RETRY_AFTER`] if it failed for a reason that may pass:
+/// a pool that was busy for a moment (a thousand clients connecting at once) is free again,
+/// while an outage fails the second try too, one acquire timeout later.
+async fn twice<T, R: Future<Output = Result<T, sqlx::Error>>>(mut read: impl FnMut() -> R) -> Result<T, sqlx::Error> {
+    match read().await {
+        Err(e) if crate::store::is_transient(&e) => {
+            tracing::debug!(error = %e, "reading an event log; trying once more");
+            tokio::time::sleep(RETRY_AFTER).await;
+            read().await
+        }
+        done => done,
+    }
+}
+
+/// The tail's read: the log's horizon when it has none yet (it starts from there), else what
+/// came after `last`, broadcast. Returns the new last seq.
+async fn read_once<L: Log>(
+    log: &L,
+    reader: &Reader,
+    last: Option<i64>,
+    sender: &broadcast::Sender<Arc<Batch<L::Entry>>>,
+) -> Result<i64, sqlx::Error> {
+    match last {
+        None => reader.horizon(log).await,
+        Some(after) => read_new(log, reader, after, sender).await,
     }
 }
 
@@ -242,9 +276,50 @@ pub struct Reader {
     pub reads: Arc<AtomicU64>,
     /// The lag of the newest batch a tail read: from the commit of its last entry to now.
     pub lag_micros: Arc<AtomicU64>,
+    /// Subscribers catching up at once. Without a bound, a thousand streams that resume (or
+    /// fall behind) together queue a thousand reads for the pool: the tails and the API then
+    /// wait past the pool's acquire timeout, and a tail that fails ends every stream of its
+    /// log. Bounded, catch-ups wait their turn here (no timeout) and leave the rest of the
+    /// pool to the tails and requests.
+    catch_ups: Arc<Semaphore>,
 }
 
 impl Reader {
+    /// A reader of `pool`, letting catch-ups use at most half its connections.
+    pub fn new(pool: PgPool) -> Self {
+        let connections = usize::try_from(pool.options().get_max_connections()).unwrap_or(usize::MAX);
+        Self {
+            pool,
+            reads: Arc::new(AtomicU64::new(0)),
+            lag_micros: Arc::new(AtomicU64::new(0)),
+            catch_ups: Arc::new(Semaphore::new((connections / 2).max(1))),
+        }
+    }
+
+    /// The log's horizon, then up to `limit` of the entries `filter` wants after `after`: a
+    /// subscriber's catch-up, taking its turn among the others.
+    pub async fn catch_up<L: Log, F: super::Filter<L>>(
+        &self,
+        log: &L,
+        filter: &F,
+        after: i64,
+        limit: i64,
+    ) -> Result<(i64, Vec<L::Entry>), sqlx::Error> {
+        // Waiting long means Postgres is away (each read ahead of us waits out the pool's
+        // timeout): give up as a read of our own would.
+        let _turn = tokio::time::timeout(CATCH_UP_WAIT, self.catch_ups.acquire())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)?
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        // A failure ends the subscriber's stream, so it gets a second try.
+        twice(|| async {
+            let horizon = self.horizon(log).await?;
+            let entries = self.read_filtered(filter, after, limit).await?;
+            Ok((horizon, entries))
+        })
+        .await
+    }
+
     /// The log's last committed seq.
     pub async fn horizon<L: Log>(&self, log: &L) -> Result<i64, sqlx::Error> {
         self.reads.fetch_add(1, Ordering::Relaxed);

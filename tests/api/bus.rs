@@ -22,29 +22,79 @@ async fn append(app: &TestApp, name: &str, lines: &[String]) {
     tx.commit().await.unwrap();
 }
 
-/// Follows `app`'s log over SSE; sends each line's text as it comes.
-fn follow(app: &TestApp, name: &str, lines: tokio::sync::mpsc::UnboundedSender<String>) -> tokio::task::JoinHandle<()> {
+/// What `follow` sends when its stream ends (or never started): a follower that stops early
+/// fails the test at once, saying why, instead of leaving it waiting for lines.
+const ENDED: &str = "\u{0}ended";
+
+/// Follows `app`'s log over SSE; sends each line's text as it comes, and [`ENDED`] with the
+/// reason if the stream ends. Like a browser's `EventSource`, it connects again when told to
+/// (503 with `Retry-After`: a thousand connecting at once on a busy machine may get that),
+/// and counts each time in `refused`.
+fn follow(
+    app: &TestApp,
+    name: &str,
+    lines: tokio::sync::mpsc::UnboundedSender<String>,
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> tokio::task::JoinHandle<()> {
     let request = app
         .request(Method::GET, &format!("/apps/{name}/logs"))
         .header("accept", "text/event-stream")
-        .header("since", "0");
+        .header("since", "0")
+        // The stream lasts the test, past the harness client's 30 s for a whole request.
+        .timeout(Duration::from_secs(600));
     tokio::spawn(async move {
-        let response = request.send().await.unwrap();
-        assert_eq!(response.status(), 200);
+        let mut sent = request.try_clone().unwrap().send().await;
+        while let Ok(response) = &sent
+            && response.status() == 503
+            && let Some(after) = response.headers().get("retry-after")
+        {
+            let seconds: u64 = after.to_str().unwrap().parse().unwrap();
+            refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_secs(seconds)).await;
+            sent = request.try_clone().unwrap().send().await;
+        }
+        let response = match sent {
+            Ok(response) if response.status() == 200 => response,
+            Ok(response) => {
+                let status = response.status();
+                let text = response.text().await.unwrap_or_default();
+                let _ = lines.send(format!("{ENDED}: {status} {text}"));
+                return;
+            }
+            Err(e) => {
+                let _ = lines.send(format!("{ENDED}: {e}"));
+                return;
+            }
+        };
         let mut body = response.bytes_stream();
         let mut pending = String::new();
-        while let Some(Ok(chunk)) = body.next().await {
+        let mut last = String::new();
+        let ended = loop {
+            let chunk = match body.next().await {
+                Some(Ok(chunk)) => chunk,
+                Some(Err(e)) => break format!("{e:?}"),
+                None => break format!("the stream ended after {last:?}"),
+            };
             pending.push_str(&String::from_utf8_lossy(&chunk));
             while let Some(end) = pending.find('\n') {
                 let line: String = pending.drain(..=end).collect();
-                if let Some(data) = line.trim_end().strip_prefix("data: ")
-                    && lines.send(data.to_owned()).is_err()
-                {
-                    return;
+                if let Some(data) = line.trim_end().strip_prefix("data: ") {
+                    if lines.send(data.to_owned()).is_err() {
+                        return;
+                    }
+                    data.clone_into(&mut last);
                 }
             }
-        }
+        };
+        let _ = lines.send(format!("{ENDED}: {ended}"));
     })
+}
+
+/// The next line a follower sent; fails the test if it was a follower ending.
+async fn next_line(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
+    let line = rx.recv().await.unwrap();
+    assert!(!line.starts_with(ENDED), "a follower stopped early: {line}");
+    line
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,24 +104,34 @@ async fn a_thousand_subscribers_cost_one_read_per_batch() {
     let app = TestApp::spawn_with(|config| {
         config.max_streams_per_credential = 2 * SUBSCRIBERS;
         config.listener.max_unauthenticated = 0;
+        // The smallest pool: a thousand subscribers catching up at once must neither starve
+        // the tail (whose failure would end every stream) nor time out themselves.
+        config.db_connections = 2;
     })
     .await;
     app.create_app("fan").await;
     append(&app, "fan", &["before".to_owned()]).await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let tasks: Vec<_> = (0..SUBSCRIBERS).map(|_| follow(&app, "fan", tx.clone())).collect();
+    let refused = std::sync::Arc::default();
+    let tasks: Vec<_> = (0..SUBSCRIBERS)
+        .map(|_| follow(&app, "fan", tx.clone(), std::sync::Arc::clone(&refused)))
+        .collect();
     // Everybody has caught up once a line written now reached everybody.
     append(&app, "fan", &["ready".to_owned()]).await;
     let mut ready = 0;
     tokio::time::timeout(Duration::from_secs(120), async {
         while ready < SUBSCRIBERS {
-            if rx.recv().await.unwrap() == "ready" {
+            if next_line(&mut rx).await == "ready" {
                 ready += 1;
             }
         }
     })
     .await
     .expect("every subscriber caught up");
+    eprintln!(
+        "{} connects were answered 503 with Retry-After and came back",
+        refused.load(std::sync::atomic::Ordering::Relaxed)
+    );
     assert_eq!(app.state.bus.tails(), 1, "one tail for the app on this replica");
 
     let reads = app.state.bus.reads();
@@ -82,8 +142,7 @@ async fn a_thousand_subscribers_cost_one_read_per_batch() {
     let mut got = 0;
     tokio::time::timeout(Duration::from_secs(120), async {
         while got < SUBSCRIBERS * BATCHES * 2 {
-            let line = rx.recv().await.unwrap();
-            if line.starts_with("line ") {
+            if next_line(&mut rx).await.starts_with("line ") {
                 got += 1;
             }
         }
@@ -122,7 +181,7 @@ async fn a_subscriber_that_never_reads_delays_nobody_and_one_that_lags_loses_not
     assert_eq!(stuck.status(), 200);
     // A reader that keeps up, and one that reads only at the end.
     let (fast_tx, mut fast_rx) = tokio::sync::mpsc::unbounded_channel();
-    let fast = follow(&app, "slow", fast_tx);
+    let fast = follow(&app, "slow", fast_tx, std::sync::Arc::default());
     let late = app
         .request(Method::GET, "/apps/slow/logs")
         .header("accept", "text/plain")

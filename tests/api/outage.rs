@@ -42,7 +42,9 @@ async fn a_postgres_outage_gives_503_and_rack_recovers_without_a_restart() {
         .unwrap()
         .unwrap();
     let asked = Instant::now();
-    let (status, text) = status_text(app.convox(Method::GET, "/apps").send().await.unwrap()).await;
+    let response = app.convox(Method::GET, "/apps").send().await.unwrap();
+    assert_eq!(response.headers()["retry-after"], "1", "a 503 says when to try again");
+    let (status, text) = status_text(response).await;
     assert_eq!(
         (status, text.as_str()),
         (503, "the database is unavailable, try again shortly\n")
