@@ -70,11 +70,7 @@ impl Client {
     /// # Errors
     /// When the rack cannot be reached or answers anything but 200 or 404.
     pub async fn object_digest(&self, path: &str) -> anyhow::Result<Option<String>> {
-        let response = self
-            .request(Method::HEAD, path)?
-            .send()
-            .await
-            .map_err(|e| anyhow::anyhow!("could not reach the rack at {}: {}", self.base, root_cause(&e)))?;
+        let response = self.dispatch(self.request(Method::HEAD, path)?).await?;
         match response.status() {
             reqwest::StatusCode::NOT_FOUND => Ok(None),
             status if status.is_success() => Ok(response
@@ -195,11 +191,34 @@ impl Client {
         self.send_stream(request).await
     }
 
-    async fn send_stream(&self, request: RequestBuilder) -> anyhow::Result<reqwest::Response> {
-        let response = request
-            .send()
+    /// Sends `request`. A GET or HEAD answered 503 with `Retry-After` (Postgres restarting,
+    /// every connection busy) is sent again when the rack says, up to [`RETRIES_OF_503`]
+    /// times: reads are safe to repeat, and a blip of a few seconds should not fail a
+    /// command. Anything else is sent once.
+    async fn dispatch(&self, request: RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        let request = request.build().context("building the request")?;
+        if matches!(*request.method(), Method::GET | Method::HEAD) {
+            for _ in 0..RETRIES_OF_503 {
+                let Some(attempt) = request.try_clone() else { break };
+                let response = self.execute(attempt).await?;
+                match retry_after(&response) {
+                    Some(wait) => tokio::time::sleep(wait).await,
+                    None => return Ok(response),
+                }
+            }
+        }
+        self.execute(request).await
+    }
+
+    async fn execute(&self, request: reqwest::Request) -> anyhow::Result<reqwest::Response> {
+        self.http
+            .execute(request)
             .await
-            .map_err(|e| anyhow::anyhow!("could not reach the rack at {}: {}", self.base, root_cause(&e)))?;
+            .map_err(|e| anyhow::anyhow!("could not reach the rack at {}: {}", self.base, root_cause(&e)))
+    }
+
+    async fn send_stream(&self, request: RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        let response = self.dispatch(request).await?;
         let status = response.status();
         if !status.is_success() {
             let body = response.bytes().await.unwrap_or_default();
@@ -209,10 +228,7 @@ impl Client {
     }
 
     async fn send<T: DeserializeOwned>(&self, request: RequestBuilder) -> anyhow::Result<T> {
-        let response = request
-            .send()
-            .await
-            .map_err(|e| anyhow::anyhow!("could not reach the rack at {}: {}", self.base, root_cause(&e)))?;
+        let response = self.dispatch(request).await?;
         let status = response.status();
         let body = response.bytes().await.context("reading the rack's answer")?;
         if !status.is_success() {
@@ -220,6 +236,26 @@ impl Client {
         }
         serde_json::from_slice(&body).with_context(|| format!("the rack answered {status} with unexpected content"))
     }
+}
+
+/// How many times a read answered 503 is sent again.
+const RETRIES_OF_503: usize = 5;
+
+/// How long a 503 with `Retry-After` (in seconds) asks to wait; at most 10 s, so a command
+/// never sleeps for long on a rack's word.
+fn retry_after(response: &reqwest::Response) -> Option<std::time::Duration> {
+    if response.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE {
+        return None;
+    }
+    let seconds: u64 = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(std::time::Duration::from_secs(seconds.min(10)))
 }
 
 /// A streamed text body read line by line, as its chunks arrive.
@@ -348,6 +384,54 @@ mod tests {
         );
         assert_eq!(error_message(status, b"app not found: x\n"), "app not found: x");
         assert_eq!(error_message(status, b""), "response status 404");
+    }
+
+    /// A rack that answers 503 with `Retry-After: 0` `busy` times, then 200; counts requests.
+    async fn busy_rack(busy: usize) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let seen = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = std::sync::Arc::clone(&seen);
+        let answer = move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n < busy {
+                    (
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        [("retry-after", "0")],
+                        "the database is unavailable, try again shortly\n",
+                    )
+                } else {
+                    (axum::http::StatusCode::OK, [("retry-after", "0")], "{}")
+                }
+            }
+        };
+        let router = axum::Router::new().route("/x", axum::routing::get(answer.clone()).post(answer));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://:pw@{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        (url, seen)
+    }
+
+    #[tokio::test]
+    async fn reads_answered_503_are_sent_again_and_writes_are_not() {
+        use std::sync::atomic::Ordering;
+        let (url, seen) = busy_rack(2).await;
+        let client = Client::new(Some(&url)).unwrap();
+        let _: serde_json::Value = client.get("/x").await.unwrap();
+        assert_eq!(seen.load(Ordering::SeqCst), 3, "two 503s, then the answer");
+
+        let (url, seen) = busy_rack(1).await;
+        let client = Client::new(Some(&url)).unwrap();
+        let error = client.post::<serde_json::Value>("/x", &[]).await.unwrap_err();
+        assert_eq!(error.to_string(), "the database is unavailable, try again shortly");
+        assert_eq!(seen.load(Ordering::SeqCst), 1, "a POST is sent once");
+
+        // A rack that stays busy: the command gives up with its message.
+        let (url, seen) = busy_rack(usize::MAX).await;
+        let client = Client::new(Some(&url)).unwrap();
+        let error = client.get::<serde_json::Value>("/x").await.unwrap_err();
+        assert_eq!(error.to_string(), "the database is unavailable, try again shortly");
+        assert_eq!(seen.load(Ordering::SeqCst), RETRIES_OF_503 + 1);
     }
 
     #[test]

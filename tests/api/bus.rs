@@ -9,9 +9,15 @@ use reqwest::Method;
 
 use crate::helpers::{TestApp, wait_for};
 
-/// Appends `lines` to `app`'s log as one batch (as a deployment or a process writes them).
+/// Appends `lines` to `app`'s log as one batch (as a deployment or a process writes them),
+/// on a connection of its own: the writer is another process, not a user of the server's
+/// pool (which the fan-out test keeps at its smallest).
 async fn append(app: &TestApp, name: &str, lines: &[String]) {
-    let mut tx = app.state.pool.begin().await.unwrap();
+    let options = app.state.pool.connect_options();
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect_with(&options)
+        .await
+        .unwrap();
+    let mut tx = sqlx::Connection::begin(&mut conn).await.unwrap();
     let owner = rack::store::events::Owner {
         app: name,
         build: None,
