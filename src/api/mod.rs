@@ -448,6 +448,13 @@ async fn render_errors(request: Request, next: Next) -> Response {
     };
     let (mut parts, _) = response.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        // The rest of the body is never read, so this connection cannot carry another request:
+        // say so, or a client that pools it sends its next request into a reset.
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if scripted {
         parts.headers.remove(header::WWW_AUTHENTICATE);
     }

@@ -30,9 +30,14 @@ pub const PAGE: i64 = 500;
 /// LISTEN connection already wakes every tail when it is re-established), so it is rare.
 pub const POLL_EVERY: Duration = Duration::from_secs(30);
 
-/// A read of a tail or a catch-up that failed for a reason that may pass is tried again after
-/// this long.
+/// A read of a tail or a catch-up that timed out on a busy pool is tried again after this long.
 const RETRY_AFTER: Duration = Duration::from_millis(250);
+
+/// How long a read of an event log is retried while the pool is busy and Postgres is up.
+const BUSY_LIMIT: Duration = Duration::from_secs(60);
+
+/// How long the probe of [`Reader::reachable`] may take to connect.
+const PROBE_WAIT: Duration = Duration::from_secs(5);
 
 /// How long a subscriber waits for its turn to catch up before it gives up (and its stream
 /// ends with an error the client resumes from).
@@ -158,8 +163,8 @@ async fn tail<L: Log>(
                 return;
             }
         }
-        // A failure ends every stream of the log, so it gets a second try.
-        match twice(|| read_once(&log, &reader, last, &sender)).await {
+        // A failure ends every stream of the log.
+        match reader.persist(|| read_once(&log, &reader, last, &sender)).await {
             Ok(l) => last = Some(l),
             Err(e) => {
                 tracing::warn!(error = %e, log = %key, "reading new events for local subscribers");
@@ -203,20 +208,6 @@ async fn tail<L: Log>(
         while let Ok(w) = wake.try_recv() {
             let _ = w;
         }
-    }
-}
-
-/// Runs `read`, and once more after [`RETRY_AFTER`] if it failed for a reason that may pass:
-/// a pool that was busy for a moment (a thousand clients connecting at once) is free again,
-/// while an outage fails the second try too, one acquire timeout later.
-async fn twice<T, R: Future<Output = Result<T, sqlx::Error>>>(mut read: impl FnMut() -> R) -> Result<T, sqlx::Error> {
-    match read().await {
-        Err(e) if crate::store::is_transient(&e) => {
-            tracing::debug!(error = %e, "reading an event log; trying once more");
-            tokio::time::sleep(RETRY_AFTER).await;
-            read().await
-        }
-        done => done,
     }
 }
 
@@ -311,13 +302,50 @@ impl Reader {
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)?
             .map_err(|_| sqlx::Error::PoolClosed)?;
-        // A failure ends the subscriber's stream, so it gets a second try.
-        twice(|| async {
+        // A failure ends the subscriber's stream.
+        self.persist(|| async {
             let horizon = self.horizon(log).await?;
             let entries = self.read_filtered(filter, after, limit).await?;
             Ok((horizon, entries))
         })
         .await
+    }
+
+    /// Runs `read` until it succeeds, fails for good, or fails while Postgres cannot be
+    /// reached. A read that timed out waiting for a busy pool (a thousand clients connecting
+    /// at once) is tried again every [`RETRY_AFTER`] for up to [`BUSY_LIMIT`], as long as a
+    /// fresh connection to Postgres can be made: the streams it serves ride out the burst. In
+    /// an outage the probe fails at once and the error goes to the streams, which end saying
+    /// so (clients resume when Postgres is back).
+    async fn persist<T, R: Future<Output = Result<T, sqlx::Error>>>(
+        &self,
+        mut read: impl FnMut() -> R,
+    ) -> Result<T, sqlx::Error> {
+        let started = tokio::time::Instant::now();
+        loop {
+            match read().await {
+                Err(e)
+                    if crate::store::is_transient(&e) && started.elapsed() < BUSY_LIMIT && self.reachable().await =>
+                {
+                    tracing::debug!(error = %e, "reading an event log while Postgres is busy; trying again");
+                    tokio::time::sleep(RETRY_AFTER).await;
+                }
+                done => return done,
+            }
+        }
+    }
+
+    /// Whether Postgres takes a new connection now (outside the pool, which may be full).
+    async fn reachable(&self) -> bool {
+        let options = self.pool.connect_options();
+        let connecting = <sqlx::PgConnection as sqlx::Connection>::connect_with(&*options);
+        match tokio::time::timeout(PROBE_WAIT, connecting).await {
+            Ok(Ok(conn)) => {
+                let _ = sqlx::Connection::close(conn).await;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The log's last committed seq.

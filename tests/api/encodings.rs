@@ -101,6 +101,9 @@ async fn oversized_bodies_are_413() {
         .send()
         .await
         .unwrap();
+    // The unread rest of the body ends the connection; the client is told so and does not
+    // send its next request into a reset.
+    assert_eq!(response.headers()["connection"], "close");
     let (status, text) = status_text(response).await;
     assert_eq!((status, text.as_str()), (413, "the request body is too large\n"));
     assert!(app.list_apps().await.is_empty());
