@@ -270,8 +270,8 @@ pub struct Reader {
     /// Subscribers catching up at once. Without a bound, a thousand streams that resume (or
     /// fall behind) together queue a thousand reads for the pool: the tails and the API then
     /// wait past the pool's acquire timeout, and a tail that fails ends every stream of its
-    /// log. Bounded, catch-ups wait their turn here (no timeout) and leave the rest of the
-    /// pool to the tails and requests.
+    /// log. Bounded, catch-ups wait their turn here (up to [`CATCH_UP_WAIT`]) and leave the
+    /// rest of the pool to the tails and requests.
     catch_ups: Arc<Semaphore>,
 }
 
@@ -324,8 +324,12 @@ impl Reader {
         let started = tokio::time::Instant::now();
         loop {
             match read().await {
+                // A closed pool (the server stopping) stays closed.
                 Err(e)
-                    if crate::store::is_transient(&e) && started.elapsed() < BUSY_LIMIT && self.reachable().await =>
+                    if crate::store::is_transient(&e)
+                        && !matches!(e, sqlx::Error::PoolClosed)
+                        && started.elapsed() < BUSY_LIMIT
+                        && self.reachable().await =>
                 {
                     tracing::debug!(error = %e, "reading an event log while Postgres is busy; trying again");
                     tokio::time::sleep(RETRY_AFTER).await;
