@@ -387,6 +387,7 @@ mod tests {
     }
 
     /// A rack that answers 503 with `Retry-After: 0` `busy` times, then 200; counts requests.
+    /// The 200 carries `Retry-After` too: only a 503 is a reason to send again.
     async fn busy_rack(busy: usize) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let seen = std::sync::Arc::new(AtomicUsize::new(0));

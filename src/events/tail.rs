@@ -276,14 +276,15 @@ pub struct Reader {
 }
 
 impl Reader {
-    /// A reader of `pool`, letting catch-ups use at most half its connections.
+    /// A reader of `pool`, letting catch-ups use at most half the connections that the bus's
+    /// LISTEN (which keeps one of the pool's for itself) leaves.
     pub fn new(pool: PgPool) -> Self {
         let connections = usize::try_from(pool.options().get_max_connections()).unwrap_or(usize::MAX);
         Self {
             pool,
             reads: Arc::new(AtomicU64::new(0)),
             lag_micros: Arc::new(AtomicU64::new(0)),
-            catch_ups: Arc::new(Semaphore::new((connections / 2).max(1))),
+            catch_ups: Arc::new(Semaphore::new((connections.saturating_sub(1) / 2).max(1))),
         }
     }
 

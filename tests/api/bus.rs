@@ -253,3 +253,34 @@ async fn a_subscriber_that_never_reads_delays_nobody_and_one_that_lags_loses_not
     drop(stuck);
     fast.abort();
 }
+
+/// A pool that stays busy past its acquire timeout while Postgres is up (every connection
+/// held): the tail's read times out, finds Postgres reachable, and tries again until a
+/// connection is free; the stream stays open and gets the line. (Ending every stream there was
+/// the old behaviour; an outage still ends them, `outage.rs`.)
+#[tokio::test]
+async fn a_stream_rides_out_a_pool_that_stays_busy() {
+    let app = TestApp::spawn_with(|config| config.db_connections = 2).await;
+    app.create_app("busy").await;
+    append(&app, "busy", &["before".to_owned()]).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let follower = follow(&app, "busy", tx, std::sync::Arc::default());
+    let first = tokio::time::timeout(Duration::from_secs(30), next_line(&mut rx)).await;
+    assert_eq!(first.expect("the backlog"), "before");
+
+    // Every connection of the server's pool, held by the test: the one the bus's LISTEN
+    // leaves.
+    let held = app.state.pool.acquire().await.unwrap();
+    assert_eq!(app.state.pool.size(), 2, "the LISTEN connection and the held one");
+    let reads = app.state.bus.reads();
+    append(&app, "busy", &["while busy".to_owned()]).await;
+    // The tail tried, waited out the pool's 5 s, and tried again.
+    wait_for(30, "the tail to read again after a timed-out read", || async {
+        (app.state.bus.reads() >= reads + 2).then_some(())
+    })
+    .await;
+    drop(held);
+    let line = tokio::time::timeout(Duration::from_secs(30), next_line(&mut rx)).await;
+    assert_eq!(line.expect("the line written while the pool was busy"), "while busy");
+    follower.abort();
+}
