@@ -7,13 +7,20 @@
 //!   `<rack>/<app>:<service>.<build>`, with convox's build arguments; the service runs as a
 //!   container;
 //! - `image:`: nothing to build (the image is pulled when the release is deployed).
+//!
+//! An image build never reaches the host (see README, Security): it builds from a copy of the
+//! service's context that rack makes (`context`), from a Dockerfile rack has checked
+//! (`dockerfile`), with podman seeing nothing of rack's data directory but that copy (see
+//! `Podman::build_command`), its build caches the app's own.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
+use super::dockerfile::{check_mounts, declared_args};
 use super::podman::{LABEL_APP, LABEL_BUILD, LABEL_HOST, LABEL_RACK, LABEL_SERVICE, Podman};
 use super::process::{pipe_output, spawn_group};
 use super::sandbox::{Sandbox, Tie};
-use crate::runtime::source::{self, inside};
+use crate::runtime::source;
 use crate::runtime::{BUILD_STREAM, BuildFailure, BuildJob, BuildOutput, LogSink};
 
 /// Where builds happen and what they may use.
@@ -52,12 +59,16 @@ impl Builder {
                 continue;
             };
             log.line(BUILD_STREAM, format!("Building: {name}")).await;
-            let dir = inside(&src, &build.path).filter(|dir| dir.is_dir()).ok_or_else(|| {
-                failed(format!(
-                    "services.{name}.build.path: {:?} is not a directory",
-                    build.path
-                ))
-            })?;
+            // Resolved without leaving the source: a build command may have made links.
+            let dir = super::context::resolve_inside(&src, &build.path)
+                .ok()
+                .filter(|dir| dir.is_dir())
+                .ok_or_else(|| {
+                    failed(format!(
+                        "services.{name}.build.path: {:?} is not a directory in the source",
+                        build.path
+                    ))
+                })?;
             if let Some(command) = &build.command {
                 log.line(BUILD_STREAM, format!("Running: {command}")).await;
                 run_command(&self.sandbox, command, &dir, &build_dir, job, log)
@@ -65,10 +76,18 @@ impl Builder {
                     .map_err(|e| failed(format!("service {name}: {e}")))?;
                 continue;
             }
-            let Some(dockerfile) = inside(&dir, &build.manifest).filter(|f| f.is_file()) else {
-                // Nothing to build: the service runs its `command` in the source.
+            // The Dockerfile's own entry, not what it links to: no Dockerfile, nothing to build
+            // (the service runs its `command` in the source); one leading out is refused.
+            let entry = source::inside(&dir, &build.manifest).filter(|f| std::fs::symlink_metadata(f).is_ok());
+            if entry.is_none() {
                 continue;
-            };
+            }
+            if !super::context::resolve_inside(&dir, &build.manifest).is_ok_and(|f| f.is_file()) {
+                return Err(failed(format!(
+                    "services.{name}.build.manifest: {} is not a file inside the build context",
+                    build.manifest
+                )));
+            }
             let Some(podman) = &self.podman else {
                 return Err(failed(format!(
                     "service {name} is built from {}, which needs podman: install it with \
@@ -77,9 +96,12 @@ impl Builder {
                 )));
             };
             let image = podman.image_name(&job.app, name, &job.id);
-            build_image(podman, job, name, &dir, &dockerfile, &image, log)
-                .await
-                .map_err(|e| failed(format!("service {name}: {e}")))?;
+            let workspace = podman.build_workspace(&job.app, &job.id, name);
+            let built = self
+                .build_image(podman, job, name, &dir, &build.manifest, &workspace, &image, log)
+                .await;
+            let _ = tokio::fs::remove_dir_all(&workspace).await;
+            built.map_err(|e| failed(format!("service {name}: {e}")))?;
             images.insert(name.clone(), image);
         }
         Ok(BuildOutput { manifest: text, images })
@@ -122,93 +144,101 @@ async fn run_command(
     }
 }
 
-/// Builds `service`'s image from its Dockerfile with podman, its output in the build log. The
-/// Dockerfile's declared `ARG`s get values as convox gives them: from the app's environment,
-/// and `APP`, `BUILD`, `BUILD_DESCRIPTION`, `RACK`, `RELEASE`, `SERVICE`. `.dockerignore` is
-/// honoured; a `FROM` image already here is not pulled again. Killed with the build (cancel,
-/// timeout): podman runs in a process group of its own.
-async fn build_image(
-    podman: &Podman,
-    job: &BuildJob,
-    service: &str,
-    context: &Path,
-    dockerfile: &Path,
-    image: &str,
-    log: &LogSink,
-) -> Result<(), String> {
-    let text = tokio::fs::read_to_string(dockerfile)
+impl Builder {
+    /// Builds `service`'s image from the Dockerfile `dockerfile` (relative to `context`) with
+    /// podman, its output in the build log. podman sees a copy of the context and of the
+    /// checked Dockerfile in `workspace`, never the build directory itself. The Dockerfile's
+    /// declared `ARG`s get values as convox gives them: from the app's environment, and `APP`,
+    /// `BUILD`, `BUILD_DESCRIPTION`, `RACK`, `RELEASE`, `SERVICE`. `.dockerignore` is honoured; a
+    /// `FROM` image already here is not pulled again. Killed with the build (cancel, timeout):
+    /// podman runs in a process group of its own.
+    #[allow(clippy::too_many_arguments)]
+    async fn build_image(
+        &self,
+        podman: &Podman,
+        job: &BuildJob,
+        service: &str,
+        context: &Path,
+        dockerfile: &str,
+        workspace: &Path,
+        image: &str,
+        log: &LogSink,
+    ) -> Result<(), String> {
+        let copied = workspace.join("context");
+        let (from, into, limits, name) = (
+            context.to_owned(),
+            workspace.to_owned(),
+            self.limits,
+            dockerfile.to_owned(),
+        );
+        let text = tokio::task::spawn_blocking(move || -> Result<String, String> {
+            if into.exists() {
+                std::fs::remove_dir_all(&into).map_err(|e| format!("clearing {}: {e}", into.display()))?;
+            }
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o711)
+                .create(&into)
+                .map_err(|e| format!("making {}: {e}", into.display()))?;
+            super::context::copy(&from, &into.join("context"), limits)?;
+            let file = super::context::resolve_inside(&into.join("context"), &name)?;
+            let text = std::fs::read_to_string(&file).map_err(|e| format!("reading {name}: {e}"))?;
+            check_mounts(&text).map_err(|e| format!("{name}: {e}"))?;
+            // The checked text, under a name buildah takes as it is (a `.in` file would go
+            // through cpp first, as root).
+            std::fs::write(into.join("Dockerfile"), &text).map_err(|e| e.to_string())?;
+            Ok(text)
+        })
         .await
-        .map_err(|e| format!("reading {}: {e}", dockerfile.display()))?;
-    let mut values = job.env.clone();
-    for (key, value) in [
-        ("APP", job.app.as_str()),
-        ("BUILD", job.id.as_str()),
-        ("BUILD_DESCRIPTION", job.description.as_str()),
-        ("RACK", podman.rack.as_str()),
-        ("RELEASE", job.release.as_str()),
-        ("SERVICE", service),
-    ] {
-        values.insert(key.to_owned(), value.to_owned());
-    }
-    let mut cmd = podman.contained_command();
-    cmd.args(["build", "--pull=missing", "--layers", "--force-rm"])
-        .arg("--file")
-        .arg(dockerfile)
-        .args(["--tag", image]);
-    for (key, value) in [
-        (LABEL_RACK, podman.rack.as_str()),
-        (LABEL_HOST, podman.host.as_str()),
-        (LABEL_APP, job.app.as_str()),
-        (LABEL_BUILD, job.id.as_str()),
-        (LABEL_SERVICE, service),
-    ] {
-        cmd.arg("--label").arg(format!("{key}={value}"));
-    }
-    for name in declared_args(&text) {
-        if let Some(value) = values.get(&name) {
-            cmd.arg("--build-arg").arg(format!("{name}={value}"));
-        }
-    }
-    cmd.arg(context);
-    log.line(BUILD_STREAM, format!("Building image {image}")).await;
-    let (mut child, _group) = spawn_group(cmd).map_err(|e| format!("could not start podman: {e}"))?;
-    pipe_output(&mut child, BUILD_STREAM, log).await;
-    let status = child.wait().await.map_err(|e| format!("waiting for podman: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("the image build failed ({status})"))
-    }
-}
+        .map_err(|e| e.to_string())??;
+        let cache = podman.cache_dir(&job.app);
+        tokio::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&cache)
+            .await
+            .map_err(|e| format!("making the build cache directory: {e}"))?;
 
-/// The names of the build arguments a Dockerfile declares (`ARG NAME` or `ARG NAME=default`).
-fn declared_args(dockerfile: &str) -> Vec<String> {
-    let mut names = Vec::new();
-    for line in dockerfile.lines() {
-        let line = line.trim();
-        let Some((instruction, rest)) = line.split_once(char::is_whitespace) else {
-            continue;
-        };
-        if !instruction.eq_ignore_ascii_case("ARG") {
-            continue;
+        let mut values = job.env.clone();
+        for (key, value) in [
+            ("APP", job.app.as_str()),
+            ("BUILD", job.id.as_str()),
+            ("BUILD_DESCRIPTION", job.description.as_str()),
+            ("RACK", podman.rack.as_str()),
+            ("RELEASE", job.release.as_str()),
+            ("SERVICE", service),
+        ] {
+            values.insert(key.to_owned(), value.to_owned());
         }
-        for arg in rest.split_whitespace() {
-            let name = arg.split_once('=').map_or(arg, |(name, _)| name);
-            if !name.is_empty() && !names.iter().any(|n| n == name) {
-                names.push(name.to_owned());
+        let mut cmd = podman.build_command(&job.app, workspace);
+        cmd.env("TMPDIR", &cache)
+            .args(["build", "--pull=missing", "--layers", "--force-rm"])
+            .arg("--file")
+            .arg(workspace.join("Dockerfile"))
+            .args(["--tag", image]);
+        for (key, value) in [
+            (LABEL_RACK, podman.rack.as_str()),
+            (LABEL_HOST, podman.host.as_str()),
+            (LABEL_APP, job.app.as_str()),
+            (LABEL_BUILD, job.id.as_str()),
+            (LABEL_SERVICE, service),
+        ] {
+            cmd.arg("--label").arg(format!("{key}={value}"));
+        }
+        for name in declared_args(&text) {
+            if let Some(value) = values.get(&name) {
+                cmd.arg("--build-arg").arg(format!("{name}={value}"));
             }
         }
-    }
-    names
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn declared_build_arguments_are_found() {
-        let dockerfile = "FROM scratch\nARG GREETING\narg RELEASE=none\nRUN echo $GREETING\n  ARG A=1 B\n# ARG NOT\n";
-        assert_eq!(declared_args(dockerfile), ["GREETING", "RELEASE", "A", "B"]);
+        cmd.arg(&copied);
+        log.line(BUILD_STREAM, format!("Building image {image}")).await;
+        let (mut child, _group) = spawn_group(cmd).map_err(|e| format!("could not start podman: {e}"))?;
+        pipe_output(&mut child, BUILD_STREAM, log).await;
+        let status = child.wait().await.map_err(|e| format!("waiting for podman: {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("the image build failed ({status})"))
+        }
     }
 }

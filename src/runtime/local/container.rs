@@ -143,11 +143,8 @@ impl Driver for ContainerDriver {
             let program = command.as_std().get_program().to_owned();
             let args: Vec<std::ffi::OsString> = command.as_std().get_args().map(ToOwned::to_owned).collect();
             command = tokio::process::Command::new("setsid");
-            command
-                .arg("--ctty")
-                .arg(program)
-                .args(args)
-                .env("CONTAINERS_CONF", self.podman.conf());
+            command.arg("--ctty").arg(program).args(args);
+            self.podman.configure(command.as_std_mut());
             command
         } else {
             self.podman.tied_command()

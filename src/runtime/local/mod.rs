@@ -5,6 +5,8 @@
 
 mod build;
 mod container;
+mod context;
+mod dockerfile;
 pub mod driver;
 mod exec;
 mod health;
@@ -191,6 +193,9 @@ impl Runtime for LocalRuntime {
     async fn delete_app(&self, app: &str) {
         self.supervisor.delete_app(app).await;
         let _ = tokio::fs::remove_dir_all(self.builder.builds_dir.join(app)).await;
+        if let Some(podman) = &self.builder.podman {
+            let _ = tokio::fs::remove_dir_all(podman.cache_dir(app)).await;
+        }
     }
 
     fn router_addr(&self, app: &str) -> Option<std::net::SocketAddr> {

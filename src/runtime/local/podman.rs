@@ -28,6 +28,11 @@ pub const LABEL_PORT: &str = "rack.port";
 pub struct Podman {
     program: PathBuf,
     conf: PathBuf,
+    /// rack's data directory.
+    data: PathBuf,
+    /// Scratch space only root writes (in `data`): the configuration, build contexts and the
+    /// apps' build caches.
+    work: PathBuf,
     /// The rack's name (image names, labels).
     pub rack: String,
     /// This rack's identity on the host (labels, container names).
@@ -40,6 +45,27 @@ pub struct Podman {
 /// How long a podman command that should answer at once may take (a podman stuck on its
 /// storage lock must not stall a rollout forever).
 const ANSWER_WITHIN: Duration = Duration::from_secs(60);
+
+/// Hides every entry of each directory given, but those named: `DIR KEEP[:KEEP...]` pairs,
+/// then `--` and the command. Directories get an empty read-only tmpfs, anything else
+/// /dev/null; the mounts stay in this mount namespace (private propagation).
+const HIDE_SCRIPT: &str = r#"set -e
+while [ "$1" != "--" ]; do
+  dir=$1 keep=$2
+  shift 2
+  for entry in "$dir"/* "$dir"/.[!.]* "$dir"/..?*; do
+    [ -e "$entry" ] || [ -L "$entry" ] || continue
+    case ":$keep:" in *":${entry##*/}:"*) continue ;; esac
+    if [ -d "$entry" ] && [ ! -L "$entry" ]; then
+      mount -t tmpfs -o ro,size=4k,mode=0 rack-hidden "$entry"
+    else
+      mount --bind /dev/null "$entry"
+    fi
+  done
+done
+shift
+exec "$@"
+"#;
 
 /// How long pulling an image may take.
 const PULL_WITHIN: Duration = Duration::from_secs(600);
@@ -87,8 +113,6 @@ impl Podman {
         let Some(program) = find("podman") else {
             return Ok(None);
         };
-        let conf = data_dir.join("containers.conf");
-        std::fs::write(&conf, containers_conf())?;
         let root = nix::unistd::geteuid().is_root();
         let userns = if root {
             subordinate_start("/etc/subuid", "containers").zip(subordinate_start("/etc/subgid", "containers"))
@@ -96,9 +120,19 @@ impl Podman {
             None
         };
         let host = host_id(data_dir);
+        let work = data_dir.join("podman");
+        std::fs::DirBuilder::new().recursive(true).create(&work)?;
+        // Only root writes here, and nobody may list it.
+        std::fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+        let conf = work.join("containers.conf");
+        std::fs::write(&conf, containers_conf())?;
+        // Where an older rack kept it: in the data directory itself.
+        let _ = std::fs::remove_file(data_dir.join("containers.conf"));
         Ok(Some(Self {
             program,
             conf,
+            data: data_dir.to_path_buf(),
+            work,
             rack: rack.to_owned(),
             host,
             userns,
@@ -108,21 +142,24 @@ impl Podman {
     /// A podman command with rack's configuration.
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(&self.program);
-        cmd.env("CONTAINERS_CONF", &self.conf)
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true);
+        self.configure(cmd.as_std_mut());
+        cmd.kill_on_drop(true);
         cmd
+    }
+
+    /// Points a command at rack's configuration, with no standard input.
+    pub fn configure(&self, cmd: &mut std::process::Command) {
+        cmd.env("CONTAINERS_CONF", &self.conf)
+            .stdin(std::process::Stdio::null());
     }
 
     /// A long-running podman command (following logs) that dies with rack, even when rack is
     /// killed (`setpriv --pdeathsig`): it is no use to anyone else.
     pub fn tied_command(&self) -> Command {
         let mut cmd = Command::new("setpriv");
-        cmd.args(["--pdeathsig", "KILL", "--"])
-            .arg(&self.program)
-            .env("CONTAINERS_CONF", &self.conf)
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true);
+        cmd.args(["--pdeathsig", "KILL", "--"]).arg(&self.program);
+        self.configure(cmd.as_std_mut());
+        cmd.kill_on_drop(true);
         cmd
     }
 
@@ -141,10 +178,47 @@ impl Podman {
             "--kill-child",
             "--mount-proc",
         ])
-        .arg(&self.program)
-        .env("CONTAINERS_CONF", &self.conf)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
+        .arg(&self.program);
+        self.configure(cmd.as_std_mut());
+        cmd.kill_on_drop(true);
+        cmd
+    }
+
+    /// [`Podman::contained_command`] for an image build of `app` from `workspace`: in its mount
+    /// namespace, rack's data directory shows nothing but podman's configuration, this build's
+    /// workspace and `app`'s build cache (the rest, the password and the Postgres data among
+    /// it, are covered by empty mounts). A builder bug that resolves a path on the host (as
+    /// buildah 1.28's cache ids did) then finds none of rack's secrets, nor another app's build.
+    /// As root only (a normal user cannot mount; rootless podman cannot read rack's files).
+    pub fn build_command(&self, app: &str, workspace: &Path) -> Command {
+        if !nix::unistd::geteuid().is_root() {
+            return self.contained_command();
+        }
+        let name = |path: &Path| path.file_name().unwrap_or_default().to_os_string();
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--pdeathsig",
+            "KILL",
+            "--",
+            "unshare",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount-proc",
+        ])
+        .args(["--propagation", "private", "--", "/bin/sh", "-c", HIDE_SCRIPT, "hide"])
+        .arg(&self.data)
+        .arg(name(&self.work))
+        .arg(&self.work)
+        .arg("containers.conf:contexts:cache")
+        .arg(self.work.join("contexts"))
+        .arg(name(workspace))
+        .arg(self.work.join("cache"))
+        .arg(app)
+        .arg("--")
+        .arg(&self.program);
+        self.configure(cmd.as_std_mut());
+        cmd.kill_on_drop(true);
         cmd
     }
 
@@ -152,10 +226,8 @@ impl Podman {
     /// cleanups that cannot be async).
     pub fn std_command(&self) -> std::process::Command {
         let mut cmd = std::process::Command::new("timeout");
-        cmd.arg(ANSWER_WITHIN.as_secs().to_string())
-            .arg(&self.program)
-            .env("CONTAINERS_CONF", &self.conf)
-            .stdin(std::process::Stdio::null());
+        cmd.arg(ANSWER_WITHIN.as_secs().to_string()).arg(&self.program);
+        self.configure(&mut cmd);
         cmd
     }
 
@@ -193,9 +265,16 @@ impl Podman {
         }
     }
 
-    /// rack's podman configuration file.
-    pub fn conf(&self) -> &Path {
-        &self.conf
+    /// Where the image of `service` of `app`'s build `build` is built from: a directory only
+    /// root may write, made anew by the build (see `context`).
+    pub fn build_workspace(&self, app: &str, build: &str, service: &str) -> PathBuf {
+        self.work.join("contexts").join(format!("{app}.{build}.{service}"))
+    }
+
+    /// `app`'s own directory for the build caches of `RUN --mount=type=cache` (buildah keeps
+    /// them under `TMPDIR`): one app's cache is never another's.
+    pub fn cache_dir(&self, app: &str) -> PathBuf {
+        self.work.join("cache").join(app)
     }
 
     /// The image name a build gives `service` of `app`: `<rack>/<app>:<service>.<build>`.
@@ -420,6 +499,61 @@ mod tests {
         let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
         assert!(conf.contains(&format!("nofile={0}:{0}", hard.min(1 << 20))), "{conf}");
         assert!(conf.contains("cgroup_manager = \"cgroupfs\""), "{conf}");
+    }
+
+    #[tokio::test]
+    async fn an_image_build_sees_only_its_own_workspace_of_racks_data() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: hiding needs root (mounts)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path();
+        let work = data.join("podman");
+        for (path, content) in [
+            ("password", "the password"),
+            ("postgres/PG_VERSION", "15"),
+            ("podman/containers.conf", "conf"),
+            ("podman/contexts/web.B1.web/Dockerfile", "mine"),
+            ("podman/contexts/other.B2.web/Dockerfile", "theirs"),
+            ("podman/cache/web/c", "my cache"),
+            ("podman/cache/other/c", "their cache"),
+        ] {
+            let path = data.join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, content).unwrap();
+        }
+        // podman stands in for itself: a shell that reads what a build could reach.
+        let podman = Podman {
+            program: "/bin/sh".into(),
+            conf: work.join("containers.conf"),
+            data: data.to_path_buf(),
+            work: work.clone(),
+            rack: "rack".into(),
+            host: "h".into(),
+            userns: None,
+        };
+        let script = "cd \"$0\"; for f in password postgres/PG_VERSION podman/containers.conf \
+                      podman/contexts/web.B1.web/Dockerfile podman/contexts/other.B2.web/Dockerfile \
+                      podman/cache/web/c podman/cache/other/c; do echo \"$f=$(cat $f 2>/dev/null)\"; done";
+        let out = podman
+            .build_command("web", &work.join("contexts/web.B1.web"))
+            .args(["-c", script])
+            .arg(data)
+            .output()
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            text,
+            "password=\npostgres/PG_VERSION=\npodman/containers.conf=conf\n\
+             podman/contexts/web.B1.web/Dockerfile=mine\npodman/contexts/other.B2.web/Dockerfile=\n\
+             podman/cache/web/c=my cache\npodman/cache/other/c=\n",
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Nothing of it shows outside.
+        assert_eq!(std::fs::read_to_string(data.join("password")).unwrap(), "the password");
     }
 
     #[test]
