@@ -110,7 +110,7 @@ async fn a_dockerfile_that_links_out_is_not_read() {
 }
 
 #[tokio::test]
-async fn services_build_from_their_own_copy_of_the_context() {
+async fn services_build_from_their_own_copy_of_the_context_on_a_user_mode_network() {
     base_image().await;
     let app = TestApp::spawn().await;
     // `prep` writes into the directory `web` builds from, before `web` builds: the copy is made
@@ -118,10 +118,17 @@ async fn services_build_from_their_own_copy_of_the_context() {
     let manifest = "services:\n  prep:\n    build:\n      command: echo from-prep > made-by-prep\n    command: sleep 600\n  web:\n    build: .\n";
     // (Unique, so that no cached layer stands in for the step.)
     let run = uuid::Uuid::new_v4().simple();
-    let dockerfile = format!("FROM {BASE}\nCOPY . /src\nRUN echo \"copied: $(cat /src/made-by-prep)\" && echo {run}\n");
+    // It also shows the step's network: user-mode (slirp4netns's tap0), not podman's bridge.
+    let dockerfile = format!(
+        "FROM {BASE}\nCOPY . /src\nRUN echo \"copied: $(cat /src/made-by-prep)\" && cut -f1,2 /proc/net/route && echo {run}\n"
+    );
     let (build, log) = build(&app, "copies", &[("convox.yml", manifest), ("Dockerfile", &dockerfile)]).await;
     assert_eq!(build["status"], "complete", "{log}");
     assert!(log.lines().any(|line| line == "copied: from-prep"), "{log}");
+    assert!(
+        log.lines().any(|line| line == "tap0\t00000000"),
+        "no default route through tap0:\n{log}"
+    );
     let contexts = app.state.config.data_dir.join("podman/contexts");
     let left: Vec<_> = std::fs::read_dir(&contexts)
         .into_iter()

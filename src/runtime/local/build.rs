@@ -11,7 +11,8 @@
 //! An image build never reaches the host (see README, Security): it builds from a copy of the
 //! service's context that rack makes (`context`), from a Dockerfile rack has checked
 //! (`dockerfile`), with podman seeing nothing of rack's data directory but that copy (see
-//! `Podman::build_command`), its build caches the app's own.
+//! `Podman::build_command`), its build caches the app's own, its network user-mode
+//! (`build_network`).
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
@@ -210,9 +211,16 @@ impl Builder {
         ] {
             values.insert(key.to_owned(), value.to_owned());
         }
-        let mut cmd = podman.build_command(&job.app, workspace);
+        // As root, the build's own user-mode network (rootless podman has one of its own).
+        let network = if nix::unistd::geteuid().is_root() {
+            Some(super::build_network::BuildNetwork::start().await?)
+        } else {
+            None
+        };
+        let holder = network.as_ref().and_then(super::build_network::BuildNetwork::holder);
+        let mut cmd = podman.build_command(&job.app, workspace, holder);
         cmd.env("TMPDIR", &cache)
-            .args(["build", "--pull=missing", "--layers", "--force-rm"])
+            .args(["--pull=missing", "--layers", "--force-rm"])
             .arg("--file")
             .arg(workspace.join("Dockerfile"))
             .args(["--tag", image]);

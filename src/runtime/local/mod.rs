@@ -4,6 +4,7 @@
 //! service with a port behind a router (see `router`).
 
 mod build;
+mod build_network;
 mod container;
 mod context;
 mod dockerfile;

@@ -46,10 +46,18 @@ pub struct Podman {
 /// storage lock must not stall a rollout forever).
 const ANSWER_WITHIN: Duration = Duration::from_secs(60);
 
-/// Hides every entry of each directory given, but those named: `DIR KEEP[:KEEP...]` pairs,
-/// then `--` and the command. Directories get an empty read-only tmpfs, anything else
-/// /dev/null; the mounts stay in this mount namespace (private propagation).
-const HIDE_SCRIPT: &str = r#"set -e
+/// Runs a podman build (`"$@"` after `--`) in this mount namespace: first binds the network
+/// namespace of process `$1` (when not empty) onto the file `$2`, then hides every entry of each
+/// directory given as `DIR KEEP[:KEEP...]` pairs but those named (directories get an empty
+/// read-only tmpfs, anything else /dev/null), then runs podman as the first process of a pid
+/// namespace of its own, as [`Podman::contained_command`] does. The mounts stay in this
+/// namespace (private propagation).
+const BUILD_SCRIPT: &str = r#"set -e
+if [ -n "$1" ]; then
+  : > "$2"
+  mount --bind "/proc/$1/ns/net" "$2"
+fi
+shift 2
 while [ "$1" != "--" ]; do
   dir=$1 keep=$2
   shift 2
@@ -64,7 +72,7 @@ while [ "$1" != "--" ]; do
   done
 done
 shift
-exec "$@"
+exec unshare --pid --fork --kill-child --mount-proc -- "$@"
 "#;
 
 /// How long pulling an image may take.
@@ -184,29 +192,38 @@ impl Podman {
         cmd
     }
 
-    /// [`Podman::contained_command`] for an image build of `app` from `workspace`: in its mount
-    /// namespace, rack's data directory shows nothing but podman's configuration, this build's
-    /// workspace and `app`'s build cache (the rest, the password and the Postgres data among
-    /// it, are covered by empty mounts). A builder bug that resolves a path on the host (as
-    /// buildah 1.28's cache ids did) then finds none of rack's secrets, nor another app's build.
-    /// As root only (a normal user cannot mount; rootless podman cannot read rack's files).
-    pub fn build_command(&self, app: &str, workspace: &Path) -> Command {
+    /// `podman build`, contained as [`Podman::contained_command`] is, for an image of `app`
+    /// from `workspace`, joining the network namespace of process `network` when given. In
+    /// its mount namespace, rack's data directory shows nothing but podman's configuration,
+    /// this build's workspace and `app`'s build cache (the rest, the password and the Postgres
+    /// data among it, are covered by empty mounts): a builder bug that resolves a path on the
+    /// host (as buildah 1.28's cache ids did) finds none of rack's secrets, nor another app's
+    /// build. As root only (a normal user cannot mount; rootless podman cannot read rack's
+    /// files, and has a user-mode network of its own).
+    pub fn build_command(&self, app: &str, workspace: &Path, network: Option<u32>) -> Command {
         if !nix::unistd::geteuid().is_root() {
-            return self.contained_command();
+            let mut cmd = self.contained_command();
+            cmd.arg("build");
+            return cmd;
         }
         let name = |path: &Path| path.file_name().unwrap_or_default().to_os_string();
+        // The namespace, seen through a file in the workspace: podman's own /proc (of its pid
+        // namespace) does not show the process that holds it.
+        let netns = workspace.join("netns");
         let mut cmd = Command::new("setpriv");
         cmd.args([
             "--pdeathsig",
             "KILL",
             "--",
             "unshare",
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "--mount-proc",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
         ])
-        .args(["--propagation", "private", "--", "/bin/sh", "-c", HIDE_SCRIPT, "hide"])
+        .args(["/bin/sh", "-c", BUILD_SCRIPT, "build"])
+        .arg(network.map(|pid| pid.to_string()).unwrap_or_default())
+        .arg(&netns)
         .arg(&self.data)
         .arg(name(&self.work))
         .arg(&self.work)
@@ -216,7 +233,11 @@ impl Podman {
         .arg(self.work.join("cache"))
         .arg(app)
         .arg("--")
-        .arg(&self.program);
+        .arg(&self.program)
+        .arg("build");
+        if network.is_some() {
+            cmd.arg("--network").arg(format!("ns:{}", netns.display()));
+        }
         self.configure(cmd.as_std_mut());
         cmd.kill_on_drop(true);
         cmd
@@ -441,7 +462,8 @@ fn containers_conf() -> String {
     } else {
         ""
     };
-    // User-mode networking (slirp4netns) for containers and build steps alike: published ports
+    // User-mode networking (slirp4netns) for containers (image builds get theirs from
+    // `build_network`: buildah ignores this setting when run as root): published ports
     // are served by a userland proxy on 127.0.0.1 that goes with its container. The default
     // bridge would put a private address on a host interface and publish through iptables NAT
     // rules, which podman 4.3 sometimes leaves behind when it removes a container: traffic to
@@ -508,7 +530,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let data = dir.path();
+        let data = &dir.path().join("data");
         let work = data.join("podman");
         for (path, content) in [
             ("password", "the password"),
@@ -523,9 +545,18 @@ mod tests {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(path, content).unwrap();
         }
-        // podman stands in for itself: a shell that reads what a build could reach.
+        // A stand-in for podman (called as `podman build DATA`) that reads what a build could.
+        let fake = dir.path().join("fake-podman");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\ncd \"$2\"; for f in password postgres/PG_VERSION podman/containers.conf \
+             podman/contexts/web.B1.web/Dockerfile podman/contexts/other.B2.web/Dockerfile \
+             podman/cache/web/c podman/cache/other/c; do echo \"$f=$(cat $f 2>/dev/null)\"; done\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let podman = Podman {
-            program: "/bin/sh".into(),
+            program: fake.clone(),
             conf: work.join("containers.conf"),
             data: data.to_path_buf(),
             work: work.clone(),
@@ -533,12 +564,8 @@ mod tests {
             host: "h".into(),
             userns: None,
         };
-        let script = "cd \"$0\"; for f in password postgres/PG_VERSION podman/containers.conf \
-                      podman/contexts/web.B1.web/Dockerfile podman/contexts/other.B2.web/Dockerfile \
-                      podman/cache/web/c podman/cache/other/c; do echo \"$f=$(cat $f 2>/dev/null)\"; done";
         let out = podman
-            .build_command("web", &work.join("contexts/web.B1.web"))
-            .args(["-c", script])
+            .build_command("web", &work.join("contexts/web.B1.web"), None)
             .arg(data)
             .output()
             .await

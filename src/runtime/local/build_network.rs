@@ -1,0 +1,142 @@
+//! The network of an image build: a network namespace of its own with user-mode networking
+//! (slirp4netns), the same kind the containers get. buildah 1.28 runs as root knows only its
+//! bridge (a private address on a host interface, NAT to anything the host reaches, the host's
+//! own non-loopback listeners included) or the host's network; but it can join a namespace by
+//! path (`--network ns:PATH`; see `Podman::build_command`). So rack makes one per build: a holder process in a new network
+//! namespace, and slirp4netns serving it, without the host's loopback (`--disable-host-loopback`:
+//! the API and the apps' ports on 127.0.0.1 are out of reach). Both die with the build, and
+//! with rack.
+
+use std::time::Duration;
+
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, Command};
+
+/// How long making the namespace and starting slirp4netns may take.
+const READY_WITHIN: Duration = Duration::from_secs(10);
+
+/// A build's network namespace, alive while this lives.
+#[derive(Debug)]
+pub struct BuildNetwork {
+    holder: Child,
+    _slirp: Child,
+}
+
+impl BuildNetwork {
+    /// Makes the namespace and starts slirp4netns in it.
+    ///
+    /// # Errors
+    /// Why it could not be made (slirp4netns missing, or not ready in time).
+    pub async fn start() -> Result<Self, String> {
+        let mut holder = Command::new("setpriv");
+        holder
+            .args(["--pdeathsig", "KILL", "--", "unshare", "--net", "--", "/bin/sh", "-c"])
+            // Printed from inside the new namespace: only then is it safe to configure.
+            .arg("ip link set lo up 2>/dev/null; echo ready; exec sleep infinity")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let mut holder = holder
+            .spawn()
+            .map_err(|e| format!("making the build's network namespace: {e}"))?;
+        let stdout = holder.stdout.take().ok_or("the namespace holder has no output")?;
+        let mut ready = String::new();
+        tokio::time::timeout(READY_WITHIN, tokio::io::BufReader::new(stdout).read_line(&mut ready))
+            .await
+            .map_err(|_| "the build's network namespace was not made in time".to_owned())?
+            .map_err(|e| format!("making the build's network namespace: {e}"))?;
+        let pid = holder.id().ok_or("the namespace holder exited")?;
+        if ready.trim() != "ready" || same_namespace(pid) {
+            return Err("the build's network namespace could not be made".to_owned());
+        }
+        let slirp = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--", "slirp4netns", "--configure", "--mtu=65520"])
+            .arg("--disable-host-loopback")
+            .arg(pid.to_string())
+            .arg("tap0")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "starting slirp4netns for the build's network: {e} (apt-get install -y slirp4netns; \
+                     scripts/install-deps does)"
+                )
+            })?;
+        let network = Self { holder, _slirp: slirp };
+        // Configured once the namespace has its default route (read through procfs, which shows
+        // the holder's namespace), within a bounded time.
+        let route = format!("/proc/{pid}/net/route");
+        let started = tokio::time::Instant::now();
+        loop {
+            let routes = tokio::fs::read_to_string(&route).await.unwrap_or_default();
+            if routes.lines().skip(1).any(|line| line.starts_with("tap0")) {
+                return Ok(network);
+            }
+            if started.elapsed() > READY_WITHIN {
+                return Err("slirp4netns did not configure the build's network in time".to_owned());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The process that holds the namespace (podman joins `/proc/<pid>/ns/net`).
+    pub fn holder(&self) -> Option<u32> {
+        self.holder.id()
+    }
+}
+
+/// Whether `pid` is still in this process's network namespace (it must never be configured).
+fn same_namespace(pid: u32) -> bool {
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net"));
+    let ours = std::fs::read_link("/proc/self/ns/net");
+    match (theirs, ours) {
+        (Ok(theirs), Ok(ours)) => theirs == ours,
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_build_network_is_a_namespace_of_its_own_without_the_hosts_loopback() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: a network namespace needs root");
+            return;
+        }
+        // A listener on the host's loopback that the build must not reach.
+        let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = host.local_addr().unwrap().port();
+        let network = BuildNetwork::start().await.unwrap();
+        let pid = network.holder().unwrap();
+        assert!(!same_namespace(pid));
+        // From inside: tap0 is there, and neither 127.0.0.1 nor slirp's host alias reach the
+        // host's listener.
+        for address in ["127.0.0.1", "10.0.2.2"] {
+            let out = tokio::process::Command::new("nsenter")
+                .args([
+                    "--net",
+                    &format!("--target={pid}"),
+                    "--",
+                    "timeout",
+                    "5",
+                    "/bin/bash",
+                    "-c",
+                ])
+                .arg(format!(
+                    "exec 3<>/dev/tcp/{address}/{port} && echo reached || echo refused"
+                ))
+                .output()
+                .await
+                .unwrap();
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(!said.contains("reached"), "{address}: {said}");
+        }
+        drop(network);
+    }
+}
