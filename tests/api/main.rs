@@ -19,6 +19,7 @@ mod hostile;
 mod kube_exec;
 mod kubeenv;
 mod kubernetes;
+mod limits;
 mod objects;
 mod openapi;
 mod outage;

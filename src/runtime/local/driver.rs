@@ -39,6 +39,8 @@ pub enum Runnable {
         /// Where the command starts.
         dir: PathBuf,
         argv: Vec<String>,
+        /// What it may use (the service's `scale`).
+        limits: super::cgroups::Limits,
     },
     Container {
         image: String,
@@ -111,10 +113,12 @@ while :; do
 done
 "#;
 
-/// Instances as child processes of rack, in the sandbox.
+/// Instances as child processes of rack, in the sandbox, each in cgroups of its own when the
+/// host has them.
 #[derive(Debug)]
 pub struct ProcessDriver {
     pub sandbox: Sandbox,
+    pub cgroups: Option<super::cgroups::Cgroups>,
 }
 
 #[async_trait::async_trait]
@@ -124,6 +128,7 @@ impl Driver for ProcessDriver {
             workspace,
             dir,
             argv: command,
+            limits,
         } = &start.what
         else {
             return Err(std::io::Error::other("the process driver runs processes only"));
@@ -135,7 +140,14 @@ impl Driver for ProcessDriver {
             "rack-process".to_owned(),
         ];
         argv.extend(command.iter().cloned());
-        let mut command = self.sandbox.command(workspace, dir, &argv, Tie::Watchdog);
+        let cgroup = match &self.cgroups {
+            Some(cgroups) => Some(cgroups.instance(&start.app, &start.id, *limits)?),
+            None => None,
+        };
+        let procs = cgroup.as_ref().map(super::cgroups::Instance::procs).unwrap_or_default();
+        let mut command = self
+            .sandbox
+            .limited_command(workspace, dir, &argv, Tie::Watchdog, &procs);
         command
             .env(
                 "PATH",
@@ -164,6 +176,7 @@ impl Driver for ProcessDriver {
             group: Some(group),
             watchdog,
             output: Some(output),
+            cgroup,
         }))
     }
 
@@ -204,6 +217,7 @@ struct Process {
     group: Option<super::process::GroupGuard>,
     watchdog: Option<tokio::process::ChildStdin>,
     output: Option<tokio::task::JoinHandle<()>>,
+    cgroup: Option<super::cgroups::Instance>,
 }
 
 impl Process {
@@ -245,6 +259,10 @@ impl Process {
         drop(self.watchdog.take());
         if let Some(output) = self.output.take() {
             let _ = output.await;
+        }
+        // (One still holding a dying process stays; the next start of rack removes it.)
+        if let Some(cgroup) = self.cgroup.take() {
+            cgroup.remove();
         }
     }
 }

@@ -178,7 +178,15 @@ impl Launch {
                         release.build_id
                     )));
                 }
-                Runnable::Process { workspace, dir, argv }
+                Runnable::Process {
+                    workspace,
+                    dir,
+                    argv,
+                    limits: super::cgroups::Limits {
+                        memory: service.scale.memory,
+                        cpu: service.scale.cpu,
+                    },
+                }
             }
         };
         Ok(Self {

@@ -5,6 +5,7 @@
 
 mod build;
 mod build_network;
+mod cgroups;
 mod container;
 mod context;
 mod dockerfile;
@@ -61,8 +62,17 @@ pub struct LocalRuntime {
 impl LocalRuntime {
     /// A runtime with `settings`.
     pub fn new(settings: LocalSettings) -> Self {
+        let data_dir = settings.builds_dir.parent().unwrap_or(&settings.builds_dir);
+        let cgroups = match cgroups::Cgroups::detect(&podman::host_id(data_dir)) {
+            Ok(cgroups) => Some(cgroups),
+            Err(why) => {
+                tracing::warn!("app processes run without memory, CPU and process limits: {why}");
+                None
+            }
+        };
         let processes = Arc::new(driver::ProcessDriver {
             sandbox: settings.sandbox.clone(),
+            cgroups,
         });
         let containers = settings
             .podman

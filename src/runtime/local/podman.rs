@@ -480,7 +480,7 @@ fn containers_conf() -> String {
 }
 
 /// A short, stable identity for the rack whose data directory is `data_dir`.
-fn host_id(data_dir: &Path) -> String {
+pub fn host_id(data_dir: &Path) -> String {
     use sha2::Digest;
     let path = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
     let digest = sha2::Sha256::digest(path.as_os_str().as_encoded_bytes());

@@ -111,6 +111,36 @@ impl Sandbox {
         cmd
     }
 
+    /// [`Sandbox::command`] whose processes all belong to the cgroups whose `cgroup.procs`
+    /// files are `procs` (see `cgroups`): a root shell joins them, then becomes the sandbox
+    /// user and starts the sandbox, so not one instruction of the app runs outside its limits.
+    /// Without a sandbox user (rack is not root) or cgroups, this is [`Sandbox::command`].
+    pub fn limited_command(
+        &self,
+        workspace: &Path,
+        cwd: &Path,
+        argv: &[String],
+        tie: Tie,
+        procs: &[PathBuf],
+    ) -> Command {
+        let Some(account) = self.account.as_ref().filter(|_| !procs.is_empty()) else {
+            return self.command(workspace, cwd, argv, tie);
+        };
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", JOIN_CGROUPS, "rack-join"])
+            .args(procs)
+            .arg("--")
+            .arg("/usr/bin/setpriv")
+            .arg(format!("--reuid={}", account.uid))
+            .arg(format!("--regid={}", account.gid))
+            .args(["--clear-groups", "--"])
+            .arg(&self.bwrap)
+            .args(self.arguments(workspace, cwd, argv, tie))
+            .env_clear()
+            .current_dir("/");
+        cmd
+    }
+
     /// [`Sandbox::command`] on a terminal: the sandbox's first process gets a session of its
     /// own whose controlling terminal is its standard input (`setsid --ctty`).
     pub fn terminal_command(&self, workspace: &Path, cwd: &Path, argv: &[String], tie: Tie) -> Command {
@@ -191,6 +221,10 @@ impl Sandbox {
         Ok(())
     }
 }
+
+/// Writes the shell's pid into each file before `--` (cgroups' `cgroup.procs`), then runs what
+/// follows it.
+const JOIN_CGROUPS: &str = r#"while [ "$1" != "--" ]; do echo $$ > "$1"; shift; done; shift; exec "$@""#;
 
 /// The binds that show `root`'s system directories inside a sandbox.
 fn system_binds(root: &Path) -> Vec<String> {

@@ -1,0 +1,86 @@
+//! Per-instance limits of sandboxed app processes (security round 2, finding 6): a memory hog
+//! is stopped at its service's `scale.memory` by the kernel, inside its own cgroup, and a fork
+//! bomb stops at the instance's process cap, while rack keeps answering.
+
+use std::time::Duration;
+
+use reqwest::Method;
+
+use crate::deploys::promote_follow;
+use crate::helpers::{TestApp, wait_for};
+
+/// This process's cgroup in the v1 `pids` hierarchy (rack runs in the test's process).
+fn own_pids_cgroup() -> Option<std::path::PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = own.lines().find_map(|line| {
+        let mut fields = line.splitn(3, ':');
+        let names = fields.nth(1)?;
+        names.split(',').any(|n| n == "pids").then(|| fields.next()).flatten()
+    })?;
+    Some(std::path::Path::new("/sys/fs/cgroup/pids").join(path.trim_start_matches('/')))
+}
+
+/// The app's log so far.
+async fn app_log(app: &TestApp, name: &str) -> String {
+    let response = app
+        .request(Method::GET, &format!("/apps/{name}/logs"))
+        .header("follow", "false")
+        .header("since", "0")
+        .send()
+        .await;
+    match response {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+#[tokio::test]
+async fn a_memory_hog_and_a_fork_bomb_stay_inside_their_instance() {
+    let Some(pids_root) = own_pids_cgroup().filter(|_| nix::unistd::geteuid().is_root()) else {
+        eprintln!("skipped: limits need root and cgroup v1 (as CI has)");
+        return;
+    };
+    let app = TestApp::spawn().await;
+    app.create_app("greedy").await;
+    let manifest = "services:\n\
+                    \x20 hog:\n    build:\n      command: \"true\"\n    scale:\n      memory: 64\n\
+                    \x20   command: \"head -c 400000000 /dev/zero | tail >/dev/null && echo hog survived || echo hog was stopped; sleep 600\"\n\
+                    \x20 bomb:\n    build:\n      command: \"true\"\n\
+                    \x20   command: \"sh -c 'for i in $(seq 3000); do sleep 600 & done'; echo bomb went off; exec sleep 600\"\n";
+    let id = app.build_source("greedy", &[("convox.yml", manifest)]).await;
+    let build = app.wait_build("greedy", &id).await;
+    assert_eq!(build["status"], "complete", "{build}");
+    promote_follow(&app, "greedy", build["release"].as_str().unwrap()).await;
+
+    // (The bomb's own shell dies of its first failed fork; the bomb's processes stay.)
+    let log = wait_for(60, "the hog and the bomb to have run", || async {
+        let log = app_log(&app, "greedy").await;
+        (log.contains("hog ") && log.contains("bomb went off")).then_some(log)
+    })
+    .await;
+    assert!(
+        log.contains("hog was stopped") && !log.contains("hog survived"),
+        "{log}"
+    );
+
+    // The bomb's instance holds as many processes as its cap allows, and no more.
+    let host = rack::runtime::local::podman::host_id(&app.state.config.data_dir);
+    let instances = pids_root.join(format!("rack-{host}")).join("greedy");
+    let current = wait_for(30, "the bomb's instance to reach its cap", || async {
+        std::fs::read_dir(&instances).ok()?.flatten().find_map(|instance| {
+            let current: u32 = std::fs::read_to_string(instance.path().join("pids.current"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
+            (current > 1000).then_some(current)
+        })
+    })
+    .await;
+    assert!(current <= 1024, "{current} processes in one instance");
+
+    // rack answers on time meanwhile.
+    let answered = tokio::time::timeout(Duration::from_secs(5), app.request(Method::GET, "/apps/greedy").send()).await;
+    assert_eq!(answered.expect("rack answers within 5 s").unwrap().status(), 200);
+    app.delete_app("greedy").await;
+}
