@@ -257,6 +257,9 @@ pub enum RuntimeError {
     /// What was asked did not run; the message says why (and what to change, when it can).
     #[error("{0}")]
     Failed(String),
+    /// Too many of something are running already (one-offs of an app): try again later.
+    #[error("{0}")]
+    Busy(String),
     /// The Kubernetes API refused or failed.
     #[error("{what}: {}", kube::describe(.source))]
     Kube {

@@ -84,3 +84,39 @@ async fn a_memory_hog_and_a_fork_bomb_stay_inside_their_instance() {
     assert_eq!(answered.expect("rack answers within 5 s").unwrap().status(), 200);
     app.delete_app("greedy").await;
 }
+
+#[tokio::test]
+async fn one_offs_of_an_app_are_capped() {
+    let app = TestApp::spawn().await;
+    crate::run::running_app(&app, "busy").await;
+    let start = |command: &'static str| {
+        app.json(Method::POST, "/apps/busy/services/web/processes")
+            .header("command", command)
+            .send()
+    };
+    // Started together: the cap holds however the requests interleave.
+    let cap = rack::runtime::local::MAX_ONE_OFFS_PER_APP;
+    let answers = futures_util::future::join_all((0..cap + 4).map(|_| start("sleep 600"))).await;
+    let mut statuses: Vec<u16> = answers.into_iter().map(|a| a.unwrap().status().as_u16()).collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), cap, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 4, "{statuses:?}");
+    let refused = start("true").await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "5");
+    let text = refused.text().await.unwrap();
+    assert!(
+        text.contains(&format!("already has {cap} one-off processes running")),
+        "{text}"
+    );
+    // Other apps are not held back by this one.
+    crate::run::running_app(&app, "calm").await;
+    let other = app
+        .json(Method::POST, "/apps/calm/services/web/processes")
+        .header("command", "true")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 200);
+    app.delete_app("busy").await;
+}

@@ -21,6 +21,8 @@ pub mod router;
 pub mod sandbox;
 mod supervisor;
 
+pub use supervisor::MAX_ONE_OFFS_PER_APP;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -155,7 +157,16 @@ impl Runtime for LocalRuntime {
         // Not routed to: a one-off gets no PORT of its own.
         launch.has_port = false;
         let log = one_off.log.clone().unwrap_or_else(|| self.logs.sink(&release.app));
-        let instance = self.supervisor.run(&release.app, launch, log, one_off.timeout);
+        let instance = self
+            .supervisor
+            .run(&release.app, launch, log, one_off.timeout)
+            .map_err(|running| {
+                RuntimeError::Busy(format!(
+                    "app {} already has {running} one-off processes running, the most this rack allows; \
+                     wait for one to end (or stop one) and try again",
+                    release.app
+                ))
+            })?;
         // It has a pid (or has failed) within moments; `ps` shows the rest.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
             let mut health = instance.health.subscribe();

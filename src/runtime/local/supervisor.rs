@@ -19,6 +19,10 @@ use super::instance::{Health, Instance, Launch, RouteRefresh, STOP_GRACE, Superv
 use super::router::Router;
 use crate::runtime::{AppLogs, LogSink, PortBook, ProcessInfo, ProcessKind, ReleaseSpec, RuntimeError};
 
+/// One-off processes (`run`, timers, the release phase) one app may have running at once on
+/// this host: more are refused (429) rather than let one app fill the host with them.
+pub const MAX_ONE_OFFS_PER_APP: usize = 32;
+
 /// How long an ended one-off process stays in `ps`.
 const ONE_OFF_RETENTION: Duration = Duration::from_secs(600);
 
@@ -135,7 +139,10 @@ impl Supervisor {
     }
 
     /// Starts a one-off process of `launch`, writing its output to `log`.
-    pub fn run(&self, app: &str, launch: Launch, log: LogSink, timeout: Duration) -> Arc<Instance> {
+    ///
+    /// # Errors
+    /// When `app` already has [`MAX_ONE_OFFS_PER_APP`] one-offs running (the number).
+    pub fn run(&self, app: &str, launch: Launch, log: LogSink, timeout: Duration) -> Result<Arc<Instance>, usize> {
         let (health, _) = watch::channel(Health::Starting);
         let id = format!("{}-run-{}", launch.service, crate::ids::random_token(8).to_lowercase());
         let instance = Arc::new(Instance {
@@ -156,7 +163,19 @@ impl Supervisor {
             exit: watch::channel(None).0,
             launch: launch.clone(),
         });
-        self.with_app(app, |procs| procs.instances.push(instance.clone()));
+        // Counted and added under one lock: concurrent requests cannot pass the cap together.
+        self.with_app(app, |procs| {
+            let running = procs
+                .instances
+                .iter()
+                .filter(|i| matches!(i.kind, ProcessKind::Run) && i.exit.borrow().is_none())
+                .count();
+            if running >= MAX_ONE_OFFS_PER_APP {
+                return Err(running);
+            }
+            procs.instances.push(instance.clone());
+            Ok(())
+        })?;
         let mut job = self.supervised(app, &instance, launch, None, false);
         job.log = log;
         let (supervisor, app, ended) = (self.clone(), app.to_owned(), instance.clone());
@@ -170,7 +189,7 @@ impl Supervisor {
             supervisor.with_app(&app, |procs| procs.instances.retain(|i| !Arc::ptr_eq(i, &ended)));
         });
         *instance.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
-        instance
+        Ok(instance)
     }
 
     /// Waits until the one-off process `id` of `app` has ended; its exit code (`None`: there
