@@ -164,8 +164,8 @@ impl Podman {
     /// A long-running podman command (following logs) that dies with rack, even when rack is
     /// killed (`setpriv --pdeathsig`): it is no use to anyone else.
     pub fn tied_command(&self) -> Command {
-        let mut cmd = Command::new("setpriv");
-        cmd.args(["--pdeathsig", "KILL", "--"]).arg(&self.program);
+        let mut cmd = dying_with_rack();
+        cmd.arg(&self.program);
         self.configure(cmd.as_std_mut());
         cmd.kill_on_drop(true);
         cmd
@@ -175,18 +175,9 @@ impl Podman {
     /// rack: killing it kills everything it started, the processes of a build's `RUN` step
     /// included (they are not podman's children, and would outlive a cancelled build otherwise).
     pub fn contained_command(&self) -> Command {
-        let mut cmd = Command::new("setpriv");
-        cmd.args([
-            "--pdeathsig",
-            "KILL",
-            "--",
-            "unshare",
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "--mount-proc",
-        ])
-        .arg(&self.program);
+        let mut cmd = dying_with_rack();
+        cmd.args(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"])
+            .arg(&self.program);
         self.configure(cmd.as_std_mut());
         cmd.kill_on_drop(true);
         cmd
@@ -210,31 +201,22 @@ impl Podman {
         // The namespace, seen through a file in the workspace: podman's own /proc (of its pid
         // namespace) does not show the process that holds it.
         let netns = workspace.join("netns");
-        let mut cmd = Command::new("setpriv");
-        cmd.args([
-            "--pdeathsig",
-            "KILL",
-            "--",
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-        ])
-        .args(["/bin/sh", "-c", BUILD_SCRIPT, "build"])
-        .arg(network.map(|pid| pid.to_string()).unwrap_or_default())
-        .arg(&netns)
-        .arg(&self.data)
-        .arg(name(&self.work))
-        .arg(&self.work)
-        .arg("containers.conf:contexts:cache")
-        .arg(self.work.join("contexts"))
-        .arg(name(workspace))
-        .arg(self.work.join("cache"))
-        .arg(app)
-        .arg("--")
-        .arg(&self.program)
-        .arg("build");
+        let mut cmd = dying_with_rack();
+        cmd.args(["unshare", "--mount", "--propagation", "private", "--"])
+            .args(["/bin/sh", "-c", BUILD_SCRIPT, "build"])
+            .arg(network.map(|pid| pid.to_string()).unwrap_or_default())
+            .arg(&netns)
+            .arg(&self.data)
+            .arg(name(&self.work))
+            .arg(&self.work)
+            .arg("containers.conf:contexts:cache")
+            .arg(self.work.join("contexts"))
+            .arg(name(workspace))
+            .arg(self.work.join("cache"))
+            .arg(app)
+            .arg("--")
+            .arg(&self.program)
+            .arg("build");
         if network.is_some() {
             cmd.arg("--network").arg(format!("ns:{}", netns.display()));
         }
@@ -444,6 +426,13 @@ impl Podman {
             }
         }
     }
+}
+
+/// A command (its program and arguments to come) that the kernel kills when rack dies.
+fn dying_with_rack() -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--pdeathsig", "KILL", "--"]);
+    cmd
 }
 
 /// rack's containers.conf: what this kind of host needs, within its limits.
