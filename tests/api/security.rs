@@ -9,6 +9,9 @@ use serde_json::Value;
 
 use crate::helpers::{PASSWORD, TestApp, status_text, wait_for};
 
+/// What a throttled password check waits (`rack::throttle::TURN_DELAY`).
+const TURN_DELAY: Duration = Duration::from_secs(1);
+
 /// Creates a token with `form` fields; returns (id, secret).
 async fn token(app: &TestApp, form: &[(&str, &str)]) -> (String, String) {
     let response = app.json(Method::POST, "/tokens").form(form).send().await.unwrap();
@@ -211,11 +214,9 @@ async fn a_credential_may_hold_only_so_many_streams() {
     .await;
 }
 
-#[tokio::test]
-async fn failed_authentications_are_throttled_per_address() {
-    let app = TestApp::spawn().await;
-    let mut statuses = Vec::new();
-    for _ in 0..50 {
+/// `n` requests with a wrong password at once; their statuses.
+async fn wrong_guesses(app: &TestApp, n: usize) -> Vec<u16> {
+    let guesses = (0..n).map(|_| async {
         let response = app
             .client
             .get(app.url("/apps"))
@@ -223,29 +224,62 @@ async fn failed_authentications_are_throttled_per_address() {
             .send()
             .await
             .unwrap();
-        statuses.push(response.status().as_u16());
         if response.status() == 429 {
             let wait: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
             assert!((1..=60).contains(&wait), "{wait}");
         }
+        response.status().as_u16()
+    });
+    futures_util::future::join_all(guesses).await
+}
+
+#[tokio::test]
+async fn failed_authentications_are_throttled_but_never_shut_out_a_valid_credential() {
+    let app = TestApp::spawn().await;
+    let (_, secret) = token(&app, &[("name", "ci"), ("role", "read")]).await;
+    // 20 failures a minute at full speed, then 429: 30 wrong passwords from 127.0.0.1 (an app
+    // process guessing, say).
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        statuses.extend(wrong_guesses(&app, 1).await);
     }
+    statuses.extend(wrong_guesses(&app, 10).await);
     assert_eq!(statuses.iter().filter(|s| **s == 401).count(), 20, "{statuses:?}");
-    assert_eq!(statuses.last(), Some(&429));
-    // Even the right password is not checked from that address for now...
-    let blocked = app.request(Method::GET, "/apps").send().await.unwrap();
-    assert_eq!(blocked.status(), 429);
-    // ...while another address is unaffected.
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 10, "{statuses:?}");
+    // The admin's curl with the right password, and a token, from that same address still
+    // get in...
+    let admin = app.request(Method::GET, "/apps").send().await.unwrap();
+    assert_eq!(admin.status(), 200);
+    let ci = with(&app, &secret, Method::GET, "/apps").send().await.unwrap();
+    assert_eq!(ci.status(), 200);
+    // ...while a further wrong guess (password or token) is still refused.
+    assert_eq!(wrong_guesses(&app, 1).await, [429]);
+    let token_guess = with(
+        &app,
+        "rack_0000000000000000000000000000000000000000",
+        Method::GET,
+        "/apps",
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(token_guess.status(), 429);
+    // A throttled password guess waited for its turn (a guesser gets few of them).
+    let started = std::time::Instant::now();
+    assert_eq!(wrong_guesses(&app, 1).await, [429]);
+    assert!(started.elapsed() >= TURN_DELAY, "{:?}", started.elapsed());
+    // Another address is unaffected.
     let elsewhere = reqwest::Client::builder()
         .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
         .build()
         .unwrap();
     let response = elsewhere
         .get(app.url("/apps"))
-        .basic_auth("convox", Some(PASSWORD))
+        .basic_auth("convox", Some("wrong"))
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(response.status(), 401);
 }
 
 #[tokio::test]
