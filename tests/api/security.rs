@@ -383,3 +383,29 @@ async fn the_audit_log_says_who_did_what_and_holds_no_secret() {
         403
     );
 }
+
+#[tokio::test]
+async fn an_empty_app_list_never_makes_an_all_apps_token() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.create_app("myapp").await.status(), 201);
+    for apps in ["", " ", ",", "myapp,", "myapp,,other", " ,myapp"] {
+        let response = app
+            .json(Method::POST, "/tokens")
+            .form(&[("name", "ci"), ("role", "deploy"), ("apps", apps)])
+            .send()
+            .await
+            .unwrap();
+        let (status, text) = status_text(response).await;
+        assert_eq!(status, 400, "apps={apps:?}: {text}");
+        assert!(text.contains("apps") && text.contains("empty app name"), "{text}");
+        let response = app
+            .json(Method::POST, "/tokens")
+            .json(&serde_json::json!({ "name": "ci", "role": "deploy", "apps": apps }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "apps={apps:?} as JSON");
+    }
+    let tokens: Vec<Value> = app.get_json("/tokens").await;
+    assert!(tokens.is_empty(), "{tokens:?}");
+}
