@@ -409,3 +409,51 @@ async fn an_empty_app_list_never_makes_an_all_apps_token() {
     let tokens: Vec<Value> = app.get_json("/tokens").await;
     assert!(tokens.is_empty(), "{tokens:?}");
 }
+
+#[tokio::test]
+async fn idempotency_keys_belong_to_one_credential_and_one_app() {
+    let app = TestApp::spawn().await;
+    for name in ["one", "two"] {
+        assert_eq!(app.create_app(name).await.status(), 201);
+    }
+    let (_, squatter) = token(&app, &[("name", "squatter"), ("role", "deploy")]).await;
+    let (_, ci) = token(&app, &[("name", "ci"), ("role", "deploy")]).await;
+    let release = |secret: String, name: &'static str| {
+        let request = app
+            .client
+            .post(app.url(&format!("/apps/{name}/releases")))
+            .header("accept", "application/json")
+            .header("idempotency-key", "deploy-42")
+            .form(&[("env", "A=1")]);
+        async move {
+            let response = if secret.is_empty() {
+                request.basic_auth("convox", Some(PASSWORD))
+            } else {
+                request.bearer_auth(secret)
+            }
+            .send()
+            .await
+            .unwrap();
+            let replayed = response.headers().contains_key("idempotent-replayed");
+            let (status, text) = status_text(response).await;
+            assert_eq!(status, 201, "{name}: {text}");
+            let body: Value = serde_json::from_str(&text).unwrap();
+            (body["id"].as_str().unwrap().to_owned(), replayed)
+        }
+    };
+    // One token uses the key first...
+    let (squatted, _) = release(squatter.clone(), "one").await;
+    // ...which changes nothing for another token or the password, each its own first request.
+    let (mine, replayed) = release(ci.clone(), "one").await;
+    assert!(!replayed && mine != squatted, "another token's key was replayed to CI");
+    let (admin, replayed) = release(String::new(), "one").await;
+    assert!(!replayed && admin != squatted && admin != mine);
+    // The same credential and key on another app is another request too...
+    let (other_app, replayed) = release(ci.clone(), "two").await;
+    assert!(!replayed && other_app != mine);
+    // ...while its own retry is still replayed.
+    let (again, replayed) = release(ci, "one").await;
+    assert!(replayed && again == mine, "{again} {mine}");
+    let releases: Vec<Value> = app.get_json("/apps/one/releases").await;
+    assert_eq!(releases.len(), 3);
+}
