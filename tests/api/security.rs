@@ -457,3 +457,41 @@ async fn idempotency_keys_belong_to_one_credential_and_one_app() {
     let releases: Vec<Value> = app.get_json("/apps/one/releases").await;
     assert_eq!(releases.len(), 3);
 }
+
+#[tokio::test]
+async fn a_release_env_and_its_description_are_bounded() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.create_app("myapp").await.status(), 201);
+    let env = |keys: usize| (0..keys).map(|i| format!("K{i}=v")).collect::<Vec<_>>().join("\n");
+    let app = &app;
+    let create = |form: Vec<(&'static str, String)>| async move {
+        let response = app
+            .json(Method::POST, "/apps/myapp/releases")
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        status_text(response).await
+    };
+    // 300 000 keys (under the 4 MiB body limit) are refused, naming the limit.
+    let (status, text) = create(vec![("env", env(300_000))]).await;
+    assert_eq!(status, 422, "{}", &text[..text.len().min(300)]);
+    assert!(text.contains("at most 1000"), "{text}");
+    // So is one value of 300 KiB.
+    let (status, text) = create(vec![("env", format!("BIG={}", "x".repeat(300 * 1024)))]).await;
+    assert_eq!(status, 422);
+    assert!(text.contains("256 KiB"), "{text}");
+    let (status, text) = create(vec![("description", "d".repeat(1001))]).await;
+    assert_eq!(status, 422);
+    assert!(text.contains("at most 1000"), "{text}");
+    // 1000 keys are fine, and the description names 20 of them, then how many more.
+    let (status, text) = create(vec![("env", env(1000))]).await;
+    assert_eq!(status, 201, "{}", &text[..text.len().min(300)]);
+    let release: Value = serde_json::from_str(&text).unwrap();
+    let description = release["description"].as_str().unwrap();
+    assert!(description.starts_with("env add:K0 "), "{description}");
+    assert!(description.ends_with(" and 980 more"), "{description}");
+    assert!(description.len() < 400, "{description}");
+    let releases: Vec<Value> = app.get_json("/apps/myapp/releases").await;
+    assert_eq!(releases.len(), 1, "nothing of the refused ones was kept");
+}
