@@ -181,3 +181,45 @@ async fn an_address_may_hold_only_so_many_unauthenticated_connections() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn too_many_headers_get_431_not_a_reset() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::spawn().await;
+    // 5 000 headers of 1 KiB: far over the count a parser keeps room for and over
+    // RACK_MAX_HEADER_BYTES (64 KiB), so the server answers long before it has read them all,
+    // while the client is still sending.
+    let value = reqwest::header::HeaderValue::from_str(&"v".repeat(1024)).unwrap();
+    let mut headers = reqwest::header::HeaderMap::new();
+    for i in 0..5000 {
+        headers.insert(
+            reqwest::header::HeaderName::try_from(format!("x-h{i}")).unwrap(),
+            value.clone(),
+        );
+    }
+    for _ in 0..3 {
+        let response = app
+            .convox(Method::GET, "/system")
+            .headers(headers.clone())
+            .send()
+            .await
+            .expect("an answer, not a reset");
+        assert_eq!(response.status(), 431);
+    }
+    let mut head = String::from("POST /apps HTTP/1.1\r\nHost: rack\r\n");
+    for i in 0..5000 {
+        head.push_str(&format!("X-H{i}: {}\r\n", "v".repeat(1024)));
+    }
+    head.push_str("\r\n");
+    let mut raw = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    // The server answers before it has read all of it, but reads the rest before it closes:
+    // closing with unread data would reset the connection under a client still sending (its
+    // write fails, and the answer is lost with it).
+    raw.write_all(head.as_bytes())
+        .await
+        .expect("the whole request is read, not reset");
+    let answer = read_until_closed(&mut raw).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    // The server still serves.
+    assert_eq!(app.convox(Method::GET, "/system").send().await.unwrap().status(), 200);
+}
