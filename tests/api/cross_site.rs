@@ -139,3 +139,85 @@ async fn browsers_are_never_challenged_for_basic_auth() {
         .unwrap();
     assert_eq!(curl.headers()["www-authenticate"], "Basic realm=\"rack\"");
 }
+
+/// Serves `page` (HTML) to every request on a listener of another origin (127.0.0.2); returns
+/// its URL.
+async fn serve_page(page: String) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let page = page.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buffer = [0; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}",
+                    page.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    url
+}
+
+/// The attack of issue 22 in a real Chromium: the user signed in to the rack with basic auth
+/// (the browser caches the credential, if the rack ever lets it), then visits another site
+/// whose page submits a form to the rack by itself. Nothing is created.
+#[tokio::test]
+async fn another_sites_form_creates_nothing_in_a_real_browser() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.create_app("attacker").await.status(), 201);
+    let driver = crate::dashboard::chromedriver().await;
+    let profile = tempfile::tempdir().unwrap();
+    let browser = crate::dashboard::browser(&driver, profile.path()).await;
+
+    // The user opens the rack with the password in the URL, as one does with curl: a browser
+    // that is challenged uses it and keeps it for the rack's origin.
+    browser
+        .goto(&format!("http://convox:{}@{}/apps", crate::helpers::PASSWORD, app.addr))
+        .await
+        .unwrap();
+    let target = app.url("/apps/attacker/releases");
+    let page = format!(
+        "<!doctype html><html><body>\
+         <form id=f method=POST action=\"{target}\"><input name=env value=\"PWNED=1\"></form>\
+         <script>document.getElementById('f').submit()</script></body></html>"
+    );
+    let attacker = serve_page(page).await;
+    browser.goto(&attacker).await.unwrap();
+    // The form navigates the tab to the rack: wait until its answer is the page shown.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let shown = loop {
+        let url = browser.current_url().await.unwrap();
+        if url.as_str() == target {
+            let text: Value = browser
+                .execute(
+                    "return document.readyState === 'complete' ? document.body.innerText : null",
+                    vec![],
+                )
+                .await
+                .unwrap();
+            if let Some(text) = text.as_str() {
+                break text.to_owned();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the form was not submitted within 60 s (at {url})"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(releases(&app, "attacker").await, 0, "the browser showed: {shown}");
+    assert!(shown.contains("refused") || shown.contains("authentication"), "{shown}");
+    browser.close().await.unwrap();
+    drop(driver);
+}
