@@ -3,9 +3,10 @@
 //! would be authenticated. Browsers say where a request comes from (`Origin`, and
 //! `Sec-Fetch-Site` in current ones); a state-changing request (any method but GET, HEAD and
 //! OPTIONS) or a websocket handshake (a GET, but it opens a channel that can act) that names
-//! another origin is refused with 403 before its credential is looked at. CLIs, CI systems
-//! and curl send neither header, so they are unaffected; the dashboard's own page is the
-//! rack's origin, so its requests pass.
+//! another origin is refused with 403 before its credential is looked at. CI systems, curl
+//! and the CLIs' requests send neither header, and the convox CLI's websockets send the rack's
+//! own origin, so they are unaffected; the dashboard's own page is the rack's origin, so its
+//! requests pass.
 
 use axum::extract::Request;
 use axum::http::{HeaderMap, Method, header};
@@ -54,7 +55,7 @@ fn check(headers: &HeaderMap) -> Result<(), ApiError> {
         return Ok(());
     };
     let origin = origin.to_str().unwrap_or_default().trim();
-    if own_origins(headers).iter().any(|own| own.eq_ignore_ascii_case(origin)) {
+    if is_own(origin, headers) {
         return Ok(());
     }
     let shown: String = origin.chars().take(100).collect();
@@ -64,27 +65,35 @@ fn check(headers: &HeaderMap) -> Result<(), ApiError> {
     )))
 }
 
-/// The origins the rack's own pages have, as browsers write them: the scheme (`http`, or the
-/// one a proxy in front says it received, `X-Forwarded-Proto`) and the `Host` the browser
-/// asked for, with the scheme's default port left out. None without a `Host`.
-fn own_origins(headers: &HeaderMap) -> Vec<String> {
-    let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
-        return Vec::new();
+/// Whether `origin` is the rack itself: its host and port are the `Host` the request was sent
+/// to (or the `X-Forwarded-Host` a proxy in front says it received; neither can be set by a
+/// page's form). The scheme is not compared: a TLS proxy in front may not say that it
+/// received https, and the convox CLI sends its `RACK_URL`'s `scheme://host` as the Origin of
+/// its websockets; one host and port cannot serve a page of its own over the other scheme.
+fn is_own(origin: &str, headers: &HeaderMap) -> bool {
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        // `null` (a sandboxed page, a redirect) or garbage: not the rack.
+        return false;
     };
-    let host = host.trim();
-    let scheme = headers
-        .get("x-forwarded-proto")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .map(|v| v.trim().to_ascii_lowercase())
-        .filter(|v| v == "http" || v == "https")
-        .unwrap_or_else(|| "http".to_owned());
-    let default_port = if scheme == "https" { ":443" } else { ":80" };
-    let mut origins = vec![format!("{scheme}://{host}")];
-    if let Some(bare) = host.strip_suffix(default_port) {
-        origins.push(format!("{scheme}://{bare}"));
-    }
-    origins
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "http" => ":80",
+        "https" => ":443",
+        _ => return false,
+    };
+    let authority = authority.to_ascii_lowercase();
+    let authority = authority.strip_suffix(default_port).unwrap_or(&authority);
+    [header::HOST.as_str(), "x-forwarded-host"]
+        .into_iter()
+        .filter_map(|name| headers.get(name)?.to_str().ok())
+        .filter_map(|value| value.split(',').next())
+        .map(|host| host.trim().to_ascii_lowercase())
+        .any(|host| {
+            let bare = host
+                .strip_suffix(":80")
+                .or_else(|| host.strip_suffix(":443"))
+                .unwrap_or(&host);
+            host == authority || bare == authority
+        })
 }
 
 #[cfg(test)]
@@ -109,7 +118,9 @@ mod tests {
         for refused in [
             headers(&[host, ("origin", "http://evil.example")]),
             headers(&[host, ("origin", "http://127.0.0.1:5444")]),
-            headers(&[host, ("origin", "https://127.0.0.1:5443")]),
+            headers(&[host, ("origin", "http://127.0.0.1")]),
+            headers(&[host, ("origin", "http://127.0.0.1:5443.evil.example")]),
+            headers(&[host, ("origin", "ftp://127.0.0.1:5443")]),
             headers(&[host, ("origin", "null")]),
             headers(&[("origin", "http://127.0.0.1:5443")]),
             headers(&[host, ("sec-fetch-site", "cross-site")]),
@@ -123,14 +134,19 @@ mod tests {
             let error = check(&refused).unwrap_err();
             assert_eq!(error.status(), axum::http::StatusCode::FORBIDDEN, "{refused:?}");
         }
-        let proxied = headers(&[
-            ("host", "rack.example.com"),
-            ("x-forwarded-proto", "https"),
+        // The convox CLI's websockets behind a TLS proxy: `https://` + RACK_URL's host.
+        let proxied = headers(&[("host", "rack.example.com"), ("origin", "https://Rack.example.com")]);
+        assert!(check(&proxied).is_ok());
+        let forwarded = headers(&[
+            ("host", "127.0.0.1:5443"),
+            ("x-forwarded-host", "rack.example.com"),
             ("origin", "https://rack.example.com"),
         ]);
-        assert!(check(&proxied).is_ok());
+        assert!(check(&forwarded).is_ok());
         let default_port = headers(&[("host", "rack.example.com:80"), ("origin", "http://rack.example.com")]);
         assert!(check(&default_port).is_ok());
+        let explicit_port = headers(&[("host", "rack.example.com"), ("origin", "https://rack.example.com:443")]);
+        assert!(check(&explicit_port).is_ok());
     }
 
     #[test]

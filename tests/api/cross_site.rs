@@ -95,6 +95,11 @@ async fn websocket_handshakes_from_other_origins_are_refused() {
     assert!(refused.to_string().contains("403"), "{refused}");
     let own = format!("http://{}", app.addr);
     assert!(tokio_tungstenite::connect_async(handshake(&own)).await.is_ok());
+    // The convox CLI sends RACK_URL's `scheme://host`: `https://` behind a TLS proxy.
+    let proxied = format!("https://{}", app.addr);
+    assert!(tokio_tungstenite::connect_async(handshake(&proxied)).await.is_ok());
+    let other_port = format!("http://127.0.0.1:{}", app.addr.port() + 1);
+    assert!(tokio_tungstenite::connect_async(handshake(&other_port)).await.is_err());
 }
 
 fn base64_password() -> String {
