@@ -21,8 +21,16 @@ use crate::error::ApiError;
 /// # Errors
 /// 403 saying which header named which origin.
 pub async fn refuse_cross_site(request: Request, next: Next) -> Result<Response, ApiError> {
-    if acts(request.method(), request.headers()) {
-        check(request.headers())?;
+    if acts(request.method(), request.headers())
+        && let Err(refused) = check(request.headers())
+    {
+        // Worth an operator's attention: a page somewhere tried to act through a browser.
+        tracing::warn!(
+            client.address = %crate::auth::client_address(&request),
+            "refused a cross-site {}: {refused}",
+            request.method()
+        );
+        return Err(refused);
     }
     Ok(next.run(request).await)
 }
