@@ -180,23 +180,38 @@ pub async fn require_auth(
         return Ok(next.run(request).await);
     }
     let client = client_address(&request);
-    // Too many failures from this address (or with this user name): not even checked.
+    // Too many failures from this address (or with this user name): the credential is still
+    // checked (a valid one is never refused), but a wrong one gets 429, and a password is
+    // checked only in its turn (see `throttle`).
     let keys = throttle_keys(&client, request.headers());
-    if let Err(wait) = state.throttle.check(&keys) {
-        return Err(ApiError::TooManyRequests {
-            message: format!(
-                "too many failed authentications from {client}: try again in {}s",
-                wait.as_secs()
-            ),
-            retry_after: wait.as_secs(),
-        });
-    }
-    let principal = match authenticate(&state, request.headers(), &client).await {
+    let throttled = state.throttle.check(&keys).err();
+    let presented = presented_secret(request.headers());
+    let checks = match (throttled, presented.as_deref()) {
+        (Some(_), Some(secret)) if secret.starts_with(TOKEN_PREFIX) => Checks::TokenOnly,
+        _ => Checks::All,
+    };
+    let turn = match (throttled, &presented, checks) {
+        (Some(_), Some(_), Checks::All) => Some(state.throttle.turn().await),
+        _ => None,
+    };
+    let principal = authenticate(&state, request.headers(), &client, checks).await;
+    drop(turn);
+    let principal = match principal {
         Ok(principal) => principal,
         Err(e) => {
             // A wrong credential counts; a missing one is not a guess (a browser's first try).
-            if matches!(e, ApiError::Unauthorized(_)) && request.headers().contains_key(header::AUTHORIZATION) {
+            let guess = matches!(e, ApiError::Unauthorized(_)) && request.headers().contains_key(header::AUTHORIZATION);
+            if guess {
                 state.throttle.failed(&keys);
+            }
+            if let (true, Some(wait)) = (guess, throttled) {
+                return Err(ApiError::TooManyRequests {
+                    message: format!(
+                        "too many failed authentications from {client}: try again in {}s",
+                        wait.as_secs()
+                    ),
+                    retry_after: wait.as_secs(),
+                });
             }
             return Err(e);
         }
@@ -275,14 +290,35 @@ fn check_apps(request: &Request, route: &str, apps: &[String]) -> Result<(), Api
     )))
 }
 
-async fn authenticate(state: &AppState, headers: &axum::http::HeaderMap, client: &str) -> Result<Principal, ApiError> {
-    let value = headers.get(header::AUTHORIZATION).ok_or(ApiError::Unauthorized(
-        "authentication required: use HTTP basic auth with the rack password, or a token",
-    ))?;
-    let secret = basic_password(value.as_bytes())
-        .or_else(|| bearer(value.as_bytes()))
-        .ok_or(ApiError::Unauthorized("invalid authentication"))?;
-    if state.password.matches(&secret) {
+/// What a presented secret is checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Checks {
+    /// The password, then the tokens.
+    All,
+    /// The tokens only: a throttled client's `rack_…` secret, checked without waiting for a
+    /// turn, so it must not be a password guess.
+    TokenOnly,
+}
+
+/// The secret of the `Authorization` header (basic auth's password, or a bearer token).
+fn presented_secret(headers: &axum::http::HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?;
+    basic_password(value.as_bytes()).or_else(|| bearer(value.as_bytes()))
+}
+
+async fn authenticate(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    client: &str,
+    checks: Checks,
+) -> Result<Principal, ApiError> {
+    if !headers.contains_key(header::AUTHORIZATION) {
+        return Err(ApiError::Unauthorized(
+            "authentication required: use HTTP basic auth with the rack password, or a token",
+        ));
+    }
+    let secret = presented_secret(headers).ok_or(ApiError::Unauthorized("invalid authentication"))?;
+    if checks == Checks::All && state.password.matches(&secret) {
         return Ok(Principal {
             role: Role::Admin,
             scope: None,

@@ -114,8 +114,9 @@ pub struct ServerArgs {
     /// more get 429.
     #[arg(long, env = "RACK_MAX_UNAUTHENTICATED_CONNECTIONS", default_value_t = 256)]
     pub max_unauthenticated_connections: usize,
-    /// Failed authentications one client address (or user name) may make per minute; more get
-    /// 429 until the minute is over (0: no limit).
+    /// Failed authentications one client address (or user name) may make per minute; then, until
+    /// the minute is over, wrong credentials get 429 and passwords are checked in turns (valid
+    /// credentials always pass) (0: no limit).
     #[arg(long, env = "RACK_AUTH_FAILURES", default_value_t = 20)]
     pub auth_failures: u32,
     /// Streams (logs, rollouts, exec) one credential may hold open on a server at once

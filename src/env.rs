@@ -60,6 +60,41 @@ fn check(key: &str, value: &str) -> Result<(), ParseEnvError> {
     Ok(())
 }
 
+/// Most variables a release's environment may have.
+pub const MAX_KEYS: usize = 1000;
+
+/// Largest a release's environment may be, in its text form: 256 KiB (an environment is copied
+/// into every process, every release row, and a process's exec of its command fails past a
+/// few hundred KiB anyway).
+pub const MAX_BYTES: usize = 256 * 1024;
+
+/// Most changes a release's description names one by one (`env add:A ... and 12 more`).
+const MAX_DESCRIBED: usize = 20;
+
+/// Refuses an environment larger than a release may hold; the error names the limit.
+///
+/// # Errors
+/// When `env` has more than [`MAX_KEYS`] variables or is larger than [`MAX_BYTES`].
+pub fn check_size(env: &Env) -> Result<(), String> {
+    if env.len() > MAX_KEYS {
+        return Err(format!(
+            "the environment has {} variables: a release may have at most {MAX_KEYS}",
+            env.len()
+        ));
+    }
+    let bytes = env
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 2)
+        .sum::<usize>()
+        .saturating_sub(1);
+    if bytes > MAX_BYTES {
+        return Err(format!(
+            "the environment is {bytes} bytes: a release may have at most {MAX_BYTES} bytes (256 KiB) of KEY=VALUE lines"
+        ));
+    }
+    Ok(())
+}
+
 /// The text form of `env`.
 pub fn format(env: &Env) -> String {
     env.iter()
@@ -68,7 +103,8 @@ pub fn format(env: &Env) -> String {
         .join("\n")
 }
 
-/// Convox's description of a change: `env add:A change:B remove:C` (empty when nothing changed).
+/// Convox's description of a change: `env add:A change:B remove:C` (empty when nothing
+/// changed), naming at most [`MAX_DESCRIBED`] changes, then how many more there are.
 pub fn describe_change(old: &Env, new: &Env) -> String {
     let added = new.keys().filter(|k| !old.contains_key(*k)).map(|k| format!("add:{k}"));
     let changed = new
@@ -79,11 +115,13 @@ pub fn describe_change(old: &Env, new: &Env) -> String {
         .keys()
         .filter(|k| !new.contains_key(*k))
         .map(|k| format!("remove:{k}"));
-    let parts: Vec<String> = added.chain(changed).chain(removed).collect();
-    if parts.is_empty() {
-        String::new()
-    } else {
-        format!("env {}", parts.join(" "))
+    let mut parts = added.chain(changed).chain(removed);
+    let named: Vec<String> = parts.by_ref().take(MAX_DESCRIBED).collect();
+    let more = parts.count();
+    match (named.is_empty(), more) {
+        (true, _) => String::new(),
+        (false, 0) => format!("env {}", named.join(" ")),
+        (false, more) => format!("env {} and {more} more", named.join(" ")),
     }
 }
 
@@ -115,5 +153,21 @@ mod tests {
         let new = parse("A=1\nB=9\nD=4").unwrap();
         assert_eq!(describe_change(&old, &new), "env add:D change:B remove:C");
         assert_eq!(describe_change(&old, &old), "");
+    }
+
+    #[test]
+    fn descriptions_and_sizes_are_bounded() {
+        let many: Env = (0..25).map(|i| (format!("K{i:02}"), String::new())).collect();
+        let described = describe_change(&Env::new(), &many);
+        assert!(described.starts_with("env add:K00 add:K01 "), "{described}");
+        assert!(described.ends_with(" add:K19 and 5 more"), "{described}");
+        assert!(check_size(&many).is_ok());
+        let too_many: Env = (0..=MAX_KEYS).map(|i| (format!("K{i}"), String::new())).collect();
+        assert!(check_size(&too_many).unwrap_err().contains("at most 1000"));
+        let big: Env = [("A".to_owned(), "x".repeat(MAX_BYTES))].into();
+        assert!(check_size(&big).unwrap_err().contains("256 KiB"));
+        let fits: Env = [("A".to_owned(), "x".repeat(MAX_BYTES - 2))].into();
+        assert_eq!(format(&fits).len(), MAX_BYTES);
+        assert!(check_size(&fits).is_ok());
     }
 }

@@ -180,10 +180,10 @@ impl Application {
             metrics: metrics::Metrics::new(),
         }));
         if password_source == PasswordSource::Generated {
-            // Printed once, on the start that generated it, for the operator at the terminal;
-            // never logged.
+            // Printed once, on the start that generated it, for the operator at the terminal,
+            // on stdout: never with the logs (stderr), which are collected, shipped and kept.
             let addr = listener.local_addr()?;
-            eprintln!(
+            println!(
                 "rack: generated a password and saved it in {}\nrack: connect with RACK_URL=http://:{password}@{addr}",
                 state.config.data_dir.join("password").display()
             );

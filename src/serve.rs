@@ -3,9 +3,12 @@
 //! each request's headers (a slow-loris client is cut off, with a 408 when it had started a
 //! request), an idle keep-alive connection is closed after the same time (responses still
 //! being written, streams included, are never cut), headers over [`Limits::max_header_bytes`]
-//! get 431, and an address may hold at most [`Limits::max_unauthenticated`] connections that
-//! have not yet made an authenticated request (more get 429). On shutdown, accepting stops,
-//! idle connections close and requests in flight finish.
+//! or more than [`MAX_HEADERS`] headers get 431, and an address may hold at most
+//! [`Limits::max_unauthenticated`] connections that have not yet made an authenticated
+//! request (more get 429). A request that cannot be parsed is answered, then what the client
+//! still sends is read and dropped for a moment ([`linger`]) before the connection closes, so
+//! the client reads the answer instead of a reset. On shutdown, accepting stops, idle
+//! connections close and requests in flight finish.
 
 use std::collections::HashMap;
 use std::io;
@@ -32,6 +35,18 @@ use tower::ServiceExt;
 /// How long requests in flight get to finish once the server is stopping (streams end by
 /// themselves: they watch the shutdown token).
 const DRAIN: Duration = Duration::from_secs(30);
+
+/// Most headers a request may have (hyper's default, written here so that it is a documented
+/// limit): more get 431.
+pub const MAX_HEADERS: usize = 100;
+
+/// How long a connection whose request could not be parsed keeps reading what the client
+/// still sends, at most; and how long without anything arriving ends that sooner.
+const LINGER: Duration = Duration::from_secs(5);
+const LINGER_IDLE: Duration = Duration::from_millis(500);
+
+/// Most bytes read (and dropped) while lingering.
+const LINGER_BYTES: usize = 16 * 1024 * 1024;
 
 /// The listener's limits (settings of `rack server`).
 #[derive(Debug, Clone, Copy)]
@@ -68,7 +83,8 @@ pub async fn serve(
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192) + 4096)
-        .max_header_size(limits.max_header_bytes);
+        .max_header_size(limits.max_header_bytes)
+        .max_headers(MAX_HEADERS);
     let book = Arc::new(Unauthenticated::default());
     let tracker = TaskTracker::new();
     loop {
@@ -126,21 +142,47 @@ pub async fn serve(
                     tokio::time::timeout(DRAIN, conn.as_mut()).await.unwrap_or(Ok(()))
                 }
             };
-            if let Err(e) = ended
-                && e.is_timeout()
-                && connection.0.idle_bytes.load(Ordering::Relaxed) > 0
-            {
-                // It had started a request and did not finish its headers in time. (An idle
-                // keep-alive connection is closed silently: a 408 there could race with a
-                // request the client is sending at that moment.)
-                let message = format!("the request headers did not arrive within {}s\n", timeout.as_secs());
-                write_raw(&stream, "408 Request Timeout", &[], &message);
+            match ended {
+                Err(e) if e.is_timeout() && connection.0.idle_bytes.load(Ordering::Relaxed) > 0 => {
+                    // It had started a request and did not finish its headers in time. (An idle
+                    // keep-alive connection is closed silently: a 408 there could race with a
+                    // request the client is sending at that moment.)
+                    let message = format!("the request headers did not arrive within {}s\n", timeout.as_secs());
+                    write_raw(&stream, "408 Request Timeout", &[], &message);
+                }
+                // hyper answered (431 for too many or too large headers, 400) and stopped
+                // reading, with the rest of the request maybe still on its way.
+                Err(e) if e.is_parse() => linger(&stream).await,
+                _ => {}
             }
         });
     }
     tracker.close();
     let _ = tokio::time::timeout(DRAIN + Duration::from_secs(5), tracker.wait()).await;
     Ok(())
+}
+
+/// Reads and drops what the client still sends, until it stops (or [`LINGER`] or
+/// [`LINGER_BYTES`] is reached). Closing a socket with unread data makes the kernel reset the
+/// connection, and a client still sending its request then fails on its write without ever
+/// reading the answer already written for it.
+async fn linger(stream: &TcpStream) {
+    let deadline = tokio::time::Instant::now() + LINGER;
+    let mut buffer = vec![0; 64 * 1024];
+    let mut drained = 0;
+    while drained < LINGER_BYTES {
+        let until = deadline.min(tokio::time::Instant::now() + LINGER_IDLE);
+        match tokio::time::timeout_at(until, stream.readable()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return,
+        }
+        match stream.try_read(&mut buffer) {
+            Ok(0) => return,
+            Ok(n) => drained += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// Answers a connection over the per-address limit with 429 and closes it.

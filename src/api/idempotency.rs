@@ -1,7 +1,10 @@
 //! `Idempotency-Key` on the POSTs that create things (apps, objects, builds, releases,
 //! promotes): a retry with the same key and the same request within 24 hours gets the first
 //! response again (same status, same ids) and starts nothing new; the same key with another
-//! request is 422. Keys live in Postgres, so a retry may reach any replica.
+//! request is 422. A key belongs to the credential that sent it and the path it was sent to
+//! (so to one app's route): the same key from another token, or to another app, is another
+//! key, and no credential can claim a key another will use. Keys live in Postgres, so a retry
+//! may reach any replica.
 
 use std::collections::BTreeMap;
 
@@ -48,6 +51,13 @@ pub async fn idempotency(state: &AppState, request: Request, next: Next) -> Resu
         .ok_or_else(|| ApiError::BadRequest("Idempotency-Key must be 1 to 255 visible ASCII characters".into()))?
         .to_owned();
 
+    // Who sends it where: the credential (by id, never a secret) and the path, app included.
+    let credential = match request.extensions().get::<crate::auth::Principal>() {
+        Some(crate::auth::Principal { token: Some(id), .. }) => format!("token:{id}"),
+        Some(_) => "password".to_owned(),
+        None => "anonymous".to_owned(),
+    };
+    let scope = format!("{credential} {} {}", request.method(), request.uri().path());
     let (parts, body) = request.into_parts();
     let mut hasher = Sha256::new();
     hasher.update(parts.method.as_str());
@@ -75,7 +85,7 @@ pub async fn idempotency(state: &AppState, request: Request, next: Next) -> Resu
     };
     let hash = crate::objects::hex(&hasher.finalize());
 
-    match idempotency::claim(&state.pool, &key, &hash).await? {
+    match idempotency::claim(&state.pool, &scope, &key, &hash).await? {
         Some(record) if record.request_hash != hash => Err(ApiError::Unprocessable(format!(
             "Idempotency-Key {key} was used for a different request in the last 24 hours: use a new key"
         ))),
@@ -85,15 +95,15 @@ pub async fn idempotency(state: &AppState, request: Request, next: Next) -> Resu
         Some(record) => replay(state, record, &parts.headers, parts.extensions.get().cloned()),
         None => {
             let response = next.run(Request::from_parts(parts, body)).await;
-            Ok(remember(state, &key, response).await)
+            Ok(remember(state, (&scope, &key), response).await)
         }
     }
 }
 
 /// Stores the first response (or forgets the key when a retry should run the request again).
-async fn remember(state: &AppState, key: &str, response: Response) -> Response {
+async fn remember(state: &AppState, (scope, key): (&str, &str), response: Response) -> Response {
     let forget = || async {
-        if let Err(e) = idempotency::release(&state.pool, key).await {
+        if let Err(e) = idempotency::release(&state.pool, scope, key).await {
             tracing::warn!(error = %e, "forgetting an idempotency key");
         }
     };
@@ -115,7 +125,7 @@ async fn remember(state: &AppState, key: &str, response: Response) -> Response {
     }
     let status = response.status().as_u16();
     if let Some(StreamedDeployment(id)) = response.extensions().get::<StreamedDeployment>().copied() {
-        if let Err(e) = idempotency::complete(&state.pool, key, status, &headers, &[], Some(id)).await {
+        if let Err(e) = idempotency::complete(&state.pool, (scope, key), status, &headers, &[], Some(id)).await {
             tracing::warn!(error = %e, "storing an idempotent response");
             forget().await;
         }
@@ -126,7 +136,7 @@ async fn remember(state: &AppState, key: &str, response: Response) -> Response {
         forget().await;
         return ApiError::Internal(anyhow::anyhow!("a response too large to remember")).into_response();
     };
-    if let Err(e) = idempotency::complete(&state.pool, key, status, &headers, &bytes, None).await {
+    if let Err(e) = idempotency::complete(&state.pool, (scope, key), status, &headers, &bytes, None).await {
         tracing::warn!(error = %e, "storing an idempotent response");
         forget().await;
     }

@@ -46,7 +46,10 @@ fn decode<T: DeserializeOwned>(content_type: &str, body: &[u8]) -> Result<T, Api
     let is_json = content_type == "application/json" || content_type.ends_with("+json");
     if is_json {
         let invalid = |e: serde_json::Error| ApiError::BadRequest(format!("invalid JSON body: {e}"));
-        let mut value: serde_json::Value = serde_json::from_slice(body).map_err(invalid)?;
+        // Read with every object's keys checked: serde_json keeps the last of two equal keys,
+        // so `{"role":"read","role":"admin"}` would mean what a filter that read the first did
+        // not see.
+        let Unique(mut value) = serde_json::from_slice(body).map_err(invalid)?;
         let serde_json::Value::Object(fields) = &mut value else {
             // serde would read an array into a struct, field by field: not what anyone means.
             return Err(ApiError::BadRequest("invalid JSON body: it must be an object".into()));
@@ -84,6 +87,76 @@ fn decode<T: DeserializeOwned>(content_type: &str, body: &[u8]) -> Result<T, Api
             content_type
         }
     )))
+}
+
+/// A JSON value whose objects have no key twice (a duplicate is an error naming it).
+struct Unique(serde_json::Value);
+
+impl<'de> serde::Deserialize<'de> for Unique {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(UniqueVisitor).map(Unique)
+    }
+}
+
+struct UniqueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Unique(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(items.into())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut fields = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if fields.contains_key(&key) {
+                let shown: String = key.chars().take(100).collect();
+                return Err(serde::de::Error::custom(format_args!(
+                    "duplicate field `{shown}`: give each field once"
+                )));
+            }
+            let Unique(value) = map.next_value()?;
+            fields.insert(key, value);
+        }
+        Ok(fields.into())
+    }
 }
 
 /// A query string decoded into `T`; errors say what is wrong in our error shape.
@@ -220,6 +293,15 @@ mod tests {
             null.to_string(),
             "invalid JSON body: field `lock` is null: leave it out instead"
         );
+        let twice = decode::<Body>("application/json", br#"{"name":"a","name":"b"}"#).unwrap_err();
+        assert!(
+            twice
+                .to_string()
+                .starts_with("invalid JSON body: duplicate field `name`"),
+            "{twice}"
+        );
+        let nested = decode::<serde_json::Value>("application/json", br#"{"a":{"b":1,"b":2}}"#).unwrap_err();
+        assert!(nested.to_string().contains("duplicate field `b`"), "{nested}");
         let array = decode::<Body>("application/json", br#"["a", true]"#).unwrap_err();
         assert_eq!(array.to_string(), "invalid JSON body: it must be an object");
         let media = decode::<Body>("text/plain", b"name=a").unwrap_err();

@@ -12,6 +12,7 @@ pub mod idempotency;
 pub mod input;
 pub mod limits;
 pub mod objects;
+pub mod origin;
 pub mod processes;
 pub mod releases;
 pub mod run;
@@ -236,8 +237,10 @@ pub fn router(state: AppState) -> Router {
         // After routing (it needs the matched path) and after authentication.
         .route_layer(middleware::from_fn_with_state((state.clone(), policies), guard))
         .fallback(unknown_route)
-        // Layers run outside-in from the last one added: request id, trace, error rendering, auth.
+        // Layers run outside-in from the last one added: request id, trace, error rendering,
+        // cross-site refusal (before a credential a browser attached is even looked at), auth.
         .layer(auth)
+        .layer(middleware::from_fn(origin::refuse_cross_site))
         .layer(middleware::from_fn(render_errors))
         .layer(middleware::from_fn_with_state(state.clone(), count_request))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
@@ -421,17 +424,28 @@ async fn unknown_route(method: Method, uri: axum::http::Uri) -> ApiError {
     ApiError::NotFound("route", format!("{method} {}", uri.path()))
 }
 
+/// Whether a request comes from a browser: it sends `Sec-Fetch-*` headers (every current one
+/// does), or asks for a page (`Accept` naming `text/html`, as every browser's navigation does).
+fn looks_like_a_browser(headers: &axum::http::HeaderMap) -> bool {
+    let fetch_metadata = headers.keys().any(|name| name.as_str().starts_with("sec-fetch-"));
+    let wants_html = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/html"));
+    fetch_metadata || wants_html
+}
+
 /// Renders every error response as the client asked: `{"error": "..."}` when `Accept` names
 /// JSON, `<message>\n` as text otherwise (what the convox CLI reads). Errors that did not come
 /// from an `ApiError` (405 from the router, 503 from the timeout) get a message here.
 async fn render_errors(request: Request, next: Next) -> Response {
     let format = input::Format::of(request.headers());
-    // A script's request (the dashboard's fetch) must not make the browser ask for a password
-    // in a dialog of its own: the page has its sign-in form.
-    let scripted = request
-        .headers()
-        .get("sec-fetch-mode")
-        .is_some_and(|mode| mode.as_bytes() != b"navigate");
+    // A browser is never challenged for basic auth: a challenge makes it ask for the password
+    // in a dialog of its own and then cache it and attach it to every later request to the
+    // rack, including forms other sites' pages submit. The dashboard has its sign-in form;
+    // the CLIs (ours, convox's) and curl -u send their credential up front, unasked.
+    let browser = looks_like_a_browser(request.headers());
     let response = next.run(request).await;
     let status = response.status();
     if !status.is_client_error() && !status.is_server_error() {
@@ -455,7 +469,7 @@ async fn render_errors(request: Request, next: Next) -> Response {
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    if scripted {
+    if browser {
         parts.headers.remove(header::WWW_AUTHENTICATE);
     }
     let body = match format {

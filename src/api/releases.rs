@@ -50,6 +50,9 @@ impl From<Release> for ReleaseView {
     }
 }
 
+/// Longest description a client may give a release (every list of releases repeats it).
+const MAX_DESCRIPTION: usize = 1000;
+
 /// `POST /apps/{app}/releases`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -120,6 +123,14 @@ pub async fn create_release(
     Path(app): Path<String>,
     Input(body): Input<CreateRelease>,
 ) -> ApiResult<Response> {
+    if let Some(description) = &body.description
+        && description.chars().count() > MAX_DESCRIPTION
+    {
+        return Err(ApiError::Unprocessable(format!(
+            "description is {} characters: at most {MAX_DESCRIPTION}",
+            description.chars().count()
+        )));
+    }
     let app = load_app(&state, &app).await?;
     // One transaction, one snapshot: the parent, the build and the new release agree.
     let mut tx = state.pool.begin().await?;
@@ -145,7 +156,11 @@ pub async fn create_release(
     };
     let old_env = crate::env::parse(parent.as_ref().map_or("", |p| p.env.as_str())).unwrap_or_default();
     let env = match &body.env {
-        Some(text) => crate::env::parse(text).map_err(|e| ApiError::BadRequest(e.to_string()))?,
+        Some(text) => {
+            let env = crate::env::parse(text).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            crate::env::check_size(&env).map_err(ApiError::Unprocessable)?;
+            env
+        }
         None => old_env.clone(),
     };
     let build_id = build

@@ -68,11 +68,19 @@ pub async fn create_token(State(state): State<AppState>, Input(body): Input<Crea
             "name must be 1 to 100 characters, not blank, without control characters".into(),
         ));
     }
-    let apps = match body.apps.as_deref().map(str::trim).filter(|a| !a.is_empty()) {
+    let apps = match body.apps.as_deref() {
         None => None,
+        // Left out is every app; given, it must name some: an empty list (or an empty name in
+        // it, `a,,b`) is a mistake (`--app ""` from an unset variable), never every app.
         Some(list) => Some(
             list.split(',')
                 .map(|app| {
+                    if app.trim().is_empty() {
+                        let shown: String = list.chars().take(100).collect();
+                        return Err(ApiError::BadRequest(format!(
+                            "apps: {shown:?} has an empty app name: name the apps (comma-separated), or leave apps out for every app"
+                        )));
+                    }
                     crate::names::AppName::parse(app.trim())
                         .map(|name| name.to_string())
                         .map_err(|e| ApiError::BadRequest(format!("apps: {e}")))

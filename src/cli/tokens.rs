@@ -76,9 +76,12 @@ pub async fn run(client: &Client, command: Option<TokensCommand>) -> anyhow::Res
             apps,
             expires,
         }) => {
+            // Sent whenever --app is given, even empty (`--app "$UNSET"`): the rack refuses an
+            // empty name rather than make a token for every app.
+            let given = !apps.is_empty();
             let apps = apps.join(",");
             let mut form = vec![("name", name.as_str()), ("role", role.as_str())];
-            if !apps.is_empty() {
+            if given {
                 form.push(("apps", apps.as_str()));
             }
             if let Some(expires) = &expires {

@@ -82,14 +82,46 @@ pub(super) fn check_schedule(schedule: &str) -> Result<(), String> {
             "expected 5 fields (minute, hour, day of month, month, day of week) or a macro such as @daily, got {count}"
         ));
     }
-    for (text, field) in fields.into_iter().zip(&CRON_FIELDS) {
-        text.split(',').try_for_each(|item| check_cron_item(item, field))?;
+    let mut values = [0_u64; 5];
+    for ((text, field), values) in fields.iter().zip(&CRON_FIELDS).zip(&mut values) {
+        for item in text.split(',') {
+            *values |= check_cron_item(item, field)?;
+        }
+    }
+    // A schedule can pass every field and still name no time at all (February 30): it would
+    // never run, silently. The day of week restricts nothing when it is `*` (then the day of
+    // month alone decides, as in robfig/cron and croner); otherwise either may match.
+    let [_, _, days, months, _] = values;
+    let any_weekday = fields[4].starts_with(['*', '?']) && values[4] == mask(0, 6);
+    let some_day = (1..=12_u32)
+        .filter(|month| months & (1 << month) != 0)
+        .any(|month| days & mask(1, days_in(month)) != 0);
+    if any_weekday && !some_day {
+        return Err(format!(
+            "it never runs: no month of {:?} has a day {:?}",
+            fields[3], fields[2]
+        ));
     }
     Ok(())
 }
 
-/// One item of a cron field's list: `*`, `n`, `a-b`, each optionally followed by `/step`.
-fn check_cron_item(item: &str, field: &CronField) -> Result<(), String> {
+/// The most days `month` has (February: 29, in leap years).
+fn days_in(month: u32) -> u32 {
+    match month {
+        2 => 29,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// The bits of the values `low..=high`.
+fn mask(low: u32, high: u32) -> u64 {
+    (low..=high).fold(0, |bits, n| bits | (1 << n))
+}
+
+/// One item of a cron field's list: `*`, `n`, `a-b`, each optionally followed by `/step`;
+/// returns the values it names, as bits.
+fn check_cron_item(item: &str, field: &CronField) -> Result<u64, String> {
     let CronField { name, min, max, .. } = *field;
     let invalid =
         || format!("invalid {name} {item:?}: use *, a number, a range a-b, a step */n or a-b/n, or a list of these");
@@ -97,17 +129,28 @@ fn check_cron_item(item: &str, field: &CronField) -> Result<(), String> {
         Some((range, step)) => (range, Some(step)),
         None => (item, None),
     };
-    if let Some(step) = step {
-        if !is_digits(step) {
-            return Err(invalid());
-        }
-        if step.bytes().all(|b| b == b'0') {
+    let step = match step {
+        None => 1,
+        Some(step) if !is_digits(step) => return Err(invalid()),
+        Some(step) if step.bytes().all(|b| b == b'0') => {
             return Err(format!("invalid {name} {item:?}: a step must be at least 1"));
         }
-    }
+        // Larger than the field's span, a step names only its start; far larger, the local
+        // scheduler's parser (croner) cannot read it and the timer would never run.
+        Some(step) => match step.parse::<u32>() {
+            Ok(step) if step <= max - min + 1 => step,
+            _ => {
+                return Err(format!(
+                    "invalid {name} {item:?}: a step must be at most {}, the number of values of {name} ({min}-{max})",
+                    max - min + 1
+                ));
+            }
+        },
+    };
+    let stepped = |low: u32, high: u32| (low..=high).step_by(step as usize).fold(0, |bits, n| bits | (1 << n));
     match range {
-        "*" => return Ok(()),
-        "?" if field.question => return Ok(()),
+        "*" => return Ok(stepped(min, max)),
+        "?" if field.question => return Ok(stepped(min, max)),
         "?" => return Err(format!("{name} cannot be ?: only day of month and day of week can")),
         _ => {}
     }
@@ -129,9 +172,38 @@ fn check_cron_item(item: &str, field: &CronField) -> Result<(), String> {
         }
         Ok(n)
     };
-    let (low, high) = range.split_once('-').unwrap_or((range, range));
-    if value(low)? > value(high)? {
+    let (low, high) = match range.split_once('-') {
+        Some((low, high)) => (value(low)?, value(high)?),
+        // `n/step` runs from n to the end of the field, as robfig/cron reads it.
+        None if item.contains('/') => (value(range)?, max),
+        None => (value(range)?, value(range)?),
+    };
+    if low > high {
         return Err(format!("{name} range {range} starts after it ends"));
     }
-    Ok(())
+    Ok(stepped(low, high))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr as _;
+
+    /// What passes here, the local scheduler (croner, in `jobs::timers`) can run: it parses
+    /// it and finds a next time.
+    #[test]
+    fn accepted_schedules_run_on_the_local_scheduler() {
+        let now = chrono::Utc::now();
+        for schedule in [
+            "*/60 * * * *",
+            "59/60 23/24 31/31 12/12 6/7",
+            "0 0 29 2 *",
+            "0 0 30 2 1",
+            "0-59/7 0,12 1-31/2 * ?",
+            "*/15 9-17 ? JAN-jun,dec MON-FRI",
+        ] {
+            super::check_schedule(schedule).unwrap_or_else(|e| panic!("{schedule}: {e}"));
+            let cron = croner::Cron::from_str(schedule).unwrap_or_else(|e| panic!("{schedule}: {e}"));
+            assert!(cron.find_next_occurrence(&now, false).is_ok(), "{schedule}");
+        }
+    }
 }

@@ -329,6 +329,16 @@ fn timer_schedules_are_checked() {
         ("\"0 0 * * MON-FUN\"", "invalid day of week"),
         ("\"99999999999 * * * *\"", "minute 99999999999 is out of range"),
         ("\"*/0 * * * *\"", "a step must be at least 1"),
+        (
+            "\"*/4294967296 * * * *\"",
+            "invalid minute \"*/4294967296\": a step must be at most 60",
+        ),
+        ("\"0 */25 * * *\"", "a step must be at most 24"),
+        ("\"0 0 1-31/99999999999 * *\"", "a step must be at most 31"),
+        ("\"0 0 30 2 *\"", "it never runs: no month of \"2\" has a day \"30\""),
+        ("\"0 0 30 FEB ?\"", "it never runs"),
+        ("\"0 0 31 4,6,9,11 *\"", "it never runs"),
+        ("\"0 0 30-31 2 */1\"", "it never runs"),
         ("\"*/x * * * *\"", "invalid minute"),
         ("\"*/5/2 * * * *\"", "invalid minute"),
         ("\"1-2-3 * * * *\"", "invalid minute"),
@@ -361,6 +371,10 @@ fn timer_schedules_are_checked() {
         "\"5/15 * * * *\"",
         "\"0-59/7 0,12 1-31/2 * ?\"",
         "\"0 0 ? * 1,3,5\"",
+        "\"*/60 * * * *\"",
+        "\"0 0 29 2 *\"",
+        "\"0 0 30 2 1\"",
+        "\"0 0 31 1-12/3 *\"",
         "\"\t0\t3 * *  *\"",
     ] {
         let m = timer(schedule, "").unwrap_or_else(|e| panic!("{schedule}: {e}"));

@@ -1,4 +1,5 @@
-//! Idempotency keys in Postgres: a claim per key, then the stored first response.
+//! Idempotency keys in Postgres: a claim per key within its scope (the credential and the
+//! request path that sent it), then the stored first response.
 
 use std::collections::BTreeMap;
 
@@ -23,6 +24,8 @@ pub enum KeyState {
 /// A stored key.
 #[derive(Debug, Clone, FromRow)]
 pub struct Record {
+    /// Who sent it where: `<credential> <METHOD> <path>`.
+    pub scope: String,
     pub key: String,
     pub request_hash: String,
     pub state: KeyState,
@@ -33,25 +36,29 @@ pub struct Record {
     pub created_at: DateTime<Utc>,
 }
 
-/// Claims `key` for a new request; returns `None` when claimed now, or the existing record.
-/// Records older than the retention period are forgotten first.
-pub async fn claim(pool: &PgPool, key: &str, request_hash: &str) -> Result<Option<Record>, sqlx::Error> {
+/// Claims `key` within `scope` for a new request; returns `None` when claimed now, or the
+/// existing record. Records older than the retention period are forgotten first.
+pub async fn claim(pool: &PgPool, scope: &str, key: &str, request_hash: &str) -> Result<Option<Record>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("delete from idempotency_keys where key = $1 and created_at < now() - make_interval(hours => $2)")
         .bind(key)
         .bind(RETENTION_HOURS)
         .execute(&mut *tx)
         .await?;
-    let inserted =
-        sqlx::query("insert into idempotency_keys (key, request_hash) values ($1, $2) on conflict (key) do nothing")
-            .bind(key)
-            .bind(request_hash)
-            .execute(&mut *tx)
-            .await?;
+    let inserted = sqlx::query(
+        "insert into idempotency_keys (scope, key, request_hash) values ($1, $2, $3)
+             on conflict (scope, key) do nothing",
+    )
+    .bind(scope)
+    .bind(key)
+    .bind(request_hash)
+    .execute(&mut *tx)
+    .await?;
     let existing = if inserted.rows_affected() == 1 {
         None
     } else {
-        sqlx::query_as("select * from idempotency_keys where key = $1")
+        sqlx::query_as("select * from idempotency_keys where scope = $1 and key = $2")
+            .bind(scope)
             .bind(key)
             .fetch_optional(&mut *tx)
             .await?
@@ -60,10 +67,10 @@ pub async fn claim(pool: &PgPool, key: &str, request_hash: &str) -> Result<Optio
     Ok(existing)
 }
 
-/// Stores the first response of `key`.
+/// Stores the first response of `key` within `scope`.
 pub async fn complete(
     pool: &PgPool,
-    key: &str,
+    (scope, key): (&str, &str),
     status: u16,
     headers: &BTreeMap<String, String>,
     body: &[u8],
@@ -71,7 +78,7 @@ pub async fn complete(
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "update idempotency_keys set state = $6, status = $2, headers = $3, body = $4, deployment_id = $5
-          where key = $1",
+          where key = $1 and scope = $7",
     )
     .bind(key)
     .bind(i32::from(status))
@@ -79,14 +86,16 @@ pub async fn complete(
     .bind(body)
     .bind(deployment)
     .bind(KeyState::Done)
+    .bind(scope)
     .execute(pool)
     .await
     .map(drop)
 }
 
-/// Forgets `key` (its request failed in a way a retry should redo).
-pub async fn release(pool: &PgPool, key: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("delete from idempotency_keys where key = $1 and state = $2")
+/// Forgets `key` within `scope` (its request failed in a way a retry should redo).
+pub async fn release(pool: &PgPool, scope: &str, key: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("delete from idempotency_keys where scope = $1 and key = $2 and state = $3")
+        .bind(scope)
         .bind(key)
         .bind(KeyState::Pending)
         .execute(pool)

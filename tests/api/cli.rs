@@ -496,6 +496,12 @@ async fn scoped_tokens_and_the_audit_log_from_the_cli() {
     );
     let run = rack(&app, &secret, &["audit"]).await;
     assert_eq!(run.code, 1, "a deploy token reads no audit log");
+    // `--app "$UNSET"` is a mistake, not every app.
+    let run = rack(&app, PASSWORD, &["tokens", "create", "ci-all", "--app", ""]).await;
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert!(run.stderr.contains("empty app name"), "{}", run.stderr);
+    let run = rack(&app, PASSWORD, &["tokens"]).await;
+    assert!(!run.stdout.contains("ci-all"), "{}", run.stdout);
 }
 
 #[tokio::test]

@@ -17,7 +17,7 @@ const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
 /// A chromedriver on a free loopback port, in a process group of its own: the guard kills the
 /// group, so the browsers it started go too, even when the test fails half-way.
-struct Driver {
+pub struct Driver {
     child: tokio::process::Child,
     url: String,
 }
@@ -30,7 +30,7 @@ impl Drop for Driver {
     }
 }
 
-async fn chromedriver() -> Driver {
+pub async fn chromedriver() -> Driver {
     assert!(
         std::path::Path::new(CHROMEDRIVER).exists() && std::path::Path::new(CHROMIUM).exists(),
         "the browser test needs Debian's chromium and chromium-driver (scripts/install-deps installs them)"
@@ -86,12 +86,8 @@ async fn wait_script(browser: &fantoccini::Client, what: &str, script: &str) -> 
     }
 }
 
-#[tokio::test]
-async fn the_dashboard_shows_a_deployment_live_in_a_real_browser() {
-    let app = TestApp::spawn().await;
-    let release = built(&app, "web").await;
-    let driver = chromedriver().await;
-    let profile = tempfile::tempdir().unwrap();
+/// A headless Chromium session with a fresh profile in `profile`.
+pub async fn browser(driver: &Driver, profile: &std::path::Path) -> fantoccini::Client {
     let mut capabilities = serde_json::Map::new();
     capabilities.insert(
         "goog:chromeOptions".to_owned(),
@@ -101,15 +97,24 @@ async fn the_dashboard_shows_a_deployment_live_in_a_real_browser() {
                 "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--disable-quic", "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--window-size=1280,860",
-                format!("--user-data-dir={}", profile.path().display()),
+                format!("--user-data-dir={}", profile.display()),
             ],
         }),
     );
-    let browser = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
         .capabilities(capabilities)
         .connect(&driver.url)
         .await
-        .expect("a WebDriver session");
+        .expect("a WebDriver session")
+}
+
+#[tokio::test]
+async fn the_dashboard_shows_a_deployment_live_in_a_real_browser() {
+    let app = TestApp::spawn().await;
+    let release = built(&app, "web").await;
+    let driver = chromedriver().await;
+    let profile = tempfile::tempdir().unwrap();
+    let browser = browser(&driver, profile.path()).await;
 
     browser.goto(&app.url("/")).await.unwrap();
     let secret = browser.wait().for_element(Locator::Id("secret")).await.unwrap();

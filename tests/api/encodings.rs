@@ -215,3 +215,31 @@ async fn idempotent_retries_replay_the_first_response_and_refuse_other_requests(
     let builds: Vec<Value> = app.get_json("/apps/myapp/builds").await;
     assert_eq!(builds.len(), 1, "a retried build starts nothing new");
 }
+
+#[tokio::test]
+async fn json_bodies_with_a_key_twice_are_refused_naming_it() {
+    let app = TestApp::spawn().await;
+    let response = app
+        .json(Method::POST, "/tokens")
+        .header("content-type", "application/json")
+        .body(r#"{"name":"ci","role":"read","role":"admin"}"#)
+        .send()
+        .await
+        .unwrap();
+    let (status, text) = status_text(response).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("duplicate field `role`"), "{text}");
+    let tokens: Vec<Value> = app.get_json("/tokens").await;
+    assert!(tokens.is_empty(), "{tokens:?}");
+    // Forms were refused already (by the field's decoder); still are.
+    let response = app
+        .json(Method::POST, "/apps")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("name=a&name=b")
+        .send()
+        .await
+        .unwrap();
+    let (status, text) = status_text(response).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("duplicate field `name`"), "{text}");
+}

@@ -10,6 +10,7 @@ mod builds;
 mod bus;
 mod cli;
 mod containers;
+mod cross_site;
 mod dashboard;
 mod deploys;
 mod encodings;

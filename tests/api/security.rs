@@ -9,6 +9,9 @@ use serde_json::Value;
 
 use crate::helpers::{PASSWORD, TestApp, status_text, wait_for};
 
+/// What a throttled password check waits (`rack::throttle::TURN_DELAY`).
+const TURN_DELAY: Duration = Duration::from_secs(1);
+
 /// Creates a token with `form` fields; returns (id, secret).
 async fn token(app: &TestApp, form: &[(&str, &str)]) -> (String, String) {
     let response = app.json(Method::POST, "/tokens").form(form).send().await.unwrap();
@@ -211,11 +214,9 @@ async fn a_credential_may_hold_only_so_many_streams() {
     .await;
 }
 
-#[tokio::test]
-async fn failed_authentications_are_throttled_per_address() {
-    let app = TestApp::spawn().await;
-    let mut statuses = Vec::new();
-    for _ in 0..50 {
+/// `n` requests with a wrong password at once; their statuses.
+async fn wrong_guesses(app: &TestApp, n: usize) -> Vec<u16> {
+    let guesses = (0..n).map(|_| async {
         let response = app
             .client
             .get(app.url("/apps"))
@@ -223,29 +224,62 @@ async fn failed_authentications_are_throttled_per_address() {
             .send()
             .await
             .unwrap();
-        statuses.push(response.status().as_u16());
         if response.status() == 429 {
             let wait: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
             assert!((1..=60).contains(&wait), "{wait}");
         }
+        response.status().as_u16()
+    });
+    futures_util::future::join_all(guesses).await
+}
+
+#[tokio::test]
+async fn failed_authentications_are_throttled_but_never_shut_out_a_valid_credential() {
+    let app = TestApp::spawn().await;
+    let (_, secret) = token(&app, &[("name", "ci"), ("role", "read")]).await;
+    // 20 failures a minute at full speed, then 429: 30 wrong passwords from 127.0.0.1 (an app
+    // process guessing, say).
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        statuses.extend(wrong_guesses(&app, 1).await);
     }
+    statuses.extend(wrong_guesses(&app, 10).await);
     assert_eq!(statuses.iter().filter(|s| **s == 401).count(), 20, "{statuses:?}");
-    assert_eq!(statuses.last(), Some(&429));
-    // Even the right password is not checked from that address for now...
-    let blocked = app.request(Method::GET, "/apps").send().await.unwrap();
-    assert_eq!(blocked.status(), 429);
-    // ...while another address is unaffected.
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 10, "{statuses:?}");
+    // The admin's curl with the right password, and a token, from that same address still
+    // get in...
+    let admin = app.request(Method::GET, "/apps").send().await.unwrap();
+    assert_eq!(admin.status(), 200);
+    let ci = with(&app, &secret, Method::GET, "/apps").send().await.unwrap();
+    assert_eq!(ci.status(), 200);
+    // ...while a further wrong guess (password or token) is still refused.
+    assert_eq!(wrong_guesses(&app, 1).await, [429]);
+    let token_guess = with(
+        &app,
+        "rack_0000000000000000000000000000000000000000",
+        Method::GET,
+        "/apps",
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(token_guess.status(), 429);
+    // A throttled password guess waited for its turn (a guesser gets few of them).
+    let started = std::time::Instant::now();
+    assert_eq!(wrong_guesses(&app, 1).await, [429]);
+    assert!(started.elapsed() >= TURN_DELAY, "{:?}", started.elapsed());
+    // Another address is unaffected.
     let elsewhere = reqwest::Client::builder()
         .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
         .build()
         .unwrap();
     let response = elsewhere
         .get(app.url("/apps"))
-        .basic_auth("convox", Some(PASSWORD))
+        .basic_auth("convox", Some("wrong"))
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(response.status(), 401);
 }
 
 #[tokio::test]
@@ -348,4 +382,116 @@ async fn the_audit_log_says_who_did_what_and_holds_no_secret() {
             .status(),
         403
     );
+}
+
+#[tokio::test]
+async fn an_empty_app_list_never_makes_an_all_apps_token() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.create_app("myapp").await.status(), 201);
+    for apps in ["", " ", ",", "myapp,", "myapp,,other", " ,myapp"] {
+        let response = app
+            .json(Method::POST, "/tokens")
+            .form(&[("name", "ci"), ("role", "deploy"), ("apps", apps)])
+            .send()
+            .await
+            .unwrap();
+        let (status, text) = status_text(response).await;
+        assert_eq!(status, 400, "apps={apps:?}: {text}");
+        assert!(text.contains("apps") && text.contains("empty app name"), "{text}");
+        let response = app
+            .json(Method::POST, "/tokens")
+            .json(&serde_json::json!({ "name": "ci", "role": "deploy", "apps": apps }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "apps={apps:?} as JSON");
+    }
+    let tokens: Vec<Value> = app.get_json("/tokens").await;
+    assert!(tokens.is_empty(), "{tokens:?}");
+}
+
+#[tokio::test]
+async fn idempotency_keys_belong_to_one_credential_and_one_app() {
+    let app = TestApp::spawn().await;
+    for name in ["one", "two"] {
+        assert_eq!(app.create_app(name).await.status(), 201);
+    }
+    let (_, squatter) = token(&app, &[("name", "squatter"), ("role", "deploy")]).await;
+    let (_, ci) = token(&app, &[("name", "ci"), ("role", "deploy")]).await;
+    let release = |secret: String, name: &'static str| {
+        let request = app
+            .client
+            .post(app.url(&format!("/apps/{name}/releases")))
+            .header("accept", "application/json")
+            .header("idempotency-key", "deploy-42")
+            .form(&[("env", "A=1")]);
+        async move {
+            let response = if secret.is_empty() {
+                request.basic_auth("convox", Some(PASSWORD))
+            } else {
+                request.bearer_auth(secret)
+            }
+            .send()
+            .await
+            .unwrap();
+            let replayed = response.headers().contains_key("idempotent-replayed");
+            let (status, text) = status_text(response).await;
+            assert_eq!(status, 201, "{name}: {text}");
+            let body: Value = serde_json::from_str(&text).unwrap();
+            (body["id"].as_str().unwrap().to_owned(), replayed)
+        }
+    };
+    // One token uses the key first...
+    let (squatted, _) = release(squatter.clone(), "one").await;
+    // ...which changes nothing for another token or the password, each its own first request.
+    let (mine, replayed) = release(ci.clone(), "one").await;
+    assert!(!replayed && mine != squatted, "another token's key was replayed to CI");
+    let (admin, replayed) = release(String::new(), "one").await;
+    assert!(!replayed && admin != squatted && admin != mine);
+    // The same credential and key on another app is another request too...
+    let (other_app, replayed) = release(ci.clone(), "two").await;
+    assert!(!replayed && other_app != mine);
+    // ...while its own retry is still replayed.
+    let (again, replayed) = release(ci, "one").await;
+    assert!(replayed && again == mine, "{again} {mine}");
+    let releases: Vec<Value> = app.get_json("/apps/one/releases").await;
+    assert_eq!(releases.len(), 3);
+}
+
+#[tokio::test]
+async fn a_release_env_and_its_description_are_bounded() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.create_app("myapp").await.status(), 201);
+    let env = |keys: usize| (0..keys).map(|i| format!("K{i}=v")).collect::<Vec<_>>().join("\n");
+    let app = &app;
+    let create = |form: Vec<(&'static str, String)>| async move {
+        let response = app
+            .json(Method::POST, "/apps/myapp/releases")
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        status_text(response).await
+    };
+    // 300 000 keys (under the 4 MiB body limit) are refused, naming the limit.
+    let (status, text) = create(vec![("env", env(300_000))]).await;
+    assert_eq!(status, 422, "{}", &text[..text.len().min(300)]);
+    assert!(text.contains("at most 1000"), "{text}");
+    // So is one value of 300 KiB.
+    let (status, text) = create(vec![("env", format!("BIG={}", "x".repeat(300 * 1024)))]).await;
+    assert_eq!(status, 422);
+    assert!(text.contains("256 KiB"), "{text}");
+    let (status, text) = create(vec![("description", "d".repeat(1001))]).await;
+    assert_eq!(status, 422);
+    assert!(text.contains("at most 1000"), "{text}");
+    // 1000 keys are fine, and the description names 20 of them, then how many more.
+    let (status, text) = create(vec![("env", env(1000))]).await;
+    assert_eq!(status, 201, "{}", &text[..text.len().min(300)]);
+    let release: Value = serde_json::from_str(&text).unwrap();
+    let description = release["description"].as_str().unwrap();
+    assert!(description.starts_with("env add:K0 "), "{description}");
+    assert!(description.ends_with(" and 980 more"), "{description}");
+    assert!(description.len() < 400, "{description}");
+    let releases: Vec<Value> = app.get_json("/apps/myapp/releases").await;
+    assert_eq!(releases.len(), 1, "nothing of the refused ones was kept");
 }

@@ -181,3 +181,105 @@ async fn an_address_may_hold_only_so_many_unauthenticated_connections() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn too_many_headers_get_431_not_a_reset() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::spawn().await;
+    // 5 000 headers of 1 KiB: far over the count a parser keeps room for and over
+    // RACK_MAX_HEADER_BYTES (64 KiB), so the server answers long before it has read them all,
+    // while the client is still sending.
+    let value = reqwest::header::HeaderValue::from_str(&"v".repeat(1024)).unwrap();
+    let mut headers = reqwest::header::HeaderMap::new();
+    for i in 0..5000 {
+        headers.insert(
+            reqwest::header::HeaderName::try_from(format!("x-h{i}")).unwrap(),
+            value.clone(),
+        );
+    }
+    for _ in 0..3 {
+        let response = app
+            .convox(Method::GET, "/system")
+            .headers(headers.clone())
+            .send()
+            .await
+            .expect("an answer, not a reset");
+        assert_eq!(response.status(), 431);
+    }
+    let mut head = String::from("POST /apps HTTP/1.1\r\nHost: rack\r\n");
+    for i in 0..5000 {
+        head.push_str(&format!("X-H{i}: {}\r\n", "v".repeat(1024)));
+    }
+    head.push_str("\r\n");
+    let mut raw = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    // The server answers before it has read all of it, but reads the rest before it closes:
+    // closing with unread data would reset the connection under a client still sending (its
+    // write fails, and the answer is lost with it).
+    raw.write_all(head.as_bytes())
+        .await
+        .expect("the whole request is read, not reset");
+    let answer = read_until_closed(&mut raw).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    // The server still serves.
+    assert_eq!(app.convox(Method::GET, "/system").send().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn a_generated_password_is_printed_on_stdout_never_with_the_logs() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let data = crate::helpers::reachable_tempdir();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rack"))
+        .arg("server")
+        .env("RACK_BIND", "127.0.0.1:0")
+        .env("RACK_DATA", data.path())
+        .env_remove("RACK_PASSWORD")
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let logs = tokio::spawn(async move {
+        let mut text = Vec::new();
+        let _ = stderr.read_to_end(&mut text).await;
+        String::from_utf8_lossy(&text).into_owned()
+    });
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while let Some(line) = stdout.next_line().await.unwrap() {
+            if let Some(url) = line.strip_prefix("rack: connect with RACK_URL=") {
+                return url.to_owned();
+            }
+        }
+        panic!("stdout ended without the connect line");
+    })
+    .await
+    .expect("the connect line within 60 s");
+    let password = std::fs::read_to_string(data.path().join("password"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert!(url.contains(&password), "{url}");
+    let address = url.rsplit('@').next().unwrap().to_owned();
+    let client = reqwest::Client::new();
+    crate::helpers::wait_for(60, "the server to answer", || async {
+        let response = client
+            .get(format!("http://{address}/system"))
+            .basic_auth("", Some(&password))
+            .send()
+            .await
+            .ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    child.kill().await.unwrap();
+    let logs = tokio::time::timeout(std::time::Duration::from_secs(30), logs)
+        .await
+        .expect("stderr closes once the server is gone")
+        .unwrap();
+    assert!(!logs.is_empty(), "the server logs to stderr");
+    assert!(!logs.contains(&password), "the password is in the logs: {logs}");
+}
