@@ -89,6 +89,7 @@ impl Application {
     /// # Errors
     /// Anything that keeps the server from starting, with a message that says what to fix.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        tls::install_provider();
         create_data_dir(&config.data_dir)?;
         let (password, password_source) = auth::resolve_password(config.password.as_deref(), &config.data_dir)?;
         let tls = load_tls(&config)?;

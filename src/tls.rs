@@ -32,6 +32,18 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Makes ring the process's default crypto provider. Every reqwest client needs one when it is
+/// built, even for plain http (reqwest is built with rustls but without a provider of its own,
+/// which would be aws-lc-rs and its C build): call this before building any, as `rack`'s main,
+/// [`crate::Application::build`] and the CLI's client do. Calling it again does nothing.
+pub fn install_provider() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        // Fails only when a provider is installed already, which is as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 /// A certificate chain and its private key, as PEM files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertFiles {
@@ -352,6 +364,7 @@ pub struct Verifier {
     trust: Trust,
     provider: Arc<CryptoProvider>,
     refusal: Mutex<Option<String>>,
+    saving: Mutex<()>,
 }
 
 impl Verifier {
@@ -374,6 +387,7 @@ impl Verifier {
             trust,
             provider,
             refusal: Mutex::new(None),
+            saving: Mutex::new(()),
         }
     }
 
@@ -410,32 +424,41 @@ impl Verifier {
                 format_fingerprint(pinned)
             ))),
             Trust::KnownRacks { .. } if roots_vouch => Ok(()),
-            Trust::KnownRacks { file, rack } => match known_fingerprint(file, rack) {
-                Ok(Some(known)) if known == seen => Ok(()),
-                Ok(Some(known)) => Err(self.refuse(format!(
-                    "the certificate of the rack at {rack} has changed: it presents {shown}, but {} holds {} for it. \
-                     Someone may be intercepting the connection. If the rack's certificate was replaced on purpose, \
-                     remove the line of {rack} from {} (or set RACK_FINGERPRINT to the fingerprint rack server printed)",
-                    file.display(),
-                    format_fingerprint(&known),
-                    file.display()
+            Trust::KnownRacks { file, rack } => {
+                // Connections made at once save one line, not one each.
+                let _saving = self.saving.lock().unwrap_or_else(PoisonError::into_inner);
+                self.check_known(file, rack, seen)
+            }
+        }
+    }
+
+    fn check_known(&self, file: &Path, rack: &str, seen: [u8; 32]) -> Result<(), rustls::Error> {
+        let shown = format_fingerprint(&seen);
+        match known_fingerprint(file, rack) {
+            Ok(Some(known)) if known == seen => Ok(()),
+            Ok(Some(known)) => Err(self.refuse(format!(
+                "the certificate of the rack at {rack} has changed: it presents {shown}, but {} holds {} for it. \
+                 Someone may be intercepting the connection. If the rack's certificate was replaced on purpose, \
+                 remove the line of {rack} from {} (or set RACK_FINGERPRINT to the fingerprint rack server printed)",
+                file.display(),
+                format_fingerprint(&known),
+                file.display()
+            ))),
+            Ok(None) => match remember(file, rack, &seen) {
+                Ok(()) => {
+                    eprintln!(
+                        "rack: first connection to the rack at {rack}; its certificate's fingerprint is {shown}\n\
+                         rack: saved it in {} (check it against the one rack server printed)",
+                        file.display()
+                    );
+                    Ok(())
+                }
+                Err(e) => Err(self.refuse(format!(
+                    "the rack at {rack} has a certificate no system root vouches for ({shown}) and it could not be saved: {e:#}; \
+                     set RACK_FINGERPRINT to the fingerprint rack server printed"
                 ))),
-                Ok(None) => match remember(file, rack, &seen) {
-                    Ok(()) => {
-                        eprintln!(
-                            "rack: first connection to the rack at {rack}; its certificate's fingerprint is {shown}\n\
-                             rack: saved it in {} (check it against the one rack server printed)",
-                            file.display()
-                        );
-                        Ok(())
-                    }
-                    Err(e) => Err(self.refuse(format!(
-                        "the rack at {rack} has a certificate no system root vouches for ({shown}) and it could not be saved: {e:#}; \
-                         set RACK_FINGERPRINT to the fingerprint rack server printed"
-                    ))),
-                },
-                Err(e) => Err(self.refuse(format!("reading {}: {e:#}", file.display()))),
             },
+            Err(e) => Err(self.refuse(format!("reading {}: {e:#}", file.display()))),
         }
     }
 }
@@ -561,6 +584,31 @@ mod tests {
         assert!(!generated);
         assert_eq!(again, files);
         assert_eq!(Tls::from_files(again).unwrap().fingerprint(), first);
+    }
+
+    #[test]
+    fn changed_files_are_picked_up_and_a_bad_pair_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let bind = SocketAddr::from(([127, 0, 0, 1], 0));
+        let (files, _) = ensure_self_signed(dir.path(), bind).unwrap();
+        let tls = Tls::from_files(files.clone()).unwrap();
+        let first = tls.fingerprint();
+        // As if RECHECK had passed since the last look.
+        let due = || {
+            tls.certificate.current.lock().unwrap().checked = Instant::now().checked_sub(RECHECK).unwrap();
+        };
+        std::fs::write(&files.cert, "not a certificate").unwrap();
+        due();
+        assert_eq!(tls.fingerprint(), first, "a bad pair leaves the certificate in use");
+        let other = tempfile::tempdir().unwrap();
+        let (new, _) = ensure_self_signed(other.path(), bind).unwrap();
+        std::fs::copy(&new.key, &files.key).unwrap();
+        std::fs::copy(&new.cert, &files.cert).unwrap();
+        assert_eq!(tls.fingerprint(), first, "looked at again only after RECHECK");
+        due();
+        let second = tls.fingerprint();
+        assert_ne!(second, first);
+        assert_eq!(second, Tls::from_files(new).unwrap().fingerprint());
     }
 
     #[test]

@@ -25,6 +25,9 @@ static TRACING: LazyLock<()> = LazyLock::new(|| {
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
 
 fn cluster() -> &'static Cluster {
+    // reqwest needs a crypto provider installed before any client is built; every test
+    // comes here (or through `reachable_tempdir`) before it builds one.
+    rack::tls::install_provider();
     CLUSTER.get_or_init(|| {
         let root = std::env::temp_dir().join(format!("rack-test-pg-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
@@ -59,6 +62,7 @@ fn cluster() -> &'static Cluster {
 /// `postgres` user and the sandbox user must when the tests run as root.
 pub fn reachable_tempdir() -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;
+    rack::tls::install_provider();
     let dir = tempfile::tempdir().expect("a temp dir");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
     dir
@@ -127,6 +131,7 @@ impl TestApp {
     /// Serves an application built by the test.
     pub async fn start_built(app: rack::Application) -> Self {
         LazyLock::force(&TRACING);
+        rack::tls::install_provider();
         let addr = app.local_addr();
         let state = app.state().clone();
         let stop = CancellationToken::new();

@@ -28,3 +28,4 @@ mod sandbox;
 mod security;
 mod server;
 mod timers;
+mod tls;
