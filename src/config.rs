@@ -165,7 +165,8 @@ pub struct ServerArgs {
     #[arg(long, env = "RACK_TLS", value_enum, default_value = "auto")]
     pub tls: TlsMode,
     /// Allow plain HTTP on a non-loopback address (behind a proxy that terminates TLS).
-    #[arg(long, env = "RACK_INSECURE_HTTP")]
+    /// RACK_INSECURE_HTTP=1 (or true, yes, on) sets it; 0, false, no, off do not.
+    #[arg(long, env = "RACK_INSECURE_HTTP", value_parser = clap::builder::FalseyValueParser::new())]
     pub insecure_http: bool,
     #[command(flatten)]
     pub kube: KubeArgs,

@@ -16,7 +16,7 @@ use crate::helpers::{PASSWORD, TestApp, status_text, wait_for};
 const MARKER: &str = "F1E49A85-0AD7-4AEF-A618-C249C6E6568D";
 
 /// An app running the fixture web server; returns its release.
-async fn running_app(app: &TestApp, name: &str) -> String {
+pub async fn running_app(app: &TestApp, name: &str) -> String {
     assert_eq!(app.create_app(name).await.status(), 201);
     let id = app
         .build_source(name, &[("convox.yml", crate::deploys::MANIFEST), ("server.py", SERVER)])

@@ -159,8 +159,15 @@ async fn a_pinned_client_is_served_over_https_and_another_pin_is_refused() {
     let refusal = verifier.refusal().expect("the verifier says why");
     assert!(refusal.contains(&fingerprint) && refusal.contains(&other), "{refusal}");
 
+    // The harness's own client pins the certificate too.
+    assert_eq!(app.convox(Method::GET, "/system").send().await.unwrap().status(), 200);
     // Plain HTTP on the TLS port gets no answer.
-    assert!(app.convox(Method::GET, "/system").send().await.is_err());
+    let plain = reqwest::Client::new()
+        .get(format!("http://{}/system", app.addr))
+        .basic_auth("convox", Some(PASSWORD))
+        .send()
+        .await;
+    assert!(plain.is_err(), "{plain:?}");
 }
 
 #[tokio::test]
@@ -459,4 +466,38 @@ async fn unauthenticated_tls_connections_count_against_the_cap() {
         (response.status() == 200).then_some(())
     })
     .await;
+}
+
+/// `rack run` attaches through the exec websocket: over https, `wss` with the same pinning.
+#[tokio::test]
+async fn rack_run_attaches_over_wss() {
+    let app = https_app(|_| {}).await;
+    crate::run::running_app(&app, "myapp").await;
+    let fingerprint = app.fingerprint.clone().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rack"))
+        .args(["run", "-a", "myapp", "web", "cat"])
+        .env("RACK_URL", format!("https://convox:{PASSWORD}@{}", app.addr))
+        .env("RACK_FINGERPRINT", &fingerprint)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(b"select 1\n").await.unwrap();
+    drop(input);
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("the CLI finishes")
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(
+        (out.status.code(), stdout.as_ref()),
+        (Some(0), "select 1\n"),
+        "{stderr}"
+    );
 }
