@@ -92,8 +92,10 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let Some(connection) = Connection::open(&book, peer, limits.max_unauthenticated) else {
             let tls = tls.clone();
+            // A refusal is worth a short handshake at most: these connections count nowhere.
+            let handshake = limits.header_timeout.min(Duration::from_secs(2));
             tracker.spawn(async move {
-                if let Some(stream) = Transport::open(stream, tls.as_ref(), limits.header_timeout).await {
+                if let Some(stream) = Transport::open(stream, tls.as_ref(), handshake).await {
                     refuse(stream, peer).await;
                 }
             });
@@ -344,14 +346,15 @@ struct Io {
 }
 
 impl AsyncRead for Io {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let stream = match &mut self.stream {
-            Transport::Plain(stream) => stream.clone(),
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let Io { stream, connection } = self.get_mut();
+        let stream = match stream {
+            Transport::Plain(stream) => stream,
             Transport::Tls(tls) => {
                 let before = buf.filled().len();
                 ready!(Pin::new(tls).poll_read(cx, buf))?;
                 let n = buf.filled().len() - before;
-                self.connection.0.idle_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                connection.0.idle_bytes.fetch_add(n as u64, Ordering::Relaxed);
                 return Poll::Ready(Ok(()));
             }
         };
@@ -361,7 +364,7 @@ impl AsyncRead for Io {
             match stream.try_read(unfilled) {
                 Ok(n) => {
                     buf.advance(n);
-                    self.connection.0.idle_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    connection.0.idle_bytes.fetch_add(n as u64, Ordering::Relaxed);
                     return Poll::Ready(Ok(()));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
