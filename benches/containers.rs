@@ -19,6 +19,7 @@ const BASE: &str = "localhost/rack-test-busybox:1";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    rack::tls::install_provider();
     let rounds: usize = env_or("RACK_BENCH_ROUNDS", 5);
     let requests: usize = env_or("RACK_BENCH_REQUESTS", 2000);
     let dir = tempfile::tempdir()?;

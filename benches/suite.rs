@@ -79,6 +79,7 @@ fn wanted(section: &str) -> bool {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    rack::tls::install_provider();
     raise_fd_limit();
     let mut rows = Vec::new();
     let started = Instant::now();

@@ -47,6 +47,28 @@ pub enum LogFormat {
     Json,
 }
 
+/// Whether the API serves HTTPS when no certificate is given (`RACK_TLS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsMode {
+    /// A self-signed certificate when the embedded default binds a non-loopback address.
+    Auto,
+    /// Always HTTPS (a self-signed certificate without RACK_TLS_CERT).
+    On,
+    /// Plain HTTP.
+    Off,
+}
+
+/// How the API is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tls {
+    /// Plain HTTP.
+    Off,
+    /// HTTPS with the given certificate and key.
+    Files(crate::tls::CertFiles),
+    /// HTTPS with the self-signed certificate of the data directory (generated on first use).
+    SelfSigned,
+}
+
 /// `rack server`'s flags; each has an environment variable of the same meaning.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServerArgs {
@@ -132,6 +154,21 @@ pub struct ServerArgs {
     /// Longest a one-off process (`run`) may run, in seconds; then it is stopped.
     #[arg(long, env = "RACK_RUN_TIMEOUT", default_value_t = 3600)]
     pub run_timeout: u64,
+    /// HTTPS: the certificate chain (PEM) the API serves; re-read when the file changes.
+    #[arg(long, env = "RACK_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// HTTPS: the private key (PEM) of RACK_TLS_CERT.
+    #[arg(long, env = "RACK_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// HTTPS without RACK_TLS_CERT: `auto` serves HTTPS with a self-signed certificate (kept in
+    /// the data directory) when the embedded default binds a non-loopback address, `on`
+    /// always does, `off` never does.
+    #[arg(long, env = "RACK_TLS", value_enum, default_value = "auto")]
+    pub tls: TlsMode,
+    /// Allow plain HTTP on a non-loopback address (behind a proxy that terminates TLS).
+    /// RACK_INSECURE_HTTP=1 (or true, yes, on) sets it; 0, false, no, off do not.
+    #[arg(long, env = "RACK_INSECURE_HTTP", value_parser = clap::builder::FalseyValueParser::new())]
+    pub insecure_http: bool,
     #[command(flatten)]
     pub kube: KubeArgs,
 }
@@ -210,6 +247,8 @@ pub struct Config {
     pub feed_retention: Duration,
     /// Settings of the Kubernetes runtime, when it is the one in use.
     pub kube: Option<KubeConfig>,
+    /// HTTPS or plain HTTP.
+    pub tls: Tls,
 }
 
 /// The validated settings of the Kubernetes runtime.
@@ -294,6 +333,7 @@ impl Config {
     /// # Errors
     /// A message that names the variable to fix.
     pub fn from_args(args: ServerArgs) -> anyhow::Result<Self> {
+        let tls = tls_setting(&args)?;
         let database = match args.database_url {
             Some(url) if url.trim().is_empty() => bail!("DATABASE_URL is set but empty"),
             Some(url) => Database::Url(url),
@@ -361,6 +401,7 @@ impl Config {
                 max_unauthenticated: args.max_unauthenticated_connections,
             },
             kube,
+            tls,
         })
     }
 
@@ -388,8 +429,40 @@ impl Config {
             audit_retention: Duration::from_secs(90 * 86_400),
             feed_retention: Duration::from_secs(14 * 86_400),
             kube: None,
+            tls: Tls::Off,
         }
     }
+}
+
+/// Whether the API serves HTTPS, and with which certificate. Plain HTTP beyond loopback would
+/// carry the password and tokens in clear, so it needs `RACK_INSECURE_HTTP` to say a proxy in
+/// front of rack takes care of TLS.
+fn tls_setting(args: &ServerArgs) -> anyhow::Result<Tls> {
+    let embedded = args.database_url.is_none();
+    let tls = match (&args.tls_cert, &args.tls_key, args.tls) {
+        (Some(_), Some(_), TlsMode::Off) => {
+            bail!("RACK_TLS=off contradicts RACK_TLS_CERT and RACK_TLS_KEY: unset one or the other")
+        }
+        (Some(cert), Some(key), _) => Tls::Files(crate::tls::CertFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        (Some(_), None, _) | (None, Some(_), _) => {
+            bail!("RACK_TLS_CERT and RACK_TLS_KEY go together: give both, or neither")
+        }
+        (None, None, TlsMode::On) => Tls::SelfSigned,
+        (None, None, TlsMode::Auto) if !args.bind.ip().is_loopback() && embedded => Tls::SelfSigned,
+        (None, None, _) => Tls::Off,
+    };
+    if tls == Tls::Off && !args.bind.ip().is_loopback() && !args.insecure_http {
+        bail!(
+            "refusing to serve plain HTTP on {} (RACK_BIND): the password and tokens would cross the network in clear. \
+             Give a certificate (RACK_TLS_CERT and RACK_TLS_KEY), or set RACK_TLS=on for a self-signed one, \
+             or set RACK_INSECURE_HTTP=1 if a proxy in front of rack terminates TLS",
+            args.bind
+        );
+    }
+    Ok(tls)
 }
 
 fn validate_rack_name(name: &str) -> anyhow::Result<()> {
@@ -438,6 +511,67 @@ mod tests {
         let mut args = kube_args();
         change(&mut args);
         KubeConfig::from_args(args).unwrap_err().to_string()
+    }
+
+    /// `rack server`'s flags as parsed from `args` (and the environment, which tests leave
+    /// alone: none of the RACK_TLS variables is set while they run).
+    fn server_args(args: &[&str]) -> ServerArgs {
+        #[derive(clap::Parser)]
+        struct Server {
+            #[command(flatten)]
+            args: ServerArgs,
+        }
+        <Server as clap::Parser>::try_parse_from(std::iter::once("rack").chain(args.iter().copied()))
+            .unwrap()
+            .args
+    }
+
+    fn tls_of(args: &[&str]) -> anyhow::Result<Tls> {
+        Config::from_args(server_args(args)).map(|config| config.tls)
+    }
+
+    #[test]
+    fn loopback_stays_plain_http_and_beyond_it_needs_tls() {
+        assert_eq!(tls_of(&[]).unwrap(), Tls::Off);
+        assert_eq!(tls_of(&["--bind", "[::1]:5443"]).unwrap(), Tls::Off);
+        // The embedded default beyond loopback: a self-signed certificate.
+        assert_eq!(tls_of(&["--bind", "0.0.0.0:5443"]).unwrap(), Tls::SelfSigned);
+        assert_eq!(
+            tls_of(&["--bind", "127.0.0.1:5443", "--tls", "on"]).unwrap(),
+            Tls::SelfSigned
+        );
+        let files = tls_of(&["--bind", "0.0.0.0:5443", "--tls-cert", "c.pem", "--tls-key", "k.pem"]).unwrap();
+        assert_eq!(
+            files,
+            Tls::Files(crate::tls::CertFiles {
+                cert: "c.pem".into(),
+                key: "k.pem".into()
+            })
+        );
+        // Plain HTTP beyond loopback is refused, saying what to do, unless asked for.
+        let external = ["--database-url", "postgres://x/y", "--password", "p"];
+        for args in [
+            vec!["--bind", "0.0.0.0:5443", "--tls", "off"],
+            vec!["--bind", "192.0.2.1:5443", "--tls", "off"],
+            [&["--bind", "0.0.0.0:5443"][..], &external[..]].concat(),
+        ] {
+            let message = tls_of(&args).unwrap_err().to_string();
+            assert!(
+                message.starts_with("refusing to serve plain HTTP on"),
+                "{args:?}: {message}"
+            );
+            assert!(message.contains("RACK_INSECURE_HTTP=1"), "{message}");
+            assert!(message.contains("RACK_TLS_CERT"), "{message}");
+            let mut insecure = args.clone();
+            insecure.push("--insecure-http");
+            assert_eq!(tls_of(&insecure).unwrap(), Tls::Off, "{insecure:?}");
+        }
+        let message = tls_of(&["--tls-cert", "c.pem"]).unwrap_err().to_string();
+        assert!(message.contains("go together"), "{message}");
+        let message = tls_of(&["--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls", "off"])
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("contradicts"), "{message}");
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod serve;
 pub mod store;
 pub mod telemetry;
 pub mod throttle;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::ops::Deref;
@@ -75,6 +76,8 @@ pub struct Application {
     listener: tokio::net::TcpListener,
     state: AppState,
     password_source: PasswordSource,
+    /// The listener's TLS, when it serves HTTPS.
+    tls: Option<tls::Tls>,
     /// The embedded cluster, stopped after the server has stopped.
     postgres: Option<Arc<std::sync::Mutex<postgres::Cluster>>>,
 }
@@ -86,8 +89,10 @@ impl Application {
     /// # Errors
     /// Anything that keeps the server from starting, with a message that says what to fix.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        tls::install_provider();
         create_data_dir(&config.data_dir)?;
         let (password, password_source) = auth::resolve_password(config.password.as_deref(), &config.data_dir)?;
+        let tls = load_tls(&config)?;
 
         let (options, postgres) = match &config.database {
             Database::Url(url) => {
@@ -179,19 +184,25 @@ impl Application {
             streams,
             metrics: metrics::Metrics::new(),
         }));
+        let scheme = if tls.is_some() { "https" } else { "http" };
         if password_source == PasswordSource::Generated {
             // Printed once, on the start that generated it, for the operator at the terminal,
             // on stdout: never with the logs (stderr), which are collected, shipped and kept.
             let addr = listener.local_addr()?;
             println!(
-                "rack: generated a password and saved it in {}\nrack: connect with RACK_URL=http://:{password}@{addr}",
+                "rack: generated a password and saved it in {}\nrack: connect with RACK_URL={scheme}://:{password}@{addr}",
                 state.config.data_dir.join("password").display()
             );
+        }
+        if let Some(tls) = &tls {
+            // Not a secret: clients pin it (RACK_FINGERPRINT) or check the one they saved.
+            println!("rack: certificate fingerprint {}", tls.fingerprint());
         }
         Ok(Self {
             listener,
             state,
             password_source,
+            tls,
             postgres: postgres.map(|c| Arc::new(std::sync::Mutex::new(c))),
         })
     }
@@ -204,6 +215,11 @@ impl Application {
     /// The shared state (for tests and workers).
     pub fn state(&self) -> &AppState {
         &self.state
+    }
+
+    /// The SHA-256 fingerprint of the certificate the server presents, when it serves HTTPS.
+    pub fn tls_fingerprint(&self) -> Option<String> {
+        self.tls.as_ref().map(tls::Tls::fingerprint)
     }
 
     /// Where the password came from on this start.
@@ -221,6 +237,7 @@ impl Application {
             listener,
             state,
             postgres,
+            tls,
             ..
         } = self;
         let shutdown = state.shutdown.clone();
@@ -235,7 +252,8 @@ impl Application {
         if let Some(cluster) = &postgres {
             workers.push(tokio::spawn(keep_postgres_running(cluster.clone(), shutdown.clone())));
         }
-        tracing::info!(addr = %listener.local_addr()?, "rack listening on {}", listener.local_addr()?);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(addr = %listener.local_addr()?, "rack listening on {scheme}://{}", listener.local_addr()?);
         let stopping = {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
@@ -243,7 +261,7 @@ impl Application {
                 shutdown.cancel();
             })
         };
-        serve::serve(listener, router, state.config.listener, shutdown.clone()).await?;
+        serve::serve(listener, router, state.config.listener, tls, shutdown.clone()).await?;
         stopping.abort();
         shutdown.cancel();
         for worker in workers {
@@ -265,6 +283,26 @@ impl Application {
         tracing::info!("rack stopped");
         Ok(())
     }
+}
+
+/// The listener's TLS: the given certificate, or the data directory's self-signed one
+/// (generated on the first start that needs it).
+fn load_tls(config: &Config) -> anyhow::Result<Option<tls::Tls>> {
+    let files = match &config.tls {
+        config::Tls::Off => return Ok(None),
+        config::Tls::Files(files) => files.clone(),
+        config::Tls::SelfSigned => {
+            let (files, generated) = tls::ensure_self_signed(&config.data_dir, config.bind)
+                .context("generating the self-signed certificate")?;
+            if generated {
+                println!("rack: generated a self-signed certificate in {}", files.cert.display());
+            }
+            files
+        }
+    };
+    tls::Tls::from_files(files)
+        .map(Some)
+        .context("loading the certificate (RACK_TLS_CERT, RACK_TLS_KEY)")
 }
 
 /// Restarts the embedded Postgres when it dies under the server (requests get 503 meanwhile,

@@ -7,7 +7,8 @@
 //! [`Limits::max_unauthenticated`] connections that have not yet made an authenticated
 //! request (more get 429). A request that cannot be parsed is answered, then what the client
 //! still sends is read and dropped for a moment ([`linger`]) before the connection closes, so
-//! the client reads the answer instead of a reset. On shutdown, accepting stops, idle
+//! the client reads the answer instead of a reset. With TLS (`crate::tls`), the handshake
+//! comes first and must end within the header timeout too. On shutdown, accepting stops, idle
 //! connections close and requests in flight finish.
 
 use std::collections::HashMap;
@@ -69,7 +70,8 @@ impl Default for Limits {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` is cancelled, then drains.
+/// Serves `router` on `listener` until `shutdown` is cancelled, then drains. With `tls`, every
+/// connection is HTTPS.
 ///
 /// # Errors
 /// Never today; accept errors (too many open files) are logged and retried.
@@ -77,6 +79,7 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    tls: Option<crate::tls::Tls>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let mut http = http1::Builder::new();
@@ -103,9 +106,15 @@ pub async fn serve(
         // Responses go out in several writes (head, chunks): Nagle plus a delayed ACK would
         // hold each one back for 40 ms.
         let _ = stream.set_nodelay(true);
-        let stream = Arc::new(stream);
         let Some(connection) = Connection::open(&book, peer, limits.max_unauthenticated) else {
-            tracker.spawn(refuse(stream, peer));
+            let tls = tls.clone();
+            // A refusal is worth a short handshake at most: these connections count nowhere.
+            let handshake = limits.header_timeout.min(Duration::from_secs(2));
+            tracker.spawn(async move {
+                if let Some(stream) = Transport::open(stream, tls.as_ref(), handshake).await {
+                    refuse(stream, peer).await;
+                }
+            });
             continue;
         };
         let service = {
@@ -126,14 +135,20 @@ pub async fn serve(
                 response.map(move |body| Body::new(EndsIdle { body, connection }))
             }
         }));
-        let io = Io {
-            stream: stream.clone(),
-            connection: connection.clone(),
-        };
-        let conn = http.serve_connection(TokioIo::new(io), service).with_upgrades();
         let shutdown = shutdown.clone();
         let timeout = limits.header_timeout;
+        let http = http.clone();
+        let tls = tls.clone();
         tracker.spawn(async move {
+            // The connection counts against its address's limit from here, handshake included.
+            let Some(stream) = Transport::open(stream, tls.as_ref(), timeout).await else {
+                return;
+            };
+            let io = Io {
+                stream: stream.clone(),
+                connection: connection.clone(),
+            };
+            let conn = http.serve_connection(TokioIo::new(io), service).with_upgrades();
             let mut conn = std::pin::pin!(conn);
             let ended = tokio::select! {
                 ended = conn.as_mut() => ended,
@@ -148,11 +163,16 @@ pub async fn serve(
                     // keep-alive connection is closed silently: a 408 there could race with a
                     // request the client is sending at that moment.)
                     let message = format!("the request headers did not arrive within {}s\n", timeout.as_secs());
-                    write_raw(&stream, "408 Request Timeout", &[], &message);
+                    write_raw(&stream, "408 Request Timeout", &[], &message).await;
                 }
                 // hyper answered (431 for too many or too large headers, 400) and stopped
-                // reading, with the rest of the request maybe still on its way.
-                Err(e) if e.is_parse() => linger(&stream).await,
+                // reading, with the rest of the request maybe still on its way. (Over TLS the
+                // session closes with its own alert instead.)
+                Err(e) if e.is_parse() => {
+                    if let Transport::Plain(stream) = &stream {
+                        linger(stream).await;
+                    }
+                }
                 _ => {}
             }
         });
@@ -186,7 +206,7 @@ async fn linger(stream: &TcpStream) {
 }
 
 /// Answers a connection over the per-address limit with 429 and closes it.
-async fn refuse(stream: Arc<TcpStream>, peer: SocketAddr) {
+async fn refuse(stream: Transport, peer: SocketAddr) {
     let message = format!(
         "too many connections from {} that have not authenticated yet: authenticate on the ones you have, or close some\n",
         peer.ip()
@@ -194,12 +214,12 @@ async fn refuse(stream: Arc<TcpStream>, peer: SocketAddr) {
     tracing::warn!(client.address = %peer.ip(), "refused a connection over the unauthenticated limit");
     // Let the request arrive first, so the client reads the answer instead of a reset.
     let _ = tokio::time::timeout(Duration::from_millis(200), stream.readable()).await;
-    write_raw(&stream, "429 Too Many Requests", &[("retry-after", "1")], &message);
+    write_raw(&stream, "429 Too Many Requests", &[("retry-after", "1")], &message).await;
 }
 
 /// Writes a whole response on a connection hyper no longer serves (best effort: a full socket
 /// buffer just loses it).
-fn write_raw(stream: &TcpStream, status: &str, headers: &[(&str, &str)], message: &str) {
+async fn write_raw(stream: &Transport, status: &str, headers: &[(&str, &str)], message: &str) {
     let mut text = format!(
         "HTTP/1.1 {status}\r\nconnection: close\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n",
         message.len()
@@ -209,7 +229,54 @@ fn write_raw(stream: &TcpStream, status: &str, headers: &[(&str, &str)], message
     }
     text.push_str("\r\n");
     text.push_str(message);
-    let _ = stream.try_write(text.as_bytes());
+    match stream {
+        Transport::Plain(stream) => {
+            let _ = stream.try_write(text.as_bytes());
+        }
+        Transport::Tls(stream) => stream.write_last(text.as_bytes()).await,
+    }
+}
+
+/// A connection's byte stream: the socket itself, or a TLS session on it.
+#[derive(Clone)]
+enum Transport {
+    Plain(Arc<TcpStream>),
+    Tls(crate::tls::Shared),
+}
+
+impl Transport {
+    /// The connection as served: with `tls`, once its handshake has ended within `timeout`
+    /// (a client that handshakes slowly, or not at all, is dropped like a slow-loris one).
+    async fn open(stream: TcpStream, tls: Option<&crate::tls::Tls>, timeout: Duration) -> Option<Self> {
+        let Some(tls) = tls else {
+            return Some(Self::Plain(Arc::new(stream)));
+        };
+        match tokio::time::timeout(timeout, tls.accept(stream)).await {
+            Ok(Ok(stream)) => Some(Self::Tls(stream)),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "a TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!("a TLS handshake did not end within {}s", timeout.as_secs());
+                None
+            }
+        }
+    }
+
+    /// Waits until the client has sent something (for a 429 it should read).
+    async fn readable(&self) {
+        match self {
+            Self::Plain(stream) => {
+                let _ = stream.readable().await;
+            }
+            // Read (and drop) the start of the request, which follows the handshake.
+            Self::Tls(tls) => {
+                let mut request = [0u8; 1024];
+                let _ = tokio::io::AsyncReadExt::read(&mut tls.clone(), &mut request).await;
+            }
+        }
+    }
 }
 
 /// Connections per address that have not authenticated yet.
@@ -321,19 +388,30 @@ impl http_body::Body for EndsIdle {
 /// The socket as hyper reads and writes it, shared with the connection's task (which may
 /// answer 408 once hyper has given up on it), counting what arrives while idle.
 struct Io {
-    stream: Arc<TcpStream>,
+    stream: Transport,
     connection: Connection,
 }
 
 impl AsyncRead for Io {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let Io { stream, connection } = self.get_mut();
+        let stream = match stream {
+            Transport::Plain(stream) => stream,
+            Transport::Tls(tls) => {
+                let before = buf.filled().len();
+                ready!(Pin::new(tls).poll_read(cx, buf))?;
+                let n = buf.filled().len() - before;
+                connection.0.idle_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                return Poll::Ready(Ok(()));
+            }
+        };
         loop {
-            ready!(self.stream.poll_read_ready(cx))?;
+            ready!(stream.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
-            match self.stream.try_read(unfilled) {
+            match stream.try_read(unfilled) {
                 Ok(n) => {
                     buf.advance(n);
-                    self.connection.0.idle_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    connection.0.idle_bytes.fetch_add(n as u64, Ordering::Relaxed);
                     return Poll::Ready(Ok(()));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -344,22 +422,33 @@ impl AsyncRead for Io {
 }
 
 impl AsyncWrite for Io {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let stream = match &mut self.stream {
+            Transport::Plain(stream) => stream,
+            Transport::Tls(tls) => return Pin::new(tls).poll_write(cx, data),
+        };
         loop {
-            ready!(self.stream.poll_write_ready(cx))?;
-            match self.stream.try_write(data) {
+            ready!(stream.poll_write_ready(cx))?;
+            match stream.try_write(data) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 result => return Poll::Ready(result),
             }
         }
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.stream {
+            Transport::Plain(_) => Poll::Ready(Ok(())),
+            // rustls holds written data until flushed.
+            Transport::Tls(tls) => Pin::new(tls).poll_flush(cx),
+        }
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // The socket closes when the last handle on it goes, right after the connection ends.
-        Poll::Ready(Ok(()))
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.stream {
+            // The socket closes when the last handle on it goes, right after the connection ends.
+            Transport::Plain(_) => Poll::Ready(Ok(())),
+            Transport::Tls(tls) => Pin::new(tls).poll_shutdown(cx),
+        }
     }
 }

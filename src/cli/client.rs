@@ -1,5 +1,9 @@
 //! The HTTP client of the rack API used by the CLI commands: basic auth from the rack URL,
-//! form-encoded requests, JSON answers, `{"error": ...}` turned into the error message.
+//! form-encoded requests, JSON answers, `{"error": ...}` turned into the error message. Over
+//! https, the rack's certificate is trusted as `crate::tls::Verifier` says (system roots, a
+//! pinned fingerprint, or the one saved on first use).
+
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
@@ -16,7 +20,17 @@ pub struct Client {
     http: reqwest::Client,
     base: Url,
     password: Option<String>,
+    /// How an https rack's certificate is checked (none for http).
+    verifier: Option<Arc<crate::tls::Verifier>>,
 }
+
+/// A byte stream a websocket runs on: a socket, or a TLS session on one.
+pub trait Duplex: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Duplex for T {}
+
+/// A websocket to the rack.
+pub type WebSocket = tokio_tungstenite::WebSocketStream<Box<dyn Duplex>>;
 
 impl Client {
     /// A client for `rack_url` (`http://:PASSWORD@HOST:PORT`). Without one, the local rack at
@@ -25,6 +39,17 @@ impl Client {
     /// # Errors
     /// When the URL is malformed.
     pub fn new(rack_url: Option<&str>) -> anyhow::Result<Self> {
+        Self::connect(rack_url, None)
+    }
+
+    /// A client for `rack_url` that, over https, accepts only a certificate with the SHA-256
+    /// `fingerprint` when one is given (`RACK_FINGERPRINT`); without one, a certificate the
+    /// system's roots vouch for, else the one saved in `known_racks` on the first connection.
+    ///
+    /// # Errors
+    /// When the URL or the fingerprint is malformed.
+    pub fn connect(rack_url: Option<&str>, fingerprint: Option<&str>) -> anyhow::Result<Self> {
+        crate::tls::install_provider();
         let mut base = Url::parse(rack_url.unwrap_or(DEFAULT_URL))
             .context("RACK_URL must look like http://:PASSWORD@HOST:PORT")?;
         if !matches!(base.scheme(), "http" | "https") {
@@ -37,12 +62,30 @@ impl Client {
         };
         base.set_username("").ok();
         base.set_password(None).ok();
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .user_agent(concat!("rack-cli/", env!("CARGO_PKG_VERSION")))
             // Rollout and log streams can be quiet for minutes: keepalives notice a dead peer.
-            .tcp_keepalive(std::time::Duration::from_secs(30))
-            .build()?;
-        Ok(Self { http, base, password })
+            .tcp_keepalive(std::time::Duration::from_secs(30));
+        let verifier = match base.scheme() {
+            "https" => {
+                let verifier = Arc::new(crate::tls::Verifier::new(trust(&base, fingerprint)?));
+                http = http.tls_backend_preconfigured(verifier.client_config());
+                Some(verifier)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            http: http.build()?,
+            base,
+            password,
+            verifier,
+        })
+    }
+
+    /// The rack's certificate refused, with why (a changed fingerprint), if that is what
+    /// made a request fail.
+    fn refusal(&self) -> Option<String> {
+        self.verifier.as_ref()?.refusal()
     }
 
     /// Percent-encodes one path segment (an app name, an id) typed by the user.
@@ -112,12 +155,7 @@ impl Client {
     ///
     /// # Errors
     /// When the rack cannot be reached or refuses the upgrade (with its message).
-    pub async fn websocket(
-        &self,
-        path: &str,
-        headers: &[(&str, String)],
-    ) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>>
-    {
+    pub async fn websocket(&self, path: &str, headers: &[(&str, String)]) -> anyhow::Result<WebSocket> {
         use base64::Engine;
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let base = self.base.as_str().trim_end_matches('/');
@@ -139,7 +177,8 @@ impl Client {
         for (name, value) in headers {
             add(&mut request, name, value);
         }
-        match tokio_tungstenite::connect_async(request).await {
+        let stream = self.open_stream().await?;
+        match tokio_tungstenite::client_async(request, stream).await {
             Ok((socket, _)) => Ok(socket),
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
                 let status = reqwest::StatusCode::from_u16(response.status().as_u16()).unwrap_or_default();
@@ -147,6 +186,30 @@ impl Client {
                 bail!("{}", error_message(status, &body))
             }
             Err(e) => bail!("could not reach the rack at {}: {e}", self.base),
+        }
+    }
+
+    /// A connection to the rack for a websocket: TCP, with TLS on it for an https rack.
+    async fn open_stream(&self) -> anyhow::Result<Box<dyn Duplex>> {
+        let host = self.base.host_str().context("RACK_URL has no host")?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let port = self.base.port_or_known_default().unwrap_or(80);
+        let unreachable = |e: &dyn std::fmt::Display| anyhow::anyhow!("could not reach the rack at {}: {e}", self.base);
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let _ = tcp.set_nodelay(true);
+        let Some(verifier) = &self.verifier else {
+            return Ok(Box::new(tcp));
+        };
+        let name = rustls::pki_types::ServerName::try_from(host).context("RACK_URL's host is not a valid name")?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(verifier.client_config()));
+        match connector.connect(name, tcp).await {
+            Ok(tls) => Ok(Box::new(tls)),
+            Err(e) => match verifier.refusal() {
+                Some(refusal) => bail!("{refusal}"),
+                None => Err(unreachable(&e)),
+            },
         }
     }
 
@@ -211,10 +274,10 @@ impl Client {
     }
 
     async fn execute(&self, request: reqwest::Request) -> anyhow::Result<reqwest::Response> {
-        self.http
-            .execute(request)
-            .await
-            .map_err(|e| anyhow::anyhow!("could not reach the rack at {}: {}", self.base, root_cause(&e)))
+        self.http.execute(request).await.map_err(|e| match self.refusal() {
+            Some(refusal) => anyhow::anyhow!("{refusal}"),
+            None => anyhow::anyhow!("could not reach the rack at {}: {}", self.base, root_cause(&e)),
+        })
     }
 
     async fn send_stream(&self, request: RequestBuilder) -> anyhow::Result<reqwest::Response> {
@@ -236,6 +299,25 @@ impl Client {
         }
         serde_json::from_slice(&body).with_context(|| format!("the rack answered {status} with unexpected content"))
     }
+}
+
+/// How an https rack's certificate is trusted: the pinned fingerprint, else `known_racks`.
+fn trust(base: &Url, fingerprint: Option<&str>) -> anyhow::Result<crate::tls::Trust> {
+    if let Some(fingerprint) = fingerprint.filter(|f| !f.trim().is_empty()) {
+        let pinned = crate::tls::parse_fingerprint(fingerprint).context("RACK_FINGERPRINT")?;
+        return Ok(crate::tls::Trust::Pinned(pinned));
+    }
+    let Some(file) = crate::tls::known_racks_file() else {
+        bail!(
+            "neither HOME nor XDG_CONFIG_HOME is set, so rack cannot remember the rack's certificate: set RACK_FINGERPRINT to the fingerprint rack server printed"
+        );
+    };
+    let host = base.host_str().context("RACK_URL has no host")?.to_lowercase();
+    let port = base.port_or_known_default().unwrap_or(443);
+    Ok(crate::tls::Trust::KnownRacks {
+        file,
+        rack: format!("{host}:{port}"),
+    })
 }
 
 /// How many times a read answered 503 is sent again.

@@ -34,6 +34,11 @@ pub struct Cli {
     /// default address and saved password are used.
     #[arg(long, env = "RACK_URL", global = true, hide_env_values = true)]
     rack_url: Option<String>,
+    /// Over https: accept only a certificate with this SHA-256 fingerprint (as rack server
+    /// prints it). Without it, a certificate the system trusts, else the one saved in
+    /// ~/.config/rack/known_racks on the first connection.
+    #[arg(long, env = "RACK_FINGERPRINT", global = true)]
+    fingerprint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -155,7 +160,7 @@ pub struct ExitWith(pub i32);
 pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Server(args) => server(*args).await,
-        command => match Client::new(cli.rack_url.as_deref()) {
+        command => match Client::connect(cli.rack_url.as_deref(), cli.fingerprint.as_deref()) {
             Ok(client) => match command {
                 Command::Apps { command } => apps::run(&client, command).await,
                 Command::Rack => show_rack(&client).await,

@@ -37,7 +37,8 @@ pub async fn promote_follow_within(app: &TestApp, name: &str, release: &str, tim
     let mut form = vec![("follow", "true".to_owned())];
     form.extend(timeout.map(|t| ("timeout", t.to_string())));
     // A rollout outlasts the harness client's 30 s budget for whole requests under load.
-    let response = reqwest::Client::new()
+    let response = app
+        .untimed_client()
         .post(app.url(&format!("/apps/{name}/releases/{release}/promote")))
         .basic_auth("convox", Some(crate::helpers::PASSWORD))
         .form(&form)

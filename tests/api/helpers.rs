@@ -25,6 +25,9 @@ static TRACING: LazyLock<()> = LazyLock::new(|| {
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
 
 fn cluster() -> &'static Cluster {
+    // reqwest needs a crypto provider installed before any client is built; every test
+    // comes here (or through `reachable_tempdir`) before it builds one.
+    rack::tls::install_provider();
     CLUSTER.get_or_init(|| {
         let root = std::env::temp_dir().join(format!("rack-test-pg-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
@@ -59,6 +62,7 @@ fn cluster() -> &'static Cluster {
 /// `postgres` user and the sandbox user must when the tests run as root.
 pub fn reachable_tempdir() -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;
+    rack::tls::install_provider();
     let dir = tempfile::tempdir().expect("a temp dir");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
     dir
@@ -82,7 +86,10 @@ pub async fn fresh_database() -> String {
 pub struct TestApp {
     pub addr: std::net::SocketAddr,
     pub state: rack::AppState,
+    /// A client of this server: over https (pinning its certificate) when it serves TLS.
     pub client: reqwest::Client,
+    /// The fingerprint of the server's certificate, when it serves TLS.
+    pub fingerprint: Option<String>,
     stop: CancellationToken,
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
     _data: Option<tempfile::TempDir>,
@@ -127,11 +134,13 @@ impl TestApp {
     /// Serves an application built by the test.
     pub async fn start_built(app: rack::Application) -> Self {
         LazyLock::force(&TRACING);
+        rack::tls::install_provider();
         let addr = app.local_addr();
         let state = app.state().clone();
+        let fingerprint = app.tls_fingerprint();
         let stop = CancellationToken::new();
         let server = tokio::spawn(app.run_until_stopped(stop.clone()));
-        let client = reqwest::Client::builder()
+        let client = client_builder(fingerprint.as_deref())
             .timeout(Duration::from_secs(30))
             .build()
             .expect("a client");
@@ -139,6 +148,7 @@ impl TestApp {
             addr,
             state,
             client,
+            fingerprint,
             stop,
             server,
             _data: None,
@@ -165,8 +175,14 @@ impl TestApp {
             .expect("the server stops cleanly");
     }
 
+    /// A client of this server without the harness client's time limit (for long streams).
+    pub fn untimed_client(&self) -> reqwest::Client {
+        client_builder(self.fingerprint.as_deref()).build().expect("a client")
+    }
+
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        let scheme = if self.fingerprint.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}{path}", self.addr)
     }
 
     /// A request with the rack password and no Accept header (as curl sends it).
@@ -239,6 +255,17 @@ impl TestApp {
         assert_eq!(response.status(), 200);
         response.json().await.expect("a JSON list")
     }
+}
+
+/// A client builder that, given a server's certificate fingerprint, pins it.
+fn client_builder(fingerprint: Option<&str>) -> reqwest::ClientBuilder {
+    let builder = reqwest::Client::builder();
+    let Some(fingerprint) = fingerprint else {
+        return builder;
+    };
+    let pinned = rack::tls::parse_fingerprint(fingerprint).expect("a fingerprint");
+    let verifier = std::sync::Arc::new(rack::tls::Verifier::new(rack::tls::Trust::Pinned(pinned)));
+    builder.tls_backend_preconfigured(verifier.client_config())
 }
 
 /// The status and text body of a response.

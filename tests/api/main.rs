@@ -30,3 +30,4 @@ mod sandbox;
 mod security;
 mod server;
 mod timers;
+mod tls;

@@ -32,6 +32,7 @@ impl Replica {
     }
 
     async fn launch(data: &Path, env: &[(&str, &str)]) -> Self {
+        rack::tls::install_provider();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
