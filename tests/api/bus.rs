@@ -1,6 +1,7 @@
 //! The event bus carries the events: a thousand subscribers of one app's log cost one read of
 //! Postgres per batch on their replica, not one each; a subscriber that never reads delays
-//! nobody; and one that falls behind catches up without losing a line.
+//! nobody; and one that falls behind catches up without losing a line, from its tail's window
+//! in memory (no read of Postgres).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -283,4 +284,66 @@ async fn a_stream_rides_out_a_pool_that_stays_busy() {
     let line = tokio::time::timeout(Duration::from_secs(30), next_line(&mut rx)).await;
     assert_eq!(line.expect("the line written while the pool was busy"), "while busy");
     follower.abort();
+}
+
+/// The next event of a subscription, its heartbeats skipped; fails the test if it ends or
+/// nothing comes within 30 s.
+async fn next_event<S>(sub: &mut S, what: &str) -> String
+where
+    S: futures_util::Stream<Item = Result<rack::events::Item, sqlx::Error>> + Unpin,
+{
+    let waited = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match sub.next().await {
+                Some(Ok(rack::events::Item::Event(event))) => return event.message,
+                Some(Ok(rack::events::Item::Idle)) => {}
+                other => panic!("the subscription ended waiting for {what}: {other:?}"),
+            }
+        }
+    })
+    .await;
+    waited.unwrap_or_else(|_| panic!("{what} never came"))
+}
+
+/// Issue 23's cost: a subscriber that falls behind by more batches than the old broadcast held
+/// (256, after which it read Postgres) catches up from its tail's window: not one read of
+/// Postgres more than the tail's own.
+#[tokio::test]
+async fn a_subscriber_that_falls_behind_catches_up_from_memory() {
+    const BATCHES: usize = 300;
+    let app = TestApp::spawn().await;
+    app.create_app("lag").await;
+    append(&app, "lag", &["before".to_owned()]).await;
+    let topic = rack::store::events::Topic::App {
+        app: "lag".to_owned(),
+        service: None,
+        filter: None,
+    };
+    let bus = &app.state.bus;
+    let mut keeping_up = bus.events(topic.clone(), 0, rack::events::Follow::UntilEnd);
+    let mut lagging = bus.events(topic, 0, rack::events::Follow::UntilEnd);
+    assert_eq!(next_event(&mut keeping_up, "the backlog").await, "before");
+    assert_eq!(next_event(&mut lagging, "the backlog").await, "before");
+    // A line written after their backlog reads reaches them only once the tail has started
+    // (from its window, or from Postgres if it started past them): from then on the window
+    // covers both.
+    append(&app, "lag", &["ready".to_owned()]).await;
+    assert_eq!(next_event(&mut keeping_up, "ready").await, "ready");
+    assert_eq!(next_event(&mut lagging, "ready").await, "ready");
+    let reads = bus.reads();
+    for n in 0..BATCHES {
+        append(&app, "lag", &[format!("line {n}")]).await;
+        // Each its own batch: the tail has read it before the next is written.
+        assert_eq!(next_event(&mut keeping_up, "a line").await, format!("line {n}"));
+    }
+    let tail_reads = bus.reads() - reads;
+    assert!(
+        tail_reads <= BATCHES as u64 + 2,
+        "{tail_reads} reads of Postgres for {BATCHES} batches"
+    );
+    let reads = bus.reads();
+    for n in 0..BATCHES {
+        assert_eq!(next_event(&mut lagging, "a line").await, format!("line {n}"));
+    }
+    assert_eq!(bus.reads(), reads, "the lagging subscriber read Postgres");
 }
