@@ -103,16 +103,26 @@ impl EventBus {
                         Err(_) => continue,
                     },
                     Ok(Some(_)) => Wake::Jobs,
-                    // The connection was lost and is re-established on the next call; whatever
-                    // was announced meanwhile is unknown, so everybody looks.
+                    // The connection was lost and has been re-established (the listener
+                    // reconnects before it says so); whatever was announced meanwhile is
+                    // unknown, so everybody looks.
                     Ok(None) => Wake::All,
                     Err(error) => {
                         tracing::warn!(error = %error, "the LISTEN connection failed; retrying");
                         let _ = sender.send(Wake::All);
-                        tokio::select! {
-                            () = stop.cancelled() => return,
-                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        // Until it listens again: events committed meanwhile were announced to
+                        // nobody, so everybody looks once more when it does (else the last of
+                        // them would wait for the tails' poll).
+                        loop {
+                            tokio::select! {
+                                () = stop.cancelled() => return,
+                                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            }
+                            if crate::store::events::relisten(&mut listener).await.is_ok() {
+                                break;
+                            }
                         }
+                        let _ = sender.send(Wake::All);
                         continue;
                     }
                 };

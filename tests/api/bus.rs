@@ -373,6 +373,12 @@ struct Followed {
     broken: std::sync::Mutex<Option<String>>,
     /// Streams it opened (each one a resume from `last`).
     connects: AtomicUsize,
+    /// Connects answered otherwise than 200, or not at all (tried again).
+    refused: AtomicUsize,
+    /// The last such answer.
+    refusal: std::sync::Mutex<String>,
+    /// Whether it is reading a stream now (else waiting to connect, or connecting).
+    streaming: std::sync::atomic::AtomicBool,
 }
 
 /// Follows `name`'s log over SSE as `EventSource` does: resumes with `Last-Event-ID` after
@@ -409,13 +415,28 @@ fn soak_follower(
                 .await;
             let response = match sent {
                 Ok(response) if response.status() == 200 => response,
-                // Refused (503 in an outage), or no answer: try again shortly.
-                _ => {
-                    tokio::time::sleep(dice.millis(100, 400)).await;
+                // Refused (503 in an outage or while the pool is busy: after its Retry-After,
+                // spread as a herd of clients spreads), or no answer: try again.
+                other => {
+                    followed.refused.fetch_add(1, Ordering::Relaxed);
+                    let after = match &other {
+                        Ok(response) => response
+                            .headers()
+                            .get("retry-after")
+                            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                            .unwrap_or(0),
+                        Err(_) => 0,
+                    };
+                    *followed.refusal.lock().unwrap() = match other {
+                        Ok(response) => response.status().to_string(),
+                        Err(e) => format!("{e}"),
+                    };
+                    tokio::time::sleep(Duration::from_secs(after) + dice.millis(100, 1000)).await;
                     continue;
                 }
             };
             followed.connects.fetch_add(1, Ordering::Relaxed);
+            followed.streaming.store(true, Ordering::SeqCst);
             let mut body = response.bytes_stream();
             let mut pending = String::new();
             let mut id = None;
@@ -452,6 +473,7 @@ fn soak_follower(
                     }
                 }
             }
+            followed.streaming.store(false, Ordering::SeqCst);
         }
     })
 }
@@ -525,6 +547,8 @@ async fn chaos_soak_every_follower_gets_every_line_once_in_order() {
     let url = cluster.url("rack");
     let mut cluster = Some(cluster);
     let app = TestApp::spawn_on(&url, |config| {
+        // The server's default pool (the harness's is smaller).
+        config.db_connections = 20;
         config.max_streams_per_credential = usize::try_from(4 * followers).unwrap();
         config.listener.max_unauthenticated = 0;
     })
@@ -612,32 +636,56 @@ async fn chaos_soak_every_follower_gets_every_line_once_in_order() {
         rack::store::events::horizon(&app.state.pool, "soak").await.ok()
     })
     .await;
-    let caught_up = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            let behind = tracks.iter().filter(|t| t.last.load(Ordering::SeqCst) < last).count();
-            if behind == 0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    // Done when every follower has the last line. A follower that stops getting lines is what
+    // this looks for (a stall: 30 s without a line to anybody behind); a slow machine only makes
+    // it take longer, up to ten minutes.
+    let total = || -> i64 { tracks.iter().map(|t| t.last.load(Ordering::SeqCst)).sum() };
+    let waiting = tokio::time::Instant::now();
+    let (mut progress, mut moved) = (total(), tokio::time::Instant::now());
+    let caught_up = loop {
+        if tracks.iter().all(|t| t.last.load(Ordering::SeqCst) >= last) {
+            break Ok(waiting.elapsed());
         }
-    })
-    .await;
+        if moved.elapsed() > Duration::from_secs(30) || waiting.elapsed() > Duration::from_secs(600) {
+            break Err(waiting.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if total() != progress {
+            (progress, moved) = (total(), tokio::time::Instant::now());
+        }
+    };
     let connects: usize = tracks.iter().map(|t| t.connects.load(Ordering::Relaxed)).sum();
+    let refused: usize = tracks.iter().map(|t| t.refused.load(Ordering::Relaxed)).sum();
+    let mut refusals: Vec<String> = tracks.iter().map(|t| t.refusal.lock().unwrap().clone()).collect();
+    refusals.sort();
+    refusals.dedup();
     eprintln!(
-        "soak: {seconds} s, {followers} followers, {batches} batches ({last} lines), {connects} streams, chaos: {chaos:?}"
+        "soak: {seconds} s, {followers} followers, {batches} batches ({last} lines), {connects} streams, \
+         {refused} connects refused ({refusals:?}), chaos: {chaos:?}"
     );
     for (n, track) in tracks.iter().enumerate() {
         assert_eq!(*track.broken.lock().unwrap(), None, "follower {n}");
     }
     let stuck: Vec<_> = tracks
         .iter()
-        .map(|t| t.last.load(Ordering::SeqCst))
-        .filter(|&l| l < last)
+        .filter(|t| t.last.load(Ordering::SeqCst) < last)
+        .map(|t| {
+            let state = if t.streaming.load(Ordering::SeqCst) {
+                "streaming"
+            } else {
+                "connecting"
+            };
+            format!("at {} ({state})", t.last.load(Ordering::SeqCst))
+        })
         .collect();
     assert!(
         caught_up.is_ok(),
-        "{} of {followers} followers short of line {last} a minute after the last write: {stuck:?}",
+        "{} of {followers} followers short of line {last} after {caught_up:?} (30 s without a line): {stuck:?}",
         stuck.len()
+    );
+    eprintln!(
+        "soak: every follower had every line {:?} after the last write",
+        caught_up.unwrap_or_default()
     );
     stop.cancel();
     for task in tasks {
