@@ -169,6 +169,14 @@ pub struct ServerArgs {
     /// RACK_INSECURE_HTTP=1 (or true, yes, on) sets it; 0, false, no, off do not.
     #[arg(long, env = "RACK_INSECURE_HTTP", value_parser = clap::builder::FalseyValueParser::new())]
     pub insecure_http: bool,
+    /// Batches of recent events each followed log keeps in memory, for streams that fall
+    /// behind to catch up from (older cursors read Postgres).
+    #[arg(long, env = "RACK_STREAM_WINDOW_BATCHES", default_value_t = crate::events::tail::WindowLimits::default().batches)]
+    pub stream_window_batches: usize,
+    /// Bytes of recent events each followed log keeps in memory at most (see
+    /// RACK_STREAM_WINDOW_BATCHES).
+    #[arg(long, env = "RACK_STREAM_WINDOW_BYTES", default_value_t = crate::events::tail::WindowLimits::default().bytes)]
+    pub stream_window_bytes: usize,
     #[command(flatten)]
     pub kube: KubeArgs,
 }
@@ -245,6 +253,8 @@ pub struct Config {
     pub audit_retention: Duration,
     /// How long the event feed keeps its events.
     pub feed_retention: Duration,
+    /// How much of each followed log the bus keeps in memory.
+    pub stream_window: crate::events::tail::WindowLimits,
     /// Settings of the Kubernetes runtime, when it is the one in use.
     pub kube: Option<KubeConfig>,
     /// HTTPS or plain HTTP.
@@ -367,6 +377,12 @@ impl Config {
         if args.build_timeout == 0 {
             bail!("RACK_BUILD_TIMEOUT must be at least 1 second");
         }
+        if args.stream_window_batches == 0 {
+            bail!("RACK_STREAM_WINDOW_BATCHES must be at least 1");
+        }
+        if args.stream_window_bytes < 64 * 1024 {
+            bail!("RACK_STREAM_WINDOW_BYTES must be at least 65536");
+        }
         let data_dir = args.data.unwrap_or_else(default_data_dir);
         let objects = match args.objects {
             Some(text) => ObjectsLocation::parse(&text).map_err(anyhow::Error::msg)?,
@@ -395,6 +411,10 @@ impl Config {
             max_streams_per_credential: args.max_streams_per_credential,
             audit_retention: Duration::from_secs(u64::from(args.audit_retention_days.max(1)) * 86_400),
             feed_retention: Duration::from_secs(u64::from(args.feed_retention_days.max(1)) * 86_400),
+            stream_window: crate::events::tail::WindowLimits {
+                batches: args.stream_window_batches,
+                bytes: args.stream_window_bytes,
+            },
             listener: crate::serve::Limits {
                 header_timeout: Duration::from_secs(args.header_timeout),
                 max_header_bytes: args.max_header_bytes,
@@ -428,6 +448,7 @@ impl Config {
             max_streams_per_credential: 100,
             audit_retention: Duration::from_secs(90 * 86_400),
             feed_retention: Duration::from_secs(14 * 86_400),
+            stream_window: crate::events::tail::WindowLimits::default(),
             kube: None,
             tls: Tls::Off,
         }

@@ -121,7 +121,7 @@ impl Application {
             .await
             .with_context(|| format!("binding {} (RACK_BIND)", config.bind))?;
         let shutdown = CancellationToken::new();
-        let bus = events::EventBus::start(&pool, shutdown.clone())
+        let bus = events::EventBus::start(&pool, shutdown.clone(), config.stream_window)
             .await
             .context("listening for events")?;
         let objects = objects::Objects::open(&config.objects).context("opening the object store (RACK_OBJECTS)")?;

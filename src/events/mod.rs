@@ -3,19 +3,22 @@
 //! subscribers (`tail`): the tail reads each new batch once and hands it to every local
 //! subscriber (`subscription`). So a subscriber on any replica sees every event of its topic
 //! once, in order, whoever wrote it; a line costs one query per replica whatever the number of
-//! subscribers; and a slow subscriber loses nothing: it falls behind and catches up from
-//! Postgres by itself, without delaying anyone.
+//! subscribers; and a slow subscriber loses nothing: it falls behind and catches up by itself,
+//! without delaying anyone, from the tail's window of recent batches in memory (or from
+//! Postgres when it fell out of the window).
 //!
 //! ```text
 //! writer ── insert + pg_notify ──► Postgres ──► LISTEN (one per replica) ──► wake
 //!                                     ▲                                        │
 //!                                     ├──── tail: select … where seq > last ◄──┘ (one per log)
-//!                                     │          │ broadcast batches
-//!                                     └── catch-up (resume, lag) ◄── subscribers
+//!                                     │          │ window of recent batches (memory)
+//!                                     └── catch-up (older than the window) ◄── subscribers
 //! ```
 
 mod subscription;
 pub mod tail;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -64,11 +67,16 @@ struct Inner {
 }
 
 impl EventBus {
-    /// Starts listening. The listener stops when `shutdown` is cancelled.
+    /// Starts listening, with tails that keep windows within `window`. The listener stops when
+    /// `shutdown` is cancelled.
     ///
     /// # Errors
     /// When the first LISTEN connection cannot be made.
-    pub async fn start(pool: &PgPool, shutdown: CancellationToken) -> Result<Self, sqlx::Error> {
+    pub async fn start(
+        pool: &PgPool,
+        shutdown: CancellationToken,
+        window: tail::WindowLimits,
+    ) -> Result<Self, sqlx::Error> {
         let (wake, _) = broadcast::channel(1024);
         let mut listener = PgListener::connect_with(pool).await?;
         listener
@@ -95,16 +103,26 @@ impl EventBus {
                         Err(_) => continue,
                     },
                     Ok(Some(_)) => Wake::Jobs,
-                    // The connection was lost and is re-established on the next call; whatever
-                    // was announced meanwhile is unknown, so everybody looks.
+                    // The connection was lost and has been re-established (the listener
+                    // reconnects before it says so); whatever was announced meanwhile is
+                    // unknown, so everybody looks.
                     Ok(None) => Wake::All,
                     Err(error) => {
                         tracing::warn!(error = %error, "the LISTEN connection failed; retrying");
                         let _ = sender.send(Wake::All);
-                        tokio::select! {
-                            () = stop.cancelled() => return,
-                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        // Until it listens again: events committed meanwhile were announced to
+                        // nobody, so everybody looks once more when it does (else the last of
+                        // them would wait for the tails' poll).
+                        loop {
+                            tokio::select! {
+                                () = stop.cancelled() => return,
+                                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            }
+                            if crate::store::events::relisten(&mut listener).await.is_ok() {
+                                break;
+                            }
                         }
+                        let _ = sender.send(Wake::All);
                         continue;
                     }
                 };
@@ -113,8 +131,8 @@ impl EventBus {
             }
         });
         let reader = tail::Reader::new(pool.clone());
-        let apps = tail::Tails::new(reader.clone(), wake.clone(), shutdown.clone());
-        let feed = tail::Tails::new(reader.clone(), wake.clone(), shutdown.clone());
+        let apps = tail::Tails::new(reader.clone(), wake.clone(), shutdown.clone(), window);
+        let feed = tail::Tails::new(reader.clone(), wake.clone(), shutdown.clone(), window);
         Ok(Self {
             inner: Arc::new(Inner {
                 wake,
@@ -221,6 +239,32 @@ impl tail::Log for FeedLog {
     fn at(entry: &FeedEvent) -> chrono::DateTime<chrono::Utc> {
         entry.at
     }
+
+    fn weight(entry: &FeedEvent) -> usize {
+        let text = [
+            Some(&entry.app),
+            Some(&entry.kind),
+            entry.build_id.as_ref(),
+            entry.release_id.as_ref(),
+        ]
+        .into_iter()
+        .chain([entry.process_id.as_ref(), Some(&entry.message)])
+        .flatten()
+        .map(String::len)
+        .sum::<usize>();
+        std::mem::size_of::<FeedEvent>() + text + json_weight(&entry.data.0)
+    }
+}
+
+/// Roughly what a JSON value holds in memory (its text's length, plus a word per node).
+fn json_weight(value: &serde_json::Value) -> usize {
+    let node = std::mem::size_of::<serde_json::Value>();
+    match value {
+        serde_json::Value::String(s) => node + s.len(),
+        serde_json::Value::Array(items) => node + items.iter().map(json_weight).sum::<usize>(),
+        serde_json::Value::Object(fields) => node + fields.iter().map(|(k, v)| k.len() + json_weight(v)).sum::<usize>(),
+        serde_json::Value::Null | serde_json::Value::Bool(_) | serde_json::Value::Number(_) => node,
+    }
 }
 
 #[async_trait::async_trait]
@@ -279,6 +323,14 @@ impl tail::Log for AppLog {
 
     fn at(entry: &Event) -> chrono::DateTime<chrono::Utc> {
         entry.at
+    }
+
+    fn weight(entry: &Event) -> usize {
+        std::mem::size_of::<Event>()
+            + entry.app.len()
+            + entry.stream.len()
+            + entry.message.len()
+            + entry.build_id.as_deref().map_or(0, str::len)
     }
 }
 

@@ -1,21 +1,21 @@
-//! One subscriber of a log: what it missed from Postgres first (a resume, or everything since
-//! its cursor), then the batches its replica's tail broadcasts, filtered to what it wants. It
-//! tracks `seen`, the seq up to which it has considered every entry of the log; a batch that
-//! starts past `seen`, or a broadcast it fell behind on, sends it back to Postgres to catch up,
-//! so nothing is lost or repeated whatever the timing.
+//! One subscriber of a log: what it missed from Postgres first (a resume from a cursor older
+//! than its tail's window, or everything since its cursor), then the batches its replica's tail
+//! keeps in its window, filtered to what it wants. It tracks `seen`, the seq up to which it has
+//! considered every entry of the log, and each time it looks compares it with the window's
+//! range: past `seen` in the window, it takes the batches from memory; before the window's
+//! start, it catches up from Postgres; so nothing is lost or repeated whatever the timing, and
+//! one that falls behind costs no read until it falls out of the window.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::Stream;
 use futures_util::future::BoxFuture;
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::Filter;
-use super::tail::{Batch, IDLE_EVERY, Log, PAGE, Reader, Tails};
+use super::tail::{Batch, Follower, Found, IDLE_EVERY, Log, PAGE, Reader, Tails};
 use crate::store::events::Event;
 
 /// How a subscription ends.
@@ -61,7 +61,8 @@ struct State<L: Log, F: Filter<L>> {
     reader: Reader,
     log: L,
     filter: F,
-    rx: broadcast::Receiver<Arc<Batch<L::Entry>>>,
+    /// Its hold on the log's tail: the window, and its changes.
+    tail: Follower<L::Entry>,
     shutdown: CancellationToken,
     /// Every entry of the log up to here has been considered.
     seen: i64,
@@ -84,17 +85,20 @@ impl<L: Log, F: Filter<L>> Subscription<L, F> {
         after: i64,
         follow: Follow,
     ) -> Self {
-        // Subscribed before the first read: no batch between the two is lost.
-        let rx = tails.subscribe(log.clone());
+        let tail = tails.subscribe(log.clone());
+        // A cursor the window holds costs no read (a client resuming a moment later); any
+        // other reads Postgres first. Either way the window is compared with `seen` before
+        // each wait, so the order of this look and the tail's reads does not matter.
+        let behind = follow == Follow::Backlog || !tail.covers(after);
         let state = State {
             reader,
             log,
             filter,
-            rx,
+            tail,
             shutdown,
             seen: after,
             buffered: VecDeque::new(),
-            behind: true,
+            behind,
             follow,
         };
         let inner = futures_util::stream::unfold(Some(state), |state| next(state));
@@ -104,6 +108,9 @@ impl<L: Log, F: Filter<L>> Subscription<L, F> {
         }
     }
 }
+
+/// How many entries a subscriber takes from the window at a time.
+const PAGE_ENTRIES: usize = PAGE.unsigned_abs() as usize;
 
 type Next<L, F> = Option<(Result<Item<<L as Log>::Entry>, sqlx::Error>, Option<State<L, F>>)>;
 
@@ -117,6 +124,12 @@ fn next<L: Log, F: Filter<L>>(state: Option<State<L, F>>) -> BoxFuture<'static, 
                 return Some((Ok(Item::Event(entry)), rest));
             }
             if state.behind {
+                // Once the window holds everything after `seen` (the tail started, or this
+                // subscriber read up to where the window begins), the rest is in memory.
+                if state.follow == Follow::UntilEnd && state.tail.covers(state.seen) {
+                    state.behind = false;
+                    continue;
+                }
                 if let Err(e) = state.catch_up().await {
                     return Some((Err(e), None));
                 }
@@ -125,22 +138,33 @@ fn next<L: Log, F: Filter<L>>(state: Option<State<L, F>>) -> BoxFuture<'static, 
             if state.follow == Follow::Backlog {
                 return None;
             }
-            let received = tokio::select! {
+            match state.tail.after(state.seen, PAGE_ENTRIES) {
+                Found::Batches(batches) => {
+                    for batch in &batches {
+                        state.take(batch);
+                    }
+                    continue;
+                }
+                // The window begins past `seen` (the tail started or restarted after this
+                // subscriber's last read, or it fell behind the window): Postgres has the rest.
+                Found::Gap => {
+                    state.behind = true;
+                    continue;
+                }
+                Found::Failed(failure) => return Some((Err(sqlx::Error::Protocol(failure)), None)),
+                // The server is stopping; or the tail's task ended for a reason of its own,
+                // and the client resumes (a new tail starts for it).
+                Found::Stopped if state.shutdown.is_cancelled() => return Some((Ok(Item::ShuttingDown), None)),
+                Found::Stopped => {
+                    let stopped = "the tail of this event log stopped".to_owned();
+                    return Some((Err(sqlx::Error::Protocol(stopped)), None));
+                }
+                Found::Nothing => {}
+            }
+            tokio::select! {
                 () = state.shutdown.cancelled() => return Some((Ok(Item::ShuttingDown), None)),
                 () = tokio::time::sleep(IDLE_EVERY) => return Some((Ok(Item::Idle), Some(state))),
-                received = state.rx.recv() => received,
-            };
-            match received {
-                Ok(batch) => {
-                    if let Some(failure) = &batch.failed {
-                        return Some((Err(sqlx::Error::Protocol(failure.clone())), None));
-                    }
-                    state.take(&batch);
-                }
-                // Fell behind the broadcast: what it missed is in Postgres.
-                Err(broadcast::error::RecvError::Lagged(_)) => state.behind = true,
-                // The tail stopped (the server is stopping).
-                Err(broadcast::error::RecvError::Closed) => return Some((Ok(Item::ShuttingDown), None)),
+                () = state.tail.changed() => {}
             }
         }
     })
@@ -164,13 +188,10 @@ impl<L: Log, F: Filter<L>> State<L, F> {
         Ok(())
     }
 
-    /// Takes a broadcast batch: what it wants of it, or a catch-up when it starts past `seen`.
+    /// Takes a batch of the window that ends past `seen` (and, the window being contiguous
+    /// from before `seen`, starts at or before it): what it wants of it.
     fn take(&mut self, batch: &Batch<L::Entry>) {
-        if batch.after > self.seen {
-            // Entries between `seen` and the batch went by before this subscriber caught up.
-            self.behind = true;
-            return;
-        }
+        debug_assert!(batch.after <= self.seen, "a batch past a gap");
         for entry in &batch.entries {
             if L::seq(entry) > self.seen && self.filter.matches(entry) {
                 self.buffered.push_back(entry.clone());

@@ -1,29 +1,34 @@
 //! Tails: one reader per log per replica. A log (an app's events, the rack's feed) that has
 //! local subscribers gets one task that reads each new batch from Postgres once, when the bus
-//! announces it, and hands the batch to every subscriber through a broadcast channel. So a line
-//! costs one query per replica, not one per subscriber; a subscriber goes to Postgres itself
-//! only to catch up (on a resume, after falling behind, or when it joined between two batches).
+//! announces it, and keeps it in the log's window: the recent batches, in memory, bounded by
+//! count and bytes ([`WindowLimits`]). Subscribers take what they have not considered from the
+//! window, so a line costs one query per replica, not one per subscriber; a subscriber goes to
+//! Postgres itself only for what the window does not hold (its backlog, a resume from an old
+//! cursor, or after falling behind the window).
 //!
-//! A batch covers every entry of its log in `(after, last]`: a subscriber that has considered
-//! everything up to `seen` and gets a batch with `after > seen` knows it missed something and
-//! catches up from Postgres. The broadcast never waits for a slow subscriber: one that falls
-//! more than [`CAPACITY`] batches behind is told so (`Lagged`) and catches up by itself.
+//! The window covers `(start, last]`: every entry of the log in that range is in it, in order,
+//! and nothing else. The tail changes it only under its lock (it starts it at the log's
+//! horizon, appends each batch it reads, drops the oldest over the limits) and then bumps a
+//! version every subscriber watches. A subscriber compares its own `seen` with the window's
+//! range each time it looks (level, not edge): `seen < start` sends it to Postgres, `seen <
+//! last` gives it the batches past `seen`, else it waits for the version to change. Whatever the
+//! interleaving of a subscriber's reads with the tail's, nothing committed after `seen` is
+//! passed over: a tail that started (or restarted) past a subscriber's `seen` shows it as
+//! `start`, which is the case the old broadcast could not tell (issue 23).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use sqlx::PgPool;
-use tokio::sync::{Semaphore, broadcast};
+use tokio::sync::{Semaphore, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::Wake;
 
-/// Batches a subscriber may be behind before it must catch up from Postgres.
-const CAPACITY: usize = 256;
-
-/// How many entries a tail (or a catching-up subscriber) reads at a time.
+/// How many entries a tail (or a catching-up subscriber) reads at a time, and how many a
+/// subscriber takes from the window at a time.
 pub const PAGE: i64 = 500;
 
 /// A tail that heard nothing for this long reads Postgres anyway: a safety net only (a lost
@@ -64,6 +69,27 @@ pub trait Log: Clone + Send + Sync + 'static {
     fn seq(entry: &Self::Entry) -> i64;
     /// When `entry` was written.
     fn at(entry: &Self::Entry) -> chrono::DateTime<chrono::Utc>;
+    /// Roughly how many bytes `entry` holds in memory (what the window's byte limit counts).
+    fn weight(entry: &Self::Entry) -> usize;
+}
+
+/// How much of its log a tail keeps in memory for subscribers that fell behind. A cursor older
+/// than the window reads Postgres.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowLimits {
+    /// The most batches (one read of the tail each).
+    pub batches: usize,
+    /// The most bytes of entries ([`Log::weight`]).
+    pub bytes: usize,
+}
+
+impl Default for WindowLimits {
+    fn default() -> Self {
+        Self {
+            batches: 4096,
+            bytes: 8 << 20,
+        }
+    }
 }
 
 /// Every entry of a log in `(after, last]`, in order.
@@ -72,13 +98,148 @@ pub struct Batch<T> {
     pub after: i64,
     pub last: i64,
     pub entries: Vec<T>,
-    /// The log could not be read (Postgres is away): subscribers end, saying so, rather than
-    /// wait silently; their clients reconnect and resume.
-    pub failed: Option<String>,
+    /// What the entries weigh ([`Log::weight`]).
+    weight: usize,
 }
 
-/// The running tails of one kind of log, by key: each one's broadcast.
-type Running<T> = Arc<Mutex<HashMap<String, broadcast::Sender<Arc<Batch<T>>>>>>;
+/// What a tail has read of its log: see the module's documentation.
+#[derive(Debug)]
+struct Window<T> {
+    /// Where the window begins; `None` until the tail has read the log's horizon.
+    start: Option<i64>,
+    /// Where it ends: the tail's cursor.
+    last: i64,
+    /// Covering `(start, last]` exactly: each batch's `after` is its predecessor's `last`.
+    batches: VecDeque<Arc<Batch<T>>>,
+    /// The sum of the batches' weights.
+    bytes: usize,
+    /// Reads of the log that failed for good, and the last one's reason: a subscriber that
+    /// finds more than there were when it subscribed ends, saying why (its client resumes).
+    failures: u64,
+    failure: String,
+    /// The tail stopped (the server is stopping, or the task ended): nothing more will come.
+    stopped: bool,
+}
+
+/// One tail, shared by its task (the only writer of the window) and its subscribers.
+#[derive(Debug)]
+struct Shared<T> {
+    window: Mutex<Window<T>>,
+    /// Bumped after each change of the window. Each subscriber holds a receiver: their count
+    /// is the tail's subscriber count.
+    version: watch::Sender<()>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain data behind, still consistent: every change
+    // of it is a single step.
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl<T> Shared<T> {
+    fn new() -> Self {
+        Self {
+            window: Mutex::new(Window {
+                start: None,
+                last: 0,
+                batches: VecDeque::new(),
+                bytes: 0,
+                failures: 0,
+                failure: String::new(),
+                stopped: false,
+            }),
+            version: watch::channel(()).0,
+        }
+    }
+
+    /// Changes the window, then tells the subscribers (after the change: one that looked
+    /// before it sees the new version, one that looks after it sees the change).
+    fn change<R>(&self, change: impl FnOnce(&mut Window<T>) -> R) -> R {
+        let changed = change(&mut lock(&self.window));
+        self.version.send_modify(|()| {});
+        changed
+    }
+
+    /// The tail's cursor, once it has one.
+    fn cursor(&self) -> Option<i64> {
+        let window = lock(&self.window);
+        window.start.map(|_| window.last)
+    }
+}
+
+/// What a subscriber finds in its tail's window after its `seen` (see [`Follower::after`]).
+#[derive(Debug)]
+pub enum Found<T> {
+    /// The batches past `seen`, oldest first (at least one).
+    Batches(Vec<Arc<Batch<T>>>),
+    /// The window begins past `seen`: what lies between is only in Postgres.
+    Gap,
+    /// Nothing past `seen` yet: wait for [`Follower::changed`].
+    Nothing,
+    /// A read of the log failed for good: the subscriber ends, saying why.
+    Failed(String),
+    /// The tail stopped.
+    Stopped,
+}
+
+/// A subscriber's hold on its log's tail.
+#[derive(Debug)]
+pub struct Follower<T> {
+    shared: Arc<Shared<T>>,
+    version: watch::Receiver<()>,
+    /// The tail's failures when this subscriber joined.
+    failures: u64,
+}
+
+impl<T> Follower<T> {
+    /// Whether the window holds everything after `seen` now.
+    pub fn covers(&self, seen: i64) -> bool {
+        lock(&self.shared.window).start.is_some_and(|start| start <= seen)
+    }
+
+    /// What the window holds after `seen`: batches holding at least `budget` entries when it
+    /// has that many (so a subscriber far behind takes it a page at a time). Marks the current
+    /// version seen first, so a change made after this look wakes [`Follower::changed`].
+    pub fn after(&mut self, seen: i64, budget: usize) -> Found<T> {
+        self.version.borrow_and_update();
+        let window = lock(&self.shared.window);
+        if window.failures > self.failures {
+            return Found::Failed(window.failure.clone());
+        }
+        if window.stopped {
+            return Found::Stopped;
+        }
+        let Some(start) = window.start else {
+            return Found::Nothing;
+        };
+        if window.last <= seen {
+            return Found::Nothing;
+        }
+        if seen < start {
+            return Found::Gap;
+        }
+        let first = window.batches.partition_point(|b| b.last <= seen);
+        let mut batches = Vec::new();
+        let mut entries = 0;
+        for batch in window.batches.range(first..) {
+            batches.push(Arc::clone(batch));
+            entries += batch.entries.len();
+            if entries >= budget {
+                break;
+            }
+        }
+        Found::Batches(batches)
+    }
+
+    /// Waits until the window changed since the last [`Follower::after`].
+    pub async fn changed(&mut self) {
+        // The sender lives in `shared`, which this follower holds: it never closes.
+        let _ = self.version.changed().await;
+    }
+}
+
+/// The running tails of one kind of log, by key.
+type Running<T> = Arc<Mutex<HashMap<String, Arc<Shared<T>>>>>;
 
 /// The tails of one kind of log on this replica.
 pub struct Tails<L: Log> {
@@ -86,54 +247,84 @@ pub struct Tails<L: Log> {
     shutdown: CancellationToken,
     running: Running<L::Entry>,
     reader: Reader,
+    limits: WindowLimits,
 }
 
 impl<L: Log> std::fmt::Debug for Tails<L> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let running = self.running.lock().map(|r| r.len()).unwrap_or_default();
         f.debug_struct("Tails")
-            .field("running", &running)
+            .field("running", &self.len())
+            .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
 }
 
 impl<L: Log> Tails<L> {
-    /// Tails that read through `reader` (which counts each read of Postgres).
-    pub fn new(reader: Reader, wake: broadcast::Sender<Wake>, shutdown: CancellationToken) -> Self {
+    /// Tails that read through `reader` (which counts each read of Postgres) and keep windows
+    /// within `limits`.
+    pub fn new(
+        reader: Reader,
+        wake: broadcast::Sender<Wake>,
+        shutdown: CancellationToken,
+        limits: WindowLimits,
+    ) -> Self {
         Self {
             wake,
             shutdown,
             running: Arc::default(),
             reader,
+            limits,
         }
     }
 
-    /// The batches of `log` from now on (starting its tail if it has none).
-    pub fn subscribe(&self, log: L) -> broadcast::Receiver<Arc<Batch<L::Entry>>> {
-        let mut running = self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    /// A hold on `log`'s tail (starting it if it has none).
+    pub fn subscribe(&self, log: L) -> Follower<L::Entry> {
+        // Under the lock a tail also removes itself with: a tail either counts this follower
+        // before deciding it has none, or is gone from the map and a new one starts.
+        let mut running = lock(&self.running);
         let key = log.key();
-        if let Some(sender) = running.get(&key) {
-            return sender.subscribe();
+        let shared = match running.get(&key) {
+            Some(shared) => Arc::clone(shared),
+            None => {
+                let shared = Arc::new(Shared::new());
+                running.insert(key.clone(), Arc::clone(&shared));
+                // Subscribed before its first read: no wake-up between the two is lost.
+                let wake = self.wake.subscribe();
+                tokio::spawn(tail(
+                    log,
+                    Tailing {
+                        key,
+                        shared: Arc::clone(&shared),
+                        running: Arc::clone(&self.running),
+                    },
+                    self.reader.clone(),
+                    wake,
+                    self.shutdown.clone(),
+                    self.limits,
+                ));
+                shared
+            }
+        };
+        let version = shared.version.subscribe();
+        let failures = lock(&shared.window).failures;
+        Follower {
+            shared,
+            version,
+            failures,
         }
-        let (sender, receiver) = broadcast::channel(CAPACITY);
-        running.insert(key.clone(), sender.clone());
-        // Subscribed before its first read: no wake-up between the two is lost.
-        let wake = self.wake.subscribe();
-        tokio::spawn(tail(
-            log,
-            key,
-            self.reader.clone(),
-            wake,
-            sender,
-            self.running.clone(),
-            self.shutdown.clone(),
-        ));
-        receiver
+    }
+
+    /// Whether the tail of the log `key` has read where it starts.
+    #[cfg(test)]
+    pub(super) fn started(&self, key: &str) -> bool {
+        lock(&self.running)
+            .get(key)
+            .is_some_and(|shared| shared.cursor().is_some())
     }
 
     /// How many logs this replica tails now.
     pub fn len(&self) -> usize {
-        self.running.lock().map(|r| r.len()).unwrap_or_default()
+        lock(&self.running).len()
     }
 
     /// Whether this replica tails nothing now.
@@ -142,40 +333,63 @@ impl<L: Log> Tails<L> {
     }
 }
 
-/// Reads `log` once per announcement and broadcasts each batch, until it has no subscriber
-/// left (then it removes itself) or the server stops.
-async fn tail<L: Log>(
-    log: L,
+/// A running tail's place in its [`Tails`]; dropped when the task ends, however it ends (a
+/// panic too): the tail leaves the map, so the next subscriber starts a new one, and its
+/// followers learn it stopped instead of waiting on it forever.
+struct Tailing<T> {
     key: String,
-    reader: Reader,
-    mut wake: broadcast::Receiver<Wake>,
-    sender: broadcast::Sender<Arc<Batch<L::Entry>>>,
-    running: Running<L::Entry>,
-    shutdown: CancellationToken,
-) {
-    let mut last = None;
-    loop {
-        // Gone quiet: nobody listens any more.
+    shared: Arc<Shared<T>>,
+    running: Running<T>,
+}
+
+impl<T> Tailing<T> {
+    /// Leaves the map if nobody follows the tail any more (under the map's lock, which
+    /// [`Tails::subscribe`] holds while it joins): whether it left.
+    fn leave_if_unfollowed(&self) -> bool {
+        let mut running = lock(&self.running);
+        if self.shared.version.receiver_count() > 0 {
+            return false;
+        }
+        running.remove(&self.key);
+        true
+    }
+}
+
+impl<T> Drop for Tailing<T> {
+    fn drop(&mut self) {
         {
-            let mut running = running.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if sender.receiver_count() == 0 {
-                running.remove(&key);
-                return;
+            let mut running = lock(&self.running);
+            if running.get(&self.key).is_some_and(|s| Arc::ptr_eq(s, &self.shared)) {
+                running.remove(&self.key);
             }
         }
-        // A failure ends every stream of the log.
-        match reader.persist(|| read_once(&log, &reader, last, &sender)).await {
-            Ok(l) => last = Some(l),
-            Err(e) => {
-                tracing::warn!(error = %e, log = %key, "reading new events for local subscribers");
-                let at = last.unwrap_or_default();
-                let _ = sender.send(Arc::new(Batch {
-                    after: at,
-                    last: at,
-                    entries: Vec::new(),
-                    failed: Some(e.to_string()),
-                }));
-            }
+        self.shared.change(|window| window.stopped = true);
+    }
+}
+
+/// Reads `log` once per announcement into its window, until it has no subscriber left (then it
+/// removes itself) or the server stops.
+async fn tail<L: Log>(
+    log: L,
+    tailing: Tailing<L::Entry>,
+    reader: Reader,
+    mut wake: broadcast::Receiver<Wake>,
+    shutdown: CancellationToken,
+    limits: WindowLimits,
+) {
+    let shared = &tailing.shared;
+    loop {
+        // Gone quiet: nobody listens any more.
+        if tailing.leave_if_unfollowed() {
+            return;
+        }
+        // A failure ends every stream of the log (their clients resume).
+        if let Err(e) = reader.persist(|| read_once(&log, &reader, shared, limits)).await {
+            tracing::warn!(error = %e, log = %tailing.key, "reading new events for local subscribers");
+            shared.change(|window| {
+                window.failures += 1;
+                window.failure = e.to_string();
+            });
         }
         let deadline = tokio::time::sleep(POLL_EVERY);
         tokio::pin!(deadline);
@@ -184,15 +398,10 @@ async fn tail<L: Log>(
         idle.reset();
         loop {
             tokio::select! {
-                () = shutdown.cancelled() => {
-                    running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
-                    return;
-                }
+                () = shutdown.cancelled() => return,
                 () = &mut deadline => break,
                 _ = idle.tick() => {
-                    let mut running = running.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    if sender.receiver_count() == 0 {
-                        running.remove(&key);
+                    if tailing.leave_if_unfollowed() {
                         return;
                     }
                 }
@@ -211,31 +420,27 @@ async fn tail<L: Log>(
     }
 }
 
-/// The tail's read: the log's horizon when it has none yet (it starts from there), else what
-/// came after `last`, broadcast. Returns the new last seq.
+/// The tail's read: the log's horizon when it has no cursor yet (the window starts there,
+/// empty), else what came after its cursor, into the window. The cursor is the window's own
+/// end, so a read tried again after a failure resumes where the last page it kept ended.
 async fn read_once<L: Log>(
     log: &L,
     reader: &Reader,
-    last: Option<i64>,
-    sender: &broadcast::Sender<Arc<Batch<L::Entry>>>,
-) -> Result<i64, sqlx::Error> {
-    match last {
-        None => reader.horizon(log).await,
-        Some(after) => read_new(log, reader, after, sender).await,
-    }
-}
-
-/// Reads and broadcasts everything after `after`; returns the new last seq.
-async fn read_new<L: Log>(
-    log: &L,
-    reader: &Reader,
-    mut after: i64,
-    sender: &broadcast::Sender<Arc<Batch<L::Entry>>>,
-) -> Result<i64, sqlx::Error> {
+    shared: &Shared<L::Entry>,
+    limits: WindowLimits,
+) -> Result<(), sqlx::Error> {
+    let Some(mut after) = shared.cursor() else {
+        let horizon = reader.horizon(log).await?;
+        shared.change(|window| {
+            window.start = Some(horizon);
+            window.last = horizon;
+        });
+        return Ok(());
+    };
     loop {
         let entries = reader.read(log, after, PAGE).await?;
         let Some(last) = entries.last().map(L::seq) else {
-            return Ok(after);
+            return Ok(());
         };
         let full = i64::try_from(entries.len()).unwrap_or(i64::MAX) >= PAGE;
         if let Some(newest) = entries.last() {
@@ -246,16 +451,30 @@ async fn read_new<L: Log>(
                 .lag_micros
                 .store(u64::try_from(lag).unwrap_or_default(), Ordering::Relaxed);
         }
-        // No subscriber is fine: the tail notices and stops.
-        let _ = sender.send(Arc::new(Batch {
+        let weight = entries.iter().map(L::weight).sum();
+        let batch = Arc::new(Batch {
             after,
             last,
             entries,
-            failed: None,
-        }));
+            weight,
+        });
+        shared.change(|window| {
+            window.last = last;
+            window.bytes += batch.weight;
+            window.batches.push_back(batch);
+            // The oldest go first; the window may end up empty (a batch bigger than the
+            // limit): it then begins at its end, and every subscriber behind reads Postgres.
+            while window.batches.len() > limits.batches || window.bytes > limits.bytes {
+                let Some(oldest) = window.batches.pop_front() else {
+                    break;
+                };
+                window.bytes -= oldest.weight;
+                window.start = Some(oldest.last);
+            }
+        });
         after = last;
         if !full {
-            return Ok(after);
+            return Ok(());
         }
     }
 }
