@@ -175,6 +175,11 @@ async fn a_thousand_subscribers_cost_one_read_per_batch() {
     .await
     .unwrap_or_else(|_| panic!("only {got} of {} lines arrived", SUBSCRIBERS * BATCHES * 2));
     let used = app.state.bus.reads() - reads;
+    eprintln!(
+        "fan-out {SUBSCRIBERS}: {used} reads of Postgres for {} lines ({:.2} per line)",
+        BATCHES * 2,
+        used as f64 / (BATCHES * 2) as f64
+    );
     // One read per announced batch (bursts coalesce into fewer), plus the tail's safety poll
     // every two seconds.
     let polls = started.elapsed().as_secs() / 2 + 1;
