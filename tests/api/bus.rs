@@ -526,8 +526,8 @@ fn soak_writer(url: String, name: &str, stop: tokio_util::sync::CancellationToke
 /// connections (the LISTEN one among them) are terminated, whose pool is held busy past its
 /// timeout, and whose followers come and go (all of them at once sometimes, long enough for the
 /// tail to stop and start again), while a writer writes. Every follower must end up with every
-/// line, each once and in order (streams that end resume with `Last-Event-ID`), soon after the
-/// last one is written. `SOAK_SECONDS` (default 10) and `SOAK_FOLLOWERS` (default 30) make it
+/// line, each once and in order (streams that end resume with `Last-Event-ID`), after the last
+/// one is written, without a stall (30 s without a line to any follower behind). `SOAK_SECONDS` (default 10) and `SOAK_FOLLOWERS` (default 30) make it
 /// longer and bigger: `scripts/soak`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_soak_every_follower_gets_every_line_once_in_order() {
