@@ -175,6 +175,11 @@ async fn a_thousand_subscribers_cost_one_read_per_batch() {
     .await
     .unwrap_or_else(|_| panic!("only {got} of {} lines arrived", SUBSCRIBERS * BATCHES * 2));
     let used = app.state.bus.reads() - reads;
+    eprintln!(
+        "fan-out {SUBSCRIBERS}: {used} reads of Postgres for {} lines ({:.2} per line)",
+        BATCHES * 2,
+        used as f64 / (BATCHES * 2) as f64
+    );
     // One read per announced batch (bursts coalesce into fewer), plus the tail's safety poll
     // every two seconds.
     let polls = started.elapsed().as_secs() / 2 + 1;
@@ -521,8 +526,8 @@ fn soak_writer(url: String, name: &str, stop: tokio_util::sync::CancellationToke
 /// connections (the LISTEN one among them) are terminated, whose pool is held busy past its
 /// timeout, and whose followers come and go (all of them at once sometimes, long enough for the
 /// tail to stop and start again), while a writer writes. Every follower must end up with every
-/// line, each once and in order (streams that end resume with `Last-Event-ID`), soon after the
-/// last one is written. `SOAK_SECONDS` (default 10) and `SOAK_FOLLOWERS` (default 30) make it
+/// line, each once and in order (streams that end resume with `Last-Event-ID`), after the last
+/// one is written, without a stall (30 s without a line to any follower behind). `SOAK_SECONDS` (default 10) and `SOAK_FOLLOWERS` (default 30) make it
 /// longer and bigger: `scripts/soak`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_soak_every_follower_gets_every_line_once_in_order() {
