@@ -5,13 +5,13 @@
 //! being written, streams included, are never cut), headers over [`Limits::max_header_bytes`]
 //! or more than [`MAX_HEADERS`] headers get 431, and an address may hold at most
 //! [`Limits::max_unauthenticated`] connections that have not yet made an authenticated
-//! request (more get 429). A request that cannot be parsed is answered, then what the client
+//! request (a newer one closes the oldest: see [`Unauthenticated::take`]). A request that cannot be parsed is answered, then what the client
 //! still sends is read and dropped for a moment ([`linger`]) before the connection closes, so
 //! the client reads the answer instead of a reset. With TLS (`crate::tls`), the handshake
 //! comes first and must end within the header timeout too. On shutdown, accepting stops, idle
 //! connections close and requests in flight finish.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -106,17 +106,7 @@ pub async fn serve(
         // Responses go out in several writes (head, chunks): Nagle plus a delayed ACK would
         // hold each one back for 40 ms.
         let _ = stream.set_nodelay(true);
-        let Some(connection) = Connection::open(&book, peer, limits.max_unauthenticated) else {
-            let tls = tls.clone();
-            // A refusal is worth a short handshake at most: these connections count nowhere.
-            let handshake = limits.header_timeout.min(Duration::from_secs(2));
-            tracker.spawn(async move {
-                if let Some(stream) = Transport::open(stream, tls.as_ref(), handshake).await {
-                    refuse(stream, peer).await;
-                }
-            });
-            continue;
-        };
+        let connection = Connection::open(&book, peer, limits.max_unauthenticated);
         let service = {
             let connection = connection.clone();
             router.clone().map_request(move |mut request: Request<Incoming>| {
@@ -141,7 +131,12 @@ pub async fn serve(
         let tls = tls.clone();
         tracker.spawn(async move {
             // The connection counts against its address's limit from here, handshake included.
-            let Some(stream) = Transport::open(stream, tls.as_ref(), timeout).await else {
+            let evicted = connection.0.evicted.clone();
+            let opened = tokio::select! {
+                opened = Transport::open(stream, tls.as_ref(), timeout) => opened,
+                () = evicted.cancelled() => None,
+            };
+            let Some(stream) = opened else {
                 return;
             };
             let io = Io {
@@ -152,6 +147,9 @@ pub async fn serve(
             let mut conn = std::pin::pin!(conn);
             let ended = tokio::select! {
                 ended = conn.as_mut() => ended,
+                // A newer connection from its address took its place: it goes, unanswered
+                // (it never sent a credential that worked).
+                () = evicted.cancelled() => return,
                 () = shutdown.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     tokio::time::timeout(DRAIN, conn.as_mut()).await.unwrap_or(Ok(()))
@@ -205,18 +203,6 @@ async fn linger(stream: &TcpStream) {
     }
 }
 
-/// Answers a connection over the per-address limit with 429 and closes it.
-async fn refuse(stream: Transport, peer: SocketAddr) {
-    let message = format!(
-        "too many connections from {} that have not authenticated yet: authenticate on the ones you have, or close some\n",
-        peer.ip()
-    );
-    tracing::warn!(client.address = %peer.ip(), "refused a connection over the unauthenticated limit");
-    // Let the request arrive first, so the client reads the answer instead of a reset.
-    let _ = tokio::time::timeout(Duration::from_millis(200), stream.readable()).await;
-    write_raw(&stream, "429 Too Many Requests", &[("retry-after", "1")], &message).await;
-}
-
 /// Writes a whole response on a connection hyper no longer serves (best effort: a full socket
 /// buffer just loses it).
 async fn write_raw(stream: &Transport, status: &str, headers: &[(&str, &str)], message: &str) {
@@ -263,43 +249,42 @@ impl Transport {
             }
         }
     }
-
-    /// Waits until the client has sent something (for a 429 it should read).
-    async fn readable(&self) {
-        match self {
-            Self::Plain(stream) => {
-                let _ = stream.readable().await;
-            }
-            // Read (and drop) the start of the request, which follows the handshake.
-            Self::Tls(tls) => {
-                let mut request = [0u8; 1024];
-                let _ = tokio::io::AsyncReadExt::read(&mut tls.clone(), &mut request).await;
-            }
-        }
-    }
 }
 
-/// Connections per address that have not authenticated yet.
+/// Connections per address that have not authenticated yet, oldest first, each with what
+/// closes it.
 #[derive(Debug, Default)]
-struct Unauthenticated(Mutex<HashMap<IpAddr, usize>>);
+struct Unauthenticated {
+    queues: Mutex<HashMap<IpAddr, VecDeque<(u64, CancellationToken)>>>,
+    next: AtomicU64,
+}
 
 impl Unauthenticated {
-    fn take(&self, ip: IpAddr, limit: usize) -> bool {
-        let mut counts = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let count = counts.entry(ip).or_default();
-        if limit > 0 && *count >= limit {
-            return false;
+    /// Counts a new connection from `ip`; when the address already holds `limit`, its oldest
+    /// unauthenticated connection is closed to make room. Refusing the newcomer instead would
+    /// let anyone on the address (an app process on 127.0.0.1) hold every slot and shut the
+    /// admin's own clients out; this way the address still holds at most `limit`, and a client
+    /// that authenticates at once always gets through.
+    fn take(&self, ip: IpAddr, limit: usize) -> (u64, CancellationToken) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        let mut queues = self.queues.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let queue = queues.entry(ip).or_default();
+        while limit > 0 && queue.len() >= limit {
+            if let Some((_, oldest)) = queue.pop_front() {
+                oldest.cancel();
+            }
         }
-        *count += 1;
-        true
+        queue.push_back((id, token.clone()));
+        (id, token)
     }
 
-    fn release(&self, ip: IpAddr) {
-        let mut counts = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(count) = counts.get_mut(&ip) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                counts.remove(&ip);
+    fn release(&self, ip: IpAddr, id: u64) {
+        let mut queues = self.queues.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(queue) = queues.get_mut(&ip) {
+            queue.retain(|(held, _)| *held != id);
+            if queue.is_empty() {
+                queues.remove(&ip);
             }
         }
     }
@@ -315,20 +300,26 @@ struct ConnectionState {
     peer: SocketAddr,
     authenticated: AtomicBool,
     book: Arc<Unauthenticated>,
+    /// Its place among its address's unauthenticated connections.
+    id: u64,
+    /// Cancelled when a newer connection of its address takes its place before it
+    /// authenticated.
+    evicted: CancellationToken,
     /// Bytes read since the last response ended (a request head in progress).
     idle_bytes: AtomicU64,
 }
 
 impl Connection {
-    fn open(book: &Arc<Unauthenticated>, peer: SocketAddr, limit: usize) -> Option<Self> {
-        book.take(peer.ip(), limit).then(|| {
-            Self(Arc::new(ConnectionState {
-                peer,
-                authenticated: AtomicBool::new(false),
-                book: book.clone(),
-                idle_bytes: AtomicU64::new(0),
-            }))
-        })
+    fn open(book: &Arc<Unauthenticated>, peer: SocketAddr, limit: usize) -> Self {
+        let (id, evicted) = book.take(peer.ip(), limit);
+        Self(Arc::new(ConnectionState {
+            peer,
+            authenticated: AtomicBool::new(false),
+            book: book.clone(),
+            id,
+            evicted,
+            idle_bytes: AtomicU64::new(0),
+        }))
     }
 
     /// The client's address.
@@ -340,7 +331,7 @@ impl Connection {
     /// its address's limit.
     pub fn authenticated(&self) {
         if !self.0.authenticated.swap(true, Ordering::SeqCst) {
-            self.0.book.release(self.0.peer.ip());
+            self.0.book.release(self.0.peer.ip(), self.0.id);
         }
     }
 }
@@ -348,7 +339,7 @@ impl Connection {
 impl Drop for ConnectionState {
     fn drop(&mut self) {
         if !*self.authenticated.get_mut() {
-            self.book.release(self.peer.ip());
+            self.book.release(self.peer.ip(), self.id);
         }
     }
 }
