@@ -24,6 +24,7 @@ mod limits;
 mod objects;
 mod openapi;
 mod outage;
+mod quickstart;
 mod replicas;
 mod run;
 mod sandbox;
