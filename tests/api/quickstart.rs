@@ -16,8 +16,12 @@ fn root() -> PathBuf {
 /// The quick start's commands, from the README.
 fn quick_start() -> String {
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
-    let start = readme.find("<!-- quick-start").expect("the README's quick-start marker");
-    let end = readme.find("<!-- /quick-start -->").expect("the README's quick-start end marker");
+    let start = readme
+        .find("<!-- quick-start")
+        .expect("the README's quick-start marker");
+    let end = readme
+        .find("<!-- /quick-start -->")
+        .expect("the README's quick-start end marker");
     let block = &readme[start..end];
     let code = block.split_once("```sh\n").expect("a sh block after the marker").1;
     code.split_once("```").expect("the end of the sh block").0.to_owned()
@@ -49,7 +53,11 @@ async fn run(app: &TestApp, script: &str, home: &Path) -> String {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     );
-    assert!(out.status.success(), "{script}\nfailed ({}):\n{stdout}\n{stderr}", out.status);
+    assert!(
+        out.status.success(),
+        "{script}\nfailed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
     stdout
 }
 
@@ -68,7 +76,10 @@ async fn the_readmes_quick_start_works_as_written() {
         ],
         "{out}"
     );
-    assert!(out.lines().any(|l| l.contains("service/web/") && l.contains("GET /")), "{out}");
+    assert!(
+        out.lines().any(|l| l.contains("service/web/") && l.contains("GET /")),
+        "{out}"
+    );
     // The example in the repository is untouched (the quick start changes a copy).
     let example = std::fs::read_to_string(root().join("examples/hello/app.py")).unwrap();
     assert!(example.contains("VERSION = \"1\""));
