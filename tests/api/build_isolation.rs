@@ -94,6 +94,7 @@ async fn a_link_to_the_root_made_by_a_build_command_is_refused() {
 async fn a_dockerfile_that_links_out_is_not_read() {
     base_image().await;
     let app = TestApp::spawn().await;
+    let _leftovers = Leftovers::of(&app);
     let (planted, secret) = plant_secret(&app);
     let command = format!("ln -sfn {} Evil.dockerfile", planted.display());
     let manifest = format!(
@@ -113,6 +114,7 @@ async fn a_dockerfile_that_links_out_is_not_read() {
 async fn services_build_from_their_own_copy_of_the_context_on_a_user_mode_network() {
     base_image().await;
     let app = TestApp::spawn().await;
+    let _leftovers = Leftovers::of(&app);
     // `prep` writes into the directory `web` builds from, before `web` builds: the copy is made
     // after, so the file is in the image; the copy is gone once the image is built.
     let manifest = "services:\n  prep:\n    build:\n      command: echo from-prep > made-by-prep\n    command: sleep 600\n  web:\n    build: .\n";

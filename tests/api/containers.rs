@@ -61,6 +61,24 @@ impl Drop for Leftovers {
                 .args(&ids)
                 .output();
         }
+        // And the images it built: they would pile up run after run, and every podman command
+        // takes longer the more images the store holds (seconds each at a few hundred, which
+        // made builds time out under load).
+        let Ok(out) = self
+            .0
+            .std_command()
+            .args(["images", "--quiet", "--filter", &label])
+            .output()
+        else {
+            return;
+        };
+        let images: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        if !images.is_empty() {
+            let _ = self.0.std_command().args(["rmi", "--force"]).args(&images).output();
+        }
     }
 }
 

@@ -331,7 +331,9 @@ impl TestApp {
 
     /// Waits (up to 60 s) until the build has ended; returns it.
     pub async fn wait_build(&self, app: &str, id: &str) -> serde_json::Value {
-        wait_for(60, "the build to end", || async {
+        // Image builds take turns on podman's image store: with the whole suite's builds
+        // beside it on a loaded 2-core machine, one may wait well over a minute.
+        wait_for(180, "the build to end", || async {
             let build = self.get_build(app, id).await;
             matches!(build["status"].as_str(), Some("complete" | "failed")).then_some(build)
         })

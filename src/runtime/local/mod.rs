@@ -199,14 +199,17 @@ impl Runtime for LocalRuntime {
     #[tracing::instrument(skip_all, fields(app.name = %app))]
     async fn prune_builds(&self, app: &str, ids: &[crate::ids::BuildId]) {
         for id in ids {
-            if let Some(podman) = &self.builder.podman {
-                podman.remove_build_images(app, id).await;
-            }
+            // The sources first: they need no podman, whose every command may wait its turn for
+            // the image store while other builds hold it (a refused archive's files must go at
+            // once).
             let dir = self.builder.builds_dir.join(app).join(id);
             match tokio::fs::remove_dir_all(&dir).await {
                 Ok(()) => tracing::info!(app.name = app, build.id = %id, "pruned the sources of build {id}"),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => tracing::warn!(error = %e, app.name = app, "pruning the sources of build {id}"),
+            }
+            if let Some(podman) = &self.builder.podman {
+                podman.remove_build_images(app, id).await;
             }
         }
     }
