@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod names;
 pub mod objects;
 pub mod postgres;
+pub mod resource;
 pub mod runtime;
 pub mod serve;
 pub mod store;

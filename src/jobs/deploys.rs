@@ -322,6 +322,8 @@ pub async fn load_spec(state: &AppState, app: &str, id: &str) -> Result<ReleaseS
         images,
         env,
         manifest,
+        // Filled from the store once resources are created (issue #25).
+        resources: Default::default(),
     })
 }
 

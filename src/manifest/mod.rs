@@ -22,7 +22,9 @@ pub struct Manifest {
     pub timers: BTreeMap<String, Timer>,
     /// Extra load balancers by name (convox `balancers:`).
     pub balancers: BTreeMap<String, Balancer>,
-    /// Top-level keys rack does not interpret (`resources`...).
+    /// Databases and caches by name (convox `resources:`); names are lowercase DNS labels.
+    pub resources: BTreeMap<String, crate::resource::Definition>,
+    /// Top-level keys rack does not interpret.
     pub extra: BTreeMap<String, Value>,
 }
 
@@ -50,6 +52,8 @@ pub struct Service {
     /// rack's release phase: a command run once, as a one-off process of this service's new
     /// release, before a deployment changes what runs; a non-zero exit stops the deployment.
     pub release: Option<Command>,
+    /// The resources its processes link to (their `<NAME>_URL`... variables), by name.
+    pub resources: Vec<String>,
     /// Service keys rack does not interpret (`domain`, `internal`, `volumes`...).
     pub extra: BTreeMap<String, Value>,
 }
@@ -68,6 +72,7 @@ impl Default for Service {
             environment: Vec::new(),
             deployment: Deployment::default(),
             release: None,
+            resources: Vec::new(),
             extra: BTreeMap::new(),
         }
     }

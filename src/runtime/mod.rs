@@ -199,6 +199,8 @@ pub struct ReleaseSpec {
     pub images: std::collections::BTreeMap<String, String>,
     pub env: crate::env::Env,
     pub manifest: crate::manifest::Manifest,
+    /// The resources the manifest declares, with their credentials, by name.
+    pub resources: std::collections::BTreeMap<String, crate::resource::ResourceSpec>,
 }
 
 impl ReleaseSpec {

@@ -665,6 +665,7 @@ mod tests {
             images: Default::default(),
             env: [("FOO".to_owned(), "bar".to_owned())].into(),
             manifest: crate::manifest::parse(manifest).unwrap(),
+            resources: Default::default(),
         }
     }
 
