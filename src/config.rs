@@ -118,7 +118,8 @@ pub struct ServerArgs {
     /// claim; then another server takes it over.
     #[arg(long, env = "RACK_JOB_LEASE", default_value_t = 30)]
     pub job_lease: u64,
-    /// Largest number of Postgres connections this server opens.
+    /// Largest number of Postgres connections this server opens (one of them listens for
+    /// notifications; the others serve requests and jobs).
     #[arg(long, env = "RACK_DB_CONNECTIONS", default_value_t = 20)]
     pub db_connections: u32,
     /// The unprivileged user that build commands and app processes of the local runtime run

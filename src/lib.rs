@@ -113,7 +113,8 @@ impl Application {
                 (cluster.connect_options("rack"), Some(cluster))
             }
         };
-        let pool = store::connect(options, config.db_connections)
+        // One of the connections is the event bus's LISTEN, in a pool of its own (`store::single`).
+        let pool = store::connect(options, config.db_connections - 1)
             .await
             .context("connecting to Postgres")?;
         store::migrate(&pool).await.context("running database migrations")?;

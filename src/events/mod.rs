@@ -78,15 +78,9 @@ impl EventBus {
         window: tail::WindowLimits,
     ) -> Result<Self, sqlx::Error> {
         let (wake, _) = broadcast::channel(1024);
-        let mut listener = PgListener::connect_with(pool).await?;
-        listener
-            .listen_all([
-                EVENTS_CHANNEL,
-                FEED_CHANNEL,
-                JOBS_CHANNEL,
-                crate::store::tokens::REVOKED_CHANNEL,
-            ])
-            .await?;
+        // Its own connection, not one of the shared pool's (see `store::single`).
+        let listening = crate::store::single(pool);
+        let mut listener = listen(&listening).await?;
         let sender = wake.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {
@@ -106,22 +100,33 @@ impl EventBus {
                     // The connection was lost and has been re-established (the listener
                     // reconnects before it says so); whatever was announced meanwhile is
                     // unknown, so everybody looks.
-                    Ok(None) => Wake::All,
+                    Ok(None) => {
+                        tracing::debug!("the LISTEN connection was lost and listens again");
+                        Wake::All
+                    }
                     Err(error) => {
-                        tracing::warn!(error = %error, "the LISTEN connection failed; retrying");
+                        tracing::warn!(error = %error, "the LISTEN connection failed; listening again on a new one");
                         let _ = sender.send(Wake::All);
-                        // Until it listens again: events committed meanwhile were announced to
-                        // nobody, so everybody looks once more when it does (else the last of
-                        // them would wait for the tails' poll).
-                        loop {
+                        // A new listener, not the old one: after some failures (a backend
+                        // terminated by the server) the old one keeps its dead connection, and
+                        // a query through a listening connection fails whenever a notification
+                        // comes first, so "is it back?" cannot be asked of it.
+                        // Quick retries first (Postgres may be back already), then every second.
+                        let mut pause = Duration::from_millis(50);
+                        listener = loop {
                             tokio::select! {
                                 () = stop.cancelled() => return,
-                                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                () = tokio::time::sleep(pause) => {}
                             }
-                            if crate::store::events::relisten(&mut listener).await.is_ok() {
-                                break;
+                            match listen(&listening).await {
+                                Ok(listener) => break listener,
+                                Err(error) => tracing::debug!(error = %error, "listening again failed; retrying"),
                             }
-                        }
+                            pause = (pause * 2).min(Duration::from_secs(1));
+                        };
+                        // Events committed while nobody listened were announced to nobody, so
+                        // everybody looks once more (else the last of them would wait for the
+                        // tails' poll).
                         let _ = sender.send(Wake::All);
                         continue;
                     }
@@ -381,4 +386,18 @@ pub fn outcome_line(event: &Event) -> Option<String> {
         crate::deploy::Outcome::Ok => Some("OK\n".to_owned()),
         crate::deploy::Outcome::Error => Some(format!("ERROR: {}\n", event.message)),
     }
+}
+
+/// A new LISTEN connection (from `pool`, which it then holds) on every channel rack announces on.
+async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener
+        .listen_all([
+            EVENTS_CHANNEL,
+            FEED_CHANNEL,
+            JOBS_CHANNEL,
+            crate::store::tokens::REVOKED_CHANNEL,
+        ])
+        .await?;
+    Ok(listener)
 }

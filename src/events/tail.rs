@@ -552,7 +552,12 @@ impl Reader {
                         && self.reachable().await =>
                 {
                     tracing::debug!(error = %e, "reading an event log while Postgres is busy; trying again");
-                    tokio::time::sleep(RETRY_AFTER).await;
+                    // A connection that died (Postgres restarted, its backend terminated) has
+                    // left the pool with this failure, and the pool may hold more of them: try
+                    // the next at once. Only a busy pool is worth waiting for.
+                    if !connection_died(&e) {
+                        tokio::time::sleep(RETRY_AFTER).await;
+                    }
                 }
                 done => return done,
             }
@@ -593,5 +598,16 @@ impl Reader {
     ) -> Result<Vec<L::Entry>, sqlx::Error> {
         self.reads.fetch_add(1, Ordering::Relaxed);
         filter.read(&self.pool, after, limit).await
+    }
+}
+
+/// Whether `error` says the connection it ran on is gone (and with it, out of the pool): its
+/// socket failed, or the server terminated its backend (`57P01`, `57P02`: an administrator or
+/// a crash of another backend).
+fn connection_died(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(e) => matches!(e.code().as_deref(), Some("57P01" | "57P02")),
+        _ => false,
     }
 }

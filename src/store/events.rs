@@ -174,10 +174,3 @@ pub async fn seq_before(pool: &PgPool, app: &str, age: std::time::Duration) -> R
         .fetch_one(pool)
         .await
 }
-
-/// Makes sure `listener` listens again after it lost its connection: it reconnects and
-/// re-issues its LISTENs on its next use, here a trivial query. A wake-up sent after this
-/// returns covers everything announced while it was away.
-pub async fn relisten(listener: &mut sqlx::postgres::PgListener) -> Result<(), sqlx::Error> {
-    sqlx::query("select 1").execute(listener).await.map(|_| ())
-}

@@ -42,6 +42,18 @@ pub async fn connect(options: PgConnectOptions, max_connections: u32) -> Result<
         .await
 }
 
+/// A pool of one connection to the same database as `pool`, checked before each use, for a
+/// connection that lives long and must come back by itself (the event bus's LISTEN): after
+/// Postgres restarts, the shared pool may hold several dead connections (it does not check
+/// them, above), and trying them one by one delayed every wake-up by seconds.
+pub fn single(pool: &PgPool) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .test_before_acquire(true)
+        .connect_lazy_with((*pool.connect_options()).clone())
+}
+
 /// Whether `error` may go away by itself (Postgres restarting, the pool exhausted, a lost
 /// connection, a serialization conflict), so that trying again later makes sense. Anything
 /// else (a constraint, text Postgres cannot hold) fails the same way every time.

@@ -30,5 +30,6 @@ mod run;
 mod sandbox;
 mod security;
 mod server;
+mod soak;
 mod timers;
 mod tls;
