@@ -83,6 +83,13 @@ pub async fn list(pool: &PgPool, app: &str) -> Result<Vec<Resource>, sqlx::Error
         .await
 }
 
+/// Every resource of every app (the proxy looks for the one a client names).
+pub async fn list_all(pool: &PgPool) -> Result<Vec<Resource>, sqlx::Error> {
+    sqlx::query_as("select * from resources order by app, name")
+        .fetch_all(pool)
+        .await
+}
+
 /// One resource of `app`.
 pub async fn get(pool: &PgPool, app: &str, name: &str) -> Result<Option<Resource>, sqlx::Error> {
     sqlx::query_as("select * from resources where app = $1 and name = $2")

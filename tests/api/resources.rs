@@ -5,7 +5,11 @@
 
 use std::path::Path;
 
+use futures_util::{SinkExt, StreamExt};
+use reqwest::Method;
 use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::deploys::{promote_follow, rollback_release};
 use crate::helpers::{TestApp, wait_for};
@@ -140,10 +144,92 @@ async fn a_process_app_reads_and_writes_its_resources_across_redeploys_and_rollb
     assert!(log.ends_with("OK\n"), "{log}");
     assert_eq!(notes(&app, "shop", "read").await, "pg=one,two\nredis=two\n");
 
-    // The feed says what happened to them, without a secret.
+    // `convox resources`: the list (the password masked for a read-only token), `info` and
+    // `url` (the password shown to a deploy credential).
     let resources: Value = app.get_json("/apps/shop/resources").await;
     assert_eq!(resources[0]["name"], "cache", "{resources}");
+    assert_eq!(resources[1]["type"], "postgres", "{resources}");
     assert_eq!(resources[1]["status"], "running", "{resources}");
+    let url = resources[1]["url"].as_str().unwrap().to_owned();
+    assert!(url.starts_with("postgres://app:") && url.ends_with("/app"), "{url}");
+    let token: Value = app
+        .json(Method::POST, "/tokens")
+        .form(&[("name", "viewer"), ("role", "read")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let viewer = token["token"].as_str().unwrap();
+    let masked: Value = app
+        .client
+        .get(app.url("/apps/shop/resources/database"))
+        .basic_auth("convox", Some(viewer))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(masked["url"].as_str().unwrap().contains(":********@"), "{masked}");
+    let feed = app
+        .request(Method::GET, "/events?follow=false&after=0&app=shop&kind=resource.")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let password = url.split(':').nth(2).unwrap().split('@').next().unwrap();
+    assert!(
+        feed.contains("resource.created") && feed.contains("resource.ready"),
+        "{feed}"
+    );
+    assert!(!feed.contains(password), "no secret in the feed");
+
+    // export -> import round-trips the database.
+    let dump = app
+        .convox(Method::GET, "/apps/shop/resources/database/data")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dump.status(), 200);
+    let dump = dump.bytes().await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&dump).contains("COPY public.notes"),
+        "a plain-SQL dump"
+    );
+    notes(&app, "shop", "write three").await;
+    assert_eq!(notes(&app, "shop", "read").await, "pg=one,three,two\nredis=three\n");
+    let import = app
+        .convox(Method::PUT, "/apps/shop/resources/database/data")
+        .body(dump)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(crate::helpers::status_text(import).await, (200, "ok\n".to_owned()));
+    assert_eq!(notes(&app, "shop", "read").await, "pg=one,two\nredis=three\n");
+    let rdb = app
+        .convox(Method::GET, "/apps/shop/resources/cache/data")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rdb.status(), 200);
+    assert!(rdb.bytes().await.unwrap().starts_with(b"REDIS"), "an RDB file");
+
+    // `convox resources proxy`: a postgres session through the websocket (its SSL request is
+    // answered `N`); any other address is refused.
+    let authority = url.rsplit('@').next().unwrap().split('/').next().unwrap();
+    let (host, port) = authority.split_once(':').unwrap();
+    let answer = proxy_ssl_request(&app, host, port).await;
+    assert_eq!(answer.as_deref(), Ok(&b"N"[..]));
+    let own = app.addr.port().to_string();
+    for (host, port) in [("127.0.0.1", own.as_str()), ("10.0.0.1", port), ("localhost", port)] {
+        assert_eq!(proxy_ssl_request(&app, host, port).await, Err(403), "{host}:{port}");
+    }
+    let audit: Value = app.get_json("/audit").await;
+    assert!(audit.to_string().contains("/proxy/10.0.0.1/"), "the refusal is audited");
 
     assert_eq!(app.delete_app("shop").await.status(), 200);
     let dir = app.state.config.data_dir.join("resources").join("shop");
@@ -151,4 +237,38 @@ async fn a_process_app_reads_and_writes_its_resources_across_redeploys_and_rollb
         (!dir.exists()).then_some(())
     })
     .await;
+}
+
+/// Opens the proxy websocket to `host:port` as the convox CLI does, sends postgres's SSL
+/// request, and returns the first bytes that come back (or the handshake's refusal status).
+async fn proxy_ssl_request(app: &TestApp, host: &str, port: &str) -> Result<Vec<u8>, u16> {
+    let mut request = format!("ws://{}/proxy/{host}/{port}", app.addr)
+        .into_client_request()
+        .unwrap();
+    let auth = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("convox:{}", crate::helpers::PASSWORD),
+    );
+    request
+        .headers_mut()
+        .insert("authorization", format!("Basic {auth}").parse().unwrap());
+    let socket = match tokio_tungstenite::connect_async(request).await {
+        Ok((socket, _)) => socket,
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => return Err(response.status().as_u16()),
+        Err(e) => panic!("the handshake: {e}"),
+    };
+    let (mut sink, mut source) = socket.split();
+    sink.send(Message::Binary(vec![0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f].into()))
+        .await
+        .unwrap();
+    loop {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(30), source.next())
+            .await
+            .expect("an answer")
+            .expect("open")
+            .unwrap();
+        if let Message::Binary(data) = frame {
+            return Ok(data.to_vec());
+        }
+    }
 }
