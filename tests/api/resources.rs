@@ -272,3 +272,112 @@ async fn proxy_ssl_request(app: &TestApp, host: &str, port: &str) -> Result<Vec<
         }
     }
 }
+
+/// The pid in the first line of `file`.
+fn pid_in(file: &Path) -> i32 {
+    let text = std::fs::read_to_string(file).unwrap();
+    text.lines().next().unwrap().trim().parse().unwrap()
+}
+
+/// Resources outlive rack: after `kill -9` and a restart, the same servers (adopted, not
+/// started again) serve the data written before.
+#[tokio::test]
+async fn after_kill_9_a_restarted_rack_adopts_its_resources_and_their_data() {
+    let database = crate::helpers::fresh_database().await;
+    let data = crate::helpers::reachable_tempdir();
+    let _servers = ResourceServers::at(data.path());
+    let mut rack = crate::replicas::Replica::start(&database, data.path(), &[]).await;
+    crate::replicas::create_app(&rack, "keeper").await;
+    let manifest = MANIFEST.replace(
+        "command: sleep 86400",
+        "command: sh -c 'sh notes.sh write started; exec sleep 86400'",
+    );
+    let id = rack
+        .build("keeper", &[("convox.yml", &manifest), ("notes.sh", NOTES)])
+        .await;
+    let build = rack.wait_build("keeper", &id).await;
+    assert_eq!(build["status"], "complete", "{build}");
+    let release = build["release"].as_str().unwrap().to_owned();
+    let promote = rack
+        .request(Method::POST, &format!("/apps/keeper/releases/{release}/promote"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(promote.status(), 201);
+    wait_for(120, "the app to run", || async {
+        let app = rack.json("/apps/keeper").await;
+        (app["status"] == "running" && app["release"] == release.as_str()).then_some(())
+    })
+    .await;
+    let export = |rack: &crate::replicas::Replica| {
+        let request = rack.request(Method::GET, "/apps/keeper/resources/database/data");
+        async move { request.send().await.unwrap().text().await.unwrap() }
+    };
+    wait_for(60, "the process to write its note", || async {
+        export(&rack).await.contains("started").then_some(())
+    })
+    .await;
+    let dir = data.path().join("resources/keeper");
+    let postmaster = pid_in(&dir.join("database/data/postmaster.pid"));
+    let redis = pid_in(&dir.join("cache/redis.pid"));
+
+    rack.kill_9().await;
+    let alive = |pid: i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+    assert!(alive(postmaster) && alive(redis), "the resources outlive rack");
+
+    let rack = crate::replicas::Replica::start(&database, data.path(), &[]).await;
+    wait_for(120, "the app to run again", || async {
+        let processes = rack.json("/apps/keeper/processes").await;
+        processes
+            .as_array()?
+            .iter()
+            .any(|p| p["status"] == "running")
+            .then_some(())
+    })
+    .await;
+    let dump = export(&rack).await;
+    assert!(dump.contains("started"), "{dump}");
+    assert_eq!(pid_in(&dir.join("database/data/postmaster.pid")), postmaster, "adopted");
+    assert_eq!(pid_in(&dir.join("cache/redis.pid")), redis, "adopted");
+    let info = rack.json("/apps/keeper/resources/cache").await;
+    assert_eq!(info["status"], "running", "{info}");
+    assert!(
+        rack.request(Method::DELETE, "/apps/keeper")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+    wait_for(60, "the resources to stop with the app", || async {
+        (!alive(postmaster) && !alive(redis)).then_some(())
+    })
+    .await;
+}
+
+/// A manifest whose resources rack cannot honour fails the build, naming the key and line.
+#[tokio::test]
+async fn bad_resources_fail_the_build_naming_the_key_and_line() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.create_app("wrong").await.status(), 201);
+    for (manifest, wanted) in [
+        (
+            "resources:\n  db:\n    type: mongodb\nservices:\n  web:\n    command: sleep 1\n",
+            "resources.db.type: unknown resource type \"mongodb\"",
+        ),
+        (
+            "resources:\n  db:\n    type: postgres\n    options:\n      storage: lots\n",
+            "resources.db.options.storage: invalid value \"lots\"",
+        ),
+        (
+            "services:\n  web:\n    command: sleep 1\n    resources:\n      - database\n",
+            "services.web.resources: no resource \"database\"",
+        ),
+    ] {
+        let build = build(&app, "wrong", &[("convox.yml", manifest)]).await;
+        assert_eq!(build["status"], "failed", "{build}");
+        let reason = build["reason"].as_str().unwrap();
+        assert!(reason.contains(wanted), "{reason}");
+        assert!(reason.contains("(line "), "{reason}");
+    }
+}
