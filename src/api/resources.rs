@@ -11,7 +11,7 @@ use axum::Extension;
 use axum::body::Body;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::AppState;
 use crate::api::apps::load_app;
-use crate::api::input::Pretty;
+use crate::api::input::{Format, Pretty};
 use crate::auth::{Principal, Role};
 use crate::error::{ApiError, ApiResult};
 use crate::resource::{Credentials, Kind};
@@ -155,6 +155,7 @@ pub async fn show_resource(
 pub async fn delete_resource(
     State(state): State<AppState>,
     Path((app, name)): Path<(String, String)>,
+    format: Format,
 ) -> ApiResult<Response> {
     let row = load(&state, &app, &name).await?;
     if row.status != "unlinked" {
@@ -172,7 +173,7 @@ pub async fn delete_resource(
             source,
         })?;
     store::delete(&state.pool, &row.app, &row.name).await?;
-    Ok((StatusCode::OK, "ok\n").into_response())
+    Ok(format.ok(serde_json::json!({ "deleted": row.name })))
 }
 
 /// `GET /apps/{app}/resources/{name}/data`: a plain-SQL dump (postgres) or an RDB (redis).
@@ -198,13 +199,14 @@ pub async fn export_resource(
 pub async fn import_resource(
     State(state): State<AppState>,
     Path((app, name)): Path<(String, String)>,
+    format: Format,
     body: Body,
 ) -> ApiResult<Response> {
     let row = load(&state, &app, &name).await?;
     let kind = kind_of(&row)?;
     let endpoint = endpoint(&state, &row).await?;
     super::resource_data::import(kind, &credentials_of(&row), endpoint, body).await?;
-    Ok((StatusCode::OK, "ok\n").into_response())
+    Ok(format.ok(serde_json::json!({ "imported": row.name })))
 }
 
 /// `/proxy/{host}/{port}` (websocket): the bytes of one TCP connection to a resource the

@@ -228,8 +228,55 @@ async fn a_process_app_reads_and_writes_its_resources_across_redeploys_and_rollb
     for (host, port) in [("127.0.0.1", own.as_str()), ("10.0.0.1", port), ("localhost", port)] {
         assert_eq!(proxy_ssl_request(&app, host, port).await, Err(403), "{host}:{port}");
     }
-    let audit: Value = app.get_json("/audit").await;
-    assert!(audit.to_string().contains("/proxy/10.0.0.1/"), "the refusal is audited");
+    // The audit log is written behind the answer.
+    wait_for(30, "the refusal to be audited", || async {
+        let audit: Value = app.get_json("/audit").await;
+        audit.to_string().contains("/proxy/10.0.0.1/").then_some(())
+    })
+    .await;
+
+    // `rack resources`: list, url, export to a file and import it back.
+    let listed = rack_cli(&app, &["resources", "-a", "shop"]).await;
+    assert!(
+        listed.contains("cache") && listed.contains("postgres") && listed.contains("running"),
+        "{listed}"
+    );
+    assert_eq!(
+        rack_cli(&app, &["resources", "url", "database", "-a", "shop"])
+            .await
+            .trim(),
+        url
+    );
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let path = file.path().to_str().unwrap();
+    rack_cli(&app, &["resources", "export", "database", "-a", "shop", "-f", path]).await;
+    assert!(std::fs::read_to_string(path).unwrap().contains("COPY public.notes"));
+    rack_cli(&app, &["resources", "import", "database", "-a", "shop", "-f", path]).await;
+    assert_eq!(notes(&app, "shop", "read").await, "pg=one,two\nredis=three\n");
+
+    // A release that stops declaring the cache leaves it (unlinked) until it is deleted.
+    let without = MANIFEST
+        .replace("  cache:\n    type: redis\n    options:\n      memory: 32\n", "")
+        .replace("      - cache\n", "");
+    let third = build(&app, "shop", &[("convox.yml", &without), ("notes.sh", NOTES)]).await;
+    let log = promote_follow(&app, "shop", third["release"].as_str().unwrap()).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    let cache: Value = app.get_json("/apps/shop/resources/cache").await;
+    assert_eq!(cache["status"], "unlinked", "{cache}");
+    let refused = app
+        .convox(Method::DELETE, "/apps/shop/resources/database")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 409, "a linked resource is not deleted");
+    rack_cli(&app, &["resources", "delete", "cache", "-a", "shop"]).await;
+    let gone = app
+        .convox(Method::GET, "/apps/shop/resources/cache")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 404);
+    assert!(!app.state.config.data_dir.join("resources/shop/cache").exists());
 
     assert_eq!(app.delete_app("shop").await.status(), 200);
     let dir = app.state.config.data_dir.join("resources").join("shop");
@@ -380,4 +427,27 @@ async fn bad_resources_fail_the_build_naming_the_key_and_line() {
         assert!(reason.contains(wanted), "{reason}");
         assert!(reason.contains("(line "), "{reason}");
     }
+}
+
+/// Runs the rack CLI against `app`; its standard output (it must succeed).
+async fn rack_cli(app: &TestApp, args: &[&str]) -> String {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rack"))
+        .args(args)
+        .env(
+            "RACK_URL",
+            format!("http://convox:{}@{}", crate::helpers::PASSWORD, app.addr),
+        )
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(60), output)
+        .await
+        .expect("the CLI finishes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "rack {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
 }
