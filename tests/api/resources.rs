@@ -368,6 +368,16 @@ async fn after_kill_9_a_restarted_rack_adopts_its_resources_and_their_data() {
     let postmaster = pid_in(&dir.join("database/data/postmaster.pid"));
     let redis = pid_in(&dir.join("cache/redis.pid"));
 
+    // Idle, a postgres resource (the postmaster and its children) stays well under 100 MiB.
+    let memory = pss_kib(postmaster) + children(postmaster).into_iter().map(pss_kib).sum::<u64>();
+    assert!(memory < 100 * 1024, "an idle postgres resource takes {memory} KiB");
+    assert!(
+        pss_kib(redis) < 50 * 1024,
+        "an idle redis resource takes {} KiB",
+        pss_kib(redis)
+    );
+    eprintln!("idle memory: postgres {memory} KiB, redis {} KiB", pss_kib(redis));
+
     rack.kill_9().await;
     let alive = |pid: i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
     assert!(alive(postmaster) && alive(redis), "the resources outlive rack");
@@ -450,4 +460,29 @@ async fn rack_cli(app: &TestApp, args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     stdout
+}
+
+/// The proportional set size of process `pid`, in KiB (shared pages split among their users).
+fn pss_kib(pid: i32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    text.lines()
+        .find_map(|line| line.strip_prefix("Pss:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The processes whose parent is `pid`.
+fn children(pid: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|child| {
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            // The parent is the second field after the command, which is in parentheses.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
+                == Some(pid)
+        })
+        .collect()
 }
