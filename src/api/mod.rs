@@ -190,6 +190,12 @@ fn routes() -> Routes {
             DEPLOY,
             resources::import_resource,
         )
+        .stream(
+            M::GET,
+            "/apps/{app}/resources/{name}/console",
+            DEPLOY.audited(),
+            resources::console_resource,
+        )
         .stream(M::GET, "/proxy/{host}/{port}", DEPLOY.audited(), resources::proxy)
         .stream(M::GET, "/events", READ, feed::stream_feed)
         .stream(M::GET, "/apps/{app}/events", READ, feed::stream_app_feed)

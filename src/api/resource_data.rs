@@ -159,3 +159,46 @@ pub async fn import(kind: Kind, credentials: &Credentials, endpoint: ResourceEnd
     }
     Ok(())
 }
+
+/// The resource's console on a terminal of `rows` × `cols`: `psql` (postgres, postgis) or
+/// `redis-cli` (redis), connected as the app's user. Dropping the session kills it.
+///
+/// # Errors
+/// When the kind has no console here, or the client cannot start.
+pub fn console(
+    kind: Kind,
+    credentials: &Credentials,
+    addr: SocketAddr,
+    (rows, cols): (u16, u16),
+) -> ApiResult<crate::runtime::ExecSession> {
+    // `setsid --ctty`: the client's own session, the terminal its controlling one.
+    let mut cmd = tool("setsid", credentials);
+    cmd.arg("--ctty").env("TERM", "xterm");
+    match kind {
+        Kind::Postgres | Kind::Postgis => {
+            cmd.arg("psql").args(pg_args(addr, credentials));
+        }
+        Kind::Redis => {
+            cmd.args([
+                "redis-cli",
+                "-h",
+                &addr.ip().to_string(),
+                "-p",
+                &addr.port().to_string(),
+            ])
+            .args(["--user", &credentials.user]);
+        }
+        other => {
+            return Err(ApiError::Unprocessable(format!(
+                "the console of {other} resources is not supported: it is for postgres, postgis and redis"
+            )));
+        }
+    }
+    let request = crate::runtime::ExecRequest {
+        command: Vec::new(),
+        tty: Some((rows, cols)),
+        stdin: true,
+    };
+    crate::runtime::local::exec::spawn(cmd, &request)
+        .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("starting the console")))
+}

@@ -209,6 +209,76 @@ pub async fn import_resource(
     Ok(format.ok(serde_json::json!({ "imported": row.name })))
 }
 
+/// `/apps/{app}/resources/{name}/console` (websocket): `psql` or `redis-cli` on a terminal
+/// (`Height` × `Width`), its input and output as frames; it ends when the client leaves or the
+/// console exits.
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn console_resource(
+    State(state): State<AppState>,
+    Path((app, name)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    ws: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let size = |header: &str, default: u16| -> ApiResult<u16> {
+        match crate::api::input::header_text(&headers, header)? {
+            None => Ok(default),
+            Some(text) => text
+                .trim()
+                .parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| ApiError::BadRequest(format!("{header} must be a number from 1 to 65535"))),
+        }
+    };
+    let rows = size("height", 24)?;
+    let cols = size("width", 80)?;
+    let row = load(&state, &app, &name).await?;
+    let kind = kind_of(&row)?;
+    let endpoint = endpoint(&state, &row).await?;
+    let session = super::resource_data::console(kind, &credentials_of(&row), endpoint.addr, (rows, cols))?;
+    Ok(ws
+        .on_upgrade(move |socket| async move {
+            let _guard = endpoint.guard;
+            console_bridge(socket, session).await;
+        })
+        .into_response())
+}
+
+/// Copies between the websocket and a console until it exits or the client leaves (which
+/// kills it: the session is dropped).
+async fn console_bridge(socket: WebSocket, session: crate::runtime::ExecSession) {
+    let (mut sink, mut source) = socket.split();
+    let crate::runtime::ExecSession { mut output, stdin, .. } = session;
+    let input = async move {
+        let mut stdin = stdin;
+        while let Some(Ok(message)) = source.next().await {
+            let data = match message {
+                Message::Binary(data) => data,
+                Message::Text(text) => axum::body::Bytes::from(text),
+                Message::Close(_) => break,
+                Message::Ping(_) | Message::Pong(_) => continue,
+            };
+            if let Some(writer) = stdin.as_mut()
+                && (writer.write_all(&data).await.is_err() || writer.flush().await.is_err())
+            {
+                break;
+            }
+        }
+    };
+    let output = async {
+        while let Some(chunk) = output.next().await {
+            if sink.send(Message::Binary(chunk)).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    };
+    tokio::select! {
+        () = input => {},
+        () = output => {},
+    }
+}
+
 /// `/proxy/{host}/{port}` (websocket): the bytes of one TCP connection to a resource the
 /// credential may see, whose URL names `host` and `port`.
 #[tracing::instrument(skip_all)]

@@ -228,6 +228,15 @@ async fn a_process_app_reads_and_writes_its_resources_across_redeploys_and_rollb
     for (host, port) in [("127.0.0.1", own.as_str()), ("10.0.0.1", port), ("localhost", port)] {
         assert_eq!(proxy_ssl_request(&app, host, port).await, Err(403), "{host}:{port}");
     }
+    // `convox resources console`: psql on a terminal runs a query.
+    let output = console(
+        &app,
+        "/apps/shop/resources/database/console",
+        "select 40 + 2 as answer;\n\\q\n",
+    )
+    .await;
+    assert!(output.contains("42"), "{output}");
+
     // The audit log is written behind the answer.
     wait_for(30, "the refusal to be audited", || async {
         let audit: Value = app.get_json("/audit").await;
@@ -485,4 +494,36 @@ fn children(pid: i32) -> Vec<i32> {
                 == Some(pid)
         })
         .collect()
+}
+
+/// Opens a console websocket as the convox CLI does, types `input`, and returns what the
+/// terminal showed until the console exited.
+async fn console(app: &TestApp, path: &str, input: &str) -> String {
+    let mut request = format!("ws://{}{path}", app.addr).into_client_request().unwrap();
+    let auth = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("convox:{}", crate::helpers::PASSWORD),
+    );
+    let headers = request.headers_mut();
+    headers.insert("authorization", format!("Basic {auth}").parse().unwrap());
+    headers.insert("height", "24".parse().unwrap());
+    headers.insert("width", "80".parse().unwrap());
+    let (socket, _) = tokio_tungstenite::connect_async(request).await.expect("the handshake");
+    let (mut sink, mut source) = socket.split();
+    sink.send(Message::Binary(input.as_bytes().to_vec().into()))
+        .await
+        .unwrap();
+    let mut output = Vec::new();
+    loop {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(30), source.next())
+            .await
+            .expect("the console to answer and exit");
+        match frame {
+            Some(Ok(Message::Binary(data))) => output.extend_from_slice(&data),
+            Some(Ok(Message::Text(text))) => output.extend_from_slice(text.as_bytes()),
+            Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+            Some(Ok(_)) => {}
+        }
+    }
+    String::from_utf8_lossy(&output).into_owned()
 }

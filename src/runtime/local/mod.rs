@@ -10,7 +10,7 @@ mod container;
 mod context;
 mod dockerfile;
 pub mod driver;
-mod exec;
+pub mod exec;
 mod health;
 mod instance;
 pub mod podman;
