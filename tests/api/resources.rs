@@ -263,6 +263,13 @@ async fn a_process_app_reads_and_writes_its_resources_across_redeploys_and_rollb
     rack_cli(&app, &["resources", "import", "database", "-a", "shop", "-f", path]).await;
     assert_eq!(notes(&app, "shop", "read").await, "pg=one,two\nredis=three\n");
 
+    // A variable set with `env set` wins over the injected one (an external database).
+    let external = crate::deploys::create_release(&app, "shop", &[("env", "DATABASE_USER=external")]).await;
+    let log = promote_follow(&app, "shop", external["id"].as_str().unwrap()).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    let env = notes(&app, "shop", "env").await;
+    assert!(env.contains("/app external 127.0.0.1"), "{env}");
+
     // A release that stops declaring the cache leaves it (unlinked) until it is deleted.
     let without = MANIFEST
         .replace("  cache:\n    type: redis\n    options:\n      memory: 32\n", "")
