@@ -534,3 +534,25 @@ async fn console(app: &TestApp, path: &str, input: &str) -> String {
     }
     String::from_utf8_lossy(&output).into_owned()
 }
+
+/// The release phase (a migration, typically) runs before anything else of a release: its
+/// resources are there for it, linked.
+#[tokio::test]
+async fn a_release_command_reaches_the_resources_of_its_first_release() {
+    let app = TestApp::spawn().await;
+    let _servers = ResourceServers::at(&app.state.config.data_dir);
+    assert_eq!(app.create_app("migrate").await.status(), 201);
+    let manifest = MANIFEST.replace(
+        "    command: sleep 86400\n",
+        "    command: sleep 86400\n    release: sh notes.sh write migrated\n",
+    );
+    let built = build(&app, "migrate", &[("convox.yml", &manifest), ("notes.sh", NOTES)]).await;
+    assert_eq!(built["status"], "complete", "{built}");
+    let log = promote_follow(&app, "migrate", built["release"].as_str().unwrap()).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    let creating = log.find("resource/database creating").expect("created");
+    let released = log.find("Status: Releasing => Updating").expect("released");
+    assert!(creating < released, "{log}");
+    assert_eq!(notes(&app, "migrate", "read").await, "pg=migrated\nredis=migrated\n");
+    assert_eq!(app.delete_app("migrate").await.status(), 200);
+}
