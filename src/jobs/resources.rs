@@ -94,12 +94,12 @@ pub async fn for_release(
     Ok(specs)
 }
 
-/// Records what applying a release with `resources` (`None`: no release) did to them: on
-/// success, they run (and the app's other resources are unlinked); on failure, those never
-/// seen running failed. A failure to record is logged: the deployment's outcome stands.
+/// Records what applying a release with `resources` did to them: on success, they run (and
+/// the app's other resources are unlinked); on failure, those never seen running failed.
+/// Applying no release (`None`) changes nothing. A failure to record is logged: the deployment's outcome stands.
 pub async fn applied(pool: &PgPool, app: &str, resources: Option<&BTreeMap<String, ResourceSpec>>, ok: bool) {
-    let empty = BTreeMap::new();
-    let resources = resources.unwrap_or(&empty);
+    // No release (the rollback of an app's first deployment): nothing runs, nothing changes.
+    let Some(resources) = resources else { return };
     let recorded = if ok {
         let declared: Vec<(String, serde_json::Value)> = resources
             .values()

@@ -556,3 +556,32 @@ async fn a_release_command_reaches_the_resources_of_its_first_release() {
     assert_eq!(notes(&app, "migrate", "read").await, "pg=migrated\nredis=migrated\n");
     assert_eq!(app.delete_app("migrate").await.status(), 200);
 }
+
+/// A resource this runtime cannot run fails the deployment, saying so, and is `failed`.
+#[tokio::test]
+async fn a_resource_the_local_runtime_cannot_run_fails_the_deployment_saying_so() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.create_app("mysql").await.status(), 201);
+    let manifest =
+        "resources:\n  db:\n    type: mysql\nservices:\n  web:\n    command: sleep 86400\n    resources: [db]\n";
+    let built = build(&app, "mysql", &[("convox.yml", manifest)]).await;
+    assert_eq!(built["status"], "complete", "{built}");
+    let log = promote_follow(&app, "mysql", built["release"].as_str().unwrap()).await;
+    assert!(log.contains("does not run mysql resources yet"), "{log}");
+    assert!(log.trim_end().ends_with("rollback") || log.contains("ERROR"), "{log}");
+    let db: Value = app.get_json("/apps/mysql/resources/db").await;
+    assert_eq!(db["status"], "failed", "{db}");
+    assert_eq!(db["url"], "", "{db}");
+    let feed = app
+        .request(
+            Method::GET,
+            "/events?follow=false&after=0&app=mysql&kind=resource.failed",
+        )
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(feed.contains("resource.failed"), "{feed}");
+}
