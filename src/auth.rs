@@ -281,7 +281,13 @@ fn check_apps(request: &Request, route: &str, apps: &[String]) -> Result<(), Api
     }
     let read = matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD);
     // Lists and the feed show such a token only its apps' part (their handlers filter).
-    if read && matches!(route, "/" | "/system" | "/auth" | "/apps" | "/events") {
+    // The proxy reaches only the token's apps' resources (its handler looks only there).
+    if read
+        && matches!(
+            route,
+            "/" | "/system" | "/auth" | "/apps" | "/events" | "/proxy/{host}/{port}"
+        )
+    {
         return Ok(());
     }
     Err(ApiError::Forbidden(format!(

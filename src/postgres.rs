@@ -46,9 +46,9 @@ pub enum Durability {
 /// The user that owns and runs the cluster. Postgres refuses to run as root, so when rack runs
 /// as root the cluster belongs to the `postgres` system user that Debian's package creates.
 #[derive(Debug, Clone)]
-struct RunAs {
-    uid: nix::unistd::Uid,
-    gid: nix::unistd::Gid,
+pub(crate) struct RunAs {
+    pub(crate) uid: nix::unistd::Uid,
+    pub(crate) gid: nix::unistd::Gid,
 }
 
 /// A running private Postgres cluster.
@@ -280,7 +280,7 @@ fn previous_postmaster(pgdata: &Path) -> Option<i32> {
 
 /// The directory of `postgres`, `initdb` and friends: `pg_config --bindir` when it exists,
 /// otherwise the newest `/usr/lib/postgresql/*/bin` (Debian's layout), otherwise `PATH`.
-fn find_bin_dir() -> anyhow::Result<PathBuf> {
+pub(crate) fn find_bin_dir() -> anyhow::Result<PathBuf> {
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
         && out.status.success()
     {
@@ -317,7 +317,7 @@ fn find_bin_dir() -> anyhow::Result<PathBuf> {
     )
 }
 
-fn run_as() -> anyhow::Result<Option<RunAs>> {
+pub(crate) fn run_as() -> anyhow::Result<Option<RunAs>> {
     if !nix::unistd::geteuid().is_root() {
         return Ok(None);
     }
@@ -333,7 +333,7 @@ fn run_as() -> anyhow::Result<Option<RunAs>> {
 
 /// The socket directory sits inside the cluster's root unless that path is too long for a
 /// unix socket; then it moves to the temp directory under a name derived from the root.
-fn socket_dir_for(root: &Path) -> PathBuf {
+pub(crate) fn socket_dir_for(root: &Path) -> PathBuf {
     let inside = root.join("run");
     if inside.as_os_str().len() <= MAX_SOCKET_DIR_LEN {
         return inside;
@@ -345,7 +345,7 @@ fn socket_dir_for(root: &Path) -> PathBuf {
 }
 
 /// Creates `dir` (mode 0700) owned by the cluster's user. Its parent must let that user in.
-fn create_private_dir(dir: &Path, owner: Option<&RunAs>) -> anyhow::Result<()> {
+pub(crate) fn create_private_dir(dir: &Path, owner: Option<&RunAs>) -> anyhow::Result<()> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -408,7 +408,7 @@ fn initdb(bin: &Path, pgdata: &Path, run_as: Option<&RunAs>, durability: Durabil
 }
 
 /// The part of the log written since `from`, at most its last 4 KiB.
-fn read_tail(path: &Path, from: u64) -> String {
+pub(crate) fn read_tail(path: &Path, from: u64) -> String {
     let read = || -> io::Result<String> {
         let mut file = std::fs::File::open(path)?;
         let len = file.metadata()?.len();

@@ -142,10 +142,12 @@ pub fn url(kind: Kind, credentials: &Credentials, host: &str, port: u16) -> Stri
         |user: &str, password: &str| format!("{}:{}@", urlencoding_component(user), urlencoding_component(password));
     match kind {
         Kind::Memcached => format!("{}://{host}:{port}", kind.scheme()),
+        // Convox writes `redis://:password@...`; redis-cli 7 then sends the empty user name
+        // with AUTH and is refused, so the user (`default`, redis's own) is written when known.
         Kind::Redis => format!(
             "{}://{}{host}:{port}/{}",
             kind.scheme(),
-            auth("", &credentials.password),
+            auth(&credentials.user, &credentials.password),
             credentials.database
         ),
         _ => format!(
@@ -216,13 +218,14 @@ mod tests {
         let redis = url(
             Kind::Redis,
             &Credentials {
+                user: "default".to_owned(),
                 database: "0".to_owned(),
                 ..credentials()
             },
             "h",
             6379,
         );
-        assert_eq!(redis, "redis://:p%40ss%2Fword@h:6379/0");
+        assert_eq!(redis, "redis://default:p%40ss%2Fword@h:6379/0");
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub mod objects;
 pub mod origin;
 pub mod processes;
 pub mod releases;
+pub mod resource_data;
+pub mod resources;
 pub mod run;
 pub mod services;
 pub mod streams;
@@ -168,6 +170,33 @@ fn routes() -> Routes {
             DEPLOY,
             services::restart_service,
         )
+        .json(M::GET, "/apps/{app}/resources", READ, resources::list_resources)
+        .json(M::GET, "/apps/{app}/resources/{name}", READ, resources::show_resource)
+        .json(
+            M::DELETE,
+            "/apps/{app}/resources/{name}",
+            DEPLOY,
+            resources::delete_resource,
+        )
+        .stream(
+            M::GET,
+            "/apps/{app}/resources/{name}/data",
+            DEPLOY.audited(),
+            resources::export_resource,
+        )
+        .upload(
+            M::PUT,
+            "/apps/{app}/resources/{name}/data",
+            DEPLOY,
+            resources::import_resource,
+        )
+        .stream(
+            M::GET,
+            "/apps/{app}/resources/{name}/console",
+            DEPLOY.audited(),
+            resources::console_resource,
+        )
+        .stream(M::GET, "/proxy/{host}/{port}", DEPLOY.audited(), resources::proxy)
         .stream(M::GET, "/events", READ, feed::stream_feed)
         .stream(M::GET, "/apps/{app}/events", READ, feed::stream_app_feed)
         .json(M::GET, "/metrics", READ, system::show_metrics)

@@ -229,6 +229,14 @@ impl Client {
         self.send(request.body(body)).await
     }
 
+    /// `PUT path` with a raw body, decoded from JSON.
+    pub async fn put_body<T: DeserializeOwned>(&self, path: &str, body: reqwest::Body) -> anyhow::Result<T> {
+        let request = self
+            .request(Method::PUT, path)?
+            .header("content-type", "application/octet-stream");
+        self.send(request.body(body)).await
+    }
+
     /// `GET path` as a stream of text (a log); fails on an error status.
     pub async fn stream(&self, path: &str) -> anyhow::Result<reqwest::Response> {
         self.stream_with(path, &[]).await

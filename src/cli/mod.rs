@@ -12,6 +12,7 @@ mod output;
 mod promote;
 mod ps;
 mod releases;
+mod resources;
 mod run;
 mod services;
 mod tokens;
@@ -102,6 +103,13 @@ enum Command {
     Run(run::RunArgs),
     /// Run a command inside a running process.
     Exec(run::ExecArgs),
+    /// List an app's resources (convox.yml `resources:`), or show, export, import or delete one.
+    Resources {
+        #[command(flatten)]
+        app: AppArg,
+        #[command(subcommand)]
+        command: Option<resources::ResourcesCommand>,
+    },
     /// List an app's processes, or stop (restart) one.
     Ps {
         #[command(flatten)]
@@ -171,6 +179,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                 Command::Env { app, command } => env::run(&client, app, command).await,
                 Command::Logs(args) => logs::run(&client, args).await,
                 Command::Ps { app, command } => ps::run(&client, app, command).await,
+                Command::Resources { app, command } => resources::run(&client, app, command).await,
                 Command::Run(args) => run::run(&client, args).await,
                 Command::Exec(args) => run::run_exec(&client, args).await,
                 Command::Tokens { command } => tokens::run(&client, command).await,

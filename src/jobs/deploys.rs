@@ -187,9 +187,13 @@ impl Driver<'_> {
         let never = CancellationToken::new();
         let cancel = if cancellable { &self.lease.cancel } else { &never };
         tokio::select! {
-            result = self.state.runtime.apply(&deployment.app, release.as_ref(), self.log) => match result {
-                Ok(()) => Signal::Applied,
-                Err(e) => Signal::ApplyFailed(e.to_string()),
+            result = self.state.runtime.apply(&deployment.app, release.as_ref(), self.log) => {
+                let resources = release.as_ref().map(|r| &r.resources);
+                super::resources::applied(&self.state.pool, &deployment.app, resources, result.is_ok()).await;
+                match result {
+                    Ok(()) => Signal::Applied,
+                    Err(e) => Signal::ApplyFailed(e.to_string()),
+                }
             },
             () = tokio::time::sleep_until(deadline) => Signal::DeadlinePassed(limit),
             () = cancel.cancelled() => Signal::CancelRequested,
@@ -315,15 +319,16 @@ pub async fn load_spec(state: &AppState, app: &str, id: &str) -> Result<ReleaseS
         .map_err(|e| format!("reading build {build_id}: {e}"))?
         .map(|build| build.images.0)
         .unwrap_or_default();
+    // The resources it declares, with their credentials (created on first use).
+    let resources = super::resources::for_release(&state.pool, app, &manifest.resources).await?;
     Ok(ReleaseSpec {
         app: app.to_owned(),
         id: release.id,
         build_id,
         images,
         env,
+        resources,
         manifest,
-        // Filled from the store once resources are created (issue #25).
-        resources: Default::default(),
     })
 }
 

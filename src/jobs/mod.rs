@@ -4,6 +4,7 @@
 pub mod builds;
 pub mod capabilities;
 pub mod deploys;
+pub mod resources;
 pub mod timers;
 
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! (robfig/cron's standard parser): five fields or a macro, so a manifest that passes here is
 //! never refused when its CronJob is applied.
 
-use super::is_digits;
+use super::checks::is_digits;
 
 /// One field of a cron expression.
 struct CronField {

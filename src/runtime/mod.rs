@@ -458,6 +458,21 @@ pub struct ProcessInfo {
     pub kind: ProcessKind,
 }
 
+/// Where rack itself reaches a resource: an address on 127.0.0.1, valid while `guard` lives
+/// (the local runtime: the server's own port, no guard; Kubernetes: a port-forward).
+pub struct ResourceEndpoint {
+    pub addr: SocketAddr,
+    pub guard: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for ResourceEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResourceEndpoint")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A runtime.
 #[async_trait::async_trait]
 pub trait Runtime: Send + Sync + std::fmt::Debug {
@@ -562,6 +577,31 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
             hosts: vec![router.to_string()],
             port: router.port(),
         })
+    }
+
+    /// Removes resource `name` of `app` and its data (its release no longer declares it, or
+    /// `rack resources delete`). Resources are created by `apply`, before the services start.
+    ///
+    /// # Errors
+    /// When it cannot be removed (or the runtime has no resources).
+    async fn delete_resource(&self, app: &str, name: &str) -> Result<(), RuntimeError> {
+        let _ = (app, name);
+        Err(RuntimeError::Failed(format!(
+            "resources are not supported by the {} runtime yet",
+            self.name()
+        )))
+    }
+
+    /// Where rack itself can reach resource `name` of `app` (proxy, console, export, import).
+    ///
+    /// # Errors
+    /// When it is not running (or the runtime has no resources).
+    async fn resource_endpoint(&self, app: &str, name: &str) -> Result<ResourceEndpoint, RuntimeError> {
+        let _ = (app, name);
+        Err(RuntimeError::Failed(format!(
+            "resources are not supported by the {} runtime yet",
+            self.name()
+        )))
     }
 
     /// The app's balancers as they run (none where the runtime has no load balancers).

@@ -10,6 +10,7 @@ pub mod feed;
 pub mod idempotency;
 pub mod objects;
 pub mod releases;
+pub mod resources;
 pub mod routers;
 pub mod scales;
 pub mod stats;

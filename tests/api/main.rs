@@ -26,6 +26,7 @@ mod openapi;
 mod outage;
 mod quickstart;
 mod replicas;
+mod resources;
 mod run;
 mod sandbox;
 mod security;

@@ -147,7 +147,9 @@ impl Launch {
         let argv = command
             .or_else(|| service.command.as_ref().map(ServiceCommand::argv))
             .filter(|argv| !argv.is_empty());
-        let env = release.service_env(name, service)?;
+        let mut env = release.service_env(name, service)?;
+        let data_dir = builds_dir.parent().unwrap_or(builds_dir);
+        super::resources::link(data_dir, release, service, &mut env)?;
         let image = service.image.clone().or_else(|| release.images.get(name).cloned());
         let what = match image.clone() {
             Some(image) if !containers => {

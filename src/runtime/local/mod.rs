@@ -10,12 +10,13 @@ mod container;
 mod context;
 mod dockerfile;
 pub mod driver;
-mod exec;
+pub mod exec;
 mod health;
 mod instance;
 pub mod podman;
 pub mod process;
 pub mod pty;
+mod resources;
 mod rollout;
 pub mod router;
 pub mod sandbox;
@@ -31,7 +32,7 @@ use supervisor::Supervisor;
 
 use super::{
     AppLogs, BuildFailure, BuildJob, BuildOutput, ExecRequest, ExecSession, LogSink, OneOff, PortBook, ProcessInfo,
-    ReleaseSpec, Runtime, RuntimeError,
+    ReleaseSpec, ResourceEndpoint, Runtime, RuntimeError,
 };
 use crate::archive::Limits;
 use crate::objects::Objects;
@@ -57,6 +58,7 @@ pub struct LocalSettings {
 #[derive(Debug)]
 pub struct LocalRuntime {
     builder: Builder,
+    resources: resources::Resources,
     supervisor: Supervisor,
     logs: Arc<dyn AppLogs>,
 }
@@ -90,6 +92,7 @@ impl LocalRuntime {
             settings.shutdown,
         );
         Self {
+            resources: resources::Resources::new(data_dir),
             builder: Builder {
                 objects: settings.objects,
                 builds_dir: settings.builds_dir,
@@ -129,6 +132,10 @@ impl Runtime for LocalRuntime {
             )
             .await;
         }
+        // Resources first: the services' processes get their variables.
+        if let Some(release) = release {
+            self.resources.ensure_all(release, log).await?;
+        }
         self.supervisor.apply(app, release, log).await
     }
 
@@ -145,6 +152,9 @@ impl Runtime for LocalRuntime {
         let service = release.manifest.services.get(&one_off.service).ok_or_else(|| {
             RuntimeError::Failed(format!("release {} has no service {}", release.id, one_off.service))
         })?;
+        // The release phase may run before any apply of its release: its resources first.
+        let log = one_off.log.clone().unwrap_or_else(|| self.logs.sink(&release.app));
+        self.resources.ensure_all(release, &log).await?;
         let mut launch = instance::Launch::with_command(
             &self.builder.builds_dir,
             self.supervisor.has_containers(),
@@ -156,7 +166,6 @@ impl Runtime for LocalRuntime {
         launch.env.extend(one_off.env.clone());
         // Not routed to: a one-off gets no PORT of its own.
         launch.has_port = false;
-        let log = one_off.log.clone().unwrap_or_else(|| self.logs.sink(&release.app));
         let instance = self
             .supervisor
             .run(&release.app, launch, log, one_off.timeout)
@@ -217,10 +226,20 @@ impl Runtime for LocalRuntime {
     #[tracing::instrument(skip_all, fields(app.name = %app))]
     async fn delete_app(&self, app: &str) {
         self.supervisor.delete_app(app).await;
+        self.resources.delete_app(app).await;
         let _ = tokio::fs::remove_dir_all(self.builder.builds_dir.join(app)).await;
         if let Some(podman) = &self.builder.podman {
             let _ = tokio::fs::remove_dir_all(podman.cache_dir(app)).await;
         }
+    }
+
+    async fn delete_resource(&self, app: &str, name: &str) -> Result<(), RuntimeError> {
+        self.resources.delete(app, name).await
+    }
+
+    async fn resource_endpoint(&self, app: &str, name: &str) -> Result<ResourceEndpoint, RuntimeError> {
+        let addr = self.resources.endpoint(app, name).await?;
+        Ok(ResourceEndpoint { addr, guard: None })
     }
 
     fn router_addr(&self, app: &str) -> Option<std::net::SocketAddr> {

@@ -1,0 +1,355 @@
+//! An app's resources (convox.yml `resources:`), on the convox wire: `GET
+//! /apps/{app}/resources[/{name}]` (the password masked in the URL unless the credential may
+//! deploy), `GET|PUT .../data` (export, import), `DELETE` (rack's `rack resources delete`),
+//! and the proxy websocket `/proxy/{host}/{port}` that `convox resources proxy` opens: it
+//! reaches only a resource the credential may see, anything else is 403 (and audited).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use axum::Extension;
+use axum::body::Body;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::AppState;
+use crate::api::apps::load_app;
+use crate::api::input::{Format, Pretty};
+use crate::auth::{Principal, Role};
+use crate::error::{ApiError, ApiResult};
+use crate::resource::{Credentials, Kind};
+use crate::runtime::ResourceEndpoint;
+use crate::store::resources::{self as store, Resource};
+
+/// A resource as convox shows it.
+#[derive(Debug, Serialize)]
+pub struct ResourceView {
+    pub name: String,
+    /// Its options (`version`, `storage`...).
+    pub parameters: BTreeMap<String, String>,
+    /// `creating`, `running`, `failed`, or `unlinked` (no longer declared by the release).
+    pub status: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// How to reach it (its password masked for a read-only credential); empty while it is
+    /// not running.
+    pub url: String,
+}
+
+/// What stands in for a password a credential may not see.
+const MASK: &str = "********";
+
+fn kind_of(row: &Resource) -> ApiResult<Kind> {
+    row.kind
+        .parse()
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("resource {}: {e}", row.name)))
+}
+
+fn credentials_of(row: &Resource) -> Credentials {
+    Credentials {
+        user: row.username.clone(),
+        password: row.password.clone(),
+        database: row.database.clone(),
+    }
+}
+
+/// Where a resource is shown to be: the address its runtime serves it on when that is stable
+/// (the local runtime: the server's own port), else its name and the kind's port.
+async fn address(state: &AppState, row: &Resource, kind: Kind) -> Option<(String, u16)> {
+    match state.runtime.resource_endpoint(&row.app, &row.name).await {
+        Ok(ResourceEndpoint { addr, guard: None }) => Some((addr.ip().to_string(), addr.port())),
+        Ok(_) => Some((format!("{}.{}", row.name, row.app), kind.default_port())),
+        Err(_) => None,
+    }
+}
+
+async fn view(state: &AppState, row: &Resource, reveal: bool) -> ApiResult<ResourceView> {
+    let kind = kind_of(row)?;
+    let mut credentials = credentials_of(row);
+    if !reveal && !credentials.password.is_empty() {
+        credentials.password = MASK.to_owned();
+    }
+    let url = match address(state, row, kind).await {
+        Some((host, port)) => crate::resource::url(kind, &credentials, &host, port).replace("%2A", "*"),
+        None => String::new(),
+    };
+    let parameters = row.definition.0["options"]
+        .as_object()
+        .map(|options| {
+            options
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(ResourceView {
+        name: row.name.clone(),
+        parameters,
+        status: row.status.clone(),
+        kind: row.kind.clone(),
+        url,
+    })
+}
+
+fn may_deploy(principal: Option<&Principal>) -> bool {
+    principal.is_none_or(|p| p.role >= Role::Deploy)
+}
+
+async fn load(state: &AppState, app: &str, name: &str) -> ApiResult<Resource> {
+    let app = load_app(state, app).await?;
+    // Resource names are DNS labels: anything else names nothing (and never reaches SQL).
+    let label = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-';
+    if name.is_empty() || name.len() > 63 || !name.bytes().all(label) {
+        return Err(ApiError::NotFound("resource", name.to_owned()));
+    }
+    store::get(&state.pool, &app.name, name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("resource", name.to_owned()))
+}
+
+async fn endpoint(state: &AppState, row: &Resource) -> ApiResult<ResourceEndpoint> {
+    state
+        .runtime
+        .resource_endpoint(&row.app, &row.name)
+        .await
+        .map_err(|source| ApiError::Runtime {
+            context: format!("reaching resource {}", row.name),
+            source,
+        })
+}
+
+/// `GET /apps/{app}/resources`.
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn list_resources(
+    State(state): State<AppState>,
+    Path(app): Path<String>,
+    principal: Option<Extension<Principal>>,
+) -> ApiResult<Pretty<Vec<ResourceView>>> {
+    let app = load_app(&state, &app).await?;
+    let reveal = may_deploy(principal.as_deref());
+    let mut views = Vec::new();
+    for row in store::list(&state.pool, &app.name).await? {
+        views.push(view(&state, &row, reveal).await?);
+    }
+    Ok(Pretty(views))
+}
+
+/// `GET /apps/{app}/resources/{name}`.
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn show_resource(
+    State(state): State<AppState>,
+    Path((app, name)): Path<(String, String)>,
+    principal: Option<Extension<Principal>>,
+) -> ApiResult<Pretty<ResourceView>> {
+    let row = load(&state, &app, &name).await?;
+    Ok(Pretty(view(&state, &row, may_deploy(principal.as_deref())).await?))
+}
+
+/// `DELETE /apps/{app}/resources/{name}`: stops an unlinked resource and removes its data.
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn delete_resource(
+    State(state): State<AppState>,
+    Path((app, name)): Path<(String, String)>,
+    format: Format,
+) -> ApiResult<Response> {
+    let row = load(&state, &app, &name).await?;
+    if row.status != "unlinked" {
+        return Err(ApiError::Conflict(format!(
+            "resource {name} is declared by the release {app} runs: remove it from convox.yml and deploy, \
+             then delete it (export its data first: `rack resources export {name} -a {app}`)"
+        )));
+    }
+    state
+        .runtime
+        .delete_resource(&row.app, &row.name)
+        .await
+        .map_err(|source| ApiError::Runtime {
+            context: format!("deleting resource {name}"),
+            source,
+        })?;
+    store::delete(&state.pool, &row.app, &row.name).await?;
+    Ok(format.ok(serde_json::json!({ "deleted": row.name })))
+}
+
+/// `GET /apps/{app}/resources/{name}/data`: a plain-SQL dump (postgres) or an RDB (redis).
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn export_resource(
+    State(state): State<AppState>,
+    Path((app, name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let row = load(&state, &app, &name).await?;
+    let kind = kind_of(&row)?;
+    let endpoint = endpoint(&state, &row).await?;
+    let body = super::resource_data::export(kind, &credentials_of(&row), endpoint).await?;
+    let mut response = body.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    Ok(response)
+}
+
+/// `PUT /apps/{app}/resources/{name}/data`: loads a plain-SQL dump into a postgres resource.
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn import_resource(
+    State(state): State<AppState>,
+    Path((app, name)): Path<(String, String)>,
+    format: Format,
+    body: Body,
+) -> ApiResult<Response> {
+    let row = load(&state, &app, &name).await?;
+    let kind = kind_of(&row)?;
+    let endpoint = endpoint(&state, &row).await?;
+    super::resource_data::import(kind, &credentials_of(&row), endpoint, body).await?;
+    Ok(format.ok(serde_json::json!({ "imported": row.name })))
+}
+
+/// `/apps/{app}/resources/{name}/console` (websocket): `psql` or `redis-cli` on a terminal
+/// (`Height` × `Width`), its input and output as frames; it ends when the client leaves or the
+/// console exits.
+#[tracing::instrument(skip_all, fields(app.name = %app))]
+pub async fn console_resource(
+    State(state): State<AppState>,
+    Path((app, name)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    ws: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let size = |header: &str, default: u16| -> ApiResult<u16> {
+        match crate::api::input::header_text(&headers, header)? {
+            None => Ok(default),
+            Some(text) => text
+                .trim()
+                .parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| ApiError::BadRequest(format!("{header} must be a number from 1 to 65535"))),
+        }
+    };
+    let rows = size("height", 24)?;
+    let cols = size("width", 80)?;
+    let row = load(&state, &app, &name).await?;
+    let kind = kind_of(&row)?;
+    let endpoint = endpoint(&state, &row).await?;
+    let session = super::resource_data::console(kind, &credentials_of(&row), endpoint.addr, (rows, cols))?;
+    Ok(ws
+        .on_upgrade(move |socket| async move {
+            let _guard = endpoint.guard;
+            console_bridge(socket, session).await;
+        })
+        .into_response())
+}
+
+/// Copies between the websocket and a console until it exits or the client leaves (which
+/// kills it: the session is dropped).
+async fn console_bridge(socket: WebSocket, session: crate::runtime::ExecSession) {
+    let (mut sink, mut source) = socket.split();
+    let crate::runtime::ExecSession { mut output, stdin, .. } = session;
+    let input = async move {
+        let mut stdin = stdin;
+        while let Some(Ok(message)) = source.next().await {
+            let data = match message {
+                Message::Binary(data) => data,
+                Message::Text(text) => axum::body::Bytes::from(text),
+                Message::Close(_) => break,
+                Message::Ping(_) | Message::Pong(_) => continue,
+            };
+            if let Some(writer) = stdin.as_mut()
+                && (writer.write_all(&data).await.is_err() || writer.flush().await.is_err())
+            {
+                break;
+            }
+        }
+    };
+    let output = async {
+        while let Some(chunk) = output.next().await {
+            if sink.send(Message::Binary(chunk)).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    };
+    tokio::select! {
+        () = input => {},
+        () = output => {},
+    }
+}
+
+/// `/proxy/{host}/{port}` (websocket): the bytes of one TCP connection to a resource the
+/// credential may see, whose URL names `host` and `port`.
+#[tracing::instrument(skip_all)]
+pub async fn proxy(
+    State(state): State<AppState>,
+    Path((host, port)): Path<(String, String)>,
+    principal: Option<Extension<Principal>>,
+    ws: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let refused = || ApiError::Forbidden(format!("{host}:{port} is not a resource this credential may reach"));
+    let port: u16 = port.parse().map_err(|_| refused())?;
+    let mut target = None;
+    for row in store::list_all(&state.pool).await? {
+        if principal.as_deref().is_some_and(|p| !p.may_use(&row.app)) {
+            continue;
+        }
+        let kind = kind_of(&row)?;
+        if address(&state, &row, kind).await == Some((host.clone(), port)) {
+            target = Some(row);
+            break;
+        }
+    }
+    let row = target.ok_or_else(refused)?;
+    let endpoint = endpoint(&state, &row).await?;
+    let stream = tokio::net::TcpStream::connect(endpoint.addr)
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context(format!("connecting to {}", row.name))))?;
+    Ok(ws
+        .on_upgrade(move |socket| async move {
+            let _guard = endpoint.guard;
+            bridge(socket, stream, endpoint.addr).await;
+        })
+        .into_response())
+}
+
+/// Copies between the websocket and the TCP connection until either side ends.
+async fn bridge(socket: WebSocket, stream: tokio::net::TcpStream, addr: SocketAddr) {
+    let (mut sink, mut source) = socket.split();
+    let (mut reader, mut writer) = stream.into_split();
+    let upstream = async {
+        while let Some(Ok(message)) = source.next().await {
+            let data = match message {
+                Message::Binary(data) => data,
+                Message::Text(text) => axum::body::Bytes::from(text),
+                Message::Close(_) => break,
+                Message::Ping(_) | Message::Pong(_) => continue,
+            };
+            if writer.write_all(&data).await.is_err() {
+                break;
+            }
+        }
+        let _ = writer.shutdown().await;
+    };
+    let downstream = async {
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            match reader.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let chunk = axum::body::Bytes::copy_from_slice(&buffer[..n]);
+                    if sink.send(Message::Binary(chunk)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = sink.close().await;
+    };
+    tokio::select! {
+        () = upstream => {},
+        () = downstream => {},
+    }
+    tracing::debug!("proxy to {addr} closed");
+}

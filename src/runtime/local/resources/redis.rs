@@ -1,0 +1,151 @@
+//! A redis resource: Debian's redis-server, daemonized (detached from rack, it outlives it),
+//! on 127.0.0.1 with the resource's password, appending every write to its AOF. As root it
+//! runs as the `redis` user of Debian's package, never as root: the app's password must not
+//! be a way to write files as root.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::postgres::{RunAs, create_private_dir, read_tail};
+use crate::resource::ResourceSpec;
+
+const SERVER: &str = "redis-server";
+
+/// The user redis runs as: `redis` when rack is root, else rack's own.
+fn run_as() -> anyhow::Result<Option<RunAs>> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    let user = nix::unistd::User::from_name("redis")?.context(
+        "rack runs as root and runs redis as the `redis` system user, which does not exist: \
+         install redis-server (`apt-get install -y redis-server`; scripts/install-deps does)",
+    )?;
+    Ok(Some(RunAs {
+        uid: user.uid,
+        gid: user.gid,
+    }))
+}
+
+/// Creates the resource's directories and starts its server.
+pub(super) fn create(dir: &Path, spec: &ResourceSpec, port: u16) -> anyhow::Result<()> {
+    let run_as = run_as()?;
+    create_private_dir(dir, run_as.as_ref())?;
+    create_private_dir(&dir.join("data"), run_as.as_ref())?;
+    start(dir, spec, port)
+}
+
+/// Writes the server's configuration (with the password: readable by its user only) and
+/// starts it; returns once it answers, with its data loaded.
+pub(super) fn start(dir: &Path, spec: &ResourceSpec, port: u16) -> anyhow::Result<()> {
+    let run_as = run_as()?;
+    let memory = super::memory_mb(spec);
+    let config = format!(
+        "bind 127.0.0.1\nport {port}\nprotected-mode yes\ndaemonize yes\n\
+         pidfile {dir}/redis.pid\nlogfile {dir}/redis.log\ndir {dir}/data\n\
+         requirepass {password}\nmaxmemory {memory}mb\nmaxmemory-policy noeviction\n\
+         appendonly yes\nappendfsync everysec\nsave 3600 1 300 100 60 10000\n",
+        dir = dir.display(),
+        password = spec.credentials.password,
+    );
+    let path = dir.join("redis.conf");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .context("writing redis.conf")?;
+    file.write_all(config.as_bytes()).context("writing redis.conf")?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    if let Some(user) = &run_as {
+        std::os::unix::fs::chown(&path, Some(user.uid.as_raw()), Some(user.gid.as_raw()))?;
+    }
+    let log = dir.join("redis.log");
+    let log_start = std::fs::metadata(&log).map_or(0, |m| m.len());
+    let mut cmd = Command::new(SERVER);
+    cmd.arg(&path)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .process_group(0);
+    if let Some(user) = &run_as {
+        cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+    }
+    let out = cmd.output().with_context(|| {
+        format!("running {SERVER}: install it with `apt-get install -y redis-server` (scripts/install-deps does)")
+    })?;
+    if !out.status.success() {
+        bail!(
+            "{SERVER} failed ({}): {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            read_tail(&log, log_start)
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match ping(port, &spec.credentials.password) {
+            Ok(()) => return Ok(()),
+            Err(why) if Instant::now() > deadline => {
+                bail!(
+                    "redis did not answer within 120 s ({why}); its log says:\n{}",
+                    read_tail(&log, log_start)
+                )
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Authenticates and pings the server on `port`: an error until it answers PONG (it says
+/// LOADING while it reads its AOF).
+fn ping(port: u16, password: &str) -> anyhow::Result<()> {
+    let stream = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    (&stream).write_all(format!("AUTH {password}\r\nPING\r\n").as_bytes())?;
+    let mut reader = BufReader::new(&stream);
+    let (mut auth, mut pong) = (String::new(), String::new());
+    reader.read_line(&mut auth)?;
+    reader.read_line(&mut pong)?;
+    if auth.trim() == "+OK" && pong.trim() == "+PONG" {
+        Ok(())
+    } else {
+        bail!("it answered {:?}", pong.trim())
+    }
+}
+
+/// The pid of the server of `dir`, if it runs.
+fn pid(dir: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(dir.join("redis.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    String::from_utf8_lossy(&cmdline).contains(SERVER).then_some(pid)
+}
+
+/// Whether the server of `dir` runs.
+pub(super) fn running(dir: &Path) -> bool {
+    pid(dir).is_some()
+}
+
+/// Stops the server of `dir` (SIGTERM: it writes what it has, then exits), if it runs.
+pub(super) fn stop(dir: &Path) {
+    let Some(pid) = pid(dir) else { return };
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while nix::sys::signal::kill(pid, None).is_ok() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+}

@@ -1,0 +1,587 @@
+//! Resources of convox.yml on the embedded default: an app in process mode linking a postgres
+//! and a redis resource writes and reads through `DATABASE_URL` / `CACHE_URL` (with `psql` and
+//! `redis-cli` in its process); the data survives a redeploy, a rollback and a kill -9 of rack;
+//! export and import round-trip; the convox CLI's resource requests; manifest errors.
+
+use std::path::Path;
+
+use futures_util::{SinkExt, StreamExt};
+use reqwest::Method;
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::deploys::{promote_follow, rollback_release};
+use crate::helpers::{TestApp, wait_for};
+
+/// An app whose `web` (a process, no port) links a postgres and a redis resource.
+pub const MANIFEST: &str = "resources:
+  database:
+    type: postgres
+  cache:
+    type: redis
+    options:
+      memory: 32
+services:
+  web:
+    command: sleep 86400
+    resources:
+      - database
+      - cache
+";
+
+/// Writes a note (`write <text>`) to both resources, or reads them back (`read`).
+pub const NOTES: &str = r#"set -e
+case "$1" in
+  write)
+    psql "$DATABASE_URL" -qtAc "create table if not exists notes (v text); insert into notes values ('$2')"
+    redis-cli -u "$CACHE_URL" --no-auth-warning set note "$2" >/dev/null
+    ;;
+  read)
+    echo "pg=$(psql "$DATABASE_URL" -tAc "select string_agg(v, ',' order by v) from notes")"
+    echo "redis=$(redis-cli -u "$CACHE_URL" --no-auth-warning get note)"
+    ;;
+  env)
+    echo "$DATABASE_HOST:$DATABASE_PORT/$DATABASE_NAME $DATABASE_USER $CACHE_HOST"
+    ;;
+esac
+"#;
+
+/// Stops the resource servers a test leaves under `data` (they outlive rack by design), even
+/// when the test fails half-way.
+pub struct ResourceServers(std::path::PathBuf);
+
+impl ResourceServers {
+    pub fn at(data: &Path) -> Self {
+        Self(data.join("resources"))
+    }
+}
+
+impl Drop for ResourceServers {
+    fn drop(&mut self) {
+        for app in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            for resource in std::fs::read_dir(app.path()).into_iter().flatten().flatten() {
+                let dir = resource.path();
+                let pids = [dir.join("data/postmaster.pid"), dir.join("redis.pid")];
+                for pid in pids.iter().filter_map(|p| std::fs::read_to_string(p).ok()) {
+                    if let Some(pid) = pid.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) {
+                        let _ =
+                            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Builds `files` for `name` and returns the release.
+async fn build(app: &TestApp, name: &str, files: &[(&str, &str)]) -> Value {
+    let id = app.build_source(name, files).await;
+    app.wait_build(name, &id).await
+}
+
+/// The id of the running process of `web`.
+async fn web_process(app: &TestApp, name: &str) -> String {
+    wait_for(60, "the web process", || async {
+        let processes: Value = app.get_json(&format!("/apps/{name}/processes")).await;
+        processes.as_array()?.iter().find_map(|p| {
+            (p["name"] == "web" && p["status"] == "running").then(|| p["id"].as_str().unwrap().to_owned())
+        })
+    })
+    .await
+}
+
+/// Runs `notes.sh <args>` in the web process; its output.
+async fn notes(app: &TestApp, name: &str, args: &str) -> String {
+    let id = web_process(app, name).await;
+    let (output, code) = crate::run::exec_output(
+        app,
+        &format!("/apps/{name}/processes/{id}/exec"),
+        &[("command", &format!("sh notes.sh {args}"))],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{output}");
+    // The exec's output comes through a terminal.
+    output.replace("\r\n", "\n")
+}
+
+#[tokio::test]
+async fn a_process_app_reads_and_writes_its_resources_across_redeploys_and_rollbacks() {
+    let app = TestApp::spawn().await;
+    let _servers = ResourceServers::at(&app.state.config.data_dir);
+    assert_eq!(app.create_app("shop").await.status(), 201);
+    let files = [("convox.yml", MANIFEST), ("notes.sh", NOTES)];
+    let first = build(&app, "shop", &files).await;
+    assert_eq!(first["status"], "complete", "{first}");
+    let first = first["release"].as_str().unwrap().to_owned();
+    let log = promote_follow(&app, "shop", &first).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    assert!(log.contains("system/local/resource/database creating"), "{log}");
+    assert!(log.contains("system/local/resource/cache ready"), "{log}");
+
+    let env = notes(&app, "shop", "env").await;
+    assert!(
+        env.starts_with("127.0.0.1:") && env.contains("/app app 127.0.0.1"),
+        "{env}"
+    );
+    notes(&app, "shop", "write one").await;
+    assert_eq!(notes(&app, "shop", "read").await, "pg=one\nredis=one\n");
+
+    // A redeploy (a new build) keeps the data, and the same credentials.
+    let second = build(&app, "shop", &files).await["release"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let log = promote_follow(&app, "shop", &second).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    assert!(!log.contains("resource/database creating"), "{log}");
+    notes(&app, "shop", "write two").await;
+    assert_eq!(notes(&app, "shop", "read").await, "pg=one,two\nredis=two\n");
+
+    // A rollback to the first release keeps it too.
+    let rollback = rollback_release(&app, "shop", &first).await;
+    let log = promote_follow(&app, "shop", &rollback).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    assert_eq!(notes(&app, "shop", "read").await, "pg=one,two\nredis=two\n");
+
+    // `convox resources`: the list (the password masked for a read-only token), `info` and
+    // `url` (the password shown to a deploy credential).
+    let resources: Value = app.get_json("/apps/shop/resources").await;
+    assert_eq!(resources[0]["name"], "cache", "{resources}");
+    assert_eq!(resources[1]["type"], "postgres", "{resources}");
+    assert_eq!(resources[1]["status"], "running", "{resources}");
+    let url = resources[1]["url"].as_str().unwrap().to_owned();
+    assert!(url.starts_with("postgres://app:") && url.ends_with("/app"), "{url}");
+    let token: Value = app
+        .json(Method::POST, "/tokens")
+        .form(&[("name", "viewer"), ("role", "read")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let viewer = token["token"].as_str().unwrap();
+    let masked: Value = app
+        .client
+        .get(app.url("/apps/shop/resources/database"))
+        .basic_auth("convox", Some(viewer))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(masked["url"].as_str().unwrap().contains(":********@"), "{masked}");
+    let feed = app
+        .request(Method::GET, "/events?follow=false&after=0&app=shop&kind=resource.")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let password = url.split(':').nth(2).unwrap().split('@').next().unwrap();
+    assert!(
+        feed.contains("resource.created") && feed.contains("resource.ready"),
+        "{feed}"
+    );
+    assert!(!feed.contains(password), "no secret in the feed");
+
+    // export -> import round-trips the database.
+    let dump = app
+        .convox(Method::GET, "/apps/shop/resources/database/data")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dump.status(), 200);
+    let dump = dump.bytes().await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&dump).contains("COPY public.notes"),
+        "a plain-SQL dump"
+    );
+    notes(&app, "shop", "write three").await;
+    assert_eq!(notes(&app, "shop", "read").await, "pg=one,three,two\nredis=three\n");
+    let import = app
+        .convox(Method::PUT, "/apps/shop/resources/database/data")
+        .body(dump)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(crate::helpers::status_text(import).await, (200, "ok\n".to_owned()));
+    assert_eq!(notes(&app, "shop", "read").await, "pg=one,two\nredis=three\n");
+    let rdb = app
+        .convox(Method::GET, "/apps/shop/resources/cache/data")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rdb.status(), 200);
+    assert!(rdb.bytes().await.unwrap().starts_with(b"REDIS"), "an RDB file");
+
+    // `convox resources proxy`: a postgres session through the websocket (its SSL request is
+    // answered `N`); any other address is refused.
+    let authority = url.rsplit('@').next().unwrap().split('/').next().unwrap();
+    let (host, port) = authority.split_once(':').unwrap();
+    let answer = proxy_ssl_request(&app, host, port).await;
+    assert_eq!(answer.as_deref(), Ok(&b"N"[..]));
+    let own = app.addr.port().to_string();
+    for (host, port) in [("127.0.0.1", own.as_str()), ("10.0.0.1", port), ("localhost", port)] {
+        assert_eq!(proxy_ssl_request(&app, host, port).await, Err(403), "{host}:{port}");
+    }
+    // `convox resources console`: psql on a terminal runs a query.
+    let output = console(
+        &app,
+        "/apps/shop/resources/database/console",
+        "select 40 + 2 as answer;\n\\q\n",
+    )
+    .await;
+    assert!(output.contains("42"), "{output}");
+
+    // The audit log is written behind the answer.
+    wait_for(30, "the refusal to be audited", || async {
+        let audit: Value = app.get_json("/audit").await;
+        audit.to_string().contains("/proxy/10.0.0.1/").then_some(())
+    })
+    .await;
+
+    // `rack resources`: list, url, export to a file and import it back.
+    let listed = rack_cli(&app, &["resources", "-a", "shop"]).await;
+    assert!(
+        listed.contains("cache") && listed.contains("postgres") && listed.contains("running"),
+        "{listed}"
+    );
+    assert_eq!(
+        rack_cli(&app, &["resources", "url", "database", "-a", "shop"])
+            .await
+            .trim(),
+        url
+    );
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let path = file.path().to_str().unwrap();
+    rack_cli(&app, &["resources", "export", "database", "-a", "shop", "-f", path]).await;
+    assert!(std::fs::read_to_string(path).unwrap().contains("COPY public.notes"));
+    rack_cli(&app, &["resources", "import", "database", "-a", "shop", "-f", path]).await;
+    assert_eq!(notes(&app, "shop", "read").await, "pg=one,two\nredis=three\n");
+
+    // A variable set with `env set` wins over the injected one (an external database).
+    let external = crate::deploys::create_release(&app, "shop", &[("env", "DATABASE_USER=external")]).await;
+    let log = promote_follow(&app, "shop", external["id"].as_str().unwrap()).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    let env = notes(&app, "shop", "env").await;
+    assert!(env.contains("/app external 127.0.0.1"), "{env}");
+
+    // A release that stops declaring the cache leaves it (unlinked) until it is deleted.
+    let without = MANIFEST
+        .replace("  cache:\n    type: redis\n    options:\n      memory: 32\n", "")
+        .replace("      - cache\n", "");
+    let third = build(&app, "shop", &[("convox.yml", &without), ("notes.sh", NOTES)]).await;
+    let log = promote_follow(&app, "shop", third["release"].as_str().unwrap()).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    let cache: Value = app.get_json("/apps/shop/resources/cache").await;
+    assert_eq!(cache["status"], "unlinked", "{cache}");
+    let refused = app
+        .convox(Method::DELETE, "/apps/shop/resources/database")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 409, "a linked resource is not deleted");
+    rack_cli(&app, &["resources", "delete", "cache", "-a", "shop"]).await;
+    let gone = app
+        .convox(Method::GET, "/apps/shop/resources/cache")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 404);
+    assert!(!app.state.config.data_dir.join("resources/shop/cache").exists());
+
+    assert_eq!(app.delete_app("shop").await.status(), 200);
+    let dir = app.state.config.data_dir.join("resources").join("shop");
+    wait_for(60, "the resources' data to go with the app", || async {
+        (!dir.exists()).then_some(())
+    })
+    .await;
+}
+
+/// Opens the proxy websocket to `host:port` as the convox CLI does, sends postgres's SSL
+/// request, and returns the first bytes that come back (or the handshake's refusal status).
+async fn proxy_ssl_request(app: &TestApp, host: &str, port: &str) -> Result<Vec<u8>, u16> {
+    let mut request = format!("ws://{}/proxy/{host}/{port}", app.addr)
+        .into_client_request()
+        .unwrap();
+    let auth = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("convox:{}", crate::helpers::PASSWORD),
+    );
+    request
+        .headers_mut()
+        .insert("authorization", format!("Basic {auth}").parse().unwrap());
+    let socket = match tokio_tungstenite::connect_async(request).await {
+        Ok((socket, _)) => socket,
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => return Err(response.status().as_u16()),
+        Err(e) => panic!("the handshake: {e}"),
+    };
+    let (mut sink, mut source) = socket.split();
+    sink.send(Message::Binary(vec![0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f].into()))
+        .await
+        .unwrap();
+    loop {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(30), source.next())
+            .await
+            .expect("an answer")
+            .expect("open")
+            .unwrap();
+        if let Message::Binary(data) = frame {
+            return Ok(data.to_vec());
+        }
+    }
+}
+
+/// The pid in the first line of `file`.
+fn pid_in(file: &Path) -> i32 {
+    let text = std::fs::read_to_string(file).unwrap();
+    text.lines().next().unwrap().trim().parse().unwrap()
+}
+
+/// Resources outlive rack: after `kill -9` and a restart, the same servers (adopted, not
+/// started again) serve the data written before.
+#[tokio::test]
+async fn after_kill_9_a_restarted_rack_adopts_its_resources_and_their_data() {
+    let database = crate::helpers::fresh_database().await;
+    let data = crate::helpers::reachable_tempdir();
+    let _servers = ResourceServers::at(data.path());
+    let mut rack = crate::replicas::Replica::start(&database, data.path(), &[]).await;
+    crate::replicas::create_app(&rack, "keeper").await;
+    let manifest = MANIFEST.replace(
+        "command: sleep 86400",
+        "command: sh -c 'sh notes.sh write started; exec sleep 86400'",
+    );
+    let id = rack
+        .build("keeper", &[("convox.yml", &manifest), ("notes.sh", NOTES)])
+        .await;
+    let build = rack.wait_build("keeper", &id).await;
+    assert_eq!(build["status"], "complete", "{build}");
+    let release = build["release"].as_str().unwrap().to_owned();
+    let promote = rack
+        .request(Method::POST, &format!("/apps/keeper/releases/{release}/promote"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(promote.status(), 201);
+    wait_for(120, "the app to run", || async {
+        let app = rack.json("/apps/keeper").await;
+        (app["status"] == "running" && app["release"] == release.as_str()).then_some(())
+    })
+    .await;
+    let export = |rack: &crate::replicas::Replica| {
+        let request = rack.request(Method::GET, "/apps/keeper/resources/database/data");
+        async move { request.send().await.unwrap().text().await.unwrap() }
+    };
+    wait_for(60, "the process to write its note", || async {
+        export(&rack).await.contains("started").then_some(())
+    })
+    .await;
+    let dir = data.path().join("resources/keeper");
+    let postmaster = pid_in(&dir.join("database/data/postmaster.pid"));
+    let redis = pid_in(&dir.join("cache/redis.pid"));
+
+    // Idle, a postgres resource (the postmaster and its children) stays well under 100 MiB.
+    let memory = pss_kib(postmaster) + children(postmaster).into_iter().map(pss_kib).sum::<u64>();
+    assert!(memory < 100 * 1024, "an idle postgres resource takes {memory} KiB");
+    assert!(
+        pss_kib(redis) < 50 * 1024,
+        "an idle redis resource takes {} KiB",
+        pss_kib(redis)
+    );
+    eprintln!("idle memory: postgres {memory} KiB, redis {} KiB", pss_kib(redis));
+
+    rack.kill_9().await;
+    let alive = |pid: i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+    assert!(alive(postmaster) && alive(redis), "the resources outlive rack");
+
+    let rack = crate::replicas::Replica::start(&database, data.path(), &[]).await;
+    wait_for(120, "the app to run again", || async {
+        let processes = rack.json("/apps/keeper/processes").await;
+        processes
+            .as_array()?
+            .iter()
+            .any(|p| p["status"] == "running")
+            .then_some(())
+    })
+    .await;
+    let dump = export(&rack).await;
+    assert!(dump.contains("started"), "{dump}");
+    assert_eq!(pid_in(&dir.join("database/data/postmaster.pid")), postmaster, "adopted");
+    assert_eq!(pid_in(&dir.join("cache/redis.pid")), redis, "adopted");
+    let info = rack.json("/apps/keeper/resources/cache").await;
+    assert_eq!(info["status"], "running", "{info}");
+    assert!(
+        rack.request(Method::DELETE, "/apps/keeper")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+    wait_for(60, "the resources to stop with the app", || async {
+        (!alive(postmaster) && !alive(redis)).then_some(())
+    })
+    .await;
+}
+
+/// A manifest whose resources rack cannot honour fails the build, naming the key and line.
+#[tokio::test]
+async fn bad_resources_fail_the_build_naming_the_key_and_line() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.create_app("wrong").await.status(), 201);
+    for (manifest, wanted) in [
+        (
+            "resources:\n  db:\n    type: mongodb\nservices:\n  web:\n    command: sleep 1\n",
+            "resources.db.type: unknown resource type \"mongodb\"",
+        ),
+        (
+            "resources:\n  db:\n    type: postgres\n    options:\n      storage: lots\n",
+            "resources.db.options.storage: invalid value \"lots\"",
+        ),
+        (
+            "services:\n  web:\n    command: sleep 1\n    resources:\n      - database\n",
+            "services.web.resources: no resource \"database\"",
+        ),
+    ] {
+        let build = build(&app, "wrong", &[("convox.yml", manifest)]).await;
+        assert_eq!(build["status"], "failed", "{build}");
+        let reason = build["reason"].as_str().unwrap();
+        assert!(reason.contains(wanted), "{reason}");
+        assert!(reason.contains("(line "), "{reason}");
+    }
+}
+
+/// Runs the rack CLI against `app`; its standard output (it must succeed).
+async fn rack_cli(app: &TestApp, args: &[&str]) -> String {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rack"))
+        .args(args)
+        .env(
+            "RACK_URL",
+            format!("http://convox:{}@{}", crate::helpers::PASSWORD, app.addr),
+        )
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(60), output)
+        .await
+        .expect("the CLI finishes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "rack {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// The proportional set size of process `pid`, in KiB (shared pages split among their users).
+fn pss_kib(pid: i32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    text.lines()
+        .find_map(|line| line.strip_prefix("Pss:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The processes whose parent is `pid`.
+fn children(pid: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|child| {
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            // The parent is the second field after the command, which is in parentheses.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// Opens a console websocket as the convox CLI does, types `input`, and returns what the
+/// terminal showed until the console exited.
+async fn console(app: &TestApp, path: &str, input: &str) -> String {
+    let mut request = format!("ws://{}{path}", app.addr).into_client_request().unwrap();
+    let auth = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("convox:{}", crate::helpers::PASSWORD),
+    );
+    let headers = request.headers_mut();
+    headers.insert("authorization", format!("Basic {auth}").parse().unwrap());
+    headers.insert("height", "24".parse().unwrap());
+    headers.insert("width", "80".parse().unwrap());
+    let (socket, _) = tokio_tungstenite::connect_async(request).await.expect("the handshake");
+    let (mut sink, mut source) = socket.split();
+    sink.send(Message::Binary(input.as_bytes().to_vec().into()))
+        .await
+        .unwrap();
+    let mut output = Vec::new();
+    loop {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(30), source.next())
+            .await
+            .expect("the console to answer and exit");
+        match frame {
+            Some(Ok(Message::Binary(data))) => output.extend_from_slice(&data),
+            Some(Ok(Message::Text(text))) => output.extend_from_slice(text.as_bytes()),
+            Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+            Some(Ok(_)) => {}
+        }
+    }
+    String::from_utf8_lossy(&output).into_owned()
+}
+
+/// The release phase (a migration, typically) runs before anything else of a release: its
+/// resources are there for it, linked.
+#[tokio::test]
+async fn a_release_command_reaches_the_resources_of_its_first_release() {
+    let app = TestApp::spawn().await;
+    let _servers = ResourceServers::at(&app.state.config.data_dir);
+    assert_eq!(app.create_app("migrate").await.status(), 201);
+    let manifest = MANIFEST.replace(
+        "    command: sleep 86400\n",
+        "    command: sleep 86400\n    release: sh notes.sh write migrated\n",
+    );
+    let built = build(&app, "migrate", &[("convox.yml", &manifest), ("notes.sh", NOTES)]).await;
+    assert_eq!(built["status"], "complete", "{built}");
+    let log = promote_follow(&app, "migrate", built["release"].as_str().unwrap()).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    let creating = log.find("resource/database creating").expect("created");
+    let released = log.find("Status: Releasing => Updating").expect("released");
+    assert!(creating < released, "{log}");
+    assert_eq!(notes(&app, "migrate", "read").await, "pg=migrated\nredis=migrated\n");
+    assert_eq!(app.delete_app("migrate").await.status(), 200);
+}
+
+/// A resource this runtime cannot run fails the deployment, saying so, and is `failed`.
+#[tokio::test]
+async fn a_resource_the_local_runtime_cannot_run_fails_the_deployment_saying_so() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.create_app("mysql").await.status(), 201);
+    let manifest =
+        "resources:\n  db:\n    type: mysql\nservices:\n  web:\n    command: sleep 86400\n    resources: [db]\n";
+    let built = build(&app, "mysql", &[("convox.yml", manifest)]).await;
+    assert_eq!(built["status"], "complete", "{built}");
+    let log = promote_follow(&app, "mysql", built["release"].as_str().unwrap()).await;
+    assert!(log.contains("does not run mysql resources yet"), "{log}");
+    assert!(log.trim_end().ends_with("rollback") || log.contains("ERROR"), "{log}");
+    let db: Value = app.get_json("/apps/mysql/resources/db").await;
+    assert_eq!(db["status"], "failed", "{db}");
+    assert_eq!(db["url"], "", "{db}");
+    let feed = app
+        .request(
+            Method::GET,
+            "/events?follow=false&after=0&app=mysql&kind=resource.failed",
+        )
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(feed.contains("resource.failed"), "{feed}");
+}
