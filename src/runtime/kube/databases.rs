@@ -191,6 +191,12 @@ struct Server {
     probe: Value,
 }
 
+/// The data of postgres and mysql live in a subdirectory of their volume (`PGDATA`,
+/// `--datadir`, which the official images' entrypoints create): the volume's root may hold
+/// `lost+found`, in which initdb and mysqld refuse to start. (Not a `subPath` mount, which
+/// needs the node to make the directory first.)
+const DATADIR: &str = "--datadir=/var/lib/mysql/data";
+
 /// Readiness is asked of the server itself, over TCP on 127.0.0.1 where the images' clients
 /// allow it: the official images' entrypoints first run a server without networking to set the
 /// database up, and that one must not count as ready.
@@ -211,6 +217,7 @@ fn server(spec: &ResourceSpec) -> Server {
                 from_secret("POSTGRES_USER", name, "USER"),
                 from_secret("POSTGRES_PASSWORD", name, "PASS"),
                 from_secret("POSTGRES_DB", name, "NAME"),
+                json!({ "name": "PGDATA", "value": "/var/lib/postgresql/data/pgdata" }),
             ],
             args: None,
             data_dir: Some("/var/lib/postgresql/data"),
@@ -225,7 +232,7 @@ fn server(spec: &ResourceSpec) -> Server {
                 // Read by mysqladmin: the password never appears in a command line.
                 from_secret("MYSQL_PWD", name, "PASS"),
             ],
-            args: None,
+            args: Some(json!([DATADIR])),
             data_dir: Some("/var/lib/mysql"),
             probe: exec(r#"mysqladmin ping -h 127.0.0.1 -u "$MYSQL_USER" --silent"#),
         },
@@ -237,7 +244,7 @@ fn server(spec: &ResourceSpec) -> Server {
                 json!({ "name": "MARIADB_RANDOM_ROOT_PASSWORD", "value": "yes" }),
                 from_secret("MYSQL_PWD", name, "PASS"),
             ],
-            args: None,
+            args: Some(json!([DATADIR])),
             data_dir: Some("/var/lib/mysql"),
             probe: exec(r#"mariadb-admin ping -h 127.0.0.1 -u "$MARIADB_USER" --silent"#),
         },
@@ -323,9 +330,7 @@ pub fn stateful_set(rack: &str, app: &str, spec: &ResourceSpec, storage_gb: u32)
     }
     let mut claims = Vec::new();
     if let Some(dir) = server.data_dir {
-        // A subdirectory of the volume: its root may hold lost+found, which initdb and mysqld
-        // refuse to start in.
-        container["volumeMounts"] = json!([{ "name": VOLUME, "mountPath": dir, "subPath": "data" }]);
+        container["volumeMounts"] = json!([{ "name": VOLUME, "mountPath": dir }]);
         claims.push(json!({
             "apiVersion": "v1",
             "kind": "PersistentVolumeClaim",
@@ -518,8 +523,10 @@ mod tests {
         assert_eq!(claim["metadata"]["labels"]["resource"], "db");
         let c = &body["spec"]["template"]["spec"]["containers"][0];
         assert_eq!(c["image"], "postgres:16");
+        let env = c["env"].as_array().unwrap();
         assert_eq!(c["ports"][0]["containerPort"], 5432);
         assert_eq!(c["volumeMounts"][0]["mountPath"], "/var/lib/postgresql/data");
+        assert!(env.contains(&json!({ "name": "PGDATA", "value": "/var/lib/postgresql/data/pgdata" })));
         assert_eq!(c["resources"]["requests"], json!({ "cpu": "100m", "memory": "256Mi" }));
         assert!(
             c["readinessProbe"]["exec"]["command"][2]
@@ -527,7 +534,6 @@ mod tests {
                 .unwrap()
                 .starts_with("pg_isready -h 127.0.0.1")
         );
-        let env = c["env"].as_array().unwrap();
         assert!(env.contains(&json!({ "name": "POSTGRES_PASSWORD",
             "valueFrom": { "secretKeyRef": { "name": "resource-db", "key": "PASS" } } })));
         // The password is only ever in the Secret.
@@ -568,6 +574,7 @@ mod tests {
         );
         let mysql = container(Kind::Mysql);
         assert_eq!(mysql["volumeMounts"][0]["mountPath"], "/var/lib/mysql");
+        assert_eq!(mysql["args"], json!(["--datadir=/var/lib/mysql/data"]));
         assert!(
             mysql["readinessProbe"]["exec"]["command"][2]
                 .as_str()
