@@ -259,16 +259,46 @@ async fn resources_are_stateful_sets_kept_across_releases_and_gone_with_the_app(
     let database = resource("database", Kind::Postgres, &[("storage", "5"), ("memory", "128")]);
     let cache = resource("cache", Kind::Redis, &[]);
     let first = release(app, "RFIRST", probe.port, &[database.clone(), cache.clone()]);
+
+    // The release phase runs before its release is applied: a one-off of a service that links
+    // the database creates it (only it) and waits until it is ready, then reads its Secret.
+    let mut phase = first.clone();
+    phase.manifest.services.get_mut("web").unwrap().resources = vec!["database".to_owned()];
+    let (sink, lines) = log();
+    let one_off = rack::runtime::OneOff {
+        service: "web".to_owned(),
+        command: vec!["bin/migrate".to_owned()],
+        env: Default::default(),
+        log: Some(sink),
+        timeout: Duration::from_secs(180),
+    };
+    let process = runtime.run(&phase, one_off).await.expect("the release phase");
+    let text = lines.lock().unwrap().join("\n");
+    let creating = text.find("system/k8s/resource/database creating");
+    let ready = text.find("system/k8s/resource/database ready");
+    assert!(creating.is_some() && creating < ready, "{text}");
+    assert!(!text.contains("resource/cache"), "only what the service links:\n{text}");
+    let pod = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &ns)
+        .get(&process.id)
+        .await
+        .unwrap();
+    let env = pod.spec.unwrap().containers[0].env.clone().unwrap();
+    let url = env.iter().find(|e| e.name == "DATABASE_URL").expect("DATABASE_URL");
+    assert_eq!(
+        url.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name,
+        "resource-database"
+    );
+
+    // The first deployment creates the other one, and both are ready before the services
+    // roll out.
     let (sink, lines) = log();
     apply(&runtime, &first, &sink).await;
-
-    // The log says each resource was created, and was ready before the services rolled out.
     let text = lines.lock().unwrap().join("\n");
-    for name in ["database", "cache"] {
-        let creating = text.find(&format!("system/k8s/resource/{name} creating"));
-        let ready = text.find(&format!("system/k8s/resource/{name} ready"));
-        assert!(creating.is_some() && creating < ready, "{name}:\n{text}");
-    }
+    let creating = text.find("system/k8s/resource/cache creating");
+    let ready = text.find("system/k8s/resource/cache ready");
+    assert!(creating.is_some() && creating < ready, "{text}");
+    assert!(!text.contains("database creating"), "{text}");
+    assert!(text.contains("system/k8s/resource/database ready"), "{text}");
     assert!(!text.contains("secret-password"), "a password in the log:\n{text}");
 
     // The StatefulSet: one replica of postgres, its data on a claim of the size asked for.

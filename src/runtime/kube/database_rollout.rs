@@ -31,7 +31,40 @@ fn stream(name: &str) -> String {
 /// Applies every resource of `release` and waits until each is ready (bounded by the caller,
 /// which drops this at the deployment's deadline, as it does the rollout's wait).
 pub async fn apply(runtime: &KubeRuntime, app: &str, release: &ReleaseSpec, log: &LogSink) -> Result<(), RuntimeError> {
-    if release.resources.is_empty() {
+    let all = release.resources.keys().cloned().collect();
+    apply_some(runtime, app, release, all, false, log).await
+}
+
+/// Makes sure the resources that service `service` of `release` links exist and are ready
+/// before one of its one-off processes starts: the release phase runs before its release is
+/// applied, and needs its database. Creates those that do not exist yet; never changes one
+/// that does (a one-off of an older release must not roll a resource back).
+pub async fn ensure_linked(
+    runtime: &KubeRuntime,
+    release: &ReleaseSpec,
+    service: &crate::manifest::Service,
+    log: Option<&LogSink>,
+) -> Result<(), RuntimeError> {
+    let linked: BTreeSet<String> = service.resources.iter().cloned().collect();
+    if linked.is_empty() {
+        return Ok(());
+    }
+    // Without a log of its own (a `run`), the lines go nowhere.
+    let log = log.cloned().unwrap_or_else(|| LogSink::new().0);
+    apply_some(runtime, &release.app, release, linked, true, &log).await
+}
+
+/// Applies the resources `names` of `release` (only those that do not exist yet when
+/// `create_only`), then waits until all of `names` are ready.
+async fn apply_some(
+    runtime: &KubeRuntime,
+    app: &str,
+    release: &ReleaseSpec,
+    names: BTreeSet<String>,
+    create_only: bool,
+    log: &LogSink,
+) -> Result<(), RuntimeError> {
+    if names.is_empty() {
         return Ok(());
     }
     let rack = &runtime.0.settings.rack;
@@ -39,12 +72,19 @@ pub async fn apply(runtime: &KubeRuntime, app: &str, release: &ReleaseSpec, log:
     let services: Api<Service> = runtime.api(app);
     let sets: Api<StatefulSet> = runtime.api(app);
     let params = PatchParams::apply(MANAGER).force();
-    for (name, spec) in &release.resources {
+    for name in &names {
+        let spec = release
+            .resources
+            .get(name)
+            .ok_or_else(|| RuntimeError::Failed(format!("release {} does not declare resource {name}", release.id)))?;
         let object = object_name(name);
         let live = sets
             .get_opt(&object)
             .await
             .map_err(RuntimeError::kube(format!("reading statefulset {object}")))?;
+        if create_only && live.is_some() {
+            continue;
+        }
         let mut storage = databases::storage_gb(spec)?;
         // A StatefulSet's claim templates cannot change: the claim keeps its size.
         if let Some(kept) = live.as_ref().and_then(databases::live_storage_gb)
@@ -80,7 +120,7 @@ pub async fn apply(runtime: &KubeRuntime, app: &str, release: &ReleaseSpec, log:
             log.line(&stream(name), "updating").await;
         }
     }
-    wait(runtime, app, release.resources.keys().cloned().collect(), log).await
+    wait(runtime, app, names, log).await
 }
 
 /// Waits until the StatefulSet of each resource in `pending` has its one pod ready with its
