@@ -516,3 +516,116 @@ async fn resources_are_stateful_sets_kept_across_releases_and_gone_with_the_app(
             .await;
     }
 }
+
+/// An API server that knows one resource (`db` of app `shop`, postgres on 5432) and forwards
+/// its port as the Kubernetes port-forward protocol does (`v4.channel.k8s.io`: per port a data
+/// channel 0 and an error channel 1, each opened by the port number, little-endian), with a
+/// pod that answers each chunk with `echo: <chunk>`. The hollow nodes of the test control
+/// plane cannot forward ports, so this part of the protocol is tested here. Counts forwards.
+async fn fake_api_server() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use axum::extract::ws::{Message, WebSocketUpgrade};
+    use axum::routing::get;
+    let forwards = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = forwards.clone();
+    let router = axum::Router::new()
+        .route(
+            "/api/v1/namespaces/rack-shop/services/resource-db",
+            get(|| async {
+                axum::Json(serde_json::json!({
+                    "apiVersion": "v1", "kind": "Service",
+                    "metadata": { "name": "resource-db", "namespace": "rack-shop" },
+                    "spec": { "ports": [{ "port": 5432, "targetPort": 5432 }] },
+                }))
+            }),
+        )
+        .route(
+            "/api/v1/namespaces/rack-shop/pods/resource-db-0",
+            get(|| async {
+                axum::Json(serde_json::json!({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": { "name": "resource-db-0", "namespace": "rack-shop" },
+                    "status": { "phase": "Running" },
+                }))
+            }),
+        )
+        .route(
+            "/api/v1/namespaces/rack-shop/pods/resource-db-0/portforward",
+            get(move |query: axum::extract::RawQuery, upgrade: WebSocketUpgrade| {
+                let forwards = counted.clone();
+                async move {
+                    let query = query.0.unwrap_or_default();
+                    assert!(query.split('&').any(|p| p == "ports=5432"), "{query}");
+                    forwards.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    upgrade
+                        .protocols(["v4.channel.k8s.io"])
+                        .on_upgrade(|mut socket| async move {
+                            let port = 5432u16.to_le_bytes();
+                            for channel in [0u8, 1] {
+                                let opening = vec![channel, port[0], port[1]];
+                                if socket.send(Message::Binary(opening.into())).await.is_err() {
+                                    return;
+                                }
+                            }
+                            while let Some(Ok(message)) = socket.recv().await {
+                                match message {
+                                    Message::Binary(data) if data.first() == Some(&0) => {
+                                        let mut answer = b"\0echo: ".to_vec();
+                                        answer.extend_from_slice(&data[1..]);
+                                        if socket.send(Message::Binary(answer.into())).await.is_err() {
+                                            return;
+                                        }
+                                    }
+                                    Message::Close(_) => break,
+                                    _ => {}
+                                }
+                            }
+                            let _ = socket.send(Message::Close(None)).await;
+                        })
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    (url, forwards)
+}
+
+#[tokio::test]
+async fn a_resource_endpoint_forwards_each_connection_to_the_resource_pod() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (url, forwards) = fake_api_server().await;
+    let client = Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let services: Api<Service> = Api::namespaced(client.clone(), "rack-shop");
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client, "rack-shop");
+    let (addr, guard) = rack::runtime::kube::database_rollout::forward(&services, pods.clone(), "shop", "db")
+        .await
+        .expect("an endpoint");
+    assert!(addr.ip().is_loopback(), "{addr}");
+
+    // Two connections, each a forward of its own, both carried both ways.
+    for n in 1..=2 {
+        let mut connection = tokio::net::TcpStream::connect(addr).await.unwrap();
+        connection.write_all(b"SELECT 1").await.unwrap();
+        let mut answer = vec![0u8; b"echo: SELECT 1".len()];
+        tokio::time::timeout(Duration::from_secs(20), connection.read_exact(&mut answer))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert_eq!(answer, b"echo: SELECT 1");
+        assert_eq!(forwards.load(std::sync::atomic::Ordering::SeqCst), n);
+    }
+
+    // No such resource: an error that says so, and no listener.
+    let missing = rack::runtime::kube::database_rollout::forward(&services, pods, "shop", "other")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(missing.contains("other"), "{missing}");
+
+    // With the guard gone, the address reaches nothing.
+    drop(guard);
+    wait_for(20, "the endpoint to close", || async {
+        tokio::net::TcpStream::connect(addr).await.is_err().then_some(())
+    })
+    .await;
+}

@@ -236,9 +236,21 @@ pub async fn endpoint(
     app: &str,
     name: &str,
 ) -> Result<(SocketAddr, EndpointGuard), RuntimeError> {
+    forward(&runtime.api::<Service>(app), runtime.api::<Pod>(app), app, name).await
+}
+
+/// [`endpoint`] with the Services and Pods of the app's namespace given.
+///
+/// # Errors
+/// When the app has no such resource, or its pod is not running.
+pub async fn forward(
+    services: &Api<Service>,
+    pods: Api<Pod>,
+    app: &str,
+    name: &str,
+) -> Result<(SocketAddr, EndpointGuard), RuntimeError> {
     let object = object_name(name);
-    let service = runtime
-        .api::<Service>(app)
+    let service = services
         .get_opt(&object)
         .await
         .map_err(RuntimeError::kube(format!("reading service {object}")))?
@@ -249,7 +261,6 @@ pub async fn endpoint(
         .and_then(|p| p.first().map(|p| p.port))
         .and_then(|p| u16::try_from(p).ok())
         .ok_or_else(|| RuntimeError::Failed(format!("service {object} has no port")))?;
-    let pods: Api<Pod> = runtime.api(app);
     let pod = databases::pod_name(name);
     let running = pods
         .get_opt(&pod)
