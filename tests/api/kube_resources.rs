@@ -459,6 +459,19 @@ async fn resources_are_stateful_sets_kept_across_releases_and_gone_with_the_app(
     assert!(!text.contains("creating"), "{text}");
     assert!(text.contains("system/k8s/resource/database ready"), "{text}");
 
+    // A release that asks for more storage keeps the claim's (Kubernetes cannot change a
+    // StatefulSet's claim templates) and says so, and still rolls out.
+    let bigger = resource("database", Kind::Postgres, &[("storage", "20"), ("memory", "128")]);
+    let third = release(app, "RTHIRD", probe.port, &[bigger, cache.clone()]);
+    let (sink, lines) = log();
+    apply(&runtime, &third, &sink).await;
+    let text = lines.lock().unwrap().join("\n");
+    assert!(
+        text.contains("system/k8s/resource/database storage stays at 5 GB"),
+        "{text}"
+    );
+    assert_eq!(uids(&client, &ns, &["database", "cache"]).await, before);
+
     // Deleting a resource removes it and its data.
     runtime.delete_resource_impl(app, "cache").await.unwrap();
     wait_for(60, "the cache's objects to go", || async {

@@ -539,6 +539,9 @@ mod tests {
         // The password is only ever in the Secret.
         assert!(!body.to_string().contains("s3cr"), "{body}");
 
+        let live: k8s_openapi::api::apps::v1::StatefulSet = serde_json::from_value(body.clone()).unwrap();
+        assert_eq!(live_storage_gb(&live), Some(25));
+
         let default = spec("db", Kind::Postgres, &[]);
         assert_eq!(storage_gb(&default).unwrap(), 10);
         let bad = spec("db", Kind::Postgres, &[("storage", "lots")]);
