@@ -15,7 +15,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use serde_json::{Value, json};
 
-use super::resources::namespace_name;
+use super::resources::{REGISTRY_SECRET, namespace_name};
 use crate::resource::{Kind, ResourceSpec, link_vars, var_prefix};
 use crate::runtime::RuntimeError;
 
@@ -358,6 +358,8 @@ pub fn stateful_set(rack: &str, app: &str, spec: &ResourceSpec, storage_gb: u32)
                 "metadata": { "labels": labels(rack, app, name) },
                 "spec": {
                     "containers": [container],
+                    // A custom `image:` may be in the rack's registry.
+                    "imagePullSecrets": [{ "name": REGISTRY_SECRET }],
                     "automountServiceAccountToken": false,
                     "enableServiceLinks": false,
                     // Databases flush on SIGTERM: give them the time to.
