@@ -18,6 +18,7 @@ mod feed;
 mod helpers;
 mod hostile;
 mod kube_exec;
+mod kube_resources;
 mod kubeenv;
 mod kubernetes;
 mod limits;

@@ -4,6 +4,8 @@
 //! rolled out. Everything lives in the cluster, so any rack replica can pick up any job.
 
 mod build;
+pub mod database_rollout;
+pub mod databases;
 pub mod events;
 mod logs;
 pub mod process;
@@ -198,6 +200,30 @@ impl KubeRuntime {
                 "namespace {name} already exists and is not rack's namespace of app {app}; rename the app"
             )))
         }
+    }
+}
+
+impl KubeRuntime {
+    /// Removes resource `name` of `app` and its data (StatefulSet, Service, Secret and volume
+    /// claims): what `Runtime::delete_resource` does on Kubernetes.
+    ///
+    /// # Errors
+    /// When the API server refuses a deletion.
+    pub async fn delete_resource_impl(&self, app: &str, name: &str) -> Result<(), RuntimeError> {
+        database_rollout::delete_resource(self, app, name).await
+    }
+
+    /// An address on 127.0.0.1 reaching resource `name` of `app` (a port-forward to its pod)
+    /// while the guard lives: what `Runtime::resource_endpoint` gives on Kubernetes.
+    ///
+    /// # Errors
+    /// When the app has no such resource, or it is not running.
+    pub async fn resource_endpoint_impl(
+        &self,
+        app: &str,
+        name: &str,
+    ) -> Result<(std::net::SocketAddr, database_rollout::EndpointGuard), RuntimeError> {
+        database_rollout::endpoint(self, app, name).await
     }
 }
 

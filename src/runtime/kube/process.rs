@@ -23,6 +23,20 @@ pub async fn run(runtime: &KubeRuntime, release: &ReleaseSpec, one_off: &OneOff)
             RuntimeError::Failed(format!("release {} has no service {}", release.id, one_off.service))
         })?;
     runtime.ensure_namespace(&release.app).await?;
+    // Its variables come from the Secrets of the resources it links: they must exist first.
+    // Bounded by the one-off's own deadline (a `run` has no deployment's to be dropped at).
+    tokio::time::timeout(
+        one_off.timeout,
+        super::database_rollout::ensure_linked(runtime, release, service, one_off.log.as_ref()),
+    )
+    .await
+    .map_err(|_| {
+        RuntimeError::Failed(format!(
+            "the resources service {} links were not ready within {} s",
+            one_off.service,
+            one_off.timeout.as_secs()
+        ))
+    })??;
     let name = format!("{}-run-{}", one_off.service, crate::ids::random_token(8).to_lowercase());
     let target = ServiceTarget {
         rack: &settings.rack,

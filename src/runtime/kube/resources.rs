@@ -182,9 +182,17 @@ fn main_container(
     let (rack, app, name, service) = (target.rack, release.app.as_str(), target.name, target.service);
     let mut variables = release.service_env(name, service)?;
     variables.extend(extra.clone());
+    // The variables of the resources it links come from their Secrets, except those the user
+    // set (`env set`, or a one-off's own): those win, and a manifest default loses to the link.
+    let explicit = |key: &str| release.env.contains_key(key) || extra.contains_key(key);
+    let linked = super::databases::link_env(name, service, &release.resources, explicit)?;
+    for entry in &linked {
+        variables.remove(entry["name"].as_str().unwrap_or_default());
+    }
     let mut env: Vec<Value> = variables
         .into_iter()
         .map(|(k, v)| json!({ "name": k, "value": v }))
+        .chain(linked)
         .collect();
     for (key, value) in [
         ("APP", app),
@@ -727,6 +735,86 @@ mod tests {
         let c = &d["spec"]["template"]["spec"]["containers"][0];
         assert!(c.get("readinessProbe").is_none(), "no port, no probe");
         assert!(c.get("command").is_none());
+    }
+
+    #[test]
+    fn linked_processes_get_the_resource_secret_and_the_env_wins() {
+        use crate::resource::{Credentials, Definition, Kind, ResourceSpec};
+        let mut release = release(
+            "environment:\n  - DATABASE_HOST=from-manifest\nservices:\n  web:\n    port: 3000\ntimers:\n  nightly:\n    schedule: \"0 3 * * *\"\n    command: bin/nightly\n    service: web\n",
+        );
+        release.manifest.services.get_mut("web").unwrap().resources = vec!["database".to_owned()];
+        release
+            .env
+            .insert("DATABASE_URL".to_owned(), "postgres://elsewhere/db".to_owned());
+        release.resources.insert(
+            "database".to_owned(),
+            ResourceSpec {
+                name: "database".to_owned(),
+                definition: Definition {
+                    kind: Kind::Postgres,
+                    options: Default::default(),
+                    image: None,
+                },
+                credentials: Credentials {
+                    user: "app".to_owned(),
+                    password: "pw".to_owned(),
+                    database: "app".to_owned(),
+                },
+            },
+        );
+        let target = ServiceTarget {
+            rack: "rack",
+            registry: "r",
+            name: "web",
+            service: &release.manifest.services["web"],
+        };
+        let timer = &release.manifest.timers["nightly"];
+        let extra: crate::env::Env = [("DATABASE_NAME".to_owned(), "other".to_owned())].into();
+        let containers =
+            [
+                deployment(&target, &release, 1).unwrap()["spec"]["template"]["spec"]["containers"][0].clone(),
+                timer_cronjob(&target, &release, "nightly", timer, "batch/v1").unwrap()["spec"]["jobTemplate"]["spec"]
+                    ["template"]["spec"]["containers"][0]
+                    .clone(),
+                one_off_pod(
+                    &target,
+                    &release,
+                    "web-run-x",
+                    &["sh".to_owned()],
+                    &Default::default(),
+                    60,
+                )
+                .unwrap()["spec"]["containers"][0]
+                    .clone(),
+            ];
+        for container in &containers {
+            let env = container["env"].as_array().unwrap();
+            let named = |name: &str| env.iter().filter(|e| e["name"] == name).cloned().collect::<Vec<_>>();
+            // `env set` wins: a plain value, no secretKeyRef.
+            assert_eq!(
+                named("DATABASE_URL"),
+                [json!({ "name": "DATABASE_URL", "value": "postgres://elsewhere/db" })]
+            );
+            // A manifest default loses to the link.
+            assert_eq!(
+                named("DATABASE_HOST"),
+                [json!({ "name": "DATABASE_HOST",
+                    "valueFrom": { "secretKeyRef": { "name": "resource-database", "key": "HOST" } } })]
+            );
+            for key in ["USER", "PASS", "PORT", "NAME"] {
+                assert_eq!(named(&format!("DATABASE_{key}")).len(), 1, "{key}: {env:?}");
+            }
+            assert!(
+                !container.to_string().contains("\"pw\""),
+                "the password is only in the Secret"
+            );
+        }
+        // A one-off's own variable wins too.
+        let one_off = one_off_pod(&target, &release, "web-run-y", &["sh".to_owned()], &extra, 60).unwrap();
+        let env = one_off["spec"]["containers"][0]["env"].as_array().unwrap().clone();
+        assert!(env.contains(&json!({ "name": "DATABASE_NAME", "value": "other" })));
+        assert_eq!(env.iter().filter(|e| e["name"] == "DATABASE_NAME").count(), 1);
     }
 
     #[test]

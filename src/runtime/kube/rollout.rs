@@ -53,6 +53,8 @@ pub async fn apply(
     let params = PatchParams::apply(MANAGER).force();
     let mut wanted = BTreeSet::new();
     if let Some(release) = release {
+        // Resources first: a service that links one starts with it ready.
+        super::database_rollout::apply(runtime, app, release, log).await?;
         for (name, service) in &release.manifest.services {
             let target = ServiceTarget {
                 rack: &rt.rack,
