@@ -58,14 +58,10 @@ fn credentials_of(row: &Resource) -> Credentials {
     }
 }
 
-/// Where a resource is shown to be: the address its runtime serves it on when that is stable
-/// (the local runtime: the server's own port), else its name and the kind's port.
+/// Where a resource is shown to be: where linked processes reach it (the local runtime: a port
+/// on 127.0.0.1; Kubernetes: its Service's name).
 async fn address(state: &AppState, row: &Resource, kind: Kind) -> Option<(String, u16)> {
-    match state.runtime.resource_endpoint(&row.app, &row.name).await {
-        Ok(ResourceEndpoint { addr, guard: None }) => Some((addr.ip().to_string(), addr.port())),
-        Ok(_) => Some((format!("{}.{}", row.name, row.app), kind.default_port())),
-        Err(_) => None,
-    }
+    state.runtime.resource_address(&row.app, &row.name, kind).await
 }
 
 async fn view(state: &AppState, row: &Resource, reveal: bool) -> ApiResult<ResourceView> {

@@ -592,6 +592,15 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
         )))
     }
 
+    /// Where linked processes reach resource `name` of `app` (of `kind`): the host and port its
+    /// URL shows, and `/proxy/{host}/{port}` must name. `None` when it does not run here. The
+    /// default is where rack reaches it, for runtimes where that is the same place.
+    async fn resource_address(&self, app: &str, name: &str, kind: crate::resource::Kind) -> Option<(String, u16)> {
+        let _ = kind;
+        let endpoint = self.resource_endpoint(app, name).await.ok()?;
+        Some((endpoint.addr.ip().to_string(), endpoint.addr.port()))
+    }
+
     /// Where rack itself can reach resource `name` of `app` (proxy, console, export, import).
     ///
     /// # Errors

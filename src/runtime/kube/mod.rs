@@ -203,30 +203,6 @@ impl KubeRuntime {
     }
 }
 
-impl KubeRuntime {
-    /// Removes resource `name` of `app` and its data (StatefulSet, Service, Secret and volume
-    /// claims): what `Runtime::delete_resource` does on Kubernetes.
-    ///
-    /// # Errors
-    /// When the API server refuses a deletion.
-    pub async fn delete_resource_impl(&self, app: &str, name: &str) -> Result<(), RuntimeError> {
-        database_rollout::delete_resource(self, app, name).await
-    }
-
-    /// An address on 127.0.0.1 reaching resource `name` of `app` (a port-forward to its pod)
-    /// while the guard lives: what `Runtime::resource_endpoint` gives on Kubernetes.
-    ///
-    /// # Errors
-    /// When the app has no such resource, or it is not running.
-    pub async fn resource_endpoint_impl(
-        &self,
-        app: &str,
-        name: &str,
-    ) -> Result<(std::net::SocketAddr, database_rollout::EndpointGuard), RuntimeError> {
-        database_rollout::endpoint(self, app, name).await
-    }
-}
-
 /// A Kubernetes error as a short message (the API's own text when it gave one).
 pub fn describe(error: &kube::Error) -> String {
     match error {
@@ -354,6 +330,27 @@ impl Runtime for KubeRuntime {
     }
 
     #[tracing::instrument(skip_all, fields(app.name = %app))]
+    /// Removes the resource's StatefulSet, Service, Secret and volume claims (its data).
+    async fn delete_resource(&self, app: &str, name: &str) -> Result<(), RuntimeError> {
+        database_rollout::delete_resource(self, app, name).await
+    }
+
+    /// Its Service's in-cluster name and the kind's port, as the Secret tells linked pods
+    /// (no port-forward is opened to say so).
+    async fn resource_address(&self, app: &str, name: &str, kind: crate::resource::Kind) -> Option<(String, u16)> {
+        Some((databases::host(&self.0.settings.rack, app, name), kind.default_port()))
+    }
+
+    /// A port on 127.0.0.1 that port-forwards each connection to the resource's pod, while the
+    /// guard lives.
+    async fn resource_endpoint(&self, app: &str, name: &str) -> Result<crate::runtime::ResourceEndpoint, RuntimeError> {
+        let (addr, guard) = database_rollout::endpoint(self, app, name).await?;
+        Ok(crate::runtime::ResourceEndpoint {
+            addr,
+            guard: Some(Box::new(guard)),
+        })
+    }
+
     async fn delete_app(&self, app: &str) {
         let namespaces: Api<Namespace> = Api::all(self.0.client.clone());
         let name = self.namespace(app);
