@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use serde_yaml_ng::Value;
 
 mod cron;
-use cron::check_schedule;
+pub use cron::check_schedule;
 
 /// A parsed and validated convox.yml.
 #[derive(Debug, Clone, PartialEq, Default)]

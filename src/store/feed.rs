@@ -11,7 +11,7 @@ use uuid::Uuid;
 pub const FEED_CHANNEL: &str = "rack_feed";
 
 /// Every kind of feed event.
-pub const KINDS: [&str; 15] = [
+pub const KINDS: [&str; 17] = [
     "app.created",
     "app.updated",
     "app.deleted",
@@ -27,6 +27,8 @@ pub const KINDS: [&str; 15] = [
     "deployment.finished",
     "process.started",
     "process.exited",
+    "system.backup",
+    "system.disk",
 ];
 
 /// A feed event.

@@ -3,6 +3,7 @@
 
 pub mod apps;
 pub mod audit;
+pub mod backup;
 pub mod builds;
 pub mod deployments;
 pub mod events;
@@ -15,6 +16,7 @@ pub mod scales;
 pub mod stats;
 pub mod timers;
 pub mod tokens;
+pub mod usage;
 
 use std::time::Duration;
 

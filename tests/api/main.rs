@@ -5,6 +5,7 @@
 
 mod apps;
 mod auth;
+mod backup;
 mod build_isolation;
 mod builds;
 mod bus;
