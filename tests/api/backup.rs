@@ -368,3 +368,26 @@ async fn a_backup_shows_in_the_feed_and_the_metrics() {
     assert_eq!(refused.status(), 400);
     rack.stop().await;
 }
+
+/// The embedded default backs up and restores its own cluster (the tools reach it on its socket).
+#[tokio::test]
+async fn the_embedded_default_backs_up_and_restores() {
+    let data = crate::helpers::reachable_tempdir();
+    let config = rack::config::Config::for_tests(data.path().join("first"), rack::config::Database::Embedded, PASSWORD);
+    let first = TestApp::start(config).await;
+    assert_eq!(first.create_app("embedded").await.status(), 201);
+    let file = data.path().join("embedded.tar");
+    download(&first, "?images=false", &file).await;
+    let events = feed(&first, "embedded", 0).await;
+    first.stop().await;
+
+    let mut config =
+        rack::config::Config::for_tests(data.path().join("second"), rack::config::Database::Embedded, PASSWORD);
+    config.backup.restore = Some(file);
+    let second = TestApp::start(config).await;
+    let apps = second.list_apps().await;
+    assert_eq!(apps.len(), 1);
+    assert_eq!(apps[0]["name"], "embedded");
+    assert_eq!(feed(&second, "embedded", 0).await[..events.len()], events[..]);
+    second.stop().await;
+}

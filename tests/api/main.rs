@@ -31,6 +31,7 @@ mod run;
 mod sandbox;
 mod security;
 mod server;
+mod service;
 mod timers;
 mod tls;
 mod upgrade;
