@@ -15,8 +15,11 @@ use serde::Serialize;
 use crate::AppState;
 use crate::error::ApiError;
 
-/// How often [`maintain`] looks.
+/// How often [`maintain`] looks at the free space.
 const EVERY: Duration = Duration::from_secs(60);
+/// How often it prunes (the first time one period after the start: a restart loop must not
+/// run podman and scan the object store on every start).
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// A blob younger than this may be an upload whose object row is not committed yet.
 const ORPHAN_AGE: chrono::TimeDelta = chrono::TimeDelta::hours(1);
 
@@ -301,6 +304,7 @@ async fn images(state: &AppState) -> BTreeMap<String, u64> {
 /// Watches the free space and keeps the disk bounded, until the server stops.
 pub async fn maintain(state: AppState) {
     let mut low = false;
+    let mut pruned = tokio::time::Instant::now();
     loop {
         if let Ok(free) = free_bytes(&state.config.data_dir) {
             state
@@ -324,13 +328,16 @@ pub async fn maintain(state: AppState) {
                 low = false;
             }
         }
-        match crate::store::usage::prune_app_logs(&state.pool, state.config.disk.log_retention).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!("deleted {n} app log lines past their retention"),
-            Err(e) => tracing::warn!(error = %e, "deleting old app logs"),
-        }
-        if let Err(e) = prune_orphans(&state).await {
-            tracing::warn!(error = format!("{e:#}"), "removing orphaned blobs and images");
+        if pruned.elapsed() >= PRUNE_EVERY {
+            pruned = tokio::time::Instant::now();
+            match crate::store::usage::prune_app_logs(&state.pool, state.config.disk.log_retention).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!("deleted {n} app log lines past their retention"),
+                Err(e) => tracing::warn!(error = %e, "deleting old app logs"),
+            }
+            if let Err(e) = prune_orphans(&state, ORPHAN_AGE).await {
+                tracing::warn!(error = format!("{e:#}"), "removing orphaned blobs and images");
+            }
         }
         tokio::select! {
             () = state.shutdown.cancelled() => return,
@@ -339,13 +346,14 @@ pub async fn maintain(state: AppState) {
     }
 }
 
-/// Removes blobs no object points at (older than an hour: younger ones may be uploads about to
-/// be committed) and images whose build no longer exists.
+/// Removes blobs no object points at (older than `min_age`: younger ones may be uploads about to
+/// be committed; [`maintain`] gives them an hour) and images whose build no longer exists:
+/// hourly from [`maintain`].
 ///
 /// # Errors
 /// When the store or the database fails.
-pub async fn prune_orphans(state: &AppState) -> anyhow::Result<()> {
-    let cutoff = chrono::Utc::now() - ORPHAN_AGE;
+pub async fn prune_orphans(state: &AppState, min_age: chrono::TimeDelta) -> anyhow::Result<()> {
+    let cutoff = chrono::Utc::now() - min_age;
     let old: Vec<String> = state
         .objects
         .list("_blobs")

@@ -32,15 +32,21 @@ pub async fn run(state: AppState) {
             () = state.shutdown.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
         }
-        match to_store(&state, next).await {
-            Ok(Some(_)) => {
-                if let Err(e) = prune(&state).await {
-                    tracing::warn!(error = format!("{e:#}"), "deleting old backups");
-                }
+        take(&state, next).await;
+    }
+}
+
+/// Takes the scheduled backup due `at`, then deletes the oldest beyond `RACK_BACKUP_KEEP`; a
+/// failure is told in the feed, the metrics and the log.
+pub async fn take(state: &AppState, at: DateTime<Utc>) {
+    match to_store(state, at).await {
+        Ok(Some(_)) => {
+            if let Err(e) = prune(state).await {
+                tracing::warn!(error = format!("{e:#}"), "deleting old backups");
             }
-            Ok(None) => tracing::info!("another server is taking this scheduled backup"),
-            Err(e) => failed(&state, "scheduled", &e).await,
         }
+        Ok(None) => tracing::info!("another server is taking this scheduled backup"),
+        Err(e) => failed(state, "scheduled", &e).await,
     }
 }
 

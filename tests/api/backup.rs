@@ -391,3 +391,88 @@ async fn the_embedded_default_backs_up_and_restores() {
     assert_eq!(feed(&second, "embedded", 0).await[..events.len()], events[..]);
     second.stop().await;
 }
+
+/// Scheduled backups go into the object store, whole, and only the newest RACK_BACKUP_KEEP stay.
+#[tokio::test]
+async fn scheduled_backups_go_to_the_object_store_and_the_oldest_are_deleted() {
+    let rack = TestApp::spawn_with(|config| config.backup.keep = 2).await;
+    assert_eq!(rack.create_app("kept").await.status(), 201);
+    let start = chrono::Utc::now();
+    for minutes in 0..3 {
+        rack::backup::schedule::take(&rack.state, start + chrono::TimeDelta::minutes(minutes)).await;
+    }
+    let mut kept: Vec<String> = rack
+        .state
+        .objects
+        .list(rack::backup::STORE_PREFIX)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(location, _)| location)
+        .collect();
+    kept.sort();
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    let newest = format!(
+        "{}/rack-{}.tar",
+        rack::backup::STORE_PREFIX,
+        (start + chrono::TimeDelta::minutes(2)).format("%Y%m%dT%H%M%SZ")
+    );
+    assert_eq!(kept[1], newest);
+    let dir = crate::helpers::reachable_tempdir();
+    let file = dir.path().join("scheduled.tar");
+    rack.state.objects.download(&newest, &file).await.unwrap();
+    let verified = rack::backup::restore::verify(&file).unwrap();
+    assert!(verified.manifest.entries.iter().any(|e| e.path == "database.pgdump"));
+    let text = rack
+        .request(Method::GET, "/events?after=0&follow=false&kind=system.backup")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(text.matches("written to _backups/").count(), 3, "{text}");
+    rack.stop().await;
+}
+
+/// Blobs no object points at are removed; the ones objects point at stay.
+#[tokio::test]
+async fn orphaned_blobs_are_pruned() {
+    let rack = TestApp::spawn().await;
+    assert_eq!(rack.create_app("orphans").await.status(), 201);
+    let response = rack.upload("orphans", "kept.bin", b"kept".to_vec()).await;
+    assert!(response.status().is_success());
+    let orphan = rack::objects::Objects::new_location("orphans");
+    let body = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"lost"))]);
+    rack.state.objects.put_stream(&orphan, body, 1024, None).await.unwrap();
+    let blobs = || async {
+        let mut blobs: Vec<String> = rack
+            .state
+            .objects
+            .list("_blobs")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(l, _)| l)
+            .collect();
+        blobs.sort();
+        blobs
+    };
+    assert_eq!(blobs().await.len(), 2);
+    rack::disk::prune_orphans(&rack.state, chrono::TimeDelta::zero())
+        .await
+        .unwrap();
+    let left = blobs().await;
+    assert_eq!(left.len(), 1);
+    assert_ne!(left[0], orphan);
+    let kept = rack
+        .request(Method::GET, "/apps/orphans/objects/kept.bin")
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(&kept[..], b"kept");
+    rack.stop().await;
+}
