@@ -105,10 +105,8 @@ impl Application {
             None => None,
         };
         create_data_dir(&config.data_dir)?;
-        if let Some(password) = restore.as_ref().and_then(|r| r.password.as_ref())
-            && config.password.is_none()
-        {
-            backup::restore::write_password(&config.data_dir, password)?;
+        if let Some(verified) = &restore {
+            backup::restore::write_kept_files(&config.data_dir, verified)?;
         }
         let (password, password_source) = auth::resolve_password(config.password.as_deref(), &config.data_dir)?;
         let tls = load_tls(&config)?;

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use super::{DATABASE, Entry, IMAGES, Kind, MANIFEST, MARKER, MARKER_TEXT, Manifest, PASSWORD};
+use super::{DATABASE, Entry, IMAGES, KEPT_FILES, Kind, MANIFEST, MARKER, MARKER_TEXT, Manifest};
 use crate::Rack;
 use crate::store::backup::{Blob, ReleasedBuild};
 
@@ -214,9 +214,11 @@ fn write_archive(
     let file = std::fs::File::open(&dump)?;
     let size = file.metadata()?.len();
     entries.push(append_file(&mut tar, DATABASE, file, size)?);
-    if let Ok(file) = std::fs::File::open(data_dir.join(PASSWORD)) {
-        let size = file.metadata()?.len();
-        entries.push(append_file(&mut tar, PASSWORD, file, size)?);
+    for name in KEPT_FILES {
+        if let Ok(file) = std::fs::File::open(data_dir.join(name)) {
+            let size = file.metadata()?.len();
+            entries.push(append_file(&mut tar, name, file, size)?);
+        }
     }
     for blob in &prepared.blobs {
         let stream = handle.block_on(objects.get_stream(&blob.location)).with_context(|| {

@@ -3,7 +3,8 @@
 //! - `rack-backup`: the format marker, always first;
 //! - `database.pgdump`: `pg_dump --format=custom` of rack's database, taken in the same
 //!   exported snapshot as the lists below, so the archive is one consistent point in time;
-//! - `password`: the data directory's generated password, when there is one;
+//! - `password`, `tls-cert.pem`, `tls-key.pem`: the data directory's generated password and
+//!   self-signed certificate, when there are (clients keep their credentials and pins);
 //! - `objects/<location>`: every blob an object of the database points at;
 //! - `builds/<app>/<build>/…`: the directories of the builds releases were made from (what the
 //!   local runtime runs process services from);
@@ -32,8 +33,9 @@ pub const MARKER_TEXT: &str = "rack backup format 1\n";
 pub const MANIFEST: &str = "MANIFEST.json";
 /// The database dump.
 pub const DATABASE: &str = "database.pgdump";
-/// The generated password.
-pub const PASSWORD: &str = "password";
+/// The data directory's own files a backup keeps: the generated password and the self-signed
+/// certificate (all small).
+pub const KEPT_FILES: [&str; 3] = ["password", "tls-cert.pem", "tls-key.pem"];
 /// The saved images.
 pub const IMAGES: &str = "images.tar";
 /// Where scheduled backups go in the object store.

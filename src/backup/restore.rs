@@ -13,15 +13,15 @@ use anyhow::{Context, anyhow, bail};
 use sha2::Digest;
 
 use super::archive::Hashing;
-use super::{DATABASE, Entry, IMAGES, Kind, MANIFEST, MARKER, MARKER_TEXT, Manifest, PASSWORD};
+use super::{DATABASE, Entry, IMAGES, KEPT_FILES, Kind, MANIFEST, MARKER, MARKER_TEXT, Manifest};
 
 /// An archive whose every entry matched its manifest.
 #[derive(Debug)]
 pub struct Verified {
     pub path: PathBuf,
     pub manifest: Manifest,
-    /// The data directory's generated password, when the backup had one.
-    pub password: Option<Vec<u8>>,
+    /// The data directory's own files the backup kept (password, certificate), by name.
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 /// Reads the archive at `path` through and checks it against its manifest.
@@ -34,7 +34,7 @@ pub fn verify(path: &Path) -> anyhow::Result<Verified> {
     let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, file));
     let mut found: Vec<Entry> = Vec::new();
     let mut manifest: Option<Manifest> = None;
-    let mut password = None;
+    let mut files = Vec::new();
     let mut last = String::from("the start");
     let mut first = true;
     let entries = archive
@@ -67,7 +67,8 @@ pub fn verify(path: &Path) -> anyhow::Result<Verified> {
             let size = entry.header().size().unwrap_or(0);
             let mut keep = Vec::new();
             let mut hashing = Hashing::new(&mut entry);
-            let copied = if name == MANIFEST || name == PASSWORD {
+            let kept = KEPT_FILES.contains(&name.as_str());
+            let copied = if name == MANIFEST || kept {
                 hashing.read_to_end(&mut keep).map(|n| n as u64)
             } else {
                 io::copy(&mut hashing, &mut io::sink())
@@ -93,8 +94,8 @@ pub fn verify(path: &Path) -> anyhow::Result<Verified> {
                 manifest = Some(parsed);
                 continue;
             }
-            if name == PASSWORD {
-                password = Some(keep);
+            if kept {
+                files.push((name.clone(), keep));
             }
             Entry {
                 path: name.clone(),
@@ -140,7 +141,7 @@ pub fn verify(path: &Path) -> anyhow::Result<Verified> {
     Ok(Verified {
         path: path.to_path_buf(),
         manifest,
-        password,
+        files,
     })
 }
 
@@ -325,21 +326,29 @@ fn unpack(source: &Path, data_dir: &Path, staging: &Path) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Puts the backup's generated password back in the data directory (only its owner may read it).
+/// Puts the data directory's own files (generated password, self-signed certificate) back, before
+/// the server reads them; a password given in RACK_PASSWORD wins as always.
 ///
 /// # Errors
-/// When the file cannot be written.
-pub fn write_password(data_dir: &Path, password: &[u8]) -> anyhow::Result<()> {
+/// When a file cannot be written.
+pub fn write_kept_files(data_dir: &Path, verified: &Verified) -> anyhow::Result<()> {
+    for (name, bytes) in &verified.files {
+        write_private(&data_dir.join(name), bytes)?;
+    }
+    Ok(())
+}
+
+/// Writes a new file only its owner may read.
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let path = data_dir.join(PASSWORD);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&path)
+        .open(path)
         .with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(password)?;
+    file.write_all(bytes)?;
     file.sync_all()?;
     Ok(())
 }

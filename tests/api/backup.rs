@@ -374,6 +374,9 @@ async fn a_backup_shows_in_the_feed_and_the_metrics() {
 async fn the_embedded_default_backs_up_and_restores() {
     let data = crate::helpers::reachable_tempdir();
     let config = rack::config::Config::for_tests(data.path().join("first"), rack::config::Database::Embedded, PASSWORD);
+    // A password file, as a generated password leaves (RACK_PASSWORD wins over it here).
+    std::fs::create_dir_all(data.path().join("first")).unwrap();
+    std::fs::write(data.path().join("first/password"), "saved-password\n").unwrap();
     let first = TestApp::start(config).await;
     assert_eq!(first.create_app("embedded").await.status(), 201);
     let file = data.path().join("embedded.tar");
@@ -389,6 +392,13 @@ async fn the_embedded_default_backs_up_and_restores() {
     assert_eq!(apps.len(), 1);
     assert_eq!(apps[0]["name"], "embedded");
     assert_eq!(feed(&second, "embedded", 0).await[..events.len()], events[..]);
+    let password = data.path().join("second/password");
+    assert_eq!(std::fs::read_to_string(&password).unwrap(), "saved-password\n");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&password).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     second.stop().await;
 }
 
