@@ -486,3 +486,49 @@ async fn orphaned_blobs_are_pruned() {
     assert_eq!(&kept[..], b"kept");
     rack.stop().await;
 }
+
+/// `rack system backup -f FILE` writes a whole, checked archive; `rack system usage` prints
+/// the kinds and apps.
+#[tokio::test]
+async fn the_cli_backs_up_and_shows_usage() {
+    let rack = TestApp::spawn().await;
+    assert_eq!(rack.create_app("clied").await.status(), 201);
+    let dir = crate::helpers::reachable_tempdir();
+    let file = dir.path().join("cli.tar");
+    let cli = |args: Vec<String>| {
+        let addr = rack.addr;
+        async move {
+            let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rack"))
+                .args(&args)
+                .env("RACK_URL", format!("http://convox:{PASSWORD}@{addr}"))
+                .env_remove("RACK_DATA")
+                .kill_on_drop(true)
+                .output();
+            let output = tokio::time::timeout(Duration::from_secs(120), output)
+                .await
+                .expect("the CLI finishes")
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+            let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+            assert!(output.status.success(), "{args:?}: {stdout}{stderr}");
+            stdout
+        }
+    };
+    let out = cli(vec![
+        "system".into(),
+        "backup".into(),
+        "-f".into(),
+        file.display().to_string(),
+        "--no-images".into(),
+    ])
+    .await;
+    assert!(out.starts_with("Backup of "), "{out}");
+    assert!(!dir.path().join("cli.partial").exists());
+    rack::backup::restore::verify(&file).unwrap();
+    let out = cli(vec!["system".into(), "usage".into()]).await;
+    assert!(
+        out.contains("KIND") && out.contains("database") && out.contains("clied"),
+        "{out}"
+    );
+    rack.stop().await;
+}
