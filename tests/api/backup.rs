@@ -532,3 +532,70 @@ async fn the_cli_backs_up_and_shows_usage() {
     );
     rack.stop().await;
 }
+
+/// A container app's image is in the backup: with the image gone from the host, the restored
+/// rack loads it and runs the app's container again at the same address.
+#[tokio::test]
+async fn a_restore_brings_back_the_images_of_container_apps() {
+    use crate::containers::{Leftovers, base_image, convox_app};
+    base_image().await;
+    let first = TestApp::spawn().await;
+    assert_eq!(first.create_app("boxed").await.status(), 201);
+    let files = convox_app("v1");
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (*n, c.as_str())).collect();
+    let id = first.build_source("boxed", &files).await;
+    let build = first.wait_build("boxed", &id).await;
+    assert_eq!(build["status"], "complete", "{build}");
+    let release = build["release"].as_str().unwrap().to_owned();
+    promote_follow(&first, "boxed", &release).await;
+    let router = first.get_json::<Value>("/apps/boxed").await["router"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let dir = crate::helpers::reachable_tempdir();
+    let file = dir.path().join("images.tar");
+    download(&first, "", &file).await;
+    let verified = rack::backup::restore::verify(&file).unwrap();
+    assert!(verified.manifest.entries.iter().any(|e| e.path == "images.tar"));
+    // A podman of the test's own (the servers' configurations go with their data directories).
+    let podman = rack::runtime::local::podman::Podman::detect(&dir.path().join("podman"), "rack")
+        .unwrap()
+        .unwrap();
+    let image = podman.image_name("boxed", "web", &id);
+    let first_host = rack::runtime::local::podman::Podman::detect(&first.state.config.data_dir, "rack")
+        .unwrap()
+        .unwrap()
+        .host;
+    first.stop().await;
+    // The first rack's containers (they outlive it) and image go: only the backup has it now.
+    let label = format!("label=rack.host={first_host}");
+    let containers = podman
+        .output(&["ps", "--all", "--quiet", "--filter", &label])
+        .await
+        .unwrap();
+    for container in containers.split_whitespace() {
+        podman
+            .output(&["rm", "--force", "--time", "0", container])
+            .await
+            .unwrap();
+    }
+    podman.output(&["rmi", "--force", &image]).await.unwrap();
+    assert!(!podman.image_exists(&image).await, "{image} is gone");
+
+    let second = TestApp::start(restoring(dir.path(), &file).await).await;
+    let cleanup = Leftovers::of(&second);
+    assert!(podman.image_exists(&image).await, "{image} is loaded again");
+    wait_for(120, "the container app to answer at its address", || async {
+        let text = reqwest::get(format!("http://{router}/"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (text == "v1\n").then_some(())
+    })
+    .await;
+    second.stop().await;
+    drop(cleanup);
+    let _ = podman.output(&["rmi", "--force", &image]).await;
+}
