@@ -34,7 +34,8 @@ pub async fn download_backup(
     };
     let prepared = match archive::prepare(&state, options, false).await {
         Ok(Some(prepared)) => prepared,
-        Ok(None) => unreachable!("an unlocked backup always prepares"),
+        // Only scheduled backups take the lock that makes this `None`.
+        Ok(None) => return Err(anyhow::anyhow!("the backup could not start").into()),
         Err(e) => {
             crate::backup::schedule::failed(&state, "download", &e).await;
             return Err(e.into());
