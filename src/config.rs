@@ -180,6 +180,10 @@ pub struct ServerArgs {
     pub stream_window_bytes: usize,
     #[command(flatten)]
     pub kube: KubeArgs,
+    #[command(flatten)]
+    pub backup: crate::backup::BackupArgs,
+    #[command(flatten)]
+    pub disk: crate::disk::DiskArgs,
 }
 
 /// Settings of the Kubernetes runtime (`RACK_RUNTIME=kube`). The cluster itself comes from the
@@ -260,6 +264,10 @@ pub struct Config {
     pub kube: Option<KubeConfig>,
     /// HTTPS or plain HTTP.
     pub tls: Tls,
+    /// Scheduled backups, and the backup to restore before starting.
+    pub backup: crate::backup::BackupSettings,
+    /// The disk reserve, the free-space warning and the logs' retention.
+    pub disk: crate::disk::DiskSettings,
 }
 
 /// The validated settings of the Kubernetes runtime.
@@ -423,6 +431,8 @@ impl Config {
             },
             kube,
             tls,
+            backup: crate::backup::BackupSettings::from_args(args.backup)?,
+            disk: args.disk.into(),
         })
     }
 
@@ -452,6 +462,13 @@ impl Config {
             stream_window: crate::events::tail::WindowLimits::default(),
             kube: None,
             tls: Tls::Off,
+            backup: crate::backup::BackupSettings::default(),
+            disk: crate::disk::DiskSettings {
+                // Tests run on machines with little free disk: only a test that asks refuses builds.
+                reserve: 0,
+                warn: 0,
+                ..crate::disk::DiskSettings::default()
+            },
         }
     }
 }

@@ -42,6 +42,9 @@ pub enum ApiError {
     /// 422: well-formed but not acceptable.
     #[error("{0}")]
     Unprocessable(String),
+    /// 507: the disk is too full for this (a build).
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// 502: the runtime (the Kubernetes API) refused or failed what was asked of it.
     #[error("{context}: {source}")]
     Runtime {
@@ -73,6 +76,7 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             Self::Runtime { .. } => StatusCode::BAD_GATEWAY,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Db(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -5,9 +5,11 @@
 pub mod api;
 pub mod archive;
 pub mod auth;
+pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod deploy;
+pub mod disk;
 pub mod env;
 pub mod error;
 pub mod events;
@@ -91,7 +93,21 @@ impl Application {
     /// Anything that keeps the server from starting, with a message that says what to fix.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         tls::install_provider();
+        // A restore checks the whole archive, and that the data directory is empty, before it
+        // writes anything.
+        let restore = match &config.backup.restore {
+            Some(file) => {
+                backup::restore::check_empty_data_dir(&config.data_dir)?;
+                let verified =
+                    backup::restore::verify(file).with_context(|| format!("refusing to restore {}", file.display()))?;
+                Some(verified)
+            }
+            None => None,
+        };
         create_data_dir(&config.data_dir)?;
+        if let Some(verified) = &restore {
+            backup::restore::write_kept_files(&config.data_dir, verified)?;
+        }
         let (password, password_source) = auth::resolve_password(config.password.as_deref(), &config.data_dir)?;
         let tls = load_tls(&config)?;
 
@@ -117,6 +133,12 @@ impl Application {
         let pool = store::connect(options, config.db_connections - 1)
             .await
             .context("connecting to Postgres")?;
+        let objects = objects::Objects::open(&config.objects).context("opening the object store (RACK_OBJECTS)")?;
+        if let Some(verified) = restore {
+            backup::restore::load(&config, &pool, &objects, verified)
+                .await
+                .context("restoring the backup")?;
+        }
         store::migrate(&pool).await.context("running database migrations")?;
 
         let listener = tokio::net::TcpListener::bind(config.bind)
@@ -126,7 +148,6 @@ impl Application {
         let bus = events::EventBus::start(&pool, shutdown.clone(), config.stream_window)
             .await
             .context("listening for events")?;
-        let objects = objects::Objects::open(&config.objects).context("opening the object store (RACK_OBJECTS)")?;
         let runtime: Arc<dyn runtime::Runtime> = match &config.kube {
             Some(kube) => Arc::new(
                 runtime::kube::KubeRuntime::connect(runtime::kube::KubeSettings {
@@ -248,6 +269,8 @@ impl Application {
         workers.extend(jobs::deploys::spawn_workers(&state, 2));
         workers.push(tokio::spawn(jobs::deploys::reconcile_all(state.clone())));
         workers.push(tokio::spawn(jobs::prune_audit(state.clone())));
+        workers.push(tokio::spawn(disk::maintain(state.clone())));
+        workers.push(tokio::spawn(backup::schedule::run(state.clone())));
         if !state.runtime.runs_timers() {
             workers.push(tokio::spawn(jobs::timers::schedule(state.clone())));
         }

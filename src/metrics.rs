@@ -33,6 +33,13 @@ pub struct Metrics {
     pub bus_lag: prometheus::Gauge,
     pub bus_reads: IntGauge,
     pub bus_tails: IntGauge,
+    /// Unix time of the last backup that completed (0: none since this replica started).
+    pub backup_last_success: IntGauge,
+    /// Size of that backup.
+    pub backup_last_bytes: IntGauge,
+    pub backup_failures: prometheus::IntCounter,
+    /// Free bytes of the data directory's filesystem, refreshed when scraped.
+    pub disk_free_bytes: IntGauge,
 }
 
 impl Default for Metrics {
@@ -146,6 +153,28 @@ impl Metrics {
         )
         .expect("valid metric");
         registry.register(Box::new(bus_tails.clone())).expect("unique metric");
+        let int_gauge = |name: &str, help: &str| {
+            let metric = IntGauge::new(name, help).expect("valid metric");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        };
+        let backup_last_success = int_gauge(
+            "rack_backup_last_success_timestamp_seconds",
+            "Unix time of the last backup (scheduled or downloaded) this replica completed.",
+        );
+        let backup_last_bytes = int_gauge("rack_backup_last_size_bytes", "Size of that backup.");
+        let backup_failures = prometheus::IntCounter::new(
+            "rack_backup_failures_total",
+            "Backups this replica started that failed.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(backup_failures.clone()))
+            .expect("unique metric");
+        let disk_free_bytes = int_gauge(
+            "rack_disk_free_bytes",
+            "Free bytes of the filesystem that holds the data directory.",
+        );
         Self {
             registry,
             requests,
@@ -161,6 +190,10 @@ impl Metrics {
             bus_lag,
             bus_reads,
             bus_tails,
+            backup_last_success,
+            backup_last_bytes,
+            backup_failures,
+            disk_free_bytes,
         }
     }
 

@@ -243,6 +243,27 @@ impl Objects {
         }
     }
 
+    /// The locations of every blob under `dir` (a `/`-separated prefix), as [`Objects::get_stream`]
+    /// takes them, with when each was last written.
+    ///
+    /// # Errors
+    /// When the store fails.
+    pub async fn list(&self, dir: &str) -> Result<Vec<(String, chrono::DateTime<chrono::Utc>)>, object_store::Error> {
+        let base = self.prefix.as_ref().to_owned();
+        let metas: Vec<_> = self.store.list(Some(&self.path(dir))).try_collect().await?;
+        Ok(metas
+            .into_iter()
+            .map(|meta| {
+                let full = meta.location.as_ref().to_owned();
+                let location = match full.strip_prefix(&format!("{base}/")) {
+                    Some(rest) if !base.is_empty() => rest.to_owned(),
+                    _ => full,
+                };
+                (location, meta.last_modified)
+            })
+            .collect())
+    }
+
     /// Deletes every blob of `app` (when the app is deleted), older objects' too.
     ///
     /// # Errors

@@ -280,7 +280,7 @@ fn previous_postmaster(pgdata: &Path) -> Option<i32> {
 
 /// The directory of `postgres`, `initdb` and friends: `pg_config --bindir` when it exists,
 /// otherwise the newest `/usr/lib/postgresql/*/bin` (Debian's layout), otherwise `PATH`.
-pub(crate) fn find_bin_dir() -> anyhow::Result<PathBuf> {
+pub fn find_bin_dir() -> anyhow::Result<PathBuf> {
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
         && out.status.success()
     {

@@ -147,6 +147,7 @@ pub async fn create_build(
     if body.development || body.build_args.is_some() || body.wildcard_domain.is_some() {
         tracing::debug!(app.name = %app.name, "ignoring development, build-args and wildcard-domain");
     }
+    crate::disk::check_room(&state)?;
     let url = body
         .url
         .ok_or_else(|| ApiError::BadRequest("url is required: upload the source first".into()))?;

@@ -4,9 +4,11 @@
 
 pub mod apps;
 pub mod audit;
+pub mod backup;
 pub mod builds;
 pub mod dashboard;
 pub mod deployments;
+pub mod disk;
 pub mod feed;
 pub mod idempotency;
 pub mod input;
@@ -200,6 +202,8 @@ fn routes() -> Routes {
         .stream(M::GET, "/events", READ, feed::stream_feed)
         .stream(M::GET, "/apps/{app}/events", READ, feed::stream_app_feed)
         .json(M::GET, "/metrics", READ, system::show_metrics)
+        .stream(M::GET, "/system/backup", ADMIN.audited(), backup::download_backup)
+        .json(M::GET, "/system/usage", READ, disk::show_usage)
         .json(M::GET, "/audit", ADMIN, audit::list_audit)
         .json(M::GET, "/tokens", ADMIN, tokens::list_tokens)
         .json(M::POST, "/tokens", ADMIN, tokens::create_token)

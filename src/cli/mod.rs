@@ -15,6 +15,7 @@ mod releases;
 mod resources;
 mod run;
 mod services;
+mod system;
 mod tokens;
 
 use std::process::ExitCode;
@@ -98,6 +99,11 @@ enum Command {
     Tokens {
         #[command(subcommand)]
         command: Option<tokens::TokensCommand>,
+    },
+    /// Back the rack up, or show the disk it uses.
+    System {
+        #[command(subcommand)]
+        command: system::SystemCommand,
     },
     /// Run a one-off process of a service (attached; --detach to start it and return).
     Run(run::RunArgs),
@@ -186,6 +192,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                 Command::Audit(args) => audit::run(&client, args).await,
                 Command::Services { app } => services::list(&client, app).await,
                 Command::Scale(args) => services::scale(&client, args).await,
+                Command::System { command } => system::run(&client, command).await,
                 Command::Server(_) => unreachable!("handled above"),
             },
             Err(e) => Err(e),

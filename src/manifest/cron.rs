@@ -68,7 +68,7 @@ const CRON_MACROS: [&str; 7] = [
 
 /// Checks a cron expression whose fields are separated by single spaces; the error says why
 /// it is refused.
-pub(super) fn check_schedule(schedule: &str) -> Result<(), String> {
+pub fn check_schedule(schedule: &str) -> Result<(), String> {
     if schedule.starts_with('@') {
         if CRON_MACROS.contains(&schedule) {
             return Ok(());

@@ -9,6 +9,7 @@ mod cron;
 mod model;
 mod parser;
 mod resources;
+pub use cron::check_schedule;
 
 pub use model::*;
 

@@ -11,7 +11,7 @@ use uuid::Uuid;
 pub const FEED_CHANNEL: &str = "rack_feed";
 
 /// Every kind of feed event.
-pub const KINDS: [&str; 18] = [
+pub const KINDS: [&str; 20] = [
     "app.created",
     "app.updated",
     "app.deleted",
@@ -30,6 +30,8 @@ pub const KINDS: [&str; 18] = [
     "resource.created",
     "resource.ready",
     "resource.failed",
+    "system.backup",
+    "system.disk",
 ];
 
 /// A feed event.

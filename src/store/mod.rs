@@ -3,6 +3,7 @@
 
 pub mod apps;
 pub mod audit;
+pub mod backup;
 pub mod builds;
 pub mod deployments;
 pub mod events;
@@ -16,6 +17,7 @@ pub mod scales;
 pub mod stats;
 pub mod timers;
 pub mod tokens;
+pub mod usage;
 
 use std::time::Duration;
 

@@ -82,6 +82,20 @@ pub async fn fresh_database() -> String {
     cluster.url(&name)
 }
 
+/// A fresh database with no tables at all (not migrated); returns its URL.
+pub async fn empty_database() -> String {
+    let cluster = cluster();
+    let name = format!("test_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect_with(&cluster.connect_options("postgres"))
+        .await
+        .expect("connecting to the test cluster");
+    rack::store::ensure_database(&mut conn, &name)
+        .await
+        .expect("creating an empty database");
+    conn.close().await.expect("closing");
+    cluster.url(&name)
+}
+
 /// A running server.
 pub struct TestApp {
     pub addr: std::net::SocketAddr,

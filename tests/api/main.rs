@@ -5,6 +5,7 @@
 
 mod apps;
 mod auth;
+mod backup;
 mod build_isolation;
 mod builds;
 mod bus;
@@ -32,6 +33,8 @@ mod run;
 mod sandbox;
 mod security;
 mod server;
+mod service;
 mod soak;
 mod timers;
 mod tls;
+mod upgrade;

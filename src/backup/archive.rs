@@ -1,0 +1,456 @@
+//! Writing a backup: [`prepare`] takes the snapshot (the database dump and, in the same
+//! snapshot, the lists of blobs and builds), then [`stream`] writes the tar archive on a thread
+//! of its own into a bounded channel, so memory stays flat however large the rack is. The
+//! dump and the saved images are spooled to a scratch directory first (a tar header needs each
+//! entry's size); blobs and build directories are read as they are written.
+
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use super::{DATABASE, Entry, IMAGES, KEPT_FILES, Kind, MANIFEST, MARKER, MARKER_TEXT, Manifest};
+use crate::Rack;
+use crate::store::backup::{Blob, ReleasedBuild};
+
+/// Bytes the writer hands over at a time; with the channel's few slots, all the memory a
+/// backup holds.
+const CHUNK: usize = 256 * 1024;
+
+/// What a backup takes.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Whether to `podman save` the builds' images.
+    pub images: bool,
+}
+
+/// A snapshot ready to be written.
+#[derive(Debug)]
+pub struct Prepared {
+    scratch: tempfile::TempDir,
+    blobs: Vec<Blob>,
+    builds: Vec<ReleasedBuild>,
+    migration: Option<i64>,
+    images: Option<PathBuf>,
+    include_images: bool,
+    /// About how many bytes the archive will have (for progress bars).
+    pub estimate: u64,
+}
+
+/// What a finished backup wrote.
+#[derive(Debug, Clone, Copy)]
+pub struct Summary {
+    pub bytes: u64,
+    pub entries: usize,
+}
+
+/// Takes the snapshot: dumps the database with `pg_dump` in a snapshot exported by a
+/// transaction that also lists the blobs and builds, and saves the images. With `lock` (the
+/// scheduled backups), returns `None` when another server is taking one.
+///
+/// # Errors
+/// When the database, `pg_dump` or `podman save` fails.
+pub async fn prepare(rack: &Rack, options: Options, lock: bool) -> anyhow::Result<Option<Prepared>> {
+    use anyhow::Context;
+    let scratch = tempfile::Builder::new()
+        .prefix(".backup-")
+        .tempdir_in(&rack.config.data_dir)
+        .context("making the backup's scratch directory in the data directory")?;
+    let mut tx = rack.pool.begin().await?;
+    let Some(snapshot) = crate::store::backup::export_snapshot(&mut tx, lock).await? else {
+        return Ok(None);
+    };
+    let blobs = crate::store::backup::blobs(&mut tx).await?;
+    let builds = crate::store::backup::released_builds(&mut tx).await?;
+    let migration = crate::store::backup::migration(&mut tx).await?;
+    let dump = scratch.path().join(DATABASE);
+    let bin = crate::postgres::find_bin_dir()?;
+    // The snapshot lives as long as the transaction that exported it: kept open until
+    // pg_dump has finished.
+    let output = tokio::process::Command::new(bin.join("pg_dump"))
+        .arg("--format=custom")
+        .arg(format!("--snapshot={snapshot}"))
+        .arg("--no-owner")
+        .arg("--no-privileges")
+        .arg("--file")
+        .arg(&dump)
+        .arg("--dbname")
+        .arg(super::tool_url(&rack.config, &rack.pool))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .context("running pg_dump")?;
+    tx.rollback().await?;
+    if !output.status.success() {
+        anyhow::bail!(
+            "pg_dump failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let images = if options.images {
+        save_images(rack, &builds, scratch.path()).await?
+    } else {
+        None
+    };
+    let mut estimate = std::fs::metadata(&dump)?.len();
+    estimate += images
+        .as_ref()
+        .map_or(0, |i| std::fs::metadata(i).map_or(0, |m| m.len()));
+    estimate += blobs
+        .iter()
+        .map(|b| u64::try_from(b.size).unwrap_or(0) + 512)
+        .sum::<u64>();
+    let builds_dir = rack.config.data_dir.join("builds");
+    for build in &builds {
+        estimate += tree_size(&builds_dir.join(&build.app).join(&build.id));
+    }
+    Ok(Some(Prepared {
+        scratch,
+        blobs,
+        builds,
+        migration,
+        images,
+        include_images: options.images,
+        estimate,
+    }))
+}
+
+/// `podman save` of the builds' images that exist on this host, into one archive; `None` when
+/// there are none (or no podman).
+async fn save_images(rack: &Rack, builds: &[ReleasedBuild], scratch: &Path) -> anyhow::Result<Option<PathBuf>> {
+    let Ok(Some(podman)) = crate::runtime::local::podman::Podman::detect(&rack.config.data_dir, &rack.config.rack_name)
+    else {
+        return Ok(None);
+    };
+    let mut images = Vec::new();
+    for build in builds {
+        for image in build.images.values() {
+            if podman.image_exists(image).await && !images.contains(image) {
+                images.push(image.clone());
+            }
+        }
+    }
+    if images.is_empty() {
+        return Ok(None);
+    }
+    let file = scratch.join(IMAGES);
+    let mut args = vec![
+        "save".to_owned(),
+        "--multi-image-archive".to_owned(),
+        "--output".to_owned(),
+        file.display().to_string(),
+    ];
+    args.extend(images);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    podman
+        .output_within(&args, Some(std::time::Duration::from_secs(3600)))
+        .await
+        .map_err(|e| anyhow::anyhow!("podman save: {e}"))?;
+    Ok(Some(file))
+}
+
+/// The bytes of the files under `dir` (0 when it does not exist).
+fn tree_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => tree_size(&e.path()) + 512,
+            _ => e.metadata().map_or(0, |m| m.len()) + 512,
+        })
+        .sum()
+}
+
+/// Writes the archive of `prepared` on a blocking thread; returns its bytes as a stream (an
+/// error item ends it early: the archive then has no manifest, and a restore refuses it) and
+/// the writer's outcome.
+pub fn stream(
+    rack: &Rack,
+    prepared: Prepared,
+) -> (
+    impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static,
+    tokio::task::JoinHandle<anyhow::Result<Summary>>,
+) {
+    let (tx, mut rx) = mpsc::channel(4);
+    let objects = rack.objects.clone();
+    let data_dir = rack.config.data_dir.clone();
+    let handle = tokio::runtime::Handle::current();
+    let writer = tokio::task::spawn_blocking(move || {
+        let out = ChannelWriter {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(CHUNK),
+            written: 0,
+        };
+        let result = write_archive(out, &prepared, &objects, &data_dir, &handle);
+        if let Err(e) = &result {
+            // The reader sees the archive end with an error instead of a clean end.
+            let _ = tx.blocking_send(Err(io::Error::other(format!("{e:#}"))));
+        }
+        drop(prepared);
+        result
+    });
+    (futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)), writer)
+}
+
+fn write_archive(
+    out: ChannelWriter,
+    prepared: &Prepared,
+    objects: &crate::objects::Objects,
+    data_dir: &Path,
+    handle: &tokio::runtime::Handle,
+) -> anyhow::Result<Summary> {
+    use anyhow::Context;
+    let mut tar = tar::Builder::new(out);
+    tar.mode(tar::HeaderMode::Complete);
+    tar.follow_symlinks(false);
+    let mut entries = Vec::new();
+    append_file(&mut tar, MARKER, MARKER_TEXT.as_bytes(), MARKER_TEXT.len() as u64)?;
+    let dump = prepared.scratch.path().join(DATABASE);
+    let file = std::fs::File::open(&dump)?;
+    let size = file.metadata()?.len();
+    entries.push(append_file(&mut tar, DATABASE, file, size)?);
+    for name in KEPT_FILES {
+        if let Ok(file) = std::fs::File::open(data_dir.join(name)) {
+            let size = file.metadata()?.len();
+            entries.push(append_file(&mut tar, name, file, size)?);
+        }
+    }
+    for blob in &prepared.blobs {
+        let stream = handle.block_on(objects.get_stream(&blob.location)).with_context(|| {
+            format!(
+                "reading the blob {} (it may have been deleted since the snapshot: take the backup again)",
+                blob.location
+            )
+        })?;
+        let reader = Blocking {
+            stream: Box::pin(stream),
+            handle: handle.clone(),
+            buf: Bytes::new(),
+        };
+        let size = u64::try_from(blob.size).unwrap_or(0);
+        let entry = append_file(&mut tar, &format!("objects/{}", blob.location), reader.take(size), size)
+            .with_context(|| format!("writing the blob {}", blob.location))?;
+        if entry.sha256.as_deref() != Some(blob.sha256.as_str()) {
+            anyhow::bail!(
+                "the blob {} does not hold the bytes the database records (SHA-256 {}, expected {})",
+                blob.location,
+                entry.sha256.unwrap_or_default(),
+                blob.sha256
+            );
+        }
+        entries.push(entry);
+    }
+    let builds_dir = data_dir.join("builds");
+    for build in &prepared.builds {
+        let dir = builds_dir.join(&build.app).join(&build.id);
+        if dir.is_dir() {
+            append_tree(
+                &mut tar,
+                &dir,
+                &format!("builds/{}/{}", build.app, build.id),
+                &mut entries,
+            )
+            .with_context(|| format!("writing the build directory {}", dir.display()))?;
+        }
+    }
+    if let Some(images) = &prepared.images {
+        let file = std::fs::File::open(images)?;
+        let size = file.metadata()?.len();
+        entries.push(append_file(&mut tar, IMAGES, file, size)?);
+    }
+    let manifest = Manifest {
+        format: 1,
+        created: chrono::Utc::now(),
+        rack_version: env!("CARGO_PKG_VERSION").to_owned(),
+        migration: prepared.migration,
+        images: prepared.include_images,
+        entries,
+    };
+    let count = manifest.entries.len();
+    let text = serde_json::to_vec_pretty(&manifest)?;
+    append_file(&mut tar, MANIFEST, text.as_slice(), text.len() as u64)?;
+    let mut out = tar.into_inner()?;
+    out.flush()?;
+    Ok(Summary {
+        bytes: out.written,
+        entries: count,
+    })
+}
+
+/// Appends a file of `size` bytes read from `data`; returns its manifest entry.
+fn append_file<W: Write>(tar: &mut tar::Builder<W>, path: &str, data: impl Read, size: u64) -> io::Result<Entry> {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_size(size);
+    header.set_mode(0o600);
+    header.set_uid(u64::from(nix::unistd::geteuid().as_raw()));
+    header.set_gid(u64::from(nix::unistd::getegid().as_raw()));
+    header.set_mtime(u64::try_from(chrono::Utc::now().timestamp()).unwrap_or(0));
+    let mut hashing = Hashing::new(data);
+    tar.append_data(&mut header, path, &mut hashing)?;
+    if hashing.read != size {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("{path}: read {} bytes, expected {size}", hashing.read),
+        ));
+    }
+    Ok(Entry {
+        path: path.to_owned(),
+        kind: Kind::File,
+        size,
+        sha256: Some(crate::objects::hex(&hashing.hasher.finalize())),
+        link: None,
+    })
+}
+
+/// Appends the directory `dir` as `name` and everything under it (links as links, with their
+/// owners and modes, which the local runtime's sandbox relies on).
+fn append_tree<W: Write>(
+    tar: &mut tar::Builder<W>,
+    dir: &Path,
+    name: &str,
+    entries: &mut Vec<Entry>,
+) -> io::Result<()> {
+    tar.append_path_with_name(dir, name)?;
+    entries.push(Entry {
+        path: name.to_owned(),
+        kind: Kind::Dir,
+        size: 0,
+        sha256: None,
+        link: None,
+    });
+    let mut children: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    children.sort_by_key(std::fs::DirEntry::file_name);
+    for child in children {
+        let path = child.path();
+        let child_name = format!("{name}/{}", child.file_name().to_string_lossy());
+        let meta = std::fs::symlink_metadata(&path)?;
+        if meta.is_dir() {
+            append_tree(tar, &path, &child_name, entries)?;
+        } else if meta.file_type().is_symlink() {
+            tar.append_path_with_name(&path, &child_name)?;
+            entries.push(Entry {
+                path: child_name,
+                kind: Kind::Symlink,
+                size: 0,
+                sha256: None,
+                link: Some(std::fs::read_link(&path)?.to_string_lossy().into_owned()),
+            });
+        } else if meta.is_file() {
+            let mut header = tar::Header::new_gnu();
+            header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+            let size = meta.len();
+            header.set_size(size);
+            let mut hashing = Hashing::new(std::fs::File::open(&path)?.take(size));
+            tar.append_data(&mut header, &child_name, &mut hashing)?;
+            if hashing.read != size {
+                return Err(io::Error::other(format!(
+                    "{} changed while it was read",
+                    path.display()
+                )));
+            }
+            entries.push(Entry {
+                path: child_name,
+                kind: Kind::File,
+                size,
+                sha256: Some(crate::objects::hex(&hashing.hasher.finalize())),
+                link: None,
+            });
+        }
+        // Sockets and fifos a build left behind are not worth keeping.
+    }
+    Ok(())
+}
+
+/// A reader that hashes what passes through it.
+pub struct Hashing<R> {
+    inner: R,
+    pub hasher: Sha256,
+    pub read: u64,
+}
+
+impl<R> Hashing<R> {
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            hasher: Sha256::new(),
+            read: 0,
+        }
+    }
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+/// Reads a blob's byte stream from the writer's blocking thread.
+struct Blocking<S> {
+    stream: std::pin::Pin<Box<S>>,
+    handle: tokio::runtime::Handle,
+    buf: Bytes,
+}
+
+impl<S> Read for Blocking<S>
+where
+    S: futures_util::Stream<Item = Result<Bytes, object_store::Error>>,
+{
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        use futures_util::StreamExt;
+        while self.buf.is_empty() {
+            match self.handle.block_on(self.stream.next()) {
+                Some(Ok(chunk)) => self.buf = chunk,
+                Some(Err(e)) => return Err(io::Error::other(e)),
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len());
+        out[..n].copy_from_slice(&self.buf.split_to(n));
+        Ok(n)
+    }
+}
+
+/// Hands the archive's bytes to the async side in chunks, waiting while the reader is behind.
+struct ChannelWriter {
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    buf: Vec<u8>,
+    written: u64,
+}
+
+impl ChannelWriter {
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the backup's reader went away"))
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = CHUNK - self.buf.len();
+        let n = data.len().min(room);
+        self.buf.extend_from_slice(&data[..n]);
+        self.written += n as u64;
+        if self.buf.len() >= CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
+    }
+}

@@ -1,0 +1,149 @@
+//! Backups of a whole rack and restores from them. A backup is one uncompressed tar stream:
+//!
+//! - `rack-backup`: the format marker, always first;
+//! - `database.pgdump`: `pg_dump --format=custom` of rack's database, taken in the same
+//!   exported snapshot as the lists below, so the archive is one consistent point in time;
+//! - `password`, `tls-cert.pem`, `tls-key.pem`: the data directory's generated password and
+//!   self-signed certificate, when there are (clients keep their credentials and pins);
+//! - `objects/<location>`: every blob an object of the database points at;
+//! - `builds/<app>/<build>/…`: the directories of the builds releases were made from (what the
+//!   local runtime runs process services from);
+//! - `images.tar`: `podman save` of those builds' images (unless `images=false`);
+//! - `MANIFEST.json`: always last, every entry above with its size and SHA-256.
+//!
+//! The manifest comes last because the archive is streamed while it is written; a restore reads
+//! the whole archive once to check it against the manifest before it writes anything, so a
+//! damaged or truncated archive (no manifest at the end) is refused up front. Resources' exports
+//! (convox.yml `resources:`) are meant to go under `resources/<app>/<name>/` the same way, listed
+//! in the manifest, once resources exist.
+
+pub mod archive;
+pub mod restore;
+pub mod schedule;
+
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// The first entry of every archive, and its content.
+pub const MARKER: &str = "rack-backup";
+pub const MARKER_TEXT: &str = "rack backup format 1\n";
+/// The last entry of every archive.
+pub const MANIFEST: &str = "MANIFEST.json";
+/// The database dump.
+pub const DATABASE: &str = "database.pgdump";
+/// The data directory's own files a backup keeps: the generated password and the self-signed
+/// certificate (all small).
+pub const KEPT_FILES: [&str; 3] = ["password", "tls-cert.pem", "tls-key.pem"];
+/// The saved images.
+pub const IMAGES: &str = "images.tar";
+/// Where scheduled backups go in the object store.
+pub const STORE_PREFIX: &str = "_backups";
+
+/// Backup and restore settings of `rack server`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BackupArgs {
+    /// Take a backup into the object store (under `_backups/`) on this cron schedule (5 fields
+    /// or a macro such as @daily, UTC).
+    #[arg(long, env = "RACK_BACKUP_SCHEDULE")]
+    pub backup_schedule: Option<String>,
+    /// How many scheduled backups to keep; older ones are deleted.
+    #[arg(long, env = "RACK_BACKUP_KEEP", default_value_t = 7)]
+    pub backup_keep: usize,
+    /// Restore this backup (from `GET /system/backup` or `rack system backup`) before starting:
+    /// the data directory (and the `DATABASE_URL` database) must be empty. The archive is
+    /// checked whole before anything is written.
+    #[arg(long)]
+    pub restore: Option<PathBuf>,
+}
+
+/// The validated backup settings.
+#[derive(Debug, Clone, Default)]
+pub struct BackupSettings {
+    pub schedule: Option<String>,
+    pub keep: usize,
+    pub restore: Option<PathBuf>,
+}
+
+impl BackupSettings {
+    /// Checks the schedule.
+    ///
+    /// # Errors
+    /// When the schedule is not a cron expression, or `keep` is 0.
+    pub fn from_args(args: BackupArgs) -> anyhow::Result<Self> {
+        let schedule = args
+            .backup_schedule
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty());
+        if let Some(schedule) = &schedule {
+            crate::manifest::check_schedule(schedule)
+                .map_err(|e| anyhow::anyhow!("RACK_BACKUP_SCHEDULE {schedule:?}: {e}"))?;
+        }
+        if args.backup_keep == 0 {
+            anyhow::bail!("RACK_BACKUP_KEEP must be at least 1");
+        }
+        Ok(Self {
+            schedule,
+            keep: args.backup_keep,
+            restore: args.restore,
+        })
+    }
+}
+
+/// What an entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// One entry of the archive, as the manifest lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub path: String,
+    pub kind: Kind,
+    pub size: u64,
+    /// Lowercase hex SHA-256 of a file's bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// A symlink's target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+}
+
+/// The manifest: what the archive holds and where it comes from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub created: DateTime<Utc>,
+    pub rack_version: String,
+    /// The newest migration of the dumped database (a restore runs the newer ones).
+    pub migration: Option<i64>,
+    /// Whether the images are in it.
+    pub images: bool,
+    pub entries: Vec<Entry>,
+}
+
+/// A libpq connection string for the tools (`pg_dump`, `pg_restore`) to reach the database
+/// `pool` uses: `DATABASE_URL` itself, or the embedded cluster's socket.
+pub fn tool_url(config: &crate::config::Config, pool: &sqlx::PgPool) -> String {
+    match &config.database {
+        crate::config::Database::Url(url) => url.clone(),
+        crate::config::Database::Embedded => {
+            let options = pool.connect_options();
+            let host = options
+                .get_socket()
+                .map_or_else(|| options.get_host().to_owned(), |s| s.display().to_string());
+            format!(
+                "postgresql://{}@/{}?host={}&port={}",
+                options.get_username(),
+                options.get_database().unwrap_or("rack"),
+                host,
+                options.get_port()
+            )
+        }
+    }
+}

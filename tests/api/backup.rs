@@ -1,0 +1,601 @@
+//! Backups and restores: a backup taken while a build and a deployment run restores on a second
+//! server with a data directory and database of its own, with the app running its release, the
+//! same history and streams that resume from the same ids; a damaged or truncated archive is
+//! refused before anything is written.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::Value;
+
+use crate::deploys::{MANIFEST, SERVER, promote_follow};
+use crate::helpers::{PASSWORD, TestApp, wait_for};
+
+/// Downloads a backup of `rack` into `file`.
+async fn download(rack: &TestApp, query: &str, file: &std::path::Path) {
+    let response = rack
+        .untimed_client()
+        .get(rack.url(&format!("/system/backup{query}")))
+        .basic_auth("convox", Some(PASSWORD))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/x-tar");
+    let bytes = tokio::time::timeout(Duration::from_secs(120), response.bytes())
+        .await
+        .expect("the backup ends")
+        .unwrap();
+    std::fs::write(file, &bytes).unwrap();
+}
+
+/// The feed of `app` as far as it goes now: (id, kind) pairs.
+async fn feed(rack: &TestApp, app: &str, after: i64) -> Vec<(i64, String)> {
+    let text = rack
+        .request(Method::GET, &format!("/apps/{app}/events?after={after}&follow=false"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|e| Some((e["id"].as_i64()?, e["kind"].as_str()?.to_owned())))
+        .collect()
+}
+
+/// A config for a server that restores `file` into a new data directory and an empty database.
+async fn restoring(data: &std::path::Path, file: &std::path::Path) -> rack::config::Config {
+    let url = crate::helpers::empty_database().await;
+    let mut config = rack::config::Config::for_tests(data.join("rack"), rack::config::Database::Url(url), PASSWORD);
+    config.backup.restore = Some(file.to_path_buf());
+    // The jobs the first server held are taken over as soon as their claims run out.
+    config.job_lease = Duration::from_secs(3);
+    config
+}
+
+#[tokio::test]
+async fn a_backup_taken_during_a_build_and_a_deployment_restores_on_a_second_server() {
+    let first = TestApp::spawn().await;
+    assert_eq!(first.create_app("keep").await.status(), 201);
+    let id = first
+        .build_source("keep", &[("convox.yml", MANIFEST), ("server.py", SERVER)])
+        .await;
+    let build = first.wait_build("keep", &id).await;
+    assert_eq!(build["status"], "complete", "{build}");
+    let release = build["release"].as_str().unwrap().to_owned();
+    promote_follow(&first, "keep", &release).await;
+    assert_eq!(
+        crate::deploys::through_router(&first, "keep").await,
+        format!("{release} \n")
+    );
+    let first_app: Value = first.get_json("/apps/keep").await;
+    let first_router = first_app["router"].as_str().unwrap().to_owned();
+    let build_log = first
+        .request(Method::GET, &format!("/apps/keep/builds/{id}/logs?after=1&ids=true"))
+        .header("accept", "text/plain")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+
+    // A deployment that stays updating for a minute, and a build that runs for a while.
+    let slow = MANIFEST.replace("grace: 1", "grace: 30");
+    let slow_id = first
+        .build_source("keep", &[("convox.yml", &slow), ("server.py", SERVER)])
+        .await;
+    let slow_release = first.wait_build("keep", &slow_id).await["release"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let promote = first
+        .request(Method::POST, &format!("/apps/keep/releases/{slow_release}/promote"))
+        .send()
+        .await
+        .unwrap();
+    assert!(promote.status().is_success());
+    let running = first
+        .build_source(
+            "keep",
+            &[(
+                "convox.yml",
+                "services:\n  web:\n    build:\n      command: sleep 15\n    command: sleep 600\n",
+            )],
+        )
+        .await;
+    wait_for(60, "the build and the deployment to run", || async {
+        let build = first.get_build("keep", &running).await;
+        let app: Value = first.get_json("/apps/keep").await;
+        (build["status"] == "running" && app["status"] == "updating").then_some(())
+    })
+    .await;
+
+    let dir = crate::helpers::reachable_tempdir();
+    let file = dir.path().join("rack.tar");
+    download(&first, "", &file).await;
+    let releases: Value = first.get_json("/apps/keep/releases").await;
+    let builds: Value = first.get_json("/apps/keep/builds").await;
+    let deployments: Value = first.get_json("/apps/keep/deployments").await;
+    let events = feed(&first, "keep", 0).await;
+    let fed: Value = first.get_json("/system/usage").await;
+    assert!(fed["kinds"]["database"].as_u64().unwrap() > 0, "{fed}");
+    first.stop().await;
+
+    let second = TestApp::start(restoring(dir.path(), &file).await).await;
+    assert_eq!(second.list_apps().await.len(), 1);
+    // The deployment that was running carries on here (once the first server's claim on it
+    // has run out), and the app runs its release again, at the same address.
+    let router = first_router.clone();
+    let now_running = wait_for(150, "the restored app to run its release", || async {
+        let app: Value = second.get_json("/apps/keep").await;
+        if app["status"] != "running" || app["router"] != router.as_str() {
+            return None;
+        }
+        let release = app["release"].as_str()?.to_owned();
+        let text = reqwest::get(format!("http://{router}/"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (text == format!("{release} \n")).then_some(release)
+    })
+    .await;
+    assert!([&release, &slow_release].contains(&&now_running), "{now_running}");
+    // The same history.
+    let same = |path: &'static str, before: Value| {
+        let second = &second;
+        async move {
+            let after: Value = second.get_json(path).await;
+            let ids = |v: &Value| -> Vec<String> {
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x["id"].as_str().unwrap().to_owned())
+                    .collect()
+            };
+            assert_eq!(ids(&after), ids(&before), "{path}");
+        }
+    };
+    same("/apps/keep/releases", releases).await;
+    same("/apps/keep/builds", builds).await;
+    same("/apps/keep/deployments", deployments).await;
+    // Streams resume from the same ids.
+    let restored_log = second
+        .request(Method::GET, &format!("/apps/keep/builds/{id}/logs?after=1&ids=true"))
+        .header("accept", "text/plain")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(restored_log, build_log);
+    let restored_events = feed(&second, "keep", 0).await;
+    assert!(restored_events.len() >= events.len());
+    assert_eq!(
+        restored_events[..events.len()],
+        events[..],
+        "the feed from the same ids"
+    );
+    // The build that was running ends as any build a stopped server was running does.
+    let build = second.get_build("keep", &running).await;
+    assert_eq!(build["status"], "failed", "{build}");
+    assert!(build["reason"].as_str().unwrap().contains("interrupted"), "{build}");
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn a_damaged_or_truncated_backup_is_refused_before_anything_is_written() {
+    let rack = TestApp::spawn().await;
+    assert_eq!(rack.create_app("small").await.status(), 201);
+    let id = rack
+        .build_source("small", &[("convox.yml", MANIFEST), ("server.py", SERVER)])
+        .await;
+    assert_eq!(rack.wait_build("small", &id).await["status"], "complete");
+    let dir = crate::helpers::reachable_tempdir();
+    let file = dir.path().join("rack.tar");
+    download(&rack, "?images=false", &file).await;
+    rack.stop().await;
+    let whole = std::fs::read(&file).unwrap();
+
+    let refused = |bytes: Vec<u8>, name: &'static str| {
+        let dir = &dir;
+        async move {
+            let broken = dir.path().join(name);
+            std::fs::write(&broken, bytes).unwrap();
+            let config = restoring(&dir.path().join(format!("{name}.data")), &broken).await;
+            let url = match &config.database {
+                rack::config::Database::Url(url) => url.clone(),
+                rack::config::Database::Embedded => unreachable!(),
+            };
+            let data = config.data_dir.clone();
+            let error = rack::Application::build(config).await.unwrap_err();
+            assert!(!data.exists(), "nothing is written to the data directory");
+            let pool = sqlx::PgPool::connect(&url).await.unwrap();
+            assert!(
+                rack::store::backup::tables(&pool).await.unwrap().is_empty(),
+                "nor to the database"
+            );
+            pool.close().await;
+            format!("{error:#}")
+        }
+    };
+    let truncated = refused(whole[..whole.len() / 2].to_vec(), "truncated.tar").await;
+    assert!(truncated.contains("truncated"), "{truncated}");
+    // The end of the archive without its manifest.
+    let at = whole.windows(13).rposition(|w| w == b"MANIFEST.json").unwrap();
+    let cut = refused(whole[..at - (at % 512)].to_vec(), "cut.tar").await;
+    assert!(cut.contains("without its manifest"), "{cut}");
+    // One byte changed inside the database dump.
+    let mut damaged = whole.clone();
+    let dump = damaged.windows(15).position(|w| w == b"database.pgdump").unwrap();
+    let inside = dump - (dump % 512) + 512 + 100;
+    damaged[inside] ^= 0xff;
+    let damaged = refused(damaged, "damaged.tar").await;
+    assert!(damaged.contains("database.pgdump is damaged"), "{damaged}");
+    let not_a_backup = refused(b"hello".repeat(200), "hello.tar").await;
+    assert!(not_a_backup.contains("refusing to restore"), "{not_a_backup}");
+
+    // A data directory in use is refused too.
+    let used = crate::helpers::reachable_tempdir();
+    std::fs::write(used.path().join("something"), "x").unwrap();
+    let mut config = restoring(dir.path(), &file).await;
+    config.data_dir = used.path().to_path_buf();
+    let error = format!("{:#}", rack::Application::build(config).await.unwrap_err());
+    assert!(error.contains("needs an empty data directory"), "{error}");
+}
+
+/// `rack system usage` counts the data directory as `du` does.
+#[tokio::test]
+async fn usage_matches_du_of_the_data_directory() {
+    let data = crate::helpers::reachable_tempdir();
+    let config = rack::config::Config::for_tests(data.path().join("rack"), rack::config::Database::Embedded, PASSWORD);
+    let rack = TestApp::start(config).await;
+    assert_eq!(rack.create_app("measured").await.status(), 201);
+    let id = rack
+        .build_source("measured", &[("convox.yml", MANIFEST), ("server.py", SERVER)])
+        .await;
+    assert_eq!(rack.wait_build("measured", &id).await["status"], "complete");
+    let usage: Value = rack.get_json("/system/usage").await;
+    let du = std::process::Command::new("du")
+        .args(["-s", "-B1", "-x"])
+        .arg(data.path().join("rack"))
+        .output()
+        .unwrap();
+    let du: u64 = String::from_utf8_lossy(&du.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let counted = usage["data_dir"]["bytes"].as_u64().unwrap();
+    #[expect(clippy::cast_precision_loss, reason = "a ratio")]
+    let off = (counted as f64 - du as f64).abs() / du as f64;
+    assert!(off < 0.05, "usage says {counted} bytes, du {du}: {usage}");
+    let kinds = &usage["kinds"];
+    let sum: u64 = ["database", "sources", "backups", "builds", "other"]
+        .iter()
+        .map(|k| kinds[k].as_u64().unwrap())
+        .sum();
+    assert_eq!(sum, counted, "{usage}");
+    assert!(usage["apps"]["measured"]["builds"].as_u64().unwrap() > 0, "{usage}");
+    assert!(usage["apps"]["measured"]["sources"].as_u64().unwrap() > 0, "{usage}");
+    assert!(usage["apps"]["measured"]["logs"].as_u64().unwrap() > 0, "{usage}");
+    rack.stop().await;
+}
+
+/// Builds are refused with 507 while the disk is under its reserve, and the rack says so.
+#[tokio::test]
+async fn builds_are_refused_with_507_when_the_disk_is_nearly_full() {
+    let rack = TestApp::spawn_with(|config| {
+        config.disk.reserve = u64::MAX;
+        config.disk.warn = u64::MAX;
+    })
+    .await;
+    assert_eq!(rack.create_app("full").await.status(), 201);
+    let response = rack
+        .upload(
+            "full",
+            "src.tgz",
+            crate::helpers::source_tarball(&[("convox.yml", MANIFEST)]),
+        )
+        .await;
+    assert!(response.status().is_success());
+    let response = rack
+        .convox(Method::POST, "/apps/full/builds")
+        .form(&[("url", "object://full/src.tgz")])
+        .send()
+        .await
+        .unwrap();
+    let (status, text) = crate::helpers::status_text(response).await;
+    assert_eq!(status, 507, "{text}");
+    assert!(text.contains("RACK_DISK_RESERVE_BYTES"), "{text}");
+    wait_for(30, "the disk warning in the feed", || async {
+        let text = rack
+            .request(Method::GET, "/events?after=0&follow=false&kind=system.disk")
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.contains("nearly full").then_some(())
+    })
+    .await;
+    rack.stop().await;
+}
+
+/// A backup is told in the feed and in the metrics.
+#[tokio::test]
+async fn a_backup_shows_in_the_feed_and_the_metrics() {
+    let rack = TestApp::spawn().await;
+    let dir = crate::helpers::reachable_tempdir();
+    download(&rack, "?images=false", &dir.path().join("b.tar")).await;
+    wait_for(30, "the backup in the feed", || async {
+        let text = rack
+            .request(Method::GET, "/events?after=0&follow=false&kind=system.backup")
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.contains("downloaded").then_some(())
+    })
+    .await;
+    let metrics = rack
+        .request(Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("rack_backup_last_size_bytes "))
+        .unwrap();
+    assert!(!line.ends_with(" 0"), "{line}");
+    let refused = rack
+        .request(Method::GET, "/system/backup?images=maybe")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    rack.stop().await;
+}
+
+/// The embedded default backs up and restores its own cluster (the tools reach it on its socket).
+#[tokio::test]
+async fn the_embedded_default_backs_up_and_restores() {
+    let data = crate::helpers::reachable_tempdir();
+    let config = rack::config::Config::for_tests(data.path().join("first"), rack::config::Database::Embedded, PASSWORD);
+    // A password file, as a generated password leaves (RACK_PASSWORD wins over it here).
+    std::fs::create_dir_all(data.path().join("first")).unwrap();
+    std::fs::write(data.path().join("first/password"), "saved-password\n").unwrap();
+    let first = TestApp::start(config).await;
+    assert_eq!(first.create_app("embedded").await.status(), 201);
+    let file = data.path().join("embedded.tar");
+    download(&first, "?images=false", &file).await;
+    let events = feed(&first, "embedded", 0).await;
+    first.stop().await;
+
+    let mut config =
+        rack::config::Config::for_tests(data.path().join("second"), rack::config::Database::Embedded, PASSWORD);
+    config.backup.restore = Some(file);
+    let second = TestApp::start(config).await;
+    let apps = second.list_apps().await;
+    assert_eq!(apps.len(), 1);
+    assert_eq!(apps[0]["name"], "embedded");
+    assert_eq!(feed(&second, "embedded", 0).await[..events.len()], events[..]);
+    let password = data.path().join("second/password");
+    assert_eq!(std::fs::read_to_string(&password).unwrap(), "saved-password\n");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&password).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    second.stop().await;
+}
+
+/// Scheduled backups go into the object store, whole, and only the newest RACK_BACKUP_KEEP stay.
+#[tokio::test]
+async fn scheduled_backups_go_to_the_object_store_and_the_oldest_are_deleted() {
+    let rack = TestApp::spawn_with(|config| config.backup.keep = 2).await;
+    assert_eq!(rack.create_app("kept").await.status(), 201);
+    let start = chrono::Utc::now();
+    for minutes in 0..3 {
+        rack::backup::schedule::take(&rack.state, start + chrono::TimeDelta::minutes(minutes)).await;
+    }
+    let mut kept: Vec<String> = rack
+        .state
+        .objects
+        .list(rack::backup::STORE_PREFIX)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(location, _)| location)
+        .collect();
+    kept.sort();
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    let newest = format!(
+        "{}/rack-{}.tar",
+        rack::backup::STORE_PREFIX,
+        (start + chrono::TimeDelta::minutes(2)).format("%Y%m%dT%H%M%SZ")
+    );
+    assert_eq!(kept[1], newest);
+    let dir = crate::helpers::reachable_tempdir();
+    let file = dir.path().join("scheduled.tar");
+    rack.state.objects.download(&newest, &file).await.unwrap();
+    let verified = rack::backup::restore::verify(&file).unwrap();
+    assert!(verified.manifest.entries.iter().any(|e| e.path == "database.pgdump"));
+    let text = rack
+        .request(Method::GET, "/events?after=0&follow=false&kind=system.backup")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(text.matches("written to _backups/").count(), 3, "{text}");
+    rack.stop().await;
+}
+
+/// Blobs no object points at are removed; the ones objects point at stay.
+#[tokio::test]
+async fn orphaned_blobs_are_pruned() {
+    let rack = TestApp::spawn().await;
+    assert_eq!(rack.create_app("orphans").await.status(), 201);
+    let response = rack.upload("orphans", "kept.bin", b"kept".to_vec()).await;
+    assert!(response.status().is_success());
+    let orphan = rack::objects::Objects::new_location("orphans");
+    let body = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"lost"))]);
+    rack.state.objects.put_stream(&orphan, body, 1024, None).await.unwrap();
+    let blobs = || async {
+        let mut blobs: Vec<String> = rack
+            .state
+            .objects
+            .list("_blobs")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(l, _)| l)
+            .collect();
+        blobs.sort();
+        blobs
+    };
+    assert_eq!(blobs().await.len(), 2);
+    rack::disk::prune_orphans(&rack.state, chrono::TimeDelta::zero())
+        .await
+        .unwrap();
+    let left = blobs().await;
+    assert_eq!(left.len(), 1);
+    assert_ne!(left[0], orphan);
+    let kept = rack
+        .request(Method::GET, "/apps/orphans/objects/kept.bin")
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(&kept[..], b"kept");
+    rack.stop().await;
+}
+
+/// `rack system backup -f FILE` writes a whole, checked archive; `rack system usage` prints
+/// the kinds and apps.
+#[tokio::test]
+async fn the_cli_backs_up_and_shows_usage() {
+    let rack = TestApp::spawn().await;
+    assert_eq!(rack.create_app("clied").await.status(), 201);
+    let dir = crate::helpers::reachable_tempdir();
+    let file = dir.path().join("cli.tar");
+    let cli = |args: Vec<String>| {
+        let addr = rack.addr;
+        async move {
+            let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rack"))
+                .args(&args)
+                .env("RACK_URL", format!("http://convox:{PASSWORD}@{addr}"))
+                .env_remove("RACK_DATA")
+                .kill_on_drop(true)
+                .output();
+            let output = tokio::time::timeout(Duration::from_secs(120), output)
+                .await
+                .expect("the CLI finishes")
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+            let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+            assert!(output.status.success(), "{args:?}: {stdout}{stderr}");
+            stdout
+        }
+    };
+    let out = cli(vec![
+        "system".into(),
+        "backup".into(),
+        "-f".into(),
+        file.display().to_string(),
+        "--no-images".into(),
+    ])
+    .await;
+    assert!(out.starts_with("Backup of "), "{out}");
+    assert!(!dir.path().join("cli.partial").exists());
+    rack::backup::restore::verify(&file).unwrap();
+    let out = cli(vec!["system".into(), "usage".into()]).await;
+    assert!(
+        out.contains("KIND") && out.contains("database") && out.contains("clied"),
+        "{out}"
+    );
+    rack.stop().await;
+}
+
+/// A container app's image is in the backup: with the image gone from the host, the restored
+/// rack loads it and runs the app's container again at the same address.
+#[tokio::test]
+async fn a_restore_brings_back_the_images_of_container_apps() {
+    use crate::containers::{Leftovers, base_image, convox_app};
+    base_image().await;
+    let first = TestApp::spawn().await;
+    assert_eq!(first.create_app("boxed").await.status(), 201);
+    let files = convox_app("v1");
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (*n, c.as_str())).collect();
+    let id = first.build_source("boxed", &files).await;
+    let build = first.wait_build("boxed", &id).await;
+    assert_eq!(build["status"], "complete", "{build}");
+    let release = build["release"].as_str().unwrap().to_owned();
+    promote_follow(&first, "boxed", &release).await;
+    let router = first.get_json::<Value>("/apps/boxed").await["router"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let dir = crate::helpers::reachable_tempdir();
+    let file = dir.path().join("images.tar");
+    download(&first, "", &file).await;
+    let verified = rack::backup::restore::verify(&file).unwrap();
+    assert!(verified.manifest.entries.iter().any(|e| e.path == "images.tar"));
+    // A podman of the test's own (the servers' configurations go with their data directories).
+    let podman = rack::runtime::local::podman::Podman::detect(&dir.path().join("podman"), "rack")
+        .unwrap()
+        .unwrap();
+    let image = podman.image_name("boxed", "web", &id);
+    let first_host = rack::runtime::local::podman::Podman::detect(&first.state.config.data_dir, "rack")
+        .unwrap()
+        .unwrap()
+        .host;
+    first.stop().await;
+    // The first rack's containers (they outlive it) and image go: only the backup has it now.
+    let label = format!("label=rack.host={first_host}");
+    let containers = podman
+        .output(&["ps", "--all", "--quiet", "--filter", &label])
+        .await
+        .unwrap();
+    for container in containers.split_whitespace() {
+        podman
+            .output(&["rm", "--force", "--time", "0", container])
+            .await
+            .unwrap();
+    }
+    podman.output(&["rmi", "--force", &image]).await.unwrap();
+    assert!(!podman.image_exists(&image).await, "{image} is gone");
+
+    let second = TestApp::start(restoring(dir.path(), &file).await).await;
+    let cleanup = Leftovers::of(&second);
+    assert!(podman.image_exists(&image).await, "{image} is loaded again");
+    wait_for(120, "the container app to answer at its address", || async {
+        let text = reqwest::get(format!("http://{router}/"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (text == "v1\n").then_some(())
+    })
+    .await;
+    second.stop().await;
+    drop(cleanup);
+    let _ = podman.output(&["rmi", "--force", &image]).await;
+}
