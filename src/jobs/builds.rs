@@ -41,9 +41,9 @@ async fn worker(state: AppState, n: usize) {
     }
 }
 
-/// Runs one claimed build to its end.
+/// Runs one claimed build to its end (or hands it back).
 #[tracing::instrument(skip_all, fields(build.id = %build.id, app.name = %build.app))]
-async fn run(state: &AppState, build: Build) {
+pub async fn run(state: &AppState, build: Build) {
     let owner = OwnedOwner {
         app: build.app.clone(),
         build: Some(build.id.clone()),

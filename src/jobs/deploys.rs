@@ -44,8 +44,10 @@ async fn worker(state: AppState) {
     }
 }
 
+/// Drives one claimed deployment until it ends, is handed back, or is no longer this
+/// worker's.
 #[tracing::instrument(skip_all, fields(deployment.id = %deployment.id, app.name = %deployment.app))]
-async fn run(state: &AppState, deployment: Deployment) {
+pub async fn run(state: &AppState, deployment: Deployment) {
     let owner = OwnedOwner {
         app: deployment.app.clone(),
         build: None,

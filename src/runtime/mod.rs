@@ -1,6 +1,7 @@
 //! The runtime: what builds sources and runs releases. One object-safe trait, with `local`
 //! (processes on this host) as the embedded default and `kube` (a Kubernetes cluster).
 
+pub mod fake;
 pub mod kube;
 pub mod local;
 pub mod source;
