@@ -3,6 +3,8 @@
 //! the integration tests run the same thing.
 
 pub mod api;
+#[cfg(test)]
+mod architecture;
 pub mod archive;
 pub mod auth;
 pub mod cli;
@@ -18,10 +20,12 @@ pub mod metrics;
 pub mod names;
 pub mod objects;
 pub mod postgres;
+pub mod process_note;
 pub mod resource;
 pub mod runtime;
 pub mod serve;
 pub mod store;
+pub mod stream_names;
 pub mod telemetry;
 pub mod throttle;
 pub mod tls;

@@ -231,13 +231,13 @@ pub async fn start_deployment_in(
     force: bool,
     timeout_secs: u64,
 ) -> ApiResult<deployments::Deployment> {
-    let runtime = state.runtime.name();
+    let stream = crate::stream_names::atom(state.runtime.name());
     let id = uuid::Uuid::now_v7();
     if force {
-        deployments::supersede_active(&mut *conn, app, id, runtime).await?;
+        crate::jobs::deploys::supersede(&mut *conn, app, id, &stream).await?;
     }
     let timeout = std::time::Duration::from_secs(timeout_secs);
-    deployments::insert(&mut *conn, id, app, release, timeout, runtime)
+    deployments::insert(&mut *conn, id, app, release, timeout, &stream)
         .await
         .map_err(|e| {
             if is_constraint(&e, ONE_ACTIVE_PER_APP) {

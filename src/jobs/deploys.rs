@@ -141,9 +141,9 @@ impl Driver<'_> {
     /// lines); false when the deployment moved under us.
     async fn record(&self, deployment: &mut Deployment, transition: &Transition) -> anyhow::Result<bool> {
         self.log.flush().await;
-        let runtime = self.state.runtime.name();
+        let stream = crate::stream_names::atom(self.state.runtime.name());
         let recorded =
-            deployments::record(&self.state.pool, deployment, self.state.replica, transition, runtime).await?;
+            deployments::record(&self.state.pool, deployment, self.state.replica, transition, &stream).await?;
         if recorded {
             if transition.to.is_terminal() {
                 let outcome = match transition.to {
@@ -222,7 +222,7 @@ impl Driver<'_> {
             .iter()
             .filter_map(|(name, s)| Some((name, s.release.as_ref()?)))
         {
-            let stream = format!("system/{runtime}/{service}");
+            let stream = crate::stream_names::system(runtime, service);
             self.log
                 .line(
                     &stream,
@@ -273,6 +273,31 @@ impl Driver<'_> {
     async fn clean_up_if_deleted(&self, app: &str) -> anyhow::Result<()> {
         clean_up_if_deleted(self.state, app).await
     }
+}
+
+/// Ends the app's deployment in progress, if any, as `superseded` by `by` (a forced promote),
+/// in the caller's transaction, its lines on `stream`. Its worker notices at its next lease
+/// renewal and stops.
+///
+/// # Errors
+/// When Postgres fails.
+pub async fn supersede(
+    conn: &mut sqlx::PgConnection,
+    app: &str,
+    by: uuid::Uuid,
+    stream: &str,
+) -> Result<Option<Deployment>, sqlx::Error> {
+    let Some(old) = deployments::lock_active(&mut *conn, app).await? else {
+        return Ok(None);
+    };
+    match crate::deploy::next(&old.snapshot(), &Signal::Superseded(by)) {
+        Ok(transition) => {
+            deployments::record_in(conn, &old, None, &transition, stream).await?;
+        }
+        // Every deployment in progress can be superseded; this is a bug, not the client's.
+        Err(e) => tracing::error!(deployment.id = %old.id, "superseding: {e}"),
+    }
+    Ok(Some(old))
 }
 
 /// A lost lease can mean the app was deleted mid-rollout: then what the rollout started
@@ -366,21 +391,16 @@ pub async fn reconcile_all(state: AppState) {
             deployment: None,
         };
         let writer = tokio::spawn(persist_lines(state.pool.clone(), owner, rx));
-        log.line(
-            "system/local/atom/app",
-            format!("Restoring release {release} after a server restart"),
-        )
-        .await;
+        let stream = crate::stream_names::atom(state.runtime.name());
+        log.line(&stream, format!("Restoring release {release} after a server restart"))
+            .await;
         let result = tokio::select! {
             result = state.runtime.apply(&app, Some(&spec), &log) => result,
             () = state.shutdown.cancelled() => return,
         };
         if let Err(e) = result {
-            log.line(
-                "system/local/atom/app",
-                format!("Restoring release {release} failed: {e}"),
-            )
-            .await;
+            log.line(&stream, format!("Restoring release {release} failed: {e}"))
+                .await;
         }
         drop(log);
         let _ = writer.await;

@@ -114,7 +114,7 @@ async fn until_renewal(state: &crate::AppState, wake: &mut tokio::sync::broadcas
 }
 
 /// The stream of rack's own notes in an app's log.
-pub const LOG_NOTES_STREAM: &str = "system/rack/log";
+pub const LOG_NOTES_STREAM: &str = crate::stream_names::RACK_LOG;
 
 /// Persists a job's output lines as events, in batches (one transaction per batch, not per
 /// line), until every sender is gone; answers flushes once what came before is stored. For a

@@ -99,9 +99,6 @@ pub enum Call {
     DeleteApp(String),
 }
 
-/// The stream its progress lines go to.
-pub const FAKE_STREAM: &str = "system/fake/atom/app";
-
 /// The in-memory runtime. Unscripted calls succeed (a build with [`FakeRuntime::manifest`]).
 #[derive(Debug)]
 pub struct FakeRuntime {
@@ -194,7 +191,11 @@ impl FakeRuntime {
     /// Plays `script`: its progress lines, then its ending.
     async fn play(script: Script, log: &LogSink) -> Result<(), String> {
         for step in 1..=script.steps {
-            log.line(FAKE_STREAM, format!("step {step} of {}", script.steps)).await;
+            log.line(
+                &crate::stream_names::system("fake", "app"),
+                format!("step {step} of {}", script.steps),
+            )
+            .await;
         }
         match script.ending {
             Ending::Succeed => Ok(()),

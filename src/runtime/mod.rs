@@ -90,7 +90,7 @@ pub struct LogReceiver {
 pub enum LogItem {
     Line(String, String),
     /// A process started or exited: a line, and an event of the rack's feed.
-    Process(String, String, crate::store::feed::ProcessNote),
+    Process(String, String, crate::process_note::ProcessNote),
     /// Write everything sent before, then answer.
     Flush(tokio::sync::oneshot::Sender<()>),
 }
@@ -141,7 +141,7 @@ impl LogSink {
                 serde_json::json!({ "service": note.service, "exit_code": code }),
             ),
         };
-        let note = crate::store::feed::ProcessNote {
+        let note = crate::process_note::ProcessNote {
             app: note.app.to_owned(),
             process: note.process.to_owned(),
             kind,
@@ -310,7 +310,7 @@ impl RuntimeError {
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The stream name of build output.
-pub const BUILD_STREAM: &str = "build";
+pub const BUILD_STREAM: &str = crate::stream_names::BUILD;
 
 /// Where an app's own output and the runtime's events about its processes go (the app's log).
 pub trait AppLogs: Send + Sync + std::fmt::Debug {

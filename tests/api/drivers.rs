@@ -93,7 +93,7 @@ impl Rig {
     /// Promotes `release` (deadline `timeout`) and claims the deployment as this replica.
     async fn claim(&self, release: &str, timeout: Duration) -> Deployment {
         let mut conn = self.pool().acquire().await.unwrap();
-        deployments::insert(&mut conn, Uuid::now_v7(), APP, release, timeout, "fake")
+        deployments::insert(&mut conn, Uuid::now_v7(), APP, release, timeout, &atom())
             .await
             .unwrap();
         let state = self.state();
@@ -150,6 +150,10 @@ impl Rig {
             })
             .collect()
     }
+}
+
+fn atom() -> String {
+    rack::stream_names::atom("fake")
 }
 
 async fn within<T>(work: impl std::future::Future<Output = T>) -> T {
@@ -455,7 +459,7 @@ async fn a_superseded_deployment_is_left_to_the_new_one() {
     )
     .await;
     let mut tx = rig.pool().begin().await.unwrap();
-    deployments::supersede_active(&mut tx, APP, Uuid::now_v7(), "fake")
+    rack::jobs::deploys::supersede(&mut tx, APP, Uuid::now_v7(), &atom())
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -503,7 +507,7 @@ async fn taken_over_in(state: DeployState, manifest: &str) -> (Rig, Uuid, String
         snapshot.release_phase = manifest != MANIFEST;
         let transition = rack::deploy::next(&snapshot, &step).unwrap();
         assert!(
-            deployments::record(rig.pool(), &deployment, rig.state().replica, &transition, "fake")
+            deployments::record(rig.pool(), &deployment, rig.state().replica, &transition, &atom())
                 .await
                 .unwrap()
         );

@@ -69,7 +69,7 @@ impl ContainerDriver {
     /// from now on and waits for it as if rack had started it.
     pub async fn attach(&self, found: &Found, log: LogSink) -> Box<dyn Running> {
         let pid = self.podman.pid(&found.container).await;
-        let stream = format!("service/{}/{}", found.service, found.process);
+        let stream = crate::stream_names::service(&found.service, &found.process);
         let since = Utc::now().to_rfc3339();
         Box::new(Container {
             podman: self.podman.clone(),
@@ -126,7 +126,7 @@ impl Driver for ContainerDriver {
         };
         let id = podman.run(&spec).await.map_err(std::io::Error::other)?;
         let pid = podman.pid(&id).await;
-        let stream = format!("service/{}/{}", start.service, start.id);
+        let stream = crate::stream_names::service(&start.service, &start.id);
         Ok(Box::new(Container {
             podman: podman.clone(),
             id: id.clone(),

@@ -164,7 +164,7 @@ impl Driver for ProcessDriver {
         let pid = child.id().unwrap_or(0);
         let output = {
             let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
-            let stream = format!("service/{}/{}", start.service, start.id);
+            let stream = crate::stream_names::service(&start.service, &start.id);
             let log = start.log.clone();
             tokio::spawn(async move { pipe_streams(stdout, stderr, &stream, &log).await })
         };

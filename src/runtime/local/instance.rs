@@ -270,7 +270,7 @@ pub async fn supervise(job: Supervised) {
         restarts,
         shutdown,
     } = job;
-    let system = format!("system/local/{}", instance.id);
+    let system = crate::stream_names::system("local", &instance.id);
     let mut backoff = Duration::from_secs(1);
     let mut first = true;
     loop {
@@ -412,7 +412,7 @@ pub async fn run_once(job: Supervised, timeout: Duration) {
         log,
         ..
     } = job;
-    let system = format!("system/local/{}", instance.id);
+    let system = crate::stream_names::system("local", &instance.id);
     let mut running = match driver.start(launch.start(&app, &instance, log.clone())).await {
         Ok(running) => running,
         Err(e) => {

@@ -121,7 +121,7 @@ impl Runtime for LocalRuntime {
             // Said, not refused: the same convox.yml deploys to a Kubernetes rack, where they run.
             let names: Vec<&str> = release.manifest.balancers.keys().map(String::as_str).collect();
             log.line(
-                "system/local/app",
+                &crate::stream_names::system("local", "app"),
                 format!(
                     "Balancers are not run by the local runtime (its router serves the services' ports): {}",
                     names.join(", ")

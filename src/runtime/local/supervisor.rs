@@ -325,7 +325,7 @@ impl Supervisor {
             let restarts = found.release == release.map(|r| r.id.as_str()).unwrap_or_default();
             self.register(app, &launch, &found, running, restarts);
             log.line(
-                &format!("system/local/{}", found.process),
+                &crate::stream_names::system("local", &found.process),
                 format!("Adopted container {} of release {}", found.process, found.release),
             )
             .await;
@@ -530,7 +530,7 @@ impl Supervisor {
             exit: None,
         };
         log.process(
-            &format!("system/local/{id}"),
+            &crate::stream_names::system("local", &id),
             format!("Started process {id} (pid {pid}{port_text})"),
             event,
         )
@@ -560,7 +560,7 @@ impl Supervisor {
             exit: Some(-1),
         };
         log.process(
-            &format!("system/local/{}", instance.id),
+            &crate::stream_names::system("local", &instance.id),
             format!("Stopped process {}", instance.id),
             event,
         )
