@@ -93,9 +93,7 @@ pub async fn run_process(
             .map(ToString::to_string)
             .ok_or_else(|| ApiError::Conflict(format!("app {} has no release yet: deploy one first", app.name)))?,
     };
-    let spec = crate::jobs::deploys::load_spec(&state, &app.name, &release)
-        .await
-        .map_err(|e| ApiError::Conflict(format!("release {release} cannot run: {e}")))?;
+    let spec = crate::jobs::deploys::load_spec(&state, &app.name, &release).await?;
     if !spec.manifest.services.contains_key(&service) {
         return Err(ApiError::NotFound("service", service));
     }

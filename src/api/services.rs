@@ -55,9 +55,7 @@ async fn current_spec(state: &AppState, app: &crate::store::apps::App) -> ApiRes
         .release_id
         .as_deref()
         .ok_or_else(|| ApiError::Conflict(format!("app {} has no release yet: deploy one first", app.name)))?;
-    crate::jobs::deploys::load_spec(state, &app.name, release)
-        .await
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("loading the release of {}: {e}", app.name)))
+    Ok(crate::jobs::deploys::load_spec(state, &app.name, release).await?)
 }
 
 #[tracing::instrument(skip_all, fields(app.name = %app))]
@@ -177,6 +175,9 @@ pub async fn list_balancers(
         .runtime
         .balancers(&app.name)
         .await
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("listing the balancers of {}: {e}", app.name)))?;
+        .map_err(|source| ApiError::Runtime {
+            context: format!("listing the balancers of {}", app.name),
+            source,
+        })?;
     Ok(Pretty(balancers))
 }

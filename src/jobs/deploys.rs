@@ -146,14 +146,10 @@ impl Driver<'_> {
             deployments::record(&self.state.pool, deployment, self.state.replica, transition, &stream).await?;
         if recorded {
             if transition.to.is_terminal() {
-                let outcome = match transition.to {
-                    crate::deploy::DeployState::Running => "ok",
-                    crate::deploy::DeployState::Reverted => "reverted",
-                    crate::deploy::DeployState::Superseded => "superseded",
-                    _ => "failed",
-                };
                 let started = deployment.started_at.or(Some(deployment.created_at));
-                self.state.metrics.deployment(outcome, crate::metrics::since(started));
+                self.state
+                    .metrics
+                    .deployment(transition.to, crate::metrics::since(started));
             }
             deployment.state = transition.to;
             if let Some(reason) = &transition.reason {
@@ -163,10 +159,15 @@ impl Driver<'_> {
         Ok(recorded)
     }
 
-    /// The release `id` as the runtime runs it (`None`: the app had none, so nothing runs).
+    /// The release `id` as the runtime runs it (`None`: the app had none, so nothing runs), or
+    /// why it cannot run.
     async fn load(&self, app: &str, id: Option<&str>) -> Result<Option<ReleaseSpec>, String> {
         match id {
-            Some(id) => load_spec(self.state, app, id).await.map(Some),
+            // The reason the deployment fails with.
+            Some(id) => load_spec(self.state, app, id)
+                .await
+                .map(Some)
+                .map_err(|e| e.to_string()),
             None => Ok(None),
         }
     }
@@ -310,25 +311,55 @@ async fn clean_up_if_deleted(state: &AppState, app: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Why a release cannot be run.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadSpecError {
+    #[error("release {0} no longer exists")]
+    Gone(String),
+    #[error("release {0} has no build")]
+    NoBuild(String),
+    /// Its manifest or environment does not parse (the message says why).
+    #[error("{reason}")]
+    Invalid { release: String, reason: String },
+    /// Postgres failed while reading `what`.
+    #[error("reading {what}: {source}")]
+    Store {
+        what: String,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+impl LoadSpecError {
+    fn store(what: impl Into<String>) -> impl FnOnce(sqlx::Error) -> Self {
+        let what = what.into();
+        move |source| Self::Store { what, source }
+    }
+}
+
 /// A release as the runtime needs it, with the counts set by `scale`.
 ///
 /// # Errors
-/// A reason, when the release or its manifest or env is unusable.
-pub async fn load_spec(state: &AppState, app: &str, id: &str) -> Result<ReleaseSpec, String> {
+/// When the release or its manifest or env is unusable, or Postgres fails.
+pub async fn load_spec(state: &AppState, app: &str, id: &str) -> Result<ReleaseSpec, LoadSpecError> {
     let release = releases::get(&state.pool, app, id)
         .await
-        .map_err(|e| format!("reading release {id}: {e}"))?
-        .ok_or_else(|| format!("release {id} no longer exists"))?;
+        .map_err(LoadSpecError::store(format!("release {id}")))?
+        .ok_or_else(|| LoadSpecError::Gone(id.to_owned()))?;
     let build_id = release
         .build_id
         .clone()
-        .ok_or_else(|| format!("release {id} has no build"))?;
-    let mut manifest = crate::manifest::parse(&release.manifest).map_err(|e| e.to_string())?;
-    let env = crate::env::parse(&release.env).map_err(|e| e.to_string())?;
+        .ok_or_else(|| LoadSpecError::NoBuild(id.to_owned()))?;
+    let invalid = |reason: String| LoadSpecError::Invalid {
+        release: id.to_owned(),
+        reason,
+    };
+    let mut manifest = crate::manifest::parse(&release.manifest).map_err(|e| invalid(e.to_string()))?;
+    let env = crate::env::parse(&release.env).map_err(|e| invalid(e.to_string()))?;
     // Counts set with `scale` win over the manifest's, for this release and every later one.
     let scales = crate::store::scales::for_app(&state.pool, app)
         .await
-        .map_err(|e| format!("reading the scale of {app}: {e}"))?;
+        .map_err(LoadSpecError::store(format!("the scale of {app}")))?;
     for (service, count) in scales {
         if let Some(s) = manifest.services.get_mut(&service) {
             let count = u32::try_from(count).unwrap_or(0);
@@ -339,7 +370,7 @@ pub async fn load_spec(state: &AppState, app: &str, id: &str) -> Result<ReleaseS
     // The images its build made (services built from a Dockerfile run them).
     let images = crate::store::builds::get(&state.pool, app, &build_id)
         .await
-        .map_err(|e| format!("reading build {build_id}: {e}"))?
+        .map_err(LoadSpecError::store(format!("build {build_id}")))?
         .map(|build| build.images.0)
         .unwrap_or_default();
     Ok(ReleaseSpec {

@@ -209,10 +209,10 @@ impl Running for Container {
         self.pid
     }
 
-    async fn wait(&mut self) -> String {
+    async fn wait(&mut self) -> super::exit::Exit {
         let status = match self.podman.wait(&self.id).await {
-            Ok(code) => format!("exit status: {code}"),
-            Err(e) => format!("lost: {e}"),
+            Ok(code) => super::exit::Exit::Code(code),
+            Err(e) => super::exit::Exit::Lost(format!("lost: {e}")),
         };
         self.drain_output().await;
         self.podman.remove(&self.id, Duration::ZERO).await;

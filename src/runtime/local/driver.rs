@@ -60,7 +60,7 @@ pub trait Running: Send {
     fn pid(&self) -> u32;
 
     /// Waits until it has exited and its output is written; says how it ended.
-    async fn wait(&mut self) -> String;
+    async fn wait(&mut self) -> super::exit::Exit;
 
     /// Asks it to stop (SIGTERM), without waiting: it then exits and [`Running::wait`] returns.
     fn terminate(&self);
@@ -273,10 +273,10 @@ impl Running for Process {
         self.pid
     }
 
-    async fn wait(&mut self) -> String {
+    async fn wait(&mut self) -> super::exit::Exit {
         let status = self.child.wait().await;
         self.release().await;
-        status.map_or_else(|e| e.to_string(), |s| s.to_string())
+        super::exit::Exit::of(status)
     }
 
     fn terminate(&self) {

@@ -11,6 +11,7 @@ mod context;
 mod dockerfile;
 pub mod driver;
 mod exec;
+pub mod exit;
 mod health;
 mod instance;
 pub mod podman;
