@@ -24,24 +24,16 @@ pub fn spawn_workers(state: &AppState, count: usize) -> Vec<tokio::task::JoinHan
 }
 
 async fn worker(state: AppState) {
-    let mut wake = state.bus.subscribe();
-    loop {
-        if state.shutdown.is_cancelled() {
-            return;
-        }
-        match deployments::claim_next(&state.pool, state.replica, state.config.job_lease).await {
-            Ok(Some(deployment)) => {
-                tracing::info!(deployment.id = %deployment.id, app.name = %deployment.app, "running deployment {}", deployment.id);
-                run(&state, deployment).await;
-                continue;
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "claiming a deployment"),
-        }
-        if !super::wait_for_work(&state, &mut wake).await {
-            return;
-        }
-    }
+    super::claim_loop(
+        state,
+        "deployment",
+        |state| async move { deployments::claim_next(&state.pool, state.replica, state.config.job_lease).await },
+        |state, deployment| async move {
+            tracing::info!(deployment.id = %deployment.id, app.name = %deployment.app, "running deployment {}", deployment.id);
+            run(&state, deployment).await;
+        },
+    )
+    .await;
 }
 
 /// Drives one claimed deployment until it ends, is handed back, or is no longer this

@@ -148,15 +148,7 @@ impl Driver for ProcessDriver {
         let mut command = self
             .sandbox
             .limited_command(workspace, dir, &argv, Tie::Watchdog, &procs);
-        command
-            .env(
-                "PATH",
-                std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
-            )
-            .env("HOME", dir)
-            .env("LANG", "C.UTF-8")
-            .envs(&start.env)
-            .stdin(std::process::Stdio::piped());
+        sandbox_env(&mut command, dir, &start).stdin(std::process::Stdio::piped());
         if let Some(port) = start.port {
             command.env("PORT", port.to_string());
         }
@@ -192,14 +184,7 @@ impl Driver for ProcessDriver {
             self.sandbox
                 .command(workspace, dir, &request.command, Tie::DiesWithRack)
         };
-        command
-            .env(
-                "PATH",
-                std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
-            )
-            .env("HOME", dir)
-            .env("LANG", "C.UTF-8")
-            .envs(&start.env);
+        sandbox_env(&mut command, dir, start);
         if request.tty.is_some() {
             command.env("TERM", "xterm");
         }
@@ -298,4 +283,21 @@ impl Running for Process {
         self.kill();
         self.release().await;
     }
+}
+
+/// The environment of a sandboxed process of `start`, and of a command run inside it (`exec`):
+/// rack's `PATH`, its directory as `HOME`, a UTF-8 locale, then the release's variables.
+fn sandbox_env<'c>(
+    command: &'c mut tokio::process::Command,
+    dir: &std::path::Path,
+    start: &Start,
+) -> &'c mut tokio::process::Command {
+    command
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+        )
+        .env("HOME", dir)
+        .env("LANG", "C.UTF-8")
+        .envs(&start.env)
 }

@@ -65,6 +65,29 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// A new instance `id` of `launch`, not started yet: listening on `port` (when it takes
+    /// traffic), stopped when `stop` is cancelled.
+    pub fn new(id: String, kind: ProcessKind, launch: &Launch, port: Option<u16>, stop: CancellationToken) -> Self {
+        Self {
+            id,
+            service: launch.service.clone(),
+            release: launch.release.clone(),
+            port: AtomicU16::new(port.unwrap_or(0)),
+            command: launch.display.clone(),
+            image: launch.image.clone(),
+            started: Utc::now(),
+            pid: AtomicU32::new(0),
+            health: watch::channel(Health::Starting).0,
+            stopping: AtomicBool::new(false),
+            restart: Notify::new(),
+            stop,
+            done: Mutex::new(None),
+            kind,
+            exit: watch::channel(None).0,
+            launch: launch.clone(),
+        }
+    }
+
     /// The host port it listens on, if it takes traffic.
     pub fn port(&self) -> Option<u16> {
         Some(self.port.load(Ordering::SeqCst)).filter(|p| *p != 0)
