@@ -108,6 +108,12 @@ impl Rig {
         within(rack::jobs::deploys::run(self.state(), deployment)).await;
     }
 
+    /// Runs the driver on `deployment` in a task of its own (for a test to act meanwhile).
+    fn spawn_drive(&self, deployment: Deployment) -> tokio::task::JoinHandle<()> {
+        let state = self.state().clone();
+        tokio::spawn(async move { rack::jobs::deploys::run(&state, deployment).await })
+    }
+
     /// A release deployed to Running (what later deployments roll back to).
     async fn deployed(&self) -> String {
         let release = self.release(MANIFEST).await;
@@ -359,10 +365,7 @@ async fn a_cancel_during_the_release_phase_stops_the_command_and_rolls_back() {
     let release = rig.release(WITH_RELEASE_PHASE).await;
     let deployment = rig.claim(&release, Duration::from_secs(60)).await;
     let id = deployment.id;
-    let driving = tokio::spawn({
-        let state = rig.state().clone();
-        async move { rack::jobs::deploys::run(&state, deployment).await }
-    });
+    let driving = rig.spawn_drive(deployment);
     within(rig.fake.called(|c| matches!(c, Call::WaitProcess { .. }))).await;
     deployments::request_cancel(rig.pool(), APP).await.unwrap().unwrap();
     within(driving).await.unwrap();
@@ -393,10 +396,7 @@ async fn a_lost_lease_stops_the_driver_without_recording_anything() {
     let release = rig.release(MANIFEST).await;
     let deployment = rig.claim(&release, Duration::from_secs(60)).await;
     let id = deployment.id;
-    let driving = tokio::spawn({
-        let state = rig.state().clone();
-        async move { rack::jobs::deploys::run(&state, deployment).await }
-    });
+    let driving = rig.spawn_drive(deployment);
     within(
         rig.fake
             .called(|c| matches!(c, Call::Apply { release: Some(r), .. } if *r == release)),
@@ -430,10 +430,7 @@ async fn a_lost_lease_of_a_deleted_app_stops_what_the_rollout_started() {
     rig.fake.script_apply(Script::hang());
     let release = rig.release(MANIFEST).await;
     let deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    let driving = tokio::spawn({
-        let state = rig.state().clone();
-        async move { rack::jobs::deploys::run(&state, deployment).await }
-    });
+    let driving = rig.spawn_drive(deployment);
     within(rig.fake.called(|c| matches!(c, Call::Apply { .. }))).await;
     let name = rack::names::AppName::parse(APP).unwrap();
     rack::store::apps::delete(rig.pool(), &name).await.unwrap();
@@ -449,10 +446,7 @@ async fn a_superseded_deployment_is_left_to_the_new_one() {
     let release = rig.release(MANIFEST).await;
     let deployment = rig.claim(&release, Duration::from_secs(60)).await;
     let id = deployment.id;
-    let driving = tokio::spawn({
-        let state = rig.state().clone();
-        async move { rack::jobs::deploys::run(&state, deployment).await }
-    });
+    let driving = rig.spawn_drive(deployment);
     within(
         rig.fake
             .called(|c| matches!(c, Call::Apply { release: Some(r), .. } if *r == release)),
@@ -481,10 +475,7 @@ async fn shutting_down_hands_the_deployment_back() {
     let release = rig.release(MANIFEST).await;
     let deployment = rig.claim(&release, Duration::from_secs(60)).await;
     let id = deployment.id;
-    let driving = tokio::spawn({
-        let state = rig.state().clone();
-        async move { rack::jobs::deploys::run(&state, deployment).await }
-    });
+    let driving = rig.spawn_drive(deployment);
     within(rig.fake.called(|c| matches!(c, Call::Apply { .. }))).await;
     rig.state().shutdown.cancel();
     within(driving).await.unwrap();
