@@ -108,6 +108,25 @@ impl Rig {
         within(rack::jobs::deploys::run(self.state(), deployment)).await;
     }
 
+    /// Promotes a new release with `manifest` and drives its deployment to its end; the
+    /// deployment's id and the release.
+    async fn promote(&self, manifest: &str) -> (Uuid, String) {
+        let release = self.release(manifest).await;
+        let deployment = self.claim(&release, Duration::from_secs(60)).await;
+        let id = deployment.id;
+        self.drive(deployment).await;
+        (id, release)
+    }
+
+    /// Asserts that the deployment's log holds each of `lines`; returns its lines.
+    async fn assert_logged(&self, id: Uuid, lines: &[&str]) -> Vec<String> {
+        let (logged, _) = self.log(id).await;
+        for line in lines {
+            assert!(has(&logged, line), "{line:?} missing from {logged:#?}");
+        }
+        logged
+    }
+
     /// Runs the driver on `deployment` in a task of its own (for a test to act meanwhile).
     fn spawn_drive(&self, deployment: Deployment) -> tokio::task::JoinHandle<()> {
         let state = self.state().clone();
@@ -176,10 +195,7 @@ fn has(lines: &[String], line: &str) -> bool {
 async fn pending_without_release_phase_goes_updating_then_running_and_switches_the_release() {
     let rig = Rig::new().await;
     rig.fake.script_apply(Script::succeed_after(3));
-    let release = rig.release(MANIFEST).await;
-    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    let id = deployment.id;
-    rig.drive(deployment).await;
+    let (id, release) = rig.promote(MANIFEST).await;
 
     let ended = rig.get(id).await;
     assert_eq!(ended.state, DeployState::Running);
@@ -208,10 +224,7 @@ async fn pending_without_release_phase_goes_updating_then_running_and_switches_t
 async fn a_release_phase_runs_its_commands_before_updating() {
     let rig = Rig::new().await;
     let previous = rig.deployed().await;
-    let release = rig.release(WITH_RELEASE_PHASE).await;
-    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    let id = deployment.id;
-    rig.drive(deployment).await;
+    let (id, release) = rig.promote(WITH_RELEASE_PHASE).await;
 
     assert_eq!(rig.get(id).await.state, DeployState::Running);
     let calls = rig.fake.calls();
@@ -225,16 +238,17 @@ async fn a_release_phase_runs_its_commands_before_updating() {
         .expect("the release was applied");
     assert!(run < apply, "the release command runs before the rollout: {calls:?}");
     assert_eq!(rig.applies(), vec![Some(previous), Some(release)]);
-    let (lines, _) = rig.log(id).await;
-    for line in [
-        "Status: Pending => Releasing",
-        "Running release command of web: ./migrate",
-        "Release command of web succeeded",
-        "Status: Releasing => Updating",
-        "Status: Updating => Running",
-    ] {
-        assert!(has(&lines, line), "{line:?} missing from {lines:#?}");
-    }
+    rig.assert_logged(
+        id,
+        &[
+            "Status: Pending => Releasing",
+            "Running release command of web: ./migrate",
+            "Release command of web succeeded",
+            "Status: Releasing => Updating",
+            "Status: Updating => Running",
+        ],
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -242,10 +256,7 @@ async fn a_failed_release_command_rolls_back_without_touching_what_runs() {
     let rig = Rig::new().await;
     let previous = rig.deployed().await;
     rig.fake.script_exit(Some(3));
-    let release = rig.release(WITH_RELEASE_PHASE).await;
-    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    let id = deployment.id;
-    rig.drive(deployment).await;
+    let (id, _) = rig.promote(WITH_RELEASE_PHASE).await;
 
     let ended = rig.get(id).await;
     assert_eq!(ended.state, DeployState::Reverted);
@@ -253,15 +264,17 @@ async fn a_failed_release_command_rolls_back_without_touching_what_runs() {
     // The new release was never applied: the rollback re-applies the previous one.
     assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous.clone())]);
     assert_eq!(rig.current_release().await, Some(previous));
-    let (lines, outcome) = rig.log(id).await;
+    let (_, outcome) = rig.log(id).await;
     assert_eq!(outcome, Some(Outcome::Error));
-    for line in [
-        "Status: Releasing => Error",
-        "Status: Error => Rollback",
-        "Status: Rollback => Reverted",
-    ] {
-        assert!(has(&lines, line), "{line:?} missing from {lines:#?}");
-    }
+    rig.assert_logged(
+        id,
+        &[
+            "Status: Releasing => Error",
+            "Status: Error => Rollback",
+            "Status: Rollback => Reverted",
+        ],
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -269,10 +282,7 @@ async fn a_failed_apply_rolls_back_to_the_previous_release() {
     let rig = Rig::new().await;
     let previous = rig.deployed().await;
     rig.fake.script_apply(Script::fail("web did not become healthy"));
-    let release = rig.release(MANIFEST).await;
-    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    let id = deployment.id;
-    rig.drive(deployment).await;
+    let (id, release) = rig.promote(MANIFEST).await;
 
     let ended = rig.get(id).await;
     assert_eq!(ended.state, DeployState::Reverted);
@@ -282,25 +292,24 @@ async fn a_failed_apply_rolls_back_to_the_previous_release() {
         vec![Some(previous.clone()), Some(release), Some(previous.clone())]
     );
     assert_eq!(rig.current_release().await, Some(previous));
-    let (lines, outcome) = rig.log(id).await;
+    let (_, outcome) = rig.log(id).await;
     assert_eq!(outcome, Some(Outcome::Error));
-    for line in [
-        "Status: Updating => Error",
-        "Status: Error => Rollback",
-        "Status: Rollback => Reverted",
-    ] {
-        assert!(has(&lines, line), "{line:?} missing from {lines:#?}");
-    }
+    rig.assert_logged(
+        id,
+        &[
+            "Status: Updating => Error",
+            "Status: Error => Rollback",
+            "Status: Rollback => Reverted",
+        ],
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn a_failed_first_deployment_rolls_back_to_nothing() {
     let rig = Rig::new().await;
     rig.fake.script_apply(Script::fail("no"));
-    let release = rig.release(MANIFEST).await;
-    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    let id = deployment.id;
-    rig.drive(deployment).await;
+    let (id, release) = rig.promote(MANIFEST).await;
 
     assert_eq!(rig.get(id).await.state, DeployState::Reverted);
     // No previous release: the rollback stops the app.
@@ -314,10 +323,7 @@ async fn a_failed_rollback_ends_in_failure_with_both_reasons() {
     let previous = rig.deployed().await;
     rig.fake.script_apply(Script::fail("new one broke"));
     rig.fake.script_apply(Script::fail("old one broke too"));
-    let release = rig.release(MANIFEST).await;
-    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    let id = deployment.id;
-    rig.drive(deployment).await;
+    let (id, _) = rig.promote(MANIFEST).await;
 
     let ended = rig.get(id).await;
     assert_eq!(ended.state, DeployState::Failure);
@@ -351,10 +357,8 @@ async fn the_deadline_stops_the_rollout_and_rolls_back() {
     let applies = rig.applies();
     assert_eq!(applies.last(), Some(&Some(previous.clone())), "{applies:?}");
     assert_eq!(rig.current_release().await, Some(previous));
-    let (lines, _) = rig.log(id).await;
-    for line in ["Status: Updating => Deadline", "Status: Deadline => Rollback"] {
-        assert!(has(&lines, line), "{line:?} missing from {lines:#?}");
-    }
+    rig.assert_logged(id, &["Status: Updating => Deadline", "Status: Deadline => Rollback"])
+        .await;
 }
 
 #[tokio::test]
@@ -382,10 +386,8 @@ async fn a_cancel_during_the_release_phase_stops_the_command_and_rolls_back() {
         rig.fake.calls()
     );
     assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous)]);
-    let (lines, _) = rig.log(id).await;
-    for line in ["Status: Releasing => Cancelled", "Status: Cancelled => Rollback"] {
-        assert!(has(&lines, line), "{line:?} missing from {lines:#?}");
-    }
+    rig.assert_logged(id, &["Status: Releasing => Cancelled", "Status: Cancelled => Rollback"])
+        .await;
 }
 
 #[tokio::test]
