@@ -385,8 +385,8 @@ fn bearer(value: &[u8]) -> Option<String> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
 }
 
-/// The user name of a `Basic` authorization header.
-fn basic_user(value: &[u8]) -> Option<String> {
+/// The `(user, password)` of a `Basic` authorization header.
+fn basic_credentials(value: &[u8]) -> Option<(String, String)> {
     let value = std::str::from_utf8(value).ok()?;
     let (scheme, encoded) = value.trim().split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {
@@ -394,20 +394,18 @@ fn basic_user(value: &[u8]) -> Option<String> {
     }
     let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
     let decoded = String::from_utf8(decoded).ok()?;
-    Some(decoded.split_once(':')?.0.to_owned())
+    let (user, password) = decoded.split_once(':')?;
+    Some((user.to_owned(), password.to_owned()))
+}
+
+/// The user name of a `Basic` authorization header.
+fn basic_user(value: &[u8]) -> Option<String> {
+    basic_credentials(value).map(|(user, _)| user)
 }
 
 /// The password of a `Basic` authorization header (the user name is ignored).
 fn basic_password(value: &[u8]) -> Option<String> {
-    let value = std::str::from_utf8(value).ok()?;
-    let (scheme, encoded) = value.trim().split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
-    }
-    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
-    let decoded = String::from_utf8(decoded).ok()?;
-    let (_user, password) = decoded.split_once(':')?;
-    Some(password.to_owned())
+    basic_credentials(value).map(|(_, password)| password)
 }
 
 #[cfg(test)]

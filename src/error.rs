@@ -97,6 +97,21 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+impl From<crate::jobs::deploys::LoadSpecError> for ApiError {
+    /// A release that cannot run is the state of the app (409); Postgres failing is not.
+    fn from(error: crate::jobs::deploys::LoadSpecError) -> Self {
+        use crate::jobs::deploys::LoadSpecError;
+        match error {
+            LoadSpecError::Store { source, .. } => source.into(),
+            LoadSpecError::Gone(ref release)
+            | LoadSpecError::NoBuild(ref release)
+            | LoadSpecError::Invalid { ref release, .. } => {
+                Self::Conflict(format!("release {release} cannot run: {error}"))
+            }
+        }
+    }
+}
+
 impl From<anyhow::Error> for ApiError {
     fn from(error: anyhow::Error) -> Self {
         Self::Internal(error)

@@ -3,6 +3,8 @@
 //! the integration tests run the same thing.
 
 pub mod api;
+#[cfg(test)]
+mod architecture;
 pub mod archive;
 pub mod auth;
 pub mod backup;
@@ -20,10 +22,12 @@ pub mod metrics;
 pub mod names;
 pub mod objects;
 pub mod postgres;
+pub mod process_note;
 pub mod resource;
 pub mod runtime;
 pub mod serve;
 pub mod store;
+pub mod stream_names;
 pub mod telemetry;
 pub mod throttle;
 pub mod tls;
@@ -92,6 +96,19 @@ impl Application {
     /// # Errors
     /// Anything that keeps the server from starting, with a message that says what to fix.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        Self::assemble(config, None).await
+    }
+
+    /// Like [`Application::build`], with `runtime` in place of the one the configuration
+    /// names (tests drive the workers with [`runtime::fake::FakeRuntime`]).
+    ///
+    /// # Errors
+    /// Anything that keeps the server from starting, with a message that says what to fix.
+    pub async fn build_with(config: Config, runtime: Arc<dyn runtime::Runtime>) -> anyhow::Result<Self> {
+        Self::assemble(config, Some(runtime)).await
+    }
+
+    async fn assemble(config: Config, runtime: Option<Arc<dyn runtime::Runtime>>) -> anyhow::Result<Self> {
         tls::install_provider();
         // A restore checks the whole archive, and that the data directory is empty, before it
         // writes anything.
@@ -148,49 +165,9 @@ impl Application {
         let bus = events::EventBus::start(&pool, shutdown.clone(), config.stream_window)
             .await
             .context("listening for events")?;
-        let runtime: Arc<dyn runtime::Runtime> = match &config.kube {
-            Some(kube) => Arc::new(
-                runtime::kube::KubeRuntime::connect(runtime::kube::KubeSettings {
-                    rack: config.rack_name.clone(),
-                    config: kube.clone(),
-                    objects: objects.clone(),
-                    tokens: Arc::new(jobs::capabilities::StoredTokens(pool.clone())),
-                    scratch: config.data_dir.join("builds"),
-                    limits: config.source_limits,
-                    build_timeout: config.build_timeout,
-                })
-                .await
-                .context("starting the Kubernetes runtime (RACK_RUNTIME=kube)")?,
-            ),
-            None => {
-                let user = config.sandbox_user.clone();
-                let sandbox = tokio::task::spawn_blocking(move || runtime::local::sandbox::Sandbox::open(&user))
-                    .await?
-                    .context("preparing the sandbox of the local runtime (RACK_SANDBOX_USER)")?;
-                tracing::info!(
-                    sandbox.user = %sandbox.user(),
-                    "builds and app processes run sandboxed as {}",
-                    sandbox.user()
-                );
-                let podman = runtime::local::podman::Podman::detect(&config.data_dir, &config.rack_name)
-                    .context("writing the podman configuration")?;
-                match &podman {
-                    Some(_) => tracing::info!("Dockerfile builds and containers run with podman"),
-                    None => tracing::warn!(
-                        "podman is not installed: services built from a Dockerfile or naming an image cannot run here"
-                    ),
-                }
-                Arc::new(runtime::local::LocalRuntime::new(runtime::local::LocalSettings {
-                    objects: objects.clone(),
-                    builds_dir: config.data_dir.join("builds"),
-                    limits: config.source_limits,
-                    sandbox,
-                    podman,
-                    logs: Arc::new(jobs::capabilities::PersistedLogs { pool: pool.clone() }),
-                    ports: Arc::new(jobs::capabilities::StoredPorts(pool.clone())),
-                    shutdown: shutdown.clone(),
-                }))
-            }
+        let runtime = match runtime {
+            Some(runtime) => runtime,
+            None => default_runtime(&config, &pool, &objects, &shutdown).await?,
         };
         let throttle = throttle::Throttle::new(config.auth_failures, std::time::Duration::from_secs(60));
         let streams = api::limits::StreamSlots::new(config.max_streams_per_credential);
@@ -308,6 +285,61 @@ impl Application {
         tracing::info!("rack stopped");
         Ok(())
     }
+}
+
+/// The runtime the configuration names: Kubernetes (`RACK_RUNTIME=kube`) or this host's
+/// sandboxed processes.
+async fn default_runtime(
+    config: &Config,
+    pool: &PgPool,
+    objects: &objects::Objects,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Arc<dyn runtime::Runtime>> {
+    let runtime: Arc<dyn runtime::Runtime> = match &config.kube {
+        Some(kube) => Arc::new(
+            runtime::kube::KubeRuntime::connect(runtime::kube::KubeSettings {
+                rack: config.rack_name.clone(),
+                config: kube.clone(),
+                objects: objects.clone(),
+                tokens: Arc::new(jobs::capabilities::StoredTokens(pool.clone())),
+                scratch: config.data_dir.join("builds"),
+                limits: config.source_limits,
+                build_timeout: config.build_timeout,
+            })
+            .await
+            .context("starting the Kubernetes runtime (RACK_RUNTIME=kube)")?,
+        ),
+        None => {
+            let user = config.sandbox_user.clone();
+            let sandbox = tokio::task::spawn_blocking(move || runtime::local::sandbox::Sandbox::open(&user))
+                .await?
+                .context("preparing the sandbox of the local runtime (RACK_SANDBOX_USER)")?;
+            tracing::info!(
+                sandbox.user = %sandbox.user(),
+                "builds and app processes run sandboxed as {}",
+                sandbox.user()
+            );
+            let podman = runtime::local::podman::Podman::detect(&config.data_dir, &config.rack_name)
+                .context("writing the podman configuration")?;
+            match &podman {
+                Some(_) => tracing::info!("Dockerfile builds and containers run with podman"),
+                None => tracing::warn!(
+                    "podman is not installed: services built from a Dockerfile or naming an image cannot run here"
+                ),
+            }
+            Arc::new(runtime::local::LocalRuntime::new(runtime::local::LocalSettings {
+                objects: objects.clone(),
+                builds_dir: config.data_dir.join("builds"),
+                limits: config.source_limits,
+                sandbox,
+                podman,
+                logs: Arc::new(jobs::capabilities::PersistedLogs { pool: pool.clone() }),
+                ports: Arc::new(jobs::capabilities::StoredPorts(pool.clone())),
+                shutdown: shutdown.clone(),
+            }))
+        }
+    };
+    Ok(runtime)
 }
 
 /// The listener's TLS: the given certificate, or the data directory's self-signed one

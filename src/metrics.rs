@@ -215,8 +215,12 @@ impl Metrics {
         }
     }
 
-    /// Counts a deployment that ended with `outcome` after running `took` (when known).
-    pub fn deployment(&self, outcome: &str, took: Option<Duration>) {
+    /// Counts a deployment that ended in `state` after running `took` (when known); a state
+    /// that is not an end counts nothing.
+    pub fn deployment(&self, state: crate::deploy::DeployState, took: Option<Duration>) {
+        let Some(outcome) = deployment_outcome(state) else {
+            return;
+        };
         self.deployments.with_label_values(&[outcome]).inc();
         if let Some(took) = took {
             self.deployment_seconds.observe(took.as_secs_f64());
@@ -253,4 +257,33 @@ impl Drop for StreamGauge {
 /// The time since `start`, if it is in the past.
 pub fn since(start: Option<chrono::DateTime<chrono::Utc>>) -> Option<Duration> {
     start.and_then(|s| (chrono::Utc::now() - s).to_std().ok())
+}
+
+/// The `outcome` label of a deployment that ended in `state` (`None`: it has not ended).
+/// Exhaustive, so a new state must say how it is counted.
+pub fn deployment_outcome(state: crate::deploy::DeployState) -> Option<&'static str> {
+    use crate::deploy::DeployState::{
+        Cancelled, Deadline, Error, Failure, Pending, Releasing, Reverted, Rollback, Running, Superseded, Updating,
+    };
+    match state {
+        Running => Some("ok"),
+        Reverted => Some("reverted"),
+        Superseded => Some("superseded"),
+        Failure => Some("failed"),
+        Pending | Releasing | Updating | Deadline | Error | Cancelled | Rollback => None,
+    }
+}
+
+#[cfg(test)]
+mod deployment_outcomes {
+    #[test]
+    fn every_end_and_only_an_end_has_an_outcome() {
+        for state in crate::deploy::DeployState::ALL {
+            assert_eq!(
+                super::deployment_outcome(state).is_some(),
+                state.is_terminal(),
+                "{state:?}"
+            );
+        }
+    }
 }

@@ -117,6 +117,27 @@ pub async fn load_app(state: &AppState, name: &str) -> ApiResult<store::apps::Ap
         .ok_or_else(|| ApiError::NotFound("app", name.to_string()))
 }
 
+/// The app a route's `{app}` names, loaded: 404 when there is none, 400 for a name that
+/// cannot be one. Written last among a handler's parameters, so the app is looked up after the
+/// other parts of the request were checked, as `load_app` at the top of the handler did.
+#[derive(Debug)]
+pub struct AppPath(pub store::apps::App);
+
+impl axum::extract::FromRequestParts<AppState> for AppPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &AppState) -> Result<Self, ApiError> {
+        let params = axum::extract::RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+        let name = params
+            .iter()
+            .find_map(|(key, value)| (key == "app").then_some(value))
+            .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("AppPath on a route without {{app}}")))?;
+        Ok(Self(load_app(state, name).await?))
+    }
+}
+
 #[tracing::instrument(skip_all)]
 pub async fn list_apps(
     State(state): State<AppState>,

@@ -8,7 +8,7 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::AppState;
-use crate::api::apps::load_app;
+use crate::api::apps::{AppPath, load_app};
 use crate::api::input::{Format, Input, Pretty, QueryParams};
 use crate::api::streams::{self, StreamRequest, Style};
 use crate::error::{ApiError, ApiResult};
@@ -190,13 +190,12 @@ pub async fn create_build(
         .into_response())
 }
 
-#[tracing::instrument(skip_all, fields(app.name = %app))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name))]
 pub async fn list_builds(
     State(state): State<AppState>,
-    Path(app): Path<String>,
     QueryParams(query): QueryParams<ListBuilds>,
+    AppPath(app): AppPath,
 ) -> ApiResult<Pretty<Vec<BuildView>>> {
-    let app = load_app(&state, &app).await?;
     let limit = list_limit(query.limit)?;
     let builds = builds::list_for_app(&state.pool, &app.name, limit).await?;
     Ok(Pretty(builds.into_iter().map(BuildView::from).collect()))
@@ -266,13 +265,13 @@ fn parse_time(field: &str, text: &str) -> ApiResult<DateTime<Utc>> {
         })
 }
 
-#[tracing::instrument(skip_all, fields(app.name = %app, build.id = %id))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name, build.id = %id))]
 pub async fn cancel_build(
     State(state): State<AppState>,
-    Path((app, id)): Path<(String, String)>,
+    Path((_, id)): Path<(String, String)>,
     format: Format,
+    AppPath(app): AppPath,
 ) -> ApiResult<Response> {
-    let app = load_app(&state, &app).await?;
     let mut tx = state.pool.begin().await?;
     let build = builds::request_cancel(&mut tx, &app.name, &id)
         .await?

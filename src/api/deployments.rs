@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::AppState;
-use crate::api::apps::load_app;
+use crate::api::apps::{AppPath, load_app};
 use crate::api::builds::list_limit;
 use crate::api::input::{Format, Pretty, QueryParams};
 use crate::api::streams::{self, StreamRequest, Style};
@@ -77,13 +77,12 @@ async fn load_deployment(state: &AppState, app: &str, id: &str) -> ApiResult<Dep
         .ok_or_else(|| ApiError::NotFound("deployment", id.to_owned()))
 }
 
-#[tracing::instrument(skip_all, fields(app.name = %app))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name))]
 pub async fn list_deployments(
     State(state): State<AppState>,
-    Path(app): Path<String>,
     QueryParams(query): QueryParams<ListDeployments>,
+    AppPath(app): AppPath,
 ) -> ApiResult<Pretty<Vec<DeploymentView>>> {
-    let app = load_app(&state, &app).await?;
     let list = deployments::list_for_app(&state.pool, &app.name, list_limit(query.limit)?).await?;
     Ok(Pretty(list.into_iter().map(DeploymentView::from).collect()))
 }
@@ -111,13 +110,12 @@ pub async fn stream_deployment_events(
 }
 
 /// `POST /apps/{app}/cancel`: the running deployment stops and rolls back.
-#[tracing::instrument(skip_all, fields(app.name = %app))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name))]
 pub async fn cancel_deployment(
     State(state): State<AppState>,
-    Path(app): Path<String>,
     format: Format,
+    AppPath(app): AppPath,
 ) -> ApiResult<Response> {
-    let app = load_app(&state, &app).await?;
     let deployment = deployments::request_cancel(&state.pool, &app.name)
         .await?
         .ok_or_else(|| ApiError::Forbidden("app is not updating".into()))?;

@@ -9,7 +9,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use crate::AppState;
-use crate::api::apps::load_app;
+use crate::api::apps::{AppPath, load_app};
 use crate::api::input::{Format, Pretty, QueryParams};
 use crate::error::{ApiError, ApiResult};
 use crate::objects::{PutObjectError, hex, validate_key};
@@ -243,13 +243,12 @@ pub async fn delete_object(
     Ok(format.ok(serde_json::json!({ "deleted": object_url(&object.app, &object.key) })))
 }
 
-#[tracing::instrument(skip_all, fields(app.name = %app))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name))]
 pub async fn list_objects(
     State(state): State<AppState>,
-    Path(app): Path<String>,
     QueryParams(query): QueryParams<ListObjects>,
+    AppPath(app): AppPath,
 ) -> ApiResult<Pretty<Vec<String>>> {
-    let app = load_app(&state, &app).await?;
     Ok(Pretty(
         store::objects::list_keys(&state.pool, &app.name, &query.prefix).await?,
     ))

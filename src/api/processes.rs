@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 
 use crate::AppState;
-use crate::api::apps::load_app;
+use crate::api::apps::{AppPath, load_app};
 use crate::api::input::{Format, Pretty, QueryParams};
 use crate::api::streams::{self, StreamRequest, Style};
 use crate::error::{ApiError, ApiResult};
@@ -24,13 +24,12 @@ pub struct ListProcesses {
     service: Option<String>,
 }
 
-#[tracing::instrument(skip_all, fields(app.name = %app))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name))]
 pub async fn list_processes(
     State(state): State<AppState>,
-    Path(app): Path<String>,
     QueryParams(query): QueryParams<ListProcesses>,
+    AppPath(app): AppPath,
 ) -> ApiResult<Pretty<Vec<ProcessInfo>>> {
-    let app = load_app(&state, &app).await?;
     let mut processes = state.runtime.processes(&app.name).await;
     processes.retain(|p| {
         query.release.as_ref().is_none_or(|r| &p.release == r) && query.service.as_ref().is_none_or(|s| &p.name == s)
@@ -39,12 +38,12 @@ pub async fn list_processes(
     Ok(Pretty(processes))
 }
 
-#[tracing::instrument(skip_all, fields(app.name = %app))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name))]
 pub async fn show_process(
     State(state): State<AppState>,
-    Path((app, id)): Path<(String, String)>,
+    Path((_, id)): Path<(String, String)>,
+    AppPath(app): AppPath,
 ) -> ApiResult<Pretty<ProcessInfo>> {
-    let app = load_app(&state, &app).await?;
     let process = state
         .runtime
         .processes(&app.name)
@@ -55,13 +54,13 @@ pub async fn show_process(
 }
 
 /// `DELETE /apps/{app}/processes/{id}`: the process is killed and its supervisor starts it again.
-#[tracing::instrument(skip_all, fields(app.name = %app))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name))]
 pub async fn restart_process(
     State(state): State<AppState>,
-    Path((app, id)): Path<(String, String)>,
+    Path((_, id)): Path<(String, String)>,
     format: Format,
+    AppPath(app): AppPath,
 ) -> ApiResult<Response> {
-    let app = load_app(&state, &app).await?;
     if !state.runtime.restart_process(&app.name, &id).await {
         return Err(ApiError::NotFound("process", id));
     }

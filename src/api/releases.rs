@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::AppState;
-use crate::api::apps::{is_constraint, load_app};
+use crate::api::apps::{AppPath, is_constraint, load_app};
 use crate::api::builds::list_limit;
 use crate::api::deployments::DeploymentView;
 use crate::api::input::{Format, Input, Pretty, QueryParams};
@@ -94,23 +94,22 @@ async fn load_release(state: &AppState, app: &str, id: &str) -> ApiResult<Releas
         .ok_or_else(|| ApiError::NotFound("release", id.chars().take(40).collect()))
 }
 
-#[tracing::instrument(skip_all, fields(app.name = %app))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name))]
 pub async fn list_releases(
     State(state): State<AppState>,
-    Path(app): Path<String>,
     QueryParams(query): QueryParams<ListReleases>,
+    AppPath(app): AppPath,
 ) -> ApiResult<Pretty<Vec<ReleaseView>>> {
-    let app = load_app(&state, &app).await?;
     let list = releases::list_for_app(&state.pool, &app.name, list_limit(query.limit)?).await?;
     Ok(Pretty(list.into_iter().map(ReleaseView::from).collect()))
 }
 
-#[tracing::instrument(skip_all, fields(app.name = %app, release.id = %id))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name, release.id = %id))]
 pub async fn show_release(
     State(state): State<AppState>,
-    Path((app, id)): Path<(String, String)>,
+    Path((_, id)): Path<(String, String)>,
+    AppPath(app): AppPath,
 ) -> ApiResult<Pretty<ReleaseView>> {
-    let app = load_app(&state, &app).await?;
     Ok(Pretty(load_release(&state, &app.name, &id).await?.into()))
 }
 
@@ -231,13 +230,13 @@ pub async fn start_deployment_in(
     force: bool,
     timeout_secs: u64,
 ) -> ApiResult<deployments::Deployment> {
-    let runtime = state.runtime.name();
+    let stream = crate::stream_names::atom(state.runtime.name());
     let id = uuid::Uuid::now_v7();
     if force {
-        deployments::supersede_active(&mut *conn, app, id, runtime).await?;
+        crate::jobs::deploys::supersede(&mut *conn, app, id, &stream).await?;
     }
     let timeout = std::time::Duration::from_secs(timeout_secs);
-    deployments::insert(&mut *conn, id, app, release, timeout, runtime)
+    deployments::insert(&mut *conn, id, app, release, timeout, &stream)
         .await
         .map_err(|e| {
             if is_constraint(&e, ONE_ACTIVE_PER_APP) {

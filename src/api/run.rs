@@ -24,7 +24,7 @@ use crate::runtime::{ExecRequest, ExecSession, OneOff, ProcessInfo, RuntimeError
 pub const EXIT_MARKER: &str = "F1E49A85-0AD7-4AEF-A618-C249C6E6568D";
 
 /// The stream of rack's notes about runs and execs in an app's log.
-const NOTES: &str = "system/rack/run";
+const NOTES: &str = crate::stream_names::RACK_RUN;
 
 fn flag(headers: &HeaderMap, name: &str, default: bool) -> ApiResult<bool> {
     match header_text(headers, name)? {
@@ -93,9 +93,7 @@ pub async fn run_process(
             .map(ToString::to_string)
             .ok_or_else(|| ApiError::Conflict(format!("app {} has no release yet: deploy one first", app.name)))?,
     };
-    let spec = crate::jobs::deploys::load_spec(&state, &app.name, &release)
-        .await
-        .map_err(|e| ApiError::Conflict(format!("release {release} cannot run: {e}")))?;
+    let spec = crate::jobs::deploys::load_spec(&state, &app.name, &release).await?;
     if !spec.manifest.services.contains_key(&service) {
         return Err(ApiError::NotFound("service", service));
     }

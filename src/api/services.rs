@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use crate::AppState;
-use crate::api::apps::load_app;
+use crate::api::apps::{AppPath, load_app};
 use crate::api::deployments::DeploymentView;
 use crate::api::input::{Format, Input, Pretty};
 use crate::api::releases::{DEFAULT_TIMEOUT_SECS, start_deployment_in, woke};
@@ -55,17 +55,14 @@ async fn current_spec(state: &AppState, app: &crate::store::apps::App) -> ApiRes
         .release_id
         .as_deref()
         .ok_or_else(|| ApiError::Conflict(format!("app {} has no release yet: deploy one first", app.name)))?;
-    crate::jobs::deploys::load_spec(state, &app.name, release)
-        .await
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("loading the release of {}: {e}", app.name)))
+    Ok(crate::jobs::deploys::load_spec(state, &app.name, release).await?)
 }
 
-#[tracing::instrument(skip_all, fields(app.name = %app))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name))]
 pub async fn list_services(
     State(state): State<AppState>,
-    Path(app): Path<String>,
+    AppPath(app): AppPath,
 ) -> ApiResult<Pretty<Vec<ServiceView>>> {
-    let app = load_app(&state, &app).await?;
     if app.release_id.is_none() {
         return Ok(Pretty(Vec::new()));
     }
@@ -143,13 +140,13 @@ pub async fn scale_service(
     Ok(response)
 }
 
-#[tracing::instrument(skip_all, fields(app.name = %app, service = %service))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name, service = %service))]
 pub async fn restart_service(
     State(state): State<AppState>,
-    Path((app, service)): Path<(String, String)>,
+    Path((_, service)): Path<(String, String)>,
     format: Format,
+    AppPath(app): AppPath,
 ) -> ApiResult<Response> {
-    let app = load_app(&state, &app).await?;
     let processes = state.runtime.processes(&app.name).await;
     let ids: Vec<String> = processes
         .into_iter()
@@ -167,16 +164,18 @@ pub async fn restart_service(
 
 /// `GET /apps/{app}/balancers`: the app's balancers (convox.yml `balancers:`) as they run, with
 /// the address the cluster gave each.
-#[tracing::instrument(skip_all, fields(app.name = %app))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name))]
 pub async fn list_balancers(
     State(state): State<AppState>,
-    Path(app): Path<String>,
+    AppPath(app): AppPath,
 ) -> ApiResult<Pretty<Vec<crate::runtime::BalancerInfo>>> {
-    let app = load_app(&state, &app).await?;
     let balancers = state
         .runtime
         .balancers(&app.name)
         .await
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("listing the balancers of {}: {e}", app.name)))?;
+        .map_err(|source| ApiError::Runtime {
+            context: format!("listing the balancers of {}", app.name),
+            source,
+        })?;
     Ok(Pretty(balancers))
 }

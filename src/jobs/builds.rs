@@ -21,29 +21,21 @@ pub fn spawn_workers(state: &AppState, count: usize) -> Vec<tokio::task::JoinHan
 }
 
 async fn worker(state: AppState, n: usize) {
-    let mut wake = state.bus.subscribe();
-    loop {
-        if state.shutdown.is_cancelled() {
-            return;
-        }
-        match builds::claim_next(&state.pool, state.replica, state.config.job_lease).await {
-            Ok(Some(build)) => {
-                tracing::info!(build.id = %build.id, app.name = %build.app, worker = n, "running build {}", build.id);
-                run(&state, build).await;
-                continue;
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "claiming a build"),
-        }
-        if !super::wait_for_work(&state, &mut wake).await {
-            return;
-        }
-    }
+    super::claim_loop(
+        state,
+        "build",
+        |state| async move { builds::claim_next(&state.pool, state.replica, state.config.job_lease).await },
+        |state, build| async move {
+            tracing::info!(build.id = %build.id, app.name = %build.app, worker = n, "running build {}", build.id);
+            run(&state, build).await;
+        },
+    )
+    .await;
 }
 
-/// Runs one claimed build to its end.
+/// Runs one claimed build to its end (or hands it back).
 #[tracing::instrument(skip_all, fields(build.id = %build.id, app.name = %build.app))]
-async fn run(state: &AppState, build: Build) {
+pub async fn run(state: &AppState, build: Build) {
     let owner = OwnedOwner {
         app: build.app.clone(),
         build: Some(build.id.clone()),

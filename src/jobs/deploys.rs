@@ -24,28 +24,22 @@ pub fn spawn_workers(state: &AppState, count: usize) -> Vec<tokio::task::JoinHan
 }
 
 async fn worker(state: AppState) {
-    let mut wake = state.bus.subscribe();
-    loop {
-        if state.shutdown.is_cancelled() {
-            return;
-        }
-        match deployments::claim_next(&state.pool, state.replica, state.config.job_lease).await {
-            Ok(Some(deployment)) => {
-                tracing::info!(deployment.id = %deployment.id, app.name = %deployment.app, "running deployment {}", deployment.id);
-                run(&state, deployment).await;
-                continue;
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "claiming a deployment"),
-        }
-        if !super::wait_for_work(&state, &mut wake).await {
-            return;
-        }
-    }
+    super::claim_loop(
+        state,
+        "deployment",
+        |state| async move { deployments::claim_next(&state.pool, state.replica, state.config.job_lease).await },
+        |state, deployment| async move {
+            tracing::info!(deployment.id = %deployment.id, app.name = %deployment.app, "running deployment {}", deployment.id);
+            run(&state, deployment).await;
+        },
+    )
+    .await;
 }
 
+/// Drives one claimed deployment until it ends, is handed back, or is no longer this
+/// worker's.
 #[tracing::instrument(skip_all, fields(deployment.id = %deployment.id, app.name = %deployment.app))]
-async fn run(state: &AppState, deployment: Deployment) {
+pub async fn run(state: &AppState, deployment: Deployment) {
     let owner = OwnedOwner {
         app: deployment.app.clone(),
         build: None,
@@ -139,19 +133,15 @@ impl Driver<'_> {
     /// lines); false when the deployment moved under us.
     async fn record(&self, deployment: &mut Deployment, transition: &Transition) -> anyhow::Result<bool> {
         self.log.flush().await;
-        let runtime = self.state.runtime.name();
+        let stream = crate::stream_names::atom(self.state.runtime.name());
         let recorded =
-            deployments::record(&self.state.pool, deployment, self.state.replica, transition, runtime).await?;
+            deployments::record(&self.state.pool, deployment, self.state.replica, transition, &stream).await?;
         if recorded {
             if transition.to.is_terminal() {
-                let outcome = match transition.to {
-                    crate::deploy::DeployState::Running => "ok",
-                    crate::deploy::DeployState::Reverted => "reverted",
-                    crate::deploy::DeployState::Superseded => "superseded",
-                    _ => "failed",
-                };
                 let started = deployment.started_at.or(Some(deployment.created_at));
-                self.state.metrics.deployment(outcome, crate::metrics::since(started));
+                self.state
+                    .metrics
+                    .deployment(transition.to, crate::metrics::since(started));
             }
             deployment.state = transition.to;
             if let Some(reason) = &transition.reason {
@@ -161,10 +151,15 @@ impl Driver<'_> {
         Ok(recorded)
     }
 
-    /// The release `id` as the runtime runs it (`None`: the app had none, so nothing runs).
+    /// The release `id` as the runtime runs it (`None`: the app had none, so nothing runs), or
+    /// why it cannot run.
     async fn load(&self, app: &str, id: Option<&str>) -> Result<Option<ReleaseSpec>, String> {
         match id {
-            Some(id) => load_spec(self.state, app, id).await.map(Some),
+            // The reason the deployment fails with.
+            Some(id) => load_spec(self.state, app, id)
+                .await
+                .map(Some)
+                .map_err(|e| e.to_string()),
             None => Ok(None),
         }
     }
@@ -224,7 +219,7 @@ impl Driver<'_> {
             .iter()
             .filter_map(|(name, s)| Some((name, s.release.as_ref()?)))
         {
-            let stream = format!("system/{runtime}/{service}");
+            let stream = crate::stream_names::system(runtime, service);
             self.log
                 .line(
                     &stream,
@@ -277,6 +272,31 @@ impl Driver<'_> {
     }
 }
 
+/// Ends the app's deployment in progress, if any, as `superseded` by `by` (a forced promote),
+/// in the caller's transaction, its lines on `stream`. Its worker notices at its next lease
+/// renewal and stops.
+///
+/// # Errors
+/// When Postgres fails.
+pub async fn supersede(
+    conn: &mut sqlx::PgConnection,
+    app: &str,
+    by: uuid::Uuid,
+    stream: &str,
+) -> Result<Option<Deployment>, sqlx::Error> {
+    let Some(old) = deployments::lock_active(&mut *conn, app).await? else {
+        return Ok(None);
+    };
+    match crate::deploy::next(&old.snapshot(), &Signal::Superseded(by)) {
+        Ok(transition) => {
+            deployments::record_in(conn, &old, None, &transition, stream).await?;
+        }
+        // Every deployment in progress can be superseded; this is a bug, not the client's.
+        Err(e) => tracing::error!(deployment.id = %old.id, "superseding: {e}"),
+    }
+    Ok(Some(old))
+}
+
 /// A lost lease can mean the app was deleted mid-rollout: then what the rollout started
 /// must not outlive it.
 async fn clean_up_if_deleted(state: &AppState, app: &str) -> anyhow::Result<()> {
@@ -287,25 +307,55 @@ async fn clean_up_if_deleted(state: &AppState, app: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Why a release cannot be run.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadSpecError {
+    #[error("release {0} no longer exists")]
+    Gone(String),
+    #[error("release {0} has no build")]
+    NoBuild(String),
+    /// Its manifest or environment does not parse (the message says why).
+    #[error("{reason}")]
+    Invalid { release: String, reason: String },
+    /// Postgres failed while reading `what`.
+    #[error("reading {what}: {source}")]
+    Store {
+        what: String,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+impl LoadSpecError {
+    fn store(what: impl Into<String>) -> impl FnOnce(sqlx::Error) -> Self {
+        let what = what.into();
+        move |source| Self::Store { what, source }
+    }
+}
+
 /// A release as the runtime needs it, with the counts set by `scale`.
 ///
 /// # Errors
-/// A reason, when the release or its manifest or env is unusable.
-pub async fn load_spec(state: &AppState, app: &str, id: &str) -> Result<ReleaseSpec, String> {
+/// When the release or its manifest or env is unusable, or Postgres fails.
+pub async fn load_spec(state: &AppState, app: &str, id: &str) -> Result<ReleaseSpec, LoadSpecError> {
     let release = releases::get(&state.pool, app, id)
         .await
-        .map_err(|e| format!("reading release {id}: {e}"))?
-        .ok_or_else(|| format!("release {id} no longer exists"))?;
+        .map_err(LoadSpecError::store(format!("release {id}")))?
+        .ok_or_else(|| LoadSpecError::Gone(id.to_owned()))?;
     let build_id = release
         .build_id
         .clone()
-        .ok_or_else(|| format!("release {id} has no build"))?;
-    let mut manifest = crate::manifest::parse(&release.manifest).map_err(|e| e.to_string())?;
-    let env = crate::env::parse(&release.env).map_err(|e| e.to_string())?;
+        .ok_or_else(|| LoadSpecError::NoBuild(id.to_owned()))?;
+    let invalid = |reason: String| LoadSpecError::Invalid {
+        release: id.to_owned(),
+        reason,
+    };
+    let mut manifest = crate::manifest::parse(&release.manifest).map_err(|e| invalid(e.to_string()))?;
+    let env = crate::env::parse(&release.env).map_err(|e| invalid(e.to_string()))?;
     // Counts set with `scale` win over the manifest's, for this release and every later one.
     let scales = crate::store::scales::for_app(&state.pool, app)
         .await
-        .map_err(|e| format!("reading the scale of {app}: {e}"))?;
+        .map_err(LoadSpecError::store(format!("the scale of {app}")))?;
     for (service, count) in scales {
         if let Some(s) = manifest.services.get_mut(&service) {
             let count = u32::try_from(count).unwrap_or(0);
@@ -316,11 +366,22 @@ pub async fn load_spec(state: &AppState, app: &str, id: &str) -> Result<ReleaseS
     // The images its build made (services built from a Dockerfile run them).
     let images = crate::store::builds::get(&state.pool, app, &build_id)
         .await
-        .map_err(|e| format!("reading build {build_id}: {e}"))?
+        .map_err(LoadSpecError::store(format!("build {build_id}")))?
         .map(|build| build.images.0)
         .unwrap_or_default();
     // The resources it declares, with their credentials (created on first use).
-    let resources = super::resources::for_release(&state.pool, app, &manifest.resources).await?;
+    let resources = super::resources::for_release(&state.pool, app, &manifest.resources)
+        .await
+        .map_err(|e| match e {
+            super::resources::ResourcesError::Store(source) => LoadSpecError::Store {
+                what: format!("the resources of {app}"),
+                source,
+            },
+            super::resources::ResourcesError::TypeChanged(reason) => LoadSpecError::Invalid {
+                release: id.to_owned(),
+                reason,
+            },
+        })?;
     Ok(ReleaseSpec {
         app: app.to_owned(),
         id: release.id,
@@ -369,21 +430,16 @@ pub async fn reconcile_all(state: AppState) {
             deployment: None,
         };
         let writer = tokio::spawn(persist_lines(state.pool.clone(), owner, rx));
-        log.line(
-            "system/local/atom/app",
-            format!("Restoring release {release} after a server restart"),
-        )
-        .await;
+        let stream = crate::stream_names::atom(state.runtime.name());
+        log.line(&stream, format!("Restoring release {release} after a server restart"))
+            .await;
         let result = tokio::select! {
             result = state.runtime.apply(&app, Some(&spec), &log) => result,
             () = state.shutdown.cancelled() => return,
         };
         if let Err(e) = result {
-            log.line(
-                "system/local/atom/app",
-                format!("Restoring release {release} failed: {e}"),
-            )
-            .await;
+            log.line(&stream, format!("Restoring release {release} failed: {e}"))
+                .await;
         }
         drop(log);
         let _ = writer.await;

@@ -23,6 +23,36 @@ use crate::store::events::{self, Owner};
 /// Workers that found nothing look again this often (a NOTIFY wakes them sooner).
 const IDLE_POLL: Duration = Duration::from_secs(2);
 
+/// What every worker runs until shutdown: claim a job with `claim` and run it to its end with
+/// `run`; when there is none (or the claim failed), wait for work.
+pub async fn claim_loop<Job, Claimed, Ran>(
+    state: crate::AppState,
+    kind: &'static str,
+    claim: impl Fn(crate::AppState) -> Claimed,
+    run: impl Fn(crate::AppState, Job) -> Ran,
+) where
+    Claimed: std::future::Future<Output = Result<Option<Job>, sqlx::Error>>,
+    Ran: std::future::Future<Output = ()>,
+{
+    let mut wake = state.bus.subscribe();
+    loop {
+        if state.shutdown.is_cancelled() {
+            return;
+        }
+        match claim(state.clone()).await {
+            Ok(Some(job)) => {
+                run(state.clone(), job).await;
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "claiming a {kind}"),
+        }
+        if !wait_for_work(&state, &mut wake).await {
+            return;
+        }
+    }
+}
+
 /// Waits until there may be new work (a NOTIFY on the jobs channel, or the idle poll
 /// interval). Returns false when the server is shutting down.
 pub async fn wait_for_work(state: &crate::AppState, wake: &mut tokio::sync::broadcast::Receiver<Wake>) -> bool {
@@ -115,7 +145,7 @@ async fn until_renewal(state: &crate::AppState, wake: &mut tokio::sync::broadcas
 }
 
 /// The stream of rack's own notes in an app's log.
-pub const LOG_NOTES_STREAM: &str = "system/rack/log";
+pub const LOG_NOTES_STREAM: &str = crate::stream_names::RACK_LOG;
 
 /// Persists a job's output lines as events, in batches (one transaction per batch, not per
 /// line), until every sender is gone; answers flushes once what came before is stored. For a

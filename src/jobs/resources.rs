@@ -26,6 +26,16 @@ fn account(kind: Kind) -> (&'static str, &'static str) {
     }
 }
 
+/// Why the resources of a release cannot be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ResourcesError {
+    #[error("{0}")]
+    Store(#[source] sqlx::Error),
+    /// A resource of that name exists with another type (the message says what to do).
+    #[error("{0}")]
+    TypeChanged(String),
+}
+
 /// The resources `declared` by a release of `app`, with their credentials: those the app did
 /// not have yet are created now (with new credentials); the others keep theirs and their data.
 ///
@@ -35,7 +45,7 @@ pub async fn for_release(
     pool: &PgPool,
     app: &str,
     declared: &BTreeMap<String, Definition>,
-) -> Result<BTreeMap<String, ResourceSpec>, String> {
+) -> Result<BTreeMap<String, ResourceSpec>, ResourcesError> {
     if declared.is_empty() {
         return Ok(BTreeMap::new());
     }
@@ -64,21 +74,19 @@ pub async fn for_release(
             }
         })
         .collect();
-    let rows = store::ensure(pool, app, &new)
-        .await
-        .map_err(|e| format!("reading the resources of {app}: {e}"))?;
+    let rows = store::ensure(pool, app, &new).await.map_err(ResourcesError::Store)?;
     let mut specs = BTreeMap::new();
     for row in rows {
         let Some(definition) = declared.get(&row.name) else {
             continue;
         };
         if row.kind != definition.kind.as_str() {
-            return Err(format!(
+            return Err(ResourcesError::TypeChanged(format!(
                 "resource {} of {app} is a {}, and this release declares it as a {}: a resource \
                  keeps its type; delete it first (`rack resources delete {} -a {app}`, after an export) \
                  or give the new one another name",
                 row.name, row.kind, definition.kind, row.name
-            ));
+            )));
         }
         let spec = ResourceSpec {
             name: row.name.clone(),

@@ -24,7 +24,7 @@ use crate::store::events::{self, Owner};
 const STARTING_DEADLINE: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 
 /// The stream of the scheduler's lines in the app's log.
-const STREAM: &str = "system/rack/timer";
+const STREAM: &str = crate::stream_names::RACK_TIMER;
 
 /// Runs until the server stops.
 pub async fn schedule(state: AppState) {

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::deploy::{DeployState, Signal, Snapshot, Transition};
+use crate::deploy::{DeployState, Snapshot, Transition};
 use crate::ids::ReleaseId;
 use crate::store::events::{self, Owner};
 
@@ -53,13 +53,8 @@ fn active() -> Vec<&'static str> {
     DeployState::ACTIVE.iter().map(|s| s.as_str()).collect()
 }
 
-/// The stream name of deployment state lines for `runtime` (`system/<runtime>/atom/app`).
-pub fn atom_stream(runtime: &str) -> String {
-    format!("system/{runtime}/atom/app")
-}
-
-/// Inserts a pending deployment with its first line (`Status: <before> => Pending`) and wakes
-/// the workers. A deployment already in progress violates [`ONE_ACTIVE_PER_APP`].
+/// Inserts a pending deployment with its first line (`Status: <before> => Pending`, on
+/// `stream`) and wakes the workers. A deployment already in progress violates [`ONE_ACTIVE_PER_APP`].
 #[tracing::instrument(skip_all, fields(app.name = %app, release.id = %release))]
 pub async fn insert(
     conn: &mut PgConnection,
@@ -67,7 +62,7 @@ pub async fn insert(
     app: &str,
     release: &str,
     timeout: Duration,
-    runtime: &str,
+    stream: &str,
 ) -> Result<Deployment, sqlx::Error> {
     let before: Option<DeployState> =
         sqlx::query_scalar("select state from deployments where app = $1 order by created_at desc limit 1")
@@ -85,7 +80,7 @@ pub async fn insert(
     .bind(i32::try_from(timeout.as_secs()).unwrap_or(i32::MAX))
     .fetch_one(&mut *conn)
     .await?;
-    let line = (atom_stream(runtime), crate::deploy::machine::created_line(before));
+    let line = (stream.to_owned(), crate::deploy::machine::created_line(before));
     events::append(&mut *conn, owner(&deployment), &[line], None).await?;
     sqlx::query("select pg_notify($1, 'deploy')")
         .bind(crate::store::builds::JOBS_CHANNEL)
@@ -102,29 +97,14 @@ fn owner(deployment: &Deployment) -> Owner<'_> {
     }
 }
 
-/// Ends the app's deployment in progress, if any, as `superseded` by `by` (a forced promote).
-/// Its worker notices at its next lease renewal and stops.
-pub async fn supersede_active(
-    conn: &mut PgConnection,
-    app: &str,
-    by: Uuid,
-    runtime: &str,
-) -> Result<Option<Deployment>, sqlx::Error> {
-    let old: Option<Deployment> =
-        sqlx::query_as("select * from deployments where app = $1 and state = any($2) for update")
-            .bind(app)
-            .bind(active())
-            .fetch_optional(&mut *conn)
-            .await?;
-    let Some(old) = old else { return Ok(None) };
-    match crate::deploy::next(&old.snapshot(), &Signal::Superseded(by)) {
-        Ok(transition) => {
-            record_on(conn, &old, None, &transition, runtime).await?;
-        }
-        // Every deployment in progress can be superseded; this is a bug, not the client's.
-        Err(e) => tracing::error!(deployment.id = %old.id, "superseding: {e}"),
-    }
-    Ok(Some(old))
+/// The app's deployment in progress, if any, locked until the end of the transaction (a forced
+/// promote supersedes it).
+pub async fn lock_active(conn: &mut PgConnection, app: &str) -> Result<Option<Deployment>, sqlx::Error> {
+    sqlx::query_as("select * from deployments where app = $1 and state = any($2) for update")
+        .bind(app)
+        .bind(active())
+        .fetch_optional(&mut *conn)
+        .await
 }
 
 /// One deployment of an app.
@@ -218,7 +198,8 @@ pub async fn hand_back(pool: &PgPool, id: Uuid, owner: Uuid) -> Result<bool, sql
 }
 
 /// Records `transition` of `deployment`, held by `owner`: its new state and reason, its log
-/// lines (and outcome), and, when it says so, the app's new release, in one transaction.
+/// lines on `stream` (and outcome), and, when it says so, the app's new release, in one
+/// transaction.
 /// Returns false (recording nothing) when the deployment is no longer held by `owner` in the
 /// state the transition starts from: another worker or a forced promote moved it meanwhile.
 #[tracing::instrument(skip_all, fields(deployment.id = %deployment.id, app.name = %deployment.app, to = transition.to.as_str()))]
@@ -227,20 +208,22 @@ pub async fn record(
     deployment: &Deployment,
     owner: Uuid,
     transition: &Transition,
-    runtime: &str,
+    stream: &str,
 ) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let recorded = record_on(&mut tx, deployment, Some(owner), transition, runtime).await?;
+    let recorded = record_in(&mut tx, deployment, Some(owner), transition, stream).await?;
     tx.commit().await?;
     Ok(recorded)
 }
 
-async fn record_on(
+/// [`record`] in the caller's transaction, held by `holder` (`None`: whoever holds it, as a
+/// forced promote superseding it).
+pub async fn record_in(
     conn: &mut PgConnection,
     deployment: &Deployment,
     holder: Option<Uuid>,
     transition: &Transition,
-    runtime: &str,
+    stream: &str,
 ) -> Result<bool, sqlx::Error> {
     let terminal = transition.to.is_terminal();
     let moved = sqlx::query(
@@ -269,11 +252,10 @@ async fn record_on(
             .execute(&mut *conn)
             .await?;
     }
-    let stream = atom_stream(runtime);
     let lines: Vec<(String, String)> = transition
         .lines
         .iter()
-        .map(|line| (stream.clone(), line.clone()))
+        .map(|line| (stream.to_owned(), line.clone()))
         .collect();
     events::append(&mut *conn, owner(deployment), &lines, transition.outcome).await?;
     Ok(true)

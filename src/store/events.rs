@@ -132,7 +132,7 @@ pub async fn list_after(pool: &PgPool, topic: &Topic, after: i64, limit: i64) ->
         Topic::App { service, filter, .. } => (
             None,
             None,
-            service.as_ref().map(|s| format!("service/{s}/")),
+            service.as_deref().map(crate::stream_names::service_prefix),
             filter.as_deref(),
         ),
     };

@@ -70,16 +70,7 @@ impl FeedFilter {
     }
 }
 
-/// A process event that only the runtime knows of.
-#[derive(Debug, Clone)]
-pub struct ProcessNote {
-    pub app: String,
-    pub process: String,
-    /// `process.started` or `process.exited`.
-    pub kind: &'static str,
-    pub message: String,
-    pub data: serde_json::Value,
-}
+pub use crate::process_note::ProcessNote;
 
 /// Appends a process event, in a transaction of its own (the feed's counter is the last lock a
 /// transaction takes; see the migration).

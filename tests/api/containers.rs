@@ -335,39 +335,10 @@ async fn containers_show_in_ps_scale_restart_and_log() {
     assert_eq!(get(&app, "ops", "/").await.0, 200);
     let processes: Vec<Value> = app.get_json("/apps/ops/processes").await;
     let pid = processes[0]["id"].as_str().unwrap().to_owned();
-    wait_for(30, "the container's output in the app log", || async {
-        let text = app
-            .request(Method::GET, "/apps/ops/logs")
-            .header("follow", "false")
-            .header("since", "0")
-            .header("prefix", "true")
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        text.contains(&format!("service/web/{pid}")).then_some(())
-    })
-    .await;
+    app.wait_for_log_line("ops", &format!("service/web/{pid}"), 30).await;
 
     // scale
-    let scale = app
-        .json(Method::PUT, "/apps/ops/services/web")
-        .form(&[("count", "2")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(scale.status(), 202);
-    let location = scale.headers()["location"].to_str().unwrap().to_owned();
-    let log = app
-        .request(Method::GET, &format!("{location}/events"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let log = app.scale_follow("ops", "web", 2).await;
     assert!(log.ends_with("OK\n"), "{log}");
     assert_eq!(containers(&app, "ops").await.len(), 2);
 

@@ -18,12 +18,8 @@ pub const MANIFEST: &str = "services:\n  web:\n    command: python3 -u server.py
 /// An app with one complete build of the fixture server; returns its release id.
 async fn built_app(app: &TestApp, name: &str) -> String {
     assert_eq!(app.create_app(name).await.status(), 201);
-    let id = app
-        .build_source(name, &[("convox.yml", MANIFEST), ("server.py", SERVER)])
-        .await;
-    let build = app.wait_build(name, &id).await;
-    assert_eq!(build["status"], "complete", "{build}");
-    build["release"].as_str().unwrap().to_owned()
+    app.build_release(name, &[("convox.yml", MANIFEST), ("server.py", SERVER)])
+        .await
 }
 
 /// Promotes with `follow=true` and returns the whole rollout log.
@@ -733,22 +729,7 @@ async fn scale_changes_the_count_now_and_for_later_deployments() {
     );
     promote_follow(&app, "myapp", &first).await;
 
-    let scale = app
-        .json(Method::PUT, "/apps/myapp/services/web")
-        .form(&[("count", "2")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(scale.status(), 202);
-    let location = scale.headers()["location"].to_str().unwrap().to_owned();
-    let log = app
-        .request(Method::GET, &format!("{location}/events"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let log = app.scale_follow("myapp", "web", 2).await;
     assert!(log.ends_with("\nOK\n"), "{log}");
     let running = |n: usize| {
         let app = &app;
@@ -799,20 +780,7 @@ async fn scale_changes_the_count_now_and_for_later_deployments() {
         status_text(unknown).await,
         (404, "service not found: nope\n".to_owned())
     );
-    let zero = app
-        .json(Method::PUT, "/apps/myapp/services/web")
-        .form(&[("count", "0")])
-        .send()
-        .await
-        .unwrap();
-    let location = zero.headers()["location"].to_str().unwrap().to_owned();
-    app.request(Method::GET, &format!("{location}/events"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    app.scale_follow("myapp", "web", 0).await;
     assert!(running(0).await);
 }
 

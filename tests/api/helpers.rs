@@ -366,6 +366,74 @@ impl TestApp {
             .to_owned()
     }
 
+    /// Builds `files` as the next release of `app` (the build must complete); the release id.
+    pub async fn build_release(&self, app: &str, files: &[(&str, &str)]) -> String {
+        let id = self.build_source(app, files).await;
+        let build = self.wait_build(app, &id).await;
+        assert_eq!(build["status"], "complete", "{build}");
+        build["release"].as_str().expect("a release").to_owned()
+    }
+
+    /// Builds `files` and promotes the release, following the rollout to its end (which must
+    /// be `OK`); the release id and the rollout log.
+    pub async fn deploy_files(&self, app: &str, files: &[(&str, &str)]) -> (String, String) {
+        let release = self.build_release(app, files).await;
+        let log = crate::deploys::promote_follow(self, app, &release).await;
+        assert!(log.ends_with("OK\n"), "{log}");
+        (release, log)
+    }
+
+    /// Scales `service` of `app` to `count` and follows the deployment that applies it to its
+    /// end; the deployment's log.
+    pub async fn scale_follow(&self, app: &str, service: &str, count: u32) -> String {
+        let scale = self
+            .json(Method::PUT, &format!("/apps/{app}/services/{service}"))
+            .form(&[("count", count.to_string())])
+            .send()
+            .await
+            .expect("PUT service");
+        assert_eq!(scale.status(), 202);
+        let location = scale.headers()["location"].to_str().expect("a location").to_owned();
+        self.request(Method::GET, &format!("{location}/events"))
+            .send()
+            .await
+            .expect("GET deployment events")
+            .text()
+            .await
+            .expect("the deployment's log")
+    }
+
+    /// The app's whole log so far (not following); empty when it cannot be read right now.
+    pub async fn app_log(&self, app: &str) -> String {
+        self.read_app_log(app, false).await
+    }
+
+    /// The app's log so far, each line after its stream's name when `prefixed`.
+    async fn read_app_log(&self, app: &str, prefixed: bool) -> String {
+        let response = self
+            .request(Method::GET, &format!("/apps/{app}/logs"))
+            .header("follow", "false")
+            .header("since", "0")
+            .header("prefix", prefixed.to_string())
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+        match response {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// Waits (up to `secs`) until the app's log (each line after its stream's name) holds
+    /// `needle`; returns that log.
+    pub async fn wait_for_log_line(&self, app: &str, needle: &str, secs: u64) -> String {
+        wait_for(secs, &format!("{needle:?} in the log of {app}"), || async {
+            let log = self.read_app_log(app, true).await;
+            log.contains(needle).then_some(log)
+        })
+        .await
+    }
+
     /// The build directory of build `id` of `app`: its sandbox's only view of the host.
     pub fn build_dir(&self, app: &str, id: &str) -> std::path::PathBuf {
         self.state.config.data_dir.join("builds").join(app).join(id)

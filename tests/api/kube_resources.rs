@@ -473,7 +473,9 @@ async fn resources_are_stateful_sets_kept_across_releases_and_gone_with_the_app(
     assert_eq!(uids(&client, &ns, &["database", "cache"]).await, before);
 
     // Deleting a resource removes it and its data.
-    rack::runtime::Runtime::delete_resource(&runtime, app, "cache").await.unwrap();
+    rack::runtime::Runtime::delete_resource(&runtime, app, "cache")
+        .await
+        .unwrap();
     wait_for(60, "the cache's objects to go", || async {
         let set = sets.get_opt("resource-cache").await.unwrap();
         let service = Api::<Service>::namespaced(client.clone(), &ns)

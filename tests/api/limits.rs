@@ -20,20 +20,6 @@ fn own_pids_cgroup() -> Option<std::path::PathBuf> {
     Some(std::path::Path::new("/sys/fs/cgroup/pids").join(path.trim_start_matches('/')))
 }
 
-/// The app's log so far.
-async fn app_log(app: &TestApp, name: &str) -> String {
-    let response = app
-        .request(Method::GET, &format!("/apps/{name}/logs"))
-        .header("follow", "false")
-        .header("since", "0")
-        .send()
-        .await;
-    match response {
-        Ok(response) => response.text().await.unwrap_or_default(),
-        Err(_) => String::new(),
-    }
-}
-
 #[tokio::test]
 async fn a_memory_hog_and_a_fork_bomb_stay_inside_their_instance() {
     let Some(pids_root) = own_pids_cgroup().filter(|_| nix::unistd::geteuid().is_root()) else {
@@ -54,7 +40,7 @@ async fn a_memory_hog_and_a_fork_bomb_stay_inside_their_instance() {
 
     // (The bomb's own shell dies of its first failed fork; the bomb's processes stay.)
     let log = wait_for(60, "the hog and the bomb to have run", || async {
-        let log = app_log(&app, "greedy").await;
+        let log = app.app_log("greedy").await;
         (log.contains("hog ") && log.contains("bomb went off")).then_some(log)
     })
     .await;

@@ -14,6 +14,7 @@ mod containers;
 mod cross_site;
 mod dashboard;
 mod deploys;
+mod drivers;
 mod encodings;
 mod feed;
 mod helpers;

@@ -18,14 +18,9 @@ const MARKER: &str = "F1E49A85-0AD7-4AEF-A618-C249C6E6568D";
 /// An app running the fixture web server; returns its release.
 pub async fn running_app(app: &TestApp, name: &str) -> String {
     assert_eq!(app.create_app(name).await.status(), 201);
-    let id = app
-        .build_source(name, &[("convox.yml", crate::deploys::MANIFEST), ("server.py", SERVER)])
-        .await;
-    let build = app.wait_build(name, &id).await;
-    let release = build["release"].as_str().unwrap().to_owned();
-    let log = promote_follow(app, name, &release).await;
-    assert!(log.ends_with("OK\n"), "{log}");
-    release
+    app.deploy_files(name, &[("convox.yml", crate::deploys::MANIFEST), ("server.py", SERVER)])
+        .await
+        .0
 }
 
 /// What an exec websocket gave: the output frames joined, and the exit code of the marker
@@ -160,20 +155,12 @@ async fn convox_run_attached_sequence_works_unchanged() {
     assert_eq!(processes[0]["type"], "service");
     // Who started it is in the app's log, and never a secret.
     let log = app
-        .request(Method::GET, "/apps/myapp/logs")
-        .header("follow", "false")
-        .header("since", "0")
-        .header("prefix", "true")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        log.contains(&format!("system/rack/run password started process {id} of web")),
-        "{log}"
-    );
+        .wait_for_log_line(
+            "myapp",
+            &format!("system/rack/run password started process {id} of web"),
+            30,
+        )
+        .await;
     assert!(
         log.contains("system/rack/run password ran a command in process"),
         "{log}"
@@ -367,7 +354,7 @@ async fn a_release_phase_runs_first_and_a_failing_one_changes_nothing() {
         )
     };
     let first = app
-        .build_source(
+        .build_release(
             "phased",
             &[
                 ("convox.yml", &manifest("sh -c 'echo migrating $RELEASE; exit 0'")),
@@ -375,10 +362,6 @@ async fn a_release_phase_runs_first_and_a_failing_one_changes_nothing() {
             ],
         )
         .await;
-    let first = app.wait_build("phased", &first).await["release"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     let log = promote_follow(&app, "phased", &first).await;
     assert!(log.ends_with("OK\n"), "{log}");
     let position = |needle: &str| {
@@ -390,7 +373,7 @@ async fn a_release_phase_runs_first_and_a_failing_one_changes_nothing() {
     assert!(position("Status: Releasing => Updating") < position("Scaled up web release"));
 
     let second = app
-        .build_source(
+        .build_release(
             "phased",
             &[
                 ("convox.yml", &manifest("sh -c 'echo the migration broke; exit 3'")),
@@ -398,10 +381,6 @@ async fn a_release_phase_runs_first_and_a_failing_one_changes_nothing() {
             ],
         )
         .await;
-    let second = app.wait_build("phased", &second).await["release"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     let log = promote_follow(&app, "phased", &second).await;
     assert!(log.contains("the migration broke"), "{log}");
     assert!(log.contains("Status: Releasing => Error"), "{log}");

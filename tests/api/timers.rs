@@ -2,23 +2,8 @@
 //! service when it comes due, once per scheduled minute however many replicas there are, and
 //! follows its `concurrency`.
 
-use reqwest::Method;
-
 use crate::deploys::{MANIFEST, SERVER, promote_follow};
 use crate::helpers::{TestApp, wait_for};
-
-/// The app's log so far.
-async fn app_log(app: &TestApp, name: &str) -> String {
-    app.request(Method::GET, &format!("/apps/{name}/logs"))
-        .header("follow", "false")
-        .header("since", "0")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timer_runs_each_minute_once_across_two_replicas() {
@@ -54,11 +39,11 @@ async fn a_timer_runs_each_minute_once_across_two_replicas() {
             .collect::<Vec<_>>()
     };
     wait_for(75, "the timer's first run", || async {
-        (runs(&app_log(&app, name).await) >= 1).then_some(())
+        (runs(&app.app_log(name).await) >= 1).then_some(())
     })
     .await;
     let log = wait_for(75, "the timer's second run", || async {
-        let log = app_log(&other, name).await;
+        let log = other.app_log(name).await;
         (runs(&log) >= 2).then_some(log)
     })
     .await;

@@ -25,7 +25,7 @@ use crate::runtime::{LogSink, ReleaseSpec, RuntimeError};
 
 /// The log stream of resource `name`.
 fn stream(name: &str) -> String {
-    format!("system/k8s/resource/{name}")
+    crate::stream_names::resource("k8s", name)
 }
 
 /// Applies every resource of `release` and waits until each is ready (bounded by the caller,

@@ -23,7 +23,7 @@ pub fn line(event: &Event) -> Option<(String, String)> {
     }
     // One event is one line, whatever the message holds.
     let message = message.lines().map(str::trim).collect::<Vec<_>>().join(" ");
-    Some((format!("system/k8s/{object}"), message))
+    Some((crate::stream_names::system("k8s", object), message))
 }
 
 /// What identifies one occurrence of an event: a repeated event is the same object with a new

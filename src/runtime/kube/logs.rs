@@ -142,7 +142,7 @@ fn stream_of(pod: &Pod, name: &str) -> String {
     };
     match label("type").as_str() {
         "timer" => format!("timer/{}/{name}", label("timer")),
-        _ => format!("service/{}/{name}", label("service")),
+        _ => crate::stream_names::service(&label("service"), name),
     }
 }
 

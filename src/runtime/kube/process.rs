@@ -58,7 +58,7 @@ pub async fn run(runtime: &KubeRuntime, release: &ReleaseSpec, one_off: &OneOff)
         .await
         .map_err(RuntimeError::kube(format!("creating pod {name}")))?;
     if let Some(log) = &one_off.log {
-        let stream = format!("service/{}/{name}", one_off.service);
+        let stream = crate::stream_names::service(&one_off.service, &name);
         tokio::spawn(follow_logs(pods.clone(), name.clone(), log.clone(), stream));
     }
     Ok(name)

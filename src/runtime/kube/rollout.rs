@@ -109,7 +109,7 @@ pub async fn apply(
     for deployment in existing.items {
         let Some(name) = deployment.metadata.name else { continue };
         if !wanted.contains(&name) {
-            log.line("system/k8s/atom/app", format!("Removing service {name}"))
+            log.line(&crate::stream_names::atom("k8s"), format!("Removing service {name}"))
                 .await;
             delete(&deployments, &name).await?;
             delete(&services, &name).await?;
@@ -210,7 +210,8 @@ where
             continue;
         };
         if !wanted.contains(&name) {
-            log.line("system/k8s/atom/app", format!("Removing {name}")).await;
+            log.line(&crate::stream_names::atom("k8s"), format!("Removing {name}"))
+                .await;
             delete(api, &name).await?;
         }
     }

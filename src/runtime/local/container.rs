@@ -69,7 +69,7 @@ impl ContainerDriver {
     /// from now on and waits for it as if rack had started it.
     pub async fn attach(&self, found: &Found, log: LogSink) -> Box<dyn Running> {
         let pid = self.podman.pid(&found.container).await;
-        let stream = format!("service/{}/{}", found.service, found.process);
+        let stream = crate::stream_names::service(&found.service, &found.process);
         let since = Utc::now().to_rfc3339();
         Box::new(Container {
             podman: self.podman.clone(),
@@ -126,7 +126,7 @@ impl Driver for ContainerDriver {
         };
         let id = podman.run(&spec).await.map_err(std::io::Error::other)?;
         let pid = podman.pid(&id).await;
-        let stream = format!("service/{}/{}", start.service, start.id);
+        let stream = crate::stream_names::service(&start.service, &start.id);
         Ok(Box::new(Container {
             podman: podman.clone(),
             id: id.clone(),
@@ -209,10 +209,10 @@ impl Running for Container {
         self.pid
     }
 
-    async fn wait(&mut self) -> String {
+    async fn wait(&mut self) -> super::exit::Exit {
         let status = match self.podman.wait(&self.id).await {
-            Ok(code) => format!("exit status: {code}"),
-            Err(e) => format!("lost: {e}"),
+            Ok(code) => super::exit::Exit::Code(code),
+            Err(e) => super::exit::Exit::Lost(format!("lost: {e}")),
         };
         self.drain_output().await;
         self.podman.remove(&self.id, Duration::ZERO).await;

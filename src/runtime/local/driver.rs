@@ -60,7 +60,7 @@ pub trait Running: Send {
     fn pid(&self) -> u32;
 
     /// Waits until it has exited and its output is written; says how it ended.
-    async fn wait(&mut self) -> String;
+    async fn wait(&mut self) -> super::exit::Exit;
 
     /// Asks it to stop (SIGTERM), without waiting: it then exits and [`Running::wait`] returns.
     fn terminate(&self);
@@ -148,15 +148,7 @@ impl Driver for ProcessDriver {
         let mut command = self
             .sandbox
             .limited_command(workspace, dir, &argv, Tie::Watchdog, &procs);
-        command
-            .env(
-                "PATH",
-                std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
-            )
-            .env("HOME", dir)
-            .env("LANG", "C.UTF-8")
-            .envs(&start.env)
-            .stdin(std::process::Stdio::piped());
+        sandbox_env(&mut command, dir, &start).stdin(std::process::Stdio::piped());
         if let Some(port) = start.port {
             command.env("PORT", port.to_string());
         }
@@ -164,7 +156,7 @@ impl Driver for ProcessDriver {
         let pid = child.id().unwrap_or(0);
         let output = {
             let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
-            let stream = format!("service/{}/{}", start.service, start.id);
+            let stream = crate::stream_names::service(&start.service, &start.id);
             let log = start.log.clone();
             tokio::spawn(async move { pipe_streams(stdout, stderr, &stream, &log).await })
         };
@@ -192,14 +184,7 @@ impl Driver for ProcessDriver {
             self.sandbox
                 .command(workspace, dir, &request.command, Tie::DiesWithRack)
         };
-        command
-            .env(
-                "PATH",
-                std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
-            )
-            .env("HOME", dir)
-            .env("LANG", "C.UTF-8")
-            .envs(&start.env);
+        sandbox_env(&mut command, dir, start);
         if request.tty.is_some() {
             command.env("TERM", "xterm");
         }
@@ -273,10 +258,10 @@ impl Running for Process {
         self.pid
     }
 
-    async fn wait(&mut self) -> String {
+    async fn wait(&mut self) -> super::exit::Exit {
         let status = self.child.wait().await;
         self.release().await;
-        status.map_or_else(|e| e.to_string(), |s| s.to_string())
+        super::exit::Exit::of(status)
     }
 
     fn terminate(&self) {
@@ -298,4 +283,21 @@ impl Running for Process {
         self.kill();
         self.release().await;
     }
+}
+
+/// The environment of a sandboxed process of `start`, and of a command run inside it (`exec`):
+/// rack's `PATH`, its directory as `HOME`, a UTF-8 locale, then the release's variables.
+fn sandbox_env<'c>(
+    command: &'c mut tokio::process::Command,
+    dir: &std::path::Path,
+    start: &Start,
+) -> &'c mut tokio::process::Command {
+    command
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+        )
+        .env("HOME", dir)
+        .env("LANG", "C.UTF-8")
+        .envs(&start.env)
 }

@@ -77,9 +77,5 @@ fn chunks<R: tokio::io::AsyncRead + Send + 'static>(
 
 /// An exit status as a shell reports it (128 + the signal for a killed process).
 pub fn code(status: io::Result<std::process::ExitStatus>) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    match status {
-        Ok(status) => status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(1),
-        Err(_) => 1,
-    }
+    super::exit::Exit::of(status).code()
 }

@@ -83,7 +83,7 @@ pub async fn health_loop(
                         instance.health.send_replace(Health::Unhealthy);
                         refresh_routes();
                         log.line(
-                            &format!("system/local/{}", instance.id),
+                            &crate::stream_names::system("local", &instance.id),
                             format!("Health check failed: {reason}"),
                         )
                         .await;

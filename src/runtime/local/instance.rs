@@ -18,6 +18,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::driver::{Driver, Runnable, Running, Start};
+use super::exit::Exit;
 use super::health::{HealthCheck, health_loop};
 use crate::manifest::{Command as ServiceCommand, Service};
 use crate::runtime::{LogSink, ProcessKind, ProcessStatus, ReleaseSpec, RuntimeError};
@@ -64,6 +65,29 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// A new instance `id` of `launch`, not started yet: listening on `port` (when it takes
+    /// traffic), stopped when `stop` is cancelled.
+    pub fn new(id: String, kind: ProcessKind, launch: &Launch, port: Option<u16>, stop: CancellationToken) -> Self {
+        Self {
+            id,
+            service: launch.service.clone(),
+            release: launch.release.clone(),
+            port: AtomicU16::new(port.unwrap_or(0)),
+            command: launch.display.clone(),
+            image: launch.image.clone(),
+            started: Utc::now(),
+            pid: AtomicU32::new(0),
+            health: watch::channel(Health::Starting).0,
+            stopping: AtomicBool::new(false),
+            restart: Notify::new(),
+            stop,
+            done: Mutex::new(None),
+            kind,
+            exit: watch::channel(None).0,
+            launch: launch.clone(),
+        }
+    }
+
     /// The host port it listens on, if it takes traffic.
     pub fn port(&self) -> Option<u16> {
         Some(self.port.load(Ordering::SeqCst)).filter(|p| *p != 0)
@@ -272,7 +296,7 @@ pub async fn supervise(job: Supervised) {
         restarts,
         shutdown,
     } = job;
-    let system = format!("system/local/{}", instance.id);
+    let system = crate::stream_names::system("local", &instance.id);
     let mut backoff = Duration::from_secs(1);
     let mut first = true;
     loop {
@@ -325,7 +349,7 @@ pub async fn supervise(job: Supervised) {
         let since = tokio::time::Instant::now();
         let checks = health_loop(&health_client, &instance, &launch.check, &log, &refresh_routes);
         enum Ended {
-            Exited(String),
+            Exited(Exit),
             Unhealthy,
             Restart,
             Stop,
@@ -347,7 +371,7 @@ pub async fn supervise(job: Supervised) {
             }
             Ended::Restart => {
                 running.stop(STOP_GRACE).await;
-                ("restarted on request".to_owned(), Duration::ZERO)
+                (Exit::Restarted, Duration::ZERO)
             }
             Ended::Unhealthy => {
                 // Unhealthy for too long: kill it, the crash path restarts it.
@@ -390,7 +414,7 @@ pub async fn supervise(job: Supervised) {
             service: &instance.service,
             process: &instance.id,
             pid: 0,
-            exit: Some(exit_code(&status)),
+            exit: Some(status.code()),
         };
         log.process(&system, message, event).await;
         tokio::select! {
@@ -414,7 +438,7 @@ pub async fn run_once(job: Supervised, timeout: Duration) {
         log,
         ..
     } = job;
-    let system = format!("system/local/{}", instance.id);
+    let system = crate::stream_names::system("local", &instance.id);
     let mut running = match driver.start(launch.start(&app, &instance, log.clone())).await {
         Ok(running) => running,
         Err(e) => {
@@ -440,7 +464,7 @@ pub async fn run_once(job: Supervised, timeout: Duration) {
     )
     .await;
     let code = tokio::select! {
-        status = running.wait() => exit_code(&status),
+        status = running.wait() => status.code(),
         () = tokio::time::sleep(timeout) => {
             log.line(&system, format!("Process {} ran past its {}s timeout; stopping it", instance.id, timeout.as_secs())).await;
             running.stop(STOP_GRACE).await;
@@ -466,32 +490,4 @@ pub async fn run_once(job: Supervised, timeout: Duration) {
     )
     .await;
     instance.exit.send_replace(Some(code));
-}
-
-/// The exit code in a driver's description of how a process ended (`exit status: 3`,
-/// `signal: 9 (SIGKILL)`), as a shell reports it.
-fn exit_code(status: &str) -> i32 {
-    let number = |prefix: &str| {
-        status
-            .strip_prefix(prefix)?
-            .split_whitespace()
-            .next()?
-            .trim_end_matches(|c: char| !c.is_ascii_digit())
-            .parse::<i32>()
-            .ok()
-    };
-    number("exit status: ")
-        .or_else(|| number("signal: ").map(|s| 128 + s))
-        .unwrap_or(1)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn exit_codes_read_as_a_shell_reports_them() {
-        assert_eq!(super::exit_code("exit status: 3"), 3);
-        assert_eq!(super::exit_code("exit status: 0"), 0);
-        assert_eq!(super::exit_code("signal: 9 (SIGKILL)"), 137);
-        assert_eq!(super::exit_code("lost: podman died"), 1);
-    }
 }

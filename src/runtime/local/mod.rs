@@ -11,6 +11,7 @@ mod context;
 mod dockerfile;
 pub mod driver;
 pub mod exec;
+pub mod exit;
 mod health;
 mod instance;
 pub mod podman;
@@ -124,7 +125,7 @@ impl Runtime for LocalRuntime {
             // Said, not refused: the same convox.yml deploys to a Kubernetes rack, where they run.
             let names: Vec<&str> = release.manifest.balancers.keys().map(String::as_str).collect();
             log.line(
-                "system/local/app",
+                &crate::stream_names::system("local", "app"),
                 format!(
                     "Balancers are not run by the local runtime (its router serves the services' ports): {}",
                     names.join(", ")

@@ -118,7 +118,7 @@ impl Podman {
     /// # Errors
     /// When the configuration cannot be written.
     pub fn detect(data_dir: &Path, rack: &str) -> std::io::Result<Option<Self>> {
-        let Some(program) = find("podman") else {
+        let Some(program) = super::sandbox::find_on_path("podman") else {
             return Ok(None);
         };
         let root = nix::unistd::geteuid().is_root();
@@ -446,7 +446,7 @@ fn containers_conf() -> String {
     // one container, and some hosts refuse much more even below the hard limit.
     let nofile = hard(nix::sys::resource::Resource::RLIMIT_NOFILE).min(1 << 20);
     let nproc = hard(nix::sys::resource::Resource::RLIMIT_NPROC).min(4096);
-    let runtime = if find("runc").is_some() {
+    let runtime = if super::sandbox::find_on_path("runc").is_some() {
         "runtime = \"runc\"\n"
     } else {
         ""
@@ -489,15 +489,6 @@ fn subordinate_start(file: &str, user: &str) -> Option<u32> {
         let count: u64 = fields.next()?.trim().parse().ok()?;
         (count >= u64::from(USERNS_SIZE)).then_some(start)
     })
-}
-
-fn find(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .chain(["/usr/bin".into(), "/usr/sbin".into()])
-        .map(|dir| dir.join(program))
-        .find(|path| path.is_file())
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ impl Supervisor {
         log: &LogSink,
     ) -> Result<(), RuntimeError> {
         let app = release.app.as_str();
-        let stream = format!("system/local/{name}");
+        let stream = crate::stream_names::system("local", name);
         let budget = Percentages::of(&service.deployment).budget(service.scale.count_min as usize);
         if service.port.is_some() {
             self.ensure_router(app, name).await?;
@@ -75,7 +75,7 @@ impl Supervisor {
         let Some(oldest) = old.first() else { return };
         self.stop_instance(app, oldest, log).await;
         let message = format!("Scaled down {service} release {} to {}", oldest.release, old.len() - 1);
-        log.line(&format!("system/local/{service}"), message).await;
+        log.line(&crate::stream_names::system("local", service), message).await;
     }
 }
 
@@ -89,7 +89,7 @@ fn counts(new: &[Arc<Instance>], old: &[Arc<Instance>]) -> Counts {
 
 /// Waits until `instance` is ready, or has failed before ever being ready.
 async fn wait_ready(instance: &Instance, service: &Service, log: &LogSink) -> Result<(), RuntimeError> {
-    let stream = format!("system/local/{}", instance.id);
+    let stream = crate::stream_names::system("local", &instance.id);
     let mut rx = instance.health.subscribe();
     loop {
         let health = rx.borrow_and_update().clone();

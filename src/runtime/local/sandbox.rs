@@ -259,11 +259,13 @@ fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
     Ok(())
 }
 
-fn find_on_path(program: &str) -> Option<PathBuf> {
+/// Where `program` is: the first directory of `PATH` that has it, else the system's own
+/// directories (rack may run with a short `PATH`, as a service).
+pub fn find_on_path(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
-        .chain(["/usr/bin".into(), "/bin".into()])
+        .chain(["/usr/bin".into(), "/usr/sbin".into(), "/bin".into()])
         .map(|dir| dir.join(program))
         .find(|path| path.is_file())
 }

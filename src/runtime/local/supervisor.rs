@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -143,26 +142,9 @@ impl Supervisor {
     /// # Errors
     /// When `app` already has [`MAX_ONE_OFFS_PER_APP`] one-offs running (the number).
     pub fn run(&self, app: &str, launch: Launch, log: LogSink, timeout: Duration) -> Result<Arc<Instance>, usize> {
-        let (health, _) = watch::channel(Health::Starting);
         let id = format!("{}-run-{}", launch.service, crate::ids::random_token(8).to_lowercase());
-        let instance = Arc::new(Instance {
-            id,
-            service: launch.service.clone(),
-            release: launch.release.clone(),
-            port: AtomicU16::new(0),
-            command: launch.display.clone(),
-            image: launch.image.clone(),
-            started: Utc::now(),
-            pid: AtomicU32::new(0),
-            health,
-            stopping: AtomicBool::new(false),
-            restart: Notify::new(),
-            stop: self.0.shutdown.child_token(),
-            done: Mutex::new(None),
-            kind: ProcessKind::Run,
-            exit: watch::channel(None).0,
-            launch: launch.clone(),
-        });
+        let stop = self.0.shutdown.child_token();
+        let instance = Arc::new(Instance::new(id, ProcessKind::Run, &launch, None, stop));
         // Counted and added under one lock: concurrent requests cannot pass the cap together.
         self.with_app(app, |procs| {
             let running = procs
@@ -325,7 +307,7 @@ impl Supervisor {
             let restarts = found.release == release.map(|r| r.id.as_str()).unwrap_or_default();
             self.register(app, &launch, &found, running, restarts);
             log.line(
-                &format!("system/local/{}", found.process),
+                &crate::stream_names::system("local", &found.process),
                 format!("Adopted container {} of release {}", found.process, found.release),
             )
             .await;
@@ -489,25 +471,8 @@ impl Supervisor {
                 .collect::<String>(),
             crate::ids::random_token(5).to_lowercase()
         );
-        let (health, _) = watch::channel(Health::Starting);
-        let instance = Arc::new(Instance {
-            id: id.clone(),
-            service: launch.service.clone(),
-            release: launch.release.clone(),
-            port: AtomicU16::new(port.unwrap_or(0)),
-            command: launch.display.clone(),
-            image: launch.image.clone(),
-            started: Utc::now(),
-            pid: AtomicU32::new(0),
-            health,
-            stopping: AtomicBool::new(false),
-            restart: Notify::new(),
-            stop: self.0.shutdown.child_token(),
-            done: Mutex::new(None),
-            kind: ProcessKind::Service,
-            exit: watch::channel(None).0,
-            launch: launch.clone(),
-        });
+        let stop = self.0.shutdown.child_token();
+        let instance = Arc::new(Instance::new(id.clone(), ProcessKind::Service, launch, port, stop));
         self.with_app(app, |procs| procs.instances.push(instance.clone()));
         let task = tokio::spawn(supervise(self.supervised(app, &instance, launch.clone(), None, true)));
         *instance.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
@@ -530,7 +495,7 @@ impl Supervisor {
             exit: None,
         };
         log.process(
-            &format!("system/local/{id}"),
+            &crate::stream_names::system("local", &id),
             format!("Started process {id} (pid {pid}{port_text})"),
             event,
         )
@@ -560,7 +525,7 @@ impl Supervisor {
             exit: Some(-1),
         };
         log.process(
-            &format!("system/local/{}", instance.id),
+            &crate::stream_names::system("local", &instance.id),
             format!("Stopped process {}", instance.id),
             event,
         )

@@ -61,7 +61,7 @@ impl Resources {
     async fn ensure(&self, app: &str, spec: &ResourceSpec, log: &LogSink) -> Result<(), RuntimeError> {
         let lock = self.lock(app, &spec.name);
         let _held = lock.lock().await;
-        let stream = format!("system/local/resource/{}", spec.name);
+        let stream = crate::stream_names::resource("local", &spec.name);
         let failed = |why: String| RuntimeError::Failed(format!("resource {}: {why}", spec.name));
         if spec.definition.image.is_some() {
             return Err(failed(format!(

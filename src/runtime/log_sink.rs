@@ -1,0 +1,128 @@
+//! Where a job writes its output: a [`LogSink`] of `(stream, line)` items (and process events
+//! for the feed), blocking for job logs, lossy for an app's output, and its receiving end.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::mpsc;
+
+/// Where a job writes its output: one `(stream, line)` at a time.
+#[derive(Debug, Clone)]
+pub struct LogSink {
+    tx: mpsc::Sender<LogItem>,
+    /// Set for a sink that never blocks: lines it could not queue, counted.
+    dropped: Option<Arc<AtomicU64>>,
+}
+
+/// The receiving end of a [`LogSink`].
+#[derive(Debug)]
+pub struct LogReceiver {
+    pub rx: mpsc::Receiver<LogItem>,
+    /// Lines the sink dropped (a lossy sink), for the writer to report once it can.
+    pub dropped: Option<Arc<AtomicU64>>,
+}
+
+/// What goes through a [`LogSink`].
+#[derive(Debug)]
+pub enum LogItem {
+    Line(String, String),
+    /// A process started or exited: a line, and an event of the rack's feed.
+    Process(String, String, crate::process_note::ProcessNote),
+    /// Write everything sent before, then answer.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Lines a sink queues before its writer must catch up.
+const LOG_QUEUE: usize = 1024;
+
+impl LogSink {
+    /// A sink that makes its writer wait when the log is behind (a build's or deployment's
+    /// log: no line may be lost, and output cannot pile up in memory).
+    pub fn new() -> (Self, LogReceiver) {
+        let (tx, rx) = mpsc::channel(LOG_QUEUE);
+        (Self { tx, dropped: None }, LogReceiver { rx, dropped: None })
+    }
+
+    /// A sink that never makes its writer wait (an app's output: an app must never block on
+    /// its log): when the log is behind, lines are dropped and counted.
+    pub fn lossy() -> (Self, LogReceiver) {
+        let (tx, rx) = mpsc::channel(LOG_QUEUE);
+        let dropped = Arc::new(AtomicU64::new(0));
+        (
+            Self {
+                tx,
+                dropped: Some(dropped.clone()),
+            },
+            LogReceiver {
+                rx,
+                dropped: Some(dropped),
+            },
+        )
+    }
+
+    /// Writes one line.
+    pub async fn line(&self, stream: &str, message: impl Into<String>) {
+        self.send(LogItem::Line(stream.to_owned(), message.into())).await;
+    }
+
+    /// Writes the line that says process `process` of `app` started (`exit: None`) or exited,
+    /// which is also a `process.started` / `process.exited` event of the feed.
+    pub async fn process(&self, stream: &str, message: String, note: ProcessEvent<'_>) {
+        let (kind, data) = match note.exit {
+            None => (
+                "process.started",
+                serde_json::json!({ "service": note.service, "pid": note.pid }),
+            ),
+            Some(code) => (
+                "process.exited",
+                serde_json::json!({ "service": note.service, "exit_code": code }),
+            ),
+        };
+        let note = crate::process_note::ProcessNote {
+            app: note.app.to_owned(),
+            process: note.process.to_owned(),
+            kind,
+            message: message.clone(),
+            data,
+        };
+        self.send(LogItem::Process(stream.to_owned(), message, note)).await;
+    }
+
+    async fn send(&self, item: LogItem) {
+        match &self.dropped {
+            // A closed receiver means the job is being torn down; its output has nowhere to go.
+            None => {
+                let _ = self.tx.send(item).await;
+            }
+            Some(dropped) => {
+                if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(item) {
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Waits until every line sent before is stored, so that a state change recorded next
+    /// comes after them in the log (a lossy sink that is full does not wait).
+    pub async fn flush(&self) {
+        let (ack, done) = tokio::sync::oneshot::channel();
+        let sent = match &self.dropped {
+            None => self.tx.send(LogItem::Flush(ack)).await.is_ok(),
+            Some(_) => self.tx.try_send(LogItem::Flush(ack)).is_ok(),
+        };
+        if sent {
+            let _ = done.await;
+        }
+    }
+}
+
+/// What [`LogSink::process`] says of a process.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessEvent<'a> {
+    pub app: &'a str,
+    pub service: &'a str,
+    pub process: &'a str,
+    pub pid: u32,
+    /// `None`: it started; else its exit code (`-1`: killed by a signal or stopped by rack).
+    pub exit: Option<i32>,
+}

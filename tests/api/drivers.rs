@@ -1,0 +1,738 @@
+//! The deploy and build drivers on the fake runtime (`Application::build_with`): each test
+//! claims one job as the server's replica and runs the driver to its end, in milliseconds, with
+//! the runtime scripted to succeed, fail or hang. Every row of the state table the driver turns
+//! into effects is here, with lease loss, the deadline, a cancel during the release phase, a
+//! failed rollback and shutdown. No server is serving: nothing else claims the jobs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rack::config::{Config, Database};
+use rack::deploy::DeployState;
+use rack::runtime::fake::{Call, FakeRuntime, Script};
+use rack::store::deployments::{self, Deployment};
+use rack::store::events::{Outcome, Topic};
+use uuid::Uuid;
+
+use crate::helpers::{PASSWORD, fresh_database};
+
+const APP: &str = "drv";
+/// The (ended) build every release of the tests comes from.
+const FAKE_BUILD: &str = "BFAKEBUILDS";
+const MANIFEST: &str = "services:\n  web:\n    command: sleep 1000\n";
+const WITH_RELEASE_PHASE: &str = "services:\n  web:\n    command: sleep 1000\n    release: ./migrate\n";
+
+/// A built (not serving) server on a fresh database with the fake runtime, and one app.
+struct Rig {
+    app: rack::Application,
+    fake: Arc<FakeRuntime>,
+    _data: tempfile::TempDir,
+}
+
+impl Rig {
+    async fn new() -> Self {
+        Self::with(|_| {}).await
+    }
+
+    async fn with(change: impl FnOnce(&mut Config)) -> Self {
+        rack::tls::install_provider();
+        let url = fresh_database().await;
+        let data = tempfile::tempdir().unwrap();
+        let mut config = Config::for_tests(data.path().to_path_buf(), Database::Url(url), PASSWORD);
+        // Renewals every 100 ms: a lost lease or a cancel is seen at once.
+        config.job_lease = Duration::from_millis(300);
+        change(&mut config);
+        let fake = Arc::new(FakeRuntime::new(MANIFEST));
+        let app = rack::Application::build_with(config, fake.clone()).await.unwrap();
+        let name = rack::names::AppName::parse(APP).unwrap();
+        rack::store::apps::insert(&app.state().pool, &name, "3").await.unwrap();
+        let rig = Self { app, fake, _data: data };
+        // The build every release of the tests comes from, ended.
+        queue_build(&rig, FAKE_BUILD).await;
+        let mut conn = rig.pool().acquire().await.unwrap();
+        let done = rack::store::builds::Finish {
+            status: rack::store::builds::BuildStatus::Complete,
+            ..rack::store::builds::Finish::failed("")
+        };
+        assert!(
+            rack::store::builds::finish(&mut conn, FAKE_BUILD, None, &done)
+                .await
+                .unwrap()
+        );
+        rig
+    }
+
+    fn state(&self) -> &rack::AppState {
+        self.app.state()
+    }
+
+    fn pool(&self) -> &sqlx::PgPool {
+        &self.state().pool
+    }
+
+    /// A release of the app with `manifest`; its id.
+    async fn release(&self, manifest: &str) -> String {
+        let id = rack::ids::ReleaseId::generate().to_string();
+        let mut conn = self.pool().acquire().await.unwrap();
+        rack::store::releases::insert(
+            &mut conn,
+            &rack::store::releases::NewRelease {
+                id: &id,
+                app: APP,
+                build_id: Some(FAKE_BUILD),
+                env: "",
+                manifest,
+                description: "",
+            },
+        )
+        .await
+        .unwrap();
+        id
+    }
+
+    /// Promotes `release` (deadline `timeout`) and claims the deployment as this replica.
+    async fn claim(&self, release: &str, timeout: Duration) -> Deployment {
+        let mut conn = self.pool().acquire().await.unwrap();
+        deployments::insert(&mut conn, Uuid::now_v7(), APP, release, timeout, &atom())
+            .await
+            .unwrap();
+        let state = self.state();
+        deployments::claim_next(self.pool(), state.replica, state.config.job_lease)
+            .await
+            .unwrap()
+            .expect("a deployment to claim")
+    }
+
+    /// Runs the driver on `deployment` to its end (within 10 s).
+    async fn drive(&self, deployment: Deployment) {
+        within(rack::jobs::deploys::run(self.state(), deployment)).await;
+    }
+
+    /// Promotes a new release with `manifest` and drives its deployment to its end; the
+    /// deployment's id and the release.
+    async fn promote(&self, manifest: &str) -> (Uuid, String) {
+        let release = self.release(manifest).await;
+        let deployment = self.claim(&release, Duration::from_secs(60)).await;
+        let id = deployment.id;
+        self.drive(deployment).await;
+        (id, release)
+    }
+
+    /// Asserts that the deployment's log holds each of `lines`; returns its lines.
+    async fn assert_logged(&self, id: Uuid, lines: &[&str]) -> Vec<String> {
+        let (logged, _) = self.log(id).await;
+        for line in lines {
+            assert!(has(&logged, line), "{line:?} missing from {logged:#?}");
+        }
+        logged
+    }
+
+    /// Runs the driver on `deployment` in a task of its own (for a test to act meanwhile).
+    fn spawn_drive(&self, deployment: Deployment) -> tokio::task::JoinHandle<()> {
+        let state = self.state().clone();
+        tokio::spawn(async move { rack::jobs::deploys::run(&state, deployment).await })
+    }
+
+    /// A release deployed to Running (what later deployments roll back to).
+    async fn deployed(&self) -> String {
+        let release = self.release(MANIFEST).await;
+        let deployment = self.claim(&release, Duration::from_secs(60)).await;
+        self.drive(deployment).await;
+        release
+    }
+
+    async fn get(&self, id: Uuid) -> Deployment {
+        deployments::get(self.pool(), APP, id).await.unwrap().unwrap()
+    }
+
+    /// The deployment's log: its lines and the outcome it ended with.
+    async fn log(&self, id: Uuid) -> (Vec<String>, Option<Outcome>) {
+        let topic = Topic::Deployment {
+            app: APP.to_owned(),
+            deployment: id,
+        };
+        let events = rack::store::events::list_after(self.pool(), &topic, 0, 1000)
+            .await
+            .unwrap();
+        let outcome = events.iter().find_map(|e| e.outcome);
+        (events.into_iter().map(|e| e.message).collect(), outcome)
+    }
+
+    async fn current_release(&self) -> Option<String> {
+        let name = rack::names::AppName::parse(APP).unwrap();
+        let app = rack::store::apps::get(self.pool(), &name).await.unwrap().unwrap();
+        app.release_id.map(|r| r.to_string())
+    }
+
+    /// The applies the runtime was asked for, in order (`None`: stop the app).
+    fn applies(&self) -> Vec<Option<String>> {
+        self.fake
+            .calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::Apply { release, .. } => Some(release),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn atom() -> String {
+    rack::stream_names::atom("fake")
+}
+
+async fn within<T>(work: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), work)
+        .await
+        .expect("the driver ends within 10 s")
+}
+
+fn has(lines: &[String], line: &str) -> bool {
+    lines.iter().any(|l| l == line)
+}
+
+#[tokio::test]
+async fn pending_without_release_phase_goes_updating_then_running_and_switches_the_release() {
+    let rig = Rig::new().await;
+    rig.fake.script_apply(Script::succeed_after(3));
+    let (id, release) = rig.promote(MANIFEST).await;
+
+    let ended = rig.get(id).await;
+    assert_eq!(ended.state, DeployState::Running);
+    assert!(ended.lease_owner.is_none() && ended.ended_at.is_some());
+    assert_eq!(rig.current_release().await.as_deref(), Some(release.as_str()));
+    assert_eq!(rig.applies(), vec![Some(release.clone())]);
+    let (lines, outcome) = rig.log(id).await;
+    assert_eq!(outcome, Some(Outcome::Ok));
+    let want = [
+        "Status: Running => Pending".to_owned(),
+        "Status: Pending => Updating".to_owned(),
+        "step 1 of 3".to_owned(),
+        "step 3 of 3".to_owned(),
+        "Status: Updating => Running".to_owned(),
+        format!("Release {release} is now active"),
+    ];
+    for line in &want[1..] {
+        assert!(has(&lines, line), "{line:?} missing from {lines:#?}");
+    }
+    // The runtime's progress comes between the states it happened in.
+    let at = |l: &str| lines.iter().position(|x| x == l).unwrap();
+    assert!(at(&want[1]) < at(&want[2]) && at(&want[3]) < at(&want[4]), "{lines:#?}");
+}
+
+#[tokio::test]
+async fn a_release_phase_runs_its_commands_before_updating() {
+    let rig = Rig::new().await;
+    let previous = rig.deployed().await;
+    let (id, release) = rig.promote(WITH_RELEASE_PHASE).await;
+
+    assert_eq!(rig.get(id).await.state, DeployState::Running);
+    let calls = rig.fake.calls();
+    let run = calls
+        .iter()
+        .position(|c| matches!(c, Call::Run { service, command, .. } if service == "web" && command.join(" ").contains("./migrate")))
+        .expect("the release command ran");
+    let apply = calls
+        .iter()
+        .rposition(|c| matches!(c, Call::Apply { release: Some(r), .. } if *r == release))
+        .expect("the release was applied");
+    assert!(run < apply, "the release command runs before the rollout: {calls:?}");
+    assert_eq!(rig.applies(), vec![Some(previous), Some(release)]);
+    rig.assert_logged(
+        id,
+        &[
+            "Status: Pending => Releasing",
+            "Running release command of web: ./migrate",
+            "Release command of web succeeded",
+            "Status: Releasing => Updating",
+            "Status: Updating => Running",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_failed_release_command_rolls_back_without_touching_what_runs() {
+    let rig = Rig::new().await;
+    let previous = rig.deployed().await;
+    rig.fake.script_exit(Some(3));
+    let (id, _) = rig.promote(WITH_RELEASE_PHASE).await;
+
+    let ended = rig.get(id).await;
+    assert_eq!(ended.state, DeployState::Reverted);
+    assert!(ended.reason.contains("exited with code 3"), "{}", ended.reason);
+    // The new release was never applied: the rollback re-applies the previous one.
+    assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous.clone())]);
+    assert_eq!(rig.current_release().await, Some(previous));
+    let (_, outcome) = rig.log(id).await;
+    assert_eq!(outcome, Some(Outcome::Error));
+    rig.assert_logged(
+        id,
+        &[
+            "Status: Releasing => Error",
+            "Status: Error => Rollback",
+            "Status: Rollback => Reverted",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_failed_apply_rolls_back_to_the_previous_release() {
+    let rig = Rig::new().await;
+    let previous = rig.deployed().await;
+    rig.fake.script_apply(Script::fail("web did not become healthy"));
+    let (id, release) = rig.promote(MANIFEST).await;
+
+    let ended = rig.get(id).await;
+    assert_eq!(ended.state, DeployState::Reverted);
+    assert_eq!(ended.reason, "web did not become healthy");
+    assert_eq!(
+        rig.applies(),
+        vec![Some(previous.clone()), Some(release), Some(previous.clone())]
+    );
+    assert_eq!(rig.current_release().await, Some(previous));
+    let (_, outcome) = rig.log(id).await;
+    assert_eq!(outcome, Some(Outcome::Error));
+    rig.assert_logged(
+        id,
+        &[
+            "Status: Updating => Error",
+            "Status: Error => Rollback",
+            "Status: Rollback => Reverted",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_failed_first_deployment_rolls_back_to_nothing() {
+    let rig = Rig::new().await;
+    rig.fake.script_apply(Script::fail("no"));
+    let (id, release) = rig.promote(MANIFEST).await;
+
+    assert_eq!(rig.get(id).await.state, DeployState::Reverted);
+    // No previous release: the rollback stops the app.
+    assert_eq!(rig.applies(), vec![Some(release), None]);
+    assert_eq!(rig.current_release().await, None);
+}
+
+#[tokio::test]
+async fn a_failed_rollback_ends_in_failure_with_both_reasons() {
+    let rig = Rig::new().await;
+    let previous = rig.deployed().await;
+    rig.fake.script_apply(Script::fail("new one broke"));
+    rig.fake.script_apply(Script::fail("old one broke too"));
+    let (id, _) = rig.promote(MANIFEST).await;
+
+    let ended = rig.get(id).await;
+    assert_eq!(ended.state, DeployState::Failure);
+    assert!(ended.lease_owner.is_none());
+    assert_eq!(rig.current_release().await, Some(previous));
+    let (lines, outcome) = rig.log(id).await;
+    assert_eq!(outcome, Some(Outcome::Error));
+    assert!(has(&lines, "Status: Rollback => Failure"), "{lines:#?}");
+    assert!(
+        has(&lines, "new one broke; rollback failed: old one broke too"),
+        "{lines:#?}"
+    );
+}
+
+#[tokio::test]
+async fn the_deadline_stops_the_rollout_and_rolls_back() {
+    let rig = Rig::new().await;
+    let previous = rig.deployed().await;
+    let release = rig.release(MANIFEST).await;
+    rig.fake.script_apply_of(Some(&release), Script::hang());
+    let mut deployment = rig.claim(&release, Duration::from_secs(60)).await;
+    // It started 60 s ago: the deadline is now (a clock moved, not a test that waits).
+    deployment.started_at = Some(chrono::Utc::now() - chrono::Duration::seconds(60));
+    let id = deployment.id;
+    rig.drive(deployment).await;
+
+    let ended = rig.get(id).await;
+    assert_eq!(ended.state, DeployState::Reverted);
+    // The rollout may or may not have begun when the deadline won; the rollback applied the
+    // previous release last.
+    let applies = rig.applies();
+    assert_eq!(applies.last(), Some(&Some(previous.clone())), "{applies:?}");
+    assert_eq!(rig.current_release().await, Some(previous));
+    rig.assert_logged(id, &["Status: Updating => Deadline", "Status: Deadline => Rollback"])
+        .await;
+}
+
+#[tokio::test]
+async fn a_cancel_during_the_release_phase_stops_the_command_and_rolls_back() {
+    let rig = Rig::new().await;
+    let previous = rig.deployed().await;
+    rig.fake.script_exit(None);
+    let release = rig.release(WITH_RELEASE_PHASE).await;
+    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
+    let id = deployment.id;
+    let driving = rig.spawn_drive(deployment);
+    within(rig.fake.called(|c| matches!(c, Call::WaitProcess { .. }))).await;
+    deployments::request_cancel(rig.pool(), APP).await.unwrap().unwrap();
+    within(driving).await.unwrap();
+
+    let ended = rig.get(id).await;
+    assert_eq!(ended.state, DeployState::Reverted);
+    // The command went with the cancel; the new release was never applied.
+    assert!(
+        rig.fake
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::RestartProcess { .. })),
+        "{:?}",
+        rig.fake.calls()
+    );
+    assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous)]);
+    rig.assert_logged(id, &["Status: Releasing => Cancelled", "Status: Cancelled => Rollback"])
+        .await;
+}
+
+#[tokio::test]
+async fn a_lost_lease_stops_the_driver_without_recording_anything() {
+    let rig = Rig::new().await;
+    rig.deployed().await;
+    rig.fake.script_apply(Script::hang());
+    let release = rig.release(MANIFEST).await;
+    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
+    let id = deployment.id;
+    let driving = rig.spawn_drive(deployment);
+    within(
+        rig.fake
+            .called(|c| matches!(c, Call::Apply { release: Some(r), .. } if *r == release)),
+    )
+    .await;
+    // Another replica takes it over (as after a missed renewal).
+    let other = Uuid::now_v7();
+    assert!(
+        deployments::hand_back(rig.pool(), id, rig.state().replica)
+            .await
+            .unwrap()
+    );
+    deployments::claim_next(rig.pool(), other, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    let (before, _) = rig.log(id).await;
+    within(driving).await.unwrap();
+
+    let now = rig.get(id).await;
+    assert_eq!(now.state, DeployState::Updating);
+    assert_eq!(now.lease_owner, Some(other));
+    assert_eq!(rig.log(id).await.0, before, "the driver wrote after losing its lease");
+    // The app still exists: nothing is torn down.
+    assert!(!rig.fake.calls().iter().any(|c| matches!(c, Call::DeleteApp(_))));
+}
+
+#[tokio::test]
+async fn a_lost_lease_of_a_deleted_app_stops_what_the_rollout_started() {
+    let rig = Rig::new().await;
+    rig.fake.script_apply(Script::hang());
+    let release = rig.release(MANIFEST).await;
+    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
+    let driving = rig.spawn_drive(deployment);
+    within(rig.fake.called(|c| matches!(c, Call::Apply { .. }))).await;
+    let name = rack::names::AppName::parse(APP).unwrap();
+    rack::store::apps::delete(rig.pool(), &name).await.unwrap();
+    within(driving).await.unwrap();
+    assert!(rig.fake.calls().contains(&Call::DeleteApp(APP.to_owned())));
+}
+
+#[tokio::test]
+async fn a_superseded_deployment_is_left_to_the_new_one() {
+    let rig = Rig::new().await;
+    rig.deployed().await;
+    rig.fake.script_apply(Script::hang());
+    let release = rig.release(MANIFEST).await;
+    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
+    let id = deployment.id;
+    let driving = rig.spawn_drive(deployment);
+    within(
+        rig.fake
+            .called(|c| matches!(c, Call::Apply { release: Some(r), .. } if *r == release)),
+    )
+    .await;
+    let mut tx = rig.pool().begin().await.unwrap();
+    rack::jobs::deploys::supersede(&mut tx, APP, Uuid::now_v7(), &atom())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    within(driving).await.unwrap();
+
+    let ended = rig.get(id).await;
+    assert_eq!(ended.state, DeployState::Superseded);
+    let (lines, outcome) = rig.log(id).await;
+    assert_eq!(outcome, Some(Outcome::Error));
+    assert!(has(&lines, "Status: Updating => Superseded"), "{lines:#?}");
+    // No rollback: the new deployment decides what runs.
+    assert_eq!(rig.applies().len(), 2);
+}
+
+#[tokio::test]
+async fn shutting_down_hands_the_deployment_back() {
+    let rig = Rig::new().await;
+    rig.fake.script_apply(Script::hang());
+    let release = rig.release(MANIFEST).await;
+    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
+    let id = deployment.id;
+    let driving = rig.spawn_drive(deployment);
+    within(rig.fake.called(|c| matches!(c, Call::Apply { .. }))).await;
+    rig.state().shutdown.cancel();
+    within(driving).await.unwrap();
+
+    let now = rig.get(id).await;
+    assert_eq!(now.state, DeployState::Updating);
+    assert_eq!(now.lease_owner, None, "handed back for another replica to resume");
+}
+
+/// A deployment taken over in `state` (its holder died there) resumes with what that state
+/// does next.
+async fn taken_over_in(state: DeployState, manifest: &str) -> (Rig, Uuid, String, String) {
+    let rig = Rig::new().await;
+    let previous = rig.deployed().await;
+    let release = rig.release(manifest).await;
+    let mut deployment = rig.claim(&release, Duration::from_secs(60)).await;
+    // Recorded in `state` by its previous holder, whose lease ran out.
+    for step in path_to(state) {
+        let mut snapshot = deployment.snapshot();
+        snapshot.release_phase = manifest != MANIFEST;
+        let transition = rack::deploy::next(&snapshot, &step).unwrap();
+        assert!(
+            deployments::record(rig.pool(), &deployment, rig.state().replica, &transition, &atom())
+                .await
+                .unwrap()
+        );
+        deployment.state = transition.to;
+        if let Some(reason) = transition.reason {
+            deployment.reason = reason;
+        }
+    }
+    let id = deployment.id;
+    assert!(
+        deployments::hand_back(rig.pool(), id, rig.state().replica)
+            .await
+            .unwrap()
+    );
+    let resumed = deployments::claim_next(rig.pool(), rig.state().replica, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resumed.state, state);
+    rig.drive(resumed).await;
+    (rig, id, previous, release)
+}
+
+/// The signals that bring a pending deployment to `state`.
+fn path_to(state: DeployState) -> Vec<rack::deploy::Signal> {
+    use rack::deploy::Signal::{ApplyFailed, Proceed};
+    match state {
+        DeployState::Releasing | DeployState::Updating => vec![Proceed],
+        DeployState::Error => vec![Proceed, ApplyFailed("it broke".to_owned())],
+        DeployState::Rollback => vec![Proceed, ApplyFailed("it broke".to_owned()), Proceed],
+        other => panic!("no path to {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_deployment_taken_over_while_releasing_runs_the_commands_again() {
+    let (rig, id, previous, release) = taken_over_in(DeployState::Releasing, WITH_RELEASE_PHASE).await;
+    assert_eq!(rig.get(id).await.state, DeployState::Running);
+    assert!(rig.fake.calls().iter().any(|c| matches!(c, Call::Run { .. })));
+    assert_eq!(rig.applies(), vec![Some(previous), Some(release)]);
+}
+
+#[tokio::test]
+async fn a_deployment_taken_over_while_updating_applies_again() {
+    let (rig, id, previous, release) = taken_over_in(DeployState::Updating, MANIFEST).await;
+    assert_eq!(rig.get(id).await.state, DeployState::Running);
+    assert_eq!(rig.applies(), vec![Some(previous), Some(release.clone())]);
+    assert_eq!(rig.current_release().await, Some(release));
+}
+
+#[tokio::test]
+async fn a_deployment_taken_over_in_error_rolls_back() {
+    let (rig, id, previous, _) = taken_over_in(DeployState::Error, MANIFEST).await;
+    let ended = rig.get(id).await;
+    assert_eq!(ended.state, DeployState::Reverted);
+    assert_eq!(ended.reason, "it broke");
+    assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous)]);
+}
+
+#[tokio::test]
+async fn a_deployment_taken_over_in_rollback_applies_the_previous_release_again() {
+    let (rig, id, previous, _) = taken_over_in(DeployState::Rollback, MANIFEST).await;
+    assert_eq!(rig.get(id).await.state, DeployState::Reverted);
+    assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous)]);
+    let (lines, _) = rig.log(id).await;
+    assert!(has(&lines, "Status: Rollback => Reverted"), "{lines:#?}");
+}
+
+#[tokio::test]
+async fn a_release_that_cannot_be_loaded_fails_the_deployment() {
+    let rig = Rig::new().await;
+    let previous = rig.deployed().await;
+    let release = rig.release("services: [not a map\n").await;
+    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
+    let id = deployment.id;
+    rig.drive(deployment).await;
+    assert_eq!(rig.get(id).await.state, DeployState::Reverted);
+    assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous)]);
+}
+
+/// Queues build `id` of the app, from a source object that exists.
+async fn queue_build(rig: &Rig, id: &str) {
+    let key = "src/app.tgz";
+    rack::store::objects::replace(rig.pool(), APP, key, "blob", 0, "")
+        .await
+        .unwrap();
+    let url = format!("object://{APP}/{key}");
+    rack::store::builds::insert(
+        rig.pool(),
+        &rack::store::builds::NewBuild {
+            id,
+            app: APP,
+            description: "",
+            git_sha: "",
+            source_url: &url,
+            manifest_path: "convox.yml",
+            no_cache: false,
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// A queued build of the app, claimed as this replica.
+async fn claim_build(rig: &Rig) -> rack::store::builds::Build {
+    queue_build(rig, &rack::ids::BuildId::generate()).await;
+    let state = rig.state();
+    rack::store::builds::claim_next(rig.pool(), state.replica, state.config.job_lease)
+        .await
+        .unwrap()
+        .expect("a build to claim")
+}
+
+async fn build_now(rig: &Rig, id: &str) -> rack::store::builds::Build {
+    rack::store::builds::get(rig.pool(), APP, id).await.unwrap().unwrap()
+}
+
+fn spawn_build(rig: &Rig, build: rack::store::builds::Build) -> tokio::task::JoinHandle<()> {
+    let state = rig.state().clone();
+    tokio::spawn(async move { rack::jobs::builds::run(&state, build).await })
+}
+
+#[tokio::test]
+async fn a_build_that_succeeds_makes_a_release_with_its_manifest() {
+    let rig = Rig::new().await;
+    rig.fake.script_build(Script::succeed_after(2));
+    let build = claim_build(&rig).await;
+    let id = build.id.to_string();
+    within(rack::jobs::builds::run(rig.state(), build)).await;
+
+    let ended = build_now(&rig, &id).await;
+    assert_eq!(ended.status, rack::store::builds::BuildStatus::Complete);
+    let release = ended.release_id.expect("a release");
+    let release = rack::store::releases::get(rig.pool(), APP, &release)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(release.manifest, MANIFEST);
+    assert_eq!(release.build_id.as_deref(), Some(id.as_str()));
+}
+
+#[tokio::test]
+async fn a_build_that_fails_ends_failed_with_its_reason() {
+    let rig = Rig::new().await;
+    rig.fake.script_build(Script::fail("npm install failed"));
+    let build = claim_build(&rig).await;
+    let id = build.id.to_string();
+    within(rack::jobs::builds::run(rig.state(), build)).await;
+    let ended = build_now(&rig, &id).await;
+    assert_eq!(ended.status, rack::store::builds::BuildStatus::Failed);
+    assert_eq!(ended.reason, "npm install failed");
+    assert!(ended.release_id.is_none());
+}
+
+#[tokio::test]
+async fn a_build_past_its_timeout_fails_and_is_cancelled_in_the_runtime() {
+    let rig = Rig::with(|c| c.build_timeout = Duration::from_millis(200)).await;
+    rig.fake.script_build(Script::hang());
+    let build = claim_build(&rig).await;
+    let id = build.id.to_string();
+    within(rack::jobs::builds::run(rig.state(), build)).await;
+    let ended = build_now(&rig, &id).await;
+    assert_eq!(ended.status, rack::store::builds::BuildStatus::Failed);
+    assert!(ended.reason.starts_with("timed out after"), "{}", ended.reason);
+    assert!(rig.fake.calls().iter().any(|c| matches!(c, Call::CancelBuild { .. })));
+}
+
+#[tokio::test]
+async fn a_cancelled_build_fails_as_cancelled() {
+    let rig = Rig::new().await;
+    rig.fake.script_build(Script::hang());
+    let build = claim_build(&rig).await;
+    let id = build.id.to_string();
+    let running = spawn_build(&rig, build);
+    within(rig.fake.called(|c| matches!(c, Call::Build { .. }))).await;
+    let mut conn = rig.pool().acquire().await.unwrap();
+    rack::store::builds::request_cancel(&mut conn, APP, &id).await.unwrap();
+    within(running).await.unwrap();
+    let ended = build_now(&rig, &id).await;
+    assert_eq!(ended.status, rack::store::builds::BuildStatus::Failed);
+    assert_eq!(ended.reason, "cancelled");
+    assert!(rig.fake.calls().iter().any(|c| matches!(c, Call::CancelBuild { .. })));
+}
+
+#[tokio::test]
+async fn a_build_whose_lease_is_lost_is_left_to_its_new_holder() {
+    let rig = Rig::new().await;
+    rig.fake.script_build(Script::hang());
+    let build = claim_build(&rig).await;
+    let id = build.id.to_string();
+    let running = spawn_build(&rig, build);
+    within(rig.fake.called(|c| matches!(c, Call::Build { .. }))).await;
+    assert!(
+        rack::store::builds::hand_back(rig.pool(), &id, rig.state().replica)
+            .await
+            .unwrap()
+    );
+    let other = Uuid::now_v7();
+    rack::store::builds::claim_next(rig.pool(), other, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    within(running).await.unwrap();
+    let now = build_now(&rig, &id).await;
+    assert_eq!(now.status, rack::store::builds::BuildStatus::Running);
+    assert_eq!(now.lease_owner, Some(other));
+}
+
+#[tokio::test]
+async fn shutting_down_hands_the_build_back() {
+    let rig = Rig::new().await;
+    rig.fake.script_build(Script::hang());
+    let build = claim_build(&rig).await;
+    let id = build.id.to_string();
+    let running = spawn_build(&rig, build);
+    within(rig.fake.called(|c| matches!(c, Call::Build { .. }))).await;
+    rig.state().shutdown.cancel();
+    within(running).await.unwrap();
+    let now = build_now(&rig, &id).await;
+    assert_eq!(now.lease_owner, None);
+    assert!(!now.status.is_terminal());
+}
+
+#[tokio::test]
+async fn a_build_taken_over_after_its_holder_died_fails_as_interrupted() {
+    let rig = Rig::new().await;
+    let mut build = claim_build(&rig).await;
+    build.attempts = 2;
+    let id = build.id.to_string();
+    within(rack::jobs::builds::run(rig.state(), build)).await;
+    let ended = build_now(&rig, &id).await;
+    assert_eq!(ended.status, rack::store::builds::BuildStatus::Failed);
+    assert!(ended.reason.starts_with("interrupted"), "{}", ended.reason);
+    assert!(!rig.fake.calls().iter().any(|c| matches!(c, Call::Build { .. })));
+}
