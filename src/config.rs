@@ -179,6 +179,8 @@ pub struct ServerArgs {
     pub stream_window_bytes: usize,
     #[command(flatten)]
     pub kube: KubeArgs,
+    #[command(flatten)]
+    pub webhooks: crate::webhooks::WebhookArgs,
 }
 
 /// Settings of the Kubernetes runtime (`RACK_RUNTIME=kube`). The cluster itself comes from the
@@ -259,6 +261,8 @@ pub struct Config {
     pub kube: Option<KubeConfig>,
     /// HTTPS or plain HTTP.
     pub tls: Tls,
+    /// How webhooks are delivered.
+    pub webhooks: crate::webhooks::Settings,
 }
 
 /// The validated settings of the Kubernetes runtime.
@@ -383,6 +387,7 @@ impl Config {
         if args.stream_window_bytes < 64 * 1024 {
             bail!("RACK_STREAM_WINDOW_BYTES must be at least 65536");
         }
+        let webhooks = crate::webhooks::Settings::from_args(&args.webhooks)?;
         let data_dir = args.data.unwrap_or_else(default_data_dir);
         let objects = match args.objects {
             Some(text) => ObjectsLocation::parse(&text).map_err(anyhow::Error::msg)?,
@@ -422,6 +427,7 @@ impl Config {
             },
             kube,
             tls,
+            webhooks,
         })
     }
 
@@ -451,6 +457,7 @@ impl Config {
             stream_window: crate::events::tail::WindowLimits::default(),
             kube: None,
             tls: Tls::Off,
+            webhooks: crate::webhooks::Settings::default(),
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod store;
 pub mod telemetry;
 pub mod throttle;
 pub mod tls;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::ops::Deref;
@@ -247,6 +248,7 @@ impl Application {
         workers.extend(jobs::deploys::spawn_workers(&state, 2));
         workers.push(tokio::spawn(jobs::deploys::reconcile_all(state.clone())));
         workers.push(tokio::spawn(jobs::prune_audit(state.clone())));
+        workers.push(tokio::spawn(jobs::webhooks::deliver(state.clone())));
         if !state.runtime.runs_timers() {
             workers.push(tokio::spawn(jobs::timers::schedule(state.clone())));
         }

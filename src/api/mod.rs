@@ -20,6 +20,7 @@ pub mod services;
 pub mod streams;
 pub mod system;
 pub mod tokens;
+pub mod webhooks;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -175,6 +176,17 @@ fn routes() -> Routes {
         .json(M::GET, "/tokens", ADMIN, tokens::list_tokens)
         .json(M::POST, "/tokens", ADMIN, tokens::create_token)
         .json(M::DELETE, "/tokens/{id}", ADMIN, tokens::delete_token)
+        .json(M::GET, "/webhooks", ADMIN, webhooks::list_hooks)
+        .json(M::POST, "/webhooks", ADMIN.idempotent(), webhooks::create_hook)
+        .json(M::GET, "/webhooks/{id}", ADMIN, webhooks::show_hook)
+        .json(M::DELETE, "/webhooks/{id}", ADMIN, webhooks::delete_hook)
+        .json(M::GET, "/webhooks/{id}/deliveries", ADMIN, webhooks::list_deliveries)
+        .json(
+            M::POST,
+            "/webhooks/{id}/deliveries/{delivery}/redeliver",
+            ADMIN,
+            webhooks::redeliver,
+        )
 }
 
 /// Who may call a route, and whether it honours `Idempotency-Key` (POSTs that create things:

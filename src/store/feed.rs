@@ -11,7 +11,7 @@ use uuid::Uuid;
 pub const FEED_CHANNEL: &str = "rack_feed";
 
 /// Every kind of feed event.
-pub const KINDS: [&str; 15] = [
+pub const KINDS: [&str; 16] = [
     "app.created",
     "app.updated",
     "app.deleted",
@@ -27,6 +27,7 @@ pub const KINDS: [&str; 15] = [
     "deployment.finished",
     "process.started",
     "process.exited",
+    "webhook.disabled",
 ];
 
 /// A feed event.

@@ -15,6 +15,7 @@ pub mod scales;
 pub mod stats;
 pub mod timers;
 pub mod tokens;
+pub mod webhooks;
 
 use std::time::Duration;
 

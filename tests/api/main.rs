@@ -32,3 +32,4 @@ mod security;
 mod server;
 mod timers;
 mod tls;
+mod webhooks;
