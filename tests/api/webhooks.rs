@@ -356,3 +356,45 @@ async fn private_addresses_are_refused_unless_allowed() {
     assert!(receiver.received().is_empty());
     strict.stop().await;
 }
+
+#[tokio::test]
+async fn a_hook_that_keeps_failing_is_disabled_with_an_event() {
+    let app = TestApp::spawn_with(|config| {
+        fast_retries(config);
+        config.webhooks.disable_after = Duration::from_millis(500);
+    })
+    .await;
+    let receiver = Receiver::start(|_| Answer::Status(503)).await;
+    let (hook, _) = create_hook(&app, &receiver.url(), "app.").await;
+    // A second hook hears about the first one's end.
+    let watcher = Receiver::start(|_| Answer::Status(200)).await;
+    let (_, _) = create_hook(&app, &watcher.url(), "webhook.disabled").await;
+    assert_eq!(app.create_app("doomed").await.status(), 201);
+
+    let shown: Value = wait_for(60, "the hook to be disabled", || async {
+        let hook: Value = app.get_json(&format!("/webhooks/{hook}")).await;
+        (hook["enabled"] == false).then_some(hook)
+    })
+    .await;
+    let reason = shown["disabled_reason"].as_str().unwrap();
+    assert!(reason.contains("503"), "{shown}");
+    let deliveries: Vec<Value> = app.get_json(&format!("/webhooks/{hook}/deliveries")).await;
+    assert!(deliveries.iter().all(|d| d["state"] == "failed"), "{deliveries:?}");
+    assert!(deliveries[0]["attempts_log"].as_array().unwrap().len() >= 2);
+    let heard = wait_for(60, "the webhook.disabled event", || async {
+        watcher.received().into_iter().find(|r| r.kind == "webhook.disabled")
+    })
+    .await;
+    let event: Value = serde_json::from_slice(&heard.body).unwrap();
+    assert_eq!(event["data"]["webhook"], hook.as_str());
+    assert_eq!(event["app"], "");
+    // Nothing is delivered to a disabled hook, even on demand.
+    let first = deliveries[0]["id"].as_str().unwrap();
+    let again = app
+        .json(Method::POST, &format!("/webhooks/{hook}/deliveries/{first}/redeliver"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 409);
+    app.stop().await;
+}
