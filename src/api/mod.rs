@@ -7,6 +7,7 @@ pub mod audit;
 pub mod builds;
 pub mod dashboard;
 pub mod deployments;
+pub mod diff;
 pub mod feed;
 pub mod idempotency;
 pub mod input;
@@ -107,6 +108,12 @@ fn routes() -> Routes {
             releases::create_release,
         )
         .json(M::GET, "/apps/{app}/releases/{id}", READ, releases::show_release)
+        .json(
+            M::GET,
+            "/apps/{app}/releases/{id}/diff/{other}",
+            READ,
+            diff::diff_releases,
+        )
         .stream(
             M::POST,
             "/apps/{app}/releases/{id}/promote",

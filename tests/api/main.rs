@@ -25,6 +25,7 @@ mod objects;
 mod openapi;
 mod outage;
 mod quickstart;
+mod release_diff;
 mod replicas;
 mod run;
 mod sandbox;
