@@ -184,7 +184,8 @@ fn routes() -> Routes {
         .json(M::POST, "/tokens", ADMIN, tokens::create_token)
         .json(M::DELETE, "/tokens/{id}", ADMIN, tokens::delete_token)
         .json(M::GET, "/webhooks", ADMIN, webhooks::list_hooks)
-        .json(M::POST, "/webhooks", ADMIN.idempotent(), webhooks::create_hook)
+        // Not idempotent: a replayed answer would keep the hook's secret in Postgres (as tokens).
+        .json(M::POST, "/webhooks", ADMIN, webhooks::create_hook)
         .json(M::GET, "/webhooks/{id}", ADMIN, webhooks::show_hook)
         .json(M::DELETE, "/webhooks/{id}", ADMIN, webhooks::delete_hook)
         .json(M::GET, "/webhooks/{id}/deliveries", ADMIN, webhooks::list_deliveries)
