@@ -104,7 +104,7 @@ impl Sender {
             .await;
         let mut response = match sent {
             Ok(response) => response,
-            Err(e) => return refused(describe(&e)),
+            Err(e) => return refused(describe(&e.without_url())),
         };
         let status = response.status().as_u16();
         let mut excerpt = Vec::new();
@@ -115,7 +115,7 @@ impl Sender {
                 Ok(None) => break,
                 // The status is what counts; a body cut short is noted.
                 Err(e) => {
-                    error = Some(format!("reading the answer: {}", describe(&e)));
+                    error = Some(format!("reading the answer: {}", describe(&e.without_url())));
                     break;
                 }
             }
@@ -135,7 +135,8 @@ impl Sender {
     }
 }
 
-/// A reqwest error with its causes (the resolver's refusal is one of them).
+/// A reqwest error with its causes (the resolver's refusal is one of them), without the URL
+/// (its query may hold a credential; the log of attempts and rack's own log show this text).
 fn describe(error: &reqwest::Error) -> String {
     if error.is_timeout() {
         return "timed out waiting for the receiver".into();
