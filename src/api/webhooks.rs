@@ -105,10 +105,13 @@ pub async fn create_hook(State(state): State<AppState>, Input(body): Input<Creat
                 .collect::<ApiResult<Vec<String>>>()?,
         ),
     };
-    if body.url.chars().any(char::is_control) {
+    // Surrounding whitespace (a pasted URL's newline) is not part of it; inside, a control
+    // character is a mistake.
+    let url = body.url.trim_matches(|c: char| c.is_whitespace() || c.is_control());
+    if url.chars().any(char::is_control) {
         return Err(ApiError::BadRequest("url: it has control characters".into()));
     }
-    let url = crate::webhooks::address::check_url(&body.url, state.config.webhooks.allow_private)
+    let url = crate::webhooks::address::check_url(url, state.config.webhooks.allow_private)
         .await
         .map_err(|refusal| match refusal {
             crate::webhooks::address::Refusal::Invalid(why) => ApiError::BadRequest(why),
