@@ -184,6 +184,8 @@ pub struct ServerArgs {
     pub backup: crate::backup::BackupArgs,
     #[command(flatten)]
     pub disk: crate::disk::DiskArgs,
+    #[command(flatten)]
+    pub webhooks: crate::webhooks::WebhookArgs,
 }
 
 /// Settings of the Kubernetes runtime (`RACK_RUNTIME=kube`). The cluster itself comes from the
@@ -268,6 +270,8 @@ pub struct Config {
     pub backup: crate::backup::BackupSettings,
     /// The disk reserve, the free-space warning and the logs' retention.
     pub disk: crate::disk::DiskSettings,
+    /// How webhooks are delivered.
+    pub webhooks: crate::webhooks::Settings,
 }
 
 /// The validated settings of the Kubernetes runtime.
@@ -392,6 +396,7 @@ impl Config {
         if args.stream_window_bytes < 64 * 1024 {
             bail!("RACK_STREAM_WINDOW_BYTES must be at least 65536");
         }
+        let webhooks = crate::webhooks::Settings::from_args(&args.webhooks)?;
         let data_dir = args.data.unwrap_or_else(default_data_dir);
         let objects = match args.objects {
             Some(text) => ObjectsLocation::parse(&text).map_err(anyhow::Error::msg)?,
@@ -433,6 +438,7 @@ impl Config {
             tls,
             backup: crate::backup::BackupSettings::from_args(args.backup)?,
             disk: args.disk.into(),
+            webhooks,
         })
     }
 
@@ -469,6 +475,7 @@ impl Config {
                 warn: 0,
                 ..crate::disk::DiskSettings::default()
             },
+            webhooks: crate::webhooks::Settings::default(),
         }
     }
 }

@@ -31,6 +31,7 @@ pub mod stream_names;
 pub mod telemetry;
 pub mod throttle;
 pub mod tls;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::ops::Deref;
@@ -248,6 +249,7 @@ impl Application {
         workers.push(tokio::spawn(jobs::prune_audit(state.clone())));
         workers.push(tokio::spawn(disk::maintain(state.clone())));
         workers.push(tokio::spawn(backup::schedule::run(state.clone())));
+        workers.push(tokio::spawn(jobs::webhooks::deliver(state.clone())));
         if !state.runtime.runs_timers() {
             workers.push(tokio::spawn(jobs::timers::schedule(state.clone())));
         }

@@ -8,6 +8,7 @@ pub mod backup;
 pub mod builds;
 pub mod dashboard;
 pub mod deployments;
+pub mod diff;
 pub mod disk;
 pub mod feed;
 pub mod idempotency;
@@ -24,6 +25,7 @@ pub mod services;
 pub mod streams;
 pub mod system;
 pub mod tokens;
+pub mod webhooks;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -110,6 +112,12 @@ fn routes() -> Routes {
             releases::create_release,
         )
         .json(M::GET, "/apps/{app}/releases/{id}", READ, releases::show_release)
+        .json(
+            M::GET,
+            "/apps/{app}/releases/{id}/diff/{other}",
+            READ,
+            diff::diff_releases,
+        )
         .stream(
             M::POST,
             "/apps/{app}/releases/{id}/promote",
@@ -208,6 +216,18 @@ fn routes() -> Routes {
         .json(M::GET, "/tokens", ADMIN, tokens::list_tokens)
         .json(M::POST, "/tokens", ADMIN, tokens::create_token)
         .json(M::DELETE, "/tokens/{id}", ADMIN, tokens::delete_token)
+        .json(M::GET, "/webhooks", ADMIN, webhooks::list_hooks)
+        // Not idempotent: a replayed answer would keep the hook's secret in Postgres (as tokens).
+        .json(M::POST, "/webhooks", ADMIN, webhooks::create_hook)
+        .json(M::GET, "/webhooks/{id}", ADMIN, webhooks::show_hook)
+        .json(M::DELETE, "/webhooks/{id}", ADMIN, webhooks::delete_hook)
+        .json(M::GET, "/webhooks/{id}/deliveries", ADMIN, webhooks::list_deliveries)
+        .json(
+            M::POST,
+            "/webhooks/{id}/deliveries/{delivery}/redeliver",
+            ADMIN,
+            webhooks::redeliver,
+        )
 }
 
 /// Who may call a route, and whether it honours `Idempotency-Key` (POSTs that create things:

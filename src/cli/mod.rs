@@ -6,6 +6,7 @@ mod audit;
 mod builds;
 mod client;
 mod deploy;
+mod diff;
 mod env;
 mod logs;
 mod output;

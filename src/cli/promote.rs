@@ -30,6 +30,9 @@ pub struct PromoteFlags {
     /// Supersede a rollout in progress instead of failing because the app is updating.
     #[arg(long)]
     force: bool,
+    /// Do not print what the promote changes (env keys, build, manifest) before promoting.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 /// An app, as far as a promote needs it.
@@ -85,6 +88,9 @@ pub async fn promote(
         client.segment(release)
     );
     let force = if flags.force { "true" } else { "false" };
+    if !flags.quiet {
+        print_changes(client, app, release, log).await;
+    }
     if flags.detach {
         eprint!("Promoting {release}... ");
         let _: serde_json::Value = client.post(&path, &[("force", force)]).await?;
@@ -108,6 +114,27 @@ pub async fn promote(
     }
     eprintln!("OK");
     Ok(())
+}
+
+/// Prints what promoting `release` changes over the active one. Best effort: a diff that cannot
+/// be had (no active release yet, an older server) does not keep the promote from running.
+async fn print_changes(client: &Client, app: &str, release: &str, log: LogTo) {
+    let Ok(active) = app_state(client, app).await.map(|a| a.release) else {
+        return;
+    };
+    if active.is_empty() || active == release {
+        return;
+    }
+    match super::diff::get(client, app, &active, release).await {
+        Ok(diff) => {
+            let text = super::diff::render(&diff);
+            match log {
+                LogTo::Stdout => print!("{text}"),
+                LogTo::Stderr => eprint!("{text}"),
+            }
+        }
+        Err(e) => eprintln!("(no diff of {active} and {release}: {e})"),
+    }
 }
 
 /// Follows a deployment started some other way (a `scale`), printing its log on stdout.

@@ -24,6 +24,15 @@ pub enum ReleasesCommand {
         #[command(flatten)]
         flags: PromoteFlags,
     },
+    /// What promoting B changes over A (default A: the active release): env keys, build,
+    /// manifest. Env values are never shown.
+    Diff {
+        /// `[A] B`.
+        #[arg(num_args = 1..=2, required = true, value_name = "RELEASE")]
+        ids: Vec<String>,
+        #[command(flatten)]
+        app: AppArg,
+    },
     /// Make a new release with the build and env of an older one, and promote it.
     Rollback {
         id: String,
@@ -68,6 +77,22 @@ pub async fn run(
                     .ok_or_else(|| anyhow::anyhow!("no releases to promote"))?,
             };
             promote::promote(client, &app, &id, &flags, LogTo::Stdout).await
+        }
+        Some(ReleasesCommand::Diff { ids, app }) => {
+            let app = app.or(&list_app).resolve()?;
+            let (from, to) = match ids.as_slice() {
+                [to] => (promote::app_state(client, &app).await?.release, to.clone()),
+                [from, to] => (from.clone(), to.clone()),
+                _ => anyhow::bail!("give one release (compared with the active one) or two"),
+            };
+            if from.is_empty() {
+                anyhow::bail!("{app} has no active release: give two releases to compare");
+            }
+            print!(
+                "{}",
+                super::diff::render(&super::diff::get(client, &app, &from, &to).await?)
+            );
+            Ok(())
         }
         Some(ReleasesCommand::Rollback { id, app, flags }) => {
             let app = app.or(&list_app).resolve()?;

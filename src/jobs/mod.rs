@@ -6,6 +6,7 @@ pub mod capabilities;
 pub mod deploys;
 pub mod resources;
 pub mod timers;
+pub mod webhooks;
 
 use std::time::Duration;
 
@@ -278,6 +279,10 @@ pub async fn prune_audit(state: crate::AppState) {
             Ok(0) => {}
             Ok(n) => tracing::info!("pruned {n} feed events past their retention"),
             Err(e) => tracing::warn!(error = %e, "pruning the event feed"),
+        }
+        // Delivery logs live as long as the events they carried.
+        if let Err(e) = crate::store::webhooks::prune(&state.pool, state.config.feed_retention).await {
+            tracing::warn!(error = %e, "pruning webhook deliveries");
         }
         tokio::select! {
             () = state.shutdown.cancelled() => return,

@@ -11,7 +11,7 @@ use uuid::Uuid;
 pub const FEED_CHANNEL: &str = "rack_feed";
 
 /// Every kind of feed event.
-pub const KINDS: [&str; 20] = [
+pub const KINDS: [&str; 21] = [
     "app.created",
     "app.updated",
     "app.deleted",
@@ -32,6 +32,7 @@ pub const KINDS: [&str; 20] = [
     "resource.failed",
     "system.backup",
     "system.disk",
+    "webhook.disabled",
 ];
 
 /// A feed event.

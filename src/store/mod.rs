@@ -18,6 +18,7 @@ pub mod stats;
 pub mod timers;
 pub mod tokens;
 pub mod usage;
+pub mod webhooks;
 
 use std::time::Duration;
 

@@ -5,17 +5,17 @@ use std::time::Duration;
 use crate::deploys::{MANIFEST, SERVER, through_router};
 use crate::helpers::{PASSWORD, TestApp};
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 async fn rack(app: &TestApp, password: &str, args: &[&str]) -> Run {
     rack_in(app, password, args, std::path::Path::new(".")).await
 }
 
-async fn rack_in(app: &TestApp, password: &str, args: &[&str], dir: &std::path::Path) -> Run {
+pub async fn rack_in(app: &TestApp, password: &str, args: &[&str], dir: &std::path::Path) -> Run {
     rack_within(app, password, args, dir, 30).await
 }
 
@@ -178,7 +178,7 @@ async fn a_failed_build_exits_1() {
 }
 
 /// A directory holding the fixture web app, whose `.convox/app` names `name`.
-fn app_dir(name: &str) -> tempfile::TempDir {
+pub fn app_dir(name: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("convox.yml"), MANIFEST).unwrap();
     std::fs::write(dir.path().join("server.py"), SERVER).unwrap();
@@ -188,12 +188,12 @@ fn app_dir(name: &str) -> tempfile::TempDir {
 }
 
 /// A rollout command (deploy, promote...), run in `dir`.
-async fn rollout(app: &TestApp, args: &[&str], dir: &std::path::Path) -> Run {
+pub async fn rollout(app: &TestApp, args: &[&str], dir: &std::path::Path) -> Run {
     rack_within(app, PASSWORD, args, dir, 120).await
 }
 
 /// The id after `prefix` on a line of `text` (`Release: R...`).
-fn id_after(text: &str, prefix: &str) -> String {
+pub fn id_after(text: &str, prefix: &str) -> String {
     text.lines()
         .find_map(|l| l.strip_prefix(prefix))
         .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{text}"))

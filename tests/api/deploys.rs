@@ -591,7 +591,10 @@ async fn a_scaled_service_rolls_every_instance_within_its_budget() {
 
 /// A release that would only become healthy after a minute.
 async fn slow_release(app: &TestApp) -> String {
-    let manifest = MANIFEST.replace("grace: 1", "grace: 60");
+    // It answers only after a minute, and its grace period forgives that.
+    let manifest = MANIFEST
+        .replace("grace: 1", "grace: 60")
+        .replace("command: python3", "command: sleep 60; exec python3");
     let id = app
         .build_source("myapp", &[("convox.yml", &manifest), ("server.py", SERVER)])
         .await;

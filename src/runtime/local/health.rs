@@ -1,8 +1,13 @@
-//! Health checks of the local runtime's instances: after the grace period, `GET health.path`
-//! must answer 2xx or 3xx within the timeout. Three failures in a row before an instance was
-//! ever ready fail it (its rollout gives up on it); three later make it unhealthy (it is taken
-//! out of its router and restarted). Services without a port are ready once they have run for
-//! their grace period.
+//! Health checks of the local runtime's instances: `GET health.path` must answer 2xx or 3xx
+//! within the timeout. As Kubernetes' startup probes do, a new instance is checked as soon as
+//! it starts, then after 20 ms, 40 ms, … (at most 500 ms, and never more than the interval)
+//! until its first success; the interval applies after that. The grace period is the startup
+//! allowance: failures within it do not count. After it, three failures in a row (counted once
+//! per interval) before an instance was ever ready fail it (its rollout gives up on it); three
+//! later make it unhealthy (it is taken out of its router and restarted). So an instance is in
+//! its router as soon as it answers, and a slow starter still gets grace + 3 × interval.
+//! Services without a port have nothing to ask: they are ready once they have run for their
+//! grace period.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +18,21 @@ use crate::runtime::LogSink;
 
 /// Consecutive failed checks that make an instance unhealthy.
 const FAILURE_THRESHOLD: u32 = 3;
+
+/// The pause after the first failed check of a new instance; it doubles after each failure
+/// until [`STARTUP_BACKOFF_MAX`].
+const STARTUP_BACKOFF_FIRST: Duration = Duration::from_millis(20);
+
+/// The longest pause between checks of an instance that was never ready.
+const STARTUP_BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// The pause before the next check of an instance that was never ready, after `previous`.
+pub fn startup_backoff(previous: Option<Duration>, interval: Duration) -> Duration {
+    previous
+        .map_or(STARTUP_BACKOFF_FIRST, |p| p.saturating_mul(2))
+        .min(STARTUP_BACKOFF_MAX)
+        .min(interval)
+}
 
 /// A service's health check.
 #[derive(Debug, Clone)]
@@ -48,9 +68,14 @@ pub async fn health_loop(
     log: &LogSink,
     refresh_routes: &RouteRefresh,
 ) {
-    tokio::time::sleep(check.grace).await;
+    let started = tokio::time::Instant::now();
+    if !check.http {
+        // Nothing to ask: having run for its grace period is all the evidence there is.
+        tokio::time::sleep(check.grace).await;
+    }
     let mut failures = 0;
     let mut ever_ready = false;
+    let mut backoff: Option<Duration> = None;
     // Failures count once per `interval`, however often we look: a slow starter gets
     // grace + threshold × interval, as Kubernetes would give it.
     let mut last_counted: Option<tokio::time::Instant> = None;
@@ -72,7 +97,9 @@ pub async fn health_loop(
             }
             Err(reason) => {
                 let now = tokio::time::Instant::now();
-                if last_counted.is_none_or(|at| now.duration_since(at) >= check.interval) {
+                // Within the grace period a failure is the instance still starting.
+                let counts = ever_ready || now.duration_since(started) >= check.grace;
+                if counts && last_counted.is_none_or(|at| now.duration_since(at) >= check.interval) {
                     failures += 1;
                     last_counted = Some(now);
                 }
@@ -92,11 +119,14 @@ pub async fn health_loop(
                 }
             }
         }
-        // Until the first pass, look often so rollouts move fast; then every `interval`.
+        // Until the first pass, look again soon (backing off) so rollouts move as fast as the
+        // app starts; then every `interval`.
         let pause = if ever_ready {
             check.interval
         } else {
-            check.interval.min(Duration::from_millis(250))
+            let next = startup_backoff(backoff, check.interval);
+            backoff = Some(next);
+            next
         };
         tokio::time::sleep(pause).await;
     }
@@ -110,5 +140,28 @@ async fn probe(client: &reqwest::Client, port: Option<u16>, path: &str, timeout:
         Ok(response) => Err(format!("GET {path} answered {}", response.status())),
         Err(e) if e.is_timeout() => Err(format!("GET {path} timed out")),
         Err(_) => Err(format!("GET {path}: connection refused")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_instance_is_checked_often_then_less() {
+        let interval = Duration::from_secs(5);
+        let mut pauses = Vec::new();
+        let mut previous = None;
+        for _ in 0..8 {
+            let next = startup_backoff(previous, interval);
+            pauses.push(next.as_millis());
+            previous = Some(next);
+        }
+        assert_eq!(pauses, [20, 40, 80, 160, 320, 500, 500, 500]);
+        // Never less often than the interval.
+        assert_eq!(
+            startup_backoff(Some(Duration::from_millis(320)), Duration::from_millis(300)).as_millis(),
+            300
+        );
     }
 }
