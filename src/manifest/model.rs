@@ -126,7 +126,8 @@ impl Command {
 pub struct Health {
     /// Path requested; default `/`.
     pub path: String,
-    /// Seconds to wait after start before the first check; default 5.
+    /// Seconds after start during which failed checks are forgiven (a slow starter is checked
+    /// at once and then with a short backoff, but not failed before this); default 5.
     pub grace: u32,
     /// Seconds between checks; default 5.
     pub interval: u32,

@@ -113,13 +113,15 @@ async fn a_backup_taken_during_a_build_and_a_deployment_restores_on_a_second_ser
     })
     .await;
 
-    let dir = crate::helpers::reachable_tempdir();
-    let file = dir.path().join("rack.tar");
-    download(&first, "", &file).await;
+    // What the backup must hold, read before it is taken: the deployment and the build go on
+    // writing events meanwhile, and those after the backup's snapshot are not in it.
     let releases: Value = first.get_json("/apps/keep/releases").await;
     let builds: Value = first.get_json("/apps/keep/builds").await;
     let deployments: Value = first.get_json("/apps/keep/deployments").await;
     let events = feed(&first, "keep", 0).await;
+    let dir = crate::helpers::reachable_tempdir();
+    let file = dir.path().join("rack.tar");
+    download(&first, "", &file).await;
     let fed: Value = first.get_json("/system/usage").await;
     assert!(fed["kinds"]["database"].as_u64().unwrap() > 0, "{fed}");
     first.stop().await;
