@@ -177,9 +177,7 @@ pub async fn import(kind: Kind, credentials: &Credentials, endpoint: ResourceEnd
             ));
         }
     };
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
     let mut child = cmd
         .spawn()
         .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("starting the import's client")))?;

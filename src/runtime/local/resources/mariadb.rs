@@ -30,12 +30,24 @@ fn run_as() -> anyhow::Result<Option<RunAs>> {
 
 /// The first of `names` found in the system's program directories.
 fn find(names: &[&str]) -> anyhow::Result<PathBuf> {
-    let dirs = ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin", "/sbin", "/bin"];
+    let dirs = [
+        "/usr/sbin",
+        "/usr/bin",
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/sbin",
+        "/bin",
+    ];
     names
         .iter()
         .flat_map(|name| dirs.iter().map(move |dir| Path::new(dir).join(name)))
         .find(|path| path.is_file())
-        .with_context(|| format!("{} was not found: install it with `{INSTALL}` (scripts/install-deps does)", names[0]))
+        .with_context(|| {
+            format!(
+                "{} was not found: install it with `{INSTALL}` (scripts/install-deps does)",
+                names[0]
+            )
+        })
 }
 
 fn data_dir(dir: &Path) -> PathBuf {
@@ -154,7 +166,10 @@ pub(super) fn create(dir: &Path, spec: &ResourceSpec, port: u16) -> anyhow::Resu
         password = literal(&credentials.password),
     );
     let mut client = admin(dir)?;
-    client.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+    client
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     let mut child = client.spawn().context("running the mariadb client")?;
     // The password goes through the pipe, never on a command line.
     child
@@ -210,7 +225,9 @@ pub(super) fn start(dir: &Path, spec: &ResourceSpec, port: u16) -> anyhow::Resul
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let mut ping = admin(dir)?;
-        ping.args(["-e", "SELECT 1"]).stdout(Stdio::null()).stderr(Stdio::null());
+        ping.args(["-e", "SELECT 1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         if ping.status().is_ok_and(|s| s.success()) {
             return Ok(());
         }

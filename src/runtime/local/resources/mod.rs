@@ -258,7 +258,13 @@ fn runs(pid: i32, programs: &[&str]) -> bool {
 
 /// The pid in the first line of `file`, if that process runs one of `programs`.
 fn pid_from(file: &Path, programs: &[&str]) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(file).ok()?.lines().next()?.trim().parse().ok()?;
+    let pid: i32 = std::fs::read_to_string(file)
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()?;
     (pid > 0 && runs(pid, programs)).then_some(pid)
 }
 

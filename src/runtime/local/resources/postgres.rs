@@ -136,7 +136,13 @@ fn create_postgis(bin: &Path, dir: &Path, port: u16, database: &str) -> anyhow::
         );
     }
     let mut create = admin(bin, dir, port, database, "psql");
-    create.args(["-q", "-v", "ON_ERROR_STOP=1", "-c", "create extension if not exists postgis"]);
+    create.args([
+        "-q",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-c",
+        "create extension if not exists postgis",
+    ]);
     run(create, "creating the postgis extension")
 }
 
