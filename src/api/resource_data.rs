@@ -1,7 +1,9 @@
 //! A resource's data, in and out, through the address its runtime gives rack (the local
 //! server's port, or a port-forward): `pg_dump` as plain SQL and `psql` to load it back;
-//! `redis-cli --rdb` for an RDB snapshot. The password reaches the tools through their
-//! environment (`PGPASSWORD`, `REDISCLI_AUTH`), never their command line.
+//! `mysqldump --single-transaction` and the `mysql` client (mysql, mariadb); `redis-cli --rdb`
+//! for an RDB snapshot. A memcached resource is a cache: it has nothing to export. The
+//! password reaches the tools through their environment (`PGPASSWORD`, `MYSQL_PWD`,
+//! `REDISCLI_AUTH`), never their command line.
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -22,6 +24,7 @@ fn tool(name: &str, credentials: &Credentials) -> Command {
         .env("LC_ALL", "C")
         .env("PGPASSWORD", &credentials.password)
         .env("REDISCLI_AUTH", &credentials.password)
+        .env("MYSQL_PWD", &credentials.password)
         .stdin(Stdio::null())
         .kill_on_drop(true);
     cmd
@@ -40,9 +43,26 @@ fn pg_args(addr: SocketAddr, credentials: &Credentials) -> Vec<String> {
     ]
 }
 
-fn unsupported(kind: Kind) -> ApiError {
+/// The arguments of the `mysql` client and `mysqldump`: this address over TCP, as the app's
+/// user, none of the host's option files (`/etc/mysql` names another server's socket).
+fn mysql_args(addr: SocketAddr, credentials: &Credentials) -> Vec<String> {
+    vec![
+        "--no-defaults".into(),
+        "--protocol=tcp".into(),
+        "-h".into(),
+        addr.ip().to_string(),
+        "-P".into(),
+        addr.port().to_string(),
+        "-u".into(),
+        credentials.user.clone(),
+    ]
+}
+
+/// A cache has no data worth moving.
+fn memcached_refused(what: &str) -> ApiError {
     ApiError::Unprocessable(format!(
-        "export and import of {kind} resources are not supported: they are for postgres, postgis and redis"
+        "{what} of memcached resources is not supported: a memcached resource is a cache, with \
+         nothing to export or import (its data lives only in memory and may be evicted at any time)"
     ))
 }
 
@@ -60,34 +80,21 @@ pub async fn export(kind: Kind, credentials: &Credentials, endpoint: ResourceEnd
         Kind::Postgres | Kind::Postgis => {
             let mut cmd = tool("pg_dump", credentials);
             cmd.args(pg_args(addr, credentials))
-                .args(["--no-owner", "--no-privileges", "--clean", "--if-exists"])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            let mut child = cmd
-                .spawn()
-                .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("starting pg_dump")))?;
-            let stdout = child.stdout.take().expect("piped");
-            let mut chunks = tokio_util::io::ReaderStream::new(stdout);
-            // The first chunk (or the end) says whether the dump started: a failure to connect
-            // is an error, not an empty 200.
-            let first = chunks.next().await;
-            if first.is_none() {
-                let out = child
-                    .wait_with_output()
-                    .await
-                    .map_err(|e| ApiError::Internal(e.into()))?;
-                if !out.status.success() {
-                    return Err(failed("pg_dump", &out.stderr));
-                }
-                return Ok(Body::empty());
+                .args(["--no-owner", "--no-privileges", "--clean", "--if-exists"]);
+            if kind == Kind::Postgis {
+                // The extension belongs to the cluster's superuser: the app's user could neither
+                // drop nor create it on import, and its tables are the extension's. A pattern
+                // that matches no extension leaves them all out of the dump.
+                cmd.args(["--extension", "rack_no_extension"]);
             }
-            // The child and the runtime's guard (a port-forward) live as long as the stream.
-            let keep = (child, endpoint.guard);
-            let rest = chunks.map(move |chunk| {
-                let _ = &keep;
-                chunk
-            });
-            Ok(Body::from_stream(futures_util::stream::iter(first).chain(rest)))
+            streamed(cmd, "pg_dump", endpoint.guard).await
+        }
+        Kind::Mysql | Kind::Mariadb => {
+            let mut cmd = tool("mysqldump", credentials);
+            cmd.args(mysql_args(addr, credentials))
+                .args(["--single-transaction", "--no-tablespaces", "--routines", "--triggers"])
+                .arg(&credentials.database);
+            streamed(cmd, "mysqldump", endpoint.guard).await
         }
         Kind::Redis => {
             let dir = tempfile::tempdir().map_err(|e| ApiError::Internal(e.into()))?;
@@ -109,35 +116,78 @@ pub async fn export(kind: Kind, credentials: &Credentials, endpoint: ResourceEnd
             let data = tokio::fs::read(&file).await.map_err(|e| ApiError::Internal(e.into()))?;
             Ok(Body::from(Bytes::from(data)))
         }
-        other => Err(unsupported(other)),
+        Kind::Memcached => Err(memcached_refused("export")),
     }
 }
 
-/// Loads `body` (what [`export`] gave) into the resource: SQL run by `psql` as the app's
-/// user, stopping at the first error. Redis data cannot be loaded into a running server
-/// through its protocol, so a redis import is refused.
-pub async fn import(kind: Kind, credentials: &Credentials, endpoint: ResourceEndpoint, body: Body) -> ApiResult<()> {
-    if !matches!(kind, Kind::Postgres | Kind::Postgis) {
-        return Err(ApiError::Unprocessable(format!(
-            "import into {kind} resources is not supported: it is for postgres and postgis (a plain-SQL dump)"
-        )));
-    }
-    let mut cmd = tool("psql", credentials);
-    cmd.args(pg_args(endpoint.addr, credentials))
-        .args(["-q", "-v", "ON_ERROR_STOP=1", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+/// The standard output of the dump `cmd` as a stream. The first chunk (or the end) says
+/// whether the dump started: a failure to connect is an error, not an empty 200.
+async fn streamed<G: Send + 'static>(mut cmd: Command, what: &str, guard: G) -> ApiResult<Body> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd
         .spawn()
-        .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("starting psql")))?;
+        .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context(format!("starting {what}"))))?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut chunks = tokio_util::io::ReaderStream::new(stdout);
+    let first = chunks.next().await;
+    if first.is_none() {
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| ApiError::Internal(e.into()))?;
+        if !out.status.success() {
+            return Err(failed(what, &out.stderr));
+        }
+        return Ok(Body::empty());
+    }
+    // The child and the runtime's guard (a port-forward) live as long as the stream.
+    let keep = (child, guard);
+    let rest = chunks.map(move |chunk| {
+        let _ = &keep;
+        chunk
+    });
+    Ok(Body::from_stream(futures_util::stream::iter(first).chain(rest)))
+}
+
+/// Loads `body` (what [`export`] gave) into the resource: SQL run by `psql` or the `mysql`
+/// client as the app's user, stopping at the first error. Redis data cannot be loaded into a
+/// running server through its protocol, so a redis import is refused.
+pub async fn import(kind: Kind, credentials: &Credentials, endpoint: ResourceEndpoint, body: Body) -> ApiResult<()> {
+    let mut cmd = match kind {
+        Kind::Postgres | Kind::Postgis => {
+            let mut cmd = tool("psql", credentials);
+            cmd.args(pg_args(endpoint.addr, credentials))
+                .args(["-q", "-v", "ON_ERROR_STOP=1", "-f", "-"]);
+            cmd
+        }
+        Kind::Mysql | Kind::Mariadb => {
+            // Batch mode stops at the first error.
+            let mut cmd = tool("mysql", credentials);
+            cmd.args(mysql_args(endpoint.addr, credentials))
+                .arg("--batch")
+                .arg(&credentials.database);
+            cmd
+        }
+        Kind::Memcached => return Err(memcached_refused("import")),
+        Kind::Redis => {
+            return Err(ApiError::Unprocessable(
+                "import into redis resources is not supported: a running redis cannot load an RDB \
+                 file; import is for postgres, postgis, mysql and mariadb (an SQL dump)"
+                    .to_owned(),
+            ));
+        }
+    };
+    cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("starting the import's client")))?;
     let mut stdin = child.stdin.take().expect("piped");
     let mut stream = body.into_data_stream();
     let mut broken = false;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the upload: {e}")))?;
         if stdin.write_all(&chunk).await.is_err() {
-            // psql stopped (an error in the SQL): its message says why.
+            // The client stopped (an error in the SQL): its message says why.
             broken = true;
             break;
         }
@@ -160,8 +210,9 @@ pub async fn import(kind: Kind, credentials: &Credentials, endpoint: ResourceEnd
     Ok(())
 }
 
-/// The resource's console on a terminal of `rows` × `cols`: `psql` (postgres, postgis) or
-/// `redis-cli` (redis), connected as the app's user. Dropping the session kills it.
+/// The resource's console on a terminal of `rows` × `cols`: `psql` (postgres, postgis), the
+/// `mysql` client (mysql, mariadb) or `redis-cli` (redis), connected as the app's user.
+/// Dropping the session kills it.
 ///
 /// # Errors
 /// When the kind has no console here, or the client cannot start.
@@ -188,10 +239,18 @@ pub fn console(
             ])
             .args(["--user", &credentials.user]);
         }
-        other => {
-            return Err(ApiError::Unprocessable(format!(
-                "the console of {other} resources is not supported: it is for postgres, postgis and redis"
-            )));
+        Kind::Mysql | Kind::Mariadb => {
+            cmd.arg("mysql")
+                .args(mysql_args(addr, credentials))
+                .arg(&credentials.database);
+        }
+        Kind::Memcached => {
+            return Err(ApiError::Unprocessable(
+                "the console of memcached resources is not supported: memcached has no client \
+                 console; it is for postgres, postgis, mysql, mariadb and redis (use `rack resources \
+                 proxy` and a memcached client)"
+                    .to_owned(),
+            ));
         }
     }
     let request = crate::runtime::ExecRequest {

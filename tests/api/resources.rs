@@ -1,7 +1,8 @@
 //! Resources of convox.yml on the embedded default: an app in process mode linking a postgres
 //! and a redis resource writes and reads through `DATABASE_URL` / `CACHE_URL` (with `psql` and
 //! `redis-cli` in its process); the data survives a redeploy, a rollback and a kill -9 of rack;
-//! export and import round-trip; the convox CLI's resource requests; manifest errors.
+//! export and import round-trip; the convox CLI's resource requests; manifest errors. The same
+//! for mysql (MariaDB's `mysql` client) and memcached (a Python client), and postgis.
 
 use std::path::Path;
 
@@ -62,7 +63,12 @@ impl Drop for ResourceServers {
         for app in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
             for resource in std::fs::read_dir(app.path()).into_iter().flatten().flatten() {
                 let dir = resource.path();
-                let pids = [dir.join("data/postmaster.pid"), dir.join("redis.pid")];
+                let pids = [
+                    dir.join("data/postmaster.pid"),
+                    dir.join("redis.pid"),
+                    dir.join("memcached.pid"),
+                    dir.join("mariadbd.pid"),
+                ];
                 for pid in pids.iter().filter_map(|p| std::fs::read_to_string(p).ok()) {
                     if let Some(pid) = pid.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) {
                         let _ =
@@ -557,25 +563,25 @@ async fn a_release_command_reaches_the_resources_of_its_first_release() {
     assert_eq!(app.delete_app("migrate").await.status(), 200);
 }
 
-/// A resource this runtime cannot run fails the deployment, saying so, and is `failed`.
+/// A resource this runtime cannot run (one with an `image:`) fails the deployment, saying so,
+/// and is `failed`.
 #[tokio::test]
 async fn a_resource_the_local_runtime_cannot_run_fails_the_deployment_saying_so() {
     let app = TestApp::spawn().await;
-    assert_eq!(app.create_app("mysql").await.status(), 201);
-    let manifest =
-        "resources:\n  db:\n    type: mysql\nservices:\n  web:\n    command: sleep 86400\n    resources: [db]\n";
-    let built = build(&app, "mysql", &[("convox.yml", manifest)]).await;
+    assert_eq!(app.create_app("imaged").await.status(), 201);
+    let manifest = "resources:\n  db:\n    type: mysql\n    image: mysql:8\nservices:\n  web:\n    command: sleep 86400\n    resources: [db]\n";
+    let built = build(&app, "imaged", &[("convox.yml", manifest)]).await;
     assert_eq!(built["status"], "complete", "{built}");
-    let log = promote_follow(&app, "mysql", built["release"].as_str().unwrap()).await;
-    assert!(log.contains("does not run mysql resources yet"), "{log}");
+    let log = promote_follow(&app, "imaged", built["release"].as_str().unwrap()).await;
+    assert!(log.contains("not images: remove `image:`"), "{log}");
     assert!(log.trim_end().ends_with("rollback") || log.contains("ERROR"), "{log}");
-    let db: Value = app.get_json("/apps/mysql/resources/db").await;
+    let db: Value = app.get_json("/apps/imaged/resources/db").await;
     assert_eq!(db["status"], "failed", "{db}");
     assert_eq!(db["url"], "", "{db}");
     let feed = app
         .request(
             Method::GET,
-            "/events?follow=false&after=0&app=mysql&kind=resource.failed",
+            "/events?follow=false&after=0&app=imaged&kind=resource.failed",
         )
         .send()
         .await
@@ -584,4 +590,249 @@ async fn a_resource_the_local_runtime_cannot_run_fails_the_deployment_saying_so(
         .await
         .unwrap();
     assert!(feed.contains("resource.failed"), "{feed}");
+}
+
+/// An app whose `web` links a mysql and a memcached resource.
+pub const SQL_MANIFEST: &str = "resources:
+  db:
+    type: mysql
+  sessions:
+    type: memcached
+    options:
+      memory: 16
+services:
+  web:
+    command: sleep 86400
+    resources:
+      - db
+      - sessions
+";
+
+/// Writes a note (`write <text>`) to the mysql database (the `mysql` client, with the
+/// `DB_*` variables) and to memcached (a few lines of Python speaking its text protocol), or
+/// reads them back (`read`).
+pub const SQL_NOTES: &str = r#"set -e
+export MYSQL_PWD="$DB_PASS"
+sql() { mysql --no-defaults -h "$DB_HOST" -P "$DB_PORT" -u "$DB_USER" -N "$DB_NAME" -e "$1"; }
+cache() {
+  python3 -c '
+import os, socket, sys
+s = socket.create_connection((os.environ["SESSIONS_HOST"], int(os.environ["SESSIONS_PORT"])), timeout=10)
+f = s.makefile("rb")
+if sys.argv[1] == "set":
+    v = sys.argv[2].encode()
+    s.sendall(b"set note 0 0 %d\r\n%s\r\n" % (len(v), v))
+    assert f.readline() == b"STORED\r\n"
+else:
+    s.sendall(b"get note\r\n")
+    line = f.readline()
+    print(f.readline().decode().strip() if line.startswith(b"VALUE") else "")
+' "$@"
+}
+case "$1" in
+  write)
+    sql "create table if not exists notes (v varchar(64)); insert into notes values ('$2')"
+    cache set "$2"
+    ;;
+  read)
+    echo "sql=$(sql "select group_concat(v order by v) from notes")"
+    echo "cache=$(cache get)"
+    ;;
+  env)
+    echo "$DB_URL $SESSIONS_URL"
+    ;;
+esac
+"#;
+
+/// mysql and memcached resources on the embedded default: a process writes and reads both;
+/// export → import round-trips the database; memcached has nothing to export (422); another
+/// app's credentials do not open this app's database.
+#[tokio::test]
+async fn a_process_app_reads_and_writes_mysql_and_memcached() {
+    let app = TestApp::spawn().await;
+    let _servers = ResourceServers::at(&app.state.config.data_dir);
+    assert_eq!(app.create_app("store").await.status(), 201);
+    let files = [("convox.yml", SQL_MANIFEST), ("notes.sh", SQL_NOTES)];
+    let built = build(&app, "store", &files).await;
+    assert_eq!(built["status"], "complete", "{built}");
+    let log = promote_follow(&app, "store", built["release"].as_str().unwrap()).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    assert!(log.contains("system/local/resource/db ready"), "{log}");
+    assert!(log.contains("system/local/resource/sessions ready"), "{log}");
+
+    let env = notes(&app, "store", "env").await;
+    assert!(env.starts_with("mysql://app:") && env.contains("@127.0.0.1:"), "{env}");
+    assert!(env.contains(" memcached://127.0.0.1:"), "{env}");
+    notes(&app, "store", "write one").await;
+    assert_eq!(notes(&app, "store", "read").await, "sql=one\ncache=one\n");
+
+    // export -> import round-trips the database.
+    let dump = app
+        .convox(Method::GET, "/apps/store/resources/db/data")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dump.status(), 200);
+    let dump = dump.bytes().await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&dump).contains("INSERT INTO `notes` VALUES"),
+        "a mysqldump"
+    );
+    notes(&app, "store", "write two").await;
+    assert_eq!(notes(&app, "store", "read").await, "sql=one,two\ncache=two\n");
+    let import = app
+        .convox(Method::PUT, "/apps/store/resources/db/data")
+        .body(dump)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(crate::helpers::status_text(import).await, (200, "ok\n".to_owned()));
+    assert_eq!(notes(&app, "store", "read").await, "sql=one\ncache=two\n");
+    let broken = app
+        .convox(Method::PUT, "/apps/store/resources/db/data")
+        .body("select * from nowhere;")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(broken.status(), 422, "an import stops at an error");
+    let cache = app
+        .convox(Method::GET, "/apps/store/resources/sessions/data")
+        .send()
+        .await
+        .unwrap();
+    let (status, text) = crate::helpers::status_text(cache).await;
+    assert_eq!(status, 422, "{text}");
+    assert!(text.contains("a memcached resource is a cache"), "{text}");
+
+    // The console: the mysql client on a terminal runs a query.
+    let output = console(
+        &app,
+        "/apps/store/resources/db/console",
+        "select 40 + 2 as answer;\nexit\n",
+    )
+    .await;
+    assert!(output.contains("42"), "{output}");
+
+    // Another app's mysql: its credentials do not open this one's, nor the reverse.
+    assert_eq!(app.create_app("rival").await.status(), 201);
+    let rival = [(
+        "convox.yml",
+        SQL_MANIFEST
+            .replace("  sessions:\n    type: memcached\n    options:\n      memory: 16\n", "")
+            .replace("      - sessions\n", ""),
+    )];
+    let rival_files: Vec<(&str, &str)> = rival.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let built = build(&app, "rival", &rival_files).await;
+    let log = promote_follow(&app, "rival", built["release"].as_str().unwrap()).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    let url_of = |name: &'static str| {
+        let app = &app;
+        async move {
+            let info: Value = app.get_json(&format!("/apps/{name}/resources/db")).await;
+            info["url"].as_str().unwrap().to_owned()
+        }
+    };
+    let (own, other) = (url_of("store").await, url_of("rival").await);
+    assert_ne!(own, other);
+    let parts = |url: &str| {
+        let rest = url.strip_prefix("mysql://").unwrap();
+        let (auth, rest) = rest.split_once('@').unwrap();
+        let (user, password) = auth.split_once(':').unwrap();
+        let (hostport, database) = rest.split_once('/').unwrap();
+        let port = hostport.rsplit(':').next().unwrap();
+        (
+            user.to_owned(),
+            password.to_owned(),
+            port.to_owned(),
+            database.to_owned(),
+        )
+    };
+    let (user, password, _, database) = parts(&other);
+    let (_, own_password, port, _) = parts(&own);
+    let try_with = |password: String| {
+        let (user, port, database) = (user.clone(), port.clone(), database.clone());
+        async move {
+            tokio::process::Command::new("mysql")
+                .args([
+                    "--no-defaults",
+                    "--protocol=tcp",
+                    "-h",
+                    "127.0.0.1",
+                    "-P",
+                    &port,
+                    "-u",
+                    &user,
+                ])
+                .args(["-N", &database, "-e", "select count(*) from notes"])
+                .env("MYSQL_PWD", password)
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let refused = try_with(password).await;
+    assert!(!refused.status.success(), "another app's credentials are refused");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Access denied"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let allowed = try_with(own_password).await;
+    assert!(allowed.status.success(), "{}", String::from_utf8_lossy(&allowed.stderr));
+
+    for name in ["store", "rival"] {
+        assert_eq!(app.delete_app(name).await.status(), 200);
+        let dir = app.state.config.data_dir.join("resources").join(name);
+        wait_for(60, "the resources' data to go with the app", || async {
+            (!dir.exists()).then_some(())
+        })
+        .await;
+    }
+}
+
+/// A postgis resource: postgres with the postgis extension in the app's database, reached
+/// through `DATABASE_URL`; its export (without the extension, which the app's user does not
+/// own) imports back.
+#[tokio::test]
+async fn a_postgis_resource_answers_postgis_queries() {
+    let app = TestApp::spawn().await;
+    let _servers = ResourceServers::at(&app.state.config.data_dir);
+    assert_eq!(app.create_app("maps").await.status(), 201);
+    let manifest = "resources:\n  database:\n    type: postgis\nservices:\n  web:\n    command: sleep 86400\n    resources: [database]\n";
+    let script = r#"set -e
+case "$1" in
+  version) psql "$DATABASE_URL" -tAc "select postgis_version()" ;;
+  write) psql "$DATABASE_URL" -qtAc "create table if not exists places (name text, at geometry(Point, 4326)); insert into places values ('$2', ST_SetSRID(ST_MakePoint(2.35, 48.85), 4326))" ;;
+  read) psql "$DATABASE_URL" -tAc "select string_agg(name || ' ' || ST_AsText(at), ',' order by name) from places" ;;
+esac
+"#;
+    let built = build(&app, "maps", &[("convox.yml", manifest), ("notes.sh", script)]).await;
+    assert_eq!(built["status"], "complete", "{built}");
+    let log = promote_follow(&app, "maps", built["release"].as_str().unwrap()).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    let version = notes(&app, "maps", "version").await;
+    assert!(version.starts_with("3."), "{version}");
+    notes(&app, "maps", "write paris").await;
+    assert_eq!(notes(&app, "maps", "read").await, "paris POINT(2.35 48.85)\n");
+    let dump = app
+        .convox(Method::GET, "/apps/maps/resources/database/data")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dump.status(), 200);
+    let dump = dump.bytes().await.unwrap();
+    assert!(
+        !String::from_utf8_lossy(&dump).contains("EXTENSION"),
+        "the extension is not in the dump"
+    );
+    notes(&app, "maps", "write rome").await;
+    let import = app
+        .convox(Method::PUT, "/apps/maps/resources/database/data")
+        .body(dump)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(crate::helpers::status_text(import).await, (200, "ok\n".to_owned()));
+    assert_eq!(notes(&app, "maps", "read").await, "paris POINT(2.35 48.85)\n");
+    assert_eq!(app.delete_app("maps").await.status(), 200);
 }

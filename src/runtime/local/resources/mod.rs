@@ -1,11 +1,14 @@
 //! Resources on this host: each resource of an app is a server of its own (Debian's postgres
-//! and redis-server binaries), in `<data>/resources/<app>/<name>/`, listening on 127.0.0.1 on
-//! a port allocated when it is created (kept in that directory, so the variables of linked
-//! processes never change). Servers are detached from rack: they keep running across a
-//! restart or a kill -9 of rack, and the next `apply` adopts a running one (it only starts one
-//! that is down). Each has its own generated password, so one app's credentials reach nothing
-//! of another app's.
+//! (with postgis for postgis resources), redis-server, memcached and mariadbd binaries, the
+//! latter for both mysql and mariadb), in `<data>/resources/<app>/<name>/`, listening on
+//! 127.0.0.1 on a port allocated when it is created (kept in that directory, so the variables
+//! of linked processes never change). Servers are detached from rack: they keep running across
+//! a restart or a kill -9 of rack, and the next `apply` adopts a running one (it only starts
+//! one that is down). Each has its own generated password, so one app's credentials reach
+//! nothing of another app's (memcached has no credentials: see memcached.rs).
 
+mod mariadb;
+mod memcached;
 mod postgres;
 mod redis;
 
@@ -13,6 +16,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use anyhow::Context;
+
+use crate::postgres::RunAs;
 use crate::resource::{Kind, ResourceSpec};
 use crate::runtime::{LogSink, ReleaseSpec, RuntimeError};
 
@@ -70,12 +76,7 @@ impl Resources {
                 spec.definition.kind
             )));
         }
-        let server = Server::of(spec.definition.kind).ok_or_else(|| {
-            failed(format!(
-                "the local runtime does not run {} resources yet (it runs postgres and redis)",
-                spec.definition.kind
-            ))
-        })?;
+        let server = Server::of(spec.definition.kind);
         let dir = self.dir(app, &spec.name);
         let state = blocking({
             let dir = dir.clone();
@@ -102,15 +103,10 @@ impl Resources {
     /// Where rack reaches resource `name` of `app`: its port on 127.0.0.1, if it runs.
     pub async fn endpoint(&self, app: &str, name: &str) -> Result<std::net::SocketAddr, RuntimeError> {
         let dir = self.dir(app, name);
-        let kind = std::fs::read_to_string(dir.join(KIND_FILE)).unwrap_or_default();
-        let server = match kind.trim() {
-            "postgres" => Server::Postgres,
-            "redis" => Server::Redis,
-            _ => {
-                return Err(RuntimeError::Failed(format!(
-                    "app {app} has no resource {name} on this host"
-                )));
-            }
+        let Some(server) = stored_kind(&dir).map(Server::of) else {
+            return Err(RuntimeError::Failed(format!(
+                "app {app} has no resource {name} on this host"
+            )));
         };
         let running = blocking({
             let dir = dir.clone();
@@ -188,10 +184,8 @@ pub fn link(
 
 /// Stops the server of the resource in `dir` (whatever its kind) and removes the directory.
 fn remove(dir: &Path) {
-    match std::fs::read_to_string(dir.join(KIND_FILE)).unwrap_or_default().trim() {
-        "postgres" => postgres::stop(dir),
-        "redis" => redis::stop(dir),
-        _ => {}
+    if let Some(kind) = stored_kind(dir) {
+        Server::of(kind).stop(dir);
     }
     if let Err(e) = std::fs::remove_dir_all(dir)
         && e.kind() != std::io::ErrorKind::NotFound
@@ -212,6 +206,79 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, String> + 
 const KIND_FILE: &str = "kind";
 /// The file holding a resource's port.
 const PORT_FILE: &str = "port";
+
+/// The kind of the resource created in `dir`, if its creation finished.
+fn stored_kind(dir: &Path) -> Option<Kind> {
+    std::fs::read_to_string(dir.join(KIND_FILE)).ok()?.trim().parse().ok()
+}
+
+/// The system user a server runs as: `user` (made by Debian's `package`) when rack is root,
+/// never root itself (an app's password must not be a way to write files as root); rack's own
+/// user otherwise.
+fn system_user(user: &str, package: &str) -> anyhow::Result<Option<RunAs>> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    let found = nix::unistd::User::from_name(user)?.with_context(|| {
+        format!(
+            "rack runs as root and runs {package} as the `{user}` system user, which does not exist: \
+             install {package} (`apt-get install -y {package}`; scripts/install-deps does)"
+        )
+    })?;
+    Ok(Some(RunAs {
+        uid: found.uid,
+        gid: found.gid,
+    }))
+}
+
+/// A server command with a clean environment, in its own process group (a signal to rack's
+/// group must not reach it), as `run_as` when given.
+fn server_command(program: impl AsRef<std::ffi::OsStr>, run_as: Option<&RunAs>) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(program);
+    cmd.env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+        .env("LC_ALL", "C")
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .process_group(0);
+    if let Some(user) = run_as {
+        cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+    }
+    cmd
+}
+
+/// Whether process `pid` runs one of `programs` (a stale pid file may name another process).
+fn runs(pid: i32, programs: &[&str]) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        programs.iter().any(|program| cmdline.contains(program))
+    })
+}
+
+/// The pid in the first line of `file`, if that process runs one of `programs`.
+fn pid_from(file: &Path, programs: &[&str]) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(file)
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()?;
+    (pid > 0 && runs(pid, programs)).then_some(pid)
+}
+
+/// Stops process `pid` (SIGTERM: servers write what they have, then exit), SIGKILL after a
+/// grace period.
+fn terminate(pid: i32) {
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while nix::sys::signal::kill(pid, None).is_ok() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+}
 
 fn read_port(dir: &Path) -> Option<u16> {
     std::fs::read_to_string(dir.join(PORT_FILE)).ok()?.trim().parse().ok()
@@ -243,29 +310,45 @@ pub(super) enum State {
 /// The servers the local runtime runs.
 #[derive(Debug, Clone, Copy)]
 enum Server {
+    /// postgres and postgis (a postgres whose app database has the postgis extension).
     Postgres,
     Redis,
+    Memcached,
+    /// mysql and mariadb: Debian serves both with MariaDB.
+    Mariadb,
 }
 
 impl Server {
-    fn of(kind: Kind) -> Option<Self> {
+    fn of(kind: Kind) -> Self {
         match kind {
-            Kind::Postgres => Some(Self::Postgres),
-            Kind::Redis => Some(Self::Redis),
-            _ => None,
+            Kind::Postgres | Kind::Postgis => Self::Postgres,
+            Kind::Redis => Self::Redis,
+            Kind::Memcached => Self::Memcached,
+            Kind::Mysql | Kind::Mariadb => Self::Mariadb,
         }
     }
 
     fn state(self, dir: &Path) -> State {
-        let kind = std::fs::read_to_string(dir.join(KIND_FILE)).unwrap_or_default();
-        if kind.trim().is_empty() {
+        if stored_kind(dir).is_none() {
             return State::Missing;
         }
         let running = match self {
             Self::Postgres => postgres::running(dir),
             Self::Redis => redis::running(dir),
+            Self::Memcached => memcached::running(dir),
+            Self::Mariadb => mariadb::running(dir),
         };
         if running { State::Running } else { State::Stopped }
+    }
+
+    /// Stops the server of `dir`, if it runs.
+    fn stop(self, dir: &Path) {
+        match self {
+            Self::Postgres => postgres::stop(dir),
+            Self::Redis => redis::stop(dir),
+            Self::Memcached => memcached::stop(dir),
+            Self::Mariadb => mariadb::stop(dir),
+        }
     }
 
     /// Creates the resource in `dir` (anything a failed creation left there goes first) on a
@@ -275,12 +358,19 @@ impl Server {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let port = super::supervisor::free_port().ok_or("no free port on 127.0.0.1")?;
         std::fs::write(dir.join(PORT_FILE), port.to_string()).map_err(|e| format!("writing its port: {e}"))?;
-        let (kind, created) = match self {
-            Self::Postgres => ("postgres", postgres::create(dir, spec, port)),
-            Self::Redis => ("redis", redis::create(dir, spec, port)),
+        let created = match self {
+            Self::Postgres => postgres::create(dir, spec, port),
+            Self::Redis => redis::create(dir, spec, port),
+            Self::Memcached => memcached::create(dir, spec, port),
+            Self::Mariadb => mariadb::create(dir, spec, port),
         };
-        created.map_err(|e| format!("{e:#}"))?;
-        std::fs::write(dir.join(KIND_FILE), kind).map_err(|e| format!("writing its kind: {e}"))
+        if let Err(e) = created {
+            // A server started before the step that failed must not run on, orphaned: the
+            // next attempt starts afresh in an emptied directory.
+            self.stop(dir);
+            return Err(format!("{e:#}"));
+        }
+        std::fs::write(dir.join(KIND_FILE), spec.definition.kind.as_str()).map_err(|e| format!("writing its kind: {e}"))
     }
 
     /// Starts the (created) resource in `dir` on its port.
@@ -289,6 +379,8 @@ impl Server {
         match self {
             Self::Postgres => postgres::start(dir, spec, port),
             Self::Redis => redis::start(dir, spec, port),
+            Self::Memcached => memcached::start(dir, spec, port),
+            Self::Mariadb => mariadb::start(dir, spec, port),
         }
         .map_err(|e| format!("{e:#}"))
     }

@@ -3,7 +3,8 @@
 //! The app's role is not a superuser (a superuser could run programs as the cluster's system
 //! user, which owns the other resources' files): rack administers the cluster as `postgres`,
 //! over a unix socket in a directory only that user may enter; the app connects over TCP on
-//! 127.0.0.1 with its password (scram-sha-256), to its own database only.
+//! 127.0.0.1 with its password (scram-sha-256), to its own database only. A postgis resource
+//! is the same cluster with the postgis extension created in the app's database.
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
@@ -13,7 +14,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, bail};
 
 use crate::postgres::{RunAs, create_private_dir, find_bin_dir, read_tail, run_as, socket_dir_for};
-use crate::resource::ResourceSpec;
+use crate::resource::{Kind, ResourceSpec};
 
 fn data_dir(dir: &Path) -> PathBuf {
     dir.join("data")
@@ -104,9 +105,45 @@ pub(super) fn create(dir: &Path, spec: &ResourceSpec, port: u16) -> anyhow::Resu
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    if spec.definition.kind == Kind::Postgis {
+        create_postgis(&bin, dir, port, &credentials.database)?;
+    }
     // initdb skipped its fsyncs (it is much faster); the whole cluster reaches the disk now.
     nix::unistd::sync();
     Ok(())
+}
+
+/// Creates the postgis extension in the app's `database` (as the cluster's superuser: postgis
+/// is not a trusted extension), or says which package the host lacks.
+fn create_postgis(bin: &Path, dir: &Path, port: u16, database: &str) -> anyhow::Result<()> {
+    let query = "select exists (select 1 from pg_available_extensions where name = 'postgis'), \
+                 current_setting('server_version_num')::int / 10000";
+    let mut psql = admin(bin, dir, port, database, "psql");
+    psql.args(["-qtA", "-F", " ", "-c", query]);
+    let out = psql.output().context("running psql")?;
+    let answer = String::from_utf8_lossy(&out.stdout);
+    let (available, major) = answer.trim().split_once(' ').unwrap_or(("", ""));
+    if !out.status.success() {
+        bail!(
+            "looking for the postgis extension failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    if available != "t" {
+        bail!(
+            "postgis is not installed for this host's Postgres {major}: install it with \
+             `apt-get install -y postgresql-{major}-postgis-3` (scripts/install-deps does), then deploy again"
+        );
+    }
+    let mut create = admin(bin, dir, port, database, "psql");
+    create.args([
+        "-q",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-c",
+        "create extension if not exists postgis",
+    ]);
+    run(create, "creating the postgis extension")
 }
 
 /// A client command (`psql`, `pg_dump`) connected as rack's administrator over the socket.

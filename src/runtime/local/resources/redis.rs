@@ -20,17 +20,7 @@ const SERVER: &str = "redis-server";
 
 /// The user redis runs as: `redis` when rack is root, else rack's own.
 fn run_as() -> anyhow::Result<Option<RunAs>> {
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(None);
-    }
-    let user = nix::unistd::User::from_name("redis")?.context(
-        "rack runs as root and runs redis as the `redis` system user, which does not exist: \
-         install redis-server (`apt-get install -y redis-server`; scripts/install-deps does)",
-    )?;
-    Ok(Some(RunAs {
-        uid: user.uid,
-        gid: user.gid,
-    }))
+    super::system_user("redis", "redis-server")
 }
 
 /// Creates the resource's directories and starts its server.
@@ -124,13 +114,7 @@ fn ping(port: u16, password: &str) -> anyhow::Result<()> {
 
 /// The pid of the server of `dir`, if it runs.
 fn pid(dir: &Path) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(dir.join("redis.pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    String::from_utf8_lossy(&cmdline).contains(SERVER).then_some(pid)
+    super::pid_from(&dir.join("redis.pid"), &[SERVER])
 }
 
 /// Whether the server of `dir` runs.
@@ -140,12 +124,7 @@ pub(super) fn running(dir: &Path) -> bool {
 
 /// Stops the server of `dir` (SIGTERM: it writes what it has, then exits), if it runs.
 pub(super) fn stop(dir: &Path) {
-    let Some(pid) = pid(dir) else { return };
-    let pid = nix::unistd::Pid::from_raw(pid);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while nix::sys::signal::kill(pid, None).is_ok() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+    if let Some(pid) = pid(dir) {
+        super::terminate(pid);
     }
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
 }
