@@ -508,9 +508,9 @@ impl rustls::client::danger::ServerCertVerifier for Verifier {
     }
 }
 
-/// `known_racks` in the user's configuration directory (`$XDG_CONFIG_HOME/rack`, else
-/// `~/.config/rack`), or `None` without a home.
-pub fn known_racks_file() -> Option<PathBuf> {
+/// The user's rack configuration directory (`$XDG_CONFIG_HOME/rack`, else `~/.config/rack`),
+/// or `None` without a home.
+pub fn config_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("XDG_CONFIG_HOME")
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)
@@ -519,7 +519,13 @@ pub fn known_racks_file() -> Option<PathBuf> {
                 .filter(|h| !h.is_empty())
                 .map(|h| PathBuf::from(h).join(".config"))
         })?;
-    Some(dir.join("rack").join("known_racks"))
+    Some(dir.join("rack"))
+}
+
+/// `known_racks` in the user's configuration directory ([`config_dir`]), or `None` without a
+/// home.
+pub fn known_racks_file() -> Option<PathBuf> {
+    Some(config_dir()?.join("known_racks"))
 }
 
 /// The fingerprint `file` holds for `rack` (lines `host:port SHA256:...`).

@@ -40,17 +40,26 @@ struct App {
 pub async fn run(client: &Client, command: Option<AppsCommand>) -> anyhow::Result<()> {
     match command {
         None => {
-            let apps: Vec<App> = client.get("/apps").await?;
+            let apps: serde_json::Value = client.get("/apps").await?;
+            if output::json(&apps)? {
+                return Ok(());
+            }
+            let apps: Vec<App> = serde_json::from_value(apps)?;
             let rows: Vec<Vec<String>> = apps.into_iter().map(|a| vec![a.name, a.status, a.release]).collect();
             print!("{}", output::table(&["APP", "STATUS", "RELEASE"], &rows));
         }
         Some(AppsCommand::Create { name }) => {
             eprint!("Creating {name}... ");
-            let _: App = client.post("/apps", &[("name", name.as_str())]).await?;
+            let app: serde_json::Value = client.post("/apps", &[("name", name.as_str())]).await?;
             eprintln!("OK");
+            output::json(&app)?;
         }
         Some(AppsCommand::Info { name }) => {
-            let app: App = client.get(&format!("/apps/{}", client.segment(&name))).await?;
+            let app: serde_json::Value = client.get(&format!("/apps/{}", client.segment(&name))).await?;
+            if output::json(&app)? {
+                return Ok(());
+            }
+            let app: App = serde_json::from_value(app)?;
             print!(
                 "{}",
                 output::info(&[

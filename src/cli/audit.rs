@@ -49,7 +49,11 @@ pub async fn run(client: &Client, args: AuditArgs) -> anyhow::Result<()> {
         ));
     }
     let path = format!("/audit?{}", serde_urlencoded::to_string(&query)?);
-    let entries: Vec<Entry> = client.get(&path).await?;
+    let entries: serde_json::Value = client.get(&path).await?;
+    if output::json(&entries)? {
+        return Ok(());
+    }
+    let entries: Vec<Entry> = serde_json::from_value(entries)?;
     let rows: Vec<Vec<String>> = entries
         .into_iter()
         .map(|e| vec![e.at, e.actor, e.method, e.path, e.status.to_string(), e.client])

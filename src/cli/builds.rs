@@ -1,7 +1,6 @@
 //! `rack build [DIR]` and `rack builds ...`: package a directory, upload it, build it and
 //! follow its log, as `convox build` does.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -95,7 +94,7 @@ pub async fn build(client: &Client, args: &BuildArgs) -> anyhow::Result<Build> {
         )
         .await?;
     eprintln!("OK");
-    follow_log(client, &app, &build.id, args.id).await?;
+    follow_log(client, &app, &build.id, args.id || output::is_json()).await?;
     let build = wait(client, &app, &build.id).await?;
     if build.status != "complete" {
         bail!("build failed");
@@ -106,6 +105,9 @@ pub async fn build(client: &Client, args: &BuildArgs) -> anyhow::Result<Build> {
 /// Runs `rack build` and prints the ids.
 pub async fn run_build(client: &Client, args: BuildArgs) -> anyhow::Result<()> {
     let build = build(client, &args).await?;
+    if print_json(client, &args.app.resolve()?, &build.id).await? {
+        return Ok(());
+    }
     if args.id {
         println!("{}", build.release);
     } else {
@@ -120,7 +122,11 @@ pub async fn run(client: &Client, list_app: AppArg, command: Option<BuildsComman
     match command {
         None => {
             let app = list_app.resolve()?;
-            let builds: Vec<Build> = client.get(&format!("/apps/{}/builds", client.segment(&app))).await?;
+            let builds: serde_json::Value = client.get(&format!("/apps/{}/builds", client.segment(&app))).await?;
+            if output::json(&builds)? {
+                return Ok(());
+            }
+            let builds: Vec<Build> = serde_json::from_value(builds)?;
             let rows: Vec<Vec<String>> = builds
                 .into_iter()
                 .map(|b| vec![b.id, b.status, b.release, b.started, b.description])
@@ -132,13 +138,17 @@ pub async fn run(client: &Client, list_app: AppArg, command: Option<BuildsComman
         }
         Some(BuildsCommand::Info { id, app }) => {
             let app = app.or(&list_app).resolve()?;
-            let b: Build = client
+            let b: serde_json::Value = client
                 .get(&format!(
                     "/apps/{}/builds/{}",
                     client.segment(&app),
                     client.segment(&id)
                 ))
                 .await?;
+            if output::json(&b)? {
+                return Ok(());
+            }
+            let b: Build = serde_json::from_value(b)?;
             print!(
                 "{}",
                 output::info(&[
@@ -155,6 +165,20 @@ pub async fn run(client: &Client, list_app: AppArg, command: Option<BuildsComman
         Some(BuildsCommand::Logs { id, app }) => follow_log(client, &app.or(&list_app).resolve()?, &id, false).await?,
     }
     Ok(())
+}
+
+/// With `--json`, prints build `id` as the API shows it and answers true.
+///
+/// # Errors
+/// When the rack cannot be reached.
+pub async fn print_json(client: &Client, app: &str, id: &str) -> anyhow::Result<bool> {
+    if !output::is_json() {
+        return Ok(false);
+    }
+    let build: serde_json::Value = client
+        .get(&format!("/apps/{}/builds/{}", client.segment(app), client.segment(id)))
+        .await?;
+    output::json(&build)
 }
 
 /// A gzip tarball of `dir` (honouring `.dockerignore`) in a temporary file.
@@ -184,16 +208,7 @@ async fn upload(client: &Client, app: &str, tarball: tempfile::NamedTempFile) ->
         Ok((size, crate::objects::hex(&hasher.finalize())))
     })
     .await??;
-    let bar = if std::io::stderr().is_terminal() {
-        let bar = indicatif::ProgressBar::new(size);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{bytes}/{total_bytes} {bar:30} {bytes_per_sec}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = output::progress(size, "{bytes}/{total_bytes} {bar:30} {bytes_per_sec}");
     // Content-addressed: a package the rack already holds (the same source deployed again) is
     // not sent twice. The rack's own digest of what it stores decides, not the key's name.
     let key = format!("sources/{digest}.tgz");

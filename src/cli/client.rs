@@ -11,6 +11,8 @@ use futures_util::{Stream, StreamExt};
 use reqwest::{Method, RequestBuilder, Url};
 use serde::de::DeserializeOwned;
 
+use super::exit::{AuthFailed, Unreachable};
+
 /// Where the local rack listens unless told otherwise (`RACK_BIND`'s default).
 const DEFAULT_URL: &str = "http://127.0.0.1:5443";
 
@@ -82,6 +84,13 @@ impl Client {
         })
     }
 
+    /// This client with `password` (a saved rack's credential) instead of the URL's.
+    #[must_use]
+    pub fn with_password(mut self, password: String) -> Self {
+        self.password = Some(password);
+        self
+    }
+
     /// The rack's certificate refused, with why (a changed fingerprint), if that is what
     /// made a request fail.
     fn refusal(&self) -> Option<String> {
@@ -121,7 +130,7 @@ impl Client {
                 .get("x-checksum-sha256")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)),
-            status => bail!("{}", error_message(status, &[])),
+            status => Err(api_error(status, &[])),
         }
     }
 
@@ -183,9 +192,12 @@ impl Client {
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
                 let status = reqwest::StatusCode::from_u16(response.status().as_u16()).unwrap_or_default();
                 let body = response.body().clone().unwrap_or_default();
-                bail!("{}", error_message(status, &body))
+                Err(api_error(status, &body))
             }
-            Err(e) => bail!("could not reach the rack at {}: {e}", self.base),
+            Err(e) => Err(anyhow::Error::new(Unreachable(format!(
+                "could not reach the rack at {}: {e}",
+                self.base
+            )))),
         }
     }
 
@@ -194,7 +206,9 @@ impl Client {
         let host = self.base.host_str().context("RACK_URL has no host")?;
         let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
         let port = self.base.port_or_known_default().unwrap_or(80);
-        let unreachable = |e: &dyn std::fmt::Display| anyhow::anyhow!("could not reach the rack at {}: {e}", self.base);
+        let unreachable = |e: &dyn std::fmt::Display| {
+            anyhow::Error::new(Unreachable(format!("could not reach the rack at {}: {e}", self.base)))
+        };
         let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
             .await
             .map_err(|e| unreachable(&e))?;
@@ -284,7 +298,11 @@ impl Client {
     async fn execute(&self, request: reqwest::Request) -> anyhow::Result<reqwest::Response> {
         self.http.execute(request).await.map_err(|e| match self.refusal() {
             Some(refusal) => anyhow::anyhow!("{refusal}"),
-            None => anyhow::anyhow!("could not reach the rack at {}: {}", self.base, root_cause(&e)),
+            None => anyhow::Error::new(Unreachable(format!(
+                "could not reach the rack at {}: {}",
+                self.base,
+                root_cause(&e)
+            ))),
         })
     }
 
@@ -293,7 +311,7 @@ impl Client {
         let status = response.status();
         if !status.is_success() {
             let body = response.bytes().await.unwrap_or_default();
-            bail!("{}", error_message(status, &body));
+            return Err(api_error(status, &body));
         }
         Ok(response)
     }
@@ -303,7 +321,7 @@ impl Client {
         let status = response.status();
         let body = response.bytes().await.context("reading the rack's answer")?;
         if !status.is_success() {
-            bail!("{}", error_message(status, &body));
+            return Err(api_error(status, &body));
         }
         serde_json::from_slice(&body).with_context(|| format!("the rack answered {status} with unexpected content"))
     }
@@ -389,6 +407,16 @@ impl Lines {
     }
 }
 
+/// An error answer as the command's error: a 401 is [`AuthFailed`] (its own exit code).
+fn api_error(status: reqwest::StatusCode, body: &[u8]) -> anyhow::Error {
+    let message = error_message(status, body);
+    if status == reqwest::StatusCode::UNAUTHORIZED {
+        anyhow::Error::new(AuthFailed(message))
+    } else {
+        anyhow::anyhow!(message)
+    }
+}
+
 /// The message of an error answer: `{"error": ...}`, else the trimmed text, else the status.
 fn error_message(status: reqwest::StatusCode, body: &[u8]) -> String {
     #[derive(serde::Deserialize)]
@@ -423,7 +451,8 @@ fn local_password() -> Option<String> {
     Some(text.trim().to_owned())
 }
 
-fn percent_decode(text: &str) -> anyhow::Result<String> {
+/// `text` with its `%XX` escapes decoded (a password in a URL).
+pub(super) fn percent_decode(text: &str) -> anyhow::Result<String> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

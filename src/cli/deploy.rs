@@ -2,9 +2,9 @@
 
 use clap::Args;
 
-use super::Client;
 use super::builds::{self, BuildArgs};
 use super::promote::{self, LogTo, PromoteFlags};
+use super::{Client, output};
 
 /// `rack deploy`.
 #[derive(Debug, Args)]
@@ -23,7 +23,7 @@ pub async fn run(client: &Client, args: DeployArgs) -> anyhow::Result<()> {
     let app = args.build.app.resolve()?;
     let build = builds::build(client, &args.build).await?;
     // With `--id` stdout carries the release id alone, so the rollout log goes to stderr.
-    let log = if args.build.id {
+    let log = if args.build.id || output::is_json() {
         LogTo::Stderr
     } else {
         println!("Build: {}", build.id);
@@ -31,6 +31,9 @@ pub async fn run(client: &Client, args: DeployArgs) -> anyhow::Result<()> {
         LogTo::Stdout
     };
     promote::promote(client, &app, &build.release, &args.promote, log).await?;
+    if builds::print_json(client, &app, &build.id).await? {
+        return Ok(());
+    }
     if args.build.id {
         println!("{}", build.release);
     }

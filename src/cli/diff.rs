@@ -48,11 +48,16 @@ pub struct BuildSummary {
     pub images: BTreeMap<String, String>,
 }
 
-/// What promoting `to` over `from` changes.
+/// What promoting `to` over `from` changes, as a [`ReleaseDiff`] or as the API's JSON.
 ///
 /// # Errors
 /// When either release does not exist or the rack cannot be reached.
-pub async fn get(client: &Client, app: &str, from: &str, to: &str) -> anyhow::Result<ReleaseDiff> {
+pub async fn get<T: serde::de::DeserializeOwned>(
+    client: &Client,
+    app: &str,
+    from: &str,
+    to: &str,
+) -> anyhow::Result<T> {
     client
         .get(&format!(
             "/apps/{}/releases/{}/diff/{}",

@@ -7,7 +7,7 @@ use clap::Subcommand;
 
 use super::promote::{self, LogTo, PromoteFlags};
 use super::releases;
-use super::{AppArg, Client};
+use super::{AppArg, Client, output};
 use crate::env::Env;
 
 /// `rack env ...`.
@@ -54,12 +54,19 @@ pub async fn run(client: &Client, list_app: AppArg, command: Option<EnvCommand>)
     match command {
         None => {
             let env = current(client, &list_app.resolve()?).await?;
-            print!("{}", lines(&env));
+            // The values as the API gives them (the release's env), keys sorted.
+            if !output::json(&env)? {
+                print!("{}", lines(&env));
+            }
         }
         Some(EnvCommand::Get { key, app }) => {
             let env = current(client, &app.or(&list_app).resolve()?).await?;
             match env.get(&key) {
-                Some(value) => println!("{value}"),
+                Some(value) => {
+                    if !output::json(value)? {
+                        println!("{value}");
+                    }
+                }
                 None => bail!("env not found: {key}"),
             }
         }
@@ -121,12 +128,22 @@ fn parse_pairs(args: &[String]) -> anyhow::Result<Vec<(String, String)>> {
 /// promotes it when asked.
 async fn release(client: &Client, app: &str, env: &Env, change: &Change) -> anyhow::Result<()> {
     let text = crate::env::format(env);
-    let release = releases::create(client, app, &[("env", text.as_str())]).await?;
+    let release: serde_json::Value = client
+        .post(
+            &format!("/apps/{}/releases", client.segment(app)),
+            &[("env", text.as_str())],
+        )
+        .await?;
+    let id = release["id"].as_str().unwrap_or_default().to_owned();
     eprintln!("OK");
-    println!("Release: {}", release.id);
-    if change.promote {
-        promote::promote(client, app, &release.id, &change.flags, LogTo::Stdout).await?;
+    if !output::is_json() {
+        println!("Release: {id}");
     }
+    if change.promote {
+        promote::promote(client, app, &id, &change.flags, LogTo::Stdout).await?;
+    }
+    // With --json, the new release as the API shows it, once any promote has ended.
+    output::json(&release)?;
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! The `rack` command line: `rack server` runs the server; every other command is a client
-//! of a rack's HTTP API, found through `RACK_URL` or `--rack-url` as the convox CLI does.
+//! of a rack's HTTP API, found through `--rack-url`/`RACK_URL` as the convox CLI does, else
+//! the rack saved by `rack login` and chosen by `rack switch`, else the local rack.
 
 mod apps;
 mod audit;
@@ -8,10 +9,12 @@ mod client;
 mod deploy;
 mod diff;
 mod env;
+mod exit;
 mod logs;
 mod output;
 mod promote;
 mod ps;
+mod racks;
 mod releases;
 mod resources;
 mod run;
@@ -33,8 +36,8 @@ pub use client::Client;
 #[derive(Debug, Parser)]
 #[command(name = "rack", version, about, propagate_version = true)]
 pub struct Cli {
-    /// The rack to talk to, as http://:PASSWORD@HOST:PORT. Without it, the local rack's
-    /// default address and saved password are used.
+    /// The rack to talk to, as http://:PASSWORD@HOST:PORT. Without it, the current rack saved
+    /// by `rack login`, else the local rack's default address and saved password.
     #[arg(long, env = "RACK_URL", global = true, hide_env_values = true)]
     rack_url: Option<String>,
     /// Over https: accept only a certificate with this SHA-256 fingerprint (as rack server
@@ -42,6 +45,10 @@ pub struct Cli {
     /// ~/.config/rack/known_racks on the first connection.
     #[arg(long, env = "RACK_FINGERPRINT", global = true)]
     fingerprint: Option<String>,
+    /// Print what the command lists or shows as JSON (the API's own fields): one object or
+    /// one array on stdout, progress and logs on stderr.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,6 +64,20 @@ enum Command {
     },
     /// Show the rack this client talks to.
     Rack,
+    /// Check a password or token against a rack and save both as the current rack.
+    Login(racks::LoginArgs),
+    /// Choose the saved rack commands talk to.
+    Switch {
+        /// The name it was saved under (see `rack racks`).
+        name: String,
+    },
+    /// List the saved racks (the current one marked).
+    Racks,
+    /// Print a shell completion script: `rack completion bash > /etc/bash_completion.d/rack`.
+    Completion {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
     /// Package a directory, upload it and build it.
     Build(builds::BuildArgs),
     /// List an app's builds, or show one or its log.
@@ -126,6 +147,14 @@ enum Command {
     },
 }
 
+/// The shells `rack completion` writes a script for.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
 /// The app a command works on: `--app`, else the name in `.convox/app`, else the name of the
 /// current directory (as the convox CLI decides).
 #[derive(Debug, Clone, Args)]
@@ -165,17 +194,23 @@ impl AppArg {
     }
 }
 
-/// A command's exit code to pass through (a remote command's), with nothing to print.
-#[derive(Debug, thiserror::Error)]
-#[error("exit {0}")]
-pub struct ExitWith(pub i32);
+pub use exit::ExitWith;
 
-/// Runs a parsed command line; the exit code is 0 on success and 1 after printing
-/// `ERROR: <message>` to stderr.
+/// Runs a parsed command line; the exit code is 0 on success, else (after `ERROR: <message>`
+/// on stderr) the one [`exit::code`] gives the error: 1, or 3, 4, 5 for a rollback, a refused
+/// credential, an unreachable rack.
 pub async fn run(cli: Cli) -> ExitCode {
+    output::set_json(cli.json);
     let result = match cli.command {
         Command::Server(args) => server(*args).await,
-        command => match Client::connect(cli.rack_url.as_deref(), cli.fingerprint.as_deref()) {
+        Command::Login(args) => racks::login(args, cli.fingerprint.as_deref()).await,
+        Command::Switch { name } => racks::switch(&name),
+        Command::Racks => racks::list(),
+        Command::Completion { shell } => {
+            completion(shell);
+            Ok(())
+        }
+        command => match connect(cli.rack_url.as_deref(), cli.fingerprint.as_deref()) {
             Ok(client) => match command {
                 Command::Apps { command } => apps::run(&client, command).await,
                 Command::Rack => show_rack(&client).await,
@@ -194,7 +229,11 @@ pub async fn run(cli: Cli) -> ExitCode {
                 Command::Services { app } => services::list(&client, app).await,
                 Command::Scale(args) => services::scale(&client, args).await,
                 Command::System { command } => system::run(&client, command).await,
-                Command::Server(_) => unreachable!("handled above"),
+                Command::Server(_)
+                | Command::Login(_)
+                | Command::Switch { .. }
+                | Command::Racks
+                | Command::Completion { .. } => unreachable!("handled above"),
             },
             Err(e) => Err(e),
         },
@@ -208,9 +247,37 @@ pub async fn run(cli: Cli) -> ExitCode {
         }
         Err(e) => {
             eprintln!("ERROR: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit::code(&e))
         }
     }
+}
+
+/// The client for a command. Precedence: `--rack-url`/`RACK_URL`, else the current rack saved
+/// by `rack login` (its fingerprint unless `--fingerprint`/`RACK_FINGERPRINT` says), else the
+/// local rack with the password its data directory holds.
+fn connect(rack_url: Option<&str>, fingerprint: Option<&str>) -> anyhow::Result<Client> {
+    if rack_url.is_some() {
+        return Client::connect(rack_url, fingerprint);
+    }
+    let racks = racks::Racks::load()?;
+    match racks.current() {
+        Some(saved) => {
+            let fingerprint = fingerprint.or(saved.fingerprint.as_deref());
+            Ok(Client::connect(Some(&saved.url), fingerprint)?.with_password(saved.password.clone()))
+        }
+        None => Client::connect(None, fingerprint),
+    }
+}
+
+/// Writes the completion script for `shell` to stdout.
+fn completion(shell: Shell) {
+    use clap::CommandFactory;
+    let shell = match shell {
+        Shell::Bash => clap_complete::Shell::Bash,
+        Shell::Zsh => clap_complete::Shell::Zsh,
+        Shell::Fish => clap_complete::Shell::Fish,
+    };
+    clap_complete::generate(shell, &mut Cli::command(), "rack", &mut std::io::stdout());
 }
 
 async fn server(args: ServerArgs) -> anyhow::Result<()> {
@@ -232,6 +299,9 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
 
 async fn show_rack(client: &Client) -> anyhow::Result<()> {
     let system: serde_json::Value = client.get("/system").await?;
+    if output::json(&system)? {
+        return Ok(());
+    }
     let field = |name: &str| system[name].as_str().unwrap_or_default().to_owned();
     print!(
         "{}",

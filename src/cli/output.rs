@@ -1,4 +1,48 @@
-//! Plain-text output as the convox CLI prints it: aligned tables and `Key  value` blocks.
+//! What commands print: aligned tables and `Key  value` blocks as the convox CLI prints them,
+//! or, with `--json`, the API's own JSON (one object or one array, nothing else on stdout);
+//! and progress bars, drawn only on a terminal.
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Whether `--json` was given (one process runs one command, so this is set once, first).
+static JSON: AtomicBool = AtomicBool::new(false);
+
+/// Chooses JSON output for this process's command.
+pub fn set_json(json: bool) {
+    JSON.store(json, Ordering::Relaxed);
+}
+
+/// Whether the command prints JSON.
+pub fn is_json() -> bool {
+    JSON.load(Ordering::Relaxed)
+}
+
+/// With `--json`, prints `value` (pretty, one document, a final newline) and answers true: the
+/// command prints nothing else on stdout. Without it, answers false.
+///
+/// # Errors
+/// Never in practice (a `Value` always serialises).
+pub fn json<T: serde::Serialize + ?Sized>(value: &T) -> anyhow::Result<bool> {
+    if !is_json() {
+        return Ok(false);
+    }
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(true)
+}
+
+/// A byte-count progress bar on stderr with `template`; hidden when stderr is not a terminal
+/// (a CI log, a pipe) so nothing but lines reach it.
+pub fn progress(total: u64, template: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(template).unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
 
 /// An aligned table with upper-case headers, columns two spaces apart.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::Client;
 use super::client::Lines;
+use super::exit::RolledBack;
 
 /// Longest the CLI waits for a rollout once it lost the stream (convox's cap).
 const POLL_CAP: Duration = Duration::from_secs(60 * 60);
@@ -74,7 +75,8 @@ enum Outcome {
 ///
 /// # Errors
 /// When the rack refuses the promote, when the rollout fails (with its reason), or when
-/// another release is active afterwards (`rollback`, as convox says).
+/// another release is active afterwards ([`RolledBack`], with the rollout's reason, else
+/// `rollback` as convox says).
 pub async fn promote(
     client: &Client,
     app: &str,
@@ -88,6 +90,8 @@ pub async fn promote(
         client.segment(release)
     );
     let force = if flags.force { "true" } else { "false" };
+    // With --json, stdout carries the command's one JSON document: the log goes to stderr.
+    let log = if super::output::is_json() { LogTo::Stderr } else { log };
     if !flags.quiet {
         print_changes(client, app, release, log).await;
     }
@@ -101,19 +105,27 @@ pub async fn promote(
     let response = client
         .post_stream(&path, &[("follow", "true"), ("force", force)])
         .await?;
-    match follow(response, log).await {
-        Outcome::Ok => {}
-        Outcome::Error(reason) => bail!("{reason}"),
+    let failure = match follow(response, log).await {
+        Outcome::Ok => None,
+        Outcome::Error(reason) => Some(reason),
         Outcome::Lost => {
             eprintln!("Lost the rollout log; waiting for the app to settle...");
             wait_running(client, app).await?;
+            None
+        }
+    };
+    // Whether another release is active afterwards decides between "rolled back" (exit 3)
+    // and a plain failure; the rollout's own reason is the message when it gave one.
+    let rolled_back = app_state(client, app).await?.release != release;
+    match (failure, rolled_back) {
+        (Some(reason), true) => Err(RolledBack(reason).into()),
+        (None, true) => Err(RolledBack("rollback".into()).into()),
+        (Some(reason), false) => bail!("{reason}"),
+        (None, false) => {
+            eprintln!("OK");
+            Ok(())
         }
     }
-    if app_state(client, app).await?.release != release {
-        bail!("rollback");
-    }
-    eprintln!("OK");
-    Ok(())
 }
 
 /// Prints what promoting `release` changes over the active one. Best effort: a diff that cannot
@@ -125,7 +137,7 @@ async fn print_changes(client: &Client, app: &str, release: &str, log: LogTo) {
     if active.is_empty() || active == release {
         return;
     }
-    match super::diff::get(client, app, &active, release).await {
+    match super::diff::get::<super::diff::ReleaseDiff>(client, app, &active, release).await {
         Ok(diff) => {
             let text = super::diff::render(&diff);
             match log {
@@ -137,7 +149,8 @@ async fn print_changes(client: &Client, app: &str, release: &str, log: LogTo) {
     }
 }
 
-/// Follows a deployment started some other way (a `scale`), printing its log on stdout.
+/// Follows a deployment started some other way (a `scale`), printing its log on stdout (on
+/// stderr with `--json`).
 ///
 /// # Errors
 /// When the rollout fails (with its reason) or the rack cannot be reached.
@@ -147,7 +160,12 @@ pub async fn follow_deployment(client: &Client, app: &str, deployment: &str) -> 
         client.segment(app),
         client.segment(deployment)
     );
-    match follow(client.stream(&path).await?, LogTo::Stdout).await {
+    let log = if super::output::is_json() {
+        LogTo::Stderr
+    } else {
+        LogTo::Stdout
+    };
+    match follow(client.stream(&path).await?, log).await {
         Outcome::Ok => Ok(()),
         Outcome::Error(reason) => bail!("{reason}"),
         Outcome::Lost => wait_running(client, app).await,

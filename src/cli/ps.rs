@@ -33,7 +33,11 @@ pub async fn run(client: &Client, list_app: AppArg, command: Option<PsCommand>) 
     match command {
         None => {
             let app = list_app.resolve()?;
-            let processes: Vec<Process> = client.get(&format!("/apps/{}/processes", client.segment(&app))).await?;
+            let processes: serde_json::Value = client.get(&format!("/apps/{}/processes", client.segment(&app))).await?;
+            if output::json(&processes)? {
+                return Ok(());
+            }
+            let processes: Vec<Process> = serde_json::from_value(processes)?;
             let rows: Vec<Vec<String>> = processes
                 .into_iter()
                 .map(|p| vec![p.id, p.name, p.status, p.release, p.started, p.command])

@@ -76,7 +76,8 @@ pub async fn run(
                     .map(|r| r.id)
                     .ok_or_else(|| anyhow::anyhow!("no releases to promote"))?,
             };
-            promote::promote(client, &app, &id, &flags, LogTo::Stdout).await
+            promote::promote(client, &app, &id, &flags, LogTo::Stdout).await?;
+            print_app(client, &app).await
         }
         Some(ReleasesCommand::Diff { ids, app }) => {
             let app = app.or(&list_app).resolve()?;
@@ -88,10 +89,10 @@ pub async fn run(
             if from.is_empty() {
                 anyhow::bail!("{app} has no active release: give two releases to compare");
             }
-            print!(
-                "{}",
-                super::diff::render(&super::diff::get(client, &app, &from, &to).await?)
-            );
+            let diff: serde_json::Value = super::diff::get(client, &app, &from, &to).await?;
+            if !output::json(&diff)? {
+                print!("{}", super::diff::render(&serde_json::from_value(diff)?));
+            }
             Ok(())
         }
         Some(ReleasesCommand::Rollback { id, app, flags }) => {
@@ -138,7 +139,11 @@ async fn list(client: &Client, app: &str, limit: Option<u32>) -> anyhow::Result<
         Some(limit) => format!("{}?limit={limit}", releases_path(client, app)),
         None => releases_path(client, app),
     };
-    let releases: Vec<Release> = client.get(&path).await?;
+    let releases: serde_json::Value = client.get(&path).await?;
+    if output::json(&releases)? {
+        return Ok(());
+    }
+    let releases: Vec<Release> = serde_json::from_value(releases)?;
     let rows: Vec<Vec<String>> = releases
         .into_iter()
         .map(|r| {
@@ -154,7 +159,13 @@ async fn list(client: &Client, app: &str, limit: Option<u32>) -> anyhow::Result<
 }
 
 async fn info(client: &Client, app: &str, id: &str) -> anyhow::Result<()> {
-    let r = get(client, app, id).await?;
+    let r: serde_json::Value = client
+        .get(&format!("{}/{}", releases_path(client, app), client.segment(id)))
+        .await?;
+    if output::json(&r)? {
+        return Ok(());
+    }
+    let r: Release = serde_json::from_value(r)?;
     let keys = ["Id", "Build", "Created", "Description", "Env"];
     // The env's later lines line up under its first, after the widest key and two spaces.
     let indent = " ".repeat(keys.iter().map(|k| k.len()).max().unwrap_or(0) + 2);
@@ -178,5 +189,16 @@ async fn rollback(client: &Client, app: &str, id: &str, flags: &PromoteFlags) ->
     // The env is sent even when empty: without it the new release would take the latest env.
     let new = create(client, app, &[("build", old.build.as_str()), ("env", old.env.as_str())]).await?;
     eprintln!("OK, {}", new.id);
-    promote::promote(client, app, &new.id, flags, LogTo::Stdout).await
+    promote::promote(client, app, &new.id, flags, LogTo::Stdout).await?;
+    print_app(client, app).await
+}
+
+/// With `--json`, the app as the API shows it once a promote has ended (its `release` the one
+/// now active); nothing otherwise.
+pub async fn print_app(client: &Client, app: &str) -> anyhow::Result<()> {
+    if output::is_json() {
+        let app: serde_json::Value = client.get(&format!("/apps/{}", client.segment(app))).await?;
+        output::json(&app)?;
+    }
+    Ok(())
 }

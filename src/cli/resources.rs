@@ -70,13 +70,21 @@ pub async fn run(client: &Client, list_app: AppArg, command: Option<ResourcesCom
     match command {
         None => {
             let app = list_app.resolve()?;
-            let resources: Vec<Resource> = client.get(&format!("/apps/{}/resources", client.segment(&app))).await?;
+            let resources: serde_json::Value = client.get(&format!("/apps/{}/resources", client.segment(&app))).await?;
+            if output::json(&resources)? {
+                return Ok(());
+            }
+            let resources: Vec<Resource> = serde_json::from_value(resources)?;
             let rows: Vec<Vec<String>> = resources.into_iter().map(|r| vec![r.name, r.kind, r.status]).collect();
             print!("{}", output::table(&["NAME", "TYPE", "STATUS"], &rows));
         }
         Some(ResourcesCommand::Info { name, app }) => {
             let app = app.or(&list_app).resolve()?;
-            let r: Resource = client.get(&path(&app, &name)).await?;
+            let r: serde_json::Value = client.get(&path(&app, &name)).await?;
+            if output::json(&r)? {
+                return Ok(());
+            }
+            let r: Resource = serde_json::from_value(r)?;
             let options: Vec<String> = r.parameters.iter().map(|(k, v)| format!("{k}={v}")).collect();
             print!(
                 "{}",

@@ -44,7 +44,11 @@ struct Deployment {
 /// `rack services`.
 pub async fn list(client: &Client, app: AppArg) -> anyhow::Result<()> {
     let app = app.resolve()?;
-    let services: Vec<Service> = client.get(&format!("/apps/{}/services", client.segment(&app))).await?;
+    let services: serde_json::Value = client.get(&format!("/apps/{}/services", client.segment(&app))).await?;
+    if output::json(&services)? {
+        return Ok(());
+    }
+    let services: Vec<Service> = serde_json::from_value(services)?;
     let rows: Vec<Vec<String>> = services
         .into_iter()
         .map(|s| {

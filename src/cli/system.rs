@@ -1,7 +1,6 @@
 //! `rack system backup -f FILE` (the whole rack as one archive, checked once downloaded) and
 //! `rack system usage` (the disk the rack uses, by kind and by app).
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -47,16 +46,7 @@ async fn backup(client: &Client, file: PathBuf, no_images: bool) -> anyhow::Resu
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let bar = if std::io::stderr().is_terminal() {
-        let bar = indicatif::ProgressBar::new(estimate);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{bytes}/~{total_bytes} {bar:30} {bytes_per_sec}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = output::progress(estimate, "{bytes}/~{total_bytes} {bar:30} {bytes_per_sec}");
     // Written beside the target and renamed once whole and checked: FILE is never a partial
     // archive.
     let partial = file.with_extension("partial");
@@ -83,6 +73,14 @@ async fn backup(client: &Client, file: PathBuf, no_images: bool) -> anyhow::Resu
     };
     tokio::fs::rename(&partial, &file).await?;
     let size = tokio::fs::metadata(&file).await?.len();
+    let summary = serde_json::json!({
+        "file": file.display().to_string(),
+        "entries": verified.manifest.entries.len(),
+        "bytes": size,
+    });
+    if output::json(&summary)? {
+        return Ok(());
+    }
     println!(
         "Backup of {} entries ({}) written to {}",
         verified.manifest.entries.len(),
@@ -94,6 +92,9 @@ async fn backup(client: &Client, file: PathBuf, no_images: bool) -> anyhow::Resu
 
 async fn usage(client: &Client) -> anyhow::Result<()> {
     let usage: serde_json::Value = client.get("/system/usage").await?;
+    if output::json(&usage)? {
+        return Ok(());
+    }
     let bytes = |v: &serde_json::Value| human(v.as_u64().unwrap_or(0));
     print!(
         "{}",

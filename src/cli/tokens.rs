@@ -46,7 +46,11 @@ struct Token {
 pub async fn run(client: &Client, command: Option<TokensCommand>) -> anyhow::Result<()> {
     match command {
         None => {
-            let tokens: Vec<Token> = client.get("/tokens").await?;
+            let tokens: serde_json::Value = client.get("/tokens").await?;
+            if output::json(&tokens)? {
+                return Ok(());
+            }
+            let tokens: Vec<Token> = serde_json::from_value(tokens)?;
             let rows: Vec<Vec<String>> = tokens
                 .into_iter()
                 .map(|t| {
@@ -87,7 +91,12 @@ pub async fn run(client: &Client, command: Option<TokensCommand>) -> anyhow::Res
             if let Some(expires) = &expires {
                 form.push(("expires_in", expires.as_str()));
             }
-            let token: Token = client.post("/tokens", &form).await?;
+            let token: serde_json::Value = client.post("/tokens", &form).await?;
+            // The secret is in the object: a script keeps it from there.
+            if output::json(&token)? {
+                return Ok(());
+            }
+            let token: Token = serde_json::from_value(token)?;
             eprintln!(
                 "Created token {} ({}, {}); its secret is shown only now:",
                 token.id, token.name, token.role

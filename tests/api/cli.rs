@@ -67,12 +67,31 @@ async fn apps_commands_create_list_show_and_delete() {
 }
 
 #[tokio::test]
-async fn errors_exit_1_with_the_message() {
+async fn errors_exit_with_their_code_and_the_message() {
     let app = TestApp::spawn().await;
     let run = rack(&app, PASSWORD, &["apps", "info", "nope"]).await;
     assert_eq!((run.code, run.stderr.as_str()), (1, "ERROR: app not found: nope\n"));
+    // A refused credential: 4.
     let run = rack(&app, "wrong", &["apps"]).await;
-    assert_eq!((run.code, run.stderr.as_str()), (1, "ERROR: invalid authentication\n"));
+    assert_eq!((run.code, run.stderr.as_str()), (4, "ERROR: invalid authentication\n"));
+    // Usage: clap's 2.
+    let run = rack(&app, PASSWORD, &["apps", "--no-such-flag"]).await;
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    // Nothing listening: 5. The port was just free; nothing binds it again in between.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let run = Cli::new()
+        .url(&format!("http://:{PASSWORD}@{closed}"))
+        .run(&["apps"])
+        .await;
+    assert_eq!(run.code, 5, "{}", run.stderr);
+    assert!(
+        run.stderr.starts_with("ERROR: could not reach the rack"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[tokio::test]
@@ -250,9 +269,10 @@ async fn deploy_env_ps_and_logs() {
     let run = rack_in(&app, PASSWORD, &["env", "unset", "MISSING"], dir).await;
     assert_eq!((run.code, run.stderr.as_str()), (1, "ERROR: env not found: MISSING\n"));
 
-    // A release whose health check fails is rolled back; the previous one keeps serving.
+    // A release whose health check fails is rolled back (exit 3); the previous one keeps
+    // serving.
     let run = rollout(&app, &["env", "set", "FAIL_HEALTH=1", "--promote"], dir).await;
-    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert_eq!(run.code, 3, "{}{}", run.stdout, run.stderr);
     let third = id_after(&run.stdout, "Release: ");
     assert!(run.stdout.contains("Status: Rollback => Reverted"), "{}", run.stdout);
     let last = run.stderr.lines().last().unwrap();
@@ -268,6 +288,18 @@ async fn deploy_env_ps_and_logs() {
     // The environment is the latest release's, promoted or not.
     let run = rack_in(&app, PASSWORD, &["env"], dir).await;
     assert_eq!(run.stdout, "FAIL_HEALTH=1\nGREETING=hi\n");
+    // A deploy now takes that env, fails its health check and is rolled back: exit 3, and
+    // with --json stdout holds nothing but the error on stderr.
+    let run = rollout(&app, &["deploy", "--json"], dir).await;
+    assert_eq!(run.code, 3, "{}{}", run.stdout, run.stderr);
+    assert!(run.stdout.is_empty(), "{}", run.stdout);
+    assert!(run.stderr.contains("Status: Rollback => Reverted"), "{}", run.stderr);
+    assert!(
+        run.stderr.lines().last().unwrap().starts_with("ERROR: "),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(through_router(&app, "myapp").await, format!("{second} hi\n"));
     let run = rack_in(&app, PASSWORD, &["env", "unset", "FAIL_HEALTH"], dir).await;
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert_eq!(run.stderr, "Unsetting FAIL_HEALTH... OK\n");
@@ -531,5 +563,281 @@ async fn scale_and_services() {
         2,
         "{}",
         run.stdout
+    );
+}
+
+/// The CLI with full control of its environment: no `RACK_URL` unless given, `HOME` and
+/// `XDG_CONFIG_HOME` in a directory of its own unless given, optional standard input.
+pub struct Cli {
+    url: Option<String>,
+    config: Option<std::path::PathBuf>,
+    stdin: Option<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Cli {
+    pub fn new() -> Self {
+        Self {
+            url: None,
+            config: None,
+            stdin: None,
+            env: Vec::new(),
+        }
+    }
+
+    pub fn url(mut self, url: &str) -> Self {
+        self.url = Some(url.to_owned());
+        self
+    }
+
+    /// `home` as HOME, `home/config` as XDG_CONFIG_HOME.
+    pub fn home(mut self, home: &std::path::Path) -> Self {
+        self.config = Some(home.to_owned());
+        self
+    }
+
+    pub fn stdin(mut self, text: &str) -> Self {
+        self.stdin = Some(text.to_owned());
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub async fn run(&self, args: &[&str]) -> Run {
+        use tokio::io::AsyncWriteExt;
+        let scratch = tempfile::tempdir().unwrap();
+        let home = self.config.clone().unwrap_or_else(|| scratch.path().to_owned());
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_rack"));
+        command
+            .args(args)
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", home.join("config"))
+            .env_remove("RACK_URL")
+            .env_remove("RACK_DATA")
+            .env_remove("RACK_FINGERPRINT")
+            .env_remove("RACK_APP")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(url) = &self.url {
+            command.env("RACK_URL", url);
+        }
+        for (key, value) in &self.env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("running the CLI");
+        let mut stdin = child.stdin.take().unwrap();
+        if let Some(text) = &self.stdin {
+            stdin.write_all(text.as_bytes()).await.unwrap();
+        }
+        drop(stdin);
+        let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("rack {args:?} finishes within 60 s"))
+            .unwrap();
+        Run {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+/// `run`'s stdout as one JSON document, after a success.
+fn json_of(args: &[&str], run: &Run) -> serde_json::Value {
+    assert_eq!(run.code, 0, "rack {args:?}: {}{}", run.stdout, run.stderr);
+    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("rack {args:?} prints JSON ({e}):\n{}", run.stdout))
+}
+
+#[tokio::test]
+async fn every_listing_and_show_prints_json_with_the_api_fields() {
+    let app = TestApp::spawn().await;
+    app.create_app("myapp").await;
+    let dir = app_dir("myapp");
+    let dir = dir.path();
+
+    // A deploy with --json: the build as the API shows it on stdout, every log on stderr.
+    let run = rollout(&app, &["deploy", "--json"], dir).await;
+    let build = json_of(&["deploy", "--json"], &run);
+    assert_eq!(build["status"], "complete", "{build}");
+    let build_id = build["id"].as_str().unwrap().to_owned();
+    let release = build["release"].as_str().unwrap().to_owned();
+    assert!(run.stderr.contains("Status: Updating => Running"), "{}", run.stderr);
+    let run = rack_in(&app, PASSWORD, &["env", "set", "GREETING=hi", "--json"], dir).await;
+    let second = json_of(&["env", "set"], &run);
+    let second = second["id"].as_str().unwrap().to_owned();
+    let run = rack(&app, PASSWORD, &["tokens", "create", "ci", "--role", "read", "--json"]).await;
+    let token = json_of(&["tokens", "create"], &run);
+    assert!(token["token"].as_str().unwrap().starts_with("rack_"), "{token}");
+
+    let arrays: &[&[&str]] = &[
+        &["apps"],
+        &["builds"],
+        &["releases"],
+        &["services"],
+        &["ps"],
+        &["resources"],
+        &["tokens"],
+        &["audit"],
+    ];
+    for args in arrays {
+        let args: Vec<&str> = args.iter().copied().chain(["--json"]).collect();
+        let value = json_of(&args, &rack_in(&app, PASSWORD, &args, dir).await);
+        assert!(value.is_array(), "rack {args:?}: {value}");
+    }
+    let objects: &[&[&str]] = &[
+        &["rack"],
+        &["apps", "info", "myapp"],
+        &["builds", "info", &build_id],
+        &["releases", "info", &release],
+        &["releases", "diff", &release, &second],
+        &["env"],
+        &["system", "usage"],
+    ];
+    for args in objects {
+        let args: Vec<&str> = args.iter().copied().chain(["--json"]).collect();
+        let value = json_of(&args, &rack_in(&app, PASSWORD, &args, dir).await);
+        assert!(value.is_object(), "rack {args:?}: {value}");
+    }
+    // The fields are the API's.
+    let args = ["--json", "apps"];
+    let apps = json_of(&args, &rack_in(&app, PASSWORD, &args, dir).await);
+    assert_eq!(apps[0]["name"], "myapp", "{apps}");
+    assert_eq!(apps[0]["release"], release.as_str(), "{apps}");
+    let args = ["releases", "--json"];
+    let releases = json_of(&args, &rack_in(&app, PASSWORD, &args, dir).await);
+    assert_eq!(releases[0]["id"], second.as_str(), "{releases}");
+    let args = ["ps", "--json"];
+    let ps = json_of(&args, &rack_in(&app, PASSWORD, &args, dir).await);
+    assert_eq!(ps[0]["name"], "web", "{ps}");
+    // env: the values as the API has them.
+    let args = ["env", "--json"];
+    let env = json_of(&args, &rack_in(&app, PASSWORD, &args, dir).await);
+    assert_eq!(env, serde_json::json!({"GREETING": "hi"}));
+    let args = ["env", "get", "GREETING", "--json"];
+    let value = json_of(&args, &rack_in(&app, PASSWORD, &args, dir).await);
+    assert_eq!(value, "hi");
+    let args = ["releases", "diff", &release, &second, "--json"];
+    let diff = json_of(&args, &rack_in(&app, PASSWORD, &args, dir).await);
+    assert_eq!(diff["env"]["added"], serde_json::json!(["GREETING"]), "{diff}");
+    // A promote with --json: the rollout on stderr, the app afterwards on stdout.
+    let run = rollout(&app, &["releases", "promote", &second, "--json"], dir).await;
+    let promoted = json_of(&["releases", "promote"], &run);
+    assert_eq!(promoted["release"], second.as_str(), "{promoted}");
+    assert_eq!(promoted["status"], "running", "{promoted}");
+}
+
+#[tokio::test]
+async fn completions_generate_for_bash_zsh_and_fish() {
+    for shell in ["bash", "zsh", "fish"] {
+        let run = Cli::new().run(&["completion", shell]).await;
+        assert_eq!(run.code, 0, "{shell}: {}", run.stderr);
+        assert!(run.stdout.contains("rack"), "{shell}: {}", run.stdout);
+        // Subcommands and global flags are in the script.
+        assert!(
+            run.stdout.contains("login") && run.stdout.contains("json"),
+            "{shell}: {}",
+            run.stdout
+        );
+    }
+    let run = Cli::new().run(&["completion", "tcsh"]).await;
+    assert_eq!(run.code, 2, "{}", run.stderr);
+}
+
+#[tokio::test]
+async fn help_has_no_colour_off_a_terminal_or_with_no_color() {
+    for env in [("NO_COLOR", "1"), ("TERM", "xterm-256color")] {
+        let run = Cli::new().env(env.0, env.1).run(&["--help"]).await;
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        assert!(!run.stdout.contains('\u{1b}'), "{env:?}: {:?}", run.stdout);
+    }
+}
+
+#[tokio::test]
+async fn login_saves_racks_privately_and_switch_chooses_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let app = TestApp::spawn().await;
+    app.create_app("myapp").await;
+    let home = tempfile::tempdir().unwrap();
+    let cli = || Cli::new().home(home.path());
+    let url = format!("http://{}", app.addr);
+    let file = home.path().join("config/rack/racks.json");
+
+    // A wrong password is refused at login (exit 4), and nothing is saved.
+    let run = cli().run(&["login", &url, "--password", "wrong"]).await;
+    assert_eq!(run.code, 4, "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("refused this credential"), "{}", run.stderr);
+    assert!(
+        !run.stderr.contains("wrong"),
+        "the secret is not echoed: {}",
+        run.stderr
+    );
+    assert!(!file.exists());
+
+    let run = cli()
+        .run(&["login", &url, "--password", PASSWORD, "--name", "local"])
+        .await;
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("Logged in to local"), "{}", run.stderr);
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let dir_mode = std::fs::metadata(file.parent().unwrap()).unwrap().permissions().mode();
+    assert_eq!(dir_mode & 0o777, 0o700);
+
+    // Without RACK_URL, commands talk to the saved rack.
+    let run = cli().run(&["apps"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains("myapp"), "{}", run.stdout);
+
+    // A second rack, with a read token read from standard input (as CI pipes a secret).
+    let token = rack(&app, PASSWORD, &["tokens", "create", "ci", "--role", "read"]).await;
+    let token = token.stdout.trim().to_owned();
+    let run = cli()
+        .stdin(&format!("{token}\n"))
+        .run(&["login", &url, "--name", "ci"])
+        .await;
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let run = cli().run(&["racks", "--json"]).await;
+    let racks = json_of(&["racks"], &run);
+    assert_eq!(
+        racks,
+        serde_json::json!([
+            {"name": "ci", "url": url, "current": true},
+            {"name": "local", "url": url, "current": false},
+        ])
+    );
+    assert!(!run.stdout.contains(&token));
+    let run = cli().run(&["apps", "create", "other"]).await;
+    assert_eq!(run.code, 1, "the read token is the one used: {}", run.stderr);
+    let run = cli().run(&["racks"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout.lines().any(|l| l.starts_with("ci ") && l.ends_with('*')),
+        "{}",
+        run.stdout
+    );
+
+    let run = cli().run(&["switch", "local"]).await;
+    assert_eq!((run.code, run.stderr.as_str()), (0, "Switched to local\n"));
+    let run = cli().run(&["apps", "create", "other"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let run = cli().run(&["switch", "nope"]).await;
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("saved: ci, local"), "{}", run.stderr);
+
+    // RACK_URL wins over the saved rack.
+    let run = cli()
+        .env("RACK_URL", &format!("http://:wrong@{}", app.addr))
+        .run(&["apps"])
+        .await;
+    assert_eq!(run.code, 4, "{}", run.stderr);
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "still private after rewrites"
     );
 }
