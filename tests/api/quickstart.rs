@@ -101,6 +101,20 @@ async fn every_example_deploys() {
     assert!(out.contains("migrating for release R"), "{out}");
     assert!(out.contains("migrated and ticking"), "{out}");
 
+    // Its README's commands, as written (and the count survives a redeploy).
+    let _servers = crate::resources::ResourceServers::at(&app.state.config.data_dir);
+    let readme = std::fs::read_to_string(root().join("examples/hello-postgres/README.md")).unwrap();
+    let block = readme.split("```sh\n").nth(1).unwrap().split("```").next().unwrap();
+    let out = run(
+        &app,
+        &format!("{block}rack deploy -a hello-postgres examples/hello-postgres >/dev/null 2>&1\ncurl -s \"http://$router/\"\n"),
+        home.path(),
+    )
+    .await;
+    assert!(out.contains("Hello from rack! visit 1\n"), "{out}");
+    assert!(out.contains("Hello from rack! visit 2\n"), "{out}");
+    assert!(out.contains("Hello from rack! visit 3\n"), "the count after a redeploy: {out}");
+
     if nix::unistd::geteuid().is_root() {
         let _leftovers = crate::containers::Leftovers::of(&app);
         let out = run(
