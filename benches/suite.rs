@@ -16,7 +16,10 @@
 //!   then again with unchanged source (the upload is skipped);
 //! - container deploy: a whole `rack deploy` of a one-instance Dockerfile app (a changed file,
 //!   the default health check) with podman: target ≤ 1.5 s;
-//! - many apps: 200 apps each deploying once, 4 at a time, and the API's p99 meanwhile.
+//! - many apps: 200 apps each deploying once, 4 at a time, and the API's p99 meanwhile;
+//! - resource deploy: the first deploy (build + rollout) of an app linking a postgres resource
+//!   vs the same app without it (target: the resource adds under 5 s), and the idle memory
+//!   (proportional set size) of one postgres and one redis resource.
 //!
 //! Settings: RACK_BENCH_UPLOAD_BYTES (1 GiB), RACK_BENCH_FANOUT ("1000,10000"),
 //! RACK_BENCH_ROWS (100000), RACK_BENCH_APPS (200), RACK_BENCH_ONLY (comma-separated sections).
@@ -123,6 +126,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wanted("apps") {
         rows.extend(many_apps().await.context("many apps")?);
+    }
+    if wanted("resource-deploy") {
+        rows.extend(resource_deploy().await.context("resource deploy")?);
     }
     print_table(&rows);
     println!("({:.0} s in all)", started.elapsed().as_secs_f64());
@@ -1269,4 +1275,75 @@ async fn many_apps() -> anyhow::Result<Vec<Row>> {
         )
         .ratio(percentile(&busy, 0.99) / percentile(&idle, 0.99)),
     ])
+}
+
+// ---------------------------------------------------------------------------------------------
+// The first deploy of an app with a postgres resource, and the idle resources' memory.
+
+/// First deploys (build + rollout, median of 3 apps each) of an app linking a postgres and of
+/// the same app without it, side by side; then the idle memory of a postgres and a redis
+/// resource (their process trees' PSS), after the deploy settled.
+async fn resource_deploy() -> anyhow::Result<Vec<Row>> {
+    const SERVICE: &str = "services:\n  web:\n    command: sleep 100000\n    health:\n      grace: 0\n";
+    let linked = format!(
+        "resources:\n  database:\n    type: postgres\n  cache:\n    type: redis\n{}    resources: [database, cache]\n",
+        SERVICE
+    );
+    let server = Server::start().await?;
+    let mut with = Vec::new();
+    let mut without = Vec::new();
+    for round in 0..3 {
+        for (name, manifest, times) in [
+            (format!("plain{round}"), SERVICE.to_owned(), &mut without),
+            (format!("linked{round}"), linked.clone(), &mut with),
+        ] {
+            server.create_app(&name).await?;
+            let started = Instant::now();
+            let release = server.build(&name, &tarball(&[("convox.yml", &manifest)])).await?;
+            server.promote(&name, &release).await?;
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    let (with, without) = (percentile(&sorted(with), 0.5), percentile(&sorted(without), 0.5));
+    // Let the servers settle (checkpoints, background writers) before reading their memory.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let resources = server.data.path().join("rack/resources/linked0");
+    let pid_in = |file: std::path::PathBuf| -> anyhow::Result<u32> {
+        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        text.lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .with_context(|| format!("a pid in {}", file.display()))
+    };
+    let postgres = tree_pss_mib(pid_in(resources.join("database/data/postmaster.pid"))?);
+    let redis = tree_pss_mib(pid_in(resources.join("cache/redis.pid"))?);
+    let added = with - without;
+    Ok(vec![
+        row(
+            "first deploy with a postgres + redis resource (median of 3)",
+            format!("{with:.2} s"),
+            format!("{without:.2} s without"),
+        )
+        .ratio(with / without)
+        .target("adds < 5 s", added < 5.0),
+        row("idle postgres resource, PSS", format!("{postgres:.1} MiB"), "").target("< 100 MiB", postgres < 100.0),
+        row("idle redis resource, PSS", format!("{redis:.1} MiB"), ""),
+    ])
+}
+
+/// The proportional set size of `pid` and every process under it, in MiB.
+fn tree_pss_mib(pid: u32) -> f64 {
+    let own = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0;
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    own + children
+        .split_whitespace()
+        .filter_map(|c| c.parse::<u32>().ok())
+        .map(tree_pss_mib)
+        .sum::<f64>()
 }

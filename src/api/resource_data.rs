@@ -83,9 +83,11 @@ pub async fn export(kind: Kind, credentials: &Credentials, endpoint: ResourceEnd
                 .args(["--no-owner", "--no-privileges", "--clean", "--if-exists"]);
             if kind == Kind::Postgis {
                 // The extension belongs to the cluster's superuser: the app's user could neither
-                // drop nor create it on import, and its tables are the extension's. A pattern
-                // that matches no extension leaves them all out of the dump.
-                cmd.args(["--extension", "rack_no_extension"]);
+                // drop nor create it on import, and its tables are the extension's. Naming only
+                // plpgsql, which is built in (so never dumped itself), leaves every extension
+                // out; a pattern matching none makes pg_dump fail ("no matching extensions"),
+                // and --exclude-extension needs pg_dump 17.
+                cmd.args(["--extension", "plpgsql"]);
             }
             streamed(cmd, "pg_dump", endpoint.guard).await
         }

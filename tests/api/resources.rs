@@ -819,8 +819,9 @@ esac
         .send()
         .await
         .unwrap();
-    assert_eq!(dump.status(), 200);
+    let status = dump.status();
     let dump = dump.bytes().await.unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&dump));
     assert!(
         !String::from_utf8_lossy(&dump).contains("EXTENSION"),
         "the extension is not in the dump"
