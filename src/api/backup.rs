@@ -19,6 +19,8 @@ use crate::error::ApiResult;
 pub struct BackupQuery {
     /// `false`: leave the built images out (smaller; container services are built again).
     images: Option<bool>,
+    /// `false`: leave the resources' exports out (a restored rack starts its resources empty).
+    resources: Option<bool>,
 }
 
 /// Response header: about how many bytes the archive will have (progress bars).
@@ -31,6 +33,7 @@ pub async fn download_backup(
 ) -> ApiResult<Response> {
     let options = Options {
         images: query.images.unwrap_or(true),
+        resources: query.resources.unwrap_or(true),
     };
     let prepared = match archive::prepare(&state, options, false).await {
         Ok(Some(prepared)) => prepared,

@@ -190,6 +190,28 @@ async fn a_backup_taken_during_a_build_and_a_deployment_restores_on_a_second_ser
     second.stop().await;
 }
 
+/// Restores the archive `bytes` (written as `name` in `dir`) on a new server, which must refuse
+/// it having written nothing, to its data directory or its database; the error.
+async fn refused(dir: &std::path::Path, bytes: Vec<u8>, name: &str) -> String {
+    let broken = dir.join(name);
+    std::fs::write(&broken, bytes).unwrap();
+    let config = restoring(&dir.join(format!("{name}.data")), &broken).await;
+    let url = match &config.database {
+        rack::config::Database::Url(url) => url.clone(),
+        rack::config::Database::Embedded => unreachable!(),
+    };
+    let data = config.data_dir.clone();
+    let error = rack::Application::build(config).await.unwrap_err();
+    assert!(!data.exists(), "nothing is written to the data directory");
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    assert!(
+        rack::store::backup::tables(&pool).await.unwrap().is_empty(),
+        "nor to the database"
+    );
+    pool.close().await;
+    format!("{error:#}")
+}
+
 #[tokio::test]
 async fn a_damaged_or_truncated_backup_is_refused_before_anything_is_written() {
     let rack = TestApp::spawn().await;
@@ -204,28 +226,7 @@ async fn a_damaged_or_truncated_backup_is_refused_before_anything_is_written() {
     rack.stop().await;
     let whole = std::fs::read(&file).unwrap();
 
-    let refused = |bytes: Vec<u8>, name: &'static str| {
-        let dir = &dir;
-        async move {
-            let broken = dir.path().join(name);
-            std::fs::write(&broken, bytes).unwrap();
-            let config = restoring(&dir.path().join(format!("{name}.data")), &broken).await;
-            let url = match &config.database {
-                rack::config::Database::Url(url) => url.clone(),
-                rack::config::Database::Embedded => unreachable!(),
-            };
-            let data = config.data_dir.clone();
-            let error = rack::Application::build(config).await.unwrap_err();
-            assert!(!data.exists(), "nothing is written to the data directory");
-            let pool = sqlx::PgPool::connect(&url).await.unwrap();
-            assert!(
-                rack::store::backup::tables(&pool).await.unwrap().is_empty(),
-                "nor to the database"
-            );
-            pool.close().await;
-            format!("{error:#}")
-        }
-    };
+    let refused = |bytes: Vec<u8>, name: &'static str| refused(dir.path(), bytes, name);
     let truncated = refused(whole[..whole.len() / 2].to_vec(), "truncated.tar").await;
     assert!(truncated.contains("truncated"), "{truncated}");
     // The end of the archive without its manifest.
@@ -600,4 +601,152 @@ async fn a_restore_brings_back_the_images_of_container_apps() {
     second.stop().await;
     drop(cleanup);
     let _ = podman.output(&["rmi", "--force", &image]).await;
+}
+
+/// Resources come back with their data: an app with a postgres and a redis resource (and a
+/// memcached, a cache the backup leaves out, saying so) writes a note, a backup is taken, and
+/// a second server restoring it on a data directory of its own creates the resources, loads
+/// their exports into them (once: an export left behind is not loaded again) and the app reads
+/// the same note there. A tampered export is refused before anything is written.
+#[tokio::test]
+async fn a_restored_rack_brings_back_its_resources_with_their_data() {
+    use crate::resources::{NOTES, ResourceServers, notes};
+    let first = TestApp::spawn().await;
+    let first_servers = ResourceServers::at(&first.state.config.data_dir);
+    assert_eq!(first.create_app("shop").await.status(), 201);
+    let manifest =
+        crate::resources::MANIFEST.replacen("resources:\n", "resources:\n  sessions:\n    type: memcached\n", 1);
+    let id = first
+        .build_source("shop", &[("convox.yml", &manifest), ("notes.sh", NOTES)])
+        .await;
+    let build = first.wait_build("shop", &id).await;
+    assert_eq!(build["status"], "complete", "{build}");
+    let log = promote_follow(&first, "shop", build["release"].as_str().unwrap()).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    notes(&first, "shop", "write kept").await;
+    assert_eq!(notes(&first, "shop", "read").await, "pg=kept\nredis=kept\n");
+
+    let dir = crate::helpers::reachable_tempdir();
+    let file = dir.path().join("rack.tar");
+    download(&first, "?images=false", &file).await;
+    let verified = rack::backup::restore::verify(&file).unwrap();
+    let manifest = verified.manifest;
+    let record = |name: &str| {
+        manifest
+            .resources
+            .iter()
+            .find(|r| r.app == "shop" && r.name == name)
+            .unwrap_or_else(|| panic!("{name} in {:?}", manifest.resources))
+            .clone()
+    };
+    let entry = |path: &str| manifest.entries.iter().find(|e| e.path == path).cloned();
+    let database = record("database");
+    assert_eq!(database.path.as_deref(), Some("resources/shop/database.sql"));
+    assert_eq!(record("cache").path.as_deref(), Some("resources/shop/cache.rdb"));
+    let dump = entry("resources/shop/database.sql").expect("the export is an entry");
+    assert!(
+        dump.size > 0 && dump.sha256.as_ref().is_some_and(|s| s.len() == 64),
+        "{dump:?}"
+    );
+    assert!(entry("resources/shop/cache.rdb").is_some_and(|e| e.sha256.is_some()));
+    let sessions = record("sessions");
+    assert!(sessions.path.is_none(), "{sessions:?}");
+    assert!(
+        sessions.skipped.as_deref().unwrap_or_default().contains("cache"),
+        "{sessions:?}"
+    );
+    // Left out on request, and said so.
+    let without = dir.path().join("without.tar");
+    download(&first, "?images=false&resources=false", &without).await;
+    let without = rack::backup::restore::verify(&without).unwrap().manifest;
+    assert!(without.entries.iter().all(|e| !e.path.starts_with("resources/")));
+    assert!(
+        without
+            .resources
+            .iter()
+            .all(|r| r.skipped.as_deref().unwrap_or_default().contains("resources=false")),
+        "{:?}",
+        without.resources
+    );
+    first.stop().await;
+    // The first rack's servers go: the second one must not find its data in them.
+    drop(first_servers);
+
+    // One byte of the database's export changed: refused, naming it.
+    let mut tampered = std::fs::read(&file).unwrap();
+    let header = tampered
+        .windows(27)
+        .position(|w| w == b"resources/shop/database.sql")
+        .unwrap();
+    let inside = header - (header % 512) + 512 + 10;
+    tampered[inside] ^= 0xff;
+    let error = refused(dir.path(), tampered, "tampered.tar").await;
+    assert!(error.contains("resources/shop/database.sql is damaged"), "{error}");
+
+    let second = TestApp::start(restoring(dir.path(), &file).await).await;
+    let data = second.state.config.data_dir.clone();
+    let _servers = ResourceServers::at(&data);
+    let log = second
+        .wait_for_log_line("shop", "system/local/resource/database restored from the backup", 150)
+        .await;
+    assert!(
+        log.contains("system/local/resource/cache restored from the backup"),
+        "{log}"
+    );
+    assert!(!log.contains("resource/sessions restored"), "{log}");
+    wait_for(150, "the restored app to run", || async {
+        let app: Value = second.get_json("/apps/shop").await;
+        (app["status"] == "running").then_some(())
+    })
+    .await;
+    assert_eq!(notes(&second, "shop", "read").await, "pg=kept\nredis=kept\n");
+    // The restored redis keeps its data across its own restarts: its AOF (on again) holds it.
+    let cache = data.join("resources/shop/cache");
+    assert!(std::fs::read_to_string(cache.join("redis.conf")).unwrap().contains("appendonly yes"));
+    let base = crate::helpers::files_under(&cache.join("data/appendonlydir"))
+        .into_iter()
+        .find(|f| f.to_string_lossy().ends_with(".base.rdb"))
+        .expect("an AOF base");
+    assert!(
+        std::fs::read(&base).unwrap().windows(4).any(|w| w == b"kept"),
+        "the AOF holds the restored data"
+    );
+    let pending = data.join("resource-imports/shop");
+    assert!(
+        crate::helpers::files_under(&pending).is_empty(),
+        "each export is removed once loaded: {:?}",
+        crate::helpers::files_under(&pending)
+    );
+
+    // An export left behind (rack stopped after loading it, before removing it) is not loaded
+    // again into the resource that has it: what was written since stays.
+    notes(&second, "shop", "write later").await;
+    let unpacked = dir.path().join("unpacked");
+    std::fs::create_dir_all(&unpacked).unwrap();
+    let status = std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(&file)
+        .arg("-C")
+        .arg(&unpacked)
+        .arg("resources/shop/database.sql")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::copy(
+        unpacked.join("resources/shop/database.sql"),
+        pending.join("database.sql"),
+    )
+    .unwrap();
+    let mut config = second.state.config.clone();
+    config.backup.restore = None;
+    second.stop().await;
+    let third = TestApp::start(config).await;
+    wait_for(150, "the app to run again", || async {
+        let app: Value = third.get_json("/apps/shop").await;
+        (app["status"] == "running").then_some(())
+    })
+    .await;
+    assert_eq!(notes(&third, "shop", "read").await, "pg=kept,later\nredis=later\n");
+    assert!(!pending.join("database.sql").exists(), "the leftover export is removed");
+    third.stop().await;
 }
