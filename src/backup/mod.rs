@@ -234,3 +234,46 @@ pub fn tool_url(config: &crate::config::Config, pool: &sqlx::PgPool) -> String {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(app: &str, name: &str, kind: &str, path: Option<&str>) -> ResourceRecord {
+        ResourceRecord {
+            app: app.to_owned(),
+            name: name.to_owned(),
+            kind: kind.to_owned(),
+            path: path.map(str::to_owned),
+            skipped: None,
+        }
+    }
+
+    #[test]
+    fn a_resource_record_names_only_its_own_export() {
+        let good = [
+            record("shop", "database", "postgres", Some("resources/shop/database.sql")),
+            record("shop", "cache", "redis", Some("resources/shop/cache.rdb")),
+            record("shop", "sessions", "memcached", None),
+        ];
+        check_resource_records(&good).unwrap();
+        for bad in [
+            record("shop", "database", "postgres", Some("resources/shop/database.rdb")),
+            record("shop", "database", "postgres", Some("builds/shop/x")),
+            record("..", "database", "postgres", Some("resources/../database.sql")),
+            record("shop", "a/b", "postgres", Some("resources/shop/a/b.sql")),
+            record("shop", "sessions", "memcached", Some("resources/shop/sessions.sql")),
+            record("shop", "database", "oracle", Some("resources/shop/database.sql")),
+        ] {
+            let error = check_resource_records(std::slice::from_ref(&bad)).unwrap_err();
+            assert!(error.to_string().contains("damaged"), "{bad:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_manifest_without_resources_reads_as_none() {
+        let text = r#"{"format":1,"created":"2026-12-04T10:00:00Z","rack_version":"0.1.0","migration":null,"images":true,"entries":[]}"#;
+        let manifest: Manifest = serde_json::from_str(text).unwrap();
+        assert!(manifest.resources.is_empty());
+    }
+}

@@ -603,8 +603,9 @@ async fn a_restore_brings_back_the_images_of_container_apps() {
     let _ = podman.output(&["rmi", "--force", &image]).await;
 }
 
-/// Resources come back with their data: an app with a postgres and a redis resource (and a
-/// memcached, a cache the backup leaves out, saying so) writes a note, a backup is taken, and
+/// Resources come back with their data: an app with a postgres and a redis resource (a mysql
+/// one filled through the import, and a memcached, a cache the backup leaves out, saying so)
+/// writes a note, a backup is taken, and
 /// a second server restoring it on a data directory of its own creates the resources, loads
 /// their exports into them (once: an export left behind is not loaded again) and the app reads
 /// the same note there. A tampered export is refused before anything is written.
@@ -614,8 +615,11 @@ async fn a_restored_rack_brings_back_its_resources_with_their_data() {
     let first = TestApp::spawn().await;
     let first_servers = ResourceServers::at(&first.state.config.data_dir);
     assert_eq!(first.create_app("shop").await.status(), 201);
-    let manifest =
-        crate::resources::MANIFEST.replacen("resources:\n", "resources:\n  sessions:\n    type: memcached\n", 1);
+    let manifest = crate::resources::MANIFEST.replacen(
+        "resources:\n",
+        "resources:\n  sessions:\n    type: memcached\n  orders:\n    type: mysql\n",
+        1,
+    );
     let id = first
         .build_source("shop", &[("convox.yml", &manifest), ("notes.sh", NOTES)])
         .await;
@@ -625,6 +629,13 @@ async fn a_restored_rack_brings_back_its_resources_with_their_data() {
     assert!(log.ends_with("OK\n"), "{log}");
     notes(&first, "shop", "write kept").await;
     assert_eq!(notes(&first, "shop", "read").await, "pg=kept\nredis=kept\n");
+    let import = first
+        .convox(Method::PUT, "/apps/shop/resources/orders/data")
+        .body("create table orders (v text); insert into orders values ('kept-order');")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(crate::helpers::status_text(import).await, (200, "ok\n".to_owned()));
 
     let dir = crate::helpers::reachable_tempdir();
     let file = dir.path().join("rack.tar");
@@ -649,6 +660,7 @@ async fn a_restored_rack_brings_back_its_resources_with_their_data() {
         "{dump:?}"
     );
     assert!(entry("resources/shop/cache.rdb").is_some_and(|e| e.sha256.is_some()));
+    assert!(entry("resources/shop/orders.sql").is_some_and(|e| e.sha256.is_some()));
     let sessions = record("sessions");
     assert!(sessions.path.is_none(), "{sessions:?}");
     assert!(
@@ -686,23 +698,36 @@ async fn a_restored_rack_brings_back_its_resources_with_their_data() {
     let second = TestApp::start(restoring(dir.path(), &file).await).await;
     let data = second.state.config.data_dir.clone();
     let _servers = ResourceServers::at(&data);
-    let log = second
-        .wait_for_log_line("shop", "system/local/resource/database restored from the backup", 150)
-        .await;
-    assert!(
-        log.contains("system/local/resource/cache restored from the backup"),
-        "{log}"
-    );
-    assert!(!log.contains("resource/sessions restored"), "{log}");
     wait_for(150, "the restored app to run", || async {
         let app: Value = second.get_json("/apps/shop").await;
         (app["status"] == "running").then_some(())
     })
     .await;
     assert_eq!(notes(&second, "shop", "read").await, "pg=kept\nredis=kept\n");
+    let orders = second
+        .convox(Method::GET, "/apps/shop/resources/orders/data")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(orders.contains("kept-order"), "{orders}");
+    // The bring-back's log says so (its services start once every resource is ready).
+    let mut log = String::new();
+    for name in ["database", "cache", "orders"] {
+        let line = format!("system/local/resource/{name} restored from the backup");
+        log = second.wait_for_log_line("shop", &line, 150).await;
+        assert_eq!(log.matches(&line).count(), 1, "loaded once: {log}");
+    }
+    assert!(!log.contains("resource/sessions restored"), "{log}");
     // The restored redis keeps its data across its own restarts: its AOF (on again) holds it.
     let cache = data.join("resources/shop/cache");
-    assert!(std::fs::read_to_string(cache.join("redis.conf")).unwrap().contains("appendonly yes"));
+    assert!(
+        std::fs::read_to_string(cache.join("redis.conf"))
+            .unwrap()
+            .contains("appendonly yes")
+    );
     let base = crate::helpers::files_under(&cache.join("data/appendonlydir"))
         .into_iter()
         .find(|f| f.to_string_lossy().ends_with(".base.rdb"))
