@@ -11,7 +11,7 @@ use serde::Deserialize;
 use crate::AppState;
 use crate::api::input::QueryParams;
 use crate::backup::archive::{self, Options};
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
 
 /// The query of `GET /system/backup`.
 #[derive(Debug, Deserialize)]
@@ -41,6 +41,10 @@ pub async fn download_backup(
         Ok(None) => return Err(anyhow::anyhow!("the backup could not start").into()),
         Err(e) => {
             crate::backup::schedule::failed(&state, "download", &e).await;
+            // A resource that cannot be exported is the operator's to fix: said to the client.
+            if let Some(failed) = e.downcast_ref::<archive::ResourceExportFailed>() {
+                return Err(ApiError::Conflict(failed.0.clone()));
+            }
             return Err(e.into());
         }
     };

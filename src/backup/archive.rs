@@ -47,6 +47,12 @@ pub struct Prepared {
     pub estimate: u64,
 }
 
+/// A resource's export failed, so the backup did: the message names the resource and what to
+/// do (start it, or leave resources out), for the client rather than only the server's log.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ResourceExportFailed(pub String);
+
 /// What a finished backup wrote.
 #[derive(Debug, Clone, Copy)]
 pub struct Summary {
@@ -149,7 +155,6 @@ async fn export_resources(
     options: Options,
     scratch: &Path,
 ) -> anyhow::Result<Vec<ResourceRecord>> {
-    use anyhow::Context;
     let mut records = Vec::with_capacity(resources.len());
     for row in resources {
         let mut record = ResourceRecord {
@@ -170,14 +175,16 @@ async fn export_resources(
             Some(format!("a {kind} resource is a cache: it has nothing to export"))
         } else if row.status == "unlinked" {
             Some(
-                "unlinked: no release declares it, so a restored rack would not create it (export it                  with `rack resources export` before deleting it)"
+                "unlinked: no release declares it, so a restored rack would not create it (export it \
+                 with `rack resources export` before deleting it)"
                     .to_owned(),
             )
         } else if row.status == "failed" {
             Some("it never ran (its creation failed): it has no data".to_owned())
         } else if !rack.runtime.restores_resource_data() {
             Some(format!(
-                "the {} runtime does not bring resources' data back from a backup yet: export it                  with `rack resources export`",
+                "the {} runtime does not bring resources' data back from a backup yet: export it \
+                 with `rack resources export`",
                 rack.runtime.name()
             ))
         } else {
@@ -185,14 +192,15 @@ async fn export_resources(
         };
         if let (None, Some(ext)) = (&record.skipped, extension) {
             let path = format!("{RESOURCES}/{}/{}.{ext}", row.app, row.name);
-            export_resource(rack, &row, kind, &scratch.join(&path))
-                .await
-                .with_context(|| {
-                    format!(
-                        "exporting resource {} of app {} (it must run for a backup to hold its data:                          deploy the app to start it, or take the backup with resources=false,                          `rack system backup --no-resources`, to leave resources out)",
-                        row.name, row.app
-                    )
-                })?;
+            if let Err(e) = export_resource(rack, &row, kind, &scratch.join(&path)).await {
+                return Err(ResourceExportFailed(format!(
+                    "the backup could not export resource {} of app {}: {e:#} (it must run for a \
+                     backup to hold its data: deploy the app to start it, or take the backup with \
+                     resources=false, `rack system backup --no-resources`, to leave resources out)",
+                    row.name, row.app
+                ))
+                .into());
+            }
             record.path = Some(path);
         }
         records.push(record);

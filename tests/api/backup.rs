@@ -680,6 +680,24 @@ async fn a_restored_rack_brings_back_its_resources_with_their_data() {
         "{:?}",
         without.resources
     );
+    // A resource that cannot be exported fails the backup, saying which: never left out
+    // silently.
+    let redis_pid =
+        std::fs::read_to_string(first.state.config.data_dir.join("resources/shop/cache/redis.pid")).unwrap();
+    let redis_pid = nix::unistd::Pid::from_raw(redis_pid.trim().parse().unwrap());
+    nix::sys::signal::kill(redis_pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_for(60, "the redis resource to stop", || async {
+        nix::sys::signal::kill(redis_pid, None).is_err().then_some(())
+    })
+    .await;
+    let failed = first
+        .request(Method::GET, "/system/backup?images=false")
+        .send()
+        .await
+        .unwrap();
+    let (status, text) = crate::helpers::status_text(failed).await;
+    assert_eq!(status, 409, "{text}");
+    assert!(text.contains("resource cache of app shop"), "{text}");
     first.stop().await;
     // The first rack's servers go: the second one must not find its data in them.
     drop(first_servers);

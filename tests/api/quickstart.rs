@@ -113,10 +113,7 @@ async fn every_example_deploys() {
     .await;
     assert!(out.contains("Hello from rack! visit 1\n"), "{out}");
     assert!(out.contains("Hello from rack! visit 2\n"), "{out}");
-    assert!(
-        out.contains("Hello from rack! visit 3\n"),
-        "the count after a redeploy: {out}"
-    );
+    assert!(out.contains("Hello from rack! visit 3\n"), "the count after a redeploy: {out}");
 
     if nix::unistd::geteuid().is_root() {
         let _leftovers = crate::containers::Leftovers::of(&app);
