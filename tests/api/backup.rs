@@ -793,3 +793,65 @@ async fn a_restored_rack_brings_back_its_resources_with_their_data() {
     assert!(!pending.join("database.sql").exists(), "the leftover export is removed");
     third.stop().await;
 }
+
+/// On a runtime that does not load exports into the resources of a restored rack (Kubernetes;
+/// here the fake runtime, which answers the same), a backup leaves the resources' data out and
+/// its manifest says so for each, rather than holding exports no restore would load.
+#[tokio::test]
+async fn a_runtime_that_cannot_restore_resources_has_them_listed_as_left_out() {
+    use futures_util::StreamExt;
+    rack::tls::install_provider();
+    let url = crate::helpers::fresh_database().await;
+    let data = crate::helpers::reachable_tempdir();
+    let config = rack::config::Config::for_tests(data.path().join("rack"), rack::config::Database::Url(url), PASSWORD);
+    let fake = std::sync::Arc::new(rack::runtime::fake::FakeRuntime::new(MANIFEST));
+    let app = rack::Application::build_with(config, fake).await.unwrap();
+    let state = app.state().clone();
+    let name = rack::names::AppName::parse("shop").unwrap();
+    rack::store::apps::insert(&state.pool, &name, "1").await.unwrap();
+    let new = rack::store::resources::NewResource {
+        name: "database",
+        kind: "postgres",
+        definition: serde_json::json!({ "options": {} }),
+        username: "app",
+        password: "secret",
+        database: "app",
+    };
+    rack::store::resources::ensure(&state.pool, "shop", std::slice::from_ref(&new))
+        .await
+        .unwrap();
+    rack::store::resources::applied(&state.pool, "shop", &[("database".to_owned(), new.definition.clone())])
+        .await
+        .unwrap();
+
+    let options = rack::backup::archive::Options {
+        images: false,
+        resources: true,
+    };
+    let prepared = rack::backup::archive::prepare(&state, options, false)
+        .await
+        .unwrap()
+        .unwrap();
+    let (mut body, writer) = rack::backup::archive::stream(&state, prepared);
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.next().await {
+        bytes.extend_from_slice(&chunk.unwrap());
+    }
+    writer.await.unwrap().unwrap();
+    let file = data.path().join("fake.tar");
+    std::fs::write(&file, bytes).unwrap();
+    let manifest = rack::backup::restore::verify(&file).unwrap().manifest;
+    assert_eq!(manifest.resources.len(), 1, "{:?}", manifest.resources);
+    let record = &manifest.resources[0];
+    assert_eq!(
+        (record.app.as_str(), record.name.as_str(), record.kind.as_str()),
+        ("shop", "database", "postgres")
+    );
+    assert!(record.path.is_none(), "{record:?}");
+    let why = record.skipped.as_deref().unwrap_or_default();
+    assert!(
+        why.contains("fake runtime does not bring resources' data back"),
+        "{why}"
+    );
+    assert!(manifest.entries.iter().all(|e| !e.path.starts_with("resources/")));
+}
