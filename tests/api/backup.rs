@@ -698,9 +698,10 @@ async fn a_restored_rack_brings_back_its_resources_with_their_data() {
     let (status, text) = crate::helpers::status_text(failed).await;
     assert_eq!(status, 409, "{text}");
     assert!(text.contains("resource cache of app shop"), "{text}");
-    first.stop().await;
-    // The first rack's servers go: the second one must not find its data in them.
+    // The first rack's servers go (before the rack: its data directory, where their pid files
+    // are, goes with it), then the rack: the second one must not find its data in them.
     drop(first_servers);
+    first.stop().await;
 
     // One byte of the database's export changed: refused, naming it.
     let mut tampered = std::fs::read(&file).unwrap();
