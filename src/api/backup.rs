@@ -11,7 +11,7 @@ use serde::Deserialize;
 use crate::AppState;
 use crate::api::input::QueryParams;
 use crate::backup::archive::{self, Options};
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
 
 /// The query of `GET /system/backup`.
 #[derive(Debug, Deserialize)]
@@ -19,6 +19,8 @@ use crate::error::ApiResult;
 pub struct BackupQuery {
     /// `false`: leave the built images out (smaller; container services are built again).
     images: Option<bool>,
+    /// `false`: leave the resources' exports out (a restored rack starts its resources empty).
+    resources: Option<bool>,
 }
 
 /// Response header: about how many bytes the archive will have (progress bars).
@@ -31,6 +33,7 @@ pub async fn download_backup(
 ) -> ApiResult<Response> {
     let options = Options {
         images: query.images.unwrap_or(true),
+        resources: query.resources.unwrap_or(true),
     };
     let prepared = match archive::prepare(&state, options, false).await {
         Ok(Some(prepared)) => prepared,
@@ -38,6 +41,10 @@ pub async fn download_backup(
         Ok(None) => return Err(anyhow::anyhow!("the backup could not start").into()),
         Err(e) => {
             crate::backup::schedule::failed(&state, "download", &e).await;
+            // A resource that cannot be exported is the operator's to fix: said to the client.
+            if let Some(failed) = e.downcast_ref::<archive::ResourceExportFailed>() {
+                return Err(ApiError::Conflict(failed.0.clone()));
+            }
             return Err(e.into());
         }
     };

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::process::Stdio;
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
@@ -115,15 +115,24 @@ pub async fn export(kind: Kind, credentials: &Credentials, endpoint: ResourceEnd
             if !out.status.success() {
                 return Err(failed("redis-cli --rdb", &out.stderr));
             }
-            let data = tokio::fs::read(&file).await.map_err(|e| ApiError::Internal(e.into()))?;
-            Ok(Body::from(Bytes::from(data)))
+            // Streamed from the file (an RDB may be large), which lives as long as the stream.
+            let data = tokio::fs::File::open(&file)
+                .await
+                .map_err(|e| ApiError::Internal(e.into()))?;
+            let chunks = tokio_util::io::ReaderStream::new(data).map(move |chunk| {
+                let _ = &dir;
+                chunk
+            });
+            Ok(Body::from_stream(chunks))
         }
         Kind::Memcached => Err(memcached_refused("export")),
     }
 }
 
 /// The standard output of the dump `cmd` as a stream. The first chunk (or the end) says
-/// whether the dump started: a failure to connect is an error, not an empty 200.
+/// whether the dump started: a failure to connect is an error, not an empty 200; a dump that
+/// fails half-way ends the stream with an error, not a clean end (a backup must not keep a
+/// truncated dump as if it were whole).
 async fn streamed<G: Send + 'static>(mut cmd: Command, what: &str, guard: G) -> ApiResult<Body> {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd
@@ -142,13 +151,25 @@ async fn streamed<G: Send + 'static>(mut cmd: Command, what: &str, guard: G) -> 
         }
         return Ok(Body::empty());
     }
-    // The child and the runtime's guard (a port-forward) live as long as the stream.
-    let keep = (child, guard);
-    let rest = chunks.map(move |chunk| {
-        let _ = &keep;
-        chunk
-    });
-    Ok(Body::from_stream(futures_util::stream::iter(first).chain(rest)))
+    // The child and the runtime's guard (a port-forward) live as long as the stream; once its
+    // output ends, its exit status says whether the dump is whole.
+    let what = what.to_owned();
+    let end = futures_util::stream::once(async move {
+        let out = child.wait_with_output().await;
+        drop(guard);
+        match out {
+            Ok(out) if out.status.success() => None,
+            Ok(out) => Some(Err(std::io::Error::other(format!(
+                "{what} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))),
+            Err(e) => Some(Err(e)),
+        }
+    })
+    .filter_map(futures_util::future::ready);
+    Ok(Body::from_stream(
+        futures_util::stream::iter(first).chain(chunks).chain(end),
+    ))
 }
 
 /// Loads `body` (what [`export`] gave) into the resource: SQL run by `psql` or the `mysql`

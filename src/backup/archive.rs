@@ -1,8 +1,9 @@
 //! Writing a backup: [`prepare`] takes the snapshot (the database dump and, in the same
 //! snapshot, the lists of blobs and builds), then [`stream`] writes the tar archive on a thread
 //! of its own into a bounded channel, so memory stays flat however large the rack is. The
-//! dump and the saved images are spooled to a scratch directory first (a tar header needs each
-//! entry's size); blobs and build directories are read as they are written.
+//! dump, the saved images and the resources' exports are streamed to a scratch directory first
+//! (a tar header needs each entry's size); blobs and build directories are read as they are
+//! written.
 
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -11,7 +12,9 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use super::{DATABASE, Entry, IMAGES, KEPT_FILES, Kind, MANIFEST, MARKER, MARKER_TEXT, Manifest};
+use super::{
+    DATABASE, Entry, IMAGES, KEPT_FILES, Kind, MANIFEST, MARKER, MARKER_TEXT, Manifest, RESOURCES, ResourceRecord,
+};
 use crate::Rack;
 use crate::store::backup::{Blob, ReleasedBuild};
 
@@ -24,6 +27,8 @@ const CHUNK: usize = 256 * 1024;
 pub struct Options {
     /// Whether to `podman save` the builds' images.
     pub images: bool,
+    /// Whether to export the apps' resources.
+    pub resources: bool,
 }
 
 /// A snapshot ready to be written.
@@ -35,9 +40,18 @@ pub struct Prepared {
     migration: Option<i64>,
     images: Option<PathBuf>,
     include_images: bool,
+    /// Every resource, with the entry of its export (a file of the scratch directory) or why
+    /// it has none.
+    resources: Vec<ResourceRecord>,
     /// About how many bytes the archive will have (for progress bars).
     pub estimate: u64,
 }
+
+/// A resource's export failed, so the backup did: the message names the resource and what to
+/// do (start it, or leave resources out), for the client rather than only the server's log.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ResourceExportFailed(pub String);
 
 /// What a finished backup wrote.
 #[derive(Debug, Clone, Copy)]
@@ -65,6 +79,7 @@ pub async fn prepare(rack: &Rack, options: Options, lock: bool) -> anyhow::Resul
     let blobs = crate::store::backup::blobs(&mut tx).await?;
     let builds = crate::store::backup::released_builds(&mut tx).await?;
     let migration = crate::store::backup::migration(&mut tx).await?;
+    let resources = crate::store::backup::resources(&mut tx).await?;
     let dump = scratch.path().join(DATABASE);
     let bin = crate::postgres::find_bin_dir()?;
     // The snapshot lives as long as the transaction that exported it: kept open until
@@ -95,7 +110,13 @@ pub async fn prepare(rack: &Rack, options: Options, lock: bool) -> anyhow::Resul
     } else {
         None
     };
+    let resources = export_resources(rack, resources, options, scratch.path()).await?;
     let mut estimate = std::fs::metadata(&dump)?.len();
+    for record in &resources {
+        if let Some(path) = &record.path {
+            estimate += std::fs::metadata(scratch.path().join(path)).map_or(0, |m| m.len()) + 512;
+        }
+    }
     estimate += images
         .as_ref()
         .map_or(0, |i| std::fs::metadata(i).map_or(0, |m| m.len()));
@@ -114,8 +135,112 @@ pub async fn prepare(rack: &Rack, options: Options, lock: bool) -> anyhow::Resul
         migration,
         images,
         include_images: options.images,
+        resources,
         estimate,
     }))
+}
+
+/// Exports every resource there is data of into the scratch directory (as
+/// `resources/<app>/<name>.<ext>`), through the runtime's endpoint and the tools `GET
+/// /apps/{app}/resources/{name}/data` uses; the others are recorded with why they are left
+/// out. Exports are taken one after the other, just after the database's snapshot: each is
+/// consistent in itself, not with the snapshot to the transaction.
+///
+/// # Errors
+/// When a resource that should have data cannot be exported (its server is down): the backup
+/// fails, naming it, rather than leaving its data out silently.
+async fn export_resources(
+    rack: &Rack,
+    resources: Vec<crate::store::resources::Resource>,
+    options: Options,
+    scratch: &Path,
+) -> anyhow::Result<Vec<ResourceRecord>> {
+    let mut records = Vec::with_capacity(resources.len());
+    for row in resources {
+        let mut record = ResourceRecord {
+            app: row.app.clone(),
+            name: row.name.clone(),
+            kind: row.kind.clone(),
+            path: None,
+            skipped: None,
+        };
+        let kind: crate::resource::Kind = row
+            .kind
+            .parse()
+            .map_err(|e| anyhow::anyhow!("resource {} of {}: {e}", row.name, row.app))?;
+        let extension = super::export_extension(kind);
+        record.skipped = if !options.resources {
+            Some("left out: the backup was taken with resources=false".to_owned())
+        } else if extension.is_none() {
+            Some(format!("a {kind} resource is a cache: it has nothing to export"))
+        } else if row.status == "unlinked" {
+            Some(
+                "unlinked: no release declares it, so a restored rack would not create it (export it \
+                 with `rack resources export` before deleting it)"
+                    .to_owned(),
+            )
+        } else if row.status == "failed" {
+            Some("it never ran (its creation failed): it has no data".to_owned())
+        } else if !rack.runtime.restores_resource_data() {
+            Some(format!(
+                "the {} runtime does not bring resources' data back from a backup yet: export it \
+                 with `rack resources export`",
+                rack.runtime.name()
+            ))
+        } else {
+            None
+        };
+        if let (None, Some(ext)) = (&record.skipped, extension) {
+            let path = format!("{RESOURCES}/{}/{}.{ext}", row.app, row.name);
+            if let Err(e) = export_resource(rack, &row, kind, &scratch.join(&path)).await {
+                return Err(ResourceExportFailed(format!(
+                    "the backup could not export resource {} of app {}: {e:#} (it must run for a \
+                     backup to hold its data: deploy the app to start it, or take the backup with \
+                     resources=false, `rack system backup --no-resources`, to leave resources out)",
+                    row.name, row.app
+                ))
+                .into());
+            }
+            record.path = Some(path);
+        }
+        records.push(record);
+    }
+    Ok(records)
+}
+
+/// Streams the export of resource `row` into the file `to`.
+async fn export_resource(
+    rack: &Rack,
+    row: &crate::store::resources::Resource,
+    kind: crate::resource::Kind,
+    to: &Path,
+) -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let endpoint = rack
+        .runtime
+        .resource_endpoint(&row.app, &row.name)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let credentials = crate::resource::Credentials {
+        user: row.username.clone(),
+        password: row.password.clone(),
+        database: row.database.clone(),
+    };
+    let body = crate::api::resource_data::export(kind, &credentials, endpoint)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(parent) = to.parent() {
+        tokio::fs::create_dir_all(parent).await?;
+    }
+    let mut file = tokio::fs::File::create(to).await?;
+    let mut data = body.into_data_stream();
+    while let Some(chunk) = data.next().await {
+        file.write_all(&chunk.map_err(|e| anyhow::anyhow!("the export stopped: {e}"))?)
+            .await?;
+    }
+    file.sync_all().await?;
+    Ok(())
 }
 
 /// `podman save` of the builds' images that exist on this host, into one archive; `None` when
@@ -263,6 +388,11 @@ fn write_archive(
         let size = file.metadata()?.len();
         entries.push(append_file(&mut tar, IMAGES, file, size)?);
     }
+    for path in prepared.resources.iter().filter_map(|r| r.path.as_ref()) {
+        let file = std::fs::File::open(prepared.scratch.path().join(path))?;
+        let size = file.metadata()?.len();
+        entries.push(append_file(&mut tar, path, file, size).with_context(|| format!("writing {path}"))?);
+    }
     let manifest = Manifest {
         format: 1,
         created: chrono::Utc::now(),
@@ -270,6 +400,7 @@ fn write_archive(
         migration: prepared.migration,
         images: prepared.include_images,
         entries,
+        resources: prepared.resources.clone(),
     };
     let count = manifest.entries.len();
     let text = serde_json::to_vec_pretty(&manifest)?;

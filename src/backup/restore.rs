@@ -3,8 +3,10 @@
 //! is refused with what is wrong); then, on an empty data directory and an empty database,
 //! [`load`] puts everything back: the dump with `pg_restore` (the server's migrations then
 //! bring an older backup's schema up to date), the blobs into the object store, the build
-//! directories into the data directory and the images into podman. The server then starts as
-//! usual, and its reconciler starts every app's current release again.
+//! directories into the data directory and the images into podman; the resources' exports wait
+//! in `<data>/resource-imports/`. The server then starts as usual, and its reconciler starts
+//! every app's current release again: the runtime creates each resource and loads its export
+//! into it (`crate::backup::pending_import`).
 
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -13,7 +15,9 @@ use anyhow::{Context, anyhow, bail};
 use sha2::Digest;
 
 use super::archive::Hashing;
-use super::{DATABASE, Entry, IMAGES, KEPT_FILES, Kind, MANIFEST, MARKER, MARKER_TEXT, Manifest};
+use super::{
+    DATABASE, Entry, IMAGES, KEPT_FILES, Kind, MANIFEST, MARKER, MARKER_TEXT, Manifest, PENDING_IMPORTS, RESOURCES,
+};
 
 /// An archive whose every entry matched its manifest.
 #[derive(Debug)]
@@ -138,6 +142,12 @@ pub fn verify(path: &Path) -> anyhow::Result<Verified> {
         bail!("the backup is truncated: it ends after {last} without its manifest ({MANIFEST}, always last)");
     };
     compare(&manifest.entries, &found)?;
+    super::check_resource_records(&manifest.resources)?;
+    for path in manifest.resources.iter().filter_map(|r| r.path.as_ref()) {
+        if !found.iter().any(|e| &e.path == path && e.kind == Kind::File) {
+            bail!("the backup is missing {path}, the export its manifest lists for a resource");
+        }
+    }
     Ok(Verified {
         path: path.to_path_buf(),
         manifest,
@@ -274,6 +284,14 @@ pub async fn load(
             .with_context(|| format!("restoring the blob {location}"))?;
     }
 
+    // The resources' exports wait in the data directory for the runtime to create their
+    // resources (moved, not copied: the staging directory is in the data directory).
+    let exports = staging.path().join(RESOURCES);
+    if exports.is_dir() {
+        std::fs::rename(&exports, config.data_dir.join(PENDING_IMPORTS))
+            .context("keeping the resources' exports in the data directory")?;
+    }
+
     let images = staging.path().join(IMAGES);
     if images.exists() {
         match crate::runtime::local::podman::Podman::detect(&config.data_dir, &config.rack_name) {
@@ -313,7 +331,11 @@ fn unpack(source: &Path, data_dir: &Path, staging: &Path) -> anyhow::Result<()> 
         let name = entry.path()?.to_string_lossy().into_owned();
         let target = if name.starts_with("builds/") {
             data_dir
-        } else if name == DATABASE || name == IMAGES || name.starts_with("objects/") {
+        } else if name == DATABASE
+            || name == IMAGES
+            || name.starts_with("objects/")
+            || name.starts_with(&format!("{RESOURCES}/"))
+        {
             staging
         } else {
             continue;

@@ -55,7 +55,16 @@ pub async fn take(state: &AppState, at: DateTime<Utc>) {
 /// # Errors
 /// When any step fails (nothing is kept then).
 pub async fn to_store(state: &AppState, at: DateTime<Utc>) -> anyhow::Result<Option<(String, Summary)>> {
-    let Some(prepared) = archive::prepare(state, Options { images: true }, true).await? else {
+    let Some(prepared) = archive::prepare(
+        state,
+        Options {
+            images: true,
+            resources: true,
+        },
+        true,
+    )
+    .await?
+    else {
         return Ok(None);
     };
     let location = format!("{}/rack-{}.tar", super::STORE_PREFIX, at.format("%Y%m%dT%H%M%SZ"));

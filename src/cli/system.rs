@@ -21,6 +21,9 @@ pub enum SystemCommand {
         /// Leave the built images out (container services are built again after a restore).
         #[arg(long)]
         no_images: bool,
+        /// Leave the resources' data out (a restored rack starts its resources empty).
+        #[arg(long)]
+        no_resources: bool,
     },
     /// Show the disk the rack uses, by kind and by app.
     Usage,
@@ -28,18 +31,29 @@ pub enum SystemCommand {
 
 pub async fn run(client: &Client, command: SystemCommand) -> anyhow::Result<()> {
     match command {
-        SystemCommand::Backup { file, no_images } => backup(client, file, no_images).await,
+        SystemCommand::Backup {
+            file,
+            no_images,
+            no_resources,
+        } => backup(client, file, no_images, no_resources).await,
         SystemCommand::Usage => usage(client).await,
     }
 }
 
-async fn backup(client: &Client, file: PathBuf, no_images: bool) -> anyhow::Result<()> {
-    let path = if no_images {
-        "/system/backup?images=false"
+async fn backup(client: &Client, file: PathBuf, no_images: bool, no_resources: bool) -> anyhow::Result<()> {
+    let mut left_out = Vec::new();
+    if no_images {
+        left_out.push("images=false");
+    }
+    if no_resources {
+        left_out.push("resources=false");
+    }
+    let path = if left_out.is_empty() {
+        "/system/backup".to_owned()
     } else {
-        "/system/backup"
+        format!("/system/backup?{}", left_out.join("&"))
     };
-    let response = client.stream(path).await?;
+    let response = client.stream(&path).await?;
     let estimate = response
         .headers()
         .get(crate::api::backup::ESTIMATE_HEADER)
@@ -77,6 +91,7 @@ async fn backup(client: &Client, file: PathBuf, no_images: bool) -> anyhow::Resu
         "file": file.display().to_string(),
         "entries": verified.manifest.entries.len(),
         "bytes": size,
+        "resources": verified.manifest.resources,
     });
     if output::json(&summary)? {
         return Ok(());
@@ -87,6 +102,12 @@ async fn backup(client: &Client, file: PathBuf, no_images: bool) -> anyhow::Resu
         human(size),
         file.display()
     );
+    // What a restore will not bring back is said, not only written in the manifest.
+    for resource in &verified.manifest.resources {
+        if let Some(why) = &resource.skipped {
+            println!("Resource {} of {} left out: {why}", resource.name, resource.app);
+        }
+    }
     Ok(())
 }
 

@@ -80,6 +80,13 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// Whether the runtime loads the resources' exports a restore left (see
+    /// `crate::backup::pending_import`) into the resources it creates; backups leave out the
+    /// data of resources of a runtime that does not (and say so in their manifest).
+    fn restores_resource_data(&self) -> bool {
+        false
+    }
+
     /// Whether apps' processes must be started again when rack starts (they die with it).
     fn restores_on_start(&self) -> bool {
         false

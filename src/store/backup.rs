@@ -69,6 +69,17 @@ pub async fn released_builds(conn: &mut PgConnection) -> Result<Vec<ReleasedBuil
     .await
 }
 
+/// Every resource of every app, with its credentials and status (in the backup's snapshot: the
+/// resources its dump holds).
+///
+/// # Errors
+/// When the query fails.
+pub async fn resources(conn: &mut PgConnection) -> Result<Vec<super::resources::Resource>, sqlx::Error> {
+    sqlx::query_as("select * from resources order by app, name")
+        .fetch_all(conn)
+        .await
+}
+
 /// The tables of the database's `public` schema (none: a database a restore may fill).
 ///
 /// # Errors

@@ -190,6 +190,28 @@ async fn a_backup_taken_during_a_build_and_a_deployment_restores_on_a_second_ser
     second.stop().await;
 }
 
+/// Restores the archive `bytes` (written as `name` in `dir`) on a new server, which must refuse
+/// it having written nothing, to its data directory or its database; the error.
+async fn refused(dir: &std::path::Path, bytes: Vec<u8>, name: &str) -> String {
+    let broken = dir.join(name);
+    std::fs::write(&broken, bytes).unwrap();
+    let config = restoring(&dir.join(format!("{name}.data")), &broken).await;
+    let url = match &config.database {
+        rack::config::Database::Url(url) => url.clone(),
+        rack::config::Database::Embedded => unreachable!(),
+    };
+    let data = config.data_dir.clone();
+    let error = rack::Application::build(config).await.unwrap_err();
+    assert!(!data.exists(), "nothing is written to the data directory");
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    assert!(
+        rack::store::backup::tables(&pool).await.unwrap().is_empty(),
+        "nor to the database"
+    );
+    pool.close().await;
+    format!("{error:#}")
+}
+
 #[tokio::test]
 async fn a_damaged_or_truncated_backup_is_refused_before_anything_is_written() {
     let rack = TestApp::spawn().await;
@@ -204,28 +226,7 @@ async fn a_damaged_or_truncated_backup_is_refused_before_anything_is_written() {
     rack.stop().await;
     let whole = std::fs::read(&file).unwrap();
 
-    let refused = |bytes: Vec<u8>, name: &'static str| {
-        let dir = &dir;
-        async move {
-            let broken = dir.path().join(name);
-            std::fs::write(&broken, bytes).unwrap();
-            let config = restoring(&dir.path().join(format!("{name}.data")), &broken).await;
-            let url = match &config.database {
-                rack::config::Database::Url(url) => url.clone(),
-                rack::config::Database::Embedded => unreachable!(),
-            };
-            let data = config.data_dir.clone();
-            let error = rack::Application::build(config).await.unwrap_err();
-            assert!(!data.exists(), "nothing is written to the data directory");
-            let pool = sqlx::PgPool::connect(&url).await.unwrap();
-            assert!(
-                rack::store::backup::tables(&pool).await.unwrap().is_empty(),
-                "nor to the database"
-            );
-            pool.close().await;
-            format!("{error:#}")
-        }
-    };
+    let refused = |bytes: Vec<u8>, name: &'static str| refused(dir.path(), bytes, name);
     let truncated = refused(whole[..whole.len() / 2].to_vec(), "truncated.tar").await;
     assert!(truncated.contains("truncated"), "{truncated}");
     // The end of the archive without its manifest.
@@ -600,4 +601,258 @@ async fn a_restore_brings_back_the_images_of_container_apps() {
     second.stop().await;
     drop(cleanup);
     let _ = podman.output(&["rmi", "--force", &image]).await;
+}
+
+/// Resources come back with their data: an app with a postgres and a redis resource (a mysql
+/// one filled through the import, and a memcached, a cache the backup leaves out, saying so)
+/// writes a note, a backup is taken, and
+/// a second server restoring it on a data directory of its own creates the resources, loads
+/// their exports into them (once: an export left behind is not loaded again) and the app reads
+/// the same note there. A tampered export is refused before anything is written.
+#[tokio::test]
+async fn a_restored_rack_brings_back_its_resources_with_their_data() {
+    use crate::resources::{NOTES, ResourceServers, notes};
+    let first = TestApp::spawn().await;
+    let first_servers = ResourceServers::at(&first.state.config.data_dir);
+    assert_eq!(first.create_app("shop").await.status(), 201);
+    let manifest = crate::resources::MANIFEST.replacen(
+        "resources:\n",
+        "resources:\n  sessions:\n    type: memcached\n  orders:\n    type: mysql\n",
+        1,
+    );
+    let id = first
+        .build_source("shop", &[("convox.yml", &manifest), ("notes.sh", NOTES)])
+        .await;
+    let build = first.wait_build("shop", &id).await;
+    assert_eq!(build["status"], "complete", "{build}");
+    let log = promote_follow(&first, "shop", build["release"].as_str().unwrap()).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    notes(&first, "shop", "write kept").await;
+    assert_eq!(notes(&first, "shop", "read").await, "pg=kept\nredis=kept\n");
+    let import = first
+        .convox(Method::PUT, "/apps/shop/resources/orders/data")
+        .body("create table orders (v text); insert into orders values ('kept-order');")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(crate::helpers::status_text(import).await, (200, "ok\n".to_owned()));
+
+    let dir = crate::helpers::reachable_tempdir();
+    let file = dir.path().join("rack.tar");
+    download(&first, "?images=false", &file).await;
+    let verified = rack::backup::restore::verify(&file).unwrap();
+    let manifest = verified.manifest;
+    let record = |name: &str| {
+        manifest
+            .resources
+            .iter()
+            .find(|r| r.app == "shop" && r.name == name)
+            .unwrap_or_else(|| panic!("{name} in {:?}", manifest.resources))
+            .clone()
+    };
+    let entry = |path: &str| manifest.entries.iter().find(|e| e.path == path).cloned();
+    let database = record("database");
+    assert_eq!(database.path.as_deref(), Some("resources/shop/database.sql"));
+    assert_eq!(record("cache").path.as_deref(), Some("resources/shop/cache.rdb"));
+    let dump = entry("resources/shop/database.sql").expect("the export is an entry");
+    assert!(
+        dump.size > 0 && dump.sha256.as_ref().is_some_and(|s| s.len() == 64),
+        "{dump:?}"
+    );
+    assert!(entry("resources/shop/cache.rdb").is_some_and(|e| e.sha256.is_some()));
+    assert!(entry("resources/shop/orders.sql").is_some_and(|e| e.sha256.is_some()));
+    let sessions = record("sessions");
+    assert!(sessions.path.is_none(), "{sessions:?}");
+    assert!(
+        sessions.skipped.as_deref().unwrap_or_default().contains("cache"),
+        "{sessions:?}"
+    );
+    // Left out on request, and said so.
+    let without = dir.path().join("without.tar");
+    download(&first, "?images=false&resources=false", &without).await;
+    let without = rack::backup::restore::verify(&without).unwrap().manifest;
+    assert!(without.entries.iter().all(|e| !e.path.starts_with("resources/")));
+    assert!(
+        without
+            .resources
+            .iter()
+            .all(|r| r.skipped.as_deref().unwrap_or_default().contains("resources=false")),
+        "{:?}",
+        without.resources
+    );
+    // A resource that cannot be exported fails the backup, saying which: never left out
+    // silently.
+    let redis_pid =
+        std::fs::read_to_string(first.state.config.data_dir.join("resources/shop/cache/redis.pid")).unwrap();
+    let redis_pid = nix::unistd::Pid::from_raw(redis_pid.trim().parse().unwrap());
+    nix::sys::signal::kill(redis_pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_for(60, "the redis resource to stop", || async {
+        nix::sys::signal::kill(redis_pid, None).is_err().then_some(())
+    })
+    .await;
+    let failed = first
+        .request(Method::GET, "/system/backup?images=false")
+        .send()
+        .await
+        .unwrap();
+    let (status, text) = crate::helpers::status_text(failed).await;
+    assert_eq!(status, 409, "{text}");
+    assert!(text.contains("resource cache of app shop"), "{text}");
+    // The first rack's servers go (before the rack: its data directory, where their pid files
+    // are, goes with it), then the rack: the second one must not find its data in them.
+    drop(first_servers);
+    first.stop().await;
+
+    // One byte of the database's export changed: refused, naming it.
+    let mut tampered = std::fs::read(&file).unwrap();
+    let header = tampered
+        .windows(27)
+        .position(|w| w == b"resources/shop/database.sql")
+        .unwrap();
+    let inside = header - (header % 512) + 512 + 10;
+    tampered[inside] ^= 0xff;
+    let error = refused(dir.path(), tampered, "tampered.tar").await;
+    assert!(error.contains("resources/shop/database.sql is damaged"), "{error}");
+
+    let second = TestApp::start(restoring(dir.path(), &file).await).await;
+    let data = second.state.config.data_dir.clone();
+    let _servers = ResourceServers::at(&data);
+    wait_for(150, "the restored app to run", || async {
+        let app: Value = second.get_json("/apps/shop").await;
+        (app["status"] == "running").then_some(())
+    })
+    .await;
+    assert_eq!(notes(&second, "shop", "read").await, "pg=kept\nredis=kept\n");
+    let orders = second
+        .convox(Method::GET, "/apps/shop/resources/orders/data")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(orders.contains("kept-order"), "{orders}");
+    // The bring-back's log says so (its services start once every resource is ready).
+    let mut log = String::new();
+    for name in ["database", "cache", "orders"] {
+        let line = format!("system/local/resource/{name} restored from the backup");
+        log = second.wait_for_log_line("shop", &line, 150).await;
+        assert_eq!(log.matches(&line).count(), 1, "loaded once: {log}");
+    }
+    assert!(!log.contains("resource/sessions restored"), "{log}");
+    // The restored redis keeps its data across its own restarts: its AOF (on again) holds it.
+    let cache = data.join("resources/shop/cache");
+    assert!(
+        std::fs::read_to_string(cache.join("redis.conf"))
+            .unwrap()
+            .contains("appendonly yes")
+    );
+    let base = crate::helpers::files_under(&cache.join("data/appendonlydir"))
+        .into_iter()
+        .find(|f| f.to_string_lossy().ends_with(".base.rdb"))
+        .expect("an AOF base");
+    assert!(
+        std::fs::read(&base).unwrap().windows(4).any(|w| w == b"kept"),
+        "the AOF holds the restored data"
+    );
+    let pending = data.join("resource-imports/shop");
+    assert!(
+        crate::helpers::files_under(&pending).is_empty(),
+        "each export is removed once loaded: {:?}",
+        crate::helpers::files_under(&pending)
+    );
+
+    // An export left behind (rack stopped after loading it, before removing it) is not loaded
+    // again into the resource that has it: what was written since stays.
+    notes(&second, "shop", "write later").await;
+    let unpacked = dir.path().join("unpacked");
+    std::fs::create_dir_all(&unpacked).unwrap();
+    let status = std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(&file)
+        .arg("-C")
+        .arg(&unpacked)
+        .arg("resources/shop/database.sql")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::copy(
+        unpacked.join("resources/shop/database.sql"),
+        pending.join("database.sql"),
+    )
+    .unwrap();
+    let mut config = second.state.config.clone();
+    config.backup.restore = None;
+    second.stop().await;
+    let third = TestApp::start(config).await;
+    wait_for(150, "the app to run again", || async {
+        let app: Value = third.get_json("/apps/shop").await;
+        (app["status"] == "running").then_some(())
+    })
+    .await;
+    assert_eq!(notes(&third, "shop", "read").await, "pg=kept,later\nredis=later\n");
+    assert!(!pending.join("database.sql").exists(), "the leftover export is removed");
+    third.stop().await;
+}
+
+/// On a runtime that does not load exports into the resources of a restored rack (Kubernetes;
+/// here the fake runtime, which answers the same), a backup leaves the resources' data out and
+/// its manifest says so for each, rather than holding exports no restore would load.
+#[tokio::test]
+async fn a_runtime_that_cannot_restore_resources_has_them_listed_as_left_out() {
+    use futures_util::StreamExt;
+    rack::tls::install_provider();
+    let url = crate::helpers::fresh_database().await;
+    let data = crate::helpers::reachable_tempdir();
+    let config = rack::config::Config::for_tests(data.path().join("rack"), rack::config::Database::Url(url), PASSWORD);
+    let fake = std::sync::Arc::new(rack::runtime::fake::FakeRuntime::new(MANIFEST));
+    let app = rack::Application::build_with(config, fake).await.unwrap();
+    let state = app.state().clone();
+    let name = rack::names::AppName::parse("shop").unwrap();
+    rack::store::apps::insert(&state.pool, &name, "1").await.unwrap();
+    let new = rack::store::resources::NewResource {
+        name: "database",
+        kind: "postgres",
+        definition: serde_json::json!({ "options": {} }),
+        username: "app",
+        password: "secret",
+        database: "app",
+    };
+    rack::store::resources::ensure(&state.pool, "shop", std::slice::from_ref(&new))
+        .await
+        .unwrap();
+    rack::store::resources::applied(&state.pool, "shop", &[("database".to_owned(), new.definition.clone())])
+        .await
+        .unwrap();
+
+    let options = rack::backup::archive::Options {
+        images: false,
+        resources: true,
+    };
+    let prepared = rack::backup::archive::prepare(&state, options, false)
+        .await
+        .unwrap()
+        .unwrap();
+    let (mut body, writer) = rack::backup::archive::stream(&state, prepared);
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.next().await {
+        bytes.extend_from_slice(&chunk.unwrap());
+    }
+    writer.await.unwrap().unwrap();
+    let file = data.path().join("fake.tar");
+    std::fs::write(&file, bytes).unwrap();
+    let manifest = rack::backup::restore::verify(&file).unwrap().manifest;
+    assert_eq!(manifest.resources.len(), 1, "{:?}", manifest.resources);
+    let record = &manifest.resources[0];
+    assert_eq!(
+        (record.app.as_str(), record.name.as_str(), record.kind.as_str()),
+        ("shop", "database", "postgres")
+    );
+    assert!(record.path.is_none(), "{record:?}");
+    let why = record.skipped.as_deref().unwrap_or_default();
+    assert!(
+        why.contains("fake runtime does not bring resources' data back"),
+        "{why}"
+    );
+    assert!(manifest.entries.iter().all(|e| !e.path.starts_with("resources/")));
 }

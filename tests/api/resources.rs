@@ -98,7 +98,7 @@ async fn web_process(app: &TestApp, name: &str) -> String {
 }
 
 /// Runs `notes.sh <args>` in the web process; its output.
-async fn notes(app: &TestApp, name: &str, args: &str) -> String {
+pub async fn notes(app: &TestApp, name: &str, args: &str) -> String {
     let id = web_process(app, name).await;
     let (output, code) = crate::run::exec_output(
         app,

@@ -117,6 +117,10 @@ impl Runtime for LocalRuntime {
         true
     }
 
+    fn restores_resource_data(&self) -> bool {
+        true
+    }
+
     #[tracing::instrument(skip_all, fields(app.name = %app, release.id = release.map_or("", |r| r.id.as_str())))]
     async fn apply(&self, app: &str, release: Option<&ReleaseSpec>, log: &LogSink) -> Result<(), RuntimeError> {
         if let Some(release) = release

@@ -5,7 +5,9 @@
 //! of linked processes never change). Servers are detached from rack: they keep running across
 //! a restart or a kill -9 of rack, and the next `apply` adopts a running one (it only starts
 //! one that is down). Each has its own generated password, so one app's credentials reach
-//! nothing of another app's (memcached has no credentials: see memcached.rs).
+//! nothing of another app's (memcached has no credentials: see memcached.rs). On a restored
+//! rack, a resource's export from the backup is loaded into it when it is created, before it
+//! counts as created (see [`Resources::ensure`]).
 
 mod mariadb;
 mod memcached;
@@ -25,6 +27,8 @@ use crate::runtime::{LogSink, ReleaseSpec, RuntimeError};
 /// The servers of resources on this host.
 #[derive(Debug)]
 pub struct Resources {
+    /// The data directory (where a restore leaves the resources' exports).
+    data_dir: PathBuf,
     /// `<data>/resources`.
     root: PathBuf,
     /// One lock per resource: an apply and a one-off (the release phase) may ensure the same
@@ -38,6 +42,7 @@ impl Resources {
     /// Resources under `<data_dir>/resources`.
     pub fn new(data_dir: &Path) -> Self {
         Self {
+            data_dir: data_dir.to_path_buf(),
             root: data_dir.join("resources"),
             locks: Mutex::default(),
         }
@@ -84,18 +89,58 @@ impl Resources {
         })
         .await
         .map_err(failed)?;
-        match state {
-            State::Running => return Ok(()),
-            State::Missing => log.line(&stream, "creating").await,
-            State::Stopped => log.line(&stream, "starting").await,
+        let kind = spec.definition.kind;
+        let pending = crate::backup::pending_import(&self.data_dir, app, &spec.name, kind);
+        if state != State::Missing {
+            if let Some(file) = &pending {
+                // The resource counts as created only once its export was loaded: this one
+                // was, and rack stopped before it removed the file.
+                forget(file);
+            }
+            if state == State::Running {
+                return Ok(());
+            }
+            log.line(&stream, "starting").await;
+            let (spec, dir) = (spec.clone(), dir.clone());
+            blocking(move || server.start(&dir, &spec)).await.map_err(failed)?;
+            log.line(&stream, "ready").await;
+            return Ok(());
         }
-        let spec = spec.clone();
-        blocking(move || match state {
-            State::Missing => server.create(&dir, &spec),
-            _ => server.start(&dir, &spec),
+        log.line(&stream, "creating").await;
+        // A redis server loads its RDB as it starts; SQL is loaded once the server runs.
+        let seed = pending.clone().filter(|_| kind == Kind::Redis);
+        blocking({
+            let (spec, dir) = (spec.clone(), dir.clone());
+            move || server.create(&dir, &spec, seed.as_deref())
         })
         .await
         .map_err(failed)?;
+        if let Some(file) = &pending
+            && kind != Kind::Redis
+            && let Err(e) = load_export(&dir, spec, file).await
+        {
+            // Not marked created: the next attempt starts again from an empty server, so
+            // nothing is ever loaded twice.
+            let _ = blocking(move || {
+                server.stop(&dir);
+                Ok(())
+            })
+            .await;
+            return Err(failed(format!(
+                "loading its data from the backup ({}): {e}",
+                file.display()
+            )));
+        }
+        blocking({
+            let dir = dir.clone();
+            move || mark_created(&dir, kind)
+        })
+        .await
+        .map_err(failed)?;
+        if let Some(file) = &pending {
+            forget(file);
+            log.line(&stream, "restored from the backup").await;
+        }
         log.line(&stream, "ready").await;
         Ok(())
     }
@@ -122,13 +167,18 @@ impl Resources {
         }
     }
 
-    /// Stops resource `name` of `app` and removes its data.
+    /// Stops resource `name` of `app` and removes its data (and an export a restore left for it).
     pub async fn delete(&self, app: &str, name: &str) -> Result<(), RuntimeError> {
         let lock = self.lock(app, name);
         let _held = lock.lock().await;
         let dir = self.dir(app, name);
+        let pending: Vec<PathBuf> = Kind::ALL
+            .into_iter()
+            .filter_map(|kind| crate::backup::pending_import(&self.data_dir, app, name, kind))
+            .collect();
         blocking(move || {
             remove(&dir);
+            pending.iter().for_each(|file| forget(file));
             Ok(())
         })
         .await
@@ -138,7 +188,9 @@ impl Resources {
     /// Stops every resource of `app` and removes their data (the app is being deleted).
     pub async fn delete_app(&self, app: &str) {
         let dir = self.root.join(app);
+        let pending = self.data_dir.join(crate::backup::PENDING_IMPORTS).join(app);
         let _ = blocking(move || {
+            let _ = std::fs::remove_dir_all(&pending);
             for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                 remove(&entry.path());
             }
@@ -180,6 +232,36 @@ pub fn link(
         }
     }
     Ok(())
+}
+
+/// Loads the export `file` (SQL) into the resource just created in `dir`, with the tools
+/// `PUT /apps/{app}/resources/{name}/data` uses.
+async fn load_export(dir: &Path, spec: &ResourceSpec, file: &Path) -> Result<(), String> {
+    let port = read_port(dir).ok_or("its port file is missing")?;
+    let data = tokio::fs::File::open(file).await.map_err(|e| e.to_string())?;
+    let endpoint = crate::runtime::ResourceEndpoint {
+        addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        guard: None,
+    };
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(data));
+    crate::api::resource_data::import(spec.definition.kind, &spec.credentials, endpoint, body)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Removes an export a restore left, once loaded.
+fn forget(file: &Path) {
+    if let Err(e) = std::fs::remove_file(file)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(error = %e, "removing {}", file.display());
+    }
+}
+
+/// Marks the resource in `dir` created (writes its kind): until then, a directory is a creation
+/// that did not finish, which the next attempt starts again.
+fn mark_created(dir: &Path, kind: Kind) -> Result<(), String> {
+    std::fs::write(dir.join(KIND_FILE), kind.as_str()).map_err(|e| format!("writing its kind: {e}"))
 }
 
 /// Stops the server of the resource in `dir` (whatever its kind) and removes the directory.
@@ -351,16 +433,18 @@ impl Server {
         }
     }
 
-    /// Creates the resource in `dir` (anything a failed creation left there goes first) on a
-    /// new port, and starts it.
-    fn create(self, dir: &Path, spec: &ResourceSpec) -> Result<(), String> {
+    /// Creates the resource in `dir` (anything a failed creation left there goes first, its
+    /// server stopped) on a new port, and starts it; a redis server from the RDB `seed`. The
+    /// caller marks it created ([`mark_created`]).
+    fn create(self, dir: &Path, spec: &ResourceSpec, seed: Option<&Path>) -> Result<(), String> {
+        self.stop(dir);
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let port = super::supervisor::free_port().ok_or("no free port on 127.0.0.1")?;
         std::fs::write(dir.join(PORT_FILE), port.to_string()).map_err(|e| format!("writing its port: {e}"))?;
         let created = match self {
             Self::Postgres => postgres::create(dir, spec, port),
-            Self::Redis => redis::create(dir, spec, port),
+            Self::Redis => redis::create(dir, spec, port, seed),
             Self::Memcached => memcached::create(dir, spec, port),
             Self::Mariadb => mariadb::create(dir, spec, port),
         };
@@ -370,7 +454,7 @@ impl Server {
             self.stop(dir);
             return Err(format!("{e:#}"));
         }
-        std::fs::write(dir.join(KIND_FILE), spec.definition.kind.as_str()).map_err(|e| format!("writing its kind: {e}"))
+        Ok(())
     }
 
     /// Starts the (created) resource in `dir` on its port.

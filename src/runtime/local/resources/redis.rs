@@ -1,7 +1,8 @@
 //! A redis resource: Debian's redis-server, daemonized (detached from rack, it outlives it),
 //! on 127.0.0.1 with the resource's password, appending every write to its AOF. As root it
 //! runs as the `redis` user of Debian's package, never as root: the app's password must not
-//! be a way to write files as root.
+//! be a way to write files as root. A resource restored from a backup starts from the backup's
+//! RDB file (see [`create`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -23,26 +24,48 @@ fn run_as() -> anyhow::Result<Option<RunAs>> {
     super::system_user("redis", "redis-server")
 }
 
-/// Creates the resource's directories and starts its server.
-pub(super) fn create(dir: &Path, spec: &ResourceSpec, port: u16) -> anyhow::Result<()> {
+/// Creates the resource's directories and starts its server; with `seed` (an RDB file: a
+/// backup's export), with that data.
+pub(super) fn create(dir: &Path, spec: &ResourceSpec, port: u16, seed: Option<&Path>) -> anyhow::Result<()> {
     let run_as = run_as()?;
     create_private_dir(dir, run_as.as_ref())?;
     create_private_dir(&dir.join("data"), run_as.as_ref())?;
-    start(dir, spec, port)
+    let Some(seed) = seed else {
+        return start(dir, spec, port);
+    };
+    // With its AOF on, redis ignores an RDB file as it starts: it starts without, loads the
+    // RDB, then turns the AOF on (which writes the loaded data to it) before it counts as
+    // created; its configuration then says AOF again, for every later start.
+    let rdb = dir.join("data").join("dump.rdb");
+    std::fs::copy(seed, &rdb).with_context(|| format!("copying {} into the resource", seed.display()))?;
+    std::fs::set_permissions(&rdb, std::fs::Permissions::from_mode(0o600))?;
+    if let Some(user) = &run_as {
+        std::os::unix::fs::chown(&rdb, Some(user.uid.as_raw()), Some(user.gid.as_raw()))?;
+    }
+    start_with(dir, spec, port, false)?;
+    enable_aof(port, &spec.credentials.password)?;
+    write_config(dir, spec, port, true)?;
+    Ok(())
 }
 
 /// Writes the server's configuration (with the password: readable by its user only) and
 /// starts it; returns once it answers, with its data loaded.
 pub(super) fn start(dir: &Path, spec: &ResourceSpec, port: u16) -> anyhow::Result<()> {
+    start_with(dir, spec, port, true)
+}
+
+/// Writes the server's configuration: its AOF on or not.
+fn write_config(dir: &Path, spec: &ResourceSpec, port: u16, appendonly: bool) -> anyhow::Result<std::path::PathBuf> {
     let run_as = run_as()?;
     let memory = super::memory_mb(spec);
     let config = format!(
         "bind 127.0.0.1\nport {port}\nprotected-mode yes\ndaemonize yes\n\
          pidfile {dir}/redis.pid\nlogfile {dir}/redis.log\ndir {dir}/data\n\
          requirepass {password}\nmaxmemory {memory}mb\nmaxmemory-policy noeviction\n\
-         appendonly yes\nappendfsync everysec\nsave 3600 1 300 100 60 10000\n",
+         appendonly {appendonly}\nappendfsync everysec\nsave 3600 1 300 100 60 10000\n",
         dir = dir.display(),
         password = spec.credentials.password,
+        appendonly = if appendonly { "yes" } else { "no" },
     );
     let path = dir.join("redis.conf");
     let mut file = std::fs::OpenOptions::new()
@@ -57,6 +80,13 @@ pub(super) fn start(dir: &Path, spec: &ResourceSpec, port: u16) -> anyhow::Resul
     if let Some(user) = &run_as {
         std::os::unix::fs::chown(&path, Some(user.uid.as_raw()), Some(user.gid.as_raw()))?;
     }
+    Ok(path)
+}
+
+/// Starts the server with its configuration written anew.
+fn start_with(dir: &Path, spec: &ResourceSpec, port: u16, appendonly: bool) -> anyhow::Result<()> {
+    let run_as = run_as()?;
+    let path = write_config(dir, spec, port, appendonly)?;
     let log = dir.join("redis.log");
     let log_start = std::fs::metadata(&log).map_or(0, |m| m.len());
     let mut cmd = Command::new(SERVER);
@@ -109,6 +139,64 @@ fn ping(port: u16, password: &str) -> anyhow::Result<()> {
         Ok(())
     } else {
         bail!("it answered {:?}", pong.trim())
+    }
+}
+
+/// Sends `command` (inline) to the server on `port` after authenticating; its reply (a bulk
+/// string's content, or a status line).
+fn request(port: u16, password: &str, command: &str) -> anyhow::Result<String> {
+    use std::io::Read;
+    let stream = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    (&stream).write_all(format!("AUTH {password}\r\n{command}\r\n").as_bytes())?;
+    let mut reader = BufReader::new(&stream);
+    let (mut auth, mut reply) = (String::new(), String::new());
+    reader.read_line(&mut auth)?;
+    if auth.trim() != "+OK" {
+        bail!("redis refused rack's password: {}", auth.trim());
+    }
+    reader.read_line(&mut reply)?;
+    let reply = reply.trim_end();
+    if let Some(len) = reply.strip_prefix('$') {
+        let len: usize = len.parse().context("a bulk reply's length")?;
+        let mut body = vec![0; len + 2];
+        reader.read_exact(&mut body)?;
+        body.truncate(len);
+        return Ok(String::from_utf8_lossy(&body).into_owned());
+    }
+    if reply.starts_with('-') {
+        bail!("redis answered {command:?} with {reply}");
+    }
+    Ok(reply.to_owned())
+}
+
+/// Turns the AOF of the server on `port` on and waits until it holds the data loaded (its
+/// rewrite has finished).
+fn enable_aof(port: u16, password: &str) -> anyhow::Result<()> {
+    request(port, password, "CONFIG SET appendonly yes")?;
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        let info = request(port, password, "INFO persistence")?;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let done = field("aof_enabled") == "1"
+            && field("aof_rewrite_in_progress") == "0"
+            && field("aof_rewrite_scheduled") == "0";
+        if done {
+            if field("aof_last_bgrewrite_status") != "ok" {
+                bail!("redis could not write its AOF from the backup's data (see redis.log)");
+            }
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("redis did not finish writing its AOF from the backup's data within an hour");
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
