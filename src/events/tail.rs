@@ -41,11 +41,12 @@ const RETRY_AFTER: Duration = Duration::from_millis(250);
 /// How long a read of an event log is retried while the pool is busy and Postgres is up.
 const BUSY_LIMIT: Duration = Duration::from_secs(60);
 
-/// How long the probe of [`Reader::reachable`] may take to connect.
-const PROBE_WAIT: Duration = Duration::from_secs(5);
+/// How long the probe of [`Reader::reachable`] may take to connect (generous: on a machine
+/// whose CPUs are saturated, a new backend can take seconds to start).
+const PROBE_WAIT: Duration = Duration::from_secs(10);
 
-/// How long a subscriber waits for its turn to catch up before it gives up (and its stream
-/// ends with an error the client resumes from).
+/// How long a subscriber waits for its turn to catch up before it checks that Postgres is
+/// still there (if not, its stream ends with an error the client resumes from).
 const CATCH_UP_WAIT: Duration = Duration::from_secs(30);
 
 /// A subscriber that got nothing for this long yields [`super::Item::Idle`] (transports send
@@ -516,12 +517,18 @@ impl Reader {
         after: i64,
         limit: i64,
     ) -> Result<(i64, Vec<L::Entry>), sqlx::Error> {
-        // Waiting long means Postgres is away (each read ahead of us waits out the pool's
-        // timeout): give up as a read of our own would.
-        let _turn = tokio::time::timeout(CATCH_UP_WAIT, self.catch_ups.acquire())
-            .await
-            .map_err(|_| sqlx::Error::PoolTimedOut)?
-            .map_err(|_| sqlx::Error::PoolClosed)?;
+        // A long wait means many subscribers ahead of us (a thousand reconnecting at once on a
+        // busy machine) or Postgres away (each read ahead waits out the pool's timeout). Only
+        // the second ends the stream, as a read of our own would: a queue is waited out.
+        let _turn = loop {
+            match tokio::time::timeout(CATCH_UP_WAIT, self.catch_ups.acquire()).await {
+                Ok(turn) => break turn.map_err(|_| sqlx::Error::PoolClosed)?,
+                Err(_) if self.reachable().await => {
+                    tracing::debug!("a catch-up is still waiting for its turn; Postgres is up");
+                }
+                Err(_) => return Err(sqlx::Error::PoolTimedOut),
+            }
+        };
         // A failure ends the subscriber's stream.
         self.persist(|| async {
             let horizon = self.horizon(log).await?;

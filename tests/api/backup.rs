@@ -183,8 +183,13 @@ async fn a_backup_taken_during_a_build_and_a_deployment_restores_on_a_second_ser
         events[..],
         "the feed from the same ids"
     );
-    // The build that was running ends as any build a stopped server was running does.
-    let build = second.get_build("keep", &running).await;
+    // The build that was running ends as any build a stopped server was running does (once
+    // the first server's claim on it has run out).
+    let build = wait_for(150, "the interrupted build to fail", || async {
+        let build = second.get_build("keep", &running).await;
+        (build["status"] != "running").then_some(build)
+    })
+    .await;
     assert_eq!(build["status"], "failed", "{build}");
     assert!(build["reason"].as_str().unwrap().contains("interrupted"), "{build}");
     second.stop().await;
