@@ -279,6 +279,75 @@ mod tests {
         assert_eq!(parse_ports(""), Vec::<u16>::new());
     }
 
+    #[tokio::test]
+    async fn a_namespace_reaches_the_hosts_port_through_the_forwarder_until_its_process_exits() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: joining a network namespace needs root");
+            return;
+        }
+        // The host's server: says hello to each connection.
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = server.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in server.incoming().flatten() {
+                let mut stream = stream;
+                let _ = stream.write_all(b"hello from the host\n");
+            }
+        });
+        // A process in a network namespace of its own (with its loopback up).
+        let mut holder = tokio::process::Command::new("unshare")
+            .args([
+                "--net",
+                "--",
+                "/bin/sh",
+                "-c",
+                "ip link set lo up; echo ready; exec sleep 60",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        tokio::io::BufReader::new(holder.stdout.take().unwrap())
+            .read_line(&mut ready)
+            .await
+            .unwrap();
+        let pid = holder.id().unwrap();
+        let connect = || {
+            tokio::process::Command::new("nsenter")
+                .args([
+                    "--net",
+                    &format!("--target={pid}"),
+                    "--",
+                    "timeout",
+                    "5",
+                    "/bin/bash",
+                    "-c",
+                ])
+                .arg(format!("exec 3<>/dev/tcp/127.0.0.1/{port} && cat <&3"))
+                .output()
+        };
+        let before = connect().await.unwrap();
+        assert!(!before.status.success(), "nothing listens in the namespace yet");
+
+        let exited = ProcessExit::open(pid).unwrap();
+        let listeners = listen_in(pid, &[port]).unwrap();
+        assert!(listening(pid, port));
+        let listener = listeners.into_iter().next().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        tokio::spawn(relay(listener, port, Arc::new(tokio::sync::Semaphore::new(4))));
+        let through = connect().await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&through.stdout), "hello from the host\n");
+
+        assert!(!exited.has_exited());
+        holder.kill().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), exited.wait())
+            .await
+            .expect("the exit is seen")
+            .unwrap();
+    }
+
     #[test]
     fn a_listener_shows_in_procfs() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
