@@ -1,7 +1,8 @@
 //! Resources reached from containers: an app built from a Dockerfile (a container in a network
 //! namespace of its own) linking a postgres and a redis resource writes and reads through
 //! `DATABASE_URL` / `CACHE_URL` (Debian's `psql` and `redis-cli`, copied into the test image),
-//! from its command's first instruction, from a one-off run and through exec; the data survives
+//! from its command's first instruction, from a one-off run and through exec, while its port
+//! serves through the router; the data survives
 //! a redeploy, a rollback and a kill -9 of rack (the forwarder outlives rack with its
 //! container, and one killed meanwhile is started again when rack adopts the container); the
 //! container reaches nothing else of the host's loopback (rack's API, another listener).
@@ -31,6 +32,7 @@ const MANIFEST: &str = "resources:
 services:
   web:
     build: .
+    port: 3000
     resources:
       - database
       - cache
@@ -140,11 +142,12 @@ fn files() -> Vec<(&'static str, String)> {
         (
             "Dockerfile",
             format!(
-                "FROM {CLIENTS}\nCOPY notes.sh /app/notes.sh\nWORKDIR /app\n\
-                 CMD [\"sh\", \"-c\", \"sh notes.sh boot && exec sleep 86400\"]\n"
+                "FROM {CLIENTS}\nCOPY . /app\nWORKDIR /app\n\
+                 CMD [\"sh\", \"-c\", \"sh notes.sh boot && exec httpd -f -p 3000 -h /app/www\"]\n"
             ),
         ),
         ("notes.sh", NOTES.to_owned()),
+        ("www/index.html", "depot\n".to_owned()),
     ]
 }
 
@@ -249,6 +252,15 @@ async fn a_container_app_reaches_its_resources_and_nothing_else_across_redeploys
     );
     notes(&podman, &web, &["write", "one"]).await.unwrap();
     assert_eq!(notes(&podman, &web, &["read"]).await.unwrap(), "pg=one\nredis=one");
+    // Its published port serves through the router as any container's does.
+    let router = rack.json("/apps/depot").await["router"].as_str().unwrap().to_owned();
+    let page = reqwest::get(format!("http://{router}/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(page, "depot\n");
 
     // Its linked resources are reachable, nothing else of the host's loopback: not rack's API,
     // not another service listening there, neither on 127.0.0.1 nor through slirp's alias of
