@@ -2,10 +2,10 @@
 //! namespace of its own) linking a postgres and a redis resource writes and reads through
 //! `DATABASE_URL` / `CACHE_URL` (Debian's `psql` and `redis-cli`, copied into the test image),
 //! from its command's first instruction, from a one-off run and through exec, while its port
-//! serves through the router; the data survives
-//! a redeploy, a rollback and a kill -9 of rack (the forwarder outlives rack with its
-//! container, and one killed meanwhile is started again when rack adopts the container); the
-//! container reaches nothing else of the host's loopback (rack's API, another listener).
+//! serves through the router; the data survives a redeploy, a rollback and a kill -9 of rack
+//! (the forwarder outlives rack with its container, and one killed meanwhile is started again
+//! when rack adopts the container); the container reaches nothing else of the host's loopback
+//! (rack's API, another listener).
 
 use std::path::Path;
 
