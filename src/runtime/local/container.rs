@@ -79,6 +79,12 @@ impl ContainerDriver {
         let pid = self.podman.pid(&found.container).await;
         if let Err(e) = self.forwarders.ensure(pid, &found.forward).await {
             tracing::warn!(process = %found.process, "the resources of {} are out of its reach: {e}", found.process);
+            let system = crate::stream_names::system("local", &found.process);
+            log.line(
+                &system,
+                format!("Process {} cannot reach its resources: {e}", found.process),
+            )
+            .await;
         }
         let stream = crate::stream_names::service(&found.service, &found.process);
         let since = Utc::now().to_rfc3339();
