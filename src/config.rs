@@ -272,7 +272,14 @@ pub struct Config {
     pub disk: crate::disk::DiskSettings,
     /// How webhooks are delivered.
     pub webhooks: crate::webhooks::Settings,
+    /// The rack binary, run again as a helper (the resource forwarder of containers):
+    /// `/proc/self/exe` (the running binary, even once an upgrade has replaced its file); the
+    /// tests, whose server runs inside the test binary, point it at their `rack`.
+    pub program: PathBuf,
 }
+
+/// The running binary.
+pub const SELF_PROGRAM: &str = "/proc/self/exe";
 
 /// The validated settings of the Kubernetes runtime.
 #[derive(Debug, Clone)]
@@ -439,6 +446,7 @@ impl Config {
             backup: crate::backup::BackupSettings::from_args(args.backup)?,
             disk: args.disk.into(),
             webhooks,
+            program: PathBuf::from(SELF_PROGRAM),
         })
     }
 
@@ -476,6 +484,7 @@ impl Config {
                 ..crate::disk::DiskSettings::default()
             },
             webhooks: crate::webhooks::Settings::default(),
+            program: PathBuf::from(SELF_PROGRAM),
         }
     }
 }

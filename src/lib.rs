@@ -338,6 +338,7 @@ async fn default_runtime(
                 logs: Arc::new(jobs::capabilities::PersistedLogs { pool: pool.clone() }),
                 ports: Arc::new(jobs::capabilities::StoredPorts(pool.clone())),
                 shutdown: shutdown.clone(),
+                program: config.program.clone(),
             }))
         }
     };

@@ -145,6 +145,15 @@ enum Command {
         #[command(subcommand)]
         command: Option<ps::PsCommand>,
     },
+    /// (Run by rack server, not by users.) Forwards linked resources' ports into a container.
+    #[command(name = crate::runtime::local::forwarder::SUBCOMMAND, hide = true)]
+    ResourceForwarder {
+        /// The container's first process (its network namespace).
+        #[arg(long)]
+        pid: u32,
+        /// The ports of 127.0.0.1 to forward.
+        ports: Vec<u16>,
+    },
 }
 
 /// The shells `rack completion` writes a script for.
@@ -206,6 +215,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Login(args) => racks::login(args, cli.fingerprint.as_deref()).await,
         Command::Switch { name } => racks::switch(&name),
         Command::Racks => racks::list(),
+        Command::ResourceForwarder { pid, ports } => crate::runtime::local::forwarder::serve(pid, &ports).await,
         Command::Completion { shell } => {
             completion(shell);
             Ok(())
@@ -233,6 +243,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                 | Command::Login(_)
                 | Command::Switch { .. }
                 | Command::Racks
+                | Command::ResourceForwarder { .. }
                 | Command::Completion { .. } => unreachable!("handled above"),
             },
             Err(e) => Err(e),

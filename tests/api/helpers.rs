@@ -140,8 +140,10 @@ impl TestApp {
     }
 
     /// A server with the given configuration (its data directory is the caller's).
-    pub async fn start(config: Config) -> Self {
+    pub async fn start(mut config: Config) -> Self {
         LazyLock::force(&TRACING);
+        // The server runs in this test binary: its helpers (the resource forwarder) are `rack`'s.
+        config.program = std::path::PathBuf::from(env!("CARGO_BIN_EXE_rack"));
         Self::start_built(rack::Application::build(config).await.expect("building the server")).await
     }
 

@@ -10,6 +10,7 @@ mod build_isolation;
 mod builds;
 mod bus;
 mod cli;
+mod container_resources;
 mod containers;
 mod cross_site;
 mod dashboard;

@@ -1,7 +1,9 @@
 //! Instances as podman containers: each labelled with rack, app, service, release, build and
 //! process id, its port published on a port of 127.0.0.1 that rack's router and health checks
 //! use, its output followed into the app's log. Containers outlive rack: when rack stops they are
-//! left running, and the next start adopts them by label (see [`ContainerDriver::adopt`]).
+//! left running, and the next start adopts them by label (see [`ContainerDriver::adopt`]). A
+//! container that links resources is created, given its resource forwarder (see `forwarder`),
+//! and only then started.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -9,9 +11,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::driver::{Driver, Runnable, Running, Start};
+use super::forwarder::Forwarders;
 use super::podman::{
-    LABEL_APP, LABEL_BUILD, LABEL_HOST, LABEL_PORT, LABEL_PROCESS, LABEL_RACK, LABEL_RELEASE, LABEL_SERVICE, Podman,
-    RunSpec,
+    LABEL_APP, LABEL_BUILD, LABEL_FORWARD, LABEL_HOST, LABEL_PORT, LABEL_PROCESS, LABEL_RACK, LABEL_RELEASE,
+    LABEL_SERVICE, Podman, RunSpec,
 };
 use super::process::pipe_streams;
 use crate::runtime::{ExecRequest, ExecSession, LogSink};
@@ -20,6 +23,7 @@ use crate::runtime::{ExecRequest, ExecSession, LogSink};
 #[derive(Debug)]
 pub struct ContainerDriver {
     pub podman: Podman,
+    pub forwarders: Forwarders,
 }
 
 /// A container of an app found running when rack started.
@@ -34,6 +38,8 @@ pub struct Found {
     pub port: Option<u16>,
     pub started: DateTime<Utc>,
     pub running: bool,
+    /// The ports of its linked resources (its `rack.forward` label).
+    pub forward: Vec<u16>,
 }
 
 impl ContainerDriver {
@@ -60,15 +66,26 @@ impl ContainerDriver {
                 port,
                 started: DateTime::from_timestamp(listed.created, 0).unwrap_or_else(Utc::now),
                 running: listed.state == "running",
+                forward: super::forwarder::parse_ports(&label(LABEL_FORWARD)),
             });
         }
         Ok(found)
     }
 
     /// Takes over a running container found by [`ContainerDriver::adopt`]: follows its output
-    /// from now on and waits for it as if rack had started it.
+    /// from now on and waits for it as if rack had started it. Its resource forwarder outlived
+    /// rack with it; one is started again if it is gone.
     pub async fn attach(&self, found: &Found, log: LogSink) -> Box<dyn Running> {
         let pid = self.podman.pid(&found.container).await;
+        if let Err(e) = self.forwarders.ensure(pid, &found.forward).await {
+            tracing::warn!(process = %found.process, "the resources of {} are out of its reach: {e}", found.process);
+            let system = crate::stream_names::system("local", &found.process);
+            log.line(
+                &system,
+                format!("Process {} cannot reach its resources: {e}", found.process),
+            )
+            .await;
+        }
         let stream = crate::stream_names::service(&found.service, &found.process);
         let since = Utc::now().to_rfc3339();
         Box::new(Container {
@@ -89,6 +106,7 @@ impl Driver for ContainerDriver {
             port,
             cpu,
             memory,
+            forward,
         } = &start.what
         else {
             return Err(std::io::Error::other("the container driver runs containers only"));
@@ -109,6 +127,9 @@ impl Driver for ContainerDriver {
         ]);
         let mut env = start.env.clone();
         env.insert("RACK".to_owned(), podman.rack.clone());
+        if !forward.is_empty() {
+            labels.insert(LABEL_FORWARD.to_owned(), super::forwarder::ports_label(forward));
+        }
         if let Some(port) = port {
             labels.insert(LABEL_PORT.to_owned(), port.to_string());
             // As convox sets it: the port the container listens on.
@@ -124,7 +145,22 @@ impl Driver for ContainerDriver {
             cpu: *cpu,
             memory: *memory,
         };
-        let id = podman.run(&spec).await.map_err(std::io::Error::other)?;
+        let id = if forward.is_empty() {
+            podman.run(&spec).await.map_err(std::io::Error::other)?
+        } else {
+            // Its namespace first, its forwarder listening there, then its command: the app
+            // reaches its resources from its first instruction.
+            let id = podman.create(&spec).await.map_err(std::io::Error::other)?;
+            let forwarded = match self.forwarders.start(podman.pid(&id).await, forward).await {
+                Ok(()) => podman.start(&id).await,
+                Err(e) => Err(format!("forwarding its resources into the container: {e}")),
+            };
+            if let Err(e) = forwarded {
+                podman.remove(&id, Duration::ZERO).await;
+                return Err(std::io::Error::other(e));
+            }
+            id
+        };
         let pid = podman.pid(&id).await;
         let stream = crate::stream_names::service(&start.service, &start.id);
         Ok(Box::new(Container {

@@ -50,6 +50,9 @@ pub enum Runnable {
         port: Option<u16>,
         cpu: Option<u32>,
         memory: Option<u32>,
+        /// The ports of 127.0.0.1 of the resources it links, forwarded into its network
+        /// namespace (see `forwarder`).
+        forward: Vec<u16>,
     },
 }
 

@@ -173,7 +173,7 @@ impl Launch {
             .filter(|argv| !argv.is_empty());
         let mut env = release.service_env(name, service)?;
         let data_dir = builds_dir.parent().unwrap_or(builds_dir);
-        super::resources::link(data_dir, release, service, &mut env)?;
+        let forward = super::resources::link(data_dir, release, service, &mut env)?;
         let image = service.image.clone().or_else(|| release.images.get(name).cloned());
         let what = match image.clone() {
             Some(image) if !containers => {
@@ -182,12 +182,21 @@ impl Launch {
                      `apt-get install -y podman buildah runc catatonit` (scripts/install-deps does)"
                 )));
             }
+            Some(_) if !forward.is_empty() && !nix::unistd::geteuid().is_root() => {
+                return Err(RuntimeError::Failed(format!(
+                    "service {name} runs as a container and links resources ({}), which it reaches through \
+                     a forwarder inside its network namespace: that needs rack to run as root (run rack as \
+                     root, or run the service as a process: a `command` and no Dockerfile or image)",
+                    service.resources.join(", ")
+                )));
+            }
             Some(image) => Runnable::Container {
                 image,
                 command: argv,
                 port: service.port,
                 cpu: service.scale.cpu,
                 memory: service.scale.memory,
+                forward,
             },
             None => {
                 let Some(argv) = argv else {

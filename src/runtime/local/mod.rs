@@ -12,6 +12,7 @@ mod dockerfile;
 pub mod driver;
 pub mod exec;
 pub mod exit;
+pub mod forwarder;
 mod health;
 mod instance;
 pub mod podman;
@@ -53,6 +54,8 @@ pub struct LocalSettings {
     /// Where router ports are kept.
     pub ports: Arc<dyn PortBook>,
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// The rack binary, run again as the resource forwarder of containers (see `forwarder`).
+    pub program: PathBuf,
 }
 
 /// Builds and instances on this host.
@@ -79,10 +82,14 @@ impl LocalRuntime {
             sandbox: settings.sandbox.clone(),
             cgroups,
         });
-        let containers = settings
-            .podman
-            .clone()
-            .map(|podman| Arc::new(container::ContainerDriver { podman }));
+        let containers = settings.podman.clone().map(|podman| {
+            Arc::new(container::ContainerDriver {
+                podman,
+                forwarders: forwarder::Forwarders {
+                    program: settings.program.clone(),
+                },
+            })
+        });
         let logs = settings.logs.clone();
         let supervisor = Supervisor::new(
             settings.builds_dir.clone(),

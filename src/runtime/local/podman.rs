@@ -22,6 +22,9 @@ pub const LABEL_BUILD: &str = "rack.build";
 pub const LABEL_PROCESS: &str = "rack.process";
 /// The port the container listens on (the manifest's).
 pub const LABEL_PORT: &str = "rack.port";
+/// The ports of the resources the container reaches through its forwarder (`5432,6379`; see
+/// `forwarder`).
+pub const LABEL_FORWARD: &str = "rack.forward";
 
 /// How podman is run.
 #[derive(Debug, Clone)]
@@ -314,10 +317,39 @@ impl Podman {
     /// # Errors
     /// podman's message.
     pub async fn run(&self, spec: &RunSpec) -> Result<String, String> {
-        let mut args: Vec<String> = ["run", "--detach", "--init", "--name", &spec.name]
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect();
+        let args = self.container_args(&["run", "--detach"], spec)?;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.output(&args).await
+    }
+
+    /// Creates a container and initialises it without starting its command: its namespaces
+    /// exist (its first process waits), for [`Podman::start`] to start it; returns its id.
+    ///
+    /// # Errors
+    /// podman's message (a container created but not initialised is removed).
+    pub async fn create(&self, spec: &RunSpec) -> Result<String, String> {
+        let args = self.container_args(&["create"], spec)?;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let id = self.output(&args).await?;
+        if let Err(e) = self.output(&["init", &id]).await {
+            self.remove(&id, Duration::ZERO).await;
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// Starts a container made by [`Podman::create`].
+    ///
+    /// # Errors
+    /// podman's message.
+    pub async fn start(&self, id: &str) -> Result<(), String> {
+        self.output(&["start", id]).await.map(drop)
+    }
+
+    /// The arguments of `podman <verb...>` for `spec`.
+    fn container_args(&self, verb: &[&str], spec: &RunSpec) -> Result<Vec<String>, String> {
+        let mut args: Vec<String> = verb.iter().map(|s| (*s).to_owned()).collect();
+        args.extend(["--init", "--name", &spec.name].iter().map(|s| (*s).to_owned()));
         if let Some((uid, gid)) = self.userns {
             // Container root is an unprivileged host user, as sandboxed processes are. A fixed
             // map: podman 4.3's --userns=auto deadlocks against a build running at the same time.
@@ -344,8 +376,7 @@ impl Podman {
             args.extend(["--entrypoint".to_owned(), entrypoint]);
         }
         args.push(spec.image.clone());
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.output(&args).await
+        Ok(args)
     }
 
     /// This rack's containers of `app` (running or not).

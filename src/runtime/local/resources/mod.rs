@@ -204,6 +204,7 @@ impl Resources {
 /// Adds to `env` the variables of the resources `service` links (`<NAME>_URL`...: 127.0.0.1
 /// and each resource's port under `data_dir`), except those the release's environment sets:
 /// a variable set with `env set` wins (it may point the service at an external database).
+/// Returns the linked resources' ports (a container reaches them through its forwarder).
 ///
 /// # Errors
 /// When a linked resource was never created on this host.
@@ -212,7 +213,8 @@ pub fn link(
     release: &ReleaseSpec,
     service: &crate::manifest::Service,
     env: &mut crate::env::Env,
-) -> Result<(), RuntimeError> {
+) -> Result<Vec<u16>, RuntimeError> {
+    let mut ports = Vec::new();
     for name in &service.resources {
         let Some(spec) = release.resources.get(name) else {
             continue;
@@ -230,8 +232,9 @@ pub fn link(
                 env.insert(key, value);
             }
         }
+        ports.push(port);
     }
-    Ok(())
+    Ok(ports)
 }
 
 /// Loads the export `file` (SQL) into the resource just created in `dir`, with the tools
