@@ -24,6 +24,7 @@ pub mod objects;
 pub mod postgres;
 pub mod process_note;
 pub mod resource;
+pub mod resource_data;
 pub mod runtime;
 pub mod serve;
 pub mod store;

@@ -18,7 +18,6 @@ pub mod objects;
 pub mod origin;
 pub mod processes;
 pub mod releases;
-pub mod resource_data;
 pub mod resources;
 pub mod run;
 pub mod services;

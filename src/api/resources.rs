@@ -181,7 +181,7 @@ pub async fn export_resource(
     let row = load(&state, &app, &name).await?;
     let kind = kind_of(&row)?;
     let endpoint = endpoint(&state, &row).await?;
-    let body = super::resource_data::export(kind, &credentials_of(&row), endpoint).await?;
+    let body = crate::resource_data::export(kind, &credentials_of(&row), endpoint).await?;
     let mut response = body.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -201,7 +201,7 @@ pub async fn import_resource(
     let row = load(&state, &app, &name).await?;
     let kind = kind_of(&row)?;
     let endpoint = endpoint(&state, &row).await?;
-    super::resource_data::import(kind, &credentials_of(&row), endpoint, body).await?;
+    crate::resource_data::import(kind, &credentials_of(&row), endpoint, body).await?;
     Ok(format.ok(serde_json::json!({ "imported": row.name })))
 }
 
@@ -231,7 +231,7 @@ pub async fn console_resource(
     let row = load(&state, &app, &name).await?;
     let kind = kind_of(&row)?;
     let endpoint = endpoint(&state, &row).await?;
-    let session = super::resource_data::console(kind, &credentials_of(&row), endpoint.addr, (rows, cols))?;
+    let session = crate::resource_data::console(kind, &credentials_of(&row), endpoint.addr, (rows, cols))?;
     Ok(ws
         .on_upgrade(move |socket| async move {
             let _guard = endpoint.guard;

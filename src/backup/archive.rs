@@ -227,7 +227,7 @@ async fn export_resource(
         password: row.password.clone(),
         database: row.database.clone(),
     };
-    let body = crate::api::resource_data::export(kind, &credentials, endpoint)
+    let body = crate::resource_data::export(kind, &credentials, endpoint)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     if let Some(parent) = to.parent() {

@@ -65,8 +65,10 @@ pub(super) fn start(dir: &Path, spec: &ResourceSpec, port: u16) -> anyhow::Resul
         if answer.is_ok() && running(dir) {
             return Ok(());
         }
-        // Once its pid is known, a server that died says why in its log.
-        let died = std::fs::read_to_string(dir.join("memcached.pid")).is_ok() && !running(dir);
+        // Once its pid is known, a server that died says why in its log. Gone means no such
+        // process: until `sh` has exec'd memcached, the pid is a shell's (on a busy machine
+        // that takes a while), which is not a death.
+        let died = written_pid(dir).is_some_and(|pid| nix::sys::signal::kill(pid, None).is_err());
         if died || Instant::now() > deadline {
             bail!(
                 "memcached did not answer ({}); its log says:\n{}",
@@ -90,6 +92,13 @@ fn version(port: u16) -> anyhow::Result<()> {
     } else {
         bail!("it answered {:?}", line.trim())
     }
+}
+
+/// The pid in the pid file, whatever runs under it (the shell before it exec'd the server).
+fn written_pid(dir: &Path) -> Option<nix::unistd::Pid> {
+    let text = std::fs::read_to_string(dir.join("memcached.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    (pid > 0).then(|| nix::unistd::Pid::from_raw(pid))
 }
 
 fn pid(dir: &Path) -> Option<i32> {

@@ -247,7 +247,7 @@ async fn load_export(dir: &Path, spec: &ResourceSpec, file: &Path) -> Result<(),
         guard: None,
     };
     let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(data));
-    crate::api::resource_data::import(spec.definition.kind, &spec.credentials, endpoint, body)
+    crate::resource_data::import(spec.definition.kind, &spec.credentials, endpoint, body)
         .await
         .map_err(|e| e.to_string())
 }
