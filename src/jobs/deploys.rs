@@ -15,9 +15,6 @@ use crate::runtime::{LogSink, ReleaseSpec};
 use crate::store::deployments::{self, Deployment};
 use crate::store::releases;
 
-/// The shortest time a rollback gets.
-const ROLLBACK_MIN_TIMEOUT: Duration = Duration::from_secs(300);
-
 /// Starts `count` deploy workers; they stop when the server shuts down.
 pub fn spawn_workers(state: &AppState, count: usize) -> Vec<tokio::task::JoinHandle<()>> {
     (0..count).map(|_| tokio::spawn(worker(state.clone()))).collect()
@@ -105,9 +102,8 @@ impl Driver<'_> {
                 Action::ApplyRelease => self.apply(&deployment, target.clone(), deadline, timeout, true).await,
                 Action::ApplyPrevious => {
                     // The rollback gets a deadline of its own (the first one may be what ran
-                    // out), and at least five minutes: a short deadline given for the new
-                    // release must not doom the old one.
-                    let limit = timeout.max(ROLLBACK_MIN_TIMEOUT);
+                    // out), and at least `rollback_min_timeout` (five minutes).
+                    let limit = timeout.max(self.state.config.rollback_min_timeout);
                     let previous = self
                         .load(&deployment.app, deployment.previous_release_id.as_deref())
                         .await;

@@ -166,10 +166,21 @@ impl FakeRuntime {
 
     /// Waits until a call matching `want` has been made; returns it.
     pub async fn called(&self, want: impl Fn(&Call) -> bool) -> Call {
+        self.calls_until(|calls| calls.iter().find(|c| want(c)).cloned()).await
+    }
+
+    /// Waits until the `n`th call matching `want` (counting from 1) has been made.
+    pub async fn called_times(&self, n: usize, want: impl Fn(&Call) -> bool) {
+        self.calls_until(|calls| (calls.iter().filter(|c| want(c)).count() >= n).then_some(()))
+            .await;
+    }
+
+    /// Waits until `check` finds what it looks for in the calls so far.
+    async fn calls_until<T>(&self, check: impl Fn(&[Call]) -> Option<T>) -> T {
         let mut count = self.count.subscribe();
         loop {
-            if let Some(call) = self.calls().into_iter().find(&want) {
-                return call;
+            if let Some(found) = check(&self.calls()) {
+                return found;
             }
             // The sender lives as long as `self`.
             let _ = count.changed().await;

@@ -1,8 +1,10 @@
 //! The deploy and build drivers on the fake runtime (`Application::build_with`): each test
 //! claims one job as the server's replica and runs the driver to its end, in milliseconds, with
 //! the runtime scripted to succeed, fail or hang. Every row of the state table the driver turns
-//! into effects is here, with lease loss, the deadline, a cancel during the release phase, a
-//! failed rollback and shutdown. No server is serving: nothing else claims the jobs.
+//! into effects is here: lease loss (rolling out, in the release phase, rolling back), the
+//! deadline (rolling out, in the release phase, of the rollback itself), a cancel (rolling out,
+//! in the release phase), a failed rollback (re-applying, stopping) and shutdown. No server is
+//! serving: nothing else claims the jobs.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -139,6 +141,28 @@ impl Rig {
         let deployment = self.claim(&release, Duration::from_secs(60)).await;
         self.drive(deployment).await;
         release
+    }
+
+    /// Another replica takes deployment `id` over (as after a missed renewal of this one's
+    /// lease); its id.
+    async fn take_over(&self, id: Uuid) -> Uuid {
+        assert!(
+            deployments::hand_back(self.pool(), id, self.state().replica)
+                .await
+                .unwrap()
+        );
+        let other = Uuid::now_v7();
+        deployments::claim_next(self.pool(), other, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        other
+    }
+
+    /// Whether the deployment's log has a state change out of `state`.
+    async fn left(&self, id: Uuid, state: DeployState) -> bool {
+        let out = format!("Status: {} =>", state.title());
+        self.log(id).await.0.iter().any(|l| l.starts_with(&out))
     }
 
     async fn get(&self, id: Uuid) -> Deployment {
@@ -339,6 +363,120 @@ async fn a_failed_rollback_ends_in_failure_with_both_reasons() {
 }
 
 #[tokio::test]
+async fn a_failed_first_deployment_whose_stop_fails_ends_in_failure() {
+    let rig = Rig::new().await;
+    rig.fake.script_apply(Script::fail("no"));
+    rig.fake.script_apply_of(None, Script::fail("could not stop"));
+    let (id, release) = rig.promote(MANIFEST).await;
+
+    let ended = rig.get(id).await;
+    assert_eq!(ended.state, DeployState::Failure);
+    assert_eq!(ended.reason, "no; rollback failed: could not stop");
+    assert_eq!(rig.applies(), vec![Some(release), None]);
+    assert_eq!(rig.current_release().await, None);
+}
+
+#[tokio::test]
+async fn a_rollback_past_its_own_deadline_ends_in_failure() {
+    let rig = Rig::with(|c| c.rollback_min_timeout = Duration::from_millis(50)).await;
+    let previous = rig.deployed().await;
+    let release = rig.release(MANIFEST).await;
+    rig.fake.script_apply_of(Some(&release), Script::fail("new one broke"));
+    rig.fake.script_apply_of(Some(&previous), Script::hang());
+    // No time at all for the new release (it fails, or its deadline passes: either way the
+    // rollback comes), then 50 ms for the rollback.
+    let deployment = rig.claim(&release, Duration::ZERO).await;
+    let id = deployment.id;
+    rig.drive(deployment).await;
+
+    let ended = rig.get(id).await;
+    assert_eq!(ended.state, DeployState::Failure);
+    assert!(
+        ended.reason.ends_with("; rollback failed: it did not finish within 0s"),
+        "{}",
+        ended.reason
+    );
+    let applies = rig.applies();
+    assert_eq!(applies.last(), Some(&Some(previous.clone())), "{applies:?}");
+    let (lines, outcome) = rig.log(id).await;
+    assert_eq!(outcome, Some(Outcome::Error));
+    assert!(has(&lines, "Status: Rollback => Failure"), "{lines:#?}");
+}
+
+#[tokio::test]
+async fn the_deadline_during_the_release_phase_stops_the_command_and_rolls_back() {
+    let rig = Rig::new().await;
+    let previous = rig.deployed().await;
+    rig.fake.script_exit(None);
+    let release = rig.release(WITH_RELEASE_PHASE).await;
+    let mut deployment = rig.claim(&release, Duration::from_secs(60)).await;
+    // It started 60 s ago: the deadline is now.
+    deployment.started_at = Some(chrono::Utc::now() - chrono::Duration::seconds(60));
+    let id = deployment.id;
+    rig.drive(deployment).await;
+
+    let ended = rig.get(id).await;
+    assert_eq!(ended.state, DeployState::Reverted);
+    assert_eq!(ended.reason, "the deployment did not become healthy within 60s");
+    assert!(
+        rig.fake
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::RestartProcess { .. })),
+        "{:?}",
+        rig.fake.calls()
+    );
+    assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous)]);
+    rig.assert_logged(
+        id,
+        &[
+            "Status: Releasing => Deadline",
+            "Status: Deadline => Rollback",
+            "Status: Rollback => Reverted",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_cancel_during_the_rollout_rolls_back() {
+    let rig = Rig::new().await;
+    let previous = rig.deployed().await;
+    let release = rig.release(MANIFEST).await;
+    rig.fake.script_apply_of(Some(&release), Script::hang());
+    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
+    let id = deployment.id;
+    let driving = rig.spawn_drive(deployment);
+    within(
+        rig.fake
+            .called(|c| matches!(c, Call::Apply { release: Some(r), .. } if *r == release)),
+    )
+    .await;
+    deployments::request_cancel(rig.pool(), APP).await.unwrap().unwrap();
+    within(driving).await.unwrap();
+
+    let ended = rig.get(id).await;
+    assert_eq!(
+        (ended.state, ended.reason.as_str()),
+        (DeployState::Reverted, "cancelled")
+    );
+    assert_eq!(
+        rig.applies(),
+        vec![Some(previous.clone()), Some(release), Some(previous.clone())]
+    );
+    assert_eq!(rig.current_release().await, Some(previous));
+    rig.assert_logged(
+        id,
+        &[
+            "Status: Updating => Cancelled",
+            "Status: Cancelled => Rollback",
+            "Status: Rollback => Reverted",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn the_deadline_stops_the_rollout_and_rolls_back() {
     let rig = Rig::new().await;
     let previous = rig.deployed().await;
@@ -404,17 +542,7 @@ async fn a_lost_lease_stops_the_driver_without_recording_anything() {
             .called(|c| matches!(c, Call::Apply { release: Some(r), .. } if *r == release)),
     )
     .await;
-    // Another replica takes it over (as after a missed renewal).
-    let other = Uuid::now_v7();
-    assert!(
-        deployments::hand_back(rig.pool(), id, rig.state().replica)
-            .await
-            .unwrap()
-    );
-    deployments::claim_next(rig.pool(), other, Duration::from_secs(60))
-        .await
-        .unwrap()
-        .unwrap();
+    let other = rig.take_over(id).await;
     let (before, _) = rig.log(id).await;
     within(driving).await.unwrap();
 
@@ -424,6 +552,65 @@ async fn a_lost_lease_stops_the_driver_without_recording_anything() {
     assert_eq!(rig.log(id).await.0, before, "the driver wrote after losing its lease");
     // The app still exists: nothing is torn down.
     assert!(!rig.fake.calls().iter().any(|c| matches!(c, Call::DeleteApp(_))));
+}
+
+#[tokio::test]
+async fn a_lost_lease_during_the_release_phase_stops_the_command_and_records_nothing() {
+    let rig = Rig::new().await;
+    rig.deployed().await;
+    rig.fake.script_exit(None);
+    let release = rig.release(WITH_RELEASE_PHASE).await;
+    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
+    let id = deployment.id;
+    let driving = rig.spawn_drive(deployment);
+    within(rig.fake.called(|c| matches!(c, Call::WaitProcess { .. }))).await;
+    let other = rig.take_over(id).await;
+    within(driving).await.unwrap();
+
+    let now = rig.get(id).await;
+    assert_eq!((now.state, now.lease_owner), (DeployState::Releasing, Some(other)));
+    assert!(
+        !rig.left(id, DeployState::Releasing).await,
+        "the driver wrote after losing its lease"
+    );
+    // The command does not outlive the driver; the new release was never applied.
+    assert!(
+        rig.fake
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::RestartProcess { .. })),
+        "{:?}",
+        rig.fake.calls()
+    );
+    assert_eq!(rig.applies().len(), 1);
+}
+
+#[tokio::test]
+async fn a_lost_lease_during_the_rollback_leaves_it_to_the_new_holder() {
+    let rig = Rig::new().await;
+    let previous = rig.deployed().await;
+    let release = rig.release(MANIFEST).await;
+    rig.fake.script_apply_of(Some(&release), Script::fail("broke"));
+    rig.fake.script_apply_of(Some(&previous), Script::hang());
+    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
+    let id = deployment.id;
+    let driving = rig.spawn_drive(deployment);
+    // The second apply of the previous release is the rollback's.
+    within(rig.fake.called_times(
+        2,
+        |c| matches!(c, Call::Apply { release: Some(r), .. } if *r == previous),
+    ))
+    .await;
+    let other = rig.take_over(id).await;
+    within(driving).await.unwrap();
+
+    let now = rig.get(id).await;
+    assert_eq!((now.state, now.lease_owner), (DeployState::Rollback, Some(other)));
+    assert!(
+        !rig.left(id, DeployState::Rollback).await,
+        "the driver wrote after losing its lease"
+    );
+    assert_eq!(rig.log(id).await.1, None, "it has not ended");
 }
 
 #[tokio::test]
