@@ -130,3 +130,44 @@ fn stream_names_are_built_in_one_place() {
         found.join("\n")
     );
 }
+
+/// The most lines of code a file under `src/` may have (blank and comment lines not counted;
+/// tests inside the file are): past it, a file holds more than one thing to read.
+const MAX_LINES_OF_CODE: usize = 600;
+
+/// The lines of `text` that are neither blank nor comments.
+fn lines_of_code(text: &str) -> usize {
+    let mut in_block = false;
+    let mut count = 0;
+    for line in text.lines().map(str::trim) {
+        if in_block || line.starts_with("/*") {
+            in_block = !line.contains("*/");
+        } else if !line.is_empty() && !line.starts_with("//") {
+            count += 1;
+        }
+    }
+    count
+}
+
+#[test]
+fn lines_of_code_leave_out_blanks_and_comments() {
+    let text = "//! header\n\nfn a() {\n    // why\n    /* block\n       still */\n    b();\n}\n";
+    assert_eq!(lines_of_code(text), 3);
+}
+
+#[test]
+fn no_source_file_is_over_the_size_limit() {
+    let found: Vec<String> = sources("")
+        .into_iter()
+        .filter_map(|(path, text)| {
+            let n = lines_of_code(&text);
+            (n > MAX_LINES_OF_CODE).then(|| format!("{}: {n} lines of code", path.display()))
+        })
+        .collect();
+    assert!(
+        found.is_empty(),
+        "split these along their seams (at most {MAX_LINES_OF_CODE} lines of code a file; tests \
+         go in a file of their own):\n{}",
+        found.join("\n")
+    );
+}
