@@ -171,3 +171,115 @@ fn no_source_file_is_over_the_size_limit() {
         found.join("\n")
     );
 }
+
+#[test]
+fn webhooks_reach_only_the_network() {
+    let found = offending(
+        "webhooks",
+        &["crate::store", "crate::jobs", "crate::api", "crate::runtime", "sqlx"],
+        &[],
+    );
+    assert!(
+        found.is_empty(),
+        "src/webhooks sends; the loop in src/jobs/webhooks.rs does the store work:\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn the_api_never_builds_or_rolls_out() {
+    let found = offending("api", &["runtime.apply(", "runtime.build("], &[]);
+    assert!(
+        found.is_empty(),
+        "builds and rollouts are the jobs' (the API queues them):\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn workers_claim_with_skip_locked() {
+    let mut claims = 0;
+    for (path, text) in sources("store") {
+        for (at, _) in text.match_indices("pub async fn claim_next(") {
+            claims += 1;
+            let body = &text[at..];
+            let body = &body[..body[1..].find("\npub ").map_or(body.len(), |end| end + 1)];
+            assert!(
+                body.to_lowercase().contains("for update skip locked"),
+                "{}: claim_next must skip rows another worker holds",
+                path.display()
+            );
+        }
+    }
+    assert!(claims >= 2, "the builds' and deployments' claims at least");
+}
+
+#[test]
+fn statuses_are_never_compared_as_text() {
+    let mut names: Vec<&str> = crate::deploy::DeployState::ALL.iter().map(|s| s.as_str()).collect();
+    names.extend(["created", "complete", "failed", "ok", "starting", "crashed", "stopping"]);
+    let needles: Vec<String> = names
+        .iter()
+        .flat_map(|name| [format!("== \"{name}\""), format!("!= \"{name}\"")])
+        .collect();
+    let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+    let mut found = Vec::new();
+    for dir in ["api", "jobs", "store", "deploy", "events", "webhooks", "runtime"] {
+        // podman's `State` is podman's text, not one of rack's statuses.
+        found.extend(offending(dir, &needles, &["runtime/local/container.rs"]));
+    }
+    assert!(
+        found.is_empty(),
+        "compare DeployState, BuildStatus, Outcome, ProcessStatus values, not their names:\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn every_source_file_says_what_it_holds() {
+    let found: Vec<String> = sources("")
+        .into_iter()
+        .filter(|(_, text)| !text.starts_with("//!"))
+        .map(|(path, _)| path.display().to_string())
+        .collect();
+    assert!(
+        found.is_empty(),
+        "start each file with a `//!` header:\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn untrusted_input_is_unpacked_and_parsed_off_the_async_workers() {
+    let mut calls = 0;
+    let mut found = Vec::new();
+    for (path, text) in sources("runtime") {
+        let name = path.to_string_lossy();
+        if name.ends_with("tests.rs") {
+            continue;
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        // Test modules at the end of a file parse their own fixtures.
+        let end = lines
+            .iter()
+            .position(|l| l.starts_with("#[cfg(test)]"))
+            .unwrap_or(lines.len());
+        for n in 0..end {
+            if lines[n].contains("unpack_tgz(") || lines[n].contains("manifest::parse(") {
+                calls += 1;
+                if !lines[n.saturating_sub(3)..n]
+                    .iter()
+                    .any(|l| l.contains("spawn_blocking"))
+                {
+                    found.push(format!("{name}:{}: {}", n + 1, lines[n].trim()));
+                }
+            }
+        }
+    }
+    assert!(calls >= 2, "the source unpacker and the build's manifest parse");
+    assert!(
+        found.is_empty(),
+        "unpacking a source and parsing its manifest run in spawn_blocking:\n{}",
+        found.join("\n")
+    );
+}

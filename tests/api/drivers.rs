@@ -169,7 +169,9 @@ impl Rig {
         deployments::get(self.pool(), APP, id).await.unwrap().unwrap()
     }
 
-    /// The deployment's log: its lines and the outcome it ended with.
+    /// The deployment's log: its lines and the outcome it ended with. Checks the rule that
+    /// the terminal event is written with the state that ends the deployment: one at most,
+    /// the last, and there exactly when the deployment has ended.
     async fn log(&self, id: Uuid) -> (Vec<String>, Option<Outcome>) {
         let topic = Topic::Deployment {
             app: APP.to_owned(),
@@ -178,6 +180,10 @@ impl Rig {
         let events = rack::store::events::list_after(self.pool(), &topic, 0, 1000)
             .await
             .unwrap();
+        let ended = self.get(id).await.state.is_terminal();
+        let terminal: Vec<usize> = (0..events.len()).filter(|&n| events[n].outcome.is_some()).collect();
+        let want = if ended { vec![events.len() - 1] } else { vec![] };
+        assert_eq!(terminal, want, "terminal events of a deployment that ended: {ended}");
         let outcome = events.iter().find_map(|e| e.outcome);
         (events.into_iter().map(|e| e.message).collect(), outcome)
     }
