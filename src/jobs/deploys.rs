@@ -255,7 +255,9 @@ impl Driver<'_> {
                 Ok(Err(e)) => return Signal::ApplyFailed(format!("the release command of {service}: {e}")),
                 Err(signal) => {
                     // Whatever ended the wait, the command goes with it.
-                    self.state.runtime.restart_process(&deployment.app, &process.id).await;
+                    if let Err(e) = self.state.runtime.restart_process(&deployment.app, &process.id).await {
+                        tracing::warn!(error = %e, deployment.id = %deployment.id, "stopping release command {}", process.id);
+                    }
                     return signal;
                 }
             }
@@ -298,7 +300,9 @@ pub async fn supersede(
 async fn clean_up_if_deleted(state: &AppState, app: &str) -> anyhow::Result<()> {
     let name = crate::names::AppName::parse(app)?;
     if crate::store::apps::get(&state.pool, &name).await?.is_none() {
-        state.runtime.delete_app(app).await;
+        if let Err(e) = state.runtime.delete_app(app).await {
+            tracing::warn!(error = %e, app.name = app, "removing what the rollout of deleted app {app} started");
+        }
     }
     Ok(())
 }
@@ -393,7 +397,7 @@ pub async fn load_spec(state: &AppState, app: &str, id: &str) -> Result<ReleaseS
 /// processes do not outlive the server). Apps with a deployment in progress are left to the
 /// deploy workers.
 pub async fn reconcile_all(state: AppState) {
-    if !state.runtime.restores_on_start() {
+    if !state.runtime.capabilities().restores_on_start {
         return;
     }
     let apps = match crate::store::apps::list_released(&state.pool).await {

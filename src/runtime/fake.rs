@@ -247,11 +247,12 @@ impl Runtime for FakeRuntime {
         Ok(())
     }
 
-    async fn cancel_build(&self, app: &str, id: &str) {
+    async fn cancel_build(&self, app: &str, id: &str) -> Result<(), RuntimeError> {
         self.record(Call::CancelBuild {
             app: app.to_owned(),
             id: id.to_owned(),
         });
+        Ok(())
     }
 
     async fn build(&self, job: &BuildJob, log: &LogSink) -> Result<BuildOutput, BuildFailure> {
@@ -282,16 +283,16 @@ impl Runtime for FakeRuntime {
         Self::play(script, log).await.map_err(RuntimeError::Failed)
     }
 
-    async fn processes(&self, _app: &str) -> Vec<ProcessInfo> {
-        Vec::new()
+    async fn processes(&self, _app: &str) -> Result<Vec<ProcessInfo>, RuntimeError> {
+        Ok(Vec::new())
     }
 
-    async fn restart_process(&self, app: &str, id: &str) -> bool {
+    async fn restart_process(&self, app: &str, id: &str) -> Result<(), RuntimeError> {
         self.record(Call::RestartProcess {
             app: app.to_owned(),
             id: id.to_owned(),
         });
-        true
+        Ok(())
     }
 
     async fn run(&self, release: &ReleaseSpec, one_off: OneOff) -> Result<ProcessInfo, RuntimeError> {
@@ -323,18 +324,16 @@ impl Runtime for FakeRuntime {
         )))
     }
 
-    async fn prune_builds(&self, app: &str, ids: &[crate::ids::BuildId]) {
+    async fn prune_builds(&self, app: &str, ids: &[crate::ids::BuildId]) -> Result<(), RuntimeError> {
         self.record(Call::PruneBuilds {
             app: app.to_owned(),
             ids: ids.iter().map(ToString::to_string).collect(),
         });
+        Ok(())
     }
 
-    async fn delete_app(&self, app: &str) {
+    async fn delete_app(&self, app: &str) -> Result<(), RuntimeError> {
         self.record(Call::DeleteApp(app.to_owned()));
-    }
-
-    fn router_addr(&self, _app: &str) -> Option<std::net::SocketAddr> {
-        None
+        Ok(())
     }
 }

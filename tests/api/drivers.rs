@@ -135,6 +135,25 @@ impl Rig {
         tokio::spawn(async move { rack::jobs::deploys::run(&state, deployment).await })
     }
 
+    /// Claims the deployment of `release` and drives it in a task of its own until the runtime
+    /// got a call matching `until`; its id and the task.
+    async fn drive_until(&self, release: &str, until: impl Fn(&Call) -> bool) -> (Uuid, tokio::task::JoinHandle<()>) {
+        let deployment = self.claim(release, Duration::from_secs(60)).await;
+        let id = deployment.id;
+        let driving = self.spawn_drive(deployment);
+        within(self.fake.called(until)).await;
+        (id, driving)
+    }
+
+    /// Asserts that the release command was stopped.
+    fn assert_command_stopped(&self) {
+        let calls = self.fake.calls();
+        assert!(
+            calls.iter().any(|c| matches!(c, Call::RestartProcess { .. })),
+            "the command outlived the driver: {calls:?}"
+        );
+    }
+
     /// A release deployed to Running (what later deployments roll back to).
     async fn deployed(&self) -> String {
         let release = self.release(MANIFEST).await;
@@ -205,6 +224,11 @@ impl Rig {
             })
             .collect()
     }
+}
+
+/// Whether `call` is an apply of `release`.
+fn applying(release: &str) -> impl Fn(&Call) -> bool + '_ {
+    move |call| matches!(call, Call::Apply { release: Some(r), .. } if r == release)
 }
 
 fn atom() -> String {
@@ -424,14 +448,7 @@ async fn the_deadline_during_the_release_phase_stops_the_command_and_rolls_back(
     let ended = rig.get(id).await;
     assert_eq!(ended.state, DeployState::Reverted);
     assert_eq!(ended.reason, "the deployment did not become healthy within 60s");
-    assert!(
-        rig.fake
-            .calls()
-            .iter()
-            .any(|c| matches!(c, Call::RestartProcess { .. })),
-        "{:?}",
-        rig.fake.calls()
-    );
+    rig.assert_command_stopped();
     assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous)]);
     rig.assert_logged(
         id,
@@ -450,14 +467,7 @@ async fn a_cancel_during_the_rollout_rolls_back() {
     let previous = rig.deployed().await;
     let release = rig.release(MANIFEST).await;
     rig.fake.script_apply_of(Some(&release), Script::hang());
-    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    let id = deployment.id;
-    let driving = rig.spawn_drive(deployment);
-    within(
-        rig.fake
-            .called(|c| matches!(c, Call::Apply { release: Some(r), .. } if *r == release)),
-    )
-    .await;
+    let (id, driving) = rig.drive_until(&release, applying(&release)).await;
     deployments::request_cancel(rig.pool(), APP).await.unwrap().unwrap();
     within(driving).await.unwrap();
 
@@ -511,24 +521,16 @@ async fn a_cancel_during_the_release_phase_stops_the_command_and_rolls_back() {
     let previous = rig.deployed().await;
     rig.fake.script_exit(None);
     let release = rig.release(WITH_RELEASE_PHASE).await;
-    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    let id = deployment.id;
-    let driving = rig.spawn_drive(deployment);
-    within(rig.fake.called(|c| matches!(c, Call::WaitProcess { .. }))).await;
+    let (id, driving) = rig
+        .drive_until(&release, |c| matches!(c, Call::WaitProcess { .. }))
+        .await;
     deployments::request_cancel(rig.pool(), APP).await.unwrap().unwrap();
     within(driving).await.unwrap();
 
     let ended = rig.get(id).await;
     assert_eq!(ended.state, DeployState::Reverted);
     // The command went with the cancel; the new release was never applied.
-    assert!(
-        rig.fake
-            .calls()
-            .iter()
-            .any(|c| matches!(c, Call::RestartProcess { .. })),
-        "{:?}",
-        rig.fake.calls()
-    );
+    rig.assert_command_stopped();
     assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous)]);
     rig.assert_logged(id, &["Status: Releasing => Cancelled", "Status: Cancelled => Rollback"])
         .await;
@@ -540,14 +542,7 @@ async fn a_lost_lease_stops_the_driver_without_recording_anything() {
     rig.deployed().await;
     rig.fake.script_apply(Script::hang());
     let release = rig.release(MANIFEST).await;
-    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    let id = deployment.id;
-    let driving = rig.spawn_drive(deployment);
-    within(
-        rig.fake
-            .called(|c| matches!(c, Call::Apply { release: Some(r), .. } if *r == release)),
-    )
-    .await;
+    let (id, driving) = rig.drive_until(&release, applying(&release)).await;
     let other = rig.take_over(id).await;
     let (before, _) = rig.log(id).await;
     within(driving).await.unwrap();
@@ -566,10 +561,9 @@ async fn a_lost_lease_during_the_release_phase_stops_the_command_and_records_not
     rig.deployed().await;
     rig.fake.script_exit(None);
     let release = rig.release(WITH_RELEASE_PHASE).await;
-    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    let id = deployment.id;
-    let driving = rig.spawn_drive(deployment);
-    within(rig.fake.called(|c| matches!(c, Call::WaitProcess { .. }))).await;
+    let (id, driving) = rig
+        .drive_until(&release, |c| matches!(c, Call::WaitProcess { .. }))
+        .await;
     let other = rig.take_over(id).await;
     within(driving).await.unwrap();
 
@@ -580,14 +574,7 @@ async fn a_lost_lease_during_the_release_phase_stops_the_command_and_records_not
         "the driver wrote after losing its lease"
     );
     // The command does not outlive the driver; the new release was never applied.
-    assert!(
-        rig.fake
-            .calls()
-            .iter()
-            .any(|c| matches!(c, Call::RestartProcess { .. })),
-        "{:?}",
-        rig.fake.calls()
-    );
+    rig.assert_command_stopped();
     assert_eq!(rig.applies().len(), 1);
 }
 
@@ -624,9 +611,7 @@ async fn a_lost_lease_of_a_deleted_app_stops_what_the_rollout_started() {
     let rig = Rig::new().await;
     rig.fake.script_apply(Script::hang());
     let release = rig.release(MANIFEST).await;
-    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    let driving = rig.spawn_drive(deployment);
-    within(rig.fake.called(|c| matches!(c, Call::Apply { .. }))).await;
+    let (_, driving) = rig.drive_until(&release, |c| matches!(c, Call::Apply { .. })).await;
     let name = rack::names::AppName::parse(APP).unwrap();
     rack::store::apps::delete(rig.pool(), &name).await.unwrap();
     within(driving).await.unwrap();
@@ -639,14 +624,7 @@ async fn a_superseded_deployment_is_left_to_the_new_one() {
     rig.deployed().await;
     rig.fake.script_apply(Script::hang());
     let release = rig.release(MANIFEST).await;
-    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    let id = deployment.id;
-    let driving = rig.spawn_drive(deployment);
-    within(
-        rig.fake
-            .called(|c| matches!(c, Call::Apply { release: Some(r), .. } if *r == release)),
-    )
-    .await;
+    let (id, driving) = rig.drive_until(&release, applying(&release)).await;
     let mut tx = rig.pool().begin().await.unwrap();
     rack::jobs::deploys::supersede(&mut tx, APP, Uuid::now_v7(), &atom())
         .await
@@ -668,10 +646,7 @@ async fn shutting_down_hands_the_deployment_back() {
     let rig = Rig::new().await;
     rig.fake.script_apply(Script::hang());
     let release = rig.release(MANIFEST).await;
-    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    let id = deployment.id;
-    let driving = rig.spawn_drive(deployment);
-    within(rig.fake.called(|c| matches!(c, Call::Apply { .. }))).await;
+    let (id, driving) = rig.drive_until(&release, |c| matches!(c, Call::Apply { .. })).await;
     rig.state().shutdown.cancel();
     within(driving).await.unwrap();
 
