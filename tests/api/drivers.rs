@@ -129,6 +129,32 @@ impl Rig {
         logged
     }
 
+    /// Claims the deployment of `release` as started 60 s ago, so its deadline is now (a clock
+    /// moved, not a test that waits), and drives it to its end; its id.
+    async fn drive_past_deadline(&self, release: &str) -> Uuid {
+        let mut deployment = self.claim(release, Duration::from_secs(60)).await;
+        deployment.started_at = Some(chrono::Utc::now() - chrono::Duration::seconds(60));
+        let id = deployment.id;
+        self.drive(deployment).await;
+        id
+    }
+
+    /// Asserts that deployment `id` failed in `from` as `failed` and was rolled back, ending
+    /// Reverted with an error.
+    async fn assert_rolled_back(&self, id: Uuid, from: DeployState, failed: DeployState) {
+        assert_eq!(self.get(id).await.state, DeployState::Reverted);
+        let (lines, outcome) = self.log(id).await;
+        assert_eq!(outcome, Some(Outcome::Error));
+        for want in [
+            (from, failed),
+            (failed, DeployState::Rollback),
+            (DeployState::Rollback, DeployState::Reverted),
+        ] {
+            let line = rack::deploy::machine::status_line(want.0, want.1);
+            assert!(has(&lines, &line), "{line:?} missing from {lines:#?}");
+        }
+    }
+
     /// Runs the driver on `deployment` in a task of its own (for a test to act meanwhile).
     fn spawn_drive(&self, deployment: Deployment) -> tokio::task::JoinHandle<()> {
         let state = self.state().clone();
@@ -318,17 +344,8 @@ async fn a_failed_release_command_rolls_back_without_touching_what_runs() {
     // The new release was never applied: the rollback re-applies the previous one.
     assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous.clone())]);
     assert_eq!(rig.current_release().await, Some(previous));
-    let (_, outcome) = rig.log(id).await;
-    assert_eq!(outcome, Some(Outcome::Error));
-    rig.assert_logged(
-        id,
-        &[
-            "Status: Releasing => Error",
-            "Status: Error => Rollback",
-            "Status: Rollback => Reverted",
-        ],
-    )
-    .await;
+    rig.assert_rolled_back(id, DeployState::Releasing, DeployState::Error)
+        .await;
 }
 
 #[tokio::test]
@@ -346,17 +363,8 @@ async fn a_failed_apply_rolls_back_to_the_previous_release() {
         vec![Some(previous.clone()), Some(release), Some(previous.clone())]
     );
     assert_eq!(rig.current_release().await, Some(previous));
-    let (_, outcome) = rig.log(id).await;
-    assert_eq!(outcome, Some(Outcome::Error));
-    rig.assert_logged(
-        id,
-        &[
-            "Status: Updating => Error",
-            "Status: Error => Rollback",
-            "Status: Rollback => Reverted",
-        ],
-    )
-    .await;
+    rig.assert_rolled_back(id, DeployState::Updating, DeployState::Error)
+        .await;
 }
 
 #[tokio::test]
@@ -439,26 +447,15 @@ async fn the_deadline_during_the_release_phase_stops_the_command_and_rolls_back(
     let previous = rig.deployed().await;
     rig.fake.script_exit(None);
     let release = rig.release(WITH_RELEASE_PHASE).await;
-    let mut deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    // It started 60 s ago: the deadline is now.
-    deployment.started_at = Some(chrono::Utc::now() - chrono::Duration::seconds(60));
-    let id = deployment.id;
-    rig.drive(deployment).await;
+    let id = rig.drive_past_deadline(&release).await;
 
     let ended = rig.get(id).await;
     assert_eq!(ended.state, DeployState::Reverted);
     assert_eq!(ended.reason, "the deployment did not become healthy within 60s");
     rig.assert_command_stopped();
     assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous)]);
-    rig.assert_logged(
-        id,
-        &[
-            "Status: Releasing => Deadline",
-            "Status: Deadline => Rollback",
-            "Status: Rollback => Reverted",
-        ],
-    )
-    .await;
+    rig.assert_rolled_back(id, DeployState::Releasing, DeployState::Deadline)
+        .await;
 }
 
 #[tokio::test]
@@ -481,15 +478,8 @@ async fn a_cancel_during_the_rollout_rolls_back() {
         vec![Some(previous.clone()), Some(release), Some(previous.clone())]
     );
     assert_eq!(rig.current_release().await, Some(previous));
-    rig.assert_logged(
-        id,
-        &[
-            "Status: Updating => Cancelled",
-            "Status: Cancelled => Rollback",
-            "Status: Rollback => Reverted",
-        ],
-    )
-    .await;
+    rig.assert_rolled_back(id, DeployState::Updating, DeployState::Cancelled)
+        .await;
 }
 
 #[tokio::test]
@@ -498,11 +488,7 @@ async fn the_deadline_stops_the_rollout_and_rolls_back() {
     let previous = rig.deployed().await;
     let release = rig.release(MANIFEST).await;
     rig.fake.script_apply_of(Some(&release), Script::hang());
-    let mut deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    // It started 60 s ago: the deadline is now (a clock moved, not a test that waits).
-    deployment.started_at = Some(chrono::Utc::now() - chrono::Duration::seconds(60));
-    let id = deployment.id;
-    rig.drive(deployment).await;
+    let id = rig.drive_past_deadline(&release).await;
 
     let ended = rig.get(id).await;
     assert_eq!(ended.state, DeployState::Reverted);
@@ -511,7 +497,7 @@ async fn the_deadline_stops_the_rollout_and_rolls_back() {
     let applies = rig.applies();
     assert_eq!(applies.last(), Some(&Some(previous.clone())), "{applies:?}");
     assert_eq!(rig.current_release().await, Some(previous));
-    rig.assert_logged(id, &["Status: Updating => Deadline", "Status: Deadline => Rollback"])
+    rig.assert_rolled_back(id, DeployState::Updating, DeployState::Deadline)
         .await;
 }
 
