@@ -130,3 +130,157 @@ fn stream_names_are_built_in_one_place() {
         found.join("\n")
     );
 }
+
+/// The most lines of code a file under `src/` may have (blank and comment lines not counted;
+/// tests inside the file are): past it, a file holds more than one thing to read.
+const MAX_LINES_OF_CODE: usize = 600;
+
+/// The lines of `text` that are neither blank nor comments.
+fn lines_of_code(text: &str) -> usize {
+    let mut in_block = false;
+    let mut count = 0;
+    for line in text.lines().map(str::trim) {
+        if in_block || line.starts_with("/*") {
+            in_block = !line.contains("*/");
+        } else if !line.is_empty() && !line.starts_with("//") {
+            count += 1;
+        }
+    }
+    count
+}
+
+#[test]
+fn lines_of_code_leave_out_blanks_and_comments() {
+    let text = "//! header\n\nfn a() {\n    // why\n    /* block\n       still */\n    b();\n}\n";
+    assert_eq!(lines_of_code(text), 3);
+}
+
+#[test]
+fn no_source_file_is_over_the_size_limit() {
+    let found: Vec<String> = sources("")
+        .into_iter()
+        .filter_map(|(path, text)| {
+            let n = lines_of_code(&text);
+            (n > MAX_LINES_OF_CODE).then(|| format!("{}: {n} lines of code", path.display()))
+        })
+        .collect();
+    assert!(
+        found.is_empty(),
+        "split these along their seams (at most {MAX_LINES_OF_CODE} lines of code a file; tests \
+         go in a file of their own):\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn webhooks_reach_only_the_network() {
+    let found = offending(
+        "webhooks",
+        &["crate::store", "crate::jobs", "crate::api", "crate::runtime", "sqlx"],
+        &[],
+    );
+    assert!(
+        found.is_empty(),
+        "src/webhooks sends; the loop in src/jobs/webhooks.rs does the store work:\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn the_api_never_builds_or_rolls_out() {
+    let found = offending("api", &["runtime.apply(", "runtime.build("], &[]);
+    assert!(
+        found.is_empty(),
+        "builds and rollouts are the jobs' (the API queues them):\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn workers_claim_with_skip_locked() {
+    let mut claims = 0;
+    for (path, text) in sources("store") {
+        for (at, _) in text.match_indices("pub async fn claim_next(") {
+            claims += 1;
+            let body = &text[at..];
+            let body = &body[..body[1..].find("\npub ").map_or(body.len(), |end| end + 1)];
+            assert!(
+                body.to_lowercase().contains("for update skip locked"),
+                "{}: claim_next must skip rows another worker holds",
+                path.display()
+            );
+        }
+    }
+    assert!(claims >= 2, "the builds' and deployments' claims at least");
+}
+
+#[test]
+fn statuses_are_never_compared_as_text() {
+    let mut names: Vec<&str> = crate::deploy::DeployState::ALL.iter().map(|s| s.as_str()).collect();
+    // (Not `ok`, `Outcome::Ok`'s name: other programs' answers say it too, as redis's INFO.)
+    names.extend(["created", "complete", "failed", "starting", "crashed", "stopping"]);
+    let needles: Vec<String> = names
+        .iter()
+        .flat_map(|name| [format!("== \"{name}\""), format!("!= \"{name}\"")])
+        .collect();
+    let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+    let mut found = Vec::new();
+    for dir in ["api", "jobs", "store", "deploy", "events", "webhooks", "runtime"] {
+        // podman's `State` is podman's text, not one of rack's statuses.
+        found.extend(offending(dir, &needles, &["runtime/local/container.rs"]));
+    }
+    assert!(
+        found.is_empty(),
+        "compare DeployState, BuildStatus, ProcessStatus values, not their names:\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn every_source_file_says_what_it_holds() {
+    let found: Vec<String> = sources("")
+        .into_iter()
+        .filter(|(_, text)| !text.starts_with("//!"))
+        .map(|(path, _)| path.display().to_string())
+        .collect();
+    assert!(
+        found.is_empty(),
+        "start each file with a `//!` header:\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn untrusted_input_is_unpacked_and_parsed_off_the_async_workers() {
+    let mut calls = 0;
+    let mut found = Vec::new();
+    for (path, text) in sources("runtime") {
+        let name = path.to_string_lossy();
+        if name.ends_with("tests.rs") {
+            continue;
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        // Test modules at the end of a file parse their own fixtures.
+        let end = lines
+            .iter()
+            .position(|l| l.starts_with("#[cfg(test)]"))
+            .unwrap_or(lines.len());
+        for n in 0..end {
+            if lines[n].contains("unpack_tgz(") || lines[n].contains("manifest::parse(") {
+                calls += 1;
+                if !lines[n.saturating_sub(3)..n]
+                    .iter()
+                    .any(|l| l.contains("spawn_blocking"))
+                {
+                    found.push(format!("{name}:{}: {}", n + 1, lines[n].trim()));
+                }
+            }
+        }
+    }
+    assert!(calls >= 2, "the source unpacker and the build's manifest parse");
+    assert!(
+        found.is_empty(),
+        "unpacking a source and parsing its manifest run in spawn_blocking:\n{}",
+        found.join("\n")
+    );
+}

@@ -10,6 +10,9 @@ use anyhow::bail;
 use crate::archive::Limits;
 use crate::objects::ObjectsLocation;
 
+/// The shortest time a deployment's rollback gets.
+const ROLLBACK_MIN_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Where the database comes from.
 #[derive(Debug, Clone)]
 pub enum Database {
@@ -248,6 +251,9 @@ pub struct Config {
     pub source_limits: Limits,
     /// How long a job's claim lasts without renewal (the holder renews it every third of it).
     pub job_lease: Duration,
+    /// The shortest time a deployment's rollback gets (a short deadline given for the new
+    /// release must not doom the old one).
+    pub rollback_min_timeout: Duration,
     /// The user sandboxed commands run as when rack is root.
     pub sandbox_user: String,
     /// Limits of the HTTP listener.
@@ -426,6 +432,7 @@ impl Config {
                 max_entries: args.max_source_entries,
             },
             job_lease: Duration::from_secs(args.job_lease),
+            rollback_min_timeout: ROLLBACK_MIN_TIMEOUT,
             sandbox_user: args.sandbox_user,
             run_timeout: Duration::from_secs(args.run_timeout.max(1)),
             auth_failures: args.auth_failures,
@@ -460,6 +467,7 @@ impl Config {
             build_workers: 2,
             source_limits: Limits::default(),
             job_lease: Duration::from_secs(30),
+            rollback_min_timeout: ROLLBACK_MIN_TIMEOUT,
             data_dir,
             database,
             password: Some(password.to_owned()),

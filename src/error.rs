@@ -84,6 +84,25 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The one mapping of a runtime failure while doing `context`: a process it does not have
+    /// is 404, too many running 429, anything else 502.
+    pub fn runtime(context: impl Into<String>) -> impl FnOnce(crate::runtime::RuntimeError) -> Self {
+        use crate::runtime::RuntimeError;
+        move |source| match source {
+            RuntimeError::NoProcess(id) => Self::NotFound("process", id),
+            RuntimeError::Busy(message) => Self::TooManyRequests {
+                message,
+                retry_after: 5,
+            },
+            source => Self::Runtime {
+                context: context.into(),
+                source,
+            },
+        }
+    }
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> Self {
         if crate::store::is_unstorable_text(&error) {
@@ -174,6 +193,22 @@ mod tests {
             ApiError::from(sqlx::Error::RowNotFound).status(),
             StatusCode::INTERNAL_SERVER_ERROR
         );
+    }
+
+    #[test]
+    fn runtime_failures_map_once() {
+        use crate::runtime::RuntimeError;
+        let map = |e: RuntimeError| ApiError::runtime("doing it")(e);
+        let missing = map(RuntimeError::NoProcess("web-1".into()));
+        assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+        assert_eq!(missing.to_string(), "process not found: web-1");
+        assert_eq!(
+            map(RuntimeError::Busy("wait".into())).status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        let failed = map(RuntimeError::Failed("no room".into()));
+        assert_eq!(failed.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(failed.to_string(), "doing it: no room");
     }
 
     #[test]

@@ -251,7 +251,7 @@ impl Application {
         workers.push(tokio::spawn(disk::maintain(state.clone())));
         workers.push(tokio::spawn(backup::schedule::run(state.clone())));
         workers.push(tokio::spawn(jobs::webhooks::deliver(state.clone())));
-        if !state.runtime.runs_timers() {
+        if !state.runtime.capabilities().runs_timers {
             workers.push(tokio::spawn(jobs::timers::schedule(state.clone())));
         }
         if let Some(cluster) = &postgres {

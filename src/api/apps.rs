@@ -175,10 +175,7 @@ pub async fn create_app(State(state): State<AppState>, Input(body): Input<Create
     if let Err(source) = state.runtime.create_app(name.as_str()).await {
         // An app the runtime cannot host is not created at all.
         store::apps::delete(&state.pool, &name).await?;
-        return Err(ApiError::Runtime {
-            context: format!("could not create app {name}"),
-            source,
-        });
+        return Err(ApiError::runtime(format!("could not create app {name}"))(source));
     }
     tracing::info!(app.name = %name, "created app {name}");
     let location = format!("/apps/{name}");
@@ -225,7 +222,10 @@ pub async fn delete_app(
     match store::apps::delete(&state.pool, &name).await? {
         DeleteOutcome::Deleted => {
             // The rows are gone (and with them any deployment); now its processes and files.
-            state.runtime.delete_app(name.as_str()).await;
+            if let Err(e) = state.runtime.delete_app(name.as_str()).await {
+                // The app is gone; what the runtime could not remove is logged for the operator.
+                tracing::warn!(error = %e, app.name = %name, "removing what {name} ran");
+            }
             if let Err(e) = state.objects.delete_app(name.as_str()).await {
                 tracing::warn!(error = %e, app.name = %name, "deleting the objects of {name}");
             }

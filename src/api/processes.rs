@@ -30,7 +30,7 @@ pub async fn list_processes(
     QueryParams(query): QueryParams<ListProcesses>,
     AppPath(app): AppPath,
 ) -> ApiResult<Pretty<Vec<ProcessInfo>>> {
-    let mut processes = state.runtime.processes(&app.name).await;
+    let mut processes = list(&state, &app.name).await?;
     processes.retain(|p| {
         query.release.as_ref().is_none_or(|r| &p.release == r) && query.service.as_ref().is_none_or(|s| &p.name == s)
     });
@@ -44,12 +44,7 @@ pub async fn show_process(
     Path((_, id)): Path<(String, String)>,
     AppPath(app): AppPath,
 ) -> ApiResult<Pretty<ProcessInfo>> {
-    let process = state
-        .runtime
-        .processes(&app.name)
-        .await
-        .into_iter()
-        .find(|p| p.id == id);
+    let process = list(&state, &app.name).await?.into_iter().find(|p| p.id == id);
     process.map(Pretty).ok_or_else(|| ApiError::NotFound("process", id))
 }
 
@@ -61,10 +56,21 @@ pub async fn restart_process(
     format: Format,
     AppPath(app): AppPath,
 ) -> ApiResult<Response> {
-    if !state.runtime.restart_process(&app.name, &id).await {
-        return Err(ApiError::NotFound("process", id));
-    }
+    state
+        .runtime
+        .restart_process(&app.name, &id)
+        .await
+        .map_err(ApiError::runtime(format!("restarting process {id}")))?;
     Ok(format.ok(serde_json::json!({ "restarted": id })))
+}
+
+/// The app's processes, as the runtime has them.
+pub(super) async fn list(state: &AppState, app: &str) -> ApiResult<Vec<ProcessInfo>> {
+    state
+        .runtime
+        .processes(app)
+        .await
+        .map_err(ApiError::runtime(format!("listing the processes of {app}")))
 }
 
 /// convox's log options, sent as headers (its websocket client cannot send a query string).

@@ -113,10 +113,7 @@ async fn endpoint(state: &AppState, row: &Resource) -> ApiResult<ResourceEndpoin
         .runtime
         .resource_endpoint(&row.app, &row.name)
         .await
-        .map_err(|source| ApiError::Runtime {
-            context: format!("reaching resource {}", row.name),
-            source,
-        })
+        .map_err(ApiError::runtime(format!("reaching resource {}", row.name)))
 }
 
 /// `GET /apps/{app}/resources`.
@@ -164,10 +161,7 @@ pub async fn delete_resource(
         .runtime
         .delete_resource(&row.app, &row.name)
         .await
-        .map_err(|source| ApiError::Runtime {
-            context: format!("deleting resource {name}"),
-            source,
-        })?;
+        .map_err(ApiError::runtime(format!("deleting resource {name}")))?;
     store::delete(&state.pool, &row.app, &row.name).await?;
     Ok(format.ok(serde_json::json!({ "deleted": row.name })))
 }

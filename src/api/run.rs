@@ -18,7 +18,7 @@ use crate::api::apps::load_app;
 use crate::api::input::{Pretty, header_text};
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
-use crate::runtime::{ExecRequest, ExecSession, OneOff, ProcessInfo, RuntimeError};
+use crate::runtime::{ExecRequest, ExecSession, OneOff, ProcessInfo};
 
 /// What precedes the exit code on the last line of an exec (the convox CLI looks for it).
 pub const EXIT_MARKER: &str = "F1E49A85-0AD7-4AEF-A618-C249C6E6568D";
@@ -105,16 +105,11 @@ pub async fn run_process(
         log: None,
         timeout: state.config.run_timeout,
     };
-    let process = state.runtime.run(&spec, one_off).await.map_err(|source| match source {
-        RuntimeError::Busy(message) => ApiError::TooManyRequests {
-            message,
-            retry_after: 5,
-        },
-        source => ApiError::Runtime {
-            context: format!("could not run a process of {service}"),
-            source,
-        },
-    })?;
+    let process = state
+        .runtime
+        .run(&spec, one_off)
+        .await
+        .map_err(ApiError::runtime(format!("could not run a process of {service}")))?;
     tracing::info!(app.name = %app.name, process.id = %process.id, who = %principal.name, "started process {}", process.id);
     note(
         &state,
@@ -168,7 +163,10 @@ pub async fn exec_process(
         tty,
         stdin,
     };
-    let running = state.runtime.processes(&app.name).await.into_iter().any(|p| p.id == id);
+    let running = super::processes::list(&state, &app.name)
+        .await?
+        .into_iter()
+        .any(|p| p.id == id);
     if !running {
         return Err(ApiError::NotFound("process", id));
     }

@@ -147,7 +147,7 @@ pub async fn restart_service(
     format: Format,
     AppPath(app): AppPath,
 ) -> ApiResult<Response> {
-    let processes = state.runtime.processes(&app.name).await;
+    let processes = super::processes::list(&state, &app.name).await?;
     let ids: Vec<String> = processes
         .into_iter()
         .filter(|p| p.name == service)
@@ -157,7 +157,11 @@ pub async fn restart_service(
         return Err(ApiError::NotFound("service", service));
     }
     for id in &ids {
-        state.runtime.restart_process(&app.name, id).await;
+        match state.runtime.restart_process(&app.name, id).await {
+            // Ended since the listing: nothing to restart.
+            Ok(()) | Err(crate::runtime::RuntimeError::NoProcess(_)) => {}
+            Err(e) => return Err(ApiError::runtime(format!("restarting process {id}"))(e)),
+        }
     }
     Ok(format.ok(serde_json::json!({ "restarted": ids })))
 }
@@ -173,9 +177,6 @@ pub async fn list_balancers(
         .runtime
         .balancers(&app.name)
         .await
-        .map_err(|source| ApiError::Runtime {
-            context: format!("listing the balancers of {}", app.name),
-            source,
-        })?;
+        .map_err(ApiError::runtime(format!("listing the balancers of {}", app.name)))?;
     Ok(Pretty(balancers))
 }

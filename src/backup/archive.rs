@@ -181,7 +181,7 @@ async fn export_resources(
             )
         } else if row.status == "failed" {
             Some("it never ran (its creation failed): it has no data".to_owned())
-        } else if !rack.runtime.restores_resource_data() {
+        } else if !rack.runtime.capabilities().restores_resource_data {
             Some(format!(
                 "the {} runtime does not bring resources' data back from a backup yet: export it \
                  with `rack resources export`",

@@ -43,7 +43,7 @@ pub async fn run(state: &AppState, build: Build) {
     };
     // The release it will make, named now: image builds get it as their RELEASE argument.
     let release = ReleaseId::generate();
-    if build.attempts > 1 && !state.runtime.resumes_builds() {
+    if build.attempts > 1 && !state.runtime.capabilities().resumes_builds {
         // Its previous holder died mid-build; a half-done build directory is not trustworthy.
         end(state, &build, &owner, &release, Err(BuildFailure::Interrupted)).await;
         return;
@@ -137,7 +137,9 @@ pub async fn run(state: &AppState, build: Build) {
         }
     };
     if matches!(result, Err(BuildFailure::Cancelled | BuildFailure::TimedOut(_))) {
-        state.runtime.cancel_build(&build.app, &build.id).await;
+        if let Err(e) = state.runtime.cancel_build(&build.app, &build.id).await {
+            tracing::warn!(error = %e, build.id = %build.id, "stopping what build {} left running", build.id);
+        }
     }
     drop(log);
     let _ = writer.await;
@@ -208,7 +210,7 @@ async fn end(
     );
     tokio::spawn(async move {
         if let Some(id) = failed {
-            pruner.runtime.prune_builds(&app, &[id]).await;
+            prune_ids(&pruner, &app, &[id]).await;
         }
         prune(&pruner, &app).await;
     });
@@ -298,8 +300,16 @@ const KEEP_BUILDS: i64 = 10;
 
 async fn prune(state: &AppState, app: &str) {
     match builds::prunable_ids(&state.pool, app, KEEP_BUILDS).await {
-        Ok(ids) => state.runtime.prune_builds(app, &ids).await,
+        Ok(ids) => prune_ids(state, app, &ids).await,
         Err(e) => tracing::warn!(error = %e, app.name = app, "listing the builds of {app} to prune"),
+    }
+}
+
+/// Frees what builds `ids` of `app` hold in the runtime; what could not be freed waits for the
+/// next prune.
+async fn prune_ids(state: &AppState, app: &str, ids: &[crate::ids::BuildId]) {
+    if let Err(e) = state.runtime.prune_builds(app, ids).await {
+        tracing::warn!(error = %e, app.name = app, "pruning builds of {app}");
     }
 }
 

@@ -15,9 +15,6 @@ use crate::runtime::{LogSink, ReleaseSpec};
 use crate::store::deployments::{self, Deployment};
 use crate::store::releases;
 
-/// The shortest time a rollback gets.
-const ROLLBACK_MIN_TIMEOUT: Duration = Duration::from_secs(300);
-
 /// Starts `count` deploy workers; they stop when the server shuts down.
 pub fn spawn_workers(state: &AppState, count: usize) -> Vec<tokio::task::JoinHandle<()>> {
     (0..count).map(|_| tokio::spawn(worker(state.clone()))).collect()
@@ -105,9 +102,8 @@ impl Driver<'_> {
                 Action::ApplyRelease => self.apply(&deployment, target.clone(), deadline, timeout, true).await,
                 Action::ApplyPrevious => {
                     // The rollback gets a deadline of its own (the first one may be what ran
-                    // out), and at least five minutes: a short deadline given for the new
-                    // release must not doom the old one.
-                    let limit = timeout.max(ROLLBACK_MIN_TIMEOUT);
+                    // out), and at least `rollback_min_timeout` (five minutes).
+                    let limit = timeout.max(self.state.config.rollback_min_timeout);
                     let previous = self
                         .load(&deployment.app, deployment.previous_release_id.as_deref())
                         .await;
@@ -259,7 +255,9 @@ impl Driver<'_> {
                 Ok(Err(e)) => return Signal::ApplyFailed(format!("the release command of {service}: {e}")),
                 Err(signal) => {
                     // Whatever ended the wait, the command goes with it.
-                    self.state.runtime.restart_process(&deployment.app, &process.id).await;
+                    if let Err(e) = self.state.runtime.restart_process(&deployment.app, &process.id).await {
+                        tracing::warn!(error = %e, deployment.id = %deployment.id, "stopping release command {}", process.id);
+                    }
                     return signal;
                 }
             }
@@ -302,7 +300,9 @@ pub async fn supersede(
 async fn clean_up_if_deleted(state: &AppState, app: &str) -> anyhow::Result<()> {
     let name = crate::names::AppName::parse(app)?;
     if crate::store::apps::get(&state.pool, &name).await?.is_none() {
-        state.runtime.delete_app(app).await;
+        if let Err(e) = state.runtime.delete_app(app).await {
+            tracing::warn!(error = %e, app.name = app, "removing what the rollout of deleted app {app} started");
+        }
     }
     Ok(())
 }
@@ -397,7 +397,7 @@ pub async fn load_spec(state: &AppState, app: &str, id: &str) -> Result<ReleaseS
 /// processes do not outlive the server). Apps with a deployment in progress are left to the
 /// deploy workers.
 pub async fn reconcile_all(state: AppState) {
-    if !state.runtime.restores_on_start() {
+    if !state.runtime.capabilities().restores_on_start {
         return;
     }
     let apps = match crate::store::apps::list_released(&state.pool).await {

@@ -154,19 +154,24 @@ impl Scheduler {
         }
         let previous = last.and_then(|(_, process)| process);
         let running = match &previous {
-            Some(id) => state
-                .runtime
-                .processes(app)
-                .await
-                .iter()
-                .any(|p| &p.id == id && still_running(p.status)),
+            Some(id) => match state.runtime.processes(app).await {
+                Ok(processes) => processes.iter().any(|p| &p.id == id && still_running(p.status)),
+                Err(e) => {
+                    // Not knowing, the timer runs (as when the previous run ended).
+                    tracing::warn!(error = %e, app.name = app, "listing the processes of {app}");
+                    false
+                }
+            },
             None => false,
         };
         let outcome = match decide(timer.concurrency, previous.filter(|_| running)) {
             Decision::Skip(id) => Err(format!("skipped: the previous run, process {id}, is still running")),
             decision => {
                 if let Decision::Replace(id) = decision {
-                    state.runtime.restart_process(app, &id).await;
+                    match state.runtime.restart_process(app, &id).await {
+                        Ok(()) | Err(crate::runtime::RuntimeError::NoProcess(_)) => {}
+                        Err(e) => tracing::warn!(error = %e, app.name = app, "stopping process {id}"),
+                    }
                     note(
                         state,
                         app,

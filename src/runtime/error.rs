@@ -7,6 +7,9 @@ pub enum RuntimeError {
     /// What was asked did not run; the message says why (and what to change, when it can).
     #[error("{0}")]
     Failed(String),
+    /// The app has no process with this id.
+    #[error("no process {0}")]
+    NoProcess(String),
     /// Too many of something are running already (one-offs of an app): try again later.
     #[error("{0}")]
     Busy(String),

@@ -166,10 +166,21 @@ impl FakeRuntime {
 
     /// Waits until a call matching `want` has been made; returns it.
     pub async fn called(&self, want: impl Fn(&Call) -> bool) -> Call {
+        self.calls_until(|calls| calls.iter().find(|c| want(c)).cloned()).await
+    }
+
+    /// Waits until the `n`th call matching `want` (counting from 1) has been made.
+    pub async fn called_times(&self, n: usize, want: impl Fn(&Call) -> bool) {
+        self.calls_until(|calls| (calls.iter().filter(|c| want(c)).count() >= n).then_some(()))
+            .await;
+    }
+
+    /// Waits until `check` finds what it looks for in the calls so far.
+    async fn calls_until<T>(&self, check: impl Fn(&[Call]) -> Option<T>) -> T {
         let mut count = self.count.subscribe();
         loop {
-            if let Some(call) = self.calls().into_iter().find(&want) {
-                return call;
+            if let Some(found) = check(&self.calls()) {
+                return found;
             }
             // The sender lives as long as `self`.
             let _ = count.changed().await;
@@ -236,11 +247,12 @@ impl Runtime for FakeRuntime {
         Ok(())
     }
 
-    async fn cancel_build(&self, app: &str, id: &str) {
+    async fn cancel_build(&self, app: &str, id: &str) -> Result<(), RuntimeError> {
         self.record(Call::CancelBuild {
             app: app.to_owned(),
             id: id.to_owned(),
         });
+        Ok(())
     }
 
     async fn build(&self, job: &BuildJob, log: &LogSink) -> Result<BuildOutput, BuildFailure> {
@@ -271,16 +283,16 @@ impl Runtime for FakeRuntime {
         Self::play(script, log).await.map_err(RuntimeError::Failed)
     }
 
-    async fn processes(&self, _app: &str) -> Vec<ProcessInfo> {
-        Vec::new()
+    async fn processes(&self, _app: &str) -> Result<Vec<ProcessInfo>, RuntimeError> {
+        Ok(Vec::new())
     }
 
-    async fn restart_process(&self, app: &str, id: &str) -> bool {
+    async fn restart_process(&self, app: &str, id: &str) -> Result<(), RuntimeError> {
         self.record(Call::RestartProcess {
             app: app.to_owned(),
             id: id.to_owned(),
         });
-        true
+        Ok(())
     }
 
     async fn run(&self, release: &ReleaseSpec, one_off: OneOff) -> Result<ProcessInfo, RuntimeError> {
@@ -312,18 +324,16 @@ impl Runtime for FakeRuntime {
         )))
     }
 
-    async fn prune_builds(&self, app: &str, ids: &[crate::ids::BuildId]) {
+    async fn prune_builds(&self, app: &str, ids: &[crate::ids::BuildId]) -> Result<(), RuntimeError> {
         self.record(Call::PruneBuilds {
             app: app.to_owned(),
             ids: ids.iter().map(ToString::to_string).collect(),
         });
+        Ok(())
     }
 
-    async fn delete_app(&self, app: &str) {
+    async fn delete_app(&self, app: &str) -> Result<(), RuntimeError> {
         self.record(Call::DeleteApp(app.to_owned()));
-    }
-
-    fn router_addr(&self, _app: &str) -> Option<std::net::SocketAddr> {
-        None
+        Ok(())
     }
 }

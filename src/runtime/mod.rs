@@ -4,6 +4,7 @@
 
 mod build_job;
 mod capabilities;
+mod capability_set;
 mod error;
 pub mod fake;
 pub mod kube;
@@ -18,6 +19,7 @@ use std::net::SocketAddr;
 
 pub use build_job::{BuildFailure, BuildJob, BuildOutput};
 pub use capabilities::{AppLogs, PortBook, SourceTokens};
+pub use capability_set::Capabilities;
 pub use error::{BoxError, RuntimeError};
 pub use log_sink::{LogItem, LogReceiver, LogSink, ProcessEvent};
 pub use process::{
@@ -58,10 +60,9 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
-    /// Whether a build whose server died can be picked up again by another one (its work goes
-    /// on outside rack); if not, such a build fails as interrupted.
-    fn resumes_builds(&self) -> bool {
-        false
+    /// What the runtime does itself rather than leave to rack (none of it, by default).
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
     }
 
     /// Process output that the runtime keeps outside rack's event log (the Kubernetes
@@ -72,24 +73,11 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
 
     /// Stops what a cancelled or timed-out build left running outside rack (dropping the build
     /// future stops what runs inside it).
-    async fn cancel_build(&self, _app: &str, _id: &str) {}
-
-    /// Whether the runtime runs convox.yml `timers` itself (Kubernetes: as CronJobs); if not,
-    /// rack's scheduler (`jobs::timers`) starts them as one-off processes.
-    fn runs_timers(&self) -> bool {
-        false
-    }
-
-    /// Whether the runtime loads the resources' exports a restore left (see
-    /// `crate::backup::pending_import`) into the resources it creates; backups leave out the
-    /// data of resources of a runtime that does not (and say so in their manifest).
-    fn restores_resource_data(&self) -> bool {
-        false
-    }
-
-    /// Whether apps' processes must be started again when rack starts (they die with it).
-    fn restores_on_start(&self) -> bool {
-        false
+    ///
+    /// # Errors
+    /// When what the build left could not all be removed.
+    async fn cancel_build(&self, _app: &str, _id: &str) -> Result<(), RuntimeError> {
+        Ok(())
     }
 
     /// Builds `job`'s source, writing its output to `log`. Dropping the future stops the build
@@ -103,11 +91,18 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     async fn apply(&self, app: &str, release: Option<&ReleaseSpec>, log: &LogSink) -> Result<(), RuntimeError>;
 
     /// The app's processes.
-    async fn processes(&self, app: &str) -> Vec<ProcessInfo>;
+    ///
+    /// # Errors
+    /// When they cannot be listed.
+    async fn processes(&self, app: &str) -> Result<Vec<ProcessInfo>, RuntimeError>;
 
     /// Restarts one instance of a service (it is stopped and started again), or stops a
-    /// one-off process for good. Returns false if there is no such process.
-    async fn restart_process(&self, app: &str, id: &str) -> bool;
+    /// one-off process for good.
+    ///
+    /// # Errors
+    /// [`RuntimeError::NoProcess`] when the app has no such process; or it could not be
+    /// stopped.
+    async fn restart_process(&self, app: &str, id: &str) -> Result<(), RuntimeError>;
 
     /// Starts a one-off process of `release`'s service.
     ///
@@ -127,14 +122,25 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     /// When there is no such process, or the command cannot be started.
     async fn exec(&self, app: &str, id: &str, request: ExecRequest) -> Result<ExecSession, RuntimeError>;
 
-    /// Frees what the (ended) builds `ids` of `app` hold on this host (their unpacked sources).
-    async fn prune_builds(&self, app: &str, ids: &[crate::ids::BuildId]);
+    /// Frees what the (ended) builds `ids` of `app` hold (their unpacked sources, images, build
+    /// Jobs). It goes on past a build it cannot free.
+    ///
+    /// # Errors
+    /// The first failure, once every build was tried.
+    async fn prune_builds(&self, app: &str, ids: &[crate::ids::BuildId]) -> Result<(), RuntimeError>;
 
-    /// Stops everything of an app (it is being deleted).
-    async fn delete_app(&self, app: &str);
+    /// Stops and removes everything of an app (it is being deleted). It goes on past what it
+    /// cannot remove.
+    ///
+    /// # Errors
+    /// The first failure, once everything was tried.
+    async fn delete_app(&self, app: &str) -> Result<(), RuntimeError>;
 
-    /// The address of the app's router (its first service with a port), if it has one.
-    fn router_addr(&self, app: &str) -> Option<SocketAddr>;
+    /// The address on this host of the app's router (its first service with a port): only
+    /// where rack itself routes the apps' traffic (local); `None` elsewhere.
+    fn router_addr(&self, _app: &str) -> Option<SocketAddr> {
+        None
+    }
 
     /// Where the app's traffic arrives (convox's app `router`): empty when nowhere.
     fn app_router(&self, app: &str) -> String {

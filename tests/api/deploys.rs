@@ -367,13 +367,19 @@ async fn a_crashed_process_is_restarted() {
         .await
         .unwrap();
     assert!(logs.contains(&format!("Process {id} crashed")), "{logs}");
-    // And DELETE restarts it on purpose.
+    // And DELETE restarts it on purpose; a process the app does not have is 404.
     let response = app
         .convox(Method::DELETE, &format!("/apps/myapp/processes/{id}"))
         .send()
         .await
         .unwrap();
     assert_eq!(status_text(response).await, (200, "ok\n".to_owned()));
+    let response = app
+        .convox(Method::DELETE, "/apps/myapp/processes/web-nosuchproc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
 }
 
 #[tokio::test]

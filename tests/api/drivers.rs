@@ -1,8 +1,10 @@
 //! The deploy and build drivers on the fake runtime (`Application::build_with`): each test
 //! claims one job as the server's replica and runs the driver to its end, in milliseconds, with
 //! the runtime scripted to succeed, fail or hang. Every row of the state table the driver turns
-//! into effects is here, with lease loss, the deadline, a cancel during the release phase, a
-//! failed rollback and shutdown. No server is serving: nothing else claims the jobs.
+//! into effects is here: lease loss (rolling out, in the release phase, rolling back), the
+//! deadline (rolling out, in the release phase, of the rollback itself), a cancel (rolling out,
+//! in the release phase), a failed rollback (re-applying, stopping) and shutdown. No server is
+//! serving: nothing else claims the jobs.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -127,10 +129,55 @@ impl Rig {
         logged
     }
 
+    /// Claims the deployment of `release` as started 60 s ago, so its deadline is now (a clock
+    /// moved, not a test that waits), and drives it to its end; its id.
+    async fn drive_past_deadline(&self, release: &str) -> Uuid {
+        let mut deployment = self.claim(release, Duration::from_secs(60)).await;
+        deployment.started_at = Some(chrono::Utc::now() - chrono::Duration::seconds(60));
+        let id = deployment.id;
+        self.drive(deployment).await;
+        id
+    }
+
+    /// Asserts that deployment `id` failed in `from` as `failed` and was rolled back, ending
+    /// Reverted with an error.
+    async fn assert_rolled_back(&self, id: Uuid, from: DeployState, failed: DeployState) {
+        assert_eq!(self.get(id).await.state, DeployState::Reverted);
+        let (lines, outcome) = self.log(id).await;
+        assert_eq!(outcome, Some(Outcome::Error));
+        for want in [
+            (from, failed),
+            (failed, DeployState::Rollback),
+            (DeployState::Rollback, DeployState::Reverted),
+        ] {
+            let line = rack::deploy::machine::status_line(want.0, want.1);
+            assert!(has(&lines, &line), "{line:?} missing from {lines:#?}");
+        }
+    }
+
     /// Runs the driver on `deployment` in a task of its own (for a test to act meanwhile).
     fn spawn_drive(&self, deployment: Deployment) -> tokio::task::JoinHandle<()> {
         let state = self.state().clone();
         tokio::spawn(async move { rack::jobs::deploys::run(&state, deployment).await })
+    }
+
+    /// Claims the deployment of `release` and drives it in a task of its own until the runtime
+    /// got a call matching `until`; its id and the task.
+    async fn drive_until(&self, release: &str, until: impl Fn(&Call) -> bool) -> (Uuid, tokio::task::JoinHandle<()>) {
+        let deployment = self.claim(release, Duration::from_secs(60)).await;
+        let id = deployment.id;
+        let driving = self.spawn_drive(deployment);
+        within(self.fake.called(until)).await;
+        (id, driving)
+    }
+
+    /// Asserts that the release command was stopped.
+    fn assert_command_stopped(&self) {
+        let calls = self.fake.calls();
+        assert!(
+            calls.iter().any(|c| matches!(c, Call::RestartProcess { .. })),
+            "the command outlived the driver: {calls:?}"
+        );
     }
 
     /// A release deployed to Running (what later deployments roll back to).
@@ -141,11 +188,35 @@ impl Rig {
         release
     }
 
+    /// Another replica takes deployment `id` over (as after a missed renewal of this one's
+    /// lease); its id.
+    async fn take_over(&self, id: Uuid) -> Uuid {
+        assert!(
+            deployments::hand_back(self.pool(), id, self.state().replica)
+                .await
+                .unwrap()
+        );
+        let other = Uuid::now_v7();
+        deployments::claim_next(self.pool(), other, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        other
+    }
+
+    /// Whether the deployment's log has a state change out of `state`.
+    async fn left(&self, id: Uuid, state: DeployState) -> bool {
+        let out = format!("Status: {} =>", state.title());
+        self.log(id).await.0.iter().any(|l| l.starts_with(&out))
+    }
+
     async fn get(&self, id: Uuid) -> Deployment {
         deployments::get(self.pool(), APP, id).await.unwrap().unwrap()
     }
 
-    /// The deployment's log: its lines and the outcome it ended with.
+    /// The deployment's log: its lines and the outcome it ended with. Checks the rule that
+    /// the terminal event is written with the state that ends the deployment: one at most,
+    /// the last, and there exactly when the deployment has ended.
     async fn log(&self, id: Uuid) -> (Vec<String>, Option<Outcome>) {
         let topic = Topic::Deployment {
             app: APP.to_owned(),
@@ -154,6 +225,10 @@ impl Rig {
         let events = rack::store::events::list_after(self.pool(), &topic, 0, 1000)
             .await
             .unwrap();
+        let ended = self.get(id).await.state.is_terminal();
+        let terminal: Vec<usize> = (0..events.len()).filter(|&n| events[n].outcome.is_some()).collect();
+        let want = if ended { vec![events.len() - 1] } else { vec![] };
+        assert_eq!(terminal, want, "terminal events of a deployment that ended: {ended}");
         let outcome = events.iter().find_map(|e| e.outcome);
         (events.into_iter().map(|e| e.message).collect(), outcome)
     }
@@ -175,6 +250,11 @@ impl Rig {
             })
             .collect()
     }
+}
+
+/// Whether `call` is an apply of `release`.
+fn applying(release: &str) -> impl Fn(&Call) -> bool + '_ {
+    move |call| matches!(call, Call::Apply { release: Some(r), .. } if r == release)
 }
 
 fn atom() -> String {
@@ -264,17 +344,8 @@ async fn a_failed_release_command_rolls_back_without_touching_what_runs() {
     // The new release was never applied: the rollback re-applies the previous one.
     assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous.clone())]);
     assert_eq!(rig.current_release().await, Some(previous));
-    let (_, outcome) = rig.log(id).await;
-    assert_eq!(outcome, Some(Outcome::Error));
-    rig.assert_logged(
-        id,
-        &[
-            "Status: Releasing => Error",
-            "Status: Error => Rollback",
-            "Status: Rollback => Reverted",
-        ],
-    )
-    .await;
+    rig.assert_rolled_back(id, DeployState::Releasing, DeployState::Error)
+        .await;
 }
 
 #[tokio::test]
@@ -292,17 +363,8 @@ async fn a_failed_apply_rolls_back_to_the_previous_release() {
         vec![Some(previous.clone()), Some(release), Some(previous.clone())]
     );
     assert_eq!(rig.current_release().await, Some(previous));
-    let (_, outcome) = rig.log(id).await;
-    assert_eq!(outcome, Some(Outcome::Error));
-    rig.assert_logged(
-        id,
-        &[
-            "Status: Updating => Error",
-            "Status: Error => Rollback",
-            "Status: Rollback => Reverted",
-        ],
-    )
-    .await;
+    rig.assert_rolled_back(id, DeployState::Updating, DeployState::Error)
+        .await;
 }
 
 #[tokio::test]
@@ -339,16 +401,94 @@ async fn a_failed_rollback_ends_in_failure_with_both_reasons() {
 }
 
 #[tokio::test]
+async fn a_failed_first_deployment_whose_stop_fails_ends_in_failure() {
+    let rig = Rig::new().await;
+    rig.fake.script_apply(Script::fail("no"));
+    rig.fake.script_apply_of(None, Script::fail("could not stop"));
+    let (id, release) = rig.promote(MANIFEST).await;
+
+    let ended = rig.get(id).await;
+    assert_eq!(ended.state, DeployState::Failure);
+    assert_eq!(ended.reason, "no; rollback failed: could not stop");
+    assert_eq!(rig.applies(), vec![Some(release), None]);
+    assert_eq!(rig.current_release().await, None);
+}
+
+#[tokio::test]
+async fn a_rollback_past_its_own_deadline_ends_in_failure() {
+    let rig = Rig::with(|c| c.rollback_min_timeout = Duration::from_millis(50)).await;
+    let previous = rig.deployed().await;
+    let release = rig.release(MANIFEST).await;
+    rig.fake.script_apply_of(Some(&release), Script::fail("new one broke"));
+    rig.fake.script_apply_of(Some(&previous), Script::hang());
+    // No time at all for the new release (it fails, or its deadline passes: either way the
+    // rollback comes), then 50 ms for the rollback.
+    let deployment = rig.claim(&release, Duration::ZERO).await;
+    let id = deployment.id;
+    rig.drive(deployment).await;
+
+    let ended = rig.get(id).await;
+    assert_eq!(ended.state, DeployState::Failure);
+    assert!(
+        ended.reason.ends_with("; rollback failed: it did not finish within 0s"),
+        "{}",
+        ended.reason
+    );
+    let applies = rig.applies();
+    assert_eq!(applies.last(), Some(&Some(previous.clone())), "{applies:?}");
+    let (lines, outcome) = rig.log(id).await;
+    assert_eq!(outcome, Some(Outcome::Error));
+    assert!(has(&lines, "Status: Rollback => Failure"), "{lines:#?}");
+}
+
+#[tokio::test]
+async fn the_deadline_during_the_release_phase_stops_the_command_and_rolls_back() {
+    let rig = Rig::new().await;
+    let previous = rig.deployed().await;
+    rig.fake.script_exit(None);
+    let release = rig.release(WITH_RELEASE_PHASE).await;
+    let id = rig.drive_past_deadline(&release).await;
+
+    let ended = rig.get(id).await;
+    assert_eq!(ended.state, DeployState::Reverted);
+    assert_eq!(ended.reason, "the deployment did not become healthy within 60s");
+    rig.assert_command_stopped();
+    assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous)]);
+    rig.assert_rolled_back(id, DeployState::Releasing, DeployState::Deadline)
+        .await;
+}
+
+#[tokio::test]
+async fn a_cancel_during_the_rollout_rolls_back() {
+    let rig = Rig::new().await;
+    let previous = rig.deployed().await;
+    let release = rig.release(MANIFEST).await;
+    rig.fake.script_apply_of(Some(&release), Script::hang());
+    let (id, driving) = rig.drive_until(&release, applying(&release)).await;
+    deployments::request_cancel(rig.pool(), APP).await.unwrap().unwrap();
+    within(driving).await.unwrap();
+
+    let ended = rig.get(id).await;
+    assert_eq!(
+        (ended.state, ended.reason.as_str()),
+        (DeployState::Reverted, "cancelled")
+    );
+    assert_eq!(
+        rig.applies(),
+        vec![Some(previous.clone()), Some(release), Some(previous.clone())]
+    );
+    assert_eq!(rig.current_release().await, Some(previous));
+    rig.assert_rolled_back(id, DeployState::Updating, DeployState::Cancelled)
+        .await;
+}
+
+#[tokio::test]
 async fn the_deadline_stops_the_rollout_and_rolls_back() {
     let rig = Rig::new().await;
     let previous = rig.deployed().await;
     let release = rig.release(MANIFEST).await;
     rig.fake.script_apply_of(Some(&release), Script::hang());
-    let mut deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    // It started 60 s ago: the deadline is now (a clock moved, not a test that waits).
-    deployment.started_at = Some(chrono::Utc::now() - chrono::Duration::seconds(60));
-    let id = deployment.id;
-    rig.drive(deployment).await;
+    let id = rig.drive_past_deadline(&release).await;
 
     let ended = rig.get(id).await;
     assert_eq!(ended.state, DeployState::Reverted);
@@ -357,7 +497,7 @@ async fn the_deadline_stops_the_rollout_and_rolls_back() {
     let applies = rig.applies();
     assert_eq!(applies.last(), Some(&Some(previous.clone())), "{applies:?}");
     assert_eq!(rig.current_release().await, Some(previous));
-    rig.assert_logged(id, &["Status: Updating => Deadline", "Status: Deadline => Rollback"])
+    rig.assert_rolled_back(id, DeployState::Updating, DeployState::Deadline)
         .await;
 }
 
@@ -367,24 +507,16 @@ async fn a_cancel_during_the_release_phase_stops_the_command_and_rolls_back() {
     let previous = rig.deployed().await;
     rig.fake.script_exit(None);
     let release = rig.release(WITH_RELEASE_PHASE).await;
-    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    let id = deployment.id;
-    let driving = rig.spawn_drive(deployment);
-    within(rig.fake.called(|c| matches!(c, Call::WaitProcess { .. }))).await;
+    let (id, driving) = rig
+        .drive_until(&release, |c| matches!(c, Call::WaitProcess { .. }))
+        .await;
     deployments::request_cancel(rig.pool(), APP).await.unwrap().unwrap();
     within(driving).await.unwrap();
 
     let ended = rig.get(id).await;
     assert_eq!(ended.state, DeployState::Reverted);
     // The command went with the cancel; the new release was never applied.
-    assert!(
-        rig.fake
-            .calls()
-            .iter()
-            .any(|c| matches!(c, Call::RestartProcess { .. })),
-        "{:?}",
-        rig.fake.calls()
-    );
+    rig.assert_command_stopped();
     assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous)]);
     rig.assert_logged(id, &["Status: Releasing => Cancelled", "Status: Cancelled => Rollback"])
         .await;
@@ -396,25 +528,8 @@ async fn a_lost_lease_stops_the_driver_without_recording_anything() {
     rig.deployed().await;
     rig.fake.script_apply(Script::hang());
     let release = rig.release(MANIFEST).await;
-    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    let id = deployment.id;
-    let driving = rig.spawn_drive(deployment);
-    within(
-        rig.fake
-            .called(|c| matches!(c, Call::Apply { release: Some(r), .. } if *r == release)),
-    )
-    .await;
-    // Another replica takes it over (as after a missed renewal).
-    let other = Uuid::now_v7();
-    assert!(
-        deployments::hand_back(rig.pool(), id, rig.state().replica)
-            .await
-            .unwrap()
-    );
-    deployments::claim_next(rig.pool(), other, Duration::from_secs(60))
-        .await
-        .unwrap()
-        .unwrap();
+    let (id, driving) = rig.drive_until(&release, applying(&release)).await;
+    let other = rig.take_over(id).await;
     let (before, _) = rig.log(id).await;
     within(driving).await.unwrap();
 
@@ -427,13 +542,62 @@ async fn a_lost_lease_stops_the_driver_without_recording_anything() {
 }
 
 #[tokio::test]
+async fn a_lost_lease_during_the_release_phase_stops_the_command_and_records_nothing() {
+    let rig = Rig::new().await;
+    rig.deployed().await;
+    rig.fake.script_exit(None);
+    let release = rig.release(WITH_RELEASE_PHASE).await;
+    let (id, driving) = rig
+        .drive_until(&release, |c| matches!(c, Call::WaitProcess { .. }))
+        .await;
+    let other = rig.take_over(id).await;
+    within(driving).await.unwrap();
+
+    let now = rig.get(id).await;
+    assert_eq!((now.state, now.lease_owner), (DeployState::Releasing, Some(other)));
+    assert!(
+        !rig.left(id, DeployState::Releasing).await,
+        "the driver wrote after losing its lease"
+    );
+    // The command does not outlive the driver; the new release was never applied.
+    rig.assert_command_stopped();
+    assert_eq!(rig.applies().len(), 1);
+}
+
+#[tokio::test]
+async fn a_lost_lease_during_the_rollback_leaves_it_to_the_new_holder() {
+    let rig = Rig::new().await;
+    let previous = rig.deployed().await;
+    let release = rig.release(MANIFEST).await;
+    rig.fake.script_apply_of(Some(&release), Script::fail("broke"));
+    rig.fake.script_apply_of(Some(&previous), Script::hang());
+    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
+    let id = deployment.id;
+    let driving = rig.spawn_drive(deployment);
+    // The second apply of the previous release is the rollback's.
+    within(rig.fake.called_times(
+        2,
+        |c| matches!(c, Call::Apply { release: Some(r), .. } if *r == previous),
+    ))
+    .await;
+    let other = rig.take_over(id).await;
+    within(driving).await.unwrap();
+
+    let now = rig.get(id).await;
+    assert_eq!((now.state, now.lease_owner), (DeployState::Rollback, Some(other)));
+    assert!(
+        !rig.left(id, DeployState::Rollback).await,
+        "the driver wrote after losing its lease"
+    );
+    assert_eq!(rig.log(id).await.1, None, "it has not ended");
+}
+
+#[tokio::test]
 async fn a_lost_lease_of_a_deleted_app_stops_what_the_rollout_started() {
     let rig = Rig::new().await;
     rig.fake.script_apply(Script::hang());
     let release = rig.release(MANIFEST).await;
-    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    let driving = rig.spawn_drive(deployment);
-    within(rig.fake.called(|c| matches!(c, Call::Apply { .. }))).await;
+    let (_, driving) = rig.drive_until(&release, |c| matches!(c, Call::Apply { .. })).await;
     let name = rack::names::AppName::parse(APP).unwrap();
     rack::store::apps::delete(rig.pool(), &name).await.unwrap();
     within(driving).await.unwrap();
@@ -446,14 +610,7 @@ async fn a_superseded_deployment_is_left_to_the_new_one() {
     rig.deployed().await;
     rig.fake.script_apply(Script::hang());
     let release = rig.release(MANIFEST).await;
-    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    let id = deployment.id;
-    let driving = rig.spawn_drive(deployment);
-    within(
-        rig.fake
-            .called(|c| matches!(c, Call::Apply { release: Some(r), .. } if *r == release)),
-    )
-    .await;
+    let (id, driving) = rig.drive_until(&release, applying(&release)).await;
     let mut tx = rig.pool().begin().await.unwrap();
     rack::jobs::deploys::supersede(&mut tx, APP, Uuid::now_v7(), &atom())
         .await
@@ -475,10 +632,7 @@ async fn shutting_down_hands_the_deployment_back() {
     let rig = Rig::new().await;
     rig.fake.script_apply(Script::hang());
     let release = rig.release(MANIFEST).await;
-    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    let id = deployment.id;
-    let driving = rig.spawn_drive(deployment);
-    within(rig.fake.called(|c| matches!(c, Call::Apply { .. }))).await;
+    let (id, driving) = rig.drive_until(&release, |c| matches!(c, Call::Apply { .. })).await;
     rig.state().shutdown.cancel();
     within(driving).await.unwrap();
 

@@ -504,7 +504,7 @@ async fn resources_are_stateful_sets_kept_across_releases_and_gone_with_the_app(
     );
 
     // Deleting the app removes its namespace, and the resources with it.
-    runtime.delete_app(app).await;
+    runtime.delete_app(app).await.unwrap();
     wait_for(120, "the app's resources to go", || async {
         let namespace = Api::<Namespace>::all(client.clone()).get_opt(&ns).await.unwrap();
         match namespace {

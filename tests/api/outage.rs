@@ -139,7 +139,7 @@ async fn an_app_writing_logs_during_an_outage_is_neither_blocked_nor_restarted()
             .and_then(|c| c.trim().parse().ok())
             .unwrap_or(0)
     };
-    let processes = app.state.runtime.processes("chatty").await;
+    let processes = app.state.runtime.processes("chatty").await.unwrap();
     assert_eq!(processes.len(), 1);
     let pid = processes[0].pid;
 
@@ -155,7 +155,7 @@ async fn an_app_writing_logs_during_an_outage_is_neither_blocked_nor_restarted()
         })
         .await;
     }
-    let processes = app.state.runtime.processes("chatty").await;
+    let processes = app.state.runtime.processes("chatty").await.unwrap();
     assert_eq!(processes[0].pid, pid, "the app was restarted");
     assert_eq!(processes[0].status, rack::runtime::ProcessStatus::Running);
 
@@ -178,5 +178,5 @@ async fn an_app_writing_logs_during_an_outage_is_neither_blocked_nor_restarted()
     })
     .await;
     assert!(note.starts_with("rack: "), "{note}");
-    assert_eq!(app.state.runtime.processes("chatty").await[0].pid, pid);
+    assert_eq!(app.state.runtime.processes("chatty").await.unwrap()[0].pid, pid);
 }

@@ -102,23 +102,21 @@ pub async fn run(runtime: &KubeRuntime, job: &BuildJob, log: &LogSink) -> Result
     let result = watch(&jobs, &pods, &name, log).await;
     if result.is_err() {
         // A failed Job has nothing more to do; one we could not follow must not push on.
-        delete_job(runtime, &job.app, &job.id).await;
+        if let Err(e) = delete(&jobs, &name).await {
+            tracing::warn!(build.id = %job.id, "{e}");
+        }
     }
     clean_up(runtime, &job.app, &job.id).await;
     result.map(|()| output)
 }
 
 /// Stops a cancelled or timed-out build: its Job (and pod), its Secret, its token.
-pub async fn cancel(runtime: &KubeRuntime, app: &str, id: &str) {
-    delete_job(runtime, app, id).await;
-    clean_up(runtime, app, id).await;
-}
-
-async fn delete_job(runtime: &KubeRuntime, app: &str, id: &str) {
+pub async fn cancel(runtime: &KubeRuntime, app: &str, id: &str) -> Result<(), RuntimeError> {
     let jobs: Api<Job> = runtime.api(app);
-    if let Err(e) = delete(&jobs, &resources::build_job_name(id)).await {
-        tracing::warn!(build.id = %id, "{e}");
-    }
+    let deleted = delete(&jobs, &resources::build_job_name(id)).await;
+    // The token and Secret go whether or not the Job did.
+    clean_up(runtime, app, id).await;
+    deleted
 }
 
 /// Revokes the build's source token and deletes the Secret that held it.

@@ -240,12 +240,13 @@ impl Runtime for KubeRuntime {
         self.ensure_namespace(app).await
     }
 
-    fn resumes_builds(&self) -> bool {
-        true
-    }
-
-    fn runs_timers(&self) -> bool {
-        true
+    fn capabilities(&self) -> crate::runtime::Capabilities {
+        crate::runtime::Capabilities {
+            resumes_builds: true,
+            runs_timers: true,
+            restores_on_start: false,
+            restores_resource_data: false,
+        }
     }
 
     fn process_logs(&self, request: super::ProcessLogs) -> Option<super::LineStream> {
@@ -257,8 +258,8 @@ impl Runtime for KubeRuntime {
         build::run(self, job, log).await
     }
 
-    async fn cancel_build(&self, app: &str, id: &str) {
-        build::cancel(self, app, id).await;
+    async fn cancel_build(&self, app: &str, id: &str) -> Result<(), RuntimeError> {
+        build::cancel(self, app, id).await
     }
 
     #[tracing::instrument(skip_all, fields(app.name = %app, release.id = release.map_or("", |r| r.id.as_str())))]
@@ -266,39 +267,33 @@ impl Runtime for KubeRuntime {
         rollout::apply(self, app, release, log).await
     }
 
-    async fn processes(&self, app: &str) -> Vec<ProcessInfo> {
+    async fn processes(&self, app: &str) -> Result<Vec<ProcessInfo>, RuntimeError> {
         let pods: Api<Pod> = self.api(app);
-        match pods
+        let list = pods
             .list(&ListParams::default().labels(&format!("app={app},type in (service,process,timer)")))
             .await
-        {
-            Ok(list) => {
-                let mut processes: Vec<_> = list.items.iter().filter_map(|pod| process_info(app, pod)).collect();
-                processes.sort_by(|a, b| (&a.name, a.started, &a.id).cmp(&(&b.name, b.started, &b.id)));
-                processes
-            }
-            Err(e) => {
-                tracing::warn!(app.name = app, "listing the pods of {app}: {}", describe(&e));
-                Vec::new()
-            }
-        }
+            .map_err(RuntimeError::kube(format!("listing the pods of {app}")))?;
+        let mut processes: Vec<_> = list.items.iter().filter_map(|pod| process_info(app, pod)).collect();
+        processes.sort_by(|a, b| (&a.name, a.started, &a.id).cmp(&(&b.name, b.started, &b.id)));
+        Ok(processes)
     }
 
-    async fn restart_process(&self, app: &str, id: &str) -> bool {
+    async fn restart_process(&self, app: &str, id: &str) -> Result<(), RuntimeError> {
         let pods: Api<Pod> = self.api(app);
+        let gone = || RuntimeError::NoProcess(id.to_owned());
         // Only the app's service and one-off pods are processes (not its build pods). Deleting
         // a service pod restarts it (its Deployment makes another); a one-off's is gone.
-        match pods.get_opt(id).await {
-            Ok(Some(pod)) if process_info(app, &pod).is_some() => {}
-            _ => return false,
+        let pod = pods
+            .get_opt(id)
+            .await
+            .map_err(RuntimeError::kube(format!("reading pod {id}")))?;
+        if pod.is_none_or(|pod| process_info(app, &pod).is_none()) {
+            return Err(gone());
         }
         match pods.delete(id, &DeleteParams::default()).await {
-            Ok(_) => true,
-            Err(e) if is_not_found(&e) => false,
-            Err(e) => {
-                tracing::warn!(app.name = app, "deleting pod {id}: {}", describe(&e));
-                false
-            }
+            Ok(_) => Ok(()),
+            Err(e) if is_not_found(&e) => Err(gone()),
+            Err(e) => Err(RuntimeError::kube(format!("deleting pod {id}"))(e)),
         }
     }
 
@@ -320,13 +315,13 @@ impl Runtime for KubeRuntime {
         process::exec(&self.api(app), id, request).await
     }
 
-    async fn prune_builds(&self, app: &str, ids: &[crate::ids::BuildId]) {
+    async fn prune_builds(&self, app: &str, ids: &[crate::ids::BuildId]) -> Result<(), RuntimeError> {
         let jobs: Api<Job> = self.api(app);
+        let mut first_failure = Ok(());
         for id in ids {
-            if let Err(e) = delete(&jobs, &resources::build_job_name(id)).await {
-                tracing::warn!(app.name = app, build.id = %id, "pruning build {id}: {e}");
-            }
+            first_failure = first_failure.and(delete(&jobs, &resources::build_job_name(id)).await);
         }
+        first_failure
     }
 
     #[tracing::instrument(skip_all, fields(app.name = %app))]
@@ -351,26 +346,16 @@ impl Runtime for KubeRuntime {
         })
     }
 
-    async fn delete_app(&self, app: &str) {
+    async fn delete_app(&self, app: &str) -> Result<(), RuntimeError> {
         let namespaces: Api<Namespace> = Api::all(self.0.client.clone());
         let name = self.namespace(app);
-        match self.owned_namespace(app).await {
-            Ok(true) => {}
-            Ok(false) => return,
-            Err(e) => {
-                tracing::warn!(app.name = app, "not deleting namespace {name}: {e}");
-                return;
-            }
+        // A namespace rack did not make is left alone.
+        if !self.owned_namespace(app).await? {
+            return Ok(());
         }
-        match delete(&namespaces, &name).await {
-            Ok(()) => tracing::info!(app.name = app, "deleting namespace {name}"),
-            Err(e) => tracing::warn!(app.name = app, "{e}"),
-        }
-    }
-
-    fn router_addr(&self, _app: &str) -> Option<std::net::SocketAddr> {
-        // Traffic reaches services through the cluster's own Services and ingress.
-        None
+        delete(&namespaces, &name).await?;
+        tracing::info!(app.name = app, "deleting namespace {name}");
+        Ok(())
     }
 
     fn app_router(&self, _app: &str) -> String {

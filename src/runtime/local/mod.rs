@@ -33,8 +33,8 @@ use build::Builder;
 use supervisor::Supervisor;
 
 use super::{
-    AppLogs, BuildFailure, BuildJob, BuildOutput, ExecRequest, ExecSession, LogSink, OneOff, PortBook, ProcessInfo,
-    ReleaseSpec, ResourceEndpoint, Runtime, RuntimeError,
+    AppLogs, BuildFailure, BuildJob, BuildOutput, Capabilities, ExecRequest, ExecSession, LogSink, OneOff, PortBook,
+    ProcessInfo, ReleaseSpec, ResourceEndpoint, Runtime, RuntimeError,
 };
 use crate::archive::Limits;
 use crate::objects::Objects;
@@ -120,12 +120,12 @@ impl Runtime for LocalRuntime {
         "local"
     }
 
-    fn restores_on_start(&self) -> bool {
-        true
-    }
-
-    fn restores_resource_data(&self) -> bool {
-        true
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            restores_on_start: true,
+            restores_resource_data: true,
+            ..Capabilities::default()
+        }
     }
 
     #[tracing::instrument(skip_all, fields(app.name = %app, release.id = release.map_or("", |r| r.id.as_str())))]
@@ -151,12 +151,16 @@ impl Runtime for LocalRuntime {
         self.supervisor.apply(app, release, log).await
     }
 
-    async fn processes(&self, app: &str) -> Vec<ProcessInfo> {
-        self.supervisor.processes(app)
+    async fn processes(&self, app: &str) -> Result<Vec<ProcessInfo>, RuntimeError> {
+        Ok(self.supervisor.processes(app))
     }
 
-    async fn restart_process(&self, app: &str, id: &str) -> bool {
-        self.supervisor.restart_process(app, id).await
+    async fn restart_process(&self, app: &str, id: &str) -> Result<(), RuntimeError> {
+        if self.supervisor.restart_process(app, id).await {
+            Ok(())
+        } else {
+            Err(RuntimeError::NoProcess(id.to_owned()))
+        }
     }
 
     #[tracing::instrument(skip_all, fields(app.name = %release.app, service = %one_off.service))]
@@ -210,7 +214,7 @@ impl Runtime for LocalRuntime {
         self.supervisor
             .wait_process(app, id)
             .await
-            .ok_or_else(|| RuntimeError::Failed(format!("no process {id}")))
+            .ok_or_else(|| RuntimeError::NoProcess(id.to_owned()))
     }
 
     async fn exec(&self, app: &str, id: &str, request: ExecRequest) -> Result<ExecSession, RuntimeError> {
@@ -218,31 +222,39 @@ impl Runtime for LocalRuntime {
     }
 
     #[tracing::instrument(skip_all, fields(app.name = %app))]
-    async fn prune_builds(&self, app: &str, ids: &[crate::ids::BuildId]) {
+    async fn prune_builds(&self, app: &str, ids: &[crate::ids::BuildId]) -> Result<(), RuntimeError> {
+        let mut first_failure = Ok(());
         for id in ids {
             // The sources first: they need no podman, whose every command may wait its turn for
             // the image store while other builds hold it (a refused archive's files must go at
             // once).
             let dir = self.builder.builds_dir.join(app).join(id);
-            match tokio::fs::remove_dir_all(&dir).await {
-                Ok(()) => tracing::info!(app.name = app, build.id = %id, "pruned the sources of build {id}"),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => tracing::warn!(error = %e, app.name = app, "pruning the sources of build {id}"),
+            match remove_dir(&dir, &format!("pruning the sources of build {id}")).await {
+                Ok(true) => tracing::info!(app.name = app, build.id = %id, "pruned the sources of build {id}"),
+                Ok(false) => {}
+                Err(e) => first_failure = first_failure.and(Err(e)),
             }
             if let Some(podman) = &self.builder.podman {
                 podman.remove_build_images(app, id).await;
             }
         }
+        first_failure
     }
 
     #[tracing::instrument(skip_all, fields(app.name = %app))]
-    async fn delete_app(&self, app: &str) {
+    async fn delete_app(&self, app: &str) -> Result<(), RuntimeError> {
         self.supervisor.delete_app(app).await;
         self.resources.delete_app(app).await;
-        let _ = tokio::fs::remove_dir_all(self.builder.builds_dir.join(app)).await;
-        if let Some(podman) = &self.builder.podman {
-            let _ = tokio::fs::remove_dir_all(podman.cache_dir(app)).await;
-        }
+        let builds = remove_dir(
+            &self.builder.builds_dir.join(app),
+            &format!("deleting the builds of {app}"),
+        )
+        .await;
+        let cache = match &self.builder.podman {
+            Some(podman) => remove_dir(&podman.cache_dir(app), &format!("deleting the build cache of {app}")).await,
+            None => Ok(false),
+        };
+        builds.and(cache).map(drop)
     }
 
     async fn delete_resource(&self, app: &str, name: &str) -> Result<(), RuntimeError> {
@@ -261,5 +273,14 @@ impl Runtime for LocalRuntime {
     #[tracing::instrument(skip_all, fields(app.name = %job.app, build.id = %job.id))]
     async fn build(&self, job: &BuildJob, log: &LogSink) -> Result<BuildOutput, BuildFailure> {
         self.builder.build(job, log).await
+    }
+}
+
+/// Removes `dir` and all it holds; whether it was there. Failures are `what` failing.
+async fn remove_dir(dir: &std::path::Path, what: &str) -> Result<bool, RuntimeError> {
+    match tokio::fs::remove_dir_all(dir).await {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(RuntimeError::io(what)(e)),
     }
 }

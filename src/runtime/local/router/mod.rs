@@ -1,0 +1,367 @@
+//! The per-app router of the local runtime: a listener on 127.0.0.1 that proxies HTTP/1.1 to the
+//! app's healthy instances, round robin. A rolling deploy swaps the backend set, and a request that
+//! meets an instance that just went away moves to another one, so no request fails.
+
+use std::error::Error as StdError;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::body::{Body, HttpBody};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use axum::http::{Method, StatusCode, Uri, Version};
+use axum::response::{IntoResponse, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// How long a request waits for an instance to appear when the app has none, before a 503.
+pub const NO_BACKEND_GRACE: Duration = Duration::from_secs(5);
+
+/// How long connecting to an instance may take before it counts as down.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+// Shorter than the keep-alive timeout of common app servers (2 s and up), so the pool never
+// reuses a connection the instance is closing at that moment: that request could fail after it
+// was sent. Steady traffic still reuses connections, and a new one on loopback is cheap.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// A running router for one app. Cloning gives another handle to the same router; dropping every
+/// handle does not stop it (call [`Router::stop`] or cancel the shutdown token).
+#[derive(Debug, Clone)]
+pub struct Router {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    app: String,
+    local_addr: SocketAddr,
+    // A watch channel is an `RwLock<Arc<..>>` that can also wake the requests waiting for the
+    // set to become non-empty.
+    backends: watch::Sender<Arc<[SocketAddr]>>,
+    next: AtomicUsize,
+    client: Client<HttpConnector, Body>,
+    stop: CancellationToken,
+    grace: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ProxyError {
+    #[error("no healthy instances")]
+    NoBackends,
+    #[error("request to {backend} failed")]
+    Upstream {
+        backend: SocketAddr,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("could not build the request to {backend}")]
+    BuildRequest {
+        backend: SocketAddr,
+        #[source]
+        source: axum::http::Error,
+    },
+}
+
+impl Router {
+    /// Binds `127.0.0.1:port` (port 0 picks a free one) and serves until `shutdown` is cancelled
+    /// or [`Router::stop`] is called. It starts with no backends.
+    ///
+    /// # Errors
+    ///
+    /// When the port cannot be bound (typically: it is taken).
+    pub async fn start(app: String, port: u16, shutdown: CancellationToken) -> std::io::Result<Router> {
+        Self::start_with_grace(app, port, shutdown, NO_BACKEND_GRACE).await
+    }
+
+    async fn start_with_grace(
+        app: String,
+        port: u16,
+        shutdown: CancellationToken,
+        grace: Duration,
+    ) -> std::io::Result<Router> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
+        let local_addr = listener.local_addr()?;
+
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(connector);
+
+        let inner = Arc::new(Inner {
+            app,
+            local_addr,
+            backends: watch::Sender::new(Arc::from(Vec::new())),
+            next: AtomicUsize::new(0),
+            client,
+            stop: shutdown.child_token(),
+            grace,
+        });
+        let service = axum::Router::new()
+            .fallback(proxy)
+            .with_state(Arc::clone(&inner))
+            .into_make_service_with_connect_info::<SocketAddr>();
+        // Graceful shutdown stops accepting and lets each open connection finish the request it
+        // is serving, which is what a stopping router owes its clients.
+        // No Nagle on the client side either: a response's head and body go out as separate
+        // writes, and a delayed ACK would hold the body back for 40 ms.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let serve = axum::serve(listener, service).with_graceful_shutdown(inner.stop.clone().cancelled_owned());
+        let span = tracing::info_span!("router", app.name = %inner.app);
+        let app = inner.app.clone();
+        tokio::spawn(
+            async move {
+                if let Err(err) = serve.await {
+                    tracing::warn!(error = %err, "router for {app} failed");
+                }
+                tracing::info!("router for {app} stopped");
+            }
+            .instrument(span),
+        );
+        tracing::info!(app.name = %inner.app, router.addr = %local_addr, "router for {} listening on {local_addr}", inner.app);
+        Ok(Router { inner })
+    }
+
+    /// The address the router listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// Replaces the set of healthy backends atomically (e.g. `127.0.0.1:41234`). New requests go
+    /// to the new set only; requests already in flight to a removed backend finish.
+    pub fn set_backends(&self, backends: Vec<SocketAddr>) {
+        tracing::debug!(app.name = %self.inner.app, backends = ?backends, "router for {} now targets {} instance(s)", self.inner.app, backends.len());
+        self.inner.backends.send_replace(Arc::from(backends));
+    }
+
+    /// The current set of backends.
+    pub fn backends(&self) -> Vec<SocketAddr> {
+        self.inner.backends.borrow().to_vec()
+    }
+
+    /// Stops accepting connections; requests in flight finish.
+    pub fn stop(&self) {
+        self.inner.stop.cancel();
+    }
+}
+
+async fn proxy(State(inner): State<Arc<Inner>>, ConnectInfo(peer): ConnectInfo<SocketAddr>, req: Request) -> Response {
+    // CONNECT asks for a tunnel, which an app router has no business opening.
+    if req.method() == Method::CONNECT {
+        return (StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n").into_response();
+    }
+    match inner.forward(peer, req).await {
+        Ok(response) => response,
+        Err(ProxyError::NoBackends) => {
+            tracing::warn!(app.name = %inner.app, "no healthy instances of {} for a request", inner.app);
+            text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no healthy instances of {}\n", inner.app),
+            )
+        }
+        Err(err) => {
+            tracing::warn!(app.name = %inner.app, error = %error_chain(&err), "bad gateway for {}", inner.app);
+            text_response(StatusCode::BAD_GATEWAY, format!("bad gateway: {}\n", inner.app))
+        }
+    }
+}
+
+impl Inner {
+    async fn forward(&self, peer: SocketAddr, req: Request) -> Result<Response, ProxyError> {
+        let (parts, body) = req.into_parts();
+        let mut headers = parts.headers;
+        let host = headers.get(header::HOST).cloned().or_else(|| {
+            // HTTP/2 clients carry the host in the URI rather than a Host header.
+            let authority = parts.uri.authority()?;
+            HeaderValue::from_str(authority.as_str()).ok()
+        });
+        strip_hop_by_hop(&mut headers);
+        // Our own server already answered any `Expect: 100-continue`; the body is on its way.
+        headers.remove(header::EXPECT);
+        add_forwarded(&mut headers, peer, host);
+        let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+
+        // Only a body known to be empty can be sent again, so only such a request may move on to
+        // another instance; a streamed body is consumed by the first attempt.
+        let replayable = body.is_end_stream() || body.size_hint().exact() == Some(0);
+        let idempotent = is_idempotent(&parts.method);
+        let mut body = Some(body);
+        let deadline = Instant::now() + self.grace;
+        let mut tried = Vec::new();
+        let mut last_error = None;
+        loop {
+            let Some(backend) = self.pick(&tried, deadline).await else {
+                return Err(last_error.unwrap_or(ProxyError::NoBackends));
+            };
+            tried.push(backend);
+            let attempt_body = body.take().unwrap_or_else(Body::empty);
+            let request = upstream_request(&parts.method, path, &headers, backend, attempt_body)?;
+            match self.client.request(request).await {
+                Ok(response) => {
+                    let (mut parts, body) = response.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    return Ok(Response::from_parts(parts, Body::new(body)));
+                }
+                Err(source) => {
+                    // A failed connect sent nothing, so any method may go elsewhere. A failure
+                    // after sending (the instance died mid-request) may have had an effect, so
+                    // only idempotent methods are repeated (RFC 9110 §9.2.2).
+                    let retry = replayable && (source.is_connect() || idempotent);
+                    let err = ProxyError::Upstream { backend, source };
+                    if !retry {
+                        return Err(err);
+                    }
+                    tracing::debug!(app.name = %self.app, error = %error_chain(&err), "retrying a request to {} on another instance", self.app);
+                    last_error = Some(err);
+                }
+            }
+        }
+    }
+
+    /// The next backend round robin that this request has not tried yet, waiting until `deadline`
+    /// for the set to become non-empty. `None` when there is none to try.
+    async fn pick(&self, tried: &[SocketAddr], deadline: Instant) -> Option<SocketAddr> {
+        let set = self.wait_for_backends(deadline).await?;
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..set.len())
+            .map(|i| set[start.wrapping_add(i) % set.len()])
+            .find(|backend| !tried.contains(backend))
+    }
+
+    async fn wait_for_backends(&self, deadline: Instant) -> Option<Arc<[SocketAddr]>> {
+        let current = Arc::clone(&self.backends.borrow());
+        if !current.is_empty() {
+            return Some(current);
+        }
+        // `wait_for` checks the current value first, so a set published between the borrow above
+        // and this subscription is not missed.
+        let mut rx = self.backends.subscribe();
+        let appeared = async move {
+            rx.wait_for(|set| !set.is_empty())
+                .await
+                .ok()
+                .map(|set| Arc::clone(&set))
+        };
+        tokio::select! {
+            biased;
+            set = tokio::time::timeout_at(deadline, appeared) => set.ok().flatten(),
+            // A stopping router answers at once rather than holding its shutdown for the grace.
+            () = self.stop.cancelled() => None,
+        }
+    }
+}
+
+fn upstream_request(
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    backend: SocketAddr,
+    body: Body,
+) -> Result<Request, ProxyError> {
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(backend.to_string())
+        .path_and_query(path)
+        .build()
+        .map_err(|source| ProxyError::BuildRequest { backend, source })?;
+    let mut request = Request::new(body);
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = uri;
+    // The client speaks HTTP/1.1 to instances whatever the downstream version was.
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers.clone();
+    Ok(request)
+}
+
+/// Removes the headers that describe one connection rather than the message (RFC 9110 §7.6.1):
+/// the fixed list, `Proxy-*`, and whatever `Connection` names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let mut remove: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    remove.extend(
+        headers
+            .keys()
+            .filter(|name| name.as_str().starts_with("proxy-"))
+            .cloned(),
+    );
+    remove.extend([
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ]);
+    for name in remove {
+        headers.remove(name);
+    }
+}
+
+fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<HeaderValue>) {
+    // Append to what an earlier proxy recorded, as nginx's `$proxy_add_x_forwarded_for` does.
+    // Values before ours came from the client and are not to be trusted.
+    let mut chain: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .collect();
+    let client = peer.ip().to_string();
+    chain.push(&client);
+    if let Ok(value) = HeaderValue::from_str(&chain.join(", ")) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    match host {
+        Some(host) => headers.insert(X_FORWARDED_HOST, host),
+        None => headers.remove(X_FORWARDED_HOST),
+    };
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+fn text_response(status: StatusCode, message: String) -> Response {
+    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], message).into_response()
+}
+
+/// `outer: cause: root cause`, since hyper's top-level messages ("client error (Connect)") say
+/// little on their own.
+fn error_chain(err: &dyn StdError) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests;
