@@ -184,6 +184,31 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
         )))
     }
 
+    /// Whether [`Runtime::restore_redis`] is supported (the local runtime); elsewhere a redis
+    /// import is refused before its upload is read.
+    fn restores_redis(&self) -> bool {
+        false
+    }
+
+    /// Replaces the data of redis resource `spec` of `app` with the RDB file `rdb` (checked to
+    /// be one): a running redis cannot load an RDB through its protocol, so the runtime restarts
+    /// it on the file. On failure the resource keeps its data.
+    ///
+    /// # Errors
+    /// When the RDB cannot be loaded (or the runtime cannot do this).
+    async fn restore_redis(
+        &self,
+        app: &str,
+        spec: &crate::resource::ResourceSpec,
+        rdb: &std::path::Path,
+    ) -> Result<(), RuntimeError> {
+        let _ = (app, spec, rdb);
+        Err(RuntimeError::Failed(format!(
+            "importing into redis resources is not supported by the {} runtime",
+            self.name()
+        )))
+    }
+
     /// The app's balancers as they run (none where the runtime has no load balancers).
     ///
     /// # Errors

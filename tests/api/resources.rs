@@ -222,7 +222,45 @@ async fn a_process_app_reads_and_writes_its_resources_across_redeploys_and_rollb
         .await
         .unwrap();
     assert_eq!(rdb.status(), 200);
-    assert!(rdb.bytes().await.unwrap().starts_with(b"REDIS"), "an RDB file");
+    let rdb = rdb.bytes().await.unwrap();
+    assert!(rdb.starts_with(b"REDIS"), "an RDB file");
+
+    // A redis import: anything but an RDB file is refused, the data untouched; an RDB file
+    // that redis cannot load fails and leaves the data as it was; the exported one replaces
+    // the data (and survives a restart of the server, below).
+    let cache: Value = app.get_json("/apps/shop/resources/cache").await;
+    let cache_url = cache["url"].as_str().unwrap().to_owned();
+    redis_cli(&cache_url, &["set", "note", "changed"]).await;
+    let import_cache = |body: Vec<u8>| async {
+        let response = app
+            .convox(Method::PUT, "/apps/shop/resources/cache/data")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        crate::helpers::status_text(response).await
+    };
+    let (status, text) = import_cache(b"COPY public.notes (v) FROM stdin;\n".to_vec()).await;
+    assert_eq!(status, 422, "{text}");
+    assert!(text.contains("not an RDB file"), "{text}");
+    let mut truncated = rdb.to_vec();
+    truncated.truncate(rdb.len() - 12);
+    let (status, text) = import_cache(truncated).await;
+    assert_eq!(status, 422, "{text}");
+    assert!(text.contains("end-of-file"), "{text}");
+    // A header, the end-of-file marker, and garbage between: redis refuses to load it.
+    let mut garbage = b"REDIS0009".to_vec();
+    garbage.extend_from_slice(&[0x42; 32]);
+    garbage.push(0xFF);
+    garbage.extend_from_slice(&[0; 8]);
+    let (status, text) = import_cache(garbage).await;
+    assert_eq!(status, 502, "{text}");
+    assert!(text.contains("the data is as it was"), "{text}");
+    assert_eq!(redis_cli(&cache_url, &["get", "note"]).await, "changed");
+    assert_eq!(import_cache(rdb.to_vec()).await, (200, "ok\n".to_owned()));
+    assert_eq!(redis_cli(&cache_url, &["get", "note"]).await, "three");
+    let data = app.state.config.data_dir.join("resources/shop/cache");
+    assert!(!data.join("data.before-import").exists(), "the old data is gone");
 
     // `convox resources proxy`: a postgres session through the websocket (its SSL request is
     // answered `N`); any other address is refused.
@@ -269,10 +307,19 @@ async fn a_process_app_reads_and_writes_its_resources_across_redeploys_and_rollb
     rack_cli(&app, &["resources", "import", "database", "-a", "shop", "-f", path]).await;
     assert_eq!(notes(&app, "shop", "read").await, "pg=one,two\nredis=three\n");
 
+    // The imported data survives a restart of its server: stopped here, it is started again
+    // by the next deployment, from its AOF.
+    let redis = pid_in(&data.join("redis.pid"));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(redis), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let alive = |pid: i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+    wait_for(60, "redis to stop", || async { (!alive(redis)).then_some(()) }).await;
+
     // A variable set with `env set` wins over the injected one (an external database).
     let external = crate::deploys::create_release(&app, "shop", &[("env", "DATABASE_USER=external")]).await;
     let log = promote_follow(&app, "shop", external["id"].as_str().unwrap()).await;
     assert!(log.ends_with("OK\n"), "{log}");
+    assert_ne!(pid_in(&data.join("redis.pid")), redis, "restarted");
+    assert_eq!(notes(&app, "shop", "read").await, "pg=one,two\nredis=three\n");
     let env = notes(&app, "shop", "env").await;
     assert!(env.contains("/app external 127.0.0.1"), "{env}");
 
@@ -459,6 +506,19 @@ async fn bad_resources_fail_the_build_naming_the_key_and_line() {
         assert!(reason.contains(wanted), "{reason}");
         assert!(reason.contains("(line "), "{reason}");
     }
+}
+
+/// Runs `redis-cli -u url args` on this host; its output, trimmed.
+async fn redis_cli(url: &str, args: &[&str]) -> String {
+    let output = tokio::process::Command::new("redis-cli")
+        .args(["-u", url, "--no-auth-warning"])
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
 /// Runs the rack CLI against `app`; its standard output (it must succeed).

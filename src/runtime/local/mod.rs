@@ -243,6 +243,19 @@ impl Runtime for LocalRuntime {
         Ok(ResourceEndpoint { addr, guard: None })
     }
 
+    fn restores_redis(&self) -> bool {
+        true
+    }
+
+    async fn restore_redis(
+        &self,
+        app: &str,
+        spec: &crate::resource::ResourceSpec,
+        rdb: &std::path::Path,
+    ) -> Result<(), RuntimeError> {
+        self.resources.restore_redis(app, spec, rdb).await
+    }
+
     fn router_addr(&self, app: &str) -> Option<std::net::SocketAddr> {
         self.supervisor.router_addr(app)
     }

@@ -122,6 +122,27 @@ impl Resources {
         }
     }
 
+    /// Replaces the data of redis resource `spec` of `app` with the RDB file `rdb` (see
+    /// `redis::restore`: the old data comes back on any failure).
+    ///
+    /// # Errors
+    /// When it is not a redis resource created here, or the RDB cannot be loaded.
+    pub async fn restore_redis(&self, app: &str, spec: &ResourceSpec, rdb: &Path) -> Result<(), RuntimeError> {
+        let lock = self.lock(app, &spec.name);
+        let _held = lock.lock().await;
+        let dir = self.dir(app, &spec.name);
+        let (app, spec, rdb) = (app.to_owned(), spec.clone(), rdb.to_owned());
+        blocking(move || {
+            if stored_kind(&dir) != Some(Kind::Redis) {
+                return Err(format!("app {app} has no redis resource {} on this host", spec.name));
+            }
+            let port = read_port(&dir).ok_or("its port file is missing")?;
+            redis::restore(&dir, &spec, port, &rdb).map_err(|e| format!("{e:#}"))
+        })
+        .await
+        .map_err(RuntimeError::Failed)
+    }
+
     /// Stops resource `name` of `app` and removes its data.
     pub async fn delete(&self, app: &str, name: &str) -> Result<(), RuntimeError> {
         let lock = self.lock(app, name);
