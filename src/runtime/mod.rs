@@ -29,6 +29,10 @@ pub use routes::{BalancerInfo, BalancerPortInfo, ServiceRoute};
 /// The stream name of build output.
 pub const BUILD_STREAM: &str = crate::stream_names::BUILD;
 
+/// The owner rack-wide resources have in place of an app in the runtime's resource operations
+/// (`resource_endpoint(RACK_OWNER, name)`, `delete_resource`...): no app is named so.
+pub const RACK_OWNER: &str = "@rack";
+
 /// Where rack itself reaches a resource: an address on 127.0.0.1, valid while `guard` lives
 /// (the local runtime: the server's own port, no guard; Kubernetes: a port-forward).
 pub struct ResourceEndpoint {
@@ -205,6 +209,29 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
         let _ = (app, spec, rdb);
         Err(RuntimeError::Failed(format!(
             "importing into redis resources is not supported by the {} runtime",
+            self.name()
+        )))
+    }
+
+    /// Whether rack-wide resources (`POST /resources`) run here; elsewhere creating one is 501.
+    fn runs_rack_resources(&self) -> bool {
+        false
+    }
+
+    /// Makes sure rack-wide resource `spec` runs (creating, starting or adopting it), stopped
+    /// first when `restart` (its options changed). It is then reached, and deleted, as resource
+    /// `spec.name` of [`RACK_OWNER`].
+    ///
+    /// # Errors
+    /// When it cannot run here or does not come up.
+    async fn ensure_rack_resource(
+        &self,
+        spec: &crate::resource::ResourceSpec,
+        restart: bool,
+    ) -> Result<(), RuntimeError> {
+        let _ = (spec, restart);
+        Err(RuntimeError::Failed(format!(
+            "rack-wide resources are not supported by the {} runtime",
             self.name()
         )))
     }

@@ -897,3 +897,170 @@ esac
     assert_eq!(notes(&app, "maps", "read").await, "paris POINT(2.35 48.85)\n");
     assert_eq!(app.delete_app("maps").await.status(), 200);
 }
+
+/// `convox rack resources ...` as the convox CLI sends them: the types and their options, create
+/// (a redis at once, no deployment), info with the password masked below admin, update, link to
+/// an app whose service names it (its process gets `SHARED_URL` and reaches the server), the
+/// refusals (unknown type, bad option, a missing app, deleting a linked resource, a non-admin
+/// write), unlink and delete.
+#[tokio::test]
+async fn rack_wide_resources_replay_the_convox_cli() {
+    let app = TestApp::spawn().await;
+    let _servers = ResourceServers::at(&app.state.config.data_dir);
+    let send = |method: Method, path: &str, form: &[(&str, &str)]| {
+        let request = app.convox(method, path).form(form);
+        async move {
+            let response = request.send().await.unwrap();
+            crate::helpers::status_text(response).await
+        }
+    };
+    let json = |text: &str| -> Value { serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}")) };
+
+    // `rack resources types` / `options redis`.
+    let (status, text) = send(Method::OPTIONS, "/resources", &[]).await;
+    assert_eq!(status, 200, "{text}");
+    let types = json(&text);
+    let redis = types
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "redis")
+        .expect("redis");
+    assert!(redis["parameters"].to_string().contains("\"memory\""), "{redis}");
+
+    // Refusals: an unknown type, an unknown option, a bad value.
+    for (form, wanted) in [
+        (vec![("kind", "mongodb"), ("name", "shared")], "unknown resource type"),
+        (
+            vec![("kind", "redis"), ("name", "shared"), ("parameters", "colour=red")],
+            "unknown option",
+        ),
+        (
+            vec![("kind", "redis"), ("name", "shared"), ("parameters", "memory=lots")],
+            "invalid value",
+        ),
+    ] {
+        let (status, text) = send(Method::POST, "/resources", &form).await;
+        assert_eq!(status, 422, "{text}");
+        assert!(text.contains(wanted), "{text}");
+    }
+    assert_eq!(send(Method::GET, "/resources/shared", &[]).await.0, 404);
+
+    // `rack resources create redis --name shared memory=32`: it runs at once.
+    let (status, text) = send(
+        Method::POST,
+        "/resources",
+        &[("kind", "redis"), ("name", "shared"), ("parameters", "memory=32")],
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let created = json(&text);
+    assert_eq!(created["status"], "running", "{created}");
+    assert_eq!(created["parameters"]["memory"], "32", "{created}");
+    let url = created["url"].as_str().unwrap().to_owned();
+    assert!(url.starts_with("redis://default:") && !url.contains("****"), "{url}");
+    assert_eq!(redis_cli(&url, &["ping"]).await, "PONG");
+    assert!(
+        app.state
+            .config
+            .data_dir
+            .join("resources/@rack/shared/redis.pid")
+            .exists()
+    );
+    let (status, text) = send(Method::POST, "/resources", &[("kind", "redis"), ("name", "shared")]).await;
+    assert_eq!(status, 409, "{text}");
+
+    // A read-only token lists it with the password masked, and may not write.
+    let token: Value = app
+        .json(Method::POST, "/tokens")
+        .form(&[("name", "viewer"), ("role", "read")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let viewer = token["token"].as_str().unwrap();
+    let listed: Value = app
+        .client
+        .get(app.url("/resources"))
+        .basic_auth("convox", Some(viewer))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed[0]["name"], "shared", "{listed}");
+    assert!(listed[0]["url"].as_str().unwrap().contains(":********@"), "{listed}");
+    let refused = app
+        .client
+        .post(app.url("/resources"))
+        .basic_auth("convox", Some(viewer))
+        .form(&[("kind", "redis"), ("name", "other")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+
+    // `rack resources update shared memory=48`: restarted on the new options, same data.
+    redis_cli(&url, &["set", "greeting", "hello"]).await;
+    let (status, text) = send(Method::PUT, "/resources/shared", &[("parameters", "memory=48")]).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(json(&text)["parameters"]["memory"], "48", "{text}");
+    assert_eq!(
+        redis_cli(&url, &["config", "get", "maxmemory"]).await,
+        "maxmemory\n50331648"
+    );
+    assert_eq!(redis_cli(&url, &["get", "greeting"]).await, "hello");
+    let (status, text) = send(Method::PUT, "/resources/shared", &[("parameters", "storage=5")]).await;
+    assert_eq!(status, 422, "{text}");
+
+    // `rack resources link shared -a hub`: a missing app is 404; a service of the linked app
+    // names it in `resources:` without declaring it, and gets its variables.
+    let (status, text) = send(Method::POST, "/resources/shared/links", &[("app", "nowhere")]).await;
+    assert_eq!(status, 404, "{text}");
+    assert_eq!(app.create_app("hub").await.status(), 201);
+    let manifest = "services:\n  web:\n    command: sleep 86400\n    resources:\n      - shared\n";
+    let unlinked = build(&app, "hub", &[("convox.yml", manifest)]).await;
+    assert_eq!(unlinked["status"], "failed", "{unlinked}");
+    assert!(
+        unlinked["reason"].as_str().unwrap().contains("no resource \"shared\""),
+        "{unlinked}"
+    );
+    let (status, text) = send(Method::POST, "/resources/shared/links", &[("app", "hub")]).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(json(&text)["apps"][0]["name"], "hub", "{text}");
+    let linked = build(&app, "hub", &[("convox.yml", manifest)]).await;
+    assert_eq!(linked["status"], "complete", "{linked}");
+    let log = promote_follow(&app, "hub", linked["release"].as_str().unwrap()).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    let id = web_process(&app, "hub").await;
+    let (output, code) = crate::run::exec_output(
+        &app,
+        &format!("/apps/hub/processes/{id}/exec"),
+        &[(
+            "command",
+            "sh -c 'echo $SHARED_URL; redis-cli -u \"$SHARED_URL\" --no-auth-warning get greeting'",
+        )],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{output}");
+    // Through a terminal, redis-cli quotes its answer.
+    assert_eq!(output.replace("\r\n", "\n"), format!("{url}\n\"hello\"\n"));
+
+    // Deleting a linked resource is refused; unlinked, it goes with its data.
+    let (status, text) = send(Method::DELETE, "/resources/shared", &[]).await;
+    assert_eq!(status, 409, "{text}");
+    assert!(text.contains("linked to hub"), "{text}");
+    let (status, text) = send(Method::DELETE, "/resources/shared/links/hub", &[]).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(json(&text).get("apps").is_none(), "{text}");
+    assert_eq!(send(Method::DELETE, "/resources/shared/links/hub", &[]).await.0, 404);
+    let (status, text) = send(Method::DELETE, "/resources/shared", &[]).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(send(Method::GET, "/resources/shared", &[]).await.0, 404);
+    assert!(!app.state.config.data_dir.join("resources/@rack/shared").exists());
+    let (status, text) = send(Method::GET, "/resources", &[]).await;
+    assert_eq!((status, json(&text)), (200, serde_json::json!([])));
+}

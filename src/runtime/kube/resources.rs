@@ -674,6 +674,7 @@ mod tests {
             env: [("FOO".to_owned(), "bar".to_owned())].into(),
             manifest: crate::manifest::parse(manifest).unwrap(),
             resources: Default::default(),
+            rack_linked: Default::default(),
         }
     }
 

@@ -243,6 +243,18 @@ impl Runtime for LocalRuntime {
         Ok(ResourceEndpoint { addr, guard: None })
     }
 
+    fn runs_rack_resources(&self) -> bool {
+        true
+    }
+
+    async fn ensure_rack_resource(
+        &self,
+        spec: &crate::resource::ResourceSpec,
+        restart: bool,
+    ) -> Result<(), RuntimeError> {
+        self.resources.ensure_rack(spec, restart).await
+    }
+
     fn restores_redis(&self) -> bool {
         true
     }

@@ -22,6 +22,10 @@ use crate::postgres::RunAs;
 use crate::resource::{Kind, ResourceSpec};
 use crate::runtime::{LogSink, ReleaseSpec, RuntimeError};
 
+/// Where rack-wide resources live, in place of an app's name: `<data>/resources/@rack/<name>`
+/// (no app is named so: app names are DNS labels).
+const RACK: &str = crate::runtime::RACK_OWNER;
+
 /// The servers of resources on this host.
 #[derive(Debug)]
 pub struct Resources {
@@ -98,6 +102,29 @@ impl Resources {
         .map_err(failed)?;
         log.line(&stream, "ready").await;
         Ok(())
+    }
+
+    /// Makes sure rack-wide resource `spec` runs in `<data>/resources/@rack/<name>`, stopped
+    /// first when `restart` (its options changed: the server starts on a new configuration).
+    ///
+    /// # Errors
+    /// When it cannot run here or does not come up.
+    pub async fn ensure_rack(&self, spec: &ResourceSpec, restart: bool) -> Result<(), RuntimeError> {
+        if restart {
+            let lock = self.lock(RACK, &spec.name);
+            let _held = lock.lock().await;
+            let dir = self.dir(RACK, &spec.name);
+            let server = Server::of(spec.definition.kind);
+            blocking(move || {
+                server.stop(&dir);
+                Ok(())
+            })
+            .await
+            .map_err(RuntimeError::Failed)?;
+        }
+        // Its progress has no deployment log to go to.
+        let (log, _) = LogSink::lossy();
+        self.ensure(RACK, spec, &log).await
     }
 
     /// Where rack reaches resource `name` of `app`: its port on 127.0.0.1, if it runs.
@@ -183,10 +210,13 @@ pub fn link(
     env: &mut crate::env::Env,
 ) -> Result<(), RuntimeError> {
     for name in &service.resources {
-        let Some(spec) = release.resources.get(name) else {
-            continue;
+        // The app's own resource of that name wins over a rack-wide one linked to it.
+        let (owner, spec) = match (release.resources.get(name), release.rack_linked.get(name)) {
+            (Some(spec), _) => (release.app.as_str(), spec),
+            (None, Some(spec)) => (RACK, spec),
+            (None, None) => continue,
         };
-        let dir = data_dir.join("resources").join(&release.app).join(name);
+        let dir = data_dir.join("resources").join(owner).join(name);
         let port = read_port(&dir).ok_or_else(|| {
             RuntimeError::Failed(format!(
                 "resource {name} of {} has not been created on this host: deploy the release first",
