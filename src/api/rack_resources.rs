@@ -336,6 +336,7 @@ pub async fn update_rack_resource(
 pub async fn delete_rack_resource(
     State(state): State<AppState>,
     Path(name): Path<String>,
+    format: crate::api::input::Format,
 ) -> ApiResult<axum::response::Response> {
     load(&state, &name).await?;
     match store::delete_unlinked(&state.pool, &name).await? {
@@ -358,7 +359,7 @@ pub async fn delete_rack_resource(
                 source,
             })?;
     }
-    Ok(crate::api::input::text("ok\n"))
+    Ok(format.ok(serde_json::json!({ "deleted": name })))
 }
 
 /// `POST /resources/{name}/links` (form `app`): the app's services may name it in their

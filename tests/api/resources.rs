@@ -1063,4 +1063,30 @@ async fn rack_wide_resources_replay_the_convox_cli() {
     assert!(!app.state.config.data_dir.join("resources/@rack/shared").exists());
     let (status, text) = send(Method::GET, "/resources", &[]).await;
     assert_eq!((status, json(&text)), (200, serde_json::json!([])));
+
+    // The same through `rack rack resources ...`.
+    assert!(
+        rack_cli(&app, &["rack", "resources", "types"])
+            .await
+            .contains("postgis")
+    );
+    let options = rack_cli(&app, &["rack", "resources", "options", "redis"]).await;
+    assert!(options.contains("memory") && options.contains("64"), "{options}");
+    let created = rack_cli(
+        &app,
+        &["rack", "resources", "create", "redis", "--name", "kv", "memory=32"],
+    )
+    .await;
+    assert_eq!(created.trim(), "kv");
+    let listed = rack_cli(&app, &["rack", "resources"]).await;
+    assert!(listed.contains("kv") && listed.contains("running"), "{listed}");
+    let url = rack_cli(&app, &["rack", "resources", "url", "kv"]).await;
+    assert_eq!(redis_cli(url.trim(), &["ping"]).await, "PONG");
+    rack_cli(&app, &["rack", "resources", "update", "kv", "memory=40"]).await;
+    rack_cli(&app, &["rack", "resources", "link", "kv", "-a", "hub"]).await;
+    let info = rack_cli(&app, &["rack", "resources", "info", "kv"]).await;
+    assert!(info.contains("memory=40") && info.contains("hub"), "{info}");
+    rack_cli(&app, &["rack", "resources", "unlink", "kv", "-a", "hub"]).await;
+    rack_cli(&app, &["rack", "resources", "delete", "kv"]).await;
+    assert_eq!(send(Method::GET, "/resources/kv", &[]).await.0, 404);
 }
