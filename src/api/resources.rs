@@ -323,7 +323,8 @@ async fn console_bridge(socket: WebSocket, session: crate::runtime::ExecSession)
 }
 
 /// `/proxy/{host}/{port}` (websocket): the bytes of one TCP connection to a resource the
-/// credential may see, whose URL names `host` and `port`.
+/// credential may see (an app's; a rack-wide one for an admin), whose URL names `host` and
+/// `port`.
 #[tracing::instrument(skip_all)]
 pub async fn proxy(
     State(state): State<AppState>,
@@ -342,6 +343,29 @@ pub async fn proxy(
         if address(&state, &row, kind).await == Some((host.clone(), port)) {
             target = Some(row);
             break;
+        }
+    }
+    // A rack-wide resource (`convox rack resources proxy`): an admin's only.
+    if target.is_none() && principal.as_deref().is_none_or(|p| p.role >= Role::Admin) {
+        for row in crate::store::rack_resources::list(&state.pool).await? {
+            let spec = super::rack_resources::spec_of(&row)?;
+            let owner = crate::runtime::RACK_OWNER;
+            let kind = spec.definition.kind;
+            if state.runtime.resource_address(owner, &row.name, kind).await == Some((host.clone(), port)) {
+                target = Some(Resource {
+                    app: owner.to_owned(),
+                    name: row.name,
+                    kind: row.kind,
+                    definition: sqlx::types::Json(serde_json::Value::Null),
+                    username: row.username,
+                    password: row.password,
+                    database: row.database,
+                    status: row.status,
+                    created_at: row.created_at,
+                    updated_at: row.updated_at,
+                });
+                break;
+            }
         }
     }
     let row = target.ok_or_else(refused)?;

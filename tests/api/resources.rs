@@ -358,6 +358,12 @@ async fn a_process_app_reads_and_writes_its_resources_across_redeploys_and_rollb
 /// Opens the proxy websocket to `host:port` as the convox CLI does, sends postgres's SSL
 /// request, and returns the first bytes that come back (or the handshake's refusal status).
 async fn proxy_ssl_request(app: &TestApp, host: &str, port: &str) -> Result<Vec<u8>, u16> {
+    proxy_exchange(app, host, port, &[0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f]).await
+}
+
+/// Opens the proxy websocket to `host:port` as the convox CLI does, sends `payload`, and returns
+/// the first bytes that come back (or the handshake's refusal status).
+async fn proxy_exchange(app: &TestApp, host: &str, port: &str, payload: &[u8]) -> Result<Vec<u8>, u16> {
     let mut request = format!("ws://{}/proxy/{host}/{port}", app.addr)
         .into_client_request()
         .unwrap();
@@ -374,9 +380,7 @@ async fn proxy_ssl_request(app: &TestApp, host: &str, port: &str) -> Result<Vec<
         Err(e) => panic!("the handshake: {e}"),
     };
     let (mut sink, mut source) = socket.split();
-    sink.send(Message::Binary(vec![0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f].into()))
-        .await
-        .unwrap();
+    sink.send(Message::Binary(payload.to_vec().into())).await.unwrap();
     loop {
         let frame = tokio::time::timeout(std::time::Duration::from_secs(30), source.next())
             .await
@@ -1082,6 +1086,11 @@ async fn rack_wide_resources_replay_the_convox_cli() {
     assert!(listed.contains("kv") && listed.contains("running"), "{listed}");
     let url = rack_cli(&app, &["rack", "resources", "url", "kv"]).await;
     assert_eq!(redis_cli(url.trim(), &["ping"]).await, "PONG");
+    // `convox rack resources proxy kv`: the websocket reaches the server (which wants AUTH).
+    let authority = url.trim().rsplit('@').next().unwrap().split('/').next().unwrap();
+    let (host, port) = authority.split_once(':').unwrap();
+    let answer = proxy_exchange(&app, host, port, b"PING\r\n").await.expect("proxied");
+    assert!(answer.starts_with(b"-NOAUTH"), "{}", String::from_utf8_lossy(&answer));
     rack_cli(&app, &["rack", "resources", "update", "kv", "memory=40"]).await;
     rack_cli(&app, &["rack", "resources", "link", "kv", "-a", "hub"]).await;
     let info = rack_cli(&app, &["rack", "resources", "info", "kv"]).await;
