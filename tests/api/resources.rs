@@ -1037,8 +1037,16 @@ async fn rack_wide_resources_replay_the_convox_cli() {
     assert_eq!(json(&text)["apps"][0]["name"], "hub", "{text}");
     let linked = build(&app, "hub", &[("convox.yml", manifest)]).await;
     assert_eq!(linked["status"], "complete", "{linked}");
+    // A rack-wide server that went down is started again by a deployment that links it.
+    let pid_file = app.state.config.data_dir.join("resources/@rack/shared/redis.pid");
+    let shared = pid_in(&pid_file);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shared), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let alive = |pid: i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+    wait_for(60, "redis to stop", || async { (!alive(shared)).then_some(()) }).await;
     let log = promote_follow(&app, "hub", linked["release"].as_str().unwrap()).await;
     assert!(log.ends_with("OK\n"), "{log}");
+    assert!(log.contains("system/local/resource/shared starting"), "{log}");
+    assert_ne!(pid_in(&pid_file), shared, "started again");
     let id = web_process(&app, "hub").await;
     let (output, code) = crate::run::exec_output(
         &app,
@@ -1061,6 +1069,13 @@ async fn rack_wide_resources_replay_the_convox_cli() {
     assert_eq!(status, 200, "{text}");
     assert!(json(&text).get("apps").is_none(), "{text}");
     assert_eq!(send(Method::DELETE, "/resources/shared/links/hub", &[]).await.0, 404);
+    // Unlinked, a release whose service still names it cannot run, and says so.
+    let next = crate::deploys::create_release(&app, "hub", &[("env", "X=1")]).await;
+    let log = promote_follow(&app, "hub", next["id"].as_str().unwrap()).await;
+    assert!(
+        !log.ends_with("OK\n") && log.contains("no resource \"shared\""),
+        "{log}"
+    );
     let (status, text) = send(Method::DELETE, "/resources/shared", &[]).await;
     assert_eq!(status, 200, "{text}");
     assert_eq!(send(Method::GET, "/resources/shared", &[]).await.0, 404);

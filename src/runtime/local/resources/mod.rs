@@ -57,13 +57,21 @@ impl Resources {
     }
 
     /// Makes sure every resource `release` declares runs (creating, starting or adopting
-    /// each), writing `system/local/resource/<name>` lines to `log`.
+    /// each), and every rack-wide one linked to the app that a service names (started again if
+    /// it went down, after a reboot of the host say), writing `system/local/resource/<name>`
+    /// lines to `log`.
     ///
     /// # Errors
     /// When one cannot run here or does not come up.
     pub async fn ensure_all(&self, release: &ReleaseSpec, log: &LogSink) -> Result<(), RuntimeError> {
         for spec in release.resources.values() {
             self.ensure(&release.app, spec, log).await?;
+        }
+        let named = |name: &String| release.manifest.services.values().any(|s| s.resources.contains(name));
+        for (name, spec) in &release.rack_linked {
+            if !release.resources.contains_key(name) && named(name) {
+                self.ensure(RACK, spec, log).await?;
+            }
         }
         Ok(())
     }
