@@ -266,7 +266,10 @@ fn untrusted_input_is_unpacked_and_parsed_off_the_async_workers() {
             .position(|l| l.starts_with("#[cfg(test)]"))
             .unwrap_or(lines.len());
         for n in 0..end {
-            if lines[n].contains("unpack_tgz(") || lines[n].contains("manifest::parse(") {
+            if lines[n].contains("unpack_tgz(")
+                || lines[n].contains("manifest::parse(")
+                || lines[n].contains("manifest::parse_linking(")
+            {
                 calls += 1;
                 if !lines[n.saturating_sub(3)..n]
                     .iter()

@@ -42,6 +42,9 @@ pub enum ApiError {
     /// 422: well-formed but not acceptable.
     #[error("{0}")]
     Unprocessable(String),
+    /// 501: this rack's runtime does not do this (the message says where it is supported).
+    #[error("{0}")]
+    NotImplemented(String),
     /// 507: the disk is too full for this (a build).
     #[error("{0}")]
     InsufficientStorage(String),
@@ -77,6 +80,7 @@ impl ApiError {
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
+            Self::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             Self::Runtime { .. } => StatusCode::BAD_GATEWAY,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Db(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

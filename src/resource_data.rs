@@ -172,9 +172,69 @@ async fn streamed<G: Send + 'static>(mut cmd: Command, what: &str, guard: G) -> 
     ))
 }
 
+/// Writes the upload `body` to a new file in `dir` and checks that it is an RDB file (what
+/// [`export`] gives for redis): the magic `REDIS`, a four-digit version, and the end-of-file
+/// opcode (0xFF) before the 8-byte checksum, so a truncated upload is refused too. Anything
+/// else is refused (422) before the resource is touched.
+///
+/// # Errors
+/// 422 when the upload is not an RDB file; 400 when it cannot be read.
+pub async fn spool_rdb(dir: &std::path::Path, body: Body) -> ApiResult<tempfile::NamedTempFile> {
+    let file = tempfile::Builder::new()
+        .prefix(".import-")
+        .tempfile_in(dir)
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    let mut out = tokio::fs::File::create(file.path())
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    let mut head = Vec::with_capacity(9);
+    let mut tail = Vec::with_capacity(9);
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the upload: {e}")))?;
+        if head.len() < 9 {
+            let take = (9 - head.len()).min(chunk.len());
+            head.extend_from_slice(&chunk[..take]);
+            if head.len() == 9 && !is_rdb_header(&head) {
+                return Err(not_rdb(NO_HEADER));
+            }
+        }
+        tail.extend_from_slice(&chunk);
+        let excess = tail.len().saturating_sub(9);
+        tail.drain(..excess);
+        out.write_all(&chunk).await.map_err(|e| ApiError::Internal(e.into()))?;
+    }
+    out.flush().await.map_err(|e| ApiError::Internal(e.into()))?;
+    if head.len() < 9 || !is_rdb_header(&head) {
+        return Err(not_rdb(NO_HEADER));
+    }
+    // The header itself is 9 bytes: a whole file has at least the EOF opcode and checksum more.
+    let length = out.metadata().await.map_err(|e| ApiError::Internal(e.into()))?.len();
+    if length < 18 || tail.first() != Some(&0xFF) {
+        return Err(not_rdb(
+            "it does not end with the RDB end-of-file marker (a truncated file?)",
+        ));
+    }
+    Ok(file)
+}
+
+const NO_HEADER: &str = "it does not start with an RDB header (`REDIS` and a four-digit version)";
+
+/// `REDIS` and four ASCII digits.
+fn is_rdb_header(head: &[u8]) -> bool {
+    head.len() == 9 && head.starts_with(b"REDIS") && head[5..].iter().all(u8::is_ascii_digit)
+}
+
+fn not_rdb(why: &str) -> ApiError {
+    ApiError::Unprocessable(format!(
+        "the upload is not an RDB file: {why}; a redis resource imports what its export gives (`redis-cli --rdb`); nothing was changed"
+    ))
+}
+
 /// Loads `body` (what [`export`] gave) into the resource: SQL run by `psql` or the `mysql`
 /// client as the app's user, stopping at the first error. Redis data cannot be loaded into a
-/// running server through its protocol, so a redis import is refused.
+/// running server through its protocol: the runtime restarts it on the RDB file instead
+/// (`api::resources::import_resource`, with [`spool_rdb`]).
 pub async fn import(kind: Kind, credentials: &Credentials, endpoint: ResourceEndpoint, body: Body) -> ApiResult<()> {
     let mut cmd = match kind {
         Kind::Postgres | Kind::Postgis => {
@@ -193,11 +253,9 @@ pub async fn import(kind: Kind, credentials: &Credentials, endpoint: ResourceEnd
         }
         Kind::Memcached => return Err(memcached_refused("import")),
         Kind::Redis => {
-            return Err(ApiError::Unprocessable(
-                "import into redis resources is not supported: a running redis cannot load an RDB \
-                 file; import is for postgres, postgis, mysql and mariadb (an SQL dump)"
-                    .to_owned(),
-            ));
+            return Err(ApiError::Internal(anyhow::anyhow!(
+                "a redis import is the runtime's (restore_redis)"
+            )));
         }
     };
     cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());

@@ -17,6 +17,7 @@ pub mod limits;
 pub mod objects;
 pub mod origin;
 pub mod processes;
+pub mod rack_resources;
 pub mod releases;
 pub mod resources;
 pub mod run;
@@ -206,6 +207,29 @@ fn routes() -> Routes {
             resources::console_resource,
         )
         .stream(M::GET, "/proxy/{host}/{port}", DEPLOY.audited(), resources::proxy)
+        .json(M::GET, "/resources", READ, rack_resources::list_rack_resources)
+        .json(M::OPTIONS, "/resources", READ, rack_resources::list_rack_resource_types)
+        .json(M::POST, "/resources", ADMIN, rack_resources::create_rack_resource)
+        .json(M::GET, "/resources/{name}", READ, rack_resources::show_rack_resource)
+        .json(M::PUT, "/resources/{name}", ADMIN, rack_resources::update_rack_resource)
+        .json(
+            M::DELETE,
+            "/resources/{name}",
+            ADMIN,
+            rack_resources::delete_rack_resource,
+        )
+        .json(
+            M::POST,
+            "/resources/{name}/links",
+            ADMIN,
+            rack_resources::link_rack_resource,
+        )
+        .json(
+            M::DELETE,
+            "/resources/{name}/links/{app}",
+            ADMIN,
+            rack_resources::unlink_rack_resource,
+        )
         .stream(M::GET, "/events", READ, feed::stream_feed)
         .stream(M::GET, "/apps/{app}/events", READ, feed::stream_app_feed)
         .json(M::GET, "/metrics", READ, system::show_metrics)

@@ -184,7 +184,8 @@ pub async fn export_resource(
     Ok(response)
 }
 
-/// `PUT /apps/{app}/resources/{name}/data`: loads a plain-SQL dump into a postgres resource.
+/// `PUT /apps/{app}/resources/{name}/data`: loads a plain-SQL dump (postgres, postgis, mysql,
+/// mariadb) or an RDB file (redis, on runtimes that can restart redis on it).
 #[tracing::instrument(skip_all, fields(app.name = %app))]
 pub async fn import_resource(
     State(state): State<AppState>,
@@ -194,9 +195,55 @@ pub async fn import_resource(
 ) -> ApiResult<Response> {
     let row = load(&state, &app, &name).await?;
     let kind = kind_of(&row)?;
+    if kind == Kind::Redis {
+        import_rdb(&state, &row, body).await?;
+        return Ok(format.ok(serde_json::json!({ "imported": row.name })));
+    }
     let endpoint = endpoint(&state, &row).await?;
     crate::resource_data::import(kind, &credentials_of(&row), endpoint, body).await?;
     Ok(format.ok(serde_json::json!({ "imported": row.name })))
+}
+
+/// Loads an uploaded RDB file into redis resource `row`: refused (422) where the runtime cannot
+/// restart redis on a file, or when the upload is not an RDB file; then the runtime replaces the
+/// data under the resource's lock (its old data comes back on any failure).
+async fn import_rdb(state: &AppState, row: &Resource, body: Body) -> ApiResult<()> {
+    if !state.runtime.capabilities().restores_redis {
+        return Err(ApiError::Unprocessable(format!(
+            "import into redis resources is supported on the local runtime only (this rack runs \
+             the {} runtime): load the data with `rack resources proxy {}` and a redis client",
+            state.runtime.name(),
+            row.name
+        )));
+    }
+    // In the data directory: the upload may be large, and it lands next to the resource's data.
+    let rdb = crate::resource_data::spool_rdb(&state.config.data_dir, body).await?;
+    let options = row.definition.0["options"]
+        .as_object()
+        .map(|options| {
+            options
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let spec = crate::resource::ResourceSpec {
+        name: row.name.clone(),
+        definition: crate::resource::Definition {
+            kind: Kind::Redis,
+            options,
+            image: None,
+        },
+        credentials: credentials_of(row),
+    };
+    state
+        .runtime
+        .restore_redis(&row.app, &spec, rdb.path())
+        .await
+        .map_err(|source| ApiError::Runtime {
+            context: format!("importing into resource {}", row.name),
+            source,
+        })
 }
 
 /// `/apps/{app}/resources/{name}/console` (websocket): `psql` or `redis-cli` on a terminal
@@ -270,7 +317,8 @@ async fn console_bridge(socket: WebSocket, session: crate::runtime::ExecSession)
 }
 
 /// `/proxy/{host}/{port}` (websocket): the bytes of one TCP connection to a resource the
-/// credential may see, whose URL names `host` and `port`.
+/// credential may see (an app's; a rack-wide one for an admin), whose URL names `host` and
+/// `port`.
 #[tracing::instrument(skip_all)]
 pub async fn proxy(
     State(state): State<AppState>,
@@ -289,6 +337,29 @@ pub async fn proxy(
         if address(&state, &row, kind).await == Some((host.clone(), port)) {
             target = Some(row);
             break;
+        }
+    }
+    // A rack-wide resource (`convox rack resources proxy`): an admin's only.
+    if target.is_none() && principal.as_deref().is_none_or(|p| p.role >= Role::Admin) {
+        for row in crate::store::rack_resources::list(&state.pool).await? {
+            let spec = super::rack_resources::spec_of(&row)?;
+            let owner = crate::runtime::RACK_OWNER;
+            let kind = spec.definition.kind;
+            if state.runtime.resource_address(owner, &row.name, kind).await == Some((host.clone(), port)) {
+                target = Some(Resource {
+                    app: owner.to_owned(),
+                    name: row.name,
+                    kind: row.kind,
+                    definition: sqlx::types::Json(serde_json::Value::Null),
+                    username: row.username,
+                    password: row.password,
+                    database: row.database,
+                    status: row.status,
+                    created_at: row.created_at,
+                    updated_at: row.updated_at,
+                });
+                break;
+            }
         }
     }
     let row = target.ok_or_else(refused)?;

@@ -144,6 +144,16 @@ impl Client {
         self.send(self.request(Method::PUT, path)?.form(form)).await
     }
 
+    /// `OPTIONS path`, decoded from JSON.
+    pub async fn options<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.send(self.request(Method::OPTIONS, path)?).await
+    }
+
+    /// `DELETE path`, its answer decoded from JSON.
+    pub async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.send(self.request(Method::DELETE, path)?).await
+    }
+
     /// `DELETE path`.
     pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
         let _: serde_json::Value = self.send(self.request(Method::DELETE, path)?).await?;

@@ -14,6 +14,7 @@ mod logs;
 mod output;
 mod promote;
 mod ps;
+mod rack_resources;
 mod racks;
 mod releases;
 mod resources;
@@ -62,8 +63,11 @@ enum Command {
         #[command(subcommand)]
         command: Option<apps::AppsCommand>,
     },
-    /// Show the rack this client talks to.
-    Rack,
+    /// Show the rack this client talks to; `rack rack resources ...`: rack-wide resources.
+    Rack {
+        #[command(subcommand)]
+        command: Option<rack_resources::RackCommand>,
+    },
     /// Check a password or token against a rack and save both as the current rack.
     Login(racks::LoginArgs),
     /// Choose the saved rack commands talk to.
@@ -223,7 +227,8 @@ pub async fn run(cli: Cli) -> ExitCode {
         command => match connect(cli.rack_url.as_deref(), cli.fingerprint.as_deref()) {
             Ok(client) => match command {
                 Command::Apps { command } => apps::run(&client, command).await,
-                Command::Rack => show_rack(&client).await,
+                Command::Rack { command: None } => show_rack(&client).await,
+                Command::Rack { command: Some(command) } => rack_resources::run(&client, command).await,
                 Command::Build(args) => builds::run_build(&client, args).await,
                 Command::Builds { app, command } => builds::run(&client, app, command).await,
                 Command::Deploy(args) => deploy::run(&client, args).await,

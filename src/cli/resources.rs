@@ -36,7 +36,8 @@ pub enum ResourcesCommand {
         #[arg(short = 'f', long = "file")]
         file: Option<std::path::PathBuf>,
     },
-    /// Load a plain-SQL dump into a postgres resource, from a file or standard input.
+    /// Load a plain-SQL dump (postgres, mysql) or an RDB (redis) into a resource, from a file or
+    /// standard input.
     Import {
         name: String,
         #[command(flatten)]

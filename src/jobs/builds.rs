@@ -83,7 +83,16 @@ pub async fn run(state: &AppState, build: Build) {
             return;
         }
     };
+    let rack_linked = match crate::store::rack_resources::linked_to(&state.pool, &build.app).await {
+        Ok(linked) => linked.into_iter().map(|r| r.name).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, build.id = %build.id, "reading the rack resources linked to {}", build.app);
+            let _ = builds::hand_back(&state.pool, &build.id, state.replica).await;
+            return;
+        }
+    };
     let job = BuildJob {
+        rack_linked,
         app: build.app.clone(),
         id: build.id.clone(),
         release: release.clone(),

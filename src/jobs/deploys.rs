@@ -4,6 +4,7 @@
 //! Failure, or hands the deployment back; a deployment whose holder died is taken over when the
 //! lease expires and resumed from its state (`Signal::Proceed`).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -350,7 +351,16 @@ pub async fn load_spec(state: &AppState, app: &str, id: &str) -> Result<ReleaseS
         release: id.to_owned(),
         reason,
     };
-    let mut manifest = crate::manifest::parse(&release.manifest).map_err(|e| invalid(e.to_string()))?;
+    // The rack-wide resources linked to the app (`rack rack resources link`).
+    let rack_linked: BTreeMap<String, crate::resource::ResourceSpec> =
+        crate::store::rack_resources::linked_to(&state.pool, app)
+            .await
+            .map_err(LoadSpecError::store(format!("the rack resources linked to {app}")))?
+            .iter()
+            .filter_map(|row| Some((row.name.clone(), crate::api::rack_resources::spec_of(row).ok()?)))
+            .collect();
+    let names: Vec<String> = rack_linked.keys().cloned().collect();
+    let mut manifest = crate::manifest::parse_linking(&release.manifest, &names).map_err(|e| invalid(e.to_string()))?;
     let env = crate::env::parse(&release.env).map_err(|e| invalid(e.to_string()))?;
     // Counts set with `scale` win over the manifest's, for this release and every later one.
     let scales = crate::store::scales::for_app(&state.pool, app)
@@ -389,6 +399,7 @@ pub async fn load_spec(state: &AppState, app: &str, id: &str) -> Result<ReleaseS
         images,
         env,
         resources,
+        rack_linked,
         manifest,
     })
 }

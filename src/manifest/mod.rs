@@ -10,6 +10,7 @@ mod model;
 mod parser;
 mod resources;
 pub use cron::check_schedule;
+pub use resources::{MAX_RESOURCE_NAME, check_option, options_of};
 
 pub use model::*;
 
@@ -22,6 +23,15 @@ use parser::Doc;
 /// On YAML syntax errors, and on values Convox's grammar or rack's checks refuse; the error
 /// names the key and, when it can be found, the line.
 pub fn parse(text: &str) -> Result<Manifest, ParseManifestError> {
+    parse_linking(text, &[])
+}
+
+/// [`parse`], where a service's `resources:` may also name one of `rack_linked` (the rack-wide
+/// resources linked to the app: `rack resources link`).
+///
+/// # Errors
+/// As [`parse`].
+pub fn parse_linking(text: &str, rack_linked: &[String]) -> Result<Manifest, ParseManifestError> {
     check_shape(text)?;
     // Parsing into an untyped tree first lets every later error carry its key path.
     let mut root: Value = serde_yaml_ng::from_str(text).map_err(syntax_error)?;
@@ -91,14 +101,18 @@ pub fn parse(text: &str) -> Result<Manifest, ParseManifestError> {
     }
     // A service links resources by name: each must be declared (in any order of the keys).
     for (name, service) in &manifest.services {
-        if let Some(missing) = service.resources.iter().find(|r| !manifest.resources.contains_key(*r)) {
+        let known = |r: &&String| manifest.resources.contains_key(*r) || rack_linked.contains(r);
+        if let Some(missing) = service.resources.iter().find(|r| !known(r)) {
             let known = match manifest.resources.keys().cloned().collect::<Vec<_>>().join(", ") {
                 names if names.is_empty() => "this manifest declares no resources".to_owned(),
                 names => format!("this manifest's resources are {names}"),
             };
             return doc.fail(
                 &["services", name, "resources"],
-                format!("no resource {missing:?}: declare it under resources: ({known})"),
+                format!(
+                    "no resource {missing:?}: declare it under resources: ({known}), or link a rack-wide \
+                     resource of that name to the app (`rack rack resources link {missing} -a APP`)"
+                ),
             );
         }
     }

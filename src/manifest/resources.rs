@@ -103,13 +103,7 @@ impl Doc<'_> {
                 Value::String(s) => s.trim().to_owned(),
                 other => return self.expected(path, "a number or a string", other),
             };
-            let checked = match key {
-                "version" => check_version(&text),
-                "storage" => check_number(&text, 1..=MAX_STORAGE_GB, "GB"),
-                "memory" => check_number(&text, MEMORY_MB, "MB"),
-                _ => Ok(()),
-            };
-            if let Err(why) = checked {
+            if let Err(why) = check_option(key, &text) {
                 return self.fail(path, why);
             }
             options.insert(key.to_owned(), text);
@@ -131,6 +125,20 @@ impl Doc<'_> {
             names.push(name);
         }
         Ok(names)
+    }
+}
+
+/// Checks the value of option `key` (one of [`options_of`] a kind): what a manifest's
+/// `options:` and `rack resources create|update` refuse.
+///
+/// # Errors
+/// The reason, saying what to use.
+pub fn check_option(key: &str, text: &str) -> Result<(), String> {
+    match key {
+        "version" => check_version(text),
+        "storage" => check_number(text, 1..=MAX_STORAGE_GB, "GB"),
+        "memory" => check_number(text, MEMORY_MB, "MB"),
+        _ => Ok(()),
     }
 }
 

@@ -21,6 +21,8 @@ pub struct BuildJob {
     /// Path of the manifest inside the source.
     pub manifest_path: String,
     pub git_sha: String,
+    /// The rack-wide resources linked to the app: a service's `resources:` may name them.
+    pub rack_linked: Vec<String>,
 }
 
 /// What a successful build produced.

@@ -16,4 +16,10 @@ pub struct Capabilities {
     /// `crate::backup::pending_import`); backups leave out the data of resources of a runtime
     /// that does not (and say so in their manifest).
     pub restores_resource_data: bool,
+    /// A redis resource's data can be replaced by an RDB file ([`super::Runtime::restore_redis`]);
+    /// elsewhere a redis import is refused before its upload is read.
+    pub restores_redis: bool,
+    /// Rack-wide resources (`POST /resources`) run here
+    /// ([`super::Runtime::ensure_rack_resource`]); elsewhere creating one is 501.
+    pub runs_rack_resources: bool,
 }

@@ -31,6 +31,10 @@ pub use routes::{BalancerInfo, BalancerPortInfo, ServiceRoute};
 /// The stream name of build output.
 pub const BUILD_STREAM: &str = crate::stream_names::BUILD;
 
+/// The owner rack-wide resources have in place of an app in the runtime's resource operations
+/// (`resource_endpoint(RACK_OWNER, name)`, `delete_resource`...): no app is named so.
+pub const RACK_OWNER: &str = "@rack";
+
 /// Where rack itself reaches a resource: an address on 127.0.0.1, valid while `guard` lives
 /// (the local runtime: the server's own port, no guard; Kubernetes: a port-forward).
 pub struct ResourceEndpoint {
@@ -193,6 +197,43 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
         let _ = (app, name);
         Err(RuntimeError::Failed(format!(
             "resources are not supported by the {} runtime yet",
+            self.name()
+        )))
+    }
+
+    /// Replaces the data of redis resource `spec` of `app` with the RDB file `rdb` (checked to
+    /// be one): a running redis cannot load an RDB through its protocol, so the runtime restarts
+    /// it on the file. On failure the resource keeps its data.
+    ///
+    /// # Errors
+    /// When the RDB cannot be loaded (or the runtime cannot do this).
+    async fn restore_redis(
+        &self,
+        app: &str,
+        spec: &crate::resource::ResourceSpec,
+        rdb: &std::path::Path,
+    ) -> Result<(), RuntimeError> {
+        let _ = (app, spec, rdb);
+        Err(RuntimeError::Failed(format!(
+            "importing into redis resources is not supported by the {} runtime",
+            self.name()
+        )))
+    }
+
+    /// Makes sure rack-wide resource `spec` runs (creating, starting or adopting it), stopped
+    /// first when `restart` (its options changed). It is then reached, and deleted, as resource
+    /// `spec.name` of [`RACK_OWNER`].
+    ///
+    /// # Errors
+    /// When it cannot run here or does not come up.
+    async fn ensure_rack_resource(
+        &self,
+        spec: &crate::resource::ResourceSpec,
+        restart: bool,
+    ) -> Result<(), RuntimeError> {
+        let _ = (spec, restart);
+        Err(RuntimeError::Failed(format!(
+            "rack-wide resources are not supported by the {} runtime",
             self.name()
         )))
     }

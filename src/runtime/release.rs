@@ -15,6 +15,10 @@ pub struct ReleaseSpec {
     pub manifest: crate::manifest::Manifest,
     /// The resources the manifest declares, with their credentials, by name.
     pub resources: std::collections::BTreeMap<String, crate::resource::ResourceSpec>,
+    /// The rack-wide resources linked to the app, with their credentials, by name: a service
+    /// that names one in its `resources:` (and the app declares none of that name) gets its
+    /// variables. The runtime does not create them (`POST /resources` did).
+    pub rack_linked: std::collections::BTreeMap<String, crate::resource::ResourceSpec>,
 }
 
 impl ReleaseSpec {

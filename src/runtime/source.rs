@@ -79,8 +79,9 @@ pub async fn fetch(
     }
     let text = tokio::fs::read_to_string(&manifest_file).await.map_err(|_| missing())?;
     // Parsing is CPU work on untrusted input: off the async workers, so it never stalls requests.
+    let rack_linked = job.rack_linked.clone();
     let (text, parsed) = tokio::task::spawn_blocking(move || {
-        let parsed = crate::manifest::parse(&text);
+        let parsed = crate::manifest::parse_linking(&text, &rack_linked);
         (text, parsed)
     })
     .await

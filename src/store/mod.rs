@@ -10,6 +10,7 @@ pub mod events;
 pub mod feed;
 pub mod idempotency;
 pub mod objects;
+pub mod rack_resources;
 pub mod releases;
 pub mod resources;
 pub mod routers;

@@ -199,6 +199,7 @@ fn release(app: &str, id: &str, port: u16, resources: &[ResourceSpec]) -> Releas
         env: [("CACHE_URL".to_owned(), "redis://cache.example:6379/0".to_owned())].into(),
         manifest,
         resources: resources.iter().map(|r| (r.name.clone(), r.clone())).collect(),
+        rack_linked: Default::default(),
     }
 }
 

@@ -222,7 +222,45 @@ async fn a_process_app_reads_and_writes_its_resources_across_redeploys_and_rollb
         .await
         .unwrap();
     assert_eq!(rdb.status(), 200);
-    assert!(rdb.bytes().await.unwrap().starts_with(b"REDIS"), "an RDB file");
+    let rdb = rdb.bytes().await.unwrap();
+    assert!(rdb.starts_with(b"REDIS"), "an RDB file");
+
+    // A redis import: anything but an RDB file is refused, the data untouched; an RDB file
+    // that redis cannot load fails and leaves the data as it was; the exported one replaces
+    // the data (and survives a restart of the server, below).
+    let cache: Value = app.get_json("/apps/shop/resources/cache").await;
+    let cache_url = cache["url"].as_str().unwrap().to_owned();
+    redis_cli(&cache_url, &["set", "note", "changed"]).await;
+    let import_cache = |body: Vec<u8>| async {
+        let response = app
+            .convox(Method::PUT, "/apps/shop/resources/cache/data")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        crate::helpers::status_text(response).await
+    };
+    let (status, text) = import_cache(b"COPY public.notes (v) FROM stdin;\n".to_vec()).await;
+    assert_eq!(status, 422, "{text}");
+    assert!(text.contains("not an RDB file"), "{text}");
+    let mut truncated = rdb.to_vec();
+    truncated.truncate(rdb.len() - 12);
+    let (status, text) = import_cache(truncated).await;
+    assert_eq!(status, 422, "{text}");
+    assert!(text.contains("end-of-file"), "{text}");
+    // A header, the end-of-file marker, and garbage between: redis refuses to load it.
+    let mut garbage = b"REDIS0009".to_vec();
+    garbage.extend_from_slice(&[0x42; 32]);
+    garbage.push(0xFF);
+    garbage.extend_from_slice(&[0; 8]);
+    let (status, text) = import_cache(garbage).await;
+    assert_eq!(status, 502, "{text}");
+    assert!(text.contains("the data is as it was"), "{text}");
+    assert_eq!(redis_cli(&cache_url, &["get", "note"]).await, "changed");
+    assert_eq!(import_cache(rdb.to_vec()).await, (200, "ok\n".to_owned()));
+    assert_eq!(redis_cli(&cache_url, &["get", "note"]).await, "three");
+    let data = app.state.config.data_dir.join("resources/shop/cache");
+    assert!(!data.join("data.before-import").exists(), "the old data is gone");
 
     // `convox resources proxy`: a postgres session through the websocket (its SSL request is
     // answered `N`); any other address is refused.
@@ -269,10 +307,19 @@ async fn a_process_app_reads_and_writes_its_resources_across_redeploys_and_rollb
     rack_cli(&app, &["resources", "import", "database", "-a", "shop", "-f", path]).await;
     assert_eq!(notes(&app, "shop", "read").await, "pg=one,two\nredis=three\n");
 
+    // The imported data survives a restart of its server: stopped here, it is started again
+    // by the next deployment, from its AOF.
+    let redis = pid_in(&data.join("redis.pid"));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(redis), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let alive = |pid: i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+    wait_for(60, "redis to stop", || async { (!alive(redis)).then_some(()) }).await;
+
     // A variable set with `env set` wins over the injected one (an external database).
     let external = crate::deploys::create_release(&app, "shop", &[("env", "DATABASE_USER=external")]).await;
     let log = promote_follow(&app, "shop", external["id"].as_str().unwrap()).await;
     assert!(log.ends_with("OK\n"), "{log}");
+    assert_ne!(pid_in(&data.join("redis.pid")), redis, "restarted");
+    assert_eq!(notes(&app, "shop", "read").await, "pg=one,two\nredis=three\n");
     let env = notes(&app, "shop", "env").await;
     assert!(env.contains("/app external 127.0.0.1"), "{env}");
 
@@ -311,6 +358,12 @@ async fn a_process_app_reads_and_writes_its_resources_across_redeploys_and_rollb
 /// Opens the proxy websocket to `host:port` as the convox CLI does, sends postgres's SSL
 /// request, and returns the first bytes that come back (or the handshake's refusal status).
 async fn proxy_ssl_request(app: &TestApp, host: &str, port: &str) -> Result<Vec<u8>, u16> {
+    proxy_exchange(app, host, port, &[0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f]).await
+}
+
+/// Opens the proxy websocket to `host:port` as the convox CLI does, sends `payload`, and returns
+/// the first bytes that come back (or the handshake's refusal status).
+async fn proxy_exchange(app: &TestApp, host: &str, port: &str, payload: &[u8]) -> Result<Vec<u8>, u16> {
     let mut request = format!("ws://{}/proxy/{host}/{port}", app.addr)
         .into_client_request()
         .unwrap();
@@ -327,9 +380,7 @@ async fn proxy_ssl_request(app: &TestApp, host: &str, port: &str) -> Result<Vec<
         Err(e) => panic!("the handshake: {e}"),
     };
     let (mut sink, mut source) = socket.split();
-    sink.send(Message::Binary(vec![0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f].into()))
-        .await
-        .unwrap();
+    sink.send(Message::Binary(payload.to_vec().into())).await.unwrap();
     loop {
         let frame = tokio::time::timeout(std::time::Duration::from_secs(30), source.next())
             .await
@@ -459,6 +510,19 @@ async fn bad_resources_fail_the_build_naming_the_key_and_line() {
         assert!(reason.contains(wanted), "{reason}");
         assert!(reason.contains("(line "), "{reason}");
     }
+}
+
+/// Runs `redis-cli -u url args` on this host; its output, trimmed.
+async fn redis_cli(url: &str, args: &[&str]) -> String {
+    let output = tokio::process::Command::new("redis-cli")
+        .args(["-u", url, "--no-auth-warning"])
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
 /// Runs the rack CLI against `app`; its standard output (it must succeed).
@@ -836,4 +900,217 @@ esac
     assert_eq!(crate::helpers::status_text(import).await, (200, "ok\n".to_owned()));
     assert_eq!(notes(&app, "maps", "read").await, "paris POINT(2.35 48.85)\n");
     assert_eq!(app.delete_app("maps").await.status(), 200);
+}
+
+/// `convox rack resources ...` as the convox CLI sends them: the types and their options, create
+/// (a redis at once, no deployment), info with the password masked below admin, update, link to
+/// an app whose service names it (its process gets `SHARED_URL` and reaches the server), the
+/// refusals (unknown type, bad option, a missing app, deleting a linked resource, a non-admin
+/// write), unlink and delete.
+#[tokio::test]
+async fn rack_wide_resources_replay_the_convox_cli() {
+    let app = TestApp::spawn().await;
+    let _servers = ResourceServers::at(&app.state.config.data_dir);
+    let send = |method: Method, path: &str, form: &[(&str, &str)]| {
+        let request = app.convox(method, path).form(form);
+        async move {
+            let response = request.send().await.unwrap();
+            crate::helpers::status_text(response).await
+        }
+    };
+    let json = |text: &str| -> Value { serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}")) };
+
+    // `rack resources types` / `options redis`.
+    let (status, text) = send(Method::OPTIONS, "/resources", &[]).await;
+    assert_eq!(status, 200, "{text}");
+    let types = json(&text);
+    let redis = types
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "redis")
+        .expect("redis");
+    assert!(redis["parameters"].to_string().contains("\"memory\""), "{redis}");
+
+    // Refusals: an unknown type, an unknown option, a bad value.
+    for (form, wanted) in [
+        (vec![("kind", "mongodb"), ("name", "shared")], "unknown resource type"),
+        (
+            vec![("kind", "redis"), ("name", "shared"), ("parameters", "colour=red")],
+            "unknown option",
+        ),
+        (
+            vec![("kind", "redis"), ("name", "shared"), ("parameters", "memory=lots")],
+            "invalid value",
+        ),
+    ] {
+        let (status, text) = send(Method::POST, "/resources", &form).await;
+        assert_eq!(status, 422, "{text}");
+        assert!(text.contains(wanted), "{text}");
+    }
+    assert_eq!(send(Method::GET, "/resources/shared", &[]).await.0, 404);
+
+    // `rack resources create redis --name shared memory=32`: it runs at once.
+    let (status, text) = send(
+        Method::POST,
+        "/resources",
+        &[("kind", "redis"), ("name", "shared"), ("parameters", "memory=32")],
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let created = json(&text);
+    assert_eq!(created["status"], "running", "{created}");
+    assert_eq!(created["parameters"]["memory"], "32", "{created}");
+    let url = created["url"].as_str().unwrap().to_owned();
+    assert!(url.starts_with("redis://default:") && !url.contains("****"), "{url}");
+    assert_eq!(redis_cli(&url, &["ping"]).await, "PONG");
+    assert!(
+        app.state
+            .config
+            .data_dir
+            .join("resources/@rack/shared/redis.pid")
+            .exists()
+    );
+    let (status, text) = send(Method::POST, "/resources", &[("kind", "redis"), ("name", "shared")]).await;
+    assert_eq!(status, 409, "{text}");
+
+    // A read-only token lists it with the password masked, and may not write.
+    let token: Value = app
+        .json(Method::POST, "/tokens")
+        .form(&[("name", "viewer"), ("role", "read")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let viewer = token["token"].as_str().unwrap();
+    let listed: Value = app
+        .client
+        .get(app.url("/resources"))
+        .basic_auth("convox", Some(viewer))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed[0]["name"], "shared", "{listed}");
+    assert!(listed[0]["url"].as_str().unwrap().contains(":********@"), "{listed}");
+    let refused = app
+        .client
+        .post(app.url("/resources"))
+        .basic_auth("convox", Some(viewer))
+        .form(&[("kind", "redis"), ("name", "other")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+
+    // `rack resources update shared memory=48`: restarted on the new options, same data.
+    redis_cli(&url, &["set", "greeting", "hello"]).await;
+    let (status, text) = send(Method::PUT, "/resources/shared", &[("parameters", "memory=48")]).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(json(&text)["parameters"]["memory"], "48", "{text}");
+    assert_eq!(
+        redis_cli(&url, &["config", "get", "maxmemory"]).await,
+        "maxmemory\n50331648"
+    );
+    assert_eq!(redis_cli(&url, &["get", "greeting"]).await, "hello");
+    let (status, text) = send(Method::PUT, "/resources/shared", &[("parameters", "storage=5")]).await;
+    assert_eq!(status, 422, "{text}");
+
+    // `rack resources link shared -a hub`: a missing app is 404; a service of the linked app
+    // names it in `resources:` without declaring it, and gets its variables.
+    let (status, text) = send(Method::POST, "/resources/shared/links", &[("app", "nowhere")]).await;
+    assert_eq!(status, 404, "{text}");
+    assert_eq!(app.create_app("hub").await.status(), 201);
+    let manifest = "services:\n  web:\n    command: sleep 86400\n    resources:\n      - shared\n";
+    let unlinked = build(&app, "hub", &[("convox.yml", manifest)]).await;
+    assert_eq!(unlinked["status"], "failed", "{unlinked}");
+    assert!(
+        unlinked["reason"].as_str().unwrap().contains("no resource \"shared\""),
+        "{unlinked}"
+    );
+    let (status, text) = send(Method::POST, "/resources/shared/links", &[("app", "hub")]).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(json(&text)["apps"][0]["name"], "hub", "{text}");
+    let linked = build(&app, "hub", &[("convox.yml", manifest)]).await;
+    assert_eq!(linked["status"], "complete", "{linked}");
+    // A rack-wide server that went down is started again by a deployment that links it.
+    let pid_file = app.state.config.data_dir.join("resources/@rack/shared/redis.pid");
+    let shared = pid_in(&pid_file);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shared), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let alive = |pid: i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+    wait_for(60, "redis to stop", || async { (!alive(shared)).then_some(()) }).await;
+    let log = promote_follow(&app, "hub", linked["release"].as_str().unwrap()).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    assert!(log.contains("system/local/resource/shared starting"), "{log}");
+    assert_ne!(pid_in(&pid_file), shared, "started again");
+    let id = web_process(&app, "hub").await;
+    let (output, code) = crate::run::exec_output(
+        &app,
+        &format!("/apps/hub/processes/{id}/exec"),
+        &[(
+            "command",
+            "sh -c 'echo $SHARED_URL; redis-cli -u \"$SHARED_URL\" --no-auth-warning get greeting'",
+        )],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{output}");
+    // Through a terminal, redis-cli quotes its answer.
+    assert_eq!(output.replace("\r\n", "\n"), format!("{url}\n\"hello\"\n"));
+
+    // Deleting a linked resource is refused; unlinked, it goes with its data.
+    let (status, text) = send(Method::DELETE, "/resources/shared", &[]).await;
+    assert_eq!(status, 409, "{text}");
+    assert!(text.contains("linked to hub"), "{text}");
+    let (status, text) = send(Method::DELETE, "/resources/shared/links/hub", &[]).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(json(&text).get("apps").is_none(), "{text}");
+    assert_eq!(send(Method::DELETE, "/resources/shared/links/hub", &[]).await.0, 404);
+    // Unlinked, a release whose service still names it cannot run, and says so.
+    let next = crate::deploys::create_release(&app, "hub", &[("env", "X=1")]).await;
+    let log = promote_follow(&app, "hub", next["id"].as_str().unwrap()).await;
+    assert!(
+        !log.ends_with("OK\n") && log.contains("no resource \"shared\""),
+        "{log}"
+    );
+    let (status, text) = send(Method::DELETE, "/resources/shared", &[]).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(send(Method::GET, "/resources/shared", &[]).await.0, 404);
+    assert!(!app.state.config.data_dir.join("resources/@rack/shared").exists());
+    let (status, text) = send(Method::GET, "/resources", &[]).await;
+    assert_eq!((status, json(&text)), (200, serde_json::json!([])));
+
+    // The same through `rack rack resources ...`.
+    assert!(
+        rack_cli(&app, &["rack", "resources", "types"])
+            .await
+            .contains("postgis")
+    );
+    let options = rack_cli(&app, &["rack", "resources", "options", "redis"]).await;
+    assert!(options.contains("memory") && options.contains("64"), "{options}");
+    let created = rack_cli(
+        &app,
+        &["rack", "resources", "create", "redis", "--name", "kv", "memory=32"],
+    )
+    .await;
+    assert_eq!(created.trim(), "kv");
+    let listed = rack_cli(&app, &["rack", "resources"]).await;
+    assert!(listed.contains("kv") && listed.contains("running"), "{listed}");
+    let url = rack_cli(&app, &["rack", "resources", "url", "kv"]).await;
+    assert_eq!(redis_cli(url.trim(), &["ping"]).await, "PONG");
+    // `convox rack resources proxy kv`: the websocket reaches the server (which wants AUTH).
+    let authority = url.trim().rsplit('@').next().unwrap().split('/').next().unwrap();
+    let (host, port) = authority.split_once(':').unwrap();
+    let answer = proxy_exchange(&app, host, port, b"PING\r\n").await.expect("proxied");
+    assert!(answer.starts_with(b"-NOAUTH"), "{}", String::from_utf8_lossy(&answer));
+    rack_cli(&app, &["rack", "resources", "update", "kv", "memory=40"]).await;
+    rack_cli(&app, &["rack", "resources", "link", "kv", "-a", "hub"]).await;
+    let info = rack_cli(&app, &["rack", "resources", "info", "kv"]).await;
+    assert!(info.contains("memory=40") && info.contains("hub"), "{info}");
+    rack_cli(&app, &["rack", "resources", "unlink", "kv", "-a", "hub"]).await;
+    rack_cli(&app, &["rack", "resources", "delete", "kv"]).await;
+    assert_eq!(send(Method::GET, "/resources/kv", &[]).await.0, 404);
 }

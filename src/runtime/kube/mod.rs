@@ -246,6 +246,8 @@ impl Runtime for KubeRuntime {
             runs_timers: true,
             restores_on_start: false,
             restores_resource_data: false,
+            restores_redis: false,
+            runs_rack_resources: false,
         }
     }
 

@@ -124,6 +124,8 @@ impl Runtime for LocalRuntime {
         Capabilities {
             restores_on_start: true,
             restores_resource_data: true,
+            restores_redis: true,
+            runs_rack_resources: true,
             ..Capabilities::default()
         }
     }
@@ -264,6 +266,23 @@ impl Runtime for LocalRuntime {
     async fn resource_endpoint(&self, app: &str, name: &str) -> Result<ResourceEndpoint, RuntimeError> {
         let addr = self.resources.endpoint(app, name).await?;
         Ok(ResourceEndpoint { addr, guard: None })
+    }
+
+    async fn ensure_rack_resource(
+        &self,
+        spec: &crate::resource::ResourceSpec,
+        restart: bool,
+    ) -> Result<(), RuntimeError> {
+        self.resources.ensure_rack(spec, restart).await
+    }
+
+    async fn restore_redis(
+        &self,
+        app: &str,
+        spec: &crate::resource::ResourceSpec,
+        rdb: &std::path::Path,
+    ) -> Result<(), RuntimeError> {
+        self.resources.restore_redis(app, spec, rdb).await
     }
 
     fn router_addr(&self, app: &str) -> Option<std::net::SocketAddr> {

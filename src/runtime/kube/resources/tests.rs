@@ -12,6 +12,7 @@ fn release(manifest: &str) -> ReleaseSpec {
         env: [("FOO".to_owned(), "bar".to_owned())].into(),
         manifest: crate::manifest::parse(manifest).unwrap(),
         resources: Default::default(),
+        rack_linked: Default::default(),
     }
 }
 

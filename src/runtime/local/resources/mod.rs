@@ -24,6 +24,10 @@ use crate::postgres::RunAs;
 use crate::resource::{Kind, ResourceSpec};
 use crate::runtime::{LogSink, ReleaseSpec, RuntimeError};
 
+/// Where rack-wide resources live, in place of an app's name: `<data>/resources/@rack/<name>`
+/// (no app is named so: app names are DNS labels).
+const RACK: &str = crate::runtime::RACK_OWNER;
+
 /// The servers of resources on this host.
 #[derive(Debug)]
 pub struct Resources {
@@ -58,13 +62,21 @@ impl Resources {
     }
 
     /// Makes sure every resource `release` declares runs (creating, starting or adopting
-    /// each), writing `system/local/resource/<name>` lines to `log`.
+    /// each), and every rack-wide one linked to the app that a service names (started again if
+    /// it went down, after a reboot of the host say), writing `system/local/resource/<name>`
+    /// lines to `log`.
     ///
     /// # Errors
     /// When one cannot run here or does not come up.
     pub async fn ensure_all(&self, release: &ReleaseSpec, log: &LogSink) -> Result<(), RuntimeError> {
         for spec in release.resources.values() {
             self.ensure(&release.app, spec, log).await?;
+        }
+        let named = |name: &String| release.manifest.services.values().any(|s| s.resources.contains(name));
+        for (name, spec) in &release.rack_linked {
+            if !release.resources.contains_key(name) && named(name) {
+                self.ensure(RACK, spec, log).await?;
+            }
         }
         Ok(())
     }
@@ -145,6 +157,29 @@ impl Resources {
         Ok(())
     }
 
+    /// Makes sure rack-wide resource `spec` runs in `<data>/resources/@rack/<name>`, stopped
+    /// first when `restart` (its options changed: the server starts on a new configuration).
+    ///
+    /// # Errors
+    /// When it cannot run here or does not come up.
+    pub async fn ensure_rack(&self, spec: &ResourceSpec, restart: bool) -> Result<(), RuntimeError> {
+        if restart {
+            let lock = self.lock(RACK, &spec.name);
+            let _held = lock.lock().await;
+            let dir = self.dir(RACK, &spec.name);
+            let server = Server::of(spec.definition.kind);
+            blocking(move || {
+                server.stop(&dir);
+                Ok(())
+            })
+            .await
+            .map_err(RuntimeError::Failed)?;
+        }
+        // Its progress has no deployment log to go to.
+        let (log, _) = LogSink::lossy();
+        self.ensure(RACK, spec, &log).await
+    }
+
     /// Where rack reaches resource `name` of `app`: its port on 127.0.0.1, if it runs.
     pub async fn endpoint(&self, app: &str, name: &str) -> Result<std::net::SocketAddr, RuntimeError> {
         let dir = self.dir(app, name);
@@ -165,6 +200,27 @@ impl Resources {
                 "resource {name} of {app} is not running: deploy the app to start it"
             ))),
         }
+    }
+
+    /// Replaces the data of redis resource `spec` of `app` with the RDB file `rdb` (see
+    /// `redis::restore`: the old data comes back on any failure).
+    ///
+    /// # Errors
+    /// When it is not a redis resource created here, or the RDB cannot be loaded.
+    pub async fn restore_redis(&self, app: &str, spec: &ResourceSpec, rdb: &Path) -> Result<(), RuntimeError> {
+        let lock = self.lock(app, &spec.name);
+        let _held = lock.lock().await;
+        let dir = self.dir(app, &spec.name);
+        let (app, spec, rdb) = (app.to_owned(), spec.clone(), rdb.to_owned());
+        blocking(move || {
+            if stored_kind(&dir) != Some(Kind::Redis) {
+                return Err(format!("app {app} has no redis resource {} on this host", spec.name));
+            }
+            let port = read_port(&dir).ok_or("its port file is missing")?;
+            redis::restore(&dir, &spec, port, &rdb).map_err(|e| format!("{e:#}"))
+        })
+        .await
+        .map_err(RuntimeError::Failed)
     }
 
     /// Stops resource `name` of `app` and removes its data (and an export a restore left for it).
@@ -216,10 +272,13 @@ pub fn link(
 ) -> Result<Vec<u16>, RuntimeError> {
     let mut ports = Vec::new();
     for name in &service.resources {
-        let Some(spec) = release.resources.get(name) else {
-            continue;
+        // The app's own resource of that name wins over a rack-wide one linked to it.
+        let (owner, spec) = match (release.resources.get(name), release.rack_linked.get(name)) {
+            (Some(spec), _) => (release.app.as_str(), spec),
+            (None, Some(spec)) => (RACK, spec),
+            (None, None) => continue,
         };
-        let dir = data_dir.join("resources").join(&release.app).join(name);
+        let dir = data_dir.join("resources").join(owner).join(name);
         let port = read_port(&dir).ok_or_else(|| {
             RuntimeError::Failed(format!(
                 "resource {name} of {} has not been created on this host: deploy the release first",

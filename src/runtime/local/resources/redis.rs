@@ -2,7 +2,7 @@
 //! on 127.0.0.1 with the resource's password, appending every write to its AOF. As root it
 //! runs as the `redis` user of Debian's package, never as root: the app's password must not
 //! be a way to write files as root. A resource restored from a backup starts from the backup's
-//! RDB file (see [`create`]).
+//! RDB file (see [`create`]); an import replaces its data with an RDB file (see [`restore`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -36,21 +36,95 @@ pub(super) fn create(dir: &Path, spec: &ResourceSpec, port: u16, seed: Option<&P
     // With its AOF on, redis ignores an RDB file as it starts: it starts without, loads the
     // RDB, then turns the AOF on (which writes the loaded data to it) before it counts as
     // created; its configuration then says AOF again, for every later start.
-    let rdb = dir.join("data").join("dump.rdb");
-    std::fs::copy(seed, &rdb).with_context(|| format!("copying {} into the resource", seed.display()))?;
-    std::fs::set_permissions(&rdb, std::fs::Permissions::from_mode(0o600))?;
-    if let Some(user) = &run_as {
-        std::os::unix::fs::chown(&rdb, Some(user.uid.as_raw()), Some(user.gid.as_raw()))?;
-    }
+    place_rdb(dir, seed, run_as.as_ref())?;
     start_with(dir, spec, port, false)?;
     enable_aof(port, &spec.credentials.password)?;
     write_config(dir, spec, port, true)?;
     Ok(())
 }
 
+/// Copies the RDB file `rdb` into the data directory of `dir`, as the file redis loads when it
+/// starts with its AOF off.
+fn place_rdb(dir: &Path, rdb: &Path, run_as: Option<&RunAs>) -> anyhow::Result<()> {
+    let dump = dir.join("data").join("dump.rdb");
+    std::fs::copy(rdb, &dump).with_context(|| format!("copying {} into the resource", rdb.display()))?;
+    std::fs::set_permissions(&dump, std::fs::Permissions::from_mode(0o600))?;
+    if let Some(user) = run_as {
+        std::os::unix::fs::chown(&dump, Some(user.uid.as_raw()), Some(user.gid.as_raw()))?;
+    }
+    Ok(())
+}
+
+/// Where an import keeps the resource's data until the imported data is safe in the AOF.
+const ASIDE: &str = "data.before-import";
+
+/// Puts back the data an import that did not finish moved aside (rack died half-way): the
+/// import never happened.
+fn put_back(dir: &Path) -> anyhow::Result<()> {
+    let aside = dir.join(ASIDE);
+    if aside.exists() {
+        let data = dir.join("data");
+        let _ = std::fs::remove_dir_all(&data);
+        std::fs::rename(&aside, &data).context("putting back the data an unfinished import moved aside")?;
+    }
+    Ok(())
+}
+
+/// Replaces the data of the resource in `dir` (its server on `port`) with the RDB file `rdb`:
+/// the server stops, its data moves aside, it starts with its AOF off so that it loads the RDB,
+/// then its AOF is turned on (written from that dataset), and it restarts as usual (from the
+/// AOF), holding as many keys as it loaded. On any failure the old data is put back and the
+/// server started on it.
+pub(super) fn restore(dir: &Path, spec: &ResourceSpec, port: u16, rdb: &Path) -> anyhow::Result<()> {
+    let data = dir.join("data");
+    let aside = dir.join(ASIDE);
+    stop(dir);
+    put_back(dir)?;
+    std::fs::rename(&data, &aside).context("moving the data aside")?;
+    match load(dir, spec, port, rdb) {
+        Ok(()) => {
+            if let Err(e) = std::fs::remove_dir_all(&aside) {
+                tracing::warn!(error = %e, "removing {}", aside.display());
+            }
+            Ok(())
+        }
+        Err(e) => {
+            stop(dir);
+            let back = put_back(dir).and_then(|()| start_with(dir, spec, port, true));
+            match back {
+                Ok(()) => Err(e.context("the import failed and the data is as it was")),
+                Err(back) => Err(e.context(format!(
+                    "the import failed, and so did restoring the old data: {back:#}"
+                ))),
+            }
+        }
+    }
+}
+
+/// The steps of [`restore`] once the old data is aside.
+fn load(dir: &Path, spec: &ResourceSpec, port: u16, rdb: &Path) -> anyhow::Result<()> {
+    let run_as = run_as()?;
+    create_private_dir(&dir.join("data"), run_as.as_ref())?;
+    place_rdb(dir, rdb, run_as.as_ref())?;
+    start_with(dir, spec, port, false).context("loading the RDB file")?;
+    let password = &spec.credentials.password;
+    let keys = request(port, password, "DBSIZE")?;
+    enable_aof(port, password)?;
+    // Restarted as it always runs (from the AOF), it must hold what it loaded.
+    stop(dir);
+    start_with(dir, spec, port, true)?;
+    let reloaded = request(port, password, "DBSIZE")?;
+    if reloaded != keys {
+        bail!("redis holds {reloaded} keys after a restart, and loaded {keys} from the RDB file");
+    }
+    Ok(())
+}
+
 /// Writes the server's configuration (with the password: readable by its user only) and
-/// starts it; returns once it answers, with its data loaded.
+/// starts it; returns once it answers, with its data loaded (the data an unfinished import
+/// moved aside put back first).
 pub(super) fn start(dir: &Path, spec: &ResourceSpec, port: u16) -> anyhow::Result<()> {
+    put_back(dir)?;
     start_with(dir, spec, port, true)
 }
 
@@ -111,6 +185,9 @@ fn start_with(dir: &Path, spec: &ResourceSpec, port: u16, appendonly: bool) -> a
         );
     }
     let deadline = Instant::now() + Duration::from_secs(120);
+    // The daemon writes its pid file before it loads its data: a server gone for a second
+    // exited (data it cannot load), and waiting on would only delay the error.
+    let mut gone_since: Option<Instant> = None;
     loop {
         match ping(port, &spec.credentials.password) {
             Ok(()) => return Ok(()),
@@ -120,7 +197,14 @@ fn start_with(dir: &Path, spec: &ResourceSpec, port: u16, appendonly: bool) -> a
                     read_tail(&log, log_start)
                 )
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            Err(why) => {
+                if running(dir) {
+                    gone_since = None;
+                } else if gone_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(1) {
+                    bail!("redis exited ({why}); its log says:\n{}", read_tail(&log, log_start))
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 }
@@ -189,12 +273,12 @@ fn enable_aof(port: u16, password: &str) -> anyhow::Result<()> {
             && field("aof_rewrite_scheduled") == "0";
         if done {
             if field("aof_last_bgrewrite_status") != "ok" {
-                bail!("redis could not write its AOF from the backup's data (see redis.log)");
+                bail!("redis could not write its AOF from the data it loaded (see redis.log)");
             }
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("redis did not finish writing its AOF from the backup's data within an hour");
+            bail!("redis did not finish writing its AOF from the data it loaded within an hour");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
