@@ -159,6 +159,8 @@
         renderDeployments();
         break;
       }
+      // A deployment may link a resource or leave one unlinked (which has no event of its own).
+      case "deployment.finished": loadResources(event.app); break;
       case "resource.created": case "resource.ready": case "resource.failed": {
         // The event says the status; the URL (ready only once it runs) comes from the API.
         const byName = resources.get(event.app) || new Map();
