@@ -6,7 +6,9 @@
   const KEY = "rack.credential";
   const apps = new Map();      // name -> {status, release, history: []}
   const builds = new Map();    // id -> {app, status, at}
-  const deployments = new Map(); // id -> {app, release, state, at}
+  const deployments = new Map(); // id -> {app, release, previous, state, at, changes}
+  const resources = new Map(); // app -> Map(name -> {type, status, url}), the URL already masked
+  const resourceLoads = new Map(); // app -> the number of its latest resource request
   let live = null;             // the deployment whose rollout log is shown
   let lastId = null;           // the feed's cursor
   let stopped = false;
@@ -45,7 +47,69 @@
     $(bodyId).replaceChildren(...rows.map(([id, item]) => el("tr", { "data-id": id }, ...cells(id, item))));
   }
   const renderBuilds = () => renderRecent(builds, "builds", (id, b) => [el("td", {}, id), el("td", {}, b.app), statusCell(b.status), el("td", {}, when(b.at))]);
-  const renderDeployments = () => renderRecent(deployments, "deployments", (id, d) => [el("td", {}, d.release), el("td", {}, d.app), statusCell(d.state), el("td", {}, when(d.at))]);
+  const renderDeployments = () => renderRecent(deployments, "deployments", (id, d) => [el("td", {}, d.release), el("td", {}, d.app), statusCell(d.state), el("td", { class: "changes" }, d.changes || ""), el("td", {}, when(d.at))]);
+
+  // A resource's URL with its password replaced: the API shows it to a credential that may
+  // deploy, but the page never puts a secret in the DOM.
+  function masked(url) {
+    const text = String(url || "");
+    const scheme = text.indexOf("://");
+    if (scheme < 0) return text;
+    const rest = text.slice(scheme + 3);
+    const end = rest.search(/[/?#]/);
+    const authority = end < 0 ? rest : rest.slice(0, end);
+    const at = authority.lastIndexOf("@");
+    if (at < 0) return text;
+    const colon = authority.indexOf(":");
+    if (colon < 0 || colon > at) return text;
+    return `${text.slice(0, scheme + 3)}${authority.slice(0, colon)}:********${authority.slice(at)}${end < 0 ? "" : rest.slice(end)}`;
+  }
+
+  function renderResources() {
+    const rows = [];
+    for (const app of [...resources.keys()].sort()) {
+      const byName = resources.get(app);
+      for (const name of [...byName.keys()].sort()) {
+        const r = byName.get(name);
+        rows.push(el("tr", { "data-app": app, "data-resource": name, "data-status": r.status },
+          el("td", {}, app), el("td", {}, name), el("td", { class: "type" }, r.type), statusCell(r.status),
+          el("td", { class: "url" }, r.url || "—")));
+      }
+    }
+    $("resources").replaceChildren(...rows);
+  }
+
+  // The app's resources from the API; a later request's answer wins over an earlier one's.
+  async function loadResources(app) {
+    const number = (resourceLoads.get(app) || 0) + 1;
+    resourceLoads.set(app, number);
+    const list = await api(`/apps/${encodeURIComponent(app)}/resources`).catch(() => null);
+    if (!list || resourceLoads.get(app) !== number || !apps.has(app)) return;
+    resources.set(app, new Map(list.map((r) => [r.name, { type: r.type, status: r.status, url: masked(r.url) }])));
+    renderResources();
+  }
+
+  // What a deployment changes against the release active before it, as key names only.
+  function summary(diff) {
+    const parts = [];
+    const env = diff.env || {};
+    const keys = [...(env.added || []).map((k) => `+${k}`), ...(env.removed || []).map((k) => `-${k}`), ...(env.changed || []).map((k) => `~${k}`)];
+    if (keys.length) parts.push(`env ${keys.join(" ")}`);
+    if (diff.build && diff.build.changed) parts.push(`build ${diff.build.to ? diff.build.to.id : "changed"}`);
+    if (diff.manifest && diff.manifest.changed) parts.push("manifest changed");
+    return parts.length ? parts.join("; ") : "no changes";
+  }
+
+  async function loadChanges(id) {
+    const d = deployments.get(id);
+    if (!d || d.changes !== undefined) return;
+    if (!d.previous) { d.changes = "first release"; renderDeployments(); return; }
+    d.changes = "…";
+    const path = `/apps/${encodeURIComponent(d.app)}/releases/${d.previous}/diff/${d.release}`;
+    const diff = await api(path).catch(() => null);
+    const now = deployments.get(id);
+    if (now) { now.changes = diff ? summary(diff) : "—"; renderDeployments(); }
+  }
 
   function setStatus(name, status) {
     const app = apps.get(name) || { status: "", release: "", history: [] };
@@ -73,7 +137,7 @@
     switch (event.kind) {
       case "app.created": setStatus(event.app, "running"); break;
       case "app.updated": { const app = apps.get(event.app); if (app) app.release = data.release || app.release; break; }
-      case "app.deleted": apps.delete(event.app); break;
+      case "app.deleted": apps.delete(event.app); resources.delete(event.app); renderResources(); break;
       case "build.created": case "build.started": case "build.succeeded": case "build.failed": case "build.cancelled": {
         const status = { "build.created": "created", "build.started": "running", "build.succeeded": "complete", "build.failed": "failed", "build.cancelled": "cancelled" }[event.kind];
         const build = builds.get(event.build_id) || { app: event.app, at: event.at };
@@ -82,16 +146,29 @@
         break;
       }
       case "deployment.started":
-        deployments.set(event.deployment_id, { app: event.app, release: event.release_id, state: data.state || "pending", at: event.at });
+        deployments.set(event.deployment_id, { app: event.app, release: event.release_id, previous: data.previous_release, state: data.state || "pending", at: event.at });
         setStatus(event.app, data.status || "updating");
         showRollout(event.deployment_id, event.app, event.release_id);
         renderDeployments();
+        loadChanges(event.deployment_id);
         break;
       case "deployment.state": {
         const d = deployments.get(event.deployment_id) || { app: event.app, release: event.release_id, at: event.at };
         deployments.set(event.deployment_id, { ...d, state: data.to });
         setStatus(event.app, data.status);
         renderDeployments();
+        break;
+      }
+      // A deployment may link a resource or leave one unlinked (which has no event of its own).
+      case "deployment.finished": loadResources(event.app); break;
+      case "resource.created": case "resource.ready": case "resource.failed": {
+        // The event says the status; the URL (ready only once it runs) comes from the API.
+        const byName = resources.get(event.app) || new Map();
+        const known = byName.get(data.resource) || { url: "" };
+        byName.set(data.resource, { ...known, type: data.type, status: data.status });
+        resources.set(event.app, byName);
+        renderResources();
+        loadResources(event.app);
         break;
       }
       case "deployment.line":
@@ -158,9 +235,11 @@
           api(`/apps/${app.name}/deployments?limit=5`).catch(() => []),
         ]);
         for (const b of appBuilds) if (!builds.has(b.id)) builds.set(b.id, { app: b.app, status: b.status, at: b.started });
-        for (const d of appDeployments) if (!deployments.has(d.id)) deployments.set(d.id, { app: d.app, release: d.release, state: d.state, at: d.created });
+        for (const d of appDeployments) if (!deployments.has(d.id)) deployments.set(d.id, { app: d.app, release: d.release, previous: d.previous, state: d.state, at: d.created });
+        loadResources(app.name);
       }
       renderApps(); renderBuilds(); renderDeployments();
+      for (const id of deployments.keys()) loadChanges(id);
       await feed;
     } catch (error) {
       console.warn(error);

@@ -192,3 +192,118 @@ async fn the_dashboard_shows_a_deployment_live_in_a_real_browser() {
     browser.close().await.unwrap();
     drop(driver);
 }
+
+/// A manifest whose `web` (a process, no port) links one postgres resource.
+const POSTGRES_MANIFEST: &str = "resources:
+  database:
+    type: postgres
+services:
+  web:
+    command: sleep 86400
+    resources:
+      - database
+";
+
+/// A release of `build` with the env `env`; its id.
+async fn release_with_env(app: &TestApp, name: &str, build: &str, env: &str) -> String {
+    let response = app
+        .json(Method::POST, &format!("/apps/{name}/releases"))
+        .form(&[("build", build), ("env", env)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let release: serde_json::Value = response.json().await.unwrap();
+    release["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn the_dashboard_shows_resources_masked_and_what_each_deployment_changed() {
+    let app = TestApp::spawn().await;
+    let _servers = crate::resources::ResourceServers::at(&app.state.config.data_dir);
+    assert_eq!(app.create_app("shop").await.status(), 201);
+    let build_id = app.build_source("shop", &[("convox.yml", POSTGRES_MANIFEST)]).await;
+    let build = app.wait_build("shop", &build_id).await;
+    assert_eq!(build["status"], "complete", "{build}");
+    let first = release_with_env(&app, "shop", &build_id, "ALPHA=alpha-hush-1\nKEEP=keep-hush").await;
+    let second = release_with_env(&app, "shop", &build_id, "ALPHA=alpha-hush-2\nKEEP=keep-hush").await;
+
+    let driver = chromedriver().await;
+    let profile = tempfile::tempdir().unwrap();
+    let browser = browser(&driver, profile.path()).await;
+    browser.goto(&app.url("/")).await.unwrap();
+    let secret = browser.wait().for_element(Locator::Id("secret")).await.unwrap();
+    // The rack password: an admin credential, which the API shows the resource's password.
+    sign_in(&browser, &secret, PASSWORD).await;
+    wait_script(
+        &browser,
+        "the app in the table, the feed live",
+        "return document.querySelector('tr[data-app=shop]') && document.getElementById('feed-state').textContent === 'live' || null",
+    )
+    .await;
+
+    // The first deploy creates the resource: the page learns of it from the feed.
+    let log = crate::deploys::promote_follow(&app, "shop", &first).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    let row = wait_script(
+        &browser,
+        "the resource running with its URL",
+        "const row = document.querySelector('#resources tr[data-app=shop][data-resource=database]'); \
+         return row && row.dataset.status === 'running' && row.querySelector('.url').textContent.includes('@') ? \
+           {type: row.querySelector('.type').textContent, status: row.querySelector('.status').textContent, \
+            url: row.querySelector('.url').textContent} : null",
+    )
+    .await;
+    assert_eq!(row["type"], "postgres", "{row}");
+    assert_eq!(row["status"], "running", "{row}");
+    let shown = row["url"].as_str().unwrap();
+    assert!(shown.starts_with("postgres://app:********@127.0.0.1:"), "{row}");
+    let resources: serde_json::Value = app.get_json("/apps/shop/resources").await;
+    let url = resources[0]["url"].as_str().unwrap();
+    let password = url.split(':').nth(2).unwrap().split('@').next().unwrap();
+    assert!(
+        password.len() >= 8 && !password.contains('*'),
+        "the API shows the admin the password: {url}"
+    );
+
+    // The second deploy changes ALPHA's value: the deployment's row names the key, not a value.
+    let log = crate::deploys::promote_follow(&app, "shop", &second).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    let changes = wait_script(
+        &browser,
+        "the deployment's changes",
+        &format!(
+            "const row = [...document.querySelectorAll('#deployments tr')].find((r) => r.textContent.includes('{second}')); \
+             const cell = row && row.querySelector('.changes'); \
+             return cell && cell.textContent.includes('ALPHA') ? cell.textContent : null"
+        ),
+    )
+    .await;
+    let changes = changes.as_str().unwrap();
+    assert!(changes.contains("~ALPHA") && !changes.contains("KEEP"), "{changes}");
+    let first_changes = wait_script(
+        &browser,
+        "the first deployment's row",
+        &format!(
+            "const row = [...document.querySelectorAll('#deployments tr')].find((r) => r.textContent.includes('{first}')); \
+             const cell = row && row.querySelector('.changes'); \
+             return cell && cell.textContent !== '…' && cell.textContent !== '' ? cell.textContent : null"
+        ),
+    )
+    .await;
+    assert_eq!(first_changes, "first release");
+
+    let html = browser
+        .execute("return document.documentElement.outerHTML", vec![])
+        .await
+        .unwrap();
+    let html = html.as_str().unwrap();
+    assert!(
+        html.contains("~ALPHA") && html.contains(":********@"),
+        "the page shows both"
+    );
+    assert!(!html.contains(password), "the resource's password is in the page");
+    assert!(!html.contains("hush"), "an env value is in the page");
+    browser.close().await.unwrap();
+    drop(driver);
+}
