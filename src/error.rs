@@ -135,6 +135,17 @@ impl From<crate::jobs::deploys::LoadSpecError> for ApiError {
     }
 }
 
+impl From<crate::jobs::deploys::StartError> for ApiError {
+    /// Another deployment in progress is the state of the app (409); Postgres failing is not.
+    fn from(error: crate::jobs::deploys::StartError) -> Self {
+        use crate::jobs::deploys::StartError;
+        match error {
+            StartError::Busy => Self::Conflict(error.to_string()),
+            StartError::Store(source) => source.into(),
+        }
+    }
+}
+
 impl From<anyhow::Error> for ApiError {
     fn from(error: anyhow::Error) -> Self {
         Self::Internal(error)

@@ -125,9 +125,9 @@ pub fn go_zero_time() -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
+/// The build `id` of the app named `app` (already loaded), or 404.
 async fn load_build(state: &AppState, app: &str, id: &str) -> ApiResult<Build> {
-    let app = load_app(state, app).await?;
-    builds::get(&state.pool, &app.name, id)
+    builds::get(&state.pool, app, id)
         .await?
         .ok_or_else(|| ApiError::NotFound("build", id.chars().take(40).collect()))
 }
@@ -212,12 +212,13 @@ pub fn list_limit(limit: Option<i64>) -> ApiResult<i64> {
     }
 }
 
-#[tracing::instrument(skip_all, fields(app.name = %app, build.id = %id))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name, build.id = %id))]
 pub async fn show_build(
     State(state): State<AppState>,
-    Path((app, id)): Path<(String, String)>,
+    Path((_, id)): Path<(String, String)>,
+    AppPath(app): AppPath,
 ) -> ApiResult<Pretty<BuildView>> {
-    Ok(Pretty(load_build(&state, &app, &id).await?.into()))
+    Ok(Pretty(load_build(&state, &app.name, &id).await?.into()))
 }
 
 #[tracing::instrument(skip_all, fields(app.name = %app, build.id = %id))]
@@ -226,7 +227,9 @@ pub async fn update_build(
     Path((app, id)): Path<(String, String)>,
     Input(body): Input<UpdateBuild>,
 ) -> ApiResult<Pretty<BuildView>> {
-    let build = load_build(&state, &app, &id).await?;
+    // Loaded here, not by `AppPath`: the body is read first, so its errors come before a 404.
+    let app = load_app(&state, &app).await?;
+    let build = load_build(&state, &app.name, &id).await?;
     let status = body.status;
     if let Some(release) = &body.release
         && crate::store::releases::get(&state.pool, &build.app, release)
@@ -295,13 +298,14 @@ pub async fn cancel_build(
     Ok(format.ok(BuildView::from(build)))
 }
 
-#[tracing::instrument(skip_all, fields(app.name = %app, build.id = %id))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name, build.id = %id))]
 pub async fn stream_build_logs(
     State(state): State<AppState>,
-    Path((app, id)): Path<(String, String)>,
+    Path((_, id)): Path<(String, String)>,
     request: StreamRequest,
+    AppPath(app): AppPath,
 ) -> ApiResult<Response> {
-    let build = load_build(&state, &app, &id).await?;
+    let build = load_build(&state, &app.name, &id).await?;
     let topic = Topic::Build {
         app: build.app,
         build: build.id.to_string(),

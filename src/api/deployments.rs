@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::AppState;
-use crate::api::apps::{AppPath, load_app};
+use crate::api::apps::AppPath;
 use crate::api::builds::list_limit;
 use crate::api::input::{Format, Pretty, QueryParams};
 use crate::api::streams::{self, StreamRequest, Style};
@@ -70,9 +70,9 @@ fn deployment_id(id: &str) -> ApiResult<Uuid> {
         .map_err(|_| ApiError::NotFound("deployment", id.chars().take(40).collect()))
 }
 
+/// The deployment `id` of the app named `app` (already loaded), or 404.
 async fn load_deployment(state: &AppState, app: &str, id: &str) -> ApiResult<Deployment> {
-    let app = load_app(state, app).await?;
-    deployments::get(&state.pool, &app.name, deployment_id(id)?)
+    deployments::get(&state.pool, app, deployment_id(id)?)
         .await?
         .ok_or_else(|| ApiError::NotFound("deployment", id.to_owned()))
 }
@@ -87,21 +87,23 @@ pub async fn list_deployments(
     Ok(Pretty(list.into_iter().map(DeploymentView::from).collect()))
 }
 
-#[tracing::instrument(skip_all, fields(app.name = %app, deployment.id = %id))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name, deployment.id = %id))]
 pub async fn show_deployment(
     State(state): State<AppState>,
-    Path((app, id)): Path<(String, String)>,
+    Path((_, id)): Path<(String, String)>,
+    AppPath(app): AppPath,
 ) -> ApiResult<Pretty<DeploymentView>> {
-    Ok(Pretty(load_deployment(&state, &app, &id).await?.into()))
+    Ok(Pretty(load_deployment(&state, &app.name, &id).await?.into()))
 }
 
-#[tracing::instrument(skip_all, fields(app.name = %app, deployment.id = %id))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name, deployment.id = %id))]
 pub async fn stream_deployment_events(
     State(state): State<AppState>,
-    Path((app, id)): Path<(String, String)>,
+    Path((_, id)): Path<(String, String)>,
     request: StreamRequest,
+    AppPath(app): AppPath,
 ) -> ApiResult<Response> {
-    let deployment = load_deployment(&state, &app, &id).await?;
+    let deployment = load_deployment(&state, &app.name, &id).await?;
     let topic = Topic::Deployment {
         app: deployment.app,
         deployment: deployment.id,

@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use serde::Serialize;
 
 use crate::AppState;
-use crate::api::apps::load_app;
+use crate::api::apps::AppPath;
 use crate::api::input::Pretty;
 use crate::error::{ApiError, ApiResult};
 use crate::store::builds::Build;
@@ -146,12 +146,12 @@ async fn release_and_build(state: &AppState, app: &str, id: &str) -> ApiResult<(
     Ok((release, build))
 }
 
-#[tracing::instrument(skip_all, fields(app.name = %app))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name))]
 pub async fn diff_releases(
     State(state): State<AppState>,
-    Path((app, from, to)): Path<(String, String, String)>,
+    Path((_, from, to)): Path<(String, String, String)>,
+    AppPath(app): AppPath,
 ) -> ApiResult<Pretty<ReleaseDiff>> {
-    let app = load_app(&state, &app).await?;
     let (from, from_build) = release_and_build(&state, &app.name, &from).await?;
     let (to, to_build) = release_and_build(&state, &app.name, &to).await?;
     Ok(Pretty(diff(&from, from_build.as_ref(), &to, to_build.as_ref())))

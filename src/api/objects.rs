@@ -47,24 +47,26 @@ pub async fn upload_object(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
+    // Loaded here, not by `AppPath`: a bad key is a 400 before an unknown app is a 404.
     let key = checked_key(&key)?;
-    store_upload(&state, &app, &key, &headers, body).await
+    let app = load_app(&state, &app).await?;
+    store_upload(&state, &app.name, &key, &headers, body).await
 }
 
 /// `POST /apps/{app}/objects`: an upload with no key gets `tmp/<random>`, as in convox.
-#[tracing::instrument(skip_all, fields(app.name = %app))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name))]
 pub async fn upload_object_anonymous(
     State(state): State<AppState>,
-    Path(app): Path<String>,
     headers: HeaderMap,
+    AppPath(app): AppPath,
     body: Body,
 ) -> ApiResult<Response> {
     let key = format!("tmp/{}", crate::ids::random_token(30).to_lowercase());
-    store_upload(&state, &app, &key, &headers, body).await
+    store_upload(&state, &app.name, &key, &headers, body).await
 }
 
+/// Stores `body` as `key` of the app named `app` (already loaded).
 async fn store_upload(state: &AppState, app: &str, key: &str, headers: &HeaderMap, body: Body) -> ApiResult<Response> {
-    let app = load_app(state, app).await?;
     let limit = state.config.max_upload_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -74,7 +76,7 @@ async fn store_upload(state: &AppState, app: &str, key: &str, headers: &HeaderMa
         return Err(too_large(limit));
     }
     let expected = expected_digest(headers)?;
-    let location = crate::objects::Objects::new_location(&app.name);
+    let location = crate::objects::Objects::new_location(app);
     let stored = state
         .objects
         .put_stream(&location, idle_limited(body), limit, expected.as_deref())
@@ -87,7 +89,7 @@ async fn store_upload(state: &AppState, app: &str, key: &str, headers: &HeaderMa
             PutObjectError::Store(e) => ApiError::Internal(anyhow::Error::new(e).context("storing an upload")),
         })?;
     let size = i64::try_from(stored.size).unwrap_or(i64::MAX);
-    match store::objects::replace(&state.pool, &app.name, key, &location, size, &stored.sha256).await {
+    match store::objects::replace(&state.pool, app, key, &location, size, &stored.sha256).await {
         Ok(previous) => {
             if let Some(previous) = previous {
                 discard(state, &previous).await;
@@ -99,9 +101,9 @@ async fn store_upload(state: &AppState, app: &str, key: &str, headers: &HeaderMa
             return Err(e.into());
         }
     }
-    tracing::info!(app.name = %app.name, size = stored.size, "stored object {key} of {} ({} bytes)", app.name, stored.size);
+    tracing::info!(app.name = %app, size = stored.size, "stored object {key} of {} ({} bytes)", app, stored.size);
     let mut response = Pretty(ObjectUrl {
-        url: object_url(&app.name, key),
+        url: object_url(app, key),
     })
     .into_response();
     insert_digest_headers(response.headers_mut(), &stored.sha256);
@@ -180,25 +182,26 @@ fn insert_digest_headers(headers: &mut HeaderMap, sha256: &str) {
     }
 }
 
+/// The object `key` of the app named `app` (already loaded): 400 for a bad key, else 404.
 async fn load_object(state: &AppState, app: &str, key: &str) -> ApiResult<store::objects::Object> {
-    let app = load_app(state, app).await?;
     let key = checked_key(key)?;
-    store::objects::get(&state.pool, &app.name, &key)
+    store::objects::get(&state.pool, app, &key)
         .await?
         .ok_or(ApiError::NotFound("object", key))
 }
 
-#[tracing::instrument(skip_all, fields(app.name = %app))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name))]
 pub async fn download_object(
     State(state): State<AppState>,
-    Path((app, key)): Path<(String, String)>,
+    Path((_, key)): Path<(String, String)>,
+    AppPath(app): AppPath,
 ) -> ApiResult<Response> {
-    let mut object = load_object(&state, &app, &key).await?;
+    let mut object = load_object(&state, &app.name, &key).await?;
     let mut opened = state.objects.get_stream(&object.location).await;
     if matches!(opened, Err(object_store::Error::NotFound { .. })) {
         // Replaced (and its old blob deleted) between reading the row and opening the blob:
         // the new one is the answer.
-        object = load_object(&state, &app, &key).await?;
+        object = load_object(&state, &app.name, &key).await?;
         opened = state.objects.get_stream(&object.location).await;
     }
     let stream = opened.map_err(|e| match e {
@@ -216,12 +219,13 @@ pub async fn download_object(
     Ok(response)
 }
 
-#[tracing::instrument(skip_all, fields(app.name = %app))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name))]
 pub async fn head_object(
     State(state): State<AppState>,
-    Path((app, key)): Path<(String, String)>,
+    Path((_, key)): Path<(String, String)>,
+    AppPath(app): AppPath,
 ) -> ApiResult<Response> {
-    let object = load_object(&state, &app, &key).await?;
+    let object = load_object(&state, &app.name, &key).await?;
     let mut response = StatusCode::OK.into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(object.size));
@@ -229,13 +233,14 @@ pub async fn head_object(
     Ok(response)
 }
 
-#[tracing::instrument(skip_all, fields(app.name = %app))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name))]
 pub async fn delete_object(
     State(state): State<AppState>,
-    Path((app, key)): Path<(String, String)>,
+    Path((_, key)): Path<(String, String)>,
     format: Format,
+    AppPath(app): AppPath,
 ) -> ApiResult<Response> {
-    let object = load_object(&state, &app, &key).await?;
+    let object = load_object(&state, &app.name, &key).await?;
     // Metadata first: once it is gone the object is invisible, whatever happens next.
     if let Some(location) = store::objects::delete(&state.pool, &object.app, &object.key).await? {
         discard(&state, &location).await;

@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 
 use crate::AppState;
-use crate::api::apps::{AppPath, load_app};
+use crate::api::apps::AppPath;
 use crate::api::input::{Format, Pretty, QueryParams};
 use crate::api::streams::{self, StreamRequest, Style};
 use crate::error::{ApiError, ApiResult};
@@ -147,31 +147,31 @@ fn parse_duration(text: &str) -> Option<std::time::Duration> {
     Some(std::time::Duration::try_from_secs_f64(total).unwrap_or(std::time::Duration::MAX))
 }
 
-#[tracing::instrument(skip_all, fields(app.name = %app))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name))]
 pub async fn stream_app_logs(
     State(state): State<AppState>,
-    Path(app): Path<String>,
     request: StreamRequest,
+    AppPath(app): AppPath,
 ) -> ApiResult<Response> {
     logs(state, app, None, request).await
 }
 
-#[tracing::instrument(skip_all, fields(app.name = %app))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name))]
 pub async fn stream_service_logs(
     State(state): State<AppState>,
-    Path((app, service)): Path<(String, String)>,
+    Path((_, service)): Path<(String, String)>,
     request: StreamRequest,
+    AppPath(app): AppPath,
 ) -> ApiResult<Response> {
     logs(state, app, Some(service), request).await
 }
 
 async fn logs(
     state: AppState,
-    app: String,
+    app: crate::store::apps::App,
     service: Option<String>,
     mut request: StreamRequest,
 ) -> ApiResult<Response> {
-    let app = load_app(&state, &app).await?;
     let options = log_options(&request.headers)?;
     // Without an explicit cursor, start `Since` ago.
     if request.query.after.is_none() && request.headers.get("last-event-id").is_none() {
@@ -221,11 +221,7 @@ async fn logs(
 }
 
 /// `GET /apps/{app}/budget`: rack keeps no budgets; `convox ps` asks anyway.
-pub async fn show_budget(
-    State(state): State<AppState>,
-    Path(app): Path<String>,
-) -> ApiResult<Pretty<serde_json::Value>> {
-    load_app(&state, &app).await?;
+pub async fn show_budget(AppPath(_): AppPath) -> ApiResult<Pretty<serde_json::Value>> {
     Ok(Pretty(serde_json::json!({ "config": null, "state": null })))
 }
 

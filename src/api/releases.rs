@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::AppState;
-use crate::api::apps::{AppPath, is_constraint, load_app};
+use crate::api::apps::{AppPath, load_app};
 use crate::api::builds::list_limit;
 use crate::api::deployments::DeploymentView;
 use crate::api::input::{Format, Input, Pretty, QueryParams};
@@ -16,7 +16,6 @@ use crate::api::streams::{self, StreamQuery, StreamRequest, Style};
 use crate::error::{ApiError, ApiResult};
 use crate::events::Follow;
 use crate::store::builds::BuildStatus;
-use crate::store::deployments::{self, ONE_ACTIVE_PER_APP};
 use crate::store::events::Topic;
 use crate::store::releases::{self, NewRelease, Release};
 
@@ -203,56 +202,6 @@ pub async fn create_release(
         .into_response())
 }
 
-/// Starts a deployment of `release` (one per app: 409 while another runs, unless `force`
-/// supersedes it) and wakes the workers.
-pub async fn start_deployment(
-    state: &AppState,
-    app: &str,
-    release: &str,
-    force: bool,
-    timeout_secs: u64,
-) -> ApiResult<deployments::Deployment> {
-    let mut tx = state.pool.begin().await?;
-    let deployment = start_deployment_in(state, &mut tx, app, release, force, timeout_secs).await?;
-    tx.commit().await?;
-    woke(state);
-    Ok(deployment)
-}
-
-/// [`start_deployment`] inside the caller's transaction (which must then commit and call
-/// [`woke`]); a deployment in progress makes it 409, and the caller's whole transaction
-/// with it.
-pub async fn start_deployment_in(
-    state: &AppState,
-    conn: &mut sqlx::PgConnection,
-    app: &str,
-    release: &str,
-    force: bool,
-    timeout_secs: u64,
-) -> ApiResult<deployments::Deployment> {
-    let stream = crate::stream_names::atom(state.runtime.name());
-    let id = uuid::Uuid::now_v7();
-    if force {
-        crate::jobs::deploys::supersede(&mut *conn, app, id, &stream).await?;
-    }
-    let timeout = std::time::Duration::from_secs(timeout_secs);
-    deployments::insert(&mut *conn, id, app, release, timeout, &stream)
-        .await
-        .map_err(|e| {
-            if is_constraint(&e, ONE_ACTIVE_PER_APP) {
-                ApiError::Conflict("app is currently updating".into())
-            } else {
-                e.into()
-            }
-        })
-}
-
-/// Wakes the deploy workers after a deployment was committed (its streams hear of it through
-/// NOTIFY).
-pub fn woke(state: &AppState) {
-    state.bus.poke(crate::events::Wake::Jobs);
-}
-
 #[tracing::instrument(skip_all, fields(app.name = %app, release.id = %id))]
 pub async fn promote_release(
     State(state): State<AppState>,
@@ -284,7 +233,8 @@ pub async fn promote_release(
             "timeout must be between 1 and 86400 seconds, got {timeout}"
         )));
     }
-    let deployment = start_deployment(&state, &app.name, &release.id, body.force, timeout).await?;
+    let deployment =
+        crate::jobs::deploys::start_deployment(&state, &app.name, &release.id, body.force, timeout).await?;
     let id = deployment.id;
     tracing::info!(deployment.id = %id, app.name = %app.name, "promoting release {} of {}", release.id, app.name);
 

@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::AppState;
-use crate::api::apps::load_app;
+use crate::api::apps::{AppPath, load_app};
 use crate::api::input::{Format, Pretty};
 use crate::auth::{Principal, Role};
 use crate::error::{ApiError, ApiResult};
@@ -117,13 +117,12 @@ async fn endpoint(state: &AppState, row: &Resource) -> ApiResult<ResourceEndpoin
 }
 
 /// `GET /apps/{app}/resources`.
-#[tracing::instrument(skip_all, fields(app.name = %app))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name))]
 pub async fn list_resources(
     State(state): State<AppState>,
-    Path(app): Path<String>,
     principal: Option<Extension<Principal>>,
+    AppPath(app): AppPath,
 ) -> ApiResult<Pretty<Vec<ResourceView>>> {
-    let app = load_app(&state, &app).await?;
     let reveal = may_deploy(principal.as_deref());
     let mut views = Vec::new();
     for row in store::list(&state.pool, &app.name).await? {

@@ -14,7 +14,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 
 use crate::AppState;
-use crate::api::apps::load_app;
+use crate::api::apps::AppPath;
 use crate::api::input::{Pretty, header_text};
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
@@ -66,14 +66,14 @@ async fn note(state: &AppState, app: &str, message: String) -> ApiResult<()> {
 /// (the app's current one unless `Release` names another), with the release's environment plus
 /// `Environment` (`K=V&K2=V2`); not routed to, not counted in the scale; stopped after
 /// RACK_RUN_TIMEOUT.
-#[tracing::instrument(skip_all, fields(app.name = %app, service = %service))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name, service = %service))]
 pub async fn run_process(
     State(state): State<AppState>,
-    Path((app, service)): Path<(String, String)>,
+    Path((_, service)): Path<(String, String)>,
     Extension(principal): Extension<Principal>,
     headers: HeaderMap,
+    AppPath(app): AppPath,
 ) -> ApiResult<Pretty<ProcessInfo>> {
-    let app = load_app(&state, &app).await?;
     let argv = command(&headers)?;
     let mut env = crate::env::Env::new();
     if let Some(text) = header_text(&headers, "environment")? {
@@ -126,15 +126,15 @@ pub async fn run_process(
 /// `GET /apps/{app}/processes/{pid}/exec` (a websocket): runs `Command` inside the process,
 /// on a terminal of `Height` × `Width` unless `Tty: false`, with its input unless
 /// `Disable-Stdin: true`.
-#[tracing::instrument(skip_all, fields(app.name = %app, process.id = %id))]
+#[tracing::instrument(skip_all, fields(app.name = %app.name, process.id = %id))]
 pub async fn exec_process(
     State(state): State<AppState>,
-    Path((app, id)): Path<(String, String)>,
+    Path((_, id)): Path<(String, String)>,
     Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    AppPath(app): AppPath,
 ) -> ApiResult<Response> {
-    let app = load_app(&state, &app).await?;
     let ws = ws.map_err(|_| {
         ApiError::BadRequest(
             "exec is a websocket: connect with Upgrade: websocket (the convox or rack CLI does)".into(),

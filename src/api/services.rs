@@ -12,8 +12,9 @@ use crate::AppState;
 use crate::api::apps::{AppPath, load_app};
 use crate::api::deployments::DeploymentView;
 use crate::api::input::{Format, Input, Pretty};
-use crate::api::releases::{DEFAULT_TIMEOUT_SECS, start_deployment_in, woke};
+use crate::api::releases::DEFAULT_TIMEOUT_SECS;
 use crate::error::{ApiError, ApiResult};
+use crate::jobs::deploys::{start_deployment_in, woke};
 
 /// A service port, as convox shows it.
 #[derive(Debug, Serialize)]

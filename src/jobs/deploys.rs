@@ -271,6 +271,69 @@ impl Driver<'_> {
     }
 }
 
+/// Why a deployment could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Another deployment of the app is in progress (and `force` was not given).
+    #[error("app is currently updating")]
+    Busy,
+    #[error(transparent)]
+    Store(#[from] sqlx::Error),
+}
+
+/// Starts a deployment of `release` (one per app: [`StartError::Busy`] while another runs,
+/// unless `force` supersedes it) and wakes the workers.
+///
+/// # Errors
+/// When another deployment is in progress, or Postgres fails.
+pub async fn start_deployment(
+    state: &AppState,
+    app: &str,
+    release: &str,
+    force: bool,
+    timeout_secs: u64,
+) -> Result<Deployment, StartError> {
+    let mut tx = state.pool.begin().await?;
+    let deployment = start_deployment_in(state, &mut tx, app, release, force, timeout_secs).await?;
+    tx.commit().await?;
+    woke(state);
+    Ok(deployment)
+}
+
+/// [`start_deployment`] inside the caller's transaction (which must then commit and call
+/// [`woke`]); a deployment in progress makes it [`StartError::Busy`], and the caller's whole
+/// transaction with it.
+///
+/// # Errors
+/// When another deployment is in progress, or Postgres fails.
+pub async fn start_deployment_in(
+    state: &AppState,
+    conn: &mut sqlx::PgConnection,
+    app: &str,
+    release: &str,
+    force: bool,
+    timeout_secs: u64,
+) -> Result<Deployment, StartError> {
+    let stream = crate::stream_names::atom(state.runtime.name());
+    let id = uuid::Uuid::now_v7();
+    if force {
+        supersede(&mut *conn, app, id, &stream).await?;
+    }
+    let timeout = Duration::from_secs(timeout_secs);
+    deployments::insert(&mut *conn, id, app, release, timeout, &stream)
+        .await
+        .map_err(|e| {
+            let busy = e.as_database_error().and_then(|d| d.constraint()) == Some(deployments::ONE_ACTIVE_PER_APP);
+            if busy { StartError::Busy } else { e.into() }
+        })
+}
+
+/// Wakes the deploy workers after a deployment was committed (its streams hear of it through
+/// NOTIFY).
+pub fn woke(state: &AppState) {
+    state.bus.poke(crate::events::Wake::Jobs);
+}
+
 /// Ends the app's deployment in progress, if any, as `superseded` by `by` (a forced promote),
 /// in the caller's transaction, its lines on `stream`. Its worker notices at its next lease
 /// renewal and stops.
