@@ -60,7 +60,8 @@ async fn exec(app: &TestApp, path: &str, headers: &[(&str, &str)], stdin: &[&str
         code: None,
     };
     loop {
-        let message = tokio::time::timeout(Duration::from_secs(30), source.next())
+        // Generous: a one-off process on a saturated machine may say nothing for a while.
+        let message = tokio::time::timeout(Duration::from_secs(120), source.next())
             .await
             .expect("a frame")
             .expect("open until the end")
