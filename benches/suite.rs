@@ -1317,6 +1317,30 @@ async fn resource_deploy() -> anyhow::Result<Vec<Row>> {
     };
     let postgres = tree_pss_mib(pid_in(resources.join("database/data/postmaster.pid"))?);
     let redis = tree_pss_mib(pid_in(resources.join("cache/redis.pid"))?);
+    // Resource servers outlive rack by design: deleting the apps stops them.
+    for round in 0..3 {
+        server
+            .http
+            .delete(server.url(&format!("/apps/linked{round}")))
+            .basic_auth("rack", Some(PASSWORD))
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (0..3).any(|round| {
+        server
+            .data
+            .path()
+            .join(format!("rack/resources/linked{round}"))
+            .exists()
+    }) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the apps' resources were not removed within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let added = with - without;
     Ok(vec![
         row(
