@@ -634,13 +634,11 @@ async fn a_restored_rack_brings_back_its_resources_with_their_data() {
     assert!(log.ends_with("OK\n"), "{log}");
     notes(&first, "shop", "write kept").await;
     assert_eq!(notes(&first, "shop", "read").await, "pg=kept\nredis=kept\n");
-    let import = first
-        .convox(Method::PUT, "/apps/shop/resources/orders/data")
-        .body("create table orders (v text); insert into orders values ('kept-order');")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(crate::helpers::status_text(import).await, (200, "ok\n".to_owned()));
+    let created = "create table orders (v text); insert into orders values ('kept-order');";
+    assert_eq!(
+        crate::resources::import(&first, "shop", "orders", created).await,
+        (200, "ok\n".to_owned())
+    );
 
     let dir = crate::helpers::reachable_tempdir();
     let file = dir.path().join("rack.tar");
@@ -728,15 +726,8 @@ async fn a_restored_rack_brings_back_its_resources_with_their_data() {
     })
     .await;
     assert_eq!(notes(&second, "shop", "read").await, "pg=kept\nredis=kept\n");
-    let orders = second
-        .convox(Method::GET, "/apps/shop/resources/orders/data")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(orders.contains("kept-order"), "{orders}");
+    let orders = crate::resources::export(&second, "shop", "orders").await;
+    assert!(String::from_utf8_lossy(&orders).contains("kept-order"));
     // The bring-back's log says so (its services start once every resource is ready).
     let mut log = String::new();
     for name in ["database", "cache", "orders"] {

@@ -195,34 +195,16 @@ async fn a_process_app_reads_and_writes_its_resources_across_redeploys_and_rollb
     assert!(!feed.contains(password), "no secret in the feed");
 
     // export -> import round-trips the database.
-    let dump = app
-        .convox(Method::GET, "/apps/shop/resources/database/data")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(dump.status(), 200);
-    let dump = dump.bytes().await.unwrap();
+    let dump = export(&app, "shop", "database").await;
     assert!(
         String::from_utf8_lossy(&dump).contains("COPY public.notes"),
         "a plain-SQL dump"
     );
     notes(&app, "shop", "write three").await;
     assert_eq!(notes(&app, "shop", "read").await, "pg=one,three,two\nredis=three\n");
-    let import = app
-        .convox(Method::PUT, "/apps/shop/resources/database/data")
-        .body(dump)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(crate::helpers::status_text(import).await, (200, "ok\n".to_owned()));
+    assert_eq!(import(&app, "shop", "database", dump).await, (200, "ok\n".to_owned()));
     assert_eq!(notes(&app, "shop", "read").await, "pg=one,two\nredis=three\n");
-    let rdb = app
-        .convox(Method::GET, "/apps/shop/resources/cache/data")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(rdb.status(), 200);
-    let rdb = rdb.bytes().await.unwrap();
+    let rdb = export(&app, "shop", "cache").await;
     assert!(rdb.starts_with(b"REDIS"), "an RDB file");
 
     // A redis import: anything but an RDB file is refused, the data untouched; an RDB file
@@ -231,15 +213,7 @@ async fn a_process_app_reads_and_writes_its_resources_across_redeploys_and_rollb
     let cache: Value = app.get_json("/apps/shop/resources/cache").await;
     let cache_url = cache["url"].as_str().unwrap().to_owned();
     redis_cli(&cache_url, &["set", "note", "changed"]).await;
-    let import_cache = |body: Vec<u8>| async {
-        let response = app
-            .convox(Method::PUT, "/apps/shop/resources/cache/data")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        crate::helpers::status_text(response).await
-    };
+    let import_cache = |body: Vec<u8>| import(&app, "shop", "cache", body);
     let (status, text) = import_cache(b"COPY public.notes (v) FROM stdin;\n".to_vec()).await;
     assert_eq!(status, 422, "{text}");
     assert!(text.contains("not an RDB file"), "{text}");
@@ -548,6 +522,31 @@ async fn rack_cli(app: &TestApp, args: &[&str]) -> String {
     stdout
 }
 
+/// A resource's export (`GET …/data`, as `convox resources export` asks), which must be 200.
+pub async fn export(app: &TestApp, name: &str, resource: &str) -> bytes::Bytes {
+    let response = app
+        .convox(Method::GET, &format!("/apps/{name}/resources/{resource}/data"))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let body = response.bytes().await.unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    body
+}
+
+/// Imports `body` into a resource (`PUT …/data`, as `convox resources import` sends it): the
+/// status and the text of the answer.
+pub async fn import(app: &TestApp, name: &str, resource: &str, body: impl Into<reqwest::Body>) -> (u16, String) {
+    let response = app
+        .convox(Method::PUT, &format!("/apps/{name}/resources/{resource}/data"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    crate::helpers::status_text(response).await
+}
+
 /// The proportional set size of process `pid`, in KiB (shared pages split among their users).
 fn pss_kib(pid: i32) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
@@ -731,34 +730,17 @@ async fn a_process_app_reads_and_writes_mysql_and_memcached() {
     assert_eq!(notes(&app, "store", "read").await, "sql=one\ncache=one\n");
 
     // export -> import round-trips the database.
-    let dump = app
-        .convox(Method::GET, "/apps/store/resources/db/data")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(dump.status(), 200);
-    let dump = dump.bytes().await.unwrap();
+    let dump = export(&app, "store", "db").await;
     assert!(
         String::from_utf8_lossy(&dump).contains("INSERT INTO `notes` VALUES"),
         "a mysqldump"
     );
     notes(&app, "store", "write two").await;
     assert_eq!(notes(&app, "store", "read").await, "sql=one,two\ncache=two\n");
-    let import = app
-        .convox(Method::PUT, "/apps/store/resources/db/data")
-        .body(dump)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(crate::helpers::status_text(import).await, (200, "ok\n".to_owned()));
+    assert_eq!(import(&app, "store", "db", dump).await, (200, "ok\n".to_owned()));
     assert_eq!(notes(&app, "store", "read").await, "sql=one\ncache=two\n");
-    let broken = app
-        .convox(Method::PUT, "/apps/store/resources/db/data")
-        .body("select * from nowhere;")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(broken.status(), 422, "an import stops at an error");
+    let (status, text) = import(&app, "store", "db", "select * from nowhere;").await;
+    assert_eq!(status, 422, "an import stops at an error: {text}");
     let cache = app
         .convox(Method::GET, "/apps/store/resources/sessions/data")
         .send()
@@ -878,26 +860,13 @@ esac
     assert!(version.starts_with("3."), "{version}");
     notes(&app, "maps", "write paris").await;
     assert_eq!(notes(&app, "maps", "read").await, "paris POINT(2.35 48.85)\n");
-    let dump = app
-        .convox(Method::GET, "/apps/maps/resources/database/data")
-        .send()
-        .await
-        .unwrap();
-    let status = dump.status();
-    let dump = dump.bytes().await.unwrap();
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&dump));
+    let dump = export(&app, "maps", "database").await;
     assert!(
         !String::from_utf8_lossy(&dump).contains("EXTENSION"),
         "the extension is not in the dump"
     );
     notes(&app, "maps", "write rome").await;
-    let import = app
-        .convox(Method::PUT, "/apps/maps/resources/database/data")
-        .body(dump)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(crate::helpers::status_text(import).await, (200, "ok\n".to_owned()));
+    assert_eq!(import(&app, "maps", "database", dump).await, (200, "ok\n".to_owned()));
     assert_eq!(notes(&app, "maps", "read").await, "paris POINT(2.35 48.85)\n");
     assert_eq!(app.delete_app("maps").await.status(), 200);
 }
