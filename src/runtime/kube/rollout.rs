@@ -36,6 +36,13 @@ const FATAL_WAITING: &[&str] = &[
     "CreateContainerError",
 ];
 
+/// Messages of those reasons that the kubelet reports while it is still catching up, and retries
+/// by itself: its secret and configmap caches time out on a busy node ("failed to sync secret
+/// cache: timed out waiting for the condition") and then sync. Failing the rollout on them rolled
+/// back good releases (seen in CI on a loaded 2-core machine); a real misconfiguration still
+/// ends the rollout, by its own message or by the progress deadline.
+const TRANSIENT_MESSAGES: &[&str] = &["failed to sync secret cache", "failed to sync configmap cache"];
+
 pub async fn apply(
     runtime: &KubeRuntime,
     app: &str,
@@ -346,7 +353,9 @@ pub fn failing_pod(pod: &Pod) -> Option<String> {
     statuses.iter().find_map(|status| {
         let waiting = status.state.as_ref()?.waiting.as_ref()?;
         let reason = waiting.reason.as_deref()?;
-        FATAL_WAITING.contains(&reason).then(|| {
+        let message = waiting.message.as_deref().unwrap_or_default();
+        let transient = TRANSIENT_MESSAGES.iter().any(|t| message.contains(t));
+        (FATAL_WAITING.contains(&reason) && !transient).then(|| {
             let message = waiting.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
             format!("pod {name} is failing ({reason}){message}")
         })
@@ -413,5 +422,26 @@ mod tests {
         starting.status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0].state =
             serde_json::from_value(json!({ "waiting": { "reason": "ContainerCreating" } })).unwrap();
         assert_eq!(failing_pod(&starting), None);
+    }
+
+    #[test]
+    fn a_kubelet_still_syncing_its_secrets_is_waited_for() {
+        let waiting = |message: &str| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": { "name": "resource-cache-0" },
+                "status": { "containerStatuses": [{
+                    "name": "main", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+                    "state": { "waiting": { "reason": "CreateContainerConfigError", "message": message } }
+                }]}
+            }))
+            .unwrap()
+        };
+        let syncing = waiting("failed to sync secret cache: timed out waiting for the condition");
+        assert_eq!(failing_pod(&syncing), None);
+        let missing = waiting("secret \"resource-cache\" not found");
+        assert_eq!(
+            failing_pod(&missing).unwrap(),
+            "pod resource-cache-0 is failing (CreateContainerConfigError): secret \"resource-cache\" not found"
+        );
     }
 }
