@@ -12,7 +12,7 @@
 //! service's context that rack makes (`context`), from a Dockerfile rack has checked
 //! (`dockerfile`), with podman seeing nothing of rack's data directory but that copy (see
 //! `Podman::build_command`), its build caches the app's own, its network user-mode
-//! (`build_network`).
+//! (`user_network`).
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
@@ -213,11 +213,11 @@ impl Builder {
         }
         // As root, the build's own user-mode network (rootless podman has one of its own).
         let network = if nix::unistd::geteuid().is_root() {
-            Some(super::build_network::BuildNetwork::start().await?)
+            Some(super::user_network::UserNetwork::start().await?)
         } else {
             None
         };
-        let holder = network.as_ref().and_then(super::build_network::BuildNetwork::holder);
+        let holder = network.as_ref().and_then(super::user_network::UserNetwork::holder);
         let mut cmd = podman.build_command(&job.app, workspace, holder);
         cmd.env("TMPDIR", &cache)
             .args(["--pull=missing", "--layers", "--force-rm"])

@@ -102,16 +102,17 @@ impl Forwarders {
         })
     }
 
-    /// Makes sure a forwarder of `ports` serves the namespace of process `pid` (a container
-    /// adopted after a restart): starts one when a listener is missing.
+    /// Makes sure forwarders of `ports` serve the namespace of process `pid` (a container
+    /// adopted after a restart, an app's network): starts one for the ports without a listener.
     ///
     /// # Errors
     /// As [`Forwarders::start`].
     pub async fn ensure(&self, pid: u32, ports: &[u16]) -> Result<(), String> {
-        if ports.is_empty() || ports.iter().all(|port| listening(pid, *port)) {
+        let missing: Vec<u16> = ports.iter().copied().filter(|port| !listening(pid, *port)).collect();
+        if missing.is_empty() {
             return Ok(());
         }
-        self.start(pid, ports).await
+        self.start(pid, &missing).await
     }
 }
 

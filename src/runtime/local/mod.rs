@@ -3,8 +3,9 @@
 //! `supervisor`, `rollout`, `instance`, `health`), started by a driver (see `driver`), each
 //! service with a port behind a router (see `router`).
 
+mod app_network;
 mod build;
-mod build_network;
+mod user_network;
 mod cgroups;
 mod container;
 mod context;
@@ -65,6 +66,8 @@ pub struct LocalRuntime {
     resources: resources::Resources,
     supervisor: Supervisor,
     logs: Arc<dyn AppLogs>,
+    /// The apps' network namespaces (see `app_network`).
+    networks: Arc<app_network::AppNetworks>,
 }
 
 impl LocalRuntime {
@@ -78,16 +81,19 @@ impl LocalRuntime {
                 None
             }
         };
+        let forwarders = forwarder::Forwarders {
+            program: settings.program.clone(),
+        };
+        let networks = Arc::new(app_network::AppNetworks::new(forwarders.clone()));
         let processes = Arc::new(driver::ProcessDriver {
             sandbox: settings.sandbox.clone(),
             cgroups,
+            networks: networks.clone(),
         });
         let containers = settings.podman.clone().map(|podman| {
             Arc::new(container::ContainerDriver {
                 podman,
-                forwarders: forwarder::Forwarders {
-                    program: settings.program.clone(),
-                },
+                forwarders: forwarders.clone(),
             })
         });
         let logs = settings.logs.clone();
@@ -110,6 +116,7 @@ impl LocalRuntime {
             },
             supervisor,
             logs,
+            networks,
         }
     }
 }
@@ -246,6 +253,7 @@ impl Runtime for LocalRuntime {
     #[tracing::instrument(skip_all, fields(app.name = %app))]
     async fn delete_app(&self, app: &str) -> Result<(), RuntimeError> {
         self.supervisor.delete_app(app).await;
+        self.networks.remove(app).await;
         self.resources.delete_app(app).await;
         let builds = remove_dir(
             &self.builder.builds_dir.join(app),

@@ -32,6 +32,8 @@ pub struct Sandbox {
     account: Option<Account>,
     /// `--ro-bind` / `--symlink` arguments that show the system's directories.
     system: Vec<String>,
+    /// The network namespace sandboxes join (an app's); `None`: the host's.
+    network: Option<PathBuf>,
 }
 
 /// Whether a sandboxed command dies with rack.
@@ -80,6 +82,7 @@ impl Sandbox {
             bwrap,
             account,
             system: system_binds(Path::new("/")),
+            network: None,
         };
         sandbox.probe()?;
         Ok(sandbox)
@@ -100,21 +103,11 @@ impl Sandbox {
     /// `workspace` (bound at the same path), starting in `cwd`, with an empty environment
     /// (the caller adds what the command may see).
     pub fn command(&self, workspace: &Path, cwd: &Path, argv: &[String], tie: Tie) -> Command {
-        let mut cmd = Command::new(&self.bwrap);
-        cmd.args(self.arguments(workspace, cwd, argv, tie))
-            .env_clear()
-            .current_dir("/");
-        if let Some(account) = &self.account {
-            // Also drops rack's supplementary groups (std does when root changes uid).
-            cmd.uid(account.uid).gid(account.gid);
-        }
-        cmd
+        self.command_in(workspace, cwd, argv, tie, &[], false)
     }
 
     /// [`Sandbox::command`] whose processes all belong to the cgroups whose `cgroup.procs`
-    /// files are `procs` (see `cgroups`): a root shell joins them, then becomes the sandbox
-    /// user and starts the sandbox, so not one instruction of the app runs outside its limits.
-    /// Without a sandbox user (rack is not root) or cgroups, this is [`Sandbox::command`].
+    /// files are `procs` (see `cgroups`).
     pub fn limited_command(
         &self,
         workspace: &Path,
@@ -123,34 +116,72 @@ impl Sandbox {
         tie: Tie,
         procs: &[PathBuf],
     ) -> Command {
-        let Some(account) = self.account.as_ref().filter(|_| !procs.is_empty()) else {
-            return self.command(workspace, cwd, argv, tie);
-        };
-        let mut cmd = Command::new("/bin/sh");
-        cmd.args(["-c", JOIN_CGROUPS, "rack-join"])
-            .args(procs)
-            .arg("--")
-            .arg("/usr/bin/setpriv")
-            .arg(format!("--reuid={}", account.uid))
-            .arg(format!("--regid={}", account.gid))
-            .args(["--clear-groups", "--"])
-            .arg(&self.bwrap)
-            .args(self.arguments(workspace, cwd, argv, tie))
-            .env_clear()
-            .current_dir("/");
-        cmd
+        self.command_in(workspace, cwd, argv, tie, procs, false)
     }
 
     /// [`Sandbox::command`] on a terminal: the sandbox's first process gets a session of its
     /// own whose controlling terminal is its standard input (`setsid --ctty`).
     pub fn terminal_command(&self, workspace: &Path, cwd: &Path, argv: &[String], tie: Tie) -> Command {
-        let mut cmd = Command::new("setsid");
-        cmd.arg("--ctty")
-            .arg(&self.bwrap)
-            .args(self.arguments(workspace, cwd, argv, tie))
-            .env_clear()
-            .current_dir("/");
-        if let Some(account) = &self.account {
+        self.command_in(workspace, cwd, argv, tie, &[], true)
+    }
+
+    /// This sandbox, joining the network namespace at `namespace` (an app's, see `app_network`)
+    /// instead of staying in the host's. Only root may join one: without a sandbox user (rack
+    /// is not root), this is the sandbox unchanged.
+    pub fn in_network(&self, namespace: PathBuf) -> Self {
+        let mut sandbox = self.clone();
+        sandbox.network = Some(namespace);
+        sandbox
+    }
+
+    /// [`Sandbox::command`] in the cgroups `procs`, on a terminal when `terminal`. What needs
+    /// root (joining cgroups, the app's network namespace) is done by a root chain that then
+    /// becomes the sandbox user (`setpriv`) and starts the sandbox, so not one instruction of
+    /// the app runs outside its limits or its network. Without a sandbox user (rack is not
+    /// root) the sandbox starts directly, as rack's user.
+    pub fn command_in(
+        &self,
+        workspace: &Path,
+        cwd: &Path,
+        argv: &[String],
+        tie: Tie,
+        procs: &[PathBuf],
+        terminal: bool,
+    ) -> Command {
+        let sandbox = self.arguments(workspace, cwd, argv, tie);
+        let account = self.account.as_ref();
+        let chain = account.filter(|_| !procs.is_empty() || self.network.is_some());
+        let mut line: Vec<std::ffi::OsString> = Vec::new();
+        if terminal {
+            line.extend(["setsid".into(), "--ctty".into()]);
+        }
+        if let Some(account) = chain {
+            if !procs.is_empty() {
+                line.extend(["/bin/sh".into(), "-c".into(), JOIN_CGROUPS.into(), "rack-join".into()]);
+                line.extend(procs.iter().map(Into::into));
+                line.push("--".into());
+            }
+            if let Some(namespace) = &self.network {
+                let mut net = std::ffi::OsString::from("--net=");
+                net.push(namespace);
+                line.extend(["/usr/bin/nsenter".into(), net, "--".into()]);
+            }
+            line.extend([
+                "/usr/bin/setpriv".into(),
+                format!("--reuid={}", account.uid).into(),
+                format!("--regid={}", account.gid).into(),
+                "--clear-groups".into(),
+                "--".into(),
+            ]);
+        }
+        line.push(self.bwrap.clone().into());
+        line.extend(sandbox);
+        let mut cmd = Command::new(&line[0]);
+        cmd.args(&line[1..]).env_clear().current_dir("/");
+        if chain.is_none()
+            && let Some(account) = account
+        {
+            // Also drops rack's supplementary groups (std does when root changes uid).
             cmd.uid(account.uid).gid(account.gid);
         }
         cmd

@@ -1,11 +1,11 @@
-//! The network of an image build: a network namespace of its own with user-mode networking
-//! (slirp4netns), the same kind the containers get. buildah 1.28 runs as root knows only its
-//! bridge (a private address on a host interface, NAT to anything the host reaches, the host's
-//! own non-loopback listeners included) or the host's network; but it can join a namespace by
-//! path (`--network ns:PATH`; see `Podman::build_command`). So rack makes one per build: a holder process in a new network
-//! namespace, and slirp4netns serving it, without the host's loopback (`--disable-host-loopback`:
-//! the API and the apps' ports on 127.0.0.1 are out of reach). Both die with the build, and
-//! with rack.
+//! A user-mode network: a network namespace of its own with slirp4netns serving it, the kind
+//! podman gives containers. Image builds get one each (buildah 1.28 run as root knows only its
+//! bridge, which NATs to anything the host reaches, or the host's network; but it can join a
+//! namespace by path: `--network ns:PATH`, see `Podman::build_command`), and each app's
+//! sandboxed processes share one (see `app_network`). It is a holder process in a new network
+//! namespace, and slirp4netns serving it without the host's loopback
+//! (`--disable-host-loopback`: the API and the apps' ports on 127.0.0.1 are out of reach). Both
+//! die with their owner, and with rack.
 
 use std::time::Duration;
 
@@ -13,16 +13,16 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 
 /// How long making the namespace and starting slirp4netns may take.
-const READY_WITHIN: Duration = Duration::from_secs(10);
+const READY_WITHIN: Duration = Duration::from_secs(30);
 
-/// A build's network namespace, alive while this lives.
+/// A user-mode network namespace, alive while this lives.
 #[derive(Debug)]
-pub struct BuildNetwork {
+pub struct UserNetwork {
     holder: Child,
     _slirp: Child,
 }
 
-impl BuildNetwork {
+impl UserNetwork {
     /// Makes the namespace and starts slirp4netns in it.
     ///
     /// # Errors
@@ -39,16 +39,16 @@ impl BuildNetwork {
             .kill_on_drop(true);
         let mut holder = holder
             .spawn()
-            .map_err(|e| format!("making the build's network namespace: {e}"))?;
+            .map_err(|e| format!("making a user-mode network namespace: {e}"))?;
         let stdout = holder.stdout.take().ok_or("the namespace holder has no output")?;
         let mut ready = String::new();
         tokio::time::timeout(READY_WITHIN, tokio::io::BufReader::new(stdout).read_line(&mut ready))
             .await
-            .map_err(|_| "the build's network namespace was not made in time".to_owned())?
-            .map_err(|e| format!("making the build's network namespace: {e}"))?;
+            .map_err(|_| "a user-mode network namespace was not made in time".to_owned())?
+            .map_err(|e| format!("making a user-mode network namespace: {e}"))?;
         let pid = holder.id().ok_or("the namespace holder exited")?;
         if ready.trim() != "ready" || same_namespace(pid) {
-            return Err("the build's network namespace could not be made".to_owned());
+            return Err("a user-mode network namespace could not be made".to_owned());
         }
         let slirp = Command::new("setpriv")
             .args(["--pdeathsig", "KILL", "--", "slirp4netns", "--configure", "--mtu=65520"])
@@ -62,7 +62,7 @@ impl BuildNetwork {
             .spawn()
             .map_err(|e| {
                 format!(
-                    "starting slirp4netns for the build's network: {e} (apt-get install -y slirp4netns; \
+                    "starting slirp4netns for a user-mode network: {e} (apt-get install -y slirp4netns; \
                      scripts/install-deps does)"
                 )
             })?;
@@ -77,7 +77,7 @@ impl BuildNetwork {
                 return Ok(network);
             }
             if started.elapsed() > READY_WITHIN {
-                return Err("slirp4netns did not configure the build's network in time".to_owned());
+                return Err("slirp4netns did not configure a user-mode network in time".to_owned());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -86,6 +86,12 @@ impl BuildNetwork {
     /// The process that holds the namespace (podman joins `/proc/<pid>/ns/net`).
     pub fn holder(&self) -> Option<u32> {
         self.holder.id()
+    }
+
+    /// Whether the holder has exited (the namespace is then gone, or going). Until this says so,
+    /// the holder is an unreaped child of rack, so its pid names it and nothing else.
+    pub fn has_exited(&mut self) -> bool {
+        !matches!(self.holder.try_wait(), Ok(None))
     }
 }
 
@@ -112,7 +118,7 @@ mod tests {
         // A listener on the host's loopback that the build must not reach.
         let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = host.local_addr().unwrap().port();
-        let network = BuildNetwork::start().await.unwrap();
+        let network = UserNetwork::start().await.unwrap();
         let pid = network.holder().unwrap();
         assert!(!same_namespace(pid));
         // From inside: tap0 is there, and neither 127.0.0.1 nor slirp's host alias reach the
