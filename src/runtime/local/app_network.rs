@@ -208,3 +208,4 @@ mod tests {
         assert!(host.accept().is_err());
     }
 }
+

@@ -7,6 +7,10 @@
 //! port of the host's loopback. The variables are the same in both modes, and a container
 //! reaches exactly its linked resources and nothing else of the host.
 //!
+//! An app's sandboxed processes share a network namespace of their own (see `app_network`),
+//! served the same way: its forwarders listen in the namespace of the app network's holder
+//! process, and exit with it.
+//!
 //! A socket belongs to the namespace it was made in: the forwarder makes its listeners from a
 //! thread that has joined the container's namespace (`setns`, by `/proc/<pid>/ns/net`), and
 //! connects to the resources from its other threads, still in the host's. That needs root

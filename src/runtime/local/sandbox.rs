@@ -2,7 +2,8 @@
 //! run through bubblewrap: as an unprivileged user (when rack is root), in pid, mount, ipc and
 //! uts namespaces of their own, seeing the system's programs read-only and, of rack's data,
 //! only their own build directory. rack's environment, password file, objects and Postgres
-//! data are never in their reach.
+//! data are never in their reach. App processes also join their app's network namespace (see
+//! `app_network`), and their instance's cgroups (see `cgroups`).
 
 use std::path::{Path, PathBuf};
 
