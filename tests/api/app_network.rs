@@ -117,10 +117,7 @@ async fn an_apps_processes_reach_neither_the_api_nor_another_app_on_loopback() {
 
     // exec in the instance: its own port answers, nothing of the host's loopback does.
     let targets = [api, database, victim, victim_router.port()];
-    let command = format!(
-        "sh probe.sh exec own {}",
-        targets.map(|p| p.to_string()).join(" ")
-    );
+    let command = format!("sh probe.sh exec own {}", targets.map(|p| p.to_string()).join(" "));
     let (output, code) = crate::run::exec_output(
         &app,
         &format!("/apps/attacker/processes/{id}/exec"),
@@ -132,7 +129,10 @@ async fn an_apps_processes_reach_neither_the_api_nor_another_app_on_loopback() {
     assert!(output.contains("exec done"), "{output}");
     assert!(output.contains(&format!("exec {own} reached")), "{output}");
     for port in targets {
-        assert!(output.contains(&format!("exec {port} refused")), "port {port}: {output}");
+        assert!(
+            output.contains(&format!("exec {port} refused")),
+            "port {port}: {output}"
+        );
     }
 
     // Its resources are where its variables say, through the forwarder.

@@ -153,7 +153,10 @@ impl AppNetwork {
             return Ok(());
         }
         let _turn = self.forwarding.lock().await;
-        forwarders.ensure(self.holder, ports).await.map_err(std::io::Error::other)
+        forwarders
+            .ensure(self.holder, ports)
+            .await
+            .map_err(std::io::Error::other)
     }
 }
 
@@ -208,4 +211,3 @@ mod tests {
         assert!(host.accept().is_err());
     }
 }
-

@@ -375,7 +375,10 @@ pub async fn supervise(job: Supervised) {
             }
         };
         instance.pid.store(running.pid(), Ordering::SeqCst);
-        *instance.network.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = running.network();
+        *instance
+            .network
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = running.network();
         instance.health.send_replace(Health::Starting);
         let since = tokio::time::Instant::now();
         let checks = health_loop(&health_client, &instance, &launch.check, &log, &refresh_routes);
@@ -480,7 +483,10 @@ pub async fn run_once(job: Supervised, timeout: Duration) {
         }
     };
     instance.pid.store(running.pid(), Ordering::SeqCst);
-    *instance.network.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = running.network();
+    *instance
+        .network
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = running.network();
     instance.health.send_replace(Health::Ready);
     let event = crate::runtime::ProcessEvent {
         app: &app,

@@ -5,7 +5,6 @@
 
 mod app_network;
 mod build;
-mod user_network;
 mod cgroups;
 mod container;
 mod context;
@@ -24,6 +23,7 @@ mod rollout;
 pub mod router;
 pub mod sandbox;
 mod supervisor;
+mod user_network;
 
 pub use supervisor::MAX_ONE_OFFS_PER_APP;
 

@@ -165,7 +165,11 @@ impl Router {
         tracing::debug!(app.name = %self.inner.app, backends = ?backends.iter().map(|b| b.addr).collect::<Vec<_>>(), "router for {} now targets {} instance(s)", self.inner.app, backends.len());
         // Kept when the set has none in it: a request in flight may still connect there.
         if let Some(network) = backends.iter().find_map(|b| b.network.clone()) {
-            *self.inner.network.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(network);
+            *self
+                .inner
+                .network
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(network);
         }
         self.inner.backends.send_replace(Arc::from(backends));
     }
