@@ -1,6 +1,6 @@
 //! Apps off the API's loopback (security round 2, finding 3): the sandboxed processes of an
-//! app are in a network namespace of their own, so a process of app `attacker` (its service
-//! instance through `exec`, and a one-off `run`) cannot connect to rack's API, rack's Postgres,
+//! app are in a network namespace of their own, so a process of app `attacker` (its build
+//! command, its service instance through `exec`, and a one-off `run`) cannot connect to rack's API, rack's Postgres,
 //! nor to app `victim`'s instance or router on 127.0.0.1, while its own router traffic, health
 //! checks, resources (postgres and redis, through the forwarder), `run` and `exec` work, and its
 //! own processes reach one another. Deleting the app removes the namespace.
@@ -26,7 +26,8 @@ done
 echo "$tag done"
 "#;
 
-/// The attacker: the fixture server on a port, linking a postgres and a redis resource.
+/// The attacker: the fixture server on a port, linking a postgres and a redis resource; its
+/// build command probes the ports after `probe.sh build` (the test adds them).
 const ATTACKER: &str = "resources:
   database:
     type: postgres
@@ -36,6 +37,8 @@ const ATTACKER: &str = "resources:
       memory: 32
 services:
   web:
+    build:
+      command: sh probe.sh build PORTS
     command: python3 -u server.py
     port: 3000
     health:
@@ -100,14 +103,34 @@ async fn an_apps_processes_reach_neither_the_api_nor_another_app_on_loopback() {
     assert!(through_router(&app, "victim").await.contains(' '));
 
     assert_eq!(app.create_app("attacker").await.status(), 201);
+    let manifest = ATTACKER.replace("PORTS", &format!("{api} {victim}"));
     let files = [
-        ("convox.yml", ATTACKER),
+        ("convox.yml", manifest.as_str()),
         ("server.py", SERVER),
         ("probe.sh", PROBE),
         ("notes.sh", NOTES),
     ];
+    // Its build command reached neither.
+    let id = app.build_source("attacker", &files).await;
+    let build = app.wait_build("attacker", &id).await;
+    assert_eq!(build["status"], "complete", "{build}");
+    let log = app
+        .request(Method::GET, &format!("/apps/attacker/builds/{id}/logs"))
+        .header("accept", "text/plain")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(log.contains("build done"), "{log}");
+    for port in [api, victim] {
+        assert!(log.contains(&format!("build {port} refused")), "port {port}: {log}");
+    }
     // Its rollout ends OK: the health checks reached the instance inside its network.
-    let (release, _) = app.deploy_files("attacker", &files).await;
+    let release = build["release"].as_str().unwrap().to_owned();
+    let rollout = crate::deploys::promote_follow(&app, "attacker", &release).await;
+    assert!(rollout.ends_with("OK\n"), "{rollout}");
     // The router reaches it too.
     let answer = through_router(&app, "attacker").await;
     assert!(answer.starts_with(&release), "{answer}");

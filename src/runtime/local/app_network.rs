@@ -31,8 +31,11 @@ use super::user_network::UserNetwork;
 pub struct AppNetworks {
     enabled: bool,
     forwarders: Forwarders,
-    apps: tokio::sync::Mutex<HashMap<String, Arc<AppNetwork>>>,
+    /// Each app's slot, locked while its network is made (other apps' are not held up).
+    apps: Mutex<HashMap<String, Slot>>,
 }
+
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<AppNetwork>>>>;
 
 impl AppNetworks {
     /// Networks for the apps, when rack is root (else every app process uses the host's network).
@@ -47,7 +50,7 @@ impl AppNetworks {
         Self {
             enabled,
             forwarders,
-            apps: tokio::sync::Mutex::default(),
+            apps: Mutex::default(),
         }
     }
 
@@ -60,14 +63,21 @@ impl AppNetworks {
         if !self.enabled {
             return Ok(None);
         }
+        let slot = self
+            .apps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(app.to_owned())
+            .or_default()
+            .clone();
         let network = {
-            let mut apps = self.apps.lock().await;
-            match apps.get(app).filter(|network| !network.has_exited()) {
+            let mut slot = slot.lock().await;
+            match slot.as_ref().filter(|network| !network.has_exited()) {
                 Some(network) => network.clone(),
                 None => {
                     let network = Arc::new(AppNetwork::start().await.map_err(std::io::Error::other)?);
                     tracing::info!(app.name = app, "made the network namespace of {app}");
-                    apps.insert(app.to_owned(), network.clone());
+                    *slot = Some(network.clone());
                     network
                 }
             }
@@ -79,7 +89,14 @@ impl AppNetworks {
     /// Removes the network of `app` (its processes are stopped): the holder and slirp4netns are
     /// killed, and the forwarders exit with the holder.
     pub async fn remove(&self, app: &str) {
-        self.apps.lock().await.remove(app);
+        let slot = self
+            .apps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(app);
+        if let Some(slot) = slot {
+            slot.lock().await.take();
+        }
     }
 }
 
