@@ -41,8 +41,9 @@ use tokio::io::AsyncBufReadExt;
 /// The hidden subcommand of rack that runs a forwarder.
 pub const SUBCOMMAND: &str = "resource-forwarder";
 
-/// How long a forwarder may take to make its listeners.
-const READY_WITHIN: Duration = Duration::from_secs(10);
+/// How long a forwarder may take to make its listeners (generous: a loaded host may take
+/// seconds to start a process).
+const READY_WITHIN: Duration = Duration::from_secs(30);
 
 /// The most connections one forwarder relays at once (a container opening connections without
 /// end must not take all of the host's file descriptors); more wait to be accepted.
