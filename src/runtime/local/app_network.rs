@@ -227,4 +227,61 @@ mod tests {
         host.set_nonblocking(true).unwrap();
         assert!(host.accept().is_err());
     }
+
+    /// Serves `listener`, answering every request with `body` (HTTP/1.1, kept alive).
+    fn answer(listener: tokio::net::TcpListener, body: &'static str) {
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_| async move {
+                        Ok::<_, std::convert::Infallible>(axum::http::Response::new(axum::body::Body::from(body)))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn the_router_keeps_an_instance_inside_apart_from_a_host_port_of_the_same_number() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: a network namespace needs root");
+            return;
+        }
+        crate::tls::install_provider();
+        let host = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = host.local_addr().unwrap();
+        answer(host, "host");
+        let network = Arc::new(AppNetwork::start().await.unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        network.dialer.send(tx).unwrap();
+        let socket = rx.await.unwrap().unwrap();
+        socket.bind(addr).unwrap();
+        answer(socket.listen(16).unwrap(), "inside");
+
+        let stop = tokio_util::sync::CancellationToken::new();
+        let router = super::super::router::Router::start("app".to_owned(), 0, stop.clone())
+            .await
+            .unwrap();
+        router.set_backends([
+            super::super::router::Backend::from(addr),
+            super::super::router::Backend {
+                addr,
+                network: Some(network.clone()),
+            },
+        ]);
+        // Round robin over one client connection: each answer from its own side, every time,
+        // although the pool holds a connection to each.
+        let client = reqwest::Client::new();
+        let mut answers = Vec::new();
+        for _ in 0..6 {
+            let url = format!("http://{}/", router.local_addr());
+            answers.push(client.get(url).send().await.unwrap().text().await.unwrap());
+        }
+        stop.cancel();
+        answers.sort();
+        assert_eq!(answers, ["host", "host", "host", "inside", "inside", "inside"]);
+    }
 }
