@@ -74,6 +74,13 @@ impl LocalRuntime {
     /// A runtime with `settings`.
     pub fn new(settings: LocalSettings) -> Self {
         let data_dir = settings.builds_dir.parent().unwrap_or(&settings.builds_dir);
+        // Sandboxes in a user-mode network (an app's, a build command's) cannot reach a
+        // loopback resolver of the host.
+        let resolver = nix::unistd::geteuid()
+            .is_root()
+            .then(|| user_network::resolver_for_sandboxes(&data_dir.join("network")))
+            .flatten();
+        let sandbox = settings.sandbox.with_resolver(resolver);
         let cgroups = match cgroups::Cgroups::detect(&podman::host_id(data_dir)) {
             Ok(cgroups) => Some(cgroups),
             Err(why) => {
@@ -86,7 +93,7 @@ impl LocalRuntime {
         };
         let networks = Arc::new(app_network::AppNetworks::new(forwarders.clone()));
         let processes = Arc::new(driver::ProcessDriver {
-            sandbox: settings.sandbox.clone(),
+            sandbox: sandbox.clone(),
             cgroups,
             networks: networks.clone(),
         });
@@ -111,7 +118,7 @@ impl LocalRuntime {
                 objects: settings.objects,
                 builds_dir: settings.builds_dir,
                 limits: settings.limits,
-                sandbox: settings.sandbox,
+                sandbox,
                 podman: settings.podman,
             },
             supervisor,

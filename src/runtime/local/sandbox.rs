@@ -35,6 +35,9 @@ pub struct Sandbox {
     system: Vec<String>,
     /// The network namespace sandboxes join (an app's); `None`: the host's.
     network: Option<PathBuf>,
+    /// In a network of their own: the resolver configuration to show, and where (see
+    /// `user_network::resolver_for_sandboxes`).
+    resolver: Option<(PathBuf, PathBuf)>,
 }
 
 /// Whether a sandboxed command dies with rack.
@@ -84,6 +87,7 @@ impl Sandbox {
             account,
             system: system_binds(Path::new("/")),
             network: None,
+            resolver: None,
         };
         sandbox.probe()?;
         Ok(sandbox)
@@ -124,6 +128,14 @@ impl Sandbox {
     /// own whose controlling terminal is its standard input (`setsid --ctty`).
     pub fn terminal_command(&self, workspace: &Path, cwd: &Path, argv: &[String], tie: Tie) -> Command {
         self.command_in(workspace, cwd, argv, tie, &[], true)
+    }
+
+    /// This sandbox, showing the file `resolver.0` at `resolver.1` when it is in a network of its
+    /// own (see [`Sandbox::in_network`]).
+    pub fn with_resolver(&self, resolver: Option<(PathBuf, PathBuf)>) -> Self {
+        let mut sandbox = self.clone();
+        sandbox.resolver = resolver;
+        sandbox
     }
 
     /// This sandbox, joining the network namespace at `namespace` (an app's, see `app_network`)
@@ -203,6 +215,11 @@ impl Sandbox {
         args.extend(self.system.iter().map(Into::into));
         args.extend(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind"].map(Into::into));
         args.extend([workspace.into(), workspace.into(), "--chdir".into(), cwd.into()]);
+        if self.network.is_some()
+            && let Some((file, shown)) = &self.resolver
+        {
+            args.extend(["--ro-bind".into(), file.into(), shown.into()]);
+        }
         if tie == Tie::DiesWithRack {
             args.push("--die-with-parent".into());
         }
@@ -305,6 +322,69 @@ pub fn find_on_path(program: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_sandbox_in_a_network_joins_it_as_the_sandbox_user_and_sees_its_resolver() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: joining a network namespace needs root");
+            return;
+        }
+        let sandbox = match Sandbox::open(DEFAULT_USER) {
+            Ok(sandbox) => sandbox,
+            Err(why) => {
+                eprintln!("skipped: {why}");
+                return;
+            }
+        };
+        let network = super::super::user_network::UserNetwork::start().await.unwrap();
+        let holder = network.holder().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let resolver = dir.path().join("resolv.conf");
+        std::fs::write(&resolver, "nameserver 10.0.2.3\n").unwrap();
+        sandbox.hand_over(dir.path()).await.unwrap();
+        let inside = sandbox
+            .with_resolver(Some((resolver, "/etc/resolv.conf".into())))
+            .in_network(format!("/proc/{holder}/ns/net").into());
+        let script = "readlink /proc/self/ns/net; id -u; cat /etc/resolv.conf".to_owned();
+        let out = inside
+            .command_in(
+                dir.path(),
+                dir.path(),
+                &["/bin/sh".to_owned(), "-c".to_owned(), script],
+                Tie::DiesWithRack,
+                &[],
+                false,
+            )
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut lines = said.lines();
+        let theirs = std::fs::read_link(format!("/proc/{holder}/ns/net")).unwrap();
+        assert_eq!(
+            lines.next(),
+            theirs.to_str(),
+            "{said} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_ne!(lines.next(), Some("0"), "{said}");
+        assert_eq!(lines.next(), Some("nameserver 10.0.2.3"), "{said}");
+        // Outside a network, the host's resolver configuration as it is.
+        let out = sandbox
+            .with_resolver(Some((dir.path().join("resolv.conf"), "/etc/resolv.conf".into())))
+            .command(
+                dir.path(),
+                dir.path(),
+                &["/bin/cat".to_owned(), "/etc/resolv.conf".to_owned()],
+                Tie::DiesWithRack,
+            )
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.stdout, std::fs::read("/etc/resolv.conf").unwrap());
+    }
 
     #[test]
     fn system_dirs_are_bound_read_only_or_linked() {

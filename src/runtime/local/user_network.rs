@@ -95,6 +95,55 @@ impl UserNetwork {
     }
 }
 
+/// slirp4netns' DNS forwarder, seen from inside a user-mode network.
+const SLIRP_DNS: &str = "10.0.2.3";
+
+/// What a sandbox in a user-mode network must see as its resolver configuration, when the
+/// host's names only loopback resolvers (systemd-resolved's 127.0.0.53, a local dnsmasq): those
+/// are out of reach there, so it gets slirp4netns' forwarder instead, which asks the host's.
+/// Returns the file to show (written in `dir`) and where to show it (the host's
+/// `/etc/resolv.conf`, followed to the file its links lead to, as bubblewrap binds files onto
+/// paths, not onto links). `None` when the host's resolvers are reachable as they are.
+pub fn resolver_for_sandboxes(dir: &std::path::Path) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let host = std::path::Path::new("/etc/resolv.conf");
+    let text = std::fs::read_to_string(host).unwrap_or_default();
+    if !loopback_only(&text) {
+        return None;
+    }
+    let shown = std::fs::canonicalize(host).unwrap_or_else(|_| host.to_path_buf());
+    let file = dir.join("resolv.conf");
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&file, format!("nameserver {SLIRP_DNS}\n")))
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            // Read by bubblewrap as the sandbox user.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))
+        });
+    match written {
+        Ok(()) => Some((file, shown)),
+        Err(e) => {
+            tracing::warn!("app processes may not resolve names: writing {}: {e}", file.display());
+            None
+        }
+    }
+}
+
+/// Whether the resolver configuration `text` names only loopback servers (or none: the C
+/// library then asks 127.0.0.1).
+fn loopback_only(text: &str) -> bool {
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("nameserver"))
+        .map(|rest| {
+            rest.trim()
+                .split('%')
+                .next()
+                .unwrap_or_default()
+                .parse::<std::net::IpAddr>()
+        })
+        .all(|address| address.is_ok_and(|a| a.is_loopback()))
+}
+
 /// Whether `pid` is still in this process's network namespace (it must never be configured).
 fn same_namespace(pid: u32) -> bool {
     let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net"));
@@ -108,6 +157,16 @@ fn same_namespace(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_loopback_resolvers_are_replaced() {
+        assert!(loopback_only("nameserver 127.0.0.53\noptions edns0\n"));
+        assert!(loopback_only("nameserver 127.0.0.1\nnameserver ::1\n"));
+        assert!(loopback_only("# nothing\n"));
+        assert!(!loopback_only("nameserver 10.255.255.53\n"));
+        assert!(!loopback_only("nameserver 127.0.0.53\nnameserver 192.0.2.1\n"));
+        assert!(!loopback_only("nameserver fe80::1%eth0\n"));
+    }
 
     #[tokio::test]
     async fn a_build_network_is_a_namespace_of_its_own_without_the_hosts_loopback() {
