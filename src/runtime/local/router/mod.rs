@@ -15,6 +15,10 @@ use axum::http::{Method, StatusCode, Uri, Version};
 use axum::response::{IntoResponse, Response};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+
+mod backend;
+pub use backend::Backend;
+use backend::Connector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -50,9 +54,11 @@ struct Inner {
     local_addr: SocketAddr,
     // A watch channel is an `RwLock<Arc<..>>` that can also wake the requests waiting for the
     // set to become non-empty.
-    backends: watch::Sender<Arc<[SocketAddr]>>,
+    backends: watch::Sender<Arc<[Backend]>>,
+    /// The app's network, where its sandboxed instances are (shared with the connector).
+    network: Arc<std::sync::Mutex<Option<Arc<super::app_network::AppNetwork>>>>,
     next: AtomicUsize,
-    client: Client<HttpConnector, Body>,
+    client: Client<Connector, Body>,
     stop: CancellationToken,
     grace: Duration,
 }
@@ -95,9 +101,15 @@ impl Router {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
         let local_addr = listener.local_addr()?;
 
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        connector.set_nodelay(true);
+        let mut host = HttpConnector::new();
+        host.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        host.set_nodelay(true);
+        let network = Arc::default();
+        let connector = Connector {
+            host,
+            network: Arc::clone(&network),
+            timeout: CONNECT_TIMEOUT,
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
@@ -107,6 +119,7 @@ impl Router {
             app,
             local_addr,
             backends: watch::Sender::new(Arc::from(Vec::new())),
+            network,
             next: AtomicUsize::new(0),
             client,
             stop: shutdown.child_token(),
@@ -144,16 +157,26 @@ impl Router {
         self.inner.local_addr
     }
 
-    /// Replaces the set of healthy backends atomically (e.g. `127.0.0.1:41234`). New requests go
-    /// to the new set only; requests already in flight to a removed backend finish.
-    pub fn set_backends(&self, backends: Vec<SocketAddr>) {
-        tracing::debug!(app.name = %self.inner.app, backends = ?backends, "router for {} now targets {} instance(s)", self.inner.app, backends.len());
+    /// Replaces the set of healthy backends atomically (e.g. `127.0.0.1:41234`, in the app's
+    /// network or the host's). New requests go to the new set only; requests already in flight
+    /// to a removed backend finish.
+    pub fn set_backends<B: Into<Backend>>(&self, backends: impl IntoIterator<Item = B>) {
+        let backends: Vec<Backend> = backends.into_iter().map(Into::into).collect();
+        tracing::debug!(app.name = %self.inner.app, backends = ?backends.iter().map(|b| b.addr).collect::<Vec<_>>(), "router for {} now targets {} instance(s)", self.inner.app, backends.len());
+        // Kept when the set has none in it: a request in flight may still connect there.
+        if let Some(network) = backends.iter().find_map(|b| b.network.clone()) {
+            *self
+                .inner
+                .network
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(network);
+        }
         self.inner.backends.send_replace(Arc::from(backends));
     }
 
-    /// The current set of backends.
+    /// The addresses of the current set of backends.
     pub fn backends(&self) -> Vec<SocketAddr> {
-        self.inner.backends.borrow().to_vec()
+        self.inner.backends.borrow().iter().map(|b| b.addr).collect()
     }
 
     /// Stops accepting connections; requests in flight finish.
@@ -210,9 +233,9 @@ impl Inner {
             let Some(backend) = self.pick(&tried, deadline).await else {
                 return Err(last_error.unwrap_or(ProxyError::NoBackends));
             };
-            tried.push(backend);
+            tried.push(backend.clone());
             let attempt_body = body.take().unwrap_or_else(Body::empty);
-            let request = upstream_request(&parts.method, path, &headers, backend, attempt_body)?;
+            let request = upstream_request(&parts.method, path, &headers, &backend, attempt_body)?;
             match self.client.request(request).await {
                 Ok(response) => {
                     let (mut parts, body) = response.into_parts();
@@ -224,7 +247,10 @@ impl Inner {
                     // after sending (the instance died mid-request) may have had an effect, so
                     // only idempotent methods are repeated (RFC 9110 §9.2.2).
                     let retry = replayable && (source.is_connect() || idempotent);
-                    let err = ProxyError::Upstream { backend, source };
+                    let err = ProxyError::Upstream {
+                        backend: backend.addr,
+                        source,
+                    };
                     if !retry {
                         return Err(err);
                     }
@@ -237,15 +263,16 @@ impl Inner {
 
     /// The next backend round robin that this request has not tried yet, waiting until `deadline`
     /// for the set to become non-empty. `None` when there is none to try.
-    async fn pick(&self, tried: &[SocketAddr], deadline: Instant) -> Option<SocketAddr> {
+    async fn pick(&self, tried: &[Backend], deadline: Instant) -> Option<Backend> {
         let set = self.wait_for_backends(deadline).await?;
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..set.len())
-            .map(|i| set[start.wrapping_add(i) % set.len()])
+            .map(|i| &set[start.wrapping_add(i) % set.len()])
             .find(|backend| !tried.contains(backend))
+            .cloned()
     }
 
-    async fn wait_for_backends(&self, deadline: Instant) -> Option<Arc<[SocketAddr]>> {
+    async fn wait_for_backends(&self, deadline: Instant) -> Option<Arc<[Backend]>> {
         let current = Arc::clone(&self.backends.borrow());
         if !current.is_empty() {
             return Some(current);
@@ -272,21 +299,30 @@ fn upstream_request(
     method: &Method,
     path: &str,
     headers: &HeaderMap,
-    backend: SocketAddr,
+    backend: &Backend,
     body: Body,
 ) -> Result<Request, ProxyError> {
     let uri = Uri::builder()
         .scheme("http")
-        .authority(backend.to_string())
+        .authority(backend.authority())
         .path_and_query(path)
         .build()
-        .map_err(|source| ProxyError::BuildRequest { backend, source })?;
+        .map_err(|source| ProxyError::BuildRequest {
+            backend: backend.addr,
+            source,
+        })?;
     let mut request = Request::new(body);
     *request.method_mut() = method.clone();
     *request.uri_mut() = uri;
     // The client speaks HTTP/1.1 to instances whatever the downstream version was.
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers.clone();
+    // A request without a Host (HTTP/1.0) names the instance, never the URI's stand-in name.
+    if !request.headers().contains_key(header::HOST)
+        && let Ok(host) = HeaderValue::from_str(&backend.addr.to_string())
+    {
+        request.headers_mut().insert(header::HOST, host);
+    }
     Ok(request)
 }
 
