@@ -273,3 +273,44 @@ async fn an_app_runs_on_the_real_node_with_probes_logs_exec_and_restarts_through
     })
     .await;
 }
+
+/// A release whose process exits at once: the real kubelet restarts it into CrashLoopBackOff,
+/// rack fails the rollout on that and applies the previous release again, whose pod never
+/// stopped answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashing_release_on_the_real_node_is_rolled_back() {
+    let app = spawn_on_real_node().await;
+    let client = client_for(&real_node_env().admin).await;
+    let name = "realcrash";
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &format!("rack-{name}"));
+    assert_eq!(app.create_app(name).await.status(), 201);
+    let good = app.build_release(name, &[("convox.yml", &web_manifest())]).await;
+    let log = promote_follow(&app, name, &good).await;
+    assert!(log.ends_with("\nOK\n"), "{log}");
+    let pod = web_pods(&pods).await.into_iter().next().expect("a web pod");
+    let ip = ready_ip(&pod).expect("a Ready pod");
+
+    let crashing = format!(
+        "services:\n  web:\n    image: {REAL_NODE_IMAGE}\n    command: \"echo crashing; exit 1\"\n    port: 8080\n    \
+         health:\n      path: /health\n      grace: 1\n      interval: 1\n"
+    );
+    let bad = app.build_release(name, &[("convox.yml", &crashing)]).await;
+    let log = promote_follow(&app, name, &bad).await;
+    assert!(log.contains("CrashLoopBackOff"), "{log}");
+    assert!(log.contains("Rollback"), "{log}");
+    assert!(!log.ends_with("\nOK\n"), "{log}");
+    let app_json: Value = app.get_app(name).await.json().await.unwrap();
+    assert_eq!(app_json["release"], good.as_str());
+    // The good release's pod answered throughout and still does; the crashing pods are gone.
+    assert_eq!(
+        get_ok(&format!("http://{ip}:8080/health")).await.as_deref(),
+        Some("ok\n")
+    );
+    wait_for(120, "only the good release's pods", || async {
+        let pods = web_pods(&pods).await;
+        pods.iter()
+            .all(|p| p.metadata.labels.as_ref().and_then(|l| l.get("release")) == Some(&good))
+            .then_some(())
+    })
+    .await;
+}
