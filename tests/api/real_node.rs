@@ -314,3 +314,43 @@ async fn a_crashing_release_on_the_real_node_is_rolled_back() {
     })
     .await;
 }
+
+/// The release phase is a one-off pod on the real node: its real output is in the rollout log
+/// before the rollout, and its real exit code decides whether the rollout happens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_phase_runs_as_a_real_one_off_pod_and_its_exit_code_counts() {
+    let app = spawn_on_real_node().await;
+    let name = "realphase";
+    assert_eq!(app.create_app(name).await.status(), 201);
+    let manifest = |release: &str| {
+        format!(
+            "services:\n  web:\n    image: {REAL_NODE_IMAGE}\n    command: \"mkdir -p /tmp/w && echo ok >/tmp/w/health && exec httpd -f -p 8080 -h /tmp/w\"\n    \
+             port: 8080\n    release: {release:?}\n    health:\n      path: /health\n      grace: 1\n      interval: 1\n"
+        )
+    };
+    let first = app
+        .build_release(
+            name,
+            &[("convox.yml", &manifest("echo migrating in $(hostname); exit 0"))],
+        )
+        .await;
+    let log = promote_follow(&app, name, &first).await;
+    assert!(log.ends_with("\nOK\n"), "{log}");
+    let position = |needle: &str| {
+        log.find(needle)
+            .unwrap_or_else(|| panic!("{needle} missing in:\n{log}"))
+    };
+    assert!(position("Status: Pending => Releasing") < position("migrating in "));
+    assert!(position("migrating in ") < position("Status: Releasing => Updating"));
+
+    let second = app
+        .build_release(name, &[("convox.yml", &manifest("echo the migration broke; exit 3"))])
+        .await;
+    let log = promote_follow(&app, name, &second).await;
+    assert!(log.contains("the migration broke"), "{log}");
+    assert!(log.contains("Status: Releasing => Error"), "{log}");
+    let last = log.lines().last().unwrap();
+    assert!(last.contains("exited with code 3"), "{log}");
+    let info: Value = app.get_json(&format!("/apps/{name}")).await;
+    assert_eq!(info["release"], first.as_str());
+}
