@@ -10,6 +10,9 @@
 //! address, so the tests answer the probes there; it is never added to the host's interfaces.
 //! What a fake runtime never does is left to the test, acting as the kubelet would: ending a
 //! build pod (`finish_pod`), and recording the kubelet's Events (`act_as_kubelet`).
+//!
+//! `real_node_env` is a second control plane with one real node instead (containerd, runc and a
+//! real kubelet; `RACK_KUBE_REAL_NODE=1` of `scripts/kube-testenv`), for tests/api/real_node.rs.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -36,12 +39,19 @@ pub struct KubeEnv {
 }
 
 static ENV: OnceLock<KubeEnv> = OnceLock::new();
+static REAL_NODE_ENV: OnceLock<KubeEnv> = OnceLock::new();
+
+/// The real node's name, the image its pods can run (busybox; imported into its containerd, as
+/// is the pause image) and the range of its pods' addresses (on a bridge in this namespace).
+pub const REAL_NODE: &str = "real-node";
+pub const REAL_NODE_IMAGE: &str = "localhost/rack-testenv/busybox:1";
+pub const REAL_NODE_POD_PREFIX: &str = "10.200.0.";
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The process's control plane, started on first use.
+/// The process's control plane with hollow nodes, started on first use.
 pub fn kube_env() -> &'static KubeEnv {
     ENV.get_or_init(|| {
         // The fake pod IP must be on this namespace's loopback (scripts/test puts it there), so
@@ -51,6 +61,26 @@ pub fn kube_env() -> &'static KubeEnv {
             std::env::var_os("RACK_TEST_NETNS").is_some() && std::net::TcpListener::bind((POD_IP, 0)).is_ok(),
             "the Kubernetes tests run in a network namespace of their own: run them through scripts/test, as root"
         );
+        start_env(&[])
+    })
+}
+
+/// The process's control plane with one real node and no hollow ones, started on first use.
+pub fn real_node_env() -> &'static KubeEnv {
+    REAL_NODE_ENV.get_or_init(|| {
+        // The node's bridge and its pods' addresses go into this network namespace.
+        assert!(
+            std::env::var_os("RACK_TEST_NETNS").is_some(),
+            "the real-node tests run in a network namespace of their own: run them through scripts/test, as root"
+        );
+        start_env(&[("RACK_KUBE_NODES", "0"), ("RACK_KUBE_REAL_NODE", "1")])
+    })
+}
+
+/// Starts a control plane with `scripts/kube-testenv start` (with `vars` in its environment),
+/// stopped when this process exits, and installs rack's namespace and RBAC in it.
+fn start_env(vars: &[(&str, &str)]) -> KubeEnv {
+    {
         let dir = tempfile::Builder::new()
             .prefix("rack-kube-test-")
             .tempdir()
@@ -59,6 +89,7 @@ pub fn kube_env() -> &'static KubeEnv {
         let output = Command::new(&script)
             .arg("start")
             .arg(dir.path())
+            .envs(vars.iter().copied())
             .stderr(Stdio::inherit())
             .output()
             .expect("running scripts/kube-testenv");
@@ -93,7 +124,7 @@ pub fn kube_env() -> &'static KubeEnv {
             _dir: dir,
             _stopper: Mutex::new(stopper),
         }
-    })
+    }
 }
 
 /// A client with the admin's rights (for the tests' own checks).
@@ -101,7 +132,8 @@ pub async fn admin_client() -> Client {
     client_for(&kube_env().admin).await
 }
 
-async fn client_for(path: &Path) -> Client {
+/// A client for the kubeconfig at `path`.
+pub async fn client_for(path: &Path) -> Client {
     let file = kube::config::Kubeconfig::read_from(path).expect("a kubeconfig");
     let config = kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
         .await

@@ -30,6 +30,7 @@ mod objects;
 mod openapi;
 mod outage;
 mod quickstart;
+mod real_node;
 mod release_diff;
 mod replicas;
 mod resources;

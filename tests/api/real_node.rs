@@ -1,0 +1,356 @@
+//! The Kubernetes runtime on a real node (`kubeenv::real_node_env`: a control plane with one
+//! node that runs containerd, runc and a real kubelet): rack deploys an app whose pod really
+//! runs there, a real process answers the real readiness probe, and its logs, exec and restarts
+//! go through the real kubelet. The hollow-node tests (tests/api/kubernetes.rs) cover the rest.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{DeleteParams, ListParams};
+use serde_json::Value;
+
+use crate::deploys::promote_follow;
+use crate::helpers::{TestApp, wait_for};
+use crate::kubeenv::{REAL_NODE, REAL_NODE_IMAGE, REAL_NODE_POD_PREFIX, client_for, real_node_env};
+
+/// A rack on the real node's cluster (its own control plane), as rack's service account.
+async fn spawn_on_real_node() -> TestApp {
+    let kubeconfig = real_node_env().rack.clone();
+    TestApp::spawn_with(|config| {
+        config.runtime = rack::config::RuntimeKind::Kube;
+        config.kube = Some(rack::config::KubeConfig {
+            // Services name their image (imported into the node's containerd): no builds here.
+            registry: "registry.invalid/rack".to_owned(),
+            url: "http://rack.rack.svc.cluster.local:5443".to_owned(),
+            builder_image: "registry.invalid/kaniko:unused".to_owned(),
+            fetch_image: REAL_NODE_IMAGE.to_owned(),
+            service_account: Some(("rack".to_owned(), "rack".to_owned())),
+            kubeconfig: Some(kubeconfig),
+            ingress: Default::default(),
+        });
+    })
+    .await
+}
+
+/// A web service of busybox's httpd that says it starts (with a word of its own each time), is
+/// unready (404 on /health) for its first 3 seconds, then answers `ok`.
+fn web_manifest() -> String {
+    let command = "echo \"web starting $(cat /proc/sys/kernel/random/uuid)\"; mkdir -p /tmp/www; \
+                   (sleep 3; echo ok >/tmp/www/health; echo web ready) & exec httpd -f -p 8080 -h /tmp/www";
+    format!(
+        "services:\n  web:\n    image: {REAL_NODE_IMAGE}\n    command: {command:?}\n    port: 8080\n    \
+         health:\n      path: /health\n      grace: 1\n      interval: 1\n"
+    )
+}
+
+/// GET `url`'s body, or `None` if it does not answer 200 within a few seconds.
+async fn get_ok(url: &str) -> Option<String> {
+    let response = reqwest::Client::new()
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
+    if response.status() != 200 {
+        return None;
+    }
+    response.text().await.ok()
+}
+
+/// The app's running service pods (not being deleted), by name.
+async fn web_pods(pods: &Api<Pod>) -> Vec<Pod> {
+    pods.list(&ListParams::default().labels("service=web"))
+        .await
+        .map(|list| list.items)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect()
+}
+
+/// The pod's Ready condition, if true, and the pod's IP.
+fn ready_ip(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    let ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    ready.then(|| status.pod_ip.clone()).flatten()
+}
+
+fn restarts(pod: &Pod) -> i32 {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.first())
+        .map_or(0, |c| c.restart_count)
+}
+
+/// The host pids of the processes of container `id` (their cgroup path ends with it).
+fn container_pids(id: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(cgroups) = std::fs::read_to_string(entry.path().join("cgroup"))
+            && cgroups.lines().any(|line| line.ends_with(id))
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_runs_on_the_real_node_with_probes_logs_exec_and_restarts_through_the_kubelet() {
+    let app = spawn_on_real_node().await;
+    let client = client_for(&real_node_env().admin).await;
+    let name = "realweb";
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &format!("rack-{name}"));
+    assert_eq!(app.create_app(name).await.status(), 201);
+    let id = app.build_source(name, &[("convox.yml", &web_manifest())]).await;
+    let build = app.wait_build(name, &id).await;
+    assert_eq!(build["status"], "complete", "{build}");
+    let release = build["release"].as_str().unwrap().to_owned();
+
+    // The rollout ends OK only once the real process answers the real kubelet's probe.
+    let log = promote_follow(&app, name, &release).await;
+    assert!(log.ends_with("\nOK\n"), "{log}");
+    let pod = web_pods(&pods).await.into_iter().next().expect("a web pod");
+    let spec = pod.spec.as_ref().unwrap();
+    assert_eq!(spec.node_name.as_deref(), Some(REAL_NODE));
+    let ip = ready_ip(&pod).expect("the pod is Ready after the rollout");
+    assert!(ip.starts_with(REAL_NODE_POD_PREFIX), "pod IP {ip}");
+    // Ready no sooner than the process made /health answer (3 s after it started; the
+    // timestamps have whole seconds).
+    let status = pod.status.as_ref().unwrap();
+    let started = status.container_statuses.as_ref().unwrap()[0]
+        .state
+        .as_ref()
+        .and_then(|s| s.running.as_ref())
+        .and_then(|r| r.started_at.clone())
+        .expect("a running container")
+        .0;
+    let ready_at = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Ready")
+        .and_then(|c| c.last_transition_time.clone())
+        .expect("a Ready time")
+        .0;
+    assert!(
+        ready_at.as_second() >= started.as_second() + 2,
+        "Ready at {ready_at}, the process started at {started}"
+    );
+    // The pod's address is on this namespace's bridge: the test reaches the real process.
+    let health = format!("http://{ip}:8080/health");
+    assert_eq!(get_ok(&health).await.as_deref(), Some("ok\n"));
+
+    // Logs come from the container through the kubelet.
+    app.wait_for_log_line(name, "web ready", 60).await;
+    let logged = app.app_log(name).await;
+    assert!(logged.contains("web starting "), "{logged}");
+
+    // Exec through the kubelet's streaming server: output and exit code. Without stdin: on
+    // this API server (1.20, exec protocol v4) an exec's stdin cannot be closed on its own, so
+    // the client closes the whole connection when stdin ends, output and exit code included.
+    let process = pod.metadata.name.clone().unwrap();
+    let (output, code) = crate::run::exec_output(
+        &app,
+        &format!("/apps/{name}/processes/{process}/exec"),
+        &[
+            ("command", "sh -c 'cat /tmp/www/health; hostname; exit 3'"),
+            ("tty", "false"),
+            ("disable-stdin", "true"),
+        ],
+    )
+    .await;
+    assert!(output.contains("ok\n"), "{output:?} (exit code {code:?})");
+    assert!(output.contains(&process), "the pod's hostname in {output:?}");
+    assert_eq!(code, Some(3), "{output:?}");
+
+    // Killing the real process (from the host, as the OOM killer would): the kubelet restarts
+    // the container, and the followed log shows its successor starting.
+    let mut follow = app
+        .untimed_client()
+        .get(app.url(&format!("/apps/{name}/logs")))
+        .basic_auth("convox", Some(crate::helpers::PASSWORD))
+        .header("follow", "true")
+        .header("since", "0")
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+    let container = status.container_statuses.as_ref().unwrap()[0]
+        .container_id
+        .clone()
+        .expect("a container id");
+    let container = container.trim_start_matches("containerd://").to_owned();
+    let pids = container_pids(&container);
+    assert!(!pids.is_empty(), "no process in the cgroup of container {container}");
+    for pid in &pids {
+        // SIGKILL from outside the container's pid namespace: not ignorable by its init.
+        let _ = std::process::Command::new("kill")
+            .arg("-KILL")
+            .arg(pid.to_string())
+            .status();
+    }
+    let restarted = wait_for(120, "the container to be restarted and Ready", || async {
+        let pod = pods.get(&process).await.ok()?;
+        (restarts(&pod) >= 1 && ready_ip(&pod).is_some()).then_some(pod)
+    })
+    .await;
+    assert_eq!(
+        ready_ip(&restarted).as_deref(),
+        Some(ip.as_str()),
+        "same sandbox, same IP"
+    );
+    assert_eq!(get_ok(&health).await.as_deref(), Some("ok\n"));
+    let mut seen = String::new();
+    let starts = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let starts: std::collections::HashSet<String> = seen
+                .lines()
+                .filter_map(|l| l.split_once("web starting ").map(|(_, word)| word.trim().to_owned()))
+                .collect();
+            if starts.len() >= 2 {
+                return starts;
+            }
+            let chunk = follow.next().await.expect("the followed log goes on").unwrap();
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no second start in the followed log:\n{seen}"));
+    assert_eq!(starts.len(), 2, "{seen}");
+    drop(follow);
+
+    // A deleted pod is replaced, on the real node, by one that answers on its own address.
+    pods.delete(&process, &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    let replacement = wait_for(120, "a Ready replacement pod", || async {
+        web_pods(&pods)
+            .await
+            .into_iter()
+            .find(|p| p.metadata.name.as_deref() != Some(process.as_str()) && ready_ip(p).is_some())
+    })
+    .await;
+    assert_eq!(replacement.spec.as_ref().unwrap().node_name.as_deref(), Some(REAL_NODE));
+    let new_ip = ready_ip(&replacement).unwrap();
+    assert_eq!(
+        get_ok(&format!("http://{new_ip}:8080/health")).await.as_deref(),
+        Some("ok\n")
+    );
+    let processes: Vec<Value> = app.get_json(&format!("/apps/{name}/processes")).await;
+    let replacement_name = replacement.metadata.name.clone().unwrap();
+    assert!(
+        processes.iter().any(|p| p["id"] == replacement_name.as_str()),
+        "{processes:?}"
+    );
+
+    // Deleting the app removes its namespace and, with it, its containers on the node.
+    let last = replacement
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0]
+        .container_id
+        .clone()
+        .expect("a container id");
+    let last = last.trim_start_matches("containerd://").to_owned();
+    assert!(!container_pids(&last).is_empty(), "no process of container {last}");
+    assert_eq!(app.delete_app(name).await.status(), 200);
+    wait_for(180, "the app's containers to go", || async {
+        container_pids(&last).is_empty().then_some(())
+    })
+    .await;
+}
+
+/// A release whose process exits at once: the real kubelet restarts it into CrashLoopBackOff,
+/// rack fails the rollout on that and applies the previous release again, whose pod never
+/// stopped answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashing_release_on_the_real_node_is_rolled_back() {
+    let app = spawn_on_real_node().await;
+    let client = client_for(&real_node_env().admin).await;
+    let name = "realcrash";
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &format!("rack-{name}"));
+    assert_eq!(app.create_app(name).await.status(), 201);
+    let good = app.build_release(name, &[("convox.yml", &web_manifest())]).await;
+    let log = promote_follow(&app, name, &good).await;
+    assert!(log.ends_with("\nOK\n"), "{log}");
+    let pod = web_pods(&pods).await.into_iter().next().expect("a web pod");
+    let ip = ready_ip(&pod).expect("a Ready pod");
+
+    let crashing = format!(
+        "services:\n  web:\n    image: {REAL_NODE_IMAGE}\n    command: \"echo crashing; exit 1\"\n    port: 8080\n    \
+         health:\n      path: /health\n      grace: 1\n      interval: 1\n"
+    );
+    let bad = app.build_release(name, &[("convox.yml", &crashing)]).await;
+    let log = promote_follow(&app, name, &bad).await;
+    assert!(log.contains("CrashLoopBackOff"), "{log}");
+    assert!(log.contains("Rollback"), "{log}");
+    assert!(!log.ends_with("\nOK\n"), "{log}");
+    let app_json: Value = app.get_app(name).await.json().await.unwrap();
+    assert_eq!(app_json["release"], good.as_str());
+    // The good release's pod answered throughout and still does; the crashing pods are gone.
+    assert_eq!(
+        get_ok(&format!("http://{ip}:8080/health")).await.as_deref(),
+        Some("ok\n")
+    );
+    wait_for(120, "only the good release's pods", || async {
+        let pods = web_pods(&pods).await;
+        pods.iter()
+            .all(|p| p.metadata.labels.as_ref().and_then(|l| l.get("release")) == Some(&good))
+            .then_some(())
+    })
+    .await;
+}
+
+/// The release phase is a one-off pod on the real node: its real output is in the rollout log
+/// before the rollout, and its real exit code decides whether the rollout happens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_phase_runs_as_a_real_one_off_pod_and_its_exit_code_counts() {
+    let app = spawn_on_real_node().await;
+    let name = "realphase";
+    assert_eq!(app.create_app(name).await.status(), 201);
+    let manifest = |release: &str| {
+        format!(
+            "services:\n  web:\n    image: {REAL_NODE_IMAGE}\n    command: \"mkdir -p /tmp/w && echo ok >/tmp/w/health && exec httpd -f -p 8080 -h /tmp/w\"\n    \
+             port: 8080\n    release: {release:?}\n    health:\n      path: /health\n      grace: 1\n      interval: 1\n"
+        )
+    };
+    let first = app
+        .build_release(
+            name,
+            &[("convox.yml", &manifest("echo migrating in $(hostname); exit 0"))],
+        )
+        .await;
+    let log = promote_follow(&app, name, &first).await;
+    assert!(log.ends_with("\nOK\n"), "{log}");
+    let position = |needle: &str| {
+        log.find(needle)
+            .unwrap_or_else(|| panic!("{needle} missing in:\n{log}"))
+    };
+    assert!(position("Status: Pending => Releasing") < position("migrating in "));
+    assert!(position("migrating in ") < position("Status: Releasing => Updating"));
+
+    let second = app
+        .build_release(name, &[("convox.yml", &manifest("echo the migration broke; exit 3"))])
+        .await;
+    let log = promote_follow(&app, name, &second).await;
+    assert!(log.contains("the migration broke"), "{log}");
+    assert!(log.contains("Status: Releasing => Error"), "{log}");
+    let last = log.lines().last().unwrap();
+    assert!(last.contains("exited with code 3"), "{log}");
+    let info: Value = app.get_json(&format!("/apps/{name}")).await;
+    assert_eq!(info["release"], first.as_str());
+}
