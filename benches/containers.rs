@@ -244,7 +244,14 @@ async fn base_image(data: &std::path::Path) -> anyhow::Result<()> {
         "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n",
     )?;
     podman
-        .output(&["build", "--tag", BASE, &context.path().to_string_lossy()])
+        .output(&[
+            "build",
+            "--network",
+            "none",
+            "--tag",
+            BASE,
+            &context.path().to_string_lossy(),
+        ])
         .await
         .map_err(anyhow::Error::msg)?;
     Ok(())

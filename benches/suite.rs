@@ -1182,7 +1182,14 @@ async fn container_deploy() -> anyhow::Result<Vec<Row>> {
             "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n",
         )?;
         podman
-            .output(&["build", "--tag", BUSYBOX_IMAGE, &context.path().to_string_lossy()])
+            .output(&[
+                "build",
+                "--network",
+                "none",
+                "--tag",
+                BUSYBOX_IMAGE,
+                &context.path().to_string_lossy(),
+            ])
             .await
             .map_err(anyhow::Error::msg)?;
     }

@@ -102,7 +102,8 @@ pub async fn base_image() {
             .unwrap();
             let context = context.to_string_lossy().into_owned();
             podman
-                .output(&["build", "--tag", BASE, &context])
+                // No network: the RUN step needs none, and podman as root would put its bridge on an interface.
+                .output(&["build", "--network", "none", "--tag", BASE, &context])
                 .await
                 .expect("building the base image");
         })
