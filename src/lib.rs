@@ -8,6 +8,7 @@ mod architecture;
 pub mod archive;
 pub mod auth;
 pub mod backup;
+pub mod build_archive;
 pub mod cli;
 pub mod config;
 pub mod deploy;

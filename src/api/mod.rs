@@ -5,6 +5,7 @@
 pub mod apps;
 pub mod audit;
 pub mod backup;
+pub mod build_transfer;
 pub mod builds;
 pub mod dashboard;
 pub mod deployments;
@@ -95,7 +96,15 @@ fn routes() -> Routes {
         .json(M::DELETE, "/apps/{app}/objects/{*key}", DEPLOY, objects::delete_object)
         .json(M::GET, "/apps/{app}/builds", READ, builds::list_builds)
         .json(M::POST, "/apps/{app}/builds", DEPLOY.idempotent(), builds::create_build)
-        .json(M::GET, "/apps/{app}/builds/{id}", READ, builds::show_build)
+        // Streams: `{id}.tgz` is the build's archive (`convox builds export`).
+        .stream(M::GET, "/apps/{app}/builds/{id}", READ, builds::show_build)
+        .alias(M::GET, "/apps/{app}/builds/{id}.tgz", READ)
+        .upload(
+            M::POST,
+            "/apps/{app}/builds/import",
+            DEPLOY,
+            build_transfer::import_build,
+        )
         .json(M::PUT, "/apps/{app}/builds/{id}", DEPLOY, builds::update_build)
         .json(M::POST, "/apps/{app}/builds/{id}/cancel", DEPLOY, builds::cancel_build)
         .stream(
@@ -402,6 +411,13 @@ impl Routes {
             .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY));
         let route = on(filter_of(&method), handler).layer::<_, Infallible>(layers);
         self.add(method, path, policy, route)
+    }
+
+    /// A path served by another route's handler, listed in the table only: the router
+    /// matches whole segments, so `{id}.tgz` arrives at the `{id}` route, whose policy applies.
+    fn alias(mut self, method: Method, path: &'static str, policy: Policy) -> Self {
+        self.table.push(RouteInfo { method, path, policy });
+        self
     }
 
     fn add(

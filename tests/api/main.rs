@@ -7,6 +7,7 @@ mod apps;
 mod auth;
 mod backup;
 mod build_isolation;
+mod build_transfer;
 mod builds;
 mod bus;
 mod cli;

@@ -248,6 +248,7 @@ impl Runtime for KubeRuntime {
             restores_resource_data: false,
             restores_redis: false,
             runs_rack_resources: false,
+            transfers_builds: false,
         }
     }
 

@@ -1,0 +1,189 @@
+//! `convox builds export` and `convox builds import`: a build made on one rack (staging) carried
+//! to another (production, its own database and data directory), where it deploys without a
+//! build step; and the archives an import refuses.
+
+use std::io::{Read, Write};
+
+use reqwest::Method;
+use serde_json::Value;
+
+use crate::deploys::{SERVER, create_release, promote_follow, through_router};
+use crate::helpers::{TestApp, files_under, status_text};
+
+/// The fixture server, with a build step whose output only that build can have made.
+const MANIFEST: &str = "services:\n  web:\n    build:\n      command: head -c 16 /dev/urandom | od -An -tx1 > stamp\n    command: python3 -u server.py\n    port: 3000\n    health:\n      path: /health\n      grace: 1\n      interval: 2\n";
+
+/// `convox builds export ID -a APP`: the archive's bytes.
+async fn export(app: &TestApp, name: &str, id: &str) -> Vec<u8> {
+    let response = app
+        .convox(Method::GET, &format!("/apps/{name}/builds/{id}.tgz?"))
+        .header("content-type", "application/octet-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/gzip");
+    response.bytes().await.unwrap().to_vec()
+}
+
+/// `convox builds import -a APP`: `GET /system` (the CLI picks the import route by the rack's
+/// version), then the archive as the body.
+async fn import(app: &TestApp, name: &str, archive: Vec<u8>) -> reqwest::Response {
+    let system: Value = app.convox(Method::GET, "/system?").send().await.unwrap().json().await.unwrap();
+    assert!(system["version"].as_str().unwrap() > "20180708231844");
+    app.convox(Method::POST, &format!("/apps/{name}/builds/import?"))
+        .header("content-type", "application/octet-stream")
+        .body(archive)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The entries of an archive, in order: (path, bytes).
+fn entries(archive: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(archive));
+    tar.entries()
+        .unwrap()
+        .map(|entry| {
+            let mut entry = entry.unwrap();
+            let path = entry.path().unwrap().to_string_lossy().into_owned();
+            let mut bytes = Vec::new();
+            entry.read_to_end(&mut bytes).unwrap();
+            (path, bytes)
+        })
+        .collect()
+}
+
+/// An archive of `entries`, in order.
+fn pack(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    for (path, bytes) in entries {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o600);
+        header.set_entry_type(tar::EntryType::Regular);
+        tar.append_data(&mut header, path, bytes.as_slice()).unwrap();
+    }
+    let mut gz = tar.into_inner().unwrap();
+    gz.flush().unwrap();
+    gz.finish().unwrap()
+}
+
+#[tokio::test]
+async fn a_build_exported_from_one_rack_imports_into_another_and_deploys_without_a_build() {
+    let staging = TestApp::spawn().await;
+    let production = TestApp::spawn().await;
+    assert_eq!(staging.create_app("shop").await.status(), 201);
+    assert_eq!(production.create_app("shop").await.status(), 201);
+    // Production's own configuration, which the imported release must take.
+    create_release(&production, "shop", &[("env", "GREETING=production")]).await;
+
+    let id = staging
+        .build_source("shop", &[("convox.yml", MANIFEST), ("server.py", SERVER)])
+        .await;
+    let built = staging.wait_build("shop", &id).await;
+    assert_eq!(built["status"], "complete", "{built}");
+    let archive = export(&staging, "shop", &id).await;
+    let names: Vec<String> = entries(&archive).into_iter().map(|(path, _)| path).collect();
+    assert_eq!(names, ["convox.yml", "source.tgz", "files.tgz", "build.json"]);
+
+    let response = import(&production, "shop", archive).await;
+    let (status, text) = status_text(response).await;
+    assert_eq!(status, 201, "{text}");
+    let imported: Value = serde_json::from_str(&text).unwrap();
+    let new_id = imported["id"].as_str().unwrap();
+    let release = imported["release"].as_str().unwrap().to_owned();
+    assert_ne!(new_id, id);
+    assert_eq!(imported["status"], "complete");
+    assert_eq!(imported["manifest"], MANIFEST);
+    assert!(release.starts_with('R'), "{imported}");
+
+    // Nothing was built on production: its log is the import's one line, and the build's
+    // output is byte for byte staging's.
+    let log = production.build_log("shop", new_id).await;
+    assert!(log.starts_with(&format!("Imported build {id} of app shop")), "{log}");
+    assert!(!log.contains("Running:"), "{log}");
+    let stamp = |app: &TestApp, build: &str| std::fs::read(app.build_dir("shop", build).join("src/stamp")).unwrap();
+    assert_eq!(stamp(&production, new_id), stamp(&staging, &id));
+    let release_json: Value = production.get_json(&format!("/apps/shop/releases/{release}")).await;
+    assert_eq!(release_json["build"], new_id);
+    assert_eq!(release_json["env"], "GREETING=production");
+
+    let rollout = promote_follow(&production, "shop", &release).await;
+    assert!(rollout.ends_with("OK\n"), "{rollout}");
+    assert_eq!(
+        through_router(&production, "shop").await,
+        format!("{release} production\n")
+    );
+}
+
+#[tokio::test]
+async fn damaged_build_archives_are_refused_naming_what_is_wrong_and_nothing_is_kept() {
+    let staging = TestApp::spawn().await;
+    assert_eq!(staging.create_app("shop").await.status(), 201);
+    let id = staging
+        .build_source("shop", &[("convox.yml", MANIFEST), ("server.py", SERVER)])
+        .await;
+    assert_eq!(staging.wait_build("shop", &id).await["status"], "complete");
+    let archive = export(&staging, "shop", &id).await;
+    let good = entries(&archive);
+    assert_eq!(
+        staging
+            .convox(Method::GET, "/apps/shop/builds/BNOSUCHBUILD.tgz?")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+
+    let production = TestApp::spawn().await;
+    assert_eq!(production.create_app("shop").await.status(), 201);
+    let altered = {
+        let mut entries = good.clone();
+        let manifest = &mut entries[0].1;
+        let at = manifest.iter().position(|b| *b == b'3').unwrap();
+        manifest[at] = b'4';
+        pack(&entries)
+    };
+    let unknown = {
+        let mut entries = good.clone();
+        entries.insert(0, ("evil.sh".to_owned(), b"x".to_vec()));
+        pack(&entries)
+    };
+    let without_metadata = pack(&good[..good.len() - 1]);
+    let cases: [(&str, Vec<u8>, &str); 5] = [
+        ("cut short", archive[..archive.len() / 2].to_vec(), "cut short"),
+        ("altered", altered, "convox.yml: SHA-256"),
+        ("not gzip", b"just some text".to_vec(), "damaged"),
+        ("unknown entry", unknown, "unexpected entry \"evil.sh\""),
+        ("no build.json", without_metadata, "has no build.json"),
+    ];
+    for (what, body, needle) in cases {
+        let (status, text) = status_text(import(&production, "shop", body).await).await;
+        assert_eq!(status, 422, "{what}: {text}");
+        assert!(text.contains(needle), "{what}: {text}");
+    }
+    // Nothing of them was kept: no build, no source object, no build directory, no scratch.
+    let builds: Vec<Value> = production.get_json("/apps/shop/builds").await;
+    assert!(builds.is_empty(), "{builds:?}");
+    let objects: Vec<Value> = production.get_json("/apps/shop/objects").await;
+    assert!(objects.is_empty(), "{objects:?}");
+    let data = &production.state.config.data_dir;
+    assert!(files_under(&data.join("builds")).is_empty());
+    let scratch: Vec<_> = std::fs::read_dir(data)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".build-"))
+        .collect();
+    assert!(scratch.is_empty(), "{scratch:?}");
+
+    // The whole archive is bounded as sent.
+    let small = TestApp::spawn_with(|config| config.max_upload_bytes = 1024).await;
+    assert_eq!(small.create_app("shop").await.status(), 201);
+    let (status, text) = status_text(import(&small, "shop", archive.clone()).await).await;
+    assert_eq!(status, 413, "{text}");
+    // And the untouched archive still imports.
+    let (status, text) = status_text(import(&production, "shop", archive).await).await;
+    assert_eq!(status, 201, "{text}");
+}
