@@ -53,10 +53,7 @@ fn pack<W: Write>(dir: &Path, writer: W, honour_dockerignore: bool) -> io::Resul
     if honour_dockerignore {
         walk.add_custom_ignore_filename(".dockerignore");
     }
-    let walk = walk
-        .follow_links(false)
-        .sort_by_file_name(|a, b| a.cmp(b))
-        .build();
+    let walk = walk.follow_links(false).sort_by_file_name(|a, b| a.cmp(b)).build();
     for entry in walk {
         let entry = entry.map_err(|err| {
             let kind = err.io_error().map_or(io::ErrorKind::Other, io::Error::kind);

@@ -406,7 +406,12 @@ fn write_archive(
 }
 
 /// Appends a file of `size` bytes read from `data`; returns its manifest entry.
-pub(crate) fn append_file<W: Write>(tar: &mut tar::Builder<W>, path: &str, data: impl Read, size: u64) -> io::Result<Entry> {
+pub(crate) fn append_file<W: Write>(
+    tar: &mut tar::Builder<W>,
+    path: &str,
+    data: impl Read,
+    size: u64,
+) -> io::Result<Entry> {
     let mut header = tar::Header::new_gnu();
     header.set_entry_type(tar::EntryType::Regular);
     header.set_size(size);

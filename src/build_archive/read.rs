@@ -66,7 +66,9 @@ pub fn read<R: Read>(reader: R, scratch: &Path, limit: u64) -> Result<Checked, R
         let mut entry = entry.map_err(damaged)?;
         let path = entry.path().map_err(damaged)?.to_string_lossy().into_owned();
         if metadata.is_some() {
-            return Err(refused(format!("the entry {path:?} comes after {METADATA}, which must be last")));
+            return Err(refused(format!(
+                "the entry {path:?} comes after {METADATA}, which must be last"
+            )));
         }
         if entry.header().entry_type() != tar::EntryType::Regular {
             return Err(refused(format!("the entry {path:?} is not a regular file")));
@@ -133,8 +135,8 @@ pub fn read<R: Read>(reader: R, scratch: &Path, limit: u64) -> Result<Checked, R
             return Err(refused(format!("the build archive has no {name}")));
         }
     }
-    let manifest = std::fs::read_to_string(&files[MANIFEST].0)
-        .map_err(|_| refused(format!("{MANIFEST} is not UTF-8 text")))?;
+    let manifest =
+        std::fs::read_to_string(&files[MANIFEST].0).map_err(|_| refused(format!("{MANIFEST} is not UTF-8 text")))?;
     check_text(&metadata)?;
     Ok(Checked {
         metadata,
@@ -193,7 +195,9 @@ fn check_text(metadata: &Metadata) -> Result<(), ReadError> {
     for (service, image) in &metadata.images {
         let service_name = !service.is_empty()
             && service.len() <= 63
-            && service.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            && service
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if !service_name || !image_name(image) {
             return Err(refused(format!(
                 "{METADATA}: the image of {service:?} ({image:?}) is not a valid name"
@@ -201,7 +205,9 @@ fn check_text(metadata: &Metadata) -> Result<(), ReadError> {
         }
     }
     if !metadata.images.is_empty() && !metadata.entries.iter().any(|e| e.path == IMAGES) {
-        return Err(refused(format!("{METADATA} names images, but the archive has no {IMAGES}")));
+        return Err(refused(format!(
+            "{METADATA} names images, but the archive has no {IMAGES}"
+        )));
     }
     Ok(())
 }

@@ -139,7 +139,10 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
         _images: &[String],
         _scratch: &std::path::Path,
     ) -> Result<ExportedBuild, RuntimeError> {
-        Err(RuntimeError::Failed(format!("the {} runtime does not export builds", self.name())))
+        Err(RuntimeError::Failed(format!(
+            "the {} runtime does not export builds",
+            self.name()
+        )))
     }
 
     /// Installs an imported build as build `id` of `app`: the build directory from `files`
@@ -157,7 +160,10 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
         _images: Option<&std::path::Path>,
         _images_by_service: &std::collections::BTreeMap<String, String>,
     ) -> Result<std::collections::BTreeMap<String, String>, RuntimeError> {
-        Err(RuntimeError::Failed(format!("the {} runtime does not import builds", self.name())))
+        Err(RuntimeError::Failed(format!(
+            "the {} runtime does not import builds",
+            self.name()
+        )))
     }
 
     /// Frees what the (ended) builds `ids` of `app` hold (their unpacked sources, images, build

@@ -29,7 +29,14 @@ async fn export(app: &TestApp, name: &str, id: &str) -> Vec<u8> {
 /// `convox builds import -a APP`: `GET /system` (the CLI picks the import route by the rack's
 /// version), then the archive as the body.
 async fn import(app: &TestApp, name: &str, archive: Vec<u8>) -> reqwest::Response {
-    let system: Value = app.convox(Method::GET, "/system?").send().await.unwrap().json().await.unwrap();
+    let system: Value = app
+        .convox(Method::GET, "/system?")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(system["version"].as_str().unwrap() > "20180708231844");
     app.convox(Method::POST, &format!("/apps/{name}/builds/import?"))
         .header("content-type", "application/octet-stream")
@@ -186,4 +193,92 @@ async fn damaged_build_archives_are_refused_naming_what_is_wrong_and_nothing_is_
     // And the untouched archive still imports.
     let (status, text) = status_text(import(&production, "shop", archive).await).await;
     assert_eq!(status, 201, "{text}");
+}
+
+#[tokio::test]
+async fn the_rack_cli_exports_a_build_to_a_file_and_imports_it_on_another_rack() {
+    let staging = TestApp::spawn().await;
+    let production = TestApp::spawn().await;
+    assert_eq!(staging.create_app("shop").await.status(), 201);
+    assert_eq!(production.create_app("shop").await.status(), 201);
+    let id = staging
+        .build_source("shop", &[("convox.yml", MANIFEST), ("server.py", SERVER)])
+        .await;
+    assert_eq!(staging.wait_build("shop", &id).await["status"], "complete");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("build.tgz");
+    let file = file.to_str().unwrap();
+    let password = crate::helpers::PASSWORD;
+    let run = crate::cli::rack_in(
+        &staging,
+        password,
+        &["builds", "export", &id, "-a", "shop", "-f", file],
+        dir.path(),
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(std::fs::metadata(file).unwrap().len() > 0);
+    let run = crate::cli::rack_in(
+        &production,
+        password,
+        &["builds", "import", "-a", "shop", "-f", file, "--id"],
+        dir.path(),
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let release = run.stdout.trim();
+    let shown: Value = production.get_json(&format!("/apps/shop/releases/{release}")).await;
+    assert_eq!(shown["manifest"], MANIFEST, "{shown}");
+    // A damaged file: the CLI fails with the rack's reason.
+    std::fs::write(file, b"not an archive").unwrap();
+    let run = crate::cli::rack_in(
+        &production,
+        password,
+        &["builds", "import", "-a", "shop", "-f", file],
+        dir.path(),
+    )
+    .await;
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("damaged"), "{}", run.stderr);
+}
+
+#[tokio::test]
+async fn a_dockerfile_build_carries_its_image_and_runs_it_on_the_other_rack() {
+    use crate::containers::{Leftovers, as_files, base_image, convox_app, podman};
+    base_image().await;
+    let staging = TestApp::spawn().await;
+    let _staging_leftovers = Leftovers::of(&staging);
+    let production = TestApp::spawn().await;
+    let _production_leftovers = Leftovers::of(&production);
+    assert_eq!(staging.create_app("boxed").await.status(), 201);
+    assert_eq!(production.create_app("boxed").await.status(), 201);
+    let files = convox_app("carried");
+    let id = staging.build_source("boxed", &as_files(&files)).await;
+    let built = staging.wait_build("boxed", &id).await;
+    assert_eq!(built["status"], "complete", "{built}");
+    let archive = export(&staging, "boxed", &id).await;
+    let names: Vec<String> = entries(&archive).into_iter().map(|(path, _)| path).collect();
+    assert_eq!(
+        names,
+        ["convox.yml", "source.tgz", "files.tgz", "images.tar", "build.json"]
+    );
+    // Both racks share this machine's image store: the image must come back from the archive.
+    let image = built["images"]["web"].as_str().unwrap().to_owned();
+    let store = podman(&staging.state.config.data_dir);
+    store.output(&["rmi", "--force", &image]).await.unwrap();
+    assert!(!store.image_exists(&image).await);
+
+    let (status, text) = status_text(import(&production, "boxed", archive).await).await;
+    assert_eq!(status, 201, "{text}");
+    let imported: Value = serde_json::from_str(&text).unwrap();
+    let new_id = imported["id"].as_str().unwrap();
+    assert_eq!(imported["images"]["web"], format!("rack/boxed:web.{new_id}"));
+    assert!(
+        !store.image_exists(&image).await,
+        "the exporting rack's name is not kept"
+    );
+    let release = imported["release"].as_str().unwrap();
+    let rollout = promote_follow(&production, "boxed", release).await;
+    assert!(rollout.ends_with("OK\n"), "{rollout}");
+    assert_eq!(through_router(&production, "boxed").await, "carried\n");
 }
