@@ -19,12 +19,14 @@ pub mod objects;
 pub mod origin;
 pub mod processes;
 pub mod rack_resources;
+pub mod rack_system;
 pub mod releases;
 pub mod resources;
 pub mod run;
 pub mod services;
 pub mod streams;
 pub mod system;
+pub mod system_logs;
 pub mod tokens;
 pub mod webhooks;
 
@@ -66,6 +68,11 @@ fn routes() -> Routes {
     Routes::default()
         .json(M::GET, "/", READ, dashboard::root)
         .json(M::GET, "/system", READ, system::show_system)
+        .json(M::PUT, "/system", ADMIN, rack_system::update_system)
+        .json(M::GET, "/system/processes", READ, rack_system::list_system_processes)
+        .json(M::GET, "/system/releases", READ, rack_system::list_system_releases)
+        .json(M::GET, "/instances", READ, rack_system::list_instances)
+        .stream(M::GET, "/system/logs", ADMIN.audited(), system_logs::stream_system_logs)
         .json(M::GET, "/auth", READ, system::check_auth)
         .json(M::GET, "/apps", READ, apps::list_apps)
         .json(M::POST, "/apps", ADMIN.idempotent(), apps::create_app)

@@ -7,6 +7,7 @@ mod capabilities;
 mod capability_set;
 mod error;
 pub mod fake;
+mod host;
 pub mod kube;
 pub mod local;
 mod log_sink;
@@ -21,6 +22,7 @@ pub use build_job::{BuildFailure, BuildJob, BuildOutput, ExportedBuild};
 pub use capabilities::{AppLogs, PortBook, SourceTokens};
 pub use capability_set::Capabilities;
 pub use error::{BoxError, RuntimeError};
+pub use host::{InstanceInfo, this_host};
 pub use log_sink::{LogItem, LogReceiver, LogSink, ProcessEvent};
 pub use process::{
     ExecRequest, ExecSession, LineStream, LogLine, OneOff, ProcessInfo, ProcessKind, ProcessLogs, ProcessStatus,
@@ -164,6 +166,15 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
             "the {} runtime does not import builds",
             self.name()
         )))
+    }
+
+    /// The machines that run the apps (convox `instances`): this host by default. Their
+    /// `processes` are counted by the caller.
+    ///
+    /// # Errors
+    /// When the cluster cannot be asked.
+    async fn instances(&self) -> Result<Vec<InstanceInfo>, RuntimeError> {
+        Ok(vec![this_host()])
     }
 
     /// Frees what the (ended) builds `ids` of `app` hold (their unpacked sources, images, build

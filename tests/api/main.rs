@@ -30,6 +30,7 @@ mod objects;
 mod openapi;
 mod outage;
 mod quickstart;
+mod rack_system;
 mod release_diff;
 mod replicas;
 mod resources;

@@ -8,6 +8,7 @@ pub mod database_rollout;
 pub mod databases;
 pub mod events;
 mod logs;
+mod nodes;
 pub mod process;
 pub mod resources;
 mod rollout;
@@ -270,6 +271,10 @@ impl Runtime for KubeRuntime {
         rollout::apply(self, app, release, log).await
     }
 
+    async fn instances(&self) -> Result<Vec<crate::runtime::InstanceInfo>, RuntimeError> {
+        nodes::list(&self.0.client).await
+    }
+
     async fn processes(&self, app: &str) -> Result<Vec<ProcessInfo>, RuntimeError> {
         let pods: Api<Pod> = self.api(app);
         let list = pods
@@ -522,7 +527,7 @@ fn process_info(app: &str, pod: &Pod) -> Option<ProcessInfo> {
 }
 
 /// A Kubernetes time as a chrono one.
-fn time(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> Option<chrono::DateTime<chrono::Utc>> {
+pub(super) fn time(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> Option<chrono::DateTime<chrono::Utc>> {
     chrono::DateTime::from_timestamp(t.0.as_second(), u32::try_from(t.0.subsec_nanosecond()).unwrap_or(0))
 }
 
