@@ -119,13 +119,15 @@ pub fn mask(text: &str) -> String {
     'scan: while !rest.is_empty() {
         for prefix in ["rack_", "whsec_", "Basic ", "Bearer ", "password=", "secret=", "token="] {
             if let Some(after) = strip_prefix_ignore_case(rest, prefix) {
+                // A token's secret is letters and digits, and long: a word such as
+                // `rack_resources` is no secret.
+                let is_token = prefix.ends_with('_');
                 let secret_len = after
                     .bytes()
-                    .take_while(|b| b.is_ascii_alphanumeric() || b"+/=_-.~%".contains(b))
+                    .take_while(|b| b.is_ascii_alphanumeric() || (!is_token && b"+/=_-.~%".contains(b)))
                     .count();
-                // A word such as `rack_resources` is no secret: tokens are long.
-                let long_enough = secret_len >= 8 || !prefix.ends_with('_');
-                if secret_len > 0 && long_enough && (prefix.ends_with('_') || secret_len > 0) {
+                let long_enough = !is_token || secret_len >= 16;
+                if secret_len > 0 && long_enough {
                     out.push_str(&rest[..prefix.len()]);
                     out.push_str("****");
                     rest = &after[secret_len..];
@@ -169,7 +171,7 @@ mod tests {
             mask("token rack_abcdefghijklmnopqrstuvwxyz012345 used"),
             "token rack_**** used"
         );
-        assert_eq!(mask("hook secret whsec_0123456789abcdef"), "hook secret whsec_****");
+        assert_eq!(mask("hook secret whsec_0123456789abcdef0123"), "hook secret whsec_****");
         assert_eq!(
             mask("fetching http://convox:s3cretpass@127.0.0.1:5443/apps"),
             "fetching http://convox:****@127.0.0.1:5443/apps"

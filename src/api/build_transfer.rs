@@ -185,7 +185,15 @@ pub async fn import_build(
         started_at: metadata.started,
         ended_at: metadata.ended,
     };
-    let build = match builds::insert_imported(&state.pool, &imported, &release, &line).await {
+    // The end a build's log has, after the line that says where the build came from.
+    let lines = [
+        (crate::runtime::BUILD_STREAM.to_owned(), line.clone()),
+        (
+            crate::runtime::BUILD_STREAM.to_owned(),
+            format!("Build {id} complete: release {release}"),
+        ),
+    ];
+    let build = match builds::insert_imported(&state.pool, &imported, &release, &lines).await {
         Ok(build) => build,
         Err(e) => {
             let _ = state.runtime.prune_builds(&app.name, std::slice::from_ref(&id)).await;

@@ -48,16 +48,17 @@ pub async fn update_system(
                 .into(),
         ));
     }
+    // A malformed pair is refused as an unknown name is: 422, naming it. None at all: nothing
+    // to change.
     let parameters = body
         .parameters
         .map(Parameters::into_map)
-        .transpose()?
+        .transpose()
+        .map_err(|e| match e {
+            ApiError::BadRequest(message) => ApiError::Unprocessable(message),
+            e => e,
+        })?
         .unwrap_or_default();
-    if parameters.is_empty() {
-        return Err(ApiError::BadRequest(
-            "no parameters given: send parameters=Key%3DValue".into(),
-        ));
-    }
     let mut changes = BTreeMap::new();
     for (name, value) in parameters {
         let Some(setting) = crate::rack_params::setting(&name) else {

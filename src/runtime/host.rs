@@ -65,7 +65,7 @@ pub fn this_host() -> InstanceInfo {
         .lines()
         .find_map(|line| line.strip_prefix("btime ")?.trim().parse::<i64>().ok())
         .and_then(|secs| DateTime::from_timestamp(secs, 0))
-        .unwrap_or_else(crate::api::builds::go_zero_time);
+        .unwrap_or(DateTime::UNIX_EPOCH);
     InstanceInfo {
         agent: false,
         cpu: load,

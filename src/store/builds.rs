@@ -321,14 +321,13 @@ pub struct ImportedBuild<'a> {
 }
 
 /// Records an imported build and its release (the build, the env of the app's latest release,
-/// the manifest), with its log (`log_line`, then the end a build's log has), in one
-/// transaction.
+/// the manifest), with its log (`lines`, the last one its end), in one transaction.
 #[tracing::instrument(skip_all, fields(app.name = %imported.new.app, build.id = %imported.new.id))]
 pub async fn insert_imported(
     pool: &PgPool,
     imported: &ImportedBuild<'_>,
     release_id: &str,
-    log_line: &str,
+    lines: &[(String, String)],
 ) -> Result<Build, sqlx::Error> {
     let new = &imported.new;
     let mut tx = pool.begin().await?;
@@ -367,13 +366,6 @@ pub async fn insert_imported(
         .bind(release_id)
         .fetch_one(&mut *tx)
         .await?;
-    let lines = [
-        (crate::runtime::BUILD_STREAM.to_owned(), log_line.to_owned()),
-        (
-            crate::runtime::BUILD_STREAM.to_owned(),
-            format!("Build {} complete: release {release_id}", new.id),
-        ),
-    ];
     crate::store::events::append(
         &mut tx,
         crate::store::events::Owner {
@@ -381,7 +373,7 @@ pub async fn insert_imported(
             build: Some(new.id),
             deployment: None,
         },
-        &lines,
+        lines,
         Some(crate::store::events::Outcome::Ok),
     )
     .await?;

@@ -278,3 +278,36 @@ async fn rack_logs_stream_racks_own_log_to_an_admin_with_credentials_masked() {
     assert_eq!(past.lines().count(), 1, "{past}");
     assert!(past.contains("rack_****"), "{past}");
 }
+
+#[tokio::test]
+async fn the_rack_cli_shows_and_sets_rack_and_app_params_and_lists_the_rack() {
+    let app = TestApp::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rack = |args: &'static [&'static str]| crate::cli::rack_in(&app, PASSWORD, args, dir.path());
+    let run = rack(&["rack", "params", "set", "run_timeout=90"]).await;
+    assert_eq!((run.code, run.stderr.as_str()), (0, "Updating parameters... OK\n"));
+    let run = rack(&["rack", "params"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains("run_timeout           90\n"), "{}", run.stdout);
+    let run = rack(&["rack", "params", "set", "nope=1"]).await;
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("nope is not a parameter"), "{}", run.stderr);
+    let run = rack(&["--json", "rack", "ps"]).await;
+    let processes: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(processes[0]["name"], "rack");
+    let run = rack(&["rack", "releases"]).await;
+    assert!(run.stdout.starts_with("VERSION"), "{}", run.stdout);
+    assert!(run.stdout.contains(env!("CARGO_PKG_VERSION")), "{}", run.stdout);
+    let run = rack(&["--json", "instances"]).await;
+    let instances: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(instances.as_array().unwrap().len(), 1, "{instances}");
+    let run = rack(&["rack", "logs", "--no-follow", "--filter", "rack parameters changed"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains("system/rack INFO "), "{}", run.stdout);
+
+    assert_eq!(app.create_app("myapp").await.status(), 201);
+    let run = rack(&["apps", "params", "set", "Timeout=30", "Region=eu west", "-a", "myapp"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let run = rack(&["apps", "params", "-a", "myapp"]).await;
+    assert_eq!(run.stdout, "Region   eu west\nTimeout  30\n");
+}

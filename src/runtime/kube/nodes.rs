@@ -62,7 +62,7 @@ fn instance(node: Node) -> InstanceInfo {
             .creation_timestamp
             .as_ref()
             .and_then(super::time)
-            .unwrap_or_else(crate::api::builds::go_zero_time),
+            .unwrap_or(chrono::DateTime::UNIX_EPOCH),
     }
 }
 
