@@ -282,3 +282,96 @@ async fn a_dockerfile_build_carries_its_image_and_runs_it_on_the_other_rack() {
     assert!(rollout.ends_with("OK\n"), "{rollout}");
     assert_eq!(through_router(&production, "boxed").await, "carried\n");
 }
+
+/// `convox apps export` then `convox apps import` into another rack: the requests each makes
+/// (the CLI packs and unpacks its own archive of `app.json`, `env` and `build.tgz` around them).
+#[tokio::test]
+async fn convox_apps_export_and_import_move_an_app_between_racks() {
+    let staging = TestApp::spawn().await;
+    let production = TestApp::spawn().await;
+    assert_eq!(staging.create_app("shop").await.status(), 201);
+    create_release(&staging, "shop", &[("env", "GREETING=carried")]).await;
+    let release = staging
+        .build_release("shop", &[("convox.yml", MANIFEST), ("server.py", SERVER)])
+        .await;
+    assert!(promote_follow(&staging, "shop", &release).await.ends_with("OK\n"));
+    let updated = staging.update_app("shop", &[("parameters", "Owner=team-a")]).await;
+    assert_eq!(updated.status(), 200);
+
+    // Export: the app, its active release (the CLI's `AppManifest`), that release's build, the
+    // resources.
+    let get = |app: &TestApp, path: String| {
+        let request = app.convox(Method::GET, &path);
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let exported_app = get(&staging, "/apps/shop?".to_owned()).await;
+    let active = exported_app["release"].as_str().unwrap().to_owned();
+    let exported_release = get(&staging, format!("/apps/shop/releases/{active}?")).await;
+    let env = exported_release["env"].as_str().unwrap().to_owned();
+    let build = exported_release["build"].as_str().unwrap().to_owned();
+    let archive = export(&staging, "shop", &build).await;
+    let resources = get(&staging, "/apps/shop/resources?".to_owned()).await;
+    assert_eq!(resources, serde_json::json!([]));
+
+    // Import: create the app and wait for it, import the build, a release with the env, promote
+    // it and wait, then the parameters.
+    let created = production
+        .convox(Method::POST, "/apps?")
+        .form(&[
+            ("generation", exported_app["generation"].as_str().unwrap()),
+            ("name", "shop"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    assert_eq!(get(&production, "/apps/shop?".to_owned()).await["status"], "running");
+    let (status, text) = status_text(import(&production, "shop", archive).await).await;
+    assert_eq!(status, 201, "{text}");
+    let with_env: Value = production
+        .convox(Method::POST, "/apps/shop/releases?")
+        .form(&[("env", env.as_str())])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let new_release = with_env["id"].as_str().unwrap().to_owned();
+    let promote = production
+        .convox(Method::POST, &format!("/apps/shop/releases/{new_release}/promote?"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(promote.status(), 200);
+    crate::helpers::wait_for(120, "the imported app to run its release", || async {
+        let app = get(&production, "/apps/shop?".to_owned()).await;
+        (app["status"] == "running" && app["release"] == new_release.as_str()).then_some(())
+    })
+    .await;
+    let parameters = serde_urlencoded::to_string(
+        exported_app["parameters"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str().unwrap()))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    assert_eq!(
+        production
+            .update_app("shop", &[("parameters", &parameters)])
+            .await
+            .status(),
+        200
+    );
+
+    assert_eq!(
+        through_router(&production, "shop").await,
+        format!("{new_release} carried\n")
+    );
+    assert_eq!(
+        get(&production, "/apps/shop?".to_owned()).await["parameters"]["Owner"],
+        "team-a"
+    );
+}

@@ -1185,6 +1185,9 @@ async fn instances_are_the_cluster_s_nodes() {
     for instance in &instances {
         assert!(instance["cpu-allocatable"].as_f64().unwrap() > 0.0, "{instance}");
         assert!(instance["memory-capacity"].as_f64().unwrap() > 0.0, "{instance}");
-        assert!(matches!(instance["status"].as_str(), Some("running" | "pending")), "{instance}");
+        assert!(
+            matches!(instance["status"].as_str(), Some("running" | "pending")),
+            "{instance}"
+        );
     }
 }
