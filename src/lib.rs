@@ -8,6 +8,7 @@ mod architecture;
 pub mod archive;
 pub mod auth;
 pub mod backup;
+pub mod build_archive;
 pub mod cli;
 pub mod config;
 pub mod deploy;
@@ -23,6 +24,8 @@ pub mod names;
 pub mod objects;
 pub mod postgres;
 pub mod process_note;
+pub mod rack_log;
+pub mod rack_params;
 pub mod resource;
 pub mod resource_data;
 pub mod runtime;
@@ -158,7 +161,13 @@ impl Application {
                 .await
                 .context("restoring the backup")?;
         }
+        // rack's own log (`rack logs`) is kept even when the program embedding the server
+        // installed no subscriber of its own.
+        rack_log::install_if_none();
         store::migrate(&pool).await.context("running database migrations")?;
+        store::rack_system::record_start(&pool, env!("CARGO_PKG_VERSION"))
+            .await
+            .context("recording this version of rack")?;
 
         let listener = tokio::net::TcpListener::bind(config.bind)
             .await

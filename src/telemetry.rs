@@ -11,7 +11,10 @@ use crate::config::LogFormat;
 /// is unset. Calling it twice keeps the first subscriber.
 pub fn init(format: LogFormat, default_filter: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let registry = tracing_subscriber::registry().with(filter);
+    // rack's own log (`rack logs`) is kept beside stderr, with a filter of its own (info).
+    let registry = tracing_subscriber::registry()
+        .with(crate::rack_log::layer())
+        .with(filter);
     let result = match format {
         LogFormat::Compact => registry
             .with(tracing_subscriber::fmt::layer().compact().with_writer(std::io::stderr))

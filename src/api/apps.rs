@@ -45,13 +45,13 @@ pub struct UpdateApp {
 /// form field.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-enum Parameters {
+pub(crate) enum Parameters {
     Packed(String),
     Map(BTreeMap<String, String>),
 }
 
 impl Parameters {
-    fn into_map(self) -> ApiResult<BTreeMap<String, String>> {
+    pub(crate) fn into_map(self) -> ApiResult<BTreeMap<String, String>> {
         let map = match self {
             Self::Map(map) => map,
             Self::Packed(text) => serde_urlencoded::from_str(&text)

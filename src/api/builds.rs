@@ -217,8 +217,12 @@ pub async fn show_build(
     State(state): State<AppState>,
     Path((_, id)): Path<(String, String)>,
     AppPath(app): AppPath,
-) -> ApiResult<Pretty<BuildView>> {
-    Ok(Pretty(load_build(&state, &app.name, &id).await?.into()))
+) -> ApiResult<Response> {
+    // `GET …/builds/{id}.tgz` (convox's export) arrives here: the router matches whole segments.
+    if let Some(id) = id.strip_suffix(".tgz") {
+        return crate::api::build_transfer::export_build(&state, &app.name, id).await;
+    }
+    Ok(Pretty(BuildView::from(load_build(&state, &app.name, &id).await?)).into_response())
 }
 
 #[tracing::instrument(skip_all, fields(app.name = %app, build.id = %id))]

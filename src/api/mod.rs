@@ -5,6 +5,7 @@
 pub mod apps;
 pub mod audit;
 pub mod backup;
+pub mod build_transfer;
 pub mod builds;
 pub mod dashboard;
 pub mod deployments;
@@ -18,12 +19,14 @@ pub mod objects;
 pub mod origin;
 pub mod processes;
 pub mod rack_resources;
+pub mod rack_system;
 pub mod releases;
 pub mod resources;
 pub mod run;
 pub mod services;
 pub mod streams;
 pub mod system;
+pub mod system_logs;
 pub mod tokens;
 pub mod webhooks;
 
@@ -65,6 +68,11 @@ fn routes() -> Routes {
     Routes::default()
         .json(M::GET, "/", READ, dashboard::root)
         .json(M::GET, "/system", READ, system::show_system)
+        .json(M::PUT, "/system", ADMIN, rack_system::update_system)
+        .json(M::GET, "/system/processes", READ, rack_system::list_system_processes)
+        .json(M::GET, "/system/releases", READ, rack_system::list_system_releases)
+        .json(M::GET, "/instances", READ, rack_system::list_instances)
+        .stream(M::GET, "/system/logs", ADMIN.audited(), system_logs::stream_system_logs)
         .json(M::GET, "/auth", READ, system::check_auth)
         .json(M::GET, "/apps", READ, apps::list_apps)
         .json(M::POST, "/apps", ADMIN.idempotent(), apps::create_app)
@@ -95,7 +103,15 @@ fn routes() -> Routes {
         .json(M::DELETE, "/apps/{app}/objects/{*key}", DEPLOY, objects::delete_object)
         .json(M::GET, "/apps/{app}/builds", READ, builds::list_builds)
         .json(M::POST, "/apps/{app}/builds", DEPLOY.idempotent(), builds::create_build)
-        .json(M::GET, "/apps/{app}/builds/{id}", READ, builds::show_build)
+        // Streams: `{id}.tgz` is the build's archive (`convox builds export`).
+        .stream(M::GET, "/apps/{app}/builds/{id}", READ, builds::show_build)
+        .alias(M::GET, "/apps/{app}/builds/{id}.tgz", READ)
+        .upload(
+            M::POST,
+            "/apps/{app}/builds/import",
+            DEPLOY,
+            build_transfer::import_build,
+        )
         .json(M::PUT, "/apps/{app}/builds/{id}", DEPLOY, builds::update_build)
         .json(M::POST, "/apps/{app}/builds/{id}/cancel", DEPLOY, builds::cancel_build)
         .stream(
@@ -402,6 +418,13 @@ impl Routes {
             .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY));
         let route = on(filter_of(&method), handler).layer::<_, Infallible>(layers);
         self.add(method, path, policy, route)
+    }
+
+    /// A path served by another route's handler, listed in the table only: the router
+    /// matches whole segments, so `{id}.tgz` arrives at the `{id}` route, whose policy applies.
+    fn alias(mut self, method: Method, path: &'static str, policy: Policy) -> Self {
+        self.table.push(RouteInfo { method, path, policy });
+        self
     }
 
     fn add(

@@ -115,7 +115,7 @@ async fn store_upload(state: &AppState, app: &str, key: &str, headers: &HeaderMa
 const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The body's chunks, ending with an error when none comes for [`UPLOAD_IDLE`].
-fn idle_limited(body: Body) -> impl futures_util::Stream<Item = Result<axum::body::Bytes, String>> + Send {
+pub(crate) fn idle_limited(body: Body) -> impl futures_util::Stream<Item = Result<axum::body::Bytes, String>> + Send {
     use futures_util::StreamExt;
     futures_util::stream::unfold(Some(body.into_data_stream()), |stream| async move {
         let mut stream = stream?;
@@ -135,7 +135,7 @@ async fn discard(state: &AppState, location: &str) {
     }
 }
 
-fn too_large(limit: u64) -> ApiError {
+pub(crate) fn too_large(limit: u64) -> ApiError {
     ApiError::PayloadTooLarge(format!(
         "the upload is larger than the limit of {limit} bytes (RACK_MAX_UPLOAD_BYTES)"
     ))

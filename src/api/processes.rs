@@ -65,7 +65,7 @@ pub async fn restart_process(
 }
 
 /// The app's processes, as the runtime has them.
-pub(super) async fn list(state: &AppState, app: &str) -> ApiResult<Vec<ProcessInfo>> {
+pub(crate) async fn list(state: &AppState, app: &str) -> ApiResult<Vec<ProcessInfo>> {
     state
         .runtime
         .processes(app)
@@ -75,14 +75,14 @@ pub(super) async fn list(state: &AppState, app: &str) -> ApiResult<Vec<ProcessIn
 
 /// convox's log options, sent as headers (its websocket client cannot send a query string).
 #[derive(Debug)]
-struct LogOptions {
-    follow: bool,
-    prefix: bool,
-    since: Option<std::time::Duration>,
-    filter: Option<String>,
+pub(crate) struct LogOptions {
+    pub follow: bool,
+    pub prefix: bool,
+    pub since: Option<std::time::Duration>,
+    pub filter: Option<String>,
 }
 
-fn log_options(headers: &HeaderMap) -> ApiResult<LogOptions> {
+pub(crate) fn log_options(headers: &HeaderMap) -> ApiResult<LogOptions> {
     let text = |name: &str| crate::api::input::header_text(headers, name);
     let flag = |name: &str, default: bool| -> ApiResult<bool> {
         // Present but empty is neither: say so rather than guess.

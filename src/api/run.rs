@@ -98,12 +98,13 @@ pub async fn run_process(
         return Err(ApiError::NotFound("service", service));
     }
     let display = shell_words::join(&argv);
+    let timeout = crate::rack_params::seconds(&state.pool, &state.config, &crate::rack_params::RUN_TIMEOUT).await;
     let one_off = OneOff {
         service: service.clone(),
         command: argv,
         env,
         log: None,
-        timeout: state.config.run_timeout,
+        timeout,
     };
     let process = state
         .runtime

@@ -151,6 +151,63 @@ pub fn respond_merged(
     }
 }
 
+/// Answers `request` with `lines` from outside the event log (rack's own log): no ids, no
+/// resuming, a heartbeat while idle, and a last line when the server stops.
+///
+/// # Errors
+/// 429 when the credential has too many streams open.
+pub fn respond_lines(
+    state: &AppState,
+    request: StreamRequest,
+    lines: futures_util::stream::BoxStream<'static, Event>,
+    style: Style,
+) -> ApiResult<Response> {
+    let slot = state.streams.take(request.principal.as_ref())?;
+    let render = Render {
+        style,
+        outcomes: false,
+        ids: false,
+    };
+    let shutdown = state.shutdown.clone();
+    // A stopping server says so last; lines that simply ended (not following) end the stream.
+    let stopping = futures_util::stream::once(async move { shutdown.is_cancelled().then_some(Ok(Item::ShuttingDown)) })
+        .filter_map(std::future::ready);
+    let lines = lines
+        .map(|event| Ok(Item::Event(event)))
+        .take_until(state.shutdown.clone().cancelled_owned())
+        .chain(stopping)
+        .map(Some)
+        .chain(futures_util::stream::once(async { None }));
+    let heartbeat = futures_util::stream::unfold((), |()| async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        Some((Some(Ok(Item::Idle)), ()))
+    });
+    // The lines first; the heartbeat only while they are idle, and it stops with them.
+    let items =
+        futures_util::stream::select_with_strategy(lines, heartbeat, |_: &mut ()| futures_util::stream::PollNext::Left)
+            .take_while(|item| std::future::ready(item.is_some()))
+            .filter_map(std::future::ready)
+            .boxed();
+    let items = guarded(
+        items,
+        credential_end(state, request.principal.as_ref()),
+        (slot, state.metrics.stream("logs")),
+    );
+    if let Some(ws) = request.ws {
+        return Ok(stream_socket(ws).on_upgrade(move |socket| websocket(socket, items, render)));
+    }
+    let wants_sse = request
+        .headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if wants_sse {
+        Ok(sse(items, render).into_response())
+    } else {
+        Ok(text(items, render))
+    }
+}
+
 /// The settings of a websocket that streams events: its client sends nothing but control
 /// frames, and a rack may hold thousands of them, so its buffers are small (the library's
 /// default of 128 KiB each way cost 850 MiB for 10 000 subscribers in benches/suite.rs).

@@ -40,13 +40,19 @@ pub struct System {
 }
 
 #[tracing::instrument(skip_all)]
-pub async fn show_system(State(state): State<AppState>) -> Pretty<System> {
-    Pretty(System {
+pub async fn show_system(State(state): State<AppState>) -> ApiResult<Pretty<System>> {
+    Ok(Pretty(system(&state).await?))
+}
+
+/// The rack now, its parameters with their current values.
+pub async fn system(state: &AppState) -> ApiResult<System> {
+    let overrides = crate::store::rack_system::params(&state.pool).await?;
+    Ok(System {
         count: 1,
         domain: String::new(),
         name: state.config.rack_name.clone(),
         outputs: BTreeMap::new(),
-        parameters: BTreeMap::new(),
+        parameters: crate::rack_params::effective(&state.config, &overrides),
         provider: state.config.runtime.name(),
         rack_domain: String::new(),
         router_internal: String::new(),

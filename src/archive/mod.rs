@@ -7,7 +7,7 @@ mod pack;
 mod tests;
 mod unpack;
 
-pub use pack::{PackStats, pack_tgz};
+pub use pack::{PackStats, pack_tgz, pack_tree_tgz};
 pub use unpack::{UnpackError, UnpackStats, unpack_tgz};
 
 /// Bounds on what one archive may unpack to, enforced while streaming.

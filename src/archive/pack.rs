@@ -32,15 +32,28 @@ pub struct PackStats {
 /// On a walk or read error, an invalid `.dockerignore`, a file that shrinks while being read,
 /// or a write error.
 pub fn pack_tgz<W: Write>(dir: &Path, writer: W) -> io::Result<PackStats> {
+    pack(dir, writer, true)
+}
+
+/// Packs all of `dir`, `.dockerignore` or not: a build directory as its build left it (what a
+/// build command made may match the patterns that kept it out of the upload).
+///
+/// # Errors
+/// As [`pack_tgz`].
+pub fn pack_tree_tgz<W: Write>(dir: &Path, writer: W) -> io::Result<PackStats> {
+    pack(dir, writer, false)
+}
+
+fn pack<W: Write>(dir: &Path, writer: W, honour_dockerignore: bool) -> io::Result<PackStats> {
     let mut builder = Builder::new(GzEncoder::new(writer, Compression::default()));
     let mut stats = PackStats::default();
     // Only `.dockerignore`: not .gitignore, hidden-file rules or ignore files above `dir`.
-    let walk = WalkBuilder::new(dir)
-        .standard_filters(false)
-        .add_custom_ignore_filename(".dockerignore")
-        .follow_links(false)
-        .sort_by_file_name(|a, b| a.cmp(b))
-        .build();
+    let mut walk = WalkBuilder::new(dir);
+    walk.standard_filters(false);
+    if honour_dockerignore {
+        walk.add_custom_ignore_filename(".dockerignore");
+    }
+    let walk = walk.follow_links(false).sort_by_file_name(|a, b| a.cmp(b)).build();
     for entry in walk {
         let entry = entry.map_err(|err| {
             let kind = err.io_error().map_or(io::ErrorKind::Other, io::Error::kind);

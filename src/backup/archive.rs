@@ -306,11 +306,7 @@ pub fn stream(
     let data_dir = rack.config.data_dir.clone();
     let handle = tokio::runtime::Handle::current();
     let writer = tokio::task::spawn_blocking(move || {
-        let out = ChannelWriter {
-            tx: tx.clone(),
-            buf: Vec::with_capacity(CHUNK),
-            written: 0,
-        };
+        let out = ChannelWriter::new(tx.clone());
         let result = write_archive(out, &prepared, &objects, &data_dir, &handle);
         if let Err(e) = &result {
             // The reader sees the archive end with an error instead of a clean end.
@@ -352,11 +348,7 @@ fn write_archive(
                 blob.location
             )
         })?;
-        let reader = Blocking {
-            stream: Box::pin(stream),
-            handle: handle.clone(),
-            buf: Bytes::new(),
-        };
+        let reader = Blocking::new(stream, handle.clone());
         let size = u64::try_from(blob.size).unwrap_or(0);
         let entry = append_file(&mut tar, &format!("objects/{}", blob.location), reader.take(size), size)
             .with_context(|| format!("writing the blob {}", blob.location))?;
@@ -414,7 +406,12 @@ fn write_archive(
 }
 
 /// Appends a file of `size` bytes read from `data`; returns its manifest entry.
-fn append_file<W: Write>(tar: &mut tar::Builder<W>, path: &str, data: impl Read, size: u64) -> io::Result<Entry> {
+pub(crate) fn append_file<W: Write>(
+    tar: &mut tar::Builder<W>,
+    path: &str,
+    data: impl Read,
+    size: u64,
+) -> io::Result<Entry> {
     let mut header = tar::Header::new_gnu();
     header.set_entry_type(tar::EntryType::Regular);
     header.set_size(size);
@@ -524,24 +521,44 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
-/// Reads a blob's byte stream from the writer's blocking thread.
-struct Blocking<S> {
+/// Reads a byte stream (a blob's, an upload's) from a blocking thread.
+pub(crate) struct Blocking<S> {
     stream: std::pin::Pin<Box<S>>,
     handle: tokio::runtime::Handle,
     buf: Bytes,
+    /// The stream has ended: it is not polled again (some streams panic if they are).
+    ended: bool,
 }
 
-impl<S> Read for Blocking<S>
+impl<S> Blocking<S> {
+    pub(crate) fn new(stream: S, handle: tokio::runtime::Handle) -> Self {
+        Self {
+            stream: Box::pin(stream),
+            handle,
+            buf: Bytes::new(),
+            ended: false,
+        }
+    }
+}
+
+impl<S, E> Read for Blocking<S>
 where
-    S: futures_util::Stream<Item = Result<Bytes, object_store::Error>>,
+    S: futures_util::Stream<Item = Result<Bytes, E>>,
+    E: std::fmt::Display,
 {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         use futures_util::StreamExt;
         while self.buf.is_empty() {
+            if self.ended {
+                return Ok(0);
+            }
             match self.handle.block_on(self.stream.next()) {
                 Some(Ok(chunk)) => self.buf = chunk,
-                Some(Err(e)) => return Err(io::Error::other(e)),
-                None => return Ok(0),
+                Some(Err(e)) => {
+                    self.ended = true;
+                    return Err(io::Error::other(e.to_string()));
+                }
+                None => self.ended = true,
             }
         }
         let n = out.len().min(self.buf.len());
@@ -551,13 +568,21 @@ where
 }
 
 /// Hands the archive's bytes to the async side in chunks, waiting while the reader is behind.
-struct ChannelWriter {
+pub(crate) struct ChannelWriter {
     tx: mpsc::Sender<io::Result<Bytes>>,
     buf: Vec<u8>,
     written: u64,
 }
 
 impl ChannelWriter {
+    pub(crate) fn new(tx: mpsc::Sender<io::Result<Bytes>>) -> Self {
+        Self {
+            tx,
+            buf: Vec::with_capacity(CHUNK),
+            written: 0,
+        }
+    }
+
     fn send(&mut self) -> io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
@@ -565,7 +590,7 @@ impl ChannelWriter {
         let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
         self.tx
             .blocking_send(Ok(chunk))
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the backup's reader went away"))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the archive's reader went away"))
     }
 }
 

@@ -25,6 +25,24 @@ pub enum AppsCommand {
         #[command(flatten)]
         app: AppArg,
     },
+    /// Show an app's parameters (stored with the app; rack acts on none of them).
+    Params {
+        #[command(subcommand)]
+        command: Option<ParamsCommand>,
+        #[command(flatten)]
+        app: AppArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ParamsCommand {
+    /// Set parameters: `Key=Value ...` (an empty value removes the key).
+    Set {
+        #[arg(required = true)]
+        pairs: Vec<String>,
+        #[command(flatten)]
+        app: AppArg,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -35,6 +53,8 @@ struct App {
     generation: String,
     locked: bool,
     router: String,
+    #[serde(default)]
+    parameters: std::collections::BTreeMap<String, String>,
 }
 
 pub async fn run(client: &Client, command: Option<AppsCommand>) -> anyhow::Result<()> {
@@ -87,6 +107,38 @@ pub async fn run(client: &Client, command: Option<AppsCommand>) -> anyhow::Resul
             eprint!("Cancelling deployment of {name}... ");
             let _: serde_json::Value = client
                 .post(&format!("/apps/{}/cancel", client.segment(&name)), &[])
+                .await?;
+            eprintln!("OK");
+        }
+        Some(AppsCommand::Params { command: None, app }) => {
+            let name = app.resolve()?;
+            let shown: serde_json::Value = client.get(&format!("/apps/{}", client.segment(&name))).await?;
+            if output::json(&shown["parameters"])? {
+                return Ok(());
+            }
+            let shown: App = serde_json::from_value(shown)?;
+            let rows: Vec<(&str, String)> = shown.parameters.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            print!("{}", output::info(&rows));
+        }
+        Some(AppsCommand::Params {
+            command: Some(ParamsCommand::Set { pairs, app }),
+            app: outer,
+        }) => {
+            let name = app.or(&outer).resolve()?;
+            let mut parameters = Vec::new();
+            for pair in &pairs {
+                let (key, value) = pair
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("Key=Value expected: {pair}"))?;
+                parameters.push((key, value));
+            }
+            let packed = serde_urlencoded::to_string(&parameters)?;
+            eprint!("Updating parameters of {name}... ");
+            let _: serde_json::Value = client
+                .put(
+                    &format!("/apps/{}", client.segment(&name)),
+                    &[("parameters", packed.as_str())],
+                )
                 .await?;
             eprintln!("OK");
         }

@@ -47,6 +47,28 @@ pub enum BuildsCommand {
         #[command(flatten)]
         app: AppArg,
     },
+    /// Write a complete build's archive (manifest, source, build output, images) to a file or
+    /// standard output, for `rack builds import` on another rack.
+    Export {
+        id: String,
+        #[command(flatten)]
+        app: AppArg,
+        /// The file to write (default: standard output).
+        #[arg(short = 'f', long = "file")]
+        file: Option<PathBuf>,
+    },
+    /// Import a build archive from a file or standard input: a new build and release, ready to
+    /// promote without building again.
+    Import {
+        #[command(flatten)]
+        app: AppArg,
+        /// The file to read (default: standard input).
+        #[arg(short = 'f', long = "file")]
+        file: Option<PathBuf>,
+        /// Print only the new release's id on stdout.
+        #[arg(long)]
+        id: bool,
+    },
 }
 
 /// A build as the API returns it.
@@ -163,8 +185,80 @@ pub async fn run(client: &Client, list_app: AppArg, command: Option<BuildsComman
             );
         }
         Some(BuildsCommand::Logs { id, app }) => follow_log(client, &app.or(&list_app).resolve()?, &id, false).await?,
+        Some(BuildsCommand::Export { id, app, file }) => {
+            export(client, &app.or(&list_app).resolve()?, &id, file.as_deref()).await?;
+        }
+        Some(BuildsCommand::Import { app, file, id }) => {
+            let app = app.or(&list_app).resolve()?;
+            let build = import(client, &app, file.as_deref()).await?;
+            if output::json(&build)? {
+                return Ok(());
+            }
+            let build: Build = serde_json::from_value(build)?;
+            if id {
+                println!("{}", build.release);
+            } else {
+                println!("Build: {}", build.id);
+                println!("Release: {}", build.release);
+            }
+        }
     }
     Ok(())
+}
+
+/// `rack builds export`: streams the archive to `file` or standard output.
+async fn export(client: &Client, app: &str, id: &str, file: Option<&Path>) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    if file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        bail!("pipe this command into a file or give --file");
+    }
+    let response = client
+        .stream(&format!(
+            "/apps/{}/builds/{}.tgz",
+            client.segment(app),
+            client.segment(id)
+        ))
+        .await?;
+    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = match file {
+        Some(file) => Box::new(
+            tokio::fs::File::create(file)
+                .await
+                .with_context(|| format!("creating {}", file.display()))?,
+        ),
+        None => Box::new(tokio::io::stdout()),
+    };
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        out.write_all(&chunk.context("reading the archive (the export failed on the rack)")?)
+            .await?;
+    }
+    out.flush().await?;
+    eprintln!("Exported build {id}");
+    Ok(())
+}
+
+/// `rack builds import`: streams the archive from `file` or standard input; the new build.
+async fn import(client: &Client, app: &str, file: Option<&Path>) -> anyhow::Result<serde_json::Value> {
+    let body = match file {
+        Some(file) => {
+            let file = tokio::fs::File::open(file)
+                .await
+                .with_context(|| format!("opening {}", file.display()))?;
+            reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file))
+        }
+        None => {
+            if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                bail!("pipe an archive into this command or give --file");
+            }
+            reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(tokio::io::stdin()))
+        }
+    };
+    eprint!("Importing build... ");
+    let build: serde_json::Value = client
+        .post_body(&format!("/apps/{}/builds/import", client.segment(app)), body, &[])
+        .await?;
+    eprintln!("OK");
+    Ok(build)
 }
 
 /// With `--json`, prints build `id` as the API shows it and answers true.

@@ -15,6 +15,7 @@ mod output;
 mod promote;
 mod ps;
 mod rack_resources;
+mod rack_system;
 mod racks;
 mod releases;
 mod resources;
@@ -63,10 +64,11 @@ enum Command {
         #[command(subcommand)]
         command: Option<apps::AppsCommand>,
     },
-    /// Show the rack this client talks to; `rack rack resources ...`: rack-wide resources.
+    /// Show the rack this client talks to; `rack rack ps`, `releases`, `params`, `logs`,
+    /// `resources ...`: the rack itself and its rack-wide resources.
     Rack {
         #[command(subcommand)]
-        command: Option<rack_resources::RackCommand>,
+        command: Option<rack_system::RackCommand>,
     },
     /// Check a password or token against a rack and save both as the current rack.
     Login(racks::LoginArgs),
@@ -142,6 +144,8 @@ enum Command {
         #[command(subcommand)]
         command: Option<resources::ResourcesCommand>,
     },
+    /// List the machines that run the apps: this host, or the cluster's nodes.
+    Instances,
     /// List an app's processes, or stop (restart) one.
     Ps {
         #[command(flatten)]
@@ -228,7 +232,8 @@ pub async fn run(cli: Cli) -> ExitCode {
             Ok(client) => match command {
                 Command::Apps { command } => apps::run(&client, command).await,
                 Command::Rack { command: None } => show_rack(&client).await,
-                Command::Rack { command: Some(command) } => rack_resources::run(&client, command).await,
+                Command::Rack { command: Some(command) } => rack_system::run(&client, command).await,
+                Command::Instances => rack_system::instances(&client).await,
                 Command::Build(args) => builds::run_build(&client, args).await,
                 Command::Builds { app, command } => builds::run(&client, app, command).await,
                 Command::Deploy(args) => deploy::run(&client, args).await,

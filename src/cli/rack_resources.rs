@@ -9,16 +9,6 @@ use serde::Deserialize;
 use super::output;
 use super::{AppArg, Client};
 
-/// `rack rack ...`.
-#[derive(Debug, Subcommand)]
-pub enum RackCommand {
-    /// List rack-wide resources, or create, show, update, link, unlink or delete one.
-    Resources {
-        #[command(subcommand)]
-        command: Option<RackResourcesCommand>,
-    },
-}
-
 /// `rack rack resources ...`.
 #[derive(Debug, Subcommand)]
 pub enum RackResourcesCommand {
@@ -94,7 +84,7 @@ struct Parameter {
 }
 
 /// `Option=Value` arguments as the convox SDK sends a map: one URL-encoded form value.
-fn parameters(options: &[String]) -> anyhow::Result<String> {
+pub(super) fn parameters(options: &[String]) -> anyhow::Result<String> {
     let mut pairs = Vec::new();
     for option in options {
         let (key, value) = option
@@ -106,8 +96,7 @@ fn parameters(options: &[String]) -> anyhow::Result<String> {
 }
 
 /// Runs `rack rack resources ...`.
-pub async fn run(client: &Client, command: RackCommand) -> anyhow::Result<()> {
-    let RackCommand::Resources { command } = command;
+pub async fn run(client: &Client, command: Option<RackResourcesCommand>) -> anyhow::Result<()> {
     let path = |name: &str| format!("/resources/{}", client.segment(name));
     match command {
         None => {

@@ -111,7 +111,8 @@ pub async fn run(state: &AppState, build: Build) {
         let id = id.clone();
         Box::pin(async move { builds::renew_lease(&state.pool, &id, state.replica, state.config.job_lease).await })
     });
-    let timeout = state.config.build_timeout;
+    // `rack params set build_timeout=…` applies from the next build.
+    let timeout = crate::rack_params::seconds(&state.pool, &state.config, &crate::rack_params::BUILD_TIMEOUT).await;
     let result = tokio::select! {
         result = state.runtime.build(&job, &log) => Ended::Built(result),
         () = lease.cancel.cancelled() => Ended::Built(Err(BuildFailure::Cancelled)),

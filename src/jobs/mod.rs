@@ -269,19 +269,23 @@ impl OwnedOwner {
 /// RACK_FEED_RETENTION_DAYS), once an hour, until the server stops (every replica does it;
 /// deleting twice is harmless).
 pub async fn prune_audit(state: crate::AppState) {
+    use crate::rack_params::{AUDIT_RETENTION_DAYS, FEED_RETENTION_DAYS, days};
     loop {
-        match crate::store::audit::prune(&state.pool, state.config.audit_retention).await {
+        // `rack params set` may have changed them since the last round.
+        let audit_retention = days(&state.pool, &state.config, &AUDIT_RETENTION_DAYS).await;
+        let feed_retention = days(&state.pool, &state.config, &FEED_RETENTION_DAYS).await;
+        match crate::store::audit::prune(&state.pool, audit_retention).await {
             Ok(0) => {}
             Ok(n) => tracing::info!("pruned {n} audit entries past their retention"),
             Err(e) => tracing::warn!(error = %e, "pruning the audit log"),
         }
-        match crate::store::feed::prune(&state.pool, state.config.feed_retention).await {
+        match crate::store::feed::prune(&state.pool, feed_retention).await {
             Ok(0) => {}
             Ok(n) => tracing::info!("pruned {n} feed events past their retention"),
             Err(e) => tracing::warn!(error = %e, "pruning the event feed"),
         }
         // Delivery logs live as long as the events they carried.
-        if let Err(e) = crate::store::webhooks::prune(&state.pool, state.config.feed_retention).await {
+        if let Err(e) = crate::store::webhooks::prune(&state.pool, feed_retention).await {
             tracing::warn!(error = %e, "pruning webhook deliveries");
         }
         tokio::select! {

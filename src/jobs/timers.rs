@@ -179,12 +179,14 @@ impl Scheduler {
                     )
                     .await;
                 }
+                let timeout =
+                    crate::rack_params::seconds(&state.pool, &state.config, &crate::rack_params::RUN_TIMEOUT).await;
                 let one_off = OneOff {
                     service: timer.service.clone(),
                     command: timer.command.argv(),
                     env: [("TIMER".to_owned(), name.to_owned())].into(),
                     log: None,
-                    timeout: state.config.run_timeout,
+                    timeout,
                 };
                 state
                     .runtime

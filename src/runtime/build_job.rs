@@ -34,6 +34,15 @@ pub struct BuildOutput {
     pub images: std::collections::BTreeMap<String, String>,
 }
 
+/// What a runtime wrote for a build's export (in the scratch directory it was given).
+#[derive(Debug, Clone)]
+pub struct ExportedBuild {
+    /// The packed build directory.
+    pub files: std::path::PathBuf,
+    /// The saved images, when the build has any.
+    pub images: Option<std::path::PathBuf>,
+}
+
 /// Why a build failed; the message becomes the build's `reason`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BuildFailure {

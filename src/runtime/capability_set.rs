@@ -22,4 +22,7 @@ pub struct Capabilities {
     /// Rack-wide resources (`POST /resources`) run here
     /// ([`super::Runtime::ensure_rack_resource`]); elsewhere creating one is 501.
     pub runs_rack_resources: bool,
+    /// Builds can be exported and imported ([`super::Runtime::export_build`],
+    /// [`super::Runtime::import_build`]); elsewhere both are 501.
+    pub transfers_builds: bool,
 }

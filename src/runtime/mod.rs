@@ -7,6 +7,7 @@ mod capabilities;
 mod capability_set;
 mod error;
 pub mod fake;
+mod host;
 pub mod kube;
 pub mod local;
 mod log_sink;
@@ -17,10 +18,11 @@ pub mod source;
 
 use std::net::SocketAddr;
 
-pub use build_job::{BuildFailure, BuildJob, BuildOutput};
+pub use build_job::{BuildFailure, BuildJob, BuildOutput, ExportedBuild};
 pub use capabilities::{AppLogs, PortBook, SourceTokens};
 pub use capability_set::Capabilities;
 pub use error::{BoxError, RuntimeError};
+pub use host::{InstanceInfo, this_host};
 pub use log_sink::{LogItem, LogReceiver, LogSink, ProcessEvent};
 pub use process::{
     ExecRequest, ExecSession, LineStream, LogLine, OneOff, ProcessInfo, ProcessKind, ProcessLogs, ProcessStatus,
@@ -125,6 +127,55 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// When there is no such process, or the command cannot be started.
     async fn exec(&self, app: &str, id: &str, request: ExecRequest) -> Result<ExecSession, RuntimeError>;
+
+    /// Writes what build `id` of `app` produced into `scratch` for an export: its build
+    /// directory packed as `files.tgz` and, when it has any, its `images` saved as
+    /// `images.tar`. Only where `capabilities().transfers_builds`.
+    ///
+    /// # Errors
+    /// [`RuntimeError::Failed`] when what the build made is no longer here (pruned).
+    async fn export_build(
+        &self,
+        _app: &str,
+        _id: &str,
+        _images: &[String],
+        _scratch: &std::path::Path,
+    ) -> Result<ExportedBuild, RuntimeError> {
+        Err(RuntimeError::Failed(format!(
+            "the {} runtime does not export builds",
+            self.name()
+        )))
+    }
+
+    /// Installs an imported build as build `id` of `app`: the build directory from `files`
+    /// (a `files.tgz`) and the images from `images` (an `images.tar`). `images_by_service`
+    /// names them as the exporting rack did; the answer names them as this rack does.
+    ///
+    /// # Errors
+    /// [`RuntimeError::Failed`] when the archive's content cannot be installed (nothing of it
+    /// is left behind).
+    async fn import_build(
+        &self,
+        _app: &str,
+        _id: &str,
+        _files: &std::path::Path,
+        _images: Option<&std::path::Path>,
+        _images_by_service: &std::collections::BTreeMap<String, String>,
+    ) -> Result<std::collections::BTreeMap<String, String>, RuntimeError> {
+        Err(RuntimeError::Failed(format!(
+            "the {} runtime does not import builds",
+            self.name()
+        )))
+    }
+
+    /// The machines that run the apps (convox `instances`): this host by default. Their
+    /// `processes` are counted by the caller.
+    ///
+    /// # Errors
+    /// When the cluster cannot be asked.
+    async fn instances(&self) -> Result<Vec<InstanceInfo>, RuntimeError> {
+        Ok(vec![this_host()])
+    }
 
     /// Frees what the (ended) builds `ids` of `app` hold (their unpacked sources, images, build
     /// Jobs). It goes on past a build it cannot free.

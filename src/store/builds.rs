@@ -308,3 +308,75 @@ pub async fn prunable_ids(pool: &PgPool, app: &str, keep_last: i64) -> Result<Ve
     .fetch_all(pool)
     .await
 }
+
+/// A build brought from another rack (`POST /apps/{app}/builds/import`): complete from the
+/// start, never queued.
+#[derive(Debug, Clone)]
+pub struct ImportedBuild<'a> {
+    pub new: NewBuild<'a>,
+    pub manifest: &'a str,
+    pub images: &'a std::collections::BTreeMap<String, String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+/// Records an imported build and its release (the build, the env of the app's latest release,
+/// the manifest), with its log (`lines`, the last one its end), in one transaction.
+#[tracing::instrument(skip_all, fields(app.name = %imported.new.app, build.id = %imported.new.id))]
+pub async fn insert_imported(
+    pool: &PgPool,
+    imported: &ImportedBuild<'_>,
+    release_id: &str,
+    lines: &[(String, String)],
+) -> Result<Build, sqlx::Error> {
+    let new = &imported.new;
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "insert into builds (id, app, status, description, git_sha, source_url, manifest_path, manifest,
+                             images, started_at, ended_at)
+         values ($1, $2, 'complete', $3, $4, $5, $6, $7, $8, coalesce($9, now()), coalesce($10, now()))",
+    )
+    .bind(new.id)
+    .bind(new.app)
+    .bind(new.description)
+    .bind(new.git_sha)
+    .bind(new.source_url)
+    .bind(new.manifest_path)
+    .bind(imported.manifest)
+    .bind(sqlx::types::Json(imported.images))
+    .bind(imported.started_at)
+    .bind(imported.ended_at)
+    .execute(&mut *tx)
+    .await?;
+    let parent = crate::store::releases::latest(&mut tx, new.app).await?;
+    crate::store::releases::insert(
+        &mut tx,
+        &crate::store::releases::NewRelease {
+            id: release_id,
+            app: new.app,
+            build_id: Some(new.id),
+            env: parent.as_ref().map_or("", |p| p.env.as_str()),
+            manifest: imported.manifest,
+            description: new.description,
+        },
+    )
+    .await?;
+    let build = sqlx::query_as("update builds set release_id = $2, updated_at = now() where id = $1 returning *")
+        .bind(new.id)
+        .bind(release_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    crate::store::events::append(
+        &mut tx,
+        crate::store::events::Owner {
+            app: new.app,
+            build: Some(new.id),
+            deployment: None,
+        },
+        lines,
+        Some(crate::store::events::Outcome::Ok),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(build)
+}

@@ -11,6 +11,7 @@ pub mod feed;
 pub mod idempotency;
 pub mod objects;
 pub mod rack_resources;
+pub mod rack_system;
 pub mod releases;
 pub mod resources;
 pub mod routers;

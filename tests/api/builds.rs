@@ -329,7 +329,7 @@ async fn build_bad_input_is_400() {
     );
 }
 
-async fn read_websocket(app: &TestApp, path: &str, headers: &[(&'static str, &str)]) -> String {
+pub async fn read_websocket(app: &TestApp, path: &str, headers: &[(&'static str, &str)]) -> String {
     let mut request = format!("ws://{}{path}", app.addr).into_client_request().unwrap();
     let auth = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("convox:{PASSWORD}"));
     request

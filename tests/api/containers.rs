@@ -19,7 +19,7 @@ pub const BASE: &str = "localhost/rack-test-busybox:1";
 static BASE_IMAGE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
 
 /// rack's podman, as a server on `data` would run it.
-fn podman(data: &std::path::Path) -> rack::runtime::local::podman::Podman {
+pub fn podman(data: &std::path::Path) -> rack::runtime::local::podman::Podman {
     rack::runtime::local::podman::Podman::detect(data, "rack")
         .expect("writing the podman configuration")
         .expect("podman is installed (scripts/install-deps installs it)")
@@ -133,7 +133,7 @@ pub fn convox_app(version: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn as_files<'a>(files: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+pub fn as_files<'a>(files: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     files.iter().map(|(p, c)| (*p, c.as_str())).collect()
 }
 

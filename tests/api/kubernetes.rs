@@ -1159,3 +1159,35 @@ async fn redis_import_and_rack_wide_resources_are_refused_saying_where_they_run(
     let listed: Value = app.get_json("/resources").await;
     assert_eq!(listed, serde_json::json!([]));
 }
+
+/// `convox instances` on Kubernetes: the cluster's nodes, as rack's own service account (with
+/// the rights of docker/k8s/rbac.yaml) sees them.
+#[tokio::test]
+async fn instances_are_the_cluster_s_nodes() {
+    let app = spawn_kube().await;
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(admin_client().await);
+    let mut names: Vec<String> = nodes
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|n| n.metadata.name)
+        .collect();
+    names.sort();
+    assert!(!names.is_empty());
+    let response = app.convox(Method::GET, "/instances?").send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let instances: Vec<Value> = response.json().await.unwrap();
+    let mut ids: Vec<String> = instances.iter().map(|i| i["id"].as_str().unwrap().to_owned()).collect();
+    ids.sort();
+    assert_eq!(ids, names);
+    for instance in &instances {
+        assert!(instance["cpu-allocatable"].as_f64().unwrap() > 0.0, "{instance}");
+        assert!(instance["memory-capacity"].as_f64().unwrap() > 0.0, "{instance}");
+        assert!(
+            matches!(instance["status"].as_str(), Some("running" | "pending")),
+            "{instance}"
+        );
+    }
+}

@@ -13,7 +13,7 @@ use crate::helpers::{PASSWORD, TestApp, status_text, wait_for};
 const TURN_DELAY: Duration = Duration::from_secs(1);
 
 /// Creates a token with `form` fields; returns (id, secret).
-async fn token(app: &TestApp, form: &[(&str, &str)]) -> (String, String) {
+pub async fn token(app: &TestApp, form: &[(&str, &str)]) -> (String, String) {
     let response = app.json(Method::POST, "/tokens").form(form).send().await.unwrap();
     let (status, text) = status_text(response).await;
     assert_eq!(status, 201, "{text}");

@@ -8,6 +8,7 @@ pub mod database_rollout;
 pub mod databases;
 pub mod events;
 mod logs;
+mod nodes;
 pub mod process;
 pub mod resources;
 mod rollout;
@@ -248,6 +249,7 @@ impl Runtime for KubeRuntime {
             restores_resource_data: false,
             restores_redis: false,
             runs_rack_resources: false,
+            transfers_builds: false,
         }
     }
 
@@ -267,6 +269,10 @@ impl Runtime for KubeRuntime {
     #[tracing::instrument(skip_all, fields(app.name = %app, release.id = release.map_or("", |r| r.id.as_str())))]
     async fn apply(&self, app: &str, release: Option<&ReleaseSpec>, log: &LogSink) -> Result<(), RuntimeError> {
         rollout::apply(self, app, release, log).await
+    }
+
+    async fn instances(&self) -> Result<Vec<crate::runtime::InstanceInfo>, RuntimeError> {
+        nodes::list(&self.0.client).await
     }
 
     async fn processes(&self, app: &str) -> Result<Vec<ProcessInfo>, RuntimeError> {
@@ -521,7 +527,7 @@ fn process_info(app: &str, pod: &Pod) -> Option<ProcessInfo> {
 }
 
 /// A Kubernetes time as a chrono one.
-fn time(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> Option<chrono::DateTime<chrono::Utc>> {
+pub(super) fn time(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> Option<chrono::DateTime<chrono::Utc>> {
     chrono::DateTime::from_timestamp(t.0.as_second(), u32::try_from(t.0.subsec_nanosecond()).unwrap_or(0))
 }
 

@@ -23,6 +23,7 @@ mod rollout;
 pub mod router;
 pub mod sandbox;
 mod supervisor;
+mod transfer;
 mod user_network;
 
 pub use supervisor::MAX_ONE_OFFS_PER_APP;
@@ -140,6 +141,7 @@ impl Runtime for LocalRuntime {
             restores_resource_data: true,
             restores_redis: true,
             runs_rack_resources: true,
+            transfers_builds: true,
             ..Capabilities::default()
         }
     }
@@ -235,6 +237,27 @@ impl Runtime for LocalRuntime {
 
     async fn exec(&self, app: &str, id: &str, request: ExecRequest) -> Result<ExecSession, RuntimeError> {
         self.supervisor.exec(app, id, &request).await
+    }
+
+    async fn export_build(
+        &self,
+        app: &str,
+        id: &str,
+        images: &[String],
+        scratch: &std::path::Path,
+    ) -> Result<crate::runtime::ExportedBuild, RuntimeError> {
+        transfer::export(&self.builder, app, id, images, scratch).await
+    }
+
+    async fn import_build(
+        &self,
+        app: &str,
+        id: &str,
+        files: &std::path::Path,
+        images: Option<&std::path::Path>,
+        images_by_service: &std::collections::BTreeMap<String, String>,
+    ) -> Result<std::collections::BTreeMap<String, String>, RuntimeError> {
+        transfer::import(&self.builder, app, id, files, images, images_by_service).await
     }
 
     #[tracing::instrument(skip_all, fields(app.name = %app))]
