@@ -3,6 +3,7 @@
 //! `supervisor`, `rollout`, `instance`, `health`), started by a driver (see `driver`), each
 //! service with a port behind a router (see `router`).
 
+mod analysis;
 mod build;
 mod build_network;
 mod cgroups;

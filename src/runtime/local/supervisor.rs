@@ -449,9 +449,12 @@ impl Supervisor {
                     .instances
                     .iter()
                     .filter(|i| i.service == service && i.is_ready())
-                    .filter_map(|i| i.port().map(|p| SocketAddr::from(([127, 0, 0, 1], p))))
+                    .filter_map(|i| {
+                        let port = i.port()?;
+                        Some((SocketAddr::from(([127, 0, 0, 1], port)), i.release.to_string()))
+                    })
                     .collect();
-                router.set_backends(backends);
+                router.set_routes(backends);
             }
         });
     }
