@@ -301,9 +301,7 @@ pub fn next(deployment: &Snapshot<'_>, signal: &Signal) -> Result<Transition, Il
             Transition::to(from, S::Error, A::Proceed).because(why.clone())
         }
         // Only a rollout that sent traffic to the new release can fail its analysis.
-        (S::Updating, Signal::AnalysisFailed(why)) => {
-            Transition::to(from, S::Error, A::Proceed).because(why.clone())
-        }
+        (S::Updating, Signal::AnalysisFailed(why)) => Transition::to(from, S::Error, A::Proceed).because(why.clone()),
         (S::Pending | S::Releasing, Signal::AnalysisFailed(_)) => {
             return Err(illegal("nothing took traffic yet"));
         }
@@ -431,10 +429,26 @@ mod tests {
                 "only proceeds to its rollback",
             ),
             (S::Cancelled, Signal::CancelRequested, "only proceeds to its rollback"),
-            (S::Rollback, Signal::AnalysisFailed("x".into()), "a rollback is not analysed"),
-            (S::Pending, Signal::AnalysisFailed("x".into()), "nothing took traffic yet"),
-            (S::Releasing, Signal::AnalysisFailed("x".into()), "nothing took traffic yet"),
-            (S::Error, Signal::AnalysisFailed("x".into()), "only proceeds to its rollback"),
+            (
+                S::Rollback,
+                Signal::AnalysisFailed("x".into()),
+                "a rollback is not analysed",
+            ),
+            (
+                S::Pending,
+                Signal::AnalysisFailed("x".into()),
+                "nothing took traffic yet",
+            ),
+            (
+                S::Releasing,
+                Signal::AnalysisFailed("x".into()),
+                "nothing took traffic yet",
+            ),
+            (
+                S::Error,
+                Signal::AnalysisFailed("x".into()),
+                "only proceeds to its rollback",
+            ),
         ];
         for (from, signal, why) in illegal {
             let err = next(&at(from), &signal).unwrap_err();

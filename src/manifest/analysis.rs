@@ -13,7 +13,13 @@ impl Doc<'_> {
             Value::Bool(false) => return Ok(None),
             Value::Bool(true) | Value::Null => return Ok(Some(analysis)),
             Value::Mapping(_) => {}
-            other => return self.expected(path, "false, true or a map of window, min_requests, max_error_rate and max_latency_ratio", other),
+            other => {
+                return self.expected(
+                    path,
+                    "false, true or a map of window, min_requests, max_error_rate and max_latency_ratio",
+                    other,
+                );
+            }
         }
         for (key, value) in self.map(path, value)? {
             let path = &[path, &[key]].concat();

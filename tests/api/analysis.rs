@@ -100,7 +100,10 @@ impl Traffic {
         let key = format!("{release} {status}");
         let count = || self.answers.lock().unwrap().get(&key).copied().unwrap_or(0);
         let from = count();
-        wait_for(60, &format!("{n} answers of {key}"), || async { (count() >= from + n).then_some(()) }).await;
+        wait_for(60, &format!("{n} answers of {key}"), || async {
+            (count() >= from + n).then_some(())
+        })
+        .await;
     }
 
     async fn stop(self) -> std::collections::BTreeMap<String, usize> {
@@ -142,7 +145,10 @@ async fn active_release(app: &TestApp, name: &str) -> String {
 /// The `deployment.analysis` events of `name` so far.
 async fn analysis_events(app: &TestApp, name: &str) -> Vec<Value> {
     let text = app
-        .request(Method::GET, &format!("/events?follow=false&app={name}&kind=deployment.analysis"))
+        .request(
+            Method::GET,
+            &format!("/events?follow=false&after=0&app={name}&kind=deployment.analysis"),
+        )
         .send()
         .await
         .unwrap()
@@ -153,9 +159,13 @@ async fn analysis_events(app: &TestApp, name: &str) -> Vec<Value> {
 }
 
 fn analysis_line(log: &str) -> &str {
-    log.lines()
+    let line = log
+        .lines()
         .find(|l| l.contains(" system/local/web analysis"))
-        .unwrap_or_else(|| panic!("no analysis line in:\n{log}"))
+        .unwrap_or_else(|| panic!("no analysis line in:\n{log}"));
+    // The figures, for whoever runs the test with --nocapture.
+    eprintln!("{line}");
+    line
 }
 
 #[tokio::test]
@@ -182,10 +192,16 @@ async fn a_release_failing_real_requests_is_rolled_back_with_its_figures() {
     assert_eq!(event["release_id"], bad.as_str(), "{event}");
     assert!(event["deployment_id"].as_str().is_some(), "{event}");
     let new = &event["data"]["new"];
-    assert!(new["errors"].as_u64().unwrap() * 4 >= new["requests"].as_u64().unwrap(), "{event}");
+    assert!(
+        new["errors"].as_u64().unwrap() * 4 >= new["requests"].as_u64().unwrap(),
+        "{event}"
+    );
     assert!(new["requests"].as_u64().unwrap() >= 20, "{event}");
     let answers = traffic.stop().await;
-    assert!(answers.get(&format!("{bad} 500")).copied().unwrap_or(0) > 0, "{answers:?}");
+    assert!(
+        answers.get(&format!("{bad} 500")).copied().unwrap_or(0) > 0,
+        "{answers:?}"
+    );
 }
 
 #[tokio::test]

@@ -21,6 +21,7 @@ mod encodings;
 mod feed;
 mod helpers;
 mod hostile;
+mod kube_analysis;
 mod kube_exec;
 mod kube_resources;
 mod kubeenv;

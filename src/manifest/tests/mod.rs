@@ -550,7 +550,12 @@ fn deployment_analysis_is_on_by_default_and_can_be_tuned_or_turned_off() {
     assert_eq!(on.deployment.analysis, Some(Analysis::default()));
     let defaults = Analysis::default();
     assert_eq!(
-        (defaults.window, defaults.min_requests, defaults.max_error_rate, defaults.max_latency_ratio),
+        (
+            defaults.window,
+            defaults.min_requests,
+            defaults.max_error_rate,
+            defaults.max_latency_ratio
+        ),
         (30, 20, 5.0, 2.0)
     );
     let off = web("image: x\n    deployment:\n      analysis: false").unwrap();
@@ -585,7 +590,11 @@ fn bad_analysis_settings_name_their_key_and_line() {
     for (setting, key, message) in cases {
         let yaml = format!("image: x\n    deployment:\n      analysis:\n        {setting}");
         let err = web(&yaml).unwrap_err();
-        assert_eq!(err.key(), format!("services.web.deployment.analysis.{key}"), "{setting}");
+        assert_eq!(
+            err.key(),
+            format!("services.web.deployment.analysis.{key}"),
+            "{setting}"
+        );
         assert!(err.to_string().contains(message), "{setting}: {err}");
         assert_eq!(err.line(), Some(6), "{setting}");
     }

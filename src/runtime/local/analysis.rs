@@ -47,17 +47,16 @@ impl Supervisor {
             report.send("skipped", line, None, Duration::ZERO).await;
             return Ok(());
         }
-        let names = Names {
-            new: &new_id,
-            old,
-        };
+        let names = Names { new: &new_id, old };
         let started = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(TICK).await;
             let now = router.second();
             let new = router.sum(|r| r == new_id, switch, now).figures();
             // The old release's figures include the window before the switch.
-            let before = router.sum(|r| r != new_id, switch.saturating_sub(window), now).figures();
+            let before = router
+                .sum(|r| r != new_id, switch.saturating_sub(window), now)
+                .figures();
             let elapsed = started.elapsed();
             let figures = Some((new, before));
             match judge(settings, names, &new, &before, elapsed) {

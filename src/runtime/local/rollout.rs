@@ -30,7 +30,12 @@ impl Supervisor {
         }
         let launch = Launch::new(&self.0.builds_dir, self.has_containers(), release, name, service)?;
         // The releases this rollout replaces, for the analysis (none: nothing to compare with).
-        let mut replaced: Vec<String> = self.split(app, name, &release.id).1.iter().map(|i| i.release.clone()).collect();
+        let mut replaced: Vec<String> = self
+            .split(app, name, &release.id)
+            .1
+            .iter()
+            .map(|i| i.release.clone())
+            .collect();
         replaced.sort();
         replaced.dedup();
         let mut analysis = service

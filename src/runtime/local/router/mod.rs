@@ -6,9 +6,9 @@
 
 mod tally;
 
+use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -181,7 +181,11 @@ impl Router {
         tracing::debug!(app.name = %self.inner.app, backends = ?routes, "router for {} now targets {} instance(s)", self.inner.app, routes.len());
         let now = self.second();
         let backends: Vec<Backend> = {
-            let mut tallies = self.inner.tallies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut tallies = self
+                .inner
+                .tallies
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let backends = routes
                 .into_iter()
                 .map(|(addr, release)| {
@@ -213,7 +217,11 @@ impl Router {
     /// What the releases `releases` accepts served in the seconds `from..=to`.
     pub fn sum(&self, releases: impl Fn(&str) -> bool, from: u64, to: u64) -> Sum {
         let mut sum = Sum::default();
-        let tallies = self.inner.tallies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let tallies = self
+            .inner
+            .tallies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (release, (tally, _)) in tallies.iter() {
             if releases(release) {
                 tally.add_to(&mut sum, from, to);
@@ -244,7 +252,10 @@ async fn proxy(State(inner): State<Arc<Inner>>, ConnectInfo(peer): ConnectInfo<S
     let result = inner.forward(peer, req, &mut served_by).await;
     if let (Some(started), Some(tally)) = (started, served_by) {
         let now = std::time::Instant::now();
-        let error = result.as_ref().map_or(true, |r| r.status().is_server_error());
+        let error = match &result {
+            Ok(response) => response.status().is_server_error(),
+            Err(_) => true,
+        };
         tally.record(now.duration_since(inner.epoch).as_secs(), now - started, error);
     }
     match result {
