@@ -14,7 +14,7 @@ use crate::deploys::{create_release, promote_follow};
 use crate::helpers::{TestApp, wait_for};
 
 /// A web app whose answers to anything but `/health` fail (500) `FAIL_PERCENT` times in a
-/// hundred, after `SLEEP_MS`; its health check always passes.
+/// hundred (spread evenly), after `SLEEP_MS`; its health check always passes.
 const SERVER: &str = r#"
 import http.server, itertools, os, time
 fail = int(os.environ.get("FAIL_PERCENT", "0"))
@@ -30,7 +30,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             n = next(counter)
             if pause:
                 time.sleep(pause)
-            if n % 100 < fail:
+            # Spread evenly: 50 fails every other request.
+            if (n + 1) * fail // 100 != n * fail // 100:
                 status = 500
         body = f"{os.environ.get('RELEASE', '')} {status}\n".encode()
         self.send_response(status)
