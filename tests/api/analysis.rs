@@ -227,7 +227,7 @@ async fn a_good_release_under_the_same_traffic_goes_live_and_says_it_passed() {
 async fn a_slow_release_is_rolled_back_on_its_latency() {
     let app = TestApp::spawn().await;
     let (first, traffic) = app_under_traffic(&app, "sluggish").await;
-    let slow = release_with(&app, "sluggish", "SLEEP_MS=300").await;
+    let slow = release_with(&app, "sluggish", "SLEEP_MS=600").await;
     let log = promote_follow(&app, "sluggish", &slow).await;
     let line = analysis_line(&log);
     assert!(
@@ -240,7 +240,7 @@ async fn a_slow_release_is_rolled_back_on_its_latency() {
     let events = analysis_events(&app, "sluggish").await;
     let event = events.last().unwrap();
     assert_eq!(event["data"]["verdict"], "failed", "{event}");
-    assert!(event["data"]["new"]["p95_ms"].as_f64().unwrap() >= 300.0, "{event}");
+    assert!(event["data"]["new"]["p95_ms"].as_f64().unwrap() >= 600.0, "{event}");
     traffic.stop().await;
 }
 
