@@ -43,6 +43,7 @@ fn follow(
     lines: tokio::sync::mpsc::UnboundedSender<String>,
     counts: std::sync::Arc<Counts>,
 ) -> tokio::task::JoinHandle<()> {
+    let connecting = std::sync::Arc::clone(&counts.connecting);
     let request = app
         .request(Method::GET, &format!("/apps/{name}/logs"))
         .header("accept", "text/event-stream")
@@ -50,6 +51,7 @@ fn follow(
         // The stream lasts the test, past the harness client's 30 s for a whole request.
         .timeout(Duration::from_secs(600));
     tokio::spawn(async move {
+        let turn = connecting.acquire_owned().await.unwrap();
         let mut sent = request.try_clone().unwrap().send().await;
         while let Ok(response) = &sent
             && response.status() == 503
@@ -72,10 +74,11 @@ fn follow(
                 return;
             }
             Err(e) => {
-                let _ = lines.send(format!("{ENDED}: {e}"));
+                let _ = lines.send(format!("{ENDED}: {}", chain(&e)));
                 return;
             }
         };
+        drop(turn);
         let mut body = response.bytes_stream();
         let mut pending = String::new();
         let mut last = String::new();
@@ -100,13 +103,42 @@ fn follow(
     })
 }
 
+/// `error` and its causes: reqwest's own text ("error sending request") says nothing of why.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
+/// How many followers connect at once: a crowd arrives over seconds, not in one instant.
+/// A thousand requests in one burst, in a test process whose runtime also serves them, on two
+/// cores the rest of the suite keeps busy, waited past the server's header timeout (15 s,
+/// slow-client protection) and were closed, which says nothing about the fan-out under test.
+const CONNECTING: usize = 100;
+
 /// What the followers of a test went through.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Counts {
+    /// Turns to connect (see [`CONNECTING`]).
+    connecting: std::sync::Arc<tokio::sync::Semaphore>,
     /// Streams that were answered 200.
     connected: AtomicUsize,
     /// Connects answered 503 (and tried again).
     refused: AtomicUsize,
+}
+
+impl Default for Counts {
+    fn default() -> Self {
+        Self {
+            connecting: std::sync::Arc::new(tokio::sync::Semaphore::new(CONNECTING)),
+            connected: AtomicUsize::default(),
+            refused: AtomicUsize::default(),
+        }
+    }
 }
 
 impl std::fmt::Display for Counts {

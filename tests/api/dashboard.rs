@@ -88,18 +88,31 @@ async fn wait_script(browser: &fantoccini::Client, what: &str, script: &str) -> 
 
 /// A headless Chromium session with a fresh profile in `profile`.
 pub async fn browser(driver: &Driver, profile: &std::path::Path) -> fantoccini::Client {
+    browser_with(driver, profile, &[]).await
+}
+
+/// [`browser`] with more command-line arguments for Chromium.
+async fn browser_with(driver: &Driver, profile: &std::path::Path, more: &[String]) -> fantoccini::Client {
+    let mut args: Vec<String> = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,860",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    args.push(format!("--user-data-dir={}", profile.display()));
+    args.extend_from_slice(more);
     let mut capabilities = serde_json::Map::new();
     capabilities.insert(
         "goog:chromeOptions".to_owned(),
-        serde_json::json!({
-            "binary": CHROMIUM,
-            "args": [
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-quic", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--window-size=1280,860",
-                format!("--user-data-dir={}", profile.display()),
-            ],
-        }),
+        serde_json::json!({ "binary": CHROMIUM, "args": args }),
     );
     ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
         .capabilities(capabilities)
@@ -209,6 +222,89 @@ async fn the_dashboard_shows_a_deployment_live_in_a_real_browser() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/artifacts");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("dashboard.png"), &png).unwrap();
+    browser.close().await.unwrap();
+    drop(driver);
+}
+
+/// The base64 SHA-256 of the public key (SubjectPublicKeyInfo) of the self-signed certificate
+/// of `app`: what Chromium's `--ignore-certificate-errors-spki-list` takes, as an admin would
+/// give it to trust the rack's own certificate and no other.
+fn spki_hash(app: &TestApp) -> String {
+    use rcgen::PublicKeyData;
+    use sha2::Digest;
+    let files = rack::tls::self_signed_files(&app.state.config.data_dir);
+    let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(files.key).unwrap()).unwrap();
+    base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        sha2::Sha256::digest(key.subject_public_key_info()),
+    )
+}
+
+#[tokio::test]
+async fn the_dashboard_loads_and_streams_over_https_with_the_racks_certificate() {
+    let app = TestApp::spawn_with(|config| config.tls = rack::config::Tls::SelfSigned).await;
+    let release = built(&app, "web").await;
+    let driver = chromedriver().await;
+    let profile = tempfile::tempdir().unwrap();
+    let trust = format!("--ignore-certificate-errors-spki-list={}", spki_hash(&app));
+    let browser = browser_with(&driver, profile.path(), &[trust]).await;
+
+    let url = app.url("/");
+    assert!(url.starts_with("https://"), "{url}");
+    // Without the flag, Chromium refuses the certificate: its warning page, not the dashboard.
+    {
+        let other = tempfile::tempdir().unwrap();
+        let untrusting = browser_with(&driver, other.path(), &[]).await;
+        let _ = untrusting.goto(&url).await;
+        let warning = wait_script(
+            &untrusting,
+            "Chromium's certificate warning",
+            "return document.readyState === 'complete' && document.getElementById('details-button') !== null \
+               ? {title: document.title, dashboard: document.getElementById('secret') !== null} : null",
+        )
+        .await;
+        assert_eq!(warning["dashboard"], false, "{warning}");
+        untrusting.close().await.unwrap();
+    }
+    browser.goto(&url).await.unwrap();
+    let secret = browser.wait().for_element(Locator::Id("secret")).await.unwrap();
+    sign_in(&browser, &secret, PASSWORD).await;
+    let page = wait_script(
+        &browser,
+        "the app in the table, its feed live",
+        "return document.querySelector('tr[data-app=web]') && document.getElementById('feed-state').textContent === 'live' \
+           ? {protocol: location.protocol, secure: window.isSecureContext} : null",
+    )
+    .await;
+    assert_eq!(page["protocol"], "https:", "{page}");
+    assert_eq!(page["secure"], true, "{page}");
+
+    // A deploy started through the API streams into the page, over TLS.
+    let response = app
+        .json(Method::POST, &format!("/apps/web/releases/{release}/promote"))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{:?}", response.text().await);
+    let finished = wait_script(
+        &browser,
+        "the rollout's lines and the app running again",
+        "const row = document.querySelector('tr[data-app=web]'); \
+         return row.dataset.status === 'running' && row.dataset.history.includes('updating') ? \
+           {lines: document.querySelectorAll('#rollout .line').length, \
+            release: row.querySelector('.release').textContent} : null",
+    )
+    .await;
+    assert_eq!(finished["release"], release.as_str());
+    assert!(finished["lines"].as_u64().unwrap() > 0, "{finished}");
+    let rollout = browser
+        .find(Locator::Id("rollout"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(rollout.contains("Started process"), "{rollout}");
     browser.close().await.unwrap();
     drop(driver);
 }

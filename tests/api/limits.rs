@@ -106,3 +106,77 @@ async fn one_offs_of_an_app_are_capped() {
     assert_eq!(other.status(), 200);
     app.delete_app("busy").await;
 }
+
+/// The cgroup path of process `pid` in the v1 `controller` hierarchy.
+fn cgroup_of(pid: u32, controller: &str) -> Option<String> {
+    let lines = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    lines.lines().find_map(|line| {
+        let mut fields = line.splitn(3, ':');
+        let names = fields.nth(1)?;
+        names
+            .split(',')
+            .any(|n| n == controller)
+            .then(|| fields.next().map(str::to_owned))
+            .flatten()
+    })
+}
+
+#[tokio::test]
+async fn a_command_run_with_exec_counts_against_its_instances_limits() {
+    if own_pids_cgroup().is_none() || !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: limits need root and cgroup v1 (as CI has)");
+        return;
+    }
+    let app = TestApp::spawn().await;
+    app.create_app("quiet").await;
+    let manifest = "services:\n  web:\n    build:\n      command: \"true\"\n    command: sleep 86400\n    scale:\n      memory: 128\n";
+    let id = app.build_source("quiet", &[("convox.yml", manifest)]).await;
+    let build = app.wait_build("quiet", &id).await;
+    assert_eq!(build["status"], "complete", "{build}");
+    promote_follow(&app, "quiet", build["release"].as_str().unwrap()).await;
+    let instance = wait_for(60, "the web process", || async {
+        let processes: serde_json::Value = app.get_json("/apps/quiet/processes").await;
+        processes.as_array()?.iter().find_map(|p| {
+            (p["name"] == "web" && p["status"] == "running").then(|| p["id"].as_str().unwrap().to_owned())
+        })
+    })
+    .await;
+    let host = rack::runtime::local::podman::host_id(&app.state.config.data_dir);
+    let expected = format!("/rack-{host}/quiet/{instance}");
+
+    // While the exec'd command runs, every process of it is in the instance's cgroups.
+    let marker = "86317";
+    let (path, command) = (
+        format!("/apps/quiet/processes/{instance}/exec"),
+        format!("sleep {marker}"),
+    );
+    let headers = [("command", command.as_str()), ("tty", "false")];
+    let exec = crate::run::exec_output(&app, &path, &headers);
+    let seen = async {
+        wait_for(60, "the exec'd command", || async {
+            let pids = crate::helpers::processes_with_arg(marker);
+            let cgroups: Vec<(Option<String>, Option<String>)> = pids
+                .iter()
+                .map(|pid| (cgroup_of(*pid, "pids"), cgroup_of(*pid, "memory")))
+                .collect();
+            (!cgroups.is_empty()).then_some(cgroups)
+        })
+        .await
+    };
+    let cgroups = tokio::select! {
+        ended = exec => panic!("the exec ended: {ended:?}"),
+        cgroups = seen => cgroups,
+    };
+    for (pids, memory) in &cgroups {
+        for cgroup in [pids, memory] {
+            let cgroup = cgroup.as_deref().unwrap_or_default();
+            assert!(cgroup.ends_with(&expected), "{cgroup} is not {expected}: {cgroups:?}");
+        }
+    }
+    // The exec's end (its websocket closed) ends the command.
+    wait_for(60, "the exec'd command to end", || async {
+        crate::helpers::processes_with_arg(marker).is_empty().then_some(())
+    })
+    .await;
+    app.delete_app("quiet").await;
+}

@@ -4,6 +4,7 @@
 #![expect(clippy::unwrap_used, reason = "a failed unwrap is a failed test")]
 
 mod analysis;
+mod app_network;
 mod apps;
 mod auth;
 mod backup;

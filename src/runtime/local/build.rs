@@ -2,7 +2,9 @@
 //! built the way its manifest says:
 //!
 //! - `build.command` (rack's extension of convox.yml): the command runs in the sandbox, with a
-//!   clean environment that holds none of rack's secrets; the service then runs as a process;
+//!   clean environment that holds none of rack's secrets, and (rack as root) in a user-mode
+//!   network of its own that does not reach the host's loopback; the service then runs as a
+//!   process;
 //! - a Dockerfile in `build.path` (convox's way): podman builds an image
 //!   `<rack>/<app>:<service>.<build>`, with convox's build arguments; the service runs as a
 //!   container;
@@ -12,7 +14,7 @@
 //! service's context that rack makes (`context`), from a Dockerfile rack has checked
 //! (`dockerfile`), with podman seeing nothing of rack's data directory but that copy (see
 //! `Podman::build_command`), its build caches the app's own, its network user-mode
-//! (`build_network`).
+//! (`user_network`).
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
@@ -121,6 +123,17 @@ async fn run_command(
     log: &LogSink,
 ) -> Result<(), String> {
     let argv = ["/bin/sh".to_owned(), "-c".to_owned(), command.to_owned()];
+    // As root, a network of its own (the API and the apps' ports on the host's loopback out of
+    // reach), alive until the command has ended.
+    let network = if nix::unistd::geteuid().is_root() {
+        Some(super::user_network::UserNetwork::start().await?)
+    } else {
+        None
+    };
+    let sandbox = match network.as_ref().and_then(super::user_network::UserNetwork::holder) {
+        Some(holder) => sandbox.in_network(format!("/proc/{holder}/ns/net").into()),
+        None => sandbox.clone(),
+    };
     let mut cmd = sandbox.command(home, dir, &argv, Tie::DiesWithRack);
     cmd.stdin(std::process::Stdio::null())
         .env(
@@ -138,6 +151,7 @@ async fn run_command(
         .wait()
         .await
         .map_err(|e| format!("waiting for the build command: {e}"))?;
+    drop(network);
     if status.success() {
         Ok(())
     } else {
@@ -213,11 +227,11 @@ impl Builder {
         }
         // As root, the build's own user-mode network (rootless podman has one of its own).
         let network = if nix::unistd::geteuid().is_root() {
-            Some(super::build_network::BuildNetwork::start().await?)
+            Some(super::user_network::UserNetwork::start().await?)
         } else {
             None
         };
-        let holder = network.as_ref().and_then(super::build_network::BuildNetwork::holder);
+        let holder = network.as_ref().and_then(super::user_network::UserNetwork::holder);
         let mut cmd = podman.build_command(&job.app, workspace, holder);
         cmd.env("TMPDIR", &cache)
             .args(["--pull=missing", "--layers", "--force-rm"])

@@ -115,6 +115,21 @@ impl Cgroups {
         Ok(Instance { dirs })
     }
 
+    /// The `cgroup.procs` files of the instance `id` of `app` (a command run in it with `exec`
+    /// joins them); empty when it has no cgroups.
+    pub fn procs_of(&self, app: &str, id: &str) -> Vec<PathBuf> {
+        let files: Vec<PathBuf> = self
+            .bases
+            .iter()
+            .map(|base| base.join(app).join(id).join("cgroup.procs"))
+            .collect();
+        if files.iter().all(|file| file.exists()) {
+            files
+        } else {
+            Vec::new()
+        }
+    }
+
     /// Removes the cgroups left empty (instances of an earlier run of rack, killed before it
     /// could remove them).
     fn prune(&self) {

@@ -41,6 +41,9 @@ pub enum Runnable {
         argv: Vec<String>,
         /// What it may use (the service's `scale`).
         limits: super::cgroups::Limits,
+        /// The ports of 127.0.0.1 of the resources it links, forwarded into its app's network
+        /// namespace (see `app_network`).
+        forward: Vec<u16>,
     },
     Container {
         image: String,
@@ -74,6 +77,12 @@ pub trait Running: Send {
     /// Asks it to stop, gives it `grace` to finish, then kills what is left; returns once it is
     /// gone.
     async fn stop(&mut self, grace: Duration);
+
+    /// The app network it runs in, when not the host's (the router and health checks reach it
+    /// there).
+    fn network(&self) -> Option<std::sync::Arc<super::app_network::AppNetwork>> {
+        None
+    }
 
     /// Lets go of it because rack is stopping: a process goes with rack (its watchdog stops
     /// it), a container stays to be adopted by the next start.
@@ -117,11 +126,27 @@ done
 "#;
 
 /// Instances as child processes of rack, in the sandbox, each in cgroups of its own when the
-/// host has them.
+/// host has them, and in their app's network namespace when rack can make one.
 #[derive(Debug)]
 pub struct ProcessDriver {
     pub sandbox: Sandbox,
     pub cgroups: Option<super::cgroups::Cgroups>,
+    pub networks: std::sync::Arc<super::app_network::AppNetworks>,
+}
+
+impl ProcessDriver {
+    /// The sandbox of a process of `app` linking the resources on `forward`: in the app's
+    /// network when it has one (made, with its forwarders, if need be), and that network.
+    async fn sandbox_of(
+        &self,
+        app: &str,
+        forward: &[u16],
+    ) -> std::io::Result<(Sandbox, Option<std::sync::Arc<super::app_network::AppNetwork>>)> {
+        Ok(match self.networks.ensure(app, forward).await? {
+            Some(network) => (self.sandbox.in_network(network.namespace()), Some(network)),
+            None => (self.sandbox.clone(), None),
+        })
+    }
 }
 
 #[async_trait::async_trait]
@@ -132,6 +157,7 @@ impl Driver for ProcessDriver {
             dir,
             argv: command,
             limits,
+            forward,
         } = &start.what
         else {
             return Err(std::io::Error::other("the process driver runs processes only"));
@@ -148,9 +174,8 @@ impl Driver for ProcessDriver {
             None => None,
         };
         let procs = cgroup.as_ref().map(super::cgroups::Instance::procs).unwrap_or_default();
-        let mut command = self
-            .sandbox
-            .limited_command(workspace, dir, &argv, Tie::Watchdog, &procs);
+        let (sandbox, network) = self.sandbox_of(&start.app, forward).await?;
+        let mut command = sandbox.limited_command(workspace, dir, &argv, Tie::Watchdog, &procs);
         sandbox_env(&mut command, dir, &start).stdin(std::process::Stdio::piped());
         if let Some(port) = start.port {
             command.env("PORT", port.to_string());
@@ -172,21 +197,36 @@ impl Driver for ProcessDriver {
             watchdog,
             output: Some(output),
             cgroup,
+            network,
         }))
     }
 
     async fn exec(&self, start: &Start, request: &ExecRequest) -> std::io::Result<ExecSession> {
-        let Runnable::Process { workspace, dir, .. } = &start.what else {
+        let Runnable::Process {
+            workspace,
+            dir,
+            forward,
+            ..
+        } = &start.what
+        else {
             return Err(std::io::Error::other("the process driver runs processes only"));
         };
-        // A sandbox of its own with the process's files, directory and environment.
-        let mut command = if request.tty.is_some() {
-            self.sandbox
-                .terminal_command(workspace, dir, &request.command, Tie::DiesWithRack)
-        } else {
-            self.sandbox
-                .command(workspace, dir, &request.command, Tie::DiesWithRack)
-        };
+        // A sandbox of its own with the process's files, directory, environment, network and
+        // cgroups (its memory, CPU and process limits count what it runs).
+        let (sandbox, _) = self.sandbox_of(&start.app, forward).await?;
+        let procs = self
+            .cgroups
+            .as_ref()
+            .map(|cgroups| cgroups.procs_of(&start.app, &start.id))
+            .unwrap_or_default();
+        let mut command = sandbox.command_in(
+            workspace,
+            dir,
+            &request.command,
+            Tie::DiesWithRack,
+            &procs,
+            request.tty.is_some(),
+        );
         sandbox_env(&mut command, dir, start);
         if request.tty.is_some() {
             command.env("TERM", "xterm");
@@ -206,6 +246,7 @@ struct Process {
     watchdog: Option<tokio::process::ChildStdin>,
     output: Option<tokio::task::JoinHandle<()>>,
     cgroup: Option<super::cgroups::Instance>,
+    network: Option<std::sync::Arc<super::app_network::AppNetwork>>,
 }
 
 impl Process {
@@ -259,6 +300,10 @@ impl Process {
 impl Running for Process {
     fn pid(&self) -> u32 {
         self.pid
+    }
+
+    fn network(&self) -> Option<std::sync::Arc<super::app_network::AppNetwork>> {
+        self.network.clone()
     }
 
     async fn wait(&mut self) -> super::exit::Exit {

@@ -7,6 +7,10 @@
 //! port of the host's loopback. The variables are the same in both modes, and a container
 //! reaches exactly its linked resources and nothing else of the host.
 //!
+//! An app's sandboxed processes share a network namespace of their own (see `app_network`),
+//! served the same way: its forwarders listen in the namespace of the app network's holder
+//! process, and exit with it.
+//!
 //! A socket belongs to the namespace it was made in: the forwarder makes its listeners from a
 //! thread that has joined the container's namespace (`setns`, by `/proc/<pid>/ns/net`), and
 //! connects to the resources from its other threads, still in the host's. That needs root
@@ -37,8 +41,9 @@ use tokio::io::AsyncBufReadExt;
 /// The hidden subcommand of rack that runs a forwarder.
 pub const SUBCOMMAND: &str = "resource-forwarder";
 
-/// How long a forwarder may take to make its listeners.
-const READY_WITHIN: Duration = Duration::from_secs(10);
+/// How long a forwarder may take to make its listeners (generous: a loaded host may take
+/// seconds to start a process).
+const READY_WITHIN: Duration = Duration::from_secs(30);
 
 /// The most connections one forwarder relays at once (a container opening connections without
 /// end must not take all of the host's file descriptors); more wait to be accepted.
@@ -102,16 +107,17 @@ impl Forwarders {
         })
     }
 
-    /// Makes sure a forwarder of `ports` serves the namespace of process `pid` (a container
-    /// adopted after a restart): starts one when a listener is missing.
+    /// Makes sure forwarders of `ports` serve the namespace of process `pid` (a container
+    /// adopted after a restart, an app's network): starts one for the ports without a listener.
     ///
     /// # Errors
     /// As [`Forwarders::start`].
     pub async fn ensure(&self, pid: u32, ports: &[u16]) -> Result<(), String> {
-        if ports.is_empty() || ports.iter().all(|port| listening(pid, *port)) {
+        let missing: Vec<u16> = ports.iter().copied().filter(|port| !listening(pid, *port)).collect();
+        if missing.is_empty() {
             return Ok(());
         }
-        self.start(pid, ports).await
+        self.start(pid, &missing).await
     }
 }
 

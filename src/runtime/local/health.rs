@@ -81,7 +81,7 @@ pub async fn health_loop(
     let mut last_counted: Option<tokio::time::Instant> = None;
     loop {
         let result = if check.http {
-            probe(client, instance.port(), &check.path, check.timeout).await
+            probe(client, instance.backend(), &check.path, check.timeout).await
         } else {
             Ok(())
         };
@@ -132,15 +132,59 @@ pub async fn health_loop(
     }
 }
 
-async fn probe(client: &reqwest::Client, port: Option<u16>, path: &str, timeout: Duration) -> Result<(), String> {
-    let Some(port) = port else { return Ok(()) };
-    let url = format!("http://127.0.0.1:{port}{path}");
-    match client.get(&url).timeout(timeout).send().await {
-        Ok(response) if response.status().is_success() || response.status().is_redirection() => Ok(()),
-        Ok(response) => Err(format!("GET {path} answered {}", response.status())),
-        Err(e) if e.is_timeout() => Err(format!("GET {path} timed out")),
-        Err(_) => Err(format!("GET {path}: connection refused")),
+async fn probe(
+    client: &reqwest::Client,
+    backend: Option<super::router::Backend>,
+    path: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let Some(backend) = backend else { return Ok(()) };
+    let status = match &backend.network {
+        // In the app's network: a connection made there, one request on it.
+        Some(network) => tokio::time::timeout(timeout, probe_inside(network, backend.addr, path))
+            .await
+            .unwrap_or(Err(Failure::Timeout)),
+        None => {
+            let url = format!("http://{}{path}", backend.addr);
+            match client.get(&url).timeout(timeout).send().await {
+                Ok(response) => Ok(response.status()),
+                Err(e) if e.is_timeout() => Err(Failure::Timeout),
+                Err(_) => Err(Failure::Refused),
+            }
+        }
+    };
+    match status {
+        Ok(status) if status.is_success() || status.is_redirection() => Ok(()),
+        Ok(status) => Err(format!("GET {path} answered {status}")),
+        Err(Failure::Timeout) => Err(format!("GET {path} timed out")),
+        Err(Failure::Refused) => Err(format!("GET {path}: connection refused")),
     }
+}
+
+/// Why a check got no answer.
+enum Failure {
+    Timeout,
+    Refused,
+}
+
+/// `GET path` from `addr` in `network`: the status of the answer.
+async fn probe_inside(
+    network: &super::app_network::AppNetwork,
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> Result<axum::http::StatusCode, Failure> {
+    let stream = network.connect(addr).await.map_err(|_| Failure::Refused)?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|_| Failure::Refused)?;
+    // Ends once the answer is dropped (bounded, whatever the instance does).
+    tokio::spawn(tokio::time::timeout(Duration::from_secs(60), connection));
+    let request = axum::http::Request::get(path)
+        .header(axum::http::header::HOST, addr.to_string())
+        .body(axum::body::Body::empty())
+        .map_err(|_| Failure::Refused)?;
+    let response = sender.send_request(request).await.map_err(|_| Failure::Refused)?;
+    Ok(response.status())
 }
 
 #[cfg(test)]

@@ -62,6 +62,8 @@ pub struct Instance {
     pub exit: watch::Sender<Option<i32>>,
     /// How it runs (for `exec`).
     pub launch: Launch,
+    /// The app network it runs in, when not the host's (see `app_network`).
+    pub network: Mutex<Option<Arc<super::app_network::AppNetwork>>>,
 }
 
 impl Instance {
@@ -85,7 +87,25 @@ impl Instance {
             kind,
             exit: watch::channel(None).0,
             launch: launch.clone(),
+            network: Mutex::new(None),
         }
+    }
+
+    /// The app network it runs in, when not the host's.
+    pub fn network(&self) -> Option<Arc<super::app_network::AppNetwork>> {
+        self.network
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Where the router and the health checks reach it: its port, in its network.
+    pub fn backend(&self) -> Option<super::router::Backend> {
+        let port = self.port()?;
+        Some(super::router::Backend {
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            network: self.network(),
+        })
     }
 
     /// The host port it listens on, if it takes traffic.
@@ -221,6 +241,7 @@ impl Launch {
                         memory: service.scale.memory,
                         cpu: service.scale.cpu,
                     },
+                    forward,
                 }
             }
         };
@@ -354,6 +375,10 @@ pub async fn supervise(job: Supervised) {
             }
         };
         instance.pid.store(running.pid(), Ordering::SeqCst);
+        *instance
+            .network
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = running.network();
         instance.health.send_replace(Health::Starting);
         let since = tokio::time::Instant::now();
         let checks = health_loop(&health_client, &instance, &launch.check, &log, &refresh_routes);
@@ -458,6 +483,10 @@ pub async fn run_once(job: Supervised, timeout: Duration) {
         }
     };
     instance.pid.store(running.pid(), Ordering::SeqCst);
+    *instance
+        .network
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = running.network();
     instance.health.send_replace(Health::Ready);
     let event = crate::runtime::ProcessEvent {
         app: &app,

@@ -4,8 +4,8 @@
 //! service with a port behind a router (see `router`).
 
 mod analysis;
+mod app_network;
 mod build;
-mod build_network;
 mod cgroups;
 mod container;
 mod context;
@@ -24,6 +24,7 @@ mod rollout;
 pub mod router;
 pub mod sandbox;
 mod supervisor;
+mod user_network;
 
 pub use supervisor::MAX_ONE_OFFS_PER_APP;
 
@@ -66,12 +67,21 @@ pub struct LocalRuntime {
     resources: resources::Resources,
     supervisor: Supervisor,
     logs: Arc<dyn AppLogs>,
+    /// The apps' network namespaces (see `app_network`).
+    networks: Arc<app_network::AppNetworks>,
 }
 
 impl LocalRuntime {
     /// A runtime with `settings`.
     pub fn new(settings: LocalSettings) -> Self {
         let data_dir = settings.builds_dir.parent().unwrap_or(&settings.builds_dir);
+        // Sandboxes in a user-mode network (an app's, a build command's) cannot reach a
+        // loopback resolver of the host.
+        let resolver = nix::unistd::geteuid()
+            .is_root()
+            .then(|| user_network::resolver_for_sandboxes(&data_dir.join("network")))
+            .flatten();
+        let sandbox = settings.sandbox.with_resolver(resolver);
         let cgroups = match cgroups::Cgroups::detect(&podman::host_id(data_dir)) {
             Ok(cgroups) => Some(cgroups),
             Err(why) => {
@@ -79,16 +89,19 @@ impl LocalRuntime {
                 None
             }
         };
+        let forwarders = forwarder::Forwarders {
+            program: settings.program.clone(),
+        };
+        let networks = Arc::new(app_network::AppNetworks::new(forwarders.clone()));
         let processes = Arc::new(driver::ProcessDriver {
-            sandbox: settings.sandbox.clone(),
+            sandbox: sandbox.clone(),
             cgroups,
+            networks: networks.clone(),
         });
         let containers = settings.podman.clone().map(|podman| {
             Arc::new(container::ContainerDriver {
                 podman,
-                forwarders: forwarder::Forwarders {
-                    program: settings.program.clone(),
-                },
+                forwarders: forwarders.clone(),
             })
         });
         let logs = settings.logs.clone();
@@ -106,11 +119,12 @@ impl LocalRuntime {
                 objects: settings.objects,
                 builds_dir: settings.builds_dir,
                 limits: settings.limits,
-                sandbox: settings.sandbox,
+                sandbox,
                 podman: settings.podman,
             },
             supervisor,
             logs,
+            networks,
         }
     }
 }
@@ -247,6 +261,7 @@ impl Runtime for LocalRuntime {
     #[tracing::instrument(skip_all, fields(app.name = %app))]
     async fn delete_app(&self, app: &str) -> Result<(), RuntimeError> {
         self.supervisor.delete_app(app).await;
+        self.networks.remove(app).await;
         self.resources.delete_app(app).await;
         let builds = remove_dir(
             &self.builder.builds_dir.join(app),

@@ -483,7 +483,7 @@ fn containers_conf() -> String {
         ""
     };
     // User-mode networking (slirp4netns) for containers (image builds get theirs from
-    // `build_network`: buildah ignores this setting when run as root): published ports
+    // `user_network`: buildah ignores this setting when run as root): published ports
     // are served by a userland proxy on 127.0.0.1 that goes with its container. The default
     // bridge would put a private address on a host interface and publish through iptables NAT
     // rules, which podman 4.3 sometimes leaves behind when it removes a container: traffic to

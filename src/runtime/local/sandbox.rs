@@ -2,7 +2,8 @@
 //! run through bubblewrap: as an unprivileged user (when rack is root), in pid, mount, ipc and
 //! uts namespaces of their own, seeing the system's programs read-only and, of rack's data,
 //! only their own build directory. rack's environment, password file, objects and Postgres
-//! data are never in their reach.
+//! data are never in their reach. App processes also join their app's network namespace (see
+//! `app_network`), and their instance's cgroups (see `cgroups`).
 
 use std::path::{Path, PathBuf};
 
@@ -32,6 +33,11 @@ pub struct Sandbox {
     account: Option<Account>,
     /// `--ro-bind` / `--symlink` arguments that show the system's directories.
     system: Vec<String>,
+    /// The network namespace sandboxes join (an app's); `None`: the host's.
+    network: Option<PathBuf>,
+    /// In a network of their own: the resolver configuration to show, and where (see
+    /// `user_network::resolver_for_sandboxes`).
+    resolver: Option<(PathBuf, PathBuf)>,
 }
 
 /// Whether a sandboxed command dies with rack.
@@ -80,6 +86,8 @@ impl Sandbox {
             bwrap,
             account,
             system: system_binds(Path::new("/")),
+            network: None,
+            resolver: None,
         };
         sandbox.probe()?;
         Ok(sandbox)
@@ -100,21 +108,11 @@ impl Sandbox {
     /// `workspace` (bound at the same path), starting in `cwd`, with an empty environment
     /// (the caller adds what the command may see).
     pub fn command(&self, workspace: &Path, cwd: &Path, argv: &[String], tie: Tie) -> Command {
-        let mut cmd = Command::new(&self.bwrap);
-        cmd.args(self.arguments(workspace, cwd, argv, tie))
-            .env_clear()
-            .current_dir("/");
-        if let Some(account) = &self.account {
-            // Also drops rack's supplementary groups (std does when root changes uid).
-            cmd.uid(account.uid).gid(account.gid);
-        }
-        cmd
+        self.command_in(workspace, cwd, argv, tie, &[], false)
     }
 
     /// [`Sandbox::command`] whose processes all belong to the cgroups whose `cgroup.procs`
-    /// files are `procs` (see `cgroups`): a root shell joins them, then becomes the sandbox
-    /// user and starts the sandbox, so not one instruction of the app runs outside its limits.
-    /// Without a sandbox user (rack is not root) or cgroups, this is [`Sandbox::command`].
+    /// files are `procs` (see `cgroups`).
     pub fn limited_command(
         &self,
         workspace: &Path,
@@ -123,34 +121,80 @@ impl Sandbox {
         tie: Tie,
         procs: &[PathBuf],
     ) -> Command {
-        let Some(account) = self.account.as_ref().filter(|_| !procs.is_empty()) else {
-            return self.command(workspace, cwd, argv, tie);
-        };
-        let mut cmd = Command::new("/bin/sh");
-        cmd.args(["-c", JOIN_CGROUPS, "rack-join"])
-            .args(procs)
-            .arg("--")
-            .arg("/usr/bin/setpriv")
-            .arg(format!("--reuid={}", account.uid))
-            .arg(format!("--regid={}", account.gid))
-            .args(["--clear-groups", "--"])
-            .arg(&self.bwrap)
-            .args(self.arguments(workspace, cwd, argv, tie))
-            .env_clear()
-            .current_dir("/");
-        cmd
+        self.command_in(workspace, cwd, argv, tie, procs, false)
     }
 
     /// [`Sandbox::command`] on a terminal: the sandbox's first process gets a session of its
     /// own whose controlling terminal is its standard input (`setsid --ctty`).
     pub fn terminal_command(&self, workspace: &Path, cwd: &Path, argv: &[String], tie: Tie) -> Command {
-        let mut cmd = Command::new("setsid");
-        cmd.arg("--ctty")
-            .arg(&self.bwrap)
-            .args(self.arguments(workspace, cwd, argv, tie))
-            .env_clear()
-            .current_dir("/");
-        if let Some(account) = &self.account {
+        self.command_in(workspace, cwd, argv, tie, &[], true)
+    }
+
+    /// This sandbox, showing the file `resolver.0` at `resolver.1` when it is in a network of its
+    /// own (see [`Sandbox::in_network`]).
+    pub fn with_resolver(&self, resolver: Option<(PathBuf, PathBuf)>) -> Self {
+        let mut sandbox = self.clone();
+        sandbox.resolver = resolver;
+        sandbox
+    }
+
+    /// This sandbox, joining the network namespace at `namespace` (an app's, see `app_network`)
+    /// instead of staying in the host's. Only root may join one: without a sandbox user (rack
+    /// is not root), this is the sandbox unchanged.
+    pub fn in_network(&self, namespace: PathBuf) -> Self {
+        let mut sandbox = self.clone();
+        sandbox.network = Some(namespace);
+        sandbox
+    }
+
+    /// [`Sandbox::command`] in the cgroups `procs`, on a terminal when `terminal`. What needs
+    /// root (joining cgroups, the app's network namespace) is done by a root chain that then
+    /// becomes the sandbox user (`setpriv`) and starts the sandbox, so not one instruction of
+    /// the app runs outside its limits or its network. Without a sandbox user (rack is not
+    /// root) the sandbox starts directly, as rack's user.
+    pub fn command_in(
+        &self,
+        workspace: &Path,
+        cwd: &Path,
+        argv: &[String],
+        tie: Tie,
+        procs: &[PathBuf],
+        terminal: bool,
+    ) -> Command {
+        let sandbox = self.arguments(workspace, cwd, argv, tie);
+        let account = self.account.as_ref();
+        let chain = account.filter(|_| !procs.is_empty() || self.network.is_some());
+        let mut line: Vec<std::ffi::OsString> = Vec::new();
+        if terminal {
+            line.extend(["setsid".into(), "--ctty".into()]);
+        }
+        if let Some(account) = chain {
+            if !procs.is_empty() {
+                line.extend(["/bin/sh".into(), "-c".into(), JOIN_CGROUPS.into(), "rack-join".into()]);
+                line.extend(procs.iter().map(Into::into));
+                line.push("--".into());
+            }
+            if let Some(namespace) = &self.network {
+                let mut net = std::ffi::OsString::from("--net=");
+                net.push(namespace);
+                line.extend(["/usr/bin/nsenter".into(), net, "--".into()]);
+            }
+            line.extend([
+                "/usr/bin/setpriv".into(),
+                format!("--reuid={}", account.uid).into(),
+                format!("--regid={}", account.gid).into(),
+                "--clear-groups".into(),
+                "--".into(),
+            ]);
+        }
+        line.push(self.bwrap.clone().into());
+        line.extend(sandbox);
+        let mut cmd = Command::new(&line[0]);
+        cmd.args(&line[1..]).env_clear().current_dir("/");
+        if chain.is_none()
+            && let Some(account) = account
+        {
+            // Also drops rack's supplementary groups (std does when root changes uid).
             cmd.uid(account.uid).gid(account.gid);
         }
         cmd
@@ -171,6 +215,11 @@ impl Sandbox {
         args.extend(self.system.iter().map(Into::into));
         args.extend(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind"].map(Into::into));
         args.extend([workspace.into(), workspace.into(), "--chdir".into(), cwd.into()]);
+        if self.network.is_some()
+            && let Some((file, shown)) = &self.resolver
+        {
+            args.extend(["--ro-bind".into(), file.into(), shown.into()]);
+        }
         if tie == Tie::DiesWithRack {
             args.push("--die-with-parent".into());
         }
@@ -273,6 +322,69 @@ pub fn find_on_path(program: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_sandbox_in_a_network_joins_it_as_the_sandbox_user_and_sees_its_resolver() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: joining a network namespace needs root");
+            return;
+        }
+        let sandbox = match Sandbox::open(DEFAULT_USER) {
+            Ok(sandbox) => sandbox,
+            Err(why) => {
+                eprintln!("skipped: {why}");
+                return;
+            }
+        };
+        let network = super::super::user_network::UserNetwork::start().await.unwrap();
+        let holder = network.holder().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let resolver = dir.path().join("resolv.conf");
+        std::fs::write(&resolver, "nameserver 10.0.2.3\n").unwrap();
+        sandbox.hand_over(dir.path()).await.unwrap();
+        let inside = sandbox
+            .with_resolver(Some((resolver, "/etc/resolv.conf".into())))
+            .in_network(format!("/proc/{holder}/ns/net").into());
+        let script = "readlink /proc/self/ns/net; id -u; cat /etc/resolv.conf".to_owned();
+        let out = inside
+            .command_in(
+                dir.path(),
+                dir.path(),
+                &["/bin/sh".to_owned(), "-c".to_owned(), script],
+                Tie::DiesWithRack,
+                &[],
+                false,
+            )
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut lines = said.lines();
+        let theirs = std::fs::read_link(format!("/proc/{holder}/ns/net")).unwrap();
+        assert_eq!(
+            lines.next(),
+            theirs.to_str(),
+            "{said} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_ne!(lines.next(), Some("0"), "{said}");
+        assert_eq!(lines.next(), Some("nameserver 10.0.2.3"), "{said}");
+        // Outside a network, the host's resolver configuration as it is.
+        let out = sandbox
+            .with_resolver(Some((dir.path().join("resolv.conf"), "/etc/resolv.conf".into())))
+            .command(
+                dir.path(),
+                dir.path(),
+                &["/bin/cat".to_owned(), "/etc/resolv.conf".to_owned()],
+                Tie::DiesWithRack,
+            )
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.stdout, std::fs::read("/etc/resolv.conf").unwrap());
+    }
 
     #[test]
     fn system_dirs_are_bound_read_only_or_linked() {

@@ -341,6 +341,7 @@ impl Supervisor {
             kind: ProcessKind::Service,
             exit: watch::channel(None).0,
             launch: launch.clone(),
+            network: Mutex::new(None),
         });
         let mut launch = launch.clone();
         launch.release.clone_from(&found.release);
@@ -445,14 +446,11 @@ impl Supervisor {
     pub(super) fn refresh_routes(&self, app: &str, service: &str) {
         self.with_app(app, |procs| {
             if let Some(router) = procs.routers.get(service) {
-                let backends = procs
+                let backends: Vec<(super::router::Backend, String)> = procs
                     .instances
                     .iter()
                     .filter(|i| i.service == service && i.is_ready())
-                    .filter_map(|i| {
-                        let port = i.port()?;
-                        Some((SocketAddr::from(([127, 0, 0, 1], port)), i.release.to_string()))
-                    })
+                    .filter_map(|i| Some((i.backend()?, i.release.clone())))
                     .collect();
                 router.set_routes(backends);
             }

@@ -20,6 +20,10 @@ use axum::http::{Method, StatusCode, Uri, Version};
 use axum::response::{IntoResponse, Response};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+
+mod backend;
+pub use backend::Backend;
+use backend::Connector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -58,9 +62,11 @@ struct Inner {
     local_addr: SocketAddr,
     // A watch channel is an `RwLock<Arc<..>>` that can also wake the requests waiting for the
     // set to become non-empty.
-    backends: watch::Sender<Arc<[Backend]>>,
+    backends: watch::Sender<Arc<[Route]>>,
+    /// The app's network, where its sandboxed instances are (shared with the connector).
+    network: Arc<std::sync::Mutex<Option<Arc<super::app_network::AppNetwork>>>>,
     next: AtomicUsize,
-    client: Client<HttpConnector, Body>,
+    client: Client<Connector, Body>,
     stop: CancellationToken,
     grace: Duration,
     /// Where the tallies' seconds count from.
@@ -71,10 +77,10 @@ struct Inner {
     recording: AtomicBool,
 }
 
-/// One instance the router sends requests to, and the tally of its release.
+/// A backend and the tally of its release.
 #[derive(Debug, Clone)]
-struct Backend {
-    addr: SocketAddr,
+struct Route {
+    backend: Backend,
     tally: Arc<Tally>,
 }
 
@@ -116,9 +122,15 @@ impl Router {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
         let local_addr = listener.local_addr()?;
 
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        connector.set_nodelay(true);
+        let mut host = HttpConnector::new();
+        host.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        host.set_nodelay(true);
+        let network = Arc::default();
+        let connector = Connector {
+            host,
+            network: Arc::clone(&network),
+            timeout: CONNECT_TIMEOUT,
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
@@ -128,6 +140,7 @@ impl Router {
             app,
             local_addr,
             backends: watch::Sender::new(Arc::from(Vec::new())),
+            network,
             next: AtomicUsize::new(0),
             client,
             stop: shutdown.child_token(),
@@ -168,45 +181,53 @@ impl Router {
         self.inner.local_addr
     }
 
-    /// Replaces the set of healthy backends atomically (e.g. `127.0.0.1:41234`), of no release
-    /// in particular. New requests go to the new set only; requests already in flight to a
-    /// removed backend finish.
-    pub fn set_backends(&self, backends: Vec<SocketAddr>) {
-        self.set_routes(backends.into_iter().map(|addr| (addr, String::new())).collect());
+    /// Replaces the set of healthy backends atomically (e.g. `127.0.0.1:41234`, in the app's
+    /// network or the host's), of no release in particular. New requests go to the new set
+    /// only; requests already in flight to a removed backend finish.
+    pub fn set_backends<B: Into<Backend>>(&self, backends: impl IntoIterator<Item = B>) {
+        self.set_routes(backends.into_iter().map(|b| (b, String::new())));
     }
 
     /// Replaces the set of healthy backends atomically, each with the release it runs (whose
     /// tally counts its responses).
-    pub fn set_routes(&self, routes: Vec<(SocketAddr, String)>) {
-        tracing::debug!(app.name = %self.inner.app, backends = ?routes, "router for {} now targets {} instance(s)", self.inner.app, routes.len());
+    pub fn set_routes<B: Into<Backend>>(&self, routes: impl IntoIterator<Item = (B, String)>) {
         let now = self.second();
-        let backends: Vec<Backend> = {
+        let routes: Vec<Route> = {
             let mut tallies = self
                 .inner
                 .tallies
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let backends = routes
+            let routes = routes
                 .into_iter()
-                .map(|(addr, release)| {
+                .map(|(backend, release)| {
                     let entry = tallies.entry(release).or_default();
                     entry.1 = now;
-                    Backend {
-                        addr,
+                    Route {
+                        backend: backend.into(),
                         tally: Arc::clone(&entry.0),
                     }
                 })
                 .collect();
             // A release routed to within the ring's span may still be read by an analysis.
             tallies.retain(|_, (_, last)| *last + tally::SLOTS as u64 > now);
-            backends
+            routes
         };
-        self.inner.backends.send_replace(Arc::from(backends));
+        tracing::debug!(app.name = %self.inner.app, backends = ?routes.iter().map(|r| r.backend.addr).collect::<Vec<_>>(), "router for {} now targets {} instance(s)", self.inner.app, routes.len());
+        // Kept when the set has none in it: a request in flight may still connect there.
+        if let Some(network) = routes.iter().find_map(|r| r.backend.network.clone()) {
+            *self
+                .inner
+                .network
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(network);
+        }
+        self.inner.backends.send_replace(Arc::from(routes));
     }
 
-    /// The current set of backends.
+    /// The addresses of the current set of backends.
     pub fn backends(&self) -> Vec<SocketAddr> {
-        self.inner.backends.borrow().iter().map(|b| b.addr).collect()
+        self.inner.backends.borrow().iter().map(|r| r.backend.addr).collect()
     }
 
     /// The second (since the router started) the tallies are in now.
@@ -304,14 +325,13 @@ impl Inner {
         let mut tried = Vec::new();
         let mut last_error = None;
         loop {
-            let Some(picked) = self.pick(&tried, deadline).await else {
+            let Some(Route { backend, tally }) = self.pick(&tried, deadline).await else {
                 return Err(last_error.unwrap_or(ProxyError::NoBackends));
             };
-            let backend = picked.addr;
-            *served_by = Some(picked.tally);
-            tried.push(backend);
+            *served_by = Some(tally);
+            tried.push(backend.clone());
             let attempt_body = body.take().unwrap_or_else(Body::empty);
-            let request = upstream_request(&parts.method, path, &headers, backend, attempt_body)?;
+            let request = upstream_request(&parts.method, path, &headers, &backend, attempt_body)?;
             match self.client.request(request).await {
                 Ok(response) => {
                     let (mut parts, body) = response.into_parts();
@@ -323,7 +343,10 @@ impl Inner {
                     // after sending (the instance died mid-request) may have had an effect, so
                     // only idempotent methods are repeated (RFC 9110 §9.2.2).
                     let retry = replayable && (source.is_connect() || idempotent);
-                    let err = ProxyError::Upstream { backend, source };
+                    let err = ProxyError::Upstream {
+                        backend: backend.addr,
+                        source,
+                    };
                     if !retry {
                         return Err(err);
                     }
@@ -336,16 +359,16 @@ impl Inner {
 
     /// The next backend round robin that this request has not tried yet, waiting until `deadline`
     /// for the set to become non-empty. `None` when there is none to try.
-    async fn pick(&self, tried: &[SocketAddr], deadline: Instant) -> Option<Backend> {
+    async fn pick(&self, tried: &[Backend], deadline: Instant) -> Option<Route> {
         let set = self.wait_for_backends(deadline).await?;
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..set.len())
             .map(|i| &set[start.wrapping_add(i) % set.len()])
-            .find(|backend| !tried.contains(&backend.addr))
+            .find(|route| !tried.contains(&route.backend))
             .cloned()
     }
 
-    async fn wait_for_backends(&self, deadline: Instant) -> Option<Arc<[Backend]>> {
+    async fn wait_for_backends(&self, deadline: Instant) -> Option<Arc<[Route]>> {
         let current = Arc::clone(&self.backends.borrow());
         if !current.is_empty() {
             return Some(current);
@@ -372,21 +395,30 @@ fn upstream_request(
     method: &Method,
     path: &str,
     headers: &HeaderMap,
-    backend: SocketAddr,
+    backend: &Backend,
     body: Body,
 ) -> Result<Request, ProxyError> {
     let uri = Uri::builder()
         .scheme("http")
-        .authority(backend.to_string())
+        .authority(backend.authority())
         .path_and_query(path)
         .build()
-        .map_err(|source| ProxyError::BuildRequest { backend, source })?;
+        .map_err(|source| ProxyError::BuildRequest {
+            backend: backend.addr,
+            source,
+        })?;
     let mut request = Request::new(body);
     *request.method_mut() = method.clone();
     *request.uri_mut() = uri;
     // The client speaks HTTP/1.1 to instances whatever the downstream version was.
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers.clone();
+    // A request without a Host (HTTP/1.0) names the instance, never the URI's stand-in name.
+    if !request.headers().contains_key(header::HOST)
+        && let Ok(host) = HeaderValue::from_str(&backend.addr.to_string())
+    {
+        request.headers_mut().insert(header::HOST, host);
+    }
     Ok(request)
 }
 

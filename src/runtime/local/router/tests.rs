@@ -340,7 +340,7 @@ async fn rollout_under_continuous_traffic_fails_no_request() {
     let old = [backend("old-1").await, backend("old-2").await];
     let new = [backend("new-1").await, backend("new-2").await];
     let (router, _shutdown) = router(NO_BACKEND_GRACE).await;
-    router.set_backends(old.iter().map(|b| b.addr).collect());
+    router.set_backends(old.iter().map(|b| b.addr));
 
     let swapped = Arc::new(AtomicBool::new(false));
     let done = CancellationToken::new();
@@ -389,7 +389,7 @@ async fn rollout_under_continuous_traffic_fails_no_request() {
         old2.control.held.load(Ordering::SeqCst) > 0
     })
     .await;
-    router.set_backends(new.iter().map(|b| b.addr).collect());
+    router.set_backends(new.iter().map(|b| b.addr));
     swapped.store(true, Ordering::SeqCst);
     drop(old2);
     let at = *counted.borrow();

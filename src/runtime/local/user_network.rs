@@ -1,11 +1,11 @@
-//! The network of an image build: a network namespace of its own with user-mode networking
-//! (slirp4netns), the same kind the containers get. buildah 1.28 runs as root knows only its
-//! bridge (a private address on a host interface, NAT to anything the host reaches, the host's
-//! own non-loopback listeners included) or the host's network; but it can join a namespace by
-//! path (`--network ns:PATH`; see `Podman::build_command`). So rack makes one per build: a holder process in a new network
-//! namespace, and slirp4netns serving it, without the host's loopback (`--disable-host-loopback`:
-//! the API and the apps' ports on 127.0.0.1 are out of reach). Both die with the build, and
-//! with rack.
+//! A user-mode network: a network namespace of its own with slirp4netns serving it, the kind
+//! podman gives containers. Image builds get one each (buildah 1.28 run as root knows only its
+//! bridge, which NATs to anything the host reaches, or the host's network; but it can join a
+//! namespace by path: `--network ns:PATH`, see `Podman::build_command`), and each app's
+//! sandboxed processes share one (see `app_network`). It is a holder process in a new network
+//! namespace, and slirp4netns serving it without the host's loopback
+//! (`--disable-host-loopback`: the API and the apps' ports on 127.0.0.1 are out of reach). Both
+//! die with their owner, and with rack.
 
 use std::time::Duration;
 
@@ -13,16 +13,16 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 
 /// How long making the namespace and starting slirp4netns may take.
-const READY_WITHIN: Duration = Duration::from_secs(10);
+const READY_WITHIN: Duration = Duration::from_secs(30);
 
-/// A build's network namespace, alive while this lives.
+/// A user-mode network namespace, alive while this lives.
 #[derive(Debug)]
-pub struct BuildNetwork {
+pub struct UserNetwork {
     holder: Child,
     _slirp: Child,
 }
 
-impl BuildNetwork {
+impl UserNetwork {
     /// Makes the namespace and starts slirp4netns in it.
     ///
     /// # Errors
@@ -39,16 +39,16 @@ impl BuildNetwork {
             .kill_on_drop(true);
         let mut holder = holder
             .spawn()
-            .map_err(|e| format!("making the build's network namespace: {e}"))?;
+            .map_err(|e| format!("making a user-mode network namespace: {e}"))?;
         let stdout = holder.stdout.take().ok_or("the namespace holder has no output")?;
         let mut ready = String::new();
         tokio::time::timeout(READY_WITHIN, tokio::io::BufReader::new(stdout).read_line(&mut ready))
             .await
-            .map_err(|_| "the build's network namespace was not made in time".to_owned())?
-            .map_err(|e| format!("making the build's network namespace: {e}"))?;
+            .map_err(|_| "a user-mode network namespace was not made in time".to_owned())?
+            .map_err(|e| format!("making a user-mode network namespace: {e}"))?;
         let pid = holder.id().ok_or("the namespace holder exited")?;
         if ready.trim() != "ready" || same_namespace(pid) {
-            return Err("the build's network namespace could not be made".to_owned());
+            return Err("a user-mode network namespace could not be made".to_owned());
         }
         let slirp = Command::new("setpriv")
             .args(["--pdeathsig", "KILL", "--", "slirp4netns", "--configure", "--mtu=65520"])
@@ -62,7 +62,7 @@ impl BuildNetwork {
             .spawn()
             .map_err(|e| {
                 format!(
-                    "starting slirp4netns for the build's network: {e} (apt-get install -y slirp4netns; \
+                    "starting slirp4netns for a user-mode network: {e} (apt-get install -y slirp4netns; \
                      scripts/install-deps does)"
                 )
             })?;
@@ -77,7 +77,7 @@ impl BuildNetwork {
                 return Ok(network);
             }
             if started.elapsed() > READY_WITHIN {
-                return Err("slirp4netns did not configure the build's network in time".to_owned());
+                return Err("slirp4netns did not configure a user-mode network in time".to_owned());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -87,6 +87,61 @@ impl BuildNetwork {
     pub fn holder(&self) -> Option<u32> {
         self.holder.id()
     }
+
+    /// Whether the holder has exited (the namespace is then gone, or going). Until this says so,
+    /// the holder is an unreaped child of rack, so its pid names it and nothing else.
+    pub fn has_exited(&mut self) -> bool {
+        !matches!(self.holder.try_wait(), Ok(None))
+    }
+}
+
+/// slirp4netns' DNS forwarder, seen from inside a user-mode network.
+const SLIRP_DNS: &str = "10.0.2.3";
+
+/// What a sandbox in a user-mode network must see as its resolver configuration, when the
+/// host's names only loopback resolvers (systemd-resolved's 127.0.0.53, a local dnsmasq): those
+/// are out of reach there, so it gets slirp4netns' forwarder instead, which asks the host's.
+/// Returns the file to show (written in `dir`) and where to show it (the host's
+/// `/etc/resolv.conf`, followed to the file its links lead to, as bubblewrap binds files onto
+/// paths, not onto links). `None` when the host's resolvers are reachable as they are.
+pub fn resolver_for_sandboxes(dir: &std::path::Path) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let host = std::path::Path::new("/etc/resolv.conf");
+    let text = std::fs::read_to_string(host).unwrap_or_default();
+    if !loopback_only(&text) {
+        return None;
+    }
+    let shown = std::fs::canonicalize(host).unwrap_or_else(|_| host.to_path_buf());
+    let file = dir.join("resolv.conf");
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&file, format!("nameserver {SLIRP_DNS}\n")))
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            // Read by bubblewrap as the sandbox user.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))
+        });
+    match written {
+        Ok(()) => Some((file, shown)),
+        Err(e) => {
+            tracing::warn!("app processes may not resolve names: writing {}: {e}", file.display());
+            None
+        }
+    }
+}
+
+/// Whether the resolver configuration `text` names only loopback servers (or none: the C
+/// library then asks 127.0.0.1).
+fn loopback_only(text: &str) -> bool {
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("nameserver"))
+        .map(|rest| {
+            rest.trim()
+                .split('%')
+                .next()
+                .unwrap_or_default()
+                .parse::<std::net::IpAddr>()
+        })
+        .all(|address| address.is_ok_and(|a| a.is_loopback()))
 }
 
 /// Whether `pid` is still in this process's network namespace (it must never be configured).
@@ -103,6 +158,16 @@ fn same_namespace(pid: u32) -> bool {
 mod tests {
     use super::*;
 
+    #[test]
+    fn only_loopback_resolvers_are_replaced() {
+        assert!(loopback_only("nameserver 127.0.0.53\noptions edns0\n"));
+        assert!(loopback_only("nameserver 127.0.0.1\nnameserver ::1\n"));
+        assert!(loopback_only("# nothing\n"));
+        assert!(!loopback_only("nameserver 10.255.255.53\n"));
+        assert!(!loopback_only("nameserver 127.0.0.53\nnameserver 192.0.2.1\n"));
+        assert!(!loopback_only("nameserver fe80::1%eth0\n"));
+    }
+
     #[tokio::test]
     async fn a_build_network_is_a_namespace_of_its_own_without_the_hosts_loopback() {
         if !nix::unistd::geteuid().is_root() {
@@ -112,7 +177,7 @@ mod tests {
         // A listener on the host's loopback that the build must not reach.
         let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = host.local_addr().unwrap().port();
-        let network = BuildNetwork::start().await.unwrap();
+        let network = UserNetwork::start().await.unwrap();
         let pid = network.holder().unwrap();
         assert!(!same_namespace(pid));
         // From inside: tap0 is there, and neither 127.0.0.1 nor slirp's host alias reach the
