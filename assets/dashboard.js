@@ -47,7 +47,7 @@
     $(bodyId).replaceChildren(...rows.map(([id, item]) => el("tr", { "data-id": id }, ...cells(id, item))));
   }
   const renderBuilds = () => renderRecent(builds, "builds", (id, b) => [el("td", {}, id), el("td", {}, b.app), statusCell(b.status), el("td", {}, when(b.at))]);
-  const renderDeployments = () => renderRecent(deployments, "deployments", (id, d) => [el("td", {}, d.release), el("td", {}, d.app), statusCell(d.state), el("td", { class: "changes" }, d.changes || ""), el("td", {}, when(d.at))]);
+  const renderDeployments = () => renderRecent(deployments, "deployments", (id, d) => [el("td", {}, d.release), el("td", {}, d.app), statusCell(d.state), el("td", { class: "changes" }, d.changes || ""), el("td", { class: "analysis" }, d.analysis || ""), el("td", {}, when(d.at))]);
 
   // A resource's URL with its password replaced: the API shows it to a credential that may
   // deploy, but the page never puts a secret in the DOM.
@@ -156,6 +156,14 @@
         const d = deployments.get(event.deployment_id) || { app: event.app, release: event.release_id, at: event.at };
         deployments.set(event.deployment_id, { ...d, state: data.to });
         setStatus(event.app, data.status);
+        renderDeployments();
+        break;
+      }
+      // The traffic analysis' verdict, with its figures (the line says them).
+      case "deployment.analysis": {
+        const d = deployments.get(event.deployment_id) || { app: event.app, release: event.release_id, at: event.at };
+        const verdict = data.service ? `${data.service}: ${event.message.replace(/^analysis:? ?/, "")}` : event.message;
+        deployments.set(event.deployment_id, { ...d, analysis: d.analysis ? `${d.analysis}; ${verdict}` : verdict });
         renderDeployments();
         break;
       }

@@ -21,6 +21,10 @@
 //!   vs the same app without it (target: the resource adds under 5 s), and the idle memory
 //!   (proportional set size) of one postgres and one redis resource.
 //!
+//! - router: the local runtime's router throughput with the traffic analysis' recording on vs
+//!   off (target: within 5 %), and vs nginx `proxy_pass` in front of the same app
+//!   (`suite/router.rs`).
+//!
 //! Settings: RACK_BENCH_UPLOAD_BYTES (1 GiB), RACK_BENCH_FANOUT ("1000,10000"),
 //! RACK_BENCH_ROWS (100000), RACK_BENCH_APPS (200), RACK_BENCH_ONLY (comma-separated sections).
 
@@ -32,6 +36,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
+
+#[path = "suite/router.rs"]
+mod router;
 
 const PASSWORD: &str = "bench";
 
@@ -129,6 +136,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wanted("resource-deploy") {
         rows.extend(resource_deploy().await.context("resource deploy")?);
+    }
+    if wanted("router") {
+        rows.extend(router::router_throughput().await.context("router throughput")?);
     }
     print_table(&rows);
     println!("({:.0} s in all)", started.elapsed().as_secs_f64());

@@ -135,6 +135,9 @@ pub enum Signal {
     Applied,
     /// The runtime could not (or the release could not be loaded): why.
     ApplyFailed(String),
+    /// The new release took traffic and served it worse than its analysis allows: the line
+    /// with the figures (the reason the rollback ends with).
+    AnalysisFailed(String),
     /// The deadline passed (its length, for the message).
     DeadlinePassed(std::time::Duration),
     /// Someone asked to cancel.
@@ -297,6 +300,12 @@ pub fn next(deployment: &Snapshot<'_>, signal: &Signal) -> Result<Transition, Il
         (S::Pending | S::Releasing | S::Updating, Signal::ApplyFailed(why)) => {
             Transition::to(from, S::Error, A::Proceed).because(why.clone())
         }
+        // Only a rollout that sent traffic to the new release can fail its analysis.
+        (S::Updating, Signal::AnalysisFailed(why)) => Transition::to(from, S::Error, A::Proceed).because(why.clone()),
+        (S::Pending | S::Releasing, Signal::AnalysisFailed(_)) => {
+            return Err(illegal("nothing took traffic yet"));
+        }
+        (S::Rollback, Signal::AnalysisFailed(_)) => return Err(illegal("a rollback is not analysed")),
         (S::Pending | S::Releasing | S::Updating, Signal::DeadlinePassed(limit)) => {
             Transition::to(from, S::Deadline, A::Proceed).because(format!(
                 "the deployment did not become healthy within {}s",
@@ -361,6 +370,7 @@ mod tests {
                 vec!["Status: Updating => Running", "Release RNEWRELEASE is now active"]),
             (S::Updating, failed(), S::Error, Action::Proceed, None, false, vec!["Status: Updating => Error"]),
             (S::Pending, failed(), S::Error, Action::Proceed, None, false, vec!["Status: Pending => Error"]),
+            (S::Updating, Signal::AnalysisFailed("RNEW 5xx 50%".into()), S::Error, Action::Proceed, None, false, vec!["Status: Updating => Error"]),
             (S::Updating, Signal::DeadlinePassed(minute), S::Deadline, Action::Proceed, None, false, vec!["Status: Updating => Deadline"]),
             (S::Updating, Signal::CancelRequested, S::Cancelled, Action::Proceed, None, false, vec!["Status: Updating => Cancelled"]),
             (S::Pending, Signal::CancelRequested, S::Cancelled, Action::Proceed, None, false, vec!["Status: Pending => Cancelled"]),
@@ -419,6 +429,26 @@ mod tests {
                 "only proceeds to its rollback",
             ),
             (S::Cancelled, Signal::CancelRequested, "only proceeds to its rollback"),
+            (
+                S::Rollback,
+                Signal::AnalysisFailed("x".into()),
+                "a rollback is not analysed",
+            ),
+            (
+                S::Pending,
+                Signal::AnalysisFailed("x".into()),
+                "nothing took traffic yet",
+            ),
+            (
+                S::Releasing,
+                Signal::AnalysisFailed("x".into()),
+                "nothing took traffic yet",
+            ),
+            (
+                S::Error,
+                Signal::AnalysisFailed("x".into()),
+                "only proceeds to its rollback",
+            ),
         ];
         for (from, signal, why) in illegal {
             let err = next(&at(from), &signal).unwrap_err();
@@ -454,6 +484,24 @@ mod tests {
             failed.reason.unwrap(),
             "the deployment did not become healthy within 30s; rollback failed: image gone"
         );
+    }
+
+    #[test]
+    fn a_failed_analysis_rolls_back_with_its_figures() {
+        let why = "analysis: RNEW 5xx 50.0% (10 of 20) vs ROLD 0.0% over 1s (limit 5%)";
+        let error = go(S::Updating, Signal::AnalysisFailed(why.into()));
+        assert_eq!((error.to, error.then), (S::Error, Action::Proceed));
+        let reason = error.reason.unwrap();
+        assert_eq!(reason, why);
+        let mut rolling = at(S::Error);
+        rolling.reason = &reason;
+        let rollback = next(&rolling, &Signal::Proceed).unwrap();
+        assert_eq!((rollback.to, rollback.then), (S::Rollback, Action::ApplyPrevious));
+        rolling.state = S::Rollback;
+        let reverted = next(&rolling, &Signal::Applied).unwrap();
+        assert_eq!(reverted.to, S::Reverted);
+        assert_eq!(reverted.lines.last().unwrap(), &reason);
+        assert_eq!(reverted.outcome, Some(Outcome::Error));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //!   api ── promote ──► store: deployment row (Pending) ──► jobs::deploys (claims it, holds a lease)
 //!                                                              │
 //!        signals: Proceed, Applied, ApplyFailed, Deadline,     ▼
-//!        CancelRequested, Superseded, LeaseLost, ShuttingDown ──► deploy::machine::next
+//!        AnalysisFailed, CancelRequested, Superseded,          │
+//!        LeaseLost, ShuttingDown ─────────────────────────────► deploy::machine::next
 //!                                                              │  Transition { to, lines,
 //!                                                              │  outcome, activates, then }
 //!                          store: update … where state = from ◄┤
@@ -21,6 +22,7 @@
 //! any state in progress ─► Superseded                    (a forced promote)
 //! ```
 
+pub mod analysis;
 pub mod machine;
 pub mod plan;
 

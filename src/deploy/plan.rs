@@ -115,7 +115,11 @@ mod tests {
     use super::*;
 
     fn pct(minimum: u32, maximum: u32) -> Percentages {
-        Percentages::of(&Deployment { minimum, maximum })
+        Percentages::of(&Deployment {
+            minimum,
+            maximum,
+            ..Deployment::default()
+        })
     }
 
     #[test]

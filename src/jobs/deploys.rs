@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Lease, OwnedOwner, persist_lines};
 use crate::AppState;
 use crate::deploy::{Action, Signal, Transition};
-use crate::runtime::{LogSink, ReleaseSpec};
+use crate::runtime::{LogSink, ReleaseSpec, RuntimeError};
 use crate::store::deployments::{self, Deployment};
 use crate::store::releases;
 
@@ -172,10 +172,15 @@ impl Driver<'_> {
         limit: Duration,
         cancellable: bool,
     ) -> Signal {
-        let release = match release {
+        let mut release = match release {
             Ok(release) => release,
             Err(reason) => return Signal::ApplyFailed(reason),
         };
+        // Only the deployment's own release is judged by its traffic (`cancellable` is false
+        // for the rollback).
+        if let Some(spec) = release.as_mut() {
+            spec.analyse = cancellable;
+        }
         let never = CancellationToken::new();
         let cancel = if cancellable { &self.lease.cancel } else { &never };
         tokio::select! {
@@ -184,6 +189,7 @@ impl Driver<'_> {
                 super::resources::applied(&self.state.pool, &deployment.app, resources, result.is_ok()).await;
                 match result {
                     Ok(()) => Signal::Applied,
+                    Err(RuntimeError::AnalysisFailed(why)) if cancellable => Signal::AnalysisFailed(why),
                     Err(e) => Signal::ApplyFailed(e.to_string()),
                 }
             },
@@ -464,6 +470,7 @@ pub async fn load_spec(state: &AppState, app: &str, id: &str) -> Result<ReleaseS
         resources,
         rack_linked,
         manifest,
+        analyse: false,
     })
 }
 

@@ -196,7 +196,7 @@ pub async fn persist_lines(pool: PgPool, owner: OwnedOwner, receiver: LogReceive
             }
         }
         if let Some(note) = note
-            && let Err(e) = crate::store::feed::append(&pool, &note).await
+            && let Err(e) = crate::store::feed::append(&pool, &note, owner.deployment).await
         {
             tracing::warn!(error = %e, app = %note.app, "recording a process event in the feed");
         }

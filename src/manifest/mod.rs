@@ -4,6 +4,7 @@
 
 use serde_yaml_ng::Value;
 
+mod analysis;
 mod checks;
 mod cron;
 mod model;

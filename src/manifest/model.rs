@@ -173,13 +173,15 @@ impl Default for Scale {
     }
 }
 
-/// Rolling-deploy bounds, as percentages of the desired count.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Rolling-deploy bounds, as percentages of the desired count, and how a rollout is judged.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Deployment {
     /// Healthy processes kept during a deploy; default 50.
     pub minimum: u32,
     /// Processes allowed to run at once during a deploy; default 200.
     pub maximum: u32,
+    /// rack's traffic analysis of a rollout (`analysis: false`: none); on by default.
+    pub analysis: Option<Analysis>,
 }
 
 impl Default for Deployment {
@@ -187,6 +189,34 @@ impl Default for Deployment {
         Self {
             minimum: 50,
             maximum: 200,
+            analysis: Some(Analysis::default()),
+        }
+    }
+}
+
+/// How a rollout is judged by the traffic its new release serves (`deployment.analysis`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Analysis {
+    /// Seconds the new release is watched at most; default 30.
+    pub window: u32,
+    /// Requests below which no verdict is given (the analysis is skipped); default 20.
+    pub min_requests: u32,
+    /// Percent of 5xx responses and failed connections above which the release fails; default 5.
+    pub max_error_rate: f64,
+    /// The new release's p95 latency over the old one's above which it fails; default 2.
+    pub max_latency_ratio: f64,
+}
+
+/// The longest analysis window: the router keeps this many seconds of figures.
+pub const MAX_ANALYSIS_WINDOW: u32 = 120;
+
+impl Default for Analysis {
+    fn default() -> Self {
+        Self {
+            window: 30,
+            min_requests: 20,
+            max_error_rate: 5.0,
+            max_latency_ratio: 2.0,
         }
     }
 }

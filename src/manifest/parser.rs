@@ -267,10 +267,11 @@ impl Doc<'_> {
             match key {
                 "minimum" => deployment.minimum = self.uint(path, value)?,
                 "maximum" => deployment.maximum = self.uint(path, value)?,
+                "analysis" => deployment.analysis = self.analysis(path, value)?,
                 _ => {}
             }
         }
-        let Deployment { minimum, maximum } = deployment;
+        let Deployment { minimum, maximum, .. } = deployment;
         if minimum > 100 {
             return self.fail(&[path, &["minimum"]].concat(), "must be a percentage from 0 to 100");
         }

@@ -7,6 +7,9 @@ pub enum RuntimeError {
     /// What was asked did not run; the message says why (and what to change, when it can).
     #[error("{0}")]
     Failed(String),
+    /// The new release served its traffic worse than its analysis allows: the figures.
+    #[error("{0}")]
+    AnalysisFailed(String),
     /// The app has no process with this id.
     #[error("no process {0}")]
     NoProcess(String),

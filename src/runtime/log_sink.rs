@@ -26,7 +26,7 @@ pub struct LogReceiver {
 #[derive(Debug)]
 pub enum LogItem {
     Line(String, String),
-    /// A process started or exited: a line, and an event of the rack's feed.
+    /// A process started or exited, or an analysis ended: a line, and an event of the rack's feed.
     Process(String, String, crate::process_note::ProcessNote),
     /// Write everything sent before, then answer.
     Flush(tokio::sync::oneshot::Sender<()>),
@@ -80,8 +80,23 @@ impl LogSink {
         };
         let note = crate::process_note::ProcessNote {
             app: note.app.to_owned(),
-            process: note.process.to_owned(),
+            process: Some(note.process.to_owned()),
+            release: None,
             kind,
+            message: message.clone(),
+            data,
+        };
+        self.send(LogItem::Process(stream.to_owned(), message, note)).await;
+    }
+
+    /// Writes the line of a rollout's traffic analysis of `release`, which is also a
+    /// `deployment.analysis` event of the feed (of the deployment whose log this is) with `data`.
+    pub async fn analysis(&self, stream: &str, message: String, app: &str, release: &str, data: serde_json::Value) {
+        let note = crate::process_note::ProcessNote {
+            app: app.to_owned(),
+            process: None,
+            release: Some(release.to_owned()),
+            kind: "deployment.analysis",
             message: message.clone(),
             data,
         };

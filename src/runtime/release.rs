@@ -19,6 +19,10 @@ pub struct ReleaseSpec {
     /// that names one in its `resources:` (and the app declares none of that name) gets its
     /// variables. The runtime does not create them (`POST /resources` did).
     pub rack_linked: std::collections::BTreeMap<String, crate::resource::ResourceSpec>,
+    /// Whether the rollout is judged by its traffic (each service's `deployment.analysis`):
+    /// true only for a deployment rolling its own release out, never for a rollback or a
+    /// restore after a restart (they bring back what ran).
+    pub analyse: bool,
 }
 
 impl ReleaseSpec {

@@ -11,7 +11,7 @@ use uuid::Uuid;
 pub const FEED_CHANNEL: &str = "rack_feed";
 
 /// Every kind of feed event.
-pub const KINDS: [&str; 21] = [
+pub const KINDS: [&str; 22] = [
     "app.created",
     "app.updated",
     "app.deleted",
@@ -25,6 +25,7 @@ pub const KINDS: [&str; 21] = [
     "deployment.state",
     "deployment.line",
     "deployment.finished",
+    "deployment.analysis",
     "process.started",
     "process.exited",
     "resource.created",
@@ -73,12 +74,15 @@ impl FeedFilter {
 
 pub use crate::process_note::ProcessNote;
 
-/// Appends a process event, in a transaction of its own (the feed's counter is the last lock a
-/// transaction takes; see the migration).
-pub async fn append(pool: &PgPool, note: &ProcessNote) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("select rack_feed_append($1, $2, null, null, null, $3, $4, $5)")
+/// Appends a runtime's event (of `deployment`, when a deployment's log carried it), in a
+/// transaction of its own (the feed's counter is the last lock a transaction takes; see the
+/// migration).
+pub async fn append(pool: &PgPool, note: &ProcessNote, deployment: Option<uuid::Uuid>) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("select rack_feed_append($1, $2, null, $3, $4, $5, $6, $7)")
         .bind(&note.app)
         .bind(note.kind)
+        .bind(&note.release)
+        .bind(deployment)
         .bind(&note.process)
         .bind(&note.message)
         .bind(sqlx::types::Json(&note.data))

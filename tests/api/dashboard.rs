@@ -197,6 +197,26 @@ async fn the_dashboard_shows_a_deployment_live_in_a_real_browser() {
         .unwrap();
     assert!(deployments.contains(&release), "{deployments}");
 
+    // A second release while nobody uses the app: its traffic analysis is skipped at once, and
+    // the deployment's row says so (from the `deployment.analysis` event).
+    let second = crate::deploys::create_release(&app, "web", &[("env", "GREETING=two")]).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let log = crate::deploys::promote_follow(&app, "web", &second).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    let analysis = wait_script(
+        &browser,
+        "the deployment's analysis",
+        &format!(
+            "const row = [...document.querySelectorAll('#deployments tr')].find((r) => r.textContent.includes('{second}')); \
+             const cell = row && row.querySelector('.analysis'); \
+             return cell && cell.textContent !== '' ? cell.textContent : null"
+        ),
+    )
+    .await;
+    assert_eq!(analysis, "web: skipped: 0 requests in the last 30s (fewer than 20)");
+
     let png = browser.screenshot().await.unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/artifacts");

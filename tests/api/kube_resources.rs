@@ -200,6 +200,7 @@ fn release(app: &str, id: &str, port: u16, resources: &[ResourceSpec]) -> Releas
         manifest,
         resources: resources.iter().map(|r| (r.name.clone(), r.clone())).collect(),
         rack_linked: Default::default(),
+        analyse: false,
     }
 }
 

@@ -24,7 +24,7 @@ use crate::replicas::Replica;
 const REGISTRY: &str = "registry.host/convox";
 const API_URL: &str = "http://rack.rack.svc.cluster.local:5443";
 
-async fn spawn_kube() -> TestApp {
+pub async fn spawn_kube() -> TestApp {
     spawn_kube_with(kube_env().rack.clone()).await
 }
 
@@ -49,8 +49,12 @@ async fn spawn_kube_with(kubeconfig: std::path::PathBuf) -> TestApp {
     .await
 }
 
+/// A web service whose pods answer probes on `port`; its rollouts are analysed for 3 s only (a
+/// redeploy waits out the window: `kube_analysis` tests the analysis itself).
 fn manifest(port: u16) -> String {
-    format!("services:\n  web:\n    build: .\n    port: {port}\n    health:\n      grace: 1\n      interval: 1\n")
+    format!(
+        "services:\n  web:\n    build: .\n    port: {port}\n    health:\n      grace: 1\n      interval: 1\n    deployment:\n      analysis:\n        window: 3\n"
+    )
 }
 
 /// The pod of a build's Job, once it exists. `build` reads the build through the API: a build
@@ -92,7 +96,7 @@ async fn log_so_far(response: reqwest::Response) -> String {
 
 /// Uploads a source with `manifest` and a Dockerfile, builds it and ends its pod as a
 /// successful kubelet would; returns the build.
-async fn complete_build(app: &TestApp, client: &Client, name: &str, manifest: &str) -> Value {
+pub async fn complete_build(app: &TestApp, client: &Client, name: &str, manifest: &str) -> Value {
     let id = app
         .build_source(name, &[("convox.yml", manifest), ("Dockerfile", "FROM scratch\n")])
         .await;
@@ -838,7 +842,7 @@ async fn services_with_a_port_get_ingresses_that_follow_the_release() {
 }
 
 /// The app's last deployment once it has ended.
-async fn deployment_end(app: &TestApp, name: &str) -> Value {
+pub async fn deployment_end(app: &TestApp, name: &str) -> Value {
     wait_for(120, "the rollout to end", || async {
         let list: Vec<Value> = app.get_json(&format!("/apps/{name}/deployments")).await;
         list.into_iter().next().filter(|d| d["ended"].is_string())

@@ -3,6 +3,7 @@
 
 #![expect(clippy::unwrap_used, reason = "a failed unwrap is a failed test")]
 
+mod analysis;
 mod app_network;
 mod apps;
 mod auth;
@@ -22,6 +23,7 @@ mod encodings;
 mod feed;
 mod helpers;
 mod hostile;
+mod kube_analysis;
 mod kube_exec;
 mod kube_resources;
 mod kubeenv;

@@ -543,3 +543,62 @@ fn scale_counts_are_capped() {
     assert!(web("scale: 2-1001").is_err());
     assert_eq!(web("scale: 1000").unwrap().scale.count_min, 1000);
 }
+
+#[test]
+fn deployment_analysis_is_on_by_default_and_can_be_tuned_or_turned_off() {
+    let on = web("image: x").unwrap();
+    assert_eq!(on.deployment.analysis, Some(Analysis::default()));
+    let defaults = Analysis::default();
+    assert_eq!(
+        (
+            defaults.window,
+            defaults.min_requests,
+            defaults.max_error_rate,
+            defaults.max_latency_ratio
+        ),
+        (30, 20, 5.0, 2.0)
+    );
+    let off = web("image: x\n    deployment:\n      analysis: false").unwrap();
+    assert_eq!(off.deployment.analysis, None);
+    let tuned = web(
+        "image: x\n    deployment:\n      minimum: 0\n      analysis:\n        window: 10\n        min_requests: 5\n        max_error_rate: 0.5\n        max_latency_ratio: 3",
+    )
+    .unwrap();
+    assert_eq!(tuned.deployment.minimum, 0);
+    assert_eq!(
+        tuned.deployment.analysis,
+        Some(Analysis {
+            window: 10,
+            min_requests: 5,
+            max_error_rate: 0.5,
+            max_latency_ratio: 3.0
+        })
+    );
+}
+
+#[test]
+fn bad_analysis_settings_name_their_key_and_line() {
+    let cases = [
+        ("window: 0", "window", "at least 1"),
+        ("window: 600", "window", "from 1 to 120"),
+        ("min_requests: none", "min_requests", "whole number"),
+        ("max_error_rate: 120", "max_error_rate", "0 to 100"),
+        ("max_error_rate: lots", "max_error_rate", "a number"),
+        ("max_latency_ratio: 0.5", "max_latency_ratio", "at least 1"),
+        ("windw: 10", "windw", "unknown setting"),
+    ];
+    for (setting, key, message) in cases {
+        let yaml = format!("image: x\n    deployment:\n      analysis:\n        {setting}");
+        let err = web(&yaml).unwrap_err();
+        assert_eq!(
+            err.key(),
+            format!("services.web.deployment.analysis.{key}"),
+            "{setting}"
+        );
+        assert!(err.to_string().contains(message), "{setting}: {err}");
+        assert_eq!(err.line(), Some(6), "{setting}");
+    }
+    let err = web("image: x\n    deployment:\n      analysis: sometimes").unwrap_err();
+    assert_eq!(err.key(), "services.web.deployment.analysis");
+    assert_eq!(err.line(), Some(5));
+}

@@ -3,6 +3,7 @@
 //! (and a Service when it has a port) applied with server-side apply and watched until it has
 //! rolled out. Everything lives in the cluster, so any rack replica can pick up any job.
 
+mod analysis;
 mod build;
 pub mod database_rollout;
 pub mod databases;

@@ -2,12 +2,13 @@
 //! Service), removal of services the release no longer has, then a watch until every
 //! Deployment has rolled out (see `watch`), with the namespace's Events written to the deploy log as they
 //! come. A crash-looping or unpullable new pod, or a Deployment past its progress deadline,
-//! fails the rollout at once (the deploy job then re-applies the previous release).
+//! fails the rollout at once (the deploy job then re-applies the previous release). Once rolled
+//! out, a deployment's own release is watched for its analysis window (`analysis.rs`).
 //!
 //! Applying is idempotent: a replica that takes a deployment over applies the same objects
 //! again (nothing changes, no new ReplicaSet) and goes on watching from where the cluster is.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -59,6 +60,21 @@ pub async fn apply(
     let ingresses: Api<Ingress> = runtime.api(app);
     let params = PatchParams::apply(MANAGER).force();
     let mut wanted = BTreeSet::new();
+    let by_app = ListParams::default().labels(&resources::selector(app, "service"));
+    // The services that replace a running release: only they are analysed.
+    let new_release = release.map(|r| r.id.as_str());
+    let replaced: BTreeSet<String> = deployments
+        .list(&by_app)
+        .await
+        .map_err(RuntimeError::kube("listing deployments"))?
+        .items
+        .into_iter()
+        .filter(|d| {
+            let labels = d.metadata.labels.as_ref();
+            labels.and_then(|l| l.get("release")).map(String::as_str) != new_release
+        })
+        .filter_map(|d| d.metadata.name)
+        .collect();
     if let Some(release) = release {
         // Resources first: a service that links one starts with it ready.
         super::database_rollout::apply(runtime, app, release, log).await?;
@@ -108,7 +124,6 @@ pub async fn apply(
     if release.is_none() {
         apply_timers(runtime, app, None, log).await?;
     }
-    let by_app = ListParams::default().labels(&resources::selector(app, "service"));
     let existing = deployments
         .list(&by_app)
         .await
@@ -125,6 +140,20 @@ pub async fn apply(
     }
 
     let mut result = wait(runtime, app, release, &wanted).await;
+    // Judged by what the cluster tells of the new pods (`analysis.rs`): only a deployment's own
+    // release, and only the services that replaced an earlier one.
+    if result.is_ok()
+        && let Some(release) = release.filter(|r| r.analyse)
+    {
+        let judged: BTreeMap<String, u32> = release
+            .manifest
+            .services
+            .iter()
+            .filter(|(name, _)| replaced.contains(*name))
+            .filter_map(|(name, s)| s.deployment.analysis.map(|a| (name.clone(), a.window)))
+            .collect();
+        result = super::analysis::judge(runtime, app, release, &judged, log).await;
+    }
     // Timers switch to a release once it runs: a rollout that fails (and is rolled back) never
     // moved them.
     if result.is_ok()

@@ -3,6 +3,7 @@
 //! `supervisor`, `rollout`, `instance`, `health`), started by a driver (see `driver`), each
 //! service with a port behind a router (see `router`).
 
+mod analysis;
 mod app_network;
 mod build;
 mod cgroups;

@@ -1,7 +1,9 @@
 //! Rolling one service of a release out on this host, step by step as `deploy::plan` says:
 //! start an instance of the new release and wait until it is ready (then it gets traffic), or
 //! stop the oldest instance of an earlier one (taken out of the router first), until enough new
-//! instances are ready; then what is left of the old ones goes.
+//! instances are ready; then what is left of the old ones goes. When the service's
+//! `deployment.analysis` is on, the first new instance to take traffic is judged by it (beside
+//! the old ones) before the rollout goes on (`analysis.rs`).
 
 use std::sync::Arc;
 
@@ -27,6 +29,19 @@ impl Supervisor {
             self.ensure_router(app, name).await?;
         }
         let launch = Launch::new(&self.0.builds_dir, self.has_containers(), release, name, service)?;
+        // The releases this rollout replaces, for the analysis (none: nothing to compare with).
+        let mut replaced: Vec<String> = self
+            .split(app, name, &release.id)
+            .1
+            .iter()
+            .map(|i| i.release.clone())
+            .collect();
+        replaced.sort();
+        replaced.dedup();
+        let mut analysis = service
+            .deployment
+            .analysis
+            .filter(|_| release.analyse && service.port.is_some() && !replaced.is_empty());
         loop {
             let (new, old) = self.split(app, name, &release.id);
             match plan::next_step(budget, counts(&new, &old)) {
@@ -36,6 +51,9 @@ impl Supervisor {
                     if let Some(starting) = new.iter().find(|i| !i.is_ready()) {
                         wait_ready(starting, service, log).await?;
                         self.refresh_routes(app, name);
+                    }
+                    if let Some(settings) = analysis.take() {
+                        self.analyse(release, name, &settings, &replaced.join("+"), log).await?;
                     }
                 }
                 Step::StartNew => {
@@ -47,6 +65,10 @@ impl Supervisor {
                     let instance = self.start_instance(app, &launch, log).await;
                     wait_ready(&instance, service, log).await?;
                     self.refresh_routes(app, name);
+                    // Judged while the old instances still serve beside it.
+                    if let Some(settings) = analysis.take() {
+                        self.analyse(release, name, &settings, &replaced.join("+"), log).await?;
+                    }
                     let (new, old) = self.split(app, name, &release.id);
                     if plan::retire_after_ready(budget, counts(&new, &old)) {
                         self.scale_down_oldest(app, name, &old, log).await;

@@ -446,13 +446,13 @@ impl Supervisor {
     pub(super) fn refresh_routes(&self, app: &str, service: &str) {
         self.with_app(app, |procs| {
             if let Some(router) = procs.routers.get(service) {
-                let backends: Vec<super::router::Backend> = procs
+                let backends: Vec<(super::router::Backend, String)> = procs
                     .instances
                     .iter()
                     .filter(|i| i.service == service && i.is_ready())
-                    .filter_map(|i| i.backend())
+                    .filter_map(|i| Some((i.backend()?, i.release.clone())))
                     .collect();
-                router.set_backends(backends);
+                router.set_routes(backends);
             }
         });
     }

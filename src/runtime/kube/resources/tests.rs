@@ -13,6 +13,7 @@ fn release(manifest: &str) -> ReleaseSpec {
         manifest: crate::manifest::parse(manifest).unwrap(),
         resources: Default::default(),
         rack_linked: Default::default(),
+        analyse: false,
     }
 }
 

@@ -1,11 +1,16 @@
 //! The per-app router of the local runtime: a listener on 127.0.0.1 that proxies HTTP/1.1 to the
 //! app's healthy instances, round robin. A rolling deploy swaps the backend set, and a request that
-//! meets an instance that just went away moves to another one, so no request fails.
+//! meets an instance that just went away moves to another one, so no request fails. Each response
+//! is counted for the release of the instance that served it (`tally`), which a rollout's traffic
+//! analysis reads.
 
+mod tally;
+
+use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::{Body, HttpBody};
@@ -25,6 +30,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+
+pub use tally::Sum;
+use tally::Tally;
 
 /// How long a request waits for an instance to appear when the app has none, before a 503.
 pub const NO_BACKEND_GRACE: Duration = Duration::from_secs(5);
@@ -54,13 +62,26 @@ struct Inner {
     local_addr: SocketAddr,
     // A watch channel is an `RwLock<Arc<..>>` that can also wake the requests waiting for the
     // set to become non-empty.
-    backends: watch::Sender<Arc<[Backend]>>,
+    backends: watch::Sender<Arc<[Route]>>,
     /// The app's network, where its sandboxed instances are (shared with the connector).
     network: Arc<std::sync::Mutex<Option<Arc<super::app_network::AppNetwork>>>>,
     next: AtomicUsize,
     client: Client<Connector, Body>,
     stop: CancellationToken,
     grace: Duration,
+    /// Where the tallies' seconds count from.
+    epoch: std::time::Instant,
+    /// Each release's tally, with the last second it was routed to (kept while an analysis may
+    /// still read it).
+    tallies: Mutex<HashMap<String, (Arc<Tally>, u64)>>,
+    recording: AtomicBool,
+}
+
+/// A backend and the tally of its release.
+#[derive(Debug, Clone)]
+struct Route {
+    backend: Backend,
+    tally: Arc<Tally>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +145,9 @@ impl Router {
             client,
             stop: shutdown.child_token(),
             grace,
+            epoch: std::time::Instant::now(),
+            tallies: Mutex::new(HashMap::new()),
+            recording: AtomicBool::new(true),
         });
         let service = axum::Router::new()
             .fallback(proxy)
@@ -158,25 +182,78 @@ impl Router {
     }
 
     /// Replaces the set of healthy backends atomically (e.g. `127.0.0.1:41234`, in the app's
-    /// network or the host's). New requests go to the new set only; requests already in flight
-    /// to a removed backend finish.
+    /// network or the host's), of no release in particular. New requests go to the new set
+    /// only; requests already in flight to a removed backend finish.
     pub fn set_backends<B: Into<Backend>>(&self, backends: impl IntoIterator<Item = B>) {
-        let backends: Vec<Backend> = backends.into_iter().map(Into::into).collect();
-        tracing::debug!(app.name = %self.inner.app, backends = ?backends.iter().map(|b| b.addr).collect::<Vec<_>>(), "router for {} now targets {} instance(s)", self.inner.app, backends.len());
+        self.set_routes(backends.into_iter().map(|b| (b, String::new())));
+    }
+
+    /// Replaces the set of healthy backends atomically, each with the release it runs (whose
+    /// tally counts its responses).
+    pub fn set_routes<B: Into<Backend>>(&self, routes: impl IntoIterator<Item = (B, String)>) {
+        let now = self.second();
+        let routes: Vec<Route> = {
+            let mut tallies = self
+                .inner
+                .tallies
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let routes = routes
+                .into_iter()
+                .map(|(backend, release)| {
+                    let entry = tallies.entry(release).or_default();
+                    entry.1 = now;
+                    Route {
+                        backend: backend.into(),
+                        tally: Arc::clone(&entry.0),
+                    }
+                })
+                .collect();
+            // A release routed to within the ring's span may still be read by an analysis.
+            tallies.retain(|_, (_, last)| *last + tally::SLOTS as u64 > now);
+            routes
+        };
+        tracing::debug!(app.name = %self.inner.app, backends = ?routes.iter().map(|r| r.backend.addr).collect::<Vec<_>>(), "router for {} now targets {} instance(s)", self.inner.app, routes.len());
         // Kept when the set has none in it: a request in flight may still connect there.
-        if let Some(network) = backends.iter().find_map(|b| b.network.clone()) {
+        if let Some(network) = routes.iter().find_map(|r| r.backend.network.clone()) {
             *self
                 .inner
                 .network
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(network);
         }
-        self.inner.backends.send_replace(Arc::from(backends));
+        self.inner.backends.send_replace(Arc::from(routes));
     }
 
     /// The addresses of the current set of backends.
     pub fn backends(&self) -> Vec<SocketAddr> {
-        self.inner.backends.borrow().iter().map(|b| b.addr).collect()
+        self.inner.backends.borrow().iter().map(|r| r.backend.addr).collect()
+    }
+
+    /// The second (since the router started) the tallies are in now.
+    pub fn second(&self) -> u64 {
+        self.inner.epoch.elapsed().as_secs()
+    }
+
+    /// What the releases `releases` accepts served in the seconds `from..=to`.
+    pub fn sum(&self, releases: impl Fn(&str) -> bool, from: u64, to: u64) -> Sum {
+        let mut sum = Sum::default();
+        let tallies = self
+            .inner
+            .tallies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (release, (tally, _)) in tallies.iter() {
+            if releases(release) {
+                tally.add_to(&mut sum, from, to);
+            }
+        }
+        sum
+    }
+
+    /// Turns the recording of responses on (the default) or off (to measure what it costs).
+    pub fn set_recording(&self, on: bool) {
+        self.inner.recording.store(on, Ordering::Relaxed);
     }
 
     /// Stops accepting connections; requests in flight finish.
@@ -190,7 +267,19 @@ async fn proxy(State(inner): State<Arc<Inner>>, ConnectInfo(peer): ConnectInfo<S
     if req.method() == Method::CONNECT {
         return (StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n").into_response();
     }
-    match inner.forward(peer, req).await {
+    let recording = inner.recording.load(Ordering::Relaxed);
+    let started = recording.then(std::time::Instant::now);
+    let mut served_by = None;
+    let result = inner.forward(peer, req, &mut served_by).await;
+    if let (Some(started), Some(tally)) = (started, served_by) {
+        let now = std::time::Instant::now();
+        let error = match &result {
+            Ok(response) => response.status().is_server_error(),
+            Err(_) => true,
+        };
+        tally.record(now.duration_since(inner.epoch).as_secs(), now - started, error);
+    }
+    match result {
         Ok(response) => response,
         Err(ProxyError::NoBackends) => {
             tracing::warn!(app.name = %inner.app, "no healthy instances of {} for a request", inner.app);
@@ -207,7 +296,13 @@ async fn proxy(State(inner): State<Arc<Inner>>, ConnectInfo(peer): ConnectInfo<S
 }
 
 impl Inner {
-    async fn forward(&self, peer: SocketAddr, req: Request) -> Result<Response, ProxyError> {
+    /// Proxies `req`; `served_by` is left with the tally of the last instance tried.
+    async fn forward(
+        &self,
+        peer: SocketAddr,
+        req: Request,
+        served_by: &mut Option<Arc<Tally>>,
+    ) -> Result<Response, ProxyError> {
         let (parts, body) = req.into_parts();
         let mut headers = parts.headers;
         let host = headers.get(header::HOST).cloned().or_else(|| {
@@ -230,9 +325,10 @@ impl Inner {
         let mut tried = Vec::new();
         let mut last_error = None;
         loop {
-            let Some(backend) = self.pick(&tried, deadline).await else {
+            let Some(Route { backend, tally }) = self.pick(&tried, deadline).await else {
                 return Err(last_error.unwrap_or(ProxyError::NoBackends));
             };
+            *served_by = Some(tally);
             tried.push(backend.clone());
             let attempt_body = body.take().unwrap_or_else(Body::empty);
             let request = upstream_request(&parts.method, path, &headers, &backend, attempt_body)?;
@@ -263,16 +359,16 @@ impl Inner {
 
     /// The next backend round robin that this request has not tried yet, waiting until `deadline`
     /// for the set to become non-empty. `None` when there is none to try.
-    async fn pick(&self, tried: &[Backend], deadline: Instant) -> Option<Backend> {
+    async fn pick(&self, tried: &[Backend], deadline: Instant) -> Option<Route> {
         let set = self.wait_for_backends(deadline).await?;
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..set.len())
             .map(|i| &set[start.wrapping_add(i) % set.len()])
-            .find(|backend| !tried.contains(backend))
+            .find(|route| !tried.contains(&route.backend))
             .cloned()
     }
 
-    async fn wait_for_backends(&self, deadline: Instant) -> Option<Arc<[Backend]>> {
+    async fn wait_for_backends(&self, deadline: Instant) -> Option<Arc<[Route]>> {
         let current = Arc::clone(&self.backends.borrow());
         if !current.is_empty() {
             return Some(current);
