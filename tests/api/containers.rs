@@ -137,10 +137,15 @@ pub fn as_files<'a>(files: &'a [(&'static str, String)]) -> Vec<(&'static str, &
     files.iter().map(|(p, c)| (*p, c.as_str())).collect()
 }
 
-/// Builds `files` as `app`; returns the build.
+/// Builds `files` as `app`, which must succeed (a failure shows the build's log, not a 404 of
+/// the release it never made); returns the build.
 async fn build(app: &TestApp, name: &str, files: &[(&'static str, String)]) -> Value {
     let id = app.build_source(name, &as_files(files)).await;
-    app.wait_build(name, &id).await
+    let build = app.wait_build(name, &id).await;
+    if build["status"] != "complete" {
+        panic!("build {id} of {name}: {build}\n{}", app.build_log(name, &id).await);
+    }
+    build
 }
 
 /// A GET through the app's router.
@@ -240,7 +245,8 @@ async fn a_failing_run_step_fails_the_build_with_its_output() {
     app.create_app("broken").await;
     let mut files = convox_app("v1");
     files[1].1 = format!("FROM {BASE}\nRUN echo the step says boom && false\n");
-    let build = build(&app, "broken", &files).await;
+    let id = app.build_source("broken", &as_files(&files)).await;
+    let build = app.wait_build("broken", &id).await;
     assert_eq!(build["status"], "failed");
     let reason = build["reason"].as_str().unwrap();
     assert!(reason.contains("service web: the image build failed"), "{reason}");
