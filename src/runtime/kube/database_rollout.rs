@@ -118,9 +118,26 @@ const LINKS_ANNOTATION: &str = "convox.com/rack-resource-secrets";
 /// without it).
 const LINKS_MANAGER: &str = "rack-links";
 
+/// How long creating or updating a rack-wide resource may wait for its pod to be ready (an
+/// image to pull, a volume to bind): a request waits on it.
+const RACK_RESOURCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Makes sure rack-wide resource `spec` runs in the rack's namespace (`databases::RACK_APP`),
-/// applying its objects (a changed spec rolls its pod) and waiting until it is ready.
+/// applying its objects (a changed spec rolls its pod) and waiting until it is ready, within
+/// `RACK_RESOURCE_TIMEOUT`.
 pub async fn ensure_rack(runtime: &KubeRuntime, spec: &ResourceSpec) -> Result<(), RuntimeError> {
+    tokio::time::timeout(RACK_RESOURCE_TIMEOUT, ensure_rack_untimed(runtime, spec))
+        .await
+        .unwrap_or_else(|_| {
+            Err(RuntimeError::Failed(format!(
+                "rack resource {} was not ready within {} s",
+                spec.name,
+                RACK_RESOURCE_TIMEOUT.as_secs()
+            )))
+        })
+}
+
+async fn ensure_rack_untimed(runtime: &KubeRuntime, spec: &ResourceSpec) -> Result<(), RuntimeError> {
     let app = databases::RACK_APP;
     runtime.ensure_namespace(app).await?;
     let specs = BTreeMap::from([(spec.name.clone(), spec.clone())]);

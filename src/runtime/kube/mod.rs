@@ -229,10 +229,6 @@ where
     }
 }
 
-/// How long creating or updating a rack-wide resource may wait for its pod to be ready (an
-/// image to pull, a volume to bind).
-const RACK_RESOURCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
-
 #[async_trait::async_trait]
 impl Runtime for KubeRuntime {
     fn name(&self) -> &'static str {
@@ -344,15 +340,7 @@ impl Runtime for KubeRuntime {
         _restart: bool,
     ) -> Result<(), RuntimeError> {
         // A changed spec rolls the pod by itself; an unchanged one needs no restart.
-        tokio::time::timeout(RACK_RESOURCE_TIMEOUT, database_rollout::ensure_rack(self, spec))
-            .await
-            .unwrap_or_else(|_| {
-                Err(RuntimeError::Failed(format!(
-                    "rack resource {} was not ready within {} s",
-                    spec.name,
-                    RACK_RESOURCE_TIMEOUT.as_secs()
-                )))
-            })
+        database_rollout::ensure_rack(self, spec).await
     }
 
     /// Its Service's in-cluster name and the kind's port, as the Secret tells linked pods
