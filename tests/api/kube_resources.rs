@@ -646,3 +646,216 @@ async fn a_resource_endpoint_forwards_each_connection_to_the_resource_pod() {
     })
     .await;
 }
+
+/// `rack resources create/info/update/link/unlink/delete` for a rack-wide resource, as the
+/// convox CLI sends them, against a rack on the Kubernetes runtime: the resource is a
+/// StatefulSet in the rack's namespace `rack-system`, a linked app's Deployment reads its
+/// variables from a copy of its Secret in the app's namespace (the host being the Service's
+/// cluster DNS name), and it cannot be deleted while linked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rack_wide_resources_replay_the_convox_cli_on_kubernetes() {
+    use reqwest::Method;
+    use serde_json::Value;
+
+    let app = crate::kubernetes::spawn_kube().await;
+    let client = admin_client().await;
+    let scratch = tempfile::Builder::new()
+        .prefix("rack-kube-rack-resources-")
+        .tempdir_in("/var/tmp")
+        .expect("a scratch dir");
+    let ns = "rack-system";
+    let _provisioner = Provisioner::start(client.clone(), ns, scratch.path().join("volumes"));
+    let send = |method: Method, path: &str, form: &[(&str, &str)]| {
+        let request = app.convox(method, path).form(form);
+        async move {
+            let response = request.send().await.unwrap();
+            crate::helpers::status_text(response).await
+        }
+    };
+    let json = |text: &str| -> Value { serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}")) };
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let memory_of = async |sets: &Api<StatefulSet>| {
+        let set = sets.get("resource-shared").await.unwrap();
+        let container = set.spec.unwrap().template.spec.unwrap().containers[0].clone();
+        container.resources.unwrap().requests.unwrap()["memory"].0.clone()
+    };
+
+    // `rack resources create redis --name shared memory=32`: a StatefulSet in the rack's
+    // namespace, ready before the answer.
+    let (status, text) = send(
+        Method::POST,
+        "/resources",
+        &[("kind", "redis"), ("name", "shared"), ("parameters", "memory=32")],
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let created = json(&text);
+    assert_eq!(created["status"], "running", "{created}");
+    let url = created["url"].as_str().unwrap().to_owned();
+    let host = "resource-shared.rack-system.svc.cluster.local";
+    assert!(
+        url.starts_with("redis://default:") && url.ends_with(&format!("@{host}:6379/0")) && !url.contains("****"),
+        "{url}"
+    );
+    let set = sets.get("resource-shared").await.unwrap();
+    let labels = set.metadata.labels.clone().unwrap();
+    assert_eq!(
+        (labels["app"].as_str(), labels["type"].as_str()),
+        ("system", "resource")
+    );
+    assert!(rack::runtime::kube::database_rollout::is_ready(&set), "{set:?}");
+    assert_eq!(memory_of(&sets).await, "32Mi");
+    let secret = Api::<Secret>::namespaced(client.clone(), ns)
+        .get("resource-shared")
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8(secret.data.unwrap()["URL"].0.clone()).unwrap(), url);
+    let (status, text) = send(Method::POST, "/resources", &[("kind", "redis"), ("name", "shared")]).await;
+    assert_eq!(status, 409, "{text}");
+
+    // `rack resources update shared memory=48`: the StatefulSet follows, the claim stays.
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    let claim = claims.get("data-resource-shared-0").await.unwrap().metadata.uid;
+    let (status, text) = send(Method::PUT, "/resources/shared", &[("parameters", "memory=48")]).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(json(&text)["parameters"]["memory"], "48", "{text}");
+    assert_eq!(json(&text)["status"], "running", "{text}");
+    assert_eq!(memory_of(&sets).await, "48Mi");
+    assert_eq!(claims.get("data-resource-shared-0").await.unwrap().metadata.uid, claim);
+
+    // `rack resources link shared -a hub`, then a release of hub whose service names it.
+    let (status, text) = send(Method::POST, "/resources/shared/links", &[("app", "nowhere")]).await;
+    assert_eq!(status, 404, "{text}");
+    assert_eq!(app.create_app("hub").await.status(), 201);
+    let (status, text) = send(Method::POST, "/resources/shared/links", &[("app", "hub")]).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(json(&text)["apps"][0]["name"], "hub", "{text}");
+    let probe = ProbeServer::start().await;
+    let web = format!(
+        "services:\n  web:\n    build: .\n    port: {}\n    health:\n      grace: 1\n      interval: 1\n",
+        probe.port
+    );
+    let linking = format!("{web}    resources:\n      - shared\n");
+    let build = crate::kubernetes::complete_build(&app, &client, "hub", &linking).await;
+    let log = crate::deploys::promote_follow(&app, "hub", build["release"].as_str().unwrap()).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    let hub_secrets: Api<Secret> = Api::namespaced(client.clone(), "rack-hub");
+    let copy = hub_secrets.get("resource-shared").await.unwrap();
+    assert_eq!(copy.metadata.labels.as_ref().unwrap()["type"], "resource-link");
+    assert_eq!(String::from_utf8(copy.data.unwrap()["URL"].0.clone()).unwrap(), url);
+    let env = Api::<Deployment>::namespaced(client.clone(), "rack-hub")
+        .get("web")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .containers[0]
+        .env
+        .clone()
+        .unwrap();
+    for key in ["URL", "USER", "PASS", "HOST", "PORT", "NAME"] {
+        let entry = env
+            .iter()
+            .find(|e| e.name == format!("SHARED_{key}"))
+            .unwrap_or_else(|| panic!("SHARED_{key}: {env:?}"));
+        let reference = entry.value_from.clone().unwrap().secret_key_ref.unwrap();
+        assert_eq!(
+            (reference.name.as_str(), reference.key.as_str()),
+            ("resource-shared", key)
+        );
+    }
+
+    // `rack resources info shared` names the app; deleting it while linked is refused.
+    let (status, text) = send(Method::GET, "/resources/shared", &[]).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(json(&text)["apps"][0]["name"], "hub", "{text}");
+    let (status, text) = send(Method::DELETE, "/resources/shared", &[]).await;
+    assert_eq!(status, 409, "{text}");
+    assert!(text.contains("linked to hub"), "{text}");
+    assert!(sets.get_opt("resource-shared").await.unwrap().is_some());
+
+    // `rack resources unlink shared -a hub`: the next release that no longer names it takes
+    // the copy of its Secret away.
+    let (status, text) = send(Method::DELETE, "/resources/shared/links/hub", &[]).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(send(Method::DELETE, "/resources/shared/links/hub", &[]).await.0, 404);
+    let build = crate::kubernetes::complete_build(&app, &client, "hub", &web).await;
+    let log = crate::deploys::promote_follow(&app, "hub", build["release"].as_str().unwrap()).await;
+    assert!(log.ends_with("OK\n"), "{log}");
+    wait_for(60, "the copied secret to go", || async {
+        hub_secrets
+            .get_opt("resource-shared")
+            .await
+            .unwrap()
+            .is_none_or(|s| s.metadata.deletion_timestamp.is_some())
+            .then_some(())
+    })
+    .await;
+
+    // `rack resources delete shared`: its objects and its claim go.
+    let (status, text) = send(Method::DELETE, "/resources/shared", &[]).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(send(Method::GET, "/resources/shared", &[]).await.0, 404);
+    wait_for(60, "the resource's objects to go", || async {
+        let gone = |meta: Option<kube::api::ObjectMeta>| meta.is_none_or(|m| m.deletion_timestamp.is_some());
+        let set = sets.get_opt("resource-shared").await.unwrap().map(|o| o.metadata);
+        let claim = claims
+            .get_opt("data-resource-shared-0")
+            .await
+            .unwrap()
+            .map(|o| o.metadata);
+        let secret = Api::<Secret>::namespaced(client.clone(), ns)
+            .get_opt("resource-shared")
+            .await
+            .unwrap()
+            .map(|o| o.metadata);
+        (gone(set) && gone(claim) && gone(secret)).then_some(())
+    })
+    .await;
+
+    // The same through `rack rack resources ...`.
+    let created = crate::resources::rack_cli(
+        &app,
+        &["rack", "resources", "create", "redis", "--name", "kv", "memory=32"],
+    )
+    .await;
+    assert_eq!(created.trim(), "kv");
+    let listed = crate::resources::rack_cli(&app, &["rack", "resources"]).await;
+    assert!(listed.contains("kv") && listed.contains("running"), "{listed}");
+    let url = crate::resources::rack_cli(&app, &["rack", "resources", "url", "kv"]).await;
+    assert!(
+        url.trim()
+            .ends_with("@resource-kv.rack-system.svc.cluster.local:6379/0"),
+        "{url}"
+    );
+    crate::resources::rack_cli(&app, &["rack", "resources", "link", "kv", "-a", "hub"]).await;
+    let info = crate::resources::rack_cli(&app, &["rack", "resources", "info", "kv"]).await;
+    assert!(info.contains("hub"), "{info}");
+    crate::resources::rack_cli(&app, &["rack", "resources", "unlink", "kv", "-a", "hub"]).await;
+    crate::resources::rack_cli(&app, &["rack", "resources", "delete", "kv"]).await;
+    assert_eq!(send(Method::GET, "/resources/kv", &[]).await.0, 404);
+
+    assert_eq!(app.delete_app("hub").await.status(), 200);
+    // Only this test's volumes (another test's may be in use).
+    let volumes: Api<PersistentVolume> = Api::all(client.clone());
+    for volume in volumes
+        .list(&kube::api::ListParams::default().labels("rack-test=kube-resources"))
+        .await
+        .unwrap()
+        .items
+    {
+        let ours = volume
+            .spec
+            .as_ref()
+            .and_then(|s| s.claim_ref.as_ref())
+            .is_some_and(|c| c.namespace.as_deref() == Some(ns));
+        if ours {
+            let _ = volumes
+                .delete(&volume.metadata.name.unwrap(), &Default::default())
+                .await;
+        }
+    }
+}

@@ -1126,9 +1126,9 @@ async fn timers_become_cronjobs_and_balancers_load_balancer_services() {
 
 /// What the Kubernetes runtime does not do yet says so: a redis import (a running redis cannot
 /// load an RDB through its protocol, and only the local runtime restarts it on one) is 422,
-/// and a rack-wide resource is 501, before anything is read or created.
+/// before anything is read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_import_and_rack_wide_resources_are_refused_saying_where_they_run() {
+async fn redis_import_is_refused_saying_where_it_runs() {
     let app = spawn_kube().await;
     assert_eq!(app.create_app("kv").await.status(), 201);
     let new = rack::store::resources::NewResource {
@@ -1151,17 +1151,6 @@ async fn redis_import_and_rack_wide_resources_are_refused_saying_where_they_run(
     let (status, text) = crate::helpers::status_text(import).await;
     assert_eq!(status, 422, "{text}");
     assert!(text.contains("local runtime only"), "{text}");
-    let create = app
-        .convox(Method::POST, "/resources")
-        .form(&[("kind", "redis"), ("name", "shared")])
-        .send()
-        .await
-        .unwrap();
-    let (status, text) = crate::helpers::status_text(create).await;
-    assert_eq!(status, 501, "{text}");
-    assert!(text.contains("local runtime only"), "{text}");
-    let listed: Value = app.get_json("/resources").await;
-    assert_eq!(listed, serde_json::json!([]));
 }
 
 /// `convox instances` on Kubernetes: the cluster's nodes, as rack's own service account (with

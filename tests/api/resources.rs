@@ -500,7 +500,7 @@ async fn redis_cli(url: &str, args: &[&str]) -> String {
 }
 
 /// Runs the rack CLI against `app`; its standard output (it must succeed).
-async fn rack_cli(app: &TestApp, args: &[&str]) -> String {
+pub async fn rack_cli(app: &TestApp, args: &[&str]) -> String {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rack"))
         .args(args)
         .env(

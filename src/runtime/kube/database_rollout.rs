@@ -5,13 +5,16 @@
 //! resource a release stops declaring keeps running with its data, until `delete_resource` (or
 //! the app's namespace) removes it.
 //!
+//! Rack-wide resources (`POST /resources`) are the same objects in the namespace of the pseudo-app
+//! `system` (`ensure_rack`); an app linked to one gets a copy of its Secret (`apply_links`).
+//!
 //! Also what the API needs to reach one (`endpoint`: a port-forward to its pod, on 127.0.0.1).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod, Secret, Service};
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::watcher;
@@ -21,6 +24,7 @@ use super::resources::MANAGER;
 use super::rollout::failing_pod;
 use super::watch::Watch;
 use super::{KubeRuntime, delete};
+use crate::resource::ResourceSpec;
 use crate::runtime::{LogSink, ReleaseSpec, RuntimeError};
 
 /// The log stream of resource `name`.
@@ -32,7 +36,115 @@ fn stream(name: &str) -> String {
 /// which drops this at the deployment's deadline, as it does the rollout's wait).
 pub async fn apply(runtime: &KubeRuntime, app: &str, release: &ReleaseSpec, log: &LogSink) -> Result<(), RuntimeError> {
     let all = release.resources.keys().cloned().collect();
-    apply_some(runtime, app, release, all, false, log).await
+    apply_links(runtime, app, release, true).await?;
+    apply_some(runtime, app, &release.resources, all, false, log).await
+}
+
+/// The rack-wide resources a service of `release` names that the app does not declare itself.
+fn linked_rack_resources(release: &ReleaseSpec) -> impl Iterator<Item = &ResourceSpec> {
+    release.rack_linked.values().filter(|spec| {
+        !release.resources.contains_key(&spec.name)
+            && release
+                .manifest
+                .services
+                .values()
+                .any(|s| s.resources.contains(&spec.name))
+    })
+}
+
+/// Copies into the app's namespace the Secret of each rack-wide resource its services link
+/// (`databases::linked_secret`); with `prune`, removes the copies of those no longer linked
+/// (unlinked with `rack rack resources unlink`, or no longer named), so an app keeps no
+/// credentials of a resource it lost.
+async fn apply_links(runtime: &KubeRuntime, app: &str, release: &ReleaseSpec, prune: bool) -> Result<(), RuntimeError> {
+    let rack = &runtime.0.settings.rack;
+    let secrets: Api<Secret> = runtime.api(app);
+    let params = PatchParams::apply(MANAGER).force();
+    let mut kept = BTreeSet::new();
+    for spec in linked_rack_resources(release) {
+        let object = object_name(&spec.name);
+        secrets
+            .patch(
+                &object,
+                &params,
+                &Patch::Apply(databases::linked_secret(rack, app, spec)),
+            )
+            .await
+            .map_err(RuntimeError::kube(format!("applying secret {object}")))?;
+        kept.insert(object);
+    }
+    if !prune {
+        return Ok(());
+    }
+    // Rack may not list an app's Secrets (docker/k8s/rbac.yaml), so the namespace's annotation
+    // `LINKS_ANNOTATION` remembers which copies it made.
+    let namespaces: Api<Namespace> = Api::all(runtime.0.client.clone());
+    let namespace = runtime.namespace(app);
+    let before = namespaces
+        .get_opt(&namespace)
+        .await
+        .map_err(RuntimeError::kube(format!("reading namespace {namespace}")))?
+        .and_then(|n| n.metadata.annotations?.get(LINKS_ANNOTATION).cloned())
+        .unwrap_or_default();
+    for name in before.split(',').filter(|n| !n.is_empty()) {
+        if !kept.contains(name) {
+            delete(&secrets, name).await?;
+        }
+    }
+    let now = kept.into_iter().collect::<Vec<_>>().join(",");
+    if now != before {
+        let body = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": { "name": namespace, "annotations": { LINKS_ANNOTATION: now } },
+        });
+        namespaces
+            .patch(
+                &namespace,
+                &PatchParams::apply(LINKS_MANAGER).force(),
+                &Patch::Apply(body),
+            )
+            .await
+            .map_err(RuntimeError::kube(format!("annotating namespace {namespace}")))?;
+    }
+    Ok(())
+}
+
+/// The annotation of an app's namespace that lists the Secrets copied there for the rack-wide
+/// resources its release links (comma-separated).
+const LINKS_ANNOTATION: &str = "convox.com/rack-resource-secrets";
+
+/// The field manager of that annotation (apart from `rack`'s, which applies the namespace
+/// without it).
+const LINKS_MANAGER: &str = "rack-links";
+
+/// How long creating or updating a rack-wide resource may wait for its pod to be ready (an
+/// image to pull, a volume to bind): a request waits on it.
+const RACK_RESOURCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Makes sure rack-wide resource `spec` runs in the rack's namespace (`databases::RACK_APP`),
+/// applying its objects (a changed spec rolls its pod) and waiting until it is ready, within
+/// `RACK_RESOURCE_TIMEOUT`.
+pub async fn ensure_rack(runtime: &KubeRuntime, spec: &ResourceSpec) -> Result<(), RuntimeError> {
+    tokio::time::timeout(RACK_RESOURCE_TIMEOUT, ensure_rack_untimed(runtime, spec))
+        .await
+        .unwrap_or_else(|_| {
+            Err(RuntimeError::Failed(format!(
+                "rack resource {} was not ready within {} s",
+                spec.name,
+                RACK_RESOURCE_TIMEOUT.as_secs()
+            )))
+        })
+}
+
+async fn ensure_rack_untimed(runtime: &KubeRuntime, spec: &ResourceSpec) -> Result<(), RuntimeError> {
+    let app = databases::RACK_APP;
+    runtime.ensure_namespace(app).await?;
+    let specs = BTreeMap::from([(spec.name.clone(), spec.clone())]);
+    let names = BTreeSet::from([spec.name.clone()]);
+    // Its lines have no deployment to go to.
+    let log = LogSink::new().0;
+    apply_some(runtime, app, &specs, names, false, &log).await
 }
 
 /// Makes sure the resources that service `service` of `release` links exist and are ready
@@ -45,21 +157,27 @@ pub async fn ensure_linked(
     service: &crate::manifest::Service,
     log: Option<&LogSink>,
 ) -> Result<(), RuntimeError> {
-    let linked: BTreeSet<String> = service.resources.iter().cloned().collect();
-    if linked.is_empty() {
+    let linked: BTreeSet<String> = service
+        .resources
+        .iter()
+        .filter(|name| release.resources.contains_key(*name))
+        .cloned()
+        .collect();
+    if service.resources.is_empty() {
         return Ok(());
     }
+    apply_links(runtime, &release.app, release, false).await?;
     // Without a log of its own (a `run`), the lines go nowhere.
     let log = log.cloned().unwrap_or_else(|| LogSink::new().0);
-    apply_some(runtime, &release.app, release, linked, true, &log).await
+    apply_some(runtime, &release.app, &release.resources, linked, true, &log).await
 }
 
-/// Applies the resources `names` of `release` (only those that do not exist yet when
+/// Applies the resources `names` of `specs` (only those that do not exist yet when
 /// `create_only`), then waits until all of `names` are ready.
 async fn apply_some(
     runtime: &KubeRuntime,
     app: &str,
-    release: &ReleaseSpec,
+    specs: &BTreeMap<String, ResourceSpec>,
     names: BTreeSet<String>,
     create_only: bool,
     log: &LogSink,
@@ -73,10 +191,9 @@ async fn apply_some(
     let sets: Api<StatefulSet> = runtime.api(app);
     let params = PatchParams::apply(MANAGER).force();
     for name in &names {
-        let spec = release
-            .resources
+        let spec = specs
             .get(name)
-            .ok_or_else(|| RuntimeError::Failed(format!("release {} does not declare resource {name}", release.id)))?;
+            .ok_or_else(|| RuntimeError::Failed(format!("{app} has no resource {name}")))?;
         let object = object_name(name);
         let live = sets
             .get_opt(&object)

@@ -154,6 +154,38 @@ pub fn secret(rack: &str, app: &str, spec: &ResourceSpec) -> Value {
     body
 }
 
+/// The label `type` of the copy of a rack-wide resource's Secret in a linked app's namespace.
+pub const LINK_TYPE: &str = "resource-link";
+
+/// The copy, in the namespace of `app`, of the Secret of rack-wide resource `spec` (which runs
+/// in the namespace of [`RACK_APP`]): a `secretKeyRef` only reads Secrets of its own namespace.
+/// Its host is the resource's Service in the rack's namespace, reached by cluster DNS. Labelled
+/// `type=resource-link` (not `resource`): the app's own resources are never confused with it.
+pub fn linked_secret(rack: &str, app: &str, spec: &ResourceSpec) -> Value {
+    let mut body = secret(rack, RACK_APP, spec);
+    let mut labels = labels(rack, app, &spec.name);
+    labels.insert("type".into(), LINK_TYPE.into());
+    body["metadata"] = json!({
+        "name": object_name(&spec.name),
+        "namespace": namespace_name(rack, app),
+        "labels": labels,
+    });
+    body
+}
+
+/// The pseudo-app whose namespace (`<rack>-system`; no app may be named `system`) holds the
+/// rack-wide resources: [`crate::runtime::RACK_OWNER`] in the runtime's resource operations.
+pub const RACK_APP: &str = "system";
+
+/// The app a resource owner stands for here: [`RACK_APP`] for the rack's own resources.
+pub fn owner_app(owner: &str) -> &str {
+    if owner == crate::runtime::RACK_OWNER {
+        RACK_APP
+    } else {
+        owner
+    }
+}
+
 /// The Service in front of a resource: its kind's port, to its one pod.
 pub fn service(rack: &str, app: &str, spec: &ResourceSpec) -> Value {
     let port = spec.definition.kind.default_port();
@@ -385,13 +417,17 @@ pub fn link_env(
     service_name: &str,
     service: &crate::manifest::Service,
     resources: &BTreeMap<String, ResourceSpec>,
+    rack_linked: &BTreeMap<String, ResourceSpec>,
     explicit: impl Fn(&str) -> bool,
 ) -> Result<Vec<Value>, RuntimeError> {
     let mut env = Vec::new();
     for name in &service.resources {
-        if !resources.contains_key(name) {
+        // A rack-wide resource linked to the app has a Secret of the same name in the app's
+        // namespace (`linked_secret`), so the references are the same.
+        if !resources.contains_key(name) && !rack_linked.contains_key(name) {
             return Err(RuntimeError::Failed(format!(
-                "service {service_name} links resource {name}, which this release does not declare"
+                "service {service_name} links resource {name}, which this release does not declare \
+                 (and no rack resource of that name is linked to the app)"
             )));
         }
         let prefix = var_prefix(name);
@@ -609,7 +645,7 @@ mod tests {
         web.resources = vec!["main-db".to_owned()];
         let resources: BTreeMap<String, ResourceSpec> =
             [("main-db".to_owned(), spec("main-db", Kind::Postgres, &[]))].into();
-        let env = link_env("web", &web, &resources, |key| key == "MAIN_DB_URL").unwrap();
+        let env = link_env("web", &web, &resources, &BTreeMap::new(), |key| key == "MAIN_DB_URL").unwrap();
         let names: Vec<&str> = env.iter().map(|e| e["name"].as_str().unwrap()).collect();
         assert_eq!(
             names,
@@ -626,7 +662,20 @@ mod tests {
             json!({ "name": "resource-main-db", "key": "PASS" })
         );
         web.resources = vec!["other".to_owned()];
-        let err = link_env("web", &web, &resources, |_| false).unwrap_err();
+        let err = link_env("web", &web, &resources, &BTreeMap::new(), |_| false).unwrap_err();
         assert!(err.to_string().contains("other"), "{err}");
+        // A rack-wide resource linked to the app: the same references, to its copied Secret.
+        let shared: BTreeMap<String, ResourceSpec> = [("other".to_owned(), spec("other", Kind::Redis, &[]))].into();
+        let env = link_env("web", &web, &resources, &shared, |_| false).unwrap();
+        assert_eq!(
+            env[0]["valueFrom"]["secretKeyRef"],
+            json!({ "name": "resource-other", "key": "URL" })
+        );
+        let copy = linked_secret("rack", "shop", &shared["other"]);
+        assert_eq!(copy["metadata"]["namespace"], "rack-shop");
+        assert_eq!(copy["metadata"]["labels"]["type"], LINK_TYPE);
+        assert_eq!(copy["metadata"]["labels"]["app"], "shop");
+        assert_eq!(decoded(&copy, "HOST"), "resource-other.rack-system.svc.cluster.local");
+        assert_eq!(owner_app(crate::runtime::RACK_OWNER), "system");
     }
 }

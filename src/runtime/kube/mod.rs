@@ -112,7 +112,7 @@ impl KubeRuntime {
         })))
     }
 
-    fn namespace(&self, app: &str) -> String {
+    pub(crate) fn namespace(&self, app: &str) -> String {
         namespace_name(&self.0.settings.rack, app)
     }
 
@@ -157,7 +157,7 @@ impl KubeRuntime {
 
     /// Creates (or updates) the app's namespace and, when rack runs as a service account, the
     /// RoleBinding that gives it its rights there.
-    async fn ensure_namespace(&self, app: &str) -> Result<(), RuntimeError> {
+    pub(crate) async fn ensure_namespace(&self, app: &str) -> Result<(), RuntimeError> {
         let params = PatchParams::apply(MANAGER).force();
         let namespaces: Api<Namespace> = Api::all(self.0.client.clone());
         let name = self.namespace(app);
@@ -249,7 +249,7 @@ impl Runtime for KubeRuntime {
             restores_on_start: false,
             restores_resource_data: false,
             restores_redis: false,
-            runs_rack_resources: false,
+            runs_rack_resources: true,
             transfers_builds: false,
         }
     }
@@ -336,19 +336,33 @@ impl Runtime for KubeRuntime {
     #[tracing::instrument(skip_all, fields(app.name = %app))]
     /// Removes the resource's StatefulSet, Service, Secret and volume claims (its data).
     async fn delete_resource(&self, app: &str, name: &str) -> Result<(), RuntimeError> {
-        database_rollout::delete_resource(self, app, name).await
+        database_rollout::delete_resource(self, databases::owner_app(app), name).await
+    }
+
+    /// Runs it in the rack's namespace, `<rack>-system`, as the StatefulSet of an app's
+    /// resource is run; bounded, since a request waits on it.
+    async fn ensure_rack_resource(
+        &self,
+        spec: &crate::resource::ResourceSpec,
+        _restart: bool,
+    ) -> Result<(), RuntimeError> {
+        // A changed spec rolls the pod by itself; an unchanged one needs no restart.
+        database_rollout::ensure_rack(self, spec).await
     }
 
     /// Its Service's in-cluster name and the kind's port, as the Secret tells linked pods
     /// (no port-forward is opened to say so).
     async fn resource_address(&self, app: &str, name: &str, kind: crate::resource::Kind) -> Option<(String, u16)> {
-        Some((databases::host(&self.0.settings.rack, app, name), kind.default_port()))
+        Some((
+            databases::host(&self.0.settings.rack, databases::owner_app(app), name),
+            kind.default_port(),
+        ))
     }
 
     /// A port on 127.0.0.1 that port-forwards each connection to the resource's pod, while the
     /// guard lives.
     async fn resource_endpoint(&self, app: &str, name: &str) -> Result<crate::runtime::ResourceEndpoint, RuntimeError> {
-        let (addr, guard) = database_rollout::endpoint(self, app, name).await?;
+        let (addr, guard) = database_rollout::endpoint(self, databases::owner_app(app), name).await?;
         Ok(crate::runtime::ResourceEndpoint {
             addr,
             guard: Some(Box::new(guard)),

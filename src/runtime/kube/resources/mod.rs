@@ -191,7 +191,7 @@ fn main_container(
     // The variables of the resources it links come from their Secrets, except those the user
     // set (`env set`, or a one-off's own): those win, and a manifest default loses to the link.
     let explicit = |key: &str| release.env.contains_key(key) || extra.contains_key(key);
-    let linked = super::databases::link_env(name, service, &release.resources, explicit)?;
+    let linked = super::databases::link_env(name, service, &release.resources, &release.rack_linked, explicit)?;
     for entry in &linked {
         variables.remove(entry["name"].as_str().unwrap_or_default());
     }
