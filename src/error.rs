@@ -146,6 +146,17 @@ impl From<crate::jobs::deploys::StartError> for ApiError {
     }
 }
 
+impl From<crate::resource_data::DataError> for ApiError {
+    fn from(error: crate::resource_data::DataError) -> Self {
+        use crate::resource_data::DataError;
+        match error {
+            DataError::Upload(message) => Self::BadRequest(message),
+            DataError::Refused(message) => Self::Unprocessable(message),
+            DataError::Failed(source) => Self::Internal(source),
+        }
+    }
+}
+
 impl From<anyhow::Error> for ApiError {
     fn from(error: anyhow::Error) -> Self {
         Self::Internal(error)

@@ -13,9 +13,22 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-use crate::error::{ApiError, ApiResult};
 use crate::resource::{Credentials, Kind};
 use crate::runtime::ResourceEndpoint;
+
+/// Why moving a resource's data failed; the API maps it to a status once (`error.rs`).
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// The upload could not be read (the client's side: 400).
+    #[error("{0}")]
+    Upload(String),
+    /// The data or the request is not something the resource takes (422).
+    #[error("{0}")]
+    Refused(String),
+    /// Rack's side failed: a tool, a file, a server (500).
+    #[error("{0:#}")]
+    Failed(anyhow::Error),
+}
 
 fn tool(name: &str, credentials: &Credentials) -> Command {
     let mut cmd = Command::new(name);
@@ -59,22 +72,22 @@ fn mysql_args(addr: SocketAddr, credentials: &Credentials) -> Vec<String> {
 }
 
 /// A cache has no data worth moving.
-fn memcached_refused(what: &str) -> ApiError {
-    ApiError::Unprocessable(format!(
+fn memcached_refused(what: &str) -> DataError {
+    DataError::Refused(format!(
         "{what} of memcached resources is not supported: a memcached resource is a cache, with \
          nothing to export or import (its data lives only in memory and may be evicted at any time)"
     ))
 }
 
-fn failed(what: &str, stderr: &[u8]) -> ApiError {
-    ApiError::Internal(anyhow::anyhow!(
+fn failed(what: &str, stderr: &[u8]) -> DataError {
+    DataError::Failed(anyhow::anyhow!(
         "{what} failed: {}",
         String::from_utf8_lossy(stderr).trim()
     ))
 }
 
 /// The resource's data as a stream: a plain-SQL dump (postgres) or an RDB file (redis).
-pub async fn export(kind: Kind, credentials: &Credentials, endpoint: ResourceEndpoint) -> ApiResult<Body> {
+pub async fn export(kind: Kind, credentials: &Credentials, endpoint: ResourceEndpoint) -> Result<Body, DataError> {
     let addr = endpoint.addr;
     match kind {
         Kind::Postgres | Kind::Postgis => {
@@ -99,7 +112,7 @@ pub async fn export(kind: Kind, credentials: &Credentials, endpoint: ResourceEnd
             streamed(cmd, "mysqldump", endpoint.guard).await
         }
         Kind::Redis => {
-            let dir = tempfile::tempdir().map_err(|e| ApiError::Internal(e.into()))?;
+            let dir = tempfile::tempdir().map_err(|e| DataError::Failed(e.into()))?;
             let file = dir.path().join("dump.rdb");
             let mut cmd = tool("redis-cli", credentials);
             cmd.args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
@@ -110,7 +123,7 @@ pub async fn export(kind: Kind, credentials: &Credentials, endpoint: ResourceEnd
             let out = cmd
                 .output()
                 .await
-                .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("running redis-cli")))?;
+                .map_err(|e| DataError::Failed(anyhow::Error::new(e).context("running redis-cli")))?;
             drop(endpoint);
             if !out.status.success() {
                 return Err(failed("redis-cli --rdb", &out.stderr));
@@ -118,7 +131,7 @@ pub async fn export(kind: Kind, credentials: &Credentials, endpoint: ResourceEnd
             // Streamed from the file (an RDB may be large), which lives as long as the stream.
             let data = tokio::fs::File::open(&file)
                 .await
-                .map_err(|e| ApiError::Internal(e.into()))?;
+                .map_err(|e| DataError::Failed(e.into()))?;
             let chunks = tokio_util::io::ReaderStream::new(data).map(move |chunk| {
                 let _ = &dir;
                 chunk
@@ -133,11 +146,11 @@ pub async fn export(kind: Kind, credentials: &Credentials, endpoint: ResourceEnd
 /// whether the dump started: a failure to connect is an error, not an empty 200; a dump that
 /// fails half-way ends the stream with an error, not a clean end (a backup must not keep a
 /// truncated dump as if it were whole).
-async fn streamed<G: Send + 'static>(mut cmd: Command, what: &str, guard: G) -> ApiResult<Body> {
+async fn streamed<G: Send + 'static>(mut cmd: Command, what: &str, guard: G) -> Result<Body, DataError> {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd
         .spawn()
-        .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context(format!("starting {what}"))))?;
+        .map_err(|e| DataError::Failed(anyhow::Error::new(e).context(format!("starting {what}"))))?;
     let stdout = child.stdout.take().expect("piped");
     let mut chunks = tokio_util::io::ReaderStream::new(stdout);
     let first = chunks.next().await;
@@ -145,7 +158,7 @@ async fn streamed<G: Send + 'static>(mut cmd: Command, what: &str, guard: G) -> 
         let out = child
             .wait_with_output()
             .await
-            .map_err(|e| ApiError::Internal(e.into()))?;
+            .map_err(|e| DataError::Failed(e.into()))?;
         if !out.status.success() {
             return Err(failed(what, &out.stderr));
         }
@@ -179,19 +192,19 @@ async fn streamed<G: Send + 'static>(mut cmd: Command, what: &str, guard: G) -> 
 ///
 /// # Errors
 /// 422 when the upload is not an RDB file; 400 when it cannot be read.
-pub async fn spool_rdb(dir: &std::path::Path, body: Body) -> ApiResult<tempfile::NamedTempFile> {
+pub async fn spool_rdb(dir: &std::path::Path, body: Body) -> Result<tempfile::NamedTempFile, DataError> {
     let file = tempfile::Builder::new()
         .prefix(".import-")
         .tempfile_in(dir)
-        .map_err(|e| ApiError::Internal(e.into()))?;
+        .map_err(|e| DataError::Failed(e.into()))?;
     let mut out = tokio::fs::File::create(file.path())
         .await
-        .map_err(|e| ApiError::Internal(e.into()))?;
+        .map_err(|e| DataError::Failed(e.into()))?;
     let mut head = Vec::with_capacity(9);
     let mut tail = Vec::with_capacity(9);
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the upload: {e}")))?;
+        let chunk = chunk.map_err(|e| DataError::Upload(format!("reading the upload: {e}")))?;
         if head.len() < 9 {
             let take = (9 - head.len()).min(chunk.len());
             head.extend_from_slice(&chunk[..take]);
@@ -202,14 +215,14 @@ pub async fn spool_rdb(dir: &std::path::Path, body: Body) -> ApiResult<tempfile:
         tail.extend_from_slice(&chunk);
         let excess = tail.len().saturating_sub(9);
         tail.drain(..excess);
-        out.write_all(&chunk).await.map_err(|e| ApiError::Internal(e.into()))?;
+        out.write_all(&chunk).await.map_err(|e| DataError::Failed(e.into()))?;
     }
-    out.flush().await.map_err(|e| ApiError::Internal(e.into()))?;
+    out.flush().await.map_err(|e| DataError::Failed(e.into()))?;
     if head.len() < 9 || !is_rdb_header(&head) {
         return Err(not_rdb(NO_HEADER));
     }
     // The header itself is 9 bytes: a whole file has at least the EOF opcode and checksum more.
-    let length = out.metadata().await.map_err(|e| ApiError::Internal(e.into()))?.len();
+    let length = out.metadata().await.map_err(|e| DataError::Failed(e.into()))?.len();
     if length < 18 || tail.first() != Some(&0xFF) {
         return Err(not_rdb(
             "it does not end with the RDB end-of-file marker (a truncated file?)",
@@ -225,8 +238,8 @@ fn is_rdb_header(head: &[u8]) -> bool {
     head.len() == 9 && head.starts_with(b"REDIS") && head[5..].iter().all(u8::is_ascii_digit)
 }
 
-fn not_rdb(why: &str) -> ApiError {
-    ApiError::Unprocessable(format!(
+fn not_rdb(why: &str) -> DataError {
+    DataError::Refused(format!(
         "the upload is not an RDB file: {why}; a redis resource imports what its export gives (`redis-cli --rdb`); nothing was changed"
     ))
 }
@@ -235,7 +248,12 @@ fn not_rdb(why: &str) -> ApiError {
 /// client as the app's user, stopping at the first error. Redis data cannot be loaded into a
 /// running server through its protocol: the runtime restarts it on the RDB file instead
 /// (`api::resources::import_resource`, with [`spool_rdb`]).
-pub async fn import(kind: Kind, credentials: &Credentials, endpoint: ResourceEndpoint, body: Body) -> ApiResult<()> {
+pub async fn import(
+    kind: Kind,
+    credentials: &Credentials,
+    endpoint: ResourceEndpoint,
+    body: Body,
+) -> Result<(), DataError> {
     let mut cmd = match kind {
         Kind::Postgres | Kind::Postgis => {
             let mut cmd = tool("psql", credentials);
@@ -253,7 +271,7 @@ pub async fn import(kind: Kind, credentials: &Credentials, endpoint: ResourceEnd
         }
         Kind::Memcached => return Err(memcached_refused("import")),
         Kind::Redis => {
-            return Err(ApiError::Internal(anyhow::anyhow!(
+            return Err(DataError::Failed(anyhow::anyhow!(
                 "a redis import is the runtime's (restore_redis)"
             )));
         }
@@ -261,12 +279,12 @@ pub async fn import(kind: Kind, credentials: &Credentials, endpoint: ResourceEnd
     cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
     let mut child = cmd
         .spawn()
-        .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("starting the import's client")))?;
+        .map_err(|e| DataError::Failed(anyhow::Error::new(e).context("starting the import's client")))?;
     let mut stdin = child.stdin.take().expect("piped");
     let mut stream = body.into_data_stream();
     let mut broken = false;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the upload: {e}")))?;
+        let chunk = chunk.map_err(|e| DataError::Upload(format!("reading the upload: {e}")))?;
         if stdin.write_all(&chunk).await.is_err() {
             // The client stopped (an error in the SQL): its message says why.
             broken = true;
@@ -280,10 +298,10 @@ pub async fn import(kind: Kind, credentials: &Credentials, endpoint: ResourceEnd
     let out = child
         .wait_with_output()
         .await
-        .map_err(|e| ApiError::Internal(e.into()))?;
+        .map_err(|e| DataError::Failed(e.into()))?;
     drop(endpoint);
     if !out.status.success() {
-        return Err(ApiError::Unprocessable(format!(
+        return Err(DataError::Refused(format!(
             "the import stopped at an error: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         )));
@@ -302,7 +320,7 @@ pub fn console(
     credentials: &Credentials,
     addr: SocketAddr,
     (rows, cols): (u16, u16),
-) -> ApiResult<crate::runtime::ExecSession> {
+) -> Result<crate::runtime::ExecSession, DataError> {
     // `setsid --ctty`: the client's own session, the terminal its controlling one.
     let mut cmd = tool("setsid", credentials);
     cmd.arg("--ctty").env("TERM", "xterm");
@@ -326,7 +344,7 @@ pub fn console(
                 .arg(&credentials.database);
         }
         Kind::Memcached => {
-            return Err(ApiError::Unprocessable(
+            return Err(DataError::Refused(
                 "the console of memcached resources is not supported: memcached has no client \
                  console; it is for postgres, postgis, mysql, mariadb and redis (use `rack resources \
                  proxy` and a memcached client)"
@@ -340,5 +358,5 @@ pub fn console(
         stdin: true,
     };
     crate::runtime::local::exec::spawn(cmd, &request)
-        .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("starting the console")))
+        .map_err(|e| DataError::Failed(anyhow::Error::new(e).context("starting the console")))
 }

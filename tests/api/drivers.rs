@@ -16,7 +16,7 @@ use rack::store::deployments::{self, Deployment};
 use rack::store::events::{Outcome, Topic};
 use uuid::Uuid;
 
-use crate::helpers::{PASSWORD, fresh_database};
+use crate::helpers::{PASSWORD, ReusedDatabase, reused_database};
 
 const APP: &str = "drv";
 /// The (ended) build every release of the tests comes from.
@@ -24,11 +24,14 @@ const FAKE_BUILD: &str = "BFAKEBUILDS";
 const MANIFEST: &str = "services:\n  web:\n    command: sleep 1000\n";
 const WITH_RELEASE_PHASE: &str = "services:\n  web:\n    command: sleep 1000\n    release: ./migrate\n";
 
-/// A built (not serving) server on a fresh database with the fake runtime, and one app.
+/// A built (not serving) server on a database of its own (reused, emptied) with the fake
+/// runtime, and one app.
 struct Rig {
     app: rack::Application,
     fake: Arc<FakeRuntime>,
     _data: tempfile::TempDir,
+    // Dropped after `app`: the database is spare again only once this test's server is gone.
+    _database: ReusedDatabase,
 }
 
 impl Rig {
@@ -38,9 +41,13 @@ impl Rig {
 
     async fn with(change: impl FnOnce(&mut Config)) -> Self {
         rack::tls::install_provider();
-        let url = fresh_database().await;
+        let database = reused_database().await;
         let data = tempfile::tempdir().unwrap();
-        let mut config = Config::for_tests(data.path().to_path_buf(), Database::Url(url), PASSWORD);
+        let mut config = Config::for_tests(
+            data.path().to_path_buf(),
+            Database::Url(database.url().to_owned()),
+            PASSWORD,
+        );
         // Renewals every 100 ms: a lost lease or a cancel is seen at once.
         config.job_lease = Duration::from_millis(300);
         change(&mut config);
@@ -48,7 +55,12 @@ impl Rig {
         let app = rack::Application::build_with(config, fake.clone()).await.unwrap();
         let name = rack::names::AppName::parse(APP).unwrap();
         rack::store::apps::insert(&app.state().pool, &name, "3").await.unwrap();
-        let rig = Self { app, fake, _data: data };
+        let rig = Self {
+            app,
+            fake,
+            _data: data,
+            _database: database,
+        };
         // The build every release of the tests comes from, ended.
         queue_build(&rig, FAKE_BUILD).await;
         let mut conn = rig.pool().acquire().await.unwrap();

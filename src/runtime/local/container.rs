@@ -1,7 +1,7 @@
 //! Instances as podman containers: each labelled with rack, app, service, release, build and
 //! process id, its port published on a port of 127.0.0.1 that rack's router and health checks
 //! use, its output followed into the app's log. Containers outlive rack: when rack stops they are
-//! left running, and the next start adopts them by label (see [`ContainerDriver::adopt`]). A
+//! left running, and the next start adopts them by label (`Driver::survivors`, `Driver::attach`). A
 //! container that links resources is created, given its resource forwarder (see `forwarder`),
 //! and only then started.
 
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::driver::{Driver, Runnable, Running, Start};
+use super::driver::{Driver, Found, Runnable, Running, Start};
 use super::forwarder::Forwarders;
 use super::podman::{
     LABEL_APP, LABEL_BUILD, LABEL_FORWARD, LABEL_HOST, LABEL_PORT, LABEL_PROCESS, LABEL_RACK, LABEL_RELEASE,
@@ -24,77 +24,6 @@ use crate::runtime::{ExecRequest, ExecSession, LogSink};
 pub struct ContainerDriver {
     pub podman: Podman,
     pub forwarders: Forwarders,
-}
-
-/// A container of an app found running when rack started.
-#[derive(Debug, Clone)]
-pub struct Found {
-    pub container: String,
-    pub process: String,
-    pub service: String,
-    pub release: String,
-    pub build: String,
-    /// Where rack reaches it (its published port).
-    pub port: Option<u16>,
-    pub started: DateTime<Utc>,
-    pub running: bool,
-    /// The ports of its linked resources (its `rack.forward` label).
-    pub forward: Vec<u16>,
-}
-
-impl ContainerDriver {
-    /// This rack's containers of `app` on this host.
-    ///
-    /// # Errors
-    /// podman's message.
-    pub async fn adopt(&self, app: &str) -> Result<Vec<Found>, String> {
-        let mut found = Vec::new();
-        for listed in self.podman.list(app).await? {
-            let labels = listed.labels.clone().unwrap_or_default();
-            let label = |key: &str| labels.get(key).cloned().unwrap_or_default();
-            let container_port = labels.get(LABEL_PORT).and_then(|p| p.parse::<u16>().ok());
-            let port = match container_port {
-                Some(p) => self.podman.host_port(&listed.id, p).await,
-                None => None,
-            };
-            found.push(Found {
-                container: listed.id.clone(),
-                process: label(LABEL_PROCESS),
-                service: label(LABEL_SERVICE),
-                release: label(LABEL_RELEASE),
-                build: label(LABEL_BUILD),
-                port,
-                started: DateTime::from_timestamp(listed.created, 0).unwrap_or_else(Utc::now),
-                running: listed.state == "running",
-                forward: super::forwarder::parse_ports(&label(LABEL_FORWARD)),
-            });
-        }
-        Ok(found)
-    }
-
-    /// Takes over a running container found by [`ContainerDriver::adopt`]: follows its output
-    /// from now on and waits for it as if rack had started it. Its resource forwarder outlived
-    /// rack with it; one is started again if it is gone.
-    pub async fn attach(&self, found: &Found, log: LogSink) -> Box<dyn Running> {
-        let pid = self.podman.pid(&found.container).await;
-        if let Err(e) = self.forwarders.ensure(pid, &found.forward).await {
-            tracing::warn!(process = %found.process, "the resources of {} are out of its reach: {e}", found.process);
-            let system = crate::stream_names::system("local", &found.process);
-            log.line(
-                &system,
-                format!("Process {} cannot reach its resources: {e}", found.process),
-            )
-            .await;
-        }
-        let stream = crate::stream_names::service(&found.service, &found.process);
-        let since = Utc::now().to_rfc3339();
-        Box::new(Container {
-            podman: self.podman.clone(),
-            id: found.container.clone(),
-            pid,
-            output: Some(follow(&self.podman, &found.container, Some(&since), stream, log)),
-        })
-    }
 }
 
 #[async_trait::async_trait]
@@ -194,6 +123,58 @@ impl Driver for ContainerDriver {
         }
         command.arg(&name).args(&request.command);
         super::exec::spawn(command, request)
+    }
+
+    /// This rack's containers of `app` on this host, by their labels.
+    async fn survivors(&self, app: &str) -> Result<Vec<Found>, String> {
+        let mut found = Vec::new();
+        for listed in self.podman.list(app).await? {
+            let labels = listed.labels.clone().unwrap_or_default();
+            let label = |key: &str| labels.get(key).cloned().unwrap_or_default();
+            let container_port = labels.get(LABEL_PORT).and_then(|p| p.parse::<u16>().ok());
+            let port = match container_port {
+                Some(p) => self.podman.host_port(&listed.id, p).await,
+                None => None,
+            };
+            found.push(Found {
+                handle: listed.id.clone(),
+                process: label(LABEL_PROCESS),
+                service: label(LABEL_SERVICE),
+                release: label(LABEL_RELEASE),
+                build: label(LABEL_BUILD),
+                port,
+                started: DateTime::from_timestamp(listed.created, 0).unwrap_or_else(Utc::now),
+                running: listed.state == "running",
+                forward: super::forwarder::parse_ports(&label(LABEL_FORWARD)),
+            });
+        }
+        Ok(found)
+    }
+
+    /// Its resource forwarder outlived rack with it; one is started again if it is gone.
+    async fn attach(&self, found: &Found, log: LogSink) -> Box<dyn Running> {
+        let pid = self.podman.pid(&found.handle).await;
+        if let Err(e) = self.forwarders.ensure(pid, &found.forward).await {
+            tracing::warn!(process = %found.process, "the resources of {} are out of its reach: {e}", found.process);
+            let system = crate::stream_names::system("local", &found.process);
+            log.line(
+                &system,
+                format!("Process {} cannot reach its resources: {e}", found.process),
+            )
+            .await;
+        }
+        let stream = crate::stream_names::service(&found.service, &found.process);
+        let since = Utc::now().to_rfc3339();
+        Box::new(Container {
+            podman: self.podman.clone(),
+            id: found.handle.clone(),
+            pid,
+            output: Some(follow(&self.podman, &found.handle, Some(&since), stream, log)),
+        })
+    }
+
+    async fn discard(&self, found: &Found, grace: Duration) {
+        self.podman.remove(&found.handle, grace).await;
     }
 }
 

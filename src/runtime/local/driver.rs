@@ -91,7 +91,26 @@ pub trait Running: Send {
     }
 }
 
-/// Starts instances.
+/// An instance of an app found running when rack started: one a driver left behind when rack
+/// stopped (a container outlives rack), to be taken over ([`Driver::attach`]) or removed
+/// ([`Driver::discard`]).
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// The driver's own name for it (podman's container id).
+    pub handle: String,
+    pub process: String,
+    pub service: String,
+    pub release: String,
+    pub build: String,
+    /// Where rack reaches it (its published port).
+    pub port: Option<u16>,
+    pub started: chrono::DateTime<chrono::Utc>,
+    pub running: bool,
+    /// The ports of its linked resources (forwarded into its network namespace).
+    pub forward: Vec<u16>,
+}
+
+/// Starts instances, and takes over those that outlived the previous start.
 #[async_trait::async_trait]
 pub trait Driver: Send + Sync + std::fmt::Debug {
     /// Starts `start`.
@@ -106,6 +125,30 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// When the command cannot be started.
     async fn exec(&self, start: &Start, request: &ExecRequest) -> std::io::Result<ExecSession>;
+
+    /// The instances of `app` this driver left running when rack last stopped, for the
+    /// supervisor to adopt on the app's first apply. None by default: a driver whose instances
+    /// go with rack (processes) has nothing to adopt.
+    ///
+    /// # Errors
+    /// When they cannot be listed (the message; the supervisor logs it and adopts nothing).
+    async fn survivors(&self, _app: &str) -> Result<Vec<Found>, String> {
+        Ok(Vec::new())
+    }
+
+    /// Takes over `found` (running, of a service of the release being applied): follows its
+    /// output into `log` from now on, and waits for it as if rack had started it.
+    async fn attach(&self, found: &Found, log: LogSink) -> Box<dyn Running> {
+        let _ = log;
+        unreachable!("{self:?} found {} but cannot take it over", found.process)
+    }
+
+    /// Removes `found`, which is not taken over (stopped, or of a service no longer deployed),
+    /// giving it `grace` to stop.
+    async fn discard(&self, found: &Found, grace: Duration) {
+        let _ = grace;
+        unreachable!("{self:?} found {} but cannot remove it", found.process)
+    }
 }
 
 /// Runs an app's command so that it dies with rack: when rack's end of the stdin pipe closes

@@ -3,6 +3,8 @@
 //! `supervisor`, `rollout`, `instance`, `health`), started by a driver (see `driver`), each
 //! service with a port behind a router (see `router`).
 
+#[cfg(test)]
+mod adoption_tests;
 mod analysis;
 mod app_network;
 mod build;
@@ -99,7 +101,7 @@ impl LocalRuntime {
             cgroups,
             networks: networks.clone(),
         });
-        let containers = settings.podman.clone().map(|podman| {
+        let containers = settings.podman.clone().map(|podman| -> Arc<dyn driver::Driver> {
             Arc::new(container::ContainerDriver {
                 podman,
                 forwarders: forwarders.clone(),

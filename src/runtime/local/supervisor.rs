@@ -12,8 +12,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::container::{ContainerDriver, Found};
-use super::driver::Driver;
+use super::driver::{Driver, Found};
 use super::instance::{Health, Instance, Launch, RouteRefresh, STOP_GRACE, Supervised, run_once, supervise};
 use super::router::Router;
 use crate::runtime::{AppLogs, LogSink, PortBook, ProcessInfo, ProcessKind, ReleaseSpec, RuntimeError};
@@ -40,7 +39,7 @@ pub struct Inner {
     apps: Mutex<HashMap<String, AppProcesses>>,
     pub(super) builds_dir: PathBuf,
     processes: Arc<dyn Driver>,
-    containers: Option<Arc<ContainerDriver>>,
+    containers: Option<Arc<dyn Driver>>,
     logs: Arc<dyn AppLogs>,
     ports: Arc<dyn PortBook>,
     health_client: reqwest::Client,
@@ -58,7 +57,7 @@ impl Supervisor {
     pub fn new(
         builds_dir: PathBuf,
         processes: Arc<dyn Driver>,
-        containers: Option<Arc<ContainerDriver>>,
+        containers: Option<Arc<dyn Driver>>,
         logs: Arc<dyn AppLogs>,
         ports: Arc<dyn PortBook>,
         shutdown: CancellationToken,
@@ -286,7 +285,7 @@ impl Supervisor {
         if self.with_app(app, |procs| std::mem::replace(&mut procs.adopted, true)) {
             return;
         }
-        let found = match containers.adopt(app).await {
+        let found = match containers.survivors(app).await {
             Ok(found) => found,
             Err(e) => {
                 tracing::warn!(app.name = app, "looking for the containers of {app}: {e}");
@@ -300,7 +299,7 @@ impl Supervisor {
             });
             let (Some(launch), true) = (launch, found.running) else {
                 // Stopped, or of a service that no longer exists: nothing to take over.
-                containers.podman.remove(&found.container, STOP_GRACE).await;
+                containers.discard(&found, STOP_GRACE).await;
                 continue;
             };
             let running = containers.attach(&found, self.0.logs.sink(app)).await;
