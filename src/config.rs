@@ -129,6 +129,14 @@ pub struct ServerArgs {
     /// as, when rack runs as root (they always run in a sandbox of their own).
     #[arg(long, env = "RACK_SANDBOX_USER", default_value = crate::runtime::local::sandbox::DEFAULT_USER)]
     pub sandbox_user: String,
+    /// Largest size of the private `/tmp` of each sandbox (a tmpfs: memory), in bytes (0: the
+    /// kernel's default, half the RAM).
+    #[arg(long, env = "RACK_SANDBOX_TMP_BYTES", default_value_t = 256 << 20)]
+    pub sandbox_tmp_bytes: u64,
+    /// Largest size of a build's directory while its build commands run, in bytes (0: no cap);
+    /// a build that writes past it is stopped and fails.
+    #[arg(long, env = "RACK_BUILD_DIR_MAX_BYTES", default_value_t = 10 << 30)]
+    pub build_dir_max_bytes: u64,
     /// Seconds a client has to send a request's headers; an idle keep-alive connection is
     /// closed after as long.
     #[arg(long, env = "RACK_HEADER_TIMEOUT", default_value_t = 15)]
@@ -256,6 +264,10 @@ pub struct Config {
     pub rollback_min_timeout: Duration,
     /// The user sandboxed commands run as when rack is root.
     pub sandbox_user: String,
+    /// Largest size of a sandbox's `/tmp` (0: the kernel's default).
+    pub sandbox_tmp_bytes: u64,
+    /// Largest size of a build's directory while its build commands run (0: no cap).
+    pub build_dir_max_bytes: u64,
     /// Limits of the HTTP listener.
     pub listener: crate::serve::Limits,
     /// Longest a one-off process may run.
@@ -434,6 +446,8 @@ impl Config {
             job_lease: Duration::from_secs(args.job_lease),
             rollback_min_timeout: ROLLBACK_MIN_TIMEOUT,
             sandbox_user: args.sandbox_user,
+            sandbox_tmp_bytes: args.sandbox_tmp_bytes,
+            build_dir_max_bytes: args.build_dir_max_bytes,
             run_timeout: Duration::from_secs(args.run_timeout.max(1)),
             auth_failures: args.auth_failures,
             max_streams_per_credential: args.max_streams_per_credential,
@@ -475,6 +489,8 @@ impl Config {
             rack_name: "rack".to_owned(),
             db_connections: 5,
             sandbox_user: crate::runtime::local::sandbox::DEFAULT_USER.to_owned(),
+            sandbox_tmp_bytes: 256 << 20,
+            build_dir_max_bytes: 10 << 30,
             listener: crate::serve::Limits::default(),
             run_timeout: Duration::from_secs(600),
             auth_failures: 20,

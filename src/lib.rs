@@ -313,8 +313,8 @@ async fn default_runtime(
             .context("starting the Kubernetes runtime (RACK_RUNTIME=kube)")?,
         ),
         None => {
-            let user = config.sandbox_user.clone();
-            let sandbox = tokio::task::spawn_blocking(move || runtime::local::sandbox::Sandbox::open(&user))
+            let (user, tmp_bytes) = (config.sandbox_user.clone(), config.sandbox_tmp_bytes);
+            let sandbox = tokio::task::spawn_blocking(move || runtime::local::sandbox::Sandbox::open(&user, tmp_bytes))
                 .await?
                 .context("preparing the sandbox of the local runtime (RACK_SANDBOX_USER)")?;
             tracing::info!(
@@ -334,6 +334,7 @@ async fn default_runtime(
                 objects: objects.clone(),
                 builds_dir: config.data_dir.join("builds"),
                 limits: config.source_limits,
+                build_dir_max_bytes: config.build_dir_max_bytes,
                 sandbox,
                 podman,
                 logs: Arc::new(jobs::capabilities::PersistedLogs { pool: pool.clone() }),

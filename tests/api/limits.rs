@@ -180,3 +180,26 @@ async fn a_command_run_with_exec_counts_against_its_instances_limits() {
     .await;
     app.delete_app("quiet").await;
 }
+
+#[tokio::test]
+async fn a_build_that_fills_its_directory_past_the_cap_is_stopped() {
+    let cap: u64 = 32 << 20;
+    let app = TestApp::spawn_with(|config| config.build_dir_max_bytes = cap).await;
+    app.create_app("filler").await;
+    // 128 MB written, then a wait the build timeout (60 s) would end with another message.
+    let manifest = "services:\n  web:\n    build:\n      command: \"head -c 128000000 /dev/zero > big; echo wrote; sleep 300\"\n    command: sleep 86400\n";
+    let id = app.build_source("filler", &[("convox.yml", manifest)]).await;
+    let build = app.wait_build("filler", &id).await;
+    let log = app.build_log("filler", &id).await;
+    assert_eq!(build["status"], "failed", "{build} {log}");
+    assert!(
+        log.contains(&format!("more than RACK_BUILD_DIR_MAX_BYTES ({cap} bytes)")),
+        "{build} {log}"
+    );
+    // The rest of the rack goes on: another app builds (and within the cap).
+    app.create_app("calm").await;
+    let manifest = "services:\n  web:\n    build:\n      command: \"head -c 1000000 /dev/zero > small\"\n    command: sleep 86400\n";
+    let id = app.build_source("calm", &[("convox.yml", manifest)]).await;
+    let build = app.wait_build("calm", &id).await;
+    assert_eq!(build["status"], "complete", "{build}");
+}

@@ -8,6 +8,7 @@ mod build;
 mod cgroups;
 mod container;
 mod context;
+mod disk_cap;
 mod dockerfile;
 pub mod driver;
 pub mod exec;
@@ -47,6 +48,8 @@ pub struct LocalSettings {
     /// Builds live in `<builds_dir>/<app>/<build id>`.
     pub builds_dir: PathBuf,
     pub limits: Limits,
+    /// Largest size of a build's directory while its build commands run (0: no cap).
+    pub build_dir_max_bytes: u64,
     pub sandbox: sandbox::Sandbox,
     /// podman, when it is installed: Dockerfile builds and containers.
     pub podman: Option<podman::Podman>,
@@ -118,6 +121,7 @@ impl LocalRuntime {
                 objects: settings.objects,
                 builds_dir: settings.builds_dir,
                 limits: settings.limits,
+                max_dir_bytes: settings.build_dir_max_bytes,
                 sandbox,
                 podman: settings.podman,
             },
