@@ -336,6 +336,11 @@ async fn default_runtime(
                 limits: config.source_limits,
                 build_dir_max_bytes: config.build_dir_max_bytes,
                 sandbox,
+                accounts: runtime::local::app_accounts::AppAccounts {
+                    uids: Arc::new(jobs::capabilities::StoredUids(pool.clone())),
+                    base: config.app_uids.0,
+                    count: config.app_uids.1,
+                },
                 podman,
                 logs: Arc::new(jobs::capabilities::PersistedLogs { pool: pool.clone() }),
                 ports: Arc::new(jobs::capabilities::StoredPorts(pool.clone())),

@@ -203,3 +203,81 @@ async fn a_build_that_fills_its_directory_past_the_cap_is_stopped() {
     let build = app.wait_build("calm", &id).await;
     assert_eq!(build["status"], "complete", "{build}");
 }
+
+/// Runs `argv` on the host (outside any sandbox) as `uid`, and says whether it succeeded.
+fn as_uid(uid: u32, argv: &[&str]) -> bool {
+    std::process::Command::new("/usr/bin/setpriv")
+        .args([
+            format!("--reuid={uid}"),
+            format!("--regid={uid}"),
+            "--clear-groups".to_owned(),
+        ])
+        .arg("--")
+        .args(argv)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[tokio::test]
+async fn each_app_runs_as_a_uid_of_its_own_that_cannot_reach_another_apps_files_or_processes() {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: apps get uids of their own when rack is root");
+        return;
+    }
+    let app = TestApp::spawn().await;
+    let mut uids = Vec::new();
+    let mut secrets = Vec::new();
+    for (name, marker) in [("alpha", "86401"), ("beta", "86402")] {
+        app.create_app(name).await;
+        let manifest = format!(
+            "services:\n  web:\n    build:\n      command: \"echo {name}-secret > secret.txt\"\n    command: sleep {marker}\n"
+        );
+        let id = app.build_source(name, &[("convox.yml", manifest.as_str())]).await;
+        let build = app.wait_build(name, &id).await;
+        assert_eq!(build["status"], "complete", "{build}");
+        promote_follow(&app, name, build["release"].as_str().unwrap()).await;
+        let secret = app.build_dir(name, &id).join("src/secret.txt");
+        assert_eq!(std::fs::read_to_string(&secret).unwrap(), format!("{name}-secret\n"));
+        let uid = std::fs::metadata(&secret).unwrap().uid();
+        // The app's own `sleep`, not the root chain that starts its sandbox.
+        let pid = wait_for(60, "the web process", || async {
+            crate::helpers::processes_with_arg(marker).into_iter().find(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "sleep")
+            })
+        })
+        .await;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(&uid.to_string())),
+            "the process of {name} does not run as its files' owner {uid}: {status}"
+        );
+        uids.push(uid);
+        secrets.push((secret, pid));
+    }
+    let sandbox_user = nix::unistd::User::from_name(rack::runtime::local::sandbox::DEFAULT_USER)
+        .unwrap()
+        .map(|u| u.uid.as_raw());
+    assert_ne!(uids[0], uids[1], "both apps run as {}", uids[0]);
+    for uid in &uids {
+        assert!(*uid != 0 && Some(*uid) != sandbox_user, "an app runs as {uid}");
+    }
+    let (alpha, (beta_secret, beta_pid)) = (uids[0], &secrets[1]);
+    let (secret, pid) = (beta_secret.to_str().unwrap(), beta_pid.to_string());
+    // Even outside the sandbox's namespaces, alpha's uid can neither read beta's file nor
+    // signal beta's process; beta's own uid can (the check itself works).
+    assert!(!as_uid(alpha, &["cat", secret]), "alpha read {secret}");
+    assert!(
+        !as_uid(alpha, &["kill", "-0", &pid]),
+        "alpha could signal beta's process"
+    );
+    assert!(as_uid(uids[1], &["cat", secret]));
+    assert!(as_uid(uids[1], &["kill", "-0", &pid]));
+    app.delete_app("alpha").await;
+    app.delete_app("beta").await;
+}

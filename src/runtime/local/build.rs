@@ -37,6 +37,8 @@ pub struct Builder {
     /// `disk_cap`).
     pub max_dir_bytes: u64,
     pub sandbox: Sandbox,
+    /// The uid each app's build commands run as.
+    pub accounts: super::app_accounts::AppAccounts,
     /// Builds images from Dockerfiles, when installed.
     pub podman: Option<Podman>,
 }
@@ -51,7 +53,12 @@ impl Builder {
             text,
             manifest,
         } = source::fetch(&self.objects, job, &build_dir, self.limits, log).await?;
-        self.sandbox
+        let sandbox = self
+            .accounts
+            .sandbox(&self.sandbox, &job.app)
+            .await
+            .map_err(|e| failed(format!("could not find the app's sandbox user: {e}")))?;
+        sandbox
             .hand_over(&build_dir)
             .await
             .map_err(|e| failed(format!("could not prepare the build directory for the sandbox: {e}")))?;
@@ -77,7 +84,7 @@ impl Builder {
                 })?;
             if let Some(command) = &build.command {
                 log.line(BUILD_STREAM, format!("Running: {command}")).await;
-                run_command(&self.sandbox, command, &dir, &build_dir, self.max_dir_bytes, job, log)
+                run_command(&sandbox, command, &dir, &build_dir, self.max_dir_bytes, job, log)
                     .await
                     .map_err(|e| failed(format!("service {name}: {e}")))?;
                 continue;

@@ -3,6 +3,7 @@
 //! `supervisor`, `rollout`, `instance`, `health`), started by a driver (see `driver`), each
 //! service with a port behind a router (see `router`).
 
+pub mod app_accounts;
 mod app_network;
 mod build;
 mod cgroups;
@@ -51,6 +52,8 @@ pub struct LocalSettings {
     /// Largest size of a build's directory while its build commands run (0: no cap).
     pub build_dir_max_bytes: u64,
     pub sandbox: sandbox::Sandbox,
+    /// The uid each app's sandboxed processes run as (when rack is root).
+    pub accounts: app_accounts::AppAccounts,
     /// podman, when it is installed: Dockerfile builds and containers.
     pub podman: Option<podman::Podman>,
     /// Where app output and process events go.
@@ -97,6 +100,7 @@ impl LocalRuntime {
         let networks = Arc::new(app_network::AppNetworks::new(forwarders.clone()));
         let processes = Arc::new(driver::ProcessDriver {
             sandbox: sandbox.clone(),
+            accounts: settings.accounts.clone(),
             cgroups,
             networks: networks.clone(),
         });
@@ -123,6 +127,7 @@ impl LocalRuntime {
                 limits: settings.limits,
                 max_dir_bytes: settings.build_dir_max_bytes,
                 sandbox,
+                accounts: settings.accounts,
                 podman: settings.podman,
             },
             supervisor,

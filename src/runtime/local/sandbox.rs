@@ -97,6 +97,25 @@ impl Sandbox {
         Ok(sandbox)
     }
 
+    /// Whether sandboxed commands run as another user than rack's (rack is root).
+    pub fn switches_user(&self) -> bool {
+        self.account.is_some()
+    }
+
+    /// This sandbox, running as `uid` (and the group of the same number) instead of the
+    /// sandbox user (an app's own, see `app_accounts`); unchanged when rack is not root.
+    pub fn as_uid(&self, uid: u32) -> Self {
+        let mut sandbox = self.clone();
+        if sandbox.account.is_some() {
+            sandbox.account = Some(Account {
+                name: format!("uid {uid}"),
+                uid,
+                gid: uid,
+            });
+        }
+        sandbox
+    }
+
     /// Who sandboxed commands run as, for logs and messages.
     pub fn user(&self) -> String {
         match &self.account {
@@ -237,18 +256,36 @@ impl Sandbox {
     }
 
     /// Gives `dir` and everything under it to the sandbox user, so that sandboxed commands
-    /// can write there (nothing to do when rack is not root: they run as rack's user).
+    /// can write there, and closes `dir` to every other user (mode 0700: another app's uid
+    /// cannot look in). Nothing to do when rack is not root: they run as rack's user.
     ///
     /// # Errors
     /// When a file cannot be given away.
     pub async fn hand_over(&self, dir: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
         let Some(account) = self.account.clone() else {
             return Ok(());
         };
         let dir = dir.to_path_buf();
-        tokio::task::spawn_blocking(move || chown_tree(&dir, account.uid, account.gid))
-            .await
-            .map_err(std::io::Error::other)?
+        tokio::task::spawn_blocking(move || {
+            chown_tree(&dir, account.uid, account.gid)?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    /// [`Sandbox::hand_over`] unless `dir` is already the sandbox user's (a build made before
+    /// apps had uids of their own is given to its app's uid on its first start).
+    ///
+    /// # Errors
+    /// When a file cannot be given away.
+    pub async fn adopt(&self, dir: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        match &self.account {
+            Some(account) if std::fs::metadata(dir)?.uid() != account.uid => self.hand_over(dir).await,
+            _ => Ok(()),
+        }
     }
 
     /// Runs `true` in a sandbox, so a machine that cannot make one fails at startup with the
