@@ -281,3 +281,36 @@ async fn each_app_runs_as_a_uid_of_its_own_that_cannot_reach_another_apps_files_
     app.delete_app("alpha").await;
     app.delete_app("beta").await;
 }
+
+#[tokio::test]
+async fn apps_asking_for_uids_at_once_get_distinct_ones_that_stay_theirs() {
+    let url = crate::helpers::fresh_database().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&url)
+        .await
+        .unwrap();
+    let names: Vec<String> = (0..24).map(|i| format!("app{i}")).collect();
+    let first: Vec<i32> = futures_util::future::join_all(
+        names
+            .iter()
+            .map(|name| rack::store::app_uids::get_or_allocate(&pool, name)),
+    )
+    .await
+    .into_iter()
+    .map(Result::unwrap)
+    .collect();
+    let distinct: std::collections::BTreeSet<i32> = first.iter().copied().collect();
+    assert_eq!(distinct.len(), names.len(), "{first:?}");
+    let again: Vec<i32> = futures_util::future::join_all(
+        names
+            .iter()
+            .map(|name| rack::store::app_uids::get_or_allocate(&pool, name)),
+    )
+    .await
+    .into_iter()
+    .map(Result::unwrap)
+    .collect();
+    assert_eq!(first, again);
+    pool.close().await;
+}
