@@ -129,6 +129,21 @@ pub struct ServerArgs {
     /// as, when rack runs as root (they always run in a sandbox of their own).
     #[arg(long, env = "RACK_SANDBOX_USER", default_value = crate::runtime::local::sandbox::DEFAULT_USER)]
     pub sandbox_user: String,
+    /// Largest size of the private `/tmp` of each sandbox (a tmpfs: memory), in bytes (0: the
+    /// kernel's default, half the RAM).
+    #[arg(long, env = "RACK_SANDBOX_TMP_BYTES", default_value_t = 256 << 20)]
+    pub sandbox_tmp_bytes: u64,
+    /// The first uid given to apps: each app's build commands and processes run as a uid of
+    /// their own from RACK_APP_UID_BASE on, when rack runs as root.
+    #[arg(long, env = "RACK_APP_UID_BASE", default_value_t = 1_000_000_000)]
+    pub app_uid_base: u32,
+    /// How many uids (so apps) the range from RACK_APP_UID_BASE holds.
+    #[arg(long, env = "RACK_APP_UID_COUNT", default_value_t = 1_000_000)]
+    pub app_uid_count: u32,
+    /// Largest size of a build's directory while its build commands run, in bytes (0: no cap);
+    /// a build that writes past it is stopped and fails.
+    #[arg(long, env = "RACK_BUILD_DIR_MAX_BYTES", default_value_t = 10 << 30)]
+    pub build_dir_max_bytes: u64,
     /// Seconds a client has to send a request's headers; an idle keep-alive connection is
     /// closed after as long.
     #[arg(long, env = "RACK_HEADER_TIMEOUT", default_value_t = 15)]
@@ -256,6 +271,12 @@ pub struct Config {
     pub rollback_min_timeout: Duration,
     /// The user sandboxed commands run as when rack is root.
     pub sandbox_user: String,
+    /// Largest size of a sandbox's `/tmp` (0: the kernel's default).
+    pub sandbox_tmp_bytes: u64,
+    /// The range of the apps' own uids: first, and how many.
+    pub app_uids: (u32, u32),
+    /// Largest size of a build's directory while its build commands run (0: no cap).
+    pub build_dir_max_bytes: u64,
     /// Limits of the HTTP listener.
     pub listener: crate::serve::Limits,
     /// Longest a one-off process may run.
@@ -434,6 +455,9 @@ impl Config {
             job_lease: Duration::from_secs(args.job_lease),
             rollback_min_timeout: ROLLBACK_MIN_TIMEOUT,
             sandbox_user: args.sandbox_user,
+            sandbox_tmp_bytes: args.sandbox_tmp_bytes,
+            app_uids: (args.app_uid_base, args.app_uid_count),
+            build_dir_max_bytes: args.build_dir_max_bytes,
             run_timeout: Duration::from_secs(args.run_timeout.max(1)),
             auth_failures: args.auth_failures,
             max_streams_per_credential: args.max_streams_per_credential,
@@ -475,6 +499,9 @@ impl Config {
             rack_name: "rack".to_owned(),
             db_connections: 5,
             sandbox_user: crate::runtime::local::sandbox::DEFAULT_USER.to_owned(),
+            sandbox_tmp_bytes: 256 << 20,
+            app_uids: (1_000_000_000, 1_000_000),
+            build_dir_max_bytes: 10 << 30,
             listener: crate::serve::Limits::default(),
             run_timeout: Duration::from_secs(600),
             auth_failures: 20,

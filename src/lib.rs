@@ -322,8 +322,8 @@ async fn default_runtime(
             .context("starting the Kubernetes runtime (RACK_RUNTIME=kube)")?,
         ),
         None => {
-            let user = config.sandbox_user.clone();
-            let sandbox = tokio::task::spawn_blocking(move || runtime::local::sandbox::Sandbox::open(&user))
+            let (user, tmp_bytes) = (config.sandbox_user.clone(), config.sandbox_tmp_bytes);
+            let sandbox = tokio::task::spawn_blocking(move || runtime::local::sandbox::Sandbox::open(&user, tmp_bytes))
                 .await?
                 .context("preparing the sandbox of the local runtime (RACK_SANDBOX_USER)")?;
             tracing::info!(
@@ -343,7 +343,13 @@ async fn default_runtime(
                 objects: objects.clone(),
                 builds_dir: config.data_dir.join("builds"),
                 limits: config.source_limits,
+                build_dir_max_bytes: config.build_dir_max_bytes,
                 sandbox,
+                accounts: runtime::local::app_accounts::AppAccounts {
+                    uids: Arc::new(jobs::capabilities::StoredUids(pool.clone())),
+                    base: config.app_uids.0,
+                    count: config.app_uids.1,
+                },
                 podman,
                 logs: Arc::new(jobs::capabilities::PersistedLogs { pool: pool.clone() }),
                 ports: Arc::new(jobs::capabilities::StoredPorts(pool.clone())),

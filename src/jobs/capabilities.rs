@@ -7,7 +7,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 
 use super::{OwnedOwner, persist_lines};
-use crate::runtime::{AppLogs, BoxError, LogSink, PortBook, SourceTokens};
+use crate::runtime::{AppLogs, AppUids, BoxError, LogSink, PortBook, SourceTokens};
 
 /// App logs persisted as events (each sink has a writer of its own; it never blocks).
 #[derive(Debug, Clone)]
@@ -25,6 +25,18 @@ impl AppLogs for PersistedLogs {
         };
         tokio::spawn(persist_lines(self.pool.clone(), owner, receiver));
         sink
+    }
+}
+
+/// Apps' uid offsets in the `app_uids` table.
+#[derive(Debug, Clone)]
+pub struct StoredUids(pub PgPool);
+
+#[async_trait::async_trait]
+impl AppUids for StoredUids {
+    async fn offset(&self, app: &str) -> Result<u32, BoxError> {
+        let offset = crate::store::app_uids::get_or_allocate(&self.0, app).await?;
+        Ok(u32::try_from(offset)?)
     }
 }
 

@@ -29,3 +29,11 @@ pub trait SourceTokens: Send + Sync + std::fmt::Debug {
     /// Revokes the token `name`.
     async fn revoke(&self, name: &str) -> Result<(), BoxError>;
 }
+
+/// The uid offset of each app's sandboxed processes, kept so an app's files stay its own
+/// across restarts (see `local::app_accounts`).
+#[async_trait::async_trait]
+pub trait AppUids: Send + Sync + std::fmt::Debug {
+    /// `app`'s offset, allocated on first use (distinct for every app).
+    async fn offset(&self, app: &str) -> Result<u32, BoxError>;
+}

@@ -1,6 +1,7 @@
 //! The store: every SQL statement of rack lives in this module and nowhere else. Functions
 //! take a pool or a connection, return rows as plain structs and errors as `sqlx::Error`.
 
+pub mod app_uids;
 pub mod apps;
 pub mod audit;
 pub mod backup;

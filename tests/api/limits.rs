@@ -180,3 +180,137 @@ async fn a_command_run_with_exec_counts_against_its_instances_limits() {
     .await;
     app.delete_app("quiet").await;
 }
+
+#[tokio::test]
+async fn a_build_that_fills_its_directory_past_the_cap_is_stopped() {
+    let cap: u64 = 32 << 20;
+    let app = TestApp::spawn_with(|config| config.build_dir_max_bytes = cap).await;
+    app.create_app("filler").await;
+    // 128 MB written, then a wait the build timeout (60 s) would end with another message.
+    let manifest = "services:\n  web:\n    build:\n      command: \"head -c 128000000 /dev/zero > big; echo wrote; sleep 300\"\n    command: sleep 86400\n";
+    let id = app.build_source("filler", &[("convox.yml", manifest)]).await;
+    let build = app.wait_build("filler", &id).await;
+    let log = app.build_log("filler", &id).await;
+    assert_eq!(build["status"], "failed", "{build} {log}");
+    assert!(
+        log.contains(&format!("more than RACK_BUILD_DIR_MAX_BYTES ({cap} bytes)")),
+        "{build} {log}"
+    );
+    // The rest of the rack goes on: another app builds (and within the cap).
+    app.create_app("calm").await;
+    let manifest = "services:\n  web:\n    build:\n      command: \"head -c 1000000 /dev/zero > small\"\n    command: sleep 86400\n";
+    let id = app.build_source("calm", &[("convox.yml", manifest)]).await;
+    let build = app.wait_build("calm", &id).await;
+    assert_eq!(build["status"], "complete", "{build}");
+}
+
+/// Runs `argv` on the host (outside any sandbox) as `uid`, and says whether it succeeded.
+fn as_uid(uid: u32, argv: &[&str]) -> bool {
+    std::process::Command::new("/usr/bin/setpriv")
+        .args([
+            format!("--reuid={uid}"),
+            format!("--regid={uid}"),
+            "--clear-groups".to_owned(),
+        ])
+        .arg("--")
+        .args(argv)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[tokio::test]
+async fn each_app_runs_as_a_uid_of_its_own_that_cannot_reach_another_apps_files_or_processes() {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: apps get uids of their own when rack is root");
+        return;
+    }
+    let app = TestApp::spawn().await;
+    let mut uids = Vec::new();
+    let mut secrets = Vec::new();
+    for (name, marker) in [("alpha", "86401"), ("beta", "86402")] {
+        app.create_app(name).await;
+        let manifest = format!(
+            "services:\n  web:\n    build:\n      command: \"echo {name}-secret > secret.txt\"\n    command: sleep {marker}\n"
+        );
+        let id = app.build_source(name, &[("convox.yml", manifest.as_str())]).await;
+        let build = app.wait_build(name, &id).await;
+        assert_eq!(build["status"], "complete", "{build}");
+        promote_follow(&app, name, build["release"].as_str().unwrap()).await;
+        let secret = app.build_dir(name, &id).join("src/secret.txt");
+        assert_eq!(std::fs::read_to_string(&secret).unwrap(), format!("{name}-secret\n"));
+        let uid = std::fs::metadata(&secret).unwrap().uid();
+        // The app's own `sleep`, not the root chain that starts its sandbox.
+        let pid = wait_for(60, "the web process", || async {
+            crate::helpers::processes_with_arg(marker).into_iter().find(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "sleep")
+            })
+        })
+        .await;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(&uid.to_string())),
+            "the process of {name} does not run as its files' owner {uid}: {status}"
+        );
+        uids.push(uid);
+        secrets.push((secret, pid));
+    }
+    let sandbox_user = nix::unistd::User::from_name(rack::runtime::local::sandbox::DEFAULT_USER)
+        .unwrap()
+        .map(|u| u.uid.as_raw());
+    assert_ne!(uids[0], uids[1], "both apps run as {}", uids[0]);
+    for uid in &uids {
+        assert!(*uid != 0 && Some(*uid) != sandbox_user, "an app runs as {uid}");
+    }
+    let (alpha, (beta_secret, beta_pid)) = (uids[0], &secrets[1]);
+    let (secret, pid) = (beta_secret.to_str().unwrap(), beta_pid.to_string());
+    // Even outside the sandbox's namespaces, alpha's uid can neither read beta's file nor
+    // signal beta's process; beta's own uid can (the check itself works).
+    assert!(!as_uid(alpha, &["cat", secret]), "alpha read {secret}");
+    assert!(
+        !as_uid(alpha, &["kill", "-0", &pid]),
+        "alpha could signal beta's process"
+    );
+    assert!(as_uid(uids[1], &["cat", secret]));
+    assert!(as_uid(uids[1], &["kill", "-0", &pid]));
+    app.delete_app("alpha").await;
+    app.delete_app("beta").await;
+}
+
+#[tokio::test]
+async fn apps_asking_for_uids_at_once_get_distinct_ones_that_stay_theirs() {
+    let url = crate::helpers::fresh_database().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&url)
+        .await
+        .unwrap();
+    let names: Vec<String> = (0..24).map(|i| format!("app{i}")).collect();
+    let first: Vec<i32> = futures_util::future::join_all(
+        names
+            .iter()
+            .map(|name| rack::store::app_uids::get_or_allocate(&pool, name)),
+    )
+    .await
+    .into_iter()
+    .map(Result::unwrap)
+    .collect();
+    let distinct: std::collections::BTreeSet<i32> = first.iter().copied().collect();
+    assert_eq!(distinct.len(), names.len(), "{first:?}");
+    let again: Vec<i32> = futures_util::future::join_all(
+        names
+            .iter()
+            .map(|name| rack::store::app_uids::get_or_allocate(&pool, name)),
+    )
+    .await
+    .into_iter()
+    .map(Result::unwrap)
+    .collect();
+    assert_eq!(first, again);
+    pool.close().await;
+}

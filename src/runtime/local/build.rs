@@ -33,7 +33,12 @@ pub struct Builder {
     /// Builds live in `<builds_dir>/<app>/<build id>/src`.
     pub builds_dir: std::path::PathBuf,
     pub limits: crate::archive::Limits,
+    /// Largest size of a build's directory while its build commands run (0: no cap; see
+    /// `disk_cap`).
+    pub max_dir_bytes: u64,
     pub sandbox: Sandbox,
+    /// The uid each app's build commands run as.
+    pub accounts: super::app_accounts::AppAccounts,
     /// Builds images from Dockerfiles, when installed.
     pub podman: Option<Podman>,
 }
@@ -48,7 +53,12 @@ impl Builder {
             text,
             manifest,
         } = source::fetch(&self.objects, job, &build_dir, self.limits, log).await?;
-        self.sandbox
+        let sandbox = self
+            .accounts
+            .sandbox(&self.sandbox, &job.app)
+            .await
+            .map_err(|e| failed(format!("could not find the app's sandbox user: {e}")))?;
+        sandbox
             .hand_over(&build_dir)
             .await
             .map_err(|e| failed(format!("could not prepare the build directory for the sandbox: {e}")))?;
@@ -74,7 +84,7 @@ impl Builder {
                 })?;
             if let Some(command) = &build.command {
                 log.line(BUILD_STREAM, format!("Running: {command}")).await;
-                run_command(&self.sandbox, command, &dir, &build_dir, job, log)
+                run_command(&sandbox, command, &dir, &build_dir, self.max_dir_bytes, job, log)
                     .await
                     .map_err(|e| failed(format!("service {name}: {e}")))?;
                 continue;
@@ -113,12 +123,13 @@ impl Builder {
 
 /// Runs one service's build command in the sandbox, with the build directory (`home`) as its
 /// only writable place and a clean environment: nothing of rack's own (no `DATABASE_URL`, no
-/// password) is in its reach.
+/// password) is in its reach. Stopped (all of it) once `home` grows past `max_bytes`.
 async fn run_command(
     sandbox: &Sandbox,
     command: &str,
     dir: &Path,
     home: &Path,
+    max_bytes: u64,
     job: &BuildJob,
     log: &LogSink,
 ) -> Result<(), String> {
@@ -145,12 +156,27 @@ async fn run_command(
         .env("BUILD_APP", &job.app)
         .env("BUILD_ID", &job.id)
         .env("BUILD_GIT_SHA", &job.git_sha);
-    let (mut child, _group) = spawn_group(cmd).map_err(|e| format!("could not start the build command: {e}"))?;
-    pipe_output(&mut child, BUILD_STREAM, log).await;
-    let status = child
-        .wait()
-        .await
-        .map_err(|e| format!("waiting for the build command: {e}"))?;
+    let (mut child, group) = spawn_group(cmd).map_err(|e| format!("could not start the build command: {e}"))?;
+    let ran = async {
+        pipe_output(&mut child, BUILD_STREAM, log).await;
+        child.wait().await
+    };
+    // Either the command's end, or the size that stopped it.
+    let ended = tokio::select! {
+        status = ran => Ok(status),
+        size = super::disk_cap::exceeded(home.to_owned(), max_bytes) => Err(size),
+    };
+    let status = match ended {
+        Ok(status) => status.map_err(|e| format!("waiting for the build command: {e}"))?,
+        Err(size) => {
+            drop(group);
+            let _ = child.kill().await;
+            return Err(format!(
+                "the build command was stopped: the build directory uses {size} bytes, more than \
+                 RACK_BUILD_DIR_MAX_BYTES ({max_bytes} bytes)"
+            ));
+        }
+    };
     drop(network);
     if status.success() {
         Ok(())

@@ -173,6 +173,8 @@ done
 #[derive(Debug)]
 pub struct ProcessDriver {
     pub sandbox: Sandbox,
+    /// The uid each app's processes run as.
+    pub accounts: super::app_accounts::AppAccounts,
     pub cgroups: Option<super::cgroups::Cgroups>,
     pub networks: std::sync::Arc<super::app_network::AppNetworks>,
 }
@@ -185,9 +187,10 @@ impl ProcessDriver {
         app: &str,
         forward: &[u16],
     ) -> std::io::Result<(Sandbox, Option<std::sync::Arc<super::app_network::AppNetwork>>)> {
+        let sandbox = self.accounts.sandbox(&self.sandbox, app).await?;
         Ok(match self.networks.ensure(app, forward).await? {
-            Some(network) => (self.sandbox.in_network(network.namespace()), Some(network)),
-            None => (self.sandbox.clone(), None),
+            Some(network) => (sandbox.in_network(network.namespace()), Some(network)),
+            None => (sandbox, None),
         })
     }
 }
@@ -218,6 +221,7 @@ impl Driver for ProcessDriver {
         };
         let procs = cgroup.as_ref().map(super::cgroups::Instance::procs).unwrap_or_default();
         let (sandbox, network) = self.sandbox_of(&start.app, forward).await?;
+        sandbox.adopt(workspace).await?;
         let mut command = sandbox.limited_command(workspace, dir, &argv, Tie::Watchdog, &procs);
         sandbox_env(&mut command, dir, &start).stdin(std::process::Stdio::piped());
         if let Some(port) = start.port {

@@ -6,11 +6,13 @@
 #[cfg(test)]
 mod adoption_tests;
 mod analysis;
+pub mod app_accounts;
 mod app_network;
 mod build;
 mod cgroups;
 mod container;
 mod context;
+mod disk_cap;
 mod dockerfile;
 pub mod driver;
 pub mod exec;
@@ -51,7 +53,11 @@ pub struct LocalSettings {
     /// Builds live in `<builds_dir>/<app>/<build id>`.
     pub builds_dir: PathBuf,
     pub limits: Limits,
+    /// Largest size of a build's directory while its build commands run (0: no cap).
+    pub build_dir_max_bytes: u64,
     pub sandbox: sandbox::Sandbox,
+    /// The uid each app's sandboxed processes run as (when rack is root).
+    pub accounts: app_accounts::AppAccounts,
     /// podman, when it is installed: Dockerfile builds and containers.
     pub podman: Option<podman::Podman>,
     /// Where app output and process events go.
@@ -98,6 +104,7 @@ impl LocalRuntime {
         let networks = Arc::new(app_network::AppNetworks::new(forwarders.clone()));
         let processes = Arc::new(driver::ProcessDriver {
             sandbox: sandbox.clone(),
+            accounts: settings.accounts.clone(),
             cgroups,
             networks: networks.clone(),
         });
@@ -122,7 +129,9 @@ impl LocalRuntime {
                 objects: settings.objects,
                 builds_dir: settings.builds_dir,
                 limits: settings.limits,
+                max_dir_bytes: settings.build_dir_max_bytes,
                 sandbox,
+                accounts: settings.accounts,
                 podman: settings.podman,
             },
             supervisor,

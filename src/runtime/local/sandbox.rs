@@ -38,6 +38,9 @@ pub struct Sandbox {
     /// In a network of their own: the resolver configuration to show, and where (see
     /// `user_network::resolver_for_sandboxes`).
     resolver: Option<(PathBuf, PathBuf)>,
+    /// Largest size of the private `/tmp` (a tmpfs, so memory), in bytes; 0: the kernel's
+    /// default (half the RAM).
+    tmp_bytes: u64,
 }
 
 /// Whether a sandboxed command dies with rack.
@@ -56,7 +59,7 @@ impl Sandbox {
     /// # Errors
     /// When bubblewrap is missing, the user does not exist or is root, or the kernel refuses
     /// the namespaces; each message says what to install or change.
-    pub fn open(user: &str) -> anyhow::Result<Self> {
+    pub fn open(user: &str, tmp_bytes: u64) -> anyhow::Result<Self> {
         let bwrap = find_on_path("bwrap").context(
             "bubblewrap (bwrap) is needed to isolate builds and app processes of the local runtime: \
              install it with `apt-get install -y bubblewrap` (scripts/install-deps does)",
@@ -88,9 +91,29 @@ impl Sandbox {
             system: system_binds(Path::new("/")),
             network: None,
             resolver: None,
+            tmp_bytes,
         };
         sandbox.probe()?;
         Ok(sandbox)
+    }
+
+    /// Whether sandboxed commands run as another user than rack's (rack is root).
+    pub fn switches_user(&self) -> bool {
+        self.account.is_some()
+    }
+
+    /// This sandbox, running as `uid` (and the group of the same number) instead of the
+    /// sandbox user (an app's own, see `app_accounts`); unchanged when rack is not root.
+    pub fn as_uid(&self, uid: u32) -> Self {
+        let mut sandbox = self.clone();
+        if sandbox.account.is_some() {
+            sandbox.account = Some(Account {
+                name: format!("uid {uid}"),
+                uid,
+                gid: uid,
+            });
+        }
+        sandbox
     }
 
     /// Who sandboxed commands run as, for logs and messages.
@@ -213,7 +236,11 @@ impl Sandbox {
         .map(Into::into)
         .collect();
         args.extend(self.system.iter().map(Into::into));
-        args.extend(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind"].map(Into::into));
+        args.extend(["--proc", "/proc", "--dev", "/dev"].map(Into::into));
+        if self.tmp_bytes > 0 {
+            args.extend(["--size".into(), self.tmp_bytes.to_string().into()]);
+        }
+        args.extend(["--tmpfs", "/tmp", "--bind"].map(Into::into));
         args.extend([workspace.into(), workspace.into(), "--chdir".into(), cwd.into()]);
         if self.network.is_some()
             && let Some((file, shown)) = &self.resolver
@@ -229,18 +256,36 @@ impl Sandbox {
     }
 
     /// Gives `dir` and everything under it to the sandbox user, so that sandboxed commands
-    /// can write there (nothing to do when rack is not root: they run as rack's user).
+    /// can write there, and closes `dir` to every other user (mode 0700: another app's uid
+    /// cannot look in). Nothing to do when rack is not root: they run as rack's user.
     ///
     /// # Errors
     /// When a file cannot be given away.
     pub async fn hand_over(&self, dir: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
         let Some(account) = self.account.clone() else {
             return Ok(());
         };
         let dir = dir.to_path_buf();
-        tokio::task::spawn_blocking(move || chown_tree(&dir, account.uid, account.gid))
-            .await
-            .map_err(std::io::Error::other)?
+        tokio::task::spawn_blocking(move || {
+            chown_tree(&dir, account.uid, account.gid)?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    /// [`Sandbox::hand_over`] unless `dir` is already the sandbox user's (a build made before
+    /// apps had uids of their own is given to its app's uid on its first start).
+    ///
+    /// # Errors
+    /// When a file cannot be given away.
+    pub async fn adopt(&self, dir: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        match &self.account {
+            Some(account) if std::fs::metadata(dir)?.uid() != account.uid => self.hand_over(dir).await,
+            _ => Ok(()),
+        }
     }
 
     /// Runs `true` in a sandbox, so a machine that cannot make one fails at startup with the
@@ -261,8 +306,9 @@ impl Sandbox {
         if !out.status.success() {
             bail!(
                 "bubblewrap cannot make a sandbox on this machine ({}): {}. It needs user namespaces \
-                 (sysctl kernel.unprivileged_userns_clone=1 where that setting exists), and a data \
-                 directory the sandbox user may enter",
+                 (sysctl kernel.unprivileged_userns_clone=1 where that setting exists), a data \
+                 directory the sandbox user may enter, and bubblewrap 0.7 or later for \
+                 RACK_SANDBOX_TMP_BYTES (0 leaves /tmp unbounded)",
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
             );
@@ -329,7 +375,7 @@ mod tests {
             eprintln!("skipped: joining a network namespace needs root");
             return;
         }
-        let sandbox = match Sandbox::open(DEFAULT_USER) {
+        let sandbox = match Sandbox::open(DEFAULT_USER, 0) {
             Ok(sandbox) => sandbox,
             Err(why) => {
                 eprintln!("skipped: {why}");
@@ -384,6 +430,35 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(out.stdout, std::fs::read("/etc/resolv.conf").unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_sandboxs_tmp_is_a_tmpfs_of_bounded_size() {
+        let sandbox = match Sandbox::open(DEFAULT_USER, 1 << 20) {
+            Ok(sandbox) => sandbox,
+            Err(why) => {
+                eprintln!("skipped: {why}");
+                return;
+            }
+        };
+        let dir = tempfile::tempdir().unwrap();
+        sandbox.hand_over(dir.path()).await.unwrap();
+        let script = "head -c 1000000 /dev/zero > /tmp/fits && echo fits; \
+                      head -c 2000000 /dev/zero > /tmp/more 2>/dev/null || echo full"
+            .to_owned();
+        let out = sandbox
+            .command(
+                dir.path(),
+                dir.path(),
+                &["/bin/sh".to_owned(), "-c".to_owned(), script],
+                Tie::DiesWithRack,
+            )
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(said, "fits\nfull\n", "{}", String::from_utf8_lossy(&out.stderr));
     }
 
     #[test]
