@@ -258,6 +258,49 @@ impl Builder {
             None
         };
         let holder = network.as_ref().and_then(super::user_network::UserNetwork::holder);
+        log.line(BUILD_STREAM, format!("Building image {image}")).await;
+        for attempt in 1.. {
+            let (status, last) = self
+                .run_podman_build(
+                    podman, job, service, workspace, holder, &values, &text, image, &copied, log,
+                )
+                .await?;
+            if status.success() {
+                return Ok(());
+            }
+            // podman 4.3 races: an image removed while a build weighs it as a cache candidate
+            // (another app's old build pruned, or its app deleted) fails the build with "layer
+            // not known". The candidate is gone now, so the same build, again, does not meet it.
+            if attempt == 1 && last.is_some_and(|line| line.contains("layer not known")) {
+                log.line(
+                    BUILD_STREAM,
+                    "A cached layer was removed while this build looked at it: building again".to_owned(),
+                )
+                .await;
+                continue;
+            }
+            return Err(format!("the image build failed ({status})"));
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// Runs one `podman build` of the checked Dockerfile in `workspace`; says how it ended and
+    /// its last line of output.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_podman_build(
+        &self,
+        podman: &Podman,
+        job: &BuildJob,
+        service: &str,
+        workspace: &Path,
+        holder: Option<u32>,
+        values: &std::collections::BTreeMap<String, String>,
+        text: &str,
+        image: &str,
+        copied: &Path,
+        log: &LogSink,
+    ) -> Result<(std::process::ExitStatus, Option<String>), String> {
+        let cache = podman.cache_dir(&job.app);
         let mut cmd = podman.build_command(&job.app, workspace, holder);
         cmd.env("TMPDIR", &cache)
             .args(["--pull=missing", "--layers", "--force-rm"])
@@ -273,20 +316,15 @@ impl Builder {
         ] {
             cmd.arg("--label").arg(format!("{key}={value}"));
         }
-        for name in declared_args(&text) {
+        for name in declared_args(text) {
             if let Some(value) = values.get(&name) {
                 cmd.arg("--build-arg").arg(format!("{name}={value}"));
             }
         }
-        cmd.arg(&copied);
-        log.line(BUILD_STREAM, format!("Building image {image}")).await;
+        cmd.arg(copied);
         let (mut child, _group) = spawn_group(cmd).map_err(|e| format!("could not start podman: {e}"))?;
-        pipe_output(&mut child, BUILD_STREAM, log).await;
+        let last = pipe_output(&mut child, BUILD_STREAM, log).await;
         let status = child.wait().await.map_err(|e| format!("waiting for podman: {e}"))?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(format!("the image build failed ({status})"))
-        }
+        Ok((status, last))
     }
 }

@@ -233,7 +233,9 @@ impl Driver for ProcessDriver {
             let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
             let stream = crate::stream_names::service(&start.service, &start.id);
             let log = start.log.clone();
-            tokio::spawn(async move { pipe_streams(stdout, stderr, &stream, &log).await })
+            tokio::spawn(async move {
+                pipe_streams(stdout, stderr, &stream, &log).await;
+            })
         };
         // Kept open for as long as the process should live (see WATCHDOG).
         let watchdog = child.stdin.take();

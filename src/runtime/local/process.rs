@@ -43,27 +43,31 @@ pub fn spawn_group(mut command: Command) -> std::io::Result<(Child, GroupGuard)>
     Ok((child, GroupGuard { pgid }))
 }
 
-/// Copies the child's stdout and stderr to `log` as `stream` lines until both close.
-pub async fn pipe_output(child: &mut Child, stream: &str, log: &LogSink) {
-    pipe_streams(child.stdout.take(), child.stderr.take(), stream, log).await;
+/// Copies the child's stdout and stderr to `log` as `stream` lines until both close; returns
+/// the last line (where commands say why they failed).
+pub async fn pipe_output(child: &mut Child, stream: &str, log: &LogSink) -> Option<String> {
+    pipe_streams(child.stdout.take(), child.stderr.take(), stream, log).await
 }
 
-/// Copies `stdout` and `stderr` to `log` as `stream` lines until both close.
+/// Copies `stdout` and `stderr` to `log` as `stream` lines until both close; returns the last.
 pub async fn pipe_streams(
     stdout: Option<tokio::process::ChildStdout>,
     stderr: Option<tokio::process::ChildStderr>,
     stream: &str,
     log: &LogSink,
-) {
+) -> Option<String> {
     let stdout = stdout.map(lines);
     let stderr = stderr.map(lines);
     let mut merged = futures_util::stream::select(
         futures_util::stream::iter(stdout).flatten(),
         futures_util::stream::iter(stderr).flatten(),
     );
+    let mut last = None;
     while let Some(line) = merged.next().await {
-        log.line(stream, line).await;
+        log.line(stream, line.clone()).await;
+        last = Some(line);
     }
+    last
 }
 
 /// The lines of `reader`; a line longer than `MAX_LINE` comes out in pieces, so a command that
