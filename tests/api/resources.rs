@@ -382,9 +382,12 @@ async fn after_kill_9_a_restarted_rack_adopts_its_resources_and_their_data() {
     let _servers = ResourceServers::at(data.path());
     let mut rack = crate::replicas::Replica::start(&database, data.path(), &[]).await;
     crate::replicas::create_app(&rack, "keeper").await;
+    // A sleep of its own length, to find this test's app process on the host; the app's command
+    // runs it as a grandchild (a shell starting a shell), which rack's end must reach too.
+    let marker = (90_000 + std::process::id() % 10_000).to_string();
     let manifest = MANIFEST.replace(
         "command: sleep 86400",
-        "command: sh -c 'sh notes.sh write started; exec sleep 86400'",
+        &format!("command: sh -c 'sh notes.sh write started; exec sleep {marker}'"),
     );
     let id = rack
         .build("keeper", &[("convox.yml", &manifest), ("notes.sh", NOTES)])
@@ -425,9 +428,18 @@ async fn after_kill_9_a_restarted_rack_adopts_its_resources_and_their_data() {
     );
     eprintln!("idle memory: postgres {memory} KiB, redis {} KiB", pss_kib(redis));
 
+    assert!(
+        !crate::helpers::processes_with_arg(&marker).is_empty(),
+        "the app's sleep runs"
+    );
     rack.kill_9().await;
     let alive = |pid: i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
     assert!(alive(postmaster) && alive(redis), "the resources outlive rack");
+    // The app's processes do not: their watchdog stops every one of them, grandchildren too.
+    wait_for(60, "the app's processes to stop with rack", || async {
+        crate::helpers::processes_with_arg(&marker).is_empty().then_some(())
+    })
+    .await;
 
     let rack = crate::replicas::Replica::start(&database, data.path(), &[]).await;
     wait_for(120, "the app to run again", || async {

@@ -152,15 +152,17 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
 }
 
 /// Runs an app's command so that it dies with rack: when rack's end of the stdin pipe closes
-/// (rack stopped or was killed), the watcher stops the command. The script stays until the
-/// command has exited, forwarding SIGTERM: it is the first process of the sandbox's pid
-/// namespace, whose end would kill the app before its graceful shutdown finished.
+/// (rack stopped or was killed), the watcher sends SIGTERM to the whole process group (the
+/// command and whatever it started: a shell running a shell running the server left the server
+/// behind when only the command was told). The script stays until the command has exited,
+/// forwarding SIGTERM: it is the first process of the sandbox's pid namespace, whose end would
+/// kill the app before its graceful shutdown finished.
 const WATCHDOG: &str = r#"
 exec 3<&0
 "$@" 3<&- </dev/null &
 pid=$!
 trap 'kill -TERM "$pid" 2>/dev/null' TERM INT HUP
-(cat >/dev/null; kill -TERM $$ 2>/dev/null) <&3 &
+(cat >/dev/null; kill -TERM 0 2>/dev/null) <&3 &
 while :; do
   wait "$pid"
   status=$?
