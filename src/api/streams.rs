@@ -131,24 +131,7 @@ pub fn respond_merged(
             futures_util::stream::select(events, extra).boxed()
         }
     };
-    let items = guarded(
-        items,
-        credential_end(state, request.principal.as_ref()),
-        (slot, state.metrics.stream("logs")),
-    );
-    if let Some(ws) = request.ws {
-        return Ok(stream_socket(ws).on_upgrade(move |socket| websocket(socket, items, style)));
-    }
-    let wants_sse = request
-        .headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/event-stream"));
-    if wants_sse {
-        Ok(sse(items, style).into_response())
-    } else {
-        Ok(text(items, style))
-    }
+    Ok(deliver(state, request, items, slot, style))
 }
 
 /// Answers `request` with `lines` from outside the event log (rack's own log): no ids, no
@@ -188,13 +171,25 @@ pub fn respond_lines(
             .take_while(|item| std::future::ready(item.is_some()))
             .filter_map(std::future::ready)
             .boxed();
+    Ok(deliver(state, request, items, slot, render))
+}
+
+/// Ends `items` with the credential (revoked or expired) and counts it in the stream gauge,
+/// then answers on the transport `request` asked for: a websocket, SSE, or chunked text.
+fn deliver(
+    state: &AppState,
+    request: StreamRequest,
+    items: futures_util::stream::BoxStream<'static, Result<Item, sqlx::Error>>,
+    slot: StreamSlot,
+    render: Render,
+) -> Response {
     let items = guarded(
         items,
         credential_end(state, request.principal.as_ref()),
         (slot, state.metrics.stream("logs")),
     );
     if let Some(ws) = request.ws {
-        return Ok(stream_socket(ws).on_upgrade(move |socket| websocket(socket, items, render)));
+        return stream_socket(ws).on_upgrade(move |socket| websocket(socket, items, render));
     }
     let wants_sse = request
         .headers
@@ -202,9 +197,9 @@ pub fn respond_lines(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
     if wants_sse {
-        Ok(sse(items, render).into_response())
+        sse(items, render).into_response()
     } else {
-        Ok(text(items, render))
+        text(items, render)
     }
 }
 
