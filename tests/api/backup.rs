@@ -82,8 +82,14 @@ async fn a_backup_taken_during_a_build_and_a_deployment_restores_on_a_second_ser
         .await
         .unwrap();
 
-    // A deployment that stays updating for a minute, and a build that runs for a while.
-    let slow = MANIFEST.replace("grace: 1", "grace: 30");
+    // A deployment that stays updating for half a minute (its new instance answers only after
+    // 30 s, within its grace period), and a build that runs for a minute: both are still
+    // running when the backup is taken however slowly this machine starts them.
+    let slow = MANIFEST.replace("grace: 1", "grace: 90").replace(
+        "command: python3 -u server.py",
+        "command: sleep 30 && exec python3 -u server.py",
+    );
+    assert_ne!(slow, MANIFEST);
     let slow_id = first
         .build_source("keep", &[("convox.yml", &slow), ("server.py", SERVER)])
         .await;
@@ -102,16 +108,29 @@ async fn a_backup_taken_during_a_build_and_a_deployment_restores_on_a_second_ser
             "keep",
             &[(
                 "convox.yml",
-                "services:\n  web:\n    build:\n      command: sleep 15\n    command: sleep 600\n",
+                "services:\n  web:\n    build:\n      command: sleep 60\n    command: sleep 600\n",
             )],
         )
         .await;
-    wait_for(60, "the build and the deployment to run", || async {
-        let build = first.get_build("keep", &running).await;
-        let app: Value = first.get_json("/apps/keep").await;
-        (build["status"] == "running" && app["status"] == "updating").then_some(())
+    let seen = std::sync::Mutex::new(String::new());
+    let what = "the build and the deployment to run";
+    let both = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let build = first.get_build("keep", &running).await;
+            let app: Value = first.get_json("/apps/keep").await;
+            if build["status"] == "running" && app["status"] == "updating" {
+                return;
+            }
+            *seen.lock().unwrap() = format!("build {}, app {}", build["status"], app["status"]);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     })
     .await;
+    assert!(
+        both.is_ok(),
+        "timed out after 60 s waiting for {what}; last seen: {}",
+        seen.lock().unwrap()
+    );
 
     // What the backup must hold, read before it is taken: the deployment and the build go on
     // writing events meanwhile, and those after the backup's snapshot are not in it.

@@ -100,7 +100,9 @@ fn start_env(vars: &[(&str, &str)]) -> KubeEnv {
         let admin = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
         let stopper = Command::new("/bin/sh")
             .arg("-c")
-            .arg("read _; exec \"$0\" stop \"$1\" >/dev/null 2>&1")
+            // The directory lives in a static that is never dropped, so the stopper removes it,
+            // unless something is still mounted under it (rm would reach through the mount).
+            .arg("read _; \"$0\" stop \"$1\" >/dev/null 2>&1; grep -qF \" $1/\" /proc/self/mounts || rm -rf --one-file-system \"$1\"")
             .arg(&script)
             .arg(dir.path())
             .stdin(Stdio::piped())
