@@ -195,18 +195,33 @@ mod tests {
         let sealed = ring.seal("registry:a", b"hunter2").unwrap();
         assert!(!sealed.windows(7).any(|w| w == b"hunter2"));
         assert_eq!(ring.open("registry:a", &sealed).unwrap(), b"hunter2");
-        assert!(matches!(ring.open("registry:b", &sealed), Err(SecretError::Undecryptable)));
+        assert!(matches!(
+            ring.open("registry:b", &sealed),
+            Err(SecretError::Undecryptable)
+        ));
         // The key was made on first use, for its owner only; a second keyring reads it.
-        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions());
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions(),
+        );
         assert_eq!(mode & 0o777, 0o600);
         let again = Keyring::new(None, dir.path()).unwrap();
         assert_eq!(again.open("registry:a", &sealed).unwrap(), b"hunter2");
         // Another key does not open it.
-        let other = Keyring::new(Some(&base64::engine::general_purpose::STANDARD.encode([7u8; 32])), dir.path()).unwrap();
-        assert!(matches!(other.open("registry:a", &sealed), Err(SecretError::Undecryptable)));
+        let other = Keyring::new(
+            Some(&base64::engine::general_purpose::STANDARD.encode([7u8; 32])),
+            dir.path(),
+        )
+        .unwrap();
+        assert!(matches!(
+            other.open("registry:a", &sealed),
+            Err(SecretError::Undecryptable)
+        ));
         let mut tampered = sealed.clone();
         *tampered.last_mut().unwrap() ^= 1;
-        assert!(matches!(ring.open("registry:a", &tampered), Err(SecretError::Undecryptable)));
+        assert!(matches!(
+            ring.open("registry:a", &tampered),
+            Err(SecretError::Undecryptable)
+        ));
     }
 
     #[test]

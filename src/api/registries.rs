@@ -14,7 +14,7 @@ use crate::api::input::{Format, Input, Pretty};
 use crate::error::{ApiError, ApiResult};
 use crate::store::registries as store;
 
-/// Longest server, user name or password accepted.
+/// Longest server, user name or password accepted, in characters.
 const MAX_FIELD: usize = 1024;
 
 /// `POST /registries` (a form, as the convox CLI sends it, or JSON).
@@ -41,12 +41,14 @@ pub struct RegistryView {
 /// Checks one field: given, not too long, without control characters (and, for `server` and
 /// `username`, without spaces).
 fn field<'a>(name: &str, value: &'a str, what: &str, spaces: bool) -> ApiResult<&'a str> {
+    if value.chars().count() > MAX_FIELD {
+        return Err(ApiError::BadRequest(format!(
+            "{name}: it is longer than {MAX_FIELD} characters"
+        )));
+    }
     let value = if spaces { value } else { value.trim() };
     if value.is_empty() {
         return Err(ApiError::BadRequest(format!("{name}: it is empty: give {what}")));
-    }
-    if value.len() > MAX_FIELD {
-        return Err(ApiError::BadRequest(format!("{name}: it is longer than {MAX_FIELD} bytes")));
     }
     if value.chars().any(char::is_control) || (!spaces && value.chars().any(char::is_whitespace)) {
         return Err(ApiError::BadRequest(format!(
@@ -71,7 +73,12 @@ pub async fn add_registry(State(state): State<AppState>, Input(body): Input<AddR
             "username: it has a `:`, which registries' basic auth cannot carry".into(),
         ));
     }
-    let password = field("password", &body.password, "the password (or token) to log in with", true)?;
+    let password = field(
+        "password",
+        &body.password,
+        "the password (or token) to log in with",
+        true,
+    )?;
     let sealed = state
         .keyring
         .seal(&crate::secrets::owner("registry", server), password.as_bytes())

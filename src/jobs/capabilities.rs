@@ -90,7 +90,8 @@ impl Registries for StoredRegistries {
                     .keyring
                     .open(&crate::secrets::owner("registry", &row.server), &row.password_sealed)
                     .map_err(|e| format!("registry {}: {e}", row.server))?;
-                let password = String::from_utf8(plain).map_err(|_| format!("registry {}: the password is not UTF-8", row.server))?;
+                let password = String::from_utf8(plain)
+                    .map_err(|_| format!("registry {}: the password is not UTF-8", row.server))?;
                 Ok(RegistryCredential {
                     server: row.server,
                     username: row.username,

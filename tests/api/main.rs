@@ -35,6 +35,7 @@ mod outage;
 mod quickstart;
 mod rack_system;
 mod real_node;
+mod registries;
 mod release_diff;
 mod replicas;
 mod resources;

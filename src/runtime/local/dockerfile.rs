@@ -40,8 +40,7 @@ pub fn from_images(dockerfile: &str) -> Vec<String> {
         }
         let mut words = words.filter(|w| !w.starts_with("--"));
         let Some(image) = words.next() else { continue };
-        let known_here =
-            image.eq_ignore_ascii_case("scratch") || stages.iter().any(|s| s.eq_ignore_ascii_case(image));
+        let known_here = image.eq_ignore_ascii_case("scratch") || stages.iter().any(|s| s.eq_ignore_ascii_case(image));
         if !known_here && !images.iter().any(|i| i == image) {
             images.push(image.to_owned());
         }

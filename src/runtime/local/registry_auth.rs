@@ -136,7 +136,11 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         drop(file);
         assert!(!path.exists());
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "its directory goes too");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "its directory goes too"
+        );
     }
 
     #[test]
