@@ -147,6 +147,45 @@ async fn replicas_open_the_passwords_with_the_shared_key_and_no_other() {
     assert!(error.contains("registry 127.0.0.1:5999"), "{error}");
 }
 
+#[tokio::test]
+async fn a_restored_rack_opens_the_passwords_of_its_backup() {
+    use rack::runtime::Registries;
+    let first = TestApp::spawn().await;
+    assert_eq!(add(&first, "registry.example.com", "deployer", PASSWORD).await.0, 201);
+    let response = first
+        .untimed_client()
+        .get(first.url("/system/backup?images=false"))
+        .basic_auth("convox", Some(crate::helpers::PASSWORD))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("backup.tar");
+    let bytes = tokio::time::timeout(Duration::from_secs(120), response.bytes())
+        .await
+        .expect("the backup ends")
+        .unwrap();
+    std::fs::write(&file, &bytes).unwrap();
+    let url = crate::helpers::empty_database().await;
+    let mut config = rack::config::Config::for_tests(
+        dir.path().join("rack"),
+        rack::config::Database::Url(url),
+        crate::helpers::PASSWORD,
+    );
+    config.backup.restore = Some(file);
+    let second = TestApp::start(config).await;
+    // The restored data directory has the key that sealed them.
+    let stored = rack::jobs::capabilities::StoredRegistries {
+        pool: second.state.pool.clone(),
+        keyring: second.state.keyring.clone(),
+    };
+    let credentials = stored.credentials().await.unwrap();
+    assert_eq!(credentials.len(), 1);
+    assert_eq!(credentials[0].password, PASSWORD);
+    second.stop().await;
+}
+
 /// Runs `rack args` against `app`, with `stdin` as its standard input.
 async fn rack_cli(app: &TestApp, args: &[&str], stdin: &str) -> (i32, String, String) {
     use tokio::io::AsyncWriteExt;
