@@ -25,7 +25,7 @@ mod helpers;
 mod hostile;
 mod kube_analysis;
 mod kube_exec;
-mod kube_registries;
+mod kube_pull_secrets;
 mod kube_resources;
 mod kubeenv;
 mod kubernetes;

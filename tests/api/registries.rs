@@ -63,6 +63,12 @@ async fn registries_answer_the_convox_cli_and_never_show_the_password() {
     // A server with a path, removed by its whole path.
     assert_eq!(add(&app, "ghcr.example.com/team", "u", "p").await.0, 201);
     assert_eq!(remove(&app, "ghcr.example.com/team").await, (200, "ok\n".to_owned()));
+    // Docker Hub as old docker configs name it: a URL, removed as the convox CLI sends it.
+    assert_eq!(add(&app, "https://index.docker.io/v1/", "u", "p").await.0, 201);
+    assert_eq!(
+        remove(&app, "https://index.docker.io/v1/").await,
+        (200, "ok\n".to_owned())
+    );
 
     // Bad input is a 400 that says what is wrong.
     let (status, body) = add(&app, "  ", "u", "p").await;
