@@ -89,6 +89,11 @@ pub struct ServerArgs {
     /// and kept in the data directory otherwise.
     #[arg(long, env = "RACK_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
+    /// Key that seals secrets kept in the database (private registries' passwords): base64 of
+    /// 32 bytes (`openssl rand -base64 32`). Replicas sharing a DATABASE_URL must share it;
+    /// without it, the key is `secrets.key` in the data directory, made on first use.
+    #[arg(long, env = "RACK_SECRETS_KEY", hide_env_values = true)]
+    pub secrets_key: Option<String>,
     /// Runtime that runs builds and releases.
     #[arg(long, env = "RACK_RUNTIME", value_enum, default_value = "local")]
     pub runtime: RuntimeKind,
@@ -256,6 +261,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub database: Database,
     pub password: Option<String>,
+    /// RACK_SECRETS_KEY, when set (see `secrets`).
+    pub secrets_key: Option<String>,
     pub runtime: RuntimeKind,
     pub rack_name: String,
     pub db_connections: u32,
@@ -441,6 +448,7 @@ impl Config {
             data_dir,
             database,
             password,
+            secrets_key: args.secrets_key,
             runtime: args.runtime,
             rack_name: args.name,
             db_connections: args.db_connections,
@@ -495,6 +503,7 @@ impl Config {
             data_dir,
             database,
             password: Some(password.to_owned()),
+            secrets_key: None,
             runtime: RuntimeKind::Local,
             rack_name: "rack".to_owned(),
             db_connections: 5,

@@ -29,6 +29,7 @@ pub mod rack_params;
 pub mod resource;
 pub mod resource_data;
 pub mod runtime;
+pub mod secrets;
 pub mod serve;
 pub mod store;
 pub mod stream_names;
@@ -56,6 +57,8 @@ pub struct Rack {
     pub config: Config,
     pub password: Password,
     pub objects: objects::Objects,
+    /// Seals and opens the secrets kept in the database (registries' passwords).
+    pub keyring: Arc<secrets::Keyring>,
     pub runtime: Arc<dyn runtime::Runtime>,
     pub bus: events::EventBus,
     /// This server's identity as a job holder.
@@ -176,9 +179,20 @@ impl Application {
         let bus = events::EventBus::start(&pool, shutdown.clone(), config.stream_window)
             .await
             .context("listening for events")?;
+        let keyring = Arc::new(secrets::Keyring::new(config.secrets_key.as_deref(), &config.data_dir)?);
+        if matches!(config.database, Database::Url(_)) && !keyring.from_setting() {
+            tracing::warn!(
+                "RACK_SECRETS_KEY is not set: registry passwords are sealed with secrets.key of this data \
+                 directory, which other replicas on this DATABASE_URL do not have"
+            );
+        }
+        let registries: Arc<dyn runtime::Registries> = Arc::new(jobs::capabilities::StoredRegistries {
+            pool: pool.clone(),
+            keyring: keyring.clone(),
+        });
         let runtime = match runtime {
             Some(runtime) => runtime,
-            None => default_runtime(&config, &pool, &objects, &shutdown).await?,
+            None => default_runtime(&config, &pool, &objects, &shutdown, registries).await?,
         };
         let throttle = throttle::Throttle::new(config.auth_failures, std::time::Duration::from_secs(60));
         let streams = api::limits::StreamSlots::new(config.max_streams_per_credential);
@@ -187,6 +201,7 @@ impl Application {
             config,
             password: Password::new(&password),
             objects,
+            keyring,
             runtime,
             bus,
             replica: uuid::Uuid::now_v7(),
@@ -306,6 +321,7 @@ async fn default_runtime(
     pool: &PgPool,
     objects: &objects::Objects,
     shutdown: &CancellationToken,
+    registries: Arc<dyn runtime::Registries>,
 ) -> anyhow::Result<Arc<dyn runtime::Runtime>> {
     let runtime: Arc<dyn runtime::Runtime> = match &config.kube {
         Some(kube) => Arc::new(
@@ -317,6 +333,7 @@ async fn default_runtime(
                 scratch: config.data_dir.join("builds"),
                 limits: config.source_limits,
                 build_timeout: config.build_timeout,
+                registries,
             })
             .await
             .context("starting the Kubernetes runtime (RACK_RUNTIME=kube)")?,
@@ -332,7 +349,8 @@ async fn default_runtime(
                 sandbox.user()
             );
             let podman = runtime::local::podman::Podman::detect(&config.data_dir, &config.rack_name)
-                .context("writing the podman configuration")?;
+                .context("writing the podman configuration")?
+                .map(|podman| podman.with_registries(registries));
             match &podman {
                 Some(_) => tracing::info!("Dockerfile builds and containers run with podman"),
                 None => tracing::warn!(

@@ -20,6 +20,7 @@ pub mod origin;
 pub mod processes;
 pub mod rack_resources;
 pub mod rack_system;
+pub mod registries;
 pub mod releases;
 pub mod resources;
 pub mod run;
@@ -252,6 +253,10 @@ fn routes() -> Routes {
         .stream(M::GET, "/system/backup", ADMIN.audited(), backup::download_backup)
         .json(M::GET, "/system/usage", READ, disk::show_usage)
         .json(M::GET, "/audit", ADMIN, audit::list_audit)
+        // Private registries (`convox registries`): the server may hold `/` (`host/path`).
+        .json(M::GET, "/registries", ADMIN, registries::list_registries)
+        .json(M::POST, "/registries", ADMIN, registries::add_registry)
+        .json(M::DELETE, "/registries/{*server}", ADMIN, registries::remove_registry)
         .json(M::GET, "/tokens", ADMIN, tokens::list_tokens)
         .json(M::POST, "/tokens", ADMIN, tokens::create_token)
         .json(M::DELETE, "/tokens/{id}", ADMIN, tokens::delete_token)

@@ -39,7 +39,7 @@ pub const MANIFEST: &str = "MANIFEST.json";
 pub const DATABASE: &str = "database.pgdump";
 /// The data directory's own files a backup keeps: the generated password and the self-signed
 /// certificate (all small).
-pub const KEPT_FILES: [&str; 3] = ["password", "tls-cert.pem", "tls-key.pem"];
+pub const KEPT_FILES: [&str; 4] = ["password", "tls-cert.pem", "tls-key.pem", crate::secrets::KEY_FILE];
 /// The saved images.
 pub const IMAGES: &str = "images.tar";
 /// Where resources' exports are in the archive: `resources/<app>/<name>.<ext>`.

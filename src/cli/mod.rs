@@ -17,6 +17,7 @@ mod ps;
 mod rack_resources;
 mod rack_system;
 mod racks;
+mod registries;
 mod releases;
 mod resources;
 mod run;
@@ -123,6 +124,11 @@ enum Command {
     Scale(services::ScaleArgs),
     /// Who changed what: the audit log (admin).
     Audit(audit::AuditArgs),
+    /// List private registries, or add or remove one (admin).
+    Registries {
+        #[command(subcommand)]
+        command: Option<registries::RegistriesCommand>,
+    },
     /// List API tokens, or create or revoke one (admin).
     Tokens {
         #[command(subcommand)]
@@ -245,6 +251,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                 Command::Run(args) => run::run(&client, args).await,
                 Command::Exec(args) => run::run_exec(&client, args).await,
                 Command::Tokens { command } => tokens::run(&client, command).await,
+                Command::Registries { command } => registries::run(&client, command).await,
                 Command::Audit(args) => audit::run(&client, args).await,
                 Command::Services { app } => services::list(&client, app).await,
                 Command::Scale(args) => services::scale(&client, args).await,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 
 use super::{OwnedOwner, persist_lines};
-use crate::runtime::{AppLogs, AppUids, BoxError, LogSink, PortBook, SourceTokens};
+use crate::runtime::{AppLogs, AppUids, BoxError, LogSink, PortBook, Registries, RegistryCredential, SourceTokens};
 
 /// App logs persisted as events (each sink has a writer of its own; it never blocks).
 #[derive(Debug, Clone)]
@@ -70,5 +70,34 @@ impl SourceTokens for StoredTokens {
     async fn revoke(&self, name: &str) -> Result<(), BoxError> {
         crate::store::tokens::delete_scoped(&self.0, name).await?;
         Ok(())
+    }
+}
+
+/// Private registries in the `registries` table, their passwords opened with the rack's key.
+#[derive(Debug, Clone)]
+pub struct StoredRegistries {
+    pub pool: PgPool,
+    pub keyring: std::sync::Arc<crate::secrets::Keyring>,
+}
+
+#[async_trait::async_trait]
+impl Registries for StoredRegistries {
+    async fn credentials(&self) -> Result<Vec<RegistryCredential>, BoxError> {
+        let rows = crate::store::registries::list(&self.pool).await?;
+        rows.into_iter()
+            .map(|row| {
+                let plain = self
+                    .keyring
+                    .open(&crate::secrets::owner("registry", &row.server), &row.password_sealed)
+                    .map_err(|e| format!("registry {}: {e}", row.server))?;
+                let password = String::from_utf8(plain)
+                    .map_err(|_| format!("registry {}: the password is not UTF-8", row.server))?;
+                Ok(RegistryCredential {
+                    server: row.server,
+                    username: row.username,
+                    password,
+                })
+            })
+            .collect()
     }
 }

@@ -37,3 +37,56 @@ pub trait AppUids: Send + Sync + std::fmt::Debug {
     /// `app`'s offset, allocated on first use (distinct for every app).
     async fn offset(&self, app: &str) -> Result<u32, BoxError>;
 }
+
+/// A private registry's credentials (`convox registries add`), opened for one use: handed to
+/// one podman call as an auth file, or put in an app's imagePullSecret. Never logged: its
+/// `Debug` leaves the password out.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RegistryCredential {
+    /// The registry's host (and port), as added: `registry.example.com`, `127.0.0.1:5000`.
+    pub server: String,
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryCredential")
+            .field("server", &self.server)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `credentials` as docker's `config.json` (what podman's `--authfile` and a Secret of type
+/// `kubernetes.io/dockerconfigjson` hold): `{"auths": {server: {"auth": base64(user:pass)}}}`.
+pub fn docker_config_json(credentials: &[RegistryCredential]) -> String {
+    use base64::Engine;
+    let auths: serde_json::Map<String, serde_json::Value> = credentials
+        .iter()
+        .map(|c| {
+            let auth = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", c.username, c.password));
+            (c.server.clone(), serde_json::json!({ "auth": auth }))
+        })
+        .collect();
+    serde_json::json!({ "auths": auths }).to_string()
+}
+
+/// The private registries' credentials, read when an image is built or pulled (so a registry
+/// added or removed counts from the next build or deployment on).
+#[async_trait::async_trait]
+pub trait Registries: Send + Sync + std::fmt::Debug {
+    /// Every registry's credentials.
+    async fn credentials(&self) -> Result<Vec<RegistryCredential>, BoxError>;
+}
+
+/// No private registries (tests, and programs that embed a runtime without a store).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoRegistries;
+
+#[async_trait::async_trait]
+impl Registries for NoRegistries {
+    async fn credentials(&self) -> Result<Vec<RegistryCredential>, BoxError> {
+        Ok(Vec::new())
+    }
+}

@@ -19,7 +19,9 @@ pub mod source;
 use std::net::SocketAddr;
 
 pub use build_job::{BuildFailure, BuildJob, BuildOutput, ExportedBuild};
-pub use capabilities::{AppLogs, AppUids, PortBook, SourceTokens};
+pub use capabilities::{
+    AppLogs, AppUids, NoRegistries, PortBook, Registries, RegistryCredential, SourceTokens, docker_config_json,
+};
 pub use capability_set::Capabilities;
 pub use error::{BoxError, RuntimeError};
 pub use host::{InstanceInfo, this_host};

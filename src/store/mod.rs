@@ -13,6 +13,7 @@ pub mod idempotency;
 pub mod objects;
 pub mod rack_resources;
 pub mod rack_system;
+pub mod registries;
 pub mod releases;
 pub mod resources;
 pub mod routers;

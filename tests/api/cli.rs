@@ -682,6 +682,7 @@ async fn every_listing_and_show_prints_json_with_the_api_fields() {
         &["ps"],
         &["resources"],
         &["tokens"],
+        &["registries"],
         &["audit"],
     ];
     for args in arrays {

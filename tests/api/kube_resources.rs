@@ -56,6 +56,7 @@ async fn runtime(scratch: &std::path::Path) -> KubeRuntime {
         scratch: scratch.join("builds"),
         limits: rack::archive::Limits::default(),
         build_timeout: Duration::from_secs(60),
+        registries: Arc::new(rack::runtime::NoRegistries),
     })
     .await
     .expect("the Kubernetes runtime")

@@ -11,6 +11,7 @@ pub mod events;
 mod logs;
 mod nodes;
 pub mod process;
+mod registries;
 pub mod resources;
 mod rollout;
 mod watch;
@@ -72,6 +73,8 @@ pub struct KubeSettings {
     pub scratch: PathBuf,
     pub limits: Limits,
     pub build_timeout: std::time::Duration,
+    /// The private registries, whose credentials each release's pods pull with.
+    pub registries: Arc<dyn super::Registries>,
 }
 
 impl KubeRuntime {

@@ -76,6 +76,8 @@ pub async fn apply(
         .filter_map(|d| d.metadata.name)
         .collect();
     if let Some(release) = release {
+        // The private registries' pull secret before any pod that pulls with it.
+        super::registries::apply(runtime, app).await?;
         // Resources first: a service that links one starts with it ready.
         super::database_rollout::apply(runtime, app, release, log).await?;
         for (name, service) in &release.manifest.services {

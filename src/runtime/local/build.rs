@@ -19,9 +19,10 @@
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
-use super::dockerfile::{check_mounts, declared_args};
+use super::dockerfile::{check_mounts, declared_args, from_images};
 use super::podman::{LABEL_APP, LABEL_BUILD, LABEL_HOST, LABEL_RACK, LABEL_SERVICE, Podman};
 use super::process::{pipe_output, spawn_group};
+use super::registry_auth::{self, AuthFile};
 use super::sandbox::{Sandbox, Tie};
 use crate::runtime::source;
 use crate::runtime::{BUILD_STREAM, BuildFailure, BuildJob, BuildOutput, LogSink};
@@ -321,10 +322,28 @@ impl Builder {
                 cmd.arg("--build-arg").arg(format!("{name}={value}"));
             }
         }
+        // The private registries' credentials for its `FROM`s, in a file of this one call's, in
+        // the workspace (the only place of rack's data podman sees here).
+        let credentials = match podman.registry_credentials().await {
+            Ok(credentials) => credentials,
+            Err(e) => {
+                log.line(BUILD_STREAM, format!("Warning: {e}")).await;
+                Vec::new()
+            }
+        };
+        let auth = if credentials.is_empty() {
+            None
+        } else {
+            let file = AuthFile::write(workspace.join("registries.json"), &credentials)
+                .map_err(|e| format!("writing the registries' auth file: {e}"))?;
+            Some(file)
+        };
+        cmd.args(registry_auth::podman_args(auth.as_ref(), &from_images(text)));
         cmd.arg(copied);
         let (mut child, _group) = spawn_group(cmd).map_err(|e| format!("could not start podman: {e}"))?;
         let last = pipe_output(&mut child, BUILD_STREAM, log).await;
         let status = child.wait().await.map_err(|e| format!("waiting for podman: {e}"))?;
+        drop(auth);
         Ok((status, last))
     }
 }

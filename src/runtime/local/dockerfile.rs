@@ -28,6 +28,29 @@ pub fn declared_args(dockerfile: &str) -> Vec<String> {
     names
 }
 
+/// The images a Dockerfile's `FROM`s name (its earlier stages, `scratch` and `--platform`
+/// aside), as written: a `$` in one means it is known only at build time.
+pub fn from_images(dockerfile: &str) -> Vec<String> {
+    let mut stages: Vec<String> = Vec::new();
+    let mut images = Vec::new();
+    for line in logical_lines(dockerfile) {
+        let mut words = line.split_whitespace();
+        if !words.next().is_some_and(|w| w.eq_ignore_ascii_case("FROM")) {
+            continue;
+        }
+        let mut words = words.filter(|w| !w.starts_with("--"));
+        let Some(image) = words.next() else { continue };
+        let known_here = image.eq_ignore_ascii_case("scratch") || stages.iter().any(|s| s.eq_ignore_ascii_case(image));
+        if !known_here && !images.iter().any(|i| i == image) {
+            images.push(image.to_owned());
+        }
+        if words.next().is_some_and(|w| w.eq_ignore_ascii_case("AS")) {
+            stages.extend(words.next().map(str::to_owned));
+        }
+    }
+    images
+}
+
 /// Refuses a Dockerfile whose `--mount` options could lead out of the build context: a cache
 /// `id`, a `source` or a `from` that climbs with `..`, starts at `/` (for an `id`), or holds a
 /// `$` (a build argument could make it anything). Names the line of the offending instruction.
@@ -146,6 +169,13 @@ fn logical_lines(dockerfile: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn from_images_are_the_images_a_dockerfile_starts_from() {
+        let text = "FROM --platform=linux/amd64 127.0.0.1:5000/base:1 AS build\nRUN make\n\
+                    FROM build AS test\nFROM scratch\nFROM debian AS debian\nFROM Build\n";
+        assert_eq!(super::from_images(text), ["127.0.0.1:5000/base:1", "debian"]);
+    }
+
     use super::*;
 
     #[test]

@@ -23,6 +23,7 @@ mod instance;
 pub mod podman;
 pub mod process;
 pub mod pty;
+mod registry_auth;
 mod resources;
 mod rollout;
 pub mod router;

@@ -43,6 +43,8 @@ pub struct Podman {
     /// The host uid and gid that container root maps to, when containers get a user namespace
     /// (rack is root, and /etc/subuid and /etc/subgid give the `containers` user ranges).
     userns: Option<(u32, u32)>,
+    /// The private registries' credentials, for builds and pulls (see `registry_auth`).
+    registries: Option<std::sync::Arc<dyn crate::runtime::Registries>>,
 }
 
 /// How long a podman command that should answer at once may take (a podman stuck on its
@@ -147,7 +149,25 @@ impl Podman {
             rack: rack.to_owned(),
             host,
             userns,
+            registries: None,
         }))
+    }
+
+    /// This podman with the private registries' credentials for its builds and pulls.
+    #[must_use]
+    pub fn with_registries(self, registries: std::sync::Arc<dyn crate::runtime::Registries>) -> Self {
+        Self {
+            registries: Some(registries),
+            ..self
+        }
+    }
+
+    /// The private registries' credentials, when they can be read (see `registry_auth`).
+    ///
+    /// # Errors
+    /// Why they could not be read.
+    pub async fn registry_credentials(&self) -> Result<Vec<crate::runtime::RegistryCredential>, String> {
+        super::registry_auth::credentials(self.registries.as_deref()).await
     }
 
     /// A podman command with rack's configuration.
@@ -249,8 +269,15 @@ impl Podman {
     ///
     /// # Errors
     /// As [`Podman::output`].
-    pub async fn output_within(&self, args: &[&str], within: Option<Duration>) -> Result<String, String> {
-        let what = args.first().copied().unwrap_or_default();
+    pub async fn output_within<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        args: &[S],
+        within: Option<Duration>,
+    ) -> Result<String, String> {
+        let what = args
+            .first()
+            .map(|a| a.as_ref().to_string_lossy().into_owned())
+            .unwrap_or_default();
         let running = self.command().args(args).output();
         let out = match within {
             Some(limit) => tokio::time::timeout(limit, running)
@@ -306,10 +333,25 @@ impl Podman {
         if self.image_exists(image).await {
             return Ok(());
         }
-        self.output_within(&["pull", "--quiet", image], Some(PULL_WITHIN))
-            .await
-            .map(drop)
-            .map_err(|e| format!("pulling image {image}: {e}"))
+        // The private registries' credentials, in a file of this one pull's.
+        let credentials = self.registry_credentials().await.unwrap_or_else(|e| {
+            tracing::warn!("pulling {image} without private registries: {e}");
+            Vec::new()
+        });
+        let auth = if credentials.is_empty() {
+            None
+        } else {
+            let file = super::registry_auth::AuthFile::write_in(&self.work, &credentials)
+                .map_err(|e| format!("pulling image {image}: writing the registries' auth file: {e}"))?;
+            Some(file)
+        };
+        let extra = super::registry_auth::podman_args(auth.as_ref(), &[image.to_owned()]);
+        let mut args: Vec<&std::ffi::OsStr> = vec!["pull".as_ref(), "--quiet".as_ref()];
+        args.extend(extra.iter().map(std::ffi::OsString::as_os_str));
+        args.push(image.as_ref());
+        let pulled = self.output_within(&args, Some(PULL_WITHIN)).await;
+        drop(auth);
+        pulled.map(drop).map_err(|e| format!("pulling image {image}: {e}"))
     }
 
     /// Starts a container, detached (it outlives rack); returns its id.
@@ -574,6 +616,7 @@ mod tests {
             rack: "rack".into(),
             host: "h".into(),
             userns: None,
+            registries: None,
         };
         let out = podman
             .build_command("web", &work.join("contexts/web.B1.web"), None)

@@ -17,6 +17,9 @@ pub const MANAGER: &str = "rack";
 /// The Secret (type kubernetes.io/dockerconfigjson) an app namespace may hold with the
 /// registry's credentials: builders push with it, pods pull with it.
 pub const REGISTRY_SECRET: &str = "rack-registry";
+/// The Secret (type kubernetes.io/dockerconfigjson) rack applies in each app namespace with
+/// the private registries of `convox registries add` (see `kube/registries.rs`).
+pub const REGISTRIES_SECRET: &str = "rack-registries";
 /// The container name of every service (what `Started container main` refers to).
 pub const CONTAINER: &str = "main";
 
@@ -93,6 +96,29 @@ pub fn service_image(target: &ServiceTarget<'_>, release: &ReleaseSpec) -> Strin
     }
 }
 
+/// The pull secrets of every pod of an app: the operator's `rack-registry` (RACK_REGISTRY's
+/// credentials) and rack's `rack-registries`. Either may be absent: the kubelet pulls with those
+/// that exist.
+pub fn pull_secrets() -> Value {
+    json!([{ "name": REGISTRY_SECRET }, { "name": REGISTRIES_SECRET }])
+}
+
+/// The Secret of the private registries in `app`'s namespace (an empty `auths` when there are
+/// none, so removing the last one takes its credentials away from the next pulls).
+pub fn registries_secret(rack: &str, app: &str, credentials: &[crate::runtime::RegistryCredential]) -> Value {
+    use base64::Engine;
+    let mut labels = app_labels(rack, app);
+    labels.insert("type".into(), "registries".into());
+    let config = crate::runtime::docker_config_json(credentials);
+    json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/dockerconfigjson",
+        "metadata": { "name": REGISTRIES_SECRET, "namespace": namespace_name(rack, app), "labels": labels },
+        "data": { ".dockerconfigjson": base64::engine::general_purpose::STANDARD.encode(config) },
+    })
+}
+
 /// The rolling-update bounds from the manifest's `deployment` percentages, as the local
 /// runtime follows them too (the manifest parser refuses bounds that leave no room to move, as
 /// Kubernetes would).
@@ -164,7 +190,7 @@ pub fn deployment(target: &ServiceTarget<'_>, release: &ReleaseSpec, replicas: u
                 "metadata": { "labels": pod_labels },
                 "spec": {
                     "containers": [container],
-                    "imagePullSecrets": [{ "name": REGISTRY_SECRET }],
+                    "imagePullSecrets": pull_secrets(),
                     "automountServiceAccountToken": false,
                     "enableServiceLinks": false,
                     "terminationGracePeriodSeconds": 30,
@@ -252,7 +278,7 @@ pub fn one_off_pod(
             "containers": [container],
             "restartPolicy": "Never",
             "activeDeadlineSeconds": deadline.max(1),
-            "imagePullSecrets": [{ "name": REGISTRY_SECRET }],
+            "imagePullSecrets": pull_secrets(),
             "automountServiceAccountToken": false,
             "enableServiceLinks": false,
         },
@@ -324,7 +350,7 @@ pub fn timer_cronjob(
                         "spec": {
                             "containers": [container],
                             "restartPolicy": "Never",
-                            "imagePullSecrets": [{ "name": REGISTRY_SECRET }],
+                            "imagePullSecrets": pull_secrets(),
                             "automountServiceAccountToken": false,
                             "enableServiceLinks": false,
                         },
