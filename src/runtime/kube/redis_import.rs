@@ -42,7 +42,8 @@ use crate::runtime::RuntimeError;
 /// Where the redis StatefulSet keeps its data (`--dir`).
 const DATA_DIR: &str = "/data";
 
-/// The line the load script prints once the file is in place and redis is told to stop.
+/// The line the scripts print once the files are in place and redis is told to stop (for
+/// whoever reads the output: the exit status decides).
 const RESTARTING: &str = "rack-import: restarting";
 
 /// How long one exec may take once its input is sent (`redis-check-rdb` reads the whole file).
@@ -190,10 +191,10 @@ pub fn keyspace_keys(info: &str) -> Option<u64> {
 /// What an exec printed and how it ended (`None`: the connection ended without a status, as
 /// when the container stops under it).
 #[derive(Debug, Default)]
-struct Output {
-    stdout: String,
-    stderr: String,
-    code: Option<i32>,
+pub(super) struct Output {
+    pub(super) stdout: String,
+    pub(super) stderr: String,
+    pub(super) code: Option<i32>,
 }
 
 /// One import at a time per resource on this replica: a second waits for the first.
@@ -229,7 +230,7 @@ pub async fn restore(runtime: &KubeRuntime, app: &str, name: &str, rdb: &Path) -
         .map_err(RuntimeError::io("reading the uploaded RDB file"))?
         .len();
     let load = exec(&pods, &pod, load_command(length, DATA_DIR), Some(file)).await?;
-    if !load.stdout.contains(RESTARTING) || load.code.is_some_and(|code| code != 0) {
+    if !stopped_redis(&load) {
         return Err(RuntimeError::Failed(format!(
             "the import failed and the data is as it was: {}",
             why(&load)
@@ -280,10 +281,17 @@ async fn revert(pods: &Api<Pod>, pod: &str) -> Result<(), RuntimeError> {
         .await?
         .ok_or_else(|| RuntimeError::Failed(format!("pod {pod} is not ready")))?;
     let out = exec(pods, pod, revert_command(DATA_DIR), None).await?;
-    if !out.stdout.contains(RESTARTING) {
+    if !stopped_redis(&out) {
         return Err(RuntimeError::Failed(why(&out)));
     }
     wait_restarted(pods, pod, &before).await
+}
+
+/// Whether a script that stops redis got that far: it exits 0 after the stop, or dies with the
+/// container (killed by a signal, or the connection ends without a status); its own failures
+/// exit with 1 to 127 (10 to 16: before anything changed, or with everything put back).
+fn stopped_redis(out: &Output) -> bool {
+    !matches!(out.code, Some(1..=127))
 }
 
 fn why(out: &Output) -> String {
