@@ -374,12 +374,7 @@ async fn in_resource_pod(pods: &Api<Pod>, pod: &str, command: &str) -> String {
         .await
         .unwrap_or_else(|e| panic!("exec {command:?} in {pod}: {e}"));
     let mut out = String::new();
-    attached
-        .stdout()
-        .unwrap()
-        .read_to_string(&mut out)
-        .await
-        .unwrap();
+    attached.stdout().unwrap().read_to_string(&mut out).await.unwrap();
     let _ = attached.join().await;
     out.trim().to_owned()
 }
@@ -451,7 +446,11 @@ async fn a_redis_resource_on_the_real_node_exports_imports_and_keeps_its_data() 
     let (output, code) = crate::run::exec_output(
         &app,
         &format!("/apps/{name}/processes/{}/exec", web.metadata.name.unwrap()),
-        &[("command", "sh -c 'echo $CACHE_URL'"), ("tty", "false"), ("disable-stdin", "true")],
+        &[
+            ("command", "sh -c 'echo $CACHE_URL'"),
+            ("tty", "false"),
+            ("disable-stdin", "true"),
+        ],
     )
     .await;
     assert_eq!(code, Some(0), "{output}");
@@ -521,7 +520,12 @@ async fn a_redis_resource_on_the_real_node_exports_imports_and_keeps_its_data() 
 
     assert_eq!(app.delete_app(name).await.status(), 200);
     wait_for(180, "the claim to go with the namespace", || async {
-        claims.get_opt("data-resource-cache-0").await.ok()?.is_none().then_some(())
+        claims
+            .get_opt("data-resource-cache-0")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
     })
     .await;
     volumes.delete(&pv_name, &DeleteParams::default()).await.unwrap();

@@ -238,7 +238,10 @@ fn a_restart_counts_once_the_server_is_back_and_ready() {
 
 #[test]
 fn a_script_stopped_redis_unless_it_exited_with_its_own_failure() {
-    let out = |code| Output { code, ..Output::default() };
+    let out = |code| Output {
+        code,
+        ..Output::default()
+    };
     // Exited after the stop, killed with the container, or cut off without a status.
     assert!(stopped_redis(&out(Some(0))));
     assert!(stopped_redis(&out(Some(137))));
