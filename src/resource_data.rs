@@ -369,3 +369,30 @@ pub fn console(
     crate::runtime::local::exec::spawn(cmd, &request)
         .map_err(|e| DataError::Failed(anyhow::Error::new(e).context("starting the console")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An RDB file's shape: header, a byte of data, the end-of-file opcode and a checksum.
+    fn rdb() -> Vec<u8> {
+        let mut rdb = b"REDIS0011".to_vec();
+        rdb.push(0xFE);
+        rdb.push(0xFF);
+        rdb.extend_from_slice(&[0; 8]);
+        rdb
+    }
+
+    #[tokio::test]
+    async fn an_rdb_upload_is_spooled_up_to_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = spool_rdb(dir.path(), Body::from(rdb()), 19).await.unwrap();
+        assert_eq!(std::fs::read(file.path()).unwrap(), rdb());
+        let refused = spool_rdb(dir.path(), Body::from(rdb()), 18).await.unwrap_err();
+        assert!(matches!(refused, DataError::TooLarge(18)), "{refused}");
+        let refused = spool_rdb(dir.path(), Body::from(b"SET a b".to_vec()), 100)
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, DataError::Refused(_)), "{refused}");
+    }
+}

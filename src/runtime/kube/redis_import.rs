@@ -42,10 +42,6 @@ use crate::runtime::RuntimeError;
 /// Where the redis StatefulSet keeps its data (`--dir`).
 const DATA_DIR: &str = "/data";
 
-/// The line the scripts print once the files are in place and redis is told to stop (for
-/// whoever reads the output: the exit status decides).
-const RESTARTING: &str = "rack-import: restarting";
-
 /// How long one exec may take once its input is sent (`redis-check-rdb` reads the whole file).
 const EXEC_LIMIT: Duration = Duration::from_secs(600);
 

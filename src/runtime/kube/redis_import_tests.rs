@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 
 use super::*;
 
+/// The line the scripts print once the files are in place and redis is told to stop (for whoever
+/// reads the output: the exit status decides).
+const RESTARTING: &str = "rack-import: restarting";
+
 /// A fake `redis-cli` (records its arguments and whether it got the password from its
 /// environment; PONG while `alive` exists) and `redis-check-rdb` (refuses a file with `BAD`).
 fn fake_tools(dir: &Path) {
@@ -250,4 +254,41 @@ fn a_script_stopped_redis_unless_it_exited_with_its_own_failure() {
     for code in [11, 12, 15, 126, 127] {
         assert!(!stopped_redis(&out(Some(code))), "{code}");
     }
+}
+
+#[test]
+fn a_revert_puts_the_old_aof_back_and_stops_redis() {
+    let root = tempfile::tempdir().unwrap();
+    fake_tools(root.path());
+    let data = root.path().join("data");
+    std::fs::create_dir_all(data.join("appendonlydir.before-import")).unwrap();
+    std::fs::write(data.join("appendonlydir.before-import/appendonly.aof.manifest"), "old").unwrap();
+    std::fs::create_dir_all(data.join("appendonlydir")).unwrap();
+    std::fs::write(data.join("appendonlydir/appendonly.aof.manifest"), "imported").unwrap();
+    let run = || {
+        let argv = revert_command(data.to_str().unwrap());
+        Command::new(&argv[0])
+            .args(&argv[1..])
+            .env("PATH", format!("{}:/usr/bin:/bin", root.path().join("bin").display()))
+            .env("FAKE", root.path())
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        std::fs::read_to_string(data.join("appendonlydir/appendonly.aof.manifest")).unwrap(),
+        "old"
+    );
+    assert!(!data.join("appendonlydir.before-import").exists());
+    let log = log(root.path());
+    assert!(
+        log.contains("CONFIG SET appendonly no") && log.contains("SHUTDOWN NOSAVE"),
+        "{log}"
+    );
+    // Nothing set aside: nothing is touched, redis is not stopped.
+    let again = run();
+    assert_eq!(again.status.code(), Some(16), "{again:?}");
+    let log_after = std::fs::read_to_string(root.path().join("log")).unwrap();
+    assert_eq!(log_after.matches("SHUTDOWN").count(), 1, "{log_after}");
 }
