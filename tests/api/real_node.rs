@@ -492,6 +492,19 @@ async fn a_redis_resource_on_the_real_node_exports_imports_and_keeps_its_data() 
     assert_eq!(in_resource_pod(&pods, pod, &cli("GET note")).await, "original");
     assert_eq!(in_resource_pod(&pods, pod, &cli("LRANGE list 0 -1")).await, "a\nb\nc");
     assert_eq!(in_resource_pod(&pods, pod, &cli("EXISTS extra")).await, "0");
+    // rack's execs into the pod are in the API server's audit log with their command lines
+    // (the URI's `command=` parameters): the password is on none of them, nor anywhere else.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    let secret = secrets.get("resource-cache").await.unwrap();
+    let password = String::from_utf8(secret.data.unwrap()["PASS"].0.clone()).unwrap();
+    assert!(password.len() >= 16, "a generated password");
+    let audit_log = real_node_env().admin.parent().unwrap().join("audit.log");
+    let audit = std::fs::read_to_string(&audit_log).unwrap();
+    assert!(
+        audit.contains("command=rack-import"),
+        "rack's exec is audited with its command"
+    );
+    assert!(!audit.contains(&password), "the password in {}", audit_log.display());
     let after = server_state(&pods.get(pod).await.unwrap());
     assert_eq!(after.0, before.0, "the same pod");
     assert_eq!(after.1, before.1 + 1, "redis restarted once, in place");
