@@ -153,6 +153,7 @@ impl From<crate::resource_data::DataError> for ApiError {
             DataError::Upload(message) => Self::BadRequest(message),
             DataError::Refused(message) => Self::Unprocessable(message),
             DataError::Failed(source) => Self::Internal(source),
+            DataError::TooLarge(limit) => Self::PayloadTooLarge(DataError::TooLarge(limit).to_string()),
         }
     }
 }

@@ -28,6 +28,9 @@ pub enum DataError {
     /// Rack's side failed: a tool, a file, a server (500).
     #[error("{0:#}")]
     Failed(anyhow::Error),
+    /// The upload is larger than the limit (413), in bytes.
+    #[error("the upload is larger than the limit of {0} bytes (RACK_MAX_UPLOAD_BYTES)")]
+    TooLarge(u64),
 }
 
 fn tool(name: &str, credentials: &Credentials) -> Command {
@@ -188,11 +191,12 @@ async fn streamed<G: Send + 'static>(mut cmd: Command, what: &str, guard: G) -> 
 /// Writes the upload `body` to a new file in `dir` and checks that it is an RDB file (what
 /// [`export`] gives for redis): the magic `REDIS`, a four-digit version, and the end-of-file
 /// opcode (0xFF) before the 8-byte checksum, so a truncated upload is refused too. Anything
-/// else is refused (422) before the resource is touched.
+/// else is refused (422) before the resource is touched. At most `limit` bytes are kept: the
+/// file is on rack's disk.
 ///
 /// # Errors
-/// 422 when the upload is not an RDB file; 400 when it cannot be read.
-pub async fn spool_rdb(dir: &std::path::Path, body: Body) -> Result<tempfile::NamedTempFile, DataError> {
+/// 422 when the upload is not an RDB file; 400 when it cannot be read; 413 past `limit`.
+pub async fn spool_rdb(dir: &std::path::Path, body: Body, limit: u64) -> Result<tempfile::NamedTempFile, DataError> {
     let file = tempfile::Builder::new()
         .prefix(".import-")
         .tempfile_in(dir)
@@ -203,8 +207,13 @@ pub async fn spool_rdb(dir: &std::path::Path, body: Body) -> Result<tempfile::Na
     let mut head = Vec::with_capacity(9);
     let mut tail = Vec::with_capacity(9);
     let mut stream = body.into_data_stream();
+    let mut written: u64 = 0;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| DataError::Upload(format!("reading the upload: {e}")))?;
+        written += chunk.len() as u64;
+        if written > limit {
+            return Err(DataError::TooLarge(limit));
+        }
         if head.len() < 9 {
             let take = (9 - head.len()).min(chunk.len());
             head.extend_from_slice(&chunk[..take]);
@@ -359,4 +368,31 @@ pub fn console(
     };
     crate::runtime::local::exec::spawn(cmd, &request)
         .map_err(|e| DataError::Failed(anyhow::Error::new(e).context("starting the console")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An RDB file's shape: header, a byte of data, the end-of-file opcode and a checksum.
+    fn rdb() -> Vec<u8> {
+        let mut rdb = b"REDIS0011".to_vec();
+        rdb.push(0xFE);
+        rdb.push(0xFF);
+        rdb.extend_from_slice(&[0; 8]);
+        rdb
+    }
+
+    #[tokio::test]
+    async fn an_rdb_upload_is_spooled_up_to_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = spool_rdb(dir.path(), Body::from(rdb()), 19).await.unwrap();
+        assert_eq!(std::fs::read(file.path()).unwrap(), rdb());
+        let refused = spool_rdb(dir.path(), Body::from(rdb()), 18).await.unwrap_err();
+        assert!(matches!(refused, DataError::TooLarge(18)), "{refused}");
+        let refused = spool_rdb(dir.path(), Body::from(b"SET a b".to_vec()), 100)
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, DataError::Refused(_)), "{refused}");
+    }
 }

@@ -184,7 +184,7 @@ pub async fn export_resource(
 }
 
 /// `PUT /apps/{app}/resources/{name}/data`: loads a plain-SQL dump (postgres, postgis, mysql,
-/// mariadb) or an RDB file (redis, on runtimes that can restart redis on it).
+/// mariadb) or an RDB file (redis: the runtime restarts redis on it).
 #[tracing::instrument(skip_all, fields(app.name = %app))]
 pub async fn import_resource(
     State(state): State<AppState>,
@@ -209,14 +209,14 @@ pub async fn import_resource(
 async fn import_rdb(state: &AppState, row: &Resource, body: Body) -> ApiResult<()> {
     if !state.runtime.capabilities().restores_redis {
         return Err(ApiError::Unprocessable(format!(
-            "import into redis resources is supported on the local runtime only (this rack runs \
-             the {} runtime): load the data with `rack resources proxy {}` and a redis client",
+            "import into redis resources is not supported by the {} runtime: load the data \
+             with `rack resources proxy {}` and a redis client",
             state.runtime.name(),
             row.name
         )));
     }
     // In the data directory: the upload may be large, and it lands next to the resource's data.
-    let rdb = crate::resource_data::spool_rdb(&state.config.data_dir, body).await?;
+    let rdb = crate::resource_data::spool_rdb(&state.config.data_dir, body, state.config.max_upload_bytes).await?;
     let options = row.definition.0["options"]
         .as_object()
         .map(|options| {

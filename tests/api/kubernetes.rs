@@ -1124,11 +1124,11 @@ async fn timers_become_cronjobs_and_balancers_load_balancer_services() {
     namespace_gone(&client, &ns).await;
 }
 
-/// What the Kubernetes runtime does not do yet says so: a redis import (a running redis cannot
-/// load an RDB through its protocol, and only the local runtime restarts it on one) is 422,
-/// before anything is read.
+/// A redis import on Kubernetes checks the upload before it touches anything (not an RDB file:
+/// 422), and needs the resource's pod running (the file goes into it: tests/api/real_node.rs
+/// imports into a real one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_import_is_refused_saying_where_it_runs() {
+async fn redis_import_checks_the_upload_and_needs_the_resource_running() {
     let app = spawn_kube().await;
     assert_eq!(app.create_app("kv").await.status(), 201);
     let new = rack::store::resources::NewResource {
@@ -1142,15 +1142,21 @@ async fn redis_import_is_refused_saying_where_it_runs() {
     rack::store::resources::ensure(&app.state.pool, "kv", &[new])
         .await
         .unwrap();
-    let import = app
-        .convox(Method::PUT, "/apps/kv/resources/cache/data")
-        .body(b"REDIS0011".to_vec())
-        .send()
-        .await
-        .unwrap();
-    let (status, text) = crate::helpers::status_text(import).await;
+    let import = |body: Vec<u8>| {
+        app.convox(Method::PUT, "/apps/kv/resources/cache/data")
+            .body(body)
+            .send()
+    };
+    let (status, text) = crate::helpers::status_text(import(b"SET a b\n".to_vec()).await.unwrap()).await;
     assert_eq!(status, 422, "{text}");
-    assert!(text.contains("local runtime only"), "{text}");
+    assert!(text.contains("not an RDB file"), "{text}");
+    // A well-formed RDB file (header, end-of-file opcode, checksum), but no pod to load it.
+    let mut rdb = b"REDIS0011".to_vec();
+    rdb.push(0xFF);
+    rdb.extend_from_slice(&[0; 8]);
+    let (status, text) = crate::helpers::status_text(import(rdb).await.unwrap()).await;
+    assert_eq!(status, 502, "{text}");
+    assert!(text.contains("is not running"), "{text}");
 }
 
 /// `convox instances` on Kubernetes: the cluster's nodes, as rack's own service account (with

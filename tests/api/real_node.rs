@@ -354,3 +354,196 @@ async fn a_release_phase_runs_as_a_real_one_off_pod_and_its_exit_code_counts() {
     let info: Value = app.get_json(&format!("/apps/{name}")).await;
     assert_eq!(info["release"], first.as_str());
 }
+
+/// The redis image of the real node (`scripts/kube-testenv build`: Debian's redis binaries and
+/// busybox), which a resource names as its `image:`.
+const REDIS_IMAGE: &str = "localhost/rack-testenv/redis:1";
+
+/// What `command` (a shell line) prints in the server container of resource pod `pod`, run
+/// through the kubelet as an administrator would (`redis-cli` reads the password from the
+/// container's environment).
+async fn in_resource_pod(pods: &Api<Pod>, pod: &str, command: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let params = kube::api::AttachParams::default()
+        .container("server")
+        .stdin(false)
+        .stdout(true)
+        .stderr(true);
+    let mut attached = pods
+        .exec(pod, ["sh", "-c", command], &params)
+        .await
+        .unwrap_or_else(|e| panic!("exec {command:?} in {pod}: {e}"));
+    let mut out = String::new();
+    attached.stdout().unwrap().read_to_string(&mut out).await.unwrap();
+    let _ = attached.join().await;
+    out.trim().to_owned()
+}
+
+/// The resource pod's state: its uid, the server's restarts, and whether it is Ready.
+fn server_state(pod: &Pod) -> (String, i32, bool) {
+    (
+        pod.metadata.uid.clone().unwrap_or_default(),
+        restarts(pod),
+        ready_ip(pod).is_some(),
+    )
+}
+
+/// A redis resource on the real node, replaying `convox resources export` and `import`: its
+/// StatefulSet's pod runs real redis on a real volume (a hostPath PersistentVolume the test
+/// makes, bound to the claim by the controller); the export is an RDB; an import of it brings
+/// back the data as it was exported (redis restarted on it, in place); a file redis cannot load
+/// is refused with the data untouched; the data survives the pod being deleted and re-made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_resource_on_the_real_node_exports_imports_and_keeps_its_data() {
+    use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+    use kube::api::PostParams;
+
+    let app = spawn_on_real_node().await;
+    let client = client_for(&real_node_env().admin).await;
+    let name = "realredis";
+    let ns = format!("rack-{name}");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    // The volume: a directory of this test, offered to exactly the claim the StatefulSet makes.
+    let volume_dir = tempfile::tempdir().unwrap();
+    let volumes: Api<PersistentVolume> = Api::all(client.clone());
+    let pv_name = format!("{name}-cache");
+    let pv: PersistentVolume = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": pv_name },
+        "spec": {
+            // What the claim asks for (a redis resource's default storage, 10 GB).
+            "capacity": { "storage": "10Gi" },
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "hostPath": { "path": volume_dir.path().to_str().unwrap(), "type": "Directory" },
+            "claimRef": { "namespace": ns, "name": "data-resource-cache-0" },
+        },
+    }))
+    .unwrap();
+    volumes.create(&PostParams::default(), &pv).await.unwrap();
+
+    assert_eq!(app.create_app(name).await.status(), 201);
+    let manifest = format!(
+        "resources:\n  cache:\n    type: redis\n    image: {REDIS_IMAGE}\n\
+         services:\n  web:\n    image: {REAL_NODE_IMAGE}\n    \
+         command: \"mkdir -p /tmp/w && echo ok >/tmp/w/health && exec httpd -f -p 8080 -h /tmp/w\"\n    \
+         port: 8080\n    resources:\n      - cache\n    health:\n      path: /health\n      grace: 1\n      interval: 1\n"
+    );
+    let release = app.build_release(name, &[("convox.yml", &manifest)]).await;
+    let started = std::time::Instant::now();
+    let log = promote_follow(&app, name, &release).await;
+    assert!(log.ends_with("\nOK\n"), "{log}");
+    assert!(log.contains("resource/cache ready"), "{log}");
+    eprintln!("deployed with a redis resource in {:?}", started.elapsed());
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+    let claim = claims.get("data-resource-cache-0").await.unwrap();
+    assert_eq!(claim.spec.unwrap().volume_name.as_deref(), Some(pv_name.as_str()));
+    let pod = "resource-cache-0";
+    let first = pods.get(pod).await.unwrap();
+    assert_eq!(first.spec.as_ref().unwrap().node_name.as_deref(), Some(REAL_NODE));
+
+    // The linked service gets the resource's variables from its Secret.
+    let web = web_pods(&pods).await.into_iter().next().expect("a web pod");
+    let (output, code) = crate::run::exec_output(
+        &app,
+        &format!("/apps/{name}/processes/{}/exec", web.metadata.name.unwrap()),
+        &[
+            ("command", "sh -c 'echo $CACHE_URL'"),
+            ("tty", "false"),
+            ("disable-stdin", "true"),
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{output}");
+    assert!(
+        output.contains(&format!("@resource-cache.{ns}.svc.cluster.local:6379")),
+        "{output}"
+    );
+
+    // Data, then its export (an RDB, through a port-forward to the pod).
+    let cli = |command: &str| format!("redis-cli -h 127.0.0.1 {command}");
+    assert_eq!(in_resource_pod(&pods, pod, &cli("SET note original")).await, "OK");
+    assert_eq!(in_resource_pod(&pods, pod, &cli("RPUSH list a b c")).await, "3");
+    let rdb = crate::resources::export(&app, name, "cache").await;
+    assert!(rdb.starts_with(b"REDIS"), "an RDB file");
+
+    // Changed after the export: the import brings back the exported data, and only it.
+    in_resource_pod(&pods, pod, &cli("SET note changed")).await;
+    in_resource_pod(&pods, pod, &cli("DEL list")).await;
+    in_resource_pod(&pods, pod, &cli("SET extra 1")).await;
+    let before = server_state(&pods.get(pod).await.unwrap());
+
+    // Not an RDB file: refused before anything is touched. One redis cannot load (a version
+    // from the future): refused in the pod, the server never stopped.
+    let (status, text) = crate::resources::import(&app, name, "cache", b"FLUSHALL\n".to_vec()).await;
+    assert_eq!(status, 422, "{text}");
+    let mut future = rdb.to_vec();
+    future[5..9].copy_from_slice(b"0099");
+    let (status, text) = crate::resources::import(&app, name, "cache", future).await;
+    assert_eq!(status, 502, "{text}");
+    assert!(text.contains("the data is as it was"), "{text}");
+    assert!(text.contains("RDB format version 99"), "{text}");
+    assert_eq!(in_resource_pod(&pods, pod, &cli("GET note")).await, "changed");
+    assert_eq!(server_state(&pods.get(pod).await.unwrap()), before, "not restarted");
+
+    let started = std::time::Instant::now();
+    let (status, text) = crate::resources::import(&app, name, "cache", rdb.to_vec()).await;
+    assert_eq!((status, text.as_str()), (200, "ok\n"));
+    eprintln!("imported in {:?}", started.elapsed());
+    assert_eq!(in_resource_pod(&pods, pod, &cli("GET note")).await, "original");
+    assert_eq!(in_resource_pod(&pods, pod, &cli("LRANGE list 0 -1")).await, "a\nb\nc");
+    assert_eq!(in_resource_pod(&pods, pod, &cli("EXISTS extra")).await, "0");
+    // rack's execs into the pod are in the API server's audit log with their command lines
+    // (the URI's `command=` parameters): the password is on none of them, nor anywhere else.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    let secret = secrets.get("resource-cache").await.unwrap();
+    let password = String::from_utf8(secret.data.unwrap()["PASS"].0.clone()).unwrap();
+    assert!(password.len() >= 16, "a generated password");
+    let audit_log = real_node_env().admin.parent().unwrap().join("audit.log");
+    let audit = std::fs::read_to_string(&audit_log).unwrap();
+    assert!(
+        audit.contains("command=rack-import"),
+        "rack's exec is audited with its command"
+    );
+    assert!(!audit.contains(&password), "the password in {}", audit_log.display());
+    let after = server_state(&pods.get(pod).await.unwrap());
+    assert_eq!(after.0, before.0, "the same pod");
+    assert_eq!(after.1, before.1 + 1, "redis restarted once, in place");
+    // What the import set aside is gone; the data is in the AOF, on the volume.
+    let listing = in_resource_pod(&pods, pod, "ls /data").await;
+    assert!(listing.lines().any(|file| file == "appendonlydir"), "{listing}");
+    assert!(!listing.contains("import"), "{listing}");
+    assert!(volume_dir.path().join("appendonlydir").is_dir());
+
+    // Written after the import, then the pod deleted: the StatefulSet makes a new one on the
+    // same volume, which holds everything.
+    in_resource_pod(&pods, pod, &cli("SET later yes")).await;
+    pods.delete(pod, &DeleteParams::default()).await.unwrap();
+    let old_uid = after.0;
+    wait_for(180, "a new, Ready resource pod", || async {
+        let now = pods.get(pod).await.ok()?;
+        let (uid, _, ready) = server_state(&now);
+        (uid != old_uid && ready).then_some(())
+    })
+    .await;
+    assert_eq!(in_resource_pod(&pods, pod, &cli("GET note")).await, "original");
+    assert_eq!(in_resource_pod(&pods, pod, &cli("GET later")).await, "yes");
+    // And the export of the new pod is the same data.
+    let again = crate::resources::export(&app, name, "cache").await;
+    assert!(again.starts_with(b"REDIS"));
+
+    assert_eq!(app.delete_app(name).await.status(), 200);
+    wait_for(180, "the claim to go with the namespace", || async {
+        claims
+            .get_opt("data-resource-cache-0")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    volumes.delete(&pv_name, &DeleteParams::default()).await.unwrap();
+    wait_for(120, "the volume to go", || async {
+        volumes.get_opt(&pv_name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+}

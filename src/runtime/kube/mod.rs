@@ -11,6 +11,7 @@ pub mod events;
 mod logs;
 mod nodes;
 pub mod process;
+mod redis_import;
 mod registries;
 pub mod resources;
 mod rollout;
@@ -251,7 +252,7 @@ impl Runtime for KubeRuntime {
             runs_timers: true,
             restores_on_start: false,
             restores_resource_data: false,
-            restores_redis: false,
+            restores_redis: true,
             runs_rack_resources: true,
             transfers_builds: false,
         }
@@ -334,6 +335,16 @@ impl Runtime for KubeRuntime {
             first_failure = first_failure.and(delete(&jobs, &resources::build_job_name(id)).await);
         }
         first_failure
+    }
+
+    /// Sends the RDB file into the resource's pod and restarts redis on it (`redis_import`).
+    async fn restore_redis(
+        &self,
+        app: &str,
+        spec: &crate::resource::ResourceSpec,
+        rdb: &std::path::Path,
+    ) -> Result<(), RuntimeError> {
+        redis_import::restore(self, databases::owner_app(app), &spec.name, rdb).await
     }
 
     #[tracing::instrument(skip_all, fields(app.name = %app))]
