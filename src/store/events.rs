@@ -168,6 +168,8 @@ pub async fn horizon(pool: &PgPool, app: &str) -> Result<i64, sqlx::Error> {
 
 /// The seq of the app's last event older than `age` (a cursor that starts a stream `age` ago).
 pub async fn seq_before(pool: &PgPool, app: &str, age: std::time::Duration) -> Result<i64, sqlx::Error> {
+    // An interval holds whole microseconds (sqlx refuses to encode a finer duration).
+    let age = std::time::Duration::from_micros(u64::try_from(age.as_micros()).unwrap_or(u64::MAX).min(i64::MAX as u64));
     sqlx::query_scalar("select coalesce(max(seq), 0) from events where app = $1 and at < now() - $2")
         .bind(app)
         .bind(age)

@@ -205,6 +205,15 @@ async fn hostile_requests_get_a_clear_4xx_and_store_nothing() {
         case("header: huge duration", Method::GET, "/apps/target/logs", 200)
             .header("since", format!("{}h", "9".repeat(400)))
             .header("follow", "false"),
+        // A Postgres interval holds microseconds: a finer duration is not a server error.
+        case(
+            "header: a duration finer than 1 µs",
+            Method::GET,
+            "/apps/target/logs",
+            200,
+        )
+        .header("since", ".67302167ms")
+        .header("follow", "false"),
         case("header: an empty flag", Method::GET, "/apps/target/logs", 400)
             .header("prefix", "")
             .header("follow", "false"),
