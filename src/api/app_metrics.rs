@@ -9,12 +9,12 @@
 //! (milliseconds; `count` the requests it is over) and `memory` (MiB now, over the running
 //! instances: one value at the last period, `count` the instances).
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::apps::AppPath;
-use super::input::Pretty;
+use super::input::{Pretty, QueryParams};
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::runtime::{MetricsWindow, Traffic};
@@ -55,7 +55,7 @@ pub struct MetricValue {
 #[tracing::instrument(skip_all, fields(app.name = %app.name))]
 pub async fn app_metrics(
     State(state): State<AppState>,
-    Query(query): Query<MetricsQuery>,
+    QueryParams(query): QueryParams<MetricsQuery>,
     AppPath(app): AppPath,
 ) -> ApiResult<Pretty<Vec<Metric>>> {
     answer(&state, &app.name, None, &query).await
@@ -65,7 +65,7 @@ pub async fn app_metrics(
 pub async fn service_metrics(
     State(state): State<AppState>,
     Path((_, service)): Path<(String, String)>,
-    Query(query): Query<MetricsQuery>,
+    QueryParams(query): QueryParams<MetricsQuery>,
     AppPath(app): AppPath,
 ) -> ApiResult<Pretty<Vec<Metric>>> {
     answer(&state, &app.name, Some(&service), &query).await

@@ -9,7 +9,7 @@
 use std::io::{Seek, Write};
 
 use axum::body::Body;
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
 use super::apps::AppPath;
-use super::input::Pretty;
+use super::input::{Format, Pretty, QueryParams};
 use crate::AppState;
 use crate::archive::cp::{CopyError, components, rewrite};
 use crate::error::{ApiError, ApiResult};
@@ -63,7 +63,7 @@ pub struct Copied {
 pub async fn upload_files(
     State(state): State<AppState>,
     Path((_, id)): Path<(String, String)>,
-    Query(query): Query<UploadQuery>,
+    QueryParams(query): QueryParams<UploadQuery>,
     headers: HeaderMap,
     AppPath(app): AppPath,
     body: Body,
@@ -154,7 +154,7 @@ pub async fn upload_files(
 pub async fn download_files(
     State(state): State<AppState>,
     Path((_, id)): Path<(String, String)>,
-    Query(query): Query<DownloadQuery>,
+    QueryParams(query): QueryParams<DownloadQuery>,
     Extension(principal): Extension<crate::auth::Principal>,
     AppPath(app): AppPath,
 ) -> ApiResult<Response> {
@@ -206,7 +206,8 @@ pub async fn download_files(
 pub async fn delete_files(
     State(state): State<AppState>,
     Path((_, id)): Path<(String, String)>,
-    Query(query): Query<DeleteQuery>,
+    QueryParams(query): QueryParams<DeleteQuery>,
+    format: Format,
     AppPath(app): AppPath,
 ) -> ApiResult<Response> {
     let files: Vec<&str> = query
@@ -221,6 +222,7 @@ pub async fn delete_files(
             "files is required: comma-separated absolute paths".into(),
         ));
     }
+    let count = files.len();
     let mut argv = vec!["rm".to_owned(), "-f".to_owned(), "--".to_owned()];
     for file in files {
         argv.push(format!("/{}", process_path(file)?));
@@ -229,7 +231,7 @@ pub async fn delete_files(
     let session = exec(&state, &app.name, &id, argv, false).await?;
     let message = collect(session.output).await;
     match session.exit.await {
-        0 => Ok(axum::http::StatusCode::OK.into_response()),
+        0 => Ok(format.ok(serde_json::json!({ "deleted": count }))),
         code => Err(ApiError::Unprocessable(format!(
             "removing files in process {id} failed (exit {code}): {}",
             message.trim()

@@ -186,3 +186,48 @@ async fn cp_over_the_limit_is_refused_with_413() {
     assert_eq!(status, 413, "{body}");
     assert!(!dir.join("big.bin").exists());
 }
+
+#[tokio::test]
+async fn rack_cp_copies_both_ways_and_rack_metrics_prints_json() {
+    let app = TestApp::spawn().await;
+    let release = crate::run::running_app(&app, "clicopy").await;
+    let (pid, dir) = process_and_dir(&app, "clicopy", &release).await;
+    let local = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(local.path().join("tree/sub")).unwrap();
+    std::fs::write(local.path().join("tree/sub/a.txt"), "a\n").unwrap();
+    std::fs::write(local.path().join("tree/b.txt"), "b\n").unwrap();
+    let remote = format!("{pid}:{}/copied", dir.display());
+    let run = crate::cli::rack_in(
+        &app,
+        crate::helpers::PASSWORD,
+        &["cp", "tree", &remote, "--app", "clicopy"],
+        local.path(),
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(std::fs::read_to_string(dir.join("copied/sub/a.txt")).unwrap(), "a\n");
+    let run = crate::cli::rack_in(
+        &app,
+        crate::helpers::PASSWORD,
+        &["cp", &remote, "back", "--app", "clicopy"],
+        local.path(),
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        std::fs::read_to_string(local.path().join("back/sub/a.txt")).unwrap(),
+        "a\n"
+    );
+    assert_eq!(std::fs::read_to_string(local.path().join("back/b.txt")).unwrap(), "b\n");
+
+    let run = crate::cli::rack_in(
+        &app,
+        crate::helpers::PASSWORD,
+        &["metrics", "--app", "clicopy", "--service", "web", "--json"],
+        local.path(),
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let metrics: Vec<Value> = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(metrics[0]["name"], "requests", "{metrics:?}");
+}
