@@ -118,7 +118,7 @@ fn window(query: &MetricsQuery, now: DateTime<Utc>) -> ApiResult<MetricsWindow> 
     if start >= end {
         return Err(ApiError::BadRequest("start must be before end".into()));
     }
-    let span = (end - start).num_seconds().cast_unsigned();
+    let span = u64::try_from((end - start).num_seconds()).unwrap_or(0);
     if span.div_ceil(period) > crate::runtime::MAX_METRIC_PERIODS {
         return Err(ApiError::BadRequest(format!(
             "that is more than {} periods: ask for a longer period or a shorter window",
@@ -142,7 +142,7 @@ fn time(name: &str, text: &str) -> ApiResult<DateTime<Utc>> {
         })
 }
 
-#[allow(clippy::cast_precision_loss)]
+#[expect(clippy::cast_precision_loss, reason = "counts and bytes far below 2^52")]
 fn shape(traffic: &Traffic, names: &[&str], window: &MetricsWindow) -> Vec<Metric> {
     let count = |(min, max): (u64, u64), sum: u64, seconds: u64| MetricValue {
         time: DateTime::<Utc>::MIN_UTC,
@@ -197,7 +197,7 @@ fn shape(traffic: &Traffic, names: &[&str], window: &MetricsWindow) -> Vec<Metri
 }
 
 /// The instances' memory now, in MiB, at the window's last period.
-#[allow(clippy::cast_precision_loss)]
+#[expect(clippy::cast_precision_loss, reason = "counts and bytes far below 2^52")]
 fn memory(traffic: &Traffic, window: &MetricsWindow) -> Option<MetricValue> {
     let mib: Vec<f64> = traffic
         .memory
@@ -208,10 +208,12 @@ fn memory(traffic: &Traffic, window: &MetricsWindow) -> Option<MetricValue> {
         return None;
     }
     let sum: f64 = mib.iter().sum();
-    let span = (window.end - window.start).num_seconds().max(1).cast_unsigned();
+    let span = u64::try_from((window.end - window.start).num_seconds())
+        .unwrap_or(0)
+        .max(1);
     let last = (span - 1) / window.period * window.period;
     Some(MetricValue {
-        time: window.start + chrono::Duration::seconds(last.cast_signed()),
+        time: window.start + chrono::Duration::seconds(i64::try_from(last).unwrap_or(i64::MAX)),
         avg: sum / mib.len() as f64,
         count: mib.len() as f64,
         max: mib.iter().copied().fold(f64::MIN, f64::max),

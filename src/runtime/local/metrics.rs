@@ -43,19 +43,19 @@ impl LocalRuntime {
 /// The periods of `window` that `routers` still hold seconds of, `now` being their present.
 fn periods(routers: &[Router], window: &MetricsWindow, now: DateTime<Utc>) -> Vec<PeriodFigures> {
     let period = window.period.max(1);
-    let span = (window.end - window.start).num_seconds().max(0).cast_unsigned();
+    let span = u64::try_from((window.end - window.start).num_seconds()).unwrap_or(0);
     let count = span.div_ceil(period).min(crate::runtime::MAX_METRIC_PERIODS);
     // Each router's present second; its second `s` was `now - (present - s)`.
     let presents: Vec<u64> = routers.iter().map(Router::second).collect();
     let mut out = Vec::new();
     for k in 0..count {
-        let at = window.start + chrono::Duration::seconds((k * period).cast_signed());
+        let at = window.start + chrono::Duration::seconds(i64::try_from(k * period).unwrap_or(i64::MAX));
         let mut total = Sum::default();
         let mut seconds = 0;
         let mut requests_range = (u64::MAX, 0);
         let mut errors_range = (u64::MAX, 0);
         for offset in 0..period {
-            let wall = at + chrono::Duration::seconds(offset.cast_signed());
+            let wall = at + chrono::Duration::seconds(i64::try_from(offset).unwrap_or(i64::MAX));
             // Not yet (a negative difference would truncate to 0 and count this second twice).
             if wall > now {
                 continue;
@@ -67,7 +67,7 @@ fn periods(routers: &[Router], window: &MetricsWindow, now: DateTime<Utc>) -> Ve
             let mut second = Sum::default();
             let mut held = false;
             for (router, present) in routers.iter().zip(&presents) {
-                if let Some(s) = present.checked_sub(ago.cast_unsigned()) {
+                if let Some(s) = present.checked_sub(u64::try_from(ago).unwrap_or(u64::MAX)) {
                     router.add_to(&mut second, s, s);
                     router.add_to(&mut total, s, s);
                     held = true;
