@@ -231,3 +231,97 @@ async fn rack_cp_copies_both_ways_and_rack_metrics_prints_json() {
     let metrics: Vec<Value> = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(metrics[0]["name"], "requests", "{metrics:?}");
 }
+
+/// The tar entries (name, content) of a download.
+async fn download(app: &TestApp, files: &str, file: &str) -> (u16, Vec<(String, String)>) {
+    let response = app
+        .convox(Method::GET, files)
+        .query(&[("file", file)])
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let tarball = response.bytes().await.unwrap();
+    if status != 200 {
+        return (status, Vec::new());
+    }
+    let mut archive = tar::Archive::new(&tarball[..]);
+    let mut found = Vec::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let mut content = String::new();
+        std::io::Read::read_to_string(&mut entry, &mut content).unwrap();
+        found.push((entry.path().unwrap().display().to_string(), content));
+    }
+    (status, found)
+}
+
+#[tokio::test]
+async fn cp_round_trips_through_a_container_and_refuses_escapes() {
+    crate::containers::base_image().await;
+    let app = TestApp::spawn().await;
+    let _leftovers = crate::containers::Leftovers::of(&app);
+    app.create_app("boxcopy").await;
+    let files = crate::containers::convox_app("v1");
+    let id = app.build_source("boxcopy", &crate::containers::as_files(&files)).await;
+    let build = app.wait_build("boxcopy", &id).await;
+    assert_eq!(build["status"], "complete", "{}", app.build_log("boxcopy", &id).await);
+    crate::deploys::promote_follow(&app, "boxcopy", build["release"].as_str().unwrap()).await;
+    let processes: Vec<Value> = app.get_json("/apps/boxcopy/processes").await;
+    let pid = processes.iter().find(|p| p["type"] == "service").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let files = format!("/apps/boxcopy/processes/{pid}/files");
+
+    let (status, body) = upload(
+        &app,
+        &files,
+        tar_of(&[
+            ("/app/uploaded/hello.txt", b"hello container\n", None),
+            ("/app/uploaded/link", b"", Some("hello.txt")),
+            ("/app/www/copied.txt", b"served\n", None),
+        ]),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, found) = download(&app, &files, "/app/uploaded/hello.txt").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        found,
+        vec![("app/uploaded/hello.txt".to_owned(), "hello container\n".to_owned())]
+    );
+    // The app serves it too: it is in the container's own filesystem.
+    let router = app.get_json::<Value>("/apps/boxcopy").await["router"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let served = reqwest::get(format!("http://{router}/copied.txt"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(served, "served\n");
+    assert_eq!(download(&app, &files, "/app/nothing-here").await.0, 404);
+
+    let outside = std::env::temp_dir().join(format!("rack-cp-escape-{pid}"));
+    let climbing = format!(
+        "/app/{}",
+        "../".repeat(4) + outside.to_str().unwrap().trim_start_matches('/')
+    );
+    let (status, body) = upload(&app, &files, tar_of(&[(&climbing, b"x", None)])).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = upload(&app, &files, tar_of(&[("/app/abs", b"", Some("/etc/passwd"))])).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(!outside.exists());
+
+    let deleted = app
+        .convox(Method::DELETE, &files)
+        .query(&[("files", "/app/uploaded/hello.txt")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    assert_eq!(download(&app, &files, "/app/uploaded/hello.txt").await.0, 404);
+}
