@@ -124,9 +124,11 @@ pub async fn upload_files(
     // Output is read beside the input: a command that fills its pipe must not block the copy.
     let output = tokio::spawn(collect(session.output));
     let copied = tokio::io::copy(&mut file, &mut stdin).await;
-    let _ = stdin.shutdown().await;
-    drop(stdin);
+    let _ = stdin.flush().await;
+    // Standard input stays open until the command ends: `head -c` stops on its own, and on a
+    // Kubernetes API server before 1.29 closing it closes the whole exec, exit code included.
     let code = session.exit.await;
+    drop(stdin);
     let message = output.await.unwrap_or_default();
     if let Err(e) = copied
         && code == 0

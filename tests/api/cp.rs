@@ -325,3 +325,27 @@ async fn cp_round_trips_through_a_container_and_refuses_escapes() {
     assert_eq!(deleted.status(), 200);
     assert_eq!(download(&app, &files, "/app/uploaded/hello.txt").await.0, 404);
 }
+
+/// cp into and out of a pod of the real node (tests/api/real_node.rs): a file the pod's httpd
+/// serves from /tmp/www (at `url`), downloaded back, and an escape refused.
+pub async fn kube_round_trip(app: &TestApp, name: &str, pod: &str, url: &str) {
+    let files = format!("/apps/{name}/processes/{pod}/files");
+    let (status, body) = upload(
+        app,
+        &files,
+        tar_of(&[("/tmp/www/copied.txt", b"copied into the pod\n", None)]),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let served = reqwest::get(url).await.unwrap().text().await.unwrap();
+    assert_eq!(served, "copied into the pod\n");
+    let (status, found) = download(app, &files, "/tmp/www/copied.txt").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        found,
+        vec![("tmp/www/copied.txt".to_owned(), "copied into the pod\n".to_owned())]
+    );
+    assert_eq!(download(app, &files, "/tmp/www/nothing-here").await.0, 404);
+    let (status, body) = upload(app, &files, tar_of(&[("/tmp/../../x", b"x", None)])).await;
+    assert_eq!(status, 400, "{body}");
+}
