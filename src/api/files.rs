@@ -184,18 +184,30 @@ pub async fn download_files(
         });
     };
     let mut sent: u64 = 0;
-    let rest = futures_util::stream::once(async move { first }).chain(output);
-    // The exit future lives as long as the stream: dropping it would end the command early.
-    let body = rest.map(move |chunk| {
-        let _ = (&exit, &slot);
+    let cap = limit.saturating_add(limit / 8).saturating_add(1 << 20);
+    // Once the output ends, the exit code: a `tar` that failed part-way ends the body with an
+    // error, so the client sees a broken transfer rather than a short archive.
+    let ending = futures_util::stream::once(async move {
+        let _slot = slot;
+        match exit.await {
+            0 => None,
+            code => Some(Err(std::io::Error::other(format!(
+                "tar in the process exited with {code}"
+            )))),
+        }
+    })
+    .filter_map(std::future::ready);
+    let chunks = futures_util::stream::once(async move { first }).chain(output);
+    let body = chunks.map(move |chunk| {
         sent += chunk.len() as u64;
-        if sent > limit.saturating_add(limit / 8).saturating_add(1 << 20) {
+        if sent > cap {
             return Err(std::io::Error::other(format!(
                 "{file} is larger than the limit of {limit} bytes (RACK_MAX_CP_BYTES)"
             )));
         }
         Ok::<_, std::io::Error>(chunk)
     });
+    let body = body.chain(ending);
     let mut response = Body::from_stream(body).into_response();
     response
         .headers_mut()
