@@ -161,6 +161,23 @@ async fn cp_round_trips_through_a_process_and_refuses_escapes() {
     assert_eq!(deleted.status(), 200);
     assert!(!target.join("hello.txt").exists());
 
+    // `--tar-extra` passes on the flags convox allows, and refuses the rest.
+    let with_flags = |flags: &str| {
+        app.convox(Method::POST, &files)
+            .query(&[("tar-extra", flags)])
+            .body(tar_of(&[(&name, b"again\n", None)]))
+            .send()
+    };
+    assert_eq!(
+        with_flags("--no-same-owner,--no-same-permissions")
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(std::fs::read_to_string(target.join("hello.txt")).unwrap(), "again\n");
+    assert_eq!(with_flags("--to-command=sh").await.unwrap().status(), 400);
+
     // Another process id is a 404.
     let (status, _) = upload(
         &app,
