@@ -69,7 +69,6 @@ pub async fn upload_files(
     body: Body,
 ) -> ApiResult<Pretty<Copied>> {
     let limit = state.config.max_cp_bytes;
-    let flags = tar_flags(query.tar_extra.as_deref())?;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -80,6 +79,7 @@ pub async fn upload_files(
         return Err(too_large(limit));
     }
     running(&state, &app.name, &id).await?;
+    let flags = tar_flags(query.tar_extra.as_deref())?;
     let mut spool = tempfile::tempfile().map_err(internal("making a spool file"))?;
     let mut received: u64 = 0;
     let mut chunks = Box::pin(super::objects::idle_limited(body));
@@ -161,12 +161,13 @@ pub async fn download_files(
     AppPath(app): AppPath,
 ) -> ApiResult<Response> {
     let limit = state.config.max_cp_bytes;
+    // The process first: a path is only judged for a process that exists.
+    running(&state, &app.name, &id).await?;
     let file = query
         .file
         .filter(|f| !f.is_empty())
         .ok_or_else(|| ApiError::BadRequest("file is required: the absolute path to copy".into()))?;
     let relative = process_path(&file)?;
-    running(&state, &app.name, &id).await?;
     let slot = state.streams.take(Some(&principal))?;
     let argv = vec![
         "sh".to_owned(),
@@ -224,6 +225,7 @@ pub async fn delete_files(
     format: Format,
     AppPath(app): AppPath,
 ) -> ApiResult<Response> {
+    running(&state, &app.name, &id).await?;
     let files: Vec<&str> = query
         .files
         .as_deref()
@@ -241,7 +243,6 @@ pub async fn delete_files(
     for file in files {
         argv.push(format!("/{}", process_path(file)?));
     }
-    running(&state, &app.name, &id).await?;
     let session = exec(&state, &app.name, &id, argv, false).await?;
     let message = collect(session.output).await;
     match session.exit.await {
