@@ -83,6 +83,14 @@ async fn metrics_count_the_requests_and_errors_sent_through_the_router() {
         assert_eq!(&names[..3], ["requests", "errors", "latency-p95"]);
         let latency = &metrics[2]["values"][0];
         assert!(latency["max"].as_f64().unwrap() > 0.0, "{latency}");
+        // Memory comes from the instances' cgroups, which rack sets as root on cgroup v1.
+        let cgroups =
+            nix::unistd::geteuid().is_root() && std::path::Path::new("/sys/fs/cgroup/memory/cgroup.procs").exists();
+        if cgroups {
+            let memory = &metrics[3]["values"][0];
+            assert!(memory["sum"].as_f64().unwrap() > 0.0, "{path}: {memory}");
+            assert_eq!(memory["count"], 1.0, "{path}: one instance");
+        }
         for value in metrics[0]["values"].as_array().unwrap() {
             for field in ["time", "avg", "count", "max", "min", "sum"] {
                 assert!(value.get(field).is_some(), "{field} missing in {value}");
