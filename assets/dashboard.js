@@ -1,6 +1,8 @@
 "use strict";
 // rack's dashboard: a snapshot from the REST API, then every change from the event feed
-// (GET /events as NDJSON, resumed from the last id after a disconnect). No polling.
+// (GET /events as NDJSON, resumed from the last id after a disconnect). The one thing read
+// again on a timer is each app's traffic (GET /apps/{app}/metrics, every 15 s): the router's
+// figures are not events.
 (() => {
   const $ = (id) => document.getElementById(id);
   const KEY = "rack.credential";
@@ -9,6 +11,7 @@
   const deployments = new Map(); // id -> {app, release, previous, state, at, changes}
   const resources = new Map(); // app -> Map(name -> {type, status, url}), the URL already masked
   const resourceLoads = new Map(); // app -> the number of its latest resource request
+  const traffic = new Map();   // app -> {requests, errors, p95, bars}, the last 4 minutes
   let live = null;             // the deployment whose rollout log is shown
   let lastId = null;           // the feed's cursor
   let stopped = false;
@@ -87,6 +90,37 @@
     if (!list || resourceLoads.get(app) !== number || !apps.has(app)) return;
     resources.set(app, new Map(list.map((r) => [r.name, { type: r.type, status: r.status, url: masked(r.url) }])));
     renderResources();
+  }
+
+  // Requests per 10 s as block characters, the highest period full.
+  function bars(values) {
+    const blocks = "▁▂▃▄▅▆▇█";
+    const top = Math.max(1, ...values);
+    return values.map((v) => blocks[Math.min(7, Math.floor((v / top) * 7.999))]).join("");
+  }
+
+  function renderTraffic() {
+    const rows = [...traffic.keys()].sort().map((app) => {
+      const t = traffic.get(app);
+      return el("tr", { "data-app": app, "data-requests": t.requests, "data-errors": t.errors },
+        el("td", {}, app), el("td", {}, String(t.requests)), el("td", { class: t.errors ? "status failed" : "" }, String(t.errors)),
+        el("td", {}, t.p95 === null ? "—" : t.p95.toFixed(1)), el("td", { class: "bars" }, t.bars));
+    });
+    $("traffic").replaceChildren(...rows);
+  }
+
+  // The app's requests, errors and p95 over the last 4 minutes, by 10 s.
+  async function loadTraffic(app) {
+    const end = new Date();
+    const start = new Date(end.getTime() - 240 * 1000);
+    const query = `start=${encodeURIComponent(start.toISOString())}&end=${encodeURIComponent(end.toISOString())}&period=10&metrics=requests,errors,latency-p95`;
+    const metrics = await api(`/apps/${encodeURIComponent(app)}/metrics?${query}`).catch(() => null);
+    if (!metrics || !apps.has(app)) return;
+    const values = (name) => (metrics.find((m) => m.name === name) || { values: [] }).values;
+    const sum = (name) => values(name).reduce((total, v) => total + v.sum, 0);
+    const p95 = values("latency-p95").reduce((most, v) => Math.max(most, v.max), -1);
+    traffic.set(app, { requests: sum("requests"), errors: sum("errors"), p95: p95 < 0 ? null : p95, bars: bars(values("requests").map((v) => v.sum)) });
+    renderTraffic();
   }
 
   // What a deployment changes against the release active before it, as key names only.
@@ -245,7 +279,9 @@
         for (const b of appBuilds) if (!builds.has(b.id)) builds.set(b.id, { app: b.app, status: b.status, at: b.started });
         for (const d of appDeployments) if (!deployments.has(d.id)) deployments.set(d.id, { app: d.app, release: d.release, previous: d.previous, state: d.state, at: d.created });
         loadResources(app.name);
+        loadTraffic(app.name);
       }
+      const timer = setInterval(() => { if (stopped) clearInterval(timer); else for (const app of apps.keys()) loadTraffic(app); }, 15000);
       renderApps(); renderBuilds(); renderDeployments();
       for (const id of deployments.keys()) loadChanges(id);
       await feed;

@@ -110,6 +110,9 @@ pub struct ServerArgs {
     /// Largest upload, in bytes.
     #[arg(long, env = "RACK_MAX_UPLOAD_BYTES", default_value_t = 1 << 30)]
     pub max_upload_bytes: u64,
+    /// Largest `cp` into or out of a process (the tar stream), in bytes.
+    #[arg(long, env = "RACK_MAX_CP_BYTES", default_value_t = 256 << 20)]
+    pub max_cp_bytes: u64,
     /// Longest a build may run, in seconds.
     #[arg(long, env = "RACK_BUILD_TIMEOUT", default_value_t = 1800)]
     pub build_timeout: u64,
@@ -268,6 +271,8 @@ pub struct Config {
     pub db_connections: u32,
     pub objects: ObjectsLocation,
     pub max_upload_bytes: u64,
+    /// Largest `cp` tar stream into or out of a process.
+    pub max_cp_bytes: u64,
     pub build_timeout: Duration,
     pub build_workers: usize,
     pub source_limits: Limits,
@@ -454,6 +459,7 @@ impl Config {
             db_connections: args.db_connections,
             objects,
             max_upload_bytes: args.max_upload_bytes,
+            max_cp_bytes: args.max_cp_bytes,
             build_timeout: Duration::from_secs(args.build_timeout),
             build_workers: args.build_workers,
             source_limits: Limits {
@@ -495,6 +501,7 @@ impl Config {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             objects: ObjectsLocation::Dir(data_dir.join("objects")),
             max_upload_bytes: 1 << 30,
+            max_cp_bytes: 256 << 20,
             build_timeout: Duration::from_secs(60),
             build_workers: 2,
             source_limits: Limits::default(),

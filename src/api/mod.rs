@@ -2,6 +2,7 @@
 //! each resource module owns its handlers and DTOs. `route_table()` lists every route so a
 //! test can hold `openapi.yaml` to it.
 
+pub mod app_metrics;
 pub mod apps;
 pub mod audit;
 pub mod backup;
@@ -12,6 +13,7 @@ pub mod deployments;
 pub mod diff;
 pub mod disk;
 pub mod feed;
+pub mod files;
 pub mod idempotency;
 pub mod input;
 pub mod limits;
@@ -174,6 +176,27 @@ fn routes() -> Routes {
             "/apps/{app}/services/{service}/processes",
             DEPLOY,
             run::run_process,
+        )
+        // `convox cp` (files in a process) and per-service metrics.
+        .upload(M::POST, "/apps/{app}/processes/{id}/files", DEPLOY, files::upload_files)
+        .stream(
+            M::GET,
+            "/apps/{app}/processes/{id}/files",
+            DEPLOY.audited(),
+            files::download_files,
+        )
+        .json(
+            M::DELETE,
+            "/apps/{app}/processes/{id}/files",
+            DEPLOY,
+            files::delete_files,
+        )
+        .json(M::GET, "/apps/{app}/metrics", READ, app_metrics::app_metrics)
+        .json(
+            M::GET,
+            "/apps/{app}/services/{service}/metrics",
+            READ,
+            app_metrics::service_metrics,
         )
         .stream(M::GET, "/apps/{app}/logs", READ.audited(), processes::stream_app_logs)
         .stream(

@@ -1,7 +1,9 @@
 //! Source tarballs: `unpack` turns an uploaded `.tgz` into a build directory so that no entry
 //! can land or point outside it (security-critical: it reads untrusted input); `pack` makes one
-//! from a directory (honouring `.dockerignore`) for upload. They share only [`Limits`].
+//! from a directory (honouring `.dockerignore`) for upload. They share only [`Limits`]. `cp`
+//! checks the plain tar a `cp` into a process sends.
 
+pub mod cp;
 mod pack;
 #[cfg(test)]
 mod tests;

@@ -6,6 +6,7 @@ mod apps;
 mod audit;
 mod builds;
 mod client;
+mod cp;
 mod deploy;
 mod diff;
 mod env;
@@ -143,6 +144,11 @@ enum Command {
     Run(run::RunArgs),
     /// Run a command inside a running process.
     Exec(run::ExecArgs),
+    /// Copy files into or out of a running process: `rack cp ./x PROCESS:/app/x`, `rack cp
+    /// PROCESS:/app/log ./log`.
+    Cp(cp::CpArgs),
+    /// An app's (or one service's) requests, errors, p95 latency and memory per period.
+    Metrics(cp::MetricsArgs),
     /// List an app's resources (convox.yml `resources:`), or show, export, import or delete one.
     Resources {
         #[command(flatten)]
@@ -250,6 +256,8 @@ pub async fn run(cli: Cli) -> ExitCode {
                 Command::Resources { app, command } => resources::run(&client, app, command).await,
                 Command::Run(args) => run::run(&client, args).await,
                 Command::Exec(args) => run::run_exec(&client, args).await,
+                Command::Cp(args) => cp::cp(&client, args).await,
+                Command::Metrics(args) => cp::metrics(&client, args).await,
                 Command::Tokens { command } => tokens::run(&client, command).await,
                 Command::Registries { command } => registries::run(&client, command).await,
                 Command::Audit(args) => audit::run(&client, args).await,

@@ -11,6 +11,7 @@ mod host;
 pub mod kube;
 pub mod local;
 mod log_sink;
+mod metrics;
 mod process;
 mod release;
 mod routes;
@@ -26,6 +27,7 @@ pub use capability_set::Capabilities;
 pub use error::{BoxError, RuntimeError};
 pub use host::{InstanceInfo, this_host};
 pub use log_sink::{LogItem, LogReceiver, LogSink, ProcessEvent};
+pub use metrics::{MAX_METRIC_PERIODS, MetricsWindow, PeriodFigures, Traffic};
 pub use process::{
     ExecRequest, ExecSession, LineStream, LogLine, OneOff, ProcessInfo, ProcessKind, ProcessLogs, ProcessStatus,
 };
@@ -289,6 +291,21 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
             "rack-wide resources are not supported by the {} runtime",
             self.name()
         )))
+    }
+
+    /// What the app's router served in `window` (all services, or `service`'s), and the memory
+    /// of its instances: `None` where the runtime does not route the apps' traffic itself.
+    ///
+    /// # Errors
+    /// When the figures cannot be read.
+    async fn traffic(
+        &self,
+        app: &str,
+        service: Option<&str>,
+        window: &MetricsWindow,
+    ) -> Result<Option<Traffic>, RuntimeError> {
+        let _ = (app, service, window);
+        Ok(None)
     }
 
     /// The app's balancers as they run (none where the runtime has no load balancers).

@@ -217,6 +217,24 @@ async fn the_dashboard_shows_a_deployment_live_in_a_real_browser() {
     .await;
     assert_eq!(analysis, "web: skipped: 0 requests in the last 30s (fewer than 20)");
 
+    // Traffic through the router shows in the traffic table (read again every 15 s).
+    let router = app.get_json::<serde_json::Value>("/apps/web").await["router"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..12 {
+        let status = reqwest::get(format!("http://{router}/")).await.unwrap().status();
+        assert_eq!(status, 200);
+    }
+    let traffic = wait_script(
+        &browser,
+        "the app's traffic",
+        "const row = document.querySelector('#traffic tr[data-app=web]'); \
+         return row && Number(row.dataset.requests) >= 12 ? {requests: Number(row.dataset.requests), errors: Number(row.dataset.errors)} : null",
+    )
+    .await;
+    assert_eq!(traffic, serde_json::json!({"requests": 12, "errors": 0}));
+
     let png = browser.screenshot().await.unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/artifacts");

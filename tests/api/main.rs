@@ -4,6 +4,7 @@
 #![expect(clippy::unwrap_used, reason = "a failed unwrap is a failed test")]
 
 mod analysis;
+mod app_metrics;
 mod app_network;
 mod apps;
 mod auth;
@@ -15,6 +16,7 @@ mod bus;
 mod cli;
 mod container_resources;
 mod containers;
+mod cp;
 mod cross_site;
 mod dashboard;
 mod deploys;

@@ -174,6 +174,10 @@ async fn an_app_runs_on_the_real_node_with_probes_logs_exec_and_restarts_through
     assert!(output.contains(&process), "the pod's hostname in {output:?}");
     assert_eq!(code, Some(3), "{output:?}");
 
+    // cp through the kubelet (a length-delimited tar, stdin never closed): the pod's httpd
+    // serves what was copied, and it comes back out as a tar.
+    crate::cp::kube_round_trip(&app, name, &process, &format!("http://{ip}:8080/copied.txt")).await;
+
     // Killing the real process (from the host, as the OOM killer would): the kubelet restarts
     // the container, and the followed log shows its successor starting.
     let mut follow = app

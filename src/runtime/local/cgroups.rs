@@ -130,6 +130,12 @@ impl Cgroups {
         }
     }
 
+    /// Bytes of memory instance `id` of `app` uses now (its cgroup's `memory.usage_in_bytes`).
+    pub fn memory_bytes(&self, app: &str, id: &str) -> Option<u64> {
+        let file = self.bases.first()?.join(app).join(id).join("memory.usage_in_bytes");
+        std::fs::read_to_string(file).ok()?.trim().parse().ok()
+    }
+
     /// Removes the cgroups left empty (instances of an earlier run of rack, killed before it
     /// could remove them).
     fn prune(&self) {

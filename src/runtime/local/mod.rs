@@ -20,6 +20,7 @@ pub mod exit;
 pub mod forwarder;
 mod health;
 mod instance;
+mod metrics;
 pub mod podman;
 pub mod process;
 pub mod pty;
@@ -79,6 +80,8 @@ pub struct LocalRuntime {
     logs: Arc<dyn AppLogs>,
     /// The apps' network namespaces (see `app_network`).
     networks: Arc<app_network::AppNetworks>,
+    /// The instances' cgroups, read for their memory (`metrics`).
+    cgroups: Option<cgroups::Cgroups>,
 }
 
 impl LocalRuntime {
@@ -106,7 +109,7 @@ impl LocalRuntime {
         let processes = Arc::new(driver::ProcessDriver {
             sandbox: sandbox.clone(),
             accounts: settings.accounts.clone(),
-            cgroups,
+            cgroups: cgroups.clone(),
             networks: networks.clone(),
         });
         let containers = settings.podman.clone().map(|podman| -> Arc<dyn driver::Driver> {
@@ -138,6 +141,7 @@ impl LocalRuntime {
             supervisor,
             logs,
             networks,
+            cgroups,
         }
     }
 }
@@ -250,6 +254,15 @@ impl Runtime for LocalRuntime {
 
     async fn exec(&self, app: &str, id: &str, request: ExecRequest) -> Result<ExecSession, RuntimeError> {
         self.supervisor.exec(app, id, &request).await
+    }
+
+    async fn traffic(
+        &self,
+        app: &str,
+        service: Option<&str>,
+        window: &crate::runtime::MetricsWindow,
+    ) -> Result<Option<crate::runtime::Traffic>, RuntimeError> {
+        Ok(Some(self.local_traffic(app, service, window)))
     }
 
     async fn export_build(

@@ -31,8 +31,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-pub use tally::Sum;
 use tally::Tally;
+pub use tally::{SLOTS, Sum};
 
 /// How long a request waits for an instance to appear when the app has none, before a 503.
 pub const NO_BACKEND_GRACE: Duration = Duration::from_secs(5);
@@ -249,6 +249,18 @@ impl Router {
             }
         }
         sum
+    }
+
+    /// Adds what every release served in the seconds `from..=to` to `sum` (the app's metrics).
+    pub fn add_to(&self, sum: &mut Sum, from: u64, to: u64) {
+        let tallies = self
+            .inner
+            .tallies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (tally, _) in tallies.values() {
+            tally.add_to(sum, from, to);
+        }
     }
 
     /// Turns the recording of responses on (the default) or off (to measure what it costs).

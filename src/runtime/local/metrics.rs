@@ -1,0 +1,102 @@
+//! The local runtime's figures for `GET /apps/{app}/metrics`: each service's router keeps, per
+//! release, the last `router::SLOTS` seconds of responses (`router/tally.rs`); they are summed
+//! here per period of wall-clock time, across the services asked for. Memory is each running
+//! instance's cgroup (`memory.usage_in_bytes`), where rack sets cgroups (the process driver as
+//! root); containers and hosts without cgroups report none.
+
+use chrono::{DateTime, Utc};
+
+use super::LocalRuntime;
+use super::router::{Router, Sum};
+use crate::runtime::{MetricsWindow, PeriodFigures, ProcessKind, Traffic};
+
+impl LocalRuntime {
+    pub(super) fn local_traffic(&self, app: &str, service: Option<&str>, window: &MetricsWindow) -> Traffic {
+        let (routers, instances): (Vec<Router>, Vec<String>) = self.supervisor.with_app(app, |procs| {
+            let routers = procs
+                .routers
+                .iter()
+                .filter(|(name, _)| service.is_none_or(|s| s == name.as_str()))
+                .map(|(_, r)| r.clone())
+                .collect();
+            let instances = procs
+                .instances
+                .iter()
+                .filter(|i| i.kind == ProcessKind::Service && service.is_none_or(|s| s == i.service))
+                .filter(|i| i.exit.borrow().is_none())
+                .map(|i| i.id.clone())
+                .collect();
+            (routers, instances)
+        });
+        let memory = self
+            .cgroups
+            .as_ref()
+            .map(|c| instances.iter().filter_map(|id| c.memory_bytes(app, id)).collect())
+            .unwrap_or_default();
+        Traffic {
+            periods: periods(&routers, window, Utc::now()),
+            memory,
+        }
+    }
+}
+
+/// The periods of `window` that `routers` still hold seconds of, `now` being their present.
+fn periods(routers: &[Router], window: &MetricsWindow, now: DateTime<Utc>) -> Vec<PeriodFigures> {
+    let period = window.period.max(1);
+    let span = u64::try_from((window.end - window.start).num_seconds()).unwrap_or(0);
+    let count = span.div_ceil(period).min(crate::runtime::MAX_METRIC_PERIODS);
+    // Each router's present second; its second `s` was `now - (present - s)`.
+    let presents: Vec<u64> = routers.iter().map(Router::second).collect();
+    let mut out = Vec::new();
+    for k in 0..count {
+        let at = window.start + chrono::Duration::seconds(i64::try_from(k * period).unwrap_or(i64::MAX));
+        let mut total = Sum::default();
+        let mut seconds = 0;
+        let mut requests_range = (u64::MAX, 0);
+        let mut errors_range = (u64::MAX, 0);
+        for offset in 0..period {
+            let wall = at + chrono::Duration::seconds(i64::try_from(offset).unwrap_or(i64::MAX));
+            // Not yet (a negative difference would truncate to 0 and count this second twice).
+            if wall > now {
+                continue;
+            }
+            let ago = (now - wall).num_seconds();
+            if ago >= super::router::SLOTS as i64 - 1 {
+                continue;
+            }
+            let mut second = Sum::default();
+            let mut held = false;
+            for (router, present) in routers.iter().zip(&presents) {
+                if let Some(s) = present.checked_sub(u64::try_from(ago).unwrap_or(u64::MAX)) {
+                    router.add_to(&mut second, s, s);
+                    router.add_to(&mut total, s, s);
+                    held = true;
+                }
+            }
+            if !held {
+                continue;
+            }
+            seconds += 1;
+            let figures = second.figures();
+            requests_range = (
+                requests_range.0.min(figures.requests),
+                requests_range.1.max(figures.requests),
+            );
+            errors_range = (errors_range.0.min(figures.errors), errors_range.1.max(figures.errors));
+        }
+        if seconds == 0 {
+            continue;
+        }
+        let figures = total.figures();
+        out.push(PeriodFigures {
+            at,
+            seconds,
+            requests: figures.requests,
+            errors: figures.errors,
+            requests_range,
+            errors_range,
+            p95: figures.p95,
+        });
+    }
+    out
+}
