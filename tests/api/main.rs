@@ -25,6 +25,7 @@ mod helpers;
 mod hostile;
 mod kube_analysis;
 mod kube_exec;
+mod kube_prometheus;
 mod kube_resources;
 mod kubeenv;
 mod kubernetes;

@@ -11,6 +11,9 @@ pub mod events;
 mod logs;
 mod nodes;
 pub mod process;
+mod prometheus;
+#[cfg(test)]
+mod prometheus_tests;
 pub mod resources;
 mod rollout;
 mod watch;
