@@ -168,9 +168,8 @@ async fn ended(replica: &Replica, location: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_taken_over_by_another_replica_is_still_analysed() {
-    let client = admin_client().await;
     let replicas = Replicas::new().await;
-    let (name, ns) = ("kubetakeover", "rack-kubetakeover");
+    let name = "kubetakeover";
     let mut doomed = replicas.start().await;
     crate::replicas::create_app(&doomed, name).await;
     let first_probe = ProbeServer::start().await;
@@ -201,10 +200,12 @@ async fn a_rollout_taken_over_by_another_replica_is_still_analysed() {
     doomed.kill_9().await;
     let survivor = replicas.start().await;
     probe.ready.store(true, Ordering::SeqCst);
-    let events = format!("{location}/events");
+    // The app's log so far (the deployment's events would follow it to its end).
     wait_for(120, "the survivor to analyse the new pods", || async {
         let log = survivor
-            .request(Method::GET, &events)
+            .request(Method::GET, &format!("/apps/{name}/logs"))
+            .header("follow", "false")
+            .header("since", "0")
             .send()
             .await
             .ok()?
@@ -215,32 +216,12 @@ async fn a_rollout_taken_over_by_another_replica_is_still_analysed() {
             .then_some(())
     })
     .await;
-    // The kubelet reports that the new container restarted.
-    let pods: Api<Pod> = Api::namespaced(client, ns);
-    let pod = pods
-        .list(&ListParams::default().labels(&format!("release={next}")))
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .find(is_ready)
-        .expect("the new pod, ready");
-    let container = pod.spec.as_ref().unwrap().containers[0].name.clone();
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let patch = serde_json::json!({ "status": { "containerStatuses": [{
-        "name": container, "image": "x", "imageID": "", "ready": true, "restartCount": 1,
-        "state": { "running": { "startedAt": now } },
-    }]}});
-    pods.patch_status(
-        pod.metadata.name.as_deref().unwrap(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await
-    .unwrap();
+    // Its readiness probe starts failing: the kubelet marks the pod unready, which the
+    // survivor's watch of the new pods sees.
+    probe.ready.store(false, Ordering::SeqCst);
     let end = ended(&survivor, &location).await;
     let log = survivor
-        .request(Method::GET, &events)
+        .request(Method::GET, &format!("{location}/events"))
         .send()
         .await
         .unwrap()
@@ -249,7 +230,7 @@ async fn a_rollout_taken_over_by_another_replica_is_still_analysed() {
         .unwrap();
     assert_eq!(end["state"], "reverted", "{end}\n{log}");
     assert!(
-        log.contains(" system/k8s/web analysis: pod ") && log.contains("restarted 1 time(s)"),
+        log.contains(" system/k8s/web analysis: pod ") && log.contains("was ready and no longer is"),
         "{log}"
     );
     let app = survivor.json(&format!("/apps/{name}")).await;

@@ -263,6 +263,7 @@ async fn the_ingress_metrics_in_prometheus_roll_back_a_failing_release_and_pass_
         .lines()
         .find(|l| l.contains(" system/k8s/web analysis at the ingress passed: "))
         .unwrap_or_else(|| panic!("no ingress analysis line in:\n{log}"));
+    eprintln!("{line}");
     assert!(
         line.contains(&format!("passed: {good} 5xx 0.0% (")) && line.contains(&format!(" vs {first} 0.0%, p95 ")),
         "{line}"
@@ -293,6 +294,7 @@ async fn the_ingress_metrics_in_prometheus_roll_back_a_failing_release_and_pass_
         .lines()
         .find(|l| l.contains(" system/k8s/web analysis at the ingress: "))
         .unwrap_or_else(|| panic!("no ingress analysis line in:\n{log}"));
+    eprintln!("{line}");
     assert!(
         line.contains(&format!("analysis at the ingress: {bad} 5xx "))
             && line.contains(&format!(" vs {good} 0.0% over "))

@@ -182,41 +182,23 @@ pub async fn judge(
         let Some(times) = Times::of(pods.iter().filter(|p| service_of(p) == Some(service.as_str()))) else {
             continue;
         };
-        match ingress_figures(base, &target, &times, judged.settings.window).await {
-            Err(error) => {
-                let line = format!(
-                    "analysis at the ingress skipped: Prometheus did not answer ({error}); the pods alone judged {}",
-                    release.id
-                );
-                ingress_line.report("skipped", line, None, Some(&error)).await;
+        let answer = ingress_figures(base, &target, &times, judged.settings.window).await;
+        let names = Names {
+            new: release.id.as_str(),
+            old: &judged.previous,
+        };
+        let figures = answer.as_ref().ok().map(|(new, old, range)| (new, old, *range));
+        let error = answer.as_ref().err().map(String::as_str);
+        match super::prometheus::decide(&judged.settings, names, &answer) {
+            Verdict::Failed(line) => {
+                ingress_line.report("failed", line.clone(), figures, error).await;
+                let reason = line.strip_suffix(": rolling back").unwrap_or(&line).to_owned();
+                return Err(RuntimeError::AnalysisFailed(reason));
             }
-            Ok((new, old, range)) => {
-                let names = Names {
-                    new: release.id.as_str(),
-                    old: &judged.previous,
-                };
-                match super::prometheus::verdict(&judged.settings, names, &new, &old, range) {
-                    Verdict::Failed(line) => {
-                        ingress_line
-                            .report("failed", line.clone(), Some((&new, &old, range)), None)
-                            .await;
-                        let reason = line.strip_suffix(": rolling back").unwrap_or(&line).to_owned();
-                        return Err(RuntimeError::AnalysisFailed(reason));
-                    }
-                    Verdict::Passed(line) => {
-                        ingress_line
-                            .report("passed", line, Some((&new, &old, range)), None)
-                            .await;
-                    }
-                    Verdict::Skipped(line) => {
-                        ingress_line
-                            .report("skipped", line, Some((&new, &old, range)), None)
-                            .await;
-                    }
-                    // `verdict` gives none: the window has ended.
-                    Verdict::Watching => {}
-                }
-            }
+            Verdict::Passed(line) => ingress_line.report("passed", line, figures, error).await,
+            Verdict::Skipped(line) => ingress_line.report("skipped", line, figures, error).await,
+            // `decide` gives none: the window has ended.
+            Verdict::Watching => {}
         }
     }
     Ok(())

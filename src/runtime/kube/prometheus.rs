@@ -108,6 +108,18 @@ pub fn verdict(settings: &Analysis, names: Names<'_>, new: &Figures, old: &Figur
     }
 }
 
+/// The verdict on what Prometheus answered: the figures (new, old, the new one's range), or why
+/// it could not give them, which skips (the pods have been judged; the rollout goes on).
+pub fn decide(settings: &Analysis, names: Names<'_>, answer: &Result<(Figures, Figures, u64), String>) -> Verdict {
+    match answer {
+        Ok((new, old, range)) => verdict(settings, names, new, old, *range),
+        Err(error) => Verdict::Skipped(format!(
+            "analysis at the ingress skipped: Prometheus failed ({error}); the pods alone judged {}",
+            names.new
+        )),
+    }
+}
+
 /// A client of one Prometheus.
 #[derive(Debug, Clone)]
 pub struct Prometheus {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::analysis::Times;
-use super::prometheus::{Prometheus, Target, figures, queries, value, verdict};
+use super::prometheus::{Prometheus, Target, decide, figures, queries, value, verdict};
 use crate::deploy::analysis::{Figures, Names, Verdict};
 use crate::manifest::Analysis;
 
@@ -114,6 +114,24 @@ fn the_ingress_verdict_uses_the_limits_of_the_manifest() {
     // A range shorter than the window (clocks) still counts as the whole window.
     assert!(matches!(
         verdict(&s, NAMES, &figures(Some(100.0), Some(6.0), Some(0.02)), &old, 3),
+        Verdict::Failed(_)
+    ));
+}
+
+#[test]
+fn a_prometheus_that_fails_skips_and_never_fails_the_rollout() {
+    let s = Analysis::default();
+    let error = Err("http://127.0.0.1:9/api/v1/query: no answer in time".to_owned());
+    let Verdict::Skipped(line) = decide(&s, NAMES, &error) else {
+        panic!("not skipped")
+    };
+    assert_eq!(
+        line,
+        "analysis at the ingress skipped: Prometheus failed (http://127.0.0.1:9/api/v1/query: no answer in time); the pods alone judged RNEW"
+    );
+    let bad = figures(Some(300.0), Some(150.0), Some(0.02));
+    assert!(matches!(
+        decide(&s, NAMES, &Ok((bad, Figures::default(), 30))),
         Verdict::Failed(_)
     ));
 }
