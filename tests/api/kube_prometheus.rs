@@ -196,8 +196,7 @@ async fn ingress_event(app: &TestApp, name: &str, release: &str) -> Value {
     events
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|e| e["release_id"] == release && e["data"]["source"] == "ingress")
-        .last()
+        .rfind(|e| e["release_id"] == release && e["data"]["source"] == "ingress")
         .unwrap_or_else(|| panic!("no ingress analysis event of {release} in:\n{events}"))
 }
 
