@@ -255,6 +255,11 @@ pub struct KubeArgs {
     /// A cert-manager ClusterIssuer: the apps' Ingresses get TLS certificates from it.
     #[arg(long, env = "RACK_CERT_ISSUER")]
     pub cert_issuer: Option<String>,
+    /// A Prometheus that scrapes the ingress controller (ingress-nginx), e.g.
+    /// http://prometheus.monitoring:9090: a rollout's analysis then also compares each
+    /// service's 5xx rate and p95 latency at the ingress with those before the rollout.
+    #[arg(long = "prometheus-url", env = "RACK_PROMETHEUS_URL")]
+    pub prometheus_url: Option<String>,
 }
 
 /// The validated server configuration.
@@ -333,6 +338,9 @@ pub struct KubeConfig {
     pub kubeconfig: Option<PathBuf>,
     /// How traffic reaches the apps' services.
     pub ingress: IngressConfig,
+    /// The Prometheus the analysis queries for the ingress controller's request metrics,
+    /// without a trailing slash (none: the analysis watches the pods only).
+    pub prometheus_url: Option<String>,
 }
 
 /// How traffic from outside the cluster reaches the apps (Ingresses).
@@ -380,7 +388,14 @@ impl KubeConfig {
                 _ => bail!("RACK_KUBE_SERVICE_ACCOUNT must be <namespace>/<name>, got {text:?}"),
             },
         };
+        let prometheus_url = nonempty(args.prometheus_url).map(|u| u.trim_end_matches('/').to_owned());
+        if let Some(url) = &prometheus_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            bail!("RACK_PROMETHEUS_URL must start with http:// or https://, got {url:?}");
+        }
         Ok(Self {
+            prometheus_url,
             registry,
             url,
             builder_image: args.builder_image,
@@ -610,6 +625,7 @@ mod tests {
             domain: Some(" *.Rack.Example.org ".into()),
             ingress_class: Some(" ".into()),
             cert_issuer: None,
+            prometheus_url: Some(" http://127.0.0.1:9090/ ".into()),
         }
     }
 
@@ -688,6 +704,7 @@ mod tests {
         assert_eq!(config.service_account, Some(("rack".into(), "rack".into())));
         assert_eq!(config.ingress.domain.as_deref(), Some("rack.example.org"));
         assert_eq!(config.ingress.class, None, "a blank setting is no setting");
+        assert_eq!(config.prometheus_url.as_deref(), Some("http://127.0.0.1:9090"));
     }
 
     #[test]
@@ -697,6 +714,10 @@ mod tests {
         assert!(refusal(|a| a.registry = Some("https://r.example.com".into())).starts_with("RACK_REGISTRY must be"));
         assert!(refusal(|a| a.url = None).starts_with("RACK_API_URL is required with RACK_RUNTIME=kube"));
         assert!(refusal(|a| a.url = Some("rack:5443".into())).starts_with("RACK_API_URL must start with http://"));
+        assert!(
+            refusal(|a| a.prometheus_url = Some("prometheus:9090".into()))
+                .starts_with("RACK_PROMETHEUS_URL must start with http://")
+        );
         for account in ["rack", "/rack", "rack/", "a/b/c"] {
             let message = refusal(|a| a.service_account = Some(account.into()));
             assert!(

@@ -1,6 +1,7 @@
 //! Kubernetes rollouts judged by what the cluster tells of the new pods (see `kubeenv`): a
 //! release whose new pod restarts, or whose new pod was ready and then is not, during the
-//! analysis window is rolled back, with the reason in the log and a `deployment.analysis` event.
+//! analysis window is rolled back, with the reason in the log and a `deployment.analysis` event;
+//! so is one whose rollout another rack replica took over (the one that began it was killed).
 
 use std::sync::atomic::Ordering;
 
@@ -12,8 +13,9 @@ use serde_json::Value;
 
 use crate::deploys::promote_follow;
 use crate::helpers::{TestApp, wait_for};
-use crate::kubeenv::{ProbeServer, admin_client};
-use crate::kubernetes::{complete_build, deployment_end, spawn_kube};
+use crate::kubeenv::{ProbeServer, admin_client, finish_pod};
+use crate::kubernetes::{Replicas, build_pod, complete_build, deployment_end, spawn_kube};
+use crate::replicas::Replica;
 
 fn manifest(port: u16) -> String {
     format!(
@@ -137,4 +139,100 @@ async fn a_release_whose_new_pod_stops_being_ready_is_rolled_back() {
     // Its readiness probe starts failing: the kubelet marks the pod unready.
     probe.ready.store(false, Ordering::SeqCst);
     rolled_back(&app, name, &good, &next, &location, "was ready and no longer is").await;
+}
+
+/// Builds `manifest` on `replica` and returns its release.
+async fn replica_release(replica: &Replica, name: &str, manifest: &str) -> String {
+    let client = admin_client().await;
+    let ns = format!("rack-{name}");
+    let id = replica
+        .build(name, &[("convox.yml", manifest), ("Dockerfile", "FROM scratch\n")])
+        .await;
+    let build = format!("/apps/{name}/builds/{id}");
+    let pod = build_pod(&client, &ns, &id, async || replica.json(&build).await).await;
+    finish_pod(&client, &ns, &pod, None).await;
+    replica.wait_build(name, &id).await["release"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The deployment at `location` once it has ended, as `replica` tells.
+async fn ended(replica: &Replica, location: &str) -> Value {
+    wait_for(120, "the deployment to end", || async {
+        let d = replica.json(location).await;
+        d["ended"].is_string().then_some(d)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_taken_over_by_another_replica_is_still_analysed() {
+    let replicas = Replicas::new().await;
+    let name = "kubetakeover";
+    let mut doomed = replicas.start().await;
+    crate::replicas::create_app(&doomed, name).await;
+    let first_probe = ProbeServer::start().await;
+    let first = replica_release(&doomed, name, &manifest(first_probe.port)).await;
+    let response = doomed
+        .request(Method::POST, &format!("/apps/{name}/releases/{first}/promote"))
+        .send()
+        .await
+        .unwrap();
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    assert_eq!(ended(&doomed, &location).await["state"], "running");
+
+    // The next release's pod is not ready yet when the replica rolling it out is killed: the
+    // Deployment is already on the new release when the survivor applies it again.
+    let probe = ProbeServer::unready().await;
+    let next = replica_release(&doomed, name, &manifest(probe.port)).await;
+    let response = doomed
+        .request(Method::POST, &format!("/apps/{name}/releases/{next}/promote"))
+        .form(&[("timeout", "600")])
+        .send()
+        .await
+        .unwrap();
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    wait_for(60, "the new pod to be probed", || async {
+        (probe.probes.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    doomed.kill_9().await;
+    let survivor = replicas.start().await;
+    probe.ready.store(true, Ordering::SeqCst);
+    // The app's log so far (the deployment's events would follow it to its end).
+    wait_for(120, "the survivor to analyse the new pods", || async {
+        let log = survivor
+            .request(Method::GET, &format!("/apps/{name}/logs"))
+            .header("follow", "false")
+            .header("since", "0")
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        log.contains(&format!("analysis: watching the new pods of {next}"))
+            .then_some(())
+    })
+    .await;
+    // Its readiness probe starts failing: the kubelet marks the pod unready, which the
+    // survivor's watch of the new pods sees.
+    probe.ready.store(false, Ordering::SeqCst);
+    let end = ended(&survivor, &location).await;
+    let log = survivor
+        .request(Method::GET, &format!("{location}/events"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(end["state"], "reverted", "{end}\n{log}");
+    assert!(
+        log.contains(" system/k8s/web analysis: pod ") && log.contains("was ready and no longer is"),
+        "{log}"
+    );
+    let app = survivor.json(&format!("/apps/{name}")).await;
+    assert_eq!(app["release"], first.as_str());
 }

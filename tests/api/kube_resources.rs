@@ -50,6 +50,7 @@ async fn runtime(scratch: &std::path::Path) -> KubeRuntime {
             service_account: Some(("rack".to_owned(), "rack".to_owned())),
             kubeconfig: Some(kube_env().rack.clone()),
             ingress: rack::config::IngressConfig::default(),
+            prometheus_url: None,
         },
         objects,
         tokens: Arc::new(NoTokens),

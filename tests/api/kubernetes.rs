@@ -30,6 +30,18 @@ pub async fn spawn_kube() -> TestApp {
 
 /// A rack on the test cluster that reaches the API server through `kubeconfig`.
 async fn spawn_kube_with(kubeconfig: std::path::PathBuf) -> TestApp {
+    spawn_kube_changed(kubeconfig, |_| {}).await
+}
+
+/// A rack on the test cluster whose Kubernetes settings `change` adjusts.
+pub async fn spawn_kube_then(change: impl FnOnce(&mut rack::config::KubeConfig)) -> TestApp {
+    spawn_kube_changed(kube_env().rack.clone(), change).await
+}
+
+async fn spawn_kube_changed(
+    kubeconfig: std::path::PathBuf,
+    change: impl FnOnce(&mut rack::config::KubeConfig),
+) -> TestApp {
     TestApp::spawn_with(|config| {
         config.runtime = rack::config::RuntimeKind::Kube;
         config.kube = Some(rack::config::KubeConfig {
@@ -44,7 +56,9 @@ async fn spawn_kube_with(kubeconfig: std::path::PathBuf) -> TestApp {
                 class: Some("nginx".to_owned()),
                 cert_issuer: Some("letsencrypt".to_owned()),
             },
+            prometheus_url: None,
         });
+        change(config.kube.as_mut().expect("just set"));
     })
     .await
 }
@@ -60,7 +74,7 @@ fn manifest(port: u16) -> String {
 /// The pod of a build's Job, once it exists. `build` reads the build through the API: a build
 /// that ends before it has a pod, or no pod within a minute, fails the test with what the build
 /// and the cluster say.
-async fn build_pod(client: &Client, namespace: &str, id: &str, build: impl AsyncFn() -> Value) -> Pod {
+pub async fn build_pod(client: &Client, namespace: &str, id: &str, build: impl AsyncFn() -> Value) -> Pod {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let job = format!("build-{}", id.to_ascii_lowercase());
     let selector = ListParams::default().labels(&format!("job-name={job}"));
@@ -496,14 +510,14 @@ async fn a_rollout_goes_on_across_a_rack_restart() {
 }
 
 /// Real `rack server` processes sharing one database and data directory, on the test cluster.
-struct Replicas {
+pub struct Replicas {
     database: String,
     data: tempfile::TempDir,
     kubeconfig: String,
 }
 
 impl Replicas {
-    async fn new() -> Self {
+    pub async fn new() -> Self {
         Self {
             database: crate::helpers::fresh_database().await,
             data: tempfile::tempdir().unwrap(),
@@ -511,7 +525,7 @@ impl Replicas {
         }
     }
 
-    async fn start(&self) -> Replica {
+    pub async fn start(&self) -> Replica {
         let settings = [
             ("RACK_RUNTIME", "kube"),
             ("RACK_REGISTRY", REGISTRY),

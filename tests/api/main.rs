@@ -27,6 +27,7 @@ mod helpers;
 mod hostile;
 mod kube_analysis;
 mod kube_exec;
+mod kube_prometheus;
 mod kube_pull_secrets;
 mod kube_resources;
 mod kubeenv;

@@ -29,6 +29,7 @@ async fn spawn_on_real_node() -> TestApp {
             service_account: Some(("rack".to_owned(), "rack".to_owned())),
             kubeconfig: Some(kubeconfig),
             ingress: Default::default(),
+            prometheus_url: None,
         });
     })
     .await

@@ -11,6 +11,9 @@ pub mod events;
 mod logs;
 mod nodes;
 pub mod process;
+mod prometheus;
+#[cfg(test)]
+mod prometheus_tests;
 mod redis_import;
 mod registries;
 pub mod resources;

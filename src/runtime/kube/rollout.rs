@@ -61,20 +61,6 @@ pub async fn apply(
     let params = PatchParams::apply(MANAGER).force();
     let mut wanted = BTreeSet::new();
     let by_app = ListParams::default().labels(&resources::selector(app, "service"));
-    // The services that replace a running release: only they are analysed.
-    let new_release = release.map(|r| r.id.as_str());
-    let replaced: BTreeSet<String> = deployments
-        .list(&by_app)
-        .await
-        .map_err(RuntimeError::kube("listing deployments"))?
-        .items
-        .into_iter()
-        .filter(|d| {
-            let labels = d.metadata.labels.as_ref();
-            labels.and_then(|l| l.get("release")).map(String::as_str) != new_release
-        })
-        .filter_map(|d| d.metadata.name)
-        .collect();
     if let Some(release) = release {
         // The private registries' pull secret before any pod that pulls with it.
         super::registries::apply(runtime, app).await?;
@@ -143,18 +129,31 @@ pub async fn apply(
 
     let mut result = wait(runtime, app, release, &wanted).await;
     // Judged by what the cluster tells of the new pods (`analysis.rs`): only a deployment's own
-    // release, and only the services that replaced an earlier one.
+    // release, and only the services that replaced an earlier one (read from the ReplicaSets,
+    // so a replica that took the deployment over judges it too).
     if result.is_ok()
         && let Some(release) = release.filter(|r| r.analyse)
     {
-        let judged: BTreeMap<String, u32> = release
-            .manifest
-            .services
-            .iter()
-            .filter(|(name, _)| replaced.contains(*name))
-            .filter_map(|(name, s)| s.deployment.analysis.map(|a| (name.clone(), a.window)))
-            .collect();
-        result = super::analysis::judge(runtime, app, release, &judged, log).await;
+        result = match super::analysis::replaced(runtime, app, release).await {
+            Ok(replaced) => {
+                let judged: BTreeMap<String, super::analysis::Judged> = release
+                    .manifest
+                    .services
+                    .iter()
+                    .filter_map(|(name, s)| {
+                        Some((
+                            name.clone(),
+                            super::analysis::Judged {
+                                settings: s.deployment.analysis?,
+                                previous: replaced.get(name)?.clone(),
+                            },
+                        ))
+                    })
+                    .collect();
+                super::analysis::judge(runtime, app, release, &judged, log).await
+            }
+            Err(e) => Err(e),
+        };
     }
     // Timers switch to a release once it runs: a rollout that fails (and is rolled back) never
     // moved them.
