@@ -214,7 +214,7 @@ impl Rig {
     /// moved, not a test that waits), and drives it to its end; its id.
     async fn drive_past_deadline(&self, release: &str) -> Uuid {
         let mut deployment = self.claim(release, Duration::from_secs(60)).await;
-        deployment.started_at = Some(chrono::Utc::now() - chrono::Duration::seconds(60));
+        deployment.claim.started_at = Some(chrono::Utc::now() - chrono::Duration::seconds(60));
         let id = deployment.id;
         self.drive(deployment).await;
         id
@@ -379,7 +379,7 @@ fn pending_without_release_phase_goes_updating_then_running_and_switches_the_rel
 
         let ended = rig.get(id).await;
         assert_eq!(ended.state, DeployState::Running);
-        assert!(ended.lease_owner.is_none() && ended.ended_at.is_some());
+        assert!(ended.claim.owner.is_none() && ended.claim.ended_at.is_some());
         assert_eq!(rig.current_release().await.as_deref(), Some(release.as_str()));
         assert_eq!(rig.applies(), vec![Some(release.clone())]);
         let (lines, outcome) = rig.log(id).await;
@@ -490,7 +490,7 @@ fn a_failed_rollback_ends_in_failure_with_both_reasons() {
 
         let ended = rig.get(id).await;
         assert_eq!(ended.state, DeployState::Failure);
-        assert!(ended.lease_owner.is_none());
+        assert!(ended.claim.owner.is_none());
         assert_eq!(rig.current_release().await, Some(previous));
         let (lines, outcome) = rig.log(id).await;
         assert_eq!(outcome, Some(Outcome::Error));
@@ -633,7 +633,7 @@ fn a_lost_lease_stops_the_driver_without_recording_anything() {
 
         let now = rig.get(id).await;
         assert_eq!(now.state, DeployState::Updating);
-        assert_eq!(now.lease_owner, Some(other));
+        assert_eq!(now.claim.owner, Some(other));
         assert_eq!(rig.log(id).await.0, before, "the driver wrote after losing its lease");
         // The app still exists: nothing is torn down.
         assert!(!rig.fake.calls().iter().any(|c| matches!(c, Call::DeleteApp(_))));
@@ -653,7 +653,7 @@ fn a_lost_lease_during_the_release_phase_stops_the_command_and_records_nothing()
         within(driving).await.unwrap();
 
         let now = rig.get(id).await;
-        assert_eq!((now.state, now.lease_owner), (DeployState::Releasing, Some(other)));
+        assert_eq!((now.state, now.claim.owner), (DeployState::Releasing, Some(other)));
         assert!(
             !rig.left(id, DeployState::Releasing).await,
             "the driver wrote after losing its lease"
@@ -684,7 +684,7 @@ fn a_lost_lease_during_the_rollback_leaves_it_to_the_new_holder() {
         within(driving).await.unwrap();
 
         let now = rig.get(id).await;
-        assert_eq!((now.state, now.lease_owner), (DeployState::Rollback, Some(other)));
+        assert_eq!((now.state, now.claim.owner), (DeployState::Rollback, Some(other)));
         assert!(
             !rig.left(id, DeployState::Rollback).await,
             "the driver wrote after losing its lease"
@@ -741,7 +741,7 @@ fn shutting_down_hands_the_deployment_back() {
 
         let now = rig.get(id).await;
         assert_eq!(now.state, DeployState::Updating);
-        assert_eq!(now.lease_owner, None, "handed back for another replica to resume");
+        assert_eq!(now.claim.owner, None, "handed back for another replica to resume");
     });
 }
 
@@ -979,7 +979,7 @@ fn a_build_whose_lease_is_lost_is_left_to_its_new_holder() {
         within(running).await.unwrap();
         let now = build_now(&rig, &id).await;
         assert_eq!(now.status, rack::store::builds::BuildStatus::Running);
-        assert_eq!(now.lease_owner, Some(other));
+        assert_eq!(now.claim.owner, Some(other));
     });
 }
 
@@ -994,7 +994,7 @@ fn shutting_down_hands_the_build_back() {
         rig.state().shutdown.cancel();
         within(running).await.unwrap();
         let now = build_now(&rig, &id).await;
-        assert_eq!(now.lease_owner, None);
+        assert_eq!(now.claim.owner, None);
         assert!(!now.status.is_terminal());
     });
 }
@@ -1003,7 +1003,7 @@ fn shutting_down_hands_the_build_back() {
 fn a_build_taken_over_after_its_holder_died_fails_as_interrupted() {
     with_rig(|rig| async move {
         let mut build = claim_build(&rig).await;
-        build.attempts = 2;
+        build.claim.attempts = 2;
         let id = build.id.to_string();
         within(rack::jobs::builds::run(rig.state(), build)).await;
         let ended = build_now(&rig, &id).await;
