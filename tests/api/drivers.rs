@@ -326,6 +326,13 @@ impl Rig {
         app.release_id.map(|r| r.to_string())
     }
 
+    /// Asserts that the runtime was asked for exactly these applies, in order (`None`: stop the
+    /// app).
+    fn assert_applies(&self, want: &[Option<&String>]) {
+        let want: Vec<Option<String>> = want.iter().map(|r| r.cloned()).collect();
+        assert_eq!(self.applies(), want);
+    }
+
     /// The applies the runtime was asked for, in order (`None`: stop the app).
     fn applies(&self) -> Vec<Option<String>> {
         self.fake
@@ -381,7 +388,7 @@ fn pending_without_release_phase_goes_updating_then_running_and_switches_the_rel
         assert_eq!(ended.state, DeployState::Running);
         assert!(ended.claim.owner.is_none() && ended.claim.ended_at.is_some());
         assert_eq!(rig.current_release().await.as_deref(), Some(release.as_str()));
-        assert_eq!(rig.applies(), vec![Some(release.clone())]);
+        rig.assert_applies(&[Some(&release)]);
         let (lines, outcome) = rig.log(id).await;
         assert_eq!(outcome, Some(Outcome::Ok));
         let want = [
@@ -418,7 +425,7 @@ fn a_release_phase_runs_its_commands_before_updating() {
             .rposition(|c| matches!(c, Call::Apply { release: Some(r), .. } if *r == release))
             .expect("the release was applied");
         assert!(run < apply, "the release command runs before the rollout: {calls:?}");
-        assert_eq!(rig.applies(), vec![Some(previous), Some(release)]);
+        rig.assert_applies(&[Some(&previous), Some(&release)]);
         rig.assert_logged(
             id,
             &[
@@ -445,7 +452,7 @@ fn a_failed_release_command_rolls_back_without_touching_what_runs() {
             .await;
         assert!(reason.contains("exited with code 3"), "{reason}");
         // The new release was never applied: the rollback re-applies the previous one.
-        assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous)]);
+        rig.assert_applies(&[Some(&previous), Some(&previous)]);
     });
 }
 
@@ -460,10 +467,7 @@ fn a_failed_apply_rolls_back_to_the_previous_release() {
             .assert_rolled_back(id, &previous, DeployState::Updating, DeployState::Error)
             .await;
         assert_eq!(reason, "web did not become healthy");
-        assert_eq!(
-            rig.applies(),
-            vec![Some(previous.clone()), Some(release), Some(previous)]
-        );
+        rig.assert_applies(&[Some(&previous), Some(&release), Some(&previous)]);
     });
 }
 
@@ -475,7 +479,7 @@ fn a_failed_first_deployment_rolls_back_to_nothing() {
 
         assert_eq!(rig.get(id).await.state, DeployState::Reverted);
         // No previous release: the rollback stops the app.
-        assert_eq!(rig.applies(), vec![Some(release), None]);
+        rig.assert_applies(&[Some(&release), None]);
         assert_eq!(rig.current_release().await, None);
     });
 }
@@ -512,7 +516,7 @@ fn a_failed_first_deployment_whose_stop_fails_ends_in_failure() {
         let ended = rig.get(id).await;
         assert_eq!(ended.state, DeployState::Failure);
         assert_eq!(ended.reason, "no; rollback failed: could not stop");
-        assert_eq!(rig.applies(), vec![Some(release), None]);
+        rig.assert_applies(&[Some(&release), None]);
         assert_eq!(rig.current_release().await, None);
     });
 }
@@ -558,7 +562,7 @@ fn the_deadline_during_the_release_phase_stops_the_command_and_rolls_back() {
             .await;
         assert_eq!(reason, "the deployment did not become healthy within 60s");
         rig.assert_command_stopped();
-        assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous)]);
+        rig.assert_applies(&[Some(&previous), Some(&previous)]);
     });
 }
 
@@ -576,10 +580,7 @@ fn a_cancel_during_the_rollout_rolls_back() {
             .assert_rolled_back(id, &previous, DeployState::Updating, DeployState::Cancelled)
             .await;
         assert_eq!(reason, "cancelled");
-        assert_eq!(
-            rig.applies(),
-            vec![Some(previous.clone()), Some(release), Some(previous)]
-        );
+        rig.assert_applies(&[Some(&previous), Some(&release), Some(&previous)]);
     });
 }
 
@@ -614,7 +615,7 @@ fn a_cancel_during_the_release_phase_stops_the_command_and_rolls_back() {
         assert_eq!(ended.state, DeployState::Reverted);
         // The command went with the cancel; the new release was never applied.
         rig.assert_command_stopped();
-        assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous)]);
+        rig.assert_applies(&[Some(&previous), Some(&previous)]);
         rig.assert_logged(id, &["Status: Releasing => Cancelled", "Status: Cancelled => Rollback"])
             .await;
     });
@@ -799,7 +800,7 @@ fn a_deployment_taken_over_while_releasing_runs_the_commands_again() {
         let (rig, id, previous, release) = taken_over_in(DeployState::Releasing, WITH_RELEASE_PHASE).await;
         assert_eq!(rig.get(id).await.state, DeployState::Running);
         assert!(rig.fake.calls().iter().any(|c| matches!(c, Call::Run { .. })));
-        assert_eq!(rig.applies(), vec![Some(previous), Some(release)]);
+        rig.assert_applies(&[Some(&previous), Some(&release)]);
     });
 }
 
@@ -808,7 +809,7 @@ fn a_deployment_taken_over_while_updating_applies_again() {
     on_runtime(async {
         let (rig, id, previous, release) = taken_over_in(DeployState::Updating, MANIFEST).await;
         assert_eq!(rig.get(id).await.state, DeployState::Running);
-        assert_eq!(rig.applies(), vec![Some(previous), Some(release.clone())]);
+        rig.assert_applies(&[Some(&previous), Some(&release)]);
         assert_eq!(rig.current_release().await, Some(release));
     });
 }
@@ -820,7 +821,7 @@ fn a_deployment_taken_over_in_error_rolls_back() {
         let ended = rig.get(id).await;
         assert_eq!(ended.state, DeployState::Reverted);
         assert_eq!(ended.reason, "it broke");
-        assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous)]);
+        rig.assert_applies(&[Some(&previous), Some(&previous)]);
     });
 }
 
@@ -829,7 +830,7 @@ fn a_deployment_taken_over_in_rollback_applies_the_previous_release_again() {
     on_runtime(async {
         let (rig, id, previous, _) = taken_over_in(DeployState::Rollback, MANIFEST).await;
         assert_eq!(rig.get(id).await.state, DeployState::Reverted);
-        assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous)]);
+        rig.assert_applies(&[Some(&previous), Some(&previous)]);
         let (lines, _) = rig.log(id).await;
         assert!(has(&lines, "Status: Rollback => Reverted"), "{lines:#?}");
     });
@@ -844,7 +845,7 @@ fn a_release_that_cannot_be_loaded_fails_the_deployment() {
         let id = deployment.id;
         rig.drive(deployment).await;
         assert_eq!(rig.get(id).await.state, DeployState::Reverted);
-        assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous)]);
+        rig.assert_applies(&[Some(&previous), Some(&previous)]);
     });
 }
 
@@ -885,20 +886,39 @@ async fn build_now(rig: &Rig, id: &str) -> rack::store::builds::Build {
     rack::store::builds::get(rig.pool(), APP, id).await.unwrap().unwrap()
 }
 
-fn spawn_build(rig: &Rig, build: rack::store::builds::Build) -> tokio::task::JoinHandle<()> {
+/// Claims a build of the app whose runtime build plays `script`, and runs it to its end; its
+/// id and how it ended.
+async fn build_to_its_end(rig: &Rig, script: Script) -> (String, rack::store::builds::Build) {
+    rig.fake.script_build(script);
+    let build = claim_build(rig).await;
+    let id = build.id.to_string();
+    within(rack::jobs::builds::run(rig.state(), build)).await;
+    let ended = build_now(rig, &id).await;
+    (id, ended)
+}
+
+/// Claims a build of the app whose runtime build hangs, and runs it in a task of its own until
+/// the runtime builds; its id and the task.
+async fn build_running(rig: &Rig) -> (String, tokio::task::JoinHandle<()>) {
+    rig.fake.script_build(Script::hang());
+    let build = claim_build(rig).await;
+    let id = build.id.to_string();
     let state = rig.state().clone();
-    tokio::spawn(async move { rack::jobs::builds::run(&state, build).await })
+    let running = tokio::spawn(async move { rack::jobs::builds::run(&state, build).await });
+    within(rig.fake.called(|c| matches!(c, Call::Build { .. }))).await;
+    (id, running)
+}
+
+/// Asserts that the runtime was asked to cancel the build.
+fn assert_cancelled_in_the_runtime(rig: &Rig) {
+    let calls = rig.fake.calls();
+    assert!(calls.iter().any(|c| matches!(c, Call::CancelBuild { .. })), "{calls:?}");
 }
 
 #[test]
 fn a_build_that_succeeds_makes_a_release_with_its_manifest() {
     with_rig(|rig| async move {
-        rig.fake.script_build(Script::succeed_after(2));
-        let build = claim_build(&rig).await;
-        let id = build.id.to_string();
-        within(rack::jobs::builds::run(rig.state(), build)).await;
-
-        let ended = build_now(&rig, &id).await;
+        let (id, ended) = build_to_its_end(&rig, Script::succeed_after(2)).await;
         assert_eq!(ended.status, rack::store::builds::BuildStatus::Complete);
         let release = ended.release_id.expect("a release");
         let release = rack::store::releases::get(rig.pool(), APP, &release)
@@ -913,11 +933,7 @@ fn a_build_that_succeeds_makes_a_release_with_its_manifest() {
 #[test]
 fn a_build_that_fails_ends_failed_with_its_reason() {
     with_rig(|rig| async move {
-        rig.fake.script_build(Script::fail("npm install failed"));
-        let build = claim_build(&rig).await;
-        let id = build.id.to_string();
-        within(rack::jobs::builds::run(rig.state(), build)).await;
-        let ended = build_now(&rig, &id).await;
+        let (_, ended) = build_to_its_end(&rig, Script::fail("npm install failed")).await;
         assert_eq!(ended.status, rack::store::builds::BuildStatus::Failed);
         assert_eq!(ended.reason, "npm install failed");
         assert!(ended.release_id.is_none());
@@ -929,43 +945,31 @@ fn a_build_past_its_timeout_fails_and_is_cancelled_in_the_runtime() {
     on_runtime(async {
         // Under a second: no time at all.
         let rig = Rig::with(|c| c.build_timeout = Duration::from_millis(200)).await;
-        rig.fake.script_build(Script::hang());
-        let build = claim_build(&rig).await;
-        let id = build.id.to_string();
-        within(rack::jobs::builds::run(rig.state(), build)).await;
-        let ended = build_now(&rig, &id).await;
+        let (_, ended) = build_to_its_end(&rig, Script::hang()).await;
         assert_eq!(ended.status, rack::store::builds::BuildStatus::Failed);
         assert!(ended.reason.starts_with("timed out after"), "{}", ended.reason);
-        assert!(rig.fake.calls().iter().any(|c| matches!(c, Call::CancelBuild { .. })));
+        assert_cancelled_in_the_runtime(&rig);
     });
 }
 
 #[test]
 fn a_cancelled_build_fails_as_cancelled() {
     with_rig(|rig| async move {
-        rig.fake.script_build(Script::hang());
-        let build = claim_build(&rig).await;
-        let id = build.id.to_string();
-        let running = spawn_build(&rig, build);
-        within(rig.fake.called(|c| matches!(c, Call::Build { .. }))).await;
+        let (id, running) = build_running(&rig).await;
         let mut conn = rig.pool().acquire().await.unwrap();
         rack::store::builds::request_cancel(&mut conn, APP, &id).await.unwrap();
         within(running).await.unwrap();
         let ended = build_now(&rig, &id).await;
         assert_eq!(ended.status, rack::store::builds::BuildStatus::Failed);
         assert_eq!(ended.reason, "cancelled");
-        assert!(rig.fake.calls().iter().any(|c| matches!(c, Call::CancelBuild { .. })));
+        assert_cancelled_in_the_runtime(&rig);
     });
 }
 
 #[test]
 fn a_build_whose_lease_is_lost_is_left_to_its_new_holder() {
     with_rig(|rig| async move {
-        rig.fake.script_build(Script::hang());
-        let build = claim_build(&rig).await;
-        let id = build.id.to_string();
-        let running = spawn_build(&rig, build);
-        within(rig.fake.called(|c| matches!(c, Call::Build { .. }))).await;
+        let (id, running) = build_running(&rig).await;
         assert!(
             rack::store::builds::hand_back(rig.pool(), &id, rig.state().replica)
                 .await
@@ -986,11 +990,7 @@ fn a_build_whose_lease_is_lost_is_left_to_its_new_holder() {
 #[test]
 fn shutting_down_hands_the_build_back() {
     with_rig(|rig| async move {
-        rig.fake.script_build(Script::hang());
-        let build = claim_build(&rig).await;
-        let id = build.id.to_string();
-        let running = spawn_build(&rig, build);
-        within(rig.fake.called(|c| matches!(c, Call::Build { .. }))).await;
+        let (id, running) = build_running(&rig).await;
         rig.state().shutdown.cancel();
         within(running).await.unwrap();
         let now = build_now(&rig, &id).await;
