@@ -70,10 +70,19 @@ async fn a_backup_taken_during_a_build_and_a_deployment_restores_on_a_second_ser
 
     // A deployment that stays updating for a minute, and a build that runs for a while.
     let slow = MANIFEST.replace("grace: 1", "grace: 30");
-    let slow_release = first
-        .build_release("keep", &[("convox.yml", &slow), ("server.py", SERVER)])
+    let slow_id = first
+        .build_source("keep", &[("convox.yml", &slow), ("server.py", SERVER)])
         .await;
-    first.promote("keep", &slow_release).await;
+    let slow_release = first.wait_build("keep", &slow_id).await["release"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let promote = first
+        .request(Method::POST, &format!("/apps/keep/releases/{slow_release}/promote"))
+        .send()
+        .await
+        .unwrap();
+    assert!(promote.status().is_success());
     let running = first
         .build_source(
             "keep",
