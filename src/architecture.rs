@@ -173,6 +173,44 @@ fn no_source_file_is_over_the_size_limit() {
 }
 
 #[test]
+fn errors_reach_http_only_through_api_error() {
+    // `Pretty` is the JSON body of a success; this file names the needles.
+    let mut found = offending(
+        "",
+        &["IntoResponse for"],
+        &["src/error.rs", "api/input.rs", "src/architecture.rs"],
+    );
+    // The route table's layers (a request past its time, a body for a bare status) are the
+    // edge itself.
+    found.extend(offending(
+        "api",
+        &[
+            "StatusCode::INTERNAL_SERVER_ERROR",
+            "StatusCode::BAD_GATEWAY",
+            "StatusCode::SERVICE_UNAVAILABLE",
+            "StatusCode::GATEWAY_TIMEOUT",
+            "StatusCode::INSUFFICIENT_STORAGE",
+        ],
+        &["api/mod.rs"],
+    ));
+    assert!(
+        found.is_empty(),
+        "a failure becomes an ApiError (src/error.rs), which alone turns it into a response:\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn only_the_event_bus_listens() {
+    let found = offending("", &["PgListener"], &["src/events/mod.rs", "src/architecture.rs"]);
+    assert!(
+        found.is_empty(),
+        "a replica listens on one connection, the event bus's (subscribe to it):\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
 fn webhooks_reach_only_the_network() {
     let found = offending(
         "webhooks",

@@ -74,8 +74,8 @@ pub async fn export_build(state: &AppState, app: &str, id: &str) -> ApiResult<Re
         git_sha: build.git_sha.clone(),
         manifest_path: build.manifest_path.clone(),
         images: build.images.0.clone(),
-        started: build.started_at,
-        ended: build.ended_at,
+        started: build.claim.started_at,
+        ended: build.claim.ended_at,
         entries: Vec::new(),
     };
     let prepared = build_archive::write::Prepared {

@@ -95,8 +95,8 @@ impl From<Build> for BuildView {
             repository: repository(&build.images),
             images: build.images.0,
             status: build.status,
-            started: build.started_at.unwrap_or_else(go_zero_time),
-            ended: build.ended_at.unwrap_or_else(go_zero_time),
+            started: build.claim.started_at.unwrap_or_else(go_zero_time),
+            ended: build.claim.ended_at.unwrap_or_else(go_zero_time),
         }
     }
 }

@@ -52,8 +52,8 @@ impl From<Deployment> for DeploymentView {
             reason: d.reason,
             timeout: d.timeout_secs,
             created: d.created_at,
-            started: d.started_at,
-            ended: d.ended_at,
+            started: d.claim.started_at,
+            ended: d.claim.ended_at,
         }
     }
 }

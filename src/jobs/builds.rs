@@ -43,7 +43,7 @@ pub async fn run(state: &AppState, build: Build) {
     };
     // The release it will make, named now: image builds get it as their RELEASE argument.
     let release = ReleaseId::generate();
-    if build.attempts > 1 && !state.runtime.capabilities().resumes_builds {
+    if build.claim.attempts > 1 && !state.runtime.capabilities().resumes_builds {
         // Its previous holder died mid-build; a half-done build directory is not trustworthy.
         end(state, &build, &owner, &release, Err(BuildFailure::Interrupted)).await;
         return;
@@ -300,7 +300,9 @@ async fn try_end(
         Err(BuildFailure::Cancelled) => "cancelled",
         Err(_) => "failed",
     };
-    state.metrics.build(outcome, crate::metrics::since(build.started_at));
+    state
+        .metrics
+        .build(outcome, crate::metrics::since(build.claim.started_at));
     Ok(())
 }
 

@@ -74,7 +74,7 @@ impl Driver<'_> {
     /// Feeds signals to the machine until it says to stop, recording each transition.
     async fn drive(&self, mut deployment: Deployment) -> anyhow::Result<()> {
         let timeout = Duration::from_secs(u64::try_from(deployment.timeout_secs).unwrap_or(1800));
-        let started = deployment.started_at.unwrap_or_else(chrono::Utc::now);
+        let started = deployment.claim.started_at.unwrap_or_else(chrono::Utc::now);
         let elapsed = (chrono::Utc::now() - started).to_std().unwrap_or_default();
         let deadline = tokio::time::Instant::now() + timeout.saturating_sub(elapsed);
         let target = self.load(&deployment.app, Some(&deployment.release_id)).await;
@@ -135,7 +135,7 @@ impl Driver<'_> {
             deployments::record(&self.state.pool, deployment, self.state.replica, transition, &stream).await?;
         if recorded {
             if transition.to.is_terminal() {
-                let started = deployment.started_at.or(Some(deployment.created_at));
+                let started = deployment.claim.started_at.or(Some(deployment.created_at));
                 self.state
                     .metrics
                     .deployment(transition.to, crate::metrics::since(started));

@@ -156,6 +156,16 @@ impl FakeRuntime {
         self.lock_scripts().exits.push_back(code);
     }
 
+    /// Forgets every script and every call, as if new (a test harness reusing one server for
+    /// several tests).
+    pub fn reset(&self) {
+        *self.lock_scripts() = Scripts::default();
+        self.calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+
     /// Every call so far.
     pub fn calls(&self) -> Vec<Call> {
         self.calls

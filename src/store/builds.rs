@@ -50,12 +50,9 @@ pub struct Build {
     /// Images the build pushed, by service (Kubernetes runtime).
     pub images: sqlx::types::Json<std::collections::BTreeMap<String, String>>,
     pub logs: String,
-    pub cancel_requested: bool,
-    pub attempts: i32,
-    pub lease_owner: Option<Uuid>,
-    pub lease_expires_at: Option<DateTime<Utc>>,
-    pub started_at: Option<DateTime<Utc>>,
-    pub ended_at: Option<DateTime<Utc>>,
+    /// What it records of the workers that run it.
+    #[sqlx(flatten)]
+    pub claim: crate::store::claim::Claim,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

@@ -25,12 +25,9 @@ pub struct Deployment {
     pub state: DeployState,
     pub reason: String,
     pub timeout_secs: i32,
-    pub cancel_requested: bool,
-    pub attempts: i32,
-    pub lease_owner: Option<Uuid>,
-    pub lease_expires_at: Option<DateTime<Utc>>,
-    pub started_at: Option<DateTime<Utc>>,
-    pub ended_at: Option<DateTime<Utc>>,
+    /// What it records of the workers that run it.
+    #[sqlx(flatten)]
+    pub claim: crate::store::claim::Claim,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

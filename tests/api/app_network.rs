@@ -114,15 +114,7 @@ async fn an_apps_processes_reach_neither_the_api_nor_another_app_on_loopback() {
     let id = app.build_source("attacker", &files).await;
     let build = app.wait_build("attacker", &id).await;
     assert_eq!(build["status"], "complete", "{build}");
-    let log = app
-        .request(Method::GET, &format!("/apps/attacker/builds/{id}/logs"))
-        .header("accept", "text/plain")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let log = app.get_plain(&format!("/apps/attacker/builds/{id}/logs")).await;
     assert!(log.contains("build done"), "{log}");
     for port in [api, victim] {
         assert!(log.contains(&format!("build {port} refused")), "port {port}: {log}");

@@ -32,13 +32,8 @@ async fn download(rack: &TestApp, query: &str, file: &std::path::Path) {
 /// The feed of `app` as far as it goes now: (id, kind) pairs.
 async fn feed(rack: &TestApp, app: &str, after: i64) -> Vec<(i64, String)> {
     let text = rack
-        .request(Method::GET, &format!("/apps/{app}/events?after={after}&follow=false"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .get_text(&format!("/apps/{app}/events?after={after}&follow=false"))
+        .await;
     text.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter_map(|e| Some((e["id"].as_i64()?, e["kind"].as_str()?.to_owned())))
@@ -59,12 +54,9 @@ async fn restoring(data: &std::path::Path, file: &std::path::Path) -> rack::conf
 async fn a_backup_taken_during_a_build_and_a_deployment_restores_on_a_second_server() {
     let first = TestApp::spawn().await;
     assert_eq!(first.create_app("keep").await.status(), 201);
-    let id = first
-        .build_source("keep", &[("convox.yml", MANIFEST), ("server.py", SERVER)])
+    let (id, release) = first
+        .build_complete("keep", &[("convox.yml", MANIFEST), ("server.py", SERVER)])
         .await;
-    let build = first.wait_build("keep", &id).await;
-    assert_eq!(build["status"], "complete", "{build}");
-    let release = build["release"].as_str().unwrap().to_owned();
     promote_follow(&first, "keep", &release).await;
     assert_eq!(
         crate::deploys::through_router(&first, "keep").await,
@@ -73,14 +65,8 @@ async fn a_backup_taken_during_a_build_and_a_deployment_restores_on_a_second_ser
     let first_app: Value = first.get_json("/apps/keep").await;
     let first_router = first_app["router"].as_str().unwrap().to_owned();
     let build_log = first
-        .request(Method::GET, &format!("/apps/keep/builds/{id}/logs?after=1&ids=true"))
-        .header("accept", "text/plain")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .get_plain(&format!("/apps/keep/builds/{id}/logs?after=1&ids=true"))
+        .await;
 
     // A deployment that stays updating for half a minute (its new instance answers only after
     // 30 s, within its grace period), and a build that runs for a minute: both are still
@@ -156,12 +142,7 @@ async fn a_backup_taken_during_a_build_and_a_deployment_restores_on_a_second_ser
             return None;
         }
         let release = app["release"].as_str()?.to_owned();
-        let text = reqwest::get(format!("http://{router}/"))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = crate::helpers::try_fetch_text(format!("http://{router}/")).await?;
         (text == format!("{release} \n")).then_some(release)
     })
     .await;
@@ -186,14 +167,8 @@ async fn a_backup_taken_during_a_build_and_a_deployment_restores_on_a_second_ser
     same("/apps/keep/deployments", deployments).await;
     // Streams resume from the same ids.
     let restored_log = second
-        .request(Method::GET, &format!("/apps/keep/builds/{id}/logs?after=1&ids=true"))
-        .header("accept", "text/plain")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .get_plain(&format!("/apps/keep/builds/{id}/logs?after=1&ids=true"))
+        .await;
     assert_eq!(restored_log, build_log);
     let restored_events = feed(&second, "keep", 0).await;
     assert!(restored_events.len() >= events.len());
@@ -240,10 +215,8 @@ async fn refused(dir: &std::path::Path, bytes: Vec<u8>, name: &str) -> String {
 async fn a_damaged_or_truncated_backup_is_refused_before_anything_is_written() {
     let rack = TestApp::spawn().await;
     assert_eq!(rack.create_app("small").await.status(), 201);
-    let id = rack
-        .build_source("small", &[("convox.yml", MANIFEST), ("server.py", SERVER)])
+    rack.build_release("small", &[("convox.yml", MANIFEST), ("server.py", SERVER)])
         .await;
-    assert_eq!(rack.wait_build("small", &id).await["status"], "complete");
     let dir = crate::helpers::reachable_tempdir();
     let file = dir.path().join("rack.tar");
     download(&rack, "?images=false", &file).await;
@@ -283,10 +256,8 @@ async fn usage_matches_du_of_the_data_directory() {
     let config = rack::config::Config::for_tests(data.path().join("rack"), rack::config::Database::Embedded, PASSWORD);
     let rack = TestApp::start(config).await;
     assert_eq!(rack.create_app("measured").await.status(), 201);
-    let id = rack
-        .build_source("measured", &[("convox.yml", MANIFEST), ("server.py", SERVER)])
+    rack.build_release("measured", &[("convox.yml", MANIFEST), ("server.py", SERVER)])
         .await;
-    assert_eq!(rack.wait_build("measured", &id).await["status"], "complete");
     let usage: Value = rack.get_json("/system/usage").await;
     let du = std::process::Command::new("du")
         .args(["-s", "-B1", "-x"])
@@ -341,18 +312,7 @@ async fn builds_are_refused_with_507_when_the_disk_is_nearly_full() {
     let (status, text) = crate::helpers::status_text(response).await;
     assert_eq!(status, 507, "{text}");
     assert!(text.contains("RACK_DISK_RESERVE_BYTES"), "{text}");
-    wait_for(30, "the disk warning in the feed", || async {
-        let text = rack
-            .request(Method::GET, "/events?after=0&follow=false&kind=system.disk")
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        text.contains("nearly full").then_some(())
-    })
-    .await;
+    rack.wait_for_feed("system.disk", "nearly full", 30).await;
     rack.stop().await;
 }
 
@@ -362,37 +322,14 @@ async fn a_backup_shows_in_the_feed_and_the_metrics() {
     let rack = TestApp::spawn().await;
     let dir = crate::helpers::reachable_tempdir();
     download(&rack, "?images=false", &dir.path().join("b.tar")).await;
-    wait_for(30, "the backup in the feed", || async {
-        let text = rack
-            .request(Method::GET, "/events?after=0&follow=false&kind=system.backup")
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        text.contains("downloaded").then_some(())
-    })
-    .await;
-    let metrics = rack
-        .request(Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    rack.wait_for_feed("system.backup", "downloaded", 30).await;
+    let metrics = rack.get_text("/metrics").await;
     let line = metrics
         .lines()
         .find(|l| l.starts_with("rack_backup_last_size_bytes "))
         .unwrap();
     assert!(!line.ends_with(" 0"), "{line}");
-    let refused = rack
-        .request(Method::GET, "/system/backup?images=maybe")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(refused.status(), 400);
+    assert_eq!(rack.status_of(Method::GET, "/system/backup?images=maybe").await, 400);
     rack.stop().await;
 }
 
@@ -460,14 +397,7 @@ async fn scheduled_backups_go_to_the_object_store_and_the_oldest_are_deleted() {
     rack.state.objects.download(&newest, &file).await.unwrap();
     let verified = rack::backup::restore::verify(&file).unwrap();
     assert!(verified.manifest.entries.iter().any(|e| e.path == "database.pgdump"));
-    let text = rack
-        .request(Method::GET, "/events?after=0&follow=false&kind=system.backup")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = rack.get_text("/events?after=0&follow=false&kind=system.backup").await;
     assert_eq!(text.matches("written to _backups/").count(), 3, "{text}");
     rack.stop().await;
 }
@@ -570,10 +500,7 @@ async fn a_restore_brings_back_the_images_of_container_apps() {
     assert_eq!(first.create_app("boxed").await.status(), 201);
     let files = convox_app("v1");
     let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (*n, c.as_str())).collect();
-    let id = first.build_source("boxed", &files).await;
-    let build = first.wait_build("boxed", &id).await;
-    assert_eq!(build["status"], "complete", "{build}");
-    let release = build["release"].as_str().unwrap().to_owned();
+    let (id, release) = first.build_complete("boxed", &files).await;
     promote_follow(&first, "boxed", &release).await;
     let router = first.get_json::<Value>("/apps/boxed").await["router"]
         .as_str()
@@ -613,12 +540,7 @@ async fn a_restore_brings_back_the_images_of_container_apps() {
     let cleanup = Leftovers::of(&second);
     assert!(podman.image_exists(&image).await, "{image} is loaded again");
     wait_for(120, "the container app to answer at its address", || async {
-        let text = reqwest::get(format!("http://{router}/"))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = crate::helpers::try_fetch_text(format!("http://{router}/")).await?;
         (text == "v1\n").then_some(())
     })
     .await;
@@ -644,13 +566,9 @@ async fn a_restored_rack_brings_back_its_resources_with_their_data() {
         "resources:\n  sessions:\n    type: memcached\n  orders:\n    type: mysql\n",
         1,
     );
-    let id = first
-        .build_source("shop", &[("convox.yml", &manifest), ("notes.sh", NOTES)])
+    first
+        .deploy_files("shop", &[("convox.yml", &manifest), ("notes.sh", NOTES)])
         .await;
-    let build = first.wait_build("shop", &id).await;
-    assert_eq!(build["status"], "complete", "{build}");
-    let log = promote_follow(&first, "shop", build["release"].as_str().unwrap()).await;
-    assert!(log.ends_with("OK\n"), "{log}");
     notes(&first, "shop", "write kept").await;
     assert_eq!(notes(&first, "shop", "read").await, "pg=kept\nredis=kept\n");
     let created = "create table orders (v text); insert into orders values ('kept-order');";

@@ -469,27 +469,13 @@ async fn every_transport_resumes_after_an_event_id() {
     app.wait_build("myapp", &id).await;
     let path = format!("/apps/myapp/builds/{id}/logs");
     // Chunked text with ids: `<id> <line>`.
-    let full = app
-        .request(Method::GET, &format!("{path}?ids=true"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let full = app.get_text(&format!("{path}?ids=true")).await;
     let lines: Vec<(&str, &str)> = full.lines().map(|l| l.split_once(' ').unwrap()).collect();
     assert_eq!(lines.last().unwrap().1, "OK");
     let cut = 7;
     let after = lines[cut - 1].0;
     let expected_text: String = lines[cut..].iter().map(|(_, l)| format!("{l}\n")).collect();
-    let chunked = app
-        .request(Method::GET, &format!("{path}?after={after}"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let chunked = app.get_text(&format!("{path}?after={after}")).await;
     assert_eq!(chunked, expected_text);
     // The websocket takes the cursor as a header (the convox client sends no query string).
     let websocket = read_websocket(&app, &path, &[("last-event-id", after)]).await;

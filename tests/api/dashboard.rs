@@ -148,12 +148,7 @@ async fn the_dashboard_shows_a_deployment_live_in_a_real_browser() {
     .await;
 
     // A deploy started through the API, as CI would.
-    let response = app
-        .json(Method::POST, &format!("/apps/web/releases/{release}/promote"))
-        .send()
-        .await
-        .unwrap();
-    assert!(response.status().is_success(), "{:?}", response.text().await);
+    app.promote("web", &release).await;
     let updating = wait_script(
         &browser,
         "the app updating, with rollout lines",
@@ -298,12 +293,7 @@ async fn the_dashboard_loads_and_streams_over_https_with_the_racks_certificate()
     assert_eq!(page["secure"], true, "{page}");
 
     // A deploy started through the API streams into the page, over TLS.
-    let response = app
-        .json(Method::POST, &format!("/apps/web/releases/{release}/promote"))
-        .send()
-        .await
-        .unwrap();
-    assert!(response.status().is_success(), "{:?}", response.text().await);
+    app.promote("web", &release).await;
     let finished = wait_script(
         &browser,
         "the rollout's lines and the app running again",

@@ -390,12 +390,7 @@ async fn after_a_server_restart_the_app_runs_again_at_the_same_address() {
     let router = get_app(&app, "myapp").await["router"].as_str().unwrap().to_owned();
     let app = app.restart().await;
     wait_for(30, "the app to answer again", || async {
-        let text = reqwest::get(format!("http://{router}/"))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = crate::helpers::try_fetch_text(format!("http://{router}/")).await?;
         (text == format!("{release} \n")).then_some(())
     })
     .await;
@@ -569,13 +564,9 @@ async fn a_scaled_service_rolls_every_instance_within_its_budget() {
     assert_eq!(app.create_app("myapp").await.status(), 201);
     let manifest =
         format!("{MANIFEST}    scale:\n      count: 3\n    deployment:\n      minimum: 50\n      maximum: 150\n");
-    let id = app
-        .build_source("myapp", &[("convox.yml", &manifest), ("server.py", SERVER)])
+    let first = app
+        .build_release("myapp", &[("convox.yml", &manifest), ("server.py", SERVER)])
         .await;
-    let first = app.wait_build("myapp", &id).await["release"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     assert!(promote_follow(&app, "myapp", &first).await.ends_with("\nOK\n"));
     let second = create_release(&app, "myapp", &[("env", "GREETING=two")]).await["id"]
         .as_str()
@@ -665,14 +656,7 @@ async fn cancel_rolls_a_running_deployment_back() {
     .await;
     let cancel = app.convox(Method::POST, "/apps/myapp/cancel").send().await.unwrap();
     assert_eq!(status_text(cancel).await, (200, "ok\n".to_owned()));
-    let log = app
-        .request(Method::GET, &format!("{location}/events"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let log = app.get_text(&format!("{location}/events")).await;
     lines_in_order(
         &log,
         &[

@@ -6,7 +6,7 @@
 //! in the release phase), a failed rollback (re-applying, stopping) and shutdown. No server is
 //! serving: nothing else claims the jobs.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use rack::config::{Config, Database};
@@ -24,9 +24,43 @@ const FAKE_BUILD: &str = "BFAKEBUILDS";
 const MANIFEST: &str = "services:\n  web:\n    command: sleep 1000\n";
 const WITH_RELEASE_PHASE: &str = "services:\n  web:\n    command: sleep 1000\n    release: ./migrate\n";
 
-/// A built (not serving) server on a database of its own (reused, emptied) with the fake
-/// runtime, and one app.
+/// The runtime every test of this file runs on: a built server's pool and tasks belong to the
+/// runtime that built it, and the tests share their servers (see `Rig`).
+static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime")
+});
+
+/// Runs a test on [`RUNTIME`].
+fn on_runtime(test: impl std::future::Future<Output = ()>) {
+    RUNTIME.block_on(test);
+}
+
+/// Runs a test on [`RUNTIME`] with a [`Rig::new`].
+fn with_rig<Test: std::future::Future<Output = ()>>(test: impl FnOnce(Rig) -> Test) {
+    on_runtime(async { test(Rig::new().await).await });
+}
+
+/// Servers given back by the tests done with them, for the next to reuse: building one (a pool,
+/// the migrations' check, the event bus) cost more than a driver test itself.
+static SPARE_RIGS: Mutex<Vec<Built>> = Mutex::new(Vec::new());
+
+/// A built (not serving) server on a database of its own with the fake runtime, and one app
+/// with one ended build: a spare one emptied, or a new one. No server is serving: nothing else
+/// claims the jobs.
 struct Rig {
+    built: Option<Built>,
+    fake: Arc<FakeRuntime>,
+    /// Whether it may serve another test once this one is done (its configuration is the
+    /// default one).
+    reusable: bool,
+}
+
+/// What a rig owns.
+struct Built {
     app: rack::Application,
     fake: Arc<FakeRuntime>,
     _data: tempfile::TempDir,
@@ -36,10 +70,35 @@ struct Rig {
 
 impl Rig {
     async fn new() -> Self {
-        Self::with(|_| {}).await
+        let spare = SPARE_RIGS.lock().unwrap().pop();
+        let rig = match spare {
+            Some(built) => {
+                built.fake.reset();
+                // Everything a test makes hangs off its app.
+                sqlx::query("delete from apps")
+                    .execute(&built.app.state().pool)
+                    .await
+                    .unwrap();
+                Self {
+                    fake: built.fake.clone(),
+                    built: Some(built),
+                    reusable: true,
+                }
+            }
+            None => Self::build(|_| {}, true).await,
+        };
+        rig.prepare().await;
+        rig
     }
 
+    /// A rig with the test's changes to the configuration (used by that test alone).
     async fn with(change: impl FnOnce(&mut Config)) -> Self {
+        let rig = Self::build(change, false).await;
+        rig.prepare().await;
+        rig
+    }
+
+    async fn build(change: impl FnOnce(&mut Config), reusable: bool) -> Self {
         rack::tls::install_provider();
         let database = reused_database().await;
         let data = tempfile::tempdir().unwrap();
@@ -48,22 +107,33 @@ impl Rig {
             Database::Url(database.url().to_owned()),
             PASSWORD,
         );
-        // Renewals every 100 ms: a lost lease or a cancel is seen at once.
-        config.job_lease = Duration::from_millis(300);
+        // Renewals every 50 ms: a lost lease or a cancel is seen at once. Nothing but the
+        // tests themselves claims here, so a renewal that comes late loses nothing.
+        config.job_lease = Duration::from_millis(150);
+        // A rollback gets the longer of its deployment's deadline and this: only a deployment
+        // with no time at all (`a_rollback_past_its_own_deadline_ends_in_failure`) gets 50 ms.
+        config.rollback_min_timeout = Duration::from_millis(50);
         change(&mut config);
         let fake = Arc::new(FakeRuntime::new(MANIFEST));
         let app = rack::Application::build_with(config, fake.clone()).await.unwrap();
-        let name = rack::names::AppName::parse(APP).unwrap();
-        rack::store::apps::insert(&app.state().pool, &name, "3").await.unwrap();
-        let rig = Self {
-            app,
+        Self {
+            built: Some(Built {
+                app,
+                fake: fake.clone(),
+                _data: data,
+                _database: database,
+            }),
             fake,
-            _data: data,
-            _database: database,
-        };
-        // The build every release of the tests comes from, ended.
-        queue_build(&rig, FAKE_BUILD).await;
-        let mut conn = rig.pool().acquire().await.unwrap();
+            reusable,
+        }
+    }
+
+    /// The app, and the ended build every release of the tests comes from.
+    async fn prepare(&self) {
+        let name = rack::names::AppName::parse(APP).unwrap();
+        rack::store::apps::insert(self.pool(), &name, "3").await.unwrap();
+        queue_build(self, FAKE_BUILD).await;
+        let mut conn = self.pool().acquire().await.unwrap();
         let done = rack::store::builds::Finish {
             status: rack::store::builds::BuildStatus::Complete,
             ..rack::store::builds::Finish::failed("")
@@ -73,11 +143,10 @@ impl Rig {
                 .await
                 .unwrap()
         );
-        rig
     }
 
     fn state(&self) -> &rack::AppState {
-        self.app.state()
+        self.built.as_ref().expect("a built rig").app.state()
     }
 
     fn pool(&self) -> &sqlx::PgPool {
@@ -145,16 +214,21 @@ impl Rig {
     /// moved, not a test that waits), and drives it to its end; its id.
     async fn drive_past_deadline(&self, release: &str) -> Uuid {
         let mut deployment = self.claim(release, Duration::from_secs(60)).await;
-        deployment.started_at = Some(chrono::Utc::now() - chrono::Duration::seconds(60));
+        deployment.claim.started_at = Some(chrono::Utc::now() - chrono::Duration::seconds(60));
         let id = deployment.id;
         self.drive(deployment).await;
         id
     }
 
-    /// Asserts that deployment `id` failed in `from` as `failed` and was rolled back, ending
-    /// Reverted with an error.
-    async fn assert_rolled_back(&self, id: Uuid, from: DeployState, failed: DeployState) {
-        assert_eq!(self.get(id).await.state, DeployState::Reverted);
+    /// Asserts that deployment `id` failed in `from` as `failed` and was rolled back to
+    /// `previous` (applied last, and still the app's release), ending Reverted with an error.
+    /// Returns the reason it failed.
+    async fn assert_rolled_back(&self, id: Uuid, previous: &str, from: DeployState, failed: DeployState) -> String {
+        let ended = self.get(id).await;
+        assert_eq!(ended.state, DeployState::Reverted);
+        let applies = self.applies();
+        assert_eq!(applies.last(), Some(&Some(previous.to_owned())), "{applies:?}");
+        assert_eq!(self.current_release().await.as_deref(), Some(previous));
         let (lines, outcome) = self.log(id).await;
         assert_eq!(outcome, Some(Outcome::Error));
         for want in [
@@ -165,6 +239,7 @@ impl Rig {
             let line = rack::deploy::machine::status_line(want.0, want.1);
             assert!(has(&lines, &line), "{line:?} missing from {lines:#?}");
         }
+        ended.reason
     }
 
     /// Runs the driver on `deployment` in a task of its own (for a test to act meanwhile).
@@ -251,6 +326,13 @@ impl Rig {
         app.release_id.map(|r| r.to_string())
     }
 
+    /// Asserts that the runtime was asked for exactly these applies, in order (`None`: stop the
+    /// app).
+    fn assert_applies(&self, want: &[Option<&String>]) {
+        let want: Vec<Option<String>> = want.iter().map(|r| r.cloned()).collect();
+        assert_eq!(self.applies(), want);
+    }
+
     /// The applies the runtime was asked for, in order (`None`: stop the app).
     fn applies(&self) -> Vec<Option<String>> {
         self.fake
@@ -261,6 +343,19 @@ impl Rig {
                 _ => None,
             })
             .collect()
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let Some(built) = self.built.take() else { return };
+        let state = built.app.state();
+        if self.reusable && !std::thread::panicking() && !state.shutdown.is_cancelled() {
+            SPARE_RIGS.lock().unwrap().push(built);
+        } else {
+            // Its tasks (the event bus) run on the shared runtime: stop them.
+            state.shutdown.cancel();
+        }
     }
 }
 
@@ -283,374 +378,372 @@ fn has(lines: &[String], line: &str) -> bool {
     lines.iter().any(|l| l == line)
 }
 
-#[tokio::test]
-async fn pending_without_release_phase_goes_updating_then_running_and_switches_the_release() {
-    let rig = Rig::new().await;
-    rig.fake.script_apply(Script::succeed_after(3));
-    let (id, release) = rig.promote(MANIFEST).await;
+#[test]
+fn pending_without_release_phase_goes_updating_then_running_and_switches_the_release() {
+    with_rig(|rig| async move {
+        rig.fake.script_apply(Script::succeed_after(3));
+        let (id, release) = rig.promote(MANIFEST).await;
 
-    let ended = rig.get(id).await;
-    assert_eq!(ended.state, DeployState::Running);
-    assert!(ended.lease_owner.is_none() && ended.ended_at.is_some());
-    assert_eq!(rig.current_release().await.as_deref(), Some(release.as_str()));
-    assert_eq!(rig.applies(), vec![Some(release.clone())]);
-    let (lines, outcome) = rig.log(id).await;
-    assert_eq!(outcome, Some(Outcome::Ok));
-    let want = [
-        "Status: Running => Pending".to_owned(),
-        "Status: Pending => Updating".to_owned(),
-        "step 1 of 3".to_owned(),
-        "step 3 of 3".to_owned(),
-        "Status: Updating => Running".to_owned(),
-        format!("Release {release} is now active"),
-    ];
-    for line in &want[1..] {
-        assert!(has(&lines, line), "{line:?} missing from {lines:#?}");
-    }
-    // The runtime's progress comes between the states it happened in.
-    let at = |l: &str| lines.iter().position(|x| x == l).unwrap();
-    assert!(at(&want[1]) < at(&want[2]) && at(&want[3]) < at(&want[4]), "{lines:#?}");
+        let ended = rig.get(id).await;
+        assert_eq!(ended.state, DeployState::Running);
+        assert!(ended.claim.owner.is_none() && ended.claim.ended_at.is_some());
+        assert_eq!(rig.current_release().await.as_deref(), Some(release.as_str()));
+        rig.assert_applies(&[Some(&release)]);
+        let (lines, outcome) = rig.log(id).await;
+        assert_eq!(outcome, Some(Outcome::Ok));
+        let want = [
+            "Status: Running => Pending".to_owned(),
+            "Status: Pending => Updating".to_owned(),
+            "step 1 of 3".to_owned(),
+            "step 3 of 3".to_owned(),
+            "Status: Updating => Running".to_owned(),
+            format!("Release {release} is now active"),
+        ];
+        for line in &want[1..] {
+            assert!(has(&lines, line), "{line:?} missing from {lines:#?}");
+        }
+        // The runtime's progress comes between the states it happened in.
+        let at = |l: &str| lines.iter().position(|x| x == l).unwrap();
+        assert!(at(&want[1]) < at(&want[2]) && at(&want[3]) < at(&want[4]), "{lines:#?}");
+    });
 }
 
-#[tokio::test]
-async fn a_release_phase_runs_its_commands_before_updating() {
-    let rig = Rig::new().await;
-    let previous = rig.deployed().await;
-    let (id, release) = rig.promote(WITH_RELEASE_PHASE).await;
+#[test]
+fn a_release_phase_runs_its_commands_before_updating() {
+    with_rig(|rig| async move {
+        let previous = rig.deployed().await;
+        let (id, release) = rig.promote(WITH_RELEASE_PHASE).await;
 
-    assert_eq!(rig.get(id).await.state, DeployState::Running);
-    let calls = rig.fake.calls();
-    let run = calls
+        assert_eq!(rig.get(id).await.state, DeployState::Running);
+        let calls = rig.fake.calls();
+        let run = calls
         .iter()
         .position(|c| matches!(c, Call::Run { service, command, .. } if service == "web" && command.join(" ").contains("./migrate")))
         .expect("the release command ran");
-    let apply = calls
-        .iter()
-        .rposition(|c| matches!(c, Call::Apply { release: Some(r), .. } if *r == release))
-        .expect("the release was applied");
-    assert!(run < apply, "the release command runs before the rollout: {calls:?}");
-    assert_eq!(rig.applies(), vec![Some(previous), Some(release)]);
-    rig.assert_logged(
-        id,
-        &[
-            "Status: Pending => Releasing",
-            "Running release command of web: ./migrate",
-            "Release command of web succeeded",
-            "Status: Releasing => Updating",
-            "Status: Updating => Running",
-        ],
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn a_failed_release_command_rolls_back_without_touching_what_runs() {
-    let rig = Rig::new().await;
-    let previous = rig.deployed().await;
-    rig.fake.script_exit(Some(3));
-    let (id, _) = rig.promote(WITH_RELEASE_PHASE).await;
-
-    let ended = rig.get(id).await;
-    assert_eq!(ended.state, DeployState::Reverted);
-    assert!(ended.reason.contains("exited with code 3"), "{}", ended.reason);
-    // The new release was never applied: the rollback re-applies the previous one.
-    assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous.clone())]);
-    assert_eq!(rig.current_release().await, Some(previous));
-    rig.assert_rolled_back(id, DeployState::Releasing, DeployState::Error)
+        let apply = calls
+            .iter()
+            .rposition(|c| matches!(c, Call::Apply { release: Some(r), .. } if *r == release))
+            .expect("the release was applied");
+        assert!(run < apply, "the release command runs before the rollout: {calls:?}");
+        rig.assert_applies(&[Some(&previous), Some(&release)]);
+        rig.assert_logged(
+            id,
+            &[
+                "Status: Pending => Releasing",
+                "Running release command of web: ./migrate",
+                "Release command of web succeeded",
+                "Status: Releasing => Updating",
+                "Status: Updating => Running",
+            ],
+        )
         .await;
+    });
 }
 
-#[tokio::test]
-async fn a_failed_apply_rolls_back_to_the_previous_release() {
-    let rig = Rig::new().await;
-    let previous = rig.deployed().await;
-    rig.fake.script_apply(Script::fail("web did not become healthy"));
-    let (id, release) = rig.promote(MANIFEST).await;
+#[test]
+fn a_failed_release_command_rolls_back_without_touching_what_runs() {
+    with_rig(|rig| async move {
+        let previous = rig.deployed().await;
+        rig.fake.script_exit(Some(3));
+        let (id, _) = rig.promote(WITH_RELEASE_PHASE).await;
 
-    let ended = rig.get(id).await;
-    assert_eq!(ended.state, DeployState::Reverted);
-    assert_eq!(ended.reason, "web did not become healthy");
-    assert_eq!(
-        rig.applies(),
-        vec![Some(previous.clone()), Some(release), Some(previous.clone())]
-    );
-    assert_eq!(rig.current_release().await, Some(previous));
-    rig.assert_rolled_back(id, DeployState::Updating, DeployState::Error)
+        let reason = rig
+            .assert_rolled_back(id, &previous, DeployState::Releasing, DeployState::Error)
+            .await;
+        assert!(reason.contains("exited with code 3"), "{reason}");
+        // The new release was never applied: the rollback re-applies the previous one.
+        rig.assert_applies(&[Some(&previous), Some(&previous)]);
+    });
+}
+
+#[test]
+fn a_failed_apply_rolls_back_to_the_previous_release() {
+    with_rig(|rig| async move {
+        let previous = rig.deployed().await;
+        rig.fake.script_apply(Script::fail("web did not become healthy"));
+        let (id, release) = rig.promote(MANIFEST).await;
+
+        let reason = rig
+            .assert_rolled_back(id, &previous, DeployState::Updating, DeployState::Error)
+            .await;
+        assert_eq!(reason, "web did not become healthy");
+        rig.assert_applies(&[Some(&previous), Some(&release), Some(&previous)]);
+    });
+}
+
+#[test]
+fn a_failed_first_deployment_rolls_back_to_nothing() {
+    with_rig(|rig| async move {
+        rig.fake.script_apply(Script::fail("no"));
+        let (id, release) = rig.promote(MANIFEST).await;
+
+        assert_eq!(rig.get(id).await.state, DeployState::Reverted);
+        // No previous release: the rollback stops the app.
+        rig.assert_applies(&[Some(&release), None]);
+        assert_eq!(rig.current_release().await, None);
+    });
+}
+
+#[test]
+fn a_failed_rollback_ends_in_failure_with_both_reasons() {
+    with_rig(|rig| async move {
+        let previous = rig.deployed().await;
+        rig.fake.script_apply(Script::fail("new one broke"));
+        rig.fake.script_apply(Script::fail("old one broke too"));
+        let (id, _) = rig.promote(MANIFEST).await;
+
+        let ended = rig.get(id).await;
+        assert_eq!(ended.state, DeployState::Failure);
+        assert!(ended.claim.owner.is_none());
+        assert_eq!(rig.current_release().await, Some(previous));
+        let (lines, outcome) = rig.log(id).await;
+        assert_eq!(outcome, Some(Outcome::Error));
+        assert!(has(&lines, "Status: Rollback => Failure"), "{lines:#?}");
+        assert!(
+            has(&lines, "new one broke; rollback failed: old one broke too"),
+            "{lines:#?}"
+        );
+    });
+}
+
+#[test]
+fn a_failed_first_deployment_whose_stop_fails_ends_in_failure() {
+    with_rig(|rig| async move {
+        rig.fake.script_apply(Script::fail("no"));
+        rig.fake.script_apply_of(None, Script::fail("could not stop"));
+        let (id, release) = rig.promote(MANIFEST).await;
+
+        let ended = rig.get(id).await;
+        assert_eq!(ended.state, DeployState::Failure);
+        assert_eq!(ended.reason, "no; rollback failed: could not stop");
+        rig.assert_applies(&[Some(&release), None]);
+        assert_eq!(rig.current_release().await, None);
+    });
+}
+
+#[test]
+fn a_rollback_past_its_own_deadline_ends_in_failure() {
+    with_rig(|rig| async move {
+        let previous = rig.deployed().await;
+        let release = rig.release(MANIFEST).await;
+        rig.fake.script_apply_of(Some(&release), Script::fail("new one broke"));
+        rig.fake.script_apply_of(Some(&previous), Script::hang());
+        // No time at all for the new release (it fails, or its deadline passes: either way the
+        // rollback comes), then 50 ms for the rollback.
+        let deployment = rig.claim(&release, Duration::ZERO).await;
+        let id = deployment.id;
+        rig.drive(deployment).await;
+
+        let ended = rig.get(id).await;
+        assert_eq!(ended.state, DeployState::Failure);
+        assert!(
+            ended.reason.ends_with("; rollback failed: it did not finish within 0s"),
+            "{}",
+            ended.reason
+        );
+        let applies = rig.applies();
+        assert_eq!(applies.last(), Some(&Some(previous.clone())), "{applies:?}");
+        let (lines, outcome) = rig.log(id).await;
+        assert_eq!(outcome, Some(Outcome::Error));
+        assert!(has(&lines, "Status: Rollback => Failure"), "{lines:#?}");
+    });
+}
+
+#[test]
+fn the_deadline_during_the_release_phase_stops_the_command_and_rolls_back() {
+    with_rig(|rig| async move {
+        let previous = rig.deployed().await;
+        rig.fake.script_exit(None);
+        let release = rig.release(WITH_RELEASE_PHASE).await;
+        let id = rig.drive_past_deadline(&release).await;
+
+        let reason = rig
+            .assert_rolled_back(id, &previous, DeployState::Releasing, DeployState::Deadline)
+            .await;
+        assert_eq!(reason, "the deployment did not become healthy within 60s");
+        rig.assert_command_stopped();
+        rig.assert_applies(&[Some(&previous), Some(&previous)]);
+    });
+}
+
+#[test]
+fn a_cancel_during_the_rollout_rolls_back() {
+    with_rig(|rig| async move {
+        let previous = rig.deployed().await;
+        let release = rig.release(MANIFEST).await;
+        rig.fake.script_apply_of(Some(&release), Script::hang());
+        let (id, driving) = rig.drive_until(&release, applying(&release)).await;
+        deployments::request_cancel(rig.pool(), APP).await.unwrap().unwrap();
+        within(driving).await.unwrap();
+
+        let reason = rig
+            .assert_rolled_back(id, &previous, DeployState::Updating, DeployState::Cancelled)
+            .await;
+        assert_eq!(reason, "cancelled");
+        rig.assert_applies(&[Some(&previous), Some(&release), Some(&previous)]);
+    });
+}
+
+#[test]
+fn the_deadline_stops_the_rollout_and_rolls_back() {
+    with_rig(|rig| async move {
+        let previous = rig.deployed().await;
+        let release = rig.release(MANIFEST).await;
+        rig.fake.script_apply_of(Some(&release), Script::hang());
+        let id = rig.drive_past_deadline(&release).await;
+
+        // The rollout may or may not have begun when the deadline won; the rollback applied the
+        // previous release last (which `assert_rolled_back` checks).
+        rig.assert_rolled_back(id, &previous, DeployState::Updating, DeployState::Deadline)
+            .await;
+    });
+}
+
+#[test]
+fn a_cancel_during_the_release_phase_stops_the_command_and_rolls_back() {
+    with_rig(|rig| async move {
+        let previous = rig.deployed().await;
+        rig.fake.script_exit(None);
+        let release = rig.release(WITH_RELEASE_PHASE).await;
+        let (id, driving) = rig
+            .drive_until(&release, |c| matches!(c, Call::WaitProcess { .. }))
+            .await;
+        deployments::request_cancel(rig.pool(), APP).await.unwrap().unwrap();
+        within(driving).await.unwrap();
+
+        let ended = rig.get(id).await;
+        assert_eq!(ended.state, DeployState::Reverted);
+        // The command went with the cancel; the new release was never applied.
+        rig.assert_command_stopped();
+        rig.assert_applies(&[Some(&previous), Some(&previous)]);
+        rig.assert_logged(id, &["Status: Releasing => Cancelled", "Status: Cancelled => Rollback"])
+            .await;
+    });
+}
+
+#[test]
+fn a_lost_lease_stops_the_driver_without_recording_anything() {
+    with_rig(|rig| async move {
+        rig.deployed().await;
+        rig.fake.script_apply(Script::hang());
+        let release = rig.release(MANIFEST).await;
+        let (id, driving) = rig.drive_until(&release, applying(&release)).await;
+        let other = rig.take_over(id).await;
+        let (before, _) = rig.log(id).await;
+        within(driving).await.unwrap();
+
+        let now = rig.get(id).await;
+        assert_eq!(now.state, DeployState::Updating);
+        assert_eq!(now.claim.owner, Some(other));
+        assert_eq!(rig.log(id).await.0, before, "the driver wrote after losing its lease");
+        // The app still exists: nothing is torn down.
+        assert!(!rig.fake.calls().iter().any(|c| matches!(c, Call::DeleteApp(_))));
+    });
+}
+
+#[test]
+fn a_lost_lease_during_the_release_phase_stops_the_command_and_records_nothing() {
+    with_rig(|rig| async move {
+        rig.deployed().await;
+        rig.fake.script_exit(None);
+        let release = rig.release(WITH_RELEASE_PHASE).await;
+        let (id, driving) = rig
+            .drive_until(&release, |c| matches!(c, Call::WaitProcess { .. }))
+            .await;
+        let other = rig.take_over(id).await;
+        within(driving).await.unwrap();
+
+        let now = rig.get(id).await;
+        assert_eq!((now.state, now.claim.owner), (DeployState::Releasing, Some(other)));
+        assert!(
+            !rig.left(id, DeployState::Releasing).await,
+            "the driver wrote after losing its lease"
+        );
+        // The command does not outlive the driver; the new release was never applied.
+        rig.assert_command_stopped();
+        assert_eq!(rig.applies().len(), 1);
+    });
+}
+
+#[test]
+fn a_lost_lease_during_the_rollback_leaves_it_to_the_new_holder() {
+    with_rig(|rig| async move {
+        let previous = rig.deployed().await;
+        let release = rig.release(MANIFEST).await;
+        rig.fake.script_apply_of(Some(&release), Script::fail("broke"));
+        rig.fake.script_apply_of(Some(&previous), Script::hang());
+        let deployment = rig.claim(&release, Duration::from_secs(60)).await;
+        let id = deployment.id;
+        let driving = rig.spawn_drive(deployment);
+        // The second apply of the previous release is the rollback's.
+        within(rig.fake.called_times(
+            2,
+            |c| matches!(c, Call::Apply { release: Some(r), .. } if *r == previous),
+        ))
         .await;
+        let other = rig.take_over(id).await;
+        within(driving).await.unwrap();
+
+        let now = rig.get(id).await;
+        assert_eq!((now.state, now.claim.owner), (DeployState::Rollback, Some(other)));
+        assert!(
+            !rig.left(id, DeployState::Rollback).await,
+            "the driver wrote after losing its lease"
+        );
+        assert_eq!(rig.log(id).await.1, None, "it has not ended");
+    });
 }
 
-#[tokio::test]
-async fn a_failed_first_deployment_rolls_back_to_nothing() {
-    let rig = Rig::new().await;
-    rig.fake.script_apply(Script::fail("no"));
-    let (id, release) = rig.promote(MANIFEST).await;
-
-    assert_eq!(rig.get(id).await.state, DeployState::Reverted);
-    // No previous release: the rollback stops the app.
-    assert_eq!(rig.applies(), vec![Some(release), None]);
-    assert_eq!(rig.current_release().await, None);
+#[test]
+fn a_lost_lease_of_a_deleted_app_stops_what_the_rollout_started() {
+    with_rig(|rig| async move {
+        rig.fake.script_apply(Script::hang());
+        let release = rig.release(MANIFEST).await;
+        let (_, driving) = rig.drive_until(&release, |c| matches!(c, Call::Apply { .. })).await;
+        let name = rack::names::AppName::parse(APP).unwrap();
+        rack::store::apps::delete(rig.pool(), &name).await.unwrap();
+        within(driving).await.unwrap();
+        assert!(rig.fake.calls().contains(&Call::DeleteApp(APP.to_owned())));
+    });
 }
 
-#[tokio::test]
-async fn a_failed_rollback_ends_in_failure_with_both_reasons() {
-    let rig = Rig::new().await;
-    let previous = rig.deployed().await;
-    rig.fake.script_apply(Script::fail("new one broke"));
-    rig.fake.script_apply(Script::fail("old one broke too"));
-    let (id, _) = rig.promote(MANIFEST).await;
+#[test]
+fn a_superseded_deployment_is_left_to_the_new_one() {
+    with_rig(|rig| async move {
+        rig.deployed().await;
+        rig.fake.script_apply(Script::hang());
+        let release = rig.release(MANIFEST).await;
+        let (id, driving) = rig.drive_until(&release, applying(&release)).await;
+        let mut tx = rig.pool().begin().await.unwrap();
+        rack::jobs::deploys::supersede(&mut tx, APP, Uuid::now_v7(), &atom())
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        within(driving).await.unwrap();
 
-    let ended = rig.get(id).await;
-    assert_eq!(ended.state, DeployState::Failure);
-    assert!(ended.lease_owner.is_none());
-    assert_eq!(rig.current_release().await, Some(previous));
-    let (lines, outcome) = rig.log(id).await;
-    assert_eq!(outcome, Some(Outcome::Error));
-    assert!(has(&lines, "Status: Rollback => Failure"), "{lines:#?}");
-    assert!(
-        has(&lines, "new one broke; rollback failed: old one broke too"),
-        "{lines:#?}"
-    );
+        let ended = rig.get(id).await;
+        assert_eq!(ended.state, DeployState::Superseded);
+        let (lines, outcome) = rig.log(id).await;
+        assert_eq!(outcome, Some(Outcome::Error));
+        assert!(has(&lines, "Status: Updating => Superseded"), "{lines:#?}");
+        // No rollback: the new deployment decides what runs.
+        assert_eq!(rig.applies().len(), 2);
+    });
 }
 
-#[tokio::test]
-async fn a_failed_first_deployment_whose_stop_fails_ends_in_failure() {
-    let rig = Rig::new().await;
-    rig.fake.script_apply(Script::fail("no"));
-    rig.fake.script_apply_of(None, Script::fail("could not stop"));
-    let (id, release) = rig.promote(MANIFEST).await;
+#[test]
+fn shutting_down_hands_the_deployment_back() {
+    with_rig(|rig| async move {
+        rig.fake.script_apply(Script::hang());
+        let release = rig.release(MANIFEST).await;
+        let (id, driving) = rig.drive_until(&release, |c| matches!(c, Call::Apply { .. })).await;
+        rig.state().shutdown.cancel();
+        within(driving).await.unwrap();
 
-    let ended = rig.get(id).await;
-    assert_eq!(ended.state, DeployState::Failure);
-    assert_eq!(ended.reason, "no; rollback failed: could not stop");
-    assert_eq!(rig.applies(), vec![Some(release), None]);
-    assert_eq!(rig.current_release().await, None);
-}
-
-#[tokio::test]
-async fn a_rollback_past_its_own_deadline_ends_in_failure() {
-    let rig = Rig::with(|c| c.rollback_min_timeout = Duration::from_millis(50)).await;
-    let previous = rig.deployed().await;
-    let release = rig.release(MANIFEST).await;
-    rig.fake.script_apply_of(Some(&release), Script::fail("new one broke"));
-    rig.fake.script_apply_of(Some(&previous), Script::hang());
-    // No time at all for the new release (it fails, or its deadline passes: either way the
-    // rollback comes), then 50 ms for the rollback.
-    let deployment = rig.claim(&release, Duration::ZERO).await;
-    let id = deployment.id;
-    rig.drive(deployment).await;
-
-    let ended = rig.get(id).await;
-    assert_eq!(ended.state, DeployState::Failure);
-    assert!(
-        ended.reason.ends_with("; rollback failed: it did not finish within 0s"),
-        "{}",
-        ended.reason
-    );
-    let applies = rig.applies();
-    assert_eq!(applies.last(), Some(&Some(previous.clone())), "{applies:?}");
-    let (lines, outcome) = rig.log(id).await;
-    assert_eq!(outcome, Some(Outcome::Error));
-    assert!(has(&lines, "Status: Rollback => Failure"), "{lines:#?}");
-}
-
-#[tokio::test]
-async fn the_deadline_during_the_release_phase_stops_the_command_and_rolls_back() {
-    let rig = Rig::new().await;
-    let previous = rig.deployed().await;
-    rig.fake.script_exit(None);
-    let release = rig.release(WITH_RELEASE_PHASE).await;
-    let id = rig.drive_past_deadline(&release).await;
-
-    let ended = rig.get(id).await;
-    assert_eq!(ended.state, DeployState::Reverted);
-    assert_eq!(ended.reason, "the deployment did not become healthy within 60s");
-    rig.assert_command_stopped();
-    assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous)]);
-    rig.assert_rolled_back(id, DeployState::Releasing, DeployState::Deadline)
-        .await;
-}
-
-#[tokio::test]
-async fn a_cancel_during_the_rollout_rolls_back() {
-    let rig = Rig::new().await;
-    let previous = rig.deployed().await;
-    let release = rig.release(MANIFEST).await;
-    rig.fake.script_apply_of(Some(&release), Script::hang());
-    let (id, driving) = rig.drive_until(&release, applying(&release)).await;
-    deployments::request_cancel(rig.pool(), APP).await.unwrap().unwrap();
-    within(driving).await.unwrap();
-
-    let ended = rig.get(id).await;
-    assert_eq!(
-        (ended.state, ended.reason.as_str()),
-        (DeployState::Reverted, "cancelled")
-    );
-    assert_eq!(
-        rig.applies(),
-        vec![Some(previous.clone()), Some(release), Some(previous.clone())]
-    );
-    assert_eq!(rig.current_release().await, Some(previous));
-    rig.assert_rolled_back(id, DeployState::Updating, DeployState::Cancelled)
-        .await;
-}
-
-#[tokio::test]
-async fn the_deadline_stops_the_rollout_and_rolls_back() {
-    let rig = Rig::new().await;
-    let previous = rig.deployed().await;
-    let release = rig.release(MANIFEST).await;
-    rig.fake.script_apply_of(Some(&release), Script::hang());
-    let id = rig.drive_past_deadline(&release).await;
-
-    let ended = rig.get(id).await;
-    assert_eq!(ended.state, DeployState::Reverted);
-    // The rollout may or may not have begun when the deadline won; the rollback applied the
-    // previous release last.
-    let applies = rig.applies();
-    assert_eq!(applies.last(), Some(&Some(previous.clone())), "{applies:?}");
-    assert_eq!(rig.current_release().await, Some(previous));
-    rig.assert_rolled_back(id, DeployState::Updating, DeployState::Deadline)
-        .await;
-}
-
-#[tokio::test]
-async fn a_cancel_during_the_release_phase_stops_the_command_and_rolls_back() {
-    let rig = Rig::new().await;
-    let previous = rig.deployed().await;
-    rig.fake.script_exit(None);
-    let release = rig.release(WITH_RELEASE_PHASE).await;
-    let (id, driving) = rig
-        .drive_until(&release, |c| matches!(c, Call::WaitProcess { .. }))
-        .await;
-    deployments::request_cancel(rig.pool(), APP).await.unwrap().unwrap();
-    within(driving).await.unwrap();
-
-    let ended = rig.get(id).await;
-    assert_eq!(ended.state, DeployState::Reverted);
-    // The command went with the cancel; the new release was never applied.
-    rig.assert_command_stopped();
-    assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous)]);
-    rig.assert_logged(id, &["Status: Releasing => Cancelled", "Status: Cancelled => Rollback"])
-        .await;
-}
-
-#[tokio::test]
-async fn a_lost_lease_stops_the_driver_without_recording_anything() {
-    let rig = Rig::new().await;
-    rig.deployed().await;
-    rig.fake.script_apply(Script::hang());
-    let release = rig.release(MANIFEST).await;
-    let (id, driving) = rig.drive_until(&release, applying(&release)).await;
-    let other = rig.take_over(id).await;
-    let (before, _) = rig.log(id).await;
-    within(driving).await.unwrap();
-
-    let now = rig.get(id).await;
-    assert_eq!(now.state, DeployState::Updating);
-    assert_eq!(now.lease_owner, Some(other));
-    assert_eq!(rig.log(id).await.0, before, "the driver wrote after losing its lease");
-    // The app still exists: nothing is torn down.
-    assert!(!rig.fake.calls().iter().any(|c| matches!(c, Call::DeleteApp(_))));
-}
-
-#[tokio::test]
-async fn a_lost_lease_during_the_release_phase_stops_the_command_and_records_nothing() {
-    let rig = Rig::new().await;
-    rig.deployed().await;
-    rig.fake.script_exit(None);
-    let release = rig.release(WITH_RELEASE_PHASE).await;
-    let (id, driving) = rig
-        .drive_until(&release, |c| matches!(c, Call::WaitProcess { .. }))
-        .await;
-    let other = rig.take_over(id).await;
-    within(driving).await.unwrap();
-
-    let now = rig.get(id).await;
-    assert_eq!((now.state, now.lease_owner), (DeployState::Releasing, Some(other)));
-    assert!(
-        !rig.left(id, DeployState::Releasing).await,
-        "the driver wrote after losing its lease"
-    );
-    // The command does not outlive the driver; the new release was never applied.
-    rig.assert_command_stopped();
-    assert_eq!(rig.applies().len(), 1);
-}
-
-#[tokio::test]
-async fn a_lost_lease_during_the_rollback_leaves_it_to_the_new_holder() {
-    let rig = Rig::new().await;
-    let previous = rig.deployed().await;
-    let release = rig.release(MANIFEST).await;
-    rig.fake.script_apply_of(Some(&release), Script::fail("broke"));
-    rig.fake.script_apply_of(Some(&previous), Script::hang());
-    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    let id = deployment.id;
-    let driving = rig.spawn_drive(deployment);
-    // The second apply of the previous release is the rollback's.
-    within(rig.fake.called_times(
-        2,
-        |c| matches!(c, Call::Apply { release: Some(r), .. } if *r == previous),
-    ))
-    .await;
-    let other = rig.take_over(id).await;
-    within(driving).await.unwrap();
-
-    let now = rig.get(id).await;
-    assert_eq!((now.state, now.lease_owner), (DeployState::Rollback, Some(other)));
-    assert!(
-        !rig.left(id, DeployState::Rollback).await,
-        "the driver wrote after losing its lease"
-    );
-    assert_eq!(rig.log(id).await.1, None, "it has not ended");
-}
-
-#[tokio::test]
-async fn a_lost_lease_of_a_deleted_app_stops_what_the_rollout_started() {
-    let rig = Rig::new().await;
-    rig.fake.script_apply(Script::hang());
-    let release = rig.release(MANIFEST).await;
-    let (_, driving) = rig.drive_until(&release, |c| matches!(c, Call::Apply { .. })).await;
-    let name = rack::names::AppName::parse(APP).unwrap();
-    rack::store::apps::delete(rig.pool(), &name).await.unwrap();
-    within(driving).await.unwrap();
-    assert!(rig.fake.calls().contains(&Call::DeleteApp(APP.to_owned())));
-}
-
-#[tokio::test]
-async fn a_superseded_deployment_is_left_to_the_new_one() {
-    let rig = Rig::new().await;
-    rig.deployed().await;
-    rig.fake.script_apply(Script::hang());
-    let release = rig.release(MANIFEST).await;
-    let (id, driving) = rig.drive_until(&release, applying(&release)).await;
-    let mut tx = rig.pool().begin().await.unwrap();
-    rack::jobs::deploys::supersede(&mut tx, APP, Uuid::now_v7(), &atom())
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    within(driving).await.unwrap();
-
-    let ended = rig.get(id).await;
-    assert_eq!(ended.state, DeployState::Superseded);
-    let (lines, outcome) = rig.log(id).await;
-    assert_eq!(outcome, Some(Outcome::Error));
-    assert!(has(&lines, "Status: Updating => Superseded"), "{lines:#?}");
-    // No rollback: the new deployment decides what runs.
-    assert_eq!(rig.applies().len(), 2);
-}
-
-#[tokio::test]
-async fn shutting_down_hands_the_deployment_back() {
-    let rig = Rig::new().await;
-    rig.fake.script_apply(Script::hang());
-    let release = rig.release(MANIFEST).await;
-    let (id, driving) = rig.drive_until(&release, |c| matches!(c, Call::Apply { .. })).await;
-    rig.state().shutdown.cancel();
-    within(driving).await.unwrap();
-
-    let now = rig.get(id).await;
-    assert_eq!(now.state, DeployState::Updating);
-    assert_eq!(now.lease_owner, None, "handed back for another replica to resume");
+        let now = rig.get(id).await;
+        assert_eq!(now.state, DeployState::Updating);
+        assert_eq!(now.claim.owner, None, "handed back for another replica to resume");
+    });
 }
 
 /// A deployment taken over in `state` (its holder died there) resumes with what that state
@@ -701,50 +794,59 @@ fn path_to(state: DeployState) -> Vec<rack::deploy::Signal> {
     }
 }
 
-#[tokio::test]
-async fn a_deployment_taken_over_while_releasing_runs_the_commands_again() {
-    let (rig, id, previous, release) = taken_over_in(DeployState::Releasing, WITH_RELEASE_PHASE).await;
-    assert_eq!(rig.get(id).await.state, DeployState::Running);
-    assert!(rig.fake.calls().iter().any(|c| matches!(c, Call::Run { .. })));
-    assert_eq!(rig.applies(), vec![Some(previous), Some(release)]);
+#[test]
+fn a_deployment_taken_over_while_releasing_runs_the_commands_again() {
+    on_runtime(async {
+        let (rig, id, previous, release) = taken_over_in(DeployState::Releasing, WITH_RELEASE_PHASE).await;
+        assert_eq!(rig.get(id).await.state, DeployState::Running);
+        assert!(rig.fake.calls().iter().any(|c| matches!(c, Call::Run { .. })));
+        rig.assert_applies(&[Some(&previous), Some(&release)]);
+    });
 }
 
-#[tokio::test]
-async fn a_deployment_taken_over_while_updating_applies_again() {
-    let (rig, id, previous, release) = taken_over_in(DeployState::Updating, MANIFEST).await;
-    assert_eq!(rig.get(id).await.state, DeployState::Running);
-    assert_eq!(rig.applies(), vec![Some(previous), Some(release.clone())]);
-    assert_eq!(rig.current_release().await, Some(release));
+#[test]
+fn a_deployment_taken_over_while_updating_applies_again() {
+    on_runtime(async {
+        let (rig, id, previous, release) = taken_over_in(DeployState::Updating, MANIFEST).await;
+        assert_eq!(rig.get(id).await.state, DeployState::Running);
+        rig.assert_applies(&[Some(&previous), Some(&release)]);
+        assert_eq!(rig.current_release().await, Some(release));
+    });
 }
 
-#[tokio::test]
-async fn a_deployment_taken_over_in_error_rolls_back() {
-    let (rig, id, previous, _) = taken_over_in(DeployState::Error, MANIFEST).await;
-    let ended = rig.get(id).await;
-    assert_eq!(ended.state, DeployState::Reverted);
-    assert_eq!(ended.reason, "it broke");
-    assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous)]);
+#[test]
+fn a_deployment_taken_over_in_error_rolls_back() {
+    on_runtime(async {
+        let (rig, id, previous, _) = taken_over_in(DeployState::Error, MANIFEST).await;
+        let ended = rig.get(id).await;
+        assert_eq!(ended.state, DeployState::Reverted);
+        assert_eq!(ended.reason, "it broke");
+        rig.assert_applies(&[Some(&previous), Some(&previous)]);
+    });
 }
 
-#[tokio::test]
-async fn a_deployment_taken_over_in_rollback_applies_the_previous_release_again() {
-    let (rig, id, previous, _) = taken_over_in(DeployState::Rollback, MANIFEST).await;
-    assert_eq!(rig.get(id).await.state, DeployState::Reverted);
-    assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous)]);
-    let (lines, _) = rig.log(id).await;
-    assert!(has(&lines, "Status: Rollback => Reverted"), "{lines:#?}");
+#[test]
+fn a_deployment_taken_over_in_rollback_applies_the_previous_release_again() {
+    on_runtime(async {
+        let (rig, id, previous, _) = taken_over_in(DeployState::Rollback, MANIFEST).await;
+        assert_eq!(rig.get(id).await.state, DeployState::Reverted);
+        rig.assert_applies(&[Some(&previous), Some(&previous)]);
+        let (lines, _) = rig.log(id).await;
+        assert!(has(&lines, "Status: Rollback => Reverted"), "{lines:#?}");
+    });
 }
 
-#[tokio::test]
-async fn a_release_that_cannot_be_loaded_fails_the_deployment() {
-    let rig = Rig::new().await;
-    let previous = rig.deployed().await;
-    let release = rig.release("services: [not a map\n").await;
-    let deployment = rig.claim(&release, Duration::from_secs(60)).await;
-    let id = deployment.id;
-    rig.drive(deployment).await;
-    assert_eq!(rig.get(id).await.state, DeployState::Reverted);
-    assert_eq!(rig.applies(), vec![Some(previous.clone()), Some(previous)]);
+#[test]
+fn a_release_that_cannot_be_loaded_fails_the_deployment() {
+    with_rig(|rig| async move {
+        let previous = rig.deployed().await;
+        let release = rig.release("services: [not a map\n").await;
+        let deployment = rig.claim(&release, Duration::from_secs(60)).await;
+        let id = deployment.id;
+        rig.drive(deployment).await;
+        assert_eq!(rig.get(id).await.state, DeployState::Reverted);
+        rig.assert_applies(&[Some(&previous), Some(&previous)]);
+    });
 }
 
 /// Queues build `id` of the app, from a source object that exists.
@@ -784,121 +886,129 @@ async fn build_now(rig: &Rig, id: &str) -> rack::store::builds::Build {
     rack::store::builds::get(rig.pool(), APP, id).await.unwrap().unwrap()
 }
 
-fn spawn_build(rig: &Rig, build: rack::store::builds::Build) -> tokio::task::JoinHandle<()> {
+/// Claims a build of the app whose runtime build plays `script`, and runs it to its end; its
+/// id and how it ended.
+async fn build_to_its_end(rig: &Rig, script: Script) -> (String, rack::store::builds::Build) {
+    rig.fake.script_build(script);
+    let build = claim_build(rig).await;
+    let id = build.id.to_string();
+    within(rack::jobs::builds::run(rig.state(), build)).await;
+    let ended = build_now(rig, &id).await;
+    (id, ended)
+}
+
+/// Claims a build of the app whose runtime build hangs, and runs it in a task of its own until
+/// the runtime builds; its id and the task.
+async fn build_running(rig: &Rig) -> (String, tokio::task::JoinHandle<()>) {
+    rig.fake.script_build(Script::hang());
+    let build = claim_build(rig).await;
+    let id = build.id.to_string();
     let state = rig.state().clone();
-    tokio::spawn(async move { rack::jobs::builds::run(&state, build).await })
-}
-
-#[tokio::test]
-async fn a_build_that_succeeds_makes_a_release_with_its_manifest() {
-    let rig = Rig::new().await;
-    rig.fake.script_build(Script::succeed_after(2));
-    let build = claim_build(&rig).await;
-    let id = build.id.to_string();
-    within(rack::jobs::builds::run(rig.state(), build)).await;
-
-    let ended = build_now(&rig, &id).await;
-    assert_eq!(ended.status, rack::store::builds::BuildStatus::Complete);
-    let release = ended.release_id.expect("a release");
-    let release = rack::store::releases::get(rig.pool(), APP, &release)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(release.manifest, MANIFEST);
-    assert_eq!(release.build_id.as_deref(), Some(id.as_str()));
-}
-
-#[tokio::test]
-async fn a_build_that_fails_ends_failed_with_its_reason() {
-    let rig = Rig::new().await;
-    rig.fake.script_build(Script::fail("npm install failed"));
-    let build = claim_build(&rig).await;
-    let id = build.id.to_string();
-    within(rack::jobs::builds::run(rig.state(), build)).await;
-    let ended = build_now(&rig, &id).await;
-    assert_eq!(ended.status, rack::store::builds::BuildStatus::Failed);
-    assert_eq!(ended.reason, "npm install failed");
-    assert!(ended.release_id.is_none());
-}
-
-#[tokio::test]
-async fn a_build_past_its_timeout_fails_and_is_cancelled_in_the_runtime() {
-    let rig = Rig::with(|c| c.build_timeout = Duration::from_millis(200)).await;
-    rig.fake.script_build(Script::hang());
-    let build = claim_build(&rig).await;
-    let id = build.id.to_string();
-    within(rack::jobs::builds::run(rig.state(), build)).await;
-    let ended = build_now(&rig, &id).await;
-    assert_eq!(ended.status, rack::store::builds::BuildStatus::Failed);
-    assert!(ended.reason.starts_with("timed out after"), "{}", ended.reason);
-    assert!(rig.fake.calls().iter().any(|c| matches!(c, Call::CancelBuild { .. })));
-}
-
-#[tokio::test]
-async fn a_cancelled_build_fails_as_cancelled() {
-    let rig = Rig::new().await;
-    rig.fake.script_build(Script::hang());
-    let build = claim_build(&rig).await;
-    let id = build.id.to_string();
-    let running = spawn_build(&rig, build);
+    let running = tokio::spawn(async move { rack::jobs::builds::run(&state, build).await });
     within(rig.fake.called(|c| matches!(c, Call::Build { .. }))).await;
-    let mut conn = rig.pool().acquire().await.unwrap();
-    rack::store::builds::request_cancel(&mut conn, APP, &id).await.unwrap();
-    within(running).await.unwrap();
-    let ended = build_now(&rig, &id).await;
-    assert_eq!(ended.status, rack::store::builds::BuildStatus::Failed);
-    assert_eq!(ended.reason, "cancelled");
-    assert!(rig.fake.calls().iter().any(|c| matches!(c, Call::CancelBuild { .. })));
+    (id, running)
 }
 
-#[tokio::test]
-async fn a_build_whose_lease_is_lost_is_left_to_its_new_holder() {
-    let rig = Rig::new().await;
-    rig.fake.script_build(Script::hang());
-    let build = claim_build(&rig).await;
-    let id = build.id.to_string();
-    let running = spawn_build(&rig, build);
-    within(rig.fake.called(|c| matches!(c, Call::Build { .. }))).await;
-    assert!(
-        rack::store::builds::hand_back(rig.pool(), &id, rig.state().replica)
+/// Asserts that the runtime was asked to cancel the build.
+fn assert_cancelled_in_the_runtime(rig: &Rig) {
+    let calls = rig.fake.calls();
+    assert!(calls.iter().any(|c| matches!(c, Call::CancelBuild { .. })), "{calls:?}");
+}
+
+#[test]
+fn a_build_that_succeeds_makes_a_release_with_its_manifest() {
+    with_rig(|rig| async move {
+        let (id, ended) = build_to_its_end(&rig, Script::succeed_after(2)).await;
+        assert_eq!(ended.status, rack::store::builds::BuildStatus::Complete);
+        let release = ended.release_id.expect("a release");
+        let release = rack::store::releases::get(rig.pool(), APP, &release)
             .await
             .unwrap()
-    );
-    let other = Uuid::now_v7();
-    rack::store::builds::claim_next(rig.pool(), other, Duration::from_secs(60))
-        .await
-        .unwrap()
-        .unwrap();
-    within(running).await.unwrap();
-    let now = build_now(&rig, &id).await;
-    assert_eq!(now.status, rack::store::builds::BuildStatus::Running);
-    assert_eq!(now.lease_owner, Some(other));
+            .unwrap();
+        assert_eq!(release.manifest, MANIFEST);
+        assert_eq!(release.build_id.as_deref(), Some(id.as_str()));
+    });
 }
 
-#[tokio::test]
-async fn shutting_down_hands_the_build_back() {
-    let rig = Rig::new().await;
-    rig.fake.script_build(Script::hang());
-    let build = claim_build(&rig).await;
-    let id = build.id.to_string();
-    let running = spawn_build(&rig, build);
-    within(rig.fake.called(|c| matches!(c, Call::Build { .. }))).await;
-    rig.state().shutdown.cancel();
-    within(running).await.unwrap();
-    let now = build_now(&rig, &id).await;
-    assert_eq!(now.lease_owner, None);
-    assert!(!now.status.is_terminal());
+#[test]
+fn a_build_that_fails_ends_failed_with_its_reason() {
+    with_rig(|rig| async move {
+        let (_, ended) = build_to_its_end(&rig, Script::fail("npm install failed")).await;
+        assert_eq!(ended.status, rack::store::builds::BuildStatus::Failed);
+        assert_eq!(ended.reason, "npm install failed");
+        assert!(ended.release_id.is_none());
+    });
 }
 
-#[tokio::test]
-async fn a_build_taken_over_after_its_holder_died_fails_as_interrupted() {
-    let rig = Rig::new().await;
-    let mut build = claim_build(&rig).await;
-    build.attempts = 2;
-    let id = build.id.to_string();
-    within(rack::jobs::builds::run(rig.state(), build)).await;
-    let ended = build_now(&rig, &id).await;
-    assert_eq!(ended.status, rack::store::builds::BuildStatus::Failed);
-    assert!(ended.reason.starts_with("interrupted"), "{}", ended.reason);
-    assert!(!rig.fake.calls().iter().any(|c| matches!(c, Call::Build { .. })));
+#[test]
+fn a_build_past_its_timeout_fails_and_is_cancelled_in_the_runtime() {
+    on_runtime(async {
+        // Under a second: no time at all.
+        let rig = Rig::with(|c| c.build_timeout = Duration::from_millis(200)).await;
+        let (_, ended) = build_to_its_end(&rig, Script::hang()).await;
+        assert_eq!(ended.status, rack::store::builds::BuildStatus::Failed);
+        assert!(ended.reason.starts_with("timed out after"), "{}", ended.reason);
+        assert_cancelled_in_the_runtime(&rig);
+    });
+}
+
+#[test]
+fn a_cancelled_build_fails_as_cancelled() {
+    with_rig(|rig| async move {
+        let (id, running) = build_running(&rig).await;
+        let mut conn = rig.pool().acquire().await.unwrap();
+        rack::store::builds::request_cancel(&mut conn, APP, &id).await.unwrap();
+        within(running).await.unwrap();
+        let ended = build_now(&rig, &id).await;
+        assert_eq!(ended.status, rack::store::builds::BuildStatus::Failed);
+        assert_eq!(ended.reason, "cancelled");
+        assert_cancelled_in_the_runtime(&rig);
+    });
+}
+
+#[test]
+fn a_build_whose_lease_is_lost_is_left_to_its_new_holder() {
+    with_rig(|rig| async move {
+        let (id, running) = build_running(&rig).await;
+        assert!(
+            rack::store::builds::hand_back(rig.pool(), &id, rig.state().replica)
+                .await
+                .unwrap()
+        );
+        let other = Uuid::now_v7();
+        rack::store::builds::claim_next(rig.pool(), other, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        within(running).await.unwrap();
+        let now = build_now(&rig, &id).await;
+        assert_eq!(now.status, rack::store::builds::BuildStatus::Running);
+        assert_eq!(now.claim.owner, Some(other));
+    });
+}
+
+#[test]
+fn shutting_down_hands_the_build_back() {
+    with_rig(|rig| async move {
+        let (id, running) = build_running(&rig).await;
+        rig.state().shutdown.cancel();
+        within(running).await.unwrap();
+        let now = build_now(&rig, &id).await;
+        assert_eq!(now.claim.owner, None);
+        assert!(!now.status.is_terminal());
+    });
+}
+
+#[test]
+fn a_build_taken_over_after_its_holder_died_fails_as_interrupted() {
+    with_rig(|rig| async move {
+        let mut build = claim_build(&rig).await;
+        build.claim.attempts = 2;
+        let id = build.id.to_string();
+        within(rack::jobs::builds::run(rig.state(), build)).await;
+        let ended = build_now(&rig, &id).await;
+        assert_eq!(ended.status, rack::store::builds::BuildStatus::Failed);
+        assert!(ended.reason.starts_with("interrupted"), "{}", ended.reason);
+        assert!(!rig.fake.calls().iter().any(|c| matches!(c, Call::Build { .. })));
+    });
 }

@@ -76,14 +76,7 @@ fn ids(events: &[Value]) -> Vec<i64> {
 
 /// What exists now, as NDJSON (`follow=false`).
 async fn backlog(app: &TestApp, query: &str) -> Vec<Value> {
-    let text = app
-        .request(Method::GET, &format!("/events?follow=false&{query}"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.get_text(&format!("/events?follow=false&{query}")).await;
     text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 

@@ -29,6 +29,7 @@ fn cluster() -> &'static Cluster {
     // comes here (or through `reachable_tempdir`) before it builds one.
     rack::tls::install_provider();
     CLUSTER.get_or_init(|| {
+        let started = std::time::Instant::now();
         let root = std::env::temp_dir().join(format!("rack-test-pg-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let cluster = Cluster::start(&root, Durability::Ephemeral).expect("starting the test cluster");
@@ -54,6 +55,11 @@ fn cluster() -> &'static Cluster {
         .join()
         .expect("the template thread")
         .expect("migrating the template database");
+        // Shown with --nocapture: what the first tests of a run waited for.
+        eprintln!(
+            "test cluster started and its template migrated in {:?}",
+            started.elapsed()
+        );
         cluster
     })
 }
@@ -273,6 +279,38 @@ impl TestApp {
         response.json().await.expect("a JSON body")
     }
 
+    /// `GET path` (no Accept header, as curl sends it): the text body, whatever the status.
+    pub async fn get_text(&self, path: &str) -> String {
+        let response = self.request(Method::GET, path).send().await.expect("GET");
+        response.text().await.expect("a text body")
+    }
+
+    /// `GET path` asking for `text/plain` (a log as lines): the text body.
+    pub async fn get_plain(&self, path: &str) -> String {
+        let request = self.request(Method::GET, path).header("accept", "text/plain");
+        request.send().await.expect("GET").text().await.expect("a text body")
+    }
+
+    /// [`TestApp::get_text`], or `None` when the request fails (for a check that polls).
+    pub async fn try_get_text(&self, path: &str) -> Option<String> {
+        self.request(Method::GET, path).send().await.ok()?.text().await.ok()
+    }
+
+    /// Waits (up to `secs`) until the rack's feed has an event of `kind` that mentions `needle`.
+    pub async fn wait_for_feed(&self, kind: &str, needle: &str, secs: u64) {
+        let path = format!("/events?after=0&follow=false&kind={kind}");
+        wait_for(secs, &format!("{needle:?} in the feed's {kind} events"), || async {
+            self.try_get_text(&path).await?.contains(needle).then_some(())
+        })
+        .await;
+    }
+
+    /// The status of `method path` (with the rack password, no body).
+    pub async fn status_of(&self, method: Method, path: &str) -> u16 {
+        let response = self.request(method, path).send().await.expect("a request");
+        response.status().as_u16()
+    }
+
     /// The status of `HEAD path`.
     pub async fn head_status(&self, path: &str) -> u16 {
         self.convox(Method::HEAD, path)
@@ -335,6 +373,12 @@ fn client_builder(fingerprint: Option<&str>) -> reqwest::ClientBuilder {
 pub async fn status_text(response: Response) -> (u16, String) {
     let status = response.status().as_u16();
     (status, response.text().await.expect("a text body"))
+}
+
+/// The text body of a plain `GET url` (an app's router, say), or `None` when it fails (for a
+/// check that polls).
+pub async fn try_fetch_text(url: impl reqwest::IntoUrl) -> Option<String> {
+    reqwest::get(url).await.ok()?.text().await.ok()
 }
 
 /// Waits until `check` returns `Some`, polling every 20 ms, for at most `secs` seconds.
@@ -417,10 +461,24 @@ impl TestApp {
 
     /// Builds `files` as the next release of `app` (the build must complete); the release id.
     pub async fn build_release(&self, app: &str, files: &[(&str, &str)]) -> String {
+        self.build_complete(app, files).await.1
+    }
+
+    /// Builds `files` as the next release of `app` (the build must complete); the build's id
+    /// and the release's.
+    pub async fn build_complete(&self, app: &str, files: &[(&str, &str)]) -> (String, String) {
         let id = self.build_source(app, files).await;
         let build = self.wait_build(app, &id).await;
         assert_eq!(build["status"], "complete", "{build}");
-        build["release"].as_str().expect("a release").to_owned()
+        (id, build["release"].as_str().expect("a release").to_owned())
+    }
+
+    /// Promotes `release` of `app` without following the rollout; the promote must be accepted.
+    pub async fn promote(&self, app: &str, release: &str) {
+        let path = format!("/apps/{app}/releases/{release}/promote");
+        let response = self.json(Method::POST, &path).send().await.expect("POST promote");
+        let (status, text) = status_text(response).await;
+        assert!((200..300).contains(&status), "{status} {text}");
     }
 
     /// Builds `files` and promotes the release, following the rollout to its end (which must

@@ -72,14 +72,7 @@ async fn watched_release(app: &TestApp, name: &str) -> (String, String, Pod, Str
 async fn rolled_back(app: &TestApp, name: &str, good: &str, next: &str, location: &str, why: &str) {
     let end = deployment_end(app, name).await;
     assert_eq!(end["state"], "reverted", "{end}");
-    let log = app
-        .request(Method::GET, &format!("{location}/events"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let log = app.get_text(&format!("{location}/events")).await;
     let line = log
         .lines()
         .find(|l| l.contains(" system/k8s/web analysis: pod "))

@@ -180,13 +180,8 @@ async fn a_process_app_reads_and_writes_its_resources_across_redeploys_and_rollb
         .unwrap();
     assert!(masked["url"].as_str().unwrap().contains(":********@"), "{masked}");
     let feed = app
-        .request(Method::GET, "/events?follow=false&after=0&app=shop&kind=resource.")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .get_text("/events?follow=false&after=0&app=shop&kind=resource.")
+        .await;
     let password = url.split(':').nth(2).unwrap().split('@').next().unwrap();
     assert!(
         feed.contains("resource.created") && feed.contains("resource.ready"),

@@ -171,14 +171,8 @@ async fn the_current_rack_serves_a_database_filled_by_older_ones() {
 
     // The build's log resumes after the event id a client saw before the upgrade.
     let log = rack
-        .request(Method::GET, "/apps/oldapp/builds/BOLDBUILDAA/logs?after=1&ids=true")
-        .header("accept", "text/plain")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .get_plain("/apps/oldapp/builds/BOLDBUILDAA/logs?after=1&ids=true")
+        .await;
     assert!(!log.contains("step one"), "{log}");
     assert!(
         log.starts_with("2 step two\n") && log.trim_end().ends_with("OK"),
@@ -208,14 +202,7 @@ async fn the_current_rack_serves_a_database_filled_by_older_ones() {
     })
     .await;
     // And the feed goes on from the ids it had.
-    let feed = rack
-        .request(Method::GET, "/apps/oldapp/events?after=0&follow=false")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let feed = rack.get_text("/apps/oldapp/events?after=0&follow=false").await;
     assert!(feed.contains("RSECONDRELE"), "{feed}");
     rack.stop().await;
 }
