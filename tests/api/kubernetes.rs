@@ -882,23 +882,31 @@ async fn held_rollout(app: &TestApp, name: &str) -> (ProbeServer, usize) {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    // Once the kubelet probes the new pod and rack watches the Deployments and the new pods,
-    // the rollout is waiting for the pod to become ready. (On a loaded machine the kubelet can
-    // probe the pod before rack has started its watches.)
+    // Once the kubelet probes the new pod and rack has listed the Deployments and the new pods
+    // to start its watches, the rollout is waiting for the pod to become ready. (On a loaded
+    // machine the kubelet can probe the pod first. A watch shows in the audit log only once
+    // something is sent on it; its list, paged by kube's watcher, shows at once.)
     wait_for(60, "the new pod to be probed", || async {
         (probe.probes.load(Ordering::SeqCst) > 0).then_some(())
     })
     .await;
     let new_pods = format!("release%3D{release}");
-    wait_for(60, "rack to watch the Deployments and the new pods", || async {
-        let requests = rack_requests(&format!("rack-{name}"));
-        let watching = |resource: &str, uri: &str| {
-            requests[before..].iter().any(|r| {
-                r.verb == "watch" && r.uri.contains(uri) && r.object.as_ref().is_some_and(|o| o.resource == resource)
-            })
-        };
-        (watching("deployments", "") && watching("pods", &new_pods)).then_some(())
-    })
+    wait_for(
+        60,
+        "rack to list the Deployments and the new pods for its watches",
+        || async {
+            let requests = rack_requests(&format!("rack-{name}"));
+            let listed = |resource: &str, uri: &str| {
+                requests[before..].iter().any(|r| {
+                    r.verb == "list"
+                        && r.uri.contains("limit=")
+                        && r.uri.contains(uri)
+                        && r.object.as_ref().is_some_and(|o| o.resource == resource)
+                })
+            };
+            (listed("deployments", "type%3Dservice") && listed("pods", &new_pods)).then_some(())
+        },
+    )
     .await;
     (probe, before)
 }
