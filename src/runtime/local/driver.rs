@@ -28,6 +28,9 @@ pub struct Start {
     /// Where its output goes: `service/<service>/<id>` lines in the app's log.
     pub log: LogSink,
     pub what: Runnable,
+    /// Whether it outlives rack (a service's instance, under a keeper: see `keeper`), or dies
+    /// with it (a one-off).
+    pub kept: bool,
 }
 
 /// What runs: a process on the host, or a container.
@@ -179,6 +182,8 @@ pub struct ProcessDriver {
     pub accounts: super::app_accounts::AppAccounts,
     pub cgroups: Option<super::cgroups::Cgroups>,
     pub networks: std::sync::Arc<super::app_network::AppNetworks>,
+    /// Where service instances' keepers keep their state.
+    pub keepers: super::kept::Keepers,
 }
 
 impl ProcessDriver {
@@ -228,6 +233,23 @@ impl Driver for ProcessDriver {
         sandbox_env(&mut command, dir, &start).stdin(std::process::Stdio::piped());
         if let Some(port) = start.port {
             command.env("PORT", port.to_string());
+        }
+        if start.kept {
+            let kept = super::kept::Command {
+                command: &command,
+                ids: sandbox.direct_ids(&procs),
+                forward,
+            };
+            let (dir, state) = self.keepers.start(&start, &kept).await?;
+            let stream = crate::stream_names::service(&start.service, &start.id);
+            return Ok(Box::new(super::kept::Kept::attach(
+                dir,
+                state,
+                stream,
+                start.log.clone(),
+                cgroup,
+                network,
+            )));
         }
         let (mut child, group) = spawn_group(command)?;
         let pid = child.id().unwrap_or(0);
@@ -286,6 +308,36 @@ impl Driver for ProcessDriver {
             command.env("PORT", port.to_string());
         }
         super::exec::spawn(command, request)
+    }
+
+    /// The keepers of `app`'s instances that outlived the previous start of rack.
+    async fn survivors(&self, app: &str) -> Result<Vec<Found>, String> {
+        Ok(self.keepers.survivors(app))
+    }
+
+    /// Follows the keeper of `found` again, in its app's network.
+    async fn attach(&self, found: &Found, log: LogSink) -> Box<dyn Running> {
+        let stream = crate::stream_names::service(&found.service, &found.process);
+        let Some((dir, state)) = super::kept::Kept::state_of(found) else {
+            // Its files are gone since it was found: it reads as ended at once.
+            let (dir, state) = (PathBuf::from(&found.handle), super::keeper::State::lost(found));
+            return Box::new(super::kept::Kept::attach(dir, state, stream, log, None, None));
+        };
+        let network = match self.networks.ensure(&state.app, &found.forward).await {
+            Ok(network) => network,
+            Err(e) => {
+                tracing::warn!(process = %found.process, "the network of {} is gone: {e}", found.process);
+                None
+            }
+        };
+        let cgroup = self.cgroups.as_ref().map(|c| c.existing(&state.app, &found.process));
+        Box::new(super::kept::Kept::attach(dir, state, stream, log, cgroup, network))
+    }
+
+    async fn discard(&self, found: &Found, grace: Duration) {
+        let cgroup = super::kept::Kept::state_of(found)
+            .and_then(|(_, state)| Some(self.cgroups.as_ref()?.existing(&state.app, &found.process)));
+        super::kept::discard(found, grace, cgroup).await;
     }
 }
 

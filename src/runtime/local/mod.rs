@@ -20,6 +20,8 @@ pub mod exit;
 pub mod forwarder;
 mod health;
 mod instance;
+pub mod keeper;
+mod kept;
 mod metrics;
 pub mod podman;
 pub mod process;
@@ -111,6 +113,10 @@ impl LocalRuntime {
             accounts: settings.accounts.clone(),
             cgroups: cgroups.clone(),
             networks: networks.clone(),
+            keepers: kept::Keepers {
+                dir: data_dir.join("keepers"),
+                program: settings.program.clone(),
+            },
         });
         let containers = settings.podman.clone().map(|podman| -> Arc<dyn driver::Driver> {
             Arc::new(container::ContainerDriver {

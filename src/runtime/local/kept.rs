@@ -1,0 +1,398 @@
+//! rack's side of the keepers (see `keeper`): the process driver starts each service instance
+//! under one, in `<data>/keepers/<app>/<process id>/`, and follows it through its files. The
+//! app's output is copied from the keeper's segments into the app's log, and the place reached
+//! is written to `cursor` only once those lines are stored (the log is flushed first): a rack
+//! that stops (or is killed) and starts again goes on from there, so no line is lost, and only
+//! a kill in the instant between a store and its cursor write could copy a batch twice.
+//!
+//! On the first apply of an app after rack starts, the supervisor asks for the survivors: each
+//! keeper directory whose keeper still runs (its pid and start time, against pid reuse) is an
+//! instance to adopt ([`Kept::attach`]) or remove ([`discard`]). A keeper started by another
+//! rack that still runs (replicas sharing a data directory) is left alone.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncBufReadExt;
+use tokio_util::sync::CancellationToken;
+
+use super::driver::{Found, Running, Start};
+use super::keeper::{Described, Proc, State, exit_file, parse_exit, segment, state_file, write_atomically};
+use crate::runtime::LogSink;
+
+/// How long a keeper may take to start its command (generous: a loaded host).
+const READY_WITHIN: Duration = Duration::from_secs(30);
+
+/// How often the output is looked for while there is none.
+const POLL: Duration = Duration::from_millis(100);
+
+/// The most output read at once.
+const CHUNK: u64 = 1 << 20;
+
+/// Where keepers are, and the program that runs them.
+#[derive(Debug, Clone)]
+pub struct Keepers {
+    /// `<data>/keepers`.
+    pub dir: PathBuf,
+    /// The rack binary.
+    pub program: PathBuf,
+}
+
+/// How a command is started (built for the sandbox; the keeper runs it).
+pub struct Command<'a> {
+    pub command: &'a tokio::process::Command,
+    /// The uid and gid the keeper switches to for it (see `Sandbox::direct_ids`).
+    pub ids: Option<(u32, u32)>,
+    pub forward: &'a [u16],
+}
+
+impl Keepers {
+    /// The directory of the keeper of process `id` of `app`.
+    pub fn dir_of(&self, app: &str, id: &str) -> PathBuf {
+        self.dir.join(app).join(id)
+    }
+
+    /// Starts `command` of `start` under a keeper; returns its directory and the command's pid
+    /// once the keeper has started it.
+    ///
+    /// # Errors
+    /// When the keeper cannot start it (the keeper's message).
+    pub async fn start(&self, start: &Start, command: &Command<'_>) -> std::io::Result<(PathBuf, State)> {
+        let dir = self.dir_of(&start.app, &start.id);
+        // A previous run of the same instance (restarted after a crash) left its files.
+        let _ = std::fs::remove_dir_all(&dir);
+        make_private_dir(&dir)?;
+        let described = Described {
+            owner: Proc::this(),
+            app: start.app.clone(),
+            process: start.id.clone(),
+            service: start.service.clone(),
+            release: start.release.clone(),
+            build: start.build.clone(),
+            port: start.port,
+            forward: command.forward.to_vec(),
+        };
+        let inner = command.command.as_std();
+        let mut keeper = tokio::process::Command::new(&self.program);
+        keeper
+            .arg(super::keeper::SUBCOMMAND)
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--describe")
+            .arg(serde_json::to_string(&described).map_err(std::io::Error::other)?);
+        if let Some((uid, gid)) = command.ids {
+            keeper.arg("--uid").arg(uid.to_string()).arg("--gid").arg(gid.to_string());
+        }
+        keeper
+            .arg("--")
+            .arg(inner.get_program())
+            .args(inner.get_args())
+            .env_clear()
+            .current_dir("/")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("keeper.err"))?);
+        for (key, value) in inner.get_envs() {
+            if let Some(value) = value {
+                keeper.env(key, value);
+            }
+        }
+        let mut child = keeper.spawn()?;
+        let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("the keeper has no output"))?;
+        let mut said = String::new();
+        let _ = tokio::time::timeout(READY_WITHIN, tokio::io::BufReader::new(stdout).read_line(&mut said)).await;
+        // It lives on without rack; reaped here while rack runs.
+        tokio::spawn(async move { child.wait().await });
+        let state = std::fs::read(state_file(&dir))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<State>(&bytes).ok());
+        match state {
+            Some(state) if said.starts_with("ready ") => Ok((dir, state)),
+            _ => {
+                let why = std::fs::read_to_string(dir.join("keeper.err")).unwrap_or_default();
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(std::io::Error::other(format!(
+                    "its keeper did not start it: {}",
+                    if why.trim().is_empty() { "no reason given" } else { why.trim() }
+                )))
+            }
+        }
+    }
+
+    /// The keepers of `app` left by an earlier run of rack (those of another rack still running
+    /// are not).
+    pub fn survivors(&self, app: &str) -> Vec<Found> {
+        let me = std::process::id();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(self.dir.join(app)).into_iter().flatten().flatten() {
+            let dir = entry.path();
+            let Some(state) = read_state(&dir) else {
+                // A keeper that never started its command.
+                let _ = std::fs::remove_dir_all(&dir);
+                continue;
+            };
+            if state.owner.is_some_and(|owner| owner.pid != me && owner.alive()) {
+                continue;
+            }
+            found.push(Found {
+                handle: dir.to_string_lossy().into_owned(),
+                process: state.process,
+                service: state.service,
+                release: state.release,
+                build: state.build,
+                port: state.port,
+                started: state.started,
+                running: state.keeper.alive(),
+                forward: state.forward,
+            });
+        }
+        found
+    }
+}
+
+/// The state of the keeper in `dir`.
+fn read_state(dir: &Path) -> Option<State> {
+    serde_json::from_slice(&std::fs::read(state_file(dir)).ok()?).ok()
+}
+
+/// Makes `dir` (and its parents), closed to all but rack.
+fn make_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// Signals the process group of the command of the keeper `state`, while its keeper runs (the
+/// group's id is then surely still the command's).
+fn signal(state: &State, signal: nix::sys::signal::Signal) {
+    if state.keeper.alive()
+        && let Ok(pid) = i32::try_from(state.child)
+        && pid > 0
+    {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), signal);
+    }
+}
+
+/// Waits until the keeper `state` has exited, at most `within`; whether it has.
+async fn ended(state: &State, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while state.keeper.alive() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
+/// Stops the command of the keeper found in `found` (SIGTERM, `grace`, SIGKILL) and removes
+/// its files.
+pub async fn discard(found: &Found, grace: Duration, cgroup: Option<super::cgroups::Instance>) {
+    let dir = PathBuf::from(&found.handle);
+    if let Some(state) = read_state(&dir) {
+        signal(&state, nix::sys::signal::Signal::SIGTERM);
+        if !ended(&state, grace).await {
+            signal(&state, nix::sys::signal::Signal::SIGKILL);
+            ended(&state, Duration::from_secs(10)).await;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(cgroup) = cgroup {
+        cgroup.remove();
+    }
+}
+
+/// An instance under a keeper.
+pub struct Kept {
+    dir: PathBuf,
+    state: State,
+    tail: Option<tokio::task::JoinHandle<()>>,
+    detaching: CancellationToken,
+    cgroup: Option<super::cgroups::Instance>,
+    network: Option<Arc<super::app_network::AppNetwork>>,
+}
+
+impl Kept {
+    /// Follows the keeper in `dir` (just started, or adopted), copying its output to `log` as
+    /// `stream` lines from where the last copy stopped.
+    pub fn attach(
+        dir: PathBuf,
+        state: State,
+        stream: String,
+        log: LogSink,
+        cgroup: Option<super::cgroups::Instance>,
+        network: Option<Arc<super::app_network::AppNetwork>>,
+    ) -> Self {
+        let detaching = CancellationToken::new();
+        let tail = tokio::spawn(tail(dir.clone(), state.keeper, stream, log, detaching.clone()));
+        Self {
+            dir,
+            state,
+            tail: Some(tail),
+            detaching,
+            cgroup,
+            network,
+        }
+    }
+
+    /// The state in `dir`, of a survivor to adopt.
+    pub fn state_of(found: &Found) -> Option<(PathBuf, State)> {
+        let dir = PathBuf::from(&found.handle);
+        read_state(&dir).map(|state| (dir, state))
+    }
+
+    /// Waits until the output is all copied (the keeper has exited), at most `within`.
+    async fn tail_done(&mut self, within: Duration) -> bool {
+        let Some(tail) = &mut self.tail else { return true };
+        if tokio::time::timeout(within, tail).await.is_err() {
+            return false;
+        }
+        self.tail = None;
+        true
+    }
+
+    /// Forgets the instance's files and cgroup (it has ended).
+    fn remove(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(cgroup) = self.cgroup.take() {
+            cgroup.remove();
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Running for Kept {
+    fn pid(&self) -> u32 {
+        self.state.child
+    }
+
+    fn network(&self) -> Option<Arc<super::app_network::AppNetwork>> {
+        self.network.clone()
+    }
+
+    async fn wait(&mut self) -> super::exit::Exit {
+        self.tail_done(Duration::MAX).await;
+        let said = std::fs::read_to_string(exit_file(&self.dir)).unwrap_or_default();
+        let exit = parse_exit(&said)
+            .unwrap_or_else(|| super::exit::Exit::Lost("its keeper was killed before it ended".to_owned()));
+        self.remove();
+        exit
+    }
+
+    fn terminate(&self) {
+        signal(&self.state, nix::sys::signal::Signal::SIGTERM);
+    }
+
+    fn kill(&self) {
+        signal(&self.state, nix::sys::signal::Signal::SIGKILL);
+    }
+
+    async fn stop(&mut self, grace: Duration) {
+        self.terminate();
+        if !self.tail_done(grace).await {
+            self.kill();
+            self.tail_done(Duration::from_secs(10)).await;
+        }
+        self.remove();
+    }
+
+    /// Leaves it running under its keeper, for the next start of rack to adopt.
+    async fn detach(&mut self) {
+        self.detaching.cancel();
+        self.tail_done(Duration::from_secs(5)).await;
+    }
+}
+
+/// Copies the output of the keeper in `dir` to `log` as `stream` lines, from its cursor, until
+/// the keeper has exited and all is copied, or `detaching`.
+async fn tail(dir: PathBuf, keeper: Proc, stream: String, log: LogSink, detaching: CancellationToken) {
+    let cursor_file = dir.join("cursor");
+    let (mut n, mut offset) = std::fs::read_to_string(&cursor_file)
+        .ok()
+        .and_then(|text| {
+            let (n, offset) = text.trim().split_once(' ')?;
+            Some((n.parse().ok()?, offset.parse().ok()?))
+        })
+        .unwrap_or((0u64, 0u64));
+    loop {
+        // Looked at before reading: what it wrote before it ended is then read below.
+        let gone = !keeper.alive();
+        let (lines, used) = read_lines(&segment(&dir, n), offset);
+        if !lines.is_empty() {
+            for line in lines {
+                log.line(&stream, line).await;
+            }
+            tokio::select! {
+                () = log.flush() => {}
+                () = detaching.cancelled() => return,
+            }
+            offset += used;
+            let _ = write_atomically(&cursor_file, format!("{n} {offset}").as_bytes());
+            continue;
+        }
+        if let Some(next) = next_segment(&dir, n) {
+            // The keeper writes a segment to its end before it starts the next.
+            let _ = std::fs::remove_file(segment(&dir, n));
+            (n, offset) = (next, 0);
+            let _ = write_atomically(&cursor_file, format!("{n} {offset}").as_bytes());
+            continue;
+        }
+        if gone {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(POLL) => {}
+            () = detaching.cancelled() => return,
+        }
+    }
+}
+
+/// The whole lines of `file` from `offset`, and how many bytes they take.
+fn read_lines(file: &Path, offset: u64) -> (Vec<String>, u64) {
+    use std::io::{Read, Seek};
+    let Ok(mut file) = std::fs::File::open(file) else {
+        return (Vec::new(), 0);
+    };
+    let mut bytes = Vec::new();
+    if file.seek(std::io::SeekFrom::Start(offset)).is_err() || file.take(CHUNK).read_to_end(&mut bytes).is_err() {
+        return (Vec::new(), 0);
+    }
+    let Some(end) = bytes.iter().rposition(|b| *b == b'\n') else {
+        return (Vec::new(), 0);
+    };
+    let lines = bytes[..end]
+        .split(|b| *b == b'\n')
+        .map(|line| String::from_utf8_lossy(line).into_owned())
+        .collect();
+    (lines, end as u64 + 1)
+}
+
+/// The first segment after `n` in `dir` (segments the keeper dropped are skipped).
+fn next_segment(dir: &Path, n: u64) -> Option<u64> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.strip_prefix("out.")?.parse::<u64>().ok())
+        .filter(|m| *m > n)
+        .min()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_whole_lines_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("out.0");
+        std::fs::write(&file, "one\ntwo\nhal").unwrap();
+        let (lines, used) = read_lines(&file, 0);
+        assert_eq!(lines, ["one", "two"]);
+        assert_eq!(used, 8);
+        let (lines, used) = read_lines(&file, 8);
+        assert!(lines.is_empty() && used == 0);
+        std::fs::write(dir.path().join("out.3"), "").unwrap();
+        assert_eq!(next_segment(dir.path(), 0), Some(3));
+        assert_eq!(next_segment(dir.path(), 3), None);
+    }
+}
