@@ -107,7 +107,10 @@ impl LocalRuntime {
         let forwarders = forwarder::Forwarders {
             program: settings.program.clone(),
         };
-        let networks = Arc::new(app_network::AppNetworks::new(forwarders.clone()));
+        let networks = Arc::new(app_network::AppNetworks::new(
+            forwarders.clone(),
+            data_dir.join("app-networks"),
+        ));
         let processes = Arc::new(driver::ProcessDriver {
             sandbox: sandbox.clone(),
             accounts: settings.accounts.clone(),
