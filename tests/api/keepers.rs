@@ -33,13 +33,11 @@ threading.Thread(target=ticks, daemon=True).start()
 http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
 "#;
 
-const MANIFEST: &str =
-    "services:\n  web:\n    command: python3 -u ticker.py\n    port: 3000\n    health:\n      path: /health\n      grace: 1\n      interval: 2\n";
+const MANIFEST: &str = "services:\n  web:\n    command: python3 -u ticker.py\n    port: 3000\n    health:\n      path: /health\n      grace: 1\n      interval: 2\n";
 
 /// The app's log so far.
 async fn log_text(rack: &Replica) -> String {
-    rack
-        .request(Method::GET, "/apps/kept/logs")
+    rack.request(Method::GET, "/apps/kept/logs")
         .header("follow", "false")
         .header("since", "0")
         .send()

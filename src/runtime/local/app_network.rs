@@ -104,7 +104,9 @@ impl AppNetworks {
                         None => {
                             std::fs::create_dir_all(&self.records)?;
                             let network = UserNetwork::start_kept(&record).await.map_err(std::io::Error::other)?;
-                            let holder = network.kept_holder().ok_or_else(|| std::io::Error::other("no holder"))?;
+                            let holder = network
+                                .kept_holder()
+                                .ok_or_else(|| std::io::Error::other("no holder"))?;
                             let written = serde_json::to_vec(&Record { holder })
                                 .map_err(std::io::Error::other)
                                 .and_then(|bytes| super::keeper::write_atomically(&record, &bytes));

@@ -1,6 +1,7 @@
 //! How an instance runs: a [`Driver`] starts it and hands back a [`Running`] handle that waits
 //! for it, stops it and forwards its output to the app's log. Processes are one driver
-//! ([`ProcessDriver`]: a child in the sandbox, tied to rack's life by a watchdog), containers
+//! ([`ProcessDriver`]: a command in the sandbox, under a keeper that outlives rack for a
+//! service's instance, see `keeper`, or a child tied to rack's life by a watchdog), containers
 //! another (`container::ContainerDriver`: podman); the rollout, health checks, router and
 //! process API are the same whatever the driver.
 
@@ -87,19 +88,19 @@ pub trait Running: Send {
         None
     }
 
-    /// Lets go of it because rack is stopping: a process goes with rack (its watchdog stops
-    /// it), a container stays to be adopted by the next start.
+    /// Lets go of it because rack is stopping: a one-off goes with rack (its watchdog stops
+    /// it), an instance under a keeper and a container stay to be adopted by the next start.
     async fn detach(&mut self) {
         self.stop(Duration::from_secs(10)).await;
     }
 }
 
 /// An instance of an app found running when rack started: one a driver left behind when rack
-/// stopped (a container outlives rack), to be taken over ([`Driver::attach`]) or removed
+/// stopped (a container, a process under its keeper), to be taken over ([`Driver::attach`]) or removed
 /// ([`Driver::discard`]).
 #[derive(Debug, Clone)]
 pub struct Found {
-    /// The driver's own name for it (podman's container id).
+    /// The driver's own name for it (podman's container id, a keeper's directory).
     pub handle: String,
     pub process: String,
     pub service: String,
@@ -131,7 +132,7 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
 
     /// The instances of `app` this driver left running when rack last stopped, for the
     /// supervisor to adopt on the app's first apply. None by default: a driver whose instances
-    /// go with rack (processes) has nothing to adopt.
+    /// go with rack has nothing to adopt.
     ///
     /// # Errors
     /// When they cannot be listed (the message; the supervisor logs it and adopts nothing).
@@ -154,8 +155,9 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// Runs an app's command so that it dies with rack: when rack's end of the stdin pipe closes
-/// (rack stopped or was killed), the watcher sends SIGTERM to the whole process group (the
+/// Runs an app's command so that it dies with whoever holds its stdin (rack for a one-off, the
+/// keeper for a service's instance): when that end of the pipe closes (it stopped or was
+/// killed), the watcher sends SIGTERM to the whole process group (the
 /// command and whatever it started: a shell running a shell running the server left the server
 /// behind when only the command was told). The script stays until the command has exited,
 /// forwarding SIGTERM: it is the first process of the sandbox's pid namespace, whose end would

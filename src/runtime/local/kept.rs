@@ -82,7 +82,11 @@ impl Keepers {
             .arg("--describe")
             .arg(serde_json::to_string(&described).map_err(std::io::Error::other)?);
         if let Some((uid, gid)) = command.ids {
-            keeper.arg("--uid").arg(uid.to_string()).arg("--gid").arg(gid.to_string());
+            keeper
+                .arg("--uid")
+                .arg(uid.to_string())
+                .arg("--gid")
+                .arg(gid.to_string());
         }
         keeper
             .arg("--")
@@ -99,7 +103,10 @@ impl Keepers {
             }
         }
         let mut child = keeper.spawn()?;
-        let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("the keeper has no output"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| std::io::Error::other("the keeper has no output"))?;
         let mut said = String::new();
         let _ = tokio::time::timeout(READY_WITHIN, tokio::io::BufReader::new(stdout).read_line(&mut said)).await;
         // It lives on without rack; reaped here while rack runs.
@@ -114,7 +121,11 @@ impl Keepers {
                 let _ = std::fs::remove_dir_all(&dir);
                 Err(std::io::Error::other(format!(
                     "its keeper did not start it: {}",
-                    if why.trim().is_empty() { "no reason given" } else { why.trim() }
+                    if why.trim().is_empty() {
+                        "no reason given"
+                    } else {
+                        why.trim()
+                    }
                 )))
             }
         }

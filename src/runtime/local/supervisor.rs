@@ -283,7 +283,10 @@ impl Supervisor {
         if self.with_app(app, |procs| std::mem::replace(&mut procs.adopted, true)) {
             return;
         }
-        let drivers = [Some((false, self.0.processes.clone())), self.0.containers.clone().map(|c| (true, c))];
+        let drivers = [
+            Some((false, self.0.processes.clone())),
+            self.0.containers.clone().map(|c| (true, c)),
+        ];
         for (containers, driver) in drivers.into_iter().flatten() {
             self.adopt_from(app, release, log, containers, &driver).await;
         }
@@ -309,7 +312,14 @@ impl Supervisor {
         for found in found {
             let service = release.and_then(|r| r.manifest.services.get(&found.service).map(|s| (r, s)));
             let launch = service.and_then(|(release, service)| {
-                Launch::new(&self.0.builds_dir, self.has_containers(), release, &found.service, service).ok()
+                Launch::new(
+                    &self.0.builds_dir,
+                    self.has_containers(),
+                    release,
+                    &found.service,
+                    service,
+                )
+                .ok()
             });
             let launch = launch.filter(|launch| launch.is_container() == containers);
             let (Some(launch), true) = (launch, found.running) else {

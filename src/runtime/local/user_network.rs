@@ -89,7 +89,8 @@ impl UserNetwork {
         // A kept network's slirp4netns reads the holder's end of this pipe (its exit fd).
         let exit_pipe = match record {
             Some(_) => {
-                let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("making a pipe: {e}"))?;
+                let (read, write) =
+                    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("making a pipe: {e}"))?;
                 holder.stderr(write);
                 Some(read)
             }
@@ -114,7 +115,9 @@ impl UserNetwork {
         let mut slirp = match &exit_pipe {
             None => {
                 let mut slirp = Command::new("setpriv");
-                slirp.args(["--pdeathsig", "KILL", "--", "slirp4netns"]).kill_on_drop(true);
+                slirp
+                    .args(["--pdeathsig", "KILL", "--", "slirp4netns"])
+                    .kill_on_drop(true);
                 slirp
             }
             Some(_) => {
