@@ -196,6 +196,13 @@ enum Command {
     },
 }
 
+impl Cli {
+    /// Whether this runs an app's keeper (`rack app-keeper`).
+    pub fn is_keeper(&self) -> bool {
+        matches!(self.command, Command::AppKeeper { .. })
+    }
+}
+
 /// The shells `rack completion` writes a script for.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum Shell {

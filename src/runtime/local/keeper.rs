@@ -220,10 +220,9 @@ pub async fn serve(dir: &Path, describe: &str, ids: Option<(u32, u32)>, argv: &[
         futures_util::stream::iter(stdout).flatten(),
         futures_util::stream::iter(stderr).flatten(),
     );
-    // Told once rack knows the pid (it may be gone since: nothing is written there again).
+    // Tells rack the command runs; nothing is written there again (rack may be gone).
     let mut said = std::io::stdout();
     let _ = writeln!(said, "ready {pid}").and_then(|()| said.flush());
-    drop(said);
     let mut terms = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut check = tokio::time::interval(DIR_CHECK);
     let mut orphaned: Option<tokio::time::Instant> = None;
