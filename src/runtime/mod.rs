@@ -195,6 +195,11 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     /// The first failure, once everything was tried.
     async fn delete_app(&self, app: &str) -> Result<(), RuntimeError>;
 
+    /// rack is stopping (its shutdown token is cancelled): returns once what the runtime runs
+    /// is let go of for the next start to take over (the local runtime: its instances
+    /// detached, their output stored up to a recorded place), before rack's database closes.
+    async fn let_go(&self) {}
+
     /// The address on this host of the app's router (its first service with a port): only
     /// where rack itself routes the apps' traffic (local); `None` elsewhere.
     fn router_addr(&self, _app: &str) -> Option<SocketAddr> {

@@ -132,13 +132,24 @@ async fn survives(kill_9: bool) {
         (log.last().is_some_and(|last| *last > seen + 20)).then_some(log)
     })
     .await;
-    let expected: Vec<u64> = (0..log.len() as u64).collect();
-    assert_eq!(log, expected, "each tick once, in order");
+    let last = log.last().copied().unwrap_or(0);
+    let unique: BTreeSet<u64> = log.iter().copied().collect();
+    assert_eq!(unique, (0..=last).collect(), "no tick lost: {log:?}");
+    if kill_9 {
+        // The one batch a kill can fall between the store and the cursor write of may come
+        // twice; nothing else.
+        let repeats = log.windows(2).filter(|pair| pair[1] <= pair[0]).count();
+        assert!(repeats <= 1, "more than one batch twice: {log:?}");
+    } else {
+        let expected: Vec<u64> = (0..=last).collect();
+        assert_eq!(log, expected, "each tick once, in order");
+    }
     let text = log_text(&rack).await;
     assert!(text.contains(&format!("Adopted process {process}")), "{text}");
     eprintln!(
-        "pid {pid} kept; {seen} ticks before the restart, {} after, none lost or twice",
-        log.len()
+        "pid {pid} kept; {seen} ticks before the restart, {} after, none lost, {} twice",
+        log.len(),
+        log.len() - unique.len()
     );
 
     // An adopted process restarts on request, and the service scales.

@@ -27,6 +27,9 @@ const READY_WITHIN: Duration = Duration::from_secs(30);
 /// How often the output is looked for while there is none.
 const POLL: Duration = Duration::from_millis(100);
 
+/// How long a flush under way is waited for when rack lets go of an instance.
+const LAST_FLUSH: Duration = Duration::from_secs(5);
+
 /// The most output read at once.
 const CHUNK: u64 = 1 << 20;
 
@@ -310,7 +313,7 @@ impl Running for Kept {
     /// Leaves it running under its keeper, for the next start of rack to adopt.
     async fn detach(&mut self) {
         self.detaching.cancel();
-        self.tail_done(Duration::from_secs(5)).await;
+        self.tail_done(LAST_FLUSH + Duration::from_secs(1)).await;
     }
 }
 
@@ -333,12 +336,23 @@ async fn tail(dir: PathBuf, keeper: Proc, stream: String, log: LogSink, detachin
             for line in lines {
                 log.line(&stream, line).await;
             }
-            tokio::select! {
-                () = log.flush() => {}
-                () = detaching.cancelled() => return,
+            // Once they are stored, and only then, the cursor moves past them. When rack is
+            // stopping, a flush under way is still waited for (a while): lines stored with
+            // their cursor left behind would be copied again by the next start.
+            let flush = log.flush();
+            tokio::pin!(flush);
+            let flushed = tokio::select! {
+                () = &mut flush => true,
+                () = detaching.cancelled() => tokio::time::timeout(LAST_FLUSH, &mut flush).await.is_ok(),
+            };
+            if !flushed {
+                return;
             }
             offset += used;
             let _ = write_atomically(&cursor_file, format!("{n} {offset}").as_bytes());
+            if detaching.is_cancelled() {
+                return;
+            }
             continue;
         }
         if let Some(next) = next_segment(&dir, n) {

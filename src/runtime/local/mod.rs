@@ -358,6 +358,10 @@ impl Runtime for LocalRuntime {
         self.resources.restore_redis(app, spec, rdb).await
     }
 
+    async fn let_go(&self) {
+        self.supervisor.let_go().await;
+    }
+
     fn router_addr(&self, app: &str) -> Option<std::net::SocketAddr> {
         self.supervisor.router_addr(app)
     }

@@ -258,6 +258,23 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Waits (a bounded time) until every instance's task has ended, once rack's shutdown
+    /// has told them to let go: kept instances have then stored their output up to their
+    /// cursor, which the next start goes on from.
+    pub async fn let_go(&self) {
+        let tasks: Vec<_> = {
+            let apps = self.0.apps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            apps.values()
+                .flat_map(|procs| &procs.instances)
+                .filter_map(|i| i.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take())
+                .collect()
+        };
+        let all = futures_util::future::join_all(tasks);
+        if tokio::time::timeout(Duration::from_secs(15), all).await.is_err() {
+            tracing::warn!("some instances were still letting go when rack stopped");
+        }
+    }
+
     /// Stops everything of an app and forgets it.
     pub async fn delete_app(&self, app: &str) {
         let (quiet, _) = LogSink::new();
