@@ -26,7 +26,7 @@ pub use capabilities::{
 pub use capability_set::Capabilities;
 pub use error::{BoxError, RuntimeError};
 pub use host::{InstanceInfo, this_host};
-pub use log_sink::{LogItem, LogReceiver, LogSink, ProcessEvent};
+pub use log_sink::{Copied, LogItem, LogReceiver, LogSink, ProcessEvent};
 pub use metrics::{MAX_METRIC_PERIODS, MetricsWindow, PeriodFigures, Traffic};
 pub use process::{
     ExecRequest, ExecSession, LineStream, LogLine, OneOff, ProcessInfo, ProcessKind, ProcessLogs, ProcessStatus,

@@ -132,24 +132,13 @@ async fn survives(kill_9: bool) {
         (log.last().is_some_and(|last| *last > seen + 20)).then_some(log)
     })
     .await;
-    let last = log.last().copied().unwrap_or(0);
-    let unique: BTreeSet<u64> = log.iter().copied().collect();
-    assert_eq!(unique, (0..=last).collect(), "no tick lost: {log:?}");
-    if kill_9 {
-        // The one batch a kill can fall between the store and the cursor write of may come
-        // twice; nothing else.
-        let repeats = log.windows(2).filter(|pair| pair[1] <= pair[0]).count();
-        assert!(repeats <= 1, "more than one batch twice: {log:?}");
-    } else {
-        let expected: Vec<u64> = (0..=last).collect();
-        assert_eq!(log, expected, "each tick once, in order");
-    }
+    let expected: Vec<u64> = (0..log.len() as u64).collect();
+    assert_eq!(log, expected, "each tick once, in order");
     let text = log_text(&rack).await;
     assert!(text.contains(&format!("Adopted process {process}")), "{text}");
     eprintln!(
-        "pid {pid} kept; {seen} ticks before the restart, {} after, none lost, {} twice",
-        log.len(),
-        log.len() - unique.len()
+        "pid {pid} kept; {seen} ticks before the restart, {} after, none lost or twice",
+        log.len()
     );
 
     // An adopted process restarts on request, and the service scales.
@@ -172,6 +161,13 @@ async fn survives(kill_9: bool) {
         .await
         .unwrap();
     assert_eq!(scale.status(), 202);
+    let location = scale.headers()["location"].to_str().unwrap().to_owned();
+    let scaled = wait_for(120, "the scale to end", || async {
+        let deployment = rack.json(&location).await;
+        deployment["ended"].is_string().then_some(deployment)
+    })
+    .await;
+    assert_eq!(scaled["state"], "running", "{scaled}");
     let pids = wait_for(120, "two processes", || async {
         let now = running(&rack).await;
         (now.len() == 2).then(|| now.iter().map(|(_, pid)| *pid).collect::<BTreeSet<u64>>())
@@ -180,7 +176,7 @@ async fn survives(kill_9: bool) {
 
     // Deleting the app stops them and leaves no keeper behind.
     let deleted = rack.request(Method::DELETE, "/apps/kept").send().await.unwrap();
-    assert!(deleted.status().is_success());
+    assert!(deleted.status().is_success(), "{:?}", deleted.text().await);
     wait_for(60, "the processes to stop", || async {
         pids.iter().all(|pid| !alive(*pid)).then_some(())
     })

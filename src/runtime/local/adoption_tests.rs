@@ -42,6 +42,7 @@ impl Driver for Survivors {
 #[derive(Debug)]
 struct Logs;
 
+#[async_trait::async_trait]
 impl AppLogs for Logs {
     fn sink(&self, _: &str) -> LogSink {
         LogSink::lossy().0
@@ -73,6 +74,7 @@ fn found(handle: &str, running: bool) -> Found {
         started: chrono::Utc::now(),
         running,
         forward: Vec::new(),
+        copied_until: None,
     }
 }
 

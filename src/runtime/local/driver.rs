@@ -112,6 +112,9 @@ pub struct Found {
     pub running: bool,
     /// The ports of its linked resources (forwarded into its network namespace).
     pub forward: Vec<u16>,
+    /// Where the copy of its output into the app's log stopped, as the log's store says
+    /// (filled in by the supervisor; a keeper's output is copied on from there).
+    pub copied_until: Option<String>,
 }
 
 /// Starts instances, and takes over those that outlived the previous start.
@@ -247,6 +250,7 @@ impl Driver for ProcessDriver {
             return Ok(Box::new(super::kept::Kept::attach(
                 dir,
                 state,
+                None,
                 stream,
                 start.log.clone(),
                 cgroup,
@@ -323,7 +327,7 @@ impl Driver for ProcessDriver {
         let Some((dir, state)) = super::kept::Kept::state_of(found) else {
             // Its files are gone since it was found: it reads as ended at once.
             let (dir, state) = (PathBuf::from(&found.handle), super::keeper::State::lost(found));
-            return Box::new(super::kept::Kept::attach(dir, state, stream, log, None, None));
+            return Box::new(super::kept::Kept::attach(dir, state, None, stream, log, None, None));
         };
         let network = match self.networks.ensure(&state.app, &found.forward).await {
             Ok(network) => network,
@@ -333,7 +337,10 @@ impl Driver for ProcessDriver {
             }
         };
         let cgroup = self.cgroups.as_ref().map(|c| c.existing(&state.app, &found.process));
-        Box::new(super::kept::Kept::attach(dir, state, stream, log, cgroup, network))
+        let from = found.copied_until.clone();
+        Box::new(super::kept::Kept::attach(
+            dir, state, from, stream, log, cgroup, network,
+        ))
     }
 
     async fn discard(&self, found: &Found, grace: Duration) {

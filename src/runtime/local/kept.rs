@@ -1,14 +1,16 @@
 //! rack's side of the keepers (see `keeper`): the process driver starts each service instance
 //! under one, in `<data>/keepers/<app>/<process id>/`, and follows it through its files. The
-//! app's output is copied from the keeper's segments into the app's log, and the place reached
-//! is written to `cursor` only once those lines are stored (the log is flushed first): a rack
-//! that stops (or is killed) and starts again goes on from there, so no line is lost, and only
-//! a kill in the instant between a store and its cursor write could copy a batch twice.
+//! app's output is copied from the keeper's segments into the app's log, each batch of lines
+//! with the place the copy has reached (the keeper's pid and start time, a segment, an offset),
+//! stored in the same transaction (`LogSink::copied`, the `log_cursors` table): a rack that
+//! stops, or is killed at any instant, and starts again goes on from the last place stored, so
+//! no line is lost and none is copied twice.
 //!
 //! On the first apply of an app after rack starts, the supervisor asks for the survivors: each
 //! keeper directory whose keeper still runs (its pid and start time, against pid reuse) is an
-//! instance to adopt ([`Kept::attach`]) or remove ([`discard`]). A keeper started by another
-//! rack that still runs (replicas sharing a data directory) is left alone.
+//! instance to adopt ([`Kept::attach`], from the stored place) or remove ([`discard`]). A
+//! keeper started by another rack that still runs (replicas sharing a data directory) is left
+//! alone.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
 
 use super::driver::{Found, Running, Start};
-use super::keeper::{Described, Proc, State, exit_file, parse_exit, segment, state_file, write_atomically};
+use super::keeper::{Described, Proc, State, exit_file, parse_exit, segment, state_file};
 use crate::runtime::LogSink;
 
 /// How long a keeper may take to start its command (generous: a loaded host).
@@ -159,6 +161,7 @@ impl Keepers {
                 started: state.started,
                 running: state.keeper.alive(),
                 forward: state.forward,
+                copied_until: None,
             });
         }
         found
@@ -228,17 +231,30 @@ pub struct Kept {
 
 impl Kept {
     /// Follows the keeper in `dir` (just started, or adopted), copying its output to `log` as
-    /// `stream` lines from where the last copy stopped.
+    /// `stream` lines from `from` (where the last copy stopped, as stored with its lines; its
+    /// start without).
     pub fn attach(
         dir: PathBuf,
         state: State,
+        from: Option<String>,
         stream: String,
         log: LogSink,
         cgroup: Option<super::cgroups::Instance>,
         network: Option<Arc<super::app_network::AppNetwork>>,
     ) -> Self {
         let detaching = CancellationToken::new();
-        let tail = tokio::spawn(tail(dir.clone(), state.keeper, stream, log, detaching.clone()));
+        let place = from
+            .and_then(|from| Place::parse(&from, state.keeper))
+            .unwrap_or_default();
+        let copy = Copy {
+            dir: dir.clone(),
+            keeper: state.keeper,
+            process: state.process.clone(),
+            stream,
+            log,
+            detaching: detaching.clone(),
+        };
+        let tail = tokio::spawn(copy.run(place));
         Self {
             dir,
             state,
@@ -317,57 +333,103 @@ impl Running for Kept {
     }
 }
 
-/// Copies the output of the keeper in `dir` to `log` as `stream` lines, from its cursor, until
-/// the keeper has exited and all is copied, or `detaching`.
-async fn tail(dir: PathBuf, keeper: Proc, stream: String, log: LogSink, detaching: CancellationToken) {
-    let cursor_file = dir.join("cursor");
-    let (mut n, mut offset) = std::fs::read_to_string(&cursor_file)
-        .ok()
-        .and_then(|text| {
-            let (n, offset) = text.trim().split_once(' ')?;
-            Some((n.parse().ok()?, offset.parse().ok()?))
+/// Where a copy of a keeper's output is: a segment and an offset in it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Place {
+    segment: u64,
+    offset: u64,
+}
+
+impl Place {
+    /// The place `text` records, if it is of the keeper `keeper` (a restarted instance's new
+    /// keeper starts from the beginning of its own output).
+    fn parse(text: &str, keeper: Proc) -> Option<Self> {
+        let mut fields = text.split_whitespace();
+        let (pid, start) = fields.next()?.split_once('.')?;
+        if pid.parse::<u32>().ok()? != keeper.pid || start.parse::<u64>().ok()? != keeper.start {
+            return None;
+        }
+        Some(Self {
+            segment: fields.next()?.parse().ok()?,
+            offset: fields.next()?.parse().ok()?,
         })
-        .unwrap_or((0u64, 0u64));
-    loop {
-        // Looked at before reading: what it wrote before it ended is then read below.
-        let gone = !keeper.alive();
-        let (lines, used) = read_lines(&segment(&dir, n), offset);
-        if !lines.is_empty() {
-            for line in lines {
-                log.line(&stream, line).await;
+    }
+
+    /// How it is stored (naming the keeper).
+    fn text(self, keeper: Proc) -> String {
+        format!("{}.{} {} {}", keeper.pid, keeper.start, self.segment, self.offset)
+    }
+}
+
+/// A copy of a keeper's output into the app's log.
+struct Copy {
+    dir: PathBuf,
+    keeper: Proc,
+    process: String,
+    stream: String,
+    log: LogSink,
+    detaching: CancellationToken,
+}
+
+impl Copy {
+    /// Copies from `place` until the keeper has exited and all is copied (then forgets the
+    /// place), or until `detaching`.
+    async fn run(self, mut place: Place) {
+        loop {
+            // Looked at before reading: what it wrote before it ended is then read below.
+            let gone = !self.keeper.alive();
+            let (lines, used) = read_lines(&segment(&self.dir, place.segment), place.offset);
+            if !lines.is_empty() {
+                place.offset += used;
+                if !self.store(lines, Some(place)).await {
+                    return;
+                }
+                continue;
             }
-            // Once they are stored, and only then, the cursor moves past them. When rack is
-            // stopping, a flush under way is still waited for (a while): lines stored with
-            // their cursor left behind would be copied again by the next start.
-            let flush = log.flush();
-            tokio::pin!(flush);
-            let flushed = tokio::select! {
-                () = &mut flush => true,
-                () = detaching.cancelled() => tokio::time::timeout(LAST_FLUSH, &mut flush).await.is_ok(),
-            };
-            if !flushed {
+            if let Some(next) = next_segment(&self.dir, place.segment) {
+                // The keeper writes a segment to its end before it starts the next; the old one
+                // goes once the new place is stored.
+                let done = place.segment;
+                place = Place {
+                    segment: next,
+                    offset: 0,
+                };
+                if !self.store(Vec::new(), Some(place)).await {
+                    return;
+                }
+                let _ = std::fs::remove_file(segment(&self.dir, done));
+                continue;
+            }
+            if gone {
+                self.store(Vec::new(), None).await;
                 return;
             }
-            offset += used;
-            let _ = write_atomically(&cursor_file, format!("{n} {offset}").as_bytes());
-            if detaching.is_cancelled() {
-                return;
+            tokio::select! {
+                () = tokio::time::sleep(POLL) => {}
+                () = self.detaching.cancelled() => return,
             }
-            continue;
         }
-        if let Some(next) = next_segment(&dir, n) {
-            // The keeper writes a segment to its end before it starts the next.
-            let _ = std::fs::remove_file(segment(&dir, n));
-            (n, offset) = (next, 0);
-            let _ = write_atomically(&cursor_file, format!("{n} {offset}").as_bytes());
-            continue;
-        }
-        if gone {
-            return;
-        }
+    }
+
+    /// Sends `lines` with `place` (stored together in one transaction), and waits until they
+    /// are stored; false when rack lets go meanwhile (a flush under way is still waited for a
+    /// while, so that the next start goes on right after it).
+    async fn store(&self, lines: Vec<String>, place: Option<Place>) -> bool {
+        let copied = crate::runtime::Copied {
+            stream: self.stream.clone(),
+            lines,
+            process: self.process.clone(),
+            position: place.map(|place| place.text(self.keeper)),
+        };
+        self.log.copied(copied).await;
+        let flush = self.log.flush();
+        tokio::pin!(flush);
         tokio::select! {
-            () = tokio::time::sleep(POLL) => {}
-            () = detaching.cancelled() => return,
+            () = &mut flush => !self.detaching.is_cancelled(),
+            () = self.detaching.cancelled() => {
+                let _ = tokio::time::timeout(LAST_FLUSH, &mut flush).await;
+                false
+            }
         }
     }
 }
@@ -419,5 +481,18 @@ mod tests {
         std::fs::write(dir.path().join("out.3"), "").unwrap();
         assert_eq!(next_segment(dir.path(), 0), Some(3));
         assert_eq!(next_segment(dir.path(), 3), None);
+    }
+
+    #[test]
+    fn a_place_is_only_the_keepers_it_names() {
+        let keeper = Proc { pid: 42, start: 7 };
+        let place = Place {
+            segment: 2,
+            offset: 100,
+        };
+        assert_eq!(Place::parse(&place.text(keeper), keeper), Some(place));
+        let restarted = Proc { pid: 42, start: 8 };
+        assert_eq!(Place::parse(&place.text(keeper), restarted), None);
+        assert_eq!(Place::parse("garbage", keeper), None);
     }
 }

@@ -326,7 +326,7 @@ impl Supervisor {
             }
         };
         let kind = if containers { "container" } else { "process" };
-        for found in found {
+        for mut found in found {
             let service = release.and_then(|r| r.manifest.services.get(&found.service).map(|s| (r, s)));
             let launch = service.and_then(|(release, service)| {
                 Launch::new(
@@ -344,6 +344,7 @@ impl Supervisor {
                 driver.discard(&found, STOP_GRACE).await;
                 continue;
             };
+            found.copied_until = self.0.logs.copied_until(app, &found.process).await;
             let running = driver.attach(&found, self.0.logs.sink(app)).await;
             let restarts = found.release == release.map(|r| r.id.as_str()).unwrap_or_default();
             self.register(app, &launch, &found, running, restarts);
