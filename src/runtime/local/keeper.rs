@@ -9,7 +9,7 @@
 //!   `driver::WATCHDOG`) and its output;
 //! - appends the output, line by line, to numbered segment files in its directory
 //!   (`out.<n>`, a new one past [`SEGMENT_BYTES`]), from which rack (this one or the next)
-//!   copies it into the app's log, keeping its place in `cursor`;
+//!   copies it into the app's log, storing its place with the lines it copied (see `kept`);
 //! - writes `state.json` (its pid and start time, against pid reuse, the command's pid, and what
 //!   rack needs to adopt the instance) and, when the command has ended, `exit`, then exits;
 //! - stops the command (SIGTERM to its group, then SIGKILL) when its directory is removed:
