@@ -32,6 +32,9 @@ const POLL: Duration = Duration::from_millis(100);
 /// How long a flush under way is waited for when rack lets go of an instance.
 const LAST_FLUSH: Duration = Duration::from_secs(5);
 
+/// The most lines copied (and stored) at once.
+const MAX_LINES: usize = 500;
+
 /// The most output read at once.
 const CHUNK: u64 = 1 << 20;
 
@@ -444,14 +447,16 @@ fn read_lines(file: &Path, offset: u64) -> (Vec<String>, u64) {
     if file.seek(std::io::SeekFrom::Start(offset)).is_err() || file.take(CHUNK).read_to_end(&mut bytes).is_err() {
         return (Vec::new(), 0);
     }
-    let Some(end) = bytes.iter().rposition(|b| *b == b'\n') else {
-        return (Vec::new(), 0);
-    };
-    let lines = bytes[..end]
-        .split(|b| *b == b'\n')
-        .map(|line| String::from_utf8_lossy(line).into_owned())
-        .collect();
-    (lines, end as u64 + 1)
+    // At most MAX_LINES whole lines: the rest is read next time.
+    let mut lines = Vec::new();
+    let mut used = 0;
+    while lines.len() < MAX_LINES
+        && let Some(end) = bytes[used..].iter().position(|b| *b == b'\n')
+    {
+        lines.push(String::from_utf8_lossy(&bytes[used..used + end]).into_owned());
+        used += end + 1;
+    }
+    (lines, used as u64)
 }
 
 /// The first segment after `n` in `dir` (segments the keeper dropped are skipped).
@@ -481,6 +486,9 @@ mod tests {
         std::fs::write(dir.path().join("out.3"), "").unwrap();
         assert_eq!(next_segment(dir.path(), 0), Some(3));
         assert_eq!(next_segment(dir.path(), 3), None);
+        std::fs::write(&file, "x\n".repeat(MAX_LINES + 1)).unwrap();
+        let (lines, used) = read_lines(&file, 0);
+        assert_eq!((lines.len(), used), (MAX_LINES, 2 * MAX_LINES as u64));
     }
 
     #[test]
