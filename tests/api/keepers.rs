@@ -182,8 +182,12 @@ async fn survives(kill_9: bool) {
     })
     .await;
     let keepers = data.path().join("keepers/kept");
-    let left: Vec<_> = std::fs::read_dir(&keepers).into_iter().flatten().flatten().collect();
-    assert!(left.is_empty(), "{left:?}");
+    assert!(
+        !keepers.exists(),
+        "{:?}",
+        std::fs::read_dir(&keepers).map(|d| d.count())
+    );
+    assert!(!data.path().join("app-networks/kept.json").exists());
     let app: Value = rack.json("/apps").await;
     assert_eq!(app.as_array().map(Vec::len), Some(0), "{app}");
 }

@@ -318,6 +318,8 @@ impl Runtime for LocalRuntime {
     #[tracing::instrument(skip_all, fields(app.name = %app))]
     async fn delete_app(&self, app: &str) -> Result<(), RuntimeError> {
         self.supervisor.delete_app(app).await;
+        // Its keepers' directories went with its instances.
+        let _ = std::fs::remove_dir(self.builder.builds_dir.with_file_name("keepers").join(app));
         self.networks.remove(app).await;
         self.resources.delete_app(app).await;
         let builds = remove_dir(
