@@ -25,6 +25,7 @@ mod encodings;
 mod feed;
 mod helpers;
 mod hostile;
+mod keepers;
 mod kube_analysis;
 mod kube_exec;
 mod kube_prometheus;
