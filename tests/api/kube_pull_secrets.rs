@@ -128,7 +128,10 @@ async fn kaniko_reads_the_operator_s_and_the_added_registries_credentials() {
     }))
     .unwrap();
     secrets.create(&Default::default(), &secret).await.unwrap();
-    for (server, user) in [("private.example.com:5000", "puller"), ("registry.host", "someone-else")] {
+    for (server, user) in [
+        ("private.example.com:5000", "puller"),
+        ("registry.host", "someone-else"),
+    ] {
         let added = app
             .convox(Method::POST, "/registries")
             .form(&[("server", server), ("username", user), ("password", "pw")])
@@ -149,13 +152,24 @@ async fn kaniko_reads_the_operator_s_and_the_added_registries_credentials() {
     let pod = build_pod(&client, &namespace, &id, async || app.get_build(name, &id).await).await;
     let job = format!("build-{}", id.to_ascii_lowercase());
     let spec = pod.spec.clone().unwrap();
-    let volume = spec.volumes.unwrap().into_iter().find(|v| v.name == "registry").unwrap();
+    let volume = spec
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "registry")
+        .unwrap();
     let source = volume.secret.unwrap();
     assert_eq!(source.secret_name.as_deref(), Some(job.as_str()));
     let items: Vec<(String, String)> = source.items.unwrap().into_iter().map(|i| (i.key, i.path)).collect();
     assert_eq!(items, [("config.json".to_owned(), "config.json".to_owned())]);
     let builder = &spec.init_containers.unwrap()[1];
-    let mount = builder.volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "registry").unwrap();
+    let mount = builder
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.name == "registry")
+        .unwrap();
     assert_eq!(mount.mount_path, "/kaniko/.docker");
     let data = secrets.get(&job).await.unwrap().data.unwrap();
     let config: Value = serde_json::from_slice(&data["config.json"].0).unwrap();

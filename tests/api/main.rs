@@ -26,6 +26,7 @@ mod feed;
 mod helpers;
 mod hostile;
 mod kube_analysis;
+mod kube_build_transfer;
 mod kube_exec;
 mod kube_prometheus;
 mod kube_pull_secrets;

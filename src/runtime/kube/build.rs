@@ -116,11 +116,17 @@ pub async fn run(runtime: &KubeRuntime, job: &BuildJob, log: &LogSink) -> Result
 /// The builders' docker config (`resources::builder_docker_config`): the operator's
 /// `rack-registry` Secret of the app's namespace, when there is one, merged with the private
 /// registries' credentials as they are now.
-pub(super) async fn builder_docker_config(runtime: &KubeRuntime, secrets: &Api<Secret>) -> Result<String, RuntimeError> {
+pub(super) async fn builder_docker_config(
+    runtime: &KubeRuntime,
+    secrets: &Api<Secret>,
+) -> Result<String, RuntimeError> {
     let operator = secrets
         .get_opt(resources::REGISTRY_SECRET)
         .await
-        .map_err(RuntimeError::kube(format!("reading secret {}", resources::REGISTRY_SECRET)))?;
+        .map_err(RuntimeError::kube(format!(
+            "reading secret {}",
+            resources::REGISTRY_SECRET
+        )))?;
     let operator = operator
         .and_then(|s| s.data)
         .and_then(|mut d| d.remove(".dockerconfigjson"))

@@ -147,7 +147,10 @@ pub fn builder_docker_config(operator: Option<&[u8]>, registries: &[RegistryCred
         let parsed: Value = serde_json::from_slice(bytes)
             .map_err(|e| format!("the secret {} is not a docker config: {e}", super::REGISTRY_SECRET))?;
         let Value::Object(mut parsed) = parsed else {
-            return Err(format!("the secret {} is not a docker config object", super::REGISTRY_SECRET));
+            return Err(format!(
+                "the secret {} is not a docker config object",
+                super::REGISTRY_SECRET
+            ));
         };
         if let Some(Value::Object(theirs)) = parsed.remove("auths") {
             auths.extend(theirs);

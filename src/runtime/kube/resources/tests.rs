@@ -365,7 +365,8 @@ fn the_builders_docker_config_merges_the_private_registries_under_the_operator_s
             password: "x".into(),
         },
     ];
-    let operator = json!({ "auths": { "registry.host": { "auth": b64("pusher:push") } }, "credHelpers": { "gcr.io": "gcloud" } });
+    let operator =
+        json!({ "auths": { "registry.host": { "auth": b64("pusher:push") } }, "credHelpers": { "gcr.io": "gcloud" } });
     let merged = super::builder_docker_config(Some(operator.to_string().as_bytes()), &registries).unwrap();
     assert_eq!(
         serde_json::from_str::<Value>(&merged).unwrap(),
