@@ -22,7 +22,7 @@ fn transfers_here(state: &AppState) -> ApiResult<()> {
         Ok(())
     } else {
         Err(ApiError::NotImplemented(format!(
-            "build export and import are supported on the local runtime only (this rack runs the {} runtime)",
+            "build export and import are supported on the local and Kubernetes runtimes only (this rack runs the {} runtime)",
             state.runtime.name()
         )))
     }

@@ -27,6 +27,7 @@ mod helpers;
 mod hostile;
 mod keepers;
 mod kube_analysis;
+mod kube_build_transfer;
 mod kube_exec;
 mod kube_prometheus;
 mod kube_pull_secrets;

@@ -269,15 +269,15 @@ async fn the_rack_cli_adds_lists_and_removes_registries() {
 
 /// A password-protected registry on 127.0.0.1 (`docker-registry serve`, htpasswd auth, its own
 /// storage), stopped and its directory removed when dropped.
-struct PrivateRegistry {
+pub struct PrivateRegistry {
     child: tokio::process::Child,
     /// `127.0.0.1:<port>`.
-    host: String,
+    pub host: String,
     _dir: tempfile::TempDir,
 }
 
 impl PrivateRegistry {
-    async fn start(user: &str, password: &str) -> Self {
+    pub async fn start(user: &str, password: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let htpasswd = std::process::Command::new("htpasswd")
             .args(["-Bbn", user, password])

@@ -74,11 +74,14 @@ pub async fn run(runtime: &KubeRuntime, job: &BuildJob, log: &LogSink) -> Result
             .await
             .map_err(|e| failed(format!("could not make the source token: {e}")))?;
         let secrets: Api<Secret> = runtime.api(&job.app);
+        let docker_config = builder_docker_config(runtime, &secrets)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
         secrets
             .patch(
                 &name,
                 &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(resources::build_secret(&spec, &token)),
+                &Patch::Apply(resources::build_secret(&spec, &token, &docker_config)),
             )
             .await
             .map_err(|e| failed(RuntimeError::kube(format!("creating secret {name}"))(e).to_string()))?;
@@ -108,6 +111,34 @@ pub async fn run(runtime: &KubeRuntime, job: &BuildJob, log: &LogSink) -> Result
     }
     clean_up(runtime, &job.app, &job.id).await;
     result.map(|()| output)
+}
+
+/// The builders' docker config (`resources::builder_docker_config`): the operator's
+/// `rack-registry` Secret of the app's namespace, when there is one, merged with the private
+/// registries' credentials as they are now.
+pub(super) async fn builder_docker_config(
+    runtime: &KubeRuntime,
+    secrets: &Api<Secret>,
+) -> Result<String, RuntimeError> {
+    let operator = secrets
+        .get_opt(resources::REGISTRY_SECRET)
+        .await
+        .map_err(RuntimeError::kube(format!(
+            "reading secret {}",
+            resources::REGISTRY_SECRET
+        )))?;
+    let operator = operator
+        .and_then(|s| s.data)
+        .and_then(|mut d| d.remove(".dockerconfigjson"))
+        .map(|b| b.0);
+    let registries = runtime
+        .0
+        .settings
+        .registries
+        .credentials()
+        .await
+        .map_err(|e| RuntimeError::Failed(format!("reading the private registries: {e}")))?;
+    resources::builder_docker_config(operator.as_deref(), &registries).map_err(RuntimeError::Failed)
 }
 
 /// Stops a cancelled or timed-out build: its Job (and pod), its Secret, its token.

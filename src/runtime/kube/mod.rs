@@ -5,6 +5,7 @@
 
 mod analysis;
 mod build;
+mod build_transfer;
 pub mod database_rollout;
 pub mod databases;
 pub mod events;
@@ -16,6 +17,7 @@ mod prometheus;
 mod prometheus_tests;
 mod redis_import;
 mod registries;
+mod registry_client;
 pub mod resources;
 mod rollout;
 mod watch;
@@ -257,7 +259,7 @@ impl Runtime for KubeRuntime {
             restores_resource_data: false,
             restores_redis: true,
             runs_rack_resources: true,
-            transfers_builds: false,
+            transfers_builds: true,
         }
     }
 
@@ -329,6 +331,27 @@ impl Runtime for KubeRuntime {
 
     async fn exec(&self, app: &str, id: &str, request: ExecRequest) -> Result<ExecSession, RuntimeError> {
         process::exec(&self.api(app), id, request).await
+    }
+
+    async fn export_build(
+        &self,
+        app: &str,
+        id: &str,
+        images: &[String],
+        scratch: &std::path::Path,
+    ) -> Result<crate::runtime::ExportedBuild, RuntimeError> {
+        build_transfer::export(self, app, id, images, scratch).await
+    }
+
+    async fn import_build(
+        &self,
+        app: &str,
+        id: &str,
+        _files: &std::path::Path,
+        images: Option<&std::path::Path>,
+        images_by_service: &std::collections::BTreeMap<String, String>,
+    ) -> Result<std::collections::BTreeMap<String, String>, RuntimeError> {
+        build_transfer::import(self, app, id, images, images_by_service).await
     }
 
     async fn prune_builds(&self, app: &str, ids: &[crate::ids::BuildId]) -> Result<(), RuntimeError> {

@@ -26,7 +26,7 @@ mod metrics;
 pub mod podman;
 pub mod process;
 pub mod pty;
-mod registry_auth;
+pub(crate) mod registry_auth;
 mod resources;
 mod rollout;
 pub mod router;

@@ -113,7 +113,9 @@ async fn install(
     .map_err(|e| RuntimeError::Failed(format!("files.tgz: {e}")))?;
     if !dir.join("src").is_dir() {
         return Err(RuntimeError::Failed(
-            "files.tgz: the build directory has no src: it is not one a build made".to_owned(),
+            "files.tgz: the build directory has no src: it is not one a build of a local rack made \
+             (a Kubernetes rack's archive has no build directory: import it into a Kubernetes rack)"
+                .to_owned(),
         ));
     }
     builder

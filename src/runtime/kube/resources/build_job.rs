@@ -1,9 +1,15 @@
 //! The build Job: a fetch container that downloads and unpacks the source, then one builder
-//! container per service image, and the Secret holding the source token.
+//! container per service image, and the Secret holding the source token and the builders'
+//! docker config (the operator's push credentials merged with the private registries').
 
-use serde_json::{Value, json};
+use base64::Engine;
+use serde_json::{Map, Value, json};
 
-use super::{REGISTRY_SECRET, app_labels, build_job_name, namespace_name};
+use super::{app_labels, build_job_name, namespace_name};
+use crate::runtime::RegistryCredential;
+
+/// The key of the build Secret that the builders read as `/kaniko/.docker/config.json`.
+pub const DOCKER_CONFIG_KEY: &str = "config.json";
 
 /// One service's image, as a build makes it.
 #[derive(Debug, Clone)]
@@ -110,11 +116,11 @@ pub fn build_job(spec: &BuildSpec<'_>) -> Value {
                     }],
                     "volumes": [
                         { "name": "workspace", "emptyDir": {} },
-                        // Push credentials, when the app namespace has them.
+                        // Push and pull credentials (see `builder_docker_config`); only that key
+                        // of the build's Secret, never its source token.
                         { "name": "registry", "secret": {
-                            "secretName": REGISTRY_SECRET,
-                            "optional": true,
-                            "items": [{ "key": ".dockerconfigjson", "path": "config.json" }],
+                            "secretName": spec.secret,
+                            "items": [{ "key": DOCKER_CONFIG_KEY, "path": "config.json" }],
                         } },
                     ],
                 },
@@ -123,8 +129,41 @@ pub fn build_job(spec: &BuildSpec<'_>) -> Value {
     })
 }
 
-/// The Secret holding a build's source token.
-pub fn build_secret(spec: &BuildSpec<'_>, token: &str) -> Value {
+/// The builders' docker config: the `auths` of the private registries (`convox registries
+/// add`: a `FROM` of theirs pulls with them), then those of the operator's `rack-registry`
+/// Secret (`operator`, its `.dockerconfigjson` when the namespace has it), which win for a
+/// server in both: they are what pushes the build's images to `RACK_REGISTRY`.
+///
+/// # Errors
+/// When `operator` is not a docker config (named, so the operator can fix the Secret).
+pub fn builder_docker_config(operator: Option<&[u8]>, registries: &[RegistryCredential]) -> Result<String, String> {
+    let mut auths = Map::new();
+    for c in registries {
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", c.username, c.password));
+        auths.insert(c.server.clone(), json!({ "auth": auth }));
+    }
+    let mut config = Map::new();
+    if let Some(bytes) = operator {
+        let parsed: Value = serde_json::from_slice(bytes)
+            .map_err(|e| format!("the secret {} is not a docker config: {e}", super::REGISTRY_SECRET))?;
+        let Value::Object(mut parsed) = parsed else {
+            return Err(format!(
+                "the secret {} is not a docker config object",
+                super::REGISTRY_SECRET
+            ));
+        };
+        if let Some(Value::Object(theirs)) = parsed.remove("auths") {
+            auths.extend(theirs);
+        }
+        // Anything else it holds (credHelpers, proxies) goes on as the operator wrote it.
+        config = parsed;
+    }
+    config.insert("auths".into(), Value::Object(auths));
+    Ok(Value::Object(config).to_string())
+}
+
+/// The Secret holding a build's source token and its builders' docker config.
+pub fn build_secret(spec: &BuildSpec<'_>, token: &str, docker_config: &str) -> Value {
     let mut labels = app_labels(spec.rack, spec.app);
     labels.insert("type".into(), "build".into());
     labels.insert("build".into(), spec.build_id.into());
@@ -133,6 +172,6 @@ pub fn build_secret(spec: &BuildSpec<'_>, token: &str) -> Value {
         "kind": "Secret",
         "metadata": { "name": spec.secret, "namespace": namespace_name(spec.rack, spec.app), "labels": labels },
         "type": "Opaque",
-        "stringData": { "token": token },
+        "stringData": { "token": token, DOCKER_CONFIG_KEY: docker_config },
     })
 }

@@ -9,7 +9,7 @@ use crate::runtime::{ReleaseSpec, RuntimeError};
 mod build_job;
 mod ingress;
 
-pub use build_job::{BuildSpec, ServiceBuild, build_job, build_secret};
+pub use build_job::{BuildSpec, DOCKER_CONFIG_KEY, ServiceBuild, build_job, build_secret, builder_docker_config};
 pub use ingress::{ingress, ingress_hosts};
 
 /// The field manager of every server-side apply rack makes.

@@ -219,6 +219,21 @@ fn a_build_job_fetches_then_builds_each_service() {
         init[0]["env"][1]["valueFrom"]["secretKeyRef"],
         json!({"name": "build-babc", "key": "token"})
     );
+    // The builders read the build Secret's docker config, and only that key of it.
+    assert_eq!(
+        job["spec"]["template"]["spec"]["volumes"][1],
+        json!({ "name": "registry", "secret": {
+            "secretName": "build-babc",
+            "items": [{ "key": "config.json", "path": "config.json" }],
+        } })
+    );
+    assert_eq!(
+        init[1]["volumeMounts"][1],
+        json!({ "name": "registry", "mountPath": "/kaniko/.docker", "readOnly": true })
+    );
+    let secret = build_secret(&spec, "rack_token", r#"{"auths":{}}"#);
+    assert_eq!(secret["stringData"]["config.json"], r#"{"auths":{}}"#);
+    assert_eq!(secret["stringData"]["token"], "rack_token");
 }
 #[test]
 fn ingress_hosts_follow_the_domain_setting_domain_names_and_internal() {
@@ -332,4 +347,44 @@ fn a_balancer_is_a_load_balancer_service_to_its_service_pods_only() {
         super::service("rack", "myapp", "web", 3000)["spec"]["selector"],
         json!({ "app": "myapp", "service": "web", "type": "service" })
     );
+}
+
+#[test]
+fn the_builders_docker_config_merges_the_private_registries_under_the_operator_s() {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let registries = [
+        crate::runtime::RegistryCredential {
+            server: "private.example.com".into(),
+            username: "puller".into(),
+            password: "pw".into(),
+        },
+        crate::runtime::RegistryCredential {
+            server: "registry.host".into(),
+            username: "not-the-pusher".into(),
+            password: "x".into(),
+        },
+    ];
+    let operator =
+        json!({ "auths": { "registry.host": { "auth": b64("pusher:push") } }, "credHelpers": { "gcr.io": "gcloud" } });
+    let merged = super::builder_docker_config(Some(operator.to_string().as_bytes()), &registries).unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&merged).unwrap(),
+        json!({
+            "auths": {
+                "private.example.com": { "auth": b64("puller:pw") },
+                "registry.host": { "auth": b64("pusher:push") },
+            },
+            "credHelpers": { "gcr.io": "gcloud" },
+        })
+    );
+    // No operator Secret: the private registries alone; neither: an empty config.
+    let alone = super::builder_docker_config(None, &registries[..1]).unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&alone).unwrap(),
+        json!({ "auths": { "private.example.com": { "auth": b64("puller:pw") } } })
+    );
+    assert_eq!(super::builder_docker_config(None, &[]).unwrap(), r#"{"auths":{}}"#);
+    let err = super::builder_docker_config(Some(b"not json"), &[]).unwrap_err();
+    assert!(err.contains("rack-registry"), "{err}");
 }
