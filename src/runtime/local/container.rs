@@ -43,8 +43,6 @@ impl Driver for ContainerDriver {
         let podman = &self.podman;
         podman.ensure_image(image).await.map_err(std::io::Error::other)?;
         let name = podman.container_name(&start.app, &start.id);
-        // A container of the same name left behind (its rack died while restarting it).
-        let _ = podman.output(&["rm", "--force", &name]).await;
         let mut labels = BTreeMap::from([
             (LABEL_RACK.to_owned(), podman.rack.clone()),
             (LABEL_HOST.to_owned(), podman.host.clone()),
