@@ -98,8 +98,7 @@ pub async fn list_system_processes(
     Extension(principal): Extension<Principal>,
     QueryParams(query): QueryParams<ListSystemProcesses>,
 ) -> ApiResult<Pretty<Vec<ProcessInfo>>> {
-    let mut replicas =
-        crate::store::replicas::live(&state.pool, crate::jobs::replicas::stale_after(&state)).await?;
+    let mut replicas = crate::store::replicas::live(&state.pool, crate::jobs::replicas::stale_after(&state)).await?;
     // Before this server's first heartbeat lands (or when a slow database missed one), it still
     // answers, so it lists itself.
     if !replicas.iter().any(|r| r.id == state.replica) {

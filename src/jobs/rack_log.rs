@@ -64,7 +64,11 @@ pub async fn persist(state: AppState) {
             }
         }
         // Pending lines that did not get written: try again in a second.
-        let retry = if pending.is_empty() { Duration::MAX } else { Duration::from_secs(1) };
+        let retry = if pending.is_empty() {
+            Duration::MAX
+        } else {
+            Duration::from_secs(1)
+        };
         tokio::select! {
             () = state.shutdown.cancelled() => {}
             () = tokio::time::sleep(retry.min(Duration::from_secs(86_400))) => {}
