@@ -36,7 +36,7 @@ struct Row {
 
 /// The stream name of `replica`'s lines: `system/rack/` and its process id in `rack ps`.
 pub fn stream_of(replica: Uuid) -> String {
-    format!("system/rack/{}", crate::store::replicas::process_id(replica))
+    crate::stream_names::system("rack", crate::store::replicas::process_id(replica))
 }
 
 impl From<Row> for Event {
