@@ -320,6 +320,11 @@ pub struct Config {
     /// `/proc/self/exe` (the running binary, even once an upgrade has replaced its file); the
     /// tests, whose server runs inside the test binary, point it at their `rack`.
     pub program: PathBuf,
+    /// Whether rack's own log is written to Postgres, so that `rack logs` on any replica shows
+    /// every replica's lines. The `rack server` process: yes (its log is its own); a server
+    /// embedded in another process (the tests) shares that process's log with its neighbours,
+    /// so it serves the log from memory instead.
+    pub shared_rack_log: bool,
 }
 
 /// The running binary.
@@ -507,6 +512,7 @@ impl Config {
             disk: args.disk.into(),
             webhooks,
             program: PathBuf::from(SELF_PROGRAM),
+            shared_rack_log: true,
         })
     }
 
@@ -551,6 +557,7 @@ impl Config {
             },
             webhooks: crate::webhooks::Settings::default(),
             program: PathBuf::from(SELF_PROGRAM),
+            shared_rack_log: false,
         }
     }
 }

@@ -90,42 +90,44 @@ pub struct ListSystemProcesses {
     all: bool,
 }
 
-/// rack's own process (this replica), then with `all=true` every app's processes the
-/// credential may see.
+/// rack's own processes (every live replica sharing this database, oldest first), then with
+/// `all=true` every app's processes the credential may see.
 #[tracing::instrument(skip_all)]
 pub async fn list_system_processes(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     QueryParams(query): QueryParams<ListSystemProcesses>,
 ) -> ApiResult<Pretty<Vec<ProcessInfo>>> {
-    let mut processes = vec![rack_process(&state)];
+    let mut replicas = crate::store::replicas::live(&state.pool, crate::jobs::replicas::stale_after(&state)).await?;
+    // Before this server's first heartbeat lands (or when a slow database missed one), it still
+    // answers, so it lists itself.
+    if !replicas.iter().any(|r| r.id == state.replica) {
+        replicas.push(crate::jobs::replicas::this(&state));
+    }
+    let mut processes: Vec<ProcessInfo> = replicas.iter().map(rack_process).collect();
     if query.all {
         processes.extend(app_processes(&state, &principal).await?);
     }
     Ok(Pretty(processes))
 }
 
-/// This server, as a process.
-fn rack_process(state: &AppState) -> ProcessInfo {
-    let started = std::fs::metadata("/proc/self")
-        .and_then(|m| m.modified())
-        .map_or_else(|_| crate::api::builds::go_zero_time(), DateTime::<Utc>::from);
-    let replica = state.replica.simple().to_string();
+/// A rack server, as a process: its id names the replica (`rack-` and the start of its id).
+fn rack_process(replica: &crate::store::replicas::Replica) -> ProcessInfo {
     ProcessInfo {
-        id: format!("rack-{}", &replica[..12]),
+        id: crate::store::replicas::process_id(replica.id),
         app: String::new(),
         command: "rack server".to_owned(),
         cpu: 0.0,
         memory: 0.0,
-        host: state.config.bind.ip().to_string(),
+        host: replica.host.clone(),
         image: String::new(),
         instance: String::new(),
         name: "rack".to_owned(),
-        ports: vec![state.config.bind.port().to_string()],
-        release: env!("CARGO_PKG_VERSION").to_owned(),
-        started,
+        ports: vec![replica.port.to_string()],
+        release: replica.version.clone(),
+        started: replica.started_at,
         status: crate::runtime::ProcessStatus::Running,
-        pid: std::process::id(),
+        pid: u32::try_from(replica.pid).unwrap_or_default(),
         kind: crate::runtime::ProcessKind::Service,
     }
 }

@@ -134,8 +134,9 @@ pub fn respond_merged(
     Ok(deliver(state, request, items, slot, style))
 }
 
-/// Answers `request` with `lines` from outside the event log (rack's own log): no ids, no
-/// resuming, a heartbeat while idle, and a last line when the server stops.
+/// Answers `request` with `lines` from outside the event log (rack's own log): ids (for
+/// `?ids=true` and SSE) only on lines that have one, a heartbeat while idle, and a last line
+/// when the server stops.
 ///
 /// # Errors
 /// 429 when the credential has too many streams open.
@@ -149,7 +150,7 @@ pub fn respond_lines(
     let render = Render {
         style,
         outcomes: false,
-        ids: false,
+        ids: request.query.ids,
     };
     let shutdown = state.shutdown.clone();
     // A stopping server says so last; lines that simply ended (not following) end the stream.

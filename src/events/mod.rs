@@ -48,6 +48,8 @@ pub enum Wake {
     All,
     /// This token was revoked: the streams it opened end.
     Revoked(uuid::Uuid),
+    /// New lines in rack's own log.
+    RackLog,
 }
 
 /// The replica's end of the bus.
@@ -92,6 +94,7 @@ impl EventBus {
                 let message = match received {
                     Ok(Some(n)) if n.channel() == EVENTS_CHANNEL => Wake::Events(n.payload().to_owned()),
                     Ok(Some(n)) if n.channel() == FEED_CHANNEL => Wake::Feed,
+                    Ok(Some(n)) if n.channel() == crate::store::rack_log::RACK_LOG_CHANNEL => Wake::RackLog,
                     Ok(Some(n)) if n.channel() == crate::store::tokens::REVOKED_CHANNEL => match n.payload().parse() {
                         Ok(id) => Wake::Revoked(id),
                         Err(_) => continue,
@@ -305,7 +308,7 @@ impl tail::Log for AppLog {
         match wake {
             Wake::Events(app) => *app == self.app,
             Wake::All => true,
-            Wake::Jobs | Wake::Feed | Wake::Revoked(_) => false,
+            Wake::Jobs | Wake::Feed | Wake::Revoked(_) | Wake::RackLog => false,
         }
     }
 
@@ -397,6 +400,7 @@ async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
             FEED_CHANNEL,
             JOBS_CHANNEL,
             crate::store::tokens::REVOKED_CHANNEL,
+            crate::store::rack_log::RACK_LOG_CHANNEL,
         ])
         .await?;
     Ok(listener)

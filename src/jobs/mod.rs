@@ -4,6 +4,8 @@
 pub mod builds;
 pub mod capabilities;
 pub mod deploys;
+pub mod rack_log;
+pub mod replicas;
 pub mod resources;
 pub mod timers;
 pub mod webhooks;
@@ -64,7 +66,7 @@ pub async fn wait_for_work(state: &crate::AppState, wake: &mut tokio::sync::broa
             () = state.shutdown.cancelled() => return false,
             () = &mut deadline => return true,
             received = wake.recv() => match received {
-                Ok(Wake::Events(_) | Wake::Feed) => {}
+                Ok(Wake::Events(_) | Wake::Feed | Wake::RackLog) => {}
                 _ => return true,
             },
         }
@@ -138,7 +140,7 @@ async fn until_renewal(state: &crate::AppState, wake: &mut tokio::sync::broadcas
         tokio::select! {
             () = &mut deadline => return,
             received = wake.recv() => match received {
-                Ok(Wake::Events(_) | Wake::Feed) => {}
+                Ok(Wake::Events(_) | Wake::Feed | Wake::RackLog) => {}
                 _ => return,
             },
         }

@@ -94,7 +94,7 @@ async fn wait(state: &AppState, wake: &mut tokio::sync::broadcast::Receiver<Wake
             () = state.shutdown.cancelled() => return false,
             () = &mut deadline => return true,
             received = wake.recv() => match received {
-                Ok(Wake::Events(_) | Wake::Revoked(_)) => {}
+                Ok(Wake::Events(_) | Wake::Revoked(_) | Wake::RackLog) => {}
                 _ => return true,
             },
         }

@@ -39,6 +39,7 @@ mod objects;
 mod openapi;
 mod outage;
 mod quickstart;
+mod rack_replicas;
 mod rack_system;
 mod real_node;
 mod registries;
