@@ -13,6 +13,7 @@ mod build_isolation;
 mod build_transfer;
 mod builds;
 mod bus;
+mod certificates;
 mod cli;
 mod container_resources;
 mod containers;

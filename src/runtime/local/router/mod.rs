@@ -5,6 +5,8 @@
 //! analysis reads.
 
 mod tally;
+mod tls;
+pub use tls::certified_key;
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
@@ -75,6 +77,8 @@ struct Inner {
     /// still read it).
     tallies: Mutex<HashMap<String, (Arc<Tally>, u64)>>,
     recording: AtomicBool,
+    /// The HTTPS listener, once the service has a certificate (`tls`).
+    tls: Mutex<Option<tls::Front>>,
 }
 
 /// A backend and the tally of its release.
@@ -148,6 +152,7 @@ impl Router {
             epoch: std::time::Instant::now(),
             tallies: Mutex::new(HashMap::new()),
             recording: AtomicBool::new(true),
+            tls: Mutex::new(None),
         });
         let service = axum::Router::new()
             .fallback(proxy)
