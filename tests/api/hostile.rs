@@ -214,6 +214,13 @@ async fn hostile_requests_get_a_clear_4xx_and_store_nothing() {
         )
         .header("since", ".67302167ms")
         .header("follow", "false"),
+        // A period of 10^18 seconds is one period, answered at once (it once held a worker).
+        case(
+            "query: a huge metrics period",
+            Method::GET,
+            "/apps/target/metrics?period=1045191905853492864",
+            200,
+        ),
         case("header: an empty flag", Method::GET, "/apps/target/logs", 400)
             .header("prefix", "")
             .header("follow", "false"),

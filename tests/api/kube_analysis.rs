@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::deploys::promote_follow;
 use crate::helpers::{TestApp, wait_for};
 use crate::kubeenv::{ProbeServer, admin_client, finish_pod};
-use crate::kubernetes::{Replicas, build_pod, complete_build, deployment_end, spawn_kube};
+use crate::kubernetes::{Replicas, build_and_promote, build_pod, complete_build, deployment_end, spawn_kube};
 use crate::replicas::Replica;
 
 fn manifest(port: u16) -> String {
@@ -44,16 +44,7 @@ async fn watched_release(app: &TestApp, name: &str) -> (String, String, Pod, Str
     assert!(!log.contains("analysis"), "a first release is not analysed: {log}");
 
     let probe = ProbeServer::start().await;
-    let next = complete_build(app, &client, name, &manifest(probe.port)).await;
-    let next = next["release"].as_str().unwrap().to_owned();
-    let response = app
-        .convox(Method::POST, &format!("/apps/{name}/releases/{next}/promote"))
-        .form(&[("timeout", "600")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let (next, location) = build_and_promote(app, &client, name, &manifest(probe.port)).await;
     wait_for(120, "the analysis to watch the new pods", || async {
         let log = app.app_log(name).await;
         log.contains(&format!("analysis: watching the new pods of {next}"))

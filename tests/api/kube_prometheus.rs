@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::deploys::promote_follow;
 use crate::helpers::{TestApp, wait_for};
 use crate::kubeenv::{ProbeServer, admin_client};
-use crate::kubernetes::{complete_build, deployment_end, spawn_kube_then};
+use crate::kubernetes::{build_and_promote, complete_build, deployment_end, spawn_kube_then};
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
 /// Requests per second the exporter counts.
@@ -204,16 +204,7 @@ async fn ingress_event(app: &TestApp, name: &str, release: &str) -> Value {
 async fn promote_next(app: &TestApp, name: &str) -> (String, String, ProbeServer) {
     let client = admin_client().await;
     let probe = ProbeServer::start().await;
-    let build = complete_build(app, &client, name, &manifest(probe.port)).await;
-    let release = build["release"].as_str().unwrap().to_owned();
-    let response = app
-        .convox(Method::POST, &format!("/apps/{name}/releases/{release}/promote"))
-        .form(&[("timeout", "600")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let (release, location) = build_and_promote(app, &client, name, &manifest(probe.port)).await;
     (release, location, probe)
 }
 

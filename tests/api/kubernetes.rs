@@ -108,6 +108,22 @@ async fn log_so_far(response: reqwest::Response) -> String {
     seen
 }
 
+/// Builds app `name` from `manifest` and promotes the release without following it (deadline
+/// 600 s, so only the test decides how it ends): the release and the deployment's location.
+pub async fn build_and_promote(app: &TestApp, client: &Client, name: &str, manifest: &str) -> (String, String) {
+    let build = complete_build(app, client, name, manifest).await;
+    let release = build["release"].as_str().unwrap().to_owned();
+    let response = app
+        .convox(Method::POST, &format!("/apps/{name}/releases/{release}/promote"))
+        .form(&[("timeout", "600")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    (release, location)
+}
+
 /// Uploads a source with `manifest` and a Dockerfile, builds it and ends its pod as a
 /// successful kubelet would; returns the build.
 pub async fn complete_build(app: &TestApp, client: &Client, name: &str, manifest: &str) -> Value {
@@ -464,15 +480,7 @@ async fn a_rollout_goes_on_across_a_rack_restart() {
     assert_eq!(app.create_app(name).await.status(), 201);
     // Nothing answers the health checks yet: the rollout is held mid-way.
     let port = closed_port();
-    let build = complete_build(&app, &client, name, &manifest(port)).await;
-    let release = build["release"].as_str().unwrap().to_owned();
-    let response = app
-        .convox(Method::POST, &format!("/apps/{name}/releases/{release}/promote"))
-        .form(&[("timeout", "600")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    let (release, _) = build_and_promote(&app, &client, name, &manifest(port)).await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     wait_for(60, "the Deployment to be applied", || async {
         deployments.get_opt("web").await.unwrap().map(|_| ())
@@ -874,6 +882,7 @@ async fn held_rollout(app: &TestApp, name: &str) -> (ProbeServer, usize) {
     let probe = ProbeServer::unready().await;
     let build = complete_build(app, &client, name, &manifest(probe.port)).await;
     let release = build["release"].as_str().unwrap().to_owned();
+    // Counted after the build: what follows is the rollout's alone.
     let before = rack_requests(&format!("rack-{name}")).len();
     let response = app
         .convox(Method::POST, &format!("/apps/{name}/releases/{release}/promote"))
@@ -882,23 +891,31 @@ async fn held_rollout(app: &TestApp, name: &str) -> (ProbeServer, usize) {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    // Once the kubelet probes the new pod and rack watches the Deployments and the new pods,
-    // the rollout is waiting for the pod to become ready. (On a loaded machine the kubelet can
-    // probe the pod before rack has started its watches.)
+    // Once the kubelet probes the new pod and rack has listed the Deployments and the new pods
+    // to start its watches, the rollout is waiting for the pod to become ready. (On a loaded
+    // machine the kubelet can probe the pod first. A watch shows in the audit log only once
+    // something is sent on it; its list, paged by kube's watcher, shows at once.)
     wait_for(60, "the new pod to be probed", || async {
         (probe.probes.load(Ordering::SeqCst) > 0).then_some(())
     })
     .await;
     let new_pods = format!("release%3D{release}");
-    wait_for(60, "rack to watch the Deployments and the new pods", || async {
-        let requests = rack_requests(&format!("rack-{name}"));
-        let watching = |resource: &str, uri: &str| {
-            requests[before..].iter().any(|r| {
-                r.verb == "watch" && r.uri.contains(uri) && r.object.as_ref().is_some_and(|o| o.resource == resource)
-            })
-        };
-        (watching("deployments", "") && watching("pods", &new_pods)).then_some(())
-    })
+    wait_for(
+        60,
+        "rack to list the Deployments and the new pods for its watches",
+        || async {
+            let requests = rack_requests(&format!("rack-{name}"));
+            let listed = |resource: &str, uri: &str| {
+                requests[before..].iter().any(|r| {
+                    r.verb == "list"
+                        && r.uri.contains("limit=")
+                        && r.uri.contains(uri)
+                        && r.object.as_ref().is_some_and(|o| o.resource == resource)
+                })
+            };
+            (listed("deployments", "type%3Dservice") && listed("pods", &new_pods)).then_some(())
+        },
+    )
     .await;
     (probe, before)
 }

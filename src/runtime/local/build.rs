@@ -19,7 +19,7 @@
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
-use super::dockerfile::{check_mounts, declared_args, from_images};
+use super::dockerfile::{check_mounts, declared_args, from_images, with_labels};
 use super::podman::{LABEL_APP, LABEL_BUILD, LABEL_HOST, LABEL_RACK, LABEL_SERVICE, Podman};
 use super::process::{pipe_output, spawn_group};
 use super::registry_auth::{self, AuthFile};
@@ -308,14 +308,22 @@ impl Builder {
             .arg("--file")
             .arg(workspace.join("Dockerfile"))
             .args(["--tag", image]);
-        for (key, value) in [
+        let labels = [
             (LABEL_RACK, podman.rack.as_str()),
             (LABEL_HOST, podman.host.as_str()),
             (LABEL_APP, job.app.as_str()),
             (LABEL_BUILD, job.id.as_str()),
             (LABEL_SERVICE, service),
-        ] {
-            cmd.arg("--label").arg(format!("{key}={value}"));
+        ];
+        // One LABEL instruction (one commit) rather than a step per `--label`.
+        if let Some(labelled) = with_labels(text, &labels) {
+            tokio::fs::write(workspace.join("Dockerfile"), labelled)
+                .await
+                .map_err(|e| format!("writing the Dockerfile: {e}"))?;
+        } else {
+            for (key, value) in labels {
+                cmd.arg("--label").arg(format!("{key}={value}"));
+            }
         }
         for name in declared_args(text) {
             if let Some(value) = values.get(&name) {

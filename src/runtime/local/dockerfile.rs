@@ -129,6 +129,41 @@ fn check_mount(options: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The Dockerfile with one `LABEL` instruction of `labels` appended (it applies to the last
+/// stage, the image built, as `podman build --label` does): podman 4.3 (buildah 1.28) turns each `--label`
+/// into a step of its own, each committed, and one instruction is one commit. `None` when
+/// appending could change what the Dockerfile says (its last line continues onto the next, or
+/// a label holds anything but a name's characters); the caller passes `--label`s then.
+pub fn with_labels(dockerfile: &str, labels: &[(&str, &str)]) -> Option<String> {
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '/'))
+    };
+    if labels.is_empty() || !labels.iter().all(|(k, v)| plain(k) && plain(v)) {
+        return None;
+    }
+    let escape = escape_char(dockerfile);
+    let last = dockerfile
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default();
+    if last.trim_end().ends_with(escape) {
+        return None;
+    }
+    let mut text = dockerfile.to_owned();
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str("LABEL");
+    for (key, value) in labels {
+        text.push_str(&format!(" \"{key}\"=\"{value}\""));
+    }
+    text.push('\n');
+    Some(text)
+}
+
 /// The Dockerfile's escape character: `\`, or what a leading `# escape=` directive says.
 fn escape_char(dockerfile: &str) -> char {
     for line in dockerfile.lines() {
@@ -169,6 +204,20 @@ fn logical_lines(dockerfile: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn labels_are_one_instruction_at_the_end_unless_that_could_change_the_dockerfile() {
+        let labels = [("rack.app", "web"), ("rack.build", "BABC-1")];
+        assert_eq!(
+            super::with_labels("FROM x\nCOPY a /a", &labels).as_deref(),
+            Some("FROM x\nCOPY a /a\nLABEL \"rack.app\"=\"web\" \"rack.build\"=\"BABC-1\"\n")
+        );
+        assert_eq!(super::with_labels("FROM x\nRUN a \\\n\n", &labels), None);
+        assert_eq!(super::with_labels("# escape=`\nFROM x\nRUN a `\n", &labels), None);
+        assert!(super::with_labels("# escape=`\nFROM x\nRUN a \\\n", &labels).is_some());
+        assert_eq!(super::with_labels("FROM x\n", &[("rack.app", "a b")]), None);
+        assert_eq!(super::with_labels("FROM x\n", &[("rack.app", "a\"b")]), None);
+    }
+
     #[test]
     fn from_images_are_the_images_a_dockerfile_starts_from() {
         let text = "FROM --platform=linux/amd64 127.0.0.1:5000/base:1 AS build\nRUN make\n\

@@ -50,6 +50,7 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// A running router for one app. Cloning gives another handle to the same router; dropping every
 /// handle does not stop it (call [`Router::stop`] or cancel the shutdown token).
@@ -442,28 +443,36 @@ fn upstream_request(
 /// Removes the headers that describe one connection rather than the message (RFC 9110 §7.6.1):
 /// the fixed list, `Proxy-*`, and whatever `Connection` names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let mut remove: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    remove.extend(
-        headers
-            .keys()
-            .filter(|name| name.as_str().starts_with("proxy-"))
-            .cloned(),
-    );
-    remove.extend([
+    // Per request, both ways: nothing is allocated unless a `Connection` or `Proxy-*` header
+    // names something beyond the fixed list (rare).
+    let named =
+        headers.contains_key(header::CONNECTION) || headers.keys().any(|name| name.as_str().starts_with("proxy-"));
+    if named {
+        let mut remove: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        remove.extend(
+            headers
+                .keys()
+                .filter(|name| name.as_str().starts_with("proxy-"))
+                .cloned(),
+        );
+        for name in remove {
+            headers.remove(name);
+        }
+    }
+    for name in [
         header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
+        KEEP_ALIVE,
         header::TE,
         header::TRAILER,
         header::TRANSFER_ENCODING,
         header::UPGRADE,
-    ]);
-    for name in remove {
+    ] {
         headers.remove(name);
     }
 }
@@ -471,14 +480,20 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<HeaderValue>) {
     // Append to what an earlier proxy recorded, as nginx's `$proxy_add_x_forwarded_for` does.
     // Values before ours came from the client and are not to be trusted.
-    let mut chain: Vec<&str> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .collect();
     let client = peer.ip().to_string();
-    chain.push(&client);
-    if let Ok(value) = HeaderValue::from_str(&chain.join(", ")) {
+    let value = if headers.contains_key(&X_FORWARDED_FOR) {
+        let mut chain: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .collect();
+        chain.push(&client);
+        HeaderValue::from_str(&chain.join(", "))
+    } else {
+        // The usual case, one allocation fewer.
+        HeaderValue::try_from(client)
+    };
+    if let Ok(value) = value {
         headers.insert(X_FORWARDED_FOR, value);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
