@@ -230,7 +230,16 @@ pub async fn generate_certificate(
     State(state): State<AppState>,
     Input(body): Input<GenerateCertificate>,
 ) -> ApiResult<Response> {
-    let _ = body.issuer;
+    // Bounded as openapi.yaml says, before any is read.
+    if body.domains.len() > 8192 {
+        return Err(ApiError::BadRequest("domains: longer than 8192 bytes".into()));
+    }
+    if body.issuer.as_deref().is_some_and(|i| i.len() > 1024) {
+        return Err(ApiError::BadRequest("issuer: longer than 1024 bytes".into()));
+    }
+    if body.duration.as_deref().is_some_and(|d| d.len() > 64) {
+        return Err(ApiError::BadRequest("duration: longer than 64 bytes".into()));
+    }
     let domains: Vec<String> = body
         .domains
         .split(',')
@@ -289,6 +298,9 @@ pub async fn apply_certificate(
         .filter(|p| *p > 0)
         .ok_or_else(|| ApiError::BadRequest(format!("port: {port:?} is not a port number")))?;
     let id = body.id.trim();
+    if body.id.len() > 1024 {
+        return Err(ApiError::BadRequest("id: longer than 1024 bytes".into()));
+    }
     if id.is_empty() {
         return Err(ApiError::BadRequest(
             "id: it is empty: give the certificate's id (convox certs)".into(),
@@ -329,4 +341,92 @@ pub async fn list_ssl(State(state): State<AppState>, AppPath(app): AppPath) -> A
         });
     }
     Ok(Pretty(out))
+}
+
+/// Re-issues generated certificate `cert` for the same domains and as long a validity, under
+/// the same id, and serves it again wherever it is used.
+async fn reissue(state: &AppState, cert: &store::Certificate) -> ApiResult<()> {
+    let days = (cert.expires_at - cert.created_at).num_days().clamp(1, 3650);
+    let fresh = certificate::generate(&cert.domains, days).map_err(|e| ApiError::BadRequest(e.0))?;
+    let key_sealed = state
+        .keyring
+        .seal(
+            &crate::secrets::owner("certificate", &cert.id),
+            fresh.key_pem.as_bytes(),
+        )
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("sealing the certificate's key: {e}")))?;
+    if !store::renew(
+        &state.pool,
+        &cert.id,
+        fresh.expires_at,
+        &fresh.certificate_pem,
+        &key_sealed,
+    )
+    .await?
+    {
+        return Err(ApiError::NotFound("certificate", cert.id.clone()));
+    }
+    let renewed = store::get(&state.pool, &cert.id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("certificate", cert.id.clone()))?;
+    for u in store::uses_of_certificate(&state.pool, &cert.id).await? {
+        serve(state, &u.app, &u.service, &renewed).await?;
+    }
+    tracing::info!(certificate = %cert.id, "renewed certificate {} until {}", cert.id, renewed.expires_at);
+    Ok(())
+}
+
+/// `POST /certificates/{id}/renew`. The convox CLI's `certs renew --app APP` sends the app's
+/// name as the id: then every generated certificate the app's services use is renewed. A
+/// certificate id renews that one. Only generated (self-signed) certificates can be: rack
+/// cannot re-issue an imported one (409: import its successor, then `ssl update`).
+#[tracing::instrument(skip_all, fields(certificate = %id))]
+pub async fn renew_certificate(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    format: Format,
+) -> ApiResult<Response> {
+    let imported = |c: &store::Certificate| {
+        ApiError::Conflict(format!(
+            "certificate {} was imported: rack cannot renew it; import its successor (convox certs import) and give it to the services (convox ssl update)",
+            c.id
+        ))
+    };
+    if let Some(cert) = store::get(&state.pool, &id).await? {
+        if !cert.generated {
+            return Err(imported(&cert));
+        }
+        reissue(&state, &cert).await?;
+        return Ok(format.ok(serde_json::json!({ "renewed": [cert.id] })));
+    }
+    let short: String = id.chars().take(200).collect();
+    let Ok(name) = crate::names::AppName::parse(&id) else {
+        return Err(ApiError::NotFound("certificate", short));
+    };
+    if crate::store::apps::get(&state.pool, &name).await?.is_none() {
+        return Err(ApiError::NotFound("certificate or app", short));
+    }
+    let mut ids: Vec<String> = store::uses_of_app(&state.pool, &id)
+        .await?
+        .into_iter()
+        .map(|u| u.certificate_id)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    let mut renewed = Vec::new();
+    for cid in ids {
+        let Some(cert) = store::get(&state.pool, &cid).await? else {
+            continue;
+        };
+        if cert.generated {
+            reissue(&state, &cert).await?;
+            renewed.push(cert.id);
+        }
+    }
+    if renewed.is_empty() {
+        return Err(ApiError::Conflict(format!(
+            "app {id} serves no generated certificate: rack renews only those (certs generate); import an imported certificate's successor instead"
+        )));
+    }
+    Ok(format.ok(serde_json::json!({ "renewed": renewed })))
 }

@@ -287,6 +287,12 @@ fn routes() -> Routes {
             certificates::generate_certificate,
         )
         .json(M::DELETE, "/certificates/{id}", ADMIN, certificates::delete_certificate)
+        .json(
+            M::POST,
+            "/certificates/{id}/renew",
+            ADMIN,
+            certificates::renew_certificate,
+        )
         .json(M::GET, "/apps/{app}/ssl", READ, certificates::list_ssl)
         .json(
             M::PUT,

@@ -189,7 +189,7 @@ impl Driver<'_> {
                 super::resources::applied(&self.state.pool, &deployment.app, resources, result.is_ok()).await;
                 match result {
                     Ok(()) => {
-                        crate::api::certificates::serve_app(&self.state, &deployment.app).await;
+                        crate::api::certificates::serve_app(self.state, &deployment.app).await;
                         Signal::Applied
                     }
                     Err(RuntimeError::AnalysisFailed(why)) if cancellable => Signal::AnalysisFailed(why),

@@ -127,3 +127,36 @@ pub async fn uses_of_app(pool: &PgPool, app: &str) -> Result<Vec<Use>, sqlx::Err
     .fetch_all(pool)
     .await
 }
+
+/// Replaces a certificate's PEM, sealed key and expiry (a renewal); false when `id` is gone.
+/// `created_at` moves too: a renewed certificate's validity is counted from it.
+pub async fn renew(
+    pool: &PgPool,
+    id: &str,
+    expires_at: DateTime<Utc>,
+    certificate_pem: &str,
+    key_sealed: &[u8],
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "update certificates set expires_at = $2, certificate_pem = $3, key_sealed = $4, created_at = now()
+         where id = $1",
+    )
+    .bind(id)
+    .bind(expires_at)
+    .bind(certificate_pem)
+    .bind(key_sealed)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// The service ports that use certificate `id`.
+pub async fn uses_of_certificate(pool: &PgPool, id: &str) -> Result<Vec<Use>, sqlx::Error> {
+    sqlx::query_as(
+        "select app, service, port, certificate_id from certificate_uses where certificate_id = $1
+         order by app, service, port",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await
+}

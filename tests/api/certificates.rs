@@ -171,6 +171,46 @@ async fn certificates_answer_the_convox_cli_and_refuse_what_is_wrong() {
     assert_eq!(sealed.len(), 2);
     assert!(sealed.iter().all(|s| !s.windows(11).any(|w| w == b"PRIVATE KEY")));
 
+    // `convox certs renew`: a generated certificate is re-issued under its id, an imported one
+    // is refused (rack cannot re-issue it), an app without generated certificates too.
+    let pem_before: String = sqlx::query_scalar("select certificate_pem from certificates where id = $1")
+        .bind(&generated_id)
+        .fetch_one(&app.state.pool)
+        .await
+        .unwrap();
+    let renew = |id: String| {
+        let app = &app;
+        async move {
+            status_text(
+                app.convox(Method::POST, &format!("/certificates/{id}/renew"))
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let (status, body) = renew(generated_id.clone()).await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let pem_after: String = sqlx::query_scalar("select certificate_pem from certificates where id = $1")
+        .bind(&generated_id)
+        .fetch_one(&app.state.pool)
+        .await
+        .unwrap();
+    assert_ne!(pem_before, pem_after);
+    let renewed: Value = app.get_json("/certificates?generated=true").await;
+    assert_eq!(renewed[0]["domains"], generated["domains"], "{renewed}");
+    let (status, body) = renew(imported_id.clone()).await;
+    assert_eq!((status, body.contains("was imported")), (409, true), "{body}");
+    let (status, body) = renew("plain".into()).await;
+    assert_eq!(
+        (status, body.contains("serves no generated certificate")),
+        (409, true),
+        "{body}"
+    );
+    let (status, _) = renew("cert-nope".into()).await;
+    assert_eq!(status, 404);
+
     // Deleted as `convox certs delete` sends it.
     let (status, body) = status_text(
         app.convox(Method::DELETE, &format!("/certificates/{generated_id}"))
