@@ -25,6 +25,10 @@ use super::{Inner, Router, proxy};
 /// How long a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Marks a request that came in over the HTTPS listener (`X-Forwarded-Proto: https`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Https;
+
 /// The HTTPS listener of a router, and the certificate it serves now.
 #[derive(Debug)]
 pub(super) struct Front {
@@ -140,6 +144,7 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, acceptor: tokio_r
             };
             let service = app.map_request(move |mut request: axum::http::Request<Incoming>| {
                 request.extensions_mut().insert(ConnectInfo(peer));
+                request.extensions_mut().insert(Https);
                 request.map(axum::body::Body::new)
             });
             let serve = hyper::server::conn::http1::Builder::new()
@@ -150,5 +155,79 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, acceptor: tokio_r
                 () = stop.cancelled() => {}
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_util::sync::CancellationToken;
+
+    /// A backend that answers with the `X-Forwarded-Proto` it was given.
+    async fn proto_echo() -> SocketAddr {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().fallback(|headers: axum::http::HeaderMap| async move {
+            format!(
+                "proto={}",
+                headers
+                    .get("x-forwarded-proto")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("none")
+            )
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    /// `GET /` on `addr`, over TLS when `ca` (trusted alone) is given, claiming
+    /// `X-Forwarded-Proto: spoofed`; the whole answer.
+    async fn get(addr: SocketAddr, ca: Option<&str>) -> String {
+        let request = b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-Proto: spoofed\r\nConnection: close\r\n\r\n";
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut answer = Vec::new();
+        if let Some(ca) = ca {
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap())
+                .unwrap();
+            let config =
+                rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            tls.write_all(request).await.unwrap();
+            let _ = tls.read_to_end(&mut answer).await;
+        } else {
+            let mut tcp = tcp;
+            tcp.write_all(request).await.unwrap();
+            let _ = tcp.read_to_end(&mut answer).await;
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[tokio::test]
+    async fn the_app_learns_the_scheme_its_client_used() {
+        let shutdown = CancellationToken::new();
+        let router = Router::start("myapp".into(), 0, shutdown.clone()).await.unwrap();
+        router.set_backends(vec![proto_echo().await]);
+        let cert = crate::certificate::generate(&["localhost".to_owned()], 1).unwrap();
+        let https = router
+            .serve_tls(certified_key(&cert.certificate_pem, &cert.key_pem).unwrap())
+            .await
+            .unwrap();
+
+        let plain = get(router.local_addr(), None).await;
+        assert!(plain.ends_with("proto=http"), "{plain}");
+        let secure = get(https, Some(&cert.certificate_pem)).await;
+        assert!(secure.ends_with("proto=https"), "{secure}");
+        shutdown.cancel();
     }
 }
