@@ -337,3 +337,92 @@ async fn ssl_update_serves_the_service_over_https_with_the_certificate() {
     .await;
     assert!(answer.starts_with("HTTP/1.") && answer.contains(" 200 "), "{answer}");
 }
+
+#[tokio::test]
+async fn the_rack_cli_generates_imports_lists_renews_and_deletes_certificates() {
+    use crate::registries::rack_cli;
+    let app = TestApp::spawn().await;
+    let (code, generated, err) = rack_cli(&app, &["certs", "generate", "a.example.com", "--duration", "90d"], "").await;
+    assert_eq!(code, 0, "{err}");
+    let generated = generated.trim().to_owned();
+    assert!(generated.starts_with("cert-"), "{generated}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (public, key) = self_signed(&["shop.example.com"]);
+    std::fs::write(dir.path().join("cert.pem"), &public).unwrap();
+    std::fs::write(dir.path().join("key.pem"), &key).unwrap();
+    let (pub_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let (code, imported, err) = rack_cli(
+        &app,
+        &[
+            "certs",
+            "import",
+            pub_path.to_str().unwrap(),
+            key_path.to_str().unwrap(),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let imported = imported.trim().to_owned();
+    // The key file of another certificate: refused, saying why.
+    let (_, other_key) = self_signed(&["other.example.com"]);
+    std::fs::write(&key_path, other_key).unwrap();
+    let (code, _, err) = rack_cli(
+        &app,
+        &[
+            "certs",
+            "import",
+            pub_path.to_str().unwrap(),
+            key_path.to_str().unwrap(),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("does not match"), "{err}");
+
+    let (code, table, _) = rack_cli(&app, &["certs"], "").await;
+    assert_eq!(code, 0);
+    assert!(
+        table.starts_with("ID") && table.contains(&generated) && table.contains("shop.example.com"),
+        "{table}"
+    );
+    let (code, json, _) = rack_cli(&app, &["certs", "--json"], "").await;
+    assert_eq!(code, 0);
+    let list: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    assert!(!json.contains("PRIVATE"), "{json}");
+
+    // `rack ssl` lists what an app's services serve.
+    assert_eq!(app.create_app("shop").await.status(), 201);
+    rack::store::certificates::set_use(&app.state.pool, "shop", "web", 443, &imported)
+        .await
+        .unwrap();
+    let (code, table, err) = rack_cli(&app, &["ssl", "-a", "shop"], "").await;
+    assert_eq!(code, 0, "{err}");
+    assert!(table.contains("web:443") && table.contains(&imported), "{table}");
+    let (code, json, _) = rack_cli(&app, &["ssl", "-a", "shop", "--json"], "").await;
+    assert_eq!(code, 0);
+    let uses: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(uses[0]["certificate"], imported.as_str(), "{uses}");
+    let (code, _, err) = rack_cli(&app, &["ssl", "-a", "shop", "update", "web", &imported], "").await;
+    assert_eq!(code, 1);
+    assert!(err.contains("SERVICE:PORT"), "{err}");
+
+    // Renew: the generated one is re-issued; the imported one is refused.
+    let (code, _, err) = rack_cli(&app, &["certs", "renew", &generated], "").await;
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = rack_cli(&app, &["certs", "renew", &imported], "").await;
+    assert_eq!(code, 1);
+    assert!(err.contains("was imported"), "{err}");
+
+    // Delete: refused while in use.
+    let (code, _, err) = rack_cli(&app, &["certs", "delete", &imported], "").await;
+    assert_eq!(code, 1);
+    assert!(err.contains("in use"), "{err}");
+    let (code, _, err) = rack_cli(&app, &["certs", "delete", &generated], "").await;
+    assert_eq!(code, 0, "{err}");
+    let list: Value = app.get_json("/certificates").await;
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+}

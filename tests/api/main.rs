@@ -27,6 +27,7 @@ mod feed;
 mod helpers;
 mod hostile;
 mod kube_analysis;
+mod kube_certs;
 mod kube_exec;
 mod kube_prometheus;
 mod kube_pull_secrets;
