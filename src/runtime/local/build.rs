@@ -261,9 +261,11 @@ impl Builder {
         let holder = network.as_ref().and_then(super::user_network::UserNetwork::holder);
         log.line(BUILD_STREAM, format!("Building image {image}")).await;
         for attempt in 1.. {
+            // The second attempt weighs no cache candidates at all (see below).
+            let cached = attempt == 1;
             let (status, last) = self
                 .run_podman_build(
-                    podman, job, service, workspace, holder, &values, &text, image, &copied, log,
+                    podman, job, service, workspace, holder, &values, &text, image, &copied, cached, log,
                 )
                 .await?;
             if status.success() {
@@ -271,7 +273,9 @@ impl Builder {
             }
             // podman 4.3 races: an image removed while a build weighs it as a cache candidate
             // (another app's old build pruned, or its app deleted) fails the build with "layer
-            // not known". The candidate is gone now, so the same build, again, does not meet it.
+            // not known". Building again with the cache could meet the same half-removed image
+            // (a loaded run did, twice in 15 s), so the retry uses no cache: slower, but it never
+            // looks at another build's layers.
             if attempt == 1 && last.is_some_and(|line| line.contains("layer not known")) {
                 log.line(
                     BUILD_STREAM,
@@ -299,6 +303,7 @@ impl Builder {
         text: &str,
         image: &str,
         copied: &Path,
+        cached: bool,
         log: &LogSink,
     ) -> Result<(std::process::ExitStatus, Option<String>), String> {
         let cache = podman.cache_dir(&job.app);
@@ -347,6 +352,9 @@ impl Builder {
             Some(file)
         };
         cmd.args(registry_auth::podman_args(auth.as_ref(), &from_images(text)));
+        if !cached {
+            cmd.arg("--no-cache");
+        }
         cmd.arg(copied);
         let (mut child, _group) = spawn_group(cmd).map_err(|e| format!("could not start podman: {e}"))?;
         let last = pipe_output(&mut child, BUILD_STREAM, log).await;
