@@ -9,6 +9,7 @@ pub mod archive;
 pub mod auth;
 pub mod backup;
 pub mod build_archive;
+pub mod certificate;
 pub mod cli;
 pub mod config;
 pub mod deploy;

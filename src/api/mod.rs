@@ -8,6 +8,7 @@ pub mod audit;
 pub mod backup;
 pub mod build_transfer;
 pub mod builds;
+pub mod certificates;
 pub mod dashboard;
 pub mod deployments;
 pub mod diff;
@@ -276,6 +277,29 @@ fn routes() -> Routes {
         .stream(M::GET, "/system/backup", ADMIN.audited(), backup::download_backup)
         .json(M::GET, "/system/usage", READ, disk::show_usage)
         .json(M::GET, "/audit", ADMIN, audit::list_audit)
+        // Certificates (`convox certs`, `ssl`): keys sealed, never shown; in use, not deleted.
+        .json(M::GET, "/certificates", READ, certificates::list_certificates)
+        .json(M::POST, "/certificates", ADMIN, certificates::import_certificate)
+        .json(
+            M::POST,
+            "/certificates/generate",
+            ADMIN,
+            certificates::generate_certificate,
+        )
+        .json(M::DELETE, "/certificates/{id}", ADMIN, certificates::delete_certificate)
+        .json(
+            M::POST,
+            "/certificates/{id}/renew",
+            ADMIN,
+            certificates::renew_certificate,
+        )
+        .json(M::GET, "/apps/{app}/ssl", READ, certificates::list_ssl)
+        .json(
+            M::PUT,
+            "/apps/{app}/ssl/{service}/{port}",
+            ADMIN,
+            certificates::apply_certificate,
+        )
         // Private registries (`convox registries`): the server may hold `/` (`host/path`).
         .json(M::GET, "/registries", ADMIN, registries::list_registries)
         .json(M::POST, "/registries", ADMIN, registries::add_registry)

@@ -51,7 +51,10 @@ pub struct UpdateService {
 }
 
 /// The app's release as the runtime runs it (with `scale` counts), or 409 when it has none.
-async fn current_spec(state: &AppState, app: &crate::store::apps::App) -> ApiResult<crate::runtime::ReleaseSpec> {
+pub(crate) async fn current_spec(
+    state: &AppState,
+    app: &crate::store::apps::App,
+) -> ApiResult<crate::runtime::ReleaseSpec> {
     let release = app
         .release_id
         .as_deref()
@@ -68,6 +71,8 @@ pub async fn list_services(
         return Ok(Pretty(Vec::new()));
     }
     let spec = current_spec(&state, &app).await?;
+    // `convox ssl` reads each port's certificate (the one `ssl update` gave the service).
+    let certificates = crate::store::certificates::uses_of_app(&state.pool, &app.name).await?;
     let services = spec
         .manifest
         .services
@@ -86,7 +91,11 @@ pub async fn list_services(
                 ports: match (&route, s.port) {
                     (Some(route), Some(port)) => vec![ServicePort {
                         balancer: route.port,
-                        certificate: String::new(),
+                        certificate: certificates
+                            .iter()
+                            .find(|u| &u.service == name)
+                            .map(|u| u.certificate_id.clone())
+                            .unwrap_or_default(),
                         container: port,
                     }],
                     _ => Vec::new(),

@@ -5,6 +5,7 @@
 mod apps;
 mod audit;
 mod builds;
+mod certs;
 mod client;
 mod cp;
 mod deploy;
@@ -125,6 +126,18 @@ enum Command {
     Scale(services::ScaleArgs),
     /// Who changed what: the audit log (admin).
     Audit(audit::AuditArgs),
+    /// List certificates, or import, generate, renew or delete one (admin to change).
+    Certs {
+        #[command(subcommand)]
+        command: Option<certs::CertsCommand>,
+    },
+    /// List which of an app's services serve which certificate, or give one a certificate.
+    Ssl {
+        #[command(flatten)]
+        app: AppArg,
+        #[command(subcommand)]
+        command: Option<certs::SslCommand>,
+    },
     /// List private registries, or add or remove one (admin).
     Registries {
         #[command(subcommand)]
@@ -294,6 +307,8 @@ pub async fn run(cli: Cli) -> ExitCode {
                 Command::Metrics(args) => cp::metrics(&client, args).await,
                 Command::Tokens { command } => tokens::run(&client, command).await,
                 Command::Registries { command } => registries::run(&client, command).await,
+                Command::Certs { command } => certs::run(&client, command).await,
+                Command::Ssl { app, command } => certs::ssl(&client, app, command).await,
                 Command::Audit(args) => audit::run(&client, args).await,
                 Command::Services { app } => services::list(&client, app).await,
                 Command::Scale(args) => services::scale(&client, args).await,

@@ -188,7 +188,10 @@ impl Driver<'_> {
                 let resources = release.as_ref().map(|r| &r.resources);
                 super::resources::applied(&self.state.pool, &deployment.app, resources, result.is_ok()).await;
                 match result {
-                    Ok(()) => Signal::Applied,
+                    Ok(()) => {
+                        crate::api::certificates::serve_app(self.state, &deployment.app).await;
+                        Signal::Applied
+                    }
                     Err(RuntimeError::AnalysisFailed(why)) if cancellable => Signal::AnalysisFailed(why),
                     Err(e) => Signal::ApplyFailed(e.to_string()),
                 }
@@ -518,9 +521,12 @@ pub async fn reconcile_all(state: AppState) {
             result = state.runtime.apply(&app, Some(&spec), &log) => result,
             () = state.shutdown.cancelled() => return,
         };
-        if let Err(e) = result {
-            log.line(&stream, format!("Restoring release {release} failed: {e}"))
-                .await;
+        match result {
+            Ok(()) => crate::api::certificates::serve_app(&state, &app).await,
+            Err(e) => {
+                log.line(&stream, format!("Restoring release {release} failed: {e}"))
+                    .await;
+            }
         }
         drop(log);
         let _ = writer.await;

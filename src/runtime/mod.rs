@@ -206,6 +206,29 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// Serves `service` of `app` over HTTPS with this certificate (PEM, chain included) and key
+    /// (`convox ssl update`), where rack itself routes the apps' traffic (local): returns where
+    /// it listens, or `None` when the service runs nowhere here yet. Elsewhere the ingress takes
+    /// the certificate from the release (`None`).
+    ///
+    /// # Errors
+    /// When the certificate cannot be served.
+    async fn serve_certificate(
+        &self,
+        app: &str,
+        service: &str,
+        certificate_pem: &str,
+        key_pem: &str,
+    ) -> Result<Option<SocketAddr>, RuntimeError> {
+        let _ = (app, service, certificate_pem, key_pem);
+        Ok(None)
+    }
+
+    /// Where rack serves `service` of `app` over HTTPS on this host, if it does (local).
+    fn https_addr(&self, _app: &str, _service: &str) -> Option<SocketAddr> {
+        None
+    }
+
     /// Where the app's traffic arrives (convox's app `router`): empty when nowhere.
     fn app_router(&self, app: &str) -> String {
         self.router_addr(app).map(|a| a.to_string()).unwrap_or_default()

@@ -6,6 +6,7 @@ pub mod apps;
 pub mod audit;
 pub mod backup;
 pub mod builds;
+pub mod certificates;
 pub mod claim;
 pub mod deployments;
 pub mod events;

@@ -193,7 +193,7 @@ async fn a_restored_rack_opens_the_passwords_of_its_backup() {
 }
 
 /// Runs `rack args` against `app`, with `stdin` as its standard input.
-async fn rack_cli(app: &TestApp, args: &[&str], stdin: &str) -> (i32, String, String) {
+pub async fn rack_cli(app: &TestApp, args: &[&str], stdin: &str) -> (i32, String, String) {
     use tokio::io::AsyncWriteExt;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rack"))
         .args(args)

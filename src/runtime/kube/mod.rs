@@ -6,6 +6,7 @@
 mod analysis;
 mod build;
 mod build_transfer;
+mod certificates;
 pub mod database_rollout;
 pub mod databases;
 pub mod events;
@@ -249,6 +250,19 @@ impl Runtime for KubeRuntime {
     #[tracing::instrument(skip_all, fields(app.name = %app))]
     async fn create_app(&self, app: &str) -> Result<(), RuntimeError> {
         self.ensure_namespace(app).await
+    }
+
+    #[tracing::instrument(skip_all, fields(app.name = %app))]
+    async fn serve_certificate(
+        &self,
+        app: &str,
+        service: &str,
+        certificate_pem: &str,
+        key_pem: &str,
+    ) -> Result<Option<std::net::SocketAddr>, RuntimeError> {
+        // Served by the Ingress, at the service's hosts: no address of rack's own.
+        certificates::serve(self, app, service, certificate_pem, key_pem).await?;
+        Ok(None)
     }
 
     fn capabilities(&self) -> crate::runtime::Capabilities {

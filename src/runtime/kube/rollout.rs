@@ -97,7 +97,16 @@ pub async fn apply(
             let hosts = resources::ingress_hosts(&rt.config.ingress, app, name, service, &release.env)?;
             match service.port.filter(|_| !hosts.is_empty()) {
                 Some(port) => {
-                    let body = resources::ingress(&rt.rack, app, name, port, &hosts, &rt.config.ingress);
+                    let certificate = super::certificates::secret_of(runtime, app, name).await?;
+                    let body = resources::ingress(
+                        &rt.rack,
+                        app,
+                        name,
+                        port,
+                        &hosts,
+                        &rt.config.ingress,
+                        certificate.as_deref(),
+                    );
                     ingresses
                         .patch(name, &params, &Patch::Apply(body))
                         .await

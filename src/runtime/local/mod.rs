@@ -360,6 +360,29 @@ impl Runtime for LocalRuntime {
         self.resources.restore_redis(app, spec, rdb).await
     }
 
+    async fn serve_certificate(
+        &self,
+        app: &str,
+        service: &str,
+        certificate_pem: &str,
+        key_pem: &str,
+    ) -> Result<Option<std::net::SocketAddr>, RuntimeError> {
+        let key =
+            router::certified_key(certificate_pem, key_pem).map_err(RuntimeError::io("loading the certificate"))?;
+        let Some(router) = self.supervisor.router(app, service) else {
+            return Ok(None);
+        };
+        let addr = router
+            .serve_tls(key)
+            .await
+            .map_err(RuntimeError::io(format!("serving {app}/{service} over HTTPS")))?;
+        Ok(Some(addr))
+    }
+
+    fn https_addr(&self, app: &str, service: &str) -> Option<std::net::SocketAddr> {
+        self.supervisor.router(app, service)?.tls_addr()
+    }
+
     async fn let_go(&self) {
         self.supervisor.let_go().await;
     }

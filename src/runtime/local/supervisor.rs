@@ -107,6 +107,11 @@ impl Supervisor {
         })
     }
 
+    /// The router of `app`'s `service`, if it has one.
+    pub fn router(&self, app: &str, service: &str) -> Option<Router> {
+        self.with_app(app, |procs| procs.routers.get(service).cloned())
+    }
+
     /// The address of the app's first router.
     pub fn router_addr(&self, app: &str) -> Option<SocketAddr> {
         self.with_app(app, |procs| {

@@ -98,7 +98,9 @@ fn interpolate(text: &str, env: &crate::env::Env) -> Result<String, String> {
 }
 
 /// The Ingress of service `name` (networking.k8s.io/v1): its `hosts` to its Service's port, in
-/// the configured ingress class, with a TLS certificate from cert-manager when an issuer is set.
+/// the configured ingress class, with TLS from `certificate` (the Secret of the certificate
+/// `convox ssl update` gave it) or else from cert-manager when an issuer is set. cert-manager
+/// is not asked when the service has its own certificate: it would write over that Secret.
 pub fn ingress(
     rack: &str,
     app: &str,
@@ -106,12 +108,13 @@ pub fn ingress(
     port: u16,
     hosts: &[String],
     settings: &crate::config::IngressConfig,
+    certificate: Option<&str>,
 ) -> Value {
     let mut labels = app_labels(rack, app);
     labels.insert("type".into(), "service".into());
     labels.insert("service".into(), name.into());
     let mut annotations = serde_json::Map::new();
-    if let Some(issuer) = &settings.cert_issuer {
+    if let (Some(issuer), None) = (&settings.cert_issuer, certificate) {
         annotations.insert("cert-manager.io/cluster-issuer".into(), issuer.clone().into());
     }
     let backend = json!({ "service": { "name": name, "port": { "number": port } } });
@@ -128,7 +131,9 @@ pub fn ingress(
     if let Some(class) = &settings.class {
         spec["ingressClassName"] = class.clone().into();
     }
-    if settings.cert_issuer.is_some() {
+    if let Some(secret) = certificate {
+        spec["tls"] = json!([{ "hosts": hosts, "secretName": secret }]);
+    } else if settings.cert_issuer.is_some() {
         spec["tls"] = json!([{ "hosts": hosts, "secretName": format!("{name}-tls") }]);
     }
     json!({
@@ -141,5 +146,30 @@ pub fn ingress(
             "annotations": annotations,
         },
         "spec": spec,
+    })
+}
+
+/// The Secret (`kubernetes.io/tls`) of the certificate `convox ssl update` gave service
+/// `service`, which its Ingress serves: named `secret`, the PEM certificate (with its chain)
+/// and key as Kubernetes reads them.
+pub fn certificate_secret(
+    rack: &str,
+    app: &str,
+    service: &str,
+    secret: &str,
+    certificate_pem: &str,
+    key_pem: &str,
+) -> Value {
+    use base64::Engine;
+    let mut labels = app_labels(rack, app);
+    labels.insert("type".into(), "certificate".into());
+    labels.insert("service".into(), service.into());
+    let b64 = |text: &str| base64::engine::general_purpose::STANDARD.encode(text);
+    json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/tls",
+        "metadata": { "name": secret, "namespace": namespace_name(rack, app), "labels": labels },
+        "data": { "tls.crt": b64(certificate_pem), "tls.key": b64(key_pem) },
     })
 }

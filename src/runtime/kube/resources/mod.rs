@@ -10,7 +10,7 @@ mod build_job;
 mod ingress;
 
 pub use build_job::{BuildSpec, DOCKER_CONFIG_KEY, ServiceBuild, build_job, build_secret, builder_docker_config};
-pub use ingress::{ingress, ingress_hosts};
+pub use ingress::{certificate_secret, ingress, ingress_hosts};
 
 /// The field manager of every server-side apply rack makes.
 pub const MANAGER: &str = "rack";

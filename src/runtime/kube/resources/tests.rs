@@ -258,7 +258,23 @@ fn ingress_hosts_follow_the_domain_setting_domain_names_and_internal() {
     let missing = super::ingress_hosts(&settings, "shop", "web", &manifest.services["web"], &Default::default());
     assert!(missing.unwrap_err().to_string().contains("${HOST}"));
 
-    let body = super::ingress("rack", "shop", "web", 3000, &hosts("web").unwrap(), &settings);
+    let own = super::ingress(
+        "rack",
+        "shop",
+        "web",
+        3000,
+        &hosts("web").unwrap(),
+        &settings,
+        Some("rack-tls-web"),
+    );
+    assert_eq!(own["spec"]["tls"][0]["secretName"], "rack-tls-web");
+    assert_eq!(own["spec"]["tls"][0]["hosts"][2], "www.example.com");
+    assert!(
+        own["metadata"]["annotations"]
+            .get("cert-manager.io/cluster-issuer")
+            .is_none()
+    );
+    let body = super::ingress("rack", "shop", "web", 3000, &hosts("web").unwrap(), &settings, None);
     assert_eq!(body["spec"]["ingressClassName"], "nginx");
     assert_eq!(
         body["metadata"]["annotations"]["cert-manager.io/cluster-issuer"],

@@ -5,6 +5,8 @@
 //! analysis reads.
 
 mod tally;
+mod tls;
+pub use tls::certified_key;
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
@@ -76,6 +78,8 @@ struct Inner {
     /// still read it).
     tallies: Mutex<HashMap<String, (Arc<Tally>, u64)>>,
     recording: AtomicBool,
+    /// The HTTPS listener, once the service has a certificate (`tls`).
+    tls: Mutex<Option<tls::Front>>,
 }
 
 /// A backend and the tally of its release.
@@ -149,6 +153,7 @@ impl Router {
             epoch: std::time::Instant::now(),
             tallies: Mutex::new(HashMap::new()),
             recording: AtomicBool::new(true),
+            tls: Mutex::new(None),
         });
         let service = axum::Router::new()
             .fallback(proxy)
@@ -326,7 +331,9 @@ impl Inner {
         strip_hop_by_hop(&mut headers);
         // Our own server already answered any `Expect: 100-continue`; the body is on its way.
         headers.remove(header::EXPECT);
-        add_forwarded(&mut headers, peer, host);
+        // The HTTPS listener marks its requests: the app learns the scheme its client used.
+        let https = parts.extensions.get::<tls::Https>().is_some();
+        add_forwarded(&mut headers, peer, host, https);
         let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
 
         // Only a body known to be empty can be sent again, so only such a request may move on to
@@ -472,7 +479,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<HeaderValue>) {
+fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<HeaderValue>, https: bool) {
     // Append to what an earlier proxy recorded, as nginx's `$proxy_add_x_forwarded_for` does.
     // Values before ours came from the client and are not to be trusted.
     let client = peer.ip().to_string();
@@ -491,7 +498,10 @@ fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<HeaderV
     if let Ok(value) = value {
         headers.insert(X_FORWARDED_FOR, value);
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    headers.insert(
+        X_FORWARDED_PROTO,
+        HeaderValue::from_static(if https { "https" } else { "http" }),
+    );
     match host {
         Some(host) => headers.insert(X_FORWARDED_HOST, host),
         None => headers.remove(X_FORWARDED_HOST),
