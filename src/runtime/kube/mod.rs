@@ -20,6 +20,7 @@ mod redis_import;
 mod registries;
 mod registry_client;
 pub mod resources;
+mod rights;
 mod rollout;
 mod watch;
 
@@ -171,7 +172,7 @@ impl KubeRuntime {
         let params = PatchParams::apply(MANAGER).force();
         let namespaces: Api<Namespace> = Api::all(self.0.client.clone());
         let name = self.namespace(app);
-        self.owned_namespace(app).await?;
+        let existed = self.owned_namespace(app).await?;
         namespaces
             .patch(
                 &name,
@@ -190,6 +191,10 @@ impl KubeRuntime {
                 )
                 .await
                 .map_err(RuntimeError::kube(format!("binding rack's rights in namespace {name}")))?;
+            // A new binding is not in effect at once; an existing namespace's has been for long.
+            if !existed {
+                rights::wait_for_rights(&self.0.client, &name).await?;
+            }
         }
         Ok(())
     }
