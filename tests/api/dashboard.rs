@@ -86,6 +86,12 @@ async fn wait_script(browser: &fantoccini::Client, what: &str, script: &str) -> 
     }
 }
 
+/// The text of the element with id `id` on the page.
+async fn element_text(browser: &fantoccini::Client, id: &str) -> String {
+    let element = browser.find(Locator::Id(id)).await.unwrap();
+    element.text().await.unwrap()
+}
+
 /// A headless Chromium session with a fresh profile in `profile`.
 pub async fn browser(driver: &Driver, profile: &std::path::Path) -> fantoccini::Client {
     browser_with(driver, profile, &[]).await
@@ -175,21 +181,9 @@ async fn the_dashboard_shows_a_deployment_live_in_a_real_browser() {
         lines > updating["lines"].as_u64().unwrap(),
         "lines kept coming: {updating} then {finished}"
     );
-    let rollout = browser
-        .find(Locator::Id("rollout"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let rollout = element_text(&browser, "rollout").await;
     assert!(rollout.contains("Started process"), "{rollout}");
-    let deployments = browser
-        .find(Locator::Id("deployments"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let deployments = element_text(&browser, "deployments").await;
     assert!(deployments.contains(&release), "{deployments}");
 
     // A second release while nobody uses the app: its traffic analysis is skipped at once, and
@@ -305,13 +299,7 @@ async fn the_dashboard_loads_and_streams_over_https_with_the_racks_certificate()
     .await;
     assert_eq!(finished["release"], release.as_str());
     assert!(finished["lines"].as_u64().unwrap() > 0, "{finished}");
-    let rollout = browser
-        .find(Locator::Id("rollout"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let rollout = element_text(&browser, "rollout").await;
     assert!(rollout.contains("Started process"), "{rollout}");
     browser.close().await.unwrap();
     drop(driver);

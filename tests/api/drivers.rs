@@ -54,9 +54,6 @@ static SPARE_RIGS: Mutex<Vec<Built>> = Mutex::new(Vec::new());
 struct Rig {
     built: Option<Built>,
     fake: Arc<FakeRuntime>,
-    /// Whether it may serve another test once this one is done (its configuration is the
-    /// default one).
-    reusable: bool,
 }
 
 /// What a rig owns.
@@ -82,23 +79,15 @@ impl Rig {
                 Self {
                     fake: built.fake.clone(),
                     built: Some(built),
-                    reusable: true,
                 }
             }
-            None => Self::build(|_| {}, true).await,
+            None => Self::build().await,
         };
         rig.prepare().await;
         rig
     }
 
-    /// A rig with the test's changes to the configuration (used by that test alone).
-    async fn with(change: impl FnOnce(&mut Config)) -> Self {
-        let rig = Self::build(change, false).await;
-        rig.prepare().await;
-        rig
-    }
-
-    async fn build(change: impl FnOnce(&mut Config), reusable: bool) -> Self {
+    async fn build() -> Self {
         rack::tls::install_provider();
         let database = reused_database().await;
         let data = tempfile::tempdir().unwrap();
@@ -113,7 +102,6 @@ impl Rig {
         // A rollback gets the longer of its deployment's deadline and this: only a deployment
         // with no time at all (`a_rollback_past_its_own_deadline_ends_in_failure`) gets 50 ms.
         config.rollback_min_timeout = Duration::from_millis(50);
-        change(&mut config);
         let fake = Arc::new(FakeRuntime::new(MANIFEST));
         let app = rack::Application::build_with(config, fake.clone()).await.unwrap();
         Self {
@@ -124,7 +112,6 @@ impl Rig {
                 _database: database,
             }),
             fake,
-            reusable,
         }
     }
 
@@ -151,6 +138,29 @@ impl Rig {
 
     fn pool(&self) -> &sqlx::PgPool {
         &self.state().pool
+    }
+
+    /// This server's state with `change` made to its configuration: the same pool, runtime,
+    /// bus and replica, for a test that needs one setting changed without building a server
+    /// of its own (building one costs more than the test).
+    fn state_with(&self, change: impl FnOnce(&mut Config)) -> rack::AppState {
+        let state = self.state();
+        let mut config = state.config.clone();
+        change(&mut config);
+        rack::AppState(Arc::new(rack::Rack {
+            pool: state.pool.clone(),
+            config,
+            password: state.password.clone(),
+            objects: state.objects.clone(),
+            keyring: state.keyring.clone(),
+            runtime: state.runtime.clone(),
+            bus: state.bus.clone(),
+            replica: state.replica,
+            shutdown: state.shutdown.clone(),
+            throttle: rack::throttle::Throttle::new(1, Duration::from_secs(60)),
+            streams: state.streams.clone(),
+            metrics: rack::metrics::Metrics::new(),
+        }))
     }
 
     /// A release of the app with `manifest`; its id.
@@ -350,7 +360,7 @@ impl Drop for Rig {
     fn drop(&mut self) {
         let Some(built) = self.built.take() else { return };
         let state = built.app.state();
-        if self.reusable && !std::thread::panicking() && !state.shutdown.is_cancelled() {
+        if !std::thread::panicking() && !state.shutdown.is_cancelled() {
             SPARE_RIGS.lock().unwrap().push(built);
         } else {
             // Its tasks (the event bus) run on the shared runtime: stop them.
@@ -889,10 +899,19 @@ async fn build_now(rig: &Rig, id: &str) -> rack::store::builds::Build {
 /// Claims a build of the app whose runtime build plays `script`, and runs it to its end; its
 /// id and how it ended.
 async fn build_to_its_end(rig: &Rig, script: Script) -> (String, rack::store::builds::Build) {
+    build_to_its_end_on(rig, rig.state(), script).await
+}
+
+/// [`build_to_its_end`] with the server's `state` (its configuration changed).
+async fn build_to_its_end_on(
+    rig: &Rig,
+    state: &rack::AppState,
+    script: Script,
+) -> (String, rack::store::builds::Build) {
     rig.fake.script_build(script);
     let build = claim_build(rig).await;
     let id = build.id.to_string();
-    within(rack::jobs::builds::run(rig.state(), build)).await;
+    within(rack::jobs::builds::run(state, build)).await;
     let ended = build_now(rig, &id).await;
     (id, ended)
 }
@@ -942,10 +961,10 @@ fn a_build_that_fails_ends_failed_with_its_reason() {
 
 #[test]
 fn a_build_past_its_timeout_fails_and_is_cancelled_in_the_runtime() {
-    on_runtime(async {
+    with_rig(|rig| async move {
         // Under a second: no time at all.
-        let rig = Rig::with(|c| c.build_timeout = Duration::from_millis(200)).await;
-        let (_, ended) = build_to_its_end(&rig, Script::hang()).await;
+        let state = rig.state_with(|c| c.build_timeout = Duration::from_millis(200));
+        let (_, ended) = build_to_its_end_on(&rig, &state, Script::hang()).await;
         assert_eq!(ended.status, rack::store::builds::BuildStatus::Failed);
         assert!(ended.reason.starts_with("timed out after"), "{}", ended.reason);
         assert_cancelled_in_the_runtime(&rig);

@@ -149,6 +149,12 @@ pub async fn empty_database() -> String {
     cluster.url(&name)
 }
 
+/// Sends `request` and decodes its JSON body (any status: the caller asserts on the body).
+pub async fn send_json(request: RequestBuilder) -> serde_json::Value {
+    let response = request.send().await.expect("sending the request");
+    response.json().await.expect("a JSON body")
+}
+
 /// A running server.
 pub struct TestApp {
     pub addr: std::net::SocketAddr,

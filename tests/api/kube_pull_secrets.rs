@@ -5,7 +5,6 @@
 //! (kaniko) get both the operator's `rack-registry` and those registries in their docker config.
 
 use base64::Engine;
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use reqwest::Method;
@@ -15,7 +14,7 @@ use crate::deploys::{create_release, promote_follow};
 use crate::helpers::TestApp;
 use crate::kubeenv::admin_client;
 use crate::kubeenv::finish_pod;
-use crate::kubernetes::{build_pod, spawn_kube};
+use crate::kubernetes::{build_pod, spawn_kube, web_pod_spec};
 
 /// The `auths` of the app namespace's `rack-registries`.
 async fn auths(secrets: &Api<Secret>) -> Value {
@@ -79,16 +78,7 @@ async fn the_registries_are_the_pull_secret_of_each_release() {
         auths(&secrets).await,
         json!({ "registry.example.com": { "auth": auth } })
     );
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &format!("rack-{name}"));
-    let pod = deployments
-        .get("web")
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .template
-        .spec
-        .unwrap();
+    let pod = web_pod_spec(&client, &format!("rack-{name}")).await;
     let pull: Vec<String> = pod
         .image_pull_secrets
         .unwrap_or_default()

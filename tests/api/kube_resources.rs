@@ -11,7 +11,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Secret, Service};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -407,14 +407,7 @@ async fn resources_are_stateful_sets_kept_across_releases_and_gone_with_the_app(
     );
 
     // The linked Deployment reads it through secretKeyRef; a variable set with env set wins.
-    let deployment = Api::<Deployment>::namespaced(client.clone(), &ns)
-        .get("web")
-        .await
-        .unwrap();
-    let env = deployment.spec.unwrap().template.spec.unwrap().containers[0]
-        .env
-        .clone()
-        .unwrap();
+    let env = crate::kubernetes::web_env(&client, &ns).await;
     let named = |name: &str| {
         let found: Vec<_> = env.iter().filter(|e| e.name == name).collect();
         assert_eq!(found.len(), 1, "{name}: {env:?}");
@@ -445,19 +438,7 @@ async fn resources_are_stateful_sets_kept_across_releases_and_gone_with_the_app(
     assert_eq!(uids(&client, &ns, &["database", "cache"]).await, before);
     let text = lines.lock().unwrap().join("\n");
     assert!(!text.contains("Removing resource"), "{text}");
-    let env = Api::<Deployment>::namespaced(client.clone(), &ns)
-        .get("web")
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .template
-        .spec
-        .unwrap()
-        .containers[0]
-        .env
-        .clone()
-        .unwrap();
+    let env = crate::kubernetes::web_env(&client, &ns).await;
     assert!(!env.iter().any(|e| e.name == "DATABASE_URL"), "no longer linked");
 
     // A rollback to the first release finds them as they were: nothing is created again.
@@ -529,12 +510,7 @@ async fn resources_are_stateful_sets_kept_across_releases_and_gone_with_the_app(
     })
     .await;
     let volumes: Api<PersistentVolume> = Api::all(client.clone());
-    for volume in volumes
-        .list(&kube::api::ListParams::default().labels("rack-test=kube-resources"))
-        .await
-        .unwrap()
-        .items
-    {
+    for volume in test_volumes(&volumes).await {
         let _ = volumes
             .delete(&volume.metadata.name.unwrap(), &Default::default())
             .await;
@@ -662,7 +638,6 @@ async fn a_resource_endpoint_forwards_each_connection_to_the_resource_pod() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rack_wide_resources_replay_the_convox_cli_on_kubernetes() {
     use reqwest::Method;
-    use serde_json::Value;
 
     let app = crate::kubernetes::spawn_kube().await;
     let client = admin_client().await;
@@ -672,14 +647,10 @@ async fn rack_wide_resources_replay_the_convox_cli_on_kubernetes() {
         .expect("a scratch dir");
     let ns = "rack-system";
     let _provisioner = Provisioner::start(client.clone(), ns, scratch.path().join("volumes"));
-    let send = |method: Method, path: &str, form: &[(&str, &str)]| {
-        let request = app.convox(method, path).form(form);
-        async move {
-            let response = request.send().await.unwrap();
-            crate::helpers::status_text(response).await
-        }
+    let send = async |method: Method, path: &str, form: &[(&str, &str)]| {
+        crate::resources::send_form(&app, method, path, form).await
     };
-    let json = |text: &str| -> Value { serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}")) };
+    let json = crate::resources::parse_json;
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
     let memory_of = async |sets: &Api<StatefulSet>| {
         let set = sets.get("resource-shared").await.unwrap();
@@ -689,15 +660,7 @@ async fn rack_wide_resources_replay_the_convox_cli_on_kubernetes() {
 
     // `rack resources create redis --name shared memory=32`: a StatefulSet in the rack's
     // namespace, ready before the answer.
-    let (status, text) = send(
-        Method::POST,
-        "/resources",
-        &[("kind", "redis"), ("name", "shared"), ("parameters", "memory=32")],
-    )
-    .await;
-    assert_eq!(status, 200, "{text}");
-    let created = json(&text);
-    assert_eq!(created["status"], "running", "{created}");
+    let created = crate::resources::create_shared_redis(&app).await;
     let url = created["url"].as_str().unwrap().to_owned();
     let host = "resource-shared.rack-system.svc.cluster.local";
     assert!(
@@ -750,19 +713,7 @@ async fn rack_wide_resources_replay_the_convox_cli_on_kubernetes() {
     let copy = hub_secrets.get("resource-shared").await.unwrap();
     assert_eq!(copy.metadata.labels.as_ref().unwrap()["type"], "resource-link");
     assert_eq!(String::from_utf8(copy.data.unwrap()["URL"].0.clone()).unwrap(), url);
-    let env = Api::<Deployment>::namespaced(client.clone(), "rack-hub")
-        .get("web")
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .template
-        .spec
-        .unwrap()
-        .containers[0]
-        .env
-        .clone()
-        .unwrap();
+    let env = crate::kubernetes::web_env(&client, "rack-hub").await;
     for key in ["URL", "USER", "PASS", "HOST", "PORT", "NAME"] {
         let entry = env
             .iter()
@@ -848,12 +799,7 @@ async fn rack_wide_resources_replay_the_convox_cli_on_kubernetes() {
     assert_eq!(app.delete_app("hub").await.status(), 200);
     // Only this test's volumes (another test's may be in use).
     let volumes: Api<PersistentVolume> = Api::all(client.clone());
-    for volume in volumes
-        .list(&kube::api::ListParams::default().labels("rack-test=kube-resources"))
-        .await
-        .unwrap()
-        .items
-    {
+    for volume in test_volumes(&volumes).await {
         let ours = volume
             .spec
             .as_ref()
@@ -865,4 +811,10 @@ async fn rack_wide_resources_replay_the_convox_cli_on_kubernetes() {
                 .await;
         }
     }
+}
+
+/// The persistent volumes the tests of this file provisioned (labelled `rack-test=kube-resources`).
+async fn test_volumes(volumes: &Api<PersistentVolume>) -> Vec<PersistentVolume> {
+    let ours = kube::api::ListParams::default().labels("rack-test=kube-resources");
+    volumes.list(&ours).await.unwrap().items
 }

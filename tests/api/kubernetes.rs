@@ -71,6 +71,20 @@ fn manifest(port: u16) -> String {
     )
 }
 
+/// The pod template of the app's `web` Deployment in `namespace`.
+pub async fn web_pod_spec(client: &Client, namespace: &str) -> k8s_openapi::api::core::v1::PodSpec {
+    let web = Api::<Deployment>::namespaced(client.clone(), namespace)
+        .get("web")
+        .await
+        .unwrap();
+    web.spec.unwrap().template.spec.unwrap()
+}
+
+/// The environment of the first container of the app's `web` Deployment in `namespace`.
+pub async fn web_env(client: &Client, namespace: &str) -> Vec<k8s_openapi::api::core::v1::EnvVar> {
+    web_pod_spec(client, namespace).await.containers[0].env.clone().unwrap()
+}
+
 /// The pod of a build's Job, once it exists. `build` reads the build through the API: a build
 /// that ends before it has a pod, or no pod within a minute, fails the test with what the build
 /// and the cluster say.

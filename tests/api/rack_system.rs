@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::deploys::{MANIFEST, SERVER, promote_follow};
-use crate::helpers::{PASSWORD, TestApp, status_text};
+use crate::helpers::{PASSWORD, TestApp, send_json, status_text};
 
 /// `convox rack params set ...`: the SDK packs the map into one form field.
 async fn params_set(app: &TestApp, packed: &str) -> (u16, String) {
@@ -28,13 +28,7 @@ async fn params_set(app: &TestApp, packed: &str) -> (u16, String) {
 }
 
 async fn system(app: &TestApp) -> Value {
-    app.convox(Method::GET, "/system?")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    send_json(app.convox(Method::GET, "/system?")).await
 }
 
 #[tokio::test]

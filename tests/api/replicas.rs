@@ -8,7 +8,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::helpers::{PASSWORD, fresh_database, source_tarball, wait_for};
+use crate::helpers::{PASSWORD, fresh_database, send_json, source_tarball, wait_for};
 
 /// A `rack server` child process.
 pub struct Replica {
@@ -89,13 +89,7 @@ impl Replica {
     }
 
     pub async fn json(&self, path: &str) -> Value {
-        self.request(Method::GET, path)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        send_json(self.request(Method::GET, path)).await
     }
 
     pub async fn kill_9(&mut self) {
@@ -122,15 +116,8 @@ impl Replica {
             .await
             .unwrap();
         assert_eq!(upload.status(), 200);
-        let build: Value = self
-            .request(Method::POST, &format!("/apps/{app}/builds"))
-            .form(&[("url", format!("object://{app}/{key}"))])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let queue = self.request(Method::POST, &format!("/apps/{app}/builds"));
+        let build = send_json(queue.form(&[("url", format!("object://{app}/{key}"))])).await;
         build["id"].as_str().unwrap().to_owned()
     }
 

@@ -510,6 +510,28 @@ async fn redis_cli(url: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
+/// A request as the convox CLI sends it, with `form` as its body: its status and text.
+pub async fn send_form(app: &TestApp, method: Method, path: &str, form: &[(&str, &str)]) -> (u16, String) {
+    let response = app.convox(method, path).form(form).send().await.unwrap();
+    crate::helpers::status_text(response).await
+}
+
+/// `text` as JSON (a panic naming it when it is not).
+pub fn parse_json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// `rack resources create redis --name shared memory=32`: asserts it answers 200 with the
+/// resource running at once; the resource as answered.
+pub async fn create_shared_redis(app: &TestApp) -> Value {
+    let form = [("kind", "redis"), ("name", "shared"), ("parameters", "memory=32")];
+    let (status, text) = send_form(app, Method::POST, "/resources", &form).await;
+    assert_eq!(status, 200, "{text}");
+    let created = parse_json(&text);
+    assert_eq!(created["status"], "running", "{created}");
+    created
+}
+
 /// Runs the rack CLI against `app`; its standard output (it must succeed).
 pub async fn rack_cli(app: &TestApp, args: &[&str]) -> String {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rack"))
@@ -891,14 +913,8 @@ esac
 async fn rack_wide_resources_replay_the_convox_cli() {
     let app = TestApp::spawn().await;
     let _servers = ResourceServers::at(&app.state.config.data_dir);
-    let send = |method: Method, path: &str, form: &[(&str, &str)]| {
-        let request = app.convox(method, path).form(form);
-        async move {
-            let response = request.send().await.unwrap();
-            crate::helpers::status_text(response).await
-        }
-    };
-    let json = |text: &str| -> Value { serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}")) };
+    let send = async |method: Method, path: &str, form: &[(&str, &str)]| send_form(&app, method, path, form).await;
+    let json = parse_json;
 
     // `rack resources types` / `options redis`.
     let (status, text) = send(Method::OPTIONS, "/resources", &[]).await;
@@ -931,15 +947,7 @@ async fn rack_wide_resources_replay_the_convox_cli() {
     assert_eq!(send(Method::GET, "/resources/shared", &[]).await.0, 404);
 
     // `rack resources create redis --name shared memory=32`: it runs at once.
-    let (status, text) = send(
-        Method::POST,
-        "/resources",
-        &[("kind", "redis"), ("name", "shared"), ("parameters", "memory=32")],
-    )
-    .await;
-    assert_eq!(status, 200, "{text}");
-    let created = json(&text);
-    assert_eq!(created["status"], "running", "{created}");
+    let created = create_shared_redis(&app).await;
     assert_eq!(created["parameters"]["memory"], "32", "{created}");
     let url = created["url"].as_str().unwrap().to_owned();
     assert!(url.starts_with("redis://default:") && !url.contains("****"), "{url}");
