@@ -286,7 +286,6 @@ impl Launch {
             port: instance.port(),
             log,
             what: self.what.clone(),
-            kept: instance.kind == ProcessKind::Service,
         }
     }
 }
