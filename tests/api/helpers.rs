@@ -621,3 +621,31 @@ pub fn object_files(app: &TestApp, name: &str) -> Vec<std::path::PathBuf> {
     files.extend(files_under(&root.join("_blobs").join(name)));
     files
 }
+
+/// Reads a websocket's text frames until what arrived satisfies `done` (60 s at most, else
+/// the test fails naming `what` and showing the text); pings and pongs are skipped, any other
+/// frame fails the test.
+pub async fn text_until<S>(socket: &mut S, what: &str, done: impl Fn(&str) -> bool) -> String
+where
+    S: futures_util::Stream<
+            Item = Result<tokio_tungstenite::tungstenite::Message, tokio_tungstenite::tungstenite::Error>,
+        > + Unpin,
+{
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !done(&text) {
+        let frame = tokio::time::timeout_at(deadline, socket.next())
+            .await
+            .unwrap_or_else(|_| panic!("{what} within 60 s; got:\n{text}"))
+            .expect("the socket stays open")
+            .unwrap();
+        match frame {
+            Message::Text(t) => text.push_str(&t),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+    text
+}

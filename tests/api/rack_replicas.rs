@@ -2,11 +2,7 @@
 //! replica lists both, a follower on one sees the other's lines, and a replica that dies drops
 //! out of `rack ps` once its heartbeat expires.
 
-use std::time::Duration;
-
-use futures_util::StreamExt;
 use reqwest::Method;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::helpers::{PASSWORD, fresh_database, wait_for};
@@ -86,20 +82,10 @@ async fn rack_ps_and_rack_logs_cover_every_replica_and_a_dead_one_drops_out() {
     let (from_a, from_b) = (format!("a{}", &marker[..12]), format!("b{}", &marker[..12]));
     create_app(&b, &from_b).await;
     create_app(&a, &from_a).await;
-    let mut text = String::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !(text.contains(&format!("created app {from_a}")) && text.contains(&format!("created app {from_b}"))) {
-        let frame = tokio::time::timeout_at(deadline, follower.next())
-            .await
-            .unwrap_or_else(|_| panic!("both replicas' lines within 60 s; got:\n{text}"))
-            .expect("the socket stays open")
-            .unwrap();
-        match frame {
-            Message::Text(t) => text.push_str(&t),
-            Message::Ping(_) | Message::Pong(_) => {}
-            other => panic!("unexpected frame {other:?}"),
-        }
-    }
+    let text = crate::helpers::text_until(&mut follower, "both replicas' lines", |text| {
+        text.contains(&format!("created app {from_a}")) && text.contains(&format!("created app {from_b}"))
+    })
+    .await;
     let line_of = |needle: &str| text.lines().find(|l| l.contains(needle)).unwrap().to_owned();
     let (line_a, line_b) = (
         line_of(&format!("created app {from_a}")),
@@ -119,12 +105,15 @@ async fn rack_ps_and_rack_logs_cover_every_replica_and_a_dead_one_drops_out() {
 
     // Not following, on b, with a filter: both lines, with ascending ids, and resumable after
     // the first.
-    let past = b
-        .request(Method::GET, "/system/logs?ids=true")
-        .header("accept", "text/plain")
-        .header("follow", "false")
-        .header("filter", &marker[..12])
-        .send()
+    // What `rack logs --no-follow --filter` reads from b at `path`.
+    let read = |path: String| {
+        b.request(Method::GET, &path)
+            .header("accept", "text/plain")
+            .header("follow", "false")
+            .header("filter", &marker[..12])
+            .send()
+    };
+    let past = read("/system/logs?ids=true".to_owned())
         .await
         .unwrap()
         .text()
@@ -144,12 +133,7 @@ async fn rack_ps_and_rack_logs_cover_every_replica_and_a_dead_one_drops_out() {
     };
     assert!(lines[1].contains(second.as_str()), "{past}");
     let first_id = ids[0];
-    let rest = b
-        .request(Method::GET, &format!("/system/logs?after={first_id}"))
-        .header("accept", "text/plain")
-        .header("follow", "false")
-        .header("filter", &marker[..12])
-        .send()
+    let rest = read(format!("/system/logs?after={first_id}"))
         .await
         .unwrap()
         .text()

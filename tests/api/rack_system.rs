@@ -3,12 +3,8 @@
 //! releases` (`/system/releases`), `instances` (`/instances`) and `rack logs` (the websocket
 //! `/system/logs`).
 
-use std::time::Duration;
-
-use futures_util::StreamExt;
 use reqwest::Method;
 use serde_json::Value;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::deploys::{MANIFEST, SERVER, promote_follow};
@@ -232,20 +228,10 @@ async fn rack_logs_stream_racks_own_log_to_an_admin_with_credentials_masked() {
     let marker = uuid::Uuid::new_v4().simple().to_string();
     assert_eq!(params_set(&app, "run_timeout=600").await.0, 200);
     tracing::warn!("{marker} dialing postgres://rack:{PASSWORD}@127.0.0.1:1/db with {deploy}");
-    let mut text = String::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !(text.contains(&marker) && text.contains("rack parameters changed")) {
-        let frame = tokio::time::timeout_at(deadline, socket.next())
-            .await
-            .unwrap_or_else(|_| panic!("the lines within 60 s; got:\n{text}"))
-            .expect("the socket stays open")
-            .unwrap();
-        match frame {
-            Message::Text(t) => text.push_str(&t),
-            Message::Ping(_) | Message::Pong(_) => {}
-            other => panic!("unexpected frame {other:?}"),
-        }
-    }
+    let text = crate::helpers::text_until(&mut socket, "the lines", |text| {
+        text.contains(&marker) && text.contains("rack parameters changed")
+    })
+    .await;
     let line = text.lines().find(|l| l.contains(&marker)).unwrap();
     // `<time> <stream> <message>`, as convox prints it.
     let mut fields = line.splitn(3, ' ');
