@@ -598,6 +598,20 @@ pub fn processes_with_arg(arg: &str) -> Vec<u32> {
         .collect()
 }
 
+/// A number of seconds for `sleep` that names one test run's process: other runs on the same host
+/// (their leftovers included) pick another, so `processes_with_arg` finds only this run's.
+pub fn unique_sleep_marker() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let seed = nanos ^ std::process::id().rotate_left(16) ^ NEXT.fetch_add(7919, Ordering::Relaxed);
+    // Over a day and never a round figure a manifest would use by itself.
+    (100_000 + seed % 800_000).to_string()
+}
+
 /// Every file under `dir` (none when it does not exist).
 pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut found = Vec::new();

@@ -145,7 +145,8 @@ async fn a_command_run_with_exec_counts_against_its_instances_limits() {
     let expected = format!("/rack-{host}/quiet/{instance}");
 
     // While the exec'd command runs, every process of it is in the instance's cgroups.
-    let marker = "86317";
+    let marker = crate::helpers::unique_sleep_marker();
+    let marker = marker.as_str();
     let (path, command) = (
         format!("/apps/quiet/processes/{instance}/exec"),
         format!("sleep {marker}"),
@@ -231,7 +232,9 @@ async fn each_app_runs_as_a_uid_of_its_own_that_cannot_reach_another_apps_files_
     let app = TestApp::spawn().await;
     let mut uids = Vec::new();
     let mut secrets = Vec::new();
-    for (name, marker) in [("alpha", "86401"), ("beta", "86402")] {
+    for name in ["alpha", "beta"] {
+        let marker = crate::helpers::unique_sleep_marker();
+        let marker = marker.as_str();
         app.create_app(name).await;
         let manifest = format!(
             "services:\n  web:\n    build:\n      command: \"echo {name}-secret > secret.txt\"\n    command: sleep {marker}\n"
