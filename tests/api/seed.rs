@@ -29,7 +29,8 @@ pub fn seed_cluster() -> anyhow::Result<std::path::PathBuf> {
     let key = seed_key()?;
     let seed = tmp.join(format!("rack-test-pg-seed-{key}"));
     let lock = std::fs::File::create(tmp.join(format!("rack-test-pg-seed-{key}.lock")))?;
-    lock.lock()?;
+    // Held until this returns.
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e)?;
     if seed.join("data").join("PG_VERSION").exists() {
         return Ok(seed);
     }
