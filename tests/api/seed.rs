@@ -32,6 +32,8 @@ pub fn seed_cluster() -> anyhow::Result<std::path::PathBuf> {
     // Held until this returns.
     let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e)?;
     if seed.join("data").join("PG_VERSION").exists() {
+        // Its time says when it was last used (see `prune_old_seeds`).
+        std::fs::File::open(&seed)?.set_modified(std::time::SystemTime::now())?;
         return Ok(seed);
     }
     // Left by a process that died making it: this one holds the lock.
@@ -133,8 +135,8 @@ fn seed_key() -> anyhow::Result<String> {
     Ok(digest.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect())
 }
 
-/// Removes the seeds of other migrations or binaries not made in the last two days (a seed
-/// is about 70 MB).
+/// Removes the seeds of other migrations or binaries not used in the last two days (a seed is
+/// about 60 MB).
 fn prune_old_seeds(tmp: &std::path::Path, keep: &std::path::Path) {
     let old = std::time::SystemTime::now() - Duration::from_secs(2 * 24 * 3600);
     for entry in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
