@@ -96,9 +96,9 @@ impl Rig {
             Database::Url(database.url().to_owned()),
             PASSWORD,
         );
-        // Renewals every 50 ms: a lost lease or a cancel is seen at once. Nothing but the
-        // tests themselves claims here, so a renewal that comes late loses nothing.
-        config.job_lease = Duration::from_millis(150);
+        // Renewals every 20 ms: a lost lease is seen at once. Nothing but the tests themselves
+        // claims here, so a renewal that comes late loses nothing.
+        config.job_lease = Duration::from_millis(60);
         // A rollback gets the longer of its deployment's deadline and this: only a deployment
         // with no time at all (`a_rollback_past_its_own_deadline_ends_in_failure`) gets 50 ms.
         config.rollback_min_timeout = Duration::from_millis(50);
@@ -142,7 +142,8 @@ impl Rig {
 
     /// This server's state with `change` made to its configuration: the same pool, runtime,
     /// bus and replica, for a test that needs one setting changed without building a server
-    /// of its own (building one costs more than the test).
+    /// of its own (building one costs more than the test). Its shutdown token is a child of
+    /// the server's: a test may shut it down and still give the server back for reuse.
     fn state_with(&self, change: impl FnOnce(&mut Config)) -> rack::AppState {
         let state = self.state();
         let mut config = state.config.clone();
@@ -156,7 +157,7 @@ impl Rig {
             runtime: state.runtime.clone(),
             bus: state.bus.clone(),
             replica: state.replica,
-            shutdown: state.shutdown.clone(),
+            shutdown: state.shutdown.child_token(),
             throttle: rack::throttle::Throttle::new(1, Duration::from_secs(60)),
             streams: state.streams.clone(),
             metrics: rack::metrics::Metrics::new(),
@@ -254,16 +255,25 @@ impl Rig {
 
     /// Runs the driver on `deployment` in a task of its own (for a test to act meanwhile).
     fn spawn_drive(&self, deployment: Deployment) -> tokio::task::JoinHandle<()> {
-        let state = self.state().clone();
-        tokio::spawn(async move { rack::jobs::deploys::run(&state, deployment).await })
+        spawn_drive_on(self.state().clone(), deployment)
     }
 
     /// Claims the deployment of `release` and drives it in a task of its own until the runtime
     /// got a call matching `until`; its id and the task.
     async fn drive_until(&self, release: &str, until: impl Fn(&Call) -> bool) -> (Uuid, tokio::task::JoinHandle<()>) {
+        self.drive_on_until(self.state().clone(), release, until).await
+    }
+
+    /// [`Rig::drive_until`] with the server's `state` (see [`Rig::state_with`]).
+    async fn drive_on_until(
+        &self,
+        state: rack::AppState,
+        release: &str,
+        until: impl Fn(&Call) -> bool,
+    ) -> (Uuid, tokio::task::JoinHandle<()>) {
         let deployment = self.claim(release, Duration::from_secs(60)).await;
         let id = deployment.id;
-        let driving = self.spawn_drive(deployment);
+        let driving = spawn_drive_on(state, deployment);
         within(self.fake.called(until)).await;
         (id, driving)
     }
@@ -367,6 +377,11 @@ impl Drop for Rig {
             state.shutdown.cancel();
         }
     }
+}
+
+/// Runs the driver on `deployment` with `state` in a task of its own.
+fn spawn_drive_on(state: rack::AppState, deployment: Deployment) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move { rack::jobs::deploys::run(&state, deployment).await })
 }
 
 /// Whether `call` is an apply of `release`.
@@ -746,8 +761,12 @@ fn shutting_down_hands_the_deployment_back() {
     with_rig(|rig| async move {
         rig.fake.script_apply(Script::hang());
         let release = rig.release(MANIFEST).await;
-        let (id, driving) = rig.drive_until(&release, |c| matches!(c, Call::Apply { .. })).await;
-        rig.state().shutdown.cancel();
+        // A shutdown of its own: the server stays reusable.
+        let stopping = rig.state_with(|_| {});
+        let (id, driving) = rig
+            .drive_on_until(stopping.clone(), &release, |c| matches!(c, Call::Apply { .. }))
+            .await;
+        stopping.shutdown.cancel();
         within(driving).await.unwrap();
 
         let now = rig.get(id).await;
@@ -919,10 +938,14 @@ async fn build_to_its_end_on(
 /// Claims a build of the app whose runtime build hangs, and runs it in a task of its own until
 /// the runtime builds; its id and the task.
 async fn build_running(rig: &Rig) -> (String, tokio::task::JoinHandle<()>) {
+    build_running_on(rig, rig.state().clone()).await
+}
+
+/// [`build_running`] with the server's `state` (see [`Rig::state_with`]).
+async fn build_running_on(rig: &Rig, state: rack::AppState) -> (String, tokio::task::JoinHandle<()>) {
     rig.fake.script_build(Script::hang());
     let build = claim_build(rig).await;
     let id = build.id.to_string();
-    let state = rig.state().clone();
     let running = tokio::spawn(async move { rack::jobs::builds::run(&state, build).await });
     within(rig.fake.called(|c| matches!(c, Call::Build { .. }))).await;
     (id, running)
@@ -1009,8 +1032,10 @@ fn a_build_whose_lease_is_lost_is_left_to_its_new_holder() {
 #[test]
 fn shutting_down_hands_the_build_back() {
     with_rig(|rig| async move {
-        let (id, running) = build_running(&rig).await;
-        rig.state().shutdown.cancel();
+        // A shutdown of its own: the server stays reusable.
+        let stopping = rig.state_with(|_| {});
+        let (id, running) = build_running_on(&rig, stopping.clone()).await;
+        stopping.shutdown.cancel();
         within(running).await.unwrap();
         let now = build_now(&rig, &id).await;
         assert_eq!(now.claim.owner, None);

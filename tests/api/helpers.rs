@@ -1,5 +1,6 @@
 //! The test harness: `TestApp::spawn()` starts a server on port 0 with a fresh database cloned
-//! from a migrated template, plus one helper per endpoint.
+//! from a migrated template (in the process's cluster, a copy of `seed`'s), plus one helper per
+//! endpoint.
 
 use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
@@ -10,8 +11,9 @@ use reqwest::{Method, RequestBuilder, Response};
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
+use crate::seed;
+
 pub const PASSWORD: &str = "test-password";
-const TEMPLATE: &str = "rack_template";
 
 /// Tracing output only when TEST_LOG is set, initialised once.
 static TRACING: LazyLock<()> = LazyLock::new(|| {
@@ -24,41 +26,30 @@ static TRACING: LazyLock<()> = LazyLock::new(|| {
 /// goes) when the test process exits and closes the watchdog's pipe.
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
 
+/// How many of the seed's ready databases were handed out: the first fresh databases a
+/// process asks for are these, with no clone to wait for.
+static READY_TAKEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn cluster() -> &'static Cluster {
     // reqwest needs a crypto provider installed before any client is built; every test
     // comes here (or through `reachable_tempdir`) before it builds one.
     rack::tls::install_provider();
     CLUSTER.get_or_init(|| {
         let started = std::time::Instant::now();
+        let seed = seed::seed_cluster().expect("making the seed of the test clusters");
+        let seeded = started.elapsed();
         let root = std::env::temp_dir().join(format!("rack-test-pg-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir(&root).expect("creating the test cluster's directory");
+        seed::copy_tree(&seed.join("data"), &root.join("data")).expect("copying the seed cluster");
+        let copied = started.elapsed();
         let cluster = Cluster::start(&root, Durability::Ephemeral).expect("starting the test cluster");
-        // The template is made on a runtime of its own: a pool must not outlive the runtime of
-        // the test that happened to come first.
-        let admin = cluster.connect_options("postgres");
-        let template = cluster.connect_options(TEMPLATE);
-        std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime")
-                .block_on(async {
-                    let mut conn = sqlx::PgConnection::connect_with(&admin).await?;
-                    rack::store::ensure_database(&mut conn, TEMPLATE).await?;
-                    conn.close().await?;
-                    let mut conn = sqlx::PgConnection::connect_with(&template).await?;
-                    rack::store::MIGRATOR.run(&mut conn).await?;
-                    conn.close().await?;
-                    anyhow::Ok(())
-                })
-        })
-        .join()
-        .expect("the template thread")
-        .expect("migrating the template database");
         // Shown with --nocapture: what the first tests of a run waited for.
         eprintln!(
-            "test cluster started and its template migrated in {:?}",
-            started.elapsed()
+            "test cluster started in {:?} (finding or making its seed {} {seeded:?}, copying it {:?})",
+            started.elapsed(),
+            seed.display(),
+            copied - seeded
         );
         cluster
     })
@@ -77,11 +68,15 @@ pub fn reachable_tempdir() -> tempfile::TempDir {
 /// A fresh, migrated database; returns its URL.
 pub async fn fresh_database() -> String {
     let cluster = cluster();
+    let ready = READY_TAKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if ready < seed::READY_DATABASES {
+        return cluster.url(&seed::ready_database(ready));
+    }
     let name = format!("test_{}", uuid::Uuid::new_v4().simple());
     let mut conn = sqlx::PgConnection::connect_with(&cluster.connect_options("postgres"))
         .await
         .expect("connecting to the test cluster");
-    rack::store::create_database_from(&mut conn, &name, TEMPLATE)
+    rack::store::create_database_from(&mut conn, &name, seed::TEMPLATE)
         .await
         .expect("cloning the template database");
     conn.close().await.expect("closing");
@@ -142,7 +137,7 @@ pub async fn empty_database() -> String {
     let mut conn = sqlx::PgConnection::connect_with(&cluster.connect_options("postgres"))
         .await
         .expect("connecting to the test cluster");
-    rack::store::ensure_database(&mut conn, &name)
+    rack::store::create_database_from(&mut conn, &name, seed::PRISTINE)
         .await
         .expect("creating an empty database");
     conn.close().await.expect("closing");

@@ -50,6 +50,7 @@ mod resources;
 mod run;
 mod sandbox;
 mod security;
+mod seed;
 mod server;
 mod service;
 mod soak;
