@@ -292,6 +292,10 @@ pub async fn load(
             .context("keeping the resources' exports in the data directory")?;
     }
 
+    // The server applies every app's release once it starts, then removes this.
+    std::fs::write(config.data_dir.join(super::REAPPLY), b"")
+        .context("marking the data directory restored")?;
+
     let images = staging.path().join(IMAGES);
     if images.exists() {
         match crate::runtime::local::podman::Podman::detect(&config.data_dir, &config.rack_name) {

@@ -12,7 +12,7 @@ use crate::deploys::{MANIFEST, SERVER, promote_follow};
 use crate::helpers::{PASSWORD, TestApp, wait_for};
 
 /// Downloads a backup of `rack` into `file`.
-async fn download(rack: &TestApp, query: &str, file: &std::path::Path) {
+pub(crate) async fn download(rack: &TestApp, query: &str, file: &std::path::Path) {
     let response = rack
         .untimed_client()
         .get(rack.url(&format!("/system/backup{query}")))
@@ -41,7 +41,7 @@ async fn feed(rack: &TestApp, app: &str, after: i64) -> Vec<(i64, String)> {
 }
 
 /// A config for a server that restores `file` into a new data directory and an empty database.
-async fn restoring(data: &std::path::Path, file: &std::path::Path) -> rack::config::Config {
+pub(crate) async fn restoring(data: &std::path::Path, file: &std::path::Path) -> rack::config::Config {
     let url = crate::helpers::empty_database().await;
     let mut config = rack::config::Config::for_tests(data.join("rack"), rack::config::Database::Url(url), PASSWORD);
     config.backup.restore = Some(file.to_path_buf());

@@ -1,0 +1,177 @@
+//! Backups of a Kubernetes rack hold its resources' data, and a restore loads it back: a redis
+//! resource really running on the real node (real redis on a real volume; hollow nodes fake
+//! their containers, so they hold no data) is exported into the backup through a port-forward,
+//! and a second rack restoring that backup, on a cluster where the app is gone, creates the
+//! resource again and loads the export into it before the app's services start.
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+
+use super::{REDIS_IMAGE, in_resource_pod, on_real_node, spawn_on_real_node, web_pods};
+use crate::deploys::promote_follow;
+use crate::helpers::{TestApp, wait_for};
+use crate::kubeenv::{REAL_NODE_IMAGE, client_for, real_node_env};
+
+/// A hostPath volume in `dir` offered to exactly the claim of redis resource `cache` in `ns`.
+async fn offer_volume(volumes: &Api<PersistentVolume>, name: &str, ns: &str, dir: &std::path::Path) {
+    let pv: PersistentVolume = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": name },
+        "spec": {
+            "capacity": { "storage": "10Gi" },
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "hostPath": { "path": dir.to_str().unwrap(), "type": "Directory" },
+            "claimRef": { "namespace": ns, "name": "data-resource-cache-0" },
+        },
+    }))
+    .unwrap();
+    volumes.create(&PostParams::default(), &pv).await.unwrap();
+}
+
+/// Deletes the volume `name` and waits until it is gone.
+async fn remove_volume(volumes: &Api<PersistentVolume>, name: &str) {
+    let _ = volumes.delete(name, &DeleteParams::default()).await;
+    wait_for(120, "the volume to go", || async {
+        volumes.get_opt(name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
+/// Deletes `app` through `rack` and waits until its namespace (with its claims) is gone.
+async fn delete_app_and_namespace(rack: &TestApp, client: &kube::Client, app: &str) {
+    assert_eq!(rack.delete_app(app).await.status(), 200);
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns = format!("rack-{app}");
+    wait_for(240, "the app's namespace to go", || async {
+        namespaces.get_opt(&ns).await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubernetes_backup_holds_a_resources_data_and_a_restore_loads_it_into_the_new_resource() {
+    let first = spawn_on_real_node().await;
+    let client = client_for(&real_node_env().admin).await;
+    let name = "bkredis";
+    let ns = format!("rack-{name}");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+    let volumes: Api<PersistentVolume> = Api::all(client.clone());
+    // One volume for each life of the resource: the restored one starts empty.
+    let (first_dir, second_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (first_pv, second_pv) = (format!("{name}-first"), format!("{name}-second"));
+    offer_volume(&volumes, &first_pv, &ns, first_dir.path()).await;
+
+    assert_eq!(first.create_app(name).await.status(), 201);
+    let manifest = format!(
+        "resources:\n  cache:\n    type: redis\n    image: {REDIS_IMAGE}\n\
+         services:\n  web:\n    image: {REAL_NODE_IMAGE}\n    \
+         command: \"mkdir -p /tmp/w && echo ok >/tmp/w/health && exec httpd -f -p 8080 -h /tmp/w\"\n    \
+         port: 8080\n    resources:\n      - cache\n    health:\n      path: /health\n      grace: 1\n      interval: 1\n"
+    );
+    let release = first.build_release(name, &[("convox.yml", &manifest)]).await;
+    let log = promote_follow(&first, name, &release).await;
+    assert!(log.ends_with("\nOK\n"), "{log}");
+    let pod = "resource-cache-0";
+    let cli = |command: &str| format!("redis-cli -h 127.0.0.1 {command}");
+    assert_eq!(in_resource_pod(&pods, pod, &cli("SET note kept")).await, "OK");
+    assert_eq!(in_resource_pod(&pods, pod, &cli("RPUSH list a b c")).await, "3");
+
+    // The backup holds the resource's export (an RDB, through a port-forward to its pod),
+    // listed in the manifest with its digest.
+    let dir = crate::helpers::reachable_tempdir();
+    let file = dir.path().join("rack.tar");
+    let started = std::time::Instant::now();
+    crate::backup::download(&first, "?images=false", &file).await;
+    eprintln!("backup of a rack with a redis resource on the real node in {:?}", started.elapsed());
+    let manifest = rack::backup::restore::verify(&file).unwrap().manifest;
+    let record = manifest
+        .resources
+        .iter()
+        .find(|r| r.app == name && r.name == "cache")
+        .unwrap_or_else(|| panic!("the resource in {:?}", manifest.resources));
+    let path = format!("resources/{name}/cache.rdb");
+    assert_eq!(record.path.as_deref(), Some(path.as_str()), "{record:?}");
+    let entry = manifest.entries.iter().find(|e| e.path == path).expect("its entry");
+    assert!(entry.size > 18 && entry.sha256.as_ref().is_some_and(|s| s.len() == 64), "{entry:?}");
+    let unpacked = dir.path().join("unpacked");
+    std::fs::create_dir_all(&unpacked).unwrap();
+    let status = std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(&file)
+        .arg("-C")
+        .arg(&unpacked)
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rdb = std::fs::read(unpacked.join(&path)).unwrap();
+    assert!(rdb.starts_with(b"REDIS") && rdb.windows(4).any(|w| w == b"kept"), "an RDB with the data");
+
+    // A resource that cannot be exported (its pod is gone) fails the backup, naming it.
+    let none = serde_json::json!({ "spec": { "replicas": 0 } });
+    sets.patch("resource-cache", &PatchParams::default(), &Patch::Merge(&none))
+        .await
+        .unwrap();
+    wait_for(180, "the resource's pod to go", || async {
+        pods.get_opt(pod).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let failed = first
+        .request(reqwest::Method::GET, "/system/backup?images=false")
+        .send()
+        .await
+        .unwrap();
+    let (status, text) = crate::helpers::status_text(failed).await;
+    assert_eq!(status, 409, "{text}");
+    assert!(text.contains(&format!("resource cache of app {name}")), "{text}");
+    assert!(text.contains("resources=false"), "says how to leave resources out: {text}");
+
+    // The app goes from the cluster with its namespace, claim and data, and the first rack
+    // stops: the second one finds nothing of it in the cluster.
+    delete_app_and_namespace(&first, &client, name).await;
+    first.stop().await;
+    remove_volume(&volumes, &first_pv).await;
+    offer_volume(&volumes, &second_pv, &ns, second_dir.path()).await;
+
+    let mut config = crate::backup::restoring(dir.path(), &file).await;
+    on_real_node(&mut config);
+    let second = TestApp::start(config).await;
+    let line = "system/k8s/resource/cache restored from the backup";
+    let log = second.wait_for_log_line(name, line, 420).await;
+    assert_eq!(log.matches(line).count(), 1, "loaded once: {log}");
+    assert!(log.contains("after a restore"), "{log}");
+    let loading = log.find("resource/cache loading its data").expect("the load is logged");
+    let claim = claims.get("data-resource-cache-0").await.unwrap();
+    assert_eq!(claim.spec.unwrap().volume_name.as_deref(), Some(second_pv.as_str()));
+    assert_eq!(in_resource_pod(&pods, pod, &cli("GET note")).await, "kept");
+    assert_eq!(in_resource_pod(&pods, pod, &cli("LRANGE list 0 -1")).await, "a\nb\nc");
+    // The export is loaded, so its mark is off the StatefulSet and the file is gone; and the
+    // app's service came back (started after its resource was loaded).
+    let set = sets.get("resource-cache").await.unwrap();
+    let annotations = set.metadata.annotations.unwrap_or_default();
+    assert!(!annotations.contains_key("convox.com/restore-pending"), "{annotations:?}");
+    let data = second.state.config.data_dir.clone();
+    let pending = crate::helpers::files_under(&data.join("resource-imports"));
+    assert!(pending.is_empty(), "{pending:?}");
+    wait_for(240, "the web service to come back", || async {
+        (!web_pods(&pods).await.is_empty()).then_some(())
+    })
+    .await;
+    assert!(
+        log[..loading].contains("Restoring release"),
+        "the bring-back started with its line: {log}"
+    );
+    wait_for(240, "the restore's marker to go once every app is back", || async {
+        (!data.join("restore-reapply").exists()).then_some(())
+    })
+    .await;
+    assert!(second_dir.path().join("appendonlydir").is_dir(), "the data is on the new volume");
+
+    delete_app_and_namespace(&second, &client, name).await;
+    remove_volume(&volumes, &second_pv).await;
+    second.stop().await;
+}
