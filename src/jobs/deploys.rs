@@ -541,7 +541,10 @@ pub async fn reconcile_all(state: AppState) {
         tracing::info!(app.name = %app, "restored release {release} of {app}");
     }
     // One that failed is tried again at the next start (a resource's export still to load).
-    if restored && all_applied && let Err(e) = std::fs::remove_file(&marker) {
+    if restored
+        && all_applied
+        && let Err(e) = std::fs::remove_file(&marker)
+    {
         tracing::warn!(error = %e, "removing {}", marker.display());
     }
 }

@@ -728,8 +728,8 @@ async fn a_restored_rack_brings_back_its_resources_with_their_data() {
     third.stop().await;
 }
 
-/// On a runtime that does not load exports into the resources of a restored rack (Kubernetes;
-/// here the fake runtime, which answers the same), a backup leaves the resources' data out and
+/// On a runtime that does not load exports into the resources of a restored rack (the fake
+/// runtime), a backup leaves the resources' data out and
 /// its manifest says so for each, rather than holding exports no restore would load.
 #[tokio::test]
 async fn a_runtime_that_cannot_restore_resources_has_them_listed_as_left_out() {

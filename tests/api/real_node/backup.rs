@@ -86,7 +86,10 @@ async fn a_kubernetes_backup_holds_a_resources_data_and_a_restore_loads_it_into_
     let file = dir.path().join("rack.tar");
     let started = std::time::Instant::now();
     crate::backup::download(&first, "?images=false", &file).await;
-    eprintln!("backup of a rack with a redis resource on the real node in {:?}", started.elapsed());
+    eprintln!(
+        "backup of a rack with a redis resource on the real node in {:?}",
+        started.elapsed()
+    );
     let manifest = rack::backup::restore::verify(&file).unwrap().manifest;
     let record = manifest
         .resources
@@ -96,7 +99,10 @@ async fn a_kubernetes_backup_holds_a_resources_data_and_a_restore_loads_it_into_
     let path = format!("resources/{name}/cache.rdb");
     assert_eq!(record.path.as_deref(), Some(path.as_str()), "{record:?}");
     let entry = manifest.entries.iter().find(|e| e.path == path).expect("its entry");
-    assert!(entry.size > 18 && entry.sha256.as_ref().is_some_and(|s| s.len() == 64), "{entry:?}");
+    assert!(
+        entry.size > 18 && entry.sha256.as_ref().is_some_and(|s| s.len() == 64),
+        "{entry:?}"
+    );
     let unpacked = dir.path().join("unpacked");
     std::fs::create_dir_all(&unpacked).unwrap();
     let status = std::process::Command::new("tar")
@@ -109,7 +115,10 @@ async fn a_kubernetes_backup_holds_a_resources_data_and_a_restore_loads_it_into_
         .unwrap();
     assert!(status.success());
     let rdb = std::fs::read(unpacked.join(&path)).unwrap();
-    assert!(rdb.starts_with(b"REDIS") && rdb.windows(4).any(|w| w == b"kept"), "an RDB with the data");
+    assert!(
+        rdb.starts_with(b"REDIS") && rdb.windows(4).any(|w| w == b"kept"),
+        "an RDB with the data"
+    );
 
     // A resource that cannot be exported (its pod is gone) fails the backup, naming it.
     let none = serde_json::json!({ "spec": { "replicas": 0 } });
@@ -128,7 +137,10 @@ async fn a_kubernetes_backup_holds_a_resources_data_and_a_restore_loads_it_into_
     let (status, text) = crate::helpers::status_text(failed).await;
     assert_eq!(status, 409, "{text}");
     assert!(text.contains(&format!("resource cache of app {name}")), "{text}");
-    assert!(text.contains("resources=false"), "says how to leave resources out: {text}");
+    assert!(
+        text.contains("resources=false"),
+        "says how to leave resources out: {text}"
+    );
 
     // The app goes from the cluster with its namespace, claim and data, and the first rack
     // stops: the second one finds nothing of it in the cluster.
@@ -153,7 +165,10 @@ async fn a_kubernetes_backup_holds_a_resources_data_and_a_restore_loads_it_into_
     // app's service came back (started after its resource was loaded).
     let set = sets.get("resource-cache").await.unwrap();
     let annotations = set.metadata.annotations.unwrap_or_default();
-    assert!(!annotations.contains_key("convox.com/restore-pending"), "{annotations:?}");
+    assert!(
+        !annotations.contains_key("convox.com/restore-pending"),
+        "{annotations:?}"
+    );
     let data = second.state.config.data_dir.clone();
     let pending = crate::helpers::files_under(&data.join("resource-imports"));
     assert!(pending.is_empty(), "{pending:?}");
@@ -169,7 +184,10 @@ async fn a_kubernetes_backup_holds_a_resources_data_and_a_restore_loads_it_into_
         (!data.join("restore-reapply").exists()).then_some(())
     })
     .await;
-    assert!(second_dir.path().join("appendonlydir").is_dir(), "the data is on the new volume");
+    assert!(
+        second_dir.path().join("appendonlydir").is_dir(),
+        "the data is on the new volume"
+    );
 
     delete_app_and_namespace(&second, &client, name).await;
     remove_volume(&volumes, &second_pv).await;
