@@ -1,8 +1,9 @@
-//! Backups of a Kubernetes rack hold its resources' data, and a restore loads it back: a redis
-//! resource really running on the real node (real redis on a real volume; hollow nodes fake
-//! their containers, so they hold no data) is exported into the backup through a port-forward,
-//! and a second rack restoring that backup, on a cluster where the app is gone, creates the
-//! resource again and loads the export into it before the app's services start.
+//! Backups of a Kubernetes rack hold its resources' data, and a restore loads it back: a
+//! postgres and a redis resource really running on the real node (real servers on real
+//! volumes; hollow nodes fake their containers, so they hold no data) are exported into the
+//! backup through port-forwards, and a second rack restoring that backup, on a cluster where
+//! the app is gone, creates the resources again and loads the exports into them (SQL through a
+//! port-forward, the RDB by restarting redis on it) before the app's services start.
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
@@ -14,8 +15,15 @@ use crate::deploys::promote_follow;
 use crate::helpers::{TestApp, wait_for};
 use crate::kubeenv::{REAL_NODE_IMAGE, client_for, real_node_env};
 
-/// A hostPath volume in `dir` offered to exactly the claim of redis resource `cache` in `ns`.
-async fn offer_volume(volumes: &Api<PersistentVolume>, name: &str, ns: &str, dir: &std::path::Path) {
+/// The postgres image of the real node (`scripts/kube-testenv build`: Debian's Postgres server
+/// with an entrypoint that sets it up from `POSTGRES_*` as the official image does).
+const POSTGRES_IMAGE: &str = "localhost/rack-testenv/postgres:1";
+
+/// A hostPath volume in `dir` offered to exactly the claim of resource `resource` in `ns`.
+async fn offer_volume(volumes: &Api<PersistentVolume>, name: &str, ns: &str, resource: &str, dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    // As a hostPath provisioner makes it: open to the server's own user (postgres runs as one).
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     let pv: PersistentVolume = serde_json::from_value(serde_json::json!({
         "metadata": { "name": name },
         "spec": {
@@ -23,7 +31,7 @@ async fn offer_volume(volumes: &Api<PersistentVolume>, name: &str, ns: &str, dir
             "accessModes": ["ReadWriteOnce"],
             "persistentVolumeReclaimPolicy": "Retain",
             "hostPath": { "path": dir.to_str().unwrap(), "type": "Directory" },
-            "claimRef": { "namespace": ns, "name": "data-resource-cache-0" },
+            "claimRef": { "namespace": ns, "name": format!("data-resource-{resource}-0") },
         },
     }))
     .unwrap();
@@ -60,17 +68,19 @@ async fn a_kubernetes_backup_holds_a_resources_data_and_a_restore_loads_it_into_
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
     let volumes: Api<PersistentVolume> = Api::all(client.clone());
-    // One volume for each life of the resource: the restored one starts empty.
-    let (first_dir, second_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (first_pv, second_pv) = (format!("{name}-first"), format!("{name}-second"));
-    offer_volume(&volumes, &first_pv, &ns, first_dir.path()).await;
+    // One volume for each life of each resource: the restored ones start empty.
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let volume = |resource: &str, life: &str| format!("{name}-{resource}-{life}");
+    offer_volume(&volumes, &volume("cache", "first"), &ns, "cache", dirs[0].path()).await;
+    offer_volume(&volumes, &volume("database", "first"), &ns, "database", dirs[1].path()).await;
 
     assert_eq!(first.create_app(name).await.status(), 201);
     let manifest = format!(
-        "resources:\n  cache:\n    type: redis\n    image: {REDIS_IMAGE}\n\
+        "resources:\n  cache:\n    type: redis\n    image: {REDIS_IMAGE}\n  \
+         database:\n    type: postgres\n    image: {POSTGRES_IMAGE}\n\
          services:\n  web:\n    image: {REAL_NODE_IMAGE}\n    \
          command: \"mkdir -p /tmp/w && echo ok >/tmp/w/health && exec httpd -f -p 8080 -h /tmp/w\"\n    \
-         port: 8080\n    resources:\n      - cache\n    health:\n      path: /health\n      grace: 1\n      interval: 1\n"
+         port: 8080\n    resources:\n      - cache\n      - database\n    health:\n      path: /health\n      grace: 1\n      interval: 1\n"
     );
     let release = first.build_release(name, &[("convox.yml", &manifest)]).await;
     let log = promote_follow(&first, name, &release).await;
@@ -79,6 +89,16 @@ async fn a_kubernetes_backup_holds_a_resources_data_and_a_restore_loads_it_into_
     let cli = |command: &str| format!("redis-cli -h 127.0.0.1 {command}");
     assert_eq!(in_resource_pod(&pods, pod, &cli("SET note kept")).await, "OK");
     assert_eq!(in_resource_pod(&pods, pod, &cli("RPUSH list a b c")).await, "3");
+    // psql on the server's socket, as its superuser (trusted there), in the database rack made.
+    let database = "resource-database-0";
+    let sql = |query: &str| format!("psql -U \"$POSTGRES_USER\" -d \"$POSTGRES_DB\" -Atc \"{query}\"");
+    let created = in_resource_pod(
+        &pods,
+        database,
+        &sql("create table orders (id int primary key, note text); insert into orders values (1, 'kept'), (2, 'also kept')"),
+    )
+    .await;
+    assert_eq!(created, "INSERT 0 2");
 
     // The backup holds the resource's export (an RDB, through a port-forward to its pod),
     // listed in the manifest with its digest.
@@ -87,37 +107,45 @@ async fn a_kubernetes_backup_holds_a_resources_data_and_a_restore_loads_it_into_
     let started = std::time::Instant::now();
     crate::backup::download(&first, "?images=false", &file).await;
     eprintln!(
-        "backup of a rack with a redis resource on the real node in {:?}",
+        "backup of a rack with a postgres and a redis resource on the real node in {:?}",
         started.elapsed()
     );
     let manifest = rack::backup::restore::verify(&file).unwrap().manifest;
-    let record = manifest
-        .resources
-        .iter()
-        .find(|r| r.app == name && r.name == "cache")
-        .unwrap_or_else(|| panic!("the resource in {:?}", manifest.resources));
-    let path = format!("resources/{name}/cache.rdb");
-    assert_eq!(record.path.as_deref(), Some(path.as_str()), "{record:?}");
-    let entry = manifest.entries.iter().find(|e| e.path == path).expect("its entry");
-    assert!(
-        entry.size > 18 && entry.sha256.as_ref().is_some_and(|s| s.len() == 64),
-        "{entry:?}"
-    );
     let unpacked = dir.path().join("unpacked");
     std::fs::create_dir_all(&unpacked).unwrap();
-    let status = std::process::Command::new("tar")
-        .arg("-xf")
-        .arg(&file)
-        .arg("-C")
-        .arg(&unpacked)
-        .arg(&path)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let rdb = std::fs::read(unpacked.join(&path)).unwrap();
+    let mut exports = Vec::new();
+    for (resource, ext) in [("cache", "rdb"), ("database", "sql")] {
+        let record = manifest
+            .resources
+            .iter()
+            .find(|r| r.app == name && r.name == resource)
+            .unwrap_or_else(|| panic!("{resource} in {:?}", manifest.resources));
+        let path = format!("resources/{name}/{resource}.{ext}");
+        assert_eq!(record.path.as_deref(), Some(path.as_str()), "{record:?}");
+        let entry = manifest.entries.iter().find(|e| e.path == path).expect("its entry");
+        assert!(
+            entry.size > 18 && entry.sha256.as_ref().is_some_and(|s| s.len() == 64),
+            "{entry:?}"
+        );
+        let status = std::process::Command::new("tar")
+            .arg("-xf")
+            .arg(&file)
+            .arg("-C")
+            .arg(&unpacked)
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        exports.push(std::fs::read(unpacked.join(&path)).unwrap());
+    }
     assert!(
-        rdb.starts_with(b"REDIS") && rdb.windows(4).any(|w| w == b"kept"),
+        exports[0].starts_with(b"REDIS") && exports[0].windows(4).any(|w| w == b"kept"),
         "an RDB with the data"
+    );
+    let dump = String::from_utf8_lossy(&exports[1]);
+    assert!(
+        dump.contains("CREATE TABLE public.orders") && dump.contains("also kept"),
+        "a plain-SQL dump with the data: {dump}"
     );
 
     // A resource that cannot be exported (its pod is gone) fails the backup, naming it.
@@ -142,33 +170,57 @@ async fn a_kubernetes_backup_holds_a_resources_data_and_a_restore_loads_it_into_
         "says how to leave resources out: {text}"
     );
 
-    // The app goes from the cluster with its namespace, claim and data, and the first rack
+    // The app goes from the cluster with its namespace, claims and data, and the first rack
     // stops: the second one finds nothing of it in the cluster.
     delete_app_and_namespace(&first, &client, name).await;
     first.stop().await;
-    remove_volume(&volumes, &first_pv).await;
-    offer_volume(&volumes, &second_pv, &ns, second_dir.path()).await;
+    for resource in ["cache", "database"] {
+        remove_volume(&volumes, &volume(resource, "first")).await;
+    }
+    offer_volume(&volumes, &volume("cache", "second"), &ns, "cache", dirs[2].path()).await;
+    offer_volume(&volumes, &volume("database", "second"), &ns, "database", dirs[3].path()).await;
 
     let mut config = crate::backup::restoring(dir.path(), &file).await;
     on_real_node(&mut config);
     let second = TestApp::start(config).await;
-    let line = "system/k8s/resource/cache restored from the backup";
-    let log = second.wait_for_log_line(name, line, 420).await;
-    assert_eq!(log.matches(line).count(), 1, "loaded once: {log}");
+    let mut log = String::new();
+    for resource in ["cache", "database"] {
+        let line = format!("system/k8s/resource/{resource} restored from the backup");
+        log = second.wait_for_log_line(name, &line, 420).await;
+        assert_eq!(log.matches(&line).count(), 1, "loaded once: {log}");
+        let claim = claims.get(&format!("data-resource-{resource}-0")).await.unwrap();
+        assert_eq!(
+            claim.spec.unwrap().volume_name,
+            Some(volume(resource, "second")),
+            "the new, empty volume"
+        );
+        // Loaded, so its mark is off the StatefulSet.
+        let set = sets.get(&format!("resource-{resource}")).await.unwrap();
+        let annotations = set.metadata.annotations.unwrap_or_default();
+        assert!(
+            !annotations.contains_key("convox.com/restore-pending"),
+            "{annotations:?}"
+        );
+    }
     assert!(log.contains("after a restore"), "{log}");
     let loading = log.find("resource/cache loading its data").expect("the load is logged");
-    let claim = claims.get("data-resource-cache-0").await.unwrap();
-    assert_eq!(claim.spec.unwrap().volume_name.as_deref(), Some(second_pv.as_str()));
+    assert!(
+        log[..loading].contains("Restoring release"),
+        "the bring-back started with its line: {log}"
+    );
     assert_eq!(in_resource_pod(&pods, pod, &cli("GET note")).await, "kept");
     assert_eq!(in_resource_pod(&pods, pod, &cli("LRANGE list 0 -1")).await, "a\nb\nc");
-    // The export is loaded, so its mark is off the StatefulSet and the file is gone; and the
-    // app's service came back (started after its resource was loaded).
-    let set = sets.get("resource-cache").await.unwrap();
-    let annotations = set.metadata.annotations.unwrap_or_default();
-    assert!(
-        !annotations.contains_key("convox.com/restore-pending"),
-        "{annotations:?}"
+    assert_eq!(
+        in_resource_pod(&pods, database, &sql("select id, note from orders order by id")).await,
+        "1|kept\n2|also kept"
     );
+    assert!(
+        dirs[2].path().join("appendonlydir").is_dir(),
+        "redis's data is on its new volume"
+    );
+    assert!(dirs[3].path().join("pgdata/PG_VERSION").is_file(), "postgres's too");
+    // The exports are gone once loaded, and the app's service came back (started after its
+    // resources were loaded).
     let data = second.state.config.data_dir.clone();
     let pending = crate::helpers::files_under(&data.join("resource-imports"));
     assert!(pending.is_empty(), "{pending:?}");
@@ -176,20 +228,14 @@ async fn a_kubernetes_backup_holds_a_resources_data_and_a_restore_loads_it_into_
         (!web_pods(&pods).await.is_empty()).then_some(())
     })
     .await;
-    assert!(
-        log[..loading].contains("Restoring release"),
-        "the bring-back started with its line: {log}"
-    );
     wait_for(240, "the restore's marker to go once every app is back", || async {
         (!data.join("restore-reapply").exists()).then_some(())
     })
     .await;
-    assert!(
-        second_dir.path().join("appendonlydir").is_dir(),
-        "the data is on the new volume"
-    );
 
     delete_app_and_namespace(&second, &client, name).await;
-    remove_volume(&volumes, &second_pv).await;
+    for resource in ["cache", "database"] {
+        remove_volume(&volumes, &volume(resource, "second")).await;
+    }
     second.stop().await;
 }
