@@ -98,7 +98,7 @@ async fn a_kubernetes_backup_holds_a_resources_data_and_a_restore_loads_it_into_
         &sql("create table orders (id int primary key, note text); insert into orders values (1, 'kept'), (2, 'also kept')"),
     )
     .await;
-    assert_eq!(created, "INSERT 0 2");
+    assert_eq!(created, "CREATE TABLE\nINSERT 0 2");
 
     // The backup holds the resource's export (an RDB, through a port-forward to its pod),
     // listed in the manifest with its digest.
