@@ -477,6 +477,9 @@ pub async fn load_spec(state: &AppState, app: &str, id: &str) -> Result<ReleaseS
     })
 }
 
+/// How long bringing one app back may take (a deployment's default timeout).
+const RECONCILE_LIMIT: Duration = Duration::from_secs(1800);
+
 /// Brings back the processes of every app's current release (at startup: the local runtime's
 /// processes do not outlive the server), and on any runtime after a restore (a Kubernetes
 /// cluster may have none of the restored apps, and the resources it creates load the backup's
@@ -524,8 +527,14 @@ pub async fn reconcile_all(state: AppState) {
         let after = if restored { "a restore" } else { "a server restart" };
         log.line(&stream, format!("Restoring release {release} after {after}"))
             .await;
+        // Bounded as a deployment is by default: one app that cannot converge (a resource whose
+        // volume never binds) must not keep the others from coming back.
         let result = tokio::select! {
             result = state.runtime.apply(&app, Some(&spec), &log) => result,
+            () = tokio::time::sleep(RECONCILE_LIMIT) => Err(RuntimeError::Failed(format!(
+                "not converged within {} s",
+                RECONCILE_LIMIT.as_secs()
+            ))),
             () = state.shutdown.cancelled() => return,
         };
         match result {
