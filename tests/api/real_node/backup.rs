@@ -233,9 +233,64 @@ async fn a_kubernetes_backup_holds_a_resources_data_and_a_restore_loads_it_into_
     })
     .await;
 
-    delete_app_and_namespace(&second, &client, name).await;
+    // A start that finds exports again (a server stopped after loading one and before removing
+    // it, or after creating a resource and before loading it): an unmarked resource keeps its
+    // data, with what was written since; a marked one has its export loaded again.
+    assert_eq!(in_resource_pod(&pods, pod, &cli("SET note later")).await, "OK");
+    assert_eq!(
+        in_resource_pod(&pods, database, &sql("delete from orders where id = 2")).await,
+        "DELETE 1"
+    );
+    let mark = serde_json::json!({ "metadata": { "annotations": { "convox.com/restore-pending": "true" } } });
+    sets.patch("resource-database", &PatchParams::default(), &Patch::Merge(&mark))
+        .await
+        .unwrap();
+    let pending_dir = data.join("resource-imports").join(name);
+    std::fs::create_dir_all(&pending_dir).unwrap();
+    for export in ["cache.rdb", "database.sql"] {
+        std::fs::copy(
+            unpacked.join(format!("resources/{name}/{export}")),
+            pending_dir.join(export),
+        )
+        .unwrap();
+    }
+    std::fs::write(data.join("restore-reapply"), b"").unwrap();
+    let mut config = second.state.config.clone();
+    config.backup.restore = None;
+    second.stop().await;
+    let third = TestApp::start(config).await;
+    let line = "system/k8s/resource/database restored from the backup";
+    let log = wait_for(420, "the marked resource to be loaded again", || async {
+        let log = third.read_app_log(name, true).await;
+        (log.matches(line).count() == 2).then_some(log)
+    })
+    .await;
+    assert!(log.contains("resource/cache kept its data"), "{log}");
+    assert_eq!(
+        log.matches("resource/cache restored from the backup").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(in_resource_pod(&pods, pod, &cli("GET note")).await, "later");
+    assert_eq!(
+        in_resource_pod(&pods, database, &sql("select id, note from orders order by id")).await,
+        "1|kept\n2|also kept"
+    );
+    let set = sets.get("resource-database").await.unwrap();
+    let annotations = set.metadata.annotations.unwrap_or_default();
+    assert!(
+        !annotations.contains_key("convox.com/restore-pending"),
+        "{annotations:?}"
+    );
+    assert!(crate::helpers::files_under(&pending_dir).is_empty());
+    wait_for(240, "the marker to go again", || async {
+        (!data.join("restore-reapply").exists()).then_some(())
+    })
+    .await;
+
+    delete_app_and_namespace(&third, &client, name).await;
     for resource in ["cache", "database"] {
         remove_volume(&volumes, &volume(resource, "second")).await;
     }
-    second.stop().await;
+    third.stop().await;
 }
