@@ -336,6 +336,7 @@ async fn default_runtime(
                 objects: objects.clone(),
                 tokens: Arc::new(jobs::capabilities::StoredTokens(pool.clone())),
                 scratch: config.data_dir.join("builds"),
+                data_dir: config.data_dir.clone(),
                 limits: config.source_limits,
                 build_timeout: config.build_timeout,
                 registries,

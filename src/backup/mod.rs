@@ -47,6 +47,9 @@ pub const RESOURCES: &str = "resources";
 /// Where a restore keeps resources' exports until the runtime has loaded each into its new
 /// resource: `<data>/resource-imports/<app>/<name>.<ext>`.
 pub const PENDING_IMPORTS: &str = "resource-imports";
+/// A file a restore leaves in the data directory until the server has applied every restored
+/// app's current release once (`jobs::deploys::reconcile_all`), on any runtime.
+pub const REAPPLY: &str = "restore-reapply";
 /// Where scheduled backups go in the object store.
 pub const STORE_PREFIX: &str = "_backups";
 

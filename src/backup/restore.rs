@@ -4,9 +4,10 @@
 //! [`load`] puts everything back: the dump with `pg_restore` (the server's migrations then
 //! bring an older backup's schema up to date), the blobs into the object store, the build
 //! directories into the data directory and the images into podman; the resources' exports wait
-//! in `<data>/resource-imports/`. The server then starts as usual, and its reconciler starts
-//! every app's current release again: the runtime creates each resource and loads its export
-//! into it (`crate::backup::pending_import`).
+//! in `<data>/resource-imports/`, and the file `restore-reapply` marks the data directory
+//! restored. The server then starts as usual, and its reconciler starts every app's current
+//! release again (on any runtime while the marker is there): the runtime creates each resource
+//! and loads its export into it (`crate::backup::pending_import`).
 
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -291,6 +292,9 @@ pub async fn load(
         std::fs::rename(&exports, config.data_dir.join(PENDING_IMPORTS))
             .context("keeping the resources' exports in the data directory")?;
     }
+
+    // The server applies every app's release once it starts, then removes this.
+    std::fs::write(config.data_dir.join(super::REAPPLY), b"").context("marking the data directory restored")?;
 
     let images = staging.path().join(IMAGES);
     if images.exists() {

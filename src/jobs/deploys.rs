@@ -477,11 +477,19 @@ pub async fn load_spec(state: &AppState, app: &str, id: &str) -> Result<ReleaseS
     })
 }
 
+/// How long bringing one app back may take (a deployment's default timeout).
+const RECONCILE_LIMIT: Duration = Duration::from_secs(1800);
+
 /// Brings back the processes of every app's current release (at startup: the local runtime's
-/// processes do not outlive the server). Apps with a deployment in progress are left to the
-/// deploy workers.
+/// processes do not outlive the server), and on any runtime after a restore (a Kubernetes
+/// cluster may have none of the restored apps, and the resources it creates load the backup's
+/// exports): until every app has been applied, the restore's marker stays
+/// (`crate::backup::REAPPLY`), so a server stopped half-way does it again. Apps with a
+/// deployment in progress are left to the deploy workers.
 pub async fn reconcile_all(state: AppState) {
-    if !state.runtime.capabilities().restores_on_start {
+    let marker = state.config.data_dir.join(crate::backup::REAPPLY);
+    let restored = marker.exists();
+    if !state.runtime.capabilities().restores_on_start && !restored {
         return;
     }
     let apps = match crate::store::apps::list_released(&state.pool).await {
@@ -491,6 +499,7 @@ pub async fn reconcile_all(state: AppState) {
             return;
         }
     };
+    let mut all_applied = true;
     for (app, release) in apps {
         match deployments::latest_state(&state.pool, &app).await {
             Ok(Some(s)) if !s.is_terminal() => continue,
@@ -515,15 +524,23 @@ pub async fn reconcile_all(state: AppState) {
         };
         let writer = tokio::spawn(persist_lines(state.pool.clone(), owner, rx));
         let stream = crate::stream_names::atom(state.runtime.name());
-        log.line(&stream, format!("Restoring release {release} after a server restart"))
+        let after = if restored { "a restore" } else { "a server restart" };
+        log.line(&stream, format!("Restoring release {release} after {after}"))
             .await;
+        // Bounded as a deployment is by default: one app that cannot converge (a resource whose
+        // volume never binds) must not keep the others from coming back.
         let result = tokio::select! {
             result = state.runtime.apply(&app, Some(&spec), &log) => result,
+            () = tokio::time::sleep(RECONCILE_LIMIT) => Err(RuntimeError::Failed(format!(
+                "not converged within {} s",
+                RECONCILE_LIMIT.as_secs()
+            ))),
             () = state.shutdown.cancelled() => return,
         };
         match result {
             Ok(()) => crate::api::certificates::serve_app(&state, &app).await,
             Err(e) => {
+                all_applied = false;
                 log.line(&stream, format!("Restoring release {release} failed: {e}"))
                     .await;
             }
@@ -531,5 +548,12 @@ pub async fn reconcile_all(state: AppState) {
         drop(log);
         let _ = writer.await;
         tracing::info!(app.name = %app, "restored release {release} of {app}");
+    }
+    // One that failed is tried again at the next start (a resource's export still to load).
+    if restored
+        && all_applied
+        && let Err(e) = std::fs::remove_file(&marker)
+    {
+        tracing::warn!(error = %e, "removing {}", marker.display());
     }
 }

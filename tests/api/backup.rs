@@ -12,7 +12,7 @@ use crate::deploys::{MANIFEST, SERVER, promote_follow};
 use crate::helpers::{PASSWORD, TestApp, wait_for};
 
 /// Downloads a backup of `rack` into `file`.
-async fn download(rack: &TestApp, query: &str, file: &std::path::Path) {
+pub(crate) async fn download(rack: &TestApp, query: &str, file: &std::path::Path) {
     let response = rack
         .untimed_client()
         .get(rack.url(&format!("/system/backup{query}")))
@@ -41,7 +41,7 @@ async fn feed(rack: &TestApp, app: &str, after: i64) -> Vec<(i64, String)> {
 }
 
 /// A config for a server that restores `file` into a new data directory and an empty database.
-async fn restoring(data: &std::path::Path, file: &std::path::Path) -> rack::config::Config {
+pub(crate) async fn restoring(data: &std::path::Path, file: &std::path::Path) -> rack::config::Config {
     let url = crate::helpers::empty_database().await;
     let mut config = rack::config::Config::for_tests(data.join("rack"), rack::config::Database::Url(url), PASSWORD);
     config.backup.restore = Some(file.to_path_buf());
@@ -728,8 +728,8 @@ async fn a_restored_rack_brings_back_its_resources_with_their_data() {
     third.stop().await;
 }
 
-/// On a runtime that does not load exports into the resources of a restored rack (Kubernetes;
-/// here the fake runtime, which answers the same), a backup leaves the resources' data out and
+/// On a runtime that does not load exports into the resources of a restored rack (the fake
+/// runtime), a backup leaves the resources' data out and
 /// its manifest says so for each, rather than holding exports no restore would load.
 #[tokio::test]
 async fn a_runtime_that_cannot_restore_resources_has_them_listed_as_left_out() {

@@ -517,7 +517,7 @@ impl TestApp {
     }
 
     /// The app's log so far, each line after its stream's name when `prefixed`.
-    async fn read_app_log(&self, app: &str, prefixed: bool) -> String {
+    pub async fn read_app_log(&self, app: &str, prefixed: bool) -> String {
         let response = self
             .request(Method::GET, &format!("/apps/{app}/logs"))
             .header("follow", "false")

@@ -55,6 +55,7 @@ async fn runtime(scratch: &std::path::Path) -> KubeRuntime {
         objects,
         tokens: Arc::new(NoTokens),
         scratch: scratch.join("builds"),
+        data_dir: scratch.to_path_buf(),
         limits: rack::archive::Limits::default(),
         build_timeout: Duration::from_secs(60),
         registries: Arc::new(rack::runtime::NoRegistries),

@@ -15,24 +15,27 @@ use crate::deploys::promote_follow;
 use crate::helpers::{TestApp, wait_for};
 use crate::kubeenv::{REAL_NODE, REAL_NODE_IMAGE, REAL_NODE_POD_PREFIX, client_for, real_node_env};
 
+mod backup;
+
 /// A rack on the real node's cluster (its own control plane), as rack's service account.
 async fn spawn_on_real_node() -> TestApp {
-    let kubeconfig = real_node_env().rack.clone();
-    TestApp::spawn_with(|config| {
-        config.runtime = rack::config::RuntimeKind::Kube;
-        config.kube = Some(rack::config::KubeConfig {
-            // Services name their image (imported into the node's containerd): no builds here.
-            registry: "registry.invalid/rack".to_owned(),
-            url: "http://rack.rack.svc.cluster.local:5443".to_owned(),
-            builder_image: "registry.invalid/kaniko:unused".to_owned(),
-            fetch_image: REAL_NODE_IMAGE.to_owned(),
-            service_account: Some(("rack".to_owned(), "rack".to_owned())),
-            kubeconfig: Some(kubeconfig),
-            ingress: Default::default(),
-            prometheus_url: None,
-        });
-    })
-    .await
+    TestApp::spawn_with(on_real_node).await
+}
+
+/// Points `config` at the real node's cluster, as rack's service account.
+fn on_real_node(config: &mut rack::config::Config) {
+    config.runtime = rack::config::RuntimeKind::Kube;
+    config.kube = Some(rack::config::KubeConfig {
+        // Services name their image (imported into the node's containerd): no builds here.
+        registry: "registry.invalid/rack".to_owned(),
+        url: "http://rack.rack.svc.cluster.local:5443".to_owned(),
+        builder_image: "registry.invalid/kaniko:unused".to_owned(),
+        fetch_image: REAL_NODE_IMAGE.to_owned(),
+        service_account: Some(("rack".to_owned(), "rack".to_owned())),
+        kubeconfig: Some(real_node_env().rack.clone()),
+        ingress: Default::default(),
+        prometheus_url: None,
+    });
 }
 
 /// A web service of busybox's httpd that says it starts (with a word of its own each time), is

@@ -20,6 +20,7 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::watcher;
 
 use super::databases::{self, object_name};
+use super::resource_restore::{self, Plan};
 use super::resources::MANAGER;
 use super::rollout::failing_pod;
 use super::watch::Watch;
@@ -190,6 +191,8 @@ async fn apply_some(
     let services: Api<Service> = runtime.api(app);
     let sets: Api<StatefulSet> = runtime.api(app);
     let params = PatchParams::apply(MANAGER).force();
+    // The exports a restore left to load into their resources once ready (`resource_restore`).
+    let mut loads = Vec::new();
     for name in &names {
         let spec = specs
             .get(name)
@@ -199,6 +202,19 @@ async fn apply_some(
             .get_opt(&object)
             .await
             .map_err(RuntimeError::kube(format!("reading statefulset {object}")))?;
+        let plan = restore_plan(runtime, app, spec, live.as_ref());
+        match &plan {
+            Plan::Load(file) => loads.push((spec, file.clone())),
+            Plan::Forget(file) => {
+                log.line(
+                    &stream(name),
+                    "kept its data: it existed before the restore, so the backup's export is not loaded over it",
+                )
+                .await;
+                resource_restore::forget(file);
+            }
+            Plan::KeepMark | Plan::Nothing => {}
+        }
         if create_only && live.is_some() {
             continue;
         }
@@ -215,7 +231,10 @@ async fn apply_some(
             storage = kept;
         }
         // Rendered (and its options checked) before anything is applied.
-        let body = databases::stateful_set(rack, app, spec, storage)?;
+        let mut body = databases::stateful_set(rack, app, spec, storage)?;
+        if plan.marks() {
+            resource_restore::mark(&mut body);
+        }
         if live.is_none() {
             log.line(&stream(name), "creating").await;
         }
@@ -237,7 +256,22 @@ async fn apply_some(
             log.line(&stream(name), "updating").await;
         }
     }
-    wait(runtime, app, names, log).await
+    wait(runtime, app, names, log).await?;
+    for (spec, file) in loads {
+        log.line(&stream(&spec.name), "loading its data from the backup").await;
+        resource_restore::load(runtime, app, spec, &file).await?;
+        log.line(&stream(&spec.name), "restored from the backup").await;
+    }
+    Ok(())
+}
+
+/// What to do about an export a restore left for resource `spec` of `app` (the rack's own
+/// resources are not in backups).
+fn restore_plan(runtime: &KubeRuntime, app: &str, spec: &ResourceSpec, live: Option<&StatefulSet>) -> Plan {
+    let pending = (app != databases::RACK_APP)
+        .then(|| crate::backup::pending_import(&runtime.0.settings.data_dir, app, &spec.name, spec.definition.kind))
+        .flatten();
+    Plan::of(pending, live)
 }
 
 /// Waits until the StatefulSet of each resource in `pending` has its one pod ready with its
@@ -313,6 +347,7 @@ pub fn is_ready(set: &StatefulSet) -> bool {
 /// and volume claims. One that is not there is not an error.
 pub async fn delete_resource(runtime: &KubeRuntime, app: &str, name: &str) -> Result<(), RuntimeError> {
     let object = object_name(name);
+    resource_restore::forget_all(&runtime.0.settings.data_dir, app, Some(name));
     delete(&runtime.api::<StatefulSet>(app), &object).await?;
     delete(&runtime.api::<Service>(app), &object).await?;
     delete(&runtime.api::<Secret>(app), &object).await?;

@@ -19,6 +19,7 @@ mod prometheus_tests;
 mod redis_import;
 mod registries;
 mod registry_client;
+mod resource_restore;
 pub mod resources;
 mod rights;
 mod rollout;
@@ -79,6 +80,9 @@ pub struct KubeSettings {
     pub tokens: Arc<dyn super::SourceTokens>,
     /// Scratch space where a build's source is checked before the cluster builds it.
     pub scratch: PathBuf,
+    /// rack's data directory, where a restore leaves the resources' exports for the runtime
+    /// to load into the resources it creates (`crate::backup::pending_import`).
+    pub data_dir: PathBuf,
     pub limits: Limits,
     pub build_timeout: std::time::Duration,
     /// The private registries, whose credentials each release's pods pull with.
@@ -275,7 +279,7 @@ impl Runtime for KubeRuntime {
             resumes_builds: true,
             runs_timers: true,
             restores_on_start: false,
-            restores_resource_data: false,
+            restores_resource_data: true,
             restores_redis: true,
             runs_rack_resources: true,
             transfers_builds: true,
@@ -431,6 +435,8 @@ impl Runtime for KubeRuntime {
     async fn delete_app(&self, app: &str) -> Result<(), RuntimeError> {
         let namespaces: Api<Namespace> = Api::all(self.0.client.clone());
         let name = self.namespace(app);
+        // Exports a restore left for its resources go with the app.
+        resource_restore::forget_all(&self.0.settings.data_dir, app, None);
         // A namespace rack did not make is left alone.
         if !self.owned_namespace(app).await? {
             return Ok(());
