@@ -28,10 +28,11 @@ pub struct UserNetwork {
 }
 
 /// The holder of a kept network: it lives while its record file (`$1`) is there, waiting a
-/// while for rack to write it first.
+/// while for rack to write it first (not once the records' directory is gone: a data directory
+/// removed right after the record was written and removed again, as a test's is).
 const KEPT_HOLDER: &str = r#"ip link set lo up 2>/dev/null; echo ready
 i=0
-until [ -e "$1" ]; do sleep 1; i=$((i+1)); [ "$i" -lt 120 ] || exit 0; done
+until [ -e "$1" ]; do sleep 1; i=$((i+1)); [ "$i" -lt 120 ] && [ -d "${1%/*}" ] || exit 0; done
 while [ -e "$1" ]; do sleep 2; done"#;
 
 impl UserNetwork {
