@@ -301,6 +301,7 @@ impl Application {
         for worker in workers {
             let _ = worker.await;
         }
+        state.runtime.let_go().await;
         state.pool.close().await;
         drop(state);
         if let Some(cluster) = postgres {

@@ -238,11 +238,29 @@ async fn bridge(socket: WebSocket, session: ExecSession, mut end: futures_util::
             }
         }
     });
-    let mut text = Utf8Carry::default();
-    loop {
-        let chunk = tokio::select! {
-            chunk = output.next() => chunk,
-            // The client left: dropping the session kills the command.
+    let (mut text, mut exit, mut drained) = (Utf8Carry::default(), exit, false);
+    // The client leaving (or its credential ending) kills the command by dropping the session,
+    // also once the command has closed its output but not yet ended.
+    let code = loop {
+        tokio::select! {
+            chunk = output.next(), if !drained => match chunk {
+                Some(chunk) => {
+                    let piece = text.push(&chunk);
+                    if !piece.is_empty() && sink.send(Message::Text(piece.into())).await.is_err() {
+                        input.abort();
+                        return;
+                    }
+                }
+                None => {
+                    drained = true;
+                    let rest = text.finish();
+                    if !rest.is_empty() {
+                        let _ = sink.send(Message::Text(rest.into())).await;
+                    }
+                }
+            },
+            // Only once all its output is sent: the exit code comes last.
+            code = &mut exit, if drained => break code,
             _ = &mut input => return,
             reason = &mut end => {
                 let _ = sink.send(Message::Text(format!("{reason}\n").into())).await;
@@ -251,19 +269,8 @@ async fn bridge(socket: WebSocket, session: ExecSession, mut end: futures_util::
                 input.abort();
                 return;
             }
-        };
-        let Some(chunk) = chunk else { break };
-        let piece = text.push(&chunk);
-        if !piece.is_empty() && sink.send(Message::Text(piece.into())).await.is_err() {
-            input.abort();
-            return;
         }
-    }
-    let rest = text.finish();
-    if !rest.is_empty() {
-        let _ = sink.send(Message::Text(rest.into())).await;
-    }
-    let code = exit.await;
+    };
     // Its own frame: the CLI reads the code from what follows the marker, and nothing else.
     let _ = sink.send(Message::Text(format!("{EXIT_MARKER}:{code}\n").into())).await;
     let _ = sink.send(Message::Binary(axum::body::Bytes::new())).await;

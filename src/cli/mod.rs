@@ -187,6 +187,33 @@ enum Command {
         /// The ports of 127.0.0.1 to forward.
         ports: Vec<u16>,
     },
+    /// (Run by rack server, not by users.) Keeps a service's process running across restarts
+    /// of rack, holding its output.
+    #[command(name = crate::runtime::local::keeper::SUBCOMMAND, hide = true)]
+    AppKeeper {
+        /// Where it keeps its state and the output.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// The instance, as rack describes it (JSON).
+        #[arg(long)]
+        describe: String,
+        /// The uid the command runs as.
+        #[arg(long, requires = "gid")]
+        uid: Option<u32>,
+        /// The gid the command runs as.
+        #[arg(long, requires = "uid")]
+        gid: Option<u32>,
+        /// The command.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+}
+
+impl Cli {
+    /// Whether this runs an app's keeper (`rack app-keeper`).
+    pub fn is_keeper(&self) -> bool {
+        matches!(self.command, Command::AppKeeper { .. })
+    }
 }
 
 /// The shells `rack completion` writes a script for.
@@ -249,6 +276,13 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Switch { name } => racks::switch(&name),
         Command::Racks => racks::list(),
         Command::ResourceForwarder { pid, ports } => crate::runtime::local::forwarder::serve(pid, &ports).await,
+        Command::AppKeeper {
+            dir,
+            describe,
+            uid,
+            gid,
+            argv,
+        } => crate::runtime::local::keeper::serve(&dir, &describe, uid.zip(gid), &argv).await,
         Command::Completion { shell } => {
             completion(shell);
             Ok(())
@@ -284,6 +318,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                 | Command::Switch { .. }
                 | Command::Racks
                 | Command::ResourceForwarder { .. }
+                | Command::AppKeeper { .. }
                 | Command::Completion { .. } => unreachable!("handled above"),
             },
             Err(e) => Err(e),

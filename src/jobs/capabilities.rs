@@ -15,7 +15,18 @@ pub struct PersistedLogs {
     pub pool: PgPool,
 }
 
+#[async_trait::async_trait]
 impl AppLogs for PersistedLogs {
+    async fn copied_until(&self, app: &str, process: &str) -> Option<String> {
+        match crate::store::log_cursors::get(&self.pool, app, process).await {
+            Ok(position) => position,
+            Err(e) => {
+                tracing::warn!(error = %e, app.name = app, "reading where the output of {process} was copied to");
+                None
+            }
+        }
+    }
+
     fn sink(&self, app: &str) -> LogSink {
         let (sink, receiver) = LogSink::lossy();
         let owner = OwnedOwner {

@@ -161,6 +161,7 @@ pub async fn persist_lines(pool: PgPool, owner: OwnedOwner, receiver: LogReceive
     while let Some(first) = rx.recv().await {
         let mut acks = Vec::new();
         let mut note = None;
+        let mut cursor = None;
         let mut next = Some(first);
         while let Some(item) = next.take() {
             match item {
@@ -176,6 +177,13 @@ pub async fn persist_lines(pool: PgPool, owner: OwnedOwner, receiver: LogReceive
                     acks.push(ack);
                     break;
                 }
+                // Stop the batch here: the copy's position is stored with its lines.
+                LogItem::Copied(copied) => {
+                    let stream = storable(copied.stream);
+                    batch.extend(copied.lines.into_iter().map(|line| (stream.clone(), storable(line))));
+                    cursor = Some((copied.process, copied.position));
+                    break;
+                }
             }
             if batch.len() < 500 {
                 next = rx.try_recv().ok();
@@ -189,8 +197,8 @@ pub async fn persist_lines(pool: PgPool, owner: OwnedOwner, receiver: LogReceive
                 lines.insert(0, (LOG_NOTES_STREAM.to_owned(), note));
             }
         }
-        if !lines.is_empty() {
-            let stored = store_with_retry(&pool, &owner, &lines, dropped.is_some()).await;
+        if !lines.is_empty() || cursor.is_some() {
+            let stored = store_with_retry(&pool, &owner, &lines, dropped.is_some(), cursor.as_ref()).await;
             if stored {
                 written += lines.len() as u64;
             } else if let Some(dropped) = &dropped {
@@ -212,11 +220,17 @@ pub async fn persist_lines(pool: PgPool, owner: OwnedOwner, receiver: LogReceive
 /// Stores `lines`, retrying while Postgres is briefly away (about 30 s; for a lossy log, until
 /// it is back: its writer never waits on this, and what it sends meanwhile is counted).
 /// Returns whether they were stored.
-async fn store_with_retry(pool: &PgPool, owner: &OwnedOwner, lines: &[(String, String)], patient: bool) -> bool {
+async fn store_with_retry(
+    pool: &PgPool,
+    owner: &OwnedOwner,
+    lines: &[(String, String)],
+    patient: bool,
+    cursor: Option<&(String, Option<String>)>,
+) -> bool {
     let mut delay = Duration::from_millis(100);
     let mut waited = Duration::ZERO;
     loop {
-        match append(pool, owner, lines).await {
+        match append(pool, owner, lines, cursor).await {
             Ok(()) => return true,
             Err(e) if crate::store::is_transient(&e) && (patient || waited < Duration::from_secs(30)) => {
                 tracing::warn!(error = %e, app.name = %owner.app, "writing job output; retrying");
@@ -241,9 +255,21 @@ fn storable(text: String) -> String {
     }
 }
 
-async fn append(pool: &PgPool, owner: &OwnedOwner, lines: &[(String, String)]) -> Result<(), sqlx::Error> {
+/// Stores `lines`, and the position of the copy they came from (`cursor`: the process, and its
+/// position or `None` to forget it) in the same transaction.
+async fn append(
+    pool: &PgPool,
+    owner: &OwnedOwner,
+    lines: &[(String, String)],
+    cursor: Option<&(String, Option<String>)>,
+) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    events::append(&mut tx, owner.borrow(), lines, None).await?;
+    if !lines.is_empty() {
+        events::append(&mut tx, owner.borrow(), lines, None).await?;
+    }
+    if let Some((process, position)) = cursor {
+        crate::store::log_cursors::set(&mut tx, &owner.app, process, position.as_deref()).await?;
+    }
     tx.commit().await?;
     Ok(())
 }

@@ -6,10 +6,17 @@ use std::time::Duration;
 use super::{BoxError, LogSink};
 
 /// Where an app's own output and the runtime's events about its processes go (the app's log).
+#[async_trait::async_trait]
 pub trait AppLogs: Send + Sync + std::fmt::Debug {
     /// A sink for `app`'s log. It never blocks its writer: when the log cannot keep up (the
     /// database is away), lines are dropped and counted, and the count is written once it can.
     fn sink(&self, app: &str) -> LogSink;
+
+    /// Where the copy of `process`'s output stopped, as stored with the lines it copied
+    /// ([`LogSink::copied`]); `None` when nothing was copied (or it cannot be read).
+    async fn copied_until(&self, _app: &str, _process: &str) -> Option<String> {
+        None
+    }
 }
 
 /// Router ports, kept across restarts so an app keeps its address.

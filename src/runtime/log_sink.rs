@@ -30,6 +30,19 @@ pub enum LogItem {
     Process(String, String, crate::process_note::ProcessNote),
     /// Write everything sent before, then answer.
     Flush(tokio::sync::oneshot::Sender<()>),
+    /// Lines copied from a kept process's output, stored in one transaction with where the
+    /// copy stopped (see `local::kept`).
+    Copied(Copied),
+}
+
+/// Lines of one stream copied from `process`'s output, up to `position` (`None`: the copy is
+/// over, its position forgotten).
+#[derive(Debug)]
+pub struct Copied {
+    pub stream: String,
+    pub lines: Vec<String>,
+    pub process: String,
+    pub position: Option<String>,
 }
 
 /// Lines a sink queues before its writer must catch up.
@@ -63,6 +76,22 @@ impl LogSink {
     /// Writes one line.
     pub async fn line(&self, stream: &str, message: impl Into<String>) {
         self.send(LogItem::Line(stream.to_owned(), message.into())).await;
+    }
+
+    /// Writes `copied`'s lines and its position together (all or nothing: a lossy sink that is
+    /// full drops them all, and counts them).
+    pub async fn copied(&self, copied: Copied) {
+        let count = copied.lines.len() as u64;
+        match &self.dropped {
+            None => {
+                let _ = self.tx.send(LogItem::Copied(copied)).await;
+            }
+            Some(dropped) => {
+                if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(LogItem::Copied(copied)) {
+                    dropped.fetch_add(count, Ordering::Relaxed);
+                }
+            }
+        }
     }
 
     /// Writes the line that says process `process` of `app` started (`exit: None`) or exited,

@@ -26,7 +26,7 @@ pub use capabilities::{
 pub use capability_set::Capabilities;
 pub use error::{BoxError, RuntimeError};
 pub use host::{InstanceInfo, this_host};
-pub use log_sink::{LogItem, LogReceiver, LogSink, ProcessEvent};
+pub use log_sink::{Copied, LogItem, LogReceiver, LogSink, ProcessEvent};
 pub use metrics::{MAX_METRIC_PERIODS, MetricsWindow, PeriodFigures, Traffic};
 pub use process::{
     ExecRequest, ExecSession, LineStream, LogLine, OneOff, ProcessInfo, ProcessKind, ProcessLogs, ProcessStatus,
@@ -194,6 +194,11 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// The first failure, once everything was tried.
     async fn delete_app(&self, app: &str) -> Result<(), RuntimeError>;
+
+    /// rack is stopping (its shutdown token is cancelled): returns once what the runtime runs
+    /// is let go of for the next start to take over (the local runtime: its instances
+    /// detached, their output stored up to a recorded place), before rack's database closes.
+    async fn let_go(&self) {}
 
     /// The address on this host of the app's router (its first service with a port): only
     /// where rack itself routes the apps' traffic (local); `None` elsewhere.

@@ -12,6 +12,7 @@ pub mod deployments;
 pub mod events;
 pub mod feed;
 pub mod idempotency;
+pub mod log_cursors;
 pub mod objects;
 pub mod rack_log;
 pub mod rack_resources;

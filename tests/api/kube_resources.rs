@@ -154,6 +154,11 @@ fn log() -> (LogSink, Arc<Mutex<Vec<String>>>) {
             match item {
                 LogItem::Line(stream, message) => kept.lock().unwrap().push(format!("{stream} {message}")),
                 LogItem::Process(stream, message, _) => kept.lock().unwrap().push(format!("{stream} {message}")),
+                LogItem::Copied(copied) => {
+                    for message in copied.lines {
+                        kept.lock().unwrap().push(format!("{} {message}", copied.stream));
+                    }
+                }
                 LogItem::Flush(done) => {
                     let _ = done.send(());
                 }

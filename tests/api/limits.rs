@@ -156,6 +156,12 @@ async fn a_command_run_with_exec_counts_against_its_instances_limits() {
     let seen = async {
         wait_for(60, "the exec'd command", || async {
             let pids = crate::helpers::processes_with_arg(marker);
+            // Once the command itself runs: before, the chain that starts it may be between
+            // joining one cgroup and the next.
+            let comm = |pid: &u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if !pids.iter().any(|pid| comm(pid).trim() == "sleep") {
+                return None;
+            }
             let cgroups: Vec<(Option<String>, Option<String>)> = pids
                 .iter()
                 .map(|pid| (cgroup_of(*pid, "pids"), cgroup_of(*pid, "memory")))

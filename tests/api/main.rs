@@ -26,6 +26,7 @@ mod encodings;
 mod feed;
 mod helpers;
 mod hostile;
+mod keepers;
 mod kube_analysis;
 mod kube_build_transfer;
 mod kube_certs;

@@ -96,7 +96,7 @@ impl Replica {
         self.child.kill().await.unwrap();
     }
 
-    async fn sigterm(&mut self) {
+    pub async fn sigterm(&mut self) {
         let pid = self.child.id().unwrap() as i32;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
         let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())

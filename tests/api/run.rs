@@ -31,9 +31,12 @@ struct Exec {
     code: Option<i32>,
 }
 
-/// Runs an exec as the convox CLI does: headers, `stdin` as text frames, then its end (an
-/// empty binary frame).
-async fn exec(app: &TestApp, path: &str, headers: &[(&str, &str)], stdin: &[&str]) -> Exec {
+/// The websocket request of an exec at `path` with `headers`, as the convox CLI makes it.
+fn exec_request(
+    app: &TestApp,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
     let mut request = format!("ws://{}{path}", app.addr).into_client_request().unwrap();
     let auth = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("convox:{PASSWORD}"));
     request
@@ -49,6 +52,13 @@ async fn exec(app: &TestApp, path: &str, headers: &[(&str, &str)], stdin: &[&str
             value.parse().unwrap(),
         );
     }
+    request
+}
+
+/// Runs an exec as the convox CLI does: headers, `stdin` as text frames, then its end (an
+/// empty binary frame).
+async fn exec(app: &TestApp, path: &str, headers: &[(&str, &str)], stdin: &[&str]) -> Exec {
+    let request = exec_request(app, path, headers);
     let (socket, _) = tokio_tungstenite::connect_async(request).await.expect("the handshake");
     let (mut sink, mut source) = socket.split();
     for chunk in stdin {
@@ -392,4 +402,98 @@ async fn a_release_phase_runs_first_and_a_failing_one_changes_nothing() {
     assert_eq!(through_router(&app, "phased").await, format!("{first} \n"));
     let info: Value = app.get_json("/apps/phased").await;
     assert_eq!(info["release"], first.as_str());
+}
+
+/// An exec ends whole with its websocket: the command and everything it started, a process that
+/// made a session of its own and one that closed its output among them, whether the client
+/// closes the socket or just drops the connection, and also when the socket goes while the
+/// command's sandbox is still being set up (where a sandbox once outlived its exec, and rack).
+#[tokio::test]
+async fn an_exec_ends_whole_with_its_websocket() {
+    let app = TestApp::spawn().await;
+    app.create_app("shell").await;
+    let manifest = "services:\n  web:\n    build:\n      command: \"true\"\n    command: sleep 86400\n";
+    let id = app.build_source("shell", &[("convox.yml", manifest)]).await;
+    let build = app.wait_build("shell", &id).await;
+    assert_eq!(build["status"], "complete", "{build}");
+    promote_follow(&app, "shell", build["release"].as_str().unwrap()).await;
+    let instance = wait_for(60, "the web process", || async {
+        let processes: Value = app.get_json("/apps/shell/processes").await;
+        processes.as_array()?.iter().find_map(|p| {
+            (p["name"] == "web" && p["status"] == "running").then(|| p["id"].as_str().unwrap().to_owned())
+        })
+    })
+    .await;
+    let path = format!("/apps/shell/processes/{instance}/exec");
+    // The `sleep` processes (not the sandbox's own) running with `marker` as their argument.
+    let sleeping = |marker: &str| {
+        crate::helpers::processes_with_arg(marker)
+            .into_iter()
+            .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep"))
+            .count()
+    };
+    let gone = |marker: String, what: &'static str| async move {
+        wait_for(60, what, || async {
+            crate::helpers::processes_with_arg(&marker).is_empty().then_some(())
+        })
+        .await;
+    };
+
+    for polite in [true, false] {
+        // One sleep in a session of its own with its output closed, the other the command.
+        let (detached, command) = (
+            crate::helpers::unique_sleep_marker(),
+            crate::helpers::unique_sleep_marker(),
+        );
+        let script = format!("sh -c 'setsid sleep {detached} </dev/null >/dev/null 2>&1 & exec sleep {command}'");
+        let headers = [("command", script.as_str()), ("tty", "false")];
+        let (mut socket, _) = tokio_tungstenite::connect_async(exec_request(&app, &path, &headers))
+            .await
+            .expect("the handshake");
+        wait_for(60, "both sleeps", || async {
+            (sleeping(&detached) == 1 && sleeping(&command) == 1).then_some(())
+        })
+        .await;
+        if polite {
+            socket.close(None).await.unwrap();
+        }
+        drop(socket);
+        gone(detached, "the detached sleep to end").await;
+        gone(command, "the exec'd command to end").await;
+    }
+
+    // A command that closed its output: only the socket's end says it is over.
+    let marker = crate::helpers::unique_sleep_marker();
+    let script = format!("sh -c 'exec sleep {marker} >/dev/null 2>&1'");
+    let headers = [("command", script.as_str()), ("tty", "false")];
+    let (socket, _) = tokio_tungstenite::connect_async(exec_request(&app, &path, &headers))
+        .await
+        .expect("the handshake");
+    wait_for(60, "the silent sleep", || async {
+        (sleeping(&marker) == 1).then_some(())
+    })
+    .await;
+    drop(socket);
+    gone(marker, "the silent sleep to end").await;
+
+    // The socket dropped as soon as the exec shows, its sandbox mostly still being set up.
+    let mut markers = Vec::new();
+    for _ in 0..5 {
+        let marker = crate::helpers::unique_sleep_marker();
+        let script = format!("sleep {marker}");
+        let headers = [("command", script.as_str()), ("tty", "false")];
+        let (socket, _) = tokio_tungstenite::connect_async(exec_request(&app, &path, &headers))
+            .await
+            .expect("the handshake");
+        wait_for(60, "the exec to show", || async {
+            (!crate::helpers::processes_with_arg(&marker).is_empty()).then_some(())
+        })
+        .await;
+        drop(socket);
+        markers.push(marker);
+    }
+    for marker in markers {
+        gone(marker, "an exec ended while it started").await;
+    }
+    app.delete_app("shell").await;
 }

@@ -1,6 +1,6 @@
-//! Adoption goes through the `Driver` trait: the supervisor asks its container driver, whatever
-//! it is, for the instances that outlived the previous start, and removes through it those it
-//! does not take over. A driver for another host plugs in the same way.
+//! Adoption goes through the `Driver` trait: the supervisor asks its drivers (processes under
+//! their keepers, containers), whatever they are, for the instances that outlived the previous
+//! start, and removes through them those it does not take over. A driver for another host plugs in the same way.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,6 +42,7 @@ impl Driver for Survivors {
 #[derive(Debug)]
 struct Logs;
 
+#[async_trait::async_trait]
 impl AppLogs for Logs {
     fn sink(&self, _: &str) -> LogSink {
         LogSink::lossy().0
@@ -73,6 +74,7 @@ fn found(handle: &str, running: bool) -> Found {
         started: chrono::Utc::now(),
         running,
         forward: Vec::new(),
+        copied_until: None,
     }
 }
 
@@ -104,6 +106,6 @@ async fn the_first_apply_of_an_app_adopts_through_the_driver_trait() {
     );
     supervisor.apply("b", None, &log).await.unwrap();
     assert_eq!(containers.calls.lock().unwrap().len(), 6);
-    // The process driver has nothing to adopt and is not asked.
-    assert!(processes.calls.lock().unwrap().is_empty());
+    // The process driver (its keepers) is asked too, once per app.
+    assert_eq!(*processes.calls.lock().unwrap(), ["survivors a", "survivors b"]);
 }

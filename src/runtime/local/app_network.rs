@@ -11,9 +11,12 @@
 //!   the namespace it was made in, wherever it is connected from, so a connection costs one hop
 //!   to that thread and nothing on the way of its traffic.
 //!
-//! A network lives while rack runs (its holder, slirp4netns and forwarders die with rack, as
-//! the processes do, see `driver::WATCHDOG`), is made again if its holder is gone, and is
-//! removed with the app. A rack that is not root cannot join namespaces: its app processes stay
+//! A network outlives rack, as the app's service processes do (see `keeper`): its holder's pid
+//! and start time are recorded in `<data>/app-networks/<app>.json`, and the next start of rack
+//! adopts it from there (the router and health checks reach the adopted processes through it).
+//! The holder lives while that record does, slirp4netns and the forwarders exit with the
+//! holder. A network is made again if its holder is gone, and removed with the app (its record
+//! first). A rack that is not root cannot join namespaces: its app processes stay
 //! on the host's network, and rack says so at startup.
 
 use std::collections::HashMap;
@@ -33,13 +36,21 @@ pub struct AppNetworks {
     forwarders: Forwarders,
     /// Each app's slot, locked while its network is made (other apps' are not held up).
     apps: Mutex<HashMap<String, Slot>>,
+    /// Where each app's network is recorded.
+    records: PathBuf,
+}
+
+/// What an app network's record holds.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Record {
+    holder: super::keeper::Proc,
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Arc<AppNetwork>>>>;
 
 impl AppNetworks {
     /// Networks for the apps, when rack is root (else every app process uses the host's network).
-    pub fn new(forwarders: Forwarders) -> Self {
+    pub fn new(forwarders: Forwarders, records: PathBuf) -> Self {
         let enabled = nix::unistd::geteuid().is_root();
         if !enabled {
             tracing::warn!(
@@ -51,7 +62,12 @@ impl AppNetworks {
             enabled,
             forwarders,
             apps: Mutex::default(),
+            records,
         }
+    }
+
+    fn record_of(&self, app: &str) -> PathBuf {
+        self.records.join(format!("{app}.json"))
     }
 
     /// The network of `app`, made if it has none (or its holder is gone), with a forwarder for
@@ -75,8 +91,34 @@ impl AppNetworks {
             match slot.as_ref().filter(|network| !network.has_exited()) {
                 Some(network) => network.clone(),
                 None => {
-                    let network = Arc::new(AppNetwork::start().await.map_err(std::io::Error::other)?);
-                    tracing::info!(app.name = app, "made the network namespace of {app}");
+                    let record = self.record_of(app);
+                    let adopted = std::fs::read(&record)
+                        .ok()
+                        .and_then(|bytes| serde_json::from_slice::<Record>(&bytes).ok())
+                        .and_then(|record| UserNetwork::adopt(record.holder));
+                    let network = match adopted {
+                        Some(network) => {
+                            tracing::info!(app.name = app, "adopted the network namespace of {app}");
+                            AppNetwork::with(network)?
+                        }
+                        None => {
+                            std::fs::create_dir_all(&self.records)?;
+                            let network = UserNetwork::start_kept(&record).await.map_err(std::io::Error::other)?;
+                            let holder = network
+                                .kept_holder()
+                                .ok_or_else(|| std::io::Error::other("no holder"))?;
+                            let written = serde_json::to_vec(&Record { holder })
+                                .map_err(std::io::Error::other)
+                                .and_then(|bytes| super::keeper::write_atomically(&record, &bytes));
+                            if let Err(e) = written {
+                                network.end();
+                                return Err(e);
+                            }
+                            tracing::info!(app.name = app, "made the network namespace of {app}");
+                            AppNetwork::with(network)?
+                        }
+                    };
+                    let network = Arc::new(network);
                     *slot = Some(network.clone());
                     network
                 }
@@ -94,8 +136,12 @@ impl AppNetworks {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(app);
-        if let Some(slot) = slot {
-            slot.lock().await.take();
+        // Its holder exits once the record is gone, even one not adopted yet.
+        let _ = std::fs::remove_file(self.record_of(app));
+        if let Some(slot) = slot
+            && let Some(network) = slot.lock().await.take()
+        {
+            network.end();
         }
     }
 }
@@ -113,8 +159,18 @@ pub struct AppNetwork {
 }
 
 impl AppNetwork {
+    /// A network that dies with rack (tests).
+    #[cfg(test)]
     async fn start() -> Result<Self, String> {
-        let network = UserNetwork::start().await?;
+        Self::with(UserNetwork::start().await?).map_err(|e| e.to_string())
+    }
+
+    /// The app network of `network`, with its dialer.
+    fn with(network: UserNetwork) -> std::io::Result<Self> {
+        Self::dialing(network).map_err(std::io::Error::other)
+    }
+
+    fn dialing(network: UserNetwork) -> Result<Self, String> {
         let holder = network.holder().ok_or("the namespace holder exited")?;
         let namespace = std::fs::File::open(format!("/proc/{holder}/ns/net"))
             .map_err(|e| format!("opening the app's network namespace: {e}"))?;
@@ -138,6 +194,14 @@ impl AppNetwork {
     /// The namespace's path, for a process to join (`nsenter --net=...`).
     pub fn namespace(&self) -> PathBuf {
         PathBuf::from(format!("/proc/{}/ns/net", self.holder))
+    }
+
+    /// Ends a kept network now (its record is removed first).
+    fn end(&self) {
+        self.network
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .end();
     }
 
     fn has_exited(&self) -> bool {

@@ -115,6 +115,14 @@ impl Cgroups {
         Ok(Instance { dirs })
     }
 
+    /// The cgroup of instance `id` of `app` as it is (an adopted instance's), to remove once it
+    /// has ended.
+    pub fn existing(&self, app: &str, id: &str) -> Instance {
+        Instance {
+            dirs: self.bases.iter().map(|base| base.join(app).join(id)).collect(),
+        }
+    }
+
     /// The `cgroup.procs` files of the instance `id` of `app` (a command run in it with `exec`
     /// joins them); empty when it has no cgroups.
     pub fn procs_of(&self, app: &str, id: &str) -> Vec<PathBuf> {

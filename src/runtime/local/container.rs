@@ -144,6 +144,7 @@ impl Driver for ContainerDriver {
                 started: DateTime::from_timestamp(listed.created, 0).unwrap_or_else(Utc::now),
                 running: listed.state == "running",
                 forward: super::forwarder::parse_ports(&label(LABEL_FORWARD)),
+                copied_until: None,
             });
         }
         Ok(found)

@@ -1,6 +1,7 @@
 //! How an instance runs: a [`Driver`] starts it and hands back a [`Running`] handle that waits
 //! for it, stops it and forwards its output to the app's log. Processes are one driver
-//! ([`ProcessDriver`]: a child in the sandbox, tied to rack's life by a watchdog), containers
+//! ([`ProcessDriver`]: a command in the sandbox, under a keeper that outlives rack for a
+//! service's instance, see `keeper`, or a child tied to rack's life by a watchdog), containers
 //! another (`container::ContainerDriver`: podman); the rollout, health checks, router and
 //! process API are the same whatever the driver.
 
@@ -28,6 +29,9 @@ pub struct Start {
     /// Where its output goes: `service/<service>/<id>` lines in the app's log.
     pub log: LogSink,
     pub what: Runnable,
+    /// Whether it outlives rack (a service's instance, under a keeper: see `keeper`), or dies
+    /// with it (a one-off).
+    pub kept: bool,
 }
 
 /// What runs: a process on the host, or a container.
@@ -84,19 +88,19 @@ pub trait Running: Send {
         None
     }
 
-    /// Lets go of it because rack is stopping: a process goes with rack (its watchdog stops
-    /// it), a container stays to be adopted by the next start.
+    /// Lets go of it because rack is stopping: a one-off goes with rack (its watchdog stops
+    /// it), an instance under a keeper and a container stay to be adopted by the next start.
     async fn detach(&mut self) {
         self.stop(Duration::from_secs(10)).await;
     }
 }
 
 /// An instance of an app found running when rack started: one a driver left behind when rack
-/// stopped (a container outlives rack), to be taken over ([`Driver::attach`]) or removed
+/// stopped (a container, a process under its keeper), to be taken over ([`Driver::attach`]) or removed
 /// ([`Driver::discard`]).
 #[derive(Debug, Clone)]
 pub struct Found {
-    /// The driver's own name for it (podman's container id).
+    /// The driver's own name for it (podman's container id, a keeper's directory).
     pub handle: String,
     pub process: String,
     pub service: String,
@@ -108,6 +112,9 @@ pub struct Found {
     pub running: bool,
     /// The ports of its linked resources (forwarded into its network namespace).
     pub forward: Vec<u16>,
+    /// Where the copy of its output into the app's log stopped, as the log's store says
+    /// (filled in by the supervisor; a keeper's output is copied on from there).
+    pub copied_until: Option<String>,
 }
 
 /// Starts instances, and takes over those that outlived the previous start.
@@ -128,7 +135,7 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
 
     /// The instances of `app` this driver left running when rack last stopped, for the
     /// supervisor to adopt on the app's first apply. None by default: a driver whose instances
-    /// go with rack (processes) has nothing to adopt.
+    /// go with rack has nothing to adopt.
     ///
     /// # Errors
     /// When they cannot be listed (the message; the supervisor logs it and adopts nothing).
@@ -151,8 +158,9 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// Runs an app's command so that it dies with rack: when rack's end of the stdin pipe closes
-/// (rack stopped or was killed), the watcher sends SIGTERM to the whole process group (the
+/// Runs an app's command so that it dies with whoever holds its stdin (rack for a one-off, the
+/// keeper for a service's instance): when that end of the pipe closes (it stopped or was
+/// killed), the watcher sends SIGTERM to the whole process group (the
 /// command and whatever it started: a shell running a shell running the server left the server
 /// behind when only the command was told). The script stays until the command has exited,
 /// forwarding SIGTERM: it is the first process of the sandbox's pid namespace, whose end would
@@ -179,6 +187,8 @@ pub struct ProcessDriver {
     pub accounts: super::app_accounts::AppAccounts,
     pub cgroups: Option<super::cgroups::Cgroups>,
     pub networks: std::sync::Arc<super::app_network::AppNetworks>,
+    /// Where service instances' keepers keep their state.
+    pub keepers: super::kept::Keepers,
 }
 
 impl ProcessDriver {
@@ -228,6 +238,24 @@ impl Driver for ProcessDriver {
         sandbox_env(&mut command, dir, &start).stdin(std::process::Stdio::piped());
         if let Some(port) = start.port {
             command.env("PORT", port.to_string());
+        }
+        if start.kept {
+            let kept = super::kept::Command {
+                command: &command,
+                ids: sandbox.direct_ids(&procs),
+                forward,
+            };
+            let (dir, state) = self.keepers.start(&start, &kept).await?;
+            let stream = crate::stream_names::service(&start.service, &start.id);
+            return Ok(Box::new(super::kept::Kept::attach(
+                dir,
+                state,
+                None,
+                stream,
+                start.log.clone(),
+                cgroup,
+                network,
+            )));
         }
         let (mut child, group) = spawn_group(command)?;
         let pid = child.id().unwrap_or(0);
@@ -286,6 +314,39 @@ impl Driver for ProcessDriver {
             command.env("PORT", port.to_string());
         }
         super::exec::spawn(command, request)
+    }
+
+    /// The keepers of `app`'s instances that outlived the previous start of rack.
+    async fn survivors(&self, app: &str) -> Result<Vec<Found>, String> {
+        Ok(self.keepers.survivors(app))
+    }
+
+    /// Follows the keeper of `found` again, in its app's network.
+    async fn attach(&self, found: &Found, log: LogSink) -> Box<dyn Running> {
+        let stream = crate::stream_names::service(&found.service, &found.process);
+        let Some((dir, state)) = super::kept::Kept::state_of(found) else {
+            // Its files are gone since it was found: it reads as ended at once.
+            let (dir, state) = (PathBuf::from(&found.handle), super::keeper::State::lost(found));
+            return Box::new(super::kept::Kept::attach(dir, state, None, stream, log, None, None));
+        };
+        let network = match self.networks.ensure(&state.app, &found.forward).await {
+            Ok(network) => network,
+            Err(e) => {
+                tracing::warn!(process = %found.process, "the network of {} is gone: {e}", found.process);
+                None
+            }
+        };
+        let cgroup = self.cgroups.as_ref().map(|c| c.existing(&state.app, &found.process));
+        let from = found.copied_until.clone();
+        Box::new(super::kept::Kept::attach(
+            dir, state, from, stream, log, cgroup, network,
+        ))
+    }
+
+    async fn discard(&self, found: &Found, grace: Duration) {
+        let cgroup = super::kept::Kept::state_of(found)
+            .and_then(|(_, state)| Some(self.cgroups.as_ref()?.existing(&state.app, &found.process)));
+        super::kept::discard(found, grace, cgroup).await;
     }
 }
 

@@ -286,6 +286,7 @@ impl Launch {
             port: instance.port(),
             log,
             what: self.what.clone(),
+            kept: instance.kind == ProcessKind::Service,
         }
     }
 }

@@ -20,6 +20,8 @@ pub mod exit;
 pub mod forwarder;
 mod health;
 mod instance;
+pub mod keeper;
+mod kept;
 mod metrics;
 pub mod podman;
 pub mod process;
@@ -105,12 +107,19 @@ impl LocalRuntime {
         let forwarders = forwarder::Forwarders {
             program: settings.program.clone(),
         };
-        let networks = Arc::new(app_network::AppNetworks::new(forwarders.clone()));
+        let networks = Arc::new(app_network::AppNetworks::new(
+            forwarders.clone(),
+            data_dir.join("app-networks"),
+        ));
         let processes = Arc::new(driver::ProcessDriver {
             sandbox: sandbox.clone(),
             accounts: settings.accounts.clone(),
             cgroups: cgroups.clone(),
             networks: networks.clone(),
+            keepers: kept::Keepers {
+                dir: data_dir.join("keepers"),
+                program: settings.program.clone(),
+            },
         });
         let containers = settings.podman.clone().map(|podman| -> Arc<dyn driver::Driver> {
             Arc::new(container::ContainerDriver {
@@ -309,6 +318,8 @@ impl Runtime for LocalRuntime {
     #[tracing::instrument(skip_all, fields(app.name = %app))]
     async fn delete_app(&self, app: &str) -> Result<(), RuntimeError> {
         self.supervisor.delete_app(app).await;
+        // Its keepers' directories went with its instances.
+        let _ = std::fs::remove_dir(self.builder.builds_dir.with_file_name("keepers").join(app));
         self.networks.remove(app).await;
         self.resources.delete_app(app).await;
         let builds = remove_dir(
@@ -370,6 +381,10 @@ impl Runtime for LocalRuntime {
 
     fn https_addr(&self, app: &str, service: &str) -> Option<std::net::SocketAddr> {
         self.supervisor.router(app, service)?.tls_addr()
+    }
+
+    async fn let_go(&self) {
+        self.supervisor.let_go().await;
     }
 
     fn router_addr(&self, app: &str) -> Option<std::net::SocketAddr> {

@@ -73,7 +73,7 @@ pub async fn pipe_streams(
 /// The lines of `reader`; a line longer than `MAX_LINE` comes out in pieces, so a command that
 /// writes without newlines cannot make rack buffer without bound, and reading never stops early
 /// (a child blocked on a full pipe would hang its build).
-fn lines<R: tokio::io::AsyncRead + Send + Unpin + 'static>(
+pub(super) fn lines<R: tokio::io::AsyncRead + Send + Unpin + 'static>(
     reader: R,
 ) -> futures_util::stream::BoxStream<'static, String> {
     use tokio::io::AsyncReadExt;

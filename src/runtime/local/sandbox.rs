@@ -223,6 +223,13 @@ impl Sandbox {
         cmd
     }
 
+    /// The uid and gid a command of [`Sandbox::command_in`] with `procs` switches to itself
+    /// (when no root chain does it first), for whoever starts it in rack's place (a keeper).
+    pub fn direct_ids(&self, procs: &[PathBuf]) -> Option<(u32, u32)> {
+        let account = self.account.as_ref()?;
+        (procs.is_empty() && self.network.is_none()).then_some((account.uid, account.gid))
+    }
+
     fn arguments(&self, workspace: &Path, cwd: &Path, argv: &[String], tie: Tie) -> Vec<std::ffi::OsString> {
         let mut args: Vec<std::ffi::OsString> = [
             "--unshare-pid",

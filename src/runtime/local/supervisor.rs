@@ -29,7 +29,7 @@ const ONE_OFF_RETENTION: Duration = Duration::from_secs(600);
 pub(super) struct AppProcesses {
     pub instances: Vec<Arc<Instance>>,
     pub routers: HashMap<String, Router>,
-    /// Whether the containers it had before this server started were looked for.
+    /// Whether the instances it had before this server started were looked for.
     pub adopted: bool,
 }
 
@@ -263,6 +263,23 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Waits (a bounded time) until every instance's task has ended, once rack's shutdown
+    /// has told them to let go: kept instances have then stored their output up to their
+    /// cursor, which the next start goes on from.
+    pub async fn let_go(&self) {
+        let tasks: Vec<_> = {
+            let apps = self.0.apps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            apps.values()
+                .flat_map(|procs| &procs.instances)
+                .filter_map(|i| i.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take())
+                .collect()
+        };
+        let all = futures_util::future::join_all(tasks);
+        if tokio::time::timeout(Duration::from_secs(15), all).await.is_err() {
+            tracing::warn!("some instances were still letting go when rack stopped");
+        }
+    }
+
     /// Stops everything of an app and forgets it.
     pub async fn delete_app(&self, app: &str) {
         let (quiet, _) = LogSink::new();
@@ -279,46 +296,72 @@ impl Supervisor {
         self.0.containers.is_some()
     }
 
-    /// On the first apply of `app` since this server started, takes over the containers it left
-    /// running: those of `release`'s services become its instances (the rollout then counts
-    /// them, health-checks them and routes to them, instead of starting new ones), those of
-    /// other releases serve until the rollout retires them, and stopped ones are removed.
+    /// On the first apply of `app` since this server started, takes over the instances it left
+    /// running (containers, and processes under their keepers): those of `release`'s services
+    /// become its instances (the rollout then counts them, health-checks them and routes to
+    /// them, instead of starting new ones), those of other releases serve until the rollout
+    /// retires them, and ended ones are removed.
     async fn adopt(&self, app: &str, release: Option<&ReleaseSpec>, log: &LogSink) {
-        let Some(containers) = self.0.containers.clone() else {
-            return;
-        };
         if self.with_app(app, |procs| std::mem::replace(&mut procs.adopted, true)) {
             return;
         }
-        let found = match containers.survivors(app).await {
+        let drivers = [
+            Some((false, self.0.processes.clone())),
+            self.0.containers.clone().map(|c| (true, c)),
+        ];
+        for (containers, driver) in drivers.into_iter().flatten() {
+            self.adopt_from(app, release, log, containers, &driver).await;
+        }
+    }
+
+    /// [`Supervisor::adopt`] of what `driver` (of containers or not) left running.
+    async fn adopt_from(
+        &self,
+        app: &str,
+        release: Option<&ReleaseSpec>,
+        log: &LogSink,
+        containers: bool,
+        driver: &Arc<dyn Driver>,
+    ) {
+        let found = match driver.survivors(app).await {
             Ok(found) => found,
             Err(e) => {
-                tracing::warn!(app.name = app, "looking for the containers of {app}: {e}");
+                tracing::warn!(app.name = app, "looking for the instances of {app}: {e}");
                 return;
             }
         };
-        for found in found {
+        let kind = if containers { "container" } else { "process" };
+        for mut found in found {
             let service = release.and_then(|r| r.manifest.services.get(&found.service).map(|s| (r, s)));
             let launch = service.and_then(|(release, service)| {
-                Launch::new(&self.0.builds_dir, true, release, &found.service, service).ok()
+                Launch::new(
+                    &self.0.builds_dir,
+                    self.has_containers(),
+                    release,
+                    &found.service,
+                    service,
+                )
+                .ok()
             });
+            let launch = launch.filter(|launch| launch.is_container() == containers);
             let (Some(launch), true) = (launch, found.running) else {
-                // Stopped, or of a service that no longer exists: nothing to take over.
-                containers.discard(&found, STOP_GRACE).await;
+                // Ended, or of a service that no longer exists (or runs otherwise now).
+                driver.discard(&found, STOP_GRACE).await;
                 continue;
             };
-            let running = containers.attach(&found, self.0.logs.sink(app)).await;
+            found.copied_until = self.0.logs.copied_until(app, &found.process).await;
+            let running = driver.attach(&found, self.0.logs.sink(app)).await;
             let restarts = found.release == release.map(|r| r.id.as_str()).unwrap_or_default();
             self.register(app, &launch, &found, running, restarts);
             log.line(
                 &crate::stream_names::system("local", &found.process),
-                format!("Adopted container {} of release {}", found.process, found.release),
+                format!("Adopted {kind} {} of release {}", found.process, found.release),
             )
             .await;
         }
     }
 
-    /// Registers an adopted container as an instance and starts watching it.
+    /// Registers an adopted instance and starts watching it.
     fn register(
         &self,
         app: &str,

@@ -5,7 +5,8 @@
 //! sandboxed processes share one (see `app_network`). It is a holder process in a new network
 //! namespace, and slirp4netns serving it without the host's loopback
 //! (`--disable-host-loopback`: the API and the apps' ports on 127.0.0.1 are out of reach). Both
-//! die with their owner, and with rack.
+//! die with their owner, and with rack; an app's outlives rack, as its processes do (see
+//! [`UserNetwork::start_kept`]).
 
 use std::time::Duration;
 
@@ -15,28 +16,90 @@ use tokio::process::{Child, Command};
 /// How long making the namespace and starting slirp4netns may take.
 const READY_WITHIN: Duration = Duration::from_secs(30);
 
-/// A user-mode network namespace, alive while this lives.
+/// A user-mode network namespace, alive while this lives (a build's), or until its record file
+/// is removed (an app's, kept across restarts of rack: see [`UserNetwork::start_kept`]).
 #[derive(Debug)]
 pub struct UserNetwork {
-    holder: Child,
-    _slirp: Child,
+    holder: Option<Child>,
+    _slirp: Option<Child>,
+    pid: u32,
+    /// The holder of a kept network, by pid and start time.
+    kept: Option<super::keeper::Proc>,
 }
 
+/// The holder of a kept network: it lives while its record file (`$1`) is there, waiting a
+/// while for rack to write it first (not once the records' directory is gone: a data directory
+/// removed right after the record was written and removed again, as a test's is).
+const KEPT_HOLDER: &str = r#"ip link set lo up 2>/dev/null; echo ready
+i=0
+until [ -e "$1" ]; do sleep 1; i=$((i+1)); [ "$i" -lt 120 ] && [ -d "${1%/*}" ] || exit 0; done
+while [ -e "$1" ]; do sleep 2; done"#;
+
 impl UserNetwork {
-    /// Makes the namespace and starts slirp4netns in it.
+    /// Makes the namespace and starts slirp4netns in it; both die with rack.
     ///
     /// # Errors
     /// Why it could not be made (slirp4netns missing, or not ready in time).
     pub async fn start() -> Result<Self, String> {
-        let mut holder = Command::new("setpriv");
+        Self::start_with(None).await
+    }
+
+    /// [`UserNetwork::start`] for a network that outlives rack (an app's, whose processes do):
+    /// the holder lives in a process group of its own until the file `record` is removed (it
+    /// waits for rack to write it), and slirp4netns exits with the holder (its exit fd is a
+    /// pipe only the holder writes to).
+    ///
+    /// # Errors
+    /// As [`UserNetwork::start`].
+    pub async fn start_kept(record: &std::path::Path) -> Result<Self, String> {
+        Self::start_with(Some(record)).await
+    }
+
+    /// The kept network whose holder is `holder`, if it still runs.
+    pub fn adopt(holder: super::keeper::Proc) -> Option<Self> {
+        (holder.alive() && !same_namespace(holder.pid)).then_some(Self {
+            holder: None,
+            _slirp: None,
+            pid: holder.pid,
+            kept: Some(holder),
+        })
+    }
+
+    async fn start_with(record: Option<&std::path::Path>) -> Result<Self, String> {
+        let mut holder = match record {
+            None => {
+                let mut holder = Command::new("setpriv");
+                holder
+                    .args(["--pdeathsig", "KILL", "--", "unshare", "--net", "--", "/bin/sh", "-c"])
+                    // Printed from inside the new namespace: only then is it safe to configure.
+                    .arg("ip link set lo up 2>/dev/null; echo ready; exec sleep infinity")
+                    .stderr(std::process::Stdio::null())
+                    .kill_on_drop(true);
+                holder
+            }
+            Some(record) => {
+                let mut holder = Command::new("unshare");
+                holder
+                    .args(["--net", "--", "/bin/sh", "-c", KEPT_HOLDER, "rack-network"])
+                    .arg(record)
+                    // A signal to rack's group (a terminal's Ctrl-C) must not reach it.
+                    .process_group(0);
+                holder
+            }
+        };
+        // A kept network's slirp4netns reads the holder's end of this pipe (its exit fd).
+        let exit_pipe = match record {
+            Some(_) => {
+                let (read, write) =
+                    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("making a pipe: {e}"))?;
+                holder.stderr(write);
+                Some(read)
+            }
+            None => None,
+        };
         holder
-            .args(["--pdeathsig", "KILL", "--", "unshare", "--net", "--", "/bin/sh", "-c"])
-            // Printed from inside the new namespace: only then is it safe to configure.
-            .arg("ip link set lo up 2>/dev/null; echo ready; exec sleep infinity")
             .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true);
+            .stdout(std::process::Stdio::piped());
         let mut holder = holder
             .spawn()
             .map_err(|e| format!("making a user-mode network namespace: {e}"))?;
@@ -50,23 +113,44 @@ impl UserNetwork {
         if ready.trim() != "ready" || same_namespace(pid) {
             return Err("a user-mode network namespace could not be made".to_owned());
         }
-        let slirp = Command::new("setpriv")
-            .args(["--pdeathsig", "KILL", "--", "slirp4netns", "--configure", "--mtu=65520"])
+        let mut slirp = match &exit_pipe {
+            None => {
+                let mut slirp = Command::new("setpriv");
+                slirp
+                    .args(["--pdeathsig", "KILL", "--", "slirp4netns"])
+                    .kill_on_drop(true);
+                slirp
+            }
+            Some(_) => {
+                let mut slirp = Command::new("slirp4netns");
+                slirp.arg("--exit-fd=0").process_group(0);
+                slirp
+            }
+        };
+        slirp
+            .args(["--configure", "--mtu=65520"])
             .arg("--disable-host-loopback")
             .arg(pid.to_string())
             .arg("tap0")
-            .stdin(std::process::Stdio::null())
+            .stdin(exit_pipe.map_or_else(std::process::Stdio::null, std::process::Stdio::from))
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                format!(
-                    "starting slirp4netns for a user-mode network: {e} (apt-get install -y slirp4netns; \
-                     scripts/install-deps does)"
-                )
-            })?;
-        let network = Self { holder, _slirp: slirp };
+            .stderr(std::process::Stdio::null());
+        let slirp = slirp.spawn().map_err(|e| {
+            format!(
+                "starting slirp4netns for a user-mode network: {e} (apt-get install -y slirp4netns; \
+                 scripts/install-deps does)"
+            )
+        })?;
+        let kept = match record {
+            Some(_) => Some(super::keeper::Proc::of(pid).ok_or("the namespace holder exited")?),
+            None => None,
+        };
+        let network = Self {
+            holder: Some(holder),
+            _slirp: Some(slirp),
+            pid,
+            kept,
+        };
         // Configured once the namespace has its default route (read through procfs, which shows
         // the holder's namespace), within a bounded time.
         let route = format!("/proc/{pid}/net/route");
@@ -77,6 +161,7 @@ impl UserNetwork {
                 return Ok(network);
             }
             if started.elapsed() > READY_WITHIN {
+                network.end();
                 return Err("slirp4netns did not configure a user-mode network in time".to_owned());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -85,13 +170,35 @@ impl UserNetwork {
 
     /// The process that holds the namespace (podman joins `/proc/<pid>/ns/net`).
     pub fn holder(&self) -> Option<u32> {
-        self.holder.id()
+        Some(self.pid)
+    }
+
+    /// The holder of a kept network (what its record holds).
+    pub fn kept_holder(&self) -> Option<super::keeper::Proc> {
+        self.kept
     }
 
     /// Whether the holder has exited (the namespace is then gone, or going). Until this says so,
-    /// the holder is an unreaped child of rack, so its pid names it and nothing else.
+    /// the holder is an unreaped child of rack (or, adopted, the process of its start time), so
+    /// its pid names it and nothing else.
     pub fn has_exited(&mut self) -> bool {
-        !matches!(self.holder.try_wait(), Ok(None))
+        if let Some(holder) = &mut self.holder
+            && !matches!(holder.try_wait(), Ok(None))
+        {
+            return true;
+        }
+        self.kept.is_some_and(|holder| !holder.alive())
+    }
+
+    /// Ends a kept network now (its slirp4netns and forwarders exit with the holder); a build's
+    /// ends when dropped.
+    pub fn end(&self) {
+        if let Some(holder) = self.kept
+            && holder.alive()
+            && let Ok(pid) = i32::try_from(holder.pid)
+        {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
     }
 }
 
