@@ -11,6 +11,7 @@ pub mod claim;
 pub mod deployments;
 pub mod events;
 pub mod feed;
+pub mod metric_minutes;
 pub mod idempotency;
 pub mod objects;
 pub mod rack_log;
