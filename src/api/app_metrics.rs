@@ -209,21 +209,7 @@ fn shape(traffic: &Traffic, names: &[&str], window: &MetricsWindow) -> Vec<Metri
                         })
                     })
                     .collect(),
-                "cpu" => traffic
-                    .periods
-                    .iter()
-                    .filter_map(|p| {
-                        let cores = p.cpu?;
-                        Some(MetricValue {
-                            time: p.at,
-                            avg: cores,
-                            count: 1.0,
-                            max: cores,
-                            min: cores,
-                            sum: cores,
-                        })
-                    })
-                    .collect(),
+                "cpu" => cpu(traffic, window),
                 _ => memory(traffic, window),
             };
             Metric {
@@ -260,11 +246,7 @@ fn memory(traffic: &Traffic, window: &MetricsWindow) -> Vec<MetricValue> {
         return values;
     }
     let sum: f64 = now.iter().sum();
-    let span = u64::try_from((window.end - window.start).num_seconds())
-        .unwrap_or(0)
-        .max(1);
-    let last = (span - 1) / window.period * window.period;
-    let time = window.start + chrono::Duration::seconds(i64::try_from(last).unwrap_or(i64::MAX));
+    let time = last_period(window);
     values.retain(|v| v.time != time);
     values.push(MetricValue {
         time,
@@ -275,6 +257,32 @@ fn memory(traffic: &Traffic, window: &MetricsWindow) -> Vec<MetricValue> {
         sum,
     });
     values
+}
+
+/// The instances' CPU now (cores), at the window's last period, where the runtime can tell.
+#[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+fn cpu(traffic: &Traffic, window: &MetricsWindow) -> Vec<MetricValue> {
+    if traffic.cpu.is_empty() {
+        return Vec::new();
+    }
+    let sum: f64 = traffic.cpu.iter().sum();
+    vec![MetricValue {
+        time: last_period(window),
+        avg: sum / traffic.cpu.len() as f64,
+        count: traffic.cpu.len() as f64,
+        max: traffic.cpu.iter().copied().fold(f64::MIN, f64::max),
+        min: traffic.cpu.iter().copied().fold(f64::MAX, f64::min),
+        sum,
+    }]
+}
+
+/// When the window's last period starts.
+fn last_period(window: &MetricsWindow) -> DateTime<Utc> {
+    let span = u64::try_from((window.end - window.start).num_seconds())
+        .unwrap_or(0)
+        .max(1);
+    let last = (span - 1) / window.period * window.period;
+    window.start + chrono::Duration::seconds(i64::try_from(last).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]
@@ -309,6 +317,7 @@ mod tests {
                 ..crate::runtime::PeriodFigures::default()
             }],
             memory: vec![2 << 20, 4 << 20],
+            cpu: vec![0.5],
             held_since: None,
         };
         let metrics = shape(&traffic, &METRICS, &window);
@@ -318,6 +327,7 @@ mod tests {
             (30.0, 10.0, 3.0, 1.0, 7.0)
         );
         assert_eq!(metrics[1].values[0].sum, 3.0);
+        assert_eq!(metrics[6].values[0].sum, 0.5, "cpu now");
         assert_eq!(metrics[2].values[0].max, 4.0);
         let memory = &metrics[3].values[0];
         assert_eq!(

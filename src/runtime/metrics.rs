@@ -55,6 +55,8 @@ pub struct Traffic {
     pub periods: Vec<PeriodFigures>,
     /// Bytes of memory each running instance uses now, where the runtime can tell.
     pub memory: Vec<u64>,
+    /// Cores of CPU each running instance uses now, where the runtime can tell.
+    pub cpu: Vec<f64>,
     /// Where the runtime keeps only recent figures (rack's own routers): the earliest time its
     /// periods cover; older periods come from rack's per-minute history. `None`: the runtime
     /// answered the whole window itself (Prometheus keeps its own history).

@@ -22,6 +22,7 @@ mod registry_client;
 pub mod resources;
 mod rights;
 mod rollout;
+mod traffic;
 mod watch;
 
 use std::path::PathBuf;
@@ -268,6 +269,15 @@ impl Runtime for KubeRuntime {
         // Served by the Ingress, at the service's hosts: no address of rack's own.
         certificates::serve(self, app, service, certificate_pem, key_pem).await?;
         Ok(None)
+    }
+
+    async fn traffic(
+        &self,
+        app: &str,
+        service: Option<&str>,
+        window: &crate::runtime::MetricsWindow,
+    ) -> Result<Option<crate::runtime::Traffic>, RuntimeError> {
+        self.kube_traffic(app, service, window).await.map(Some)
     }
 
     fn capabilities(&self) -> crate::runtime::Capabilities {

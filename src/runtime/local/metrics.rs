@@ -38,6 +38,7 @@ impl LocalRuntime {
         Traffic {
             periods: periods(&routers, window, now),
             memory,
+            cpu: Vec::new(),
             held_since: Some(now - chrono::TimeDelta::seconds(super::router::SLOTS as i64 - 2)),
         }
     }
