@@ -318,6 +318,7 @@ async fn app_metrics_come_from_the_ingress_metrics_in_prometheus() {
         eprintln!("skipping: {PROMETHEUS} is missing (scripts/install-deps installs Debian's prometheus)");
         return;
     }
+    rack::tls::install_provider();
     let name = "kubemetrics";
     // A quarter of the service's requests fail; the decoy namespace's all fail, and must not
     // count.
