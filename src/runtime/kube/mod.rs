@@ -19,6 +19,8 @@ mod prometheus_tests;
 mod redis_import;
 mod registries;
 mod registry_client;
+#[cfg(test)]
+mod registry_client_tests;
 pub mod resources;
 mod rights;
 mod rollout;
