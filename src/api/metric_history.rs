@@ -42,11 +42,7 @@ pub async fn merge(
     )
     .await?;
     let mut periods: Vec<PeriodFigures> = live.into_iter().filter(|p| from_live(p.at)).collect();
-    periods.extend(
-        history(&rows, window)
-            .into_iter()
-            .filter(|p| !from_live(p.at)),
-    );
+    periods.extend(history(&rows, window).into_iter().filter(|p| !from_live(p.at)));
     periods.sort_by_key(|p| p.at);
     Ok(periods)
 }
@@ -166,7 +162,10 @@ mod tests {
         ];
         let periods = history(&rows, &window);
         assert_eq!(periods.len(), 2);
-        assert_eq!((periods[0].requests, periods[0].errors, periods[0].seconds), (45, 3, 120));
+        assert_eq!(
+            (periods[0].requests, periods[0].errors, periods[0].seconds),
+            (45, 3, 120)
+        );
         assert_eq!(periods[0].requests_range, (0, 40));
         assert_eq!(periods[0].memory, Some((200, 2)));
         assert_eq!(periods[0].p50, Some(crate::runtime::latency_upper_edge(50)));

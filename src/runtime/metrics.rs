@@ -139,7 +139,10 @@ mod tests {
                 assert!(upper.as_secs_f64() <= d.as_secs_f64() * 1.26, "{us}µs: {upper:?}");
             }
             if bucket > 0 {
-                assert!(latency_upper_edge(bucket - 1) <= d, "{us}µs: the bucket below reaches it");
+                assert!(
+                    latency_upper_edge(bucket - 1) <= d,
+                    "{us}µs: the bucket below reaches it"
+                );
             }
         }
         assert_eq!(latency_bucket(Duration::from_secs(100_000)), LATENCY_BUCKETS - 1);

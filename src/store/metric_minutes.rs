@@ -7,8 +7,6 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{FromRow, PgPool};
 
-use crate::runtime::TrafficMinute;
-
 /// One stored minute of one service's release.
 #[derive(Debug, Clone, FromRow)]
 pub struct MinuteRow {
@@ -27,20 +25,32 @@ pub struct MinuteRow {
     pub instances: Option<i32>,
 }
 
-fn signed(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
+/// What one router served of one release in (part of) one minute, to add to its row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Served {
+    pub app: String,
+    pub service: String,
+    pub release: String,
+    pub minute: DateTime<Utc>,
+    pub seconds: i32,
+    pub requests: i64,
+    pub errors: i64,
+    /// Fewest and most in one second.
+    pub requests_range: (i64, i64),
+    pub errors_range: (i64, i64),
+    /// The latency histogram's buckets.
+    pub latency: Vec<i64>,
+    /// Bytes of memory of the release's instances together, and how many, when known.
+    pub memory: Option<(i64, i32)>,
 }
 
 /// Adds `minutes` to their rows (creating them): counts and latency buckets are summed, the
 /// per-second ranges widened, the memory sample kept when it is the largest yet. Minutes of an
 /// app deleted meanwhile are dropped. One statement each, no transaction: two replicas adding to
 /// the same rows never wait on each other's locks in opposite orders.
-pub async fn add(pool: &PgPool, minutes: &[TrafficMinute]) -> Result<(), sqlx::Error> {
+pub async fn add(pool: &PgPool, minutes: &[Served]) -> Result<(), sqlx::Error> {
     for m in minutes {
-        let latency: Vec<i64> = m.latency.iter().map(|n| signed(*n)).collect();
-        let (memory, instances) = m
-            .memory
-            .map_or((None, None), |(bytes, count)| (Some(signed(bytes)), i32::try_from(count).ok()));
+        let (memory, instances) = m.memory.unzip();
         sqlx::query(
             "insert into metric_minutes (app, service, release, minute, seconds, requests, errors,
                  requests_min, requests_max, errors_min, errors_max, latency, memory_bytes, instances)
@@ -68,14 +78,14 @@ pub async fn add(pool: &PgPool, minutes: &[TrafficMinute]) -> Result<(), sqlx::E
         .bind(&m.service)
         .bind(&m.release)
         .bind(m.minute)
-        .bind(i32::try_from(m.seconds).unwrap_or(60))
-        .bind(signed(m.requests))
-        .bind(signed(m.errors))
-        .bind(signed(m.requests_range.0))
-        .bind(signed(m.requests_range.1))
-        .bind(signed(m.errors_range.0))
-        .bind(signed(m.errors_range.1))
-        .bind(latency)
+        .bind(m.seconds)
+        .bind(m.requests)
+        .bind(m.errors)
+        .bind(m.requests_range.0)
+        .bind(m.requests_range.1)
+        .bind(m.errors_range.0)
+        .bind(m.errors_range.1)
+        .bind(&m.latency)
         .bind(memory)
         .bind(instances)
         .execute(pool)

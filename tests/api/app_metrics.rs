@@ -121,7 +121,13 @@ async fn metrics_count_the_requests_and_errors_sent_through_the_router() {
 }
 
 /// The totals of `path` over the window `start..end` in periods of `period` seconds.
-async fn totals(app: &TestApp, path: &str, start: chrono::DateTime<chrono::Utc>, end: chrono::DateTime<chrono::Utc>, period: u64) -> Vec<Value> {
+async fn totals(
+    app: &TestApp,
+    path: &str,
+    start: chrono::DateTime<chrono::Utc>,
+    end: chrono::DateTime<chrono::Utc>,
+    period: u64,
+) -> Vec<Value> {
     let response = app
         .convox(Method::GET, path)
         .query(&[
@@ -137,10 +143,15 @@ async fn totals(app: &TestApp, path: &str, start: chrono::DateTime<chrono::Utc>,
 }
 
 /// One minute of `requests` (`errors` of them failed), all of them `latency` long.
-fn minute(at: chrono::DateTime<chrono::Utc>, requests: u64, errors: u64, latency: std::time::Duration) -> rack::runtime::TrafficMinute {
+fn minute(
+    at: chrono::DateTime<chrono::Utc>,
+    requests: i64,
+    errors: i64,
+    latency: std::time::Duration,
+) -> rack::store::metric_minutes::Served {
     let mut histogram = vec![0; rack::runtime::LATENCY_BUCKETS];
     histogram[rack::runtime::latency_bucket(latency)] = requests;
-    rack::runtime::TrafficMinute {
+    rack::store::metric_minutes::Served {
         app: "history".to_owned(),
         service: "web".to_owned(),
         release: "RPAST".to_owned(),
@@ -173,7 +184,9 @@ async fn history_answers_hours_back_from_the_minutes_every_replica_adds() {
     let fast = std::time::Duration::from_millis(5);
     let slow = std::time::Duration::from_millis(400);
     let pool = &app.state.pool;
-    rack::store::metric_minutes::add(pool, &[minute(two_hours, 100, 7, fast)]).await.unwrap();
+    rack::store::metric_minutes::add(pool, &[minute(two_hours, 100, 7, fast)])
+        .await
+        .unwrap();
     rack::store::metric_minutes::add(pool, &[minute(two_hours, 50, 3, fast), minute(ninety, 20, 0, slow)])
         .await
         .unwrap();
@@ -195,19 +208,35 @@ async fn history_answers_hours_back_from_the_minutes_every_replica_adds() {
     assert_eq!(total(&metrics, "errors"), 16.0, "{metrics:?}");
     // Asked again (the router flushed again): nothing counted twice.
     let again = totals(&app, "/apps/history/services/web/metrics", start, end, 3600).await;
-    assert_eq!((total(&again, "requests"), total(&again, "errors")), (200.0, 16.0), "{again:?}");
+    assert_eq!(
+        (total(&again, "requests"), total(&again, "errors")),
+        (200.0, 16.0),
+        "{again:?}"
+    );
     let other = totals(&app, "/apps/history/services/worker/metrics", start, end, 3600).await;
     assert_eq!(total(&other, "requests"), 0.0);
 
     // By the minute: each old minute at its time, with its latency and memory.
-    let by_minute = totals(&app, "/apps/history/metrics", two_hours, now - TimeDelta::minutes(60), 60).await;
+    let by_minute = totals(
+        &app,
+        "/apps/history/metrics",
+        two_hours,
+        now - TimeDelta::minutes(60),
+        60,
+    )
+    .await;
     let value_at = |name: &str, at: chrono::DateTime<Utc>| -> Value {
         let metric = by_minute.iter().find(|m| m["name"] == name).unwrap();
         metric["values"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|v| v["time"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()) == Some(at.into()))
+            .find(|v| {
+                v["time"]
+                    .as_str()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    == Some(at.into())
+            })
             .unwrap_or_else(|| panic!("no {name} at {at} in {metric}"))
             .clone()
     };
@@ -224,12 +253,18 @@ async fn history_answers_hours_back_from_the_minutes_every_replica_adds() {
     // served reaches it through the rows, once.
     let replica = TestApp::spawn_on(&app.database_url(), |_| {}).await;
     let there = totals(&replica, "/apps/history/metrics", start, end, 3600).await;
-    assert_eq!((total(&there, "requests"), total(&there, "errors")), (200.0, 16.0), "{there:?}");
+    assert_eq!(
+        (total(&there, "requests"), total(&there, "errors")),
+        (200.0, 16.0),
+        "{there:?}"
+    );
     replica.stop().await;
 
     // Retention: a minute older than `metrics_retention_days` (7 by default) is pruned.
     let old = now - TimeDelta::days(8);
-    rack::store::metric_minutes::add(pool, &[minute(old, 9, 0, fast)]).await.unwrap();
+    rack::store::metric_minutes::add(pool, &[minute(old, 9, 0, fast)])
+        .await
+        .unwrap();
     rack::jobs::metrics::prune(&app.state).await;
     let kept = rack::store::metric_minutes::read(pool, "history", None, old - TimeDelta::days(1), end)
         .await

@@ -859,10 +859,14 @@ async fn login_with_a_token_flag_saves_it_and_commands_carry_its_role() {
     assert_eq!(run.code, 4, "{}{}", run.stdout, run.stderr);
     assert!(!run.stderr.contains("rack_notatoken"), "not echoed: {}", run.stderr);
     // --token and --password are one or the other.
-    let run = cli().run(&["login", &url, "--token", &token, "--password", PASSWORD]).await;
+    let run = cli()
+        .run(&["login", &url, "--token", &token, "--password", PASSWORD])
+        .await;
     assert_eq!(run.code, 2, "{}", run.stderr);
 
-    let run = cli().run(&["login", &url, "--token", &token, "--name", "deployer"]).await;
+    let run = cli()
+        .run(&["login", &url, "--token", &token, "--name", "deployer"])
+        .await;
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert!(run.stderr.contains("with the deploy role"), "{}", run.stderr);
     assert!(!run.stdout.contains(&token) && !run.stderr.contains(&token));

@@ -135,7 +135,11 @@ async fn ssl_update_makes_the_certificate_the_ingress_tls_secret() {
     assert_eq!(String::from_utf8(data["tls.crt"].0.clone()).unwrap(), public);
     assert_eq!(String::from_utf8(data["tls.key"].0.clone()).unwrap(), private);
     // The first one is free again: nothing uses it.
-    let deleted = app.convox(Method::DELETE, &format!("/certificates/{id}")).send().await.unwrap();
+    let deleted = app
+        .convox(Method::DELETE, &format!("/certificates/{id}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(deleted.status(), 200);
 
     // A release without the service `web` (it is `api` now): its Secret goes with its
@@ -148,7 +152,10 @@ async fn ssl_update_makes_the_certificate_the_ingress_tls_secret() {
         .to_owned();
     let log = promote_follow(&app, name, &third).await;
     assert!(log.ends_with("\nOK\n"), "{log}");
-    assert!(secrets.get_opt("rack-tls-web").await.unwrap().is_none(), "the Secret is gone");
+    assert!(
+        secrets.get_opt("rack-tls-web").await.unwrap().is_none(),
+        "the Secret is gone"
+    );
     assert!(ingresses.get_opt("web").await.unwrap().is_none());
     let api = ingresses.get("api").await.unwrap();
     assert_eq!(

@@ -314,7 +314,10 @@ fn values<'a>(metrics: &'a [Value], name: &str) -> &'a Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn app_metrics_come_from_the_ingress_metrics_in_prometheus() {
     if !std::path::Path::new(PROMETHEUS).exists() {
-        assert!(std::env::var_os("CI").is_none(), "CI runs this test: {PROMETHEUS} is missing");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs this test: {PROMETHEUS} is missing"
+        );
         eprintln!("skipping: {PROMETHEUS} is missing (scripts/install-deps installs Debian's prometheus)");
         return;
     }
@@ -334,14 +337,22 @@ async fn app_metrics_come_from_the_ingress_metrics_in_prometheus() {
     let app = spawn_kube_then(|kube| kube.prometheus_url = Some(url)).await;
     assert_eq!(app.create_app(name).await.status(), 201);
     let start = chrono::Utc::now() - chrono::Duration::seconds(60);
-    for path in [format!("/apps/{name}/metrics"), format!("/apps/{name}/services/web/metrics")] {
+    for path in [
+        format!("/apps/{name}/metrics"),
+        format!("/apps/{name}/services/web/metrics"),
+    ] {
         // Periods of 10 s, each once it has ended and Prometheus holds it.
         let metrics: Vec<Value> = wait_for(120, "ended periods with the ingress' requests", || async {
             let response = app
                 .convox(Method::GET, &path)
                 .query(&[
                     ("start", start.format("%Y%m%d.%H%M%S.%f").to_string()),
-                    ("end", (chrono::Utc::now() + chrono::Duration::seconds(60)).format("%Y%m%d.%H%M%S.%f").to_string()),
+                    (
+                        "end",
+                        (chrono::Utc::now() + chrono::Duration::seconds(60))
+                            .format("%Y%m%d.%H%M%S.%f")
+                            .to_string(),
+                    ),
                     ("period", "10".to_owned()),
                 ])
                 .send()

@@ -95,7 +95,9 @@ pub fn range_values(body: &serde_json::Value) -> Result<Vec<(i64, f64)>, String>
     let Some(result) = body["data"]["result"].as_array() else {
         return Err("an answer without data.result".to_owned());
     };
-    let Some(first) = result.first() else { return Ok(Vec::new()) };
+    let Some(first) = result.first() else {
+        return Ok(Vec::new());
+    };
     let Some(values) = first["values"].as_array() else {
         return Err("a series without values".to_owned());
     };

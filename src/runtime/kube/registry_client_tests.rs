@@ -133,7 +133,10 @@ async fn a_bearer_registry_gets_an_image_in_and_out_with_a_token_from_its_realm(
     client.push_blob("shop", &layer_digest, &layer).await.unwrap();
     client.put_manifest("shop", "web.BABC", &manifest).await.unwrap();
     let read = client.manifest("shop", "web.BABC").await.unwrap();
-    assert_eq!((read.digest.as_str(), read.media_type.as_str()), (manifest.digest.as_str(), MEDIA_TYPE));
+    assert_eq!(
+        (read.digest.as_str(), read.media_type.as_str()),
+        (manifest.digest.as_str(), MEDIA_TYPE)
+    );
     let out = dir.path().join("out");
     assert_eq!(client.blob_to_file("shop", &layer_digest, &out).await.unwrap(), 17);
     assert_eq!(std::fs::read(&out).unwrap(), b"the layer's bytes");

@@ -75,7 +75,9 @@ fn usage(list: &serde_json::Value) -> (Vec<u64>, Vec<f64>) {
         let containers = pod["containers"].as_array().into_iter().flatten();
         let (mut bytes, mut cores) = (0.0, 0.0);
         for container in containers {
-            bytes += container["usage"]["memory"].as_str().map_or(0.0, super::nodes::quantity);
+            bytes += container["usage"]["memory"]
+                .as_str()
+                .map_or(0.0, super::nodes::quantity);
             cores += container["usage"]["cpu"].as_str().map_or(0.0, super::nodes::quantity);
         }
         memory.push(bytes.max(0.0) as u64);
@@ -140,9 +142,18 @@ async fn ingress_periods(
 }
 
 /// The periods the answers make (each value stamped with its period's end).
-#[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "counts of requests")]
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "counts of requests"
+)]
 #[expect(clippy::cast_precision_loss, reason = "seconds far below 2^52")]
-fn periods(period: u64, requests: &[(i64, f64)], errors: &[(i64, f64)], latency: [&[(i64, f64)]; 3]) -> Vec<PeriodFigures> {
+fn periods(
+    period: u64,
+    requests: &[(i64, f64)],
+    errors: &[(i64, f64)],
+    latency: [&[(i64, f64)]; 3],
+) -> Vec<PeriodFigures> {
     let at = |t: &[(i64, f64)], end: i64| t.iter().find(|(time, _)| *time == end).map(|(_, v)| *v);
     let count = |v: f64| v.max(0.0).round() as u64;
     let step = i64::try_from(period).unwrap_or(i64::MAX);
@@ -199,9 +210,6 @@ mod tests {
             {"containers": [{"usage": {"cpu": "250m", "memory": "64Mi"}}, {"usage": {"cpu": "0", "memory": "1Mi"}}]}
         ]}));
         assert_eq!((memory, cpu), (vec![65 << 20], vec![0.25]));
-        assert_eq!(
-            selector("rack-a", Some("web")),
-            "namespace=\"rack-a\",service=\"web\""
-        );
+        assert_eq!(selector("rack-a", Some("web")), "namespace=\"rack-a\",service=\"web\"");
     }
 }

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 
-use super::tally::{SLOTS, Sum};
 use super::Router;
+use super::tally::{SLOTS, Sum};
 use crate::runtime::{LATENCY_BUCKETS, TrafficMinute};
 
 /// One release's minute, as it is summed.
