@@ -121,13 +121,15 @@ async fn ingress_periods(
     now: DateTime<Utc>,
 ) -> Result<Vec<PeriodFigures>, String> {
     let period = window.period;
-    let step = TimeDelta::seconds(i64::try_from(period).unwrap_or(i64::MAX));
-    // Evaluated at each period's end: the first's, up to the last that has ended.
-    let first_end = window.start + step;
-    let last_end = window.end.min(now);
-    if first_end > last_end {
+    // A period longer than any time can name has not ended (and must not overflow).
+    let Some(step) = i64::try_from(period).ok().and_then(TimeDelta::try_seconds) else {
         return Ok(Vec::new());
-    }
+    };
+    // Evaluated at each period's end: the first's, up to the last that has ended.
+    let last_end = window.end.min(now);
+    let Some(first_end) = window.start.checked_add_signed(step).filter(|end| *end <= last_end) else {
+        return Ok(Vec::new());
+    };
     let ended = (last_end - first_end).num_seconds() / step.num_seconds().max(1);
     let last_end = first_end + TimeDelta::seconds(ended * step.num_seconds());
     let prometheus = Prometheus::new(base, QUERY_TIMEOUT)?;
@@ -206,6 +208,21 @@ mod tests {
         assert_eq!(first.p95, Some(Duration::from_millis(20)));
         assert_eq!(first.p99, None);
         assert_eq!((periods[1].requests, periods[1].p50), (0, None));
+        // A period too long to have ended asks Prometheus nothing (and does not overflow).
+        let start = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let window = MetricsWindow {
+            start,
+            end: start + TimeDelta::hours(1),
+            period: 1_045_191_905_853_492_864,
+        };
+        let none = futures_util::FutureExt::now_or_never(ingress_periods(
+            "http://127.0.0.1:9",
+            "rack-a",
+            None,
+            &window,
+            start + TimeDelta::hours(2),
+        ));
+        assert_eq!(none.map(Result::unwrap), Some(Vec::new()));
         let (memory, cpu) = usage(&serde_json::json!({"items": [
             {"containers": [{"usage": {"cpu": "250m", "memory": "64Mi"}}, {"usage": {"cpu": "0", "memory": "1Mi"}}]}
         ]}));
