@@ -178,6 +178,9 @@ pub struct ServerArgs {
     /// Days the event feed (`GET /events`) keeps its events.
     #[arg(long, env = "RACK_FEED_RETENTION_DAYS", default_value_t = 14)]
     pub feed_retention_days: u32,
+    /// Days the apps' per-minute traffic history (`GET /apps/{app}/metrics`) keeps.
+    #[arg(long, env = "RACK_METRICS_RETENTION_DAYS", default_value_t = 7)]
+    pub metrics_retention_days: u32,
     /// Longest a one-off process (`run`) may run, in seconds; then it is stopped.
     #[arg(long, env = "RACK_RUN_TIMEOUT", default_value_t = 3600)]
     pub run_timeout: u64,
@@ -304,6 +307,8 @@ pub struct Config {
     pub audit_retention: Duration,
     /// How long the event feed keeps its events.
     pub feed_retention: Duration,
+    /// How long the per-minute traffic history keeps its minutes.
+    pub metrics_retention: Duration,
     /// How much of each followed log the bus keeps in memory.
     pub stream_window: crate::events::tail::WindowLimits,
     /// Settings of the Kubernetes runtime, when it is the one in use.
@@ -497,6 +502,7 @@ impl Config {
             max_streams_per_credential: args.max_streams_per_credential,
             audit_retention: Duration::from_secs(u64::from(args.audit_retention_days.max(1)) * 86_400),
             feed_retention: Duration::from_secs(u64::from(args.feed_retention_days.max(1)) * 86_400),
+            metrics_retention: Duration::from_secs(u64::from(args.metrics_retention_days.max(1)) * 86_400),
             stream_window: crate::events::tail::WindowLimits {
                 batches: args.stream_window_batches,
                 bytes: args.stream_window_bytes,
@@ -545,6 +551,7 @@ impl Config {
             max_streams_per_credential: 100,
             audit_retention: Duration::from_secs(90 * 86_400),
             feed_retention: Duration::from_secs(14 * 86_400),
+            metrics_retention: Duration::from_secs(7 * 86_400),
             stream_window: crate::events::tail::WindowLimits::default(),
             kube: None,
             tls: Tls::Off,

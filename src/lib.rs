@@ -273,6 +273,7 @@ impl Application {
         workers.extend(jobs::deploys::spawn_workers(&state, 2));
         workers.push(tokio::spawn(jobs::deploys::reconcile_all(state.clone())));
         workers.push(tokio::spawn(jobs::prune_audit(state.clone())));
+        workers.push(tokio::spawn(jobs::metrics::record(state.clone())));
         workers.push(tokio::spawn(jobs::replicas::heartbeat(state.clone())));
         if state.config.shared_rack_log {
             workers.push(tokio::spawn(jobs::rack_log::persist(state.clone())));

@@ -78,8 +78,22 @@ pub const FEED_RETENTION_DAYS: Setting = Setting {
     default: |c| c.feed_retention.as_secs() / DAY,
 };
 
+pub const METRICS_RETENTION_DAYS: Setting = Setting {
+    name: "metrics_retention_days",
+    description: "days the apps' per-minute traffic history keeps; RACK_METRICS_RETENTION_DAYS",
+    min: 1,
+    max: 3650,
+    default: |c| c.metrics_retention.as_secs() / DAY,
+};
+
 /// Every settable parameter, by name.
-pub const SETTINGS: [Setting; 4] = [BUILD_TIMEOUT, RUN_TIMEOUT, AUDIT_RETENTION_DAYS, FEED_RETENTION_DAYS];
+pub const SETTINGS: [Setting; 5] = [
+    BUILD_TIMEOUT,
+    RUN_TIMEOUT,
+    AUDIT_RETENTION_DAYS,
+    FEED_RETENTION_DAYS,
+    METRICS_RETENTION_DAYS,
+];
 
 /// The setting named `name`.
 pub fn setting(name: &str) -> Option<&'static Setting> {

@@ -5,9 +5,11 @@
 //! `metrics` (comma-separated names).
 //!
 //! The metrics: `requests` and `errors` (per period: `sum` the total, `count` the seconds
-//! measured, `avg` per second, `min`/`max` the fewest/most in one second), `latency-p95`
-//! (milliseconds; `count` the requests it is over) and `memory` (MiB now, over the running
-//! instances: one value at the last period, `count` the instances).
+//! measured, `avg` per second, `min`/`max` the fewest/most in one second), `latency-p50`,
+//! `latency-p95`, `latency-p99` (milliseconds; `count` the requests they are over), `memory`
+//! (MiB over the instances: `count` the instances; the last period has the value now) and `cpu`
+//! (cores busy, where the runtime knows it). Where rack routes the traffic itself, periods
+//! older than its routers' memory come from the per-minute history (`metric_history`).
 
 use axum::extract::{Path, State};
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -20,7 +22,16 @@ use crate::error::{ApiError, ApiResult};
 use crate::runtime::{MetricsWindow, Traffic};
 
 /// Every metric, in the order answered.
-pub const METRICS: [&str; 4] = ["requests", "errors", "latency-p95", "memory"];
+/// (The first four in the order they were first answered, for clients that index them.)
+pub const METRICS: [&str; 7] = [
+    "requests",
+    "errors",
+    "latency-p95",
+    "memory",
+    "latency-p50",
+    "latency-p99",
+    "cpu",
+];
 
 /// The window when none is asked for: the last hour, by the minute.
 const DEFAULT_SPAN_SECONDS: i64 = 3600;
@@ -85,6 +96,13 @@ async fn answer(
         .await
         .map_err(ApiError::runtime("reading the app's metrics"))?
         .unwrap_or_default();
+    let traffic = match traffic.held_since {
+        Some(held_since) => Traffic {
+            periods: super::metric_history::merge(state, app, service, &window, traffic.periods, held_since).await?,
+            ..traffic
+        },
+        None => traffic,
+    };
     Ok(Pretty(shape(&traffic, &names, &window)))
 }
 
@@ -171,11 +189,16 @@ fn shape(traffic: &Traffic, names: &[&str], window: &MetricsWindow) -> Vec<Metri
                         }
                     })
                     .collect(),
-                "latency-p95" => traffic
+                "latency-p50" | "latency-p95" | "latency-p99" => traffic
                     .periods
                     .iter()
                     .filter_map(|p| {
-                        let ms = p.p95?.as_secs_f64() * 1000.0;
+                        let quantile = match name {
+                            "latency-p50" => p.p50,
+                            "latency-p95" => p.p95,
+                            _ => p.p99,
+                        };
+                        let ms = quantile?.as_secs_f64() * 1000.0;
                         Some(MetricValue {
                             time: p.at,
                             avg: ms,
@@ -186,7 +209,8 @@ fn shape(traffic: &Traffic, names: &[&str], window: &MetricsWindow) -> Vec<Metri
                         })
                     })
                     .collect(),
-                _ => memory(traffic, window).into_iter().collect(),
+                "cpu" => cpu(traffic, window),
+                _ => memory(traffic, window),
             };
             Metric {
                 name: name.to_owned(),
@@ -196,30 +220,69 @@ fn shape(traffic: &Traffic, names: &[&str], window: &MetricsWindow) -> Vec<Metri
         .collect()
 }
 
-/// The instances' memory now, in MiB, at the window's last period.
+/// The instances' memory per period (from the history, where kept), in MiB; the last period
+/// has the value now, when the runtime can tell.
 #[expect(clippy::cast_precision_loss, reason = "counts and bytes far below 2^52")]
-fn memory(traffic: &Traffic, window: &MetricsWindow) -> Option<MetricValue> {
-    let mib: Vec<f64> = traffic
-        .memory
+fn memory(traffic: &Traffic, window: &MetricsWindow) -> Vec<MetricValue> {
+    let mib = |bytes: u64| bytes as f64 / f64::from(1u32 << 20);
+    let mut values: Vec<MetricValue> = traffic
+        .periods
         .iter()
-        .map(|b| *b as f64 / f64::from(1u32 << 20))
+        .filter_map(|p| {
+            let (bytes, instances) = p.memory?;
+            let each = mib(bytes) / instances.max(1) as f64;
+            Some(MetricValue {
+                time: p.at,
+                avg: each,
+                count: instances as f64,
+                max: each,
+                min: each,
+                sum: mib(bytes),
+            })
+        })
         .collect();
-    if mib.is_empty() {
-        return None;
+    let now: Vec<f64> = traffic.memory.iter().map(|b| mib(*b)).collect();
+    if now.is_empty() {
+        return values;
     }
-    let sum: f64 = mib.iter().sum();
+    let sum: f64 = now.iter().sum();
+    let time = last_period(window);
+    values.retain(|v| v.time != time);
+    values.push(MetricValue {
+        time,
+        avg: sum / now.len() as f64,
+        count: now.len() as f64,
+        max: now.iter().copied().fold(f64::MIN, f64::max),
+        min: now.iter().copied().fold(f64::MAX, f64::min),
+        sum,
+    });
+    values
+}
+
+/// The instances' CPU now (cores), at the window's last period, where the runtime can tell.
+#[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+fn cpu(traffic: &Traffic, window: &MetricsWindow) -> Vec<MetricValue> {
+    if traffic.cpu.is_empty() {
+        return Vec::new();
+    }
+    let sum: f64 = traffic.cpu.iter().sum();
+    vec![MetricValue {
+        time: last_period(window),
+        avg: sum / traffic.cpu.len() as f64,
+        count: traffic.cpu.len() as f64,
+        max: traffic.cpu.iter().copied().fold(f64::MIN, f64::max),
+        min: traffic.cpu.iter().copied().fold(f64::MAX, f64::min),
+        sum,
+    }]
+}
+
+/// When the window's last period starts.
+fn last_period(window: &MetricsWindow) -> DateTime<Utc> {
     let span = u64::try_from((window.end - window.start).num_seconds())
         .unwrap_or(0)
         .max(1);
     let last = (span - 1) / window.period * window.period;
-    Some(MetricValue {
-        time: window.start + chrono::Duration::seconds(i64::try_from(last).unwrap_or(i64::MAX)),
-        avg: sum / mib.len() as f64,
-        count: mib.len() as f64,
-        max: mib.iter().copied().fold(f64::MIN, f64::max),
-        min: mib.iter().copied().fold(f64::MAX, f64::min),
-        sum,
-    })
+    window.start + chrono::Duration::seconds(i64::try_from(last).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]
@@ -251,8 +314,11 @@ mod tests {
                 requests_range: (1, 7),
                 errors_range: (0, 2),
                 p95: Some(std::time::Duration::from_millis(4)),
+                ..crate::runtime::PeriodFigures::default()
             }],
             memory: vec![2 << 20, 4 << 20],
+            cpu: vec![0.5],
+            held_since: None,
         };
         let metrics = shape(&traffic, &METRICS, &window);
         let requests = &metrics[0].values[0];
@@ -261,6 +327,7 @@ mod tests {
             (30.0, 10.0, 3.0, 1.0, 7.0)
         );
         assert_eq!(metrics[1].values[0].sum, 3.0);
+        assert_eq!(metrics[6].values[0].sum, 0.5, "cpu now");
         assert_eq!(metrics[2].values[0].max, 4.0);
         let memory = &metrics[3].values[0];
         assert_eq!(

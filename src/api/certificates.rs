@@ -109,9 +109,29 @@ pub(crate) async fn serve(
 }
 
 /// Serves every certificate `app`'s services use (after a deployment applied, or a restart
-/// brought the app back: a router that is new, or restarted, serves HTTPS again). Failures are
-/// logged: the app's plain HTTP is not held back by them.
-pub async fn serve_app(state: &AppState, app: &str) {
+/// brought the app back: a router that is new, or restarted, serves HTTPS again). A service
+/// that `release` no longer has, or that has no port any more, stops using its certificate
+/// (the runtime removed what served it: on Kubernetes its Secret `rack-tls-<service>`), so a
+/// service of that name added later starts without it. Failures are logged: the app's plain
+/// HTTP is not held back by them.
+pub async fn serve_app(state: &AppState, app: &str, release: Option<&crate::runtime::ReleaseSpec>) {
+    if let Some(release) = release {
+        let keep: Vec<String> = release
+            .manifest
+            .services
+            .iter()
+            .filter(|(_, s)| s.port.is_some())
+            .map(|(name, _)| name.clone())
+            .collect();
+        match store::remove_uses_except(&state.pool, app, &keep).await {
+            Ok(gone) => {
+                for service in gone {
+                    tracing::info!(app.name = %app, "{app}/{service} no longer takes traffic: its certificate is no longer served");
+                }
+            }
+            Err(e) => tracing::warn!(app.name = %app, error = %e, "removing the certificates of {app}'s services gone"),
+        }
+    }
     let uses = match store::uses_of_app(&state.pool, app).await {
         Ok(uses) => uses,
         Err(e) => {

@@ -18,6 +18,7 @@ pub mod files;
 pub mod idempotency;
 pub mod input;
 pub mod limits;
+pub mod metric_history;
 pub mod objects;
 pub mod origin;
 pub mod processes;

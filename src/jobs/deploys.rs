@@ -189,7 +189,7 @@ impl Driver<'_> {
                 super::resources::applied(&self.state.pool, &deployment.app, resources, result.is_ok()).await;
                 match result {
                     Ok(()) => {
-                        crate::api::certificates::serve_app(self.state, &deployment.app).await;
+                        crate::api::certificates::serve_app(self.state, &deployment.app, release.as_ref()).await;
                         Signal::Applied
                     }
                     Err(RuntimeError::AnalysisFailed(why)) if cancellable => Signal::AnalysisFailed(why),
@@ -538,7 +538,7 @@ pub async fn reconcile_all(state: AppState) {
             () = state.shutdown.cancelled() => return,
         };
         match result {
-            Ok(()) => crate::api::certificates::serve_app(&state, &app).await,
+            Ok(()) => crate::api::certificates::serve_app(&state, &app, Some(&spec)).await,
             Err(e) => {
                 all_applied = false;
                 log.line(&stream, format!("Restoring release {release} failed: {e}"))

@@ -4,6 +4,7 @@
 pub mod builds;
 pub mod capabilities;
 pub mod deploys;
+pub mod metrics;
 pub mod rack_log;
 pub mod replicas;
 pub mod resources;

@@ -26,8 +26,16 @@ pub use capabilities::{
 pub use capability_set::Capabilities;
 pub use error::{BoxError, RuntimeError};
 pub use host::{InstanceInfo, this_host};
+<<<<<<< HEAD
 pub use log_sink::{Copied, LogItem, LogReceiver, LogSink, ProcessEvent};
 pub use metrics::{MAX_METRIC_PERIODS, MetricsWindow, PeriodFigures, Traffic};
+=======
+pub use log_sink::{LogItem, LogReceiver, LogSink, ProcessEvent};
+pub use metrics::{
+    LATENCY_BUCKETS, MAX_METRIC_PERIODS, MetricsWindow, PeriodFigures, Traffic, TrafficMinute, latency_bucket,
+    latency_quantile, latency_upper_edge,
+};
+>>>>>>> h-metrics
 pub use process::{
     ExecRequest, ExecSession, LineStream, LogLine, OneOff, ProcessInfo, ProcessKind, ProcessLogs, ProcessStatus,
 };
@@ -334,6 +342,12 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     ) -> Result<Option<Traffic>, RuntimeError> {
         let _ = (app, service, window);
         Ok(None)
+    }
+
+    /// What rack's own routers served since the last call, per release and minute, for the
+    /// per-minute history (`jobs::metrics`): each second once. Empty where rack routes nothing.
+    fn drain_traffic(&self) -> Vec<TrafficMinute> {
+        Vec::new()
     }
 
     /// The app's balancers as they run (none where the runtime has no load balancers).

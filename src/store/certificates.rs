@@ -118,6 +118,19 @@ pub async fn set_use(
     Ok(())
 }
 
+/// Stops `app`'s services other than `keep` using certificates (they are gone from its
+/// manifest, or take no traffic any more); returns the services that did.
+pub async fn remove_uses_except(pool: &PgPool, app: &str, keep: &[String]) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "delete from certificate_uses where app = $1 and not (service = any($2))
+         returning service",
+    )
+    .bind(app)
+    .bind(keep)
+    .fetch_all(pool)
+    .await
+}
+
 /// The certificates `app`'s services use, by service and port.
 pub async fn uses_of_app(pool: &PgPool, app: &str) -> Result<Vec<Use>, sqlx::Error> {
     sqlx::query_as(

@@ -13,6 +13,7 @@ pub mod events;
 pub mod feed;
 pub mod idempotency;
 pub mod log_cursors;
+pub mod metric_minutes;
 pub mod objects;
 pub mod rack_log;
 pub mod rack_resources;

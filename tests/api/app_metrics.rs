@@ -119,3 +119,156 @@ async fn metrics_count_the_requests_and_errors_sent_through_the_router() {
         .unwrap();
     assert_eq!(bad.status(), 400);
 }
+
+/// The totals of `path` over the window `start..end` in periods of `period` seconds.
+async fn totals(
+    app: &TestApp,
+    path: &str,
+    start: chrono::DateTime<chrono::Utc>,
+    end: chrono::DateTime<chrono::Utc>,
+    period: u64,
+) -> Vec<Value> {
+    let response = app
+        .convox(Method::GET, path)
+        .query(&[
+            ("start", start.format("%Y%m%d.%H%M%S.%f").to_string()),
+            ("end", end.format("%Y%m%d.%H%M%S.%f").to_string()),
+            ("period", period.to_string()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+/// One minute of `requests` (`errors` of them failed), all of them `latency` long.
+fn minute(
+    at: chrono::DateTime<chrono::Utc>,
+    requests: i64,
+    errors: i64,
+    latency: std::time::Duration,
+) -> rack::store::metric_minutes::Served {
+    let mut histogram = vec![0; rack::runtime::LATENCY_BUCKETS];
+    histogram[rack::runtime::latency_bucket(latency)] = requests;
+    rack::store::metric_minutes::Served {
+        app: "history".to_owned(),
+        service: "web".to_owned(),
+        release: "RPAST".to_owned(),
+        minute: at,
+        seconds: 60,
+        requests,
+        errors,
+        requests_range: (0, requests),
+        errors_range: (0, errors),
+        latency: histogram,
+        memory: Some((64 << 20, 1)),
+    }
+}
+
+#[tokio::test]
+async fn history_answers_hours_back_from_the_minutes_every_replica_adds() {
+    use chrono::{DurationRound, TimeDelta, Utc};
+    let app = TestApp::spawn().await;
+    assert_eq!(app.create_app("history").await.status(), 201);
+    app.deploy_files("history", &[("convox.yml", MANIFEST), ("server.py", SERVER)])
+        .await;
+    let router = app.get_json::<Value>("/apps/history").await["router"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Minutes of two and one and a half hours ago, far older than a router's memory (256 s):
+    // the first one written by two routers (two replicas), which add up.
+    let now = Utc::now().duration_trunc(TimeDelta::minutes(1)).unwrap();
+    let (two_hours, ninety) = (now - TimeDelta::hours(2), now - TimeDelta::minutes(90));
+    let fast = std::time::Duration::from_millis(5);
+    let slow = std::time::Duration::from_millis(400);
+    let pool = &app.state.pool;
+    rack::store::metric_minutes::add(pool, &[minute(two_hours, 100, 7, fast)])
+        .await
+        .unwrap();
+    rack::store::metric_minutes::add(pool, &[minute(two_hours, 50, 3, fast), minute(ninety, 20, 0, slow)])
+        .await
+        .unwrap();
+    // And traffic now, through the router: 30 requests, 6 failures.
+    let client = reqwest::Client::new();
+    for i in 0..30 {
+        let path = if i % 5 == 0 { "/fail" } else { "/" };
+        client.get(format!("http://{router}{path}")).send().await.unwrap();
+    }
+    // Three hours by the hour: the old minutes and the router's (written as the request is
+    // answered, each second once).
+    let (start, end) = (now - TimeDelta::hours(3), Utc::now() + TimeDelta::minutes(1));
+    let metrics = wait_for(60, "the router's requests in the history", || async {
+        let metrics = totals(&app, "/apps/history/metrics", start, end, 3600).await;
+        (total(&metrics, "requests") >= 200.0).then_some(metrics)
+    })
+    .await;
+    assert_eq!(total(&metrics, "requests"), 200.0, "{metrics:?}");
+    assert_eq!(total(&metrics, "errors"), 16.0, "{metrics:?}");
+    // Asked again (the router flushed again): nothing counted twice.
+    let again = totals(&app, "/apps/history/services/web/metrics", start, end, 3600).await;
+    assert_eq!(
+        (total(&again, "requests"), total(&again, "errors")),
+        (200.0, 16.0),
+        "{again:?}"
+    );
+    let other = totals(&app, "/apps/history/services/worker/metrics", start, end, 3600).await;
+    assert_eq!(total(&other, "requests"), 0.0);
+
+    // By the minute: each old minute at its time, with its latency and memory.
+    let by_minute = totals(
+        &app,
+        "/apps/history/metrics",
+        two_hours,
+        now - TimeDelta::minutes(60),
+        60,
+    )
+    .await;
+    let value_at = |name: &str, at: chrono::DateTime<Utc>| -> Value {
+        let metric = by_minute.iter().find(|m| m["name"] == name).unwrap();
+        metric["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| {
+                v["time"]
+                    .as_str()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    == Some(at.into())
+            })
+            .unwrap_or_else(|| panic!("no {name} at {at} in {metric}"))
+            .clone()
+    };
+    assert_eq!(value_at("requests", two_hours)["sum"], 150.0);
+    assert_eq!(value_at("requests", two_hours)["count"], 60.0, "seconds measured");
+    assert_eq!(value_at("errors", ninety)["sum"], 0.0);
+    let p99_fast = value_at("latency-p99", two_hours)["max"].as_f64().unwrap();
+    let p99_slow = value_at("latency-p99", ninety)["max"].as_f64().unwrap();
+    assert!((5.0..6.5).contains(&p99_fast), "{p99_fast} ms");
+    assert!((400.0..500.0).contains(&p99_slow), "{p99_slow} ms");
+    assert_eq!(value_at("memory", ninety)["sum"], 64.0, "MiB");
+
+    // A second replica on the same database answers the same history: what this one's router
+    // served reaches it through the rows, once.
+    let replica = TestApp::spawn_on(&app.database_url(), |_| {}).await;
+    let there = totals(&replica, "/apps/history/metrics", start, end, 3600).await;
+    assert_eq!(
+        (total(&there, "requests"), total(&there, "errors")),
+        (200.0, 16.0),
+        "{there:?}"
+    );
+    replica.stop().await;
+
+    // Retention: a minute older than `metrics_retention_days` (7 by default) is pruned.
+    let old = now - TimeDelta::days(8);
+    rack::store::metric_minutes::add(pool, &[minute(old, 9, 0, fast)])
+        .await
+        .unwrap();
+    rack::jobs::metrics::prune(&app.state).await;
+    let kept = rack::store::metric_minutes::read(pool, "history", None, old - TimeDelta::days(1), end)
+        .await
+        .unwrap();
+    assert!(kept.iter().all(|r| r.minute > old), "{kept:?}");
+    assert_eq!(kept.iter().map(|r| r.requests).sum::<i64>(), 200);
+}

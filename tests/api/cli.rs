@@ -842,3 +842,54 @@ async fn login_saves_racks_privately_and_switch_chooses_one() {
         "still private after rewrites"
     );
 }
+
+#[tokio::test]
+async fn login_with_a_token_flag_saves_it_and_commands_carry_its_role() {
+    let app = TestApp::spawn().await;
+    app.create_app("myapp").await;
+    let home = tempfile::tempdir().unwrap();
+    let cli = || Cli::new().home(home.path());
+    let url = format!("http://{}", app.addr);
+    let token = rack(&app, PASSWORD, &["tokens", "create", "deployer", "--role", "deploy"]).await;
+    let token = token.stdout.trim().to_owned();
+    assert!(token.starts_with("rack_"), "{token}");
+
+    // A token that is not one is refused, nothing saved.
+    let run = cli().run(&["login", &url, "--token", "rack_notatoken"]).await;
+    assert_eq!(run.code, 4, "{}{}", run.stdout, run.stderr);
+    assert!(!run.stderr.contains("rack_notatoken"), "not echoed: {}", run.stderr);
+    // --token and --password are one or the other.
+    let run = cli()
+        .run(&["login", &url, "--token", &token, "--password", PASSWORD])
+        .await;
+    assert_eq!(run.code, 2, "{}", run.stderr);
+
+    let run = cli()
+        .run(&["login", &url, "--token", &token, "--name", "deployer"])
+        .await;
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("with the deploy role"), "{}", run.stderr);
+    assert!(!run.stdout.contains(&token) && !run.stderr.contains(&token));
+    let saved = std::fs::read_to_string(home.path().join("config/rack/racks.json")).unwrap();
+    assert!(saved.contains(&token), "the token is what is saved: {saved}");
+    assert!(!saved.contains(PASSWORD));
+
+    // Without RACK_URL, commands use it: reading works, creating an app (admin) does not.
+    let run = cli().run(&["apps"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains("myapp"), "{}", run.stdout);
+    let run = cli().run(&["apps", "create", "other"]).await;
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("admin"), "names the role it needs: {}", run.stderr);
+
+    // Revoked, the saved token stops working (exit 4: the credential was refused).
+    let tokens: Vec<serde_json::Value> = app.get_json("/tokens").await;
+    let id = tokens.iter().find(|t| t["name"] == "deployer").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let run = rack(&app, PASSWORD, &["tokens", "delete", &id]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let run = cli().run(&["apps"]).await;
+    assert_eq!(run.code, 4, "{}", run.stderr);
+}

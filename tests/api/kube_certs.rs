@@ -1,7 +1,8 @@
 //! Certificates on the Kubernetes runtime (a real control plane, see `kubeenv`): `convox ssl
 //! update` makes the certificate the Secret `rack-tls-<service>` (type `kubernetes.io/tls`) of
 //! the app's namespace, and the service's Ingress serves it (its `tls` section names that
-//! Secret, and cert-manager is not asked for another); the next release keeps it so.
+//! Secret, and cert-manager is not asked for another); the next release keeps it so, another
+//! certificate replaces the Secret's, and a release without the service removes it.
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::networking::v1::Ingress;
@@ -104,6 +105,72 @@ async fn ssl_update_makes_the_certificate_the_ingress_tls_secret() {
     let log = promote_follow(&app, name, &second).await;
     assert!(log.ends_with("\nOK\n"), "{log}");
     assert_serves_the_certificate(&ingresses.get("web").await.unwrap());
+
+    // Another certificate for the service replaces the Secret's.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let renewed = rcgen::CertificateParams::new(vec!["shop.example.com".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (public, private) = (renewed.pem(), key.serialize_pem());
+    let imported = app
+        .convox(Method::POST, "/certificates")
+        .form(&[("pub", public.as_str()), ("key", private.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(imported.status(), 201);
+    let second_id = imported.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let updated = app
+        .convox(Method::PUT, &format!("/apps/{name}/ssl/web/443"))
+        .form(&[("id", second_id.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(updated.status(), 200);
+    let data = secrets.get("rack-tls-web").await.unwrap().data.unwrap();
+    assert_eq!(String::from_utf8(data["tls.crt"].0.clone()).unwrap(), public);
+    assert_eq!(String::from_utf8(data["tls.key"].0.clone()).unwrap(), private);
+    // The first one is free again: nothing uses it.
+    let deleted = app
+        .convox(Method::DELETE, &format!("/certificates/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+
+    // A release without the service `web` (it is `api` now): its Secret goes with its
+    // Ingress, and rack no longer counts the certificate as used.
+    let renamed = manifest.replace("  web:\n", "  api:\n");
+    complete_build(&app, &client, name, &renamed).await;
+    let third = create_release(&app, name, &[("env", "HOST=shop.example.com")]).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let log = promote_follow(&app, name, &third).await;
+    assert!(log.ends_with("\nOK\n"), "{log}");
+    assert!(
+        secrets.get_opt("rack-tls-web").await.unwrap().is_none(),
+        "the Secret is gone"
+    );
+    assert!(ingresses.get_opt("web").await.unwrap().is_none());
+    let api = ingresses.get("api").await.unwrap();
+    assert_eq!(
+        api.spec.unwrap().tls.unwrap()[0].secret_name.as_deref(),
+        Some("api-tls"),
+        "the new service has cert-manager's, not the old one's"
+    );
+    let ssl: Vec<serde_json::Value> = app.get_json(&format!("/apps/{name}/ssl")).await;
+    assert!(ssl.is_empty(), "{ssl:?}");
+    let deleted = app
+        .convox(Method::DELETE, &format!("/certificates/{second_id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200, "no longer in use");
     kubelet.abort();
     drop(probe);
 }

@@ -300,3 +300,97 @@ async fn the_ingress_metrics_in_prometheus_roll_back_a_failing_release_and_pass_
     assert!(event["data"]["new"]["error_rate"].as_f64().unwrap() > 5.0, "{event}");
     assert_eq!(event["data"]["old"]["errors"], 0, "{event}");
 }
+
+/// The values of metric `name` in a metrics answer.
+fn values<'a>(metrics: &'a [Value], name: &str) -> &'a Vec<Value> {
+    metrics
+        .iter()
+        .find(|m| m["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {metrics:?}"))["values"]
+        .as_array()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_metrics_come_from_the_ingress_metrics_in_prometheus() {
+    if !std::path::Path::new(PROMETHEUS).exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs this test: {PROMETHEUS} is missing"
+        );
+        eprintln!("skipping: {PROMETHEUS} is missing (scripts/install-deps installs Debian's prometheus)");
+        return;
+    }
+    rack::tls::install_provider();
+    let name = "kubemetrics";
+    // A quarter of the service's requests fail; the decoy namespace's all fail, and must not
+    // count.
+    let traffic = Arc::new(Mutex::new(Traffic {
+        last: Instant::now(),
+        ok: 0.0,
+        failed: 0.0,
+        failing: 0.25,
+    }));
+    let (port, _exporter) = exporter(format!("rack-{name}"), traffic).await;
+    let server = prometheus(port).await;
+    let url = server.url.clone();
+    let app = spawn_kube_then(|kube| kube.prometheus_url = Some(url)).await;
+    assert_eq!(app.create_app(name).await.status(), 201);
+    let start = chrono::Utc::now() - chrono::Duration::seconds(60);
+    for path in [
+        format!("/apps/{name}/metrics"),
+        format!("/apps/{name}/services/web/metrics"),
+    ] {
+        // Periods of 10 s, each once it has ended and Prometheus holds it.
+        let metrics: Vec<Value> = wait_for(120, "ended periods with the ingress' requests", || async {
+            let response = app
+                .convox(Method::GET, &path)
+                .query(&[
+                    ("start", start.format("%Y%m%d.%H%M%S.%f").to_string()),
+                    (
+                        "end",
+                        (chrono::Utc::now() + chrono::Duration::seconds(60))
+                            .format("%Y%m%d.%H%M%S.%f")
+                            .to_string(),
+                    ),
+                    ("period", "10".to_owned()),
+                ])
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let metrics: Vec<Value> = response.json().await.unwrap();
+            let busy = values(&metrics, "requests")
+                .iter()
+                .filter(|v| v["sum"].as_f64().unwrap() >= 100.0)
+                .count();
+            (busy >= 2).then_some(metrics)
+        })
+        .await;
+        let requests = values(&metrics, "requests");
+        let errors = values(&metrics, "errors");
+        let sum = |vs: &Vec<Value>| vs.iter().map(|v| v["sum"].as_f64().unwrap()).sum::<f64>();
+        let share = sum(errors) / sum(requests);
+        assert!((0.15..0.35).contains(&share), "{path}: 5xx share {share}: {metrics:?}");
+        let busy = requests.iter().find(|v| v["sum"].as_f64().unwrap() >= 100.0).unwrap();
+        // 20 requests a second: per period of 10 s about 200, `avg` per second.
+        assert!((10.0..30.0).contains(&busy["avg"].as_f64().unwrap()), "{busy}");
+        assert_eq!(busy["count"], 10.0, "{busy}");
+        // Every request took between 10 and 25 ms (the exporter's buckets): the percentiles
+        // fall in there.
+        for quantile in ["latency-p50", "latency-p95", "latency-p99"] {
+            let latency = values(&metrics, quantile);
+            assert!(!latency.is_empty(), "{path}: no {quantile}: {metrics:?}");
+            for v in latency {
+                let ms = v["max"].as_f64().unwrap();
+                assert!((10.0..=25.0).contains(&ms), "{path}: {quantile} {ms} ms");
+            }
+        }
+        // This cluster serves no metrics.k8s.io (no metrics-server): no memory, no CPU.
+        assert!(values(&metrics, "memory").is_empty(), "{metrics:?}");
+        assert!(values(&metrics, "cpu").is_empty(), "{metrics:?}");
+    }
+    // Another service of the app has no traffic at the ingress.
+    let other: Vec<Value> = app.get_json(&format!("/apps/{name}/services/worker/metrics")).await;
+    assert!(values(&other, "requests").iter().all(|v| v["sum"] == 0.0), "{other:?}");
+}

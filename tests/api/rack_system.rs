@@ -268,7 +268,8 @@ async fn the_rack_cli_shows_and_sets_rack_and_app_params_and_lists_the_rack() {
     assert_eq!((run.code, run.stderr.as_str()), (0, "Updating parameters... OK\n"));
     let run = rack(&["rack", "params"]).await;
     assert_eq!(run.code, 0, "{}", run.stderr);
-    assert!(run.stdout.contains("run_timeout           90\n"), "{}", run.stdout);
+    // Columns as wide as the longest name (`metrics_retention_days`).
+    assert!(run.stdout.contains("run_timeout             90\n"), "{}", run.stdout);
     let run = rack(&["rack", "params", "set", "nope=1"]).await;
     assert_eq!(run.code, 1);
     assert!(run.stderr.contains("nope is not a parameter"), "{}", run.stderr);

@@ -19,10 +19,16 @@ mod prometheus_tests;
 mod redis_import;
 mod registries;
 mod registry_client;
+<<<<<<< HEAD
 mod resource_restore;
+=======
+#[cfg(test)]
+mod registry_client_tests;
+>>>>>>> h-metrics
 pub mod resources;
 mod rights;
 mod rollout;
+mod traffic;
 mod watch;
 
 use std::path::PathBuf;
@@ -272,6 +278,15 @@ impl Runtime for KubeRuntime {
         // Served by the Ingress, at the service's hosts: no address of rack's own.
         certificates::serve(self, app, service, certificate_pem, key_pem).await?;
         Ok(None)
+    }
+
+    async fn traffic(
+        &self,
+        app: &str,
+        service: Option<&str>,
+        window: &crate::runtime::MetricsWindow,
+    ) -> Result<Option<crate::runtime::Traffic>, RuntimeError> {
+        self.kube_traffic(app, service, window).await.map(Some)
     }
 
     fn capabilities(&self) -> crate::runtime::Capabilities {

@@ -67,7 +67,7 @@ fn instance(node: Node) -> InstanceInfo {
 }
 
 /// A Kubernetes quantity (`3800m`, `4`, `16Gi`, `1e3`) as a number of its unit.
-fn quantity(text: &str) -> f64 {
+pub(super) fn quantity(text: &str) -> f64 {
     let suffixes: [(&str, f64); 13] = [
         ("Ki", 1024.0),
         ("Mi", 1_048_576.0),

@@ -80,6 +80,40 @@ pub fn value(body: &serde_json::Value) -> Result<Option<f64>, String> {
     Ok(number.is_finite().then_some(number))
 }
 
+/// The values of a range query's answer (its first series), by Unix time.
+///
+/// # Errors
+/// Prometheus' error, or an answer of another shape.
+pub fn range_values(body: &serde_json::Value) -> Result<Vec<(i64, f64)>, String> {
+    if body["status"] != "success" {
+        return Err(format!(
+            "{}: {}",
+            body["errorType"].as_str().unwrap_or("error"),
+            body["error"].as_str().unwrap_or("an answer without status success")
+        ));
+    }
+    let Some(result) = body["data"]["result"].as_array() else {
+        return Err("an answer without data.result".to_owned());
+    };
+    let Some(first) = result.first() else {
+        return Ok(Vec::new());
+    };
+    let Some(values) = first["values"].as_array() else {
+        return Err("a series without values".to_owned());
+    };
+    let mut out = Vec::new();
+    for pair in values {
+        let at = pair[0].as_f64().ok_or_else(|| "a sample without a time".to_owned())?;
+        let text = pair[1].as_str().ok_or_else(|| "a sample without a value".to_owned())?;
+        let number: f64 = text.parse().map_err(|_| format!("a sample value {text:?}"))?;
+        if number.is_finite() {
+            #[expect(clippy::cast_possible_truncation, reason = "Unix seconds")]
+            out.push((at.round() as i64, number));
+        }
+    }
+    Ok(out)
+}
+
 /// The figures of the three answers (`increase` extrapolates, so counts are rounded).
 pub fn figures(requests: Option<f64>, errors: Option<f64>, p95: Option<f64>) -> Figures {
     let count = |v: Option<f64>| v.map_or(0, |v| v.max(0.0).round() as u64);
@@ -178,6 +212,37 @@ impl Prometheus {
             Err(e) => return Err(format!("{url}: {}", describe(&e))),
         };
         value(&body).map_err(|e| format!("{url}: {e}"))
+    }
+
+    /// A range query (`/api/v1/query_range`) evaluated at `start`, `start + step`, ... up to
+    /// `end` (Unix seconds): the values of its first series (rack's queries sum to one), by
+    /// time; a time whose value is not a number is left out.
+    ///
+    /// # Errors
+    /// As [`Prometheus::query`].
+    pub async fn query_range(&self, query: &str, start: i64, end: i64, step: u64) -> Result<Vec<(i64, f64)>, String> {
+        let params = [
+            ("query", query.to_owned()),
+            ("start", start.to_string()),
+            ("end", end.to_string()),
+            ("step", format!("{step}s")),
+            ("timeout", format!("{}ms", self.timeout.as_millis() * 4 / 5)),
+        ];
+        let url = format!("{}/api/v1/query_range", self.base);
+        let response = self
+            .client
+            .get(&url)
+            .query(&params)
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {}", describe(&e)))?;
+        let status = response.status();
+        let body: serde_json::Value = match response.json().await {
+            Ok(body) => body,
+            Err(_) if !status.is_success() => return Err(format!("{url}: HTTP {status}")),
+            Err(e) => return Err(format!("{url}: {}", describe(&e))),
+        };
+        range_values(&body).map_err(|e| format!("{url}: {e}"))
     }
 
     /// What `target` served in the `range` seconds up to `at` (none: now).

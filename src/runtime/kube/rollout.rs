@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Event, Pod, Service};
+use k8s_openapi::api::core::v1::{Event, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
@@ -58,6 +58,8 @@ pub async fn apply(
     let deployments: Api<Deployment> = runtime.api(app);
     let services: Api<Service> = runtime.api(app);
     let ingresses: Api<Ingress> = runtime.api(app);
+    // Certificates given with `ssl update` (`certificates.rs`).
+    let secrets: Api<Secret> = runtime.api(app);
     let params = PatchParams::apply(MANAGER).force();
     let mut wanted = BTreeSet::new();
     let by_app = ListParams::default().labels(&resources::selector(app, "service"));
@@ -90,7 +92,11 @@ pub async fn apply(
                         .await
                         .map_err(RuntimeError::kube(format!("applying service {name}")))?;
                 }
-                None => delete(&services, name).await?,
+                None => {
+                    delete(&services, name).await?;
+                    // Nothing to serve a certificate for (rack forgets its use too).
+                    delete(&secrets, &super::certificates::secret_name(name)).await?;
+                }
             }
             // The Ingress points at the Service, whose selector follows the pods that are
             // ready, so it switches with the rollout and never ahead of it.
@@ -133,6 +139,7 @@ pub async fn apply(
             delete(&deployments, &name).await?;
             delete(&services, &name).await?;
             delete(&ingresses, &name).await?;
+            delete(&secrets, &super::certificates::secret_name(&name)).await?;
         }
     }
 

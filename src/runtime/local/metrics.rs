@@ -1,14 +1,15 @@
 //! The local runtime's figures for `GET /apps/{app}/metrics`: each service's router keeps, per
 //! release, the last `router::SLOTS` seconds of responses (`router/tally.rs`); they are summed
-//! here per period of wall-clock time, across the services asked for. Memory is each running
+//! here per period of wall-clock time, across the services asked for. The same seconds go, once
+//! each, to rack's per-minute history (`drain_minutes`, written by `jobs::metrics`). Memory is each running
 //! instance's cgroup (`memory.usage_in_bytes`), where rack sets cgroups (the process driver as
 //! root); containers and hosts without cgroups report none.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, DurationRound, Utc};
 
 use super::LocalRuntime;
 use super::router::{Router, Sum};
-use crate::runtime::{MetricsWindow, PeriodFigures, ProcessKind, Traffic};
+use crate::runtime::{MetricsWindow, PeriodFigures, ProcessKind, Traffic, TrafficMinute};
 
 impl LocalRuntime {
     pub(super) fn local_traffic(&self, app: &str, service: Option<&str>, window: &MetricsWindow) -> Traffic {
@@ -33,10 +34,62 @@ impl LocalRuntime {
             .as_ref()
             .map(|c| instances.iter().filter_map(|id| c.memory_bytes(app, id)).collect())
             .unwrap_or_default();
+        let now = Utc::now();
         Traffic {
-            periods: periods(&routers, window, Utc::now()),
+            periods: periods(&routers, window, now),
             memory,
+            cpu: Vec::new(),
+            held_since: Some(now - chrono::TimeDelta::seconds(super::router::SLOTS as i64 - 2)),
         }
+    }
+
+    /// What every router served since the last call, per release and minute, with the memory
+    /// each release's running instances use now (where cgroups tell) in the current minute.
+    pub(super) fn drain_minutes(&self) -> Vec<TrafficMinute> {
+        let now = Utc::now();
+        let minute = now.duration_trunc(chrono::TimeDelta::minutes(1)).unwrap_or(now);
+        let mut out = Vec::new();
+        let mut running: Vec<(String, String, String, String)> = Vec::new();
+        self.supervisor.for_each_app(|app, procs| {
+            for (service, router) in &procs.routers {
+                out.extend(router.drain(service, now));
+            }
+            for i in &procs.instances {
+                if i.kind == ProcessKind::Service && i.exit.borrow().is_none() {
+                    running.push((app.to_owned(), i.service.clone(), i.release.clone(), i.id.clone()));
+                }
+            }
+        });
+        let Some(cgroups) = &self.cgroups else {
+            return out;
+        };
+        for (app, service, release, id) in running {
+            let Some(bytes) = cgroups.memory_bytes(&app, &id) else {
+                continue;
+            };
+            let row = out.iter().position(|m: &TrafficMinute| {
+                m.app == app && m.service == service && m.release == release && m.minute == minute
+            });
+            let row = row.unwrap_or_else(|| {
+                out.push(TrafficMinute {
+                    app: app.clone(),
+                    service: service.clone(),
+                    release: release.clone(),
+                    minute,
+                    seconds: 0,
+                    requests: 0,
+                    errors: 0,
+                    requests_range: (0, 0),
+                    errors_range: (0, 0),
+                    latency: vec![0; crate::runtime::LATENCY_BUCKETS],
+                    memory: None,
+                });
+                out.len() - 1
+            });
+            let (total, count) = out[row].memory.unwrap_or((0, 0));
+            out[row].memory = Some((total + bytes, count + 1));
+        }
+        out
     }
 }
 
@@ -100,7 +153,10 @@ fn periods(routers: &[Router], window: &MetricsWindow, now: DateTime<Utc>) -> Ve
             errors: figures.errors,
             requests_range,
             errors_range,
+            p50: crate::runtime::latency_quantile(total.latency(), 500),
             p95: figures.p95,
+            p99: crate::runtime::latency_quantile(total.latency(), 990),
+            ..PeriodFigures::default()
         });
     }
     out

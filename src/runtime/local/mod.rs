@@ -274,6 +274,10 @@ impl Runtime for LocalRuntime {
         Ok(Some(self.local_traffic(app, service, window)))
     }
 
+    fn drain_traffic(&self) -> Vec<crate::runtime::TrafficMinute> {
+        self.drain_minutes()
+    }
+
     async fn export_build(
         &self,
         app: &str,

@@ -75,6 +75,14 @@ impl Supervisor {
         }))
     }
 
+    /// Calls `f` with each app's processes on this host.
+    pub(super) fn for_each_app(&self, mut f: impl FnMut(&str, &AppProcesses)) {
+        let apps = self.0.apps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (app, procs) in apps.iter() {
+            f(app, procs);
+        }
+    }
+
     pub(super) fn with_app<T>(&self, app: &str, f: impl FnOnce(&mut AppProcesses) -> T) -> T {
         let mut apps = self.0.apps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         f(apps.entry(app.to_owned()).or_default())

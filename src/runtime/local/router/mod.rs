@@ -4,6 +4,7 @@
 //! is counted for the release of the instance that served it (`tally`), which a rollout's traffic
 //! analysis reads.
 
+mod rollup;
 mod tally;
 mod tls;
 pub use tls::certified_key;
@@ -78,6 +79,8 @@ struct Inner {
     /// still read it).
     tallies: Mutex<HashMap<String, (Arc<Tally>, u64)>>,
     recording: AtomicBool,
+    /// The first second not yet handed to the per-minute history (`rollup`).
+    drained: Mutex<u64>,
     /// The HTTPS listener, once the service has a certificate (`tls`).
     tls: Mutex<Option<tls::Front>>,
 }
@@ -153,6 +156,7 @@ impl Router {
             epoch: std::time::Instant::now(),
             tallies: Mutex::new(HashMap::new()),
             recording: AtomicBool::new(true),
+            drained: Mutex::new(0),
             tls: Mutex::new(None),
         });
         let service = axum::Router::new()

@@ -7,14 +7,13 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::deploy::analysis::Figures;
+use crate::runtime::{latency_bucket as bucket_of, latency_quantile};
 
 /// Seconds of history kept: at least the longest analysis window (a window of the old release
 /// before the switch, then the window itself).
 pub const SLOTS: usize = 256;
 
-/// Latency buckets: four per power of two of microseconds (a bucket is at most 19 % wide), up
-/// to about 2^27 µs (134 s); longer lands in the last.
-const BUCKETS: usize = 104;
+const BUCKETS: usize = crate::runtime::LATENCY_BUCKETS;
 
 /// One release's figures.
 #[derive(Debug)]
@@ -114,69 +113,28 @@ impl Sum {
         self.requests
     }
 
+    pub fn errors(&self) -> u64 {
+        self.errors
+    }
+
+    /// The latency histogram (`crate::runtime::LATENCY_BUCKETS` counts).
+    pub fn latency(&self) -> &[u64] {
+        &self.latency
+    }
+
     /// The figures, with the p95 as the upper edge of the bucket it falls in.
     pub fn figures(&self) -> Figures {
-        let total: u64 = self.latency.iter().sum();
-        let p95 = (total > 0).then(|| {
-            let rank = total - total / 20;
-            let mut seen = 0;
-            let bucket = self
-                .latency
-                .iter()
-                .position(|n| {
-                    seen += n;
-                    seen >= rank
-                })
-                .unwrap_or(BUCKETS - 1);
-            upper_edge(bucket)
-        });
         Figures {
             requests: self.requests,
             errors: self.errors,
-            p95,
+            p95: latency_quantile(&self.latency, 950),
         }
     }
-}
-
-fn bucket_of(latency: Duration) -> usize {
-    let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).max(1);
-    if us < 8 {
-        return us as usize;
-    }
-    let power = 63 - us.leading_zeros() as usize; // at least 3
-    let quarter = ((us >> (power - 2)) & 3) as usize;
-    (4 * (power - 1) + quarter).min(BUCKETS - 1)
-}
-
-fn upper_edge(bucket: usize) -> Duration {
-    if bucket < 8 {
-        return Duration::from_micros(bucket as u64 + 1);
-    }
-    let power = bucket / 4 + 1;
-    let quarter = (bucket % 4) as u64;
-    Duration::from_micros((4 + quarter + 1) << (power - 2))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn buckets_hold_their_latencies() {
-        for us in [1u64, 7, 8, 9, 15, 16, 100, 1_000, 2_500, 300_000, 5_000_000] {
-            let d = Duration::from_micros(us);
-            let bucket = bucket_of(d);
-            let upper = upper_edge(bucket);
-            assert!(upper > d, "{us}µs in bucket {bucket} up to {upper:?}");
-            if us >= 8 {
-                assert!(upper.as_secs_f64() <= d.as_secs_f64() * 1.26, "{us}µs: {upper:?}");
-            }
-            if bucket > 0 {
-                assert!(upper_edge(bucket - 1) <= d, "{us}µs: the bucket below reaches it");
-            }
-        }
-        assert_eq!(bucket_of(Duration::from_secs(100_000)), BUCKETS - 1);
-    }
 
     #[test]
     fn a_window_sums_its_seconds_and_old_seconds_are_replaced() {
