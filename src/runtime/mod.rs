@@ -26,16 +26,11 @@ pub use capabilities::{
 pub use capability_set::Capabilities;
 pub use error::{BoxError, RuntimeError};
 pub use host::{InstanceInfo, this_host};
-<<<<<<< HEAD
 pub use log_sink::{Copied, LogItem, LogReceiver, LogSink, ProcessEvent};
-pub use metrics::{MAX_METRIC_PERIODS, MetricsWindow, PeriodFigures, Traffic};
-=======
-pub use log_sink::{LogItem, LogReceiver, LogSink, ProcessEvent};
 pub use metrics::{
     LATENCY_BUCKETS, MAX_METRIC_PERIODS, MetricsWindow, PeriodFigures, Traffic, TrafficMinute, latency_bucket,
     latency_quantile, latency_upper_edge,
 };
->>>>>>> h-metrics
 pub use process::{
     ExecRequest, ExecSession, LineStream, LogLine, OneOff, ProcessInfo, ProcessKind, ProcessLogs, ProcessStatus,
 };

@@ -19,12 +19,9 @@ mod prometheus_tests;
 mod redis_import;
 mod registries;
 mod registry_client;
-<<<<<<< HEAD
-mod resource_restore;
-=======
 #[cfg(test)]
 mod registry_client_tests;
->>>>>>> h-metrics
+mod resource_restore;
 pub mod resources;
 mod rights;
 mod rollout;
