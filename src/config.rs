@@ -240,7 +240,7 @@ pub struct KubeArgs {
     pub builder: KubeBuilder,
     /// Image that builds one service with RACK_KUBE_BUILDER=buildah: `sh` and `buildah` on
     /// PATH.
-    #[arg(long = "kube-buildah-image", env = "RACK_KUBE_BUILDAH_IMAGE", default_value = "quay.io/buildah/stable:v1.37")]
+    #[arg(long = "kube-buildah-image", env = "RACK_KUBE_BUILDAH_IMAGE", default_value = "quay.io/buildah/stable:v1.38")]
     pub buildah_image: String,
     /// Image with `sh`, `wget` and `tar` that downloads a build's source.
     #[arg(long, env = "RACK_FETCH_IMAGE", default_value = "busybox:1.36")]

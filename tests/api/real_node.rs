@@ -609,7 +609,8 @@ async fn wait_long_build(app: &TestApp, name: &str, id: &str) -> Value {
 /// RACK_KUBE_BUILDER=buildah on the real node: a Dockerfile app is built by buildah in the
 /// build Job (a RUN step really runs), pushed to the node's registry, pulled by the node's
 /// containerd, rolled out, and answers on its pod's address; a Dockerfile whose RUN fails
-/// fails the build, with buildah's output and the step's own in the build log.
+/// fails the build, with buildah's output and the step's own in the build log; a build
+/// cancelled mid-step ends, its process on the node with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dockerfile_app_is_built_by_buildah_pushed_pulled_and_answers_on_the_real_node() {
     let (app, forwarder) = spawn_building_on_real_node().await;
@@ -688,6 +689,39 @@ async fn a_dockerfile_app_is_built_by_buildah_pushed_pulled_and_answers_on_the_r
     .await;
     let info: Value = app.get_json(&format!("/apps/{name}")).await;
     assert_eq!(info["release"], release.as_str());
+
+    // A build cancelled while its RUN step runs: the build ends `cancelled`, and the step's
+    // process on the node goes with the Job's pod.
+    let sleep = crate::helpers::unique_sleep_marker();
+    let slow = format!("FROM {NODE_REGISTRY}/rack-testenv/busybox:1\nRUN sleep {sleep}\n");
+    let id = app
+        .build_source(name, &[("convox.yml", manifest), ("Dockerfile", &slow)])
+        .await;
+    wait_for(600, "the RUN step's sleep on the node", || async {
+        (!crate::helpers::processes_with_arg(&sleep).is_empty()).then_some(())
+    })
+    .await;
+    let response = app
+        .request(reqwest::Method::POST, &format!("/apps/{name}/builds/{id}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{:?}", response.text().await);
+    let build = wait_for(60, "the cancelled build to end", || async {
+        let build = app.get_build(name, &id).await;
+        (build["status"] == "failed").then_some(build)
+    })
+    .await;
+    assert_eq!(build["reason"], "cancelled", "{build}");
+    wait_for(180, "the cancelled step's process to go", || async {
+        crate::helpers::processes_with_arg(&sleep).is_empty().then_some(())
+    })
+    .await;
+    let job_name = format!("build-{}", id.to_ascii_lowercase());
+    wait_for(60, "the cancelled build's Job to go", || async {
+        jobs.get_opt(&job_name).await.ok()?.is_none().then_some(())
+    })
+    .await;
 
     assert_eq!(app.delete_app(name).await.status(), 200);
     forwarder.abort();
