@@ -240,7 +240,11 @@ pub struct KubeArgs {
     pub builder: KubeBuilder,
     /// Image that builds one service with RACK_KUBE_BUILDER=buildah: `sh` and `buildah` on
     /// PATH.
-    #[arg(long = "kube-buildah-image", env = "RACK_KUBE_BUILDAH_IMAGE", default_value = "quay.io/buildah/stable:v1.38")]
+    #[arg(
+        long = "kube-buildah-image",
+        env = "RACK_KUBE_BUILDAH_IMAGE",
+        default_value = "quay.io/buildah/stable:v1.38"
+    )]
     pub buildah_image: String,
     /// Image with `sh`, `wget` and `tar` that downloads a build's source.
     #[arg(long, env = "RACK_FETCH_IMAGE", default_value = "busybox:1.36")]
@@ -739,31 +743,33 @@ mod tests {
         assert_eq!(config.ingress.domain.as_deref(), Some("rack.example.org"));
         assert_eq!(config.ingress.class, None, "a blank setting is no setting");
         assert_eq!(config.prometheus_url.as_deref(), Some("http://127.0.0.1:9090"));
-        assert_eq!((config.builder, config.builder_image.as_str()), (KubeBuilder::Kaniko, "kaniko"));
+        assert_eq!(
+            (config.builder, config.builder_image.as_str()),
+            (KubeBuilder::Kaniko, "kaniko")
+        );
         let mut args = kube_args();
         args.builder = KubeBuilder::Buildah;
         let config = KubeConfig::from_args(args).unwrap();
-        assert_eq!((config.builder, config.builder_image.as_str()), (KubeBuilder::Buildah, "buildah"));
+        assert_eq!(
+            (config.builder, config.builder_image.as_str()),
+            (KubeBuilder::Buildah, "buildah")
+        );
     }
 
     #[test]
     fn the_builder_is_chosen_by_name_and_kaniko_by_default() {
-        let kube = |args: &[&str]| KubeConfig::from_args(server_args(args).kube).unwrap();
-        let default = kube(&["--registry", "r.example.com/rack", "--api-url", "http://rack:5443"]);
+        let kube = |args: &str| {
+            let args: Vec<&str> = args.split_whitespace().collect();
+            KubeConfig::from_args(server_args(&args).kube).unwrap()
+        };
+        let default = kube("--registry r.example.com/rack --api-url http://rack:5443");
         assert_eq!(default.builder, KubeBuilder::Kaniko);
         assert_eq!(default.builder_image, "gcr.io/kaniko-project/executor:v1.23.2-debug");
-        let buildah = kube(&[
-            "--registry",
-            "r.example.com/rack",
-            "--api-url",
-            "http://rack:5443",
-            "--kube-builder",
-            "buildah",
-            "--kube-buildah-image",
-            "localhost/buildah:1",
-        ]);
-        assert_eq!(buildah.builder, KubeBuilder::Buildah);
-        assert_eq!(buildah.builder_image, "localhost/buildah:1");
+        let buildah = kube("--registry r --api-url http://rack:5443 --kube-builder buildah --kube-buildah-image b:1");
+        assert_eq!(
+            (buildah.builder, buildah.builder_image.as_str()),
+            (KubeBuilder::Buildah, "b:1")
+        );
     }
 
     #[test]

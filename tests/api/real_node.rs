@@ -646,7 +646,11 @@ async fn a_dockerfile_app_is_built_by_buildah_pushed_pulled_and_answers_on_the_r
         .await
         .unwrap();
     assert!(
-        tags["tags"].as_array().unwrap().iter().any(|t| t == &format!("web.{id}")),
+        tags["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == &format!("web.{id}")),
         "{tags}"
     );
 

@@ -51,7 +51,7 @@ echo "Fetched source"
 "#;
 
 /// What a buildah container runs: the image built from the context (vfs storage, chroot
-/// isolation: see `buildah_container`), then pushed. Its settings come from the environment.
+/// isolation: see `builder_container`), then pushed. Its settings come from the environment.
 /// `--format docker`: the manifest kaniko pushes too, which every registry and runtime takes.
 const BUILDAH_SCRIPT: &str = r#"set -eu
 buildah --storage-driver=vfs bud --isolation=chroot --format=docker \
