@@ -237,6 +237,18 @@ pub struct KubeArgs {
         default_value = "gcr.io/kaniko-project/executor:v1.23.2-debug"
     )]
     pub builder_image: String,
+    /// What builds the images: `kaniko` (RACK_BUILDER_IMAGE) or `buildah`
+    /// (RACK_KUBE_BUILDAH_IMAGE; its build containers run privileged, see the README).
+    #[arg(long = "kube-builder", env = "RACK_KUBE_BUILDER", value_enum, default_value_t = KubeBuilder::Kaniko)]
+    pub builder: KubeBuilder,
+    /// Image that builds one service with RACK_KUBE_BUILDER=buildah: `sh` and `buildah` on
+    /// PATH.
+    #[arg(
+        long = "kube-buildah-image",
+        env = "RACK_KUBE_BUILDAH_IMAGE",
+        default_value = "quay.io/buildah/stable:v1.38"
+    )]
+    pub buildah_image: String,
     /// Image with `sh`, `wget` and `tar` that downloads a build's source.
     #[arg(long, env = "RACK_FETCH_IMAGE", default_value = "busybox:1.36")]
     pub fetch_image: String,
@@ -335,12 +347,25 @@ pub struct Config {
 /// The running binary.
 pub const SELF_PROGRAM: &str = "/proc/self/exe";
 
+/// The image builder of the Kubernetes runtime's build Jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum KubeBuilder {
+    /// kaniko's executor: builds unprivileged, in its own root filesystem.
+    #[default]
+    Kaniko,
+    /// buildah (`bud`, then `push`), with vfs storage and chroot isolation: runs privileged.
+    Buildah,
+}
+
 /// The validated settings of the Kubernetes runtime.
 #[derive(Debug, Clone)]
 pub struct KubeConfig {
     pub registry: String,
     /// The rack API as build pods reach it, without a trailing slash.
     pub url: String,
+    /// What builds images, and its image (RACK_BUILDER_IMAGE for kaniko,
+    /// RACK_KUBE_BUILDAH_IMAGE for buildah).
+    pub builder: KubeBuilder,
     pub builder_image: String,
     pub fetch_image: String,
     /// `(namespace, name)` of rack's own service account.
@@ -408,7 +433,11 @@ impl KubeConfig {
             prometheus_url,
             registry,
             url,
-            builder_image: args.builder_image,
+            builder: args.builder,
+            builder_image: match args.builder {
+                KubeBuilder::Kaniko => args.builder_image,
+                KubeBuilder::Buildah => args.buildah_image,
+            },
             fetch_image: args.fetch_image,
             service_account,
             kubeconfig: args.kubeconfig.filter(|p| !p.as_os_str().is_empty()),
@@ -633,6 +662,8 @@ mod tests {
             registry: Some("registry.example.com/rack/".into()),
             url: Some("http://rack.rack.svc.cluster.local:5443/".into()),
             builder_image: "kaniko".into(),
+            builder: KubeBuilder::Kaniko,
+            buildah_image: "buildah".into(),
             fetch_image: "busybox".into(),
             service_account: Some("rack/rack".into()),
             kubeconfig: None,
@@ -719,6 +750,33 @@ mod tests {
         assert_eq!(config.ingress.domain.as_deref(), Some("rack.example.org"));
         assert_eq!(config.ingress.class, None, "a blank setting is no setting");
         assert_eq!(config.prometheus_url.as_deref(), Some("http://127.0.0.1:9090"));
+        assert_eq!(
+            (config.builder, config.builder_image.as_str()),
+            (KubeBuilder::Kaniko, "kaniko")
+        );
+        let mut args = kube_args();
+        args.builder = KubeBuilder::Buildah;
+        let config = KubeConfig::from_args(args).unwrap();
+        assert_eq!(
+            (config.builder, config.builder_image.as_str()),
+            (KubeBuilder::Buildah, "buildah")
+        );
+    }
+
+    #[test]
+    fn the_builder_is_chosen_by_name_and_kaniko_by_default() {
+        let kube = |args: &str| {
+            let args: Vec<&str> = args.split_whitespace().collect();
+            KubeConfig::from_args(server_args(&args).kube).unwrap()
+        };
+        let default = kube("--registry r.example.com/rack --api-url http://rack:5443");
+        assert_eq!(default.builder, KubeBuilder::Kaniko);
+        assert_eq!(default.builder_image, "gcr.io/kaniko-project/executor:v1.23.2-debug");
+        let buildah = kube("--registry r --api-url http://rack:5443 --kube-builder buildah --kube-buildah-image b:1");
+        assert_eq!(
+            (buildah.builder, buildah.builder_image.as_str()),
+            (KubeBuilder::Buildah, "b:1")
+        );
     }
 
     #[test]

@@ -45,6 +45,7 @@ async fn runtime(scratch: &std::path::Path) -> KubeRuntime {
         config: rack::config::KubeConfig {
             registry: "registry.host/convox".to_owned(),
             url: "http://rack.rack.svc.cluster.local:5443".to_owned(),
+            builder: rack::config::KubeBuilder::Kaniko,
             builder_image: "kaniko".to_owned(),
             fetch_image: "busybox:1.36".to_owned(),
             service_account: Some(("rack".to_owned(), "rack".to_owned())),

@@ -46,6 +46,8 @@ static REAL_NODE_ENV: OnceLock<KubeEnv> = OnceLock::new();
 pub const REAL_NODE: &str = "real-node";
 pub const REAL_NODE_IMAGE: &str = "localhost/rack-testenv/busybox:1";
 pub const REAL_NODE_POD_PREFIX: &str = "10.200.0.";
+/// The node's own address on that bridge (its kubelet and its registry listen there).
+pub const REAL_NODE_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 200, 0, 1);
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

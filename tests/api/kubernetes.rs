@@ -47,6 +47,7 @@ async fn spawn_kube_changed(
         config.kube = Some(rack::config::KubeConfig {
             registry: REGISTRY.to_owned(),
             url: API_URL.to_owned(),
+            builder: rack::config::KubeBuilder::Kaniko,
             builder_image: "gcr.io/kaniko-project/executor:v1.23.2-debug".to_owned(),
             fetch_image: "busybox:1.36".to_owned(),
             service_account: Some(("rack".to_owned(), "rack".to_owned())),

@@ -29,6 +29,7 @@ fn on_real_node(config: &mut rack::config::Config) {
         // Services name their image (imported into the node's containerd): no builds here.
         registry: "registry.invalid/rack".to_owned(),
         url: "http://rack.rack.svc.cluster.local:5443".to_owned(),
+        builder: rack::config::KubeBuilder::Kaniko,
         builder_image: "registry.invalid/kaniko:unused".to_owned(),
         fetch_image: REAL_NODE_IMAGE.to_owned(),
         service_account: Some(("rack".to_owned(), "rack".to_owned())),
@@ -554,4 +555,181 @@ async fn a_redis_resource_on_the_real_node_exports_imports_and_keeps_its_data() 
         volumes.get_opt(&pv_name).await.ok()?.is_none().then_some(())
     })
     .await;
+}
+
+/// The node's registry (plain HTTP on the node's bridge address; `scripts/kube-testenv`), the
+/// base image it holds, and the buildah image imported into the node's containerd.
+const NODE_REGISTRY: &str = "10.200.0.1:5000";
+const BUILDAH_IMAGE: &str = "localhost/rack-testenv/buildah:1";
+
+/// A rack whose builds run buildah on the real node and push to the node's registry. Build
+/// pods fetch their source from the rack API, which listens on loopback: a forwarder on the
+/// node's bridge address (in this test's network namespace) passes their requests on.
+async fn spawn_building_on_real_node() -> (TestApp, tokio::task::JoinHandle<()>) {
+    let kubeconfig = real_node_env().rack.clone();
+    let listener = tokio::net::TcpListener::bind((crate::kubeenv::REAL_NODE_IP, 0))
+        .await
+        .expect("a port on the node's bridge address");
+    let port = listener.local_addr().unwrap().port();
+    let app = TestApp::spawn_with(|config| {
+        config.runtime = rack::config::RuntimeKind::Kube;
+        config.kube = Some(rack::config::KubeConfig {
+            registry: format!("{NODE_REGISTRY}/rack"),
+            url: format!("http://{}:{port}", crate::kubeenv::REAL_NODE_IP),
+            builder: rack::config::KubeBuilder::Buildah,
+            builder_image: BUILDAH_IMAGE.to_owned(),
+            fetch_image: REAL_NODE_IMAGE.to_owned(),
+            service_account: Some(("rack".to_owned(), "rack".to_owned())),
+            kubeconfig: Some(kubeconfig),
+            ingress: Default::default(),
+            prometheus_url: None,
+        });
+    })
+    .await;
+    let upstream = app.addr;
+    let forwarder = tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    (app, forwarder)
+}
+
+/// Waits (up to 10 minutes: buildah copies every layer on vfs, on a loaded machine) for the
+/// build to end.
+async fn wait_long_build(app: &TestApp, name: &str, id: &str) -> Value {
+    wait_for(600, "the buildah build to end", || async {
+        let build = app.get_build(name, id).await;
+        matches!(build["status"].as_str(), Some("complete" | "failed")).then_some(build)
+    })
+    .await
+}
+
+/// RACK_KUBE_BUILDER=buildah on the real node: a Dockerfile app is built by buildah in the
+/// build Job (a RUN step really runs), pushed to the node's registry, pulled by the node's
+/// containerd, rolled out, and answers on its pod's address; a Dockerfile whose RUN fails
+/// fails the build, with buildah's output and the step's own in the build log; a build
+/// cancelled mid-step ends, its process on the node with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dockerfile_app_is_built_by_buildah_pushed_pulled_and_answers_on_the_real_node() {
+    let (app, forwarder) = spawn_building_on_real_node().await;
+    let client = client_for(&real_node_env().admin).await;
+    let name = "realbuildah";
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &format!("rack-{name}"));
+    assert_eq!(app.create_app(name).await.status(), 201);
+    let manifest = "services:\n  web:\n    build: .\n    port: 8080\n    \
+                    health:\n      path: /health\n      grace: 1\n      interval: 1\n";
+    let marker = uuid::Uuid::new_v4().simple().to_string();
+    let dockerfile = format!(
+        "FROM {NODE_REGISTRY}/rack-testenv/busybox:1\nENV PATH=/bin\n\
+         RUN mkdir -p /www && echo \"built {marker}\" >/www/index.html && echo ok >/www/health\n\
+         CMD [\"/bin/httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n"
+    );
+    let started = std::time::Instant::now();
+    let id = app
+        .build_source(name, &[("convox.yml", manifest), ("Dockerfile", &dockerfile)])
+        .await;
+    let build = wait_long_build(&app, name, &id).await;
+    let log = app.build_log(name, &id).await;
+    assert_eq!(build["status"], "complete", "{build}\n{log}");
+    eprintln!("built with buildah in {:?}", started.elapsed());
+    let image = format!("{NODE_REGISTRY}/rack/{name}:web.{id}");
+    assert!(log.contains("Fetched source"), "{log}");
+    assert!(log.contains(&format!("Pushed {image}")), "{log}");
+    assert!(log.contains("Built 1 image(s)"), "{log}");
+    // The image is in the node's registry, under the tag rack pushed.
+    let tags: Value = reqwest::get(format!("http://{NODE_REGISTRY}/v2/rack/{name}/tags/list"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        tags["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == &format!("web.{id}")),
+        "{tags}"
+    );
+
+    let release = build["release"].as_str().unwrap().to_owned();
+    let rollout = promote_follow(&app, name, &release).await;
+    assert!(rollout.ends_with("\nOK\n"), "{rollout}");
+    let pod = web_pods(&pods).await.into_iter().next().expect("a web pod");
+    let spec = pod.spec.as_ref().unwrap();
+    assert_eq!(spec.node_name.as_deref(), Some(REAL_NODE));
+    assert_eq!(spec.containers[0].image.as_deref(), Some(image.as_str()));
+    let ip = ready_ip(&pod).expect("the pod is Ready after the rollout");
+    assert!(ip.starts_with(REAL_NODE_POD_PREFIX), "pod IP {ip}");
+    // What the Dockerfile's RUN wrote, served by the image's CMD.
+    assert_eq!(
+        get_ok(&format!("http://{ip}:8080/index.html")).await,
+        Some(format!("built {marker}\n"))
+    );
+    eprintln!("built, pushed, pulled and rolled out in {:?}", started.elapsed());
+
+    // A RUN step that fails: the build fails, naming the step, and its log holds buildah's
+    // account and the step's own output.
+    let broken = format!("FROM {NODE_REGISTRY}/rack-testenv/busybox:1\nRUN echo \"breaking {marker}\" && exit 3\n");
+    let id = app
+        .build_source(name, &[("convox.yml", manifest), ("Dockerfile", &broken)])
+        .await;
+    let build = wait_long_build(&app, name, &id).await;
+    let log = app.build_log(name, &id).await;
+    assert_eq!(build["status"], "failed", "{build}\n{log}");
+    let reason = build["reason"].as_str().unwrap();
+    assert!(reason.starts_with("building service web failed (exit code "), "{build}");
+    assert!(log.contains(&format!("breaking {marker}")), "{log}");
+    assert!(log.contains("exit status 3"), "{log}");
+    assert!(!log.contains("Pushed "), "{log}");
+    // Its Job and Secret are gone with it; the app still runs the first build.
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), &format!("rack-{name}"));
+    let job_name = format!("build-{}", id.to_ascii_lowercase());
+    wait_for(60, "the failed build's Job to go", || async {
+        jobs.get_opt(&job_name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let info: Value = app.get_json(&format!("/apps/{name}")).await;
+    assert_eq!(info["release"], release.as_str());
+
+    // A build cancelled while its RUN step runs: the build ends `cancelled`, and the step's
+    // process on the node goes with the Job's pod.
+    let sleep = crate::helpers::unique_sleep_marker();
+    let slow = format!("FROM {NODE_REGISTRY}/rack-testenv/busybox:1\nRUN sleep {sleep}\n");
+    let id = app
+        .build_source(name, &[("convox.yml", manifest), ("Dockerfile", &slow)])
+        .await;
+    wait_for(600, "the RUN step's sleep on the node", || async {
+        (!crate::helpers::processes_with_arg(&sleep).is_empty()).then_some(())
+    })
+    .await;
+    let response = app
+        .request(reqwest::Method::POST, &format!("/apps/{name}/builds/{id}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{:?}", response.text().await);
+    let build = wait_for(60, "the cancelled build to end", || async {
+        let build = app.get_build(name, &id).await;
+        (build["status"] == "failed").then_some(build)
+    })
+    .await;
+    assert_eq!(build["reason"], "cancelled", "{build}");
+    wait_for(180, "the cancelled step's process to go", || async {
+        crate::helpers::processes_with_arg(&sleep).is_empty().then_some(())
+    })
+    .await;
+    let job_name = format!("build-{}", id.to_ascii_lowercase());
+    wait_for(60, "the cancelled build's Job to go", || async {
+        jobs.get_opt(&job_name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+
+    assert_eq!(app.delete_app(name).await.status(), 200);
+    forwarder.abort();
 }

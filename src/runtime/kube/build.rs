@@ -52,6 +52,7 @@ pub async fn run(runtime: &KubeRuntime, job: &BuildJob, log: &LogSink) -> Result
         source_url: format!("{}{}", rt.config.url, object_path(&job.app, &job.source_key)),
         secret: name.clone(),
         fetch_image: &rt.config.fetch_image,
+        builder: rt.config.builder,
         builder_image: &rt.config.builder_image,
         deadline_secs: rt.build_timeout.as_secs().max(1),
     };

@@ -6,9 +6,11 @@ use base64::Engine;
 use serde_json::{Map, Value, json};
 
 use super::{app_labels, build_job_name, namespace_name};
+use crate::config::KubeBuilder;
 use crate::runtime::RegistryCredential;
 
-/// The key of the build Secret that the builders read as `/kaniko/.docker/config.json`.
+/// The key of the build Secret that the builders read as their `config.json` (kaniko's
+/// `/kaniko/.docker/config.json`, buildah's REGISTRY_AUTH_FILE).
 pub const DOCKER_CONFIG_KEY: &str = "config.json";
 
 /// One service's image, as a build makes it.
@@ -34,6 +36,7 @@ pub struct BuildSpec<'a> {
     /// Name of the Secret holding the source token (key `token`).
     pub secret: String,
     pub fetch_image: &'a str,
+    pub builder: KubeBuilder,
     pub builder_image: &'a str,
     pub deadline_secs: u64,
 }
@@ -46,6 +49,69 @@ tar -xzf /tmp/source.tgz -C /workspace
 rm -f /tmp/source.tgz
 echo "Fetched source"
 "#;
+
+/// What a buildah container runs: the image built from the context (vfs storage, chroot
+/// isolation: see `builder_container`), then pushed. Its settings come from the environment.
+/// `--format docker`: the manifest kaniko pushes too, which every registry and runtime takes.
+const BUILDAH_SCRIPT: &str = r#"set -eu
+buildah --storage-driver=vfs bud --isolation=chroot --format=docker \
+  --label "convox.app=$RACK_APP" --label "convox.build=$RACK_BUILD" \
+  --file "$RACK_DOCKERFILE" --tag "$RACK_IMAGE" "$RACK_CONTEXT"
+buildah --storage-driver=vfs push "$RACK_IMAGE" "docker://$RACK_IMAGE"
+echo "Pushed $RACK_IMAGE"
+"#;
+
+/// Where the builders find the build Secret's docker config: kaniko's fixed place, and a
+/// directory of rack's for buildah (named by REGISTRY_AUTH_FILE, which its pulls of `FROM`
+/// images and its push both read).
+const KANIKO_REGISTRY_DIR: &str = "/kaniko/.docker";
+const BUILDAH_REGISTRY_DIR: &str = "/rack/registry";
+
+/// One service's builder container.
+fn builder_container(spec: &BuildSpec<'_>, service: &str, context: &str, dockerfile: &str, image: &str) -> Value {
+    let name = format!("build-{service}");
+    match spec.builder {
+        KubeBuilder::Kaniko => json!({
+            "name": name,
+            "image": spec.builder_image,
+            "args": [
+                format!("--context=dir://{context}"),
+                format!("--dockerfile={context}/{dockerfile}"),
+                format!("--destination={image}"),
+                format!("--label=convox.app={}", spec.app),
+                format!("--label=convox.build={}", spec.build_id),
+            ],
+            "volumeMounts": [
+                { "name": "workspace", "mountPath": "/workspace" },
+                { "name": "registry", "mountPath": KANIKO_REGISTRY_DIR, "readOnly": true },
+            ],
+        }),
+        // buildah mounts (/proc, /sys and the RUN steps' bind mounts in the chroot it runs
+        // each step in), which needs CAP_SYS_ADMIN and no seccomp or AppArmor profile that
+        // forbids mount: privileged. Its image store is an emptyDir of the pod (vfs: plain
+        // copies, nothing mounted over the container's own overlay root).
+        KubeBuilder::Buildah => json!({
+            "name": name,
+            "image": spec.builder_image,
+            "command": ["/bin/sh", "-c", BUILDAH_SCRIPT],
+            "env": [
+                { "name": "RACK_CONTEXT", "value": context },
+                { "name": "RACK_DOCKERFILE", "value": format!("{context}/{dockerfile}") },
+                { "name": "RACK_IMAGE", "value": image },
+                { "name": "RACK_APP", "value": spec.app },
+                { "name": "RACK_BUILD", "value": spec.build_id },
+                { "name": "REGISTRY_AUTH_FILE", "value": format!("{BUILDAH_REGISTRY_DIR}/config.json") },
+                { "name": "BUILDAH_ISOLATION", "value": "chroot" },
+            ],
+            "securityContext": { "privileged": true },
+            "volumeMounts": [
+                { "name": "workspace", "mountPath": "/workspace" },
+                { "name": "registry", "mountPath": BUILDAH_REGISTRY_DIR, "readOnly": true },
+                { "name": "containers", "mountPath": "/var/lib/containers" },
+            ],
+        }),
+    }
+}
 
 /// The Job that builds every service of a build: a fetch container, then one builder
 /// container per service, in order (init containers run one after another), then a last
@@ -74,23 +140,22 @@ pub fn build_job(spec: &BuildSpec<'_>) -> Value {
     {
         let context = format!("/workspace/{}", context.trim_start_matches("./").trim_end_matches('/'));
         let context = context.trim_end_matches("/.").to_owned();
-        init.push(json!({
-            "name": format!("build-{service}"),
-            "image": spec.builder_image,
-            "args": [
-                format!("--context=dir://{context}"),
-                format!("--dockerfile={context}/{dockerfile}"),
-                format!("--destination={image}"),
-                format!("--label=convox.app={}", spec.app),
-                format!("--label=convox.build={}", spec.build_id),
-            ],
-            "volumeMounts": [
-                { "name": "workspace", "mountPath": "/workspace" },
-                { "name": "registry", "mountPath": "/kaniko/.docker", "readOnly": true },
-            ],
-        }));
+        init.push(builder_container(spec, service, &context, dockerfile, image));
     }
     let summary = format!("Built {} image(s)", spec.services.len());
+    let mut volumes = vec![
+        json!({ "name": "workspace", "emptyDir": {} }),
+        // Push and pull credentials (see `builder_docker_config`); only that key of the
+        // build's Secret, never its source token.
+        json!({ "name": "registry", "secret": {
+            "secretName": spec.secret,
+            "items": [{ "key": DOCKER_CONFIG_KEY, "path": "config.json" }],
+        } }),
+    ];
+    if spec.builder == KubeBuilder::Buildah {
+        // buildah's image store: base images and layers, gone with the pod.
+        volumes.push(json!({ "name": "containers", "emptyDir": {} }));
+    }
     json!({
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -114,15 +179,7 @@ pub fn build_job(spec: &BuildSpec<'_>) -> Value {
                         "image": spec.fetch_image,
                         "command": ["/bin/sh", "-c", format!("echo '{summary}'")],
                     }],
-                    "volumes": [
-                        { "name": "workspace", "emptyDir": {} },
-                        // Push and pull credentials (see `builder_docker_config`); only that key
-                        // of the build's Secret, never its source token.
-                        { "name": "registry", "secret": {
-                            "secretName": spec.secret,
-                            "items": [{ "key": DOCKER_CONFIG_KEY, "path": "config.json" }],
-                        } },
-                    ],
+                    "volumes": volumes,
                 },
             },
         },

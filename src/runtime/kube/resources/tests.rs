@@ -2,6 +2,7 @@
 //! ingress hosts, timers and balancers.
 
 use super::*;
+use crate::config::KubeBuilder;
 
 fn release(manifest: &str) -> ReleaseSpec {
     ReleaseSpec {
@@ -193,6 +194,7 @@ fn a_build_job_fetches_then_builds_each_service() {
         source_url: "http://rack:5443/apps/myapp/objects/tmp/x.tgz".into(),
         secret: "build-babc".into(),
         fetch_image: "busybox",
+        builder: KubeBuilder::Kaniko,
         builder_image: "kaniko",
         deadline_secs: 600,
     };
@@ -234,6 +236,68 @@ fn a_build_job_fetches_then_builds_each_service() {
     let secret = build_secret(&spec, "rack_token", r#"{"auths":{}}"#);
     assert_eq!(secret["stringData"]["config.json"], r#"{"auths":{}}"#);
     assert_eq!(secret["stringData"]["token"], "rack_token");
+}
+
+#[test]
+fn a_buildah_job_builds_privileged_with_vfs_and_reads_the_same_docker_config() {
+    let spec = BuildSpec {
+        rack: "rack",
+        app: "myapp",
+        build_id: "BABC",
+        services: vec![ServiceBuild {
+            service: "web".into(),
+            context: "./web/".into(),
+            dockerfile: "Dockerfile".into(),
+            image: "r/myapp:web.BABC".into(),
+        }],
+        source_url: "http://rack:5443/apps/myapp/objects/tmp/x.tgz".into(),
+        secret: "build-babc".into(),
+        fetch_image: "busybox",
+        builder: KubeBuilder::Buildah,
+        builder_image: "buildah",
+        deadline_secs: 600,
+    };
+    let job = build_job(&spec);
+    let pod = &job["spec"]["template"]["spec"];
+    let init = pod["initContainers"].as_array().unwrap();
+    let names: Vec<_> = init.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["fetch", "build-web"]);
+    let build = &init[1];
+    assert_eq!(build["image"], "buildah");
+    assert_eq!(build["securityContext"], json!({ "privileged": true }));
+    let script = build["command"][2].as_str().unwrap();
+    for part in [
+        "buildah --storage-driver=vfs bud --isolation=chroot",
+        "buildah --storage-driver=vfs push \"$RACK_IMAGE\" \"docker://$RACK_IMAGE\"",
+    ] {
+        assert!(script.contains(part), "{part} in {script}");
+    }
+    let env: std::collections::BTreeMap<&str, &str> = build["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap(), e["value"].as_str().unwrap()))
+        .collect();
+    assert_eq!(env["RACK_CONTEXT"], "/workspace/web");
+    assert_eq!(env["RACK_DOCKERFILE"], "/workspace/web/Dockerfile");
+    assert_eq!(env["RACK_IMAGE"], "r/myapp:web.BABC");
+    assert_eq!(env["RACK_BUILD"], "BABC");
+    // The same docker config as kaniko's, where REGISTRY_AUTH_FILE says.
+    assert_eq!(env["REGISTRY_AUTH_FILE"], "/rack/registry/config.json");
+    assert_eq!(
+        build["volumeMounts"][1],
+        json!({ "name": "registry", "mountPath": "/rack/registry", "readOnly": true })
+    );
+    assert_eq!(pod["volumes"][1]["secret"]["items"][0]["key"], "config.json");
+    // Its image store is the pod's, not the container's overlay root.
+    assert_eq!(
+        build["volumeMounts"][2],
+        json!({ "name": "containers", "mountPath": "/var/lib/containers" })
+    );
+    assert_eq!(pod["volumes"][2], json!({ "name": "containers", "emptyDir": {} }));
+    // Only the builders run privileged; the token is still only in the Secret.
+    assert!(init[0].get("securityContext").is_none());
+    assert!(!job.to_string().contains("rack_"));
 }
 #[test]
 fn ingress_hosts_follow_the_domain_setting_domain_names_and_internal() {
