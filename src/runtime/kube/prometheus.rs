@@ -196,11 +196,17 @@ impl Prometheus {
         if let Some(at) = at {
             params.push(("time", at.to_string()));
         }
-        let url = format!("{}/api/v1/query", self.base);
+        let (url, body) = self.get("query", &params).await?;
+        value(&body).map_err(|e| format!("{url}: {e}"))
+    }
+
+    /// Prometheus's answer to `GET /api/v1/<api>?<params>`, with the URL asked (for messages).
+    async fn get(&self, api: &str, params: &[(&str, String)]) -> Result<(String, serde_json::Value), String> {
+        let url = format!("{}/api/v1/{api}", self.base);
         let response = self
             .client
             .get(&url)
-            .query(&params)
+            .query(params)
             .send()
             .await
             .map_err(|e| format!("{url}: {}", describe(&e)))?;
@@ -211,7 +217,7 @@ impl Prometheus {
             Err(_) if !status.is_success() => return Err(format!("{url}: HTTP {status}")),
             Err(e) => return Err(format!("{url}: {}", describe(&e))),
         };
-        value(&body).map_err(|e| format!("{url}: {e}"))
+        Ok((url, body))
     }
 
     /// A range query (`/api/v1/query_range`) evaluated at `start`, `start + step`, ... up to
@@ -228,20 +234,7 @@ impl Prometheus {
             ("step", format!("{step}s")),
             ("timeout", format!("{}ms", self.timeout.as_millis() * 4 / 5)),
         ];
-        let url = format!("{}/api/v1/query_range", self.base);
-        let response = self
-            .client
-            .get(&url)
-            .query(&params)
-            .send()
-            .await
-            .map_err(|e| format!("{url}: {}", describe(&e)))?;
-        let status = response.status();
-        let body: serde_json::Value = match response.json().await {
-            Ok(body) => body,
-            Err(_) if !status.is_success() => return Err(format!("{url}: HTTP {status}")),
-            Err(e) => return Err(format!("{url}: {}", describe(&e))),
-        };
+        let (url, body) = self.get("query_range", &params).await?;
         range_values(&body).map_err(|e| format!("{url}: {e}"))
     }
 
