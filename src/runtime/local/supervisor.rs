@@ -40,7 +40,7 @@ pub struct Inner {
     pub(super) builds_dir: PathBuf,
     processes: Arc<dyn Driver>,
     containers: Option<Arc<dyn Driver>>,
-    logs: Arc<dyn AppLogs>,
+    pub(super) logs: Arc<dyn AppLogs>,
     ports: Arc<dyn PortBook>,
     health_client: reqwest::Client,
     shutdown: CancellationToken,
@@ -561,7 +561,7 @@ impl Supervisor {
 
     /// Stops an instance (taken out of its router first) and forgets it.
     pub(super) async fn stop_instance(&self, app: &str, instance: &Arc<Instance>, log: &LogSink) {
-        instance.stopping.store(true, Ordering::SeqCst);
+        let retiring = instance.stopping.swap(true, Ordering::SeqCst);
         self.refresh_routes(app, &instance.service);
         instance.stop.cancel();
         let task = instance
@@ -572,20 +572,11 @@ impl Supervisor {
         if let Some(task) = task {
             let _ = tokio::time::timeout(STOP_GRACE + Duration::from_secs(5), task).await;
         }
-        self.with_app(app, |procs| procs.instances.retain(|i| !Arc::ptr_eq(i, instance)));
-        let event = crate::runtime::ProcessEvent {
-            app,
-            service: &instance.service,
-            process: &instance.id,
-            pid: 0,
-            exit: Some(-1),
-        };
-        log.process(
-            &crate::stream_names::system("local", &instance.id),
-            format!("Stopped process {}", instance.id),
-            event,
-        )
-        .await;
+        if retiring {
+            // Being retired (see `retire_instance`): its task says it stopped.
+            return;
+        }
+        self.forget_stopped(app, instance, log).await;
     }
 }
 
