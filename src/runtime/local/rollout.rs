@@ -104,14 +104,20 @@ impl Supervisor {
 }
 
 impl Supervisor {
-    /// Takes an instance out of its router and out of every count at once, and stops it in the
-    /// background: a rollout goes on (and says OK) without waiting the second or so podman
-    /// takes to remove a container. The stopping task takes the place of the instance's own
-    /// (rack's shutdown waits for it as for any instance). Should rack die before it is done,
-    /// the container is still there at the next start, of an earlier release: adopted, then
-    /// retired by the rollout of the current one (see `adopt`).
+    /// Takes an instance out of its router and out of every count and list at once, and stops
+    /// it in the background: a rollout goes on (and says OK) without waiting the second or so
+    /// podman takes to remove a container. rack's shutdown waits for the stop as for any
+    /// instance's task. Should rack die before it is done, the container is still there at the
+    /// next start, of an earlier release: adopted, then retired by the rollout of the current
+    /// one (see `adopt`).
     pub(super) async fn retire_instance(&self, app: &str, instance: &Arc<Instance>, log: &LogSink) {
-        if instance.stopping.swap(true, Ordering::SeqCst) {
+        instance.stopping.store(true, Ordering::SeqCst);
+        let found = self.with_app(app, |procs| {
+            let before = procs.instances.len();
+            procs.instances.retain(|i| !Arc::ptr_eq(i, instance));
+            procs.instances.len() < before
+        });
+        if !found {
             return;
         }
         self.refresh_routes(app, &instance.service);
@@ -123,22 +129,24 @@ impl Supervisor {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
-        let (supervisor, app, retired) = (self.clone(), app.to_owned(), instance.clone());
+        let (supervisor, owner, retired) = (self.clone(), app.to_owned(), instance.clone());
         // The rollout's log ends with the rollout: the stop is told in the app's log (a sender
         // of the rollout's own would keep its log open until the container is gone).
-        let log = self.0.logs.sink(&app);
-        let mut done = instance.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        *done = Some(tokio::spawn(async move {
+        let log = self.0.logs.sink(app);
+        let stopping = tokio::spawn(async move {
             if let Some(task) = task {
                 let _ = tokio::time::timeout(STOP_GRACE + Duration::from_secs(5), task).await;
             }
-            supervisor.forget_stopped(&app, &retired, &log).await;
-        }));
+            supervisor.tell_stopped(&owner, &retired, &log).await;
+        });
+        self.with_app(app, |procs| {
+            procs.retiring.retain(|task| !task.is_finished());
+            procs.retiring.push(stopping);
+        });
     }
 
-    /// Forgets a stopped instance, and says so.
-    pub(super) async fn forget_stopped(&self, app: &str, instance: &Arc<Instance>, log: &LogSink) {
-        self.with_app(app, |procs| procs.instances.retain(|i| !Arc::ptr_eq(i, instance)));
+    /// Says that an instance stopped (a line, and a `process.exited` event).
+    pub(super) async fn tell_stopped(&self, app: &str, instance: &Arc<Instance>, log: &LogSink) {
         let event = crate::runtime::ProcessEvent {
             app,
             service: &instance.service,

@@ -31,6 +31,8 @@ pub(super) struct AppProcesses {
     pub routers: HashMap<String, Router>,
     /// Whether the instances it had before this server started were looked for.
     pub adopted: bool,
+    /// The tasks stopping instances a rollout retired (see `retire_instance`).
+    pub retiring: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// What the supervisor works with.
@@ -276,10 +278,17 @@ impl Supervisor {
     /// cursor, which the next start goes on from.
     pub async fn let_go(&self) {
         let tasks: Vec<_> = {
-            let apps = self.0.apps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            apps.values()
-                .flat_map(|procs| &procs.instances)
-                .filter_map(|i| i.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take())
+            let mut apps = self.0.apps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            apps.values_mut()
+                .flat_map(|procs| {
+                    let retiring = std::mem::take(&mut procs.retiring);
+                    procs
+                        .instances
+                        .iter()
+                        .filter_map(|i| i.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take())
+                        .chain(retiring)
+                        .collect::<Vec<_>>()
+                })
                 .collect()
         };
         let all = futures_util::future::join_all(tasks);
@@ -561,7 +570,7 @@ impl Supervisor {
 
     /// Stops an instance (taken out of its router first) and forgets it.
     pub(super) async fn stop_instance(&self, app: &str, instance: &Arc<Instance>, log: &LogSink) {
-        let retiring = instance.stopping.swap(true, Ordering::SeqCst);
+        instance.stopping.store(true, Ordering::SeqCst);
         self.refresh_routes(app, &instance.service);
         instance.stop.cancel();
         let task = instance
@@ -572,11 +581,8 @@ impl Supervisor {
         if let Some(task) = task {
             let _ = tokio::time::timeout(STOP_GRACE + Duration::from_secs(5), task).await;
         }
-        if retiring {
-            // Being retired (see `retire_instance`): its task says it stopped.
-            return;
-        }
-        self.forget_stopped(app, instance, log).await;
+        self.with_app(app, |procs| procs.instances.retain(|i| !Arc::ptr_eq(i, instance)));
+        self.tell_stopped(app, instance, log).await;
     }
 }
 
