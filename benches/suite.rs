@@ -376,6 +376,16 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Server {
+    /// Stops the server (once; dropping it does too).
+    fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
         // SIGTERM: the server stops its embedded cluster and its processes.
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
@@ -1221,7 +1231,11 @@ async fn container_deploy() -> anyhow::Result<Vec<Row>> {
         rack_deploy(&server, "boxed", &dir).await
     }
     .await;
-    // Containers outlive their server (a restarted rack adopts them): remove them.
+    // Containers outlive their server (a restarted rack adopts them): remove them, once it is
+    // stopped (a running one would start again an instance whose container went, and may still
+    // be stopping the previous release's in the background).
+    let mut server = server;
+    server.stop();
     let label = format!("label=rack.host={}", podman.host);
     if let Ok(out) = podman.std_command().args(["ps", "-aq", "--filter", &label]).output() {
         let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)

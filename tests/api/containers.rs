@@ -307,7 +307,11 @@ async fn a_rolling_update_of_two_containers_loses_no_request() {
     let processes: Vec<Value> = app.get_json("/apps/rolling/processes").await;
     assert_eq!(processes.len(), 2);
     assert!(processes.iter().all(|p| p["release"] == second["release"]));
-    assert_eq!(containers(&app, "rolling").await.len(), 2);
+    // The old containers are removed after the rollout said OK, in the background.
+    wait_for(60, "the old containers to be removed", || async {
+        (containers(&app, "rolling").await.len() == 2).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -485,6 +489,81 @@ async fn after_kill_9_a_restarted_rack_adopts_its_running_containers() {
     assert!(log.contains("Adopted container"), "{log}");
     let processes = rack.json("/apps/keeper/processes").await;
     assert_eq!(processes.as_array().unwrap().len(), 1, "{processes}");
+}
+
+/// A rollout says OK before the old container is gone (it is stopped in the background): a
+/// rack killed right after the OK, while that container still takes its grace to stop, leaves
+/// nothing behind once it is back: only the new release's container runs, and serves.
+#[tokio::test]
+async fn a_rack_killed_while_it_stops_an_old_container_leaks_none() {
+    base_image().await;
+    let database = crate::helpers::fresh_database().await;
+    let data = crate::helpers::reachable_tempdir();
+    let _leftovers = Leftovers::at(data.path());
+    let mut rack = crate::replicas::Replica::start(&database, data.path(), &[]).await;
+    crate::replicas::create_app(&rack, "retire").await;
+    let podman = podman(data.path());
+    let deploy = |files: Vec<(&'static str, String)>| {
+        let rack = &rack;
+        async move {
+            let id = rack.build("retire", &as_files(&files)).await;
+            let build = rack.wait_build("retire", &id).await;
+            assert_eq!(build["status"], "complete", "{build}");
+            let release = build["release"].as_str().unwrap().to_owned();
+            let promote = rack
+                .request(Method::POST, &format!("/apps/retire/releases/{release}/promote"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(promote.status(), 201);
+            wait_for(60, "the release to run", || async {
+                let app = rack.json("/apps/retire").await;
+                (app["status"] == "running" && app["release"] == release.as_str()).then_some(())
+            })
+            .await;
+            release
+        }
+    };
+    // v1 ignores SIGTERM (its shell and httpd both): its stop takes the whole grace.
+    let mut v1 = convox_app("v1");
+    v1[1].1 = v1[1].1.replace(
+        "CMD [\"httpd\", \"-f\", \"-v\", \"-p\", \"3000\", \"-h\", \"/app/www\"]",
+        "CMD [\"sh\", \"-c\", \"trap '' TERM; exec httpd -f -v -p 3000 -h /app/www\"]",
+    );
+    assert!(v1[1].1.contains("trap"), "{}", v1[1].1);
+    deploy(v1).await;
+    let old: Vec<String> = podman.list("retire").await.unwrap().into_iter().map(|c| c.id).collect();
+    assert_eq!(old.len(), 1);
+    deploy(convox_app("v2")).await;
+    let listed = podman.list("retire").await.unwrap();
+    assert!(
+        listed.iter().any(|c| c.id == old[0]),
+        "the old container is still stopping when the rollout is done: {listed:?}"
+    );
+    rack.kill_9().await;
+
+    let rack = crate::replicas::Replica::start(&database, data.path(), &[]).await;
+    let router = wait_for(60, "the app to run again", || async {
+        let app = rack.json("/apps/retire").await;
+        let router = app["router"].as_str().filter(|r| !r.is_empty()).map(str::to_owned);
+        router.filter(|_| app["status"] == "running")
+    })
+    .await;
+    wait_for(90, "only the new release's container to be left", || async {
+        let listed = podman.list("retire").await.ok()?;
+        (listed.len() == 1 && listed[0].id != old[0]).then_some(())
+    })
+    .await;
+    wait_for(60, "the new release to answer through the router", || async {
+        let answer = reqwest::get(format!("http://{router}/"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (answer == "v2\n").then_some(())
+    })
+    .await;
 }
 
 /// The convox example app on the embedded default: through the convox CLI's wire sequence

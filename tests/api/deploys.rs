@@ -575,7 +575,7 @@ async fn a_scaled_service_rolls_every_instance_within_its_budget() {
     let log = promote_follow(&app, "myapp", &second).await;
     assert!(log.ends_with("\nOK\n"), "{log}");
     assert_eq!(log.matches("Scaled up web release").count(), 3, "{log}");
-    assert_eq!(log.matches("Stopped process").count(), 3, "{log}");
+    assert_eq!(log.matches("Stopping process").count(), 3, "{log}");
     let processes: Vec<Value> = app.get_json("/apps/myapp/processes").await;
     assert_eq!(processes.len(), 3, "{processes:?}");
     assert!(

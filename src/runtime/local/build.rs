@@ -19,7 +19,7 @@
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
-use super::dockerfile::{check_mounts, declared_args, from_images, with_labels};
+use super::dockerfile::{check_mounts, declared_args, from_images, runs_commands, with_labels};
 use super::podman::{LABEL_APP, LABEL_BUILD, LABEL_HOST, LABEL_RACK, LABEL_SERVICE, Podman};
 use super::process::{pipe_output, spawn_group};
 use super::registry_auth::{self, AuthFile};
@@ -252,8 +252,10 @@ impl Builder {
         ] {
             values.insert(key.to_owned(), value.to_owned());
         }
-        // As root, the build's own user-mode network (rootless podman has one of its own).
-        let network = if nix::unistd::geteuid().is_root() {
+        // As root, the build's own user-mode network (rootless podman has one of its own); none
+        // for a Dockerfile that runs no commands (only a `RUN` step uses the network).
+        let commands = runs_commands(&text);
+        let network = if commands && nix::unistd::geteuid().is_root() {
             Some(super::user_network::UserNetwork::start().await?)
         } else {
             None
@@ -308,9 +310,15 @@ impl Builder {
     ) -> Result<(std::process::ExitStatus, Option<String>), String> {
         let cache = podman.cache_dir(&job.app);
         let mut cmd = podman.build_command(&job.app, workspace, holder);
-        cmd.env("TMPDIR", &cache)
-            .args(["--pull=missing", "--layers", "--force-rm"])
-            .arg("--file")
+        // Without a `RUN` step, caching each step's layer saves nothing worth its commits (a
+        // tenth of a second or more each): the image is committed once, at the end.
+        let commands = runs_commands(text);
+        let layers = if commands { "--layers" } else { "--layers=false" };
+        cmd.env("TMPDIR", &cache).args(["--pull=missing", layers, "--force-rm"]);
+        if !commands {
+            cmd.args(["--network", "none"]);
+        }
+        cmd.arg("--file")
             .arg(workspace.join("Dockerfile"))
             .args(["--tag", image]);
         let labels = [

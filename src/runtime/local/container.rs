@@ -41,7 +41,6 @@ impl Driver for ContainerDriver {
             return Err(std::io::Error::other("the container driver runs containers only"));
         };
         let podman = &self.podman;
-        podman.ensure_image(image).await.map_err(std::io::Error::other)?;
         let name = podman.container_name(&start.app, &start.id);
         let mut labels = BTreeMap::from([
             (LABEL_RACK.to_owned(), podman.rack.clone()),
@@ -72,11 +71,12 @@ impl Driver for ContainerDriver {
             cpu: *cpu,
             memory: *memory,
         };
-        let id = if forward.is_empty() {
+        let (id, pid) = if forward.is_empty() {
             podman.run(&spec).await.map_err(std::io::Error::other)?
         } else {
             // Its namespace first, its forwarder listening there, then its command: the app
             // reaches its resources from its first instruction.
+            podman.ensure_image(image).await.map_err(std::io::Error::other)?;
             let id = podman.create(&spec).await.map_err(std::io::Error::other)?;
             let forwarded = match self.forwarders.start(podman.pid(&id).await, forward).await {
                 Ok(()) => podman.start(&id).await,
@@ -86,9 +86,10 @@ impl Driver for ContainerDriver {
                 podman.remove(&id, Duration::ZERO).await;
                 return Err(std::io::Error::other(e));
             }
-            id
+            (id.clone(), podman.pid(&id).await)
         };
-        let pid = podman.pid(&id).await;
+        // A pid file podman did not write (an older podman): asked for instead.
+        let pid = if pid == 0 { podman.pid(&id).await } else { pid };
         let stream = crate::stream_names::service(&start.service, &start.id);
         Ok(Box::new(Container {
             podman: podman.clone(),

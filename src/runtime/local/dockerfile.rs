@@ -181,6 +181,15 @@ fn escape_char(dockerfile: &str) -> char {
     '\\'
 }
 
+/// Whether the Dockerfile runs commands (a `RUN`, or an `ONBUILD` that could be one). Read
+/// generously: a heredoc line that reads `RUN` counts too, which only costs the fast path.
+pub fn runs_commands(dockerfile: &str) -> bool {
+    logical_lines(dockerfile).iter().any(|line| {
+        let word = line.split_whitespace().next().unwrap_or_default();
+        word.eq_ignore_ascii_case("run") || word.eq_ignore_ascii_case("onbuild")
+    })
+}
+
 /// The Dockerfile's instructions, continuation lines joined.
 fn logical_lines(dockerfile: &str) -> Vec<String> {
     let escape = escape_char(dockerfile);
@@ -204,6 +213,18 @@ fn logical_lines(dockerfile: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_dockerfile_without_run_runs_no_commands() {
+        assert!(!super::runs_commands("FROM x\nCOPY a /a\nCMD [\"a\"]\n"));
+        assert!(!super::runs_commands(
+            "# run something\nFROM x AS run\nCOPY --from=run /a /a\n"
+        ));
+        assert!(super::runs_commands("FROM x\nrun make\n"));
+        assert!(super::runs_commands("FROM x\n  RUN \\\n  make\n"));
+        assert!(super::runs_commands("FROM x\nONBUILD RUN make\n"));
+        assert!(super::runs_commands("FROM x\nCOPY <<EOF /a\nRUN\nEOF\n"));
+    }
+
     #[test]
     fn labels_are_one_instruction_at_the_end_unless_that_could_change_the_dockerfile() {
         let labels = [("rack.app", "web"), ("rack.build", "BABC-1")];

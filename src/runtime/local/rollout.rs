@@ -6,8 +6,10 @@
 //! the old ones) before the rollout goes on (`analysis.rs`).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use super::instance::{Health, Instance, Launch};
+use super::instance::{Health, Instance, Launch, STOP_GRACE};
 use super::supervisor::Supervisor;
 use crate::deploy::plan::{self, Counts, Percentages, Step};
 use crate::manifest::Service;
@@ -78,11 +80,11 @@ impl Supervisor {
         }
         let (new, old) = self.split(app, name, &release.id);
         for instance in &old {
-            self.stop_instance(app, instance, log).await;
+            self.retire_instance(app, instance, log).await;
         }
         // More new instances than wanted (a resumed rollout, a lower scale): the newest go.
         for extra in new.iter().skip(budget.desired) {
-            self.stop_instance(app, extra, log).await;
+            self.retire_instance(app, extra, log).await;
         }
         if !old.is_empty() {
             log.line(&stream, format!("Scaled down {name} to 0 of the previous release"))
@@ -95,9 +97,69 @@ impl Supervisor {
     /// Stops the oldest of `old` (instances of earlier releases of `service`).
     async fn scale_down_oldest(&self, app: &str, service: &str, old: &[Arc<Instance>], log: &LogSink) {
         let Some(oldest) = old.first() else { return };
-        self.stop_instance(app, oldest, log).await;
+        self.retire_instance(app, oldest, log).await;
         let message = format!("Scaled down {service} release {} to {}", oldest.release, old.len() - 1);
         log.line(&crate::stream_names::system("local", service), message).await;
+    }
+}
+
+impl Supervisor {
+    /// Takes an instance out of its router and out of every count and list at once, and stops
+    /// it in the background: a rollout goes on (and says OK) without waiting the second or so
+    /// podman takes to remove a container. rack's shutdown waits for the stop as for any
+    /// instance's task. Should rack die before it is done, the container is still there at the
+    /// next start, of an earlier release: adopted, then retired by the rollout of the current
+    /// one (see `adopt`).
+    pub(super) async fn retire_instance(&self, app: &str, instance: &Arc<Instance>, log: &LogSink) {
+        instance.stopping.store(true, Ordering::SeqCst);
+        let found = self.with_app(app, |procs| {
+            let before = procs.instances.len();
+            procs.instances.retain(|i| !Arc::ptr_eq(i, instance));
+            procs.instances.len() < before
+        });
+        if !found {
+            return;
+        }
+        self.refresh_routes(app, &instance.service);
+        instance.stop.cancel();
+        let stream = crate::stream_names::system("local", &instance.id);
+        log.line(&stream, format!("Stopping process {}", instance.id)).await;
+        let task = instance
+            .done
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let (supervisor, owner, retired) = (self.clone(), app.to_owned(), instance.clone());
+        // The rollout's log ends with the rollout: the stop is told in the app's log (a sender
+        // of the rollout's own would keep its log open until the container is gone).
+        let log = self.0.logs.sink(app);
+        let stopping = tokio::spawn(async move {
+            if let Some(task) = task {
+                let _ = tokio::time::timeout(STOP_GRACE + Duration::from_secs(5), task).await;
+            }
+            supervisor.tell_stopped(&owner, &retired, &log).await;
+        });
+        self.with_app(app, |procs| {
+            procs.retiring.retain(|task| !task.is_finished());
+            procs.retiring.push(stopping);
+        });
+    }
+
+    /// Says that an instance stopped (a line, and a `process.exited` event).
+    pub(super) async fn tell_stopped(&self, app: &str, instance: &Arc<Instance>, log: &LogSink) {
+        let event = crate::runtime::ProcessEvent {
+            app,
+            service: &instance.service,
+            process: &instance.id,
+            pid: 0,
+            exit: Some(-1),
+        };
+        log.process(
+            &crate::stream_names::system("local", &instance.id),
+            format!("Stopped process {}", instance.id),
+            event,
+        )
+        .await;
     }
 }
 

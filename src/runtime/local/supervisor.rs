@@ -31,6 +31,8 @@ pub(super) struct AppProcesses {
     pub routers: HashMap<String, Router>,
     /// Whether the instances it had before this server started were looked for.
     pub adopted: bool,
+    /// The tasks stopping instances a rollout retired (see `retire_instance`).
+    pub retiring: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// What the supervisor works with.
@@ -40,7 +42,7 @@ pub struct Inner {
     pub(super) builds_dir: PathBuf,
     processes: Arc<dyn Driver>,
     containers: Option<Arc<dyn Driver>>,
-    logs: Arc<dyn AppLogs>,
+    pub(super) logs: Arc<dyn AppLogs>,
     ports: Arc<dyn PortBook>,
     health_client: reqwest::Client,
     shutdown: CancellationToken,
@@ -276,10 +278,17 @@ impl Supervisor {
     /// cursor, which the next start goes on from.
     pub async fn let_go(&self) {
         let tasks: Vec<_> = {
-            let apps = self.0.apps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            apps.values()
-                .flat_map(|procs| &procs.instances)
-                .filter_map(|i| i.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take())
+            let mut apps = self.0.apps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            apps.values_mut()
+                .flat_map(|procs| {
+                    let retiring = std::mem::take(&mut procs.retiring);
+                    procs
+                        .instances
+                        .iter()
+                        .filter_map(|i| i.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take())
+                        .chain(retiring)
+                        .collect::<Vec<_>>()
+                })
                 .collect()
         };
         let all = futures_util::future::join_all(tasks);
@@ -573,19 +582,7 @@ impl Supervisor {
             let _ = tokio::time::timeout(STOP_GRACE + Duration::from_secs(5), task).await;
         }
         self.with_app(app, |procs| procs.instances.retain(|i| !Arc::ptr_eq(i, instance)));
-        let event = crate::runtime::ProcessEvent {
-            app,
-            service: &instance.service,
-            process: &instance.id,
-            pid: 0,
-            exit: Some(-1),
-        };
-        log.process(
-            &crate::stream_names::system("local", &instance.id),
-            format!("Stopped process {}", instance.id),
-            event,
-        )
-        .await;
+        self.tell_stopped(app, instance, log).await;
     }
 }
 
