@@ -2,8 +2,9 @@
 //! release, the last `router::SLOTS` seconds of responses (`router/tally.rs`); they are summed
 //! here per period of wall-clock time, across the services asked for. The same seconds go, once
 //! each, to rack's per-minute history (`drain_minutes`, written by `jobs::metrics`). Memory is each running
-//! instance's cgroup (`memory.usage_in_bytes`), where rack sets cgroups (the process driver as
-//! root); containers and hosts without cgroups report none.
+//! instance's cgroup (`memory.usage_in_bytes`), and CPU the cores it uses (`cpuacct.usage` between
+//! two readings, `cpu.rs`), where rack sets cgroups (the process driver as root); containers and
+//! hosts without cgroups report none.
 
 use chrono::{DateTime, DurationRound, Utc};
 
@@ -34,13 +35,21 @@ impl LocalRuntime {
             .as_ref()
             .map(|c| instances.iter().filter_map(|id| c.memory_bytes(app, id)).collect())
             .unwrap_or_default();
+        let cpu = instances.iter().filter_map(|id| self.instance_cpu(app, id)).collect();
         let now = Utc::now();
         Traffic {
             periods: periods(&routers, window, now),
             memory,
-            cpu: Vec::new(),
+            cpu,
             held_since: Some(now - chrono::TimeDelta::seconds(super::router::SLOTS as i64 - 2)),
         }
+    }
+
+    /// The cores instance `id` of `app` uses now, where its cgroup tells (`None` at its first
+    /// reading).
+    pub(super) fn instance_cpu(&self, app: &str, id: &str) -> Option<f64> {
+        let used = self.cgroups.as_ref()?.cpu_usage_ns(app, id)?;
+        self.cpu.cores(id, used, std::time::Instant::now())
     }
 
     /// What every router served since the last call, per release and minute, with the memory
