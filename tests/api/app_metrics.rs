@@ -171,6 +171,18 @@ async fn cpu_per_process_comes_from_its_cgroup_busy_above_zero_idle_near_zero() 
     let idle = wait_for(60, "the idle service's CPU", || async { cpu_now(&app, "idle").await }).await;
     assert!(idle < 0.05, "an idle server: {idle} cores");
     println!("cpu: busy {busy:.3} cores, idle {idle:.3} cores");
+    // The history keeps it per minute (written every 10 s and on each metrics request).
+    let recorded: f64 = wait_for(60, "the busy service's CPU in the history", || async {
+        cpu_now(&app, "busy").await;
+        let cpu: Option<f64> =
+            sqlx::query_scalar("select max(cpu) from metric_minutes where app = 'busyidle' and service = 'busy'")
+                .fetch_one(&app.state.pool)
+                .await
+                .unwrap();
+        cpu.filter(|cores| *cores > 0.1)
+    })
+    .await;
+    assert!(recorded <= 1.5, "{recorded} cores");
     // `ps` (convox's processes) says the same per process.
     let processes: Vec<Value> = app.get_json("/apps/busyidle/processes").await;
     let cpu_of = |service: &str| {
@@ -228,6 +240,7 @@ fn minute(
         errors_range: (0, errors),
         latency: histogram,
         memory: Some((64 << 20, 1)),
+        cpu: Some(0.5),
     }
 }
 
@@ -313,6 +326,7 @@ async fn history_answers_hours_back_from_the_minutes_every_replica_adds() {
     assert!((5.0..6.5).contains(&p99_fast), "{p99_fast} ms");
     assert!((400.0..500.0).contains(&p99_slow), "{p99_slow} ms");
     assert_eq!(value_at("memory", ninety)["sum"], 64.0, "MiB");
+    assert_eq!(value_at("cpu", ninety)["sum"], 0.5, "cores");
 
     // A second replica on the same database answers the same history: what this one's router
     // served reaches it through the rows, once.

@@ -53,7 +53,7 @@ impl LocalRuntime {
     }
 
     /// What every router served since the last call, per release and minute, with the memory
-    /// each release's running instances use now (where cgroups tell) in the current minute.
+    /// and CPU each release's running instances use now (where cgroups tell) in the current minute.
     pub(super) fn drain_minutes(&self) -> Vec<TrafficMinute> {
         let now = Utc::now();
         let minute = now.duration_trunc(chrono::TimeDelta::minutes(1)).unwrap_or(now);
@@ -72,8 +72,12 @@ impl LocalRuntime {
         let Some(cgroups) = &self.cgroups else {
             return out;
         };
-        for (app, service, release, id) in running {
-            let Some(bytes) = cgroups.memory_bytes(&app, &id) else {
+        let ids: Vec<&str> = running.iter().map(|(_, _, _, id)| id.as_str()).collect();
+        self.cpu.keep_only(&ids);
+        for (app, service, release, id) in &running {
+            let (app, service, release) = (app.clone(), service.clone(), release.clone());
+            let cores = self.instance_cpu(&app, id);
+            let Some(bytes) = cgroups.memory_bytes(&app, id) else {
                 continue;
             };
             let row = out.iter().position(|m: &TrafficMinute| {
@@ -92,11 +96,15 @@ impl LocalRuntime {
                     errors_range: (0, 0),
                     latency: vec![0; crate::runtime::LATENCY_BUCKETS],
                     memory: None,
+                    cpu: None,
                 });
                 out.len() - 1
             });
             let (total, count) = out[row].memory.unwrap_or((0, 0));
             out[row].memory = Some((total + bytes, count + 1));
+            if let Some(cores) = cores {
+                out[row].cpu = Some(out[row].cpu.unwrap_or(0.0) + cores);
+            }
         }
         out
     }

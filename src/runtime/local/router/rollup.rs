@@ -71,6 +71,7 @@ impl Router {
                 errors_range: m.errors_range.unwrap_or_default(),
                 latency: m.latency,
                 memory: None,
+                cpu: None,
             })
             .collect()
     }
