@@ -120,6 +120,38 @@ async fn metrics_count_the_requests_and_errors_sent_through_the_router() {
     assert_eq!(bad.status(), 400);
 }
 
+#[tokio::test]
+async fn a_router_a_release_stops_hands_its_last_seconds_to_the_history() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.create_app("retired").await.status(), 201);
+    app.deploy_files("retired", &[("convox.yml", MANIFEST), ("server.py", SERVER)])
+        .await;
+    let info: Value = app.get_json("/apps/retired").await;
+    let router = info["router"].as_str().unwrap().to_owned();
+    let client = reqwest::Client::new();
+    for _ in 0..12 {
+        let response = client.get(format!("http://{router}/")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    // Straight away (no metrics request, which would write them first), a release without
+    // `web` stops its router; what it served must still reach the history.
+    let other = MANIFEST.replace("  web:", "  other:");
+    app.deploy_files("retired", &[("convox.yml", other.as_str()), ("server.py", SERVER)])
+        .await;
+    let written: i64 = wait_for(60, "web's requests in the history", || async {
+        rack::jobs::metrics::flush(&app.state).await;
+        let n: Option<i64> = sqlx::query_scalar(
+            "select sum(requests)::bigint from metric_minutes where app = 'retired' and service = 'web'",
+        )
+        .fetch_one(&app.state.pool)
+        .await
+        .unwrap();
+        n.filter(|n| *n >= 12)
+    })
+    .await;
+    assert_eq!(written, 12, "each request once");
+}
+
 /// A busy service (a spinning process beside its server) and an idle one.
 const BUSY_MANIFEST: &str = "services:\n  busy:\n    command: sh -c 'python3 spin.py & exec python3 -u server.py'\n    port: 3000\n    health:\n      path: /health\n      grace: 1\n      interval: 2\n  idle:\n    command: python3 -u server.py\n    port: 3000\n    health:\n      path: /health\n      grace: 1\n      interval: 2\n";
 

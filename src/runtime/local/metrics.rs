@@ -60,6 +60,7 @@ impl LocalRuntime {
         let mut out = Vec::new();
         let mut running: Vec<(String, String, String, String)> = Vec::new();
         self.supervisor.for_each_app(|app, procs| {
+            out.append(&mut procs.retired);
             for (service, router) in &procs.routers {
                 out.extend(router.drain(service, now));
             }
