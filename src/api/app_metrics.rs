@@ -259,21 +259,42 @@ fn memory(traffic: &Traffic, window: &MetricsWindow) -> Vec<MetricValue> {
     values
 }
 
-/// The instances' CPU now (cores), at the window's last period, where the runtime can tell.
+/// The instances' CPU per period (cores, from the history, where kept: the busiest minute's);
+/// the last period has the value now, when the runtime can tell.
 #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
 fn cpu(traffic: &Traffic, window: &MetricsWindow) -> Vec<MetricValue> {
+    let mut values: Vec<MetricValue> = traffic
+        .periods
+        .iter()
+        .filter_map(|p| {
+            let cores = p.cpu?;
+            // The history keeps the instances' count with their memory.
+            let instances = p.memory.map_or(1, |(_, n)| n.max(1)) as f64;
+            Some(MetricValue {
+                time: p.at,
+                avg: cores / instances,
+                count: instances,
+                max: cores / instances,
+                min: cores / instances,
+                sum: cores,
+            })
+        })
+        .collect();
     if traffic.cpu.is_empty() {
-        return Vec::new();
+        return values;
     }
     let sum: f64 = traffic.cpu.iter().sum();
-    vec![MetricValue {
-        time: last_period(window),
+    let time = last_period(window);
+    values.retain(|v| v.time != time);
+    values.push(MetricValue {
+        time,
         avg: sum / traffic.cpu.len() as f64,
         count: traffic.cpu.len() as f64,
         max: traffic.cpu.iter().copied().fold(f64::MIN, f64::max),
         min: traffic.cpu.iter().copied().fold(f64::MAX, f64::min),
         sum,
-    }]
+    });
+    values
 }
 
 /// When the window's last period starts.

@@ -64,6 +64,7 @@ struct Minute {
     requests_range: (u64, u64),
     errors_range: (u64, u64),
     memory: Option<(u64, u64)>,
+    cpu: Option<f64>,
 }
 
 /// The periods of `window` that `rows` fall in.
@@ -87,6 +88,9 @@ fn history(rows: &[MinuteRow], window: &MetricsWindow) -> Vec<PeriodFigures> {
         minute.requests_range.1 += unsigned(row.requests_max);
         minute.errors_range.0 += unsigned(row.errors_min);
         minute.errors_range.1 += unsigned(row.errors_max);
+        if let Some(cores) = row.cpu {
+            minute.cpu = Some(minute.cpu.unwrap_or(0.0) + cores);
+        }
         if let Some(bytes) = row.memory_bytes {
             let (total, count) = minute.memory.unwrap_or((0, 0));
             minute.memory = Some((
@@ -116,7 +120,7 @@ fn history(rows: &[MinuteRow], window: &MetricsWindow) -> Vec<PeriodFigures> {
                 p95: latency_quantile(&acc.latency, 950),
                 p99: latency_quantile(&acc.latency, 990),
                 memory: minutes.iter().filter_map(|m| m.memory).max_by_key(|(bytes, _)| *bytes),
-                cpu: None,
+                cpu: minutes.iter().filter_map(|m| m.cpu).reduce(f64::max),
             }
         })
         .collect()
@@ -143,6 +147,7 @@ mod tests {
             latency,
             memory_bytes: Some(100),
             instances: Some(1),
+            cpu: Some(0.25),
         }
     }
 
@@ -168,6 +173,8 @@ mod tests {
         );
         assert_eq!(periods[0].requests_range, (0, 40));
         assert_eq!(periods[0].memory, Some((200, 2)));
+        // Two services' instances in one minute add up; the busiest minute is the period's.
+        assert_eq!(periods[0].cpu, Some(0.5));
         assert_eq!(periods[0].p50, Some(crate::runtime::latency_upper_edge(50)));
         assert_eq!(periods[1].at, start + TimeDelta::hours(1));
         assert_eq!(periods[1].requests, 7);

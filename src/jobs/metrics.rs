@@ -41,6 +41,7 @@ fn served(m: &TrafficMinute) -> Served {
         requests_range: (signed(m.requests_range.0), signed(m.requests_range.1)),
         errors_range: (signed(m.errors_range.0), signed(m.errors_range.1)),
         latency: m.latency.iter().map(|n| signed(*n)).collect(),
+        cpu: m.cpu,
         memory: m
             .memory
             .map(|(bytes, count)| (signed(bytes), i32::try_from(count).unwrap_or(i32::MAX))),

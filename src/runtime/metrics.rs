@@ -81,6 +81,8 @@ pub struct TrafficMinute {
     pub latency: Vec<u64>,
     /// Bytes of memory the release's instances use together now, and how many, where known.
     pub memory: Option<(u64, u64)>,
+    /// Cores of CPU the release's instances use together now, where known.
+    pub cpu: Option<f64>,
 }
 
 /// The bucket a latency falls in.

@@ -23,6 +23,7 @@ pub struct MinuteRow {
     pub latency: Vec<i64>,
     pub memory_bytes: Option<i64>,
     pub instances: Option<i32>,
+    pub cpu: Option<f64>,
 }
 
 /// What one router served of one release in (part of) one minute, to add to its row.
@@ -42,10 +43,12 @@ pub struct Served {
     pub latency: Vec<i64>,
     /// Bytes of memory of the release's instances together, and how many, when known.
     pub memory: Option<(i64, i32)>,
+    /// Cores of CPU the release's instances use together, when known.
+    pub cpu: Option<f64>,
 }
 
 /// Adds `minutes` to their rows (creating them): counts and latency buckets are summed, the
-/// per-second ranges widened, the memory sample kept when it is the largest yet. Minutes of an
+/// per-second ranges widened, the memory and CPU samples kept when they are the largest yet. Minutes of an
 /// app deleted meanwhile are dropped. One statement each, no transaction: two replicas adding to
 /// the same rows never wait on each other's locks in opposite orders.
 pub async fn add(pool: &PgPool, minutes: &[Served]) -> Result<(), sqlx::Error> {
@@ -53,8 +56,9 @@ pub async fn add(pool: &PgPool, minutes: &[Served]) -> Result<(), sqlx::Error> {
         let (memory, instances) = m.memory.unzip();
         sqlx::query(
             "insert into metric_minutes (app, service, release, minute, seconds, requests, errors,
-                 requests_min, requests_max, errors_min, errors_max, latency, memory_bytes, instances)
-             select $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14
+                 requests_min, requests_max, errors_min, errors_max, latency, memory_bytes, instances,
+                 cpu)
+             select $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15
              where exists (select 1 from apps where name = $1)
              on conflict (app, service, release, minute) do update set
                  seconds = least(60, metric_minutes.seconds + excluded.seconds),
@@ -72,7 +76,8 @@ pub async fn add(pool: &PgPool, minutes: &[Served]) -> Result<(), sqlx::Error> {
                      from unnest(metric_minutes.latency, excluded.latency) with ordinality as t(a, b, n)),
                  memory_bytes = greatest(metric_minutes.memory_bytes, excluded.memory_bytes),
                  instances = case when excluded.memory_bytes >= coalesce(metric_minutes.memory_bytes, 0)
-                     then excluded.instances else metric_minutes.instances end",
+                     then excluded.instances else metric_minutes.instances end,
+                 cpu = greatest(metric_minutes.cpu, excluded.cpu)",
         )
         .bind(&m.app)
         .bind(&m.service)
@@ -88,6 +93,7 @@ pub async fn add(pool: &PgPool, minutes: &[Served]) -> Result<(), sqlx::Error> {
         .bind(&m.latency)
         .bind(memory)
         .bind(instances)
+        .bind(m.cpu)
         .execute(pool)
         .await?;
     }
@@ -104,7 +110,7 @@ pub async fn read(
 ) -> Result<Vec<MinuteRow>, sqlx::Error> {
     sqlx::query_as(
         "select service, release, minute, seconds, requests, errors, requests_min, requests_max,
-             errors_min, errors_max, latency, memory_bytes, instances
+             errors_min, errors_max, latency, memory_bytes, instances, cpu
          from metric_minutes
          where app = $1 and ($2::text is null or service = $2) and minute >= $3 and minute < $4
          order by minute, service, release",

@@ -120,6 +120,115 @@ async fn metrics_count_the_requests_and_errors_sent_through_the_router() {
     assert_eq!(bad.status(), 400);
 }
 
+#[tokio::test]
+async fn a_router_a_release_stops_hands_its_last_seconds_to_the_history() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.create_app("retired").await.status(), 201);
+    app.deploy_files("retired", &[("convox.yml", MANIFEST), ("server.py", SERVER)])
+        .await;
+    let info: Value = app.get_json("/apps/retired").await;
+    let router = info["router"].as_str().unwrap().to_owned();
+    let client = reqwest::Client::new();
+    for _ in 0..12 {
+        let response = client.get(format!("http://{router}/")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    // Straight away (no metrics request, which would write them first), a release without
+    // `web` stops its router; what it served must still reach the history.
+    let other = MANIFEST.replace("  web:", "  other:");
+    app.deploy_files("retired", &[("convox.yml", other.as_str()), ("server.py", SERVER)])
+        .await;
+    let written: i64 = wait_for(60, "web's requests in the history", || async {
+        rack::jobs::metrics::flush(&app.state).await;
+        let n: Option<i64> = sqlx::query_scalar(
+            "select sum(requests)::bigint from metric_minutes where app = 'retired' and service = 'web'",
+        )
+        .fetch_one(&app.state.pool)
+        .await
+        .unwrap();
+        n.filter(|n| *n >= 12)
+    })
+    .await;
+    assert_eq!(written, 12, "each request once");
+}
+
+/// A busy service (a spinning process beside its server) and an idle one.
+const BUSY_MANIFEST: &str = "services:\n  busy:\n    command: sh -c 'python3 spin.py & exec python3 -u server.py'\n    port: 3000\n    health:\n      path: /health\n      grace: 1\n      interval: 2\n  idle:\n    command: python3 -u server.py\n    port: 3000\n    health:\n      path: /health\n      grace: 1\n      interval: 2\n";
+
+/// The `cpu` of `service`'s metrics now (cores), once the runtime has two readings to tell.
+async fn cpu_now(app: &TestApp, service: &str) -> Option<f64> {
+    let response = app
+        .convox(Method::GET, &format!("/apps/busyidle/services/{service}/metrics"))
+        .query(&[("metrics", "cpu")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let metrics: Vec<Value> = response.json().await.unwrap();
+    assert_eq!(metrics[0]["name"], "cpu");
+    metrics[0]["values"]
+        .as_array()
+        .unwrap()
+        .last()
+        .map(|v| v["sum"].as_f64().unwrap())
+}
+
+#[tokio::test]
+async fn cpu_per_process_comes_from_its_cgroup_busy_above_zero_idle_near_zero() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.create_app("busyidle").await.status(), 201);
+    app.deploy_files(
+        "busyidle",
+        &[
+            ("convox.yml", BUSY_MANIFEST),
+            ("server.py", SERVER),
+            ("spin.py", "while True:\n    pass\n"),
+        ],
+    )
+    .await;
+    let cgroups =
+        nix::unistd::geteuid().is_root() && std::path::Path::new("/sys/fs/cgroup/cpuacct/cgroup.procs").exists();
+    if !cgroups {
+        // Without cgroups (a normal user) the runtime cannot tell: no value rather than a 0.
+        assert_eq!(cpu_now(&app, "busy").await, None);
+        return;
+    }
+    // A spinning process uses most of a core even on a loaded machine; a tenth is a floor no
+    // scheduler goes under for long.
+    let busy = wait_for(60, "the busy service's CPU", || async {
+        cpu_now(&app, "busy").await.filter(|cores| *cores > 0.1)
+    })
+    .await;
+    assert!(busy <= 1.5, "one spinning process and an idle server: {busy} cores");
+    let idle = wait_for(60, "the idle service's CPU", || async { cpu_now(&app, "idle").await }).await;
+    assert!(idle < 0.05, "an idle server: {idle} cores");
+    println!("cpu: busy {busy:.3} cores, idle {idle:.3} cores");
+    // The history keeps it per minute (written every 10 s and on each metrics request).
+    let recorded: f64 = wait_for(60, "the busy service's CPU in the history", || async {
+        cpu_now(&app, "busy").await;
+        let cpu: Option<f64> =
+            sqlx::query_scalar("select max(cpu) from metric_minutes where app = 'busyidle' and service = 'busy'")
+                .fetch_one(&app.state.pool)
+                .await
+                .unwrap();
+        cpu.filter(|cores| *cores > 0.1)
+    })
+    .await;
+    assert!(recorded <= 1.5, "{recorded} cores");
+    // `ps` (convox's processes) says the same per process.
+    let processes: Vec<Value> = app.get_json("/apps/busyidle/processes").await;
+    let cpu_of = |service: &str| {
+        processes
+            .iter()
+            .find(|p| p["name"] == service)
+            .unwrap_or_else(|| panic!("no {service} in {processes:?}"))["cpu"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(cpu_of("busy") > 0.1, "{processes:?}");
+    assert!(cpu_of("idle") < 0.05, "{processes:?}");
+}
+
 /// The totals of `path` over the window `start..end` in periods of `period` seconds.
 async fn totals(
     app: &TestApp,
@@ -163,6 +272,7 @@ fn minute(
         errors_range: (0, errors),
         latency: histogram,
         memory: Some((64 << 20, 1)),
+        cpu: Some(0.5),
     }
 }
 
@@ -248,6 +358,7 @@ async fn history_answers_hours_back_from_the_minutes_every_replica_adds() {
     assert!((5.0..6.5).contains(&p99_fast), "{p99_fast} ms");
     assert!((400.0..500.0).contains(&p99_slow), "{p99_slow} ms");
     assert_eq!(value_at("memory", ninety)["sum"], 64.0, "MiB");
+    assert_eq!(value_at("cpu", ninety)["sum"], 0.5, "cores");
 
     // A second replica on the same database answers the same history: what this one's router
     // served reaches it through the rows, once.

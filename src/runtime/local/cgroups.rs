@@ -17,8 +17,9 @@ pub const PIDS_PER_INSTANCE: u32 = 1024;
 /// The scheduler period a CPU quota is a share of, in microseconds.
 const CPU_PERIOD_US: u64 = 100_000;
 
-/// The controllers rack sets, by their v1 mount names.
-const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+/// The controllers rack sets (or reads: `cpuacct`, the CPU time used), by their v1 mount names.
+/// Where `cpu` and `cpuacct` are mounted together, both names lead to the same directory.
+const CONTROLLERS: [&str; 4] = ["memory", "cpu", "pids", "cpuacct"];
 
 /// Where this rack's instance cgroups go: one directory per controller.
 #[derive(Debug, Clone)]
@@ -109,7 +110,9 @@ impl Cgroups {
                         std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string())?;
                     }
                 }
-                _ => std::fs::write(dir.join("pids.max"), PIDS_PER_INSTANCE.to_string())?,
+                "pids" => std::fs::write(dir.join("pids.max"), PIDS_PER_INSTANCE.to_string())?,
+                // Read only (`cpu_usage_ns`).
+                _ => {}
             }
         }
         Ok(Instance { dirs })
@@ -141,6 +144,13 @@ impl Cgroups {
     /// Bytes of memory instance `id` of `app` uses now (its cgroup's `memory.usage_in_bytes`).
     pub fn memory_bytes(&self, app: &str, id: &str) -> Option<u64> {
         let file = self.bases.first()?.join(app).join(id).join("memory.usage_in_bytes");
+        std::fs::read_to_string(file).ok()?.trim().parse().ok()
+    }
+
+    /// Nanoseconds of CPU instance `id` of `app` has used, all its processes together, the
+    /// ended ones included (its cgroup's `cpuacct.usage`).
+    pub fn cpu_usage_ns(&self, app: &str, id: &str) -> Option<u64> {
+        let file = self.bases.get(3)?.join(app).join(id).join("cpuacct.usage");
         std::fs::read_to_string(file).ok()?.trim().parse().ok()
     }
 

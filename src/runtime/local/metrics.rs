@@ -2,8 +2,9 @@
 //! release, the last `router::SLOTS` seconds of responses (`router/tally.rs`); they are summed
 //! here per period of wall-clock time, across the services asked for. The same seconds go, once
 //! each, to rack's per-minute history (`drain_minutes`, written by `jobs::metrics`). Memory is each running
-//! instance's cgroup (`memory.usage_in_bytes`), where rack sets cgroups (the process driver as
-//! root); containers and hosts without cgroups report none.
+//! instance's cgroup (`memory.usage_in_bytes`), and CPU the cores it uses (`cpuacct.usage` between
+//! two readings, `cpu.rs`), where rack sets cgroups (the process driver as root); containers and
+//! hosts without cgroups report none.
 
 use chrono::{DateTime, DurationRound, Utc};
 
@@ -34,23 +35,32 @@ impl LocalRuntime {
             .as_ref()
             .map(|c| instances.iter().filter_map(|id| c.memory_bytes(app, id)).collect())
             .unwrap_or_default();
+        let cpu = instances.iter().filter_map(|id| self.instance_cpu(app, id)).collect();
         let now = Utc::now();
         Traffic {
             periods: periods(&routers, window, now),
             memory,
-            cpu: Vec::new(),
+            cpu,
             held_since: Some(now - chrono::TimeDelta::seconds(super::router::SLOTS as i64 - 2)),
         }
     }
 
+    /// The cores instance `id` of `app` uses now, where its cgroup tells (`None` at its first
+    /// reading).
+    pub(super) fn instance_cpu(&self, app: &str, id: &str) -> Option<f64> {
+        let used = self.cgroups.as_ref()?.cpu_usage_ns(app, id)?;
+        self.cpu.cores(id, used, std::time::Instant::now())
+    }
+
     /// What every router served since the last call, per release and minute, with the memory
-    /// each release's running instances use now (where cgroups tell) in the current minute.
+    /// and CPU each release's running instances use now (where cgroups tell) in the current minute.
     pub(super) fn drain_minutes(&self) -> Vec<TrafficMinute> {
         let now = Utc::now();
         let minute = now.duration_trunc(chrono::TimeDelta::minutes(1)).unwrap_or(now);
         let mut out = Vec::new();
         let mut running: Vec<(String, String, String, String)> = Vec::new();
         self.supervisor.for_each_app(|app, procs| {
+            out.append(&mut procs.retired);
             for (service, router) in &procs.routers {
                 out.extend(router.drain(service, now));
             }
@@ -63,8 +73,12 @@ impl LocalRuntime {
         let Some(cgroups) = &self.cgroups else {
             return out;
         };
-        for (app, service, release, id) in running {
-            let Some(bytes) = cgroups.memory_bytes(&app, &id) else {
+        let ids: Vec<&str> = running.iter().map(|(_, _, _, id)| id.as_str()).collect();
+        self.cpu.keep_only(&ids);
+        for (app, service, release, id) in &running {
+            let (app, service, release) = (app.clone(), service.clone(), release.clone());
+            let cores = self.instance_cpu(&app, id);
+            let Some(bytes) = cgroups.memory_bytes(&app, id) else {
                 continue;
             };
             let row = out.iter().position(|m: &TrafficMinute| {
@@ -83,11 +97,15 @@ impl LocalRuntime {
                     errors_range: (0, 0),
                     latency: vec![0; crate::runtime::LATENCY_BUCKETS],
                     memory: None,
+                    cpu: None,
                 });
                 out.len() - 1
             });
             let (total, count) = out[row].memory.unwrap_or((0, 0));
             out[row].memory = Some((total + bytes, count + 1));
+            if let Some(cores) = cores {
+                out[row].cpu = Some(out[row].cpu.unwrap_or(0.0) + cores);
+            }
         }
         out
     }

@@ -12,6 +12,7 @@ mod build;
 mod cgroups;
 mod container;
 mod context;
+mod cpu;
 mod disk_cap;
 mod dockerfile;
 pub mod driver;
@@ -82,8 +83,10 @@ pub struct LocalRuntime {
     logs: Arc<dyn AppLogs>,
     /// The apps' network namespaces (see `app_network`).
     networks: Arc<app_network::AppNetworks>,
-    /// The instances' cgroups, read for their memory (`metrics`).
+    /// The instances' cgroups, read for their memory and CPU (`metrics`).
     cgroups: Option<cgroups::Cgroups>,
+    /// The instances' last CPU readings (`metrics`, `ps`).
+    cpu: Arc<cpu::CpuRates>,
 }
 
 impl LocalRuntime {
@@ -151,6 +154,7 @@ impl LocalRuntime {
             logs,
             networks,
             cgroups,
+            cpu: Arc::default(),
         }
     }
 }
@@ -196,7 +200,11 @@ impl Runtime for LocalRuntime {
     }
 
     async fn processes(&self, app: &str) -> Result<Vec<ProcessInfo>, RuntimeError> {
-        Ok(self.supervisor.processes(app))
+        let mut processes = self.supervisor.processes(app);
+        for p in &mut processes {
+            p.cpu = self.instance_cpu(app, &p.id).unwrap_or(0.0);
+        }
+        Ok(processes)
     }
 
     async fn restart_process(&self, app: &str, id: &str) -> Result<(), RuntimeError> {

@@ -29,6 +29,9 @@ const ONE_OFF_RETENTION: Duration = Duration::from_secs(600);
 pub(super) struct AppProcesses {
     pub instances: Vec<Arc<Instance>>,
     pub routers: HashMap<String, Router>,
+    /// What routers stopped by a release (or the app's stop) served and had not handed over
+    /// yet: the next `drain_minutes` takes it, so their last seconds reach the history.
+    pub retired: Vec<crate::runtime::TrafficMinute>,
     /// Whether the instances it had before this server started were looked for.
     pub adopted: bool,
     /// The tasks stopping instances a rollout retired (see `retire_instance`).
@@ -78,9 +81,9 @@ impl Supervisor {
     }
 
     /// Calls `f` with each app's processes on this host.
-    pub(super) fn for_each_app(&self, mut f: impl FnMut(&str, &AppProcesses)) {
-        let apps = self.0.apps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (app, procs) in apps.iter() {
+    pub(super) fn for_each_app(&self, mut f: impl FnMut(&str, &mut AppProcesses)) {
+        let mut apps = self.0.apps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (app, procs) in apps.iter_mut() {
             f(app, procs);
         }
     }
@@ -239,10 +242,10 @@ impl Supervisor {
                 self.stop_instance(app, &instance, log).await;
             }
             self.with_app(app, |procs| {
-                for router in procs.routers.values() {
+                for (service, router) in procs.routers.drain() {
                     router.stop();
+                    procs.retired.extend(router.drain_last(&service, chrono::Utc::now()));
                 }
-                procs.routers.clear();
             });
             return Ok(());
         };
@@ -262,10 +265,12 @@ impl Supervisor {
             self.stop_instance(app, &instance, log).await;
         }
         self.with_app(app, |procs| {
-            procs.routers.retain(|service, router| {
+            let AppProcesses { routers, retired, .. } = procs;
+            routers.retain(|service, router| {
                 let keep = release.manifest.services.get(service).is_some_and(|s| s.port.is_some());
                 if !keep {
                     router.stop();
+                    retired.extend(router.drain_last(service, chrono::Utc::now()));
                 }
                 keep
             });

@@ -27,6 +27,15 @@ impl Router {
     /// minute, `now` being this second's wall-clock time. Minutes without a request are left
     /// out.
     pub fn drain(&self, service: &str, now: DateTime<Utc>) -> Vec<TrafficMinute> {
+        self.drain_through(service, now, false)
+    }
+
+    /// The same for a router that has stopped: its present second too, as it will not finish.
+    pub fn drain_last(&self, service: &str, now: DateTime<Utc>) -> Vec<TrafficMinute> {
+        self.drain_through(service, now, true)
+    }
+
+    fn drain_through(&self, service: &str, now: DateTime<Utc>, present_too: bool) -> Vec<TrafficMinute> {
         let mut next = self
             .inner
             .drained
@@ -35,7 +44,8 @@ impl Router {
         let present = self.second();
         // The ring may be reusing the oldest slots: leave them out.
         let from = (*next).max(present.saturating_sub(SLOTS as u64 - 2));
-        *next = present;
+        let end = present + u64::from(present_too);
+        *next = end;
         let tallies: Vec<_> = self
             .inner
             .tallies
@@ -45,7 +55,7 @@ impl Router {
             .map(|(release, (tally, _))| (release.clone(), std::sync::Arc::clone(tally)))
             .collect();
         let mut minutes: BTreeMap<(String, DateTime<Utc>), Minute> = BTreeMap::new();
-        for second in from..present {
+        for second in from..end {
             let ago = i64::try_from(present - second).unwrap_or(i64::MAX);
             let wall = now - TimeDelta::seconds(ago);
             let minute = wall.duration_trunc(TimeDelta::minutes(1)).unwrap_or(wall);
@@ -71,6 +81,7 @@ impl Router {
                 errors_range: m.errors_range.unwrap_or_default(),
                 latency: m.latency,
                 memory: None,
+                cpu: None,
             })
             .collect()
     }
