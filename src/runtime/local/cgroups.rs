@@ -127,18 +127,15 @@ impl Cgroups {
     }
 
     /// The `cgroup.procs` files of the instance `id` of `app` (a command run in it with `exec`
-    /// joins them); empty when it has no cgroups.
+    /// joins them); empty when it has no cgroups. Only those that exist: an instance started
+    /// by a rack before `cpuacct` was one of the controllers has no cgroup there, and a command
+    /// run in it still belongs in its memory, cpu and pids cgroups.
     pub fn procs_of(&self, app: &str, id: &str) -> Vec<PathBuf> {
-        let files: Vec<PathBuf> = self
-            .bases
+        self.bases
             .iter()
             .map(|base| base.join(app).join(id).join("cgroup.procs"))
-            .collect();
-        if files.iter().all(|file| file.exists()) {
-            files
-        } else {
-            Vec::new()
-        }
+            .filter(|file| file.exists())
+            .collect()
     }
 
     /// Bytes of memory instance `id` of `app` uses now (its cgroup's `memory.usage_in_bytes`).
@@ -222,7 +219,7 @@ mod tests {
         );
         assert_eq!(read(&instance.dirs[1], "cpu.cfs_quota_us"), "50000");
         assert_eq!(read(instance.pids_dir(), "pids.max"), PIDS_PER_INSTANCE.to_string());
-        assert_eq!(instance.procs().len(), 3);
+        assert_eq!(instance.procs().len(), 4);
         instance.remove();
         assert!(instance.dirs.iter().all(|dir| !dir.exists()));
         for base in &cgroups.bases {
