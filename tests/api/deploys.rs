@@ -489,30 +489,32 @@ async fn convox_promote_flow_works_unchanged() {
     .await;
     let budget = app.convox(Method::GET, "/apps/myapp/budget").send().await.unwrap();
     assert_eq!(budget.status(), 200);
-    let logs = app
-        .request(Method::GET, "/apps/myapp/logs")
-        .header("follow", "false")
-        .header("prefix", "true")
-        .header("since", "5m")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let system: Vec<&str> = logs
-        .lines()
-        .filter(|l| l.split(' ').nth(1).is_some_and(|s| s.starts_with("system/")))
-        .collect();
-    assert!(
-        system.iter().any(|l| l.ends_with("Status: Updating => Running")),
-        "{logs}"
-    );
-    assert!(
-        logs.lines()
-            .any(|l| l.split(' ').nth(1).is_some_and(|s| s.starts_with("service/web/"))),
-        "{logs}"
-    );
+    // The app's first output line reaches its log on its own schedule (the instance's output
+    // is read and stored apart from the rollout): wait for it rather than expect it at once.
+    wait_for(
+        60,
+        "the rollout's Running line and the app's own output in its log",
+        || async {
+            let logs = app
+                .request(Method::GET, "/apps/myapp/logs")
+                .header("follow", "false")
+                .header("prefix", "true")
+                .header("since", "5m")
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            let stream_of = |l: &str| l.split(' ').nth(1).map(str::to_owned).unwrap_or_default();
+            let running = logs
+                .lines()
+                .any(|l| stream_of(l).starts_with("system/") && l.ends_with("Status: Updating => Running"));
+            let output = logs.lines().any(|l| stream_of(l).starts_with("service/web/"));
+            (running && output).then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
