@@ -495,17 +495,7 @@ async fn convox_promote_flow_works_unchanged() {
         60,
         "the rollout's Running line and the app's own output in its log",
         || async {
-            let logs = app
-                .request(Method::GET, "/apps/myapp/logs")
-                .header("follow", "false")
-                .header("prefix", "true")
-                .header("since", "5m")
-                .send()
-                .await
-                .ok()?
-                .text()
-                .await
-                .ok()?;
+            let logs = app.read_app_log("myapp", true).await;
             let stream_of = |l: &str| l.split(' ').nth(1).map(str::to_owned).unwrap_or_default();
             let running = logs
                 .lines()

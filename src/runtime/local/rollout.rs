@@ -7,10 +7,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
-use super::instance::{Health, Instance, Launch, STOP_GRACE};
-use super::supervisor::Supervisor;
+use super::instance::{Health, Instance, Launch};
+use super::supervisor::{Supervisor, signal_stop, stopped};
 use crate::deploy::plan::{self, Counts, Percentages, Step};
 use crate::manifest::Service;
 use crate::runtime::{LogSink, ReleaseSpec, RuntimeError};
@@ -121,22 +120,15 @@ impl Supervisor {
             return;
         }
         self.refresh_routes(app, &instance.service);
-        instance.stop.cancel();
+        let task = signal_stop(instance);
         let stream = crate::stream_names::system("local", &instance.id);
         log.line(&stream, format!("Stopping process {}", instance.id)).await;
-        let task = instance
-            .done
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
         let (supervisor, owner, retired) = (self.clone(), app.to_owned(), instance.clone());
         // The rollout's log ends with the rollout: the stop is told in the app's log (a sender
         // of the rollout's own would keep its log open until the container is gone).
         let log = self.0.logs.sink(app);
         let stopping = tokio::spawn(async move {
-            if let Some(task) = task {
-                let _ = tokio::time::timeout(STOP_GRACE + Duration::from_secs(5), task).await;
-            }
+            stopped(task).await;
             supervisor.tell_stopped(&owner, &retired, &log).await;
         });
         self.with_app(app, |procs| {

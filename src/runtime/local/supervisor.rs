@@ -577,17 +577,27 @@ impl Supervisor {
     pub(super) async fn stop_instance(&self, app: &str, instance: &Arc<Instance>, log: &LogSink) {
         instance.stopping.store(true, Ordering::SeqCst);
         self.refresh_routes(app, &instance.service);
-        instance.stop.cancel();
-        let task = instance
-            .done
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(task) = task {
-            let _ = tokio::time::timeout(STOP_GRACE + Duration::from_secs(5), task).await;
-        }
+        stopped(signal_stop(instance)).await;
         self.with_app(app, |procs| procs.instances.retain(|i| !Arc::ptr_eq(i, instance)));
         self.tell_stopped(app, instance, log).await;
+    }
+}
+
+/// Tells an instance's task to stop its process and hands that task back to be waited on
+/// (`None` when another stop has it already).
+pub(super) fn signal_stop(instance: &Instance) -> Option<tokio::task::JoinHandle<()>> {
+    instance.stop.cancel();
+    instance
+        .done
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+}
+
+/// Waits for a task `signal_stop` handed back: its process's grace, and a margin for podman.
+pub(super) async fn stopped(task: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(task) = task {
+        let _ = tokio::time::timeout(STOP_GRACE + Duration::from_secs(5), task).await;
     }
 }
 
