@@ -204,6 +204,30 @@ async fn ensure(state: &AppState, row: &RackResource, restart: bool) -> ApiResul
     })
 }
 
+/// Brings every rack-wide resource back: at startup (the local runtime's servers do not outlive
+/// a reboot) and after a restore, when each one is created anew and loads the backup's export
+/// first. Records whether each came up; returns whether all did.
+pub async fn ensure_all(state: &AppState) -> bool {
+    if !state.runtime.capabilities().runs_rack_resources {
+        return true;
+    }
+    let rows = match store::list(&state.pool).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::error!(error = %e, "listing the rack-wide resources to bring back");
+            return false;
+        }
+    };
+    let mut all = true;
+    for row in rows {
+        if let Err(e) = ensure(state, &row, false).await {
+            tracing::warn!(resource.name = %row.name, "bringing back rack-wide resource {}: {e}", row.name);
+            all = false;
+        }
+    }
+    all
+}
+
 /// `GET /resources`.
 #[tracing::instrument(skip_all)]
 pub async fn list_rack_resources(

@@ -193,11 +193,21 @@ async fn export_resources(
         if let (None, Some(ext)) = (&record.skipped, extension) {
             let path = format!("{RESOURCES}/{}/{}.{ext}", row.app, row.name);
             if let Err(e) = export_resource(rack, &row, kind, &scratch.join(&path)).await {
+                let (which, start) = if row.app == crate::runtime::RACK_OWNER {
+                    (
+                        format!("rack-wide resource {}", row.name),
+                        "update it (`rack rack resources update`) to start it",
+                    )
+                } else {
+                    (
+                        format!("resource {} of app {}", row.name, row.app),
+                        "deploy the app to start it",
+                    )
+                };
                 return Err(ResourceExportFailed(format!(
-                    "the backup could not export resource {} of app {}: {e:#} (it must run for a \
-                     backup to hold its data: deploy the app to start it, or take the backup with \
-                     resources=false, `rack system backup --no-resources`, to leave resources out)",
-                    row.name, row.app
+                    "the backup could not export {which}: {e:#} (it must run for a backup to hold \
+                     its data: {start}, or take the backup with resources=false, `rack system \
+                     backup --no-resources`, to leave resources out)"
                 ))
                 .into());
             }

@@ -10,7 +10,8 @@
 //!   local runtime runs process services from);
 //! - `images.tar`: `podman save` of those builds' images (unless `images=false`);
 //! - `resources/<app>/<name>.sql|.rdb`: the export of each resource (convox.yml `resources:`)
-//!   the apps' releases declare (unless `resources=false`), what `GET
+//!   the apps' releases declare, and of each rack-wide one (`resources/@rack/`), unless
+//!   `resources=false`: what `GET
 //!   /apps/{app}/resources/{name}/data` gives; the manifest's `resources` says which were left
 //!   out and why (memcached: a cache; a runtime that cannot bring them back);
 //! - `MANIFEST.json`: always last, every entry above with its size and SHA-256.
@@ -206,7 +207,9 @@ pub fn check_resource_records(records: &[ResourceRecord]) -> anyhow::Result<()> 
             .parse()
             .map_err(|e| anyhow::anyhow!("the backup's manifest is damaged: resource {}: {e}", record.name))?;
         let expected = export_extension(kind).map(|ext| format!("{RESOURCES}/{}/{}.{ext}", record.app, record.name));
-        if !is_label(&record.app) || !is_label(&record.name) || expected.as_deref() != Some(path.as_str()) {
+        // An app's name, or the owner of the rack-wide resources.
+        let owner = is_label(&record.app) || record.app == crate::runtime::RACK_OWNER;
+        if !owner || !is_label(&record.name) || expected.as_deref() != Some(path.as_str()) {
             anyhow::bail!(
                 "the backup's manifest is damaged: resource {} of {} has its export at {path:?}",
                 record.name,

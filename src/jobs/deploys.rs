@@ -480,8 +480,8 @@ pub async fn load_spec(state: &AppState, app: &str, id: &str) -> Result<ReleaseS
 /// How long bringing one app back may take (a deployment's default timeout).
 const RECONCILE_LIMIT: Duration = Duration::from_secs(1800);
 
-/// Brings back the processes of every app's current release (at startup: the local runtime's
-/// processes do not outlive the server), and on any runtime after a restore (a Kubernetes
+/// Brings back the rack-wide resources and the processes of every app's current release (at
+/// startup: the local runtime's processes do not outlive the server), and on any runtime after a restore (a Kubernetes
 /// cluster may have none of the restored apps, and the resources it creates load the backup's
 /// exports): until every app has been applied, the restore's marker stays
 /// (`crate::backup::REAPPLY`), so a server stopped half-way does it again. Apps with a
@@ -499,7 +499,8 @@ pub async fn reconcile_all(state: AppState) {
             return;
         }
     };
-    let mut all_applied = true;
+    // Rack-wide resources first: the apps linked to them need them running.
+    let mut all_applied = crate::api::rack_resources::ensure_all(&state).await;
     for (app, release) in apps {
         match deployments::latest_state(&state.pool, &app).await {
             Ok(Some(s)) if !s.is_terminal() => continue,

@@ -69,15 +69,26 @@ pub async fn released_builds(conn: &mut PgConnection) -> Result<Vec<ReleasedBuil
     .await
 }
 
-/// Every resource of every app, with its credentials and status (in the backup's snapshot: the
-/// resources its dump holds).
+/// Every resource of every app, and every rack-wide resource, with its credentials and status
+/// (in the backup's snapshot: the resources its dump holds).
 ///
 /// # Errors
 /// When the query fails.
 pub async fn resources(conn: &mut PgConnection) -> Result<Vec<super::resources::Resource>, sqlx::Error> {
-    sqlx::query_as("select * from resources order by app, name")
-        .fetch_all(conn)
-        .await
+    // The rack-wide resources come as resources of the runtime's rack owner (`@rack`), which is
+    // how the runtime reaches them; their options take a definition's shape.
+    sqlx::query_as(
+        "select app, name, kind, definition, username, password, database, status, created_at, updated_at \
+         from resources \
+         union all \
+         select $1, name, kind, jsonb_build_object('options', options, 'image', null), username, password, \
+                database, status, created_at, updated_at \
+         from rack_resources \
+         order by 1, 2",
+    )
+    .bind(crate::runtime::RACK_OWNER)
+    .fetch_all(conn)
+    .await
 }
 
 /// The tables of the database's `public` schema (none: a database a restore may fill).

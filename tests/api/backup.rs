@@ -789,3 +789,90 @@ async fn a_runtime_that_cannot_restore_resources_has_them_listed_as_left_out() {
     );
     assert!(manifest.entries.iter().all(|e| !e.path.starts_with("resources/")));
 }
+
+/// Rack-wide resources (`rack rack resources create`) are in backups too: a shared postgres and
+/// a shared redis hold a row and a key, the backup has their exports under `resources/@rack/`,
+/// and a second server restoring it brings both back running, with their data, at its start.
+#[tokio::test]
+async fn rack_wide_resources_come_back_from_a_backup_with_their_data() {
+    use crate::resources::{ResourceServers, create_shared_redis, parse_json, redis_cli, send_form};
+    use sqlx::Connection;
+    let first = TestApp::spawn().await;
+    let first_servers = ResourceServers::at(&first.state.config.data_dir);
+    let redis = create_shared_redis(&first).await;
+    redis_cli(redis["url"].as_str().unwrap(), &["SET", "kept", "shared-value"]).await;
+    let form = [("kind", "postgres"), ("name", "ledger")];
+    let (status, text) = send_form(&first, Method::POST, "/resources", &form).await;
+    assert_eq!(status, 200, "{text}");
+    let ledger_url = parse_json(&text)["url"].as_str().unwrap().to_owned();
+    let mut ledger = sqlx::PgConnection::connect(&ledger_url).await.unwrap();
+    sqlx::raw_sql("create table entries (v text); insert into entries values ('kept-entry')")
+        .execute(&mut ledger)
+        .await
+        .unwrap();
+    ledger.close().await.unwrap();
+
+    let dir = crate::helpers::reachable_tempdir();
+    let file = dir.path().join("rack.tar");
+    download(&first, "?images=false", &file).await;
+    let manifest = rack::backup::restore::verify(&file).unwrap().manifest;
+    for (name, path) in [
+        ("ledger", "resources/@rack/ledger.sql"),
+        ("shared", "resources/@rack/shared.rdb"),
+    ] {
+        let record = manifest
+            .resources
+            .iter()
+            .find(|r| r.app == "@rack" && r.name == name)
+            .unwrap_or_else(|| panic!("{name} in {:?}", manifest.resources));
+        assert_eq!(record.path.as_deref(), Some(path), "{record:?}");
+        let entry = manifest
+            .entries
+            .iter()
+            .find(|e| e.path == path)
+            .expect("the export is an entry");
+        assert!(
+            entry.size > 0 && entry.sha256.as_ref().is_some_and(|s| s.len() == 64),
+            "{entry:?}"
+        );
+    }
+    drop(first_servers);
+    first.stop().await;
+
+    let second = TestApp::start(restoring(dir.path(), &file).await).await;
+    let data = second.state.config.data_dir.clone();
+    let _servers = ResourceServers::at(&data);
+    let listed = wait_for(150, "the rack-wide resources running again", || async {
+        let list: Value = second.get_json("/resources").await;
+        let all = list.as_array()?;
+        // Its URL shows once its server answers (the restored row said running before).
+        let up = |r: &Value| r["status"] == "running" && r["url"].as_str().is_some_and(|u| !u.is_empty());
+        (all.len() == 2 && all.iter().all(up)).then_some(list)
+    })
+    .await;
+    let url_of = |name: &str| {
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .and_then(|r| r["url"].as_str())
+            .unwrap_or_else(|| panic!("{name} in {listed}"))
+            .to_owned()
+    };
+    let mut ledger = sqlx::PgConnection::connect(&url_of("ledger")).await.unwrap();
+    let kept: String = sqlx::query_scalar("select v from entries")
+        .fetch_one(&mut ledger)
+        .await
+        .unwrap();
+    assert_eq!(kept, "kept-entry");
+    ledger.close().await.unwrap();
+    assert_eq!(redis_cli(&url_of("shared"), &["GET", "kept"]).await, "shared-value");
+    let pending = data.join("resource-imports/@rack");
+    assert!(
+        crate::helpers::files_under(&pending).is_empty(),
+        "each export is removed once loaded: {:?}",
+        crate::helpers::files_under(&pending)
+    );
+    second.stop().await;
+}

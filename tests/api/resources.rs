@@ -498,7 +498,7 @@ async fn bad_resources_fail_the_build_naming_the_key_and_line() {
 }
 
 /// Runs `redis-cli -u url args` on this host; its output, trimmed.
-async fn redis_cli(url: &str, args: &[&str]) -> String {
+pub async fn redis_cli(url: &str, args: &[&str]) -> String {
     let output = tokio::process::Command::new("redis-cli")
         .args(["-u", url, "--no-auth-warning"])
         .args(args)
