@@ -344,6 +344,56 @@ pub async fn apply_certificate(
     Ok(format.ok(serde_json::json!({ "service": service, "port": port, "certificate": cert.id, "https": https })))
 }
 
+/// `DELETE /apps/{app}/ssl/{service}/{port}` (`rack ssl unset SERVICE:PORT`, an extension of
+/// rack's: convox has no way back): the port is no longer served with its certificate. The
+/// service stops serving HTTPS, unless another of its ports still has a certificate, which it
+/// then serves.
+#[tracing::instrument(skip_all, fields(app.name = %app.name))]
+pub async fn remove_certificate(
+    State(state): State<AppState>,
+    Path((_, service, port)): Path<(String, String, String)>,
+    format: Format,
+    AppPath(app): AppPath,
+) -> ApiResult<Response> {
+    let number: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| ApiError::BadRequest(format!("port: {port:?} is not a port number")))?;
+    if !store::remove_use(&state.pool, &app.name, &service, i32::from(number)).await? {
+        return Err(ApiError::NotFound(
+            "certificate",
+            format!("on {service}:{number} (`rack ssl` lists the ports that have one)"),
+        ));
+    }
+    let other = store::uses_of_app(&state.pool, &app.name)
+        .await?
+        .into_iter()
+        .find(|u| u.service == service);
+    let other = match other {
+        Some(u) => store::get(&state.pool, &u.certificate_id).await?,
+        None => None,
+    };
+    match &other {
+        Some(cert) => {
+            serve(&state, &app.name, &service, cert).await?;
+        }
+        None => state
+            .runtime
+            .unserve_certificate(&app.name, &service)
+            .await
+            .map_err(|e| {
+                ApiError::Internal(anyhow::anyhow!("taking {}/{service}'s certificate away: {e}", app.name))
+            })?,
+    }
+    tracing::info!(app.name = %app.name, "{} {service}:{number} no longer serves a certificate", app.name);
+    Ok(format.ok(serde_json::json!({
+        "service": service,
+        "port": number,
+        "https": state.runtime.https_addr(&app.name, &service).map(|a| a.to_string()),
+    })))
+}
+
 #[tracing::instrument(skip_all, fields(app.name = %app.name))]
 pub async fn list_ssl(State(state): State<AppState>, AppPath(app): AppPath) -> ApiResult<Pretty<Vec<SslView>>> {
     let uses = store::uses_of_app(&state.pool, &app.name).await?;

@@ -301,6 +301,12 @@ fn routes() -> Routes {
             ADMIN,
             certificates::apply_certificate,
         )
+        .json(
+            M::DELETE,
+            "/apps/{app}/ssl/{service}/{port}",
+            ADMIN,
+            certificates::remove_certificate,
+        )
         // Private registries (`convox registries`): the server may hold `/` (`host/path`).
         .json(M::GET, "/registries", ADMIN, registries::list_registries)
         .json(M::POST, "/registries", ADMIN, registries::add_registry)

@@ -50,6 +50,12 @@ pub enum SslCommand {
         /// The certificate's id (`rack certs`).
         id: String,
     },
+    /// Stop serving a service's port with its certificate: `rack ssl unset web:443` (rack's
+    /// own: convox has no way back).
+    Unset {
+        /// SERVICE:PORT
+        target: String,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -161,16 +167,8 @@ pub async fn ssl(client: &Client, app: AppArg, command: Option<SslCommand>) -> a
             );
         }
         Some(SslCommand::Update { target, id }) => {
-            let Some((service, port)) = target.split_once(':') else {
-                anyhow::bail!("{target}: give SERVICE:PORT (web:443)");
-            };
+            let (service, port, path) = endpoint(client, &app, &target)?;
             eprint!("Updating certificate of {service}:{port}... ");
-            let path = format!(
-                "/apps/{}/ssl/{}/{}",
-                client.segment(&app),
-                client.segment(service),
-                client.segment(port)
-            );
             let answer: serde_json::Value = client.put(&path, &[("id", id.as_str())]).await?;
             eprintln!("OK");
             if !output::json(&answer)?
@@ -179,6 +177,26 @@ pub async fn ssl(client: &Client, app: AppArg, command: Option<SslCommand>) -> a
                 println!("https://{https}");
             }
         }
+        Some(SslCommand::Unset { target }) => {
+            let (service, port, path) = endpoint(client, &app, &target)?;
+            eprint!("Removing certificate of {service}:{port}... ");
+            client.delete(&path).await?;
+            eprintln!("OK");
+        }
     }
     Ok(())
+}
+
+/// The service, the port and the API path of `target` (`SERVICE:PORT`) of `app`.
+fn endpoint<'a>(client: &Client, app: &str, target: &'a str) -> anyhow::Result<(&'a str, &'a str, String)> {
+    let Some((service, port)) = target.split_once(':') else {
+        anyhow::bail!("{target}: give SERVICE:PORT (web:443)");
+    };
+    let path = format!(
+        "/apps/{}/ssl/{}/{}",
+        client.segment(app),
+        client.segment(service),
+        client.segment(port)
+    );
+    Ok((service, port, path))
 }

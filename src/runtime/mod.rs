@@ -227,6 +227,17 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
         Ok(None)
     }
 
+    /// Stops serving `service` of `app` with the certificate it was given (`rack ssl unset`):
+    /// on the local runtime its router's HTTPS listener closes; on Kubernetes its Ingress loses
+    /// that TLS section (back to cert-manager's when an issuer is set) and its Secret goes.
+    ///
+    /// # Errors
+    /// When what serves it cannot be changed.
+    async fn unserve_certificate(&self, app: &str, service: &str) -> Result<(), RuntimeError> {
+        let _ = (app, service);
+        Ok(())
+    }
+
     /// Where rack serves `service` of `app` over HTTPS on this host, if it does (local).
     fn https_addr(&self, _app: &str, _service: &str) -> Option<SocketAddr> {
         None

@@ -131,6 +131,17 @@ pub async fn remove_uses_except(pool: &PgPool, app: &str, keep: &[String]) -> Re
     .await
 }
 
+/// Forgets the certificate port `port` of `app`'s `service` was served with; whether it had one.
+pub async fn remove_use(pool: &PgPool, app: &str, service: &str, port: i32) -> Result<bool, sqlx::Error> {
+    let removed = sqlx::query("delete from certificate_uses where app = $1 and service = $2 and port = $3")
+        .bind(app)
+        .bind(service)
+        .bind(port)
+        .execute(pool)
+        .await?;
+    Ok(removed.rows_affected() > 0)
+}
+
 /// The certificates `app`'s services use, by service and port.
 pub async fn uses_of_app(pool: &PgPool, app: &str) -> Result<Vec<Use>, sqlx::Error> {
     sqlx::query_as(

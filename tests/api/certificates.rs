@@ -336,6 +336,35 @@ async fn ssl_update_serves_the_service_over_https_with_the_certificate() {
     })
     .await;
     assert!(answer.starts_with("HTTP/1.") && answer.contains(" 200 "), "{answer}");
+
+    // `rack ssl unset web:443`: HTTPS stops, plain HTTP goes on, the certificate is free.
+    let unset = |port: u16| {
+        let path = format!("/apps/{name}/ssl/web/{port}");
+        let request = app.convox(Method::DELETE, &path);
+        async move { status_text(request.send().await.unwrap()).await }
+    };
+    assert_eq!(unset(443).await, (200, "ok\n".to_owned()));
+    let ssl: Value = app.get_json(&format!("/apps/{name}/ssl")).await;
+    assert_eq!(ssl, serde_json::json!([]));
+    wait_for(10, "the HTTPS port to close", || async {
+        tokio::net::TcpStream::connect(&addr).await.is_err().then_some(())
+    })
+    .await;
+    let plain = crate::deploys::through_router(&app, name).await;
+    assert!(plain.contains(&release2), "{plain}");
+    let (status, _) = status_text(
+        app.convox(Method::DELETE, &format!("/certificates/{second}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "no longer in use");
+    // Again, or a port that never had one: 404, saying so.
+    let (status, body) = unset(443).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("web:443"), "{body}");
+    assert_eq!(unset(0).await.0, 400);
 }
 
 #[tokio::test]
@@ -425,4 +454,12 @@ async fn the_rack_cli_generates_imports_lists_renews_and_deletes_certificates() 
     assert_eq!(code, 0, "{err}");
     let list: Value = app.get_json("/certificates").await;
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    // `rack ssl unset` frees it; a second time there is nothing to unset.
+    let (code, _, err) = rack_cli(&app, &["ssl", "-a", "shop", "unset", "web:443"], "").await;
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = rack_cli(&app, &["ssl", "-a", "shop", "unset", "web:443"], "").await;
+    assert_eq!(code, 1);
+    assert!(err.contains("certificate not found: on web:443"), "{err}");
+    let (code, _, err) = rack_cli(&app, &["certs", "delete", &imported], "").await;
+    assert_eq!(code, 0, "{err}");
 }

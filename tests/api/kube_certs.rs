@@ -142,6 +142,44 @@ async fn ssl_update_makes_the_certificate_the_ingress_tls_secret() {
         .unwrap();
     assert_eq!(deleted.status(), 200);
 
+    // `rack ssl unset web:443`: the Secret goes and the Ingress is cert-manager's again.
+    let unset = app
+        .convox(Method::DELETE, &format!("/apps/{name}/ssl/web/443"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unset.status(), 200);
+    assert!(
+        secrets.get_opt("rack-tls-web").await.unwrap().is_none(),
+        "the Secret is gone"
+    );
+    let after = ingresses.get("web").await.unwrap();
+    assert_eq!(
+        after.spec.as_ref().unwrap().tls.as_ref().unwrap()[0]
+            .secret_name
+            .as_deref(),
+        Some("web-tls"),
+        "cert-manager's again"
+    );
+    assert!(
+        after
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key("cert-manager.io/cluster-issuer"),
+        "cert-manager is asked again"
+    );
+    let ssl: Vec<serde_json::Value> = app.get_json(&format!("/apps/{name}/ssl")).await;
+    assert!(ssl.is_empty(), "{ssl:?}");
+    // Given back, as the rest of this test expects.
+    let updated = app
+        .convox(Method::PUT, &format!("/apps/{name}/ssl/web/443"))
+        .form(&[("id", second_id.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(updated.status(), 200);
+
     // A release without the service `web` (it is `api` now): its Secret goes with its
     // Ingress, and rack no longer counts the certificate as used.
     let renamed = manifest.replace("  web:\n", "  api:\n");

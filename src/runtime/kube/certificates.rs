@@ -2,7 +2,8 @@
 //! Secret `rack-tls-<service>` (type `kubernetes.io/tls`) in the app's namespace, and the
 //! service's Ingress names it in its `tls` section. `ssl update` applies the Secret and points
 //! the Ingress at it at once; each rollout then builds the Ingress with it (the Secret's
-//! presence is what says the service has a certificate), so a release keeps it.
+//! presence is what says the service has a certificate), so a release keeps it. `ssl unset`
+//! deletes the Secret and gives the Ingress back the TLS a rollout would give it without one.
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::networking::v1::Ingress;
@@ -80,6 +81,46 @@ pub async fn serve(
         .await
         .map_err(RuntimeError::kube(format!(
             "pointing ingress {service} at secret {name}"
+        )))?;
+    Ok(())
+}
+
+/// Takes `service`'s certificate away: deletes its Secret and gives its Ingress (when there is
+/// one) the TLS section a rollout would build without a certificate: cert-manager's when an
+/// issuer is set, else none.
+///
+/// # Errors
+/// When the cluster refuses the deletion or the Ingress's change.
+pub async fn unserve(runtime: &KubeRuntime, app: &str, service: &str) -> Result<(), RuntimeError> {
+    let name = secret_name(service);
+    let secrets: Api<Secret> = runtime.api(app);
+    super::delete(&secrets, &name).await?;
+    let ingresses: Api<Ingress> = runtime.api(app);
+    let Some(ingress) = ingresses
+        .get_opt(service)
+        .await
+        .map_err(RuntimeError::kube(format!("reading ingress {service}")))?
+    else {
+        return Ok(());
+    };
+    let hosts: Vec<String> = ingress
+        .spec
+        .iter()
+        .flat_map(|s| s.rules.iter().flatten())
+        .filter_map(|r| r.host.clone())
+        .collect();
+    let patch = match &runtime.0.settings.config.ingress.cert_issuer {
+        Some(issuer) => json!({
+            "metadata": { "annotations": { "cert-manager.io/cluster-issuer": issuer } },
+            "spec": { "tls": [{ "hosts": hosts, "secretName": format!("{service}-tls") }] },
+        }),
+        None => json!({ "spec": { "tls": null } }),
+    };
+    ingresses
+        .patch(service, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .map_err(RuntimeError::kube(format!(
+            "taking ingress {service} off secret {name}"
         )))?;
     Ok(())
 }

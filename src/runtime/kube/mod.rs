@@ -277,6 +277,11 @@ impl Runtime for KubeRuntime {
         Ok(None)
     }
 
+    #[tracing::instrument(skip_all, fields(app.name = %app))]
+    async fn unserve_certificate(&self, app: &str, service: &str) -> Result<(), RuntimeError> {
+        certificates::unserve(self, app, service).await
+    }
+
     async fn traffic(
         &self,
         app: &str,

@@ -391,6 +391,13 @@ impl Runtime for LocalRuntime {
         Ok(Some(addr))
     }
 
+    async fn unserve_certificate(&self, app: &str, service: &str) -> Result<(), RuntimeError> {
+        if let Some(router) = self.supervisor.router(app, service) {
+            router.stop_tls();
+        }
+        Ok(())
+    }
+
     fn https_addr(&self, app: &str, service: &str) -> Option<std::net::SocketAddr> {
         self.supervisor.router(app, service)?.tls_addr()
     }

@@ -3,7 +3,8 @@
 //! proxy as the plain listener (same backends, same tallies). A per-service listener rather than
 //! SNI on one port: the local runtime already gives each service a port of its own, and a client
 //! reaches it by address, with no name to select a certificate by. Giving the service another
-//! certificate swaps it for new connections; open ones keep theirs.
+//! certificate swaps it for new connections; open ones keep theirs. Taking its certificate away
+//! (`rack ssl unset`) closes the listener and its connections.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -34,6 +35,8 @@ pub(super) struct Https;
 pub(super) struct Front {
     addr: SocketAddr,
     certificate: Arc<Current>,
+    /// Stops this listener and its connections (a child of the router's own stop).
+    stop: tokio_util::sync::CancellationToken,
 }
 
 /// The certificate new connections get.
@@ -83,6 +86,7 @@ impl Router {
                 .with_cert_resolver(certificate.clone());
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let stop = self.inner.stop.child_token();
         {
             let mut front = self.inner.tls.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             // Another call started one meanwhile: use it.
@@ -92,11 +96,30 @@ impl Router {
                     .swap_certificate(&key)
                     .ok_or_else(|| std::io::Error::other("router TLS"));
             }
-            *front = Some(Front { addr, certificate });
+            *front = Some(Front {
+                addr,
+                certificate,
+                stop: stop.clone(),
+            });
         }
-        tokio::spawn(accept_loop(Arc::clone(&self.inner), listener, acceptor));
+        tokio::spawn(accept_loop(Arc::clone(&self.inner), listener, acceptor, stop));
         tracing::info!(app.name = %self.inner.app, router.https = %addr, "router for {} serves HTTPS on {addr}", self.inner.app);
         Ok(addr)
+    }
+
+    /// Stops serving HTTPS (the service's certificate was taken away): the listener closes, and
+    /// so do its open connections. Plain HTTP goes on.
+    pub fn stop_tls(&self) {
+        let front = self
+            .inner
+            .tls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(front) = front {
+            front.stop.cancel();
+            tracing::info!(app.name = %self.inner.app, router.https = %front.addr, "router for {} no longer serves HTTPS", self.inner.app);
+        }
     }
 
     /// Where this router serves HTTPS, if it does.
@@ -117,10 +140,14 @@ impl Router {
     }
 }
 
-/// Accepts HTTPS connections until the router stops.
-async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
+/// Accepts HTTPS connections until the router stops or `stop` (its certificate taken away).
+async fn accept_loop(
+    inner: Arc<Inner>,
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    stop: tokio_util::sync::CancellationToken,
+) {
     let app = axum::Router::new().fallback(proxy).with_state(Arc::clone(&inner));
-    let stop = inner.stop.clone();
     loop {
         let (stream, peer) = tokio::select! {
             () = stop.cancelled() => return,
@@ -228,6 +255,23 @@ mod tests {
         assert!(plain.ends_with("proto=http"), "{plain}");
         let secure = get(https, Some(&cert.certificate_pem)).await;
         assert!(secure.ends_with("proto=https"), "{secure}");
+
+        // Its certificate taken away: the HTTPS port closes, plain HTTP goes on.
+        router.stop_tls();
+        assert_eq!(router.tls_addr(), None);
+        let refused = async {
+            loop {
+                if tokio::net::TcpStream::connect(https).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), refused)
+            .await
+            .expect("the HTTPS port closes");
+        let plain = get(router.local_addr(), None).await;
+        assert!(plain.ends_with("proto=http"), "{plain}");
         shutdown.cancel();
     }
 }
