@@ -697,6 +697,25 @@ async fn runs_and_execs_work_on_containers() {
     .await;
     assert!(tty.0.contains("tty") && tty.0.contains("web"), "{tty:?}");
     assert_eq!(tty.1, Some(0));
+    // A client that goes away mid-command takes its command with it: `podman exec` alone would
+    // leave it running in the container.
+    let marker = crate::helpers::unique_sleep_marker();
+    let command = format!("sleep {marker}");
+    let request = crate::run::exec_request(
+        &app,
+        &format!("/apps/box/processes/{web}/exec"),
+        &[("command", command.as_str()), ("tty", "false")],
+    );
+    let (socket, _) = tokio_tungstenite::connect_async(request).await.expect("the handshake");
+    wait_for(60, "the exec'd command to run in the container", || async {
+        (!processes_with_arg(&marker).is_empty()).then_some(())
+    })
+    .await;
+    drop(socket);
+    wait_for(30, "the exec'd command to end with its client", || async {
+        processes_with_arg(&marker).is_empty().then_some(())
+    })
+    .await;
     let stop = app
         .convox(Method::DELETE, &format!("/apps/box/processes/{id}"))
         .send()

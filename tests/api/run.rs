@@ -32,7 +32,7 @@ struct Exec {
 }
 
 /// The websocket request of an exec at `path` with `headers`, as the convox CLI makes it.
-fn exec_request(
+pub fn exec_request(
     app: &TestApp,
     path: &str,
     headers: &[(&str, &str)],

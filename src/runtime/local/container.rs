@@ -120,8 +120,12 @@ impl Driver for ContainerDriver {
         if request.tty.is_some() {
             command.args(["--tty", "--env", "TERM=xterm"]);
         }
+        // A mark only this session's command (and what it starts) carries: `podman exec` ends
+        // with its client, but the command it started in the container does not.
+        let marker = format!("{EXEC_MARKER}={}", uuid::Uuid::new_v4().simple());
+        command.args(["--env", &marker]);
         command.arg(&name).args(&request.command);
-        super::exec::spawn(command, request)
+        Ok(reap_on_abandon(super::exec::spawn(command, request)?, marker))
     }
 
     /// This rack's containers of `app` on this host, by their labels.
@@ -175,6 +179,67 @@ impl Driver for ContainerDriver {
 
     async fn discard(&self, found: &Found, grace: Duration) {
         self.podman.remove(&found.handle, grace).await;
+    }
+}
+
+/// The variable each `podman exec` command gets, with a value unique to its session.
+const EXEC_MARKER: &str = "RACK_EXEC_SESSION";
+
+/// `session`, whose command is killed in the container (with every process it started, which
+/// inherit its environment) when the session is dropped before the command ended: the client
+/// went away, as `kubectl exec`'s command ends with its connection.
+fn reap_on_abandon(session: ExecSession, marker: String) -> ExecSession {
+    let mut reaper = Reaper(Some(marker));
+    let exit = session.exit;
+    ExecSession {
+        exit: Box::pin(async move {
+            let code = exit.await;
+            // It ended by itself: whatever it left running in the background stays, as with
+            // any exec.
+            reaper.disarm();
+            code
+        }),
+        ..session
+    }
+}
+
+/// Kills the processes marked with its mark when dropped while armed.
+struct Reaper(Option<String>);
+
+impl Reaper {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let Some(marker) = self.0.take() else { return };
+        // A few passes: a command podman was still starting when its client went shows up a
+        // moment later. /proc is read off the async runtime's threads.
+        std::thread::spawn(move || {
+            for pause in [0, 500, 2000] {
+                std::thread::sleep(Duration::from_millis(pause));
+                kill_marked(&marker);
+            }
+        });
+    }
+}
+
+/// Sends SIGKILL to every process of this host whose environment holds `marker`
+/// (`NAME=value`). Rootless, processes of the container's other users are not readable, so not
+/// found: their command ends only when the container does.
+fn kill_marked(marker: &str) {
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ.split(|b| *b == 0).any(|v| v == marker.as_bytes()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
     }
 }
 
