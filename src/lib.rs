@@ -451,8 +451,18 @@ fn create_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
         .mode(0o711)
         .create(dir)
         .with_context(|| format!("creating the data directory {} (RACK_DATA)", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
-        .with_context(|| format!("setting the mode of the data directory {}", dir.display()))
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).with_context(|| {
+        // Typically a volume mounted there that belongs to root (a Kubernetes emptyDir, a
+        // bind mount): say whose it is and what to do, not just that chmod failed.
+        use std::os::unix::fs::MetadataExt;
+        let owner = std::fs::metadata(dir).map(|m| m.uid()).unwrap_or(u32::MAX);
+        format!(
+            "setting the mode of the data directory {} (owned by uid {owner}, rack runs as uid {}): \
+             make it rack's (chown), or set RACK_DATA to a directory inside it that rack creates itself",
+            dir.display(),
+            nix::unistd::geteuid()
+        )
+    })
 }
 
 /// Resolves when the process receives SIGINT or SIGTERM.

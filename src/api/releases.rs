@@ -73,6 +73,10 @@ pub struct PromoteRelease {
     /// Answer with the rollout log itself, until the deployment ends.
     #[serde(default)]
     follow: bool,
+    /// With `follow`, start each text line with its event id: a client that loses the
+    /// connection resumes from the deployment's own stream after the last id it saw.
+    #[serde(default)]
+    ids: bool,
     /// Sent by the convox CLI; they have no meaning on this rack.
     development: Option<bool>,
     idle: Option<bool>,
@@ -247,7 +251,10 @@ pub async fn promote_release(
         let request = StreamRequest {
             ws: None,
             headers,
-            query: StreamQuery::default(),
+            query: StreamQuery {
+                ids: body.ids,
+                ..StreamQuery::default()
+            },
             principal: principal.map(|p| p.0),
         };
         let mut response = streams::respond(&state, topic, request, Style::Prefixed, Follow::UntilEnd)?;

@@ -1,6 +1,9 @@
 //! Promoting a release, shared by `rack releases promote`, `releases rollback`,
 //! `env set/unset --promote` and `rack deploy`: the rollout log streams back with the promote
-//! itself (`follow=true`), and the app's release afterwards says whether it took.
+//! itself (`follow=true`), and the app's release afterwards says whether it took. The log's
+//! lines carry their event ids, so when the connection breaks (the replica serving it stops,
+//! a proxy drops it) the CLI picks the log up where it was from the deployment's own stream,
+//! on whichever replica answers, with no line lost or shown twice.
 
 use std::time::Duration;
 
@@ -18,6 +21,10 @@ const POLL_CAP: Duration = Duration::from_secs(60 * 60);
 /// Failed reads in a row after which the rack is taken to be gone while polling (a restarting
 /// server is back well within this).
 const POLL_ERRORS: u32 = 30;
+
+/// How long the CLI keeps trying to resume a broken rollout log before it falls back to
+/// polling the app: long enough for a load balancer to notice a replica is gone.
+const RESUME_FOR: Duration = Duration::from_secs(30);
 
 /// How a promote is followed.
 #[derive(Debug, Clone, Args)]
@@ -103,9 +110,16 @@ pub async fn promote(
     }
     eprintln!("Promoting {release}...");
     let response = client
-        .post_stream(&path, &[("follow", "true"), ("force", force)])
+        .post_stream(&path, &[("follow", "true"), ("ids", "true"), ("force", force)])
         .await?;
-    let failure = match follow(response, log).await {
+    // The deployment's own stream, where the log resumes if this connection breaks.
+    let events = response
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|l| l.to_str().ok())
+        .filter(|l| l.starts_with('/'))
+        .map(|l| format!("{l}/events"));
+    let failure = match follow(client, response, log, events).await {
         Outcome::Ok => None,
         Outcome::Error(reason) => Some(reason),
         Outcome::Lost => {
@@ -165,7 +179,8 @@ pub async fn follow_deployment(client: &Client, app: &str, deployment: &str) -> 
     } else {
         LogTo::Stdout
     };
-    match follow(client.stream(&path).await?, log).await {
+    let first = client.stream(&format!("{path}?ids=true")).await?;
+    match follow(client, first, log, Some(path)).await {
         Outcome::Ok => Ok(()),
         Outcome::Error(reason) => bail!("{reason}"),
         Outcome::Lost => wait_running(client, app).await,
@@ -173,17 +188,63 @@ pub async fn follow_deployment(client: &Client, app: &str, deployment: &str) -> 
 }
 
 /// Prints the rollout log until its last line, which is kept back: `OK` means nothing to the
-/// reader, and an `ERROR: ...` becomes the command's own error.
-async fn follow(response: reqwest::Response, log: LogTo) -> Outcome {
-    let mut lines = Lines::new(response);
-    while let Some(line) = lines.next().await {
-        match last_line(&line) {
-            Some(outcome) => return outcome,
-            None if log == LogTo::Stdout => print!("{line}"),
-            None => eprint!("{line}"),
+/// reader, and an `ERROR: ...` becomes the command's own error. Lines come as `<id> <line>`;
+/// when the body ends without a last line and `events` names the deployment's stream, the log
+/// resumes there after the last id printed.
+async fn follow(client: &Client, mut response: reqwest::Response, log: LogTo, events: Option<String>) -> Outcome {
+    let mut after: Option<i64> = None;
+    loop {
+        let mut lines = Lines::new(response);
+        while let Some(line) = lines.next().await {
+            let (id, line) = split_id(&line);
+            match last_line(line) {
+                Some(Outcome::Lost) => break,
+                Some(outcome) => return outcome,
+                None if log == LogTo::Stdout => print!("{line}"),
+                None => eprint!("{line}"),
+            }
+            after = id.or(after);
+        }
+        let Some(events) = &events else {
+            return Outcome::Lost;
+        };
+        match resume(client, events, after).await {
+            Some(next) => response = next,
+            None => return Outcome::Lost,
         }
     }
-    Outcome::Lost
+}
+
+/// A line's event id and the line without it (`<id> <line>`); lines without one (notices,
+/// lines from outside the event log) come back whole.
+fn split_id(line: &str) -> (Option<i64>, &str) {
+    match line.split_once(' ') {
+        Some((id, rest)) if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) => match id.parse() {
+            Ok(id) => (Some(id), rest),
+            Err(_) => (None, line),
+        },
+        _ => (None, line),
+    }
+}
+
+/// Opens the deployment's stream `events` after event `after`, trying for [`RESUME_FOR`]
+/// (the replica that served the log may be going away while another takes over).
+async fn resume(client: &Client, events: &str, after: Option<i64>) -> Option<reqwest::Response> {
+    let path = match after {
+        Some(id) => format!("{events}?ids=true&after={id}"),
+        None => format!("{events}?ids=true"),
+    };
+    eprintln!("(the rollout log was cut off; resuming it)");
+    let deadline = tokio::time::Instant::now() + RESUME_FOR;
+    loop {
+        match client.stream(&path).await {
+            Ok(response) => return Some(response),
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(_) => return None,
+        }
+    }
 }
 
 /// The outcome a rollout line announces, if it is the stream's last one. The server's own
@@ -238,5 +299,21 @@ mod tests {
         ));
         assert!(last_line("2024-01-01T00:00:00Z system/local/atom/app Status: Updating => Running\n").is_none());
         assert!(last_line("OK then\n").is_none());
+    }
+
+    #[test]
+    fn ids_are_split_off_lines_that_have_one() {
+        assert_eq!(split_id("42 OK\n"), (Some(42), "OK\n"));
+        assert_eq!(
+            split_id("7 2024-01-01T00:00:00Z system/k8s/web Scaled up\n"),
+            (Some(7), "2024-01-01T00:00:00Z system/k8s/web Scaled up\n")
+        );
+        let notice = "rack: this server is shutting down; reconnect to resume\n";
+        assert_eq!(split_id(notice), (None, notice));
+        assert_eq!(
+            split_id("2024-01-01T00:00:00Z x y\n"),
+            (None, "2024-01-01T00:00:00Z x y\n")
+        );
+        assert_eq!(split_id("99999999999999999999 x\n"), (None, "99999999999999999999 x\n"));
     }
 }

@@ -75,8 +75,30 @@ pub fn real_node_env() -> &'static KubeEnv {
             std::env::var_os("RACK_TEST_NETNS").is_some(),
             "the real-node tests run in a network namespace of their own: run them through scripts/test, as root"
         );
-        start_env(&[("RACK_KUBE_NODES", "0"), ("RACK_KUBE_REAL_NODE", "1")])
+        // rack's own image, when it is built for this source tree, is imported with the
+        // node's other images (tests/api/real_node/in_cluster.rs installs rack from it).
+        let image = rack_image_archive().unwrap_or_default();
+        start_env(&[
+            ("RACK_KUBE_NODES", "0"),
+            ("RACK_KUBE_REAL_NODE", "1"),
+            ("RACK_KUBE_EXTRA_IMAGES", &image),
+        ])
     })
+}
+
+/// The archive of rack's server image built from docker/Dockerfile for this source tree
+/// (`scripts/kube-testenv rack-image`, which scripts/test runs as root before the tests), or
+/// why there is none.
+pub fn rack_image_archive() -> Result<String, String> {
+    let output = Command::new(repo().join("scripts/kube-testenv"))
+        .args(["rack-image", "--check"])
+        .output()
+        .map_err(|e| format!("running scripts/kube-testenv rack-image --check: {e}"))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
+    }
 }
 
 /// Starts a control plane with `scripts/kube-testenv start` (with `vars` in its environment),

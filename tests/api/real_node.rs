@@ -16,6 +16,7 @@ use crate::helpers::{TestApp, wait_for};
 use crate::kubeenv::{REAL_NODE, REAL_NODE_IMAGE, REAL_NODE_POD_PREFIX, client_for, real_node_env};
 
 mod backup;
+mod in_cluster;
 
 /// A rack on the real node's cluster (its own control plane), as rack's service account.
 async fn spawn_on_real_node() -> TestApp {
