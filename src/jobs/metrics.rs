@@ -18,7 +18,12 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Writes what this server's routers served since the last call. A failed write is logged and
 /// those seconds are lost to the history (the figures are samples; a request is not held up).
 pub async fn flush(state: &AppState) {
-    let minutes: Vec<Served> = state.runtime.drain_traffic().iter().map(served).collect();
+    write(state, false).await;
+}
+
+/// Writes what the routers served, the present second too when `last` (at shutdown).
+async fn write(state: &AppState, last: bool) {
+    let minutes: Vec<Served> = state.runtime.drain_traffic(last).iter().map(served).collect();
     if minutes.is_empty() {
         return;
     }
@@ -59,7 +64,8 @@ pub async fn prune(state: &AppState) {
     }
 }
 
-/// Flushes and prunes until shutdown, then flushes once more.
+/// Flushes and prunes until shutdown, then flushes once more, the routers' present second
+/// included (the routers stop with the server: no later flush would take it).
 pub async fn record(state: AppState) {
     let mut last_prune: Option<tokio::time::Instant> = None;
     loop {
@@ -73,5 +79,5 @@ pub async fn record(state: AppState) {
             () = tokio::time::sleep(FLUSH_EVERY) => {}
         }
     }
-    flush(&state).await;
+    write(&state, true).await;
 }

@@ -46,6 +46,9 @@ pub const RACK_OWNER: &str = "@rack";
 
 /// Where rack itself reaches a resource: an address on 127.0.0.1, valid while `guard` lives
 /// (the local runtime: the server's own port, no guard; Kubernetes: a port-forward).
+/// Bytes as they come, ending with an error if what makes them failed half-way.
+pub type ByteStream = futures_util::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>;
+
 pub struct ResourceEndpoint {
     pub addr: SocketAddr,
     pub guard: Option<Box<dyn std::any::Any + Send + Sync>>,
@@ -286,6 +289,24 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
         Some((endpoint.addr.ip().to_string(), endpoint.addr.port()))
     }
 
+    /// A dump of resource `name` of `app` (of `kind`) taken next to its server by the tool of
+    /// its own image, where the runtime does that (Kubernetes: `pg_dump` in the postgres pod,
+    /// so that its version is always the server's); `None` where rack's host tools dump it
+    /// through [`Runtime::resource_endpoint`].
+    ///
+    /// # Errors
+    /// When the dump cannot be started, or fails before its first byte.
+    async fn dump_resource(
+        &self,
+        app: &str,
+        name: &str,
+        kind: crate::resource::Kind,
+        credentials: &crate::resource::Credentials,
+    ) -> Result<Option<ByteStream>, RuntimeError> {
+        let _ = (app, name, kind, credentials);
+        Ok(None)
+    }
+
     /// Where rack itself can reach resource `name` of `app` (proxy, console, export, import).
     ///
     /// # Errors
@@ -351,8 +372,11 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     }
 
     /// What rack's own routers served since the last call, per release and minute, for the
-    /// per-minute history (`jobs::metrics`): each second once. Empty where rack routes nothing.
-    fn drain_traffic(&self) -> Vec<TrafficMinute> {
+    /// per-minute history (`jobs::metrics`): each second once. With `last` (rack is shutting
+    /// down) the present second too, which the routers will not finish. Empty where rack routes
+    /// nothing.
+    fn drain_traffic(&self, last: bool) -> Vec<TrafficMinute> {
+        let _ = last;
         Vec::new()
     }
 

@@ -383,3 +383,51 @@ async fn history_answers_hours_back_from_the_minutes_every_replica_adds() {
     assert!(kept.iter().all(|r| r.minute > old), "{kept:?}");
     assert_eq!(kept.iter().map(|r| r.requests).sum::<i64>(), 200);
 }
+
+/// A real `rack server` stopped with SIGTERM right after its router served some requests: its
+/// last write to the history takes the router's present second too, so every request is there.
+#[tokio::test]
+async fn a_server_stopped_by_sigterm_writes_its_routers_last_second_to_the_history() {
+    use crate::replicas::{Replica, create_app};
+    let database = crate::helpers::fresh_database().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut server = Replica::start(&database, data.path(), &[]).await;
+    create_app(&server, "lastsecond").await;
+    let id = server
+        .build("lastsecond", &[("convox.yml", MANIFEST), ("server.py", SERVER)])
+        .await;
+    let release = server.wait_build("lastsecond", &id).await["release"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let promoted = server
+        .request(Method::POST, &format!("/apps/lastsecond/releases/{release}/promote"))
+        .send()
+        .await
+        .unwrap();
+    assert!(promoted.status().is_success(), "{}", promoted.status());
+    let router = wait_for(90, "the app to run", || async {
+        let app = server.json("/apps/lastsecond").await;
+        (app["status"] == "running" && app["release"] == release.as_str())
+            .then(|| app["router"].as_str().map(str::to_owned))
+            .flatten()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    for _ in 0..12 {
+        let response = client.get(format!("http://{router}/")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    // At once: no flush has taken the present second yet.
+    server.sigterm().await;
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&database)
+        .await
+        .unwrap();
+    let written: Option<i64> = sqlx::query_scalar(
+        "select sum(requests)::bigint from metric_minutes where app = 'lastsecond' and service = 'web'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(written, Some(12), "every request once");
+}

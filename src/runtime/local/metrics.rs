@@ -54,7 +54,7 @@ impl LocalRuntime {
 
     /// What every router served since the last call, per release and minute, with the memory
     /// and CPU each release's running instances use now (where cgroups tell) in the current minute.
-    pub(super) fn drain_minutes(&self) -> Vec<TrafficMinute> {
+    pub(super) fn drain_minutes(&self, last: bool) -> Vec<TrafficMinute> {
         let now = Utc::now();
         let minute = now.duration_trunc(chrono::TimeDelta::minutes(1)).unwrap_or(now);
         let mut out = Vec::new();
@@ -62,7 +62,11 @@ impl LocalRuntime {
         self.supervisor.for_each_app(|app, procs| {
             out.append(&mut procs.retired);
             for (service, router) in &procs.routers {
-                out.extend(router.drain(service, now));
+                out.extend(if last {
+                    router.drain_last(service, now)
+                } else {
+                    router.drain(service, now)
+                });
             }
             for i in &procs.instances {
                 if i.kind == ProcessKind::Service && i.exit.borrow().is_none() {

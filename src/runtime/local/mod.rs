@@ -282,8 +282,8 @@ impl Runtime for LocalRuntime {
         Ok(Some(self.local_traffic(app, service, window)))
     }
 
-    fn drain_traffic(&self) -> Vec<crate::runtime::TrafficMinute> {
-        self.drain_minutes()
+    fn drain_traffic(&self, last: bool) -> Vec<crate::runtime::TrafficMinute> {
+        self.drain_minutes(last)
     }
 
     async fn export_build(
