@@ -145,47 +145,80 @@ pub async fn export(kind: Kind, credentials: &Credentials, endpoint: ResourceEnd
     }
 }
 
-/// The standard output of the dump `cmd` as a stream. The first chunk (or the end) says
-/// whether the dump started: a failure to connect is an error, not an empty 200; a dump that
-/// fails half-way ends the stream with an error, not a clean end (a backup must not keep a
-/// truncated dump as if it were whole).
+/// The standard output of the dump `cmd` as a stream (see [`checked`]); the runtime's `guard`
+/// (a port-forward) lives as long as it.
 async fn streamed<G: Send + 'static>(mut cmd: Command, what: &str, guard: G) -> Result<Body, DataError> {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd
         .spawn()
         .map_err(|e| DataError::Failed(anyhow::Error::new(e).context(format!("starting {what}"))))?;
     let stdout = child.stdout.take().expect("piped");
-    let mut chunks = tokio_util::io::ReaderStream::new(stdout);
-    let first = chunks.next().await;
-    if first.is_none() {
-        let out = child
-            .wait_with_output()
-            .await
-            .map_err(|e| DataError::Failed(e.into()))?;
-        if !out.status.success() {
-            return Err(failed(what, &out.stderr));
-        }
-        return Ok(Body::empty());
-    }
-    // The child and the runtime's guard (a port-forward) live as long as the stream; once its
-    // output ends, its exit status says whether the dump is whole.
     let what = what.to_owned();
-    let end = futures_util::stream::once(async move {
+    let finished = async move {
         let out = child.wait_with_output().await;
         drop(guard);
         match out {
-            Ok(out) if out.status.success() => None,
-            Ok(out) => Some(Err(std::io::Error::other(format!(
+            Ok(out) if out.status.success() => Ok(()),
+            Ok(out) => Err(format!(
                 "{what} failed: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
-            )))),
-            Err(e) => Some(Err(e)),
+            )),
+            Err(e) => Err(format!("{what}: {e}")),
         }
-    })
-    .filter_map(futures_util::future::ready);
-    Ok(Body::from_stream(
-        futures_util::stream::iter(first).chain(chunks).chain(end),
-    ))
+    };
+    let stream = checked(stdout, finished)
+        .await
+        .map_err(|e| DataError::Failed(anyhow::anyhow!(e)))?;
+    Ok(Body::from_stream(stream))
+}
+
+/// The dump a program writes to `output`, as a stream, with `finished` saying whether it
+/// succeeded. The first chunk (or the end) says whether the dump started: a failure to connect
+/// is an error, not an empty dump; a dump that fails half-way ends the stream with an error,
+/// not a clean end (a backup must not keep a truncated dump as if it were whole).
+///
+/// # Errors
+/// When the program ended without output and failed (its message).
+pub async fn checked<R, F>(output: R, finished: F) -> Result<crate::runtime::ByteStream, String>
+where
+    R: tokio::io::AsyncRead + Send + Unpin + 'static,
+    F: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    let mut chunks = tokio_util::io::ReaderStream::new(output);
+    let Some(first) = chunks.next().await else {
+        finished.await?;
+        return Ok(futures_util::stream::empty().boxed());
+    };
+    let end = futures_util::stream::once(async move { finished.await.err().map(|e| Err(std::io::Error::other(e))) })
+        .filter_map(futures_util::future::ready);
+    Ok(futures_util::stream::iter([first]).chain(chunks).chain(end).boxed())
+}
+
+/// The export of resource `name` of `app`: dumped next to its server where the runtime does
+/// that ([`crate::runtime::Runtime::dump_resource`]), else by this host's tools through the
+/// address the runtime gives.
+///
+/// # Errors
+/// As [`export`]; a runtime's own dump failing is [`DataError::Failed`].
+pub async fn export_resource(
+    runtime: &dyn crate::runtime::Runtime,
+    app: &str,
+    name: &str,
+    kind: Kind,
+    credentials: &Credentials,
+) -> Result<Body, DataError> {
+    let dumped = runtime
+        .dump_resource(app, name, kind, credentials)
+        .await
+        .map_err(|e| DataError::Failed(anyhow::anyhow!("dumping resource {name}: {e}")))?;
+    if let Some(stream) = dumped {
+        return Ok(Body::from_stream(stream));
+    }
+    let endpoint = runtime
+        .resource_endpoint(app, name)
+        .await
+        .map_err(|e| DataError::Failed(anyhow::anyhow!("reaching resource {name}: {e}")))?;
+    export(kind, credentials, endpoint).await
 }
 
 /// Writes the upload `body` to a new file in `dir` and checks that it is an RDB file (what

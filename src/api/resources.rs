@@ -173,8 +173,17 @@ pub async fn export_resource(
 ) -> ApiResult<Response> {
     let row = load(&state, &app, &name).await?;
     let kind = kind_of(&row)?;
-    let endpoint = endpoint(&state, &row).await?;
-    let body = crate::resource_data::export(kind, &credentials_of(&row), endpoint).await?;
+    let credentials = credentials_of(&row);
+    // Dumped next to its server where the runtime does that; else by this host's tools.
+    let dumped = state
+        .runtime
+        .dump_resource(&row.app, &row.name, kind, &credentials)
+        .await
+        .map_err(ApiError::runtime(format!("dumping resource {}", row.name)))?;
+    let body = match dumped {
+        Some(stream) => axum::body::Body::from_stream(stream),
+        None => crate::resource_data::export(kind, &credentials, endpoint(&state, &row).await?).await?,
+    };
     let mut response = body.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

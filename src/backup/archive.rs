@@ -227,17 +227,12 @@ async fn export_resource(
 ) -> anyhow::Result<()> {
     use futures_util::StreamExt;
     use tokio::io::AsyncWriteExt;
-    let endpoint = rack
-        .runtime
-        .resource_endpoint(&row.app, &row.name)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let credentials = crate::resource::Credentials {
         user: row.username.clone(),
         password: row.password.clone(),
         database: row.database.clone(),
     };
-    let body = crate::resource_data::export(kind, &credentials, endpoint)
+    let body = crate::resource_data::export_resource(rack.runtime.as_ref(), &row.app, &row.name, kind, &credentials)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     if let Some(parent) = to.parent() {

@@ -21,6 +21,7 @@ mod registries;
 mod registry_client;
 #[cfg(test)]
 mod registry_client_tests;
+mod resource_dump;
 mod resource_restore;
 pub mod resources;
 mod rights;
@@ -441,6 +442,16 @@ impl Runtime for KubeRuntime {
 
     /// A port on 127.0.0.1 that port-forwards each connection to the resource's pod, while the
     /// guard lives.
+    async fn dump_resource(
+        &self,
+        app: &str,
+        name: &str,
+        kind: crate::resource::Kind,
+        credentials: &crate::resource::Credentials,
+    ) -> Result<Option<crate::runtime::ByteStream>, RuntimeError> {
+        resource_dump::dump(self, app, name, kind, credentials).await
+    }
+
     async fn resource_endpoint(&self, app: &str, name: &str) -> Result<crate::runtime::ResourceEndpoint, RuntimeError> {
         let (addr, guard) = database_rollout::endpoint(self, databases::owner_app(app), name).await?;
         Ok(crate::runtime::ResourceEndpoint {
