@@ -727,3 +727,50 @@ async fn runs_and_execs_work_on_containers() {
     })
     .await;
 }
+
+/// Containers report their CPU and memory too, from the cgroups podman made for them: a
+/// container spinning beside its server uses most of a core, an idle one next to none, and the
+/// app's metrics count their memory.
+#[tokio::test]
+async fn containers_report_their_cpu_and_memory() {
+    base_image().await;
+    let app = TestApp::spawn().await;
+    let _leftovers = Leftovers::of(&app);
+    app.create_app("spinning").await;
+    let serve = "mkdir -p /www && echo ok > /www/index.html && exec httpd -f -p 3000 -h /www";
+    let manifest = format!(
+        "services:\n  busy:\n    image: {BASE}\n    command: sh -c \"(while :; do :; done) & {serve}\"\n    port: 3000\n  \
+         idle:\n    image: {BASE}\n    command: sh -c \"{serve}\"\n    port: 3000\n"
+    );
+    let built = build(&app, "spinning", &[("convox.yml", manifest)]).await;
+    let rollout = promote_follow(&app, "spinning", built["release"].as_str().unwrap()).await;
+    assert!(rollout.ends_with("OK\n"), "{rollout}");
+    // Two readings at least a second apart make a figure: `ps` shows it once there is one.
+    let cpu = |processes: &[Value], service: &str| {
+        processes
+            .iter()
+            .find(|p| p["name"] == service)
+            .and_then(|p| p["cpu"].as_f64())
+            .unwrap_or(0.0)
+    };
+    let processes: Vec<Value> = wait_for(60, "the busy container's CPU in ps", || async {
+        let processes: Vec<Value> = app.get_json("/apps/spinning/processes").await;
+        (cpu(&processes, "busy") > 0.3).then_some(processes)
+    })
+    .await;
+    assert!(cpu(&processes, "idle") < 0.1, "{processes:?}");
+    let metrics: Vec<Value> = app
+        .convox(Method::GET, "/apps/spinning/services/idle/metrics")
+        .query(&[("metrics", "memory")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let memory = metrics[0]["values"]
+        .as_array()
+        .and_then(|v| v.last())
+        .map(|v| v["sum"].as_f64().unwrap_or(0.0));
+    assert!(memory.is_some_and(|m| m > 0.0), "{metrics:?}");
+}

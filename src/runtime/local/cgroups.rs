@@ -189,6 +189,30 @@ impl Instance {
     }
 }
 
+/// The cgroup v1 directory of `controller` that process `pid` is in (a container's, which
+/// podman made: rack's own cgroups are by app and instance), read from `/proc/<pid>/cgroup`.
+pub fn of_pid(pid: u32, controller: &str) -> Option<PathBuf> {
+    if pid == 0 {
+        return None;
+    }
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    // `N:memory:/path`, or several controllers on one line: `N:cpu,cpuacct:/path`.
+    let path = text.lines().find_map(|line| {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        controllers.split(',').any(|c| c == controller).then(|| path.to_owned())
+    })?;
+    let dir = Path::new("/sys/fs/cgroup")
+        .join(controller)
+        .join(path.trim_start_matches('/'));
+    dir.is_dir().then_some(dir)
+}
+
+/// A number a cgroup file holds (`memory.usage_in_bytes`, `cpuacct.usage`).
+pub fn read_number(file: &Path) -> Option<u64> {
+    std::fs::read_to_string(file).ok()?.trim().parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

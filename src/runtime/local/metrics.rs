@@ -3,8 +3,8 @@
 //! here per period of wall-clock time, across the services asked for. The same seconds go, once
 //! each, to rack's per-minute history (`drain_minutes`, written by `jobs::metrics`). Memory is each running
 //! instance's cgroup (`memory.usage_in_bytes`), and CPU the cores it uses (`cpuacct.usage` between
-//! two readings, `cpu.rs`), where rack sets cgroups (the process driver as root); containers and
-//! hosts without cgroups report none.
+//! two readings, `cpu.rs`): the cgroups rack makes for processes (as root), and for containers
+//! the ones podman makes (found from the container's pid). Hosts without cgroup v1 report none.
 
 use chrono::{DateTime, DurationRound, Utc};
 
@@ -12,9 +12,32 @@ use super::LocalRuntime;
 use super::router::{Router, Sum};
 use crate::runtime::{MetricsWindow, PeriodFigures, ProcessKind, Traffic, TrafficMinute};
 
+/// A running instance as its figures are read: where its cgroups are.
+#[derive(Debug, Clone)]
+pub(super) struct Measured {
+    pub id: String,
+    pub service: String,
+    pub release: String,
+    /// Its main process (a container's: in the cgroups podman made for it).
+    pid: u32,
+    container: bool,
+}
+
+impl Measured {
+    fn of(i: &super::instance::Instance) -> Self {
+        Self {
+            id: i.id.clone(),
+            service: i.service.clone(),
+            release: i.release.clone(),
+            pid: i.pid.load(std::sync::atomic::Ordering::Relaxed),
+            container: !i.image.is_empty(),
+        }
+    }
+}
+
 impl LocalRuntime {
     pub(super) fn local_traffic(&self, app: &str, service: Option<&str>, window: &MetricsWindow) -> Traffic {
-        let (routers, instances): (Vec<Router>, Vec<String>) = self.supervisor.with_app(app, |procs| {
+        let (routers, instances): (Vec<Router>, Vec<Measured>) = self.supervisor.with_app(app, |procs| {
             let routers = procs
                 .routers
                 .iter()
@@ -26,16 +49,12 @@ impl LocalRuntime {
                 .iter()
                 .filter(|i| i.kind == ProcessKind::Service && service.is_none_or(|s| s == i.service))
                 .filter(|i| i.exit.borrow().is_none())
-                .map(|i| i.id.clone())
+                .map(|i| Measured::of(i))
                 .collect();
             (routers, instances)
         });
-        let memory = self
-            .cgroups
-            .as_ref()
-            .map(|c| instances.iter().filter_map(|id| c.memory_bytes(app, id)).collect())
-            .unwrap_or_default();
-        let cpu = instances.iter().filter_map(|id| self.instance_cpu(app, id)).collect();
+        let memory = instances.iter().filter_map(|m| self.instance_memory(app, m)).collect();
+        let cpu = instances.iter().filter_map(|m| self.instance_cpu(app, m)).collect();
         let now = Utc::now();
         Traffic {
             periods: periods(&routers, window, now),
@@ -45,11 +64,37 @@ impl LocalRuntime {
         }
     }
 
-    /// The cores instance `id` of `app` uses now, where its cgroup tells (`None` at its first
+    /// The running instances of `app` (one-off processes too), as their figures are read.
+    pub(super) fn measured(&self, app: &str) -> Vec<Measured> {
+        self.supervisor.with_app(app, |procs| {
+            procs
+                .instances
+                .iter()
+                .filter(|i| i.exit.borrow().is_none())
+                .map(|i| Measured::of(i))
+                .collect()
+        })
+    }
+
+    /// Bytes of memory instance `m` of `app` uses now, where its cgroup tells.
+    fn instance_memory(&self, app: &str, m: &Measured) -> Option<u64> {
+        if m.container {
+            let dir = super::cgroups::of_pid(m.pid, "memory")?;
+            return super::cgroups::read_number(&dir.join("memory.usage_in_bytes"));
+        }
+        self.cgroups.as_ref()?.memory_bytes(app, &m.id)
+    }
+
+    /// The cores instance `m` of `app` uses now, where its cgroup tells (`None` at its first
     /// reading).
-    pub(super) fn instance_cpu(&self, app: &str, id: &str) -> Option<f64> {
-        let used = self.cgroups.as_ref()?.cpu_usage_ns(app, id)?;
-        self.cpu.cores(id, used, std::time::Instant::now())
+    pub(super) fn instance_cpu(&self, app: &str, m: &Measured) -> Option<f64> {
+        let used = if m.container {
+            let dir = super::cgroups::of_pid(m.pid, "cpuacct")?;
+            super::cgroups::read_number(&dir.join("cpuacct.usage"))?
+        } else {
+            self.cgroups.as_ref()?.cpu_usage_ns(app, &m.id)?
+        };
+        self.cpu.cores(&m.id, used, std::time::Instant::now())
     }
 
     /// What every router served since the last call, per release and minute, with the memory
@@ -58,7 +103,7 @@ impl LocalRuntime {
         let now = Utc::now();
         let minute = now.duration_trunc(chrono::TimeDelta::minutes(1)).unwrap_or(now);
         let mut out = Vec::new();
-        let mut running: Vec<(String, String, String, String)> = Vec::new();
+        let mut running: Vec<(String, Measured)> = Vec::new();
         self.supervisor.for_each_app(|app, procs| {
             out.append(&mut procs.retired);
             for (service, router) in &procs.routers {
@@ -70,23 +115,20 @@ impl LocalRuntime {
             }
             for i in &procs.instances {
                 if i.kind == ProcessKind::Service && i.exit.borrow().is_none() {
-                    running.push((app.to_owned(), i.service.clone(), i.release.clone(), i.id.clone()));
+                    running.push((app.to_owned(), Measured::of(i)));
                 }
             }
         });
-        let Some(cgroups) = &self.cgroups else {
-            return out;
-        };
-        let ids: Vec<&str> = running.iter().map(|(_, _, _, id)| id.as_str()).collect();
+        let ids: Vec<&str> = running.iter().map(|(_, m)| m.id.as_str()).collect();
         self.cpu.keep_only(&ids);
-        for (app, service, release, id) in &running {
-            let (app, service, release) = (app.clone(), service.clone(), release.clone());
-            let cores = self.instance_cpu(&app, id);
-            let Some(bytes) = cgroups.memory_bytes(&app, id) else {
+        for (app, m) in &running {
+            let cores = self.instance_cpu(app, m);
+            let Some(bytes) = self.instance_memory(app, m) else {
                 continue;
             };
-            let row = out.iter().position(|m: &TrafficMinute| {
-                m.app == app && m.service == service && m.release == release && m.minute == minute
+            let (app, service, release) = (app.clone(), m.service.clone(), m.release.clone());
+            let row = out.iter().position(|r: &TrafficMinute| {
+                r.app == app && r.service == service && r.release == release && r.minute == minute
             });
             let row = row.unwrap_or_else(|| {
                 out.push(TrafficMinute {

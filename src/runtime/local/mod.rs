@@ -201,8 +201,11 @@ impl Runtime for LocalRuntime {
 
     async fn processes(&self, app: &str) -> Result<Vec<ProcessInfo>, RuntimeError> {
         let mut processes = self.supervisor.processes(app);
+        let measured = self.measured(app);
         for p in &mut processes {
-            p.cpu = self.instance_cpu(app, &p.id).unwrap_or(0.0);
+            if let Some(m) = measured.iter().find(|m| m.id == p.id) {
+                p.cpu = self.instance_cpu(app, m).unwrap_or(0.0);
+            }
         }
         Ok(processes)
     }
