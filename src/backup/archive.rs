@@ -79,7 +79,7 @@ pub async fn prepare(rack: &Rack, options: Options, lock: bool) -> anyhow::Resul
     let blobs = crate::store::backup::blobs(&mut tx).await?;
     let builds = crate::store::backup::released_builds(&mut tx).await?;
     let migration = crate::store::backup::migration(&mut tx).await?;
-    let resources = crate::store::backup::resources(&mut tx).await?;
+    let resources = crate::store::backup::resources(&mut tx, crate::runtime::RACK_OWNER).await?;
     let dump = scratch.path().join(DATABASE);
     let bin = crate::postgres::find_bin_dir()?;
     // The snapshot lives as long as the transaction that exported it: kept open until

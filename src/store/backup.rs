@@ -74,9 +74,12 @@ pub async fn released_builds(conn: &mut PgConnection) -> Result<Vec<ReleasedBuil
 ///
 /// # Errors
 /// When the query fails.
-pub async fn resources(conn: &mut PgConnection) -> Result<Vec<super::resources::Resource>, sqlx::Error> {
-    // The rack-wide resources come as resources of the runtime's rack owner (`@rack`), which is
-    // how the runtime reaches them; their options take a definition's shape.
+pub async fn resources(
+    conn: &mut PgConnection,
+    rack_owner: &str,
+) -> Result<Vec<super::resources::Resource>, sqlx::Error> {
+    // The rack-wide resources come as resources of `rack_owner` (the runtime's `@rack`), which
+    // is how the runtime reaches them; their options take a definition's shape.
     sqlx::query_as(
         "select app, name, kind, definition, username, password, database, status, created_at, updated_at \
          from resources \
@@ -86,7 +89,7 @@ pub async fn resources(conn: &mut PgConnection) -> Result<Vec<super::resources::
          from rack_resources \
          order by 1, 2",
     )
-    .bind(crate::runtime::RACK_OWNER)
+    .bind(rack_owner)
     .fetch_all(conn)
     .await
 }
