@@ -304,6 +304,14 @@ pub async fn delete_certificate(
     }
 }
 
+/// The `{port}` of an ssl path: 1 to 65535.
+fn port_number(text: &str) -> ApiResult<u16> {
+    text.parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| ApiError::BadRequest(format!("port: {text:?} is not a port number")))
+}
+
 #[tracing::instrument(skip_all, fields(app.name = %app.name))]
 pub async fn apply_certificate(
     State(state): State<AppState>,
@@ -312,11 +320,7 @@ pub async fn apply_certificate(
     AppPath(app): AppPath,
     Input(body): Input<ApplyCertificate>,
 ) -> ApiResult<Response> {
-    let port: u16 = port
-        .parse()
-        .ok()
-        .filter(|p| *p > 0)
-        .ok_or_else(|| ApiError::BadRequest(format!("port: {port:?} is not a port number")))?;
+    let port = port_number(&port)?;
     let id = body.id.trim();
     if body.id.len() > 1024 {
         return Err(ApiError::BadRequest("id: longer than 1024 bytes".into()));
@@ -355,11 +359,7 @@ pub async fn remove_certificate(
     format: Format,
     AppPath(app): AppPath,
 ) -> ApiResult<Response> {
-    let number: u16 = port
-        .parse()
-        .ok()
-        .filter(|p| *p > 0)
-        .ok_or_else(|| ApiError::BadRequest(format!("port: {port:?} is not a port number")))?;
+    let number = port_number(&port)?;
     if !store::remove_use(&state.pool, &app.name, &service, i32::from(number)).await? {
         return Err(ApiError::NotFound(
             "certificate",

@@ -56,19 +56,9 @@ pub async fn serve(
         .await
         .map_err(RuntimeError::kube(format!("applying secret {name}")))?;
     let ingresses: Api<Ingress> = runtime.api(app);
-    let Some(ingress) = ingresses
-        .get_opt(service)
-        .await
-        .map_err(RuntimeError::kube(format!("reading ingress {service}")))?
-    else {
+    let Some(hosts) = ingress_hosts(&ingresses, service).await? else {
         return Ok(());
     };
-    let hosts: Vec<String> = ingress
-        .spec
-        .iter()
-        .flat_map(|s| s.rules.iter().flatten())
-        .filter_map(|r| r.host.clone())
-        .collect();
     // A merge patch, not an apply: the rollout's apply owns the rest of the Ingress, and an
     // apply of only `tls` would take the rest away. cert-manager is told off this Ingress: it
     // would write its own certificate over the Secret.
@@ -96,19 +86,9 @@ pub async fn unserve(runtime: &KubeRuntime, app: &str, service: &str) -> Result<
     let secrets: Api<Secret> = runtime.api(app);
     super::delete(&secrets, &name).await?;
     let ingresses: Api<Ingress> = runtime.api(app);
-    let Some(ingress) = ingresses
-        .get_opt(service)
-        .await
-        .map_err(RuntimeError::kube(format!("reading ingress {service}")))?
-    else {
+    let Some(hosts) = ingress_hosts(&ingresses, service).await? else {
         return Ok(());
     };
-    let hosts: Vec<String> = ingress
-        .spec
-        .iter()
-        .flat_map(|s| s.rules.iter().flatten())
-        .filter_map(|r| r.host.clone())
-        .collect();
     let patch = match &runtime.0.settings.config.ingress.cert_issuer {
         Some(issuer) => json!({
             "metadata": { "annotations": { "cert-manager.io/cluster-issuer": issuer } },
@@ -123,4 +103,21 @@ pub async fn unserve(runtime: &KubeRuntime, app: &str, service: &str) -> Result<
             "taking ingress {service} off secret {name}"
         )))?;
     Ok(())
+}
+
+/// The hosts of `service`'s Ingress, if it has one (a service first deployed later gets its
+/// TLS from its rollout).
+async fn ingress_hosts(ingresses: &Api<Ingress>, service: &str) -> Result<Option<Vec<String>>, RuntimeError> {
+    let ingress = ingresses
+        .get_opt(service)
+        .await
+        .map_err(RuntimeError::kube(format!("reading ingress {service}")))?;
+    Ok(ingress.map(|ingress| {
+        ingress
+            .spec
+            .iter()
+            .flat_map(|s| s.rules.iter().flatten())
+            .filter_map(|r| r.host.clone())
+            .collect()
+    }))
 }

@@ -391,6 +391,25 @@ pub async fn endpoint(
     forward(&runtime.api::<Service>(app), runtime.api::<Pod>(app), app, name).await
 }
 
+/// The pod of resource `name` of `owner` (an app, or the rack's own), if it is running.
+///
+/// # Errors
+/// When it is not running, or the cluster cannot be asked.
+pub async fn running_pod(pods: &Api<Pod>, owner: &str, name: &str) -> Result<String, RuntimeError> {
+    let pod = databases::pod_name(name);
+    let running = pods
+        .get_opt(&pod)
+        .await
+        .map_err(RuntimeError::kube(format!("reading pod {pod}")))?
+        .and_then(|p| p.status?.phase)
+        .is_some_and(|phase| phase == "Running");
+    if running {
+        Ok(pod)
+    } else {
+        Err(RuntimeError::Failed(format!("resource {name} of {owner} is not running")))
+    }
+}
+
 /// [`endpoint`] with the Services and Pods of the app's namespace given.
 ///
 /// # Errors
@@ -413,16 +432,7 @@ pub async fn forward(
         .and_then(|p| p.first().map(|p| p.port))
         .and_then(|p| u16::try_from(p).ok())
         .ok_or_else(|| RuntimeError::Failed(format!("service {object} has no port")))?;
-    let pod = databases::pod_name(name);
-    let running = pods
-        .get_opt(&pod)
-        .await
-        .map_err(RuntimeError::kube(format!("reading pod {pod}")))?
-        .and_then(|p| p.status?.phase)
-        .is_some_and(|phase| phase == "Running");
-    if !running {
-        return Err(RuntimeError::Failed(format!("resource {name} of {app} is not running")));
-    }
+    let pod = running_pod(&pods, app, name).await?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
         .await
         .map_err(RuntimeError::io("listening on 127.0.0.1"))?;

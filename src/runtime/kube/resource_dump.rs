@@ -11,7 +11,7 @@ use kube::api::AttachParams;
 use tokio::io::AsyncReadExt;
 
 use super::KubeRuntime;
-use super::databases::{CONTAINER, owner_app, pod_name};
+use super::databases::{CONTAINER, owner_app};
 use crate::resource::{Credentials, Kind};
 use crate::runtime::{ByteStream, RuntimeError};
 
@@ -35,18 +35,7 @@ pub async fn dump(
     }
     let app = owner_app(owner);
     let pods: Api<Pod> = runtime.api(app);
-    let pod = pod_name(name);
-    let running = pods
-        .get_opt(&pod)
-        .await
-        .map_err(RuntimeError::kube(format!("reading pod {pod}")))?
-        .and_then(|p| p.status?.phase)
-        .is_some_and(|phase| phase == "Running");
-    if !running {
-        return Err(RuntimeError::Failed(format!(
-            "resource {name} of {owner} is not running"
-        )));
-    }
+    let pod = super::database_rollout::running_pod(&pods, owner, name).await?;
     let params = AttachParams::default()
         .container(CONTAINER)
         .stdin(false)
