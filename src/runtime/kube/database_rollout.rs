@@ -406,7 +406,9 @@ pub async fn running_pod(pods: &Api<Pod>, owner: &str, name: &str) -> Result<Str
     if running {
         Ok(pod)
     } else {
-        Err(RuntimeError::Failed(format!("resource {name} of {owner} is not running")))
+        Err(RuntimeError::Failed(format!(
+            "resource {name} of {owner} is not running"
+        )))
     }
 }
 
