@@ -377,7 +377,7 @@ async fn default_runtime(
                     count: config.app_uids.1,
                 },
                 podman,
-                logs: Arc::new(jobs::capabilities::PersistedLogs { pool: pool.clone() }),
+                logs: Arc::new(jobs::capabilities::PersistedLogs::new(pool.clone())),
                 ports: Arc::new(jobs::capabilities::StoredPorts(pool.clone())),
                 shutdown: shutdown.clone(),
                 program: config.program.clone(),

@@ -2,17 +2,36 @@
 //! traits in `runtime`): an app's log, the book of router ports, and source tokens. They are
 //! built here, over the store and the event bus, so no runtime touches SQL.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::PgPool;
 
 use super::{OwnedOwner, persist_lines};
-use crate::runtime::{AppLogs, AppUids, BoxError, LogSink, PortBook, Registries, RegistryCredential, SourceTokens};
+use tokio::task::JoinHandle;
+
+use crate::runtime::{
+    AppLogs, AppUids, BoxError, LogSink, PortBook, Registries, RegistryCredential, SourceTokens, WeakLogSink,
+};
+
+/// A writer not yet ended, with its sink (weakly: the writer ends when the sink's users drop it).
+type Writer = (WeakLogSink, JoinHandle<u64>);
 
 /// App logs persisted as events (each sink has a writer of its own; it never blocks).
 #[derive(Debug, Clone)]
 pub struct PersistedLogs {
-    pub pool: PgPool,
+    pool: PgPool,
+    /// The writers not yet ended, with their sinks, for `settle` at rack's shutdown.
+    writers: Arc<Mutex<Vec<Writer>>>,
+}
+
+impl PersistedLogs {
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            writers: Arc::default(),
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -34,8 +53,23 @@ impl AppLogs for PersistedLogs {
             build: None,
             deployment: None,
         };
-        tokio::spawn(persist_lines(self.pool.clone(), owner, receiver));
+        let writer = tokio::spawn(persist_lines(self.pool.clone(), owner, receiver));
+        let mut writers = self.writers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        writers.retain(|(_, writer)| !writer.is_finished());
+        writers.push((sink.downgrade(), writer));
         sink
+    }
+
+    /// Each writer whose sink is still open stores what was sent before (a flush); one whose
+    /// sink is gone is waited for: it is writing what was left in its queue.
+    async fn settle(&self) {
+        let writers = std::mem::take(&mut *self.writers.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let settled = writers.into_iter().map(|(sink, writer)| async move {
+            if !sink.flush().await {
+                let _ = writer.await;
+            }
+        });
+        futures_util::future::join_all(settled).await;
     }
 }
 

@@ -17,6 +17,11 @@ pub trait AppLogs: Send + Sync + std::fmt::Debug {
     async fn copied_until(&self, _app: &str, _process: &str) -> Option<String> {
         None
     }
+
+    /// Returns once what the sinks queued so far is stored (rack is stopping: its database
+    /// closes next, and a process event still queued, `process.exited` of an instance that
+    /// ended while rack stopped, would be lost). The caller bounds the wait.
+    async fn settle(&self) {}
 }
 
 /// Router ports, kept across restarts so an app keeps its address.

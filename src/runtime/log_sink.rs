@@ -48,6 +48,27 @@ pub struct Copied {
 /// Lines a sink queues before its writer must catch up.
 const LOG_QUEUE: usize = 1024;
 
+/// A handle on a sink that does not keep it open (its writer ends once the sink's last clone
+/// is dropped), for rack's shutdown to flush what is still queued (`AppLogs::settle`).
+#[derive(Debug, Clone)]
+pub struct WeakLogSink(mpsc::WeakSender<LogItem>);
+
+impl WeakLogSink {
+    /// Waits until every line and event sent before is stored, when the sink is still open:
+    /// unlike [`LogSink::flush`], it waits for room in a full queue. Whether it was open.
+    pub async fn flush(&self) -> bool {
+        let Some(tx) = self.0.upgrade() else {
+            return false;
+        };
+        let (ack, done) = tokio::sync::oneshot::channel();
+        if tx.send(LogItem::Flush(ack)).await.is_ok() {
+            drop(tx);
+            let _ = done.await;
+        }
+        true
+    }
+}
+
 impl LogSink {
     /// A sink that makes its writer wait when the log is behind (a build's or deployment's
     /// log: no line may be lost, and output cannot pile up in memory).
@@ -71,6 +92,11 @@ impl LogSink {
                 dropped: Some(dropped),
             },
         )
+    }
+
+    /// A handle that flushes this sink without keeping it open.
+    pub fn downgrade(&self) -> WeakLogSink {
+        WeakLogSink(self.tx.downgrade())
     }
 
     /// Writes one line.

@@ -26,7 +26,7 @@ pub use capabilities::{
 pub use capability_set::Capabilities;
 pub use error::{BoxError, RuntimeError};
 pub use host::{InstanceInfo, this_host};
-pub use log_sink::{Copied, LogItem, LogReceiver, LogSink, ProcessEvent};
+pub use log_sink::{Copied, LogItem, LogReceiver, LogSink, ProcessEvent, WeakLogSink};
 pub use metrics::{
     LATENCY_BUCKETS, MAX_METRIC_PERIODS, MetricsWindow, PeriodFigures, Traffic, TrafficMinute, latency_bucket,
     latency_quantile, latency_upper_edge,

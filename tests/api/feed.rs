@@ -549,3 +549,33 @@ async fn the_root_is_a_page_for_browsers_and_json_for_clients() {
     assert_eq!(scripted.status(), 401);
     assert!(!scripted.headers().contains_key("www-authenticate"));
 }
+
+#[tokio::test]
+async fn the_app_logs_settle_before_rack_closes_its_database() {
+    use rack::runtime::AppLogs;
+    let app = TestApp::spawn().await;
+    assert_eq!(app.create_app("settled").await.status(), 201);
+    // The app log's own pool, closed as rack's shutdown closes its own.
+    let pool = sqlx::PgPool::connect(&app.database_url()).await.unwrap();
+    let logs = rack::jobs::capabilities::PersistedLogs::new(pool.clone());
+    let sink = logs.sink("settled");
+    // A backlog, then the event: without the wait, it is still queued when the pool closes.
+    for i in 0..1000 {
+        sink.line("web:p-settle", format!("line {i}")).await;
+    }
+    let event = rack::runtime::ProcessEvent {
+        app: "settled",
+        service: "web",
+        process: "p-settle",
+        pid: 4242,
+        exit: Some(0),
+    };
+    sink.process("web:p-settle", "exited 0".into(), event).await;
+    tokio::time::timeout(Duration::from_secs(30), logs.settle())
+        .await
+        .expect("the writer stored its queue");
+    pool.close().await;
+    let feed = app.get_text("/events?after=0&follow=false&kind=process.exited").await;
+    assert!(feed.contains("p-settle"), "{feed}");
+    drop(sink);
+}

@@ -51,6 +51,9 @@ use super::{
 use crate::archive::Limits;
 use crate::objects::Objects;
 
+/// How long rack's shutdown waits for the apps' log writers to store what is queued.
+const LOGS_SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What the local runtime is given.
 #[derive(Debug)]
 pub struct LocalSettings {
@@ -407,6 +410,14 @@ impl Runtime for LocalRuntime {
 
     async fn let_go(&self) {
         self.supervisor.let_go().await;
+        // The instances' last events (a process that exited while rack stopped) may still be
+        // queued for the app's log writer: stored before rack's database closes.
+        if tokio::time::timeout(LOGS_SETTLE, self.supervisor.0.logs.settle())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the apps' log writers were still writing when rack stopped");
+        }
     }
 
     fn router_addr(&self, app: &str) -> Option<std::net::SocketAddr> {
