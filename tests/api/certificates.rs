@@ -41,6 +41,17 @@ async fn ssl_update(app: &TestApp, name: &str, service: &str, port: u16, id: &st
     status_text(app.convox(Method::PUT, &path).form(&[("id", id)]).send().await.unwrap()).await
 }
 
+/// `convox certs delete ID`: its status and text.
+async fn delete_certificate(app: &TestApp, id: &str) -> (u16, String) {
+    status_text(
+        app.convox(Method::DELETE, &format!("/certificates/{id}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
 /// `GET /` over TLS to `addr`, trusting only `ca` (PEM) and naming `localhost`: the answer, or
 /// the TLS error.
 async fn https_get(addr: &str, ca: &str) -> Result<String, String> {
@@ -284,13 +295,7 @@ async fn ssl_update_serves_the_service_over_https_with_the_certificate() {
     assert!(answer.contains(&release), "{answer}");
 
     // In use: not deleted.
-    let (status, body) = status_text(
-        app.convox(Method::DELETE, &format!("/certificates/{first}"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = delete_certificate(&app, &first).await;
     assert_eq!(status, 409, "{body}");
     assert!(body.contains(&format!("{name}/web:443")), "{body}");
 
@@ -309,21 +314,9 @@ async fn ssl_update_serves_the_service_over_https_with_the_certificate() {
     assert!(refused.to_lowercase().contains("certificate"), "{refused}");
 
     // The first is free now; the second is not.
-    let (status, _) = status_text(
-        app.convox(Method::DELETE, &format!("/certificates/{first}"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, _) = delete_certificate(&app, &first).await;
     assert_eq!(status, 200);
-    let (status, _) = status_text(
-        app.convox(Method::DELETE, &format!("/certificates/{second}"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, _) = delete_certificate(&app, &second).await;
     assert_eq!(status, 409);
 
     // A new deployment keeps serving it.
@@ -352,13 +345,7 @@ async fn ssl_update_serves_the_service_over_https_with_the_certificate() {
     .await;
     let plain = crate::deploys::through_router(&app, name).await;
     assert!(plain.contains(&release2), "{plain}");
-    let (status, _) = status_text(
-        app.convox(Method::DELETE, &format!("/certificates/{second}"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, _) = delete_certificate(&app, &second).await;
     assert_eq!(status, 200, "no longer in use");
     // Again, or a port that never had one: 404, saying so.
     let (status, body) = unset(443).await;
